@@ -1,0 +1,103 @@
+//! `overlay-agent`: the node agent's command line.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use aya::programs::XdpMode;
+use clap::{Parser, Subcommand, ValueEnum};
+use overlay_agent::datapath::{Datapath, DecapHook};
+
+#[derive(Parser)]
+#[command(version, about = "overlay: a flannel-compatible pod network in eBPF")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load the programs through the kernel verifier, attach them to an
+    /// interface, print what was loaded, then detach and remove every pin.
+    /// Answers "can this node run the datapath?" without changing it.
+    Check {
+        /// Interface to attach to.
+        #[arg(long)]
+        iface: String,
+        /// Pin directory for this check (removed afterwards).
+        #[arg(long)]
+        bpffs_root: Option<PathBuf>,
+        /// Where decapsulation hooks in.
+        #[arg(long, value_enum, default_value_t = Decap::Xdp)]
+        decap: Decap,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Decap {
+    /// XDP, native when the driver supports it.
+    Xdp,
+    /// Generic (skb) XDP.
+    XdpGeneric,
+    /// TC ingress.
+    Tc,
+}
+
+impl From<Decap> for DecapHook {
+    fn from(decap: Decap) -> Self {
+        match decap {
+            Decap::Xdp => Self::Xdp(XdpMode::Default),
+            Decap::XdpGeneric => Self::Xdp(XdpMode::Skb),
+            Decap::Tc => Self::TcIngress,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match Cli::parse().command {
+        Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // The whole cause chain on one line, without a backtrace: this is
+            // what an operator reads.
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<()> {
+    let root = root.unwrap_or_else(|| {
+        PathBuf::from(format!("{}/overlay-check-{}", overlay_agent::bpffs::BPFFS_MOUNT, std::process::id()))
+    });
+    let result = check_in(iface, &root, hook);
+    let cleanup = Datapath::remove_pins(&root).context("cleaning up the check's pins");
+    result.and(cleanup)
+}
+
+fn check_in(iface: &str, root: &std::path::Path, hook: DecapHook) -> anyhow::Result<()> {
+    let mut datapath = Datapath::load(root).context("loading the datapath")?;
+    let attachment = datapath
+        .attach(iface, hook)
+        .with_context(|| format!("attaching to {iface}"))?;
+    println!("attached to {iface} ({hook:?}); maps pinned under {}", root.display());
+    println!("{:<22} {:>6} {:<10} {:>12}", "PROGRAM", "ID", "TYPE", "VERIFIED");
+    for p in datapath.programs() {
+        let verified = p.verified_instructions.map_or("-".to_owned(), |n| format!("{n} insns"));
+        println!("{:<22} {:>6} {:<10} {:>12}", p.name, p.id, p.kind, verified);
+    }
+    for name in overlay_common::map_names::ALL {
+        println!("map {name:<10} {}", root.join(name).display());
+    }
+    datapath.detach(attachment).context("detaching")?;
+    println!("detached; removing pins");
+    Ok(())
+}

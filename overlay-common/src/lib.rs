@@ -1,0 +1,177 @@
+//! Types shared by the overlay eBPF programs (`overlay-ebpf`) and the agent.
+//!
+//! Every map key and value is `#[repr(C)]` with explicit padding so that the
+//! kernel, the agent and `bpftool map dump` all agree on one layout. No
+//! `bool`, enum or `Option` appears in a map type: modes and flags are plain
+//! integers with named constants below.
+//!
+//! IPv4 addresses are stored as `[u8; 4]` in network byte order, exactly as
+//! they appear on the wire, so the datapath compares them without swapping.
+#![no_std]
+
+/// File names of the pinned maps under the agent's bpffs root.
+pub mod map_names {
+    /// LPM trie, remote pod CIDR (`Key<[u8; 4]>`) → [`crate::Route`].
+    pub const ROUTES: &str = "ROUTES";
+    /// Underlay IPv4 address → [`crate::Peer`]: the nodes we accept tunnel
+    /// traffic from.
+    pub const PEERS: &str = "PEERS";
+    /// Single-entry array holding this node's [`crate::Config`].
+    pub const CONFIG: &str = "CONFIG";
+    /// Per-CPU single-entry array of [`crate::Counters`].
+    pub const COUNTERS: &str = "COUNTERS";
+
+    /// Every pinned map, in the order `inspect` prints them.
+    pub const ALL: [&str; 4] = [CONFIG, PEERS, ROUTES, COUNTERS];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// TC egress on the underlay interface: encapsulates packets to remote pod CIDRs.
+    pub const TC_EGRESS: &str = "overlay_tc_egress";
+    /// XDP on the underlay interface: validates and decapsulates tunnel traffic.
+    pub const XDP_INGRESS: &str = "overlay_xdp_ingress";
+    /// TC ingress variant of the decapsulation, for interfaces without XDP.
+    pub const TC_INGRESS: &str = "overlay_tc_ingress";
+
+    /// Every program, in load order.
+    pub const ALL: [&str; 3] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS];
+}
+
+/// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8): what encapsulation
+/// adds to an inner IPv4 packet, and so what the pod MTU gives up.
+pub const VXLAN_OVERHEAD: u32 = 50;
+/// flannel's default VXLAN port (the Linux kernel's historical default).
+pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// flannel's default VNI.
+pub const DEFAULT_VNI: u32 = 1;
+
+/// [`Route::mode`]: reach the CIDR through a VXLAN tunnel to the node.
+pub const ROUTE_MODE_VXLAN: u8 = 1;
+/// [`Route::mode`]: forward unencapsulated to the node (host-gw).
+pub const ROUTE_MODE_DIRECT: u8 = 2;
+
+/// Value of the `ROUTES` map: how to reach one remote pod CIDR.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Route {
+    /// Underlay address of the node that owns the CIDR.
+    pub node_ip: [u8; 4],
+    /// The node's VTEP MAC, used as the inner destination MAC so flannel
+    /// nodes accept our frames.
+    pub vtep_mac: [u8; 6],
+    /// One of `ROUTE_MODE_*`.
+    pub mode: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
+}
+
+/// Value of the `PEERS` map (keyed by the peer's underlay IPv4 address):
+/// a node we accept tunnel traffic from, and the pod CIDR its inner source
+/// addresses must fall in.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The peer's pod CIDR network address.
+    pub pod_cidr: [u8; 4],
+    /// The peer's pod CIDR prefix length.
+    pub pod_prefix_len: u32,
+}
+
+/// This node's datapath configuration: entry 0 of the `CONFIG` array.
+/// A zero `enabled` means the agent has not configured the datapath yet, and
+/// the programs pass everything untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Non-zero once the agent has written a complete configuration.
+    pub enabled: u32,
+    /// VXLAN network identifier (host byte order).
+    pub vni: u32,
+    /// This node's underlay IPv4 address: outer source and the only outer
+    /// destination we decapsulate.
+    pub node_ip: [u8; 4],
+    /// VXLAN UDP destination port (host byte order).
+    pub vxlan_port: u16,
+    /// Explicit padding; always zero.
+    pub _pad0: u16,
+    /// This node's VTEP MAC: inner source MAC on encapsulation and the inner
+    /// destination MAC flannel peers send to us.
+    pub vtep_mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad1: u16,
+    /// Index of the underlay interface.
+    pub underlay_ifindex: u32,
+    /// Largest inner packet that fits the underlay once encapsulated.
+    pub inner_mtu: u32,
+    /// This node's own pod CIDR network address.
+    pub pod_cidr: [u8; 4],
+    /// This node's own pod CIDR prefix length.
+    pub pod_prefix_len: u32,
+}
+
+/// Datapath counters, one copy per CPU in the `COUNTERS` map. The field names
+/// are what `bpftool map dump` and `overlay-agent inspect` print.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    /// Packets encapsulated into VXLAN.
+    pub encap_packets: u64,
+    /// Bytes of inner packets encapsulated.
+    pub encap_bytes: u64,
+    /// Packets forwarded to a peer without encapsulation (direct mode).
+    pub direct_packets: u64,
+    /// VXLAN packets decapsulated and delivered.
+    pub decap_packets: u64,
+    /// Bytes of inner packets decapsulated.
+    pub decap_bytes: u64,
+    /// Packets that were not ours and went on untouched.
+    pub pass_packets: u64,
+    /// ICMP fragmentation-needed replies sent for too-big DF packets.
+    pub icmp_frag_needed: u64,
+    /// Dropped: tunnel packet shorter than its headers.
+    pub drop_truncated: u64,
+    /// Dropped: VXLAN flags without the I bit, or reserved bits set.
+    pub drop_bad_flags: u64,
+    /// Dropped: VXLAN with a VNI other than ours.
+    pub drop_wrong_vni: u64,
+    /// Dropped: outer source is not a known node.
+    pub drop_unknown_source: u64,
+    /// Dropped: inner source outside the sending node's pod CIDR.
+    pub drop_spoofed_inner: u64,
+    /// Dropped: outer IPv4 with options or fragmented.
+    pub drop_bad_outer: u64,
+    /// Dropped: tunnel payload that is not IPv4, or not addressed to this
+    /// node's pod CIDR.
+    pub drop_bad_inner: u64,
+    /// Dropped: a kernel helper failed (adjust room, redirect, ...).
+    pub drop_helper_error: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY (all impls): #[repr(C)], only integer and byte-array fields,
+    // explicit padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Route {}
+    unsafe impl aya::Pod for super::Peer {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Counters {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, size_of};
+
+    use super::*;
+
+    // The kernel side reads these with fixed offsets; a layout change must be
+    // deliberate (and bump the pin directory version).
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Route>(), 12);
+        assert_eq!(align_of::<Route>(), 1);
+        assert_eq!(size_of::<Peer>(), 8);
+        assert_eq!(size_of::<Config>(), 40);
+        assert_eq!(size_of::<Counters>(), 15 * 8);
+    }
+}

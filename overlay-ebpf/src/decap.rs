@@ -1,0 +1,69 @@
+//! Decapsulation, at XDP (the default) or at TC ingress (the fallback).
+//!
+//! Either way the inner IPv4 packet is handed to the kernel's stack with the
+//! outer Ethernet addresses, so it is routed to the pod like any packet that
+//! arrived for this host (the flannel model: pods sit behind `cni0`).
+
+use aya_ebpf::{
+    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_OK, xdp_action},
+    helpers::generated::bpf_xdp_adjust_head,
+    programs::{TcContext, XdpContext},
+};
+use network_types::eth::EthHdr;
+
+use crate::{
+    Drop,
+    counters::count,
+    maps::config,
+    packet::{Packet as _, ptr_at},
+    parse::{ENCAP_LEN, INNER_IP_OFF, Rx, classify_rx},
+};
+
+#[inline(always)]
+pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, Drop> {
+    let Some(cfg) = config() else {
+        return Ok(xdp_action::XDP_PASS);
+    };
+    if let Rx::NotOurs = classify_rx(ctx, cfg)? {
+        count(|c| c.pass_packets += 1);
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let outer = unsafe { *ptr_at::<EthHdr>(ctx, 0)? };
+    // SAFETY: the helper takes the raw xdp_md this context wraps.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
+        return Err(Drop::HelperError);
+    }
+    // The inner Ethernet header now leads; give it the outer addresses so
+    // the stack sees a frame for this host.
+    let eth = ptr_at::<EthHdr>(ctx, 0)?;
+    unsafe {
+        (*eth).dst_addr = outer.dst_addr;
+        (*eth).src_addr = outer.src_addr;
+    }
+    let len = (ctx.end() - ctx.start()) as u64;
+    count(|c| {
+        c.decap_packets += 1;
+        c.decap_bytes += len;
+    });
+    Ok(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, Drop> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    crate::linearize(ctx, INNER_IP_OFF + 20);
+    if let Rx::NotOurs = classify_rx(ctx, cfg)? {
+        count(|c| c.pass_packets += 1);
+        return Ok(TC_ACT_OK as i32);
+    }
+    ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| Drop::HelperError)?;
+    let len = u64::from(ctx.len());
+    count(|c| {
+        c.decap_packets += 1;
+        c.decap_bytes += len;
+    });
+    Ok(TC_ACT_OK as i32)
+}

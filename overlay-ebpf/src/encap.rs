@@ -1,0 +1,140 @@
+//! VXLAN encapsulation at TC egress of the underlay interface.
+//!
+//! The kernel has already routed the packet (`<podCIDR> via <next hop> dev
+//! <underlay>`) and resolved the next hop's MAC, so the existing Ethernet
+//! header becomes the outer one. We insert outer IPv4 + UDP + VXLAN + inner
+//! Ethernet behind it, flagged so GSO segments the result as UDP tunnel
+//! packets (`SKB_GSO_UDP_TUNNEL`) with the inner MSS unchanged.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_ADJ_ROOM_ENCAP_L2_SHIFT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO,
+        TC_ACT_OK,
+    },
+    btf_maps::lpm_trie::Key,
+    helpers::generated::{bpf_get_hash_recalc, bpf_get_prandom_u32},
+    programs::TcContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use overlay_common::{Config, ROUTE_MODE_VXLAN, Route};
+
+use crate::{
+    Drop,
+    counters::count,
+    maps::{ROUTES, config},
+    packet::ptr_at,
+    parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, VXLAN_FLAG_I},
+};
+
+/// First port of the IANA ephemeral range (RFC 6335), where outer source
+/// ports are spread.
+const SPORT_MIN: u32 = 49152;
+const SPORT_RANGE: u64 = 65536 - SPORT_MIN as u64;
+
+const ADJ_ROOM_ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+    | BPF_F_ADJ_ROOM_ENCAP_L2_ETH) as u64
+    | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
+
+#[inline(always)]
+pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
+    let Some(cfg) = config() else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN);
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Ok(TC_ACT_OK as i32);
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else {
+        return Ok(TC_ACT_OK as i32);
+    };
+    let (dst, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    let Some(route) = ROUTES.get(&Key::new(32, dst)) else {
+        count(|c| c.pass_packets += 1);
+        return Ok(TC_ACT_OK as i32);
+    };
+    if route.mode != ROUTE_MODE_VXLAN {
+        // Direct peers are served by the kernel route alone.
+        count(|c| c.direct_packets += 1);
+        return Ok(TC_ACT_OK as i32);
+    }
+    let route = *route;
+
+    let inner_len = ctx.len() - EthHdr::LEN as u32;
+    // The same flow always hashes the same, so it keeps one source port.
+    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
+    let sport = (SPORT_MIN + ((u64::from(hash) * SPORT_RANGE) >> 32) as u32) as u16;
+    let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
+
+    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJ_ROOM_ENCAP_FLAGS)
+        .map_err(|_| Drop::HelperError)?;
+    let headers = encap_headers(cfg, &route, inner_len, tos, sport, ip_id);
+    ctx.store(OUTER_IP_OFF, &headers, 0)
+        .map_err(|_| Drop::HelperError)?;
+    count(|c| {
+        c.encap_packets += 1;
+        c.encap_bytes += u64::from(inner_len);
+    });
+    Ok(TC_ACT_OK as i32)
+}
+
+/// Outer IPv4, UDP, VXLAN and inner Ethernet headers, as bytes on the wire.
+#[inline(always)]
+fn encap_headers(
+    cfg: &Config,
+    route: &Route,
+    inner_len: u32,
+    tos: u8,
+    sport: u16,
+    ip_id: u16,
+) -> [u8; ENCAP_LEN] {
+    let mut h = [0u8; ENCAP_LEN];
+    // GSO packets can exceed 64 KiB; segmentation rewrites both lengths
+    // per segment, so truncating here is harmless.
+    let ip_len = (inner_len + ENCAP_LEN as u32) as u16;
+    let udp_len = ip_len - 20;
+    // IPv4: no options, no DF (like the kernel vxlan device's default),
+    // TTL 64, inner TOS copied so ECN and DSCP survive the tunnel.
+    h[0] = 0x45;
+    h[1] = tos;
+    h[2..4].copy_from_slice(&ip_len.to_be_bytes());
+    h[4..6].copy_from_slice(&ip_id.to_be_bytes());
+    h[8] = 64;
+    h[9] = IPPROTO_UDP;
+    h[12..16].copy_from_slice(&cfg.node_ip);
+    h[16..20].copy_from_slice(&route.node_ip);
+    let csum = ipv4_checksum(&h);
+    h[10..12].copy_from_slice(&csum.to_be_bytes());
+    // UDP, checksum 0: a non-zero one cannot survive GSO from BPF.
+    h[20..22].copy_from_slice(&sport.to_be_bytes());
+    h[22..24].copy_from_slice(&cfg.vxlan_port.to_be_bytes());
+    h[24..26].copy_from_slice(&udp_len.to_be_bytes());
+    // VXLAN: I flag, VNI in the top 24 bits of the second word.
+    h[28] = VXLAN_FLAG_I;
+    let vni = cfg.vni.to_be_bytes();
+    h[32..35].copy_from_slice(&vni[1..4]);
+    // Inner Ethernet: flannel nodes accept only frames to their VtepMAC.
+    h[36..42].copy_from_slice(&route.vtep_mac);
+    h[42..48].copy_from_slice(&cfg.vtep_mac);
+    h[48..50].copy_from_slice(&ETH_P_IP.to_be_bytes());
+    h
+}
+
+/// RFC 1071 checksum of the 20-byte IPv4 header at the start of `h`.
+#[inline(always)]
+pub fn ipv4_checksum(h: &[u8; ENCAP_LEN]) -> u16 {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}

@@ -1,0 +1,81 @@
+//! The overlay datapath. Entry points are thin: each calls a `try_…`
+//! function and turns its `Err(Drop)` into a counted drop.
+//!
+//! - [`overlay_tc_egress`]: TC egress on the underlay; VXLAN encapsulation.
+//! - [`overlay_xdp_ingress`]: XDP on the underlay; validation + decapsulation.
+//! - [`overlay_tc_ingress`]: the same decapsulation at TC ingress, for
+//!   interfaces where XDP cannot attach.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod decap;
+mod encap;
+mod maps;
+mod packet;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::counters::count_drop;
+
+/// Why a packet was dropped; each maps to a counter.
+#[derive(Clone, Copy)]
+pub enum Drop {
+    Truncated,
+    BadFlags,
+    WrongVni,
+    UnknownSource,
+    SpoofedInner,
+    BadOuter,
+    BadInner,
+    HelperError,
+}
+
+#[classifier]
+pub fn overlay_tc_egress(ctx: TcContext) -> i32 {
+    encap::try_tc_egress(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason);
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[xdp]
+pub fn overlay_xdp_ingress(ctx: XdpContext) -> u32 {
+    decap::try_xdp_ingress(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason);
+        xdp_action::XDP_DROP
+    })
+}
+
+#[classifier]
+pub fn overlay_tc_ingress(ctx: TcContext) -> i32 {
+    decap::try_tc_ingress(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason);
+        TC_ACT_SHOT as i32
+    })
+}
+
+/// Makes the first `len` bytes directly accessible when the skb holds them
+/// in fragments, so `ptr_at` can see the headers.
+#[inline(always)]
+fn linearize(ctx: &TcContext, len: usize) {
+    if ctx.data() + len > ctx.data_end() && ctx.len() as usize >= len {
+        // Failure leaves the skb as it was; ptr_at then reports it short.
+        let _ = ctx.pull_data(len as u32);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

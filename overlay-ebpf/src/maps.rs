@@ -1,0 +1,30 @@
+//! The datapath's maps. All are BTF-defined so `bpftool map dump` prints
+//! field names; the agent pins them by name under its bpffs root.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use overlay_common::{Config, Counters, Peer, Route};
+
+/// Remote pod CIDR → how to reach it.
+#[btf_map]
+pub static ROUTES: LpmTrie<[u8; 4], Route, 16384> = LpmTrie::new();
+
+/// Underlay address of every known node → the pod CIDR it may source.
+#[btf_map]
+pub static PEERS: HashMap<[u8; 4], Peer, 16384> = HashMap::new();
+
+/// This node's configuration (one entry).
+#[btf_map]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Per-CPU counters (one entry).
+#[btf_map]
+pub static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
+
+/// This node's configuration, once the agent has written a complete one.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0).filter(|c| c.enabled != 0)
+}

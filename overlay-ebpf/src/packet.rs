@@ -1,0 +1,49 @@
+//! The one place the programs touch packet memory: a bounds-checked pointer
+//! into the linear packet data, for both TC and XDP contexts.
+
+use aya_ebpf::programs::{TcContext, XdpContext};
+
+use crate::Drop;
+
+/// A program context with direct packet access.
+pub trait Packet {
+    /// Start of the linear packet data.
+    fn start(&self) -> usize;
+    /// One past the end of the linear packet data.
+    fn end(&self) -> usize;
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+/// A pointer to a `T` at `offset`, or [`Drop::Truncated`] when the packet is
+/// too short. The check is written the way the verifier can follow it: the
+/// pointer arithmetic and the comparison with `end` use the same registers.
+#[inline(always)]
+pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*mut T, Drop> {
+    let start = ctx.start();
+    let end = ctx.end();
+    if start + offset + size_of::<T>() > end {
+        return Err(Drop::Truncated);
+    }
+    Ok((start + offset) as *mut T)
+}

@@ -1,0 +1,109 @@
+//! Recognising and validating VXLAN addressed to this node.
+
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
+use overlay_common::{Config, Peer};
+
+use crate::{Drop, maps::PEERS, packet::{Packet, ptr_at}};
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_UDP: u8 = 17;
+/// Outer IPv4 without options + UDP + VXLAN + inner Ethernet.
+pub const ENCAP_LEN: usize = 20 + 8 + 8 + 14;
+/// The VXLAN "I" flag: the VNI field is valid (RFC 7348 §5).
+pub const VXLAN_FLAG_I: u8 = 0x08;
+
+pub const OUTER_IP_OFF: usize = EthHdr::LEN;
+pub const OUTER_UDP_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
+pub const VXLAN_OFF: usize = OUTER_UDP_OFF + UdpHdr::LEN;
+pub const INNER_ETH_OFF: usize = VXLAN_OFF + 8;
+pub const INNER_IP_OFF: usize = INNER_ETH_OFF + EthHdr::LEN;
+
+/// What to do with a received packet.
+pub enum Rx {
+    /// Not VXLAN for this node: leave it alone.
+    NotOurs,
+    /// Valid VXLAN from a known node: strip [`ENCAP_LEN`] bytes after the
+    /// outer Ethernet header.
+    Decap,
+}
+
+/// Whether `addr` lies in `net/prefix_len`.
+#[inline(always)]
+pub fn in_cidr(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> bool {
+    let mask = u32::MAX.checked_shl(32 - prefix_len.min(32)).unwrap_or(0);
+    u32::from_be_bytes(addr) & mask == u32::from_be_bytes(net) & mask
+}
+
+/// Classifies a packet arriving on the underlay. Anything that is not UDP to
+/// our port at our address is [`Rx::NotOurs`]; from there on every check
+/// that fails is a drop with its reason.
+#[inline(always)]
+pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, Drop> {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return Ok(Rx::NotOurs);
+    };
+    // SAFETY (all raw reads below): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Ok(Rx::NotOurs);
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else {
+        return Ok(Rx::NotOurs);
+    };
+    let ip = unsafe { &*ip };
+    if ip.proto != IPPROTO_UDP || ip.dst_addr != cfg.node_ip {
+        return Ok(Rx::NotOurs);
+    }
+    let ihl = usize::from(ip.vihl & 0x0f);
+    if ihl != 5 {
+        // Options move the UDP header; look at it only to decide whether
+        // this was meant for our tunnel.
+        let Ok(udp) = ptr_at::<UdpHdr>(ctx, OUTER_IP_OFF + ihl * 4) else {
+            return Ok(Rx::NotOurs);
+        };
+        return if u16::from_be_bytes(unsafe { (*udp).dst }) == cfg.vxlan_port {
+            Err(Drop::BadOuter)
+        } else {
+            Ok(Rx::NotOurs)
+        };
+    }
+    let Ok(udp) = ptr_at::<UdpHdr>(ctx, OUTER_UDP_OFF) else {
+        return Ok(Rx::NotOurs);
+    };
+    if u16::from_be_bytes(unsafe { (*udp).dst }) != cfg.vxlan_port {
+        return Ok(Rx::NotOurs);
+    }
+
+    // Addressed to our tunnel: validate everything.
+    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+        // A fragment (MF set or non-zero offset): we never reassemble.
+        return Err(Drop::BadOuter);
+    }
+    let vxlan = unsafe { *ptr_at::<[u8; 8]>(ctx, VXLAN_OFF)? };
+    let inner_eth = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF)?;
+    let inner_ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF)? };
+    if vxlan[0] != VXLAN_FLAG_I || vxlan[1] != 0 || vxlan[2] != 0 || vxlan[3] != 0 || vxlan[7] != 0 {
+        return Err(Drop::BadFlags);
+    }
+    let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
+    if vni != cfg.vni {
+        return Err(Drop::WrongVni);
+    }
+    let Some(peer) = PEERS.get_ptr(ip.src_addr) else {
+        return Err(Drop::UnknownSource);
+    };
+    let peer: &Peer = unsafe { &*peer };
+    if u16::from_be(unsafe { (*inner_eth).ether_type }) != ETH_P_IP || inner_ip.vihl >> 4 != 4 {
+        return Err(Drop::BadInner);
+    }
+    // The sender may only speak for its own pods, or for itself (host
+    // traffic leaves a node with its underlay address as source).
+    if !in_cidr(inner_ip.src_addr, peer.pod_cidr, peer.pod_prefix_len)
+        && inner_ip.src_addr != ip.src_addr
+    {
+        return Err(Drop::SpoofedInner);
+    }
+    if !in_cidr(inner_ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return Err(Drop::BadInner);
+    }
+    Ok(Rx::Decap)
+}

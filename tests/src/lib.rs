@@ -1,0 +1,172 @@
+//! Helpers for the integration tests: throwaway network namespaces, veth
+//! pairs and bpffs pin directories, each owned by a guard whose `Drop`
+//! removes it, so a failing or panicking test leaves nothing behind.
+//!
+//! Every name carries the test process id and a counter, so tests can run in
+//! parallel and next to a developer's own namespaces.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process: `<prefix>-<pid>-<n>`. Kept short because
+/// interface names are limited to 15 bytes.
+pub fn unique_name(prefix: &str) -> String {
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Whether the privileged tests can run. Without root they are skipped with
+/// a message, except under CI (`CI` set), where skipping would hide them.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must run the privileged tests: run as root"
+    );
+    eprintln!("skipping: this test needs root (network namespaces, BPF); run `sudo -E cargo xtask test`");
+    false
+}
+
+/// Runs a command and returns its output, panicking with the command line
+/// and stderr when it fails.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("spawning {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {} failed ({}): {}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Runs a command and returns its stdout as text.
+pub fn stdout(program: &str, args: &[&str]) -> String {
+    String::from_utf8_lossy(&run(program, args).stdout).into_owned()
+}
+
+/// A network namespace that is deleted on drop.
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    pub fn new() -> Self {
+        let name = unique_name("ovt");
+        let _ = run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        let _ = ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut full = vec!["-n", &self.name];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Runs a program inside the namespace (network namespace only; the
+    /// mount namespace, and so /sys/fs/bpf, stays the host's).
+    pub fn exec(&self, program: &str, args: &[&str]) -> Output {
+        let net = format!("--net=/run/netns/{}", self.name);
+        let mut full = vec![net.as_str(), program];
+        full.extend_from_slice(args);
+        run("nsenter", &full)
+    }
+
+    /// Moves the calling thread into the namespace until the guard drops.
+    pub fn enter(&self) -> NetNsEntered {
+        let original = File::open("/proc/thread-self/ns/net").expect("opening current netns");
+        let target = File::open(format!("/run/netns/{}", self.name)).expect("opening test netns");
+        // SAFETY: valid namespace fds; setns only affects this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        NetNsEntered { original }
+    }
+
+    /// Creates a veth pair `a`/`b` inside the namespace, both up.
+    pub fn veth_pair(&self, a: &str, b: &str) {
+        let _ = self.ip(&["link", "add", a, "type", "veth", "peer", "name", b]);
+        let _ = self.ip(&["link", "set", a, "up"]);
+        let _ = self.ip(&["link", "set", b, "up"]);
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes every interface in it, and with
+        // them every program attachment.
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// While alive, the thread is inside a [`NetNs`].
+pub struct NetNsEntered {
+    original: File,
+}
+
+impl Drop for NetNsEntered {
+    fn drop(&mut self) {
+        // SAFETY: valid namespace fd.
+        let rc = unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 && !std::thread::panicking() {
+            panic!("returning to the original netns: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// A pin directory under /sys/fs/bpf, removed with its pins on drop.
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> Self {
+        let path = Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(unique_name("overlay-test-"));
+        Self { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for PinDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}

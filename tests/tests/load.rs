@@ -1,0 +1,144 @@
+//! Loading: every program passes this kernel's verifier, attaches to and
+//! detaches from a veth in a throwaway namespace, and its maps are pinned
+//! with BTF so `bpftool map dump` prints field names.
+
+use aya::{
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    programs::{SchedClassifier, TcAttachType, XdpMode},
+};
+use overlay_agent::datapath::{Datapath, DatapathError, DecapHook};
+use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
+use overlay_tests::{NetNs, PinDir, privileged, stdout};
+
+#[test]
+fn every_program_passes_the_verifier() {
+    if !privileged() {
+        return;
+    }
+    let pins = PinDir::new();
+    let datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    let programs = datapath.programs();
+    let names: Vec<_> = programs.iter().map(|p| p.name).collect();
+    assert_eq!(names, program_names::ALL);
+    for program in &programs {
+        let verified = program.verified_instructions.unwrap_or(0);
+        assert!(verified > 0, "{} reports no verified instructions", program.name);
+        // The kernel itself lists it.
+        let shown = stdout("bpftool", &["prog", "show", "id", &program.id.to_string()]);
+        assert!(shown.contains(program.kind), "bpftool: {shown}");
+    }
+    for name in map_names::ALL {
+        assert!(pins.path().join(name).exists(), "map {name} is not pinned");
+    }
+}
+
+/// Ids of the programs the kernel reports attached to `iface`: TCX links
+/// through the kernel's query, XDP through `bpftool net show`.
+fn attached_program_ids(iface: &str) -> Vec<u32> {
+    let mut ids = Vec::new();
+    for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
+        if let Ok((_, infos)) = SchedClassifier::query_tcx(iface, ty) {
+            ids.extend(infos.iter().map(|i| i.id()));
+        }
+    }
+    let net = stdout("bpftool", &["net", "show", "dev", iface]);
+    ids.extend(
+        net.lines()
+            .filter(|l| l.contains("driver id") || l.contains("generic id"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u32>().ok()),
+    );
+    ids.sort_unstable();
+    ids
+}
+
+fn attach_and_detach(hook: DecapHook, decap_program: &str) {
+    let ns = NetNs::new();
+    ns.veth_pair("ul0", "ul1");
+    let pins = PinDir::new();
+    let _inside = ns.enter();
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    assert!(attached_program_ids("ul0").is_empty());
+    let attachment = datapath.attach("ul0", hook).expect("attaching");
+
+    let id_of = |name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
+    let mut expected = vec![id_of(program_names::TC_EGRESS), id_of(decap_program)];
+    expected.sort_unstable();
+    assert_eq!(attached_program_ids("ul0"), expected);
+    let progs = stdout("bpftool", &["prog", "show"]);
+    for id in &expected {
+        assert!(progs.contains(&format!("{id}: ")), "bpftool prog show lacks {id}:\n{progs}");
+    }
+
+    datapath.detach(attachment).expect("detaching");
+    assert!(attached_program_ids("ul0").is_empty(), "still attached after detach");
+}
+
+#[test]
+fn attach_and_detach_xdp_on_veth() {
+    if privileged() {
+        attach_and_detach(DecapHook::Xdp(XdpMode::Default), program_names::XDP_INGRESS);
+    }
+}
+
+#[test]
+fn attach_and_detach_tc_ingress_on_veth() {
+    if privileged() {
+        attach_and_detach(DecapHook::TcIngress, program_names::TC_INGRESS);
+    }
+}
+
+#[test]
+fn unknown_interface_is_named_and_nothing_attaches() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new();
+    let pins = PinDir::new();
+    let _inside = ns.enter();
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    let err = datapath
+        .attach("nosuch0", DecapHook::Xdp(XdpMode::Default))
+        .expect_err("attaching to a missing interface");
+    assert!(matches!(err, DatapathError::UnknownInterface(ref i) if i == "nosuch0"), "{err}");
+    assert!(err.to_string().contains("--iface"), "{err}");
+}
+
+#[test]
+fn pinned_maps_dump_with_btf_field_names() {
+    if !privileged() {
+        return;
+    }
+    let pins = PinDir::new();
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    let ebpf = datapath.ebpf_mut();
+
+    let mut config: Array<_, Config> =
+        Array::try_from(ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+    config
+        .set(0, Config { enabled: 1, vni: 1, vxlan_port: 8472, ..Config::default() }, 0)
+        .unwrap();
+    let mut routes: LpmTrie<_, [u8; 4], Route> =
+        LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
+    let route = Route { node_ip: [192, 0, 2, 2], vtep_mac: [2, 0, 0, 0, 0, 2], mode: ROUTE_MODE_VXLAN, _pad: 0 };
+    routes.insert(&Key::new(24, [10, 244, 2, 0]), route, 0).unwrap();
+    let mut peers: HashMap<_, [u8; 4], Peer> =
+        HashMap::try_from(ebpf.map_mut(map_names::PEERS).unwrap()).unwrap();
+    peers.insert([192, 0, 2, 2], Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
+
+    let dump = |name: &str| {
+        let path = pins.path().join(name);
+        stdout("bpftool", &["map", "dump", "pinned", path.to_str().unwrap()])
+    };
+    let fields: [(&str, &[&str]); 4] = [
+        (map_names::CONFIG, &["\"enabled\": 1", "\"vni\": 1", "\"vxlan_port\": 8472", "\"vtep_mac\""]),
+        (map_names::ROUTES, &["\"prefix_len\": 24", "\"node_ip\"", "\"vtep_mac\"", "\"mode\": 1"]),
+        (map_names::PEERS, &["\"pod_cidr\"", "\"pod_prefix_len\": 24"]),
+        (map_names::COUNTERS, &["\"encap_packets\"", "\"drop_unknown_source\"", "\"cpu\""]),
+    ];
+    for (map, expected) in fields {
+        let text = dump(map);
+        for field in expected {
+            assert!(text.contains(field), "{map} dump lacks {field}:\n{text}");
+        }
+    }
+}

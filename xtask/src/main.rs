@@ -1,0 +1,118 @@
+//! `cargo xtask`: everything that is not a plain cargo command.
+//!
+//! - `setup`: install what the eBPF build and the tests need (idempotent).
+//! - `build`: build the workspace with the real eBPF programs.
+//! - `test`: setup, then every test (the README's test command; CI runs it).
+//! - `lab`: setup, build, then load the datapath in a throwaway namespace.
+//! - `lint`: clippy over the user-space crates.
+
+mod lab;
+mod setup;
+mod toolchain;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "overlay's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools that are missing (as root),
+    /// or print the commands to do so. Says which toolchain it chose and why.
+    Setup,
+    /// Build the default members, with the eBPF programs embedded in the agent.
+    Build {
+        /// Build in release mode.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run setup, then all tests (unit and real-kernel integration tests).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Build everything and load the datapath into a throwaway network
+    /// namespace, printing what was loaded.
+    Lab(lab::LabArgs),
+    /// Clippy over the user-space crates, warnings denied.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Task::Setup => setup::setup().map(drop),
+        Task::Build { release } => setup::setup().and_then(|_| build(release)),
+        Task::Test { args } => setup::setup().and_then(|_| test(&args)),
+        Task::Lab(args) => setup::setup().and_then(|_| lab::lab(&args)),
+        Task::Lint => lint(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cargo <args>` from the workspace root, with the real eBPF build required.
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args(args)
+        .current_dir(workspace_root())
+        .env("OVERLAY_EBPF_BUILD", "require")
+        .status()
+        .with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<()> {
+    let mut args = vec!["build"];
+    if release {
+        args.push("--release");
+    }
+    cargo(&args)
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    let mut args = vec!["test"];
+    if !extra.is_empty() {
+        args.push("--");
+        args.extend(extra.iter().map(String::as_str));
+    }
+    cargo(&args)
+}
+
+fn lint() -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(cargo)
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .current_dir(workspace_root())
+        // Lints the user-space code; the eBPF crate builds in `build`/`test`.
+        .env("OVERLAY_EBPF_BUILD", "skip")
+        .status()?;
+    if !status.success() {
+        bail!("clippy found problems");
+    }
+    Ok(())
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_owned()
+}
