@@ -1,11 +1,24 @@
 //! The overlay node agent as a library: the binary (`main.rs`) and the
 //! integration tests (`tests/`) drive the same code.
 //!
-//! Pipeline, top to bottom (each stage testable on its own):
-//! node source → desired state → diff → apply (maps, routes).
-//! This crate currently holds the bottom layer, [`datapath`], which loads and
-//! attaches the eBPF programs and owns their pinned maps.
+//! The agent is a pipeline, top to bottom, each stage testable on its own:
+//!
+//! 1. node source: [`manifests`] (a directory of Node manifests), read
+//!    through the one Node → [`node::NodeInfo`] translation;
+//! 2. desired state: [`desired::desired`];
+//! 3. diff: [`desired::diff`];
+//! 4. apply: [`apply::Applier`] writes the pinned [`maps`] and the kernel
+//!    [`routes`].
+//!
+//! [`datapath`] loads and attaches the eBPF programs underneath.
 
+pub mod apply;
 pub mod bpffs;
 pub mod datapath;
+pub mod desired;
+pub mod iface;
+pub mod manifests;
+pub mod maps;
+pub mod node;
 pub mod object;
+pub mod routes;

@@ -7,6 +7,9 @@ use aya::programs::XdpMode;
 use clap::{Parser, Subcommand, ValueEnum};
 use overlay_agent::datapath::{Datapath, DecapHook};
 
+mod inspect;
+mod run;
+
 #[derive(Parser)]
 #[command(version, about = "overlay: a flannel-compatible pod network in eBPF")]
 struct Cli {
@@ -16,6 +19,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Load and attach the datapath, then keep its maps and routes in step
+    /// with the nodes directory until SIGTERM/Ctrl-C.
+    Run(RunArgs),
+    /// Print the pinned maps as tables: config, peers, routes, counters.
+    /// Reads the pins, so it works while the agent is stopped.
+    Inspect {
+        /// The agent's pin directory.
+        #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+        bpffs_root: PathBuf,
+    },
     /// Load the programs through the kernel verifier, attach them to an
     /// interface, print what was loaded, then detach and remove every pin.
     /// Answers "can this node run the datapath?" without changing it.
@@ -30,6 +43,44 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Decap::Xdp)]
         decap: Decap,
     },
+}
+
+const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/overlay";
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This node's name; defaults to $NODE_NAME, then the hostname.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Directory of Kubernetes Node manifests (YAML or JSON), watched.
+    #[arg(long)]
+    nodes_dir: PathBuf,
+    /// Underlay interface; defaults to the default-route interface.
+    #[arg(long)]
+    iface: Option<String>,
+    /// Address to advertise and tunnel from, instead of our Node's InternalIP.
+    #[arg(long)]
+    public_ip: Option<std::net::Ipv4Addr>,
+    /// Backend (only vxlan so far).
+    #[arg(long, value_enum, default_value_t = Backend::Vxlan)]
+    backend: Backend,
+    /// VXLAN network identifier (flannel's default is 1).
+    #[arg(long, default_value_t = overlay_common::DEFAULT_VNI, value_parser = clap::value_parser!(u32).range(0..(1 << 24)))]
+    vni: u32,
+    /// VXLAN UDP port: 8472 (flannel, Linux default) or 4789 (IANA).
+    #[arg(long, default_value_t = overlay_common::DEFAULT_VXLAN_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    port: u16,
+    /// Pin directory for this agent's maps.
+    #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+    bpffs_root: PathBuf,
+    /// Where decapsulation hooks in.
+    #[arg(long, value_enum, default_value_t = Decap::Xdp)]
+    decap: Decap,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Vxlan,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -61,6 +112,8 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
+        Command::Run(args) => run::run(args),
+        Command::Inspect { bpffs_root } => inspect::inspect(&bpffs_root),
         Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),
     };
     match result {

@@ -1,0 +1,180 @@
+//! Applying a [`Desired`] state to the maps and the kernel's routes.
+//!
+//! Order matters so the datapath is never half-programmed: a new peer gets
+//! its `PEERS` entry (we accept its traffic), then its `ROUTES` entry (we
+//! encapsulate toward it), then its kernel route (traffic starts flowing);
+//! removal runs the other way round. A peer whose programming fails is
+//! rolled back and reported; the others go on.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::maps::{MapError, lpm_trie::Key};
+use ipnetwork::Ipv4Network;
+use overlay_common::{Config, Peer, Route};
+
+use crate::{
+    desired::{Change, Desired, PeerState, diff},
+    maps::DatapathMaps,
+    routes::{self, RouteError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("writing map {map}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("peer {cidr} via {node_ip}: {source}")]
+    Route {
+        cidr: Ipv4Network,
+        node_ip: Ipv4Addr,
+        #[source]
+        source: RouteError,
+    },
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+}
+
+/// What one [`Applier::apply`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub added_or_updated: usize,
+    pub removed: usize,
+    pub config_changed: bool,
+    /// Peers that could not be programmed (and were rolled back).
+    pub failed: Vec<String>,
+}
+
+pub struct Applier {
+    maps: DatapathMaps,
+    iface: String,
+    config: Option<Config>,
+    applied: BTreeMap<Ipv4Network, PeerState>,
+}
+
+impl Applier {
+    /// Takes over the maps as they are pinned (possibly from an earlier run)
+    /// and removes kernel routes of ours that no map entry accounts for.
+    pub fn new(maps: DatapathMaps, iface: &str) -> Result<Self, ApplyError> {
+        let mut applied = BTreeMap::new();
+        for entry in maps.routes.iter() {
+            let (key, route) = entry.map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
+            let Ok(cidr) = Ipv4Network::new(key.data().into(), key.prefix_len() as u8) else {
+                continue;
+            };
+            let peer = PeerState {
+                pod_cidr: cidr,
+                node_ip: route.node_ip.into(),
+                vtep_mac: route.vtep_mac,
+                mode: route.mode,
+            };
+            applied.insert(cidr, peer);
+        }
+        for cidr in routes::owned()? {
+            if !applied.contains_key(&cidr) {
+                routes::remove(cidr)?;
+            }
+        }
+        let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
+        Ok(Self { maps, iface: iface.to_owned(), config, applied })
+    }
+
+    pub fn maps(&self) -> &DatapathMaps {
+        &self.maps
+    }
+
+    /// Brings maps and routes to `desired`.
+    pub fn apply(&mut self, desired: &Desired) -> Result<Applied, ApplyError> {
+        let mut report = Applied::default();
+        let mtu_changed = self.config.map(|c| c.inner_mtu) != Some(desired.inner_mtu);
+        if self.config != Some(desired.config) {
+            self.maps
+                .config
+                .set(0, desired.config, 0)
+                .map_err(|source| ApplyError::Map { map: "CONFIG", source })?;
+            self.config = Some(desired.config);
+            report.config_changed = true;
+        }
+        let mut changes = diff(&self.applied, &desired.peers);
+        if mtu_changed {
+            // Every route carries the MTU: reinstall the unchanged ones too.
+            changes.extend(
+                desired
+                    .peers
+                    .values()
+                    .filter(|p| self.applied.get(&p.pod_cidr) == Some(p))
+                    .map(|p| Change::Upsert(*p)),
+            );
+        }
+        for change in changes {
+            match change {
+                Change::Remove(peer) => {
+                    self.remove(&peer)?;
+                    report.removed += 1;
+                }
+                Change::Upsert(peer) => match self.upsert(&peer, desired.inner_mtu) {
+                    Ok(()) => report.added_or_updated += 1,
+                    Err(err @ ApplyError::Route { .. }) => report.failed.push(err.to_string()),
+                    Err(err) => return Err(err),
+                },
+            }
+        }
+        Ok(report)
+    }
+
+    fn upsert(&mut self, peer: &PeerState, mtu: u32) -> Result<(), ApplyError> {
+        let previous = self.applied.get(&peer.pod_cidr).copied();
+        if let Some(old) = previous.filter(|old| old.node_ip != peer.node_ip) {
+            // The CIDR moved to another node address: stop accepting the old one.
+            let _ = self.maps.peers.remove(&old.node_ip.octets());
+        }
+        let key = Key::new(u32::from(peer.pod_cidr.prefix()), peer.pod_cidr.network().octets());
+        self.maps
+            .peers
+            .insert(
+                peer.node_ip.octets(),
+                Peer {
+                    pod_cidr: peer.pod_cidr.network().octets(),
+                    pod_prefix_len: u32::from(peer.pod_cidr.prefix()),
+                },
+                0,
+            )
+            .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
+        self.maps
+            .routes
+            .insert(
+                &key,
+                Route { node_ip: peer.node_ip.octets(), vtep_mac: peer.vtep_mac, mode: peer.mode, _pad: 0 },
+                0,
+            )
+            .map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
+        if let Err(source) = routes::replace(peer.pod_cidr, peer.node_ip, &self.iface, mtu) {
+            if previous.is_none() {
+                let _ = self.maps.routes.remove(&key);
+                let _ = self.maps.peers.remove(&peer.node_ip.octets());
+            }
+            return Err(ApplyError::Route { cidr: peer.pod_cidr, node_ip: peer.node_ip, source });
+        }
+        self.applied.insert(peer.pod_cidr, *peer);
+        Ok(())
+    }
+
+    fn remove(&mut self, peer: &PeerState) -> Result<(), ApplyError> {
+        routes::remove(peer.pod_cidr)?;
+        let key = Key::new(u32::from(peer.pod_cidr.prefix()), peer.pod_cidr.network().octets());
+        ignore_missing(self.maps.routes.remove(&key)).map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
+        ignore_missing(self.maps.peers.remove(&peer.node_ip.octets()))
+            .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
+        self.applied.remove(&peer.pod_cidr);
+        Ok(())
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}

@@ -1,0 +1,50 @@
+//! Facts about the underlay interface, read in the agent's network namespace.
+
+use std::{ffi::CString, io};
+
+pub use crate::datapath::interface_index;
+
+/// The interface's MTU (`SIOCGIFMTU`).
+pub fn mtu(iface: &str) -> io::Result<u32> {
+    let name = CString::new(iface).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let bytes = name.as_bytes_with_nul();
+    if bytes.len() > libc::IFNAMSIZ {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name too long"));
+    }
+    // SAFETY: plain socket/ioctl with a zeroed, correctly sized ifreq.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
+        let err = io::Error::last_os_error();
+        libc::close(fd);
+        if rc < 0 {
+            return Err(err);
+        }
+        Ok(req.ifr_ifru.ifru_mtu as u32)
+    }
+}
+
+/// The interface of the IPv4 default route in this network namespace
+/// (`/proc/net/route` is per namespace).
+pub fn default_route_interface() -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/route").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let mut cols = line.split_whitespace();
+        let iface = cols.next()?;
+        let destination = cols.next()?;
+        let _gateway = cols.next()?;
+        let _flags = cols.next()?;
+        let _refcnt = cols.next()?;
+        let _use = cols.next()?;
+        let _metric = cols.next()?;
+        let mask = cols.next()?;
+        (destination == "00000000" && mask == "00000000").then(|| iface.to_owned())
+    })
+}

@@ -1,0 +1,75 @@
+//! `overlay-agent inspect`: the pinned maps as readable tables.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::Context as _;
+use overlay_agent::{maps::DatapathMaps, node::format_mac};
+use overlay_common::{Counters, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN};
+
+pub fn inspect(root: &Path) -> anyhow::Result<()> {
+    let maps = DatapathMaps::open(root)?;
+    let config = maps.config.get(&0, 0).context("reading CONFIG")?;
+    println!("CONFIG ({})", root.display());
+    if config.enabled == 0 {
+        println!("  not configured yet: the programs pass all traffic");
+    } else {
+        println!(
+            "  node {}  vni {}  port {}  vtep {}  pod cidr {}/{}  inner mtu {}  ifindex {}",
+            Ipv4Addr::from(config.node_ip),
+            config.vni,
+            config.vxlan_port,
+            format_mac(config.vtep_mac),
+            Ipv4Addr::from(config.pod_cidr),
+            config.pod_prefix_len,
+            config.inner_mtu,
+            config.underlay_ifindex
+        );
+    }
+
+    println!("\nPEERS (tunnel traffic accepted from)");
+    println!("  {:<16} {:<18}", "NODE IP", "POD CIDR");
+    let mut peers: Vec<_> = maps.peers.iter().filter_map(Result::ok).collect();
+    peers.sort_by_key(|(ip, _)| *ip);
+    for (ip, peer) in peers {
+        println!("  {:<16} {:<18}", Ipv4Addr::from(ip).to_string(), format!("{}/{}", Ipv4Addr::from(peer.pod_cidr), peer.pod_prefix_len));
+    }
+
+    println!("\nROUTES (remote pod CIDRs)");
+    println!("  {:<18} {:<16} {:<18} {}", "POD CIDR", "NODE IP", "VTEP MAC", "MODE");
+    let mut routes: Vec<_> = maps.routes.iter().filter_map(Result::ok).collect();
+    routes.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
+    for (key, route) in routes {
+        let mode = match route.mode {
+            ROUTE_MODE_VXLAN => "vxlan",
+            ROUTE_MODE_DIRECT => "direct",
+            _ => "unknown",
+        };
+        println!(
+            "  {:<18} {:<16} {:<18} {}",
+            format!("{}/{}", Ipv4Addr::from(key.data()), key.prefix_len()),
+            Ipv4Addr::from(route.node_ip).to_string(),
+            format_mac(route.vtep_mac),
+            mode
+        );
+    }
+
+    let c = maps.counters_total().context("reading COUNTERS")?;
+    let Counters {
+        encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
+        icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
+        drop_spoofed_inner, drop_bad_outer, drop_bad_inner, drop_helper_error,
+    } = c;
+    println!("\nCOUNTERS (all CPUs)");
+    for (name, value) in [
+        ("encap_packets", encap_packets), ("encap_bytes", encap_bytes), ("direct_packets", direct_packets),
+        ("decap_packets", decap_packets), ("decap_bytes", decap_bytes), ("pass_packets", pass_packets),
+        ("icmp_frag_needed", icmp_frag_needed), ("drop_truncated", drop_truncated),
+        ("drop_bad_flags", drop_bad_flags), ("drop_wrong_vni", drop_wrong_vni),
+        ("drop_unknown_source", drop_unknown_source), ("drop_spoofed_inner", drop_spoofed_inner),
+        ("drop_bad_outer", drop_bad_outer), ("drop_bad_inner", drop_bad_inner),
+        ("drop_helper_error", drop_helper_error),
+    ] {
+        println!("  {name:<22} {value}");
+    }
+    Ok(())
+}

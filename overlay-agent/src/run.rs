@@ -1,0 +1,118 @@
+//! `overlay-agent run`: load, attach, then follow the nodes directory.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use overlay_agent::{
+    apply::Applier,
+    datapath::{Datapath, DecapHook},
+    desired::{LocalSettings, desired},
+    iface,
+    manifests::ManifestDir,
+    maps::DatapathMaps,
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{Backend, RunArgs};
+
+/// How often the nodes directory is looked at; changes land within this.
+const POLL: Duration = Duration::from_millis(200);
+
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(run_async(args))
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<()> {
+    let RunArgs { node_name, nodes_dir, iface, public_ip, backend, vni, port, bpffs_root, decap } = args;
+    let Backend::Vxlan = backend;
+    let node_name = match node_name {
+        Some(name) => name,
+        None => hostname().context("--node-name not given, $NODE_NAME unset, and the hostname is unreadable")?,
+    };
+    let iface = match iface {
+        Some(iface) => iface,
+        None => iface::default_route_interface()
+            .context("--iface not given and there is no IPv4 default route to take it from")?,
+    };
+    let Some(ifindex) = iface::interface_index(&iface) else {
+        bail!("--iface {iface}: no such interface in this network namespace");
+    };
+    let underlay_mtu = iface::mtu(&iface).with_context(|| format!("reading the MTU of {iface}"))?;
+    if !nodes_dir.is_dir() {
+        bail!("--nodes-dir {}: not a directory", nodes_dir.display());
+    }
+    let settings = LocalSettings { node_name, vni, vxlan_port: port, underlay_ifindex: ifindex, underlay_mtu, public_ip };
+
+    let mut datapath = Datapath::load(&bpffs_root).context("loading the datapath")?;
+    let hook: DecapHook = decap.into();
+    let _attachment = datapath.attach(&iface, hook).with_context(|| format!("attaching to {iface}"))?;
+    let maps = DatapathMaps::open(&bpffs_root)?;
+    let mut applier = Applier::new(maps, &iface).context("adopting the pinned state")?;
+    info!(node = %settings.node_name, %iface, ifindex, underlay_mtu, inner_mtu = underlay_mtu.saturating_sub(overlay_common::VXLAN_OVERHEAD), vni, port, root = %bpffs_root.display(), ?hook, "datapath attached");
+
+    let mut source = ManifestDir::new(&nodes_dir);
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut ticker = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => reconcile(&mut source, &settings, &mut applier),
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    // Routes and pinned maps stay: traffic to known peers keeps its routes.
+    info!("stopping");
+    Ok(())
+}
+
+fn reconcile(source: &mut ManifestDir, settings: &LocalSettings, applier: &mut Applier) {
+    let started = Instant::now();
+    let scan = match source.scan_if_changed() {
+        Ok(Some(scan)) => scan,
+        Ok(None) => return,
+        Err(err) => {
+            error!(error = %err, "reading the nodes directory; keeping the current state");
+            return;
+        }
+    };
+    for err in &scan.errors {
+        warn!(error = %err, "skipping manifest");
+    }
+    let (desired, rejected) = match desired(settings, &scan.nodes) {
+        Ok(result) => result,
+        Err(not_ready) => {
+            warn!(reason = %not_ready, "datapath not configured yet");
+            return;
+        }
+    };
+    for r in &rejected {
+        warn!(node = %r.node, reason = %r.reason, "peer rejected");
+    }
+    match applier.apply(&desired) {
+        Ok(applied) => {
+            for failure in &applied.failed {
+                error!(error = %failure, "peer not programmed");
+            }
+            info!(
+                nodes = scan.nodes.len(),
+                peers = desired.peers.len(),
+                upserted = applied.added_or_updated,
+                removed = applied.removed,
+                config_changed = applied.config_changed,
+                elapsed_us = started.elapsed().as_micros() as u64,
+                "reconciled"
+            );
+        }
+        Err(err) => error!(error = %format!("{err:#}"), "applying the desired state"),
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().to_owned())
+}
