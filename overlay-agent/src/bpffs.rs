@@ -40,8 +40,9 @@ pub fn prepare_root(root: &Path) -> Result<bool, BpffsError> {
     if root.starts_with(mount) && !is_bpffs(mount) {
         mount_bpffs(mount)?;
     }
-    let parent = root.parent().unwrap_or(root);
-    if !is_bpffs(parent) && !is_bpffs(root) {
+    // The nearest existing ancestor tells which filesystem `root` will be on.
+    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(root);
+    if !is_bpffs(existing) {
         return Err(BpffsError::NotBpffs { path: root.to_owned() });
     }
     let existed = root.is_dir();

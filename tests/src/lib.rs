@@ -5,6 +5,8 @@
 //! Every name carries the test process id and a counter, so tests can run in
 //! parallel and next to a developer's own namespaces.
 
+pub mod lab;
+
 use std::{
     fs::File,
     os::fd::AsRawFd as _,
@@ -69,7 +71,11 @@ pub struct NetNs {
 
 impl NetNs {
     pub fn new() -> Self {
-        let name = unique_name("ovt");
+        Self::with_name(unique_name("ovt"))
+    }
+
+    /// A namespace with a chosen (unique) name.
+    pub fn with_name(name: String) -> Self {
         let _ = run("ip", &["netns", "add", &name]);
         let ns = Self { name };
         let _ = ns.ip(&["link", "set", "lo", "up"]);
@@ -150,7 +156,11 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new() -> Self {
-        let path = Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(unique_name("overlay-test-"));
+        Self::at(Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(unique_name("overlay-test-")))
+    }
+
+    /// Owns `path` (created later by whoever pins there).
+    pub fn at(path: PathBuf) -> Self {
         Self { path }
     }
 

@@ -3,7 +3,7 @@
 //! - `setup`: install what the eBPF build and the tests need (idempotent).
 //! - `build`: build the workspace with the real eBPF programs.
 //! - `test`: setup, then every test (the README's test command; CI runs it).
-//! - `lab`: setup, build, then load the datapath in a throwaway namespace.
+//! - `lab`: setup, build, then the multi-node lab (see `tests/src/lab.rs`).
 //! - `lint`: clippy over the user-space crates.
 
 mod lab;
@@ -39,8 +39,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Build everything and load the datapath into a throwaway network
-    /// namespace, printing what was loaded.
+    /// Build everything, start a multi-node cluster in network namespaces
+    /// (one agent per node), prove all-pairs pod connectivity, tear down.
     Lab(lab::LabArgs),
     /// Clippy over the user-space crates, warnings denied.
     Lint,

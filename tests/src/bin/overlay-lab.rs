@@ -1,0 +1,94 @@
+//! The lab behind `cargo xtask lab`: a multi-node cluster in network
+//! namespaces, proven with ping and TCP between every pair of pods.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use clap::Parser;
+use overlay_tests::lab::{Lab, LabSpec, UNDERLAY_MTU, POD_MTU, tear_down_kept};
+
+/// Prefix of every lab's names, so `--down` finds kept labs.
+const LAB_PREFIX: &str = "ovlab";
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Parser)]
+#[command(about = "overlay's multi-node lab in network namespaces")]
+struct Args {
+    /// The overlay-agent binary to run on each node.
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=20))]
+    nodes: u8,
+    /// Pods per node.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=20))]
+    pods: u8,
+    /// Where decapsulation hooks in: xdp, xdp-generic or tc.
+    #[arg(long, default_value = "xdp")]
+    decap: String,
+    /// Leave the lab up for poking around; `--down` removes it.
+    #[arg(long)]
+    keep: bool,
+    /// Tear down labs left up by `--keep`, then exit.
+    #[arg(long)]
+    down: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.down {
+        let removed = tear_down_kept(LAB_PREFIX);
+        println!("lab: removed {removed} namespaces and their agents and pins");
+        return ExitCode::SUCCESS;
+    }
+    let Some(agent) = args.agent else {
+        eprintln!("lab: --agent is required (cargo xtask lab passes it)");
+        return ExitCode::FAILURE;
+    };
+    // Ctrl-C also reaches the agents (same process group); we notice, stop
+    // at the next step, and the Lab's Drop removes everything.
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
+
+    let mut spec = LabSpec::new(agent);
+    spec.nodes = args.nodes.into();
+    spec.pods_per_node = args.pods.into();
+    spec.decap = args.decap;
+    spec.prefix = format!("{LAB_PREFIX}{}", std::process::id() % 100_000);
+    println!(
+        "lab: {} nodes x {} pods, underlay MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, decap {}",
+        spec.nodes, spec.pods_per_node, spec.decap
+    );
+    let lab = match Lab::start(spec) {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("lab: failed to start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for (i, node) in lab.nodes.iter().enumerate() {
+        println!("  {} ({}) pods {} on {}: routes {:?}", node.name, node.ns.name(), node.pod_cidr, node.ip, lab.agent_routes(i));
+    }
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        eprintln!("lab: interrupted; tearing down");
+        return ExitCode::FAILURE;
+    }
+    let (checks, failures) = lab.check_all_pairs();
+    println!("lab: {} of {checks} connectivity checks passed (ping + TCP between all pod pairs across nodes, host to remote pods)", checks - failures.len());
+    for f in &failures {
+        println!("  FAILED {f}");
+    }
+    println!("\n{}", lab.inspect(0));
+    let ok = failures.is_empty() && !INTERRUPTED.load(Ordering::SeqCst);
+    if args.keep {
+        println!("lab: kept up (namespaces {}-*); enter one with `nsenter --net=/run/netns/<ns>`; tear down with `cargo xtask lab --down`", lab.nodes[0].ns.name().trim_end_matches("-n1"));
+        lab.leak();
+    } else {
+        drop(lab);
+        println!("lab: torn down");
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}

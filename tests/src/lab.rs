@@ -1,0 +1,373 @@
+//! A multi-node cluster in network namespaces, shared by `cargo xtask lab`
+//! and the integration tests.
+//!
+//! ```text
+//!   pod ─ cni0 (10.244.i.1/24) ─ node i: eth0 192.168.77.(10+i)/24 ─┐
+//!                                                                   br0 (underlay namespace)
+//!   pod ─ cni0 (10.244.j.1/24) ─ node j: eth0 192.168.77.(10+j)/24 ─┘
+//! ```
+//!
+//! Each node runs its own `overlay-agent run` (entered with `nsenter --net`,
+//! so it shares the host's bpffs) against one shared nodes directory, with
+//! its own pin root. Pods are namespaces behind a veth on the node's `cni0`
+//! bridge, as flannel's CNI plugin sets them up. Dropping a [`Lab`] stops
+//! the agents and removes namespaces, manifests and pins.
+
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{NetNs, PinDir, run};
+
+/// Underlay MTU of the lab's veths (Ethernet default).
+pub const UNDERLAY_MTU: u32 = 1500;
+/// Pod MTU: the underlay minus VXLAN's 50 bytes.
+pub const POD_MTU: u32 = UNDERLAY_MTU - overlay_common::VXLAN_OVERHEAD;
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    pub nodes: usize,
+    pub pods_per_node: usize,
+    /// Path to the `overlay-agent` binary.
+    pub agent: PathBuf,
+    /// `--decap` passed to every agent.
+    pub decap: String,
+    /// Prefix of every name the lab creates.
+    pub prefix: String,
+}
+
+impl LabSpec {
+    pub fn new(agent: PathBuf) -> Self {
+        Self {
+            nodes: 3,
+            pods_per_node: 2,
+            agent,
+            decap: "xdp".to_owned(),
+            prefix: crate::unique_name("ovlab"),
+        }
+    }
+}
+
+pub struct LabPod {
+    pub ns: NetNs,
+    pub ip: Ipv4Addr,
+}
+
+pub struct LabNode {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: String,
+    pub pin_root: PathBuf,
+    pub pods: Vec<LabPod>,
+    pub ns: NetNs,
+    log: PathBuf,
+}
+
+/// A running lab. Field order is drop order: agents stop before their
+/// namespaces go, pins last.
+pub struct Lab {
+    agents: Vec<Option<Child>>,
+    pub nodes: Vec<LabNode>,
+    pub underlay: NetNs,
+    pub nodes_dir: PathBuf,
+    work_dir: PathBuf,
+    spec: LabSpec,
+    _pins: PinDir,
+}
+
+/// `nsenter --net=/run/netns/<ns> <program> <args>`, returning success.
+fn ns_ok(ns: &NetNs, program: &str, args: &[&str]) -> bool {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+impl Lab {
+    /// Builds the namespaces, writes the manifests and starts the agents,
+    /// waiting until every agent has programmed its routes.
+    pub fn start(spec: LabSpec) -> Result<Self, String> {
+        let work_dir = std::env::temp_dir().join(&spec.prefix);
+        let nodes_dir = work_dir.join("nodes");
+        fs::create_dir_all(&nodes_dir).map_err(|e| format!("creating {}: {e}", nodes_dir.display()))?;
+        let pins = PinDir::at(Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(&spec.prefix));
+        let underlay = NetNs::with_name(format!("{}-ul", spec.prefix));
+        let _ = underlay.ip(&["link", "add", "br0", "type", "bridge"]);
+        let _ = underlay.ip(&["link", "set", "br0", "up"]);
+
+        let mut nodes = Vec::new();
+        for i in 1..=spec.nodes {
+            nodes.push(Self::make_node(&spec, &underlay, i, &pins));
+        }
+        let mut lab = Self { agents: Vec::new(), nodes, underlay, nodes_dir, work_dir, spec, _pins: pins };
+        for i in 0..lab.nodes.len() {
+            lab.write_manifest(i);
+        }
+        for i in 0..lab.nodes.len() {
+            let agent = lab.spawn_agent(i)?;
+            lab.agents.push(Some(agent));
+        }
+        let peers = lab.nodes.len() - 1;
+        for i in 0..lab.nodes.len() {
+            lab.wait_for_routes(i, peers, Duration::from_secs(20))?;
+        }
+        Ok(lab)
+    }
+
+    fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, pins: &PinDir) -> LabNode {
+        let ns = NetNs::with_name(format!("{}-n{i}", spec.prefix));
+        let ip = Ipv4Addr::new(192, 168, 77, 10 + i as u8);
+        let port = format!("n{i}");
+        let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+        let _ = underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
+        let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
+        let _ = run("ip", &["netns", "exec", ns.name(), "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let gateway = format!("10.244.{i}.1");
+        let _ = ns.ip(&["link", "add", "cni0", "type", "bridge"]);
+        let _ = ns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", "cni0"]);
+        let _ = ns.ip(&["link", "set", "cni0", "mtu", &POD_MTU.to_string(), "up"]);
+        let mut pods = Vec::new();
+        for j in 1..=spec.pods_per_node {
+            let pod = NetNs::with_name(format!("{}-n{i}p{j}", spec.prefix));
+            let pod_ip = Ipv4Addr::new(10, 244, i as u8, 10 + j as u8);
+            let veth = format!("p{j}");
+            let _ = ns.ip(&["link", "add", &veth, "mtu", &POD_MTU.to_string(), "type", "veth", "peer", "name", "eth0", "netns", pod.name()]);
+            let _ = ns.ip(&["link", "set", &veth, "master", "cni0", "up"]);
+            let _ = pod.ip(&["addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"]);
+            let _ = pod.ip(&["link", "set", "eth0", "mtu", &POD_MTU.to_string(), "up"]);
+            let _ = pod.ip(&["route", "add", "default", "via", &gateway]);
+            pods.push(LabPod { ns: pod, ip: pod_ip });
+        }
+        LabNode {
+            name: format!("node{i}"),
+            ip,
+            pod_cidr: format!("10.244.{i}.0/24"),
+            pin_root: pins.path().join(format!("node{i}")),
+            pods,
+            log: std::env::temp_dir().join(&spec.prefix).join(format!("node{i}.log")),
+            ns,
+        }
+    }
+
+    /// The manifest file of node `i`.
+    pub fn manifest_path(&self, i: usize) -> PathBuf {
+        self.nodes_dir.join(format!("{}.yaml", self.nodes[i].name))
+    }
+
+    /// (Re)writes node `i`'s Node manifest.
+    pub fn write_manifest(&self, i: usize) {
+        let node = &self.nodes[i];
+        let yaml = format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: {}\n  podCIDRs: [{}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: Hostname\n    address: {}\n",
+            node.name, node.pod_cidr, node.pod_cidr, node.ip, node.name
+        );
+        // Write-then-rename so the agent never reads half a file.
+        let tmp = self.nodes_dir.join(format!(".{}.tmp", node.name));
+        fs::write(&tmp, yaml).expect("writing manifest");
+        fs::rename(&tmp, self.manifest_path(i)).expect("renaming manifest");
+    }
+
+    fn spawn_agent(&self, i: usize) -> Result<Child, String> {
+        let node = &self.nodes[i];
+        let log = fs::File::create(&node.log).map_err(|e| format!("creating {}: {e}", node.log.display()))?;
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.ns.name()))
+            .arg(&self.spec.agent)
+            .args(["run", "--node-name", &node.name, "--iface", "eth0", "--decap", &self.spec.decap])
+            .arg("--nodes-dir")
+            .arg(&self.nodes_dir)
+            .arg("--bpffs-root")
+            .arg(&node.pin_root)
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", self.spec.agent.display()))
+    }
+
+    /// Routes the agent of node `i` has installed (`proto 157`).
+    pub fn agent_routes(&self, i: usize) -> Vec<String> {
+        let out = self.nodes[i].ns.ip(&["route", "show", "proto", overlay_agent::routes::ROUTE_PROTO]);
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    }
+
+    /// Waits until node `i` has `count` agent routes.
+    pub fn wait_for_routes(&mut self, i: usize, count: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.agent_routes(i).len() == count {
+                return Ok(());
+            }
+            if let Some(Some(child)) = self.agents.get_mut(i)
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("agent of {} exited ({status}):\n{}", self.nodes[i].name, self.agent_log(i)));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} has {:?} agent routes, expected {count}; agent log:\n{}",
+                    self.nodes[i].name,
+                    self.agent_routes(i),
+                    self.agent_log(i)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self, i: usize) -> String {
+        fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// `overlay-agent inspect` for node `i`.
+    pub fn inspect(&self, i: usize) -> String {
+        let out = Command::new(&self.spec.agent)
+            .arg("inspect")
+            .arg("--bpffs-root")
+            .arg(&self.nodes[i].pin_root)
+            .output()
+            .expect("running inspect");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    /// Every pod, with the index of its node.
+    pub fn pods(&self) -> impl Iterator<Item = (usize, &LabPod)> {
+        self.nodes.iter().enumerate().flat_map(|(i, n)| n.pods.iter().map(move |p| (i, p)))
+    }
+
+    /// One ping from `from` to `to`.
+    pub fn ping(from: &NetNs, to: Ipv4Addr) -> bool {
+        ns_ok(from, "ping", &["-c", "1", "-W", "2", "-q", &to.to_string()])
+    }
+
+    /// A TCP connection from `from` to `to_ip` inside `to`: the server echoes
+    /// 64 KiB back, which crosses the tunnel as several full segments.
+    pub fn tcp_echo(from: &NetNs, to: &NetNs, to_ip: Ipv4Addr, port: u16) -> Result<(), String> {
+        let listener = {
+            let _inside = to.enter();
+            TcpListener::bind((to_ip, port)).map_err(|e| format!("bind {to_ip}:{port}: {e}"))?
+        };
+        let server = std::thread::spawn(move || -> std::io::Result<()> {
+            let (mut conn, _) = listener.accept()?;
+            let mut buf = vec![0u8; 65536];
+            conn.read_exact(&mut buf)?;
+            conn.write_all(&buf)
+        });
+        let result = (|| {
+            let _inside = from.enter();
+            let mut conn = TcpStream::connect_timeout(&(to_ip, port).into(), Duration::from_secs(3))
+                .map_err(|e| format!("connect {to_ip}:{port}: {e}"))?;
+            conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+            let sent: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+            conn.write_all(&sent).map_err(|e| format!("send: {e}"))?;
+            let mut back = vec![0u8; sent.len()];
+            conn.read_exact(&mut back).map_err(|e| format!("receive: {e}"))?;
+            if back != sent {
+                return Err("echoed bytes differ".to_owned());
+            }
+            Ok(())
+        })();
+        match server.join() {
+            Ok(Ok(())) => result,
+            Ok(Err(e)) => result.and(Err(format!("server: {e}"))),
+            Err(_) => result.and(Err("server panicked".to_owned())),
+        }
+    }
+
+    /// Ping and TCP between every pair of pods on different nodes, and
+    /// from every node to every remote pod. Returns the failures.
+    pub fn check_all_pairs(&self) -> (usize, Vec<String>) {
+        let mut checks = 0;
+        let mut failures = Vec::new();
+        let mut port = 20000;
+        for (a_node, a) in self.pods() {
+            for (b_node, b) in self.pods() {
+                if a_node == b_node {
+                    continue;
+                }
+                checks += 2;
+                if !Self::ping(&a.ns, b.ip) {
+                    failures.push(format!("ping {} -> {}", a.ip, b.ip));
+                }
+                port += 1;
+                if let Err(e) = Self::tcp_echo(&a.ns, &b.ns, b.ip, port) {
+                    failures.push(format!("tcp {} -> {}: {e}", a.ip, b.ip));
+                }
+            }
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            for (b_node, b) in self.pods() {
+                if b_node != i {
+                    checks += 1;
+                    if !Self::ping(&node.ns, b.ip) {
+                        failures.push(format!("ping {} (host) -> {}", node.name, b.ip));
+                    }
+                }
+            }
+        }
+        (checks, failures)
+    }
+
+    /// Stops node `i`'s agent (SIGTERM, then wait).
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut child) = self.agents.get_mut(i).and_then(Option::take) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
+    /// Keeps everything up after the process exits (for `lab --keep`).
+    pub fn leak(self) {
+        std::mem::forget(self);
+    }
+
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for i in 0..self.agents.len() {
+            self.stop_agent(i);
+        }
+        let _ = fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Removes everything a kept lab (`--keep`) left: namespaces, agents and
+/// pins whose names start with `prefix`.
+pub fn tear_down_kept(prefix: &str) -> usize {
+    let _ = Command::new("pkill").args(["-TERM", "-f", &format!("bpffs-root {}/{prefix}", overlay_agent::bpffs::BPFFS_MOUNT)]).status();
+    std::thread::sleep(Duration::from_millis(300));
+    let list = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let mut removed = 0;
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(prefix)) {
+        if Command::new("ip").args(["netns", "del", name]).status().is_ok_and(|s| s.success()) {
+            removed += 1;
+        }
+    }
+    if let Ok(entries) = fs::read_dir(overlay_agent::bpffs::BPFFS_MOUNT) {
+        for e in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    if let Ok(entries) = fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(prefix)) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    removed
+}
