@@ -1,0 +1,278 @@
+//! Packet edge cases through `BPF_PROG_TEST_RUN`: the real programs, in this
+//! kernel, fed crafted frames. Encapsulation produces RFC 7348 VXLAN;
+//! decapsulation accepts only valid VXLAN from known nodes and counts every
+//! drop by its reason.
+
+use aya::{
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+    programs::{Program, TestRun as _, TestRunOptions},
+};
+use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
+use overlay_common::{Config, Counters, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
+use overlay_tests::{PinDir, privileged};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const ME: [u8; 4] = [192, 168, 77, 11];
+const PEER: [u8; 4] = [192, 168, 77, 12];
+const MY_VTEP: [u8; 6] = [0x0e, 0, 192, 168, 77, 11];
+const PEER_VTEP: [u8; 6] = [0x0e, 0, 192, 168, 77, 12];
+const NIC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 11];
+const PEER_NIC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 12];
+
+fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, proto, 0, 0];
+    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
+    let mut e = Vec::new();
+    e.extend_from_slice(&dst);
+    e.extend_from_slice(&src);
+    e.extend_from_slice(&[0x08, 0x00]);
+    e.extend_from_slice(payload);
+    e
+}
+
+/// A pod-to-pod inner packet: IPv4/UDP with a small payload.
+fn inner_ip(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    ipv4(src, dst, 17, &udp(40000, 7, b"overlay!"))
+}
+
+struct Vxlan {
+    outer_src: [u8; 4],
+    outer_dst: [u8; 4],
+    dport: u16,
+    flags: u8,
+    vni: u32,
+    inner: Vec<u8>,
+}
+
+impl Default for Vxlan {
+    fn default() -> Self {
+        Self {
+            outer_src: PEER,
+            outer_dst: ME,
+            dport: 8472,
+            flags: 0x08,
+            vni: 1,
+            inner: inner_ip([10, 244, 2, 11], [10, 244, 1, 11]),
+        }
+    }
+}
+
+impl Vxlan {
+    fn frame(&self) -> Vec<u8> {
+        let vni = self.vni.to_be_bytes();
+        let mut vx = vec![self.flags, 0, 0, 0, vni[1], vni[2], vni[3], 0];
+        vx.extend_from_slice(&eth(MY_VTEP, PEER_VTEP, &self.inner));
+        eth(NIC_MAC, PEER_NIC_MAC, &ipv4(self.outer_src, self.outer_dst, 17, &udp(50000, self.dport, &vx)))
+    }
+}
+
+struct Fixture {
+    _pins: PinDir,
+    datapath: Datapath,
+    maps: DatapathMaps,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let pins = PinDir::new();
+        let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+        let ebpf = datapath.ebpf_mut();
+        let mut config: Array<_, Config> = Array::try_from(ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+        config
+            .set(
+                0,
+                Config {
+                    enabled: 1,
+                    vni: 1,
+                    node_ip: ME,
+                    vxlan_port: 8472,
+                    vtep_mac: MY_VTEP,
+                    underlay_ifindex: 1,
+                    inner_mtu: 1450,
+                    pod_cidr: [10, 244, 1, 0],
+                    pod_prefix_len: 24,
+                    ..Config::default()
+                },
+                0,
+            )
+            .unwrap();
+        let mut peers: HashMap<_, [u8; 4], Peer> = HashMap::try_from(ebpf.map_mut(map_names::PEERS).unwrap()).unwrap();
+        peers.insert(PEER, Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
+        let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
+        routes
+            .insert(&Key::new(24, [10, 244, 2, 0]), Route { node_ip: PEER, vtep_mac: PEER_VTEP, mode: ROUTE_MODE_VXLAN, _pad: 0 }, 0)
+            .unwrap();
+        let maps = DatapathMaps::open(pins.path()).unwrap();
+        Self { _pins: pins, datapath, maps }
+    }
+
+    fn counters(&self) -> Counters {
+        self.maps.counters_total().unwrap()
+    }
+
+    /// Runs program `name` on `frame`; returns its verdict and output bytes.
+    fn run(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let result = match self.datapath.ebpf_mut().program(name).unwrap() {
+            Program::Xdp(p) => p.test_run(opts),
+            Program::SchedClassifier(p) => p.test_run(opts),
+            _ => unreachable!(),
+        }
+        .expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    /// Runs `frame` through the decapsulation program and checks the
+    /// verdict and which counter moved.
+    fn expect_decap_verdict(&mut self, program: &str, frame: &[u8], verdict: u32, moved: fn(&Counters) -> u64) {
+        let before = self.counters();
+        let (got, _) = self.run(program, frame);
+        let after = self.counters();
+        assert_eq!(got, verdict, "{program}: verdict");
+        assert_eq!(moved(&after) - moved(&before), 1, "{program}: expected counter did not move once");
+    }
+}
+
+fn decap_cases(program: &str, pass: u32, drop: u32) {
+    let mut f = Fixture::new();
+
+    // Valid VXLAN from a known node: decapsulated, outer MACs kept.
+    let frame = Vxlan::default().frame();
+    let before = f.counters();
+    let (verdict, out) = f.run(program, &frame);
+    assert_eq!(verdict, pass);
+    assert_eq!(f.counters().decap_packets - before.decap_packets, 1);
+    let inner = inner_ip([10, 244, 2, 11], [10, 244, 1, 11]);
+    assert_eq!(out.len(), 14 + inner.len(), "exactly 50 bytes stripped");
+    assert_eq!(&out[0..6], &NIC_MAC);
+    assert_eq!(&out[6..12], &PEER_NIC_MAC);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(&out[14..], &inner[..], "inner packet untouched");
+
+    let cases: [(&str, Vec<u8>, u32, fn(&Counters) -> u64); 8] = [
+        ("unknown source", Vxlan { outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame(), drop, |c| c.drop_unknown_source),
+        ("wrong VNI", Vxlan { vni: 2, ..Vxlan::default() }.frame(), drop, |c| c.drop_wrong_vni),
+        ("no I flag", Vxlan { flags: 0, ..Vxlan::default() }.frame(), drop, |c| c.drop_bad_flags),
+        ("reserved flag bits", Vxlan { flags: 0x88, ..Vxlan::default() }.frame(), drop, |c| c.drop_bad_flags),
+        ("truncated after VXLAN", Vxlan::default().frame()[..50].to_vec(), drop, |c| c.drop_truncated),
+        ("inner source outside the sender's pod CIDR", Vxlan { inner: inner_ip([10, 244, 3, 5], [10, 244, 1, 11]), ..Vxlan::default() }.frame(), drop, |c| c.drop_spoofed_inner),
+        ("inner destination outside our pod CIDR", Vxlan { inner: inner_ip([10, 244, 2, 11], [8, 8, 8, 8]), ..Vxlan::default() }.frame(), drop, |c| c.drop_bad_inner),
+        ("other UDP port", Vxlan { dport: 53, ..Vxlan::default() }.frame(), pass, |c| c.pass_packets),
+    ];
+    for (what, frame, verdict, counter) in cases {
+        let before = f.counters();
+        let (got, _) = f.run(program, &frame);
+        let after = f.counters();
+        assert_eq!(got, verdict, "{program}, {what}: verdict");
+        assert_eq!(counter(&after) - counter(&before), 1, "{program}, {what}: counter");
+        assert_eq!(after.decap_packets, before.decap_packets, "{program}, {what}: must not decapsulate");
+    }
+
+    // Outer IPv4 options on our port: refused, counted as a bad outer header.
+    let mut with_options = Vxlan::default().frame();
+    with_options[14] = 0x46;
+    with_options.splice(34..34, [1, 1, 1, 1]); // four NOP options
+    f.expect_decap_verdict(program, &with_options, drop, |c| c.drop_bad_outer);
+    // VXLAN to another address on the segment is not ours: untouched.
+    f.expect_decap_verdict(program, &Vxlan { outer_dst: [192, 168, 77, 13], ..Vxlan::default() }.frame(), pass, |c| c.pass_packets);
+}
+
+#[test]
+fn xdp_decapsulates_valid_vxlan_and_drops_forgeries_by_reason() {
+    if privileged() {
+        decap_cases(program_names::XDP_INGRESS, XDP_PASS, XDP_DROP);
+    }
+}
+
+#[test]
+fn tc_ingress_decapsulates_valid_vxlan_and_drops_forgeries_by_reason() {
+    if privileged() {
+        decap_cases(program_names::TC_INGRESS, TC_ACT_OK, TC_ACT_SHOT);
+    }
+}
+
+#[test]
+fn encapsulation_builds_rfc7348_vxlan_with_flow_hashed_source_ports() {
+    if !privileged() {
+        return;
+    }
+    let mut f = Fixture::new();
+    let pod_packet = |sport: u16| eth(PEER_NIC_MAC, NIC_MAC, &ipv4([10, 244, 1, 11], [10, 244, 2, 11], 17, &udp(sport, 5001, b"payload!")));
+
+    let frame = pod_packet(40000);
+    let (verdict, out) = f.run(program_names::TC_EGRESS, &frame);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out.len(), frame.len() + 50);
+    assert_eq!(&out[0..14], &frame[0..14], "outer Ethernet is the routed frame's");
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, out.len() - 14, "outer total length");
+    assert_eq!(ip[8], 64, "TTL");
+    assert_eq!(ip[9], 17, "UDP");
+    assert_eq!(&ip[12..16], &ME);
+    assert_eq!(&ip[16..20], &PEER);
+    assert_eq!(checksum(ip), 0, "outer IPv4 checksum valid");
+    let udp_hdr = &out[34..42];
+    let sport = u16::from_be_bytes([udp_hdr[0], udp_hdr[1]]);
+    assert!(sport >= 49152, "source port {sport} in the ephemeral range");
+    assert_eq!(u16::from_be_bytes([udp_hdr[2], udp_hdr[3]]), 8472);
+    assert_eq!(u16::from_be_bytes([udp_hdr[4], udp_hdr[5]]) as usize, out.len() - 34);
+    assert_eq!(&udp_hdr[6..8], &[0, 0], "UDP checksum 0");
+    assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, 1, 0], "I flag, VNI 1");
+    assert_eq!(&out[50..56], &PEER_VTEP, "inner destination = peer's VtepMAC");
+    assert_eq!(&out[56..62], &MY_VTEP, "inner source = our VtepMAC");
+    assert_eq!(&out[62..64], &[0x08, 0x00]);
+    assert_eq!(&out[64..], &frame[14..], "inner packet untouched");
+
+    // One flow keeps one port; different flows spread.
+    let port_of = |f: &mut Fixture, sport: u16| {
+        let (_, out) = f.run(program_names::TC_EGRESS, &pod_packet(sport));
+        u16::from_be_bytes([out[34], out[35]])
+    };
+    assert_eq!(port_of(&mut f, 40000), sport);
+    let ports: std::collections::BTreeSet<u16> = (0..16).map(|i| port_of(&mut f, 41000 + i)).collect();
+    assert!(ports.len() >= 8, "16 flows used only {} source ports: {ports:?}", ports.len());
+
+    // Not a remote pod CIDR: untouched and counted as passed.
+    let before = f.counters();
+    let other = eth(PEER_NIC_MAC, NIC_MAC, &ipv4([10, 244, 1, 11], [192, 168, 77, 12], 17, &udp(1, 2, b"x")));
+    let (verdict, out) = f.run(program_names::TC_EGRESS, &other);
+    assert_eq!((verdict, out), (TC_ACT_OK, other));
+    assert_eq!(f.counters().pass_packets - before.pass_packets, 1);
+    assert!(f.counters().encap_packets >= 18);
+}
