@@ -109,3 +109,38 @@ pub fn read_manifest(path: &Path) -> Result<NodeInfo, ManifestError> {
         .map_err(|e| ManifestError::Parse { path: path.to_owned(), reason: e.to_string() })?;
     NodeInfo::from_node(&node).map_err(|source| ManifestError::Node { path: path.to_owned(), source })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_files_are_reported_by_name_and_skipped() {
+        let dir = std::env::temp_dir().join(format!("overlay-manifests-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let good = "apiVersion: v1\nkind: Node\nmetadata: {name: a}\nspec: {podCIDR: 10.244.1.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.0.1}]}\n";
+        fs::write(dir.join("a.yaml"), good).unwrap();
+        fs::write(dir.join("b.json"), r#"{"kind":"Node","metadata":{"name":"b"},"spec":{"podCIDR":"10.244.2.0/24"},"status":{"addresses":[{"type":"InternalIP","address":"192.168.0.2"}]}}"#).unwrap();
+        fs::write(dir.join("cm.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap();
+        fs::write(dir.join("broken.yaml"), "kind: Node\nmetadata: [unclosed\n").unwrap();
+        fs::write(dir.join("noaddr.yaml"), "kind: Node\nmetadata: {name: c}\nspec: {podCIDR: 10.244.3.0/24}\n").unwrap();
+        fs::write(dir.join("README.md"), "not a manifest").unwrap();
+
+        let scan = scan(&dir).unwrap();
+        let names: Vec<_> = scan.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let errors: Vec<String> = scan.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors.iter().any(|e| e.contains("broken.yaml") && e.contains("not valid YAML")), "{errors:#?}");
+        assert!(errors.iter().any(|e| e.contains("cm.yaml") && e.contains("not Node")), "{errors:#?}");
+        assert!(errors.iter().any(|e| e.contains("noaddr.yaml") && e.contains("InternalIP")), "{errors:#?}");
+
+        let mut watched = ManifestDir::new(&dir);
+        assert!(watched.scan_if_changed().unwrap().is_some(), "first scan always reports");
+        assert!(watched.scan_if_changed().unwrap().is_none(), "nothing changed");
+        fs::remove_file(dir.join("b.json")).unwrap();
+        let rescan = watched.scan_if_changed().unwrap().expect("removal noticed");
+        assert_eq!(rescan.nodes.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

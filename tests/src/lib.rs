@@ -27,6 +27,20 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// The `overlay-agent` binary next to this test binary (`target/<profile>/`).
+/// `cargo xtask test` builds it before running the tests.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let agent = profile_dir.join("overlay-agent");
+    assert!(
+        agent.is_file(),
+        "{} is missing: run the tests with `cargo xtask test`, which builds it first",
+        agent.display()
+    );
+    agent
+}
+
 /// Whether the privileged tests can run. Without root they are skipped with
 /// a message, except under CI (`CI` set), where skipping would hide them.
 pub fn privileged() -> bool {

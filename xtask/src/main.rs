@@ -87,6 +87,8 @@ fn build(release: bool) -> anyhow::Result<()> {
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {
+    // The lab tests run the agent binary; `cargo test` alone does not build it.
+    cargo(&["build"])?;
     let mut args = vec!["test"];
     if !extra.is_empty() {
         args.push("--");

@@ -1,0 +1,108 @@
+//! The VXLAN overlay end to end: a 3-node lab in network namespaces, one
+//! agent per node fed by a shared directory of Node manifests.
+
+use std::time::Duration;
+
+use overlay_tests::{
+    agent_binary,
+    lab::{Lab, LabSpec},
+    privileged, stdout,
+};
+
+fn start_lab() -> Lab {
+    Lab::start(LabSpec::new(agent_binary())).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
+#[test]
+fn three_nodes_all_pairs_ping_and_tcp_without_any_kernel_vxlan_device() {
+    if !privileged() {
+        return;
+    }
+    let lab = start_lab();
+    let (checks, failures) = lab.check_all_pairs();
+    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+    // 6 pods: 24 cross-node pairs × (ping + TCP) + 3 nodes × 4 remote pods.
+    assert_eq!(checks, 24 * 2 + 12);
+
+    for node in &lab.nodes {
+        let vxlan = String::from_utf8_lossy(&node.ns.ip(&["-d", "link", "show", "type", "vxlan"]).stdout).into_owned();
+        assert!(vxlan.trim().is_empty(), "{} has a kernel vxlan device: {vxlan}", node.name);
+    }
+    let inspect = lab.inspect(0);
+    for expected in ["10.244.2.0/24", "10.244.3.0/24", "192.168.77.12", "vxlan"] {
+        assert!(inspect.contains(expected), "inspect lacks {expected}:\n{inspect}");
+    }
+}
+
+#[test]
+fn capture_on_the_underlay_shows_port_vni_flags_zero_checksum_and_spread_ports() {
+    if !privileged() {
+        return;
+    }
+    let lab = start_lab();
+    let pcap = lab.work_dir().join("underlay.pcap");
+    let node1 = &lab.nodes[0];
+    let mut tcpdump = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", node1.ns.name()))
+        .args(["tcpdump", "-i", "eth0", "-n", "-U", "-w"])
+        .arg(&pcap)
+        .args(["udp", "port", "8472"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting tcpdump");
+    std::thread::sleep(Duration::from_millis(700));
+    let (a, b) = (&node1.pods[0], &lab.nodes[1].pods[0]);
+    for port in 0..6 {
+        Lab::tcp_echo(&a.ns, &b.ns, b.ip, 23000 + port).expect("tcp across the tunnel");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
+    let _ = tcpdump.wait();
+
+    let fields = stdout(
+        "tshark",
+        &[
+            "-r", pcap.to_str().unwrap(), "-d", "udp.port==8472,vxlan", "-T", "fields",
+            "-e", "udp.srcport", "-e", "udp.dstport", "-e", "vxlan.flags", "-e", "vxlan.vni", "-e", "udp.checksum",
+            "-e", "eth.dst", "-e", "eth.src",
+        ],
+    );
+    let rows: Vec<Vec<&str>> = fields.lines().map(|l| l.split('\t').collect()).collect();
+    assert!(rows.len() > 20, "too few tunnel packets captured: {}", rows.len());
+    let mut sports = std::collections::BTreeSet::new();
+    for row in &rows {
+        assert_eq!(row[1], "8472", "{row:?}");
+        assert_eq!(row[2], "0x0800", "flags: I bit only: {row:?}");
+        assert_eq!(row[3], "1", "VNI: {row:?}");
+        assert_eq!(row[4], "0x0000", "UDP checksum 0: {row:?}");
+        sports.insert(row[0].to_owned());
+    }
+    assert!(sports.len() >= 3, "6 flows used source ports {sports:?}");
+    // The inner Ethernet header carries the VTEP MACs (tshark lists the
+    // outer and inner eth addresses comma-separated).
+    assert!(rows.iter().any(|r| r[5].contains("0e:00:c0:a8:4d:0c") && r[6].contains("0e:00:c0:a8:4d:0b")), "inner VTEP MACs: {:?}", rows[0]);
+}
+
+#[test]
+fn removing_a_manifest_removes_routes_and_map_entries_and_stops_traffic() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = start_lab();
+    let (a, gone) = (lab.nodes[0].pods[0].ns.name().to_owned(), lab.nodes[2].pods[0].ip);
+    assert!(Lab::ping(&lab.nodes[0].pods[0].ns, gone));
+
+    std::fs::remove_file(lab.manifest_path(2)).expect("removing node3's manifest");
+    lab.wait_for_routes(0, 1, Duration::from_secs(2)).expect("node1 drops node3's route within the poll budget");
+    lab.wait_for_routes(1, 1, Duration::from_secs(2)).expect("node2 drops node3's route");
+    let inspect = lab.inspect(0);
+    assert!(!inspect.contains("10.244.3.0/24"), "node3's CIDR still in the maps:\n{inspect}");
+    assert!(!inspect.contains("192.168.77.13"), "node3 still a peer:\n{inspect}");
+    assert!(!Lab::ping(&lab.nodes[0].pods[0].ns, gone), "traffic from {a} to removed node3 still flows");
+    assert!(Lab::ping(&lab.nodes[0].pods[0].ns, lab.nodes[1].pods[0].ip), "other peers keep working");
+
+    lab.write_manifest(2);
+    lab.wait_for_routes(0, 2, Duration::from_secs(2)).expect("node3 comes back");
+    assert!(Lab::ping(&lab.nodes[0].pods[0].ns, gone));
+}
