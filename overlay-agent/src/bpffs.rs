@@ -30,7 +30,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: valid NUL-terminated path and a properly sized out-parameter.
     let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
-    rc == 0 && i64::from(stat.f_type) == BPF_FS_MAGIC
+    rc == 0 && stat.f_type == BPF_FS_MAGIC
 }
 
 /// Mounts bpffs at [`BPFFS_MOUNT`] when `root` lives under it and nothing is

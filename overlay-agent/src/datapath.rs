@@ -53,7 +53,7 @@ pub enum DatapathError {
     Load {
         root: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no program {0}; agent and programs are out of step")]
     MissingProgram(&'static str),
@@ -129,7 +129,7 @@ impl Datapath {
         }
         let mut ebpf = loader
             .load(object::EBPF_OBJECT)
-            .map_err(|source| DatapathError::Load { root: root.to_owned(), source })?;
+            .map_err(|source| DatapathError::Load { root: root.to_owned(), source: Box::new(source) })?;
         for name in program_names::ALL {
             let program = ebpf
                 .program_mut(name)

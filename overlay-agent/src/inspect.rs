@@ -35,7 +35,7 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
     }
 
     println!("\nROUTES (remote pod CIDRs)");
-    println!("  {:<18} {:<16} {:<18} {}", "POD CIDR", "NODE IP", "VTEP MAC", "MODE");
+    println!("  {:<18} {:<16} {:<18} MODE", "POD CIDR", "NODE IP", "VTEP MAC");
     let mut routes: Vec<_> = maps.routes.iter().filter_map(Result::ok).collect();
     routes.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
     for (key, route) in routes {

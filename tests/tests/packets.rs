@@ -11,6 +11,9 @@ use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
 use overlay_common::{Config, Counters, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
 use overlay_tests::{PinDir, privileged};
 
+/// Reads the counter a case expects to move.
+type CounterOf = fn(&Counters) -> u64;
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
@@ -159,7 +162,7 @@ impl Fixture {
 
     /// Runs `frame` through the decapsulation program and checks the
     /// verdict and which counter moved.
-    fn expect_decap_verdict(&mut self, program: &str, frame: &[u8], verdict: u32, moved: fn(&Counters) -> u64) {
+    fn expect_decap_verdict(&mut self, program: &str, frame: &[u8], verdict: u32, moved: CounterOf) {
         let before = self.counters();
         let (got, _) = self.run(program, frame);
         let after = self.counters();
@@ -184,7 +187,7 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     assert_eq!(&out[12..14], &[0x08, 0x00]);
     assert_eq!(&out[14..], &inner[..], "inner packet untouched");
 
-    let cases: [(&str, Vec<u8>, u32, fn(&Counters) -> u64); 8] = [
+    let cases: [(&str, Vec<u8>, u32, CounterOf); 8] = [
         ("unknown source", Vxlan { outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame(), drop, |c| c.drop_unknown_source),
         ("wrong VNI", Vxlan { vni: 2, ..Vxlan::default() }.frame(), drop, |c| c.drop_wrong_vni),
         ("no I flag", Vxlan { flags: 0, ..Vxlan::default() }.frame(), drop, |c| c.drop_bad_flags),
