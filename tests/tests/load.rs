@@ -142,3 +142,22 @@ fn pinned_maps_dump_with_btf_field_names() {
         }
     }
 }
+
+#[test]
+fn without_bpf_privileges_the_agent_says_what_it_needs() {
+    if !privileged() {
+        return;
+    }
+    let pins = PinDir::new();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .arg(overlay_tests::agent_binary())
+        .args(["check", "--iface", "lo", "--bpffs-root"])
+        .arg(pins.path())
+        .output()
+        .expect("running setpriv");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no permission to load BPF programs: run as root, or grant CAP_BPF"), "{stderr}");
+    assert!(!pins.path().exists(), "nothing may be created without permission");
+}
