@@ -5,7 +5,7 @@
 //! arrived for this host (the flannel model: pods sit behind `cni0`).
 
 use aya_ebpf::{
-    bindings::{bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, TC_ACT_OK, xdp_action},
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
     helpers::generated::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
@@ -58,7 +58,10 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         count(|c| c.pass_packets += 1);
         return Ok(TC_ACT_OK as i32);
     }
-    ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
+    // FIXED_GSO: a GSO super-packet (veth hands them over whole) keeps its
+    // inner MSS; without it the kernel grows gso_size by 50 and segments
+    // come out larger than the pod MTU.
+    ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
         .map_err(|_| Drop::HelperError)?;
     let len = u64::from(ctx.len());
     count(|c| {

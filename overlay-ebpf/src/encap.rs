@@ -22,6 +22,7 @@ use overlay_common::{Config, ROUTE_MODE_VXLAN, Route};
 use crate::{
     Drop,
     counters::count,
+    icmp,
     maps::{ROUTES, config},
     packet::ptr_at,
     parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, VXLAN_FLAG_I},
@@ -53,7 +54,8 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else {
         return Ok(TC_ACT_OK as i32);
     };
-    let (dst, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    let ip = unsafe { &*ip };
+    let (dst, tos) = (ip.dst_addr, ip.tos);
     let Some(route) = ROUTES.get(&Key::new(32, dst)) else {
         count(|c| c.pass_packets += 1);
         return Ok(TC_ACT_OK as i32);
@@ -66,6 +68,12 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
     let route = *route;
 
     let inner_len = ctx.len() - EthHdr::LEN as u32;
+    // GSO packets are cut to the route's MSS later; only a single packet
+    // can be too big for the tunnel.
+    let is_gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    if !is_gso && inner_len > cfg.inner_mtu && icmp::dont_fragment(ip) {
+        return icmp::reply_frag_needed(ctx, cfg.inner_mtu);
+    }
     // The same flow always hashes the same, so it keeps one source port.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (SPORT_MIN + ((u64::from(hash) * SPORT_RANGE) >> 32) as u32) as u16;

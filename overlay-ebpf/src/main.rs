@@ -11,6 +11,7 @@
 mod counters;
 mod decap;
 mod encap;
+mod icmp;
 mod maps;
 mod packet;
 mod parse;

@@ -279,3 +279,49 @@ fn encapsulation_builds_rfc7348_vxlan_with_flow_hashed_source_ports() {
     assert_eq!(f.counters().pass_packets - before.pass_packets, 1);
     assert!(f.counters().encap_packets >= 18);
 }
+
+#[test]
+fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
+    if !privileged() {
+        return;
+    }
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut f = Fixture::new();
+    // 1451 bytes of IPv4 with DF toward a remote pod: one byte over 1450.
+    let mut inner = ipv4([10, 244, 1, 11], [10, 244, 2, 11], 17, &udp(40000, 9, &[0u8; 1451 - 28]));
+    inner[6] = 0x40;
+    let c = checksum(&{
+        let mut h = inner[..20].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    inner[10..12].copy_from_slice(&c.to_be_bytes());
+    let frame = eth(PEER_NIC_MAC, NIC_MAC, &inner);
+    let before = f.counters();
+    let (verdict, out) = f.run(program_names::TC_EGRESS, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the reply is redirected back in");
+    assert_eq!(f.counters().icmp_frag_needed - before.icmp_frag_needed, 1);
+    assert_eq!(f.counters().encap_packets, before.encap_packets, "too big: not encapsulated");
+    assert_eq!(out.len(), 14 + 20 + 8 + 28);
+    assert_eq!(&out[0..6], &NIC_MAC, "to the underlay's own MAC");
+    let ip = &out[14..34];
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(&ip[12..16], &[10, 244, 2, 11], "from the unreachable destination");
+    assert_eq!(&ip[16..20], &[10, 244, 1, 11], "to the sender");
+    assert_eq!(checksum(ip), 0, "IPv4 checksum");
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "destination unreachable, fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1450, "next-hop MTU");
+    assert_eq!(&icmp[8..], &inner[..28], "quotes the original header and 8 bytes");
+    assert_eq!(checksum(icmp), 0, "ICMP checksum");
+
+    // Exactly the MTU, or no DF: encapsulated as usual.
+    let mut fits = ipv4([10, 244, 1, 11], [10, 244, 2, 11], 17, &udp(40000, 9, &[0u8; 1450 - 28]));
+    fits[6] = 0x40;
+    let (verdict, out) = f.run(program_names::TC_EGRESS, &eth(PEER_NIC_MAC, NIC_MAC, &fits));
+    assert_eq!((verdict, out.len()), (TC_ACT_OK, 14 + 1450 + 50));
+    inner[6] = 0;
+    let (verdict, _) = f.run(program_names::TC_EGRESS, &eth(PEER_NIC_MAC, NIC_MAC, &inner));
+    assert_eq!(verdict, TC_ACT_OK, "without DF the packet goes on (the kernel fragments by route MTU)");
+}
