@@ -73,8 +73,10 @@ struct RunArgs {
     /// Pin directory for this agent's maps.
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
     bpffs_root: PathBuf,
-    /// Where decapsulation hooks in.
-    #[arg(long, value_enum, default_value_t = Decap::Xdp)]
+    /// Where decapsulation hooks in. `auto` picks what measured fastest
+    /// (docs/datapath.md): TC on veth underlays, native XDP elsewhere,
+    /// falling back to TC where XDP cannot attach.
+    #[arg(long, value_enum, default_value_t = Decap::Auto)]
     decap: Decap,
 }
 
@@ -83,8 +85,10 @@ enum Backend {
     Vxlan,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Decap {
+    /// Measured choice per interface (see `run --help`).
+    Auto,
     /// XDP, native when the driver supports it.
     Xdp,
     /// Generic (skb) XDP.
@@ -96,7 +100,7 @@ enum Decap {
 impl From<Decap> for DecapHook {
     fn from(decap: Decap) -> Self {
         match decap {
-            Decap::Xdp => Self::Xdp(XdpMode::Default),
+            Decap::Auto | Decap::Xdp => Self::Xdp(XdpMode::Default),
             Decap::XdpGeneric => Self::Xdp(XdpMode::Skb),
             Decap::Tc => Self::TcIngress,
         }
@@ -110,6 +114,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
         Command::Run(args) => run::run(args),

@@ -14,7 +14,7 @@ use overlay_agent::{
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{Backend, RunArgs};
+use crate::{Backend, Decap, RunArgs};
 
 /// How often the nodes directory is looked at; changes land within this.
 const POLL: Duration = Duration::from_millis(200);
@@ -49,8 +49,24 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let settings = LocalSettings { node_name, vni, vxlan_port: port, underlay_ifindex: ifindex, underlay_mtu, public_ip };
 
     let mut datapath = Datapath::load(&bpffs_root).context("loading the datapath")?;
-    let hook: DecapHook = decap.into();
-    let _attachment = datapath.attach(&iface, hook).with_context(|| format!("attaching to {iface}"))?;
+    let hook = match (decap, iface::driver(&iface).as_deref()) {
+        // On veth the stack hands over whole GSO packets, which TC
+        // decapsulates at once; native XDP sees them segmented (and
+        // drops when veth's XDP ring fills). Measured in docs/datapath.md.
+        (Decap::Auto, Ok("veth")) => DecapHook::TcIngress,
+        (decap, _) => decap.into(),
+    };
+    let (_attachment, hook) = match datapath.attach(&iface, hook) {
+        Ok(attachment) => (attachment, hook),
+        Err(err) if decap == Decap::Auto && matches!(hook, DecapHook::Xdp(_)) => {
+            warn!(%iface, error = %format!("{err:#}"), "XDP cannot attach here; decapsulating at TC ingress");
+            let attachment = datapath
+                .attach(&iface, DecapHook::TcIngress)
+                .with_context(|| format!("attaching to {iface}"))?;
+            (attachment, DecapHook::TcIngress)
+        }
+        Err(err) => return Err(err).with_context(|| format!("attaching to {iface}")),
+    };
     let maps = DatapathMaps::open(&bpffs_root)?;
     let mut applier = Applier::new(maps, &iface).context("adopting the pinned state")?;
     info!(node = %settings.node_name, %iface, ifindex, underlay_mtu, inner_mtu = underlay_mtu.saturating_sub(overlay_common::VXLAN_OVERHEAD), vni, port, root = %bpffs_root.display(), ?hook, "datapath attached");

@@ -48,7 +48,7 @@ impl LabSpec {
             nodes: 3,
             pods_per_node: 2,
             agent,
-            decap: "xdp".to_owned(),
+            decap: "auto".to_owned(),
             prefix: crate::unique_name("ovlab"),
         }
     }

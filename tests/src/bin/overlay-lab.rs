@@ -27,8 +27,8 @@ struct Args {
     /// Pods per node.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=20))]
     pods: u8,
-    /// Where decapsulation hooks in: xdp, xdp-generic or tc.
-    #[arg(long, default_value = "xdp")]
+    /// Where decapsulation hooks in: auto, xdp, xdp-generic or tc.
+    #[arg(long, default_value = "auto")]
     decap: String,
     /// Leave the lab up for poking around; `--down` removes it.
     #[arg(long)]
