@@ -319,6 +319,40 @@ impl Lab {
         (checks, failures)
     }
 
+    /// Sets the MTU of pod `j` on node `i`, on both ends of its veth (to
+    /// play a pod whose MTU ignores the tunnel).
+    pub fn set_pod_mtu(&self, i: usize, j: usize, mtu: u32) {
+        let mtu = mtu.to_string();
+        let _ = self.nodes[i].ns.ip(&["link", "set", &format!("p{}", j + 1), "mtu", &mtu]);
+        let _ = self.nodes[i].pods[j].ns.ip(&["link", "set", "eth0", "mtu", &mtu]);
+    }
+
+    /// Runs iperf3 for `seconds` from pod `from` (node, pod) to pod `to`,
+    /// returning iperf3's JSON report.
+    pub fn iperf3(&self, from: (usize, usize), to: (usize, usize), seconds: u32) -> Result<serde_json::Value, String> {
+        let server_pod = &self.nodes[to.0].pods[to.1];
+        let client_pod = &self.nodes[from.0].pods[from.1];
+        let server = ChildGuard(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", server_pod.ns.name()))
+                .args(["iperf3", "-s", "-1", "-B", &server_pod.ip.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("starting iperf3 server: {e}"))?,
+        );
+        // The server needs a moment to listen.
+        std::thread::sleep(Duration::from_millis(300));
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", client_pod.ns.name()))
+            .args(["iperf3", "-c", &server_pod.ip.to_string(), "-t", &seconds.to_string(), "-J"])
+            .output()
+            .map_err(|e| format!("running iperf3: {e}"))?;
+        drop(server);
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
     /// Stops node `i`'s agent (SIGTERM, then wait).
     pub fn stop_agent(&mut self, i: usize) {
         if let Some(mut child) = self.agents.get_mut(i).and_then(Option::take) {
@@ -344,6 +378,16 @@ impl Drop for Lab {
             self.stop_agent(i);
         }
         let _ = fs::remove_dir_all(&self.work_dir);
+    }
+}
+
+/// Kills and reaps a child process on drop.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
