@@ -73,9 +73,8 @@ struct RunArgs {
     /// Pin directory for this agent's maps.
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
     bpffs_root: PathBuf,
-    /// Where decapsulation hooks in. `auto` picks what measured fastest
-    /// (docs/datapath.md): TC on veth underlays, native XDP elsewhere,
-    /// falling back to TC where XDP cannot attach.
+    /// Where decapsulation hooks in. `auto`: native XDP, which measured
+    /// fastest (docs/datapath.md), or TC ingress where XDP cannot attach.
     #[arg(long, value_enum, default_value_t = Decap::Auto)]
     decap: Decap,
 }

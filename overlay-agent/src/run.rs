@@ -49,13 +49,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let settings = LocalSettings { node_name, vni, vxlan_port: port, underlay_ifindex: ifindex, underlay_mtu, public_ip };
 
     let mut datapath = Datapath::load(&bpffs_root).context("loading the datapath")?;
-    let hook = match (decap, iface::driver(&iface).as_deref()) {
-        // On veth the stack hands over whole GSO packets, which TC
-        // decapsulates at once; native XDP sees them segmented (and
-        // drops when veth's XDP ring fills). Measured in docs/datapath.md.
-        (Decap::Auto, Ok("veth")) => DecapHook::TcIngress,
-        (decap, _) => decap.into(),
-    };
+    // Native XDP measured fastest (docs/datapath.md); TC where it cannot attach.
+    let hook: DecapHook = decap.into();
     let (_attachment, hook) = match datapath.attach(&iface, hook) {
         Ok(attachment) => (attachment, hook),
         Err(err) if decap == Decap::Auto && matches!(hook, DecapHook::Xdp(_)) => {

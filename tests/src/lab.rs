@@ -132,6 +132,9 @@ impl Lab {
         let _ = underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
         let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
+        // GRO on, as on a physical NIC (veth defaults to off): it aggregates
+        // what XDP decapsulated before the stack forwards it to the pod.
+        let _ = run("ip", &["netns", "exec", ns.name(), "ethtool", "-K", "eth0", "gro", "on"]);
         let _ = run("ip", &["netns", "exec", ns.name(), "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let gateway = format!("10.244.{i}.1");
         let _ = ns.ip(&["link", "add", "cni0", "type", "bridge"]);
