@@ -76,9 +76,19 @@ pub struct Lab {
     pub nodes: Vec<LabNode>,
     pub underlay: NetNs,
     pub nodes_dir: PathBuf,
-    work_dir: PathBuf,
     spec: LabSpec,
     _pins: PinDir,
+    work_dir: WorkDir,
+}
+
+/// The lab's temporary directory (manifests, agent logs), removed on drop
+/// even when setup fails halfway.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }
 
 /// `nsenter --net=/run/netns/<ns> <program> <args>`, returning success.
@@ -97,8 +107,8 @@ impl Lab {
     /// Builds the namespaces, writes the manifests and starts the agents,
     /// waiting until every agent has programmed its routes.
     pub fn start(spec: LabSpec) -> Result<Self, String> {
-        let work_dir = std::env::temp_dir().join(&spec.prefix);
-        let nodes_dir = work_dir.join("nodes");
+        let work_dir = WorkDir(std::env::temp_dir().join(&spec.prefix));
+        let nodes_dir = work_dir.0.join("nodes");
         fs::create_dir_all(&nodes_dir).map_err(|e| format!("creating {}: {e}", nodes_dir.display()))?;
         let pins = PinDir::at(Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(&spec.prefix));
         let underlay = NetNs::with_name(format!("{}-ul", spec.prefix));
@@ -109,7 +119,7 @@ impl Lab {
         for i in 1..=spec.nodes {
             nodes.push(Self::make_node(&spec, &underlay, i, &pins));
         }
-        let mut lab = Self { agents: Vec::new(), nodes, underlay, nodes_dir, work_dir, spec, _pins: pins };
+        let mut lab = Self { agents: Vec::new(), nodes, underlay, nodes_dir, spec, _pins: pins, work_dir };
         for i in 0..lab.nodes.len() {
             lab.write_manifest(i);
         }
@@ -371,7 +381,7 @@ impl Lab {
     }
 
     pub fn work_dir(&self) -> &Path {
-        &self.work_dir
+        &self.work_dir.0
     }
 }
 
@@ -380,7 +390,6 @@ impl Drop for Lab {
         for i in 0..self.agents.len() {
             self.stop_agent(i);
         }
-        let _ = fs::remove_dir_all(&self.work_dir);
     }
 }
 
