@@ -5,6 +5,7 @@
 //! - `test`: setup, then every test (the README's test command; CI runs it).
 //! - `lab`: setup, build, then the multi-node lab (see `tests/src/lab.rs`).
 //! - `lint`: clippy over the user-space crates.
+//! - `run`: build, then run the agent with the given arguments.
 
 mod lab;
 mod setup;
@@ -44,6 +45,14 @@ enum Task {
     Lab(lab::LabArgs),
     /// Clippy over the user-space crates, warnings denied.
     Lint,
+    /// Build everything, then run the agent on this machine with these
+    /// arguments (e.g. `cargo xtask run -- inspect`). Run it inside a lab
+    /// namespace, not on a machine whose network matters.
+    Run {
+        /// Arguments for overlay-agent.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +62,7 @@ fn main() -> ExitCode {
         Task::Test { args } => setup::setup().and_then(|_| test(&args)),
         Task::Lab(args) => setup::setup().and_then(|_| lab::lab(&args)),
         Task::Lint => lint(),
+        Task::Run { args } => setup::setup().and_then(|_| run_agent(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,6 +105,19 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         args.extend(extra.iter().map(String::as_str));
     }
     cargo(&args)
+}
+
+fn run_agent(args: &[String]) -> anyhow::Result<()> {
+    cargo(&["build", "--package", "overlay-agent"])?;
+    let agent = workspace_root().join("target/debug/overlay-agent");
+    let status = Command::new(&agent)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", agent.display()))?;
+    if !status.success() {
+        bail!("overlay-agent exited with {status}");
+    }
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {
