@@ -11,6 +11,7 @@ for i in 1 2; do
   ip netns add $P-n$i; ip netns add $P-n${i}p1
   ip -n $P-ul link add n$i type veth peer name eth0 netns $P-n$i
   ip -n $P-ul link set n$i master br0 up
+  ip netns exec $P-ul ethtool -K n$i tso off gso off tx-udp_tnl-segmentation off tx-udp_tnl-csum-segmentation off >/dev/null
   ip -n $P-n$i addr add 192.168.78.1$i/24 dev eth0; ip -n $P-n$i link set eth0 up; ip -n $P-n$i link set lo up; ip netns exec $P-n$i ethtool -K eth0 gro on
   ip netns exec $P-n$i sysctl -qw net.ipv4.ip_forward=1
   ip -n $P-n$i link add cni0 type bridge; ip -n $P-n$i addr add 10.244.$i.1/24 dev cni0; ip -n $P-n$i link set cni0 mtu 1450 up

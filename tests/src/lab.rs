@@ -140,6 +140,14 @@ impl Lab {
         let port = format!("n{i}");
         let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
         let _ = underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
+        // The underlay carries MTU-sized frames, as a real wire does: veth
+        // would otherwise pass 64 KB GSO packets from node to node, which
+        // flatters any path that never segments (docs/datapath.md).
+        let _ = run(
+            "ip",
+            &["netns", "exec", underlay.name(), "ethtool", "-K", &port, "tso", "off", "gso", "off",
+              "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off"],
+        );
         let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
         // GRO on, as on a physical NIC (veth defaults to off): it aggregates
