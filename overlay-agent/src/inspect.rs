@@ -57,7 +57,7 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
     let Counters {
         encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
         icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
-        drop_spoofed_inner, drop_bad_outer, drop_bad_inner, drop_helper_error,
+        drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
     } = c;
     println!("\nCOUNTERS (all CPUs)");
     for (name, value) in [
@@ -67,7 +67,7 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         ("drop_bad_flags", drop_bad_flags), ("drop_wrong_vni", drop_wrong_vni),
         ("drop_unknown_source", drop_unknown_source), ("drop_spoofed_inner", drop_spoofed_inner),
         ("drop_bad_outer", drop_bad_outer), ("drop_bad_inner", drop_bad_inner),
-        ("drop_helper_error", drop_helper_error),
+        ("mismatched_port", mismatched_port), ("drop_helper_error", drop_helper_error),
     ] {
         println!("  {name:<22} {value}");
     }

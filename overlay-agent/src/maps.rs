@@ -48,7 +48,7 @@ impl DatapathMaps {
             let Counters {
                 encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
                 icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
-                drop_spoofed_inner, drop_bad_outer, drop_bad_inner, drop_helper_error,
+                drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
             } = *c;
             t.encap_packets += encap_packets;
             t.encap_bytes += encap_bytes;
@@ -64,6 +64,7 @@ impl DatapathMaps {
             t.drop_spoofed_inner += drop_spoofed_inner;
             t.drop_bad_outer += drop_bad_outer;
             t.drop_bad_inner += drop_bad_inner;
+            t.mismatched_port += mismatched_port;
             t.drop_helper_error += drop_helper_error;
         }
         Ok(t)

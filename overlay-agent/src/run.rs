@@ -18,6 +18,8 @@ use crate::{Backend, Decap, RunArgs};
 
 /// How often the nodes directory is looked at; changes land within this.
 const POLL: Duration = Duration::from_millis(200);
+/// How often the datapath counters are checked for problems to report.
+const HEALTH_CHECK: Duration = Duration::from_secs(5);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -69,9 +71,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mut source = ManifestDir::new(&nodes_dir);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut ticker = tokio::time::interval(POLL);
+    let mut health = tokio::time::interval(HEALTH_CHECK);
+    let mut mismatched_seen = applier.maps().counters_total().map(|c| c.mismatched_port).unwrap_or(0);
     loop {
         tokio::select! {
             _ = ticker.tick() => reconcile(&mut source, &settings, &mut applier),
+            _ = health.tick() => warn_on_port_mismatch(&applier, port, &mut mismatched_seen),
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
@@ -121,6 +126,28 @@ fn reconcile(source: &mut ManifestDir, settings: &LocalSettings, applier: &mut A
         }
         Err(err) => error!(error = %format!("{err:#}"), "applying the desired state"),
     }
+}
+
+/// Known nodes tunnelling to the other well-known VXLAN port would
+/// otherwise be a silent loss: say which setting to change.
+fn warn_on_port_mismatch(applier: &Applier, port: u16, seen: &mut u64) {
+    let Ok(counters) = applier.maps().counters_total() else {
+        return;
+    };
+    if counters.mismatched_port > *seen {
+        let other = if port == overlay_common::IANA_VXLAN_PORT {
+            overlay_common::DEFAULT_VXLAN_PORT
+        } else {
+            overlay_common::IANA_VXLAN_PORT
+        };
+        warn!(
+            packets = counters.mismatched_port - *seen,
+            our_port = port,
+            their_port = other,
+            "known nodes send VXLAN to port {other} but this node uses --port {port}; their traffic is not decapsulated. Use one port cluster-wide (flannel: Backend.Port)"
+        );
+    }
+    *seen = counters.mismatched_port;
 }
 
 fn hostname() -> anyhow::Result<String> {

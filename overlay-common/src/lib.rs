@@ -43,6 +43,8 @@ pub mod program_names {
 pub const VXLAN_OVERHEAD: u32 = 50;
 /// flannel's default VXLAN port (the Linux kernel's historical default).
 pub const DEFAULT_VXLAN_PORT: u16 = 8472;
+/// IANA's VXLAN port (RFC 7348).
+pub const IANA_VXLAN_PORT: u16 = 4789;
 /// flannel's default VNI.
 pub const DEFAULT_VNI: u32 = 1;
 
@@ -144,6 +146,9 @@ pub struct Counters {
     /// Dropped: tunnel payload that is not IPv4, or not addressed to this
     /// node's pod CIDR.
     pub drop_bad_inner: u64,
+    /// Passed on, not decapsulated: VXLAN from a known node to the other
+    /// well-known port (4789 vs 8472). The agent warns: the ports differ.
+    pub mismatched_port: u64,
     /// Dropped: a kernel helper failed (adjust room, redirect, ...).
     pub drop_helper_error: u64,
 }
@@ -172,6 +177,6 @@ mod tests {
         assert_eq!(align_of::<Route>(), 1);
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<Config>(), 40);
-        assert_eq!(size_of::<Counters>(), 15 * 8);
+        assert_eq!(size_of::<Counters>(), 16 * 8);
     }
 }

@@ -1,9 +1,9 @@
 //! Recognising and validating VXLAN addressed to this node.
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
-use overlay_common::{Config, Peer};
+use overlay_common::{Config, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer};
 
-use crate::{Drop, maps::PEERS, packet::{Packet, ptr_at}};
+use crate::{Drop, counters::count, maps::PEERS, packet::{Packet, ptr_at}};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
@@ -69,7 +69,14 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, Drop> {
     let Ok(udp) = ptr_at::<UdpHdr>(ctx, OUTER_UDP_OFF) else {
         return Ok(Rx::NotOurs);
     };
-    if u16::from_be_bytes(unsafe { (*udp).dst }) != cfg.vxlan_port {
+    let dport = u16::from_be_bytes(unsafe { (*udp).dst });
+    if dport != cfg.vxlan_port {
+        // A known node tunnelling to the other well-known port: its port
+        // setting differs from ours. Counted so the agent can say so; the
+        // packet goes on (the stack answers port unreachable).
+        if (dport == IANA_VXLAN_PORT || dport == DEFAULT_VXLAN_PORT) && PEERS.get_ptr(ip.src_addr).is_some() {
+            count(|c| c.mismatched_port += 1);
+        }
         return Ok(Rx::NotOurs);
     }
 

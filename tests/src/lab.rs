@@ -40,6 +40,10 @@ pub struct LabSpec {
     pub decap: String,
     /// Prefix of every name the lab creates.
     pub prefix: String,
+    /// How many nodes (the last ones) run flannel's kernel vxlan device,
+    /// programmed exactly as flannel's vxlan backend does, instead of our
+    /// agent.
+    pub flannel_nodes: usize,
 }
 
 impl LabSpec {
@@ -50,6 +54,7 @@ impl LabSpec {
             agent,
             decap: "auto".to_owned(),
             prefix: crate::unique_name("ovlab"),
+            flannel_nodes: 0,
         }
     }
 }
@@ -61,6 +66,8 @@ pub struct LabPod {
 
 pub struct LabNode {
     pub name: String,
+    /// Runs flannel's kernel vxlan device rather than our agent.
+    pub flannel: bool,
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
     pub pin_root: PathBuf,
@@ -124,12 +131,19 @@ impl Lab {
             lab.write_manifest(i);
         }
         for i in 0..lab.nodes.len() {
-            let agent = lab.spawn_agent(i)?;
-            lab.agents.push(Some(agent));
+            if lab.nodes[i].flannel {
+                lab.program_flannel_node(i)?;
+                lab.agents.push(None);
+            } else {
+                let agent = lab.spawn_agent(i)?;
+                lab.agents.push(Some(agent));
+            }
         }
         let peers = lab.nodes.len() - 1;
         for i in 0..lab.nodes.len() {
-            lab.wait_for_routes(i, peers, Duration::from_secs(20))?;
+            if !lab.nodes[i].flannel {
+                lab.wait_for_routes(i, peers, Duration::from_secs(20))?;
+            }
         }
         Ok(lab)
     }
@@ -172,6 +186,7 @@ impl Lab {
         }
         LabNode {
             name: format!("node{i}"),
+            flannel: i > spec.nodes - spec.flannel_nodes,
             ip,
             pod_cidr: format!("10.244.{i}.0/24"),
             pin_root: pins.path().join(format!("node{i}")),
@@ -186,17 +201,68 @@ impl Lab {
         self.nodes_dir.join(format!("{}.yaml", self.nodes[i].name))
     }
 
-    /// (Re)writes node `i`'s Node manifest.
+    /// The VTEP MAC node `i` advertises: our agent's default for our nodes,
+    /// an unrelated locally administered one for flannel nodes (so the test
+    /// proves annotations are honoured, not guessed).
+    pub fn vtep_mac(&self, i: usize) -> [u8; 6] {
+        let node = &self.nodes[i];
+        if node.flannel {
+            [0x0a, 0xfe, 0, 0, 0, i as u8 + 1]
+        } else {
+            overlay_agent::desired::default_vtep_mac(node.ip)
+        }
+    }
+
+    /// (Re)writes node `i`'s Node manifest, with flannel's annotations as
+    /// flanneld (or our agent) publishes them.
     pub fn write_manifest(&self, i: usize) {
         let node = &self.nodes[i];
+        let mac = overlay_agent::node::format_mac(self.vtep_mac(i));
         let yaml = format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: {}\n  podCIDRs: [{}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: Hostname\n    address: {}\n",
-            node.name, node.pod_cidr, node.pod_cidr, node.ip, node.name
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    flannel.alpha.coreos.com/backend-type: vxlan\n    flannel.alpha.coreos.com/backend-data: '{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}'\n    flannel.alpha.coreos.com/public-ip: {ip}\n    flannel.alpha.coreos.com/kube-subnet-manager: \"true\"\nspec:\n  podCIDR: {cidr}\n  podCIDRs: [{cidr}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: Hostname\n    address: {name}\n",
+            name = node.name,
+            cidr = node.pod_cidr,
+            ip = node.ip,
         );
         // Write-then-rename so the agent never reads half a file.
         let tmp = self.nodes_dir.join(format!(".{}.tmp", node.name));
         fs::write(&tmp, yaml).expect("writing manifest");
         fs::rename(&tmp, self.manifest_path(i)).expect("renaming manifest");
+    }
+
+    /// Programs flannel node `i` from the Node manifests exactly as
+    /// flannel's vxlan backend does: `flannel.1` (VNI 1, port 8472,
+    /// learning off) with the advertised VtepMAC and `<podCIDR>.0/32`, and
+    /// per peer a permanent neighbour, an FDB entry and an onlink route.
+    fn program_flannel_node(&self, i: usize) -> Result<(), String> {
+        let scan = overlay_agent::manifests::scan(&self.nodes_dir).map_err(|e| e.to_string())?;
+        let me = scan.nodes.iter().find(|n| n.name == self.nodes[i].name).ok_or("own manifest missing")?;
+        let ns = &self.nodes[i].ns;
+        let mac = overlay_agent::node::format_mac(me.vtep_mac.ok_or("no VtepMAC annotated")?);
+        let _ = ns.ip(&["link", "add", "flannel.1", "address", &mac, "type", "vxlan", "id", "1", "local", &me.node_ip.to_string(), "dev", "eth0", "dstport", "8472", "nolearning"]);
+        let _ = ns.ip(&["link", "set", "flannel.1", "mtu", &POD_MTU.to_string(), "up"]);
+        let _ = ns.ip(&["addr", "add", &format!("{}/32", me.pod_cidr.network()), "dev", "flannel.1"]);
+        for peer in scan.nodes.iter().filter(|n| n.name != me.name) {
+            let gw = peer.pod_cidr.network().to_string();
+            let peer_mac = overlay_agent::node::format_mac(peer.vtep_mac.ok_or("peer without VtepMAC")?);
+            let _ = ns.ip(&["neigh", "replace", &gw, "lladdr", &peer_mac, "dev", "flannel.1", "nud", "permanent"]);
+            let _ = ns.exec("bridge", &["fdb", "append", &peer_mac, "dev", "flannel.1", "dst", &peer.node_ip.to_string(), "self", "permanent"]);
+            let _ = ns.ip(&["route", "replace", &peer.pod_cidr.to_string(), "via", &gw, "dev", "flannel.1", "onlink"]);
+        }
+        Ok(())
+    }
+
+    /// Migrates flannel node `i` to our agent the way the migration guide
+    /// says: start the agent (its XDP program takes over receiving and its
+    /// routes replace flannel's), then delete `flannel.1`.
+    pub fn convert_to_overlay(&mut self, i: usize) -> Result<(), String> {
+        let agent = self.spawn_agent(i)?;
+        self.agents[i] = Some(agent);
+        let peers = self.nodes.len() - 1;
+        self.wait_for_routes(i, peers, Duration::from_secs(10))?;
+        let _ = self.nodes[i].ns.ip(&["link", "del", "flannel.1"]);
+        self.nodes[i].flannel = false;
+        Ok(())
     }
 
     fn spawn_agent(&self, i: usize) -> Result<Child, String> {
@@ -398,6 +464,39 @@ impl Drop for Lab {
         for i in 0..self.agents.len() {
             self.stop_agent(i);
         }
+    }
+}
+
+/// A tcpdump capture inside a namespace, written to a pcap file.
+pub struct Capture(ChildGuard);
+
+impl Capture {
+    /// Starts capturing and returns once tcpdump says it is listening.
+    pub fn start(ns: &NetNs, iface: &str, filter: &[&str], pcap: &Path) -> Self {
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name()))
+            // Immediate mode: otherwise packets wait in a ring block that
+            // SIGINT can discard.
+            .args(["tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", "-w"])
+            .arg(pcap)
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tcpdump");
+        let stderr = child.stderr.take().expect("tcpdump stderr");
+        let guard = ChildGuard(child);
+        let mut line = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line);
+        assert!(line.contains("listening on"), "tcpdump did not start: {line}");
+        Self(guard)
+    }
+
+    /// Stops the capture and waits until the file is complete.
+    pub fn stop(mut self) {
+        // SAFETY: signalling our own child; SIGINT makes tcpdump flush.
+        unsafe { libc::kill(self.0.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.0.wait();
     }
 }
 

@@ -211,6 +211,13 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     with_options[14] = 0x46;
     with_options.splice(34..34, [1, 1, 1, 1]); // four NOP options
     f.expect_decap_verdict(program, &with_options, drop, |c| c.drop_bad_outer);
+    // A known node tunnelling to the IANA port while we use 8472: passed
+    // on, and counted so the agent reports the mismatch.
+    f.expect_decap_verdict(program, &Vxlan { dport: 4789, ..Vxlan::default() }.frame(), pass, |c| c.mismatched_port);
+    let before = f.counters();
+    let (got, _) = f.run(program, &Vxlan { dport: 4789, outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame());
+    assert_eq!(got, pass);
+    assert_eq!(f.counters().mismatched_port, before.mismatched_port, "unknown senders are not a port mismatch");
     // VXLAN to another address on the segment is not ours: untouched.
     f.expect_decap_verdict(program, &Vxlan { outer_dst: [192, 168, 77, 13], ..Vxlan::default() }.frame(), pass, |c| c.pass_packets);
 }

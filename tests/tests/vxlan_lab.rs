@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use overlay_tests::{
     agent_binary,
-    lab::{Lab, LabSpec},
+    lab::{Capture, Lab, LabSpec},
     privileged, stdout,
 };
 
@@ -42,23 +42,12 @@ fn capture_on_the_underlay_shows_port_vni_flags_zero_checksum_and_spread_ports()
     let lab = start_lab();
     let pcap = lab.work_dir().join("underlay.pcap");
     let node1 = &lab.nodes[0];
-    let mut tcpdump = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", node1.ns.name()))
-        .args(["tcpdump", "-i", "eth0", "-n", "-U", "-w"])
-        .arg(&pcap)
-        .args(["udp", "port", "8472"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("starting tcpdump");
-    std::thread::sleep(Duration::from_millis(700));
+    let capture = Capture::start(&node1.ns, "eth0", &["udp", "port", "8472"], &pcap);
     let (a, b) = (&node1.pods[0], &lab.nodes[1].pods[0]);
     for port in 0..6 {
         Lab::tcp_echo(&a.ns, &b.ns, b.ip, 23000 + port).expect("tcp across the tunnel");
     }
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(tcpdump.id() as i32, libc::SIGINT) };
-    let _ = tcpdump.wait();
+    capture.stop();
 
     let fields = stdout(
         "tshark",

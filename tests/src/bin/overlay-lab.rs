@@ -30,6 +30,10 @@ struct Args {
     /// Where decapsulation hooks in: auto, xdp, xdp-generic or tc.
     #[arg(long, default_value = "auto")]
     decap: String,
+    /// Turn the last K nodes into flannel nodes: flannel's kernel vxlan
+    /// device, programmed as flannel does from the same Node manifests.
+    #[arg(long, default_value_t = 0)]
+    flannel_nodes: u8,
     /// Leave the lab up for poking around; `--down` removes it.
     #[arg(long)]
     keep: bool,
@@ -57,10 +61,15 @@ fn main() -> ExitCode {
     spec.nodes = args.nodes.into();
     spec.pods_per_node = args.pods.into();
     spec.decap = args.decap;
+    if args.flannel_nodes >= args.nodes {
+        eprintln!("lab: --flannel-nodes must leave at least one of our nodes (got {} of {})", args.flannel_nodes, args.nodes);
+        return ExitCode::FAILURE;
+    }
+    spec.flannel_nodes = args.flannel_nodes.into();
     spec.prefix = format!("{LAB_PREFIX}{}", std::process::id() % 100_000);
     println!(
-        "lab: {} nodes x {} pods, underlay MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, decap {}",
-        spec.nodes, spec.pods_per_node, spec.decap
+        "lab: {} nodes ({} flannel-style) x {} pods, underlay MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, decap {}",
+        spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.decap
     );
     let lab = match Lab::start(spec) {
         Ok(lab) => lab,
@@ -70,7 +79,11 @@ fn main() -> ExitCode {
         }
     };
     for (i, node) in lab.nodes.iter().enumerate() {
-        println!("  {} ({}) pods {} on {}: routes {:?}", node.name, node.ns.name(), node.pod_cidr, node.ip, lab.agent_routes(i));
+        if node.flannel {
+            println!("  {} ({}) pods {} on {}: flannel.1 (kernel vxlan), as flannel programs it", node.name, node.ns.name(), node.pod_cidr, node.ip);
+        } else {
+            println!("  {} ({}) pods {} on {}: overlay agent, routes {:?}", node.name, node.ns.name(), node.pod_cidr, node.ip, lab.agent_routes(i));
+        }
     }
     if INTERRUPTED.load(Ordering::SeqCst) {
         eprintln!("lab: interrupted; tearing down");

@@ -1,0 +1,123 @@
+//! Wire compatibility with flannel's vxlan backend: a lab mixing our nodes
+//! with flannel-style nodes (the kernel vxlan device, programmed as
+//! flannel does from the same Node manifests), and a node migrated from
+//! flannel to us while its peers keep sending.
+
+use std::{process::Command, time::Duration};
+
+use overlay_tests::{
+    agent_binary,
+    lab::{Capture, Lab, LabSpec},
+    privileged, stdout,
+};
+
+fn mixed_lab(flannel_nodes: usize) -> Lab {
+    let mut spec = LabSpec::new(agent_binary());
+    spec.flannel_nodes = flannel_nodes;
+    Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
+#[test]
+fn our_nodes_and_flannel_nodes_reach_each_other_both_ways() {
+    if !privileged() {
+        return;
+    }
+    // node3 is flannel-style; pairs cover ours<->flannel both ways, and
+    // host-to-pod from either kind.
+    let lab = mixed_lab(1);
+    assert!(lab.nodes[2].flannel && !lab.nodes[0].flannel);
+    let (checks, failures) = lab.check_all_pairs();
+    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+}
+
+/// (outer dst port, VNI, VXLAN flags, inner dst MAC, inner src MAC) of the
+/// VXLAN frames in `pcap`; tshark lists outer and inner Ethernet addresses
+/// comma-separated.
+fn vxlan_frames(pcap: &std::path::Path) -> Vec<(String, String, String, String, String)> {
+    let text = stdout(
+        "tshark",
+        &["-r", pcap.to_str().unwrap(), "-d", "udp.port==8472,vxlan", "-T", "fields",
+          "-e", "udp.dstport", "-e", "vxlan.vni", "-e", "vxlan.flags", "-e", "eth.dst", "-e", "eth.src"],
+    );
+    text.lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            let inner = |col: &str| col.split(',').nth(1).unwrap_or("").to_owned();
+            (f[0].to_owned(), f[1].to_owned(), f[2].to_owned(), inner(f[3]), inner(f[4]))
+        })
+        .collect()
+}
+
+#[test]
+fn our_frames_look_like_flannels_on_the_wire() {
+    if !privileged() {
+        return;
+    }
+    let lab = mixed_lab(1);
+    let (ours, flannel) = (&lab.nodes[0], &lab.nodes[2]);
+    let pcap = lab.work_dir().join("wire.pcap");
+    let capture = Capture::start(&flannel.ns, "eth0", &["udp", "port", "8472"], &pcap);
+    // Both directions: ours -> flannel and flannel -> ours.
+    assert!(Lab::ping(&ours.pods[0].ns, flannel.pods[0].ip));
+    assert!(Lab::ping(&flannel.pods[0].ns, ours.pods[0].ip));
+    capture.stop();
+
+    let fmt = |i| overlay_agent::node::format_mac(lab.vtep_mac(i));
+    let frames = vxlan_frames(&pcap);
+    let from_us: Vec<_> = frames.iter().filter(|f| f.4 == fmt(0)).collect();
+    let from_flannel: Vec<_> = frames.iter().filter(|f| f.4 == fmt(2)).collect();
+    assert!(!from_us.is_empty() && !from_flannel.is_empty(), "captured: {frames:#?}");
+    for f in from_us.iter().chain(&from_flannel) {
+        assert_eq!((f.0.as_str(), f.1.as_str(), f.2.as_str()), ("8472", "1", "0x0800"), "{f:?}");
+    }
+    // The inner destination is the receiver's advertised VtepMAC, which
+    // is all flannel.1 accepts.
+    assert!(from_us.iter().all(|f| f.3 == fmt(2)), "our frames to flannel: {from_us:#?}");
+    assert!(from_flannel.iter().all(|f| f.3 == fmt(0)), "flannel's frames to us: {from_flannel:#?}");
+}
+
+/// Pings every 10 ms from `from` to `to` until the guard is signalled;
+/// returns (sent, received) from ping's summary.
+fn ping_summary(out: &str) -> (u32, u32) {
+    let line = out.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("no ping summary: {out}"));
+    let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+#[test]
+fn a_flannel_node_migrates_to_overlay_while_peers_keep_sending() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = mixed_lab(1);
+    let spawn_ping = |from: &str, to: std::net::Ipv4Addr| {
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{from}"))
+            .args(["ping", "-i", "0.01", "-W", "1", &to.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("ping")
+    };
+    let target = lab.nodes[2].pods[0].ip;
+    let from_ours = spawn_ping(lab.nodes[0].pods[0].ns.name(), target);
+    let from_migrating = spawn_ping(lab.nodes[2].pods[1].ns.name(), lab.nodes[1].pods[0].ip);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.convert_to_overlay(2).expect("migrating node3 to the overlay agent");
+    std::thread::sleep(Duration::from_secs(1));
+    let mut results = Vec::new();
+    for child in [from_ours, from_migrating] {
+        // SAFETY: signalling our own child; SIGINT makes ping print its summary.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().expect("ping output");
+        results.push(ping_summary(&String::from_utf8_lossy(&out.stdout)));
+    }
+    for (what, (sent, received)) in ["node1 pod -> migrating node3 pod", "migrating node3 pod -> node2 pod"].iter().zip(&results) {
+        eprintln!("migration: {what}: {sent} sent, {received} received, {} lost", sent - received);
+        assert!(*sent > 100, "{what}: ping did not run");
+        assert!(sent - received <= sent / 50, "{what}: lost {} of {sent} during migration", sent - received);
+    }
+    let vxlan = String::from_utf8_lossy(&lab.nodes[2].ns.ip(&["-d", "link", "show", "type", "vxlan"]).stdout).into_owned();
+    assert!(vxlan.trim().is_empty(), "flannel.1 still present after migration: {vxlan}");
+    let (checks, failures) = lab.check_all_pairs();
+    assert!(failures.is_empty(), "after migration {} of {checks} checks failed: {failures:#?}", failures.len());
+}
