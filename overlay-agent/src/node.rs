@@ -135,6 +135,17 @@ impl NodeInfo {
     }
 }
 
+/// The flannel annotations this node must carry for flannel nodes (and
+/// our own) to reach it, as `key=value` pairs ready for `kubectl annotate`.
+pub fn flannel_annotations(config: &overlay_common::Config) -> String {
+    format!(
+        "{ANNOTATION_BACKEND_TYPE}=vxlan {ANNOTATION_BACKEND_DATA}='{{\"VNI\":{},\"VtepMAC\":\"{}\"}}' {ANNOTATION_PUBLIC_IP}={} {ANNOTATION_PREFIX}kube-subnet-manager=true",
+        config.vni,
+        format_mac(config.vtep_mac),
+        Ipv4Addr::from(config.node_ip),
+    )
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
@@ -207,6 +218,29 @@ mod tests {
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.1"}]},
         }));
         assert!(matches!(NodeInfo::from_node(&bad_data), Err(NodeError::BadBackendData { .. })));
+    }
+
+    #[test]
+    fn annotations_to_publish_read_back_as_the_same_node() {
+        let config = overlay_common::Config {
+            vni: 1,
+            vtep_mac: [0x0e, 0, 192, 168, 1, 10],
+            node_ip: [192, 168, 1, 10],
+            ..Default::default()
+        };
+        let text = flannel_annotations(&config);
+        let mut annotations = std::collections::BTreeMap::new();
+        for pair in text.split(' ') {
+            let (k, v) = pair.split_once('=').unwrap();
+            annotations.insert(k.to_owned(), v.trim_matches('\'').to_owned());
+        }
+        let n = node(serde_json::json!({
+            "metadata": {"name": "n1", "annotations": annotations},
+            "spec": {"podCIDR": "10.244.1.0/24"},
+        }));
+        let info = NodeInfo::from_node(&n).unwrap();
+        assert_eq!((info.vni, info.vtep_mac, info.node_ip), (Some(1), Some(config.vtep_mac), Ipv4Addr::new(192, 168, 1, 10)));
+        assert_eq!(info.backend_type.as_deref(), Some("vxlan"));
     }
 
     #[test]

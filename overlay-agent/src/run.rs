@@ -109,6 +109,14 @@ fn reconcile(source: &mut ManifestDir, settings: &LocalSettings, applier: &mut A
     for r in &rejected {
         warn!(node = %r.node, reason = %r.reason, "peer rejected");
     }
+    if let Some(me) = scan.nodes.iter().find(|n| n.name == settings.node_name) {
+        let expected = overlay_agent::node::flannel_annotations(&desired.config);
+        let advertised = me.vtep_mac == Some(desired.config.vtep_mac) && me.vni == Some(desired.config.vni);
+        if !advertised {
+            // flannel peers can only reach us through what our Node says.
+            warn!(node = %me.name, "our Node does not advertise our VTEP; flannel nodes cannot send to us until it carries: {expected}");
+        }
+    }
     match applier.apply(&desired) {
         Ok(applied) => {
             for failure in &applied.failed {
