@@ -69,6 +69,8 @@ impl Applier {
                 node_ip: route.node_ip.into(),
                 vtep_mac: route.vtep_mac,
                 mode: route.mode,
+                reason: route.reason,
+                next_hop: route.next_hop.into(),
             };
             applied.insert(cidr, peer);
         }
@@ -83,6 +85,11 @@ impl Applier {
 
     pub fn maps(&self) -> &DatapathMaps {
         &self.maps
+    }
+
+    /// The underlay interface the routes use.
+    pub fn iface(&self) -> &str {
+        &self.iface
     }
 
     /// Brings maps and routes to `desired`.
@@ -146,11 +153,17 @@ impl Applier {
             .routes
             .insert(
                 &key,
-                Route { node_ip: peer.node_ip.octets(), vtep_mac: peer.vtep_mac, mode: peer.mode, _pad: 0 },
+                Route {
+                    node_ip: peer.node_ip.octets(),
+                    vtep_mac: peer.vtep_mac,
+                    mode: peer.mode,
+                    reason: peer.reason,
+                    next_hop: peer.next_hop.octets(),
+                },
                 0,
             )
             .map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
-        if let Err(source) = routes::replace(peer.pod_cidr, peer.node_ip, &self.iface, mtu) {
+        if let Err(source) = routes::replace(peer, &self.iface, mtu) {
             if previous.is_none() {
                 let _ = self.maps.routes.remove(&key);
                 let _ = self.maps.peers.remove(&peer.node_ip.octets());

@@ -4,14 +4,53 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
-use overlay_common::{Config, ROUTE_MODE_VXLAN, VXLAN_OVERHEAD};
+use overlay_common::{
+    Config, ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND,
+    ROUTE_REASON_GATEWAY, ROUTE_REASON_NO_ROUTE, ROUTE_REASON_ON_LINK, VXLAN_OVERHEAD,
+};
 
 use crate::node::NodeInfo;
+
+/// How remote pod CIDRs are reached (flannel's `Backend.Type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// VXLAN to every peer, or with `direct_routing` only to peers that are
+    /// not on-link.
+    Vxlan,
+    /// Plain forwarding to every peer; peers behind a router cannot be
+    /// served.
+    HostGw,
+}
+
+impl Backend {
+    /// flannel's `backend-type` annotation value.
+    pub fn flannel_name(self) -> &'static str {
+        match self {
+            Self::Vxlan => "vxlan",
+            Self::HostGw => "host-gw",
+        }
+    }
+}
+
+/// How the kernel reaches a peer's underlay address, as `ip route get`
+/// answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum UnderlayPath {
+    /// Directly on the underlay interface's segment.
+    OnLink,
+    /// Through this gateway.
+    Gateway(Ipv4Addr),
+    /// No route, or only through another interface.
+    NoRoute,
+}
 
 /// This node's settings, from the command line and the interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalSettings {
     pub node_name: String,
+    pub backend: Backend,
+    /// flannel's `DirectRouting`: on-link peers are reached without VXLAN.
+    pub direct_routing: bool,
     pub vni: u32,
     pub vxlan_port: u16,
     pub underlay_ifindex: u32,
@@ -26,7 +65,12 @@ pub struct PeerState {
     pub pod_cidr: Ipv4Network,
     pub node_ip: Ipv4Addr,
     pub vtep_mac: [u8; 6],
+    /// One of `ROUTE_MODE_*`.
     pub mode: u8,
+    /// One of `ROUTE_REASON_*`.
+    pub reason: u8,
+    /// The kernel route's next hop: the node when on-link, else the gateway.
+    pub next_hop: Ipv4Addr,
 }
 
 /// Everything the datapath should hold.
@@ -39,9 +83,9 @@ pub struct Desired {
     pub peers: BTreeMap<Ipv4Network, PeerState>,
 }
 
-/// A node left out of the datapath, and why.
+/// A node that cannot be served as asked, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("node {node}: {reason}; it is left out of the datapath")]
+#[error("node {node}: {reason}")]
 pub struct Rejected {
     pub node: String,
     pub reason: String,
@@ -64,14 +108,21 @@ pub fn default_vtep_mac(node_ip: Ipv4Addr) -> [u8; 6] {
 /// Computes the desired state. Peers that cannot be served (overlapping
 /// CIDR, duplicate address, other VNI or backend) are rejected one by one;
 /// the rest of the cluster is still programmed.
-pub fn desired(local: &LocalSettings, nodes: &[NodeInfo]) -> Result<(Desired, Vec<Rejected>), NotReady> {
+pub fn desired(
+    local: &LocalSettings,
+    nodes: &[NodeInfo],
+    paths: &BTreeMap<Ipv4Addr, UnderlayPath>,
+) -> Result<(Desired, Vec<Rejected>), NotReady> {
     let me = nodes
         .iter()
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| NotReady::NoLocalNode(local.node_name.clone()))?;
     let node_ip = local.public_ip.unwrap_or(me.node_ip);
     let vtep_mac = me.vtep_mac.unwrap_or_else(|| default_vtep_mac(node_ip));
-    let inner_mtu = local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD);
+    let inner_mtu = match local.backend {
+        Backend::Vxlan => local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
+        Backend::HostGw => local.underlay_mtu,
+    };
     let config = Config {
         enabled: 1,
         vni: local.vni,
@@ -94,35 +145,76 @@ pub fn desired(local: &LocalSettings, nodes: &[NodeInfo]) -> Result<(Desired, Ve
     others.sort_by(|a, b| a.name.cmp(&b.name));
     for node in others {
         let reject = |reason: String| Rejected { node: node.name.clone(), reason };
-        if let Some(backend) = node.backend_type.as_deref().filter(|b| *b != "vxlan") {
-            rejected.push(reject(format!("backend-type {backend:?} is not served by this agent's vxlan backend")));
+        let ours = local.backend.flannel_name();
+        if let Some(backend) = node.backend_type.as_deref().filter(|b| *b != ours) {
+            rejected.push(reject(format!(
+                "backend-type {backend:?} differs from ours ({ours:?}); left out of the datapath (use one backend cluster-wide)"
+            )));
             continue;
         }
         if let Some(vni) = node.vni.filter(|v| *v != local.vni) {
-            rejected.push(reject(format!("its VNI {vni} differs from ours ({}); set --vni to match the cluster", local.vni)));
+            rejected.push(reject(format!(
+                "its VNI {vni} differs from ours ({}); left out of the datapath (set --vni to match the cluster)",
+                local.vni
+            )));
             continue;
         }
         if let Some((cidr, owner)) = cidr_owner.iter().find(|(c, _)| overlaps(*c, node.pod_cidr)) {
-            rejected.push(reject(format!("pod CIDR {} overlaps {cidr} of node {owner}", node.pod_cidr)));
+            rejected.push(reject(format!(
+                "pod CIDR {} overlaps {cidr} of node {owner}; left out of the datapath",
+                node.pod_cidr
+            )));
             continue;
         }
         if let Some(owner) = taken.get(&node.node_ip) {
-            rejected.push(reject(format!("address {} is already used by node {owner}", node.node_ip)));
+            rejected.push(reject(format!(
+                "address {} is already used by node {owner}; left out of the datapath",
+                node.node_ip
+            )));
             continue;
         }
         taken.insert(node.node_ip, &node.name);
         cidr_owner.push((node.pod_cidr, &node.name));
+        let path = paths.get(&node.node_ip).copied().unwrap_or(UnderlayPath::NoRoute);
+        let (mode, reason, next_hop) = peer_mode(local, node.node_ip, path);
+        if mode == ROUTE_MODE_UNREACHABLE {
+            let why = match path {
+                UnderlayPath::Gateway(gw) => format!("gateway {gw} lies between us and {}", node.node_ip),
+                _ => format!("no route to {} on the underlay", node.node_ip),
+            };
+            rejected.push(reject(format!(
+                "host-gw cannot reach it: {why}; its pod CIDR {} is routed `unreachable` (use --backend vxlan --direct-routing)",
+                node.pod_cidr
+            )));
+        }
         peers.insert(
             node.pod_cidr,
             PeerState {
                 pod_cidr: node.pod_cidr,
                 node_ip: node.node_ip,
                 vtep_mac: node.vtep_mac.unwrap_or_else(|| default_vtep_mac(node.node_ip)),
-                mode: ROUTE_MODE_VXLAN,
+                mode,
+                reason,
+                next_hop,
             },
         );
     }
     Ok((Desired { config, local_pod_cidr: me.pod_cidr, inner_mtu, peers }, rejected))
+}
+
+/// A peer's mode, the reason for it, and the kernel route's next hop.
+fn peer_mode(local: &LocalSettings, node_ip: Ipv4Addr, path: UnderlayPath) -> (u8, u8, Ipv4Addr) {
+    match (local.backend, local.direct_routing, path) {
+        (Backend::HostGw, _, UnderlayPath::OnLink) | (Backend::Vxlan, true, UnderlayPath::OnLink) => {
+            (ROUTE_MODE_DIRECT, ROUTE_REASON_ON_LINK, node_ip)
+        }
+        (Backend::HostGw, _, UnderlayPath::Gateway(gw)) => (ROUTE_MODE_UNREACHABLE, ROUTE_REASON_GATEWAY, gw),
+        (Backend::HostGw, _, UnderlayPath::NoRoute) => (ROUTE_MODE_UNREACHABLE, ROUTE_REASON_NO_ROUTE, node_ip),
+        (Backend::Vxlan, false, UnderlayPath::OnLink) => (ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, node_ip),
+        (Backend::Vxlan, false, UnderlayPath::Gateway(gw)) => (ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, gw),
+        (Backend::Vxlan, true, UnderlayPath::Gateway(gw)) => (ROUTE_MODE_VXLAN, ROUTE_REASON_GATEWAY, gw),
+        (Backend::Vxlan, _, UnderlayPath::NoRoute) => (ROUTE_MODE_VXLAN, ROUTE_REASON_NO_ROUTE, node_ip),
+    }
 }
 
 fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
@@ -167,9 +259,15 @@ mod tests {
         }
     }
 
+    fn on_link(nodes: &[NodeInfo]) -> BTreeMap<Ipv4Addr, UnderlayPath> {
+        nodes.iter().map(|n| (n.node_ip, UnderlayPath::OnLink)).collect()
+    }
+
     fn local() -> LocalSettings {
         LocalSettings {
             node_name: "a".into(),
+            backend: Backend::Vxlan,
+            direct_routing: false,
             vni: 1,
             vxlan_port: 8472,
             underlay_ifindex: 2,
@@ -181,7 +279,7 @@ mod tests {
     #[test]
     fn builds_config_and_peers() {
         let nodes = [node("a", "10.244.1.0/24", [192, 168, 0, 1]), node("b", "10.244.2.0/24", [192, 168, 0, 2])];
-        let (d, rejected) = desired(&local(), &nodes).unwrap();
+        let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
         assert!(rejected.is_empty());
         assert_eq!(d.inner_mtu, 1450);
         assert_eq!(d.config.node_ip, [192, 168, 0, 1]);
@@ -195,7 +293,7 @@ mod tests {
     #[test]
     fn waits_for_its_own_node() {
         let nodes = [node("b", "10.244.2.0/24", [192, 168, 0, 2])];
-        assert_eq!(desired(&local(), &nodes), Err(NotReady::NoLocalNode("a".into())));
+        assert_eq!(desired(&local(), &nodes, &on_link(&nodes)), Err(NotReady::NoLocalNode("a".into())));
     }
 
     #[test]
@@ -209,7 +307,7 @@ mod tests {
             node("d", "10.244.4.0/24", [192, 168, 0, 2]),
             other_vni,
         ];
-        let (d, rejected) = desired(&local(), &nodes).unwrap();
+        let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
         assert_eq!(d.peers.len(), 1);
         let names: Vec<_> = rejected.iter().map(|r| r.node.as_str()).collect();
         assert_eq!(names, ["c", "d", "e"]);
@@ -219,12 +317,49 @@ mod tests {
     }
 
     #[test]
+    fn each_peer_gets_its_mode_from_the_underlay_path() {
+        let nodes = [
+            node("a", "10.244.1.0/24", [192, 168, 0, 1]),
+            node("b", "10.244.2.0/24", [192, 168, 0, 2]),
+            node("c", "10.244.3.0/24", [192, 168, 1, 3]),
+        ];
+        let gw = Ipv4Addr::new(192, 168, 0, 254);
+        let paths = BTreeMap::from([
+            (Ipv4Addr::new(192, 168, 0, 2), UnderlayPath::OnLink),
+            (Ipv4Addr::new(192, 168, 1, 3), UnderlayPath::Gateway(gw)),
+        ]);
+        let modes = |settings: &LocalSettings| {
+            let (d, rejected) = desired(settings, &nodes, &paths).unwrap();
+            let modes: Vec<_> = d.peers.values().map(|p| (p.mode, p.reason, p.next_hop)).collect();
+            (modes, rejected, d.inner_mtu)
+        };
+        let b = Ipv4Addr::new(192, 168, 0, 2);
+
+        let (vxlan, rejected, mtu) = modes(&local());
+        assert_eq!(vxlan, [(ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, b), (ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, gw)]);
+        assert!(rejected.is_empty());
+        assert_eq!(mtu, 1450);
+
+        let (direct_routing, _, _) = modes(&LocalSettings { direct_routing: true, ..local() });
+        assert_eq!(direct_routing, [(ROUTE_MODE_DIRECT, ROUTE_REASON_ON_LINK, b), (ROUTE_MODE_VXLAN, ROUTE_REASON_GATEWAY, gw)]);
+
+        let (host_gw, rejected, mtu) = modes(&LocalSettings { backend: Backend::HostGw, ..local() });
+        assert_eq!(host_gw, [(ROUTE_MODE_DIRECT, ROUTE_REASON_ON_LINK, b), (ROUTE_MODE_UNREACHABLE, ROUTE_REASON_GATEWAY, gw)]);
+        assert_eq!(mtu, 1500, "host-gw adds no header");
+        assert_eq!(rejected.len(), 1);
+        assert!(rejected[0].to_string().contains("node c: host-gw cannot reach it: gateway 192.168.0.254"), "{}", rejected[0]);
+        assert!(rejected[0].reason.contains("--direct-routing"));
+    }
+
+    #[test]
     fn diff_removes_before_adding_and_skips_unchanged() {
         let p = |cidr: &str, last: u8| PeerState {
             pod_cidr: cidr.parse().unwrap(),
             node_ip: Ipv4Addr::new(192, 168, 0, last),
             vtep_mac: [0; 6],
             mode: ROUTE_MODE_VXLAN,
+            reason: ROUTE_REASON_BACKEND,
+            next_hop: Ipv4Addr::new(192, 168, 0, last),
         };
         let applied = BTreeMap::from([(p("10.0.1.0/24", 1).pod_cidr, p("10.0.1.0/24", 1)), (p("10.0.2.0/24", 2).pod_cidr, p("10.0.2.0/24", 2))]);
         let desired = BTreeMap::from([(p("10.0.2.0/24", 2).pod_cidr, p("10.0.2.0/24", 2)), (p("10.0.3.0/24", 3).pod_cidr, p("10.0.3.0/24", 9))]);

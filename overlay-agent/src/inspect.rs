@@ -4,7 +4,10 @@ use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
 use overlay_agent::{maps::DatapathMaps, node::format_mac};
-use overlay_common::{Counters, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN};
+use overlay_common::{
+    Counters, ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY,
+    ROUTE_REASON_NO_ROUTE, ROUTE_REASON_ON_LINK,
+};
 
 pub fn inspect(root: &Path) -> anyhow::Result<()> {
     let maps = DatapathMaps::open(root)?;
@@ -35,17 +38,30 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
     }
 
     println!("\nROUTES (remote pod CIDRs)");
-    println!("  {:<18} {:<16} {:<18} MODE", "POD CIDR", "NODE IP", "VTEP MAC");
+    println!("  {:<18} {:<16} {:<18} {:<8} WHY", "POD CIDR", "NODE IP", "VTEP MAC", "MODE");
     let mut routes: Vec<_> = maps.routes.iter().filter_map(Result::ok).collect();
     routes.sort_by_key(|(k, _)| (k.data(), k.prefix_len()));
     for (key, route) in routes {
         let mode = match route.mode {
             ROUTE_MODE_VXLAN => "vxlan",
             ROUTE_MODE_DIRECT => "direct",
+            ROUTE_MODE_UNREACHABLE => "NONE",
             _ => "unknown",
         };
+        let next_hop = Ipv4Addr::from(route.next_hop);
+        let why = match (route.mode, route.reason) {
+            (ROUTE_MODE_UNREACHABLE, ROUTE_REASON_GATEWAY) => {
+                format!("host-gw cannot cross gateway {next_hop}; routed unreachable (use --backend vxlan --direct-routing)")
+            }
+            (ROUTE_MODE_UNREACHABLE, _) => "host-gw has no on-link path to it; routed unreachable".to_owned(),
+            (_, ROUTE_REASON_BACKEND) => format!("backend vxlan (next hop {next_hop})"),
+            (_, ROUTE_REASON_ON_LINK) => "on-link".to_owned(),
+            (_, ROUTE_REASON_GATEWAY) => format!("gateway {next_hop} in between"),
+            (_, ROUTE_REASON_NO_ROUTE) => "no underlay route to it; trying on-link".to_owned(),
+            _ => String::new(),
+        };
         println!(
-            "  {:<18} {:<16} {:<18} {}",
+            "  {:<18} {:<16} {:<18} {:<8} {why}",
             format!("{}/{}", Ipv4Addr::from(key.data()), key.prefix_len()),
             Ipv4Addr::from(route.node_ip).to_string(),
             format_mac(route.vtep_mac),

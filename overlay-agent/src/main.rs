@@ -61,9 +61,14 @@ struct RunArgs {
     /// Address to advertise and tunnel from, instead of our Node's InternalIP.
     #[arg(long)]
     public_ip: Option<std::net::Ipv4Addr>,
-    /// Backend (only vxlan so far).
+    /// How remote pod CIDRs are reached: vxlan, or host-gw (plain
+    /// forwarding; every node must be on one L2 segment).
     #[arg(long, value_enum, default_value_t = Backend::Vxlan)]
     backend: Backend,
+    /// With vxlan: forward without encapsulation to peers that are on-link
+    /// (flannel's DirectRouting), VXLAN to the others.
+    #[arg(long)]
+    direct_routing: bool,
     /// VXLAN network identifier (flannel's default is 1).
     #[arg(long, default_value_t = overlay_common::DEFAULT_VNI, value_parser = clap::value_parser!(u32).range(0..(1 << 24)))]
     vni: u32,
@@ -82,6 +87,7 @@ struct RunArgs {
 #[derive(Clone, Copy, ValueEnum)]
 enum Backend {
     Vxlan,
+    HostGw,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

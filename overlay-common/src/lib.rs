@@ -52,6 +52,18 @@ pub const DEFAULT_VNI: u32 = 1;
 pub const ROUTE_MODE_VXLAN: u8 = 1;
 /// [`Route::mode`]: forward unencapsulated to the node (host-gw).
 pub const ROUTE_MODE_DIRECT: u8 = 2;
+/// [`Route::mode`]: cannot be served (host-gw with a router in between);
+/// the kernel route is `unreachable`, so senders get an ICMP error.
+pub const ROUTE_MODE_UNREACHABLE: u8 = 3;
+
+/// [`Route::reason`]: the backend is vxlan without direct routing.
+pub const ROUTE_REASON_BACKEND: u8 = 1;
+/// [`Route::reason`]: the node is on-link (`ip route get` has no gateway).
+pub const ROUTE_REASON_ON_LINK: u8 = 2;
+/// [`Route::reason`]: a gateway lies between us and the node.
+pub const ROUTE_REASON_GATEWAY: u8 = 3;
+/// [`Route::reason`]: the kernel has no route to the node on the underlay.
+pub const ROUTE_REASON_NO_ROUTE: u8 = 4;
 
 /// Value of the `ROUTES` map: how to reach one remote pod CIDR.
 #[repr(C)]
@@ -64,8 +76,11 @@ pub struct Route {
     pub vtep_mac: [u8; 6],
     /// One of `ROUTE_MODE_*`.
     pub mode: u8,
-    /// Explicit padding; always zero.
-    pub _pad: u8,
+    /// Why this mode: one of `ROUTE_REASON_*`.
+    pub reason: u8,
+    /// The kernel route's next hop toward the node: the node itself when
+    /// it is on-link, else the gateway in between.
+    pub next_hop: [u8; 4],
 }
 
 /// Value of the `PEERS` map (keyed by the peer's underlay IPv4 address):
@@ -173,7 +188,7 @@ mod tests {
     // deliberate (and bump the pin directory version).
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Route>(), 12);
+        assert_eq!(size_of::<Route>(), 16);
         assert_eq!(align_of::<Route>(), 1);
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<Config>(), 40);

@@ -125,7 +125,7 @@ fn pinned_maps_dump_with_btf_field_names() {
         .unwrap();
     let mut routes: LpmTrie<_, [u8; 4], Route> =
         LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
-    let route = Route { node_ip: [192, 0, 2, 2], vtep_mac: [2, 0, 0, 0, 0, 2], mode: ROUTE_MODE_VXLAN, _pad: 0 };
+    let route = Route { node_ip: [192, 0, 2, 2], vtep_mac: [2, 0, 0, 0, 0, 2], mode: ROUTE_MODE_VXLAN, reason: 1, next_hop: [192, 0, 2, 1] };
     routes.insert(&Key::new(24, [10, 244, 2, 0]), route, 0).unwrap();
     let mut peers: HashMap<_, [u8; 4], Peer> =
         HashMap::try_from(ebpf.map_mut(map_names::PEERS).unwrap()).unwrap();
@@ -137,7 +137,7 @@ fn pinned_maps_dump_with_btf_field_names() {
     };
     let fields: [(&str, &[&str]); 4] = [
         (map_names::CONFIG, &["\"enabled\": 1", "\"vni\": 1", "\"vxlan_port\": 8472", "\"vtep_mac\""]),
-        (map_names::ROUTES, &["\"prefix_len\": 24", "\"node_ip\"", "\"vtep_mac\"", "\"mode\": 1"]),
+        (map_names::ROUTES, &["\"prefix_len\": 24", "\"node_ip\"", "\"vtep_mac\"", "\"mode\": 1", "\"reason\": 1", "\"next_hop\""]),
         (map_names::PEERS, &["\"pod_cidr\"", "\"pod_prefix_len\": 24"]),
         (map_names::COUNTERS, &["\"encap_packets\"", "\"drop_unknown_source\"", "\"cpu\""]),
     ];

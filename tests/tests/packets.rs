@@ -134,7 +134,7 @@ impl Fixture {
         peers.insert(PEER, Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
         let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
         routes
-            .insert(&Key::new(24, [10, 244, 2, 0]), Route { node_ip: PEER, vtep_mac: PEER_VTEP, mode: ROUTE_MODE_VXLAN, _pad: 0 }, 0)
+            .insert(&Key::new(24, [10, 244, 2, 0]), Route { node_ip: PEER, vtep_mac: PEER_VTEP, mode: ROUTE_MODE_VXLAN, reason: 0, next_hop: PEER }, 0)
             .unwrap();
         let maps = DatapathMaps::open(pins.path()).unwrap();
         Self { _pins: pins, datapath, maps }
