@@ -140,7 +140,7 @@ fn reconcile(source: &mut ManifestDir, settings: &LocalSettings, applier: &mut A
     if seen.polls >= PATH_CHECK_EVERY {
         seen.polls = 0;
         let addrs: Vec<Ipv4Addr> = seen.nodes.iter().map(|n| n.node_ip).collect();
-        match routes::paths(&applier.iface(), &addrs) {
+        match routes::paths(applier.iface(), &addrs) {
             Ok(paths) if paths != seen.paths => {
                 for (addr, path) in &paths {
                     if seen.paths.get(addr).is_some_and(|old| old != path) {
