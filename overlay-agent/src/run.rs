@@ -83,7 +83,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
     let maps = DatapathMaps::open(&bpffs_root)?;
     let mut applier = Applier::new(maps, &iface).context("adopting the pinned state")?;
-    info!(node = %settings.node_name, backend = backend.flannel_name(), direct_routing, %iface, ifindex, underlay_mtu, inner_mtu = underlay_mtu.saturating_sub(overlay_common::VXLAN_OVERHEAD), vni, port, root = %bpffs_root.display(), ?hook, "datapath attached");
+    info!(node = %settings.node_name, backend = backend.flannel_name(), direct_routing, %iface, ifindex, underlay_mtu, vni, port, root = %bpffs_root.display(), ?hook, "datapath attached");
 
     let mut source = ManifestDir::new(&nodes_dir);
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;

@@ -40,6 +40,13 @@ pub struct LabSpec {
     pub decap: String,
     /// Prefix of every name the lab creates.
     pub prefix: String,
+    /// One underlay segment, or two joined by a router.
+    pub topology: Topology,
+    /// The agents' `--backend` (`vxlan` or `host-gw`), also advertised in
+    /// the manifests' `backend-type`.
+    pub backend: String,
+    /// The agents' `--direct-routing`.
+    pub direct_routing: bool,
     /// How many nodes (the last ones) run flannel's kernel vxlan device,
     /// programmed exactly as flannel's vxlan backend does, instead of our
     /// agent.
@@ -55,9 +62,25 @@ impl LabSpec {
             decap: "auto".to_owned(),
             prefix: crate::unique_name("ovlab"),
             flannel_nodes: 0,
+            topology: Topology::Flat,
+            backend: "vxlan".to_owned(),
+            direct_routing: false,
         }
     }
 }
+
+/// The underlay's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// Every node on one segment, 192.168.77.0/24.
+    Flat,
+    /// The first half of the nodes on 192.168.77.0/24, the rest on
+    /// 192.168.88.0/24, joined by a router namespace (`.1` on both).
+    Routed,
+}
+
+/// The underlay subnets' third octet and bridge names.
+const SUBNETS: [(u8, &str); 2] = [(77, "br0"), (88, "br1")];
 
 pub struct LabPod {
     pub ns: NetNs,
@@ -81,6 +104,8 @@ pub struct LabNode {
 pub struct Lab {
     agents: Vec<Option<Child>>,
     pub nodes: Vec<LabNode>,
+    /// The router joining the two subnets of a routed topology.
+    pub router: Option<NetNs>,
     pub underlay: NetNs,
     pub nodes_dir: PathBuf,
     spec: LabSpec,
@@ -119,14 +144,17 @@ impl Lab {
         fs::create_dir_all(&nodes_dir).map_err(|e| format!("creating {}: {e}", nodes_dir.display()))?;
         let pins = PinDir::at(Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(&spec.prefix));
         let underlay = NetNs::with_name(format!("{}-ul", spec.prefix));
-        let _ = underlay.ip(&["link", "add", "br0", "type", "bridge"]);
-        let _ = underlay.ip(&["link", "set", "br0", "up"]);
+        for (_, bridge) in SUBNETS {
+            let _ = underlay.ip(&["link", "add", bridge, "type", "bridge"]);
+            let _ = underlay.ip(&["link", "set", bridge, "up"]);
+        }
+        let router = (spec.topology == Topology::Routed).then(|| Self::make_router(&spec, &underlay));
 
         let mut nodes = Vec::new();
         for i in 1..=spec.nodes {
             nodes.push(Self::make_node(&spec, &underlay, i, &pins));
         }
-        let mut lab = Self { agents: Vec::new(), nodes, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        let mut lab = Self { agents: Vec::new(), nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
         for i in 0..lab.nodes.len() {
             lab.write_manifest(i);
         }
@@ -150,20 +178,18 @@ impl Lab {
 
     fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, pins: &PinDir) -> LabNode {
         let ns = NetNs::with_name(format!("{}-n{i}", spec.prefix));
-        let ip = Ipv4Addr::new(192, 168, 77, 10 + i as u8);
+        let second_half = spec.topology == Topology::Routed && i > spec.nodes.div_ceil(2);
+        let (octet, bridge) = SUBNETS[usize::from(second_half)];
+        let ip = Ipv4Addr::new(192, 168, octet, 10 + i as u8);
         let port = format!("n{i}");
         let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
-        let _ = underlay.ip(&["link", "set", &port, "master", "br0", "up"]);
-        // The underlay carries MTU-sized frames, as a real wire does: veth
-        // would otherwise pass 64 KB GSO packets from node to node, which
-        // flatters any path that never segments (docs/datapath.md).
-        let _ = run(
-            "ip",
-            &["netns", "exec", underlay.name(), "ethtool", "-K", &port, "tso", "off", "gso", "off",
-              "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off"],
-        );
+        let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
+        wire_like(underlay, &port);
         let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
+        if spec.topology == Topology::Routed {
+            let _ = ns.ip(&["route", "add", "default", "via", &format!("192.168.{octet}.1")]);
+        }
         // GRO on, as on a physical NIC (veth defaults to off): it aggregates
         // what XDP decapsulated before the stack forwards it to the pod.
         let _ = run("ip", &["netns", "exec", ns.name(), "ethtool", "-K", "eth0", "gro", "on"]);
@@ -196,6 +222,22 @@ impl Lab {
         }
     }
 
+    /// A router namespace with a leg on each underlay subnet (`.1`).
+    fn make_router(spec: &LabSpec, underlay: &NetNs) -> NetNs {
+        let router = NetNs::with_name(format!("{}-rt", spec.prefix));
+        for (leg, (octet, bridge)) in SUBNETS.iter().enumerate() {
+            let port = format!("r{leg}");
+            let inside = format!("leg{leg}");
+            let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", &inside, "netns", router.name()]);
+            let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
+            wire_like(underlay, &port);
+            let _ = router.ip(&["addr", "add", &format!("192.168.{octet}.1/24"), "dev", &inside]);
+            let _ = router.ip(&["link", "set", &inside, "up"]);
+        }
+        let _ = run("ip", &["netns", "exec", router.name(), "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        router
+    }
+
     /// The manifest file of node `i`.
     pub fn manifest_path(&self, i: usize) -> PathBuf {
         self.nodes_dir.join(format!("{}.yaml", self.nodes[i].name))
@@ -218,8 +260,13 @@ impl Lab {
     pub fn write_manifest(&self, i: usize) {
         let node = &self.nodes[i];
         let mac = overlay_agent::node::format_mac(self.vtep_mac(i));
+        let (backend, data) = if self.spec.backend == "host-gw" && !node.flannel {
+            ("host-gw", "null".to_owned())
+        } else {
+            ("vxlan", format!("{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}"))
+        };
         let yaml = format!(
-            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    flannel.alpha.coreos.com/backend-type: vxlan\n    flannel.alpha.coreos.com/backend-data: '{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}'\n    flannel.alpha.coreos.com/public-ip: {ip}\n    flannel.alpha.coreos.com/kube-subnet-manager: \"true\"\nspec:\n  podCIDR: {cidr}\n  podCIDRs: [{cidr}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: Hostname\n    address: {name}\n",
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations:\n    flannel.alpha.coreos.com/backend-type: {backend}\n    flannel.alpha.coreos.com/backend-data: '{data}'\n    flannel.alpha.coreos.com/public-ip: {ip}\n    flannel.alpha.coreos.com/kube-subnet-manager: \"true\"\nspec:\n  podCIDR: {cidr}\n  podCIDRs: [{cidr}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: Hostname\n    address: {name}\n",
             name = node.name,
             cidr = node.pod_cidr,
             ip = node.ip,
@@ -276,6 +323,8 @@ impl Lab {
             .arg(&self.nodes_dir)
             .arg("--bpffs-root")
             .arg(&node.pin_root)
+            .args(["--backend", &self.spec.backend])
+            .args(self.spec.direct_routing.then_some("--direct-routing"))
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
@@ -346,7 +395,20 @@ impl Lab {
             TcpListener::bind((to_ip, port)).map_err(|e| format!("bind {to_ip}:{port}: {e}"))?
         };
         let server = std::thread::spawn(move || -> std::io::Result<()> {
-            let (mut conn, _) = listener.accept()?;
+            // Bounded wait, so a client that never connects cannot hang us.
+            listener.set_nonblocking(true)?;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut conn = loop {
+                match listener.accept() {
+                    Ok((conn, _)) => break conn,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            conn.set_nonblocking(false)?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             let mut buf = vec![0u8; 65536];
             conn.read_exact(&mut buf)?;
             conn.write_all(&buf)
@@ -498,6 +560,17 @@ impl Capture {
         unsafe { libc::kill(self.0.0.id() as i32, libc::SIGINT) };
         let _ = self.0.0.wait();
     }
+}
+
+/// Makes an underlay port carry MTU-sized frames, as a real wire does: veth
+/// would otherwise pass 64 KB GSO packets from node to node, which flatters
+/// any path that never segments (docs/datapath.md).
+fn wire_like(underlay: &NetNs, port: &str) {
+    let _ = run(
+        "ip",
+        &["netns", "exec", underlay.name(), "ethtool", "-K", port, "tso", "off", "gso", "off",
+          "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off"],
+    );
 }
 
 /// Kills and reaps a child process on drop.

@@ -8,12 +8,18 @@ use std::{
 };
 
 use clap::Parser;
-use overlay_tests::lab::{Lab, LabSpec, UNDERLAY_MTU, POD_MTU, tear_down_kept};
+use overlay_tests::lab::{Lab, LabSpec, POD_MTU, Topology, UNDERLAY_MTU, tear_down_kept};
 
 /// Prefix of every lab's names, so `--down` finds kept labs.
 const LAB_PREFIX: &str = "ovlab";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TopologyArg {
+    Flat,
+    Routed,
+}
 
 #[derive(Parser)]
 #[command(about = "overlay's multi-node lab in network namespaces")]
@@ -34,6 +40,16 @@ struct Args {
     /// device, programmed as flannel does from the same Node manifests.
     #[arg(long, default_value_t = 0)]
     flannel_nodes: u8,
+    /// Underlay shape: flat (one segment) or routed (two subnets joined by
+    /// a router namespace).
+    #[arg(long, value_enum, default_value_t = TopologyArg::Flat)]
+    topology: TopologyArg,
+    /// Agents' backend: vxlan or host-gw.
+    #[arg(long, default_value = "vxlan")]
+    backend: String,
+    /// Agents forward directly to on-link peers (vxlan backend).
+    #[arg(long)]
+    direct_routing: bool,
     /// Leave the lab up for poking around; `--down` removes it.
     #[arg(long)]
     keep: bool,
@@ -66,10 +82,17 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     spec.flannel_nodes = args.flannel_nodes.into();
+    spec.topology = match args.topology {
+        TopologyArg::Flat => Topology::Flat,
+        TopologyArg::Routed => Topology::Routed,
+    };
+    spec.backend = args.backend.clone();
+    spec.direct_routing = args.direct_routing;
     spec.prefix = format!("{LAB_PREFIX}{}", std::process::id() % 100_000);
     println!(
-        "lab: {} nodes ({} flannel-style) x {} pods, underlay MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, decap {}",
-        spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.decap
+        "lab: {} nodes ({} flannel-style) x {} pods, {:?} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}",
+        spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.topology, spec.backend,
+        if spec.direct_routing { " with direct routing" } else { "" }, spec.decap
     );
     let lab = match Lab::start(spec) {
         Ok(lab) => lab,
