@@ -78,8 +78,9 @@ struct RunArgs {
     /// Pin directory for this agent's maps.
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
     bpffs_root: PathBuf,
-    /// Where decapsulation hooks in. `auto`: native XDP, which measured
-    /// fastest (docs/datapath.md), or TC ingress where XDP cannot attach.
+    /// Where decapsulation hooks in. `auto` picks what measured fastest
+    /// (docs/datapath.md): native XDP with vxlan, TC ingress with host-gw;
+    /// TC ingress where XDP cannot attach.
     #[arg(long, value_enum, default_value_t = Decap::Auto)]
     decap: Decap,
 }
