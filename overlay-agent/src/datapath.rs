@@ -86,7 +86,6 @@ pub enum DatapathError {
 /// The loaded programs and their pinned maps.
 pub struct Datapath {
     ebpf: Ebpf,
-    root: PathBuf,
 }
 
 /// Programs attached to one interface; pass it back to [`Datapath::detach`].
@@ -148,12 +147,7 @@ impl Datapath {
                 source => DatapathError::Program { name, source },
             })?;
         }
-        Ok(Self { ebpf, root: root.to_owned() })
-    }
-
-    /// The pin directory.
-    pub fn root(&self) -> &Path {
-        &self.root
+        Ok(Self { ebpf })
     }
 
     /// The underlying aya object, for map access.

@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::Path};
 use anyhow::Context as _;
 use overlay_agent::{maps::DatapathMaps, node::format_mac};
 use overlay_common::{
-    Counters, ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY,
+    ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY,
     ROUTE_REASON_NO_ROUTE, ROUTE_REASON_ON_LINK,
 };
 
@@ -70,21 +70,8 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
     }
 
     let c = maps.counters_total().context("reading COUNTERS")?;
-    let Counters {
-        encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
-        icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
-        drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
-    } = c;
     println!("\nCOUNTERS (all CPUs)");
-    for (name, value) in [
-        ("encap_packets", encap_packets), ("encap_bytes", encap_bytes), ("direct_packets", direct_packets),
-        ("decap_packets", decap_packets), ("decap_bytes", decap_bytes), ("pass_packets", pass_packets),
-        ("icmp_frag_needed", icmp_frag_needed), ("drop_truncated", drop_truncated),
-        ("drop_bad_flags", drop_bad_flags), ("drop_wrong_vni", drop_wrong_vni),
-        ("drop_unknown_source", drop_unknown_source), ("drop_spoofed_inner", drop_spoofed_inner),
-        ("drop_bad_outer", drop_bad_outer), ("drop_bad_inner", drop_bad_inner),
-        ("mismatched_port", mismatched_port), ("drop_helper_error", drop_helper_error),
-    ] {
+    for (name, value) in c.fields() {
         println!("  {name:<22} {value}");
     }
     Ok(())

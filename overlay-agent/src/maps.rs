@@ -45,27 +45,7 @@ impl DatapathMaps {
         let per_cpu = self.counters.get(&0, 0)?;
         let mut t = Counters::default();
         for c in per_cpu.iter() {
-            let Counters {
-                encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
-                icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
-                drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
-            } = *c;
-            t.encap_packets += encap_packets;
-            t.encap_bytes += encap_bytes;
-            t.direct_packets += direct_packets;
-            t.decap_packets += decap_packets;
-            t.decap_bytes += decap_bytes;
-            t.pass_packets += pass_packets;
-            t.icmp_frag_needed += icmp_frag_needed;
-            t.drop_truncated += drop_truncated;
-            t.drop_bad_flags += drop_bad_flags;
-            t.drop_wrong_vni += drop_wrong_vni;
-            t.drop_unknown_source += drop_unknown_source;
-            t.drop_spoofed_inner += drop_spoofed_inner;
-            t.drop_bad_outer += drop_bad_outer;
-            t.drop_bad_inner += drop_bad_inner;
-            t.mismatched_port += mismatched_port;
-            t.drop_helper_error += drop_helper_error;
+            t.add(c);
         }
         Ok(t)
     }

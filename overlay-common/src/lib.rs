@@ -168,6 +168,55 @@ pub struct Counters {
     pub drop_helper_error: u64,
 }
 
+impl Counters {
+    /// Every counter with its name, in declaration order: the one list that
+    /// summing and printing share, so a new counter cannot be missed.
+    pub fn fields(&self) -> [(&'static str, u64); 16] {
+        let Self {
+            encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
+            icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
+            drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
+        } = *self;
+        [
+            ("encap_packets", encap_packets),
+            ("encap_bytes", encap_bytes),
+            ("direct_packets", direct_packets),
+            ("decap_packets", decap_packets),
+            ("decap_bytes", decap_bytes),
+            ("pass_packets", pass_packets),
+            ("icmp_frag_needed", icmp_frag_needed),
+            ("drop_truncated", drop_truncated),
+            ("drop_bad_flags", drop_bad_flags),
+            ("drop_wrong_vni", drop_wrong_vni),
+            ("drop_unknown_source", drop_unknown_source),
+            ("drop_spoofed_inner", drop_spoofed_inner),
+            ("drop_bad_outer", drop_bad_outer),
+            ("drop_bad_inner", drop_bad_inner),
+            ("mismatched_port", mismatched_port),
+            ("drop_helper_error", drop_helper_error),
+        ]
+    }
+
+    /// Adds `other` field by field (summing per-CPU copies).
+    pub fn add(&mut self, other: &Self) {
+        let Self {
+            encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
+            icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
+            drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
+        } = self;
+        for (field, value) in [
+            encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
+            icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
+            drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
+        ]
+        .into_iter()
+        .zip(other.fields())
+        {
+            *field += value.1;
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all impls): #[repr(C)], only integer and byte-array fields,
@@ -193,5 +242,18 @@ mod tests {
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<Counters>(), 16 * 8);
+    }
+
+    #[test]
+    fn counters_add_every_field_in_order() {
+        let mut total = Counters::default();
+        let one = Counters { encap_packets: 1, drop_helper_error: 2, mismatched_port: 3, ..Counters::default() };
+        total.add(&one);
+        total.add(&one);
+        let fields = total.fields();
+        assert_eq!(fields[0], ("encap_packets", 2));
+        assert_eq!(fields[14], ("mismatched_port", 6));
+        assert_eq!(fields[15], ("drop_helper_error", 4));
+        assert_eq!(fields.iter().map(|f| f.1).sum::<u64>(), 12);
     }
 }
