@@ -158,7 +158,7 @@ impl Datapath {
     /// Attaches encapsulation (TC egress) and decapsulation to `iface`.
     /// Nothing stays attached if any step fails.
     pub fn attach(&mut self, iface: &str, hook: DecapHook) -> Result<Attachment, DatapathError> {
-        if interface_index(iface).is_none() {
+        if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
         let needs_clsact = KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0));
@@ -268,14 +268,6 @@ impl Datapath {
 
 fn attach_error(name: &'static str, iface: &str, source: ProgramError) -> DatapathError {
     DatapathError::Attach { name, iface: iface.to_owned(), source }
-}
-
-/// The interface's index in the current network namespace.
-pub fn interface_index(iface: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(iface).ok()?;
-    // SAFETY: valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
 }
 
 /// Whether this process holds the capabilities BPF loading needs, read from

@@ -2,7 +2,13 @@
 
 use std::{ffi::CString, io};
 
-pub use crate::datapath::interface_index;
+/// The interface's index in the current network namespace.
+pub fn interface_index(iface: &str) -> Option<u32> {
+    let name = CString::new(iface).ok()?;
+    // SAFETY: valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
 
 /// The interface's MTU (`SIOCGIFMTU`).
 pub fn mtu(iface: &str) -> io::Result<u32> {
