@@ -73,3 +73,136 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
     }
     Ok(())
 }
+
+/// Version of the map layout under a pin root. Bump it whenever a shared
+/// type in `overlay-common` changes size or meaning: the kernel reuses a
+/// pinned map without checking that it still fits, so a new layout must get
+/// new pins (and the old ones are removed once the new programs run).
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Where everything of one agent lives on bpffs:
+///
+/// ```text
+/// <root>/v1/{CONFIG,PEERS,ROUTES,COUNTERS}   maps (versioned layout)
+/// <root>/links/<iface>/{tc_egress,decap_xdp,decap_tc}   attachments
+/// ```
+///
+/// Links are not versioned: a new agent swaps its programs into the pinned
+/// links in place, whatever map layout the old programs used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+/// One attachment of the datapath to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRole {
+    /// Encapsulation, TC egress.
+    TcEgress,
+    /// Decapsulation at XDP.
+    DecapXdp,
+    /// Decapsulation at TC ingress.
+    DecapTc,
+}
+
+impl LinkRole {
+    pub const ALL: [Self; 3] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc];
+
+    /// The pin's file name.
+    pub const fn file_name(self) -> &'static str {
+        match self {
+            Self::TcEgress => "tc_egress",
+            Self::DecapXdp => "decap_xdp",
+            Self::DecapTc => "decap_tc",
+        }
+    }
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of the current map layout.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join(format!("v{MAP_LAYOUT_VERSION}"))
+    }
+
+    /// The pin of one map (`bpftool map dump pinned <this>`).
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// Map directories of other layout versions, left by older agents.
+    pub fn stale_map_dirs(&self) -> Vec<PathBuf> {
+        let current = self.maps_dir();
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p != &current
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .and_then(|n| n.strip_prefix('v'))
+                        .is_some_and(|v| v.parse::<u32>().is_ok())
+            })
+            .collect()
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.root.join("links")
+    }
+
+    /// The pin of one attachment to `iface`.
+    pub fn link(&self, iface: &str, role: LinkRole) -> PathBuf {
+        self.links_dir().join(iface).join(role.file_name())
+    }
+
+    /// Interfaces that have pinned attachments.
+    pub fn linked_interfaces(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(self.links_dir()) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_paths() {
+        let layout = PinLayout::new("/sys/fs/bpf/overlay");
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v1/ROUTES"));
+        assert_eq!(
+            layout.link("eth0", LinkRole::DecapXdp),
+            Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")
+        );
+    }
+
+    #[test]
+    fn stale_map_dirs_are_other_versions_only() {
+        let dir = std::env::temp_dir().join(format!("overlay-layout-{}", std::process::id()));
+        for sub in ["v0", "v1", "v7", "links", "vx"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let layout = PinLayout::new(&dir);
+        let mut stale = layout.stale_map_dirs();
+        stale.sort();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(stale, vec![dir.join("v0"), dir.join("v7")]);
+    }
+}

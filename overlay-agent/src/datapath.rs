@@ -6,6 +6,11 @@
 //! 5.13: `bpf_skb_adjust_room` with `BPF_F_ADJ_ROOM_ENCAP_L2_ETH`. TC
 //! programs attach through TCX on 6.6 and later, through a clsact qdisc
 //! before that.
+//!
+//! The datapath outlives the agent where the kernel can pin its
+//! attachments: TCX links (6.6) and XDP links (5.9). There a restarted
+//! agent swaps its programs into the pinned links without a gap. On older
+//! kernels the netlink attachments end with the agent.
 
 use std::{
     fs, io,
@@ -16,14 +21,18 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{
         Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        tc::{self, SchedClassifierLinkId},
-        xdp::XdpLinkId,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, SchedClassifierLink},
+        xdp::XdpLink,
     },
     util::KernelVersion,
 };
 use overlay_common::{map_names, program_names};
 
-use crate::{bpffs, object};
+use crate::{
+    bpffs::{self, LinkRole, PinLayout},
+    object,
+};
 
 /// Where the decapsulation program hooks into the underlay interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,25 +90,52 @@ pub enum DatapathError {
     },
     #[error("removing pin {path}: {source}")]
     Unpin { path: PathBuf, source: io::Error },
+    #[error("pinning link {path}: {source}")]
+    Pin { path: PathBuf, source: io::Error },
+    #[error("swapping our program into the pinned link {path}")]
+    Swap {
+        path: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("opening the pinned link {path}")]
+    PinnedLink {
+        path: PathBuf,
+        #[source]
+        source: LinkError,
+    },
 }
 
 /// The loaded programs and their pinned maps.
 pub struct Datapath {
     ebpf: Ebpf,
+    layout: PinLayout,
+    maps_adopted: bool,
 }
 
-/// Programs attached to one interface; pass it back to [`Datapath::detach`].
-#[derive(Debug)]
-pub struct Attachment {
-    iface: String,
-    egress: SchedClassifierLinkId,
-    decap: DecapLink,
+/// How one attachment was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkOutcome {
+    /// Attached fresh and pinned.
+    Attached,
+    /// A pinned link was found and the new program swapped into it
+    /// atomically (`BPF_LINK_UPDATE`): no packet saw a gap.
+    Swapped,
+    /// Attached, but the kernel cannot pin this kind of attachment
+    /// (netlink TC before 6.6, netlink XDP before 5.9): it lasts as long as
+    /// this process.
+    NotPinnable,
 }
 
-#[derive(Debug)]
-enum DecapLink {
-    Xdp(XdpLinkId),
-    Tc(SchedClassifierLinkId),
+/// What [`Datapath::attach`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachReport {
+    pub egress: LinkOutcome,
+    pub decap: LinkOutcome,
+    /// Pins of attachments this agent no longer wants (another decap hook,
+    /// another interface, an older map layout), removed after the new
+    /// programs were in place.
+    pub removed: Vec<PathBuf>,
 }
 
 /// What `inspect`-style output shows about one loaded program.
@@ -113,7 +149,8 @@ pub struct ProgramSummary {
 
 impl Datapath {
     /// Loads the programs, passing each through the kernel's verifier, and
-    /// creates (or reopens) the maps pinned under `root`.
+    /// creates (or reopens) the maps pinned under `root` (see
+    /// [`PinLayout`]).
     pub fn load(root: &Path) -> Result<Self, DatapathError> {
         if !object::has_programs() {
             return Err(DatapathError::NoPrograms);
@@ -121,10 +158,12 @@ impl Datapath {
         if !may_load_bpf() {
             return Err(DatapathError::NoPermission);
         }
-        bpffs::prepare_root(root)?;
+        let layout = PinLayout::new(root);
+        bpffs::prepare_root(&layout.maps_dir())?;
+        let maps_adopted = map_names::ALL.iter().all(|name| layout.map(name).exists());
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
-            let _: &mut EbpfLoader<'_> = loader.map_pin_path(name, root.join(name));
+            let _: &mut EbpfLoader<'_> = loader.map_pin_path(name, layout.map(name));
         }
         let mut ebpf = loader
             .load(object::EBPF_OBJECT)
@@ -147,7 +186,17 @@ impl Datapath {
                 source => DatapathError::Program { name, source },
             })?;
         }
-        Ok(Self { ebpf })
+        Ok(Self { ebpf, layout, maps_adopted })
+    }
+
+    /// Whether every map was already pinned (an agent ran here before), so
+    /// the maps already hold the cluster's state.
+    pub fn maps_adopted(&self) -> bool {
+        self.maps_adopted
+    }
+
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
     }
 
     /// The underlying aya object, for map access.
@@ -155,9 +204,13 @@ impl Datapath {
         &mut self.ebpf
     }
 
-    /// Attaches encapsulation (TC egress) and decapsulation to `iface`.
-    /// Nothing stays attached if any step fails.
-    pub fn attach(&mut self, iface: &str, hook: DecapHook) -> Result<Attachment, DatapathError> {
+    /// Attaches encapsulation (TC egress) and decapsulation to `iface` and
+    /// pins the links, so they outlive this process. Where a pinned link
+    /// exists, the new program replaces the old one inside it atomically.
+    /// Attachments this agent no longer wants (the other decap hook,
+    /// another interface) and map pins of older layouts are removed last.
+    /// A fresh attachment is undone if a later one fails.
+    pub fn attach(&mut self, iface: &str, hook: DecapHook) -> Result<AttachReport, DatapathError> {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
@@ -166,51 +219,110 @@ impl Datapath {
             // Already present is fine; a real failure shows up in attach.
             let _ = tc::qdisc_add_clsact(iface);
         }
-        let egress = self
-            .classifier(program_names::TC_EGRESS)?
-            .attach(iface, TcAttachType::Egress)
-            .map_err(|source| attach_error(program_names::TC_EGRESS, iface, source))?;
-        let decap = match hook {
-            DecapHook::Xdp(mode) => self
-                .xdp(program_names::XDP_INGRESS)?
-                .attach(iface, mode)
-                .map(DecapLink::Xdp)
-                .map_err(|source| attach_error(program_names::XDP_INGRESS, iface, source)),
-            DecapHook::TcIngress => self
-                .classifier(program_names::TC_INGRESS)?
-                .attach(iface, TcAttachType::Ingress)
-                .map(DecapLink::Tc)
-                .map_err(|source| attach_error(program_names::TC_INGRESS, iface, source)),
+        let decap_role = match hook {
+            DecapHook::Xdp(_) => LinkRole::DecapXdp,
+            DecapHook::TcIngress => LinkRole::DecapTc,
         };
-        let decap = match decap {
+        let egress = self.attach_role(iface, LinkRole::TcEgress, hook)?;
+        let decap = match self.attach_role(iface, decap_role, hook) {
             Ok(decap) => decap,
             Err(err) => {
-                // Never leave the interface half-programmed.
-                let _ = self.classifier(program_names::TC_EGRESS)?.detach(egress);
+                if egress == LinkOutcome::Attached {
+                    // Never leave the interface half-programmed.
+                    let _ = fs::remove_file(self.layout.link(iface, LinkRole::TcEgress));
+                }
                 return Err(err);
             }
         };
-        Ok(Attachment { iface: iface.to_owned(), egress, decap })
+        let mut unwanted: Vec<PathBuf> = LinkRole::ALL
+            .into_iter()
+            .filter(|role| *role != LinkRole::TcEgress && *role != decap_role)
+            .map(|role| self.layout.link(iface, role))
+            .collect();
+        for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {
+            unwanted.extend(LinkRole::ALL.map(|role| self.layout.link(&other, role)));
+            unwanted.push(self.layout.links_dir().join(other));
+        }
+        unwanted.extend(self.layout.stale_map_dirs());
+        let mut removed = Vec::new();
+        for path in unwanted {
+            let result = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+            match result {
+                Ok(()) => removed.push(path),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Unpin { path, source }),
+            }
+        }
+        Ok(AttachReport { egress, decap, removed })
     }
 
-    /// Detaches everything [`Self::attach`] attached.
-    pub fn detach(&mut self, attachment: Attachment) -> Result<(), DatapathError> {
-        let Attachment { iface, egress, decap } = attachment;
-        let iface = iface.as_str();
-        let detach_err = |name| move |source| attach_error(name, iface, source);
-        self.classifier(program_names::TC_EGRESS)?
-            .detach(egress)
-            .map_err(detach_err(program_names::TC_EGRESS))?;
-        match decap {
-            DecapLink::Xdp(id) => self
-                .xdp(program_names::XDP_INGRESS)?
-                .detach(id)
-                .map_err(detach_err(program_names::XDP_INGRESS)),
-            DecapLink::Tc(id) => self
-                .classifier(program_names::TC_INGRESS)?
-                .detach(id)
-                .map_err(detach_err(program_names::TC_INGRESS)),
+    fn attach_role(&mut self, iface: &str, role: LinkRole, hook: DecapHook) -> Result<LinkOutcome, DatapathError> {
+        let name = role_program(role);
+        let pin = self.layout.link(iface, role);
+        if pin.exists() {
+            match self.swap_into_pinned(role, &pin) {
+                Ok(()) => return Ok(LinkOutcome::Swapped),
+                // The interface was recreated (ENOLINK) or the pin is not a
+                // link of this kind: it holds nothing worth keeping.
+                Err(err) if swap_failure_is_stale(&err) => {
+                    fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
+                }
+                Err(err) => return Err(err),
+            }
         }
+        let attach_err = |source| attach_error(name, iface, source);
+        let link: Result<FdLink, _> = match role {
+            LinkRole::TcEgress | LinkRole::DecapTc => {
+                let attach_type = if role == LinkRole::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
+                let program = self.classifier(name)?;
+                let id = program.attach(iface, attach_type).map_err(attach_err)?;
+                let link = program.take_link(id).map_err(attach_err)?;
+                FdLink::try_from(link).map_err(|_| ())
+            }
+            LinkRole::DecapXdp => {
+                let DecapHook::Xdp(mode) = hook else { unreachable!("XDP role only for the XDP hook") };
+                let program = self.xdp(name)?;
+                let id = program.attach(iface, mode).map_err(attach_err)?;
+                let link = program.take_link(id).map_err(attach_err)?;
+                FdLink::try_from(link).map_err(|_| ())
+            }
+        };
+        let Ok(link) = link else {
+            // A netlink attachment: aya detaches it when this process ends.
+            return Ok(LinkOutcome::NotPinnable);
+        };
+        if let Some(dir) = pin.parent() {
+            fs::create_dir_all(dir).map_err(|source| DatapathError::Pin { path: pin.clone(), source })?;
+        }
+        // Dropping the pinned link's fd leaves it attached: the pin holds it.
+        link.pin(&pin).map_err(|source| DatapathError::Pin {
+            path: pin.clone(),
+            source: io::Error::other(source),
+        })?;
+        Ok(LinkOutcome::Attached)
+    }
+
+    /// Replaces the program inside the pinned link at `pin` with ours.
+    fn swap_into_pinned(&mut self, role: LinkRole, pin: &Path) -> Result<(), DatapathError> {
+        let name = role_program(role);
+        let swap_err = |source| DatapathError::Swap { path: pin.to_owned(), source };
+        let link_err = |source| DatapathError::PinnedLink { path: pin.to_owned(), source };
+        let link: FdLink = PinnedLink::from_pin(pin).map_err(link_err)?.into();
+        match role {
+            LinkRole::TcEgress | LinkRole::DecapTc => {
+                let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
+                let program = self.classifier(name)?;
+                let id = program.attach_to_link(link).map_err(swap_err)?;
+                drop(program.take_link(id).map_err(swap_err)?);
+            }
+            LinkRole::DecapXdp => {
+                let link = XdpLink::try_from(link).map_err(link_err)?;
+                let program = self.xdp(name)?;
+                let id = program.attach_to_link(link).map_err(swap_err)?;
+                drop(program.take_link(id).map_err(swap_err)?);
+            }
+        }
+        Ok(())
     }
 
     /// Every loaded program with its kernel id.
@@ -233,18 +345,11 @@ impl Datapath {
             .collect()
     }
 
-    /// Removes the map pins and the pin directory. The maps themselves live
-    /// on while this `Datapath` holds them.
+    /// Removes every pin under `root`: the links (which detaches the
+    /// programs from their interfaces), the maps of every layout version,
+    /// and the directory itself. Maps live on while a process holds them.
     pub fn remove_pins(root: &Path) -> Result<(), DatapathError> {
-        for name in map_names::ALL {
-            let path = root.join(name);
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Unpin { path, source }),
-            }
-        }
-        match fs::remove_dir(root) {
+        match fs::remove_dir_all(root) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(DatapathError::Unpin { path: root.to_owned(), source }),
@@ -263,6 +368,26 @@ impl Datapath {
             Some(Program::Xdp(p)) => Ok(p),
             _ => Err(DatapathError::MissingProgram(name)),
         }
+    }
+}
+
+const fn role_program(role: LinkRole) -> &'static str {
+    match role {
+        LinkRole::TcEgress => program_names::TC_EGRESS,
+        LinkRole::DecapXdp => program_names::XDP_INGRESS,
+        LinkRole::DecapTc => program_names::TC_INGRESS,
+    }
+}
+
+/// Whether a failed swap means the pin is useless rather than that
+/// something is wrong with us.
+fn swap_failure_is_stale(err: &DatapathError) -> bool {
+    match err {
+        DatapathError::Swap { source: ProgramError::SyscallError(e), .. } => {
+            e.io_error.raw_os_error() == Some(libc::ENOLINK)
+        }
+        DatapathError::PinnedLink { source: LinkError::InvalidLink, .. } => true,
+        _ => false,
     }
 }
 

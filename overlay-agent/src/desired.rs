@@ -57,6 +57,9 @@ pub struct LocalSettings {
     pub underlay_mtu: u32,
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
+    /// The cluster's pod network (net-conf.json `Network`), when known:
+    /// pod CIDRs outside it are refused.
+    pub network: Option<Ipv4Network>,
 }
 
 /// One remote node as programmed into the datapath.
@@ -84,11 +87,40 @@ pub struct Desired {
 }
 
 /// A node that cannot be served as asked, and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, thiserror::Error)]
 #[error("node {node}: {reason}")]
 pub struct Rejected {
     pub node: String,
+    pub kind: RejectKind,
     pub reason: String,
+}
+
+/// Why a node was left out (or, for host-gw, routed `unreachable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RejectKind {
+    NotSubnetManaged,
+    OutsideNetwork,
+    OtherBackend,
+    OtherVni,
+    OverlappingCidr,
+    DuplicateAddress,
+    NotOnLink,
+}
+
+impl RejectKind {
+    /// The Kubernetes event reason, for the kinds an operator must act on.
+    pub fn event_reason(self) -> Option<&'static str> {
+        match self {
+            // Normal while a node's agent starts up.
+            Self::NotSubnetManaged => None,
+            Self::OutsideNetwork => Some("PodCIDROutsideNetwork"),
+            Self::OtherBackend => Some("BackendMismatch"),
+            Self::OtherVni => Some("VNIMismatch"),
+            Self::OverlappingCidr => Some("PodCIDROverlap"),
+            Self::DuplicateAddress => Some("DuplicateNodeAddress"),
+            Self::NotOnLink => Some("HostGwPeerNotOnLink"),
+        }
+    }
 }
 
 /// Why no state can be computed yet.
@@ -96,6 +128,8 @@ pub struct Rejected {
 pub enum NotReady {
     #[error("no Node named {0:?} (our own node) among the nodes; waiting for it (check --node-name)")]
     NoLocalNode(String),
+    #[error("our own node: {0}")]
+    LocalPodCidrOutsideNetwork(String),
 }
 
 /// A stable, locally administered VTEP MAC derived from the node address,
@@ -103,6 +137,16 @@ pub enum NotReady {
 pub fn default_vtep_mac(node_ip: Ipv4Addr) -> [u8; 6] {
     let [a, b, c, d] = node_ip.octets();
     [0x0e, 0x00, a, b, c, d]
+}
+
+/// Why `pod_cidr` cannot belong to a cluster whose pod network is `network`.
+pub fn check_pod_cidr(network: Ipv4Network, pod_cidr: Ipv4Network) -> Result<(), String> {
+    if pod_cidr.prefix() < network.prefix() || !network.contains(pod_cidr.network()) {
+        return Err(format!(
+            "pod CIDR {pod_cidr} lies outside the cluster Network {network} (net-conf.json); fix the node's spec.podCIDR or the controller-manager's --cluster-cidr"
+        ));
+    }
+    Ok(())
 }
 
 /// Computes the desired state. Peers that cannot be served (overlapping
@@ -117,7 +161,16 @@ pub fn desired(
         .iter()
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| NotReady::NoLocalNode(local.node_name.clone()))?;
-    let node_ip = local.public_ip.unwrap_or(me.node_ip);
+    if let Some(network) = local.network {
+        check_pod_cidr(network, me.pod_cidr).map_err(NotReady::LocalPodCidrOutsideNetwork)?;
+    }
+    // Our own `public-ip` annotation is our output, not our input: an
+    // address change must not be masked by what we published before.
+    let node_ip = local
+        .public_ip
+        .or(me.public_ip_overwrite)
+        .or(me.internal_ip)
+        .unwrap_or(me.node_ip);
     let vtep_mac = me.vtep_mac.unwrap_or_else(|| default_vtep_mac(node_ip));
     let inner_mtu = match local.backend {
         Backend::Vxlan => local.underlay_mtu.saturating_sub(VXLAN_OVERHEAD),
@@ -144,30 +197,41 @@ pub fn desired(
     let mut others: Vec<&NodeInfo> = nodes.iter().filter(|n| n.name != local.node_name).collect();
     others.sort_by(|a, b| a.name.cmp(&b.name));
     for node in others {
-        let reject = |reason: String| Rejected { node: node.name.clone(), reason };
+        let reject = |kind: RejectKind, reason: String| Rejected { node: node.name.clone(), kind, reason };
+        if !node.kube_subnet_managed {
+            rejected.push(reject(RejectKind::NotSubnetManaged, format!(
+                "does not carry {}: \"true\", so it advertises no tunnel endpoint yet (its agent publishes it once running); left out of the datapath",
+                crate::node::ANNOTATION_KUBE_SUBNET_MANAGER
+            )));
+            continue;
+        }
+        if let Some(Err(why)) = local.network.map(|network| check_pod_cidr(network, node.pod_cidr)) {
+            rejected.push(reject(RejectKind::OutsideNetwork, format!("{why}; left out of the datapath")));
+            continue;
+        }
         let ours = local.backend.flannel_name();
         if let Some(backend) = node.backend_type.as_deref().filter(|b| *b != ours) {
-            rejected.push(reject(format!(
+            rejected.push(reject(RejectKind::OtherBackend, format!(
                 "backend-type {backend:?} differs from ours ({ours:?}); left out of the datapath (use one backend cluster-wide)"
             )));
             continue;
         }
         if let Some(vni) = node.vni.filter(|v| *v != local.vni) {
-            rejected.push(reject(format!(
+            rejected.push(reject(RejectKind::OtherVni, format!(
                 "its VNI {vni} differs from ours ({}); left out of the datapath (set --vni to match the cluster)",
                 local.vni
             )));
             continue;
         }
         if let Some((cidr, owner)) = cidr_owner.iter().find(|(c, _)| overlaps(*c, node.pod_cidr)) {
-            rejected.push(reject(format!(
+            rejected.push(reject(RejectKind::OverlappingCidr, format!(
                 "pod CIDR {} overlaps {cidr} of node {owner}; left out of the datapath",
                 node.pod_cidr
             )));
             continue;
         }
         if let Some(owner) = taken.get(&node.node_ip) {
-            rejected.push(reject(format!(
+            rejected.push(reject(RejectKind::DuplicateAddress, format!(
                 "address {} is already used by node {owner}; left out of the datapath",
                 node.node_ip
             )));
@@ -182,7 +246,7 @@ pub fn desired(
                 UnderlayPath::Gateway(gw) => format!("gateway {gw} lies between us and {}", node.node_ip),
                 _ => format!("no route to {} on the underlay", node.node_ip),
             };
-            rejected.push(reject(format!(
+            rejected.push(reject(RejectKind::NotOnLink, format!(
                 "host-gw cannot reach it: {why}; its pod CIDR {} is routed `unreachable` (use --backend vxlan --direct-routing)",
                 node.pod_cidr
             )));
@@ -256,6 +320,9 @@ mod tests {
             backend_type: None,
             vni: None,
             vtep_mac: None,
+            kube_subnet_managed: true,
+            internal_ip: Some(ip.into()),
+            public_ip_overwrite: None,
         }
     }
 
@@ -273,6 +340,7 @@ mod tests {
             underlay_ifindex: 2,
             underlay_mtu: 1500,
             public_ip: None,
+            network: None,
         }
     }
 
@@ -314,6 +382,41 @@ mod tests {
         assert!(rejected[0].reason.contains("overlaps 10.244.2.0/24 of node b"), "{}", rejected[0]);
         assert!(rejected[1].reason.contains("already used by node b"));
         assert!(rejected[2].reason.contains("--vni"));
+    }
+
+    #[test]
+    fn only_subnet_managed_peers_inside_the_network_are_programmed() {
+        let mut unmanaged = node("u", "10.244.9.0/24", [192, 168, 0, 9]);
+        unmanaged.kube_subnet_managed = false;
+        let nodes = [
+            node("a", "10.244.1.0/24", [192, 168, 0, 1]),
+            node("b", "10.244.2.0/24", [192, 168, 0, 2]),
+            node("o", "10.99.2.0/24", [192, 168, 0, 3]),
+            unmanaged,
+        ];
+        let settings = LocalSettings { network: Some("10.244.0.0/16".parse().unwrap()), ..local() };
+        let (d, rejected) = desired(&settings, &nodes, &on_link(&nodes)).unwrap();
+        assert_eq!(d.peers.keys().map(ToString::to_string).collect::<Vec<_>>(), ["10.244.2.0/24"]);
+        assert_eq!(rejected.iter().map(|r| r.node.as_str()).collect::<Vec<_>>(), ["o", "u"]);
+        assert!(rejected[0].reason.contains("outside the cluster Network 10.244.0.0/16"), "{}", rejected[0]);
+        assert!(rejected[1].reason.contains("kube-subnet-manager"), "{}", rejected[1]);
+
+        let outside = [node("a", "10.1.1.0/24", [192, 168, 0, 1])];
+        assert!(matches!(desired(&settings, &outside, &on_link(&outside)), Err(NotReady::LocalPodCidrOutsideNetwork(_))));
+    }
+
+    #[test]
+    fn our_address_comes_from_flags_overwrite_or_internal_ip_never_our_own_annotation() {
+        let mut me = node("a", "10.244.1.0/24", [192, 168, 0, 1]);
+        me.node_ip = Ipv4Addr::new(10, 9, 9, 9); // what we published earlier
+        me.internal_ip = Some(Ipv4Addr::new(192, 168, 0, 7));
+        let nodes = [me.clone()];
+        let ip = |settings: &LocalSettings, nodes: &[NodeInfo]| Ipv4Addr::from(desired(settings, nodes, &BTreeMap::new()).unwrap().0.config.node_ip);
+        assert_eq!(ip(&local(), &nodes), Ipv4Addr::new(192, 168, 0, 7));
+        me.public_ip_overwrite = Some(Ipv4Addr::new(203, 0, 113, 1));
+        assert_eq!(ip(&local(), &[me.clone()]), Ipv4Addr::new(203, 0, 113, 1));
+        let flag = LocalSettings { public_ip: Some(Ipv4Addr::new(198, 51, 100, 1)), ..local() };
+        assert_eq!(ip(&flag, &[me]), Ipv4Addr::new(198, 51, 100, 1));
     }
 
     #[test]

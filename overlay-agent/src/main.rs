@@ -20,8 +20,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Load and attach the datapath, then keep its maps and routes in step
-    /// with the nodes directory until SIGTERM/Ctrl-C.
+    /// with the cluster's nodes until SIGTERM/Ctrl-C. Stopping leaves the
+    /// datapath in place (pinned), so traffic keeps flowing until the next
+    /// agent takes over.
     Run(RunArgs),
+    /// Remove the datapath on purpose: detach the programs, remove the pins
+    /// and the routes the agent installed, and the subnet.env file.
+    Cleanup {
+        /// The agent's pin directory.
+        #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
+        bpffs_root: PathBuf,
+        /// The subnet.env the agent wrote (removed if present).
+        #[arg(long, default_value = DEFAULT_SUBNET_FILE)]
+        subnet_file: PathBuf,
+    },
     /// Print the pinned maps as tables: config, peers, routes, counters.
     /// Reads the pins, so it works while the agent is stopped.
     Inspect {
@@ -46,36 +58,52 @@ enum Command {
 }
 
 const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/overlay";
+const DEFAULT_SUBNET_FILE: &str = "/run/flannel/subnet.env";
 
 #[derive(clap::Args)]
 struct RunArgs {
     /// This node's name; defaults to $NODE_NAME, then the hostname.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// Directory of Kubernetes Node manifests (YAML or JSON), watched.
+    /// Read Node manifests (YAML or JSON) from this directory, watched,
+    /// instead of the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
+    nodes_dir: Option<PathBuf>,
+    /// Watch Nodes through the API server in this kubeconfig. Without it
+    /// (and without --nodes-dir) the in-cluster service account is used.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// flannel's net-conf.json (Network, SubnetLen, Backend {Type, VNI,
+    /// Port, DirectRouting}). Sets the backend (instead of --backend,
+    /// --vni, --port, --direct-routing), refuses pod CIDRs outside
+    /// Network, and enables writing --subnet-file.
     #[arg(long)]
-    nodes_dir: PathBuf,
+    net_conf: Option<PathBuf>,
+    /// Where to write flannel's subnet.env for its CNI plugin (needs
+    /// --net-conf).
+    #[arg(long, default_value = DEFAULT_SUBNET_FILE)]
+    subnet_file: PathBuf,
     /// Underlay interface; defaults to the default-route interface.
     #[arg(long)]
     iface: Option<String>,
     /// Address to advertise and tunnel from, instead of our Node's InternalIP.
     #[arg(long)]
     public_ip: Option<std::net::Ipv4Addr>,
-    /// How remote pod CIDRs are reached: vxlan, or host-gw (plain
+    /// How remote pod CIDRs are reached: vxlan (default), or host-gw (plain
     /// forwarding; every node must be on one L2 segment).
-    #[arg(long, value_enum, default_value_t = Backend::Vxlan)]
-    backend: Backend,
+    #[arg(long, value_enum)]
+    backend: Option<Backend>,
     /// With vxlan: forward without encapsulation to peers that are on-link
     /// (flannel's DirectRouting), VXLAN to the others.
     #[arg(long)]
     direct_routing: bool,
-    /// VXLAN network identifier (flannel's default is 1).
-    #[arg(long, default_value_t = overlay_common::DEFAULT_VNI, value_parser = clap::value_parser!(u32).range(0..(1 << 24)))]
-    vni: u32,
-    /// VXLAN UDP port: 8472 (flannel, Linux default) or 4789 (IANA).
-    #[arg(long, default_value_t = overlay_common::DEFAULT_VXLAN_PORT, value_parser = clap::value_parser!(u16).range(1..))]
-    port: u16,
-    /// Pin directory for this agent's maps.
+    /// VXLAN network identifier (default 1, as flannel's).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..(1 << 24)))]
+    vni: Option<u32>,
+    /// VXLAN UDP port: 8472 (default; flannel, Linux) or 4789 (IANA).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// Pin directory for this agent's maps and links.
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
     bpffs_root: PathBuf,
     /// Where decapsulation hooks in. `auto` picks what measured fastest
@@ -83,6 +111,9 @@ struct RunArgs {
     /// TC ingress where XDP cannot attach.
     #[arg(long, value_enum, default_value_t = Decap::Auto)]
     decap: Decap,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9472")]
+    metrics_addr: std::net::SocketAddr,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,6 +156,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run::run(args),
         Command::Inspect { bpffs_root } => inspect::inspect(&bpffs_root),
+        Command::Cleanup { bpffs_root, subnet_file } => cleanup(&bpffs_root, &subnet_file),
         Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),
     };
     match result {
@@ -138,6 +170,21 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn cleanup(root: &std::path::Path, subnet_file: &std::path::Path) -> anyhow::Result<()> {
+    let layout = overlay_agent::bpffs::PinLayout::new(root);
+    let interfaces = layout.linked_interfaces();
+    Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
+    println!("detached from {} and removed the pins under {}", if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") }, root.display());
+    let removed = overlay_agent::routes::remove_owned().context("removing the agent's routes")?;
+    println!("removed {removed} routes (proto {})", overlay_agent::routes::ROUTE_PROTO);
+    match std::fs::remove_file(subnet_file) {
+        Ok(()) => println!("removed {}", subnet_file.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", subnet_file.display())),
+    }
+    Ok(())
+}
+
 fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<()> {
     let root = root.unwrap_or_else(|| {
         PathBuf::from(format!("{}/overlay-check-{}", overlay_agent::bpffs::BPFFS_MOUNT, std::process::id()))
@@ -149,7 +196,7 @@ fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<
 
 fn check_in(iface: &str, root: &std::path::Path, hook: DecapHook) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(root).context("loading the datapath")?;
-    let attachment = datapath
+    datapath
         .attach(iface, hook)
         .with_context(|| format!("attaching to {iface}"))?;
     println!("attached to {iface} ({hook:?}); maps pinned under {}", root.display());
@@ -159,9 +206,8 @@ fn check_in(iface: &str, root: &std::path::Path, hook: DecapHook) -> anyhow::Res
         println!("{:<22} {:>6} {:<10} {:>12}", p.name, p.id, p.kind, verified);
     }
     for name in overlay_common::map_names::ALL {
-        println!("map {name:<10} {}", root.join(name).display());
+        println!("map {name:<10} {}", datapath.layout().map(name).display());
     }
-    datapath.detach(attachment).context("detaching")?;
-    println!("detached; removing pins");
+    println!("detaching and removing pins");
     Ok(())
 }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use overlay_common::{Config, Counters, Peer, Route, map_names};
 
+use crate::bpffs::PinLayout;
+
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
     #[error("opening pinned map {path} (is the agent's --bpffs-root right, and has it run once?)")]
@@ -26,17 +28,18 @@ pub struct DatapathMaps {
 impl DatapathMaps {
     /// Opens the four maps pinned under `root`.
     pub fn open(root: &Path) -> Result<Self, MapsError> {
-        fn open<T: TryFrom<Map, Error = MapError>>(root: &Path, name: &str) -> Result<T, MapsError> {
-            let path = root.join(name);
+        let layout = &PinLayout::new(root);
+        fn open<T: TryFrom<Map, Error = MapError>>(layout: &PinLayout, name: &str) -> Result<T, MapsError> {
+            let path = layout.map(name);
             let err = |source| MapsError::Open { path: path.clone(), source };
             let data = MapData::from_pin(&path).map_err(err)?;
             T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
         }
         Ok(Self {
-            config: open(root, map_names::CONFIG)?,
-            peers: open(root, map_names::PEERS)?,
-            routes: open(root, map_names::ROUTES)?,
-            counters: open(root, map_names::COUNTERS)?,
+            config: open(layout, map_names::CONFIG)?,
+            peers: open(layout, map_names::PEERS)?,
+            routes: open(layout, map_names::ROUTES)?,
+            counters: open(layout, map_names::COUNTERS)?,
         })
     }
 

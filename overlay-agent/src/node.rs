@@ -3,7 +3,7 @@
 //! Written once: the manifest directory source and the Kubernetes watcher
 //! both feed [`NodeInfo::from_node`].
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ipnetwork::Ipv4Network;
 use k8s_openapi::api::core::v1::Node;
@@ -15,6 +15,7 @@ pub const ANNOTATION_PUBLIC_IP: &str = "flannel.alpha.coreos.com/public-ip";
 pub const ANNOTATION_PUBLIC_IP_OVERWRITE: &str = "flannel.alpha.coreos.com/public-ip-overwrite";
 pub const ANNOTATION_BACKEND_TYPE: &str = "flannel.alpha.coreos.com/backend-type";
 pub const ANNOTATION_BACKEND_DATA: &str = "flannel.alpha.coreos.com/backend-data";
+pub const ANNOTATION_KUBE_SUBNET_MANAGER: &str = "flannel.alpha.coreos.com/kube-subnet-manager";
 
 /// One node, as the datapath sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,9 +31,16 @@ pub struct NodeInfo {
     pub vni: Option<u32>,
     /// VTEP MAC from flannel's `backend-data`, when annotated.
     pub vtep_mac: Option<[u8; 6]>,
+    /// `kube-subnet-manager: "true"`: flannel (and we) program only such
+    /// peers, since only they advertise a tunnel endpoint of their own.
+    pub kube_subnet_managed: bool,
+    /// The `InternalIP` status address.
+    pub internal_ip: Option<Ipv4Addr>,
+    /// The `public-ip-overwrite` annotation, set by an operator.
+    pub public_ip_overwrite: Option<Ipv4Addr>,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum NodeError {
     #[error("the Node has no metadata.name")]
     NoName,
@@ -104,8 +112,11 @@ impl NodeInfo {
             .flatten()
             .filter(|a| a.type_ == "InternalIP")
             .find_map(|a| a.address.parse::<Ipv4Addr>().ok());
-        let node_ip = if let Some(v) = annotation(ANNOTATION_PUBLIC_IP_OVERWRITE) {
-            parse_ip("annotation public-ip-overwrite", v)?
+        let public_ip_overwrite = annotation(ANNOTATION_PUBLIC_IP_OVERWRITE)
+            .map(|v| parse_ip("annotation public-ip-overwrite", v))
+            .transpose()?;
+        let node_ip = if let Some(ip) = public_ip_overwrite {
+            ip
         } else if let Some(v) = annotation(ANNOTATION_PUBLIC_IP) {
             parse_ip("annotation public-ip", v)?
         } else {
@@ -131,19 +142,38 @@ impl NodeInfo {
             node_ip,
             vni,
             vtep_mac,
+            kube_subnet_managed: annotation(ANNOTATION_KUBE_SUBNET_MANAGER) == Some("true"),
+            internal_ip,
+            public_ip_overwrite,
         })
     }
 }
 
-/// The flannel annotations this node must carry for flannel nodes (and
-/// our own) to reach it, as `key=value` pairs ready for `kubectl annotate`.
-pub fn flannel_annotations(config: &overlay_common::Config) -> String {
-    format!(
-        "{ANNOTATION_BACKEND_TYPE}=vxlan {ANNOTATION_BACKEND_DATA}='{{\"VNI\":{},\"VtepMAC\":\"{}\"}}' {ANNOTATION_PUBLIC_IP}={} {ANNOTATION_PREFIX}kube-subnet-manager=true",
-        config.vni,
-        format_mac(config.vtep_mac),
-        Ipv4Addr::from(config.node_ip),
-    )
+/// The flannel annotations this node publishes so flannel nodes (and our
+/// own) can reach it, exactly as flanneld writes them.
+pub fn flannel_annotations(backend_type: &str, config: &overlay_common::Config) -> BTreeMap<String, String> {
+    let backend_data = if backend_type == "vxlan" {
+        format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", config.vni, format_mac(config.vtep_mac))
+    } else {
+        "null".to_owned()
+    };
+    BTreeMap::from([
+        (ANNOTATION_BACKEND_TYPE.to_owned(), backend_type.to_owned()),
+        (ANNOTATION_BACKEND_DATA.to_owned(), backend_data),
+        (ANNOTATION_PUBLIC_IP.to_owned(), Ipv4Addr::from(config.node_ip).to_string()),
+        (ANNOTATION_KUBE_SUBNET_MANAGER.to_owned(), "true".to_owned()),
+    ])
+}
+
+/// The annotations in `wanted` that `node` lacks or carries with another
+/// value.
+pub fn missing_annotations(node: &Node, wanted: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let have = node.metadata.annotations.as_ref();
+    wanted
+        .iter()
+        .filter(|(k, v)| have.and_then(|a| a.get(*k)) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -228,12 +258,7 @@ mod tests {
             node_ip: [192, 168, 1, 10],
             ..Default::default()
         };
-        let text = flannel_annotations(&config);
-        let mut annotations = std::collections::BTreeMap::new();
-        for pair in text.split(' ') {
-            let (k, v) = pair.split_once('=').unwrap();
-            annotations.insert(k.to_owned(), v.trim_matches('\'').to_owned());
-        }
+        let annotations = flannel_annotations("vxlan", &config);
         let n = node(serde_json::json!({
             "metadata": {"name": "n1", "annotations": annotations},
             "spec": {"podCIDR": "10.244.1.0/24"},
@@ -241,6 +266,13 @@ mod tests {
         let info = NodeInfo::from_node(&n).unwrap();
         assert_eq!((info.vni, info.vtep_mac, info.node_ip), (Some(1), Some(config.vtep_mac), Ipv4Addr::new(192, 168, 1, 10)));
         assert_eq!(info.backend_type.as_deref(), Some("vxlan"));
+        assert!(info.kube_subnet_managed);
+        assert!(missing_annotations(&n, &annotations).is_empty());
+        let mut moved = config;
+        moved.node_ip = [192, 168, 1, 11];
+        let wanted = flannel_annotations("vxlan", &moved);
+        assert_eq!(missing_annotations(&n, &wanted).into_keys().collect::<Vec<_>>(), [ANNOTATION_PUBLIC_IP]);
+        assert_eq!(flannel_annotations("host-gw", &config)[ANNOTATION_BACKEND_DATA], "null");
     }
 
     #[test]

@@ -126,3 +126,13 @@ pub fn owned() -> Result<Vec<Ipv4Network>, RouteError> {
         .filter_map(|r| r.get("dst")?.as_str()?.parse::<Ipv4Network>().ok())
         .collect())
 }
+
+/// Removes every route we own (`overlay-agent cleanup`); returns how many
+/// there were.
+pub fn remove_owned() -> Result<usize, RouteError> {
+    let count = owned()?.len();
+    if count > 0 {
+        ip(&["route", "flush", "proto", ROUTE_PROTO])?;
+    }
+    Ok(count)
+}

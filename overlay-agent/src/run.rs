@@ -1,21 +1,32 @@
-//! `overlay-agent run`: load, attach, then follow the nodes directory.
+//! `overlay-agent run`: the pipeline, top to bottom.
+//!
+//! node source (manifest directory or Kubernetes watch) → desired state →
+//! diff → apply (maps, routes) → publish (our Node, subnet.env, readiness).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
+use futures::{FutureExt as _, StreamExt as _};
 use overlay_agent::{
     apply::Applier,
-    datapath::{Datapath, DecapHook},
-    desired::{Backend, LocalSettings, UnderlayPath, desired},
+    datapath::{Datapath, DecapHook, LinkOutcome},
+    desired::{Backend, Desired, LocalSettings, NotReady, Rejected, UnderlayPath, desired},
     iface,
+    kube_source::{self, NodeCache, Publisher},
     manifests::ManifestDir,
     maps::DatapathMaps,
-    routes,
+    metrics::Metrics,
+    netconf::{self, NetConf},
+    node::{self, NodeInfo},
+    routes, server,
 };
+use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -23,8 +34,16 @@ use crate::{Decap, RunArgs};
 
 /// How often the nodes directory is looked at; changes land within this.
 const POLL: Duration = Duration::from_millis(200);
-/// How often the datapath counters are checked for problems to report.
-const HEALTH_CHECK: Duration = Duration::from_secs(5);
+/// How often the kernel's paths to the nodes are re-checked: an underlay
+/// address or route change flips a peer between direct and VXLAN within
+/// this.
+const PATH_CHECK: Duration = Duration::from_secs(1);
+/// How often the datapath counters are checked for problems to report and
+/// failed writes to the API are retried.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
+/// Watch events taken in one batch before reconciling: a relist of
+/// thousands of nodes is applied once, not node by node.
+const MAX_BATCH: usize = 100_000;
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -34,18 +53,171 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(run_async(args))
 }
 
+/// Where nodes come from.
+enum Source {
+    Dir(ManifestDir),
+    Kube(Box<KubeNodes>),
+}
+
+struct KubeNodes {
+    watch: futures::stream::BoxStream<'static, WatchItem>,
+    cache: NodeCache,
+    publisher: Publisher,
+}
+
+type WatchItem = Result<kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Node>, kube::runtime::watcher::Error>;
+
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
-    let RunArgs { node_name, nodes_dir, iface, public_ip, backend, direct_routing, vni, port, bpffs_root, decap } = args;
-    let backend = match backend {
-        crate::Backend::Vxlan => Backend::Vxlan,
-        crate::Backend::HostGw => Backend::HostGw,
+    let (settings, iface, subnet_file) = settings(&args)?;
+    let metrics = Arc::new(Metrics::new(&args.bpffs_root));
+    let bound = server::serve(args.metrics_addr, metrics.clone()).await?;
+    let mut source = match &args.nodes_dir {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--nodes-dir {}: not a directory", dir.display());
+            }
+            Source::Dir(ManifestDir::new(dir))
+        }
+        None => {
+            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+            Source::Kube(Box::new(KubeNodes {
+                watch: kube_source::node_watcher(client.clone()).boxed(),
+                cache: NodeCache::new(&settings.node_name),
+                publisher: Publisher::new(client, &settings.node_name),
+            }))
+        }
     };
-    let node_name = match node_name {
-        Some(name) => name,
+
+    let datapath = Datapath::load(&args.bpffs_root).context("loading the datapath")?;
+    let maps = DatapathMaps::open(&args.bpffs_root)?;
+    let applier = Applier::new(maps, &iface).context("adopting the pinned state")?;
+    let mut agent = Agent {
+        settings,
+        subnet_file,
+        decap: args.decap,
+        datapath,
+        attached: None,
+        applier,
+        metrics,
+        paths: BTreeMap::new(),
+        reported: BTreeSet::new(),
+        evented: BTreeSet::new(),
+    };
+    info!(
+        node = %agent.settings.node_name,
+        backend = agent.settings.backend.flannel_name(),
+        direct_routing = agent.settings.direct_routing,
+        iface = %agent.applier.iface(),
+        vni = agent.settings.vni,
+        port = agent.settings.vxlan_port,
+        network = ?agent.settings.network,
+        root = %args.bpffs_root.display(),
+        maps_adopted = agent.datapath.maps_adopted(),
+        %bound,
+        source = if matches!(source, Source::Dir(_)) { "manifests" } else { "kubernetes" },
+        "starting"
+    );
+    if agent.datapath.maps_adopted() {
+        // The maps hold the cluster's state from the previous run: swap the
+        // new programs in now, even if the API server is unreachable.
+        agent.attach()?;
+    }
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut poll = tokio::time::interval(POLL);
+    let mut path_check = tokio::time::interval(PATH_CHECK);
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    let mut mismatched_seen = agent.applier.maps().counters_total().map(|c| c.mismatched_port).unwrap_or(0);
+    let mut nodes: Vec<NodeInfo> = Vec::new();
+    let mut synced = false;
+    loop {
+        let started = Instant::now();
+        let mut changed = false;
+        let mut paths_changed = false;
+        tokio::select! {
+            _ = poll.tick(), if matches!(source, Source::Dir(_)) => {
+                let Source::Dir(dir) = &mut source else { unreachable!() };
+                match dir.scan_if_changed() {
+                    Ok(Some(scan)) => {
+                        agent.report_invalid(scan.errors.iter().map(ToString::to_string).collect());
+                        nodes = scan.nodes;
+                        synced = true;
+                        changed = true;
+                    }
+                    Ok(None) => {}
+                    Err(err) => error!(error = %err, "reading the nodes directory; keeping the current state"),
+                }
+            }
+            event = next_watch_event(&mut source) => {
+                let Source::Kube(kube) = &mut source else { unreachable!() };
+                let KubeNodes { watch, cache, .. } = &mut **kube;
+                let mut event = event;
+                // Take everything already waiting, then reconcile once.
+                for _ in 0..MAX_BATCH {
+                    match event {
+                        Some(Ok(event)) => changed |= cache.handle(event),
+                        Some(Err(err)) => {
+                            agent.metrics.watch_restarts.inc();
+                            warn!(error = %err, "watching Nodes; retrying with backoff (the datapath keeps forwarding)");
+                        }
+                        None => bail!("the Node watch ended"),
+                    }
+                    match watch.next().now_or_never() {
+                        Some(next) => event = next,
+                        None => break,
+                    }
+                }
+                if changed && cache.synced() {
+                    nodes = cache.nodes();
+                    agent.report_invalid(cache.invalid().iter().map(ToString::to_string).collect());
+                }
+                changed &= cache.synced();
+                synced = cache.synced();
+            }
+            _ = path_check.tick() => paths_changed = agent.check_paths(&nodes),
+            _ = housekeeping.tick() => {
+                warn_on_port_mismatch(&agent.applier, agent.settings.vxlan_port, &mut mismatched_seen);
+                // Retries what failed before (API writes, events).
+                changed = synced;
+            }
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+        if !(changed || paths_changed) || !synced {
+            continue;
+        }
+        if changed {
+            // New peers need their paths before their modes are decided.
+            agent.check_paths(&nodes);
+        }
+        let Some((desired, rejected)) = agent.reconcile(&nodes, started) else { continue };
+        match &source {
+            Source::Dir(_) => agent.log_missing_annotations(&nodes, &desired),
+            Source::Kube(kube) => agent.publish(&kube.cache, &kube.publisher, &desired, rejected).await,
+        }
+    }
+    // Links and maps stay pinned and routes stay in place: the datapath
+    // keeps forwarding until a new agent takes over (`cleanup` removes it).
+    info!("stopping; the datapath stays in place");
+    Ok(())
+}
+
+async fn next_watch_event(source: &mut Source) -> Option<WatchItem> {
+    match source {
+        Source::Kube(kube) => kube.watch.next().await,
+        Source::Dir(_) => std::future::pending().await,
+    }
+}
+
+/// Settings from the flags and `net-conf.json`, the underlay interface, and
+/// where to write `subnet.env`.
+fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
+    let node_name = match &args.node_name {
+        Some(name) => name.clone(),
         None => hostname().context("--node-name not given, $NODE_NAME unset, and the hostname is unreadable")?,
     };
-    let iface = match iface {
-        Some(iface) => iface,
+    let iface = match &args.iface {
+        Some(iface) => iface.clone(),
         None => iface::default_route_interface()
             .context("--iface not given and there is no IPv4 default route to take it from")?,
     };
@@ -53,152 +225,258 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         bail!("--iface {iface}: no such interface in this network namespace");
     };
     let underlay_mtu = iface::mtu(&iface).with_context(|| format!("reading the MTU of {iface}"))?;
-    if !nodes_dir.is_dir() {
-        bail!("--nodes-dir {}: not a directory", nodes_dir.display());
+    let netconf = args.net_conf.as_deref().map(NetConf::read).transpose()?;
+    if let Some(conf) = &netconf {
+        let flags = [
+            ("--backend", args.backend.is_some()),
+            ("--vni", args.vni.is_some()),
+            ("--port", args.port.is_some()),
+            ("--direct-routing", args.direct_routing),
+        ];
+        if let Some((flag, _)) = flags.iter().find(|(_, given)| *given) {
+            bail!(
+                "{flag} and --net-conf both set the backend; set it in {} (Backend: Type, VNI, Port, DirectRouting) and drop the flag",
+                args.net_conf.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+        }
+        info!(network = %conf.network, backend = conf.backend.flannel_name(), vni = conf.vni, port = conf.port, direct_routing = conf.direct_routing, "read net-conf.json");
+    }
+    let backend = match (&netconf, args.backend) {
+        (Some(conf), _) => conf.backend,
+        (None, Some(crate::Backend::HostGw)) => Backend::HostGw,
+        (None, _) => Backend::Vxlan,
+    };
+    if args.direct_routing && backend == Backend::HostGw {
+        bail!("--direct-routing applies to --backend vxlan only; host-gw always routes directly");
     }
     let settings = LocalSettings {
         node_name,
         backend,
-        direct_routing,
-        vni,
-        vxlan_port: port,
+        direct_routing: netconf.as_ref().map_or(args.direct_routing, |c| c.direct_routing),
+        vni: netconf.as_ref().map_or(args.vni.unwrap_or(overlay_common::DEFAULT_VNI), |c| c.vni),
+        vxlan_port: netconf.as_ref().map_or(args.port.unwrap_or(overlay_common::DEFAULT_VXLAN_PORT), |c| c.port),
         underlay_ifindex: ifindex,
         underlay_mtu,
-        public_ip,
+        public_ip: args.public_ip,
+        network: netconf.as_ref().map(|c| c.network),
     };
-
-    let mut datapath = Datapath::load(&bpffs_root).context("loading the datapath")?;
-    // Measured (docs/datapath.md): with VXLAN, native XDP decapsulates
-    // fastest; with host-gw, where no tunnel traffic arrives, the lighter
-    // TC hook costs plain forwarding less. TC where XDP cannot attach.
-    let hook: DecapHook = match (decap, backend) {
-        (Decap::Auto, Backend::HostGw) => DecapHook::TcIngress,
-        (decap, _) => decap.into(),
-    };
-    let (_attachment, hook) = match datapath.attach(&iface, hook) {
-        Ok(attachment) => (attachment, hook),
-        Err(err) if decap == Decap::Auto && matches!(hook, DecapHook::Xdp(_)) => {
-            warn!(%iface, error = %format!("{err:#}"), "XDP cannot attach here; decapsulating at TC ingress");
-            let attachment = datapath
-                .attach(&iface, DecapHook::TcIngress)
-                .with_context(|| format!("attaching to {iface}"))?;
-            (attachment, DecapHook::TcIngress)
-        }
-        Err(err) => return Err(err).with_context(|| format!("attaching to {iface}")),
-    };
-    let maps = DatapathMaps::open(&bpffs_root)?;
-    let mut applier = Applier::new(maps, &iface).context("adopting the pinned state")?;
-    info!(node = %settings.node_name, backend = backend.flannel_name(), direct_routing, %iface, ifindex, underlay_mtu, vni, port, root = %bpffs_root.display(), ?hook, "datapath attached");
-
-    let mut source = ManifestDir::new(&nodes_dir);
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut observed = Observed::default();
-    let mut ticker = tokio::time::interval(POLL);
-    let mut health = tokio::time::interval(HEALTH_CHECK);
-    let mut mismatched_seen = applier.maps().counters_total().map(|c| c.mismatched_port).unwrap_or(0);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => reconcile(&mut source, &settings, &mut applier, &mut observed),
-            _ = health.tick() => warn_on_port_mismatch(&applier, port, &mut mismatched_seen),
-            _ = sigterm.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
-    // Routes and pinned maps stay: traffic to known peers keeps its routes.
-    info!("stopping");
-    Ok(())
+    // subnet.env needs the cluster network, which only net-conf.json gives.
+    let subnet_file = netconf.is_some().then(|| args.subnet_file.clone());
+    Ok((settings, iface, subnet_file))
 }
 
-/// What the agent last read: the nodes and the kernel's paths to them.
-#[derive(Default)]
-struct Observed {
-    nodes: Vec<overlay_agent::node::NodeInfo>,
+/// The agent's state between events.
+struct Agent {
+    settings: LocalSettings,
+    subnet_file: Option<PathBuf>,
+    decap: Decap,
+    datapath: Datapath,
+    /// The decap hook in use, once attached.
+    attached: Option<DecapHook>,
+    applier: Applier,
+    metrics: Arc<Metrics>,
+    /// The kernel's paths to the nodes' addresses, as last asked.
     paths: BTreeMap<Ipv4Addr, UnderlayPath>,
-    /// Whether `nodes` or `paths` changed since the last apply.
-    dirty: bool,
-    /// Polls since the last path check.
-    polls: u32,
+    /// Problems already logged, so each is logged once, not per reconcile.
+    reported: BTreeSet<String>,
+    /// Problems already recorded as Kubernetes events.
+    evented: BTreeSet<String>,
 }
 
-/// Paths are re-checked every this many polls (1 s): an underlay address or
-/// route change flips a peer between direct and VXLAN within that.
-const PATH_CHECK_EVERY: u32 = 5;
-
-fn reconcile(source: &mut ManifestDir, settings: &LocalSettings, applier: &mut Applier, seen: &mut Observed) {
-    let started = Instant::now();
-    match source.scan_if_changed() {
-        Ok(Some(scan)) => {
-            for err in &scan.errors {
-                warn!(error = %err, "skipping manifest");
+impl Agent {
+    /// Attaches the programs (or swaps them into the pinned links).
+    fn attach(&mut self) -> anyhow::Result<()> {
+        let iface = self.applier.iface().to_owned();
+        // Measured (docs/datapath.md): with VXLAN, native XDP decapsulates
+        // fastest; with host-gw, where no tunnel traffic arrives, the lighter
+        // TC hook costs plain forwarding less. TC where XDP cannot attach.
+        let hook: DecapHook = match (self.decap, self.settings.backend) {
+            (Decap::Auto, Backend::HostGw) => DecapHook::TcIngress,
+            (decap, _) => decap.into(),
+        };
+        let (report, hook) = match self.datapath.attach(&iface, hook) {
+            Ok(report) => (report, hook),
+            Err(err) if self.decap == Decap::Auto && matches!(hook, DecapHook::Xdp(_)) => {
+                warn!(%iface, error = %format!("{err:#}"), "XDP cannot attach here; decapsulating at TC ingress");
+                let report = self
+                    .datapath
+                    .attach(&iface, DecapHook::TcIngress)
+                    .with_context(|| format!("attaching to {iface}"))?;
+                (report, DecapHook::TcIngress)
             }
-            seen.nodes = scan.nodes;
-            seen.dirty = true;
-            seen.polls = PATH_CHECK_EVERY; // new peers need their paths now
+            Err(err) => return Err(err).with_context(|| format!("attaching to {iface}")),
+        };
+        for removed in &report.removed {
+            info!(pin = %removed.display(), "removed an attachment or map layout this agent no longer uses");
         }
-        Ok(None) => {}
-        Err(err) => {
-            error!(error = %err, "reading the nodes directory; keeping the current state");
-            return;
+        if [report.egress, report.decap].contains(&LinkOutcome::NotPinnable) {
+            warn!("this kernel cannot pin the attachments (TCX needs 6.6, XDP links 5.9): the datapath detaches when the agent stops");
         }
+        info!(%iface, ?hook, egress = ?report.egress, decap = ?report.decap, "datapath attached");
+        self.attached = Some(hook);
+        Ok(())
     }
-    seen.polls += 1;
-    if seen.polls >= PATH_CHECK_EVERY {
-        seen.polls = 0;
-        let addrs: Vec<Ipv4Addr> = seen.nodes.iter().map(|n| n.node_ip).collect();
-        match routes::paths(applier.iface(), &addrs) {
-            Ok(paths) if paths != seen.paths => {
+
+    /// Re-asks the kernel for its paths to the nodes. Returns whether any
+    /// changed.
+    fn check_paths(&mut self, nodes: &[NodeInfo]) -> bool {
+        let addrs: Vec<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
+        match routes::paths(self.applier.iface(), &addrs) {
+            Ok(paths) if paths != self.paths => {
                 for (addr, path) in &paths {
-                    if seen.paths.get(addr).is_some_and(|old| old != path) {
+                    if self.paths.get(addr).is_some_and(|old| old != path) {
                         info!(peer = %addr, ?path, "underlay path changed; re-evaluating its mode");
                     }
                 }
-                seen.paths = paths;
-                seen.dirty = true;
+                self.paths = paths;
+                true
             }
-            Ok(_) => {}
-            Err(err) => warn!(error = %err, "asking the kernel for paths to the nodes"),
-        }
-    }
-    if !seen.dirty {
-        return;
-    }
-    seen.dirty = false;
-    let (desired, rejected) = match desired(settings, &seen.nodes, &seen.paths) {
-        Ok(result) => result,
-        Err(not_ready) => {
-            warn!(reason = %not_ready, "datapath not configured yet");
-            return;
-        }
-    };
-    for r in &rejected {
-        warn!(node = %r.node, reason = %r.reason, "peer not served as asked");
-    }
-    if let Some(me) = seen.nodes.iter().find(|n| n.name == settings.node_name) {
-        let expected = overlay_agent::node::flannel_annotations(&desired.config);
-        let advertised = me.vtep_mac == Some(desired.config.vtep_mac) && me.vni == Some(desired.config.vni);
-        if settings.backend == Backend::Vxlan && !advertised {
-            // flannel peers can only reach us through what our Node says.
-            warn!(node = %me.name, "our Node does not advertise our VTEP; flannel nodes cannot send to us until it carries: {expected}");
-        }
-    }
-    match applier.apply(&desired) {
-        Ok(applied) => {
-            for failure in &applied.failed {
-                error!(error = %failure, "peer not programmed");
+            Ok(_) => false,
+            Err(err) => {
+                warn!(error = %err, "asking the kernel for paths to the nodes");
+                false
             }
-            let direct = desired.peers.values().filter(|p| p.mode == overlay_common::ROUTE_MODE_DIRECT).count();
+        }
+    }
+
+    /// Logs problems with nodes once each (not on every reconcile).
+    fn report_invalid(&mut self, problems: Vec<String>) {
+        for problem in &problems {
+            if !self.reported.contains(problem) {
+                warn!(problem = %problem, "node skipped");
+            }
+        }
+        self.reported.retain(|p| !p.starts_with("invalid:"));
+        self.reported.extend(problems.into_iter().map(|p| format!("invalid:{p}")));
+    }
+
+    /// desired → diff → apply; then attach (first time) and write
+    /// subnet.env. Returns the desired state, and the nodes left out, when
+    /// it was applied.
+    fn reconcile(&mut self, nodes: &[NodeInfo], started: Instant) -> Option<(Desired, Vec<Rejected>)> {
+        let (desired, rejected) = match desired(&self.settings, nodes, &self.paths) {
+            Ok(result) => result,
+            Err(not_ready) => {
+                let key = format!("notready:{not_ready}");
+                if self.reported.insert(key) {
+                    match not_ready {
+                        NotReady::NoLocalNode(_) => warn!(reason = %not_ready, "datapath not configured yet"),
+                        NotReady::LocalPodCidrOutsideNetwork(_) => error!(reason = %not_ready, "refusing to configure the datapath"),
+                    }
+                }
+                return None;
+            }
+        };
+        self.reported.retain(|k| !k.starts_with("notready:"));
+        let mut now_rejected = BTreeSet::new();
+        for r in &rejected {
+            let key = format!("rejected:{r}");
+            if !self.reported.contains(&key) {
+                warn!(node = %r.node, reason = %r.reason, "peer not served as asked");
+            }
+            now_rejected.insert(key);
+        }
+        self.reported.retain(|k| !k.starts_with("rejected:"));
+        self.reported.extend(now_rejected);
+        self.metrics.nodes_rejected.set(rejected.len() as i64);
+
+        let applied = match self.applier.apply(&desired) {
+            Ok(applied) => applied,
+            Err(err) => {
+                error!(error = %format!("{err:#}"), "applying the desired state; will retry");
+                return None;
+            }
+        };
+        for failure in &applied.failed {
+            error!(error = %failure, "peer not programmed");
+        }
+        for (mode, name) in [(ROUTE_MODE_VXLAN, "vxlan"), (ROUTE_MODE_DIRECT, "direct"), (ROUTE_MODE_UNREACHABLE, "unreachable")] {
+            let count = desired.peers.values().filter(|p| p.mode == mode).count();
+            self.metrics.peers.get_or_create(&[("mode", name)]).set(count as i64);
+        }
+        if applied.added_or_updated + applied.removed > 0 || applied.config_changed {
+            let elapsed = started.elapsed();
+            self.metrics.reconcile_seconds.observe(elapsed.as_secs_f64());
             info!(
-                nodes = seen.nodes.len(),
+                nodes = nodes.len(),
                 peers = desired.peers.len(),
-                direct,
                 upserted = applied.added_or_updated,
                 removed = applied.removed,
                 config_changed = applied.config_changed,
-                elapsed_us = started.elapsed().as_micros() as u64,
+                elapsed_us = elapsed.as_micros() as u64,
                 "reconciled"
             );
         }
-        Err(err) => error!(error = %format!("{err:#}"), "applying the desired state"),
+        if self.attached.is_none()
+            && let Err(err) = self.attach()
+        {
+            error!(error = %format!("{err:#}"), "attaching the datapath; will retry");
+            return None;
+        }
+        if let (Some(path), Some(network)) = (&self.subnet_file, self.settings.network) {
+            let env = netconf::subnet_env(network, desired.local_pod_cidr, desired.inner_mtu);
+            match netconf::write_atomically(path, &env) {
+                Ok(true) => info!(path = %path.display(), "wrote subnet.env for flannel's CNI plugin"),
+                Ok(false) => {}
+                Err(err) => {
+                    error!(error = %err, "writing subnet.env; pods cannot start until it exists");
+                    return None;
+                }
+            }
+        }
+        if !self.metrics.ready() {
+            self.metrics.set_ready();
+            info!(peers = desired.peers.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready: the initial sync is in the datapath");
+        }
+        Some((desired, rejected))
+    }
+
+    /// The file source cannot publish: say what our Node must carry.
+    fn log_missing_annotations(&mut self, nodes: &[NodeInfo], desired: &Desired) {
+        let Some(me) = nodes.iter().find(|n| n.name == self.settings.node_name) else { return };
+        let advertised = me.vtep_mac == Some(desired.config.vtep_mac) && me.vni == Some(desired.config.vni);
+        if self.settings.backend == Backend::Vxlan && !advertised {
+            let wanted = node::flannel_annotations(self.settings.backend.flannel_name(), &desired.config);
+            let text: Vec<String> = wanted.iter().map(|(k, v)| format!("{k}='{v}'")).collect();
+            let key = format!("annotate:{}", text.join(" "));
+            if self.reported.insert(key) {
+                // flannel peers can only reach us through what our Node says.
+                warn!(node = %me.name, "our Node does not advertise our VTEP; flannel nodes cannot send to us until it carries: {}", text.join(" "));
+            }
+        }
+    }
+
+    /// Publishes our Node's annotations and condition, and events for
+    /// peers an operator must fix. Failures are retried at housekeeping.
+    async fn publish(&mut self, cache: &NodeCache, publisher: &Publisher, desired: &Desired, rejected: Vec<Rejected>) {
+        let Some(own) = cache.own() else { return };
+        let wanted = node::flannel_annotations(self.settings.backend.flannel_name(), &desired.config);
+        let missing = node::missing_annotations(own, &wanted);
+        if !missing.is_empty() {
+            match publisher.annotate(&missing).await {
+                Ok(()) => info!(annotations = ?missing, "published our tunnel endpoint on our Node"),
+                Err(err) => warn!(error = %err, "publishing our Node's annotations; will retry"),
+            }
+        }
+        if self.attached.is_some() && !kube_source::network_marked_available(own) {
+            match publisher.network_available().await {
+                Ok(()) => info!("set NetworkUnavailable=False on our Node"),
+                Err(err) => warn!(error = %err, "setting our Node's NetworkUnavailable condition; will retry"),
+            }
+        }
+        for r in rejected {
+            let Some(reason) = r.kind.event_reason() else { continue };
+            let key = format!("{}:{}", r.node, r.reason);
+            if self.evented.contains(&key) {
+                continue;
+            }
+            match publisher.warn(&r.node, reason, format!("{} (reported by overlay-agent on {})", r.reason, self.settings.node_name)).await {
+                Ok(()) => {
+                    self.evented.insert(key);
+                }
+                Err(err) => warn!(error = %err, node = %r.node, "recording an event; will retry"),
+            }
+        }
     }
 }
 
@@ -218,7 +496,7 @@ fn warn_on_port_mismatch(applier: &Applier, port: u16, seen: &mut u64) {
             packets = counters.mismatched_port - *seen,
             our_port = port,
             their_port = other,
-            "known nodes send VXLAN to port {other} but this node uses --port {port}; their traffic is not decapsulated. Use one port cluster-wide (flannel: Backend.Port)"
+            "known nodes send VXLAN to port {other} but this node uses port {port}; their traffic is not decapsulated. Use one port cluster-wide (net-conf.json Backend.Port)"
         );
     }
     *seen = counters.mismatched_port;

@@ -1,12 +1,16 @@
 //! Loading: every program passes this kernel's verifier, attaches to and
-//! detaches from a veth in a throwaway namespace, and its maps are pinned
-//! with BTF so `bpftool map dump` prints field names.
+//! detaches from a veth in a throwaway namespace, its maps are pinned with
+//! BTF so `bpftool map dump` prints field names, and its links are pinned
+//! so a new agent swaps its programs in place.
 
 use aya::{
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType, XdpMode},
 };
-use overlay_agent::datapath::{Datapath, DatapathError, DecapHook};
+use overlay_agent::{
+    bpffs::{LinkRole, PinLayout},
+    datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
+};
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
 use overlay_tests::{NetNs, PinDir, privileged, stdout};
 
@@ -28,7 +32,7 @@ fn every_program_passes_the_verifier() {
         assert!(shown.contains(program.kind), "bpftool: {shown}");
     }
     for name in map_names::ALL {
-        assert!(pins.path().join(name).exists(), "map {name} is not pinned");
+        assert!(datapath.layout().map(name).exists(), "map {name} is not pinned");
     }
 }
 
@@ -58,10 +62,11 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
     let _inside = ns.enter();
     let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
     assert!(attached_program_ids("ul0").is_empty());
-    let attachment = datapath.attach("ul0", hook).expect("attaching");
+    let report = datapath.attach("ul0", hook).expect("attaching");
+    assert_eq!((report.egress, report.decap), (LinkOutcome::Attached, LinkOutcome::Attached));
 
-    let id_of = |name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
-    let mut expected = vec![id_of(program_names::TC_EGRESS), id_of(decap_program)];
+    let id_of = |datapath: &Datapath, name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
+    let mut expected = vec![id_of(&datapath, program_names::TC_EGRESS), id_of(&datapath, decap_program)];
     expected.sort_unstable();
     assert_eq!(attached_program_ids("ul0"), expected);
     let progs = stdout("bpftool", &["prog", "show"]);
@@ -69,14 +74,59 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
         assert!(progs.contains(&format!("{id}: ")), "bpftool prog show lacks {id}:\n{progs}");
     }
 
-    datapath.detach(attachment).expect("detaching");
+    // The agent exits: the pinned links keep the programs attached.
+    drop(datapath);
+    assert_eq!(attached_program_ids("ul0"), expected, "programs must stay attached after the loader is gone");
+
+    // A new agent swaps its programs into the same links: still exactly
+    // two attachments, now running the new programs.
+    let mut next = Datapath::load(pins.path()).expect("loading again");
+    assert!(next.maps_adopted());
+    let report = next.attach("ul0", hook).expect("attaching again");
+    assert_eq!((report.egress, report.decap), (LinkOutcome::Swapped, LinkOutcome::Swapped));
+    let mut swapped = vec![id_of(&next, program_names::TC_EGRESS), id_of(&next, decap_program)];
+    swapped.sort_unstable();
+    assert_ne!(swapped, expected, "a new load has new program ids");
+    assert_eq!(attached_program_ids("ul0"), swapped);
+    drop(next);
+
+    Datapath::remove_pins(pins.path()).expect("removing the pins");
     // A bpf_link lives until its last fd closes; a process another test is
     // forking at this moment holds a copy until it execs, so allow a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     while !attached_program_ids("ul0").is_empty() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    assert!(attached_program_ids("ul0").is_empty(), "still attached 2 s after detach");
+    assert!(attached_program_ids("ul0").is_empty(), "still attached 2 s after the pins were removed");
+}
+
+#[test]
+fn changing_the_decap_hook_replaces_the_old_attachment() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new();
+    ns.veth_pair("ul0", "ul1");
+    let pins = PinDir::new();
+    let layout = PinLayout::new(pins.path());
+    let _inside = ns.enter();
+    Datapath::load(pins.path()).unwrap().attach("ul0", DecapHook::Xdp(XdpMode::Default)).unwrap();
+    assert!(layout.link("ul0", LinkRole::DecapXdp).exists());
+    let mut tc = Datapath::load(pins.path()).unwrap();
+    let report = tc.attach("ul0", DecapHook::TcIngress).unwrap();
+    assert_eq!((report.egress, report.decap), (LinkOutcome::Swapped, LinkOutcome::Attached));
+    assert_eq!(report.removed, [layout.link("ul0", LinkRole::DecapXdp)]);
+    let ids: Vec<u32> = ["overlay_tc_egress", "overlay_tc_ingress"]
+        .iter()
+        .map(|n| tc.programs().iter().find(|p| p.name == *n).unwrap().id)
+        .collect();
+    let mut ids = ids;
+    ids.sort_unstable();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while attached_program_ids("ul0") != ids && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(attached_program_ids("ul0"), ids, "XDP must be gone, TC egress and ingress attached");
 }
 
 #[test]
@@ -132,7 +182,7 @@ fn pinned_maps_dump_with_btf_field_names() {
     peers.insert([192, 0, 2, 2], Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
 
     let dump = |name: &str| {
-        let path = pins.path().join(name);
+        let path = PinLayout::new(pins.path()).map(name);
         stdout("bpftool", &["map", "dump", "pinned", path.to_str().unwrap()])
     };
     let fields: [(&str, &[&str]); 4] = [

@@ -1,0 +1,294 @@
+//! The Kubernetes node source, as flannel's `--kube-subnet-mgr`: a
+//! kube-runtime watcher on Nodes feeding the same Node → [`NodeInfo`]
+//! translation as the manifest directory, and the publication of our own
+//! Node (flannel's annotations and the `NetworkUnavailable` condition).
+
+use std::{collections::BTreeMap, path::Path};
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kube::{
+    Api, Client, Config, Resource as _,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        events::{Event as K8sEvent, EventType, Recorder, Reporter},
+        watcher,
+    },
+};
+
+use crate::node::{NodeError, NodeInfo};
+
+/// Who we are in `managedFields` and events.
+pub const FIELD_MANAGER: &str = "overlay-agent";
+/// The condition's reason once our datapath is up (flannel's is
+/// `FlannelIsUp`).
+pub const NETWORK_UP_REASON: &str = "OverlayIsUp";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes configuration: not running in a cluster (KUBERNETES_SERVICE_HOST is unset) and no --kubeconfig; \
+         give --kubeconfig PATH, or --nodes-dir DIR to read Node manifests from a directory"
+    )]
+    NotInCluster,
+    #[error("in-cluster configuration: {0}")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("building the Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// A client from `--kubeconfig`, or the pod's service account in-cluster.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let err = |source| KubeSourceError::Kubeconfig { path: path.display().to_string(), source };
+            let kubeconfig = Kubeconfig::read_from(path).map_err(err)?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(err)?
+        }
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() => return Err(KubeSourceError::NotInCluster),
+        None => Config::incluster().map_err(KubeSourceError::InCluster)?,
+    };
+    Client::try_from(config).map_err(KubeSourceError::Client)
+}
+
+/// The watcher on all Nodes, with kube-runtime's default backoff
+/// (exponential, 800 ms to 30 s) between failed attempts.
+pub fn node_watcher(client: Client) -> impl futures::Stream<Item = Result<watcher::Event<Node>, watcher::Error>> + Send {
+    use kube::runtime::WatchStreamExt as _;
+    watcher(Api::<Node>::all(client), watcher::Config::default()).default_backoff()
+}
+
+/// The cluster's nodes as the watcher last described them.
+///
+/// Level-triggered: a (re)list replaces the whole set at `InitDone`, so
+/// nodes deleted while we were not watching (agent down, watch expired)
+/// drop out and their entries are removed from the datapath.
+#[derive(Debug)]
+pub struct NodeCache {
+    own_name: String,
+    nodes: BTreeMap<String, Result<NodeInfo, NodeError>>,
+    /// Nodes listed so far during a relist.
+    relisting: Option<BTreeMap<String, Result<NodeInfo, NodeError>>>,
+    own: Option<Node>,
+    synced: bool,
+}
+
+impl NodeCache {
+    pub fn new(own_name: &str) -> Self {
+        Self { own_name: own_name.to_owned(), nodes: BTreeMap::new(), relisting: None, own: None, synced: false }
+    }
+
+    /// Takes one watcher event. Returns whether the node set, as the
+    /// datapath sees it, changed: kubelet's status heartbeats do not.
+    pub fn handle(&mut self, event: watcher::Event<Node>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.relisting = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(node) => {
+                let (name, info) = self.translate(node);
+                if let Some(list) = self.relisting.as_mut() {
+                    list.insert(name, info);
+                }
+                false
+            }
+            watcher::Event::InitDone => {
+                let listed = self.relisting.take().unwrap_or_default();
+                let changed = listed != self.nodes || !self.synced;
+                self.nodes = listed;
+                self.synced = true;
+                changed
+            }
+            watcher::Event::Apply(node) => {
+                let (name, info) = self.translate(node);
+                self.nodes.insert(name, info.clone()) != Some(info)
+            }
+            watcher::Event::Delete(node) => {
+                let name = node.metadata.name.unwrap_or_default();
+                if name == self.own_name {
+                    self.own = None;
+                }
+                self.nodes.remove(&name).is_some()
+            }
+        }
+    }
+
+    fn translate(&mut self, mut node: Node) -> (String, Result<NodeInfo, NodeError>) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let info = NodeInfo::from_node(&node);
+        if name == self.own_name {
+            node.metadata.managed_fields = None;
+            self.own = Some(node);
+        }
+        (name, info)
+    }
+
+    /// Whether a complete list has been received since start.
+    pub fn synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The nodes the datapath can use.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.nodes.values().filter_map(|n| n.as_ref().ok()).cloned().collect()
+    }
+
+    /// Why the other nodes cannot be used.
+    pub fn invalid(&self) -> Vec<NodeError> {
+        self.nodes.values().filter_map(|n| n.as_ref().err()).cloned().collect()
+    }
+
+    /// Our own Node object, as last seen.
+    pub fn own(&self) -> Option<&Node> {
+        self.own.as_ref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// Writes to our own Node, and events about any Node.
+#[derive(Clone)]
+pub struct Publisher {
+    api: Api<Node>,
+    name: String,
+    recorder: Recorder,
+}
+
+impl Publisher {
+    pub fn new(client: Client, node_name: &str) -> Self {
+        let reporter = Reporter { controller: FIELD_MANAGER.to_owned(), instance: Some(node_name.to_owned()) };
+        Self { api: Api::all(client.clone()), name: node_name.to_owned(), recorder: Recorder::new(client, reporter) }
+    }
+
+    /// Sets `annotations` on our Node (a merge patch: other annotations are
+    /// left alone).
+    pub async fn annotate(&self, annotations: &BTreeMap<String, String>) -> Result<(), kube::Error> {
+        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
+        self.api
+            .patch(&self.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
+            .await
+            .map(drop)
+    }
+
+    /// Sets `NetworkUnavailable=False` on our Node, as flannel does once its
+    /// network is up. A strategic merge keyed by condition type leaves
+    /// kubelet's conditions alone.
+    pub async fn network_available(&self) -> Result<(), kube::Error> {
+        let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let patch = serde_json::json!({"status": {"conditions": [{
+            "type": "NetworkUnavailable",
+            "status": "False",
+            "reason": NETWORK_UP_REASON,
+            "message": "overlay agent has programmed this node's datapath",
+            "lastTransitionTime": now,
+            "lastHeartbeatTime": now,
+        }]}});
+        self.api
+            .patch_status(&self.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Strategic(&patch))
+            .await
+            .map(drop)
+    }
+
+    /// Records a warning event about Node `node`, for `kubectl describe node`.
+    pub async fn warn(&self, node: &str, reason: &str, note: String) -> Result<(), kube::Error> {
+        let reference = ObjectReference {
+            api_version: Some(Node::api_version(&()).into_owned()),
+            kind: Some(Node::kind(&()).into_owned()),
+            name: Some(node.to_owned()),
+            ..ObjectReference::default()
+        };
+        let event = K8sEvent {
+            type_: EventType::Warning,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: "Programming".to_owned(),
+            secondary: None,
+        };
+        self.recorder.publish(&event, &reference).await
+    }
+}
+
+/// Whether `node` already says `NetworkUnavailable=False` for our reason.
+pub fn network_marked_available(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .into_iter()
+        .flatten()
+        .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False" && c.reason.as_deref() == Some(NETWORK_UP_REASON))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cidr: &str, ip: &str, heartbeat: &str) -> Node {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "annotations": {"flannel.alpha.coreos.com/kube-subnet-manager": "true"}},
+            "spec": {"podCIDR": cidr},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": ip}],
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}],
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_relist_replaces_the_set_and_drops_vanished_nodes() {
+        let mut cache = NodeCache::new("a");
+        assert!(!cache.handle(watcher::Event::Init));
+        assert!(!cache.handle(watcher::Event::InitApply(node("a", "10.244.1.0/24", "192.168.0.1", "2026-01-01T00:00:00Z"))));
+        assert!(!cache.handle(watcher::Event::InitApply(node("b", "10.244.2.0/24", "192.168.0.2", "2026-01-01T00:00:00Z"))));
+        assert!(!cache.synced());
+        assert!(cache.handle(watcher::Event::InitDone));
+        assert!(cache.synced());
+        assert_eq!(cache.nodes().len(), 2);
+        assert!(cache.own().is_some());
+
+        // b vanished while the watch was down: the relist must drop it.
+        cache.handle(watcher::Event::Init);
+        cache.handle(watcher::Event::InitApply(node("a", "10.244.1.0/24", "192.168.0.1", "2026-01-01T00:00:00Z")));
+        assert_eq!(cache.nodes().len(), 2, "the old set serves until the list is complete");
+        assert!(cache.handle(watcher::Event::InitDone));
+        assert_eq!(cache.nodes().iter().map(|n| n.name.as_str()).collect::<Vec<_>>(), ["a"]);
+    }
+
+    #[test]
+    fn heartbeats_change_nothing_but_addresses_do() {
+        let mut cache = NodeCache::new("a");
+        cache.handle(watcher::Event::Init);
+        cache.handle(watcher::Event::InitApply(node("b", "10.244.2.0/24", "192.168.0.2", "2026-01-01T00:00:00Z")));
+        cache.handle(watcher::Event::InitDone);
+        assert!(!cache.handle(watcher::Event::Apply(node("b", "10.244.2.0/24", "192.168.0.2", "2026-01-01T00:00:10Z"))));
+        assert!(cache.handle(watcher::Event::Apply(node("b", "10.244.2.0/24", "192.168.0.9", "2026-01-01T00:00:20Z"))));
+        assert!(cache.handle(watcher::Event::Delete(node("b", "10.244.2.0/24", "192.168.0.9", "2026-01-01T00:00:30Z"))));
+        assert!(!cache.handle(watcher::Event::Delete(node("b", "10.244.2.0/24", "192.168.0.9", "2026-01-01T00:00:30Z"))));
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn invalid_nodes_are_kept_with_their_reason() {
+        let mut cache = NodeCache::new("a");
+        cache.handle(watcher::Event::Init);
+        cache.handle(watcher::Event::InitApply(node("bad", "10.244.2.5/24", "192.168.0.2", "2026-01-01T00:00:00Z")));
+        cache.handle(watcher::Event::InitDone);
+        assert!(cache.nodes().is_empty());
+        assert!(cache.invalid()[0].to_string().contains("use 10.244.2.0/24"));
+    }
+}
