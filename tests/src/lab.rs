@@ -24,6 +24,9 @@ use std::{
 
 use crate::{NetNs, PinDir, run};
 
+/// What an agent logs once its initial sync is in the datapath.
+pub const READY_LOG: &str = "ready: the initial sync is in the datapath";
+
 /// Underlay MTU of the lab's veths (Ethernet default).
 pub const UNDERLAY_MTU: u32 = 1500;
 /// Pod MTU: the underlay minus VXLAN's 50 bytes.
@@ -314,7 +317,12 @@ impl Lab {
 
     fn spawn_agent(&self, i: usize) -> Result<Child, String> {
         let node = &self.nodes[i];
-        let log = fs::File::create(&node.log).map_err(|e| format!("creating {}: {e}", node.log.display()))?;
+        // Appending: a restarted agent's log follows its predecessor's.
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| format!("opening {}: {e}", node.log.display()))?;
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", node.ns.name()))
             .arg(&self.spec.agent)
@@ -509,6 +517,50 @@ impl Lab {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
         }
+    }
+
+    /// Kills node `i`'s agent with SIGKILL, as a crash or an OOM kill
+    /// would: it gets no chance to clean up.
+    pub fn kill_agent(&mut self, i: usize) {
+        if let Some(mut child) = self.agents.get_mut(i).and_then(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i`'s agent again and waits until it reports ready
+    /// (its initial sync applied to the datapath).
+    pub fn start_agent(&mut self, i: usize, timeout: Duration) -> Result<(), String> {
+        let readies = self.agent_log(i).matches(READY_LOG).count();
+        let agent = self.spawn_agent(i)?;
+        self.agents[i] = Some(agent);
+        let deadline = Instant::now() + timeout;
+        while self.agent_log(i).matches(READY_LOG).count() == readies {
+            if let Some(Some(child)) = self.agents.get_mut(i)
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("agent of {} exited ({status}):\n{}", self.nodes[i].name, self.agent_log(i)));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("agent of {} not ready after {timeout:?}:\n{}", self.nodes[i].name, self.agent_log(i)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The process id of node `i`'s agent, while it runs.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents.get(i)?.as_ref().map(Child::id)
+    }
+
+    /// The datapath counters of node `i`, summed over CPUs, read from its
+    /// pins (so they are readable with or without a running agent).
+    pub fn counters(&self, i: usize) -> overlay_common::Counters {
+        overlay_agent::maps::DatapathMaps::open(&self.nodes[i].pin_root)
+            .expect("opening the pinned maps")
+            .counters_total()
+            .expect("reading the counters")
     }
 
     /// Keeps everything up after the process exits (for `lab --keep`).

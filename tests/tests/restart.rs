@@ -1,0 +1,132 @@
+//! The datapath outlives the agent: pinned links and maps keep forwarding
+//! while the agent is killed, stopped and restarted, and a new agent
+//! swaps its programs in without a gap. `cleanup` removes it on purpose.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use overlay_tests::{
+    agent_binary,
+    lab::{Lab, LabSpec},
+    privileged,
+};
+
+/// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0) while
+/// `during` runs; returns (transmitted, received).
+fn ping_during(lab: &mut Lab, count: u32, during: impl FnOnce(&mut Lab)) -> (u32, u32) {
+    let from = lab.nodes[0].pods[0].ns.name().to_owned();
+    let to = lab.nodes[1].pods[0].ip.to_string();
+    let ping = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{from}"))
+        .args(["ping", "-i", "0.01", "-c", &count.to_string(), "-W", "1", "-q", &to])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting ping");
+    // ping ends by itself after `count` packets, even if `during` panics.
+    during(lab);
+    let out = ping.wait_with_output().expect("waiting for ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("ping printed no summary: {text}"));
+    let number_before = |needle: &str| -> u32 {
+        let idx = summary.find(needle).unwrap_or_else(|| panic!("{summary}"));
+        summary[..idx].trim_end().rsplit([' ', ',']).next().unwrap().parse().unwrap()
+    };
+    (number_before(" packets transmitted"), number_before(" received"))
+}
+
+#[test]
+fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
+    if !privileged() {
+        return;
+    }
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let before = (lab.counters(0).encap_packets, lab.counters(1).decap_packets);
+
+    let (sent, received) = ping_during(&mut lab, 500, |lab| {
+        std::thread::sleep(Duration::from_millis(500));
+        // A crash: no chance to clean up.
+        lab.kill_agent(0);
+        std::thread::sleep(Duration::from_millis(700));
+        lab.start_agent(0, Duration::from_secs(20)).unwrap();
+        // A rolling update: SIGTERM, then the new agent.
+        lab.stop_agent(1);
+        std::thread::sleep(Duration::from_millis(700));
+        lab.start_agent(1, Duration::from_secs(20)).unwrap();
+        lab.kill_agent(1);
+        lab.start_agent(1, Duration::from_secs(20)).unwrap();
+    });
+    eprintln!("ping every 10 ms across kill -9, SIGTERM and restarts: {received}/{sent} received");
+    assert_eq!(sent, 500);
+    assert_eq!(received, sent, "packets were lost while agents restarted");
+
+    let after = (lab.counters(0).encap_packets, lab.counters(1).decap_packets);
+    assert!(after.0 >= before.0 + 500, "node1 encap counter {before:?} -> {after:?} did not keep counting");
+    assert!(after.1 >= before.1 + 500, "node2 decap counter {before:?} -> {after:?} did not keep counting");
+    for i in 0..2 {
+        let log = lab.agent_log(i);
+        assert!(log.contains("maps_adopted=true"), "restarted agent must adopt the pinned maps:\n{log}");
+        assert!(log.contains("egress=Swapped"), "restarted agent must swap into the pinned links:\n{log}");
+    }
+    let (checks, failures) = lab.check_all_pairs();
+    assert!(failures.is_empty(), "{} of {checks} checks failed after restarts: {failures:?}", failures.len());
+}
+
+#[test]
+fn cleanup_removes_the_datapath_on_purpose() {
+    if !privileged() {
+        return;
+    }
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    lab.stop_agent(0);
+    let ns = lab.nodes[0].ns.name().to_owned();
+    let pin_root = lab.nodes[0].pin_root.clone();
+    let subnet_file = lab.work_dir().join("node1-subnet.env");
+    std::fs::write(&subnet_file, "FLANNEL_NETWORK=10.244.0.0/16\n").unwrap();
+    // What is attached to node1's eth0: TCX programs, and an XDP line.
+    let attached = || {
+        let _inside = lab.nodes[0].ns.enter();
+        let tcx = [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .map(|ty| SchedClassifier::query_tcx("eth0", ty).map_or(0, |(_, p)| p.len()))
+            .sum::<usize>();
+        let net = overlay_tests::stdout("bpftool", &["net", "show", "dev", "eth0"]);
+        let xdp = net.lines().filter(|l| l.contains("driver id") || l.contains("generic id")).count();
+        (tcx, xdp)
+    };
+    assert_eq!(attached(), (1, 1), "a stopped agent must leave TC egress and XDP attached");
+    assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
+
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(agent_binary())
+        .arg("cleanup")
+        .arg("--bpffs-root")
+        .arg(&pin_root)
+        .arg("--subnet-file")
+        .arg(&subnet_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cleanup failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("detached from eth0"), "{stdout}");
+    assert!(stdout.contains("removed 1 routes"), "{stdout}");
+    assert!(!pin_root.exists(), "pins remain under {}", pin_root.display());
+    assert!(!subnet_file.exists());
+    assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while attached() != (0, 0) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(attached(), (0, 0), "programs still attached after cleanup");
+    assert!(!Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "the datapath must be gone");
+}
