@@ -1,0 +1,183 @@
+//! `deploy/overlay.yaml` passes a client-side schema check (no kubectl or
+//! API server here): every document decodes into its Kubernetes type, no
+//! field is unknown to that type (a typo would be silently dropped by the
+//! API server), and what the manifests promise matches the agent: flags it
+//! accepts, the probe port and paths it serves, the RBAC it needs, the
+//! net-conf.json it parses.
+
+use std::{collections::BTreeMap, path::Path};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::DaemonSet,
+        core::v1::{ConfigMap, Namespace, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    serde::{Serialize, de::DeserializeOwned},
+};
+use serde_json::Value;
+
+fn manifests() -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlay.yaml");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::Deserializer::from_str(&text)
+        .map(|doc| {
+            let value: serde_norway::Value = serde::Deserialize::deserialize(doc).expect("YAML document");
+            serde_json::to_value(value).expect("YAML as JSON")
+        })
+        .collect()
+}
+
+/// Paths in `original` that the typed round trip lost: fields the type
+/// does not know.
+fn unknown_fields(original: &Value, round_trip: &Value, at: &str, out: &mut Vec<String>) {
+    match (original, round_trip) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (key, value) in a {
+                match b.get(key) {
+                    Some(other) => unknown_fields(value, other, &format!("{at}.{key}"), out),
+                    None => out.push(format!("{at}.{key}")),
+                }
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                unknown_fields(x, y, &format!("{at}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn strict<T: DeserializeOwned + Serialize>(doc: &Value) -> T {
+    let kind = doc["kind"].as_str().unwrap_or("?");
+    let typed: T = serde_json::from_value(doc.clone()).unwrap_or_else(|e| panic!("{kind}: {e}"));
+    let mut unknown = Vec::new();
+    unknown_fields(doc, &serde_json::to_value(&typed).unwrap(), kind, &mut unknown);
+    assert!(unknown.is_empty(), "fields unknown to {kind}: {unknown:?}");
+    typed
+}
+
+#[test]
+fn every_document_is_a_valid_object_of_its_kind() {
+    let docs = manifests();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]);
+    for doc in &docs {
+        match doc["kind"].as_str().unwrap() {
+            "Namespace" => drop(strict::<Namespace>(doc)),
+            "ServiceAccount" => drop(strict::<ServiceAccount>(doc)),
+            "ClusterRole" => drop(strict::<ClusterRole>(doc)),
+            "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(doc)),
+            "ConfigMap" => drop(strict::<ConfigMap>(doc)),
+            "DaemonSet" => drop(strict::<DaemonSet>(doc)),
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+}
+
+#[test]
+fn the_schema_check_catches_a_misspelt_field() {
+    let mut docs = manifests();
+    let ds = docs.iter_mut().find(|d| d["kind"] == "DaemonSet").unwrap();
+    ds["spec"]["template"]["spec"]["hostNetwrk"] = Value::Bool(true);
+    let result = std::panic::catch_unwind(|| strict::<DaemonSet>(ds));
+    assert!(result.is_err(), "a misspelt field must be reported");
+}
+
+fn find<T: DeserializeOwned + Serialize>(kind: &str) -> T {
+    strict(manifests().iter().find(|d| d["kind"] == kind).unwrap())
+}
+
+#[test]
+fn the_daemonset_matches_what_the_agent_needs() {
+    let ds: DaemonSet = find("DaemonSet");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("overlay-agent"));
+    let agent = pod.containers.iter().find(|c| c.name == "agent").unwrap();
+    assert_eq!(agent.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    let env = agent.env.as_ref().unwrap();
+    let node_name = env.iter().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
+    assert_eq!(
+        node_name.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).map(|f| f.field_path.as_str()),
+        Some("spec.nodeName")
+    );
+
+    // Every flag is one `overlay-agent run` accepts.
+    let args = agent.args.as_ref().unwrap();
+    assert_eq!(args[0], "run");
+    let help = overlay_tests::stdout(overlay_tests::agent_binary().to_str().unwrap(), &["run", "--help"]);
+    let mut flags = BTreeMap::new();
+    for arg in &args[1..] {
+        let (flag, value) = arg.split_once('=').unwrap_or((arg, ""));
+        assert!(help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")), "run --help lacks {flag}");
+        flags.insert(flag.to_owned(), value.to_owned());
+    }
+    let port: i32 = flags["--metrics-addr"].rsplit(':').next().unwrap().parse().unwrap();
+
+    // Probes hit the agent's endpoints on its port.
+    for (probe, path) in [(&agent.liveness_probe, "/healthz"), (&agent.readiness_probe, "/readyz")] {
+        let get = probe.as_ref().and_then(|p| p.http_get.as_ref()).expect("httpGet probe");
+        assert_eq!(get.path.as_deref(), Some(path));
+        assert_eq!(get.port, k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(port));
+    }
+
+    // Mounts: bpffs (shared with the host, so pins outlive the pod), the
+    // subnet.env directory, and the config the flags point at.
+    let mounts: BTreeMap<&str, &str> = agent
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.mount_path.as_str(), m.name.as_str()))
+        .collect();
+    let volumes = pod.volumes.as_ref().unwrap();
+    let host_path = |name: &str| volumes.iter().find(|v| v.name == name).and_then(|v| v.host_path.as_ref()).map(|h| h.path.clone());
+    assert_eq!(host_path(mounts["/sys/fs/bpf"]).as_deref(), Some("/sys/fs/bpf"));
+    let bpffs = agent.volume_mounts.as_ref().unwrap().iter().find(|m| m.mount_path == "/sys/fs/bpf").unwrap();
+    assert_eq!(bpffs.mount_propagation.as_deref(), Some("Bidirectional"));
+    assert!(flags["--bpffs-root"].starts_with("/sys/fs/bpf/"));
+    assert_eq!(host_path(mounts["/run/flannel"]).as_deref(), Some("/run/flannel"));
+    assert_eq!(flags["--subnet-file"], "/run/flannel/subnet.env");
+    let conf_dir = Path::new(&flags["--net-conf"]).parent().unwrap().to_str().unwrap();
+    let conf_volume = volumes.iter().find(|v| v.name == mounts[conf_dir]).unwrap();
+    assert_eq!(conf_volume.config_map.as_ref().map(|c| c.name.as_str()), Some("overlay-cfg"));
+}
+
+#[test]
+fn the_configmap_holds_a_net_conf_the_agent_accepts() {
+    let cm: ConfigMap = find("ConfigMap");
+    let data = cm.data.unwrap();
+    let dir = std::env::temp_dir().join(overlay_tests::unique_name("netconf"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("net-conf.json");
+    std::fs::write(&path, &data["net-conf.json"]).unwrap();
+    let conf = overlay_agent::netconf::NetConf::read(&path);
+    std::fs::remove_dir_all(&dir).unwrap();
+    let conf = conf.unwrap();
+    assert_eq!(conf.network.to_string(), "10.244.0.0/16");
+    let cni: Value = serde_json::from_str(&data["cni-conf.json"]).expect("cni-conf.json is JSON");
+    assert_eq!(cni["plugins"][0]["type"], "flannel");
+}
+
+#[test]
+fn rbac_grants_what_the_agent_calls_and_binds_its_service_account() {
+    let role: ClusterRole = find("ClusterRole");
+    let allows = |group: &str, resource: &str, verb: &str| {
+        role.rules.iter().flatten().any(|r| {
+            r.api_groups.iter().flatten().any(|g| g == group)
+                && r.resources.iter().flatten().any(|x| x == resource)
+                && r.verbs.iter().any(|v| v == verb)
+        })
+    };
+    for verb in ["get", "list", "watch", "patch"] {
+        assert!(allows("", "nodes", verb), "nodes {verb}");
+    }
+    assert!(allows("", "nodes/status", "patch"));
+    assert!(allows("events.k8s.io", "events", "create"));
+    let binding: ClusterRoleBinding = find("ClusterRoleBinding");
+    assert_eq!(binding.role_ref.name, "overlay-agent");
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!((subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()), ("ServiceAccount", "overlay-agent", Some("overlay-system")));
+}
