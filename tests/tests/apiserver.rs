@@ -413,8 +413,20 @@ async fn raw_watch_replays_bookmarks_and_times_out() {
         "resourceVersion 0 starts with the current state, then only changes: {events:?}"
     );
 
-    // A version older than the retained history: 410 in an ERROR event.
+    // An open watch that compaction overtakes ends with a 410 ERROR event.
+    let mut open = api
+        .watch(&WatchParams::default(), &server.resource_version().to_string())
+        .await
+        .unwrap()
+        .boxed();
     server.compact();
+    match within("the 410", open.try_next()).await.unwrap() {
+        Some(WatchEvent::Error(status)) => assert_eq!((status.code, status.reason.as_str()), (410, "Expired")),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+    assert!(within("the end", open.try_next()).await.unwrap().is_none());
+
+    // A watch from a version older than the retained history: the same.
     let events: Vec<_> = api
         .watch(&WatchParams::default(), &from.to_string())
         .await
@@ -450,9 +462,16 @@ async fn compaction_makes_the_watcher_relist() {
     let lists = || server.requests().iter().filter(|r| r.is_list()).count();
     assert_eq!(lists(), 1);
 
+    let listed_rv = server.resource_version().to_string();
     server.compact();
     mirror.until(&mut watched, "the relist", |m| m.lists == 2).await;
     assert_eq!(lists(), 2);
+    let stale_watches = server
+        .requests()
+        .iter()
+        .filter(|r| r.is_watch() && r.param("resourceVersion").as_deref() == Some(listed_rv.as_str()))
+        .count();
+    assert_eq!(stale_watches, 1, "the open watch got the 410; it was not retried");
     match mirror.errors.as_slice() {
         [watcher::Error::WatchError(status)] => assert_eq!((status.code, status.reason.as_str()), (410, "Expired")),
         other => panic!("expected one 410 watch error, got {other:?}"),
@@ -562,6 +581,18 @@ fn cut_drops_the_connection_where_a_timeout_ends_cleanly() {
         ended.ends_with("0\r\n\r\n"),
         "a timed out watch ends with the last chunk: {ended:?}"
     );
+
+    // Dropping the server closes open watches and the listener.
+    let (stream, received) = raw_watch(&server, "resourceVersion=0");
+    let addr = server.addr();
+    let started = Instant::now();
+    drop(server);
+    let _ = read_to_close(stream, received);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the watch outlived the server"
+    );
+    assert!(TcpStream::connect(addr).is_err(), "the listener outlived the server");
 }
 
 #[tokio::test]
