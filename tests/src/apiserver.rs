@@ -457,3 +457,14 @@ async fn until_down(down: &mut watch::Receiver<bool>) {
     // The guard wait_for returns must not live across an await.
     let _ = down.wait_for(|down| *down).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_server_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<ApiServer>();
+    }
+}
