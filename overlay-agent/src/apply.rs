@@ -74,10 +74,9 @@ impl Applier {
             };
             applied.insert(cidr, peer);
         }
-        for cidr in routes::owned()? {
-            if !applied.contains_key(&cidr) {
-                routes::remove(cidr)?;
-            }
+        let stale: Vec<Ipv4Network> = routes::owned()?.into_iter().filter(|c| !applied.contains_key(c)).collect();
+        if let Some((cidr, reason)) = routes::remove_all(&stale)?.into_iter().next() {
+            return Err(ApplyError::Routes(RouteError::Ip { args: format!("route del {cidr}"), stderr: reason }));
         }
         let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
         Ok(Self { maps, iface: iface.to_owned(), config, applied })
@@ -115,74 +114,108 @@ impl Applier {
                     .map(|p| Change::Upsert(*p)),
             );
         }
-        for change in changes {
-            match change {
-                Change::Remove(peer) => {
-                    self.remove(&peer)?;
-                    report.removed += 1;
+        let (removals, upserts): (Vec<PeerState>, Vec<PeerState>) = changes.into_iter().fold(
+            (Vec::new(), Vec::new()),
+            |(mut removals, mut upserts), change| {
+                match change {
+                    Change::Remove(peer) => removals.push(peer),
+                    Change::Upsert(peer) => upserts.push(peer),
                 }
-                Change::Upsert(peer) => match self.upsert(&peer, desired.inner_mtu) {
-                    Ok(()) => report.added_or_updated += 1,
-                    Err(err @ ApplyError::Route { .. }) => report.failed.push(err.to_string()),
-                    Err(err) => return Err(err),
-                },
-            }
-        }
+                (removals, upserts)
+            },
+        );
+        report.removed = self.remove_peers(&removals)?;
+        let failed = self.upsert_peers(&upserts, desired.inner_mtu)?;
+        report.added_or_updated = upserts.len() - failed.len();
+        report.failed = failed;
         Ok(report)
     }
 
-    fn upsert(&mut self, peer: &PeerState, mtu: u32) -> Result<(), ApplyError> {
-        let previous = self.applied.get(&peer.pod_cidr).copied();
-        if let Some(old) = previous.filter(|old| old.node_ip != peer.node_ip) {
-            // The CIDR moved to another node address: stop accepting the old one.
-            let _ = self.maps.peers.remove(&old.node_ip.octets());
+    /// Removes peers: kernel routes first (traffic stops being sent), then
+    /// `ROUTES` and `PEERS` (we stop encapsulating and accepting).
+    fn remove_peers(&mut self, peers: &[PeerState]) -> Result<usize, ApplyError> {
+        let cidrs: Vec<Ipv4Network> = peers.iter().map(|p| p.pod_cidr).collect();
+        if let Some((cidr, reason)) = routes::remove_all(&cidrs)?.into_iter().next() {
+            let peer = peers.iter().find(|p| p.pod_cidr == cidr).expect("failed CIDR is one of ours");
+            return Err(ApplyError::Route {
+                cidr,
+                node_ip: peer.node_ip,
+                source: RouteError::Ip { args: format!("route del {cidr}"), stderr: reason },
+            });
         }
-        let key = Key::new(u32::from(peer.pod_cidr.prefix()), peer.pod_cidr.network().octets());
-        self.maps
-            .peers
-            .insert(
-                peer.node_ip.octets(),
-                Peer {
-                    pod_cidr: peer.pod_cidr.network().octets(),
-                    pod_prefix_len: u32::from(peer.pod_cidr.prefix()),
-                },
-                0,
-            )
-            .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
-        self.maps
-            .routes
-            .insert(
-                &key,
-                Route {
-                    node_ip: peer.node_ip.octets(),
-                    vtep_mac: peer.vtep_mac,
-                    mode: peer.mode,
-                    reason: peer.reason,
-                    next_hop: peer.next_hop.octets(),
-                },
-                0,
-            )
-            .map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
-        if let Err(source) = routes::replace(peer, &self.iface, mtu) {
-            if previous.is_none() {
-                let _ = self.maps.routes.remove(&key);
-                let _ = self.maps.peers.remove(&peer.node_ip.octets());
-            }
-            return Err(ApplyError::Route { cidr: peer.pod_cidr, node_ip: peer.node_ip, source });
+        for peer in peers {
+            let key = Key::new(u32::from(peer.pod_cidr.prefix()), peer.pod_cidr.network().octets());
+            ignore_missing(self.maps.routes.remove(&key)).map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
+            ignore_missing(self.maps.peers.remove(&peer.node_ip.octets()))
+                .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
+            self.applied.remove(&peer.pod_cidr);
         }
-        self.applied.insert(peer.pod_cidr, *peer);
-        Ok(())
+        Ok(peers.len())
     }
 
-    fn remove(&mut self, peer: &PeerState) -> Result<(), ApplyError> {
-        routes::remove(peer.pod_cidr)?;
-        let key = Key::new(u32::from(peer.pod_cidr.prefix()), peer.pod_cidr.network().octets());
-        ignore_missing(self.maps.routes.remove(&key)).map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
-        ignore_missing(self.maps.peers.remove(&peer.node_ip.octets()))
-            .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
-        self.applied.remove(&peer.pod_cidr);
-        Ok(())
+    /// Adds or updates peers: `PEERS` (we accept their traffic), `ROUTES`
+    /// (we encapsulate toward them), then all kernel routes in one batch
+    /// (traffic starts flowing). A new peer whose route fails is taken out
+    /// of the maps again. Returns the failures.
+    fn upsert_peers(&mut self, peers: &[PeerState], mtu: u32) -> Result<Vec<String>, ApplyError> {
+        for peer in peers {
+            if let Some(old) = self.applied.get(&peer.pod_cidr).filter(|old| old.node_ip != peer.node_ip) {
+                // The CIDR moved to another node address: stop accepting the old one.
+                let _ = self.maps.peers.remove(&old.node_ip.octets());
+            }
+            self.maps
+                .peers
+                .insert(
+                    peer.node_ip.octets(),
+                    Peer {
+                        pod_cidr: peer.pod_cidr.network().octets(),
+                        pod_prefix_len: u32::from(peer.pod_cidr.prefix()),
+                    },
+                    0,
+                )
+                .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
+            self.maps
+                .routes
+                .insert(
+                    &route_key(peer.pod_cidr),
+                    Route {
+                        node_ip: peer.node_ip.octets(),
+                        vtep_mac: peer.vtep_mac,
+                        mode: peer.mode,
+                        reason: peer.reason,
+                        next_hop: peer.next_hop.octets(),
+                    },
+                    0,
+                )
+                .map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
+        }
+        let failed = routes::replace_all(peers, &self.iface, mtu)?;
+        let mut failures = Vec::new();
+        for (peer, reason) in &failed {
+            if !self.applied.contains_key(&peer.pod_cidr) {
+                let _ = self.maps.routes.remove(&route_key(peer.pod_cidr));
+                let _ = self.maps.peers.remove(&peer.node_ip.octets());
+            }
+            failures.push(
+                ApplyError::Route {
+                    cidr: peer.pod_cidr,
+                    node_ip: peer.node_ip,
+                    source: RouteError::Ip { args: format!("route replace {}", peer.pod_cidr), stderr: reason.clone() },
+                }
+                .to_string(),
+            );
+        }
+        for peer in peers {
+            if !failed.iter().any(|(f, _)| f.pod_cidr == peer.pod_cidr) {
+                self.applied.insert(peer.pod_cidr, *peer);
+            }
+        }
+        Ok(failures)
     }
+}
+
+fn route_key(cidr: Ipv4Network) -> Key<[u8; 4]> {
+    Key::new(u32::from(cidr.prefix()), cidr.network().octets())
 }
 
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {

@@ -49,20 +49,85 @@ fn ip(args: &[&str]) -> Result<String, RouteError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Adds or replaces the route toward `peer`'s pod CIDR.
-pub fn replace(peer: &PeerState, iface: &str, vxlan_mtu: u32) -> Result<(), RouteError> {
-    let cidr = peer.pod_cidr.to_string();
-    let next_hop = peer.next_hop.to_string();
-    let node_ip = peer.node_ip.to_string();
-    let mtu = vxlan_mtu.to_string();
-    let args: Vec<&str> = match peer.mode {
-        ROUTE_MODE_UNREACHABLE => vec!["route", "replace", "unreachable", &cidr, "proto", ROUTE_PROTO],
-        ROUTE_MODE_DIRECT => vec!["route", "replace", &cidr, "via", &node_ip, "dev", iface, "proto", ROUTE_PROTO],
-        _ => vec![
-            "route", "replace", &cidr, "via", &next_hop, "dev", iface, "onlink", "mtu", &mtu, "proto", ROUTE_PROTO,
-        ],
-    };
-    ip(&args).map(drop)
+/// The `ip` command (without the leading `ip`) that adds or replaces the
+/// route toward `peer`'s pod CIDR.
+fn replace_command(peer: &PeerState, iface: &str, vxlan_mtu: u32) -> String {
+    let cidr = peer.pod_cidr;
+    match peer.mode {
+        ROUTE_MODE_UNREACHABLE => format!("route replace unreachable {cidr} proto {ROUTE_PROTO}"),
+        ROUTE_MODE_DIRECT => format!("route replace {cidr} via {} dev {iface} proto {ROUTE_PROTO}", peer.node_ip),
+        _ => format!(
+            "route replace {cidr} via {} dev {iface} onlink mtu {vxlan_mtu} proto {ROUTE_PROTO}",
+            peer.next_hop
+        ),
+    }
+}
+
+/// Adds or replaces the routes toward `peers` in one `ip -batch`, so
+/// thousands of nodes cost one process, not thousands. Returns the peers
+/// whose route failed, with iproute2's reason; the others are in place.
+pub fn replace_all<'a>(
+    peers: &'a [PeerState],
+    iface: &str,
+    vxlan_mtu: u32,
+) -> Result<Vec<(&'a PeerState, String)>, RouteError> {
+    let commands: Vec<String> = peers.iter().map(|p| replace_command(p, iface, vxlan_mtu)).collect();
+    let failed = batch(&commands)?;
+    Ok(failed.into_iter().map(|(line, reason)| (&peers[line], reason)).collect())
+}
+
+/// Removes our routes to `cidrs` in one `ip -batch`; a missing route is not
+/// an error. Returns the CIDRs whose route could not be removed.
+pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, String)>, RouteError> {
+    let commands: Vec<String> = cidrs.iter().map(|c| format!("route del {c} proto {ROUTE_PROTO}")).collect();
+    let failed = batch(&commands)?;
+    Ok(failed
+        .into_iter()
+        .filter(|(_, reason)| !reason.contains("No such process"))
+        .map(|(line, reason)| (cidrs[line], reason))
+        .collect())
+}
+
+/// Runs `commands` through `ip -force -batch -` and returns the indices of
+/// the commands that failed, with their error text.
+fn batch(commands: &[String]) -> Result<Vec<(usize, String)>, RouteError> {
+    if commands.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(RouteError::Spawn)?;
+    let script: String = commands.iter().map(|c| format!("{c}\n")).collect();
+    // Writing all of stdin before reading stderr is safe: ip reads its
+    // whole input as it goes, and its stderr is only a line per failure.
+    let write = child.stdin.take().expect("piped stdin").write_all(script.as_bytes());
+    let out = child.wait_with_output().map_err(RouteError::Spawn)?;
+    write.map_err(RouteError::Spawn)?;
+    Ok(batch_failures(&String::from_utf8_lossy(&out.stderr), commands.len()))
+}
+
+/// Parses iproute2's `-force -batch` stderr: each failure's message lines
+/// are followed by `Command failed -:<line>`.
+fn batch_failures(stderr: &str, commands: usize) -> Vec<(usize, String)> {
+    let mut failures = Vec::new();
+    let mut message: Vec<&str> = Vec::new();
+    for line in stderr.lines() {
+        if let Some(number) = line.strip_prefix("Command failed -:") {
+            if let Ok(n) = number.trim().parse::<usize>()
+                && (1..=commands).contains(&n)
+            {
+                failures.push((n - 1, message.join(" ")));
+            }
+            message.clear();
+        } else {
+            message.push(line.trim());
+        }
+    }
+    failures
 }
 
 /// How the kernel reaches each address (`ip route get`, one batch).
@@ -108,15 +173,6 @@ pub fn paths(iface: &str, addrs: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Under
     Ok(paths)
 }
 
-/// Removes our route to `cidr`; a missing route is not an error.
-pub fn remove(cidr: Ipv4Network) -> Result<(), RouteError> {
-    match ip(&["route", "del", &cidr.to_string(), "proto", ROUTE_PROTO]) {
-        Ok(_) => Ok(()),
-        Err(RouteError::Ip { stderr, .. }) if stderr.contains("No such process") => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
 /// Destinations of every route we own.
 pub fn owned() -> Result<Vec<Ipv4Network>, RouteError> {
     let text = ip(&["-j", "route", "show", "proto", ROUTE_PROTO])?;
@@ -135,4 +191,19 @@ pub fn remove_owned() -> Result<usize, RouteError> {
         ip(&["route", "flush", "proto", ROUTE_PROTO])?;
     }
     Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_failures_are_matched_to_their_commands() {
+        let stderr = "Error: Nexthop has invalid gateway.\nCommand failed -:2\nRTNETLINK answers: No such process\nCommand failed -:4\n";
+        assert_eq!(
+            batch_failures(stderr, 4),
+            [(1, "Error: Nexthop has invalid gateway.".to_owned()), (3, "RTNETLINK answers: No such process".to_owned())]
+        );
+        assert!(batch_failures("", 3).is_empty());
+    }
 }
