@@ -16,7 +16,7 @@ use futures::{FutureExt as _, StreamExt as _};
 use overlay_agent::{
     apply::Applier,
     datapath::{Datapath, DecapHook, LinkOutcome},
-    desired::{Backend, Desired, LocalSettings, NotReady, Rejected, UnderlayPath, desired},
+    desired::{Backend, Desired, LocalSettings, NotReady, RejectKind, Rejected, UnderlayPath, desired},
     iface,
     kube_source::{self, NodeCache, Publisher},
     manifests::ManifestDir,
@@ -372,7 +372,12 @@ impl Agent {
         for r in &rejected {
             let key = format!("rejected:{r}");
             if !self.reported.contains(&key) {
-                warn!(node = %r.node, reason = %r.reason, "peer not served as asked");
+                if r.kind == RejectKind::NotSubnetManaged {
+                    // Normal while a node's agent starts up.
+                    info!(node = %r.node, reason = %r.reason, "peer not programmed yet");
+                } else {
+                    warn!(node = %r.node, reason = %r.reason, "peer not served as asked");
+                }
             }
             now_rejected.insert(key);
         }

@@ -118,6 +118,9 @@ struct Shared {
     open: Mutex<usize>,
     closed: Condvar,
     requests: Mutex<Vec<RequestRecord>>,
+    /// Events (`events.k8s.io/v1`) recorded by clients, as posted and
+    /// patched.
+    events: Mutex<Vec<Value>>,
     bookmark_interval: Mutex<Duration>,
 }
 
@@ -184,6 +187,7 @@ impl ApiServer {
             open: Mutex::new(0),
             closed: Condvar::new(),
             requests: Mutex::new(Vec::new()),
+            events: Mutex::new(Vec::new()),
             bookmark_interval: Mutex::new(Duration::from_secs(1)),
         });
         let handle = runtime.handle().clone();
@@ -356,6 +360,12 @@ preferences: {{}}
     /// Every request received so far, oldest first.
     pub fn requests(&self) -> Vec<RequestRecord> {
         lock(&self.shared.requests).clone()
+    }
+
+    /// The events clients have recorded (`events.k8s.io/v1`, any
+    /// namespace), latest state of each.
+    pub fn events(&self) -> Vec<Value> {
+        lock(&self.shared.events).clone()
     }
 
     /// Forgets the requests received so far.

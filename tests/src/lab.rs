@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, PinDir, run};
+use crate::{NetNs, PinDir, apiserver::ApiServer, run};
 
 /// What an agent logs once its initial sync is in the datapath.
 pub const READY_LOG: &str = "ready: the initial sync is in the datapath";
@@ -54,6 +54,10 @@ pub struct LabSpec {
     /// programmed exactly as flannel's vxlan backend does, instead of our
     /// agent.
     pub flannel_nodes: usize,
+    /// Serve the Nodes from the test API server (in the underlay namespace,
+    /// at [`API_ADDR`]) and run the agents with `--kubeconfig` and
+    /// `--net-conf`, instead of a manifest directory.
+    pub kubernetes: bool,
 }
 
 impl LabSpec {
@@ -68,6 +72,7 @@ impl LabSpec {
             topology: Topology::Flat,
             backend: "vxlan".to_owned(),
             direct_routing: false,
+            kubernetes: false,
         }
     }
 }
@@ -84,6 +89,13 @@ pub enum Topology {
 
 /// The underlay subnets' third octet and bridge names.
 const SUBNETS: [(u8, &str); 2] = [(77, "br0"), (88, "br1")];
+
+/// Where the test API server listens in a `kubernetes` lab: an address of
+/// the underlay namespace on the first segment, reachable from every node.
+pub const API_ADDR: &str = "192.168.77.2:6443";
+
+/// The agents' `--metrics-addr` (each in its own node namespace).
+pub const METRICS_PORT: u16 = 9472;
 
 pub struct LabPod {
     pub ns: NetNs,
@@ -106,6 +118,8 @@ pub struct LabNode {
 /// namespaces go, pins last.
 pub struct Lab {
     agents: Vec<Option<Child>>,
+    /// The test API server of a `kubernetes` lab.
+    pub api: Option<ApiServer>,
     pub nodes: Vec<LabNode>,
     /// The router joining the two subnets of a routed topology.
     pub router: Option<NetNs>,
@@ -157,9 +171,24 @@ impl Lab {
         for i in 1..=spec.nodes {
             nodes.push(Self::make_node(&spec, &underlay, i, &pins));
         }
-        let mut lab = Self { agents: Vec::new(), nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        let api = spec.kubernetes.then(|| {
+            let _ = underlay.ip(&["addr", "add", "192.168.77.2/24", "dev", SUBNETS[0].1]);
+            ApiServer::start(Some(&underlay), API_ADDR.parse().expect("valid address"))
+        });
+        let mut lab = Self { agents: Vec::new(), api, nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        if let Some(api) = &lab.api {
+            api.write_kubeconfig(&lab.kubeconfig_path()).map_err(|e| format!("writing kubeconfig: {e}"))?;
+            let net_conf = serde_json::json!({
+                "Network": "10.244.0.0/16",
+                "Backend": {"Type": lab.spec.backend, "DirectRouting": lab.spec.direct_routing},
+            });
+            fs::write(lab.net_conf_path(), net_conf.to_string()).map_err(|e| format!("writing net-conf.json: {e}"))?;
+        }
         for i in 0..lab.nodes.len() {
             lab.write_manifest(i);
+            if let Some(api) = &lab.api {
+                api.apply(lab.node_object(i));
+            }
         }
         for i in 0..lab.nodes.len() {
             if lab.nodes[i].flannel {
@@ -280,6 +309,66 @@ impl Lab {
         fs::rename(&tmp, self.manifest_path(i)).expect("renaming manifest");
     }
 
+    /// Node `i` as the test API server first holds it: what kubelet and
+    /// the controller-manager write (pod CIDR, addresses). Our agents
+    /// publish their flannel annotations themselves; flannel nodes get them
+    /// as flanneld would have published them.
+    pub fn node_object(&self, i: usize) -> serde_json::Value {
+        let node = &self.nodes[i];
+        let mut object = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": node.name, "labels": {"kubernetes.io/hostname": node.name}},
+            "spec": {"podCIDR": node.pod_cidr, "podCIDRs": [node.pod_cidr]},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": node.ip.to_string()}, {"type": "Hostname", "address": node.name}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+            },
+        });
+        if node.flannel {
+            let mac = overlay_agent::node::format_mac(self.vtep_mac(i));
+            object["metadata"]["annotations"] = serde_json::json!({
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": format!("{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}"),
+                "flannel.alpha.coreos.com/public-ip": node.ip.to_string(),
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+            });
+        }
+        object
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.work_dir.0.join("kubeconfig")
+    }
+
+    pub fn net_conf_path(&self) -> PathBuf {
+        self.work_dir.0.join("net-conf.json")
+    }
+
+    /// The subnet.env node `i`'s agent writes in a `kubernetes` lab.
+    pub fn subnet_file(&self, i: usize) -> PathBuf {
+        self.work_dir.0.join(format!("{}-subnet.env", self.nodes[i].name))
+    }
+
+    /// `GET path` from node `i`'s agent (/healthz, /readyz, /metrics):
+    /// the status code and body.
+    pub fn agent_http(&self, i: usize, path: &str) -> Result<(u16, String), String> {
+        let _inside = self.nodes[i].ns.enter();
+        let mut conn = TcpStream::connect_timeout(&(Ipv4Addr::LOCALHOST, METRICS_PORT).into(), Duration::from_secs(2))
+            .map_err(|e| format!("connecting to the agent of {}: {e}", self.nodes[i].name))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut response = String::new();
+        conn.read_to_string(&mut response).map_err(|e| e.to_string())?;
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("not an HTTP response: {response}"))?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        Ok((status, body))
+    }
+
     /// Programs flannel node `i` from the Node manifests exactly as
     /// flannel's vxlan backend does: `flannel.1` (VNI 1, port 8472,
     /// learning off) with the advertised VtepMAC and `<podCIDR>.0/32`, and
@@ -323,16 +412,30 @@ impl Lab {
             .append(true)
             .open(&node.log)
             .map_err(|e| format!("opening {}: {e}", node.log.display()))?;
-        Command::new("nsenter")
+        let mut command = Command::new("nsenter");
+        command
             .arg(format!("--net=/run/netns/{}", node.ns.name()))
             .arg(&self.spec.agent)
             .args(["run", "--node-name", &node.name, "--iface", "eth0", "--decap", &self.spec.decap])
-            .arg("--nodes-dir")
-            .arg(&self.nodes_dir)
+            .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
             .arg("--bpffs-root")
-            .arg(&node.pin_root)
-            .args(["--backend", &self.spec.backend])
-            .args(self.spec.direct_routing.then_some("--direct-routing"))
+            .arg(&node.pin_root);
+        if self.spec.kubernetes {
+            command
+                .arg("--kubeconfig")
+                .arg(self.kubeconfig_path())
+                .arg("--net-conf")
+                .arg(self.net_conf_path())
+                .arg("--subnet-file")
+                .arg(self.subnet_file(i));
+        } else {
+            command
+                .arg("--nodes-dir")
+                .arg(&self.nodes_dir)
+                .args(["--backend", &self.spec.backend])
+                .args(self.spec.direct_routing.then_some("--direct-routing"));
+        }
+        command
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             .spawn()
@@ -546,6 +649,14 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent again without waiting for it to be ready
+    /// (it cannot be while the API server is down).
+    pub fn launch_agent(&mut self, i: usize) -> Result<(), String> {
+        let agent = self.spawn_agent(i)?;
+        self.agents[i] = Some(agent);
         Ok(())
     }
 

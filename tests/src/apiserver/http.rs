@@ -229,6 +229,31 @@ async fn route(
             }))
         }
         (_, ["api", "v1", "nodes", ..]) => Err(ApiError::MethodNotAllowed),
+        // Events are only recorded, for tests to read: kube's Recorder
+        // posts a new one, then patches its series on repeats.
+        ("POST", ["apis", "events.k8s.io", "v1", "namespaces", namespace, "events"]) => {
+            let mut event: Value = serde_json::from_slice(&read_body(req).await?)
+                .map_err(|e| ApiError::BadRequest(format!("event is not JSON: {e}")))?;
+            let mut events = lock(&shared.events);
+            if event["metadata"]["name"].is_null() {
+                let prefix = event["metadata"]["generateName"].as_str().unwrap_or("event.").to_owned();
+                event["metadata"]["name"] = json!(format!("{prefix}{}", events.len()));
+            }
+            event["metadata"]["namespace"] = json!(namespace);
+            events.push(event.clone());
+            Ok(json_response(StatusCode::CREATED, &event))
+        }
+        ("PATCH", ["apis", "events.k8s.io", "v1", "namespaces", _, "events", name]) => {
+            let patch: Value = serde_json::from_slice(&read_body(req).await?)
+                .map_err(|e| ApiError::BadRequest(format!("patch is not JSON: {e}")))?;
+            let mut events = lock(&shared.events);
+            let event = events
+                .iter_mut()
+                .find(|e| e["metadata"]["name"] == *name)
+                .ok_or_else(|| ApiError::NotFound((*name).to_owned()))?;
+            json_patch::merge(event, &patch);
+            ok(event.clone())
+        }
         _ => Err(ApiError::UnknownPath),
     }
 }

@@ -50,6 +50,12 @@ struct Args {
     /// Agents forward directly to on-link peers (vxlan backend).
     #[arg(long)]
     direct_routing: bool,
+    /// Serve the Nodes from the test Kubernetes API server (in the underlay
+    /// namespace) and run the agents with --kubeconfig and --net-conf,
+    /// instead of a manifest directory. With --keep, the API server ends
+    /// with this command; the agents keep the datapath and retry.
+    #[arg(long)]
+    kubernetes: bool,
     /// Leave the lab up for poking around; `--down` removes it.
     #[arg(long)]
     keep: bool,
@@ -88,11 +94,13 @@ fn main() -> ExitCode {
     };
     spec.backend = args.backend.clone();
     spec.direct_routing = args.direct_routing;
+    spec.kubernetes = args.kubernetes;
     spec.prefix = format!("{LAB_PREFIX}{}", std::process::id() % 100_000);
     println!(
-        "lab: {} nodes ({} flannel-style) x {} pods, {:?} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}",
+        "lab: {} nodes ({} flannel-style) x {} pods, {:?} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}, nodes from {}",
         spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.topology, spec.backend,
-        if spec.direct_routing { " with direct routing" } else { "" }, spec.decap
+        if spec.direct_routing { " with direct routing" } else { "" }, spec.decap,
+        if spec.kubernetes { "the test Kubernetes API server" } else { "a manifest directory" }
     );
     let lab = match Lab::start(spec) {
         Ok(lab) => lab,
