@@ -192,7 +192,8 @@ pub fn desired(
     let mut rejected = Vec::new();
     let mut peers: BTreeMap<Ipv4Network, PeerState> = BTreeMap::new();
     let mut taken: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
-    let mut cidr_owner: Vec<(Ipv4Network, &str)> = vec![(me.pod_cidr, me.name.as_str())];
+    let mut cidr_owners = CidrOwners::default();
+    cidr_owners.insert(me.pod_cidr, &me.name);
     taken.insert(node_ip, &me.name);
     let mut others: Vec<&NodeInfo> = nodes.iter().filter(|n| n.name != local.node_name).collect();
     others.sort_by(|a, b| a.name.cmp(&b.name));
@@ -223,7 +224,7 @@ pub fn desired(
             )));
             continue;
         }
-        if let Some((cidr, owner)) = cidr_owner.iter().find(|(c, _)| overlaps(*c, node.pod_cidr)) {
+        if let Some((cidr, owner)) = cidr_owners.overlapping(node.pod_cidr) {
             rejected.push(reject(RejectKind::OverlappingCidr, format!(
                 "pod CIDR {} overlaps {cidr} of node {owner}; left out of the datapath",
                 node.pod_cidr
@@ -238,7 +239,7 @@ pub fn desired(
             continue;
         }
         taken.insert(node.node_ip, &node.name);
-        cidr_owner.push((node.pod_cidr, &node.name));
+        cidr_owners.insert(node.pod_cidr, &node.name);
         let path = paths.get(&node.node_ip).copied().unwrap_or(UnderlayPath::NoRoute);
         let (mode, reason, next_hop) = peer_mode(local, node.node_ip, path);
         if mode == ROUTE_MODE_UNREACHABLE {
@@ -281,8 +282,33 @@ fn peer_mode(local: &LocalSettings, node_ip: Ipv4Addr, path: UnderlayPath) -> (u
     }
 }
 
-fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
-    a.contains(b.network()) || b.contains(a.network())
+/// Pairwise disjoint CIDRs with their owners, ordered by first address, so
+/// an overlap is found in O(log n): two CIDRs overlap only by one holding
+/// the other, so either a held CIDR starts inside the new one, or the one
+/// starting last before it reaches into it. A cluster of thousands of nodes
+/// is checked in milliseconds.
+#[derive(Default)]
+struct CidrOwners<'a> {
+    by_start: BTreeMap<u32, (Ipv4Network, &'a str)>,
+}
+
+impl<'a> CidrOwners<'a> {
+    fn overlapping(&self, cidr: Ipv4Network) -> Option<(Ipv4Network, &'a str)> {
+        let start = u32::from(cidr.network());
+        let end = u32::from(cidr.broadcast());
+        if let Some((_, found)) = self.by_start.range(start..=end).next() {
+            return Some(*found);
+        }
+        self.by_start
+            .range(..start)
+            .next_back()
+            .map(|(_, found)| *found)
+            .filter(|(held, _)| u32::from(held.broadcast()) >= start)
+    }
+
+    fn insert(&mut self, cidr: Ipv4Network, owner: &'a str) {
+        self.by_start.insert(u32::from(cidr.network()), (cidr, owner));
+    }
 }
 
 /// One step that turns the applied peers into the desired ones.
@@ -452,6 +478,20 @@ mod tests {
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].to_string().contains("node c: host-gw cannot reach it: gateway 192.168.0.254"), "{}", rejected[0]);
         assert!(rejected[0].reason.contains("--direct-routing"));
+    }
+
+    #[test]
+    fn overlaps_are_found_inside_around_and_not_beside() {
+        let mut owners = CidrOwners::default();
+        owners.insert("10.244.2.0/24".parse().unwrap(), "b");
+        owners.insert("10.244.8.0/22".parse().unwrap(), "c");
+        let hit = |c: &str| owners.overlapping(c.parse().unwrap()).map(|(_, o)| o);
+        assert_eq!(hit("10.244.2.128/25"), Some("b"), "inside");
+        assert_eq!(hit("10.244.0.0/16"), Some("b"), "around");
+        assert_eq!(hit("10.244.10.0/24"), Some("c"), "inside a larger one");
+        assert_eq!(hit("10.244.3.0/24"), None, "beside");
+        assert_eq!(hit("10.244.12.0/24"), None, "just after");
+        assert_eq!(hit("10.244.1.0/24"), None, "just before");
     }
 
     #[test]

@@ -94,20 +94,28 @@ fn batch(commands: &[String]) -> Result<Vec<(usize, String)>, RouteError> {
     if commands.is_empty() {
         return Ok(Vec::new());
     }
+    let script: String = commands.iter().map(|c| format!("{c}\n")).collect();
+    let out = ip_batch(&["-force", "-batch", "-"], script)?;
+    Ok(batch_failures(&String::from_utf8_lossy(&out.stderr), commands.len()))
+}
+
+/// Runs `ip <args>` with `script` on its stdin, collecting its output.
+/// stdin is fed from another thread: with thousands of lines, `ip` fills
+/// its output pipe before it has read all its input, and a writer that
+/// waits for the input to drain first would deadlock with it.
+fn ip_batch(args: &[&str], script: String) -> Result<std::process::Output, RouteError> {
     let mut child = Command::new("ip")
-        .args(["-force", "-batch", "-"])
+        .args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(RouteError::Spawn)?;
-    let script: String = commands.iter().map(|c| format!("{c}\n")).collect();
-    // Writing all of stdin before reading stderr is safe: ip reads its
-    // whole input as it goes, and its stderr is only a line per failure.
-    let write = child.stdin.take().expect("piped stdin").write_all(script.as_bytes());
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
     let out = child.wait_with_output().map_err(RouteError::Spawn)?;
-    write.map_err(RouteError::Spawn)?;
-    Ok(batch_failures(&String::from_utf8_lossy(&out.stderr), commands.len()))
+    writer.join().expect("the stdin writer does not panic").map_err(RouteError::Spawn)?;
+    Ok(out)
 }
 
 /// Parses iproute2's `-force -batch` stderr: each failure's message lines
@@ -136,22 +144,9 @@ pub fn paths(iface: &str, addrs: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, Under
     if addrs.is_empty() {
         return Ok(paths);
     }
-    let mut child = Command::new("ip")
-        .args(["-j", "-force", "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(RouteError::Spawn)?;
     let script: String = addrs.iter().map(|a| format!("route get {a}\n")).collect();
-    child
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())
-        .map_err(RouteError::Spawn)?;
     // A failed lookup (no route) prints nothing for its line; -force goes on.
-    let out = child.wait_with_output().map_err(RouteError::Spawn)?;
+    let out = ip_batch(&["-j", "-force", "-batch", "-"], script)?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Ok(answers) = serde_json::from_str::<Vec<serde_json::Value>>(line) else {
             continue;
@@ -181,6 +176,23 @@ pub fn owned() -> Result<Vec<Ipv4Network>, RouteError> {
         .iter()
         .filter_map(|r| r.get("dst")?.as_str()?.parse::<Ipv4Network>().ok())
         .collect())
+}
+
+/// A digest of what decides the kernel's paths to the nodes: IPv4
+/// addresses, policy rules and routes (ours excluded, since every apply
+/// changes them). Cheap to take every second; the full per-node `route get`
+/// batch runs only when it changes.
+pub fn underlay_fingerprint() -> Result<u64, RouteError> {
+    use std::hash::{Hash as _, Hasher as _};
+    let out = ip_batch(&["-4", "-batch", "-"], "addr show\nrule show\nroute show table all\n".to_owned())?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // Our own routes, and counters that move without meaning anything.
+        if !line.contains(&format!("proto {ROUTE_PROTO}")) && !line.contains("valid_lft") {
+            line.hash(&mut hasher);
+        }
+    }
+    Ok(hasher.finish())
 }
 
 /// Removes every route we own (`overlay-agent cleanup`); returns how many

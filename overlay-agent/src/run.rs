@@ -100,6 +100,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         applier,
         metrics,
         paths: BTreeMap::new(),
+        underlay: None,
         reported: BTreeSet::new(),
         evented: BTreeSet::new(),
     };
@@ -131,11 +132,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mut nodes: Vec<NodeInfo> = Vec::new();
     let mut synced = false;
     loop {
-        let started = Instant::now();
+        // Set when a branch wakes up, so durations leave out idle waiting.
+        let started;
         let mut changed = false;
         let mut paths_changed = false;
         tokio::select! {
             _ = poll.tick(), if matches!(source, Source::Dir(_)) => {
+                started = Instant::now();
                 let Source::Dir(dir) = &mut source else { unreachable!() };
                 match dir.scan_if_changed() {
                     Ok(Some(scan)) => {
@@ -149,6 +152,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             event = next_watch_event(&mut source) => {
+                started = Instant::now();
                 let Source::Kube(kube) = &mut source else { unreachable!() };
                 let KubeNodes { watch, cache, .. } = &mut **kube;
                 let mut event = event;
@@ -174,8 +178,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 changed &= cache.synced();
                 synced = cache.synced();
             }
-            _ = path_check.tick() => paths_changed = agent.check_paths(&nodes),
+            _ = path_check.tick() => {
+                started = Instant::now();
+                paths_changed = agent.check_paths_if_underlay_changed(&nodes);
+            }
             _ = housekeeping.tick() => {
+                started = Instant::now();
                 warn_on_port_mismatch(&agent.applier, agent.settings.vxlan_port, &mut mismatched_seen);
                 // Retries what failed before (API writes, events).
                 changed = synced;
@@ -188,7 +196,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
         if changed {
             // New peers need their paths before their modes are decided.
-            agent.check_paths(&nodes);
+            agent.check_new_paths(&nodes);
         }
         let Some((desired, rejected)) = agent.reconcile(&nodes, started) else { continue };
         match &source {
@@ -277,6 +285,8 @@ struct Agent {
     metrics: Arc<Metrics>,
     /// The kernel's paths to the nodes' addresses, as last asked.
     paths: BTreeMap<Ipv4Addr, UnderlayPath>,
+    /// [`routes::underlay_fingerprint`] when `paths` were last all asked.
+    underlay: Option<u64>,
     /// Problems already logged, so each is logged once, not per reconcile.
     reported: BTreeSet<String>,
     /// Problems already recorded as Kubernetes events.
@@ -317,7 +327,37 @@ impl Agent {
         Ok(())
     }
 
-    /// Re-asks the kernel for its paths to the nodes. Returns whether any
+    /// Re-asks the kernel for its paths to every node when the underlay's
+    /// addresses, rules or routes changed since the last look. Returns
+    /// whether any path changed.
+    fn check_paths_if_underlay_changed(&mut self, nodes: &[NodeInfo]) -> bool {
+        match routes::underlay_fingerprint() {
+            Ok(fingerprint) if Some(fingerprint) == self.underlay => false,
+            Ok(fingerprint) => {
+                let changed = self.check_paths(nodes);
+                self.underlay = Some(fingerprint);
+                changed
+            }
+            Err(err) => {
+                warn!(error = %err, "reading the underlay's addresses and routes");
+                false
+            }
+        }
+    }
+
+    /// Asks the kernel for its paths to nodes whose address it has not
+    /// been asked about yet: a single Node update costs no full re-check.
+    fn check_new_paths(&mut self, nodes: &[NodeInfo]) {
+        let current: std::collections::HashSet<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
+        self.paths.retain(|addr, _| current.contains(addr));
+        let new: Vec<Ipv4Addr> = current.into_iter().filter(|a| !self.paths.contains_key(a)).collect();
+        match routes::paths(self.applier.iface(), &new) {
+            Ok(paths) => self.paths.extend(paths),
+            Err(err) => warn!(error = %err, "asking the kernel for paths to new nodes"),
+        }
+    }
+
+    /// Re-asks the kernel for its paths to all nodes. Returns whether any
     /// changed.
     fn check_paths(&mut self, nodes: &[NodeInfo]) -> bool {
         let addrs: Vec<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();

@@ -8,6 +8,7 @@
 //! - `run`: build, then run the agent with the given arguments.
 
 mod lab;
+mod scale;
 mod setup;
 mod toolchain;
 
@@ -43,6 +44,9 @@ enum Task {
     /// Build everything, start a multi-node cluster in network namespaces
     /// (one agent per node), prove all-pairs pod connectivity, tear down.
     Lab(lab::LabArgs),
+    /// Agent scale benchmark: 5,000 Nodes through the test API server into
+    /// the maps; update latency; memory (docs/benchmarks/scale.md).
+    Scale(scale::ScaleArgs),
     /// Clippy over the user-space crates, warnings denied.
     Lint,
     /// Build everything, then run the agent on this machine with these
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Task::Build { release } => setup::setup().and_then(|_| build(release)),
         Task::Test { args } => setup::setup().and_then(|_| test(&args)),
         Task::Lab(args) => setup::setup().and_then(|_| lab::lab(&args)),
+        Task::Scale(args) => setup::setup().and_then(|_| scale::scale(&args)),
         Task::Lint => lint(),
         Task::Run { args } => setup::setup().and_then(|_| run_agent(&args)),
     };

@@ -1,0 +1,221 @@
+//! `cargo xtask scale`: how the agent copes with a large cluster.
+//!
+//! One agent in a throwaway namespace watches the test API server holding
+//! N Nodes (default 5,000). Measured: time from the agent's start until all
+//! N are in its ROUTES map (and routed), time from a Node update in the API
+//! server to the changed map entry, and the agent's resident memory. A
+//! benchmark, not a test: it reports, it does not assert.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use aya::maps::lpm_trie::Key;
+use clap::Parser;
+use overlay_tests::{NetNs, PinDir, apiserver::ApiServer, lab::ChildGuard};
+use serde_json::{Value, json};
+
+#[derive(Parser)]
+struct Args {
+    /// The overlay-agent binary (`cargo xtask scale` passes the release build).
+    #[arg(long)]
+    agent: PathBuf,
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 5000)]
+    nodes: u32,
+    /// Single-node updates to time.
+    #[arg(long, default_value_t = 50)]
+    updates: u32,
+    /// Write the report (markdown) here as well as to stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// Peer `k` (1-based): pod CIDR 10.(k/256).(k%256).0/24, address on the
+/// node's /16 so every peer is on-link.
+fn peer(k: u32, ip: Ipv4Addr) -> Value {
+    let cidr = format!("10.{}.{}.0/24", k / 256, k % 256);
+    json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": format!("node{k}"),
+            "annotations": {
+                "flannel.alpha.coreos.com/backend-type": "vxlan",
+                "flannel.alpha.coreos.com/backend-data": format!("{{\"VNI\":1,\"VtepMAC\":\"0e:00:{:02x}:{:02x}:00:01\"}}", k / 256, k % 256),
+                "flannel.alpha.coreos.com/public-ip": ip.to_string(),
+                "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+            },
+        },
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip.to_string()}],
+            "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-11-22T00:00:00Z"}],
+        },
+    })
+}
+
+fn peer_ip(k: u32, generation: u32) -> Ipv4Addr {
+    // 172.16.0.0/12 holds the node and every peer, on-link.
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + (generation << 16) + k + 1)
+}
+
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn main() {
+    let args = Args::parse();
+    let ns = NetNs::new();
+    ns.veth_pair("eth0", "peer0");
+    let _ = ns.ip(&["addr", "add", "172.16.0.1/12", "dev", "eth0"]);
+    let pins = PinDir::new();
+    let work = std::env::temp_dir().join(overlay_tests::unique_name("ovscale"));
+    std::fs::create_dir_all(&work).expect("work dir");
+    let _work_guard = WorkDir(work.clone());
+
+    let api = ApiServer::start(Some(&ns), SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    api.write_kubeconfig(&work.join("kubeconfig")).expect("kubeconfig");
+    std::fs::write(work.join("net-conf.json"), r#"{"Network": "10.0.0.0/8", "Backend": {"Type": "vxlan"}}"#).unwrap();
+    let mut me = peer(0, Ipv4Addr::new(172, 16, 0, 1));
+    me["metadata"]["name"] = "me".into();
+    api.apply(me);
+    let built = Instant::now();
+    for k in 1..=args.nodes {
+        api.apply(peer(k, peer_ip(k, 0)));
+    }
+    eprintln!("scale: {} Nodes in the API server ({:.1} s to create)", args.nodes, built.elapsed().as_secs_f64());
+
+    let log = work.join("agent.log");
+    let started = Instant::now();
+    let agent: Child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(&args.agent)
+        .args(["run", "--node-name", "me", "--iface", "eth0", "--metrics-addr", "127.0.0.1:9472"])
+        .arg("--kubeconfig")
+        .arg(work.join("kubeconfig"))
+        .arg("--net-conf")
+        .arg(work.join("net-conf.json"))
+        .arg("--subnet-file")
+        .arg(work.join("subnet.env"))
+        .arg("--bpffs-root")
+        .arg(pins.path())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("starting the agent");
+    let pid = agent.id();
+    let _agent = ChildGuard(agent);
+
+    // Until the ROUTES map holds every peer.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let maps = loop {
+        if let Ok(maps) = overlay_agent::maps::DatapathMaps::open(pins.path()) {
+            break maps;
+        }
+        assert!(Instant::now() < deadline, "the agent never created its maps:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let all_in_maps = loop {
+        let count = maps.routes.keys().count();
+        if count >= args.nodes as usize {
+            break started.elapsed();
+        }
+        assert!(Instant::now() < deadline, "only {count} of {} peers in ROUTES after 120 s:\n{}", args.nodes, std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let routes = loop {
+        let out = ns.ip(&["route", "show", "proto", "157"]);
+        let count = String::from_utf8_lossy(&out.stdout).lines().count();
+        if count >= args.nodes as usize {
+            break started.elapsed();
+        }
+        assert!(Instant::now() < deadline, "only {count} kernel routes after 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
+    let reconcile_us: Option<u64> = agent_log
+        .lines()
+        .find(|l| l.contains("reconciled") && l.contains(&format!("upserted={}", args.nodes)))
+        .and_then(|l| l.split("elapsed_us=").nth(1)?.split_whitespace().next()?.parse().ok());
+    let (rss_synced, _) = rss_kib(pid);
+
+    // One Node update at a time: a new address for node k, timed until
+    // its ROUTES entry carries it.
+    let mut latencies = Vec::new();
+    for u in 0..args.updates {
+        let k = 1 + (u * 97) % args.nodes;
+        let new_ip = peer_ip(k, 1 + u);
+        let mut node = api.get(&format!("node{k}")).expect("node");
+        node["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"] = new_ip.to_string().into();
+        node["status"]["addresses"][0]["address"] = new_ip.to_string().into();
+        let key = Key::new(24, [10, (k / 256) as u8, (k % 256) as u8, 0]);
+        let t0 = Instant::now();
+        api.apply(node);
+        loop {
+            if maps.routes.get(&key, 0).is_ok_and(|r| Ipv4Addr::from(r.node_ip) == new_ip) {
+                latencies.push(t0.elapsed());
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "update of node{k} never reached the map");
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    latencies.sort();
+    let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let (rss_end, hwm) = rss_kib(pid);
+
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let report = format!(
+        "# Agent scale\n\n\
+         `cargo xtask scale` (tests/src/bin/overlay-scale.rs): one agent (release build) watching the test API server \
+         (`tests/src/apiserver.rs`, real kube client and watcher in the agent) that holds {nodes} Nodes, all on-link VXLAN peers. \
+         Kernel {kernel}, {cpus} CPUs, shared machine.\n\n\
+         | measure | result | target |\n|---|---|---|\n\
+         | agent start → all {nodes} peers in the ROUTES map | {all:.2} s | < 2 s |\n\
+         | agent start → all {nodes} kernel routes installed | {routes:.2} s | |\n\
+         | the agent's own reconcile of the initial list (desired, diff, maps, one `ip -batch`) | {reconcile} | |\n\
+         | one Node update → its ROUTES entry, median of {updates} | {p50:.2} ms | < 10 ms |\n\
+         | one Node update → its ROUTES entry, p99 / max | {p99:.2} / {max:.2} ms | |\n\
+         | agent RSS after the initial sync / after the updates / peak | {rss_synced:.1} / {rss_end:.1} / {hwm:.1} MiB | < 100 MiB |\n\n\
+         The start time includes loading and verifying the eBPF programs and the paged list (500 per page).\n",
+        nodes = args.nodes,
+        kernel = kernel.trim(),
+        all = all_in_maps.as_secs_f64(),
+        routes = routes.as_secs_f64(),
+        reconcile = reconcile_us.map_or("-".to_owned(), |us| format!("{:.2} s", us as f64 / 1e6)),
+        updates = latencies.len(),
+        p50 = pick(0.5).as_secs_f64() * 1e3,
+        p99 = pick(0.99).as_secs_f64() * 1e3,
+        max = latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        rss_synced = rss_synced as f64 / 1024.0,
+        rss_end = rss_end as f64 / 1024.0,
+        hwm = hwm as f64 / 1024.0,
+    );
+    println!("{report}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, &report).expect("writing the report");
+        eprintln!("scale: wrote {}", out.display());
+    }
+}
+
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

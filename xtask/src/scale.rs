@@ -1,0 +1,30 @@
+//! `cargo xtask scale`: build the agent (release) and run the agent-scale
+//! benchmark (`overlay-tests`' `overlay-scale` binary): N Nodes through the
+//! test API server, time to the maps, update latency, memory.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+#[derive(clap::Args)]
+pub struct ScaleArgs {
+    /// Arguments for the benchmark: --nodes N (5000), --updates N (50),
+    /// --out FILE (e.g. docs/benchmarks/scale.md).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
+}
+
+pub fn scale(args: &ScaleArgs) -> anyhow::Result<()> {
+    crate::cargo(&["build", "--release", "--package", "overlay-agent", "--package", "overlay-tests", "--bin", "overlay-agent", "--bin", "overlay-scale"])?;
+    let root = crate::workspace_root();
+    let status = Command::new(root.join("target/release/overlay-scale"))
+        .arg("--agent")
+        .arg(root.join("target/release/overlay-agent"))
+        .args(&args.args)
+        .status()
+        .context("running the scale benchmark")?;
+    if !status.success() {
+        bail!("the scale benchmark failed ({status})");
+    }
+    Ok(())
+}
