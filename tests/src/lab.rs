@@ -47,10 +47,12 @@ pub struct LabSpec {
     pub backend: String,
     /// The agents' `--direct-routing`.
     pub direct_routing: bool,
-    /// How many nodes (the last ones) run flannel's kernel vxlan device,
-    /// programmed exactly as flannel's vxlan backend does, instead of our
-    /// agent.
+    /// How many nodes (the last ones) are programmed by the kernel alone,
+    /// exactly as flannel's backend does, instead of by our agent.
     pub flannel_nodes: usize,
+    /// The flannel nodes' backend: `vxlan` (the kernel vxlan device
+    /// `flannel.1`) or `host-gw` (plain routes via the peers' node IPs).
+    pub flannel_backend: String,
 }
 
 impl LabSpec {
@@ -62,6 +64,7 @@ impl LabSpec {
             decap: "auto".to_owned(),
             prefix: crate::unique_name("ovlab"),
             flannel_nodes: 0,
+            flannel_backend: "vxlan".to_owned(),
             topology: Topology::Flat,
             backend: "vxlan".to_owned(),
             direct_routing: false,
@@ -89,7 +92,8 @@ pub struct LabPod {
 
 pub struct LabNode {
     pub name: String,
-    /// Runs flannel's kernel vxlan device rather than our agent.
+    /// Programmed as flannel does (kernel vxlan device or host-gw routes,
+    /// per [`LabSpec::flannel_backend`]) rather than by our agent.
     pub flannel: bool,
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
@@ -260,7 +264,8 @@ impl Lab {
     pub fn write_manifest(&self, i: usize) {
         let node = &self.nodes[i];
         let mac = overlay_agent::node::format_mac(self.vtep_mac(i));
-        let (backend, data) = if self.spec.backend == "host-gw" && !node.flannel {
+        let backend = if node.flannel { &self.spec.flannel_backend } else { &self.spec.backend };
+        let (backend, data) = if backend == "host-gw" {
             ("host-gw", "null".to_owned())
         } else {
             ("vxlan", format!("{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}"))
@@ -278,13 +283,20 @@ impl Lab {
     }
 
     /// Programs flannel node `i` from the Node manifests exactly as
-    /// flannel's vxlan backend does: `flannel.1` (VNI 1, port 8472,
+    /// flannel's backend does. vxlan: `flannel.1` (VNI 1, port 8472,
     /// learning off) with the advertised VtepMAC and `<podCIDR>.0/32`, and
     /// per peer a permanent neighbour, an FDB entry and an onlink route.
+    /// host-gw: per peer `<podCIDR> via <node IP> dev eth0`.
     fn program_flannel_node(&self, i: usize) -> Result<(), String> {
         let scan = overlay_agent::manifests::scan(&self.nodes_dir).map_err(|e| e.to_string())?;
         let me = scan.nodes.iter().find(|n| n.name == self.nodes[i].name).ok_or("own manifest missing")?;
         let ns = &self.nodes[i].ns;
+        if self.spec.flannel_backend == "host-gw" {
+            for peer in scan.nodes.iter().filter(|n| n.name != me.name) {
+                let _ = ns.ip(&["route", "replace", &peer.pod_cidr.to_string(), "via", &peer.node_ip.to_string(), "dev", "eth0"]);
+            }
+            return Ok(());
+        }
         let mac = overlay_agent::node::format_mac(me.vtep_mac.ok_or("no VtepMAC annotated")?);
         let _ = ns.ip(&["link", "add", "flannel.1", "address", &mac, "type", "vxlan", "id", "1", "local", &me.node_ip.to_string(), "dev", "eth0", "dstport", "8472", "nolearning"]);
         let _ = ns.ip(&["link", "set", "flannel.1", "mtu", &POD_MTU.to_string(), "up"]);
@@ -307,7 +319,9 @@ impl Lab {
         self.agents[i] = Some(agent);
         let peers = self.nodes.len() - 1;
         self.wait_for_routes(i, peers, Duration::from_secs(10))?;
-        let _ = self.nodes[i].ns.ip(&["link", "del", "flannel.1"]);
+        if self.spec.flannel_backend == "vxlan" {
+            let _ = self.nodes[i].ns.ip(&["link", "del", "flannel.1"]);
+        }
         self.nodes[i].flannel = false;
         Ok(())
     }
@@ -514,6 +528,11 @@ impl Lab {
     /// Keeps everything up after the process exits (for `lab --keep`).
     pub fn leak(self) {
         std::mem::forget(self);
+    }
+
+    /// What the lab was built from.
+    pub fn spec(&self) -> &LabSpec {
+        &self.spec
     }
 
     pub fn work_dir(&self) -> &Path {
