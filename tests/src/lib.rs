@@ -5,6 +5,7 @@
 //! Every name carries the test process id and a counter, so tests can run in
 //! parallel and next to a developer's own namespaces.
 
+pub mod bench;
 pub mod lab;
 
 use std::{
