@@ -581,15 +581,23 @@ impl Capture {
     }
 }
 
-/// Makes an underlay port carry MTU-sized frames, as a real wire does: veth
-/// would otherwise pass 64 KB GSO packets from node to node, which flatters
-/// any path that never segments (docs/datapath.md).
+/// Makes an underlay port behave like a switch port on a wire.
+///
+/// - MTU-sized frames: veth would otherwise pass 64 KB GSO packets from
+///   node to node, which flatters any path that never segments
+///   (docs/datapath.md).
+/// - A packet queue: with GRO or XDP on the node's eth0, veth delivers
+///   through a 256-entry ring, and with veth's default `noqueue` a full
+///   ring drops. Four TCP streams lost 100 000 packets in 4 s that way
+///   and measured the ring, not the path. With a qdisc, veth (6.16+) stops
+///   the queue instead, as a switch buffers.
 fn wire_like(underlay: &NetNs, port: &str) {
     let _ = run(
         "ip",
         &["netns", "exec", underlay.name(), "ethtool", "-K", port, "tso", "off", "gso", "off",
           "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off"],
     );
+    let _ = run("ip", &["netns", "exec", underlay.name(), "tc", "qdisc", "replace", "dev", port, "root", "pfifo", "limit", "1000"]);
 }
 
 /// Kills and reaps a child process on drop.
