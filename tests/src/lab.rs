@@ -50,14 +50,16 @@ pub struct LabSpec {
     pub backend: String,
     /// The agents' `--direct-routing`.
     pub direct_routing: bool,
-    /// How many nodes (the last ones) run flannel's kernel vxlan device,
-    /// programmed exactly as flannel's vxlan backend does, instead of our
-    /// agent.
+    /// How many nodes (the last ones) are programmed by the kernel alone,
+    /// exactly as flannel's backend does, instead of by our agent.
     pub flannel_nodes: usize,
     /// Serve the Nodes from the test API server (in the underlay namespace,
     /// at [`API_ADDR`]) and run the agents with `--kubeconfig` and
     /// `--net-conf`, instead of a manifest directory.
     pub kubernetes: bool,
+    /// The flannel nodes' backend: `vxlan` (the kernel vxlan device
+    /// `flannel.1`) or `host-gw` (plain routes via the peers' node IPs).
+    pub flannel_backend: String,
 }
 
 impl LabSpec {
@@ -69,6 +71,7 @@ impl LabSpec {
             decap: "auto".to_owned(),
             prefix: crate::unique_name("ovlab"),
             flannel_nodes: 0,
+            flannel_backend: "vxlan".to_owned(),
             topology: Topology::Flat,
             backend: "vxlan".to_owned(),
             direct_routing: false,
@@ -104,7 +107,8 @@ pub struct LabPod {
 
 pub struct LabNode {
     pub name: String,
-    /// Runs flannel's kernel vxlan device rather than our agent.
+    /// Programmed as flannel does (kernel vxlan device or host-gw routes,
+    /// per [`LabSpec::flannel_backend`]) rather than by our agent.
     pub flannel: bool,
     pub ip: Ipv4Addr,
     pub pod_cidr: String,
@@ -292,7 +296,8 @@ impl Lab {
     pub fn write_manifest(&self, i: usize) {
         let node = &self.nodes[i];
         let mac = overlay_agent::node::format_mac(self.vtep_mac(i));
-        let (backend, data) = if self.spec.backend == "host-gw" && !node.flannel {
+        let backend = if node.flannel { &self.spec.flannel_backend } else { &self.spec.backend };
+        let (backend, data) = if backend == "host-gw" {
             ("host-gw", "null".to_owned())
         } else {
             ("vxlan", format!("{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}"))
@@ -370,13 +375,20 @@ impl Lab {
     }
 
     /// Programs flannel node `i` from the Node manifests exactly as
-    /// flannel's vxlan backend does: `flannel.1` (VNI 1, port 8472,
+    /// flannel's backend does. vxlan: `flannel.1` (VNI 1, port 8472,
     /// learning off) with the advertised VtepMAC and `<podCIDR>.0/32`, and
     /// per peer a permanent neighbour, an FDB entry and an onlink route.
+    /// host-gw: per peer `<podCIDR> via <node IP> dev eth0`.
     fn program_flannel_node(&self, i: usize) -> Result<(), String> {
         let scan = overlay_agent::manifests::scan(&self.nodes_dir).map_err(|e| e.to_string())?;
         let me = scan.nodes.iter().find(|n| n.name == self.nodes[i].name).ok_or("own manifest missing")?;
         let ns = &self.nodes[i].ns;
+        if self.spec.flannel_backend == "host-gw" {
+            for peer in scan.nodes.iter().filter(|n| n.name != me.name) {
+                let _ = ns.ip(&["route", "replace", &peer.pod_cidr.to_string(), "via", &peer.node_ip.to_string(), "dev", "eth0"]);
+            }
+            return Ok(());
+        }
         let mac = overlay_agent::node::format_mac(me.vtep_mac.ok_or("no VtepMAC annotated")?);
         let _ = ns.ip(&["link", "add", "flannel.1", "address", &mac, "type", "vxlan", "id", "1", "local", &me.node_ip.to_string(), "dev", "eth0", "dstport", "8472", "nolearning"]);
         let _ = ns.ip(&["link", "set", "flannel.1", "mtu", &POD_MTU.to_string(), "up"]);
@@ -399,7 +411,9 @@ impl Lab {
         self.agents[i] = Some(agent);
         let peers = self.nodes.len() - 1;
         self.wait_for_routes(i, peers, Duration::from_secs(10))?;
-        let _ = self.nodes[i].ns.ip(&["link", "del", "flannel.1"]);
+        if self.spec.flannel_backend == "vxlan" {
+            let _ = self.nodes[i].ns.ip(&["link", "del", "flannel.1"]);
+        }
         self.nodes[i].flannel = false;
         Ok(())
     }
@@ -679,6 +693,11 @@ impl Lab {
         std::mem::forget(self);
     }
 
+    /// What the lab was built from.
+    pub fn spec(&self) -> &LabSpec {
+        &self.spec
+    }
+
     pub fn work_dir(&self) -> &Path {
         &self.work_dir.0
     }
@@ -725,15 +744,23 @@ impl Capture {
     }
 }
 
-/// Makes an underlay port carry MTU-sized frames, as a real wire does: veth
-/// would otherwise pass 64 KB GSO packets from node to node, which flatters
-/// any path that never segments (docs/datapath.md).
+/// Makes an underlay port behave like a switch port on a wire.
+///
+/// - MTU-sized frames: veth would otherwise pass 64 KB GSO packets from
+///   node to node, which flatters any path that never segments
+///   (docs/datapath.md).
+/// - A packet queue: with GRO or XDP on the node's eth0, veth delivers
+///   through a 256-entry ring, and with veth's default `noqueue` a full
+///   ring drops. Four TCP streams lost 100 000 packets in 4 s that way
+///   and measured the ring, not the path. With a qdisc, veth (6.16+) stops
+///   the queue instead, as a switch buffers.
 fn wire_like(underlay: &NetNs, port: &str) {
     let _ = run(
         "ip",
         &["netns", "exec", underlay.name(), "ethtool", "-K", port, "tso", "off", "gso", "off",
           "tx-udp_tnl-segmentation", "off", "tx-udp_tnl-csum-segmentation", "off"],
     );
+    let _ = run("ip", &["netns", "exec", underlay.name(), "tc", "qdisc", "replace", "dev", port, "root", "pfifo", "limit", "1000"]);
 }
 
 /// Kills and reaps a child process on drop.

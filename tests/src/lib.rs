@@ -6,6 +6,7 @@
 //! parallel and next to a developer's own namespaces.
 
 pub mod apiserver;
+pub mod bench;
 pub mod lab;
 
 use std::{

@@ -4,9 +4,11 @@
 //! - `build`: build the workspace with the real eBPF programs.
 //! - `test`: setup, then every test (the README's test command; CI runs it).
 //! - `lab`: setup, build, then the multi-node lab (see `tests/src/lab.rs`).
+//! - `bench`: setup, release build, then the benchmark (`tests/src/bench.rs`).
 //! - `lint`: clippy over the user-space crates.
 //! - `run`: build, then run the agent with the given arguments.
 
+mod bench;
 mod lab;
 mod scale;
 mod setup;
@@ -47,6 +49,9 @@ enum Task {
     /// Agent scale benchmark: 5,000 Nodes through the test API server into
     /// the maps; update latency; memory (docs/benchmarks/scale.md).
     Scale(scale::ScaleArgs),
+    /// Benchmark raw underlay, kernel host-gw, flannel's kernel vxlan and our
+    /// datapath side by side, interleaved; writes docs/benchmarks/.
+    Bench(bench::BenchArgs),
     /// Clippy over the user-space crates, warnings denied.
     Lint,
     /// Build everything, then run the agent on this machine with these
@@ -66,6 +71,7 @@ fn main() -> ExitCode {
         Task::Test { args } => setup::setup().and_then(|_| test(&args)),
         Task::Lab(args) => setup::setup().and_then(|_| lab::lab(&args)),
         Task::Scale(args) => setup::setup().and_then(|_| scale::scale(&args)),
+        Task::Bench(args) => setup::setup().and_then(|_| bench::bench(&args)),
         Task::Lint => lint(),
         Task::Run { args } => setup::setup().and_then(|_| run_agent(&args)),
     };

@@ -40,6 +40,10 @@ struct Args {
     /// device, programmed as flannel does from the same Node manifests.
     #[arg(long, default_value_t = 0)]
     flannel_nodes: u8,
+    /// The flannel nodes' backend: vxlan (kernel vxlan device) or host-gw
+    /// (kernel routes).
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
+    flannel_backend: String,
     /// Underlay shape: flat (one segment) or routed (two subnets joined by
     /// a router namespace).
     #[arg(long, value_enum, default_value_t = TopologyArg::Flat)]
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     spec.flannel_nodes = args.flannel_nodes.into();
+    spec.flannel_backend = args.flannel_backend;
     spec.topology = match args.topology {
         TopologyArg::Flat => Topology::Flat,
         TopologyArg::Routed => Topology::Routed,
@@ -111,7 +116,8 @@ fn main() -> ExitCode {
     };
     for (i, node) in lab.nodes.iter().enumerate() {
         if node.flannel {
-            println!("  {} ({}) pods {} on {}: flannel.1 (kernel vxlan), as flannel programs it", node.name, node.ns.name(), node.pod_cidr, node.ip);
+            let what = if lab.spec().flannel_backend == "host-gw" { "host-gw routes" } else { "flannel.1 (kernel vxlan)" };
+            println!("  {} ({}) pods {} on {}: {what}, as flannel programs it", node.name, node.ns.name(), node.pod_cidr, node.ip);
         } else {
             println!("  {} ({}) pods {} on {}: overlay agent, routes {:?}", node.name, node.ns.name(), node.pod_cidr, node.ip, lab.agent_routes(i));
         }
