@@ -33,6 +33,10 @@ enum Command {
         /// The subnet.env the agent wrote (removed if present).
         #[arg(long, default_value = DEFAULT_SUBNET_FILE)]
         subnet_file: PathBuf,
+        /// Leave subnet.env alone (e.g. when rolling back to flannel, whose
+        /// flanneld has written its own).
+        #[arg(long)]
+        keep_subnet_file: bool,
     },
     /// Print the pinned maps as tables: config, peers, routes, counters.
     /// Reads the pins, so it works while the agent is stopped.
@@ -156,7 +160,9 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run::run(args),
         Command::Inspect { bpffs_root } => inspect::inspect(&bpffs_root),
-        Command::Cleanup { bpffs_root, subnet_file } => cleanup(&bpffs_root, &subnet_file),
+        Command::Cleanup { bpffs_root, subnet_file, keep_subnet_file } => {
+            cleanup(&bpffs_root, (!keep_subnet_file).then_some(subnet_file.as_path()))
+        }
         Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),
     };
     match result {
@@ -170,13 +176,14 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn cleanup(root: &std::path::Path, subnet_file: &std::path::Path) -> anyhow::Result<()> {
+fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let layout = overlay_agent::bpffs::PinLayout::new(root);
     let interfaces = layout.linked_interfaces();
     Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
     println!("detached from {} and removed the pins under {}", if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") }, root.display());
     let removed = overlay_agent::routes::remove_owned().context("removing the agent's routes")?;
     println!("removed {removed} routes (proto {})", overlay_agent::routes::ROUTE_PROTO);
+    let Some(subnet_file) = subnet_file else { return Ok(()) };
     match std::fs::remove_file(subnet_file) {
         Ok(()) => println!("removed {}", subnet_file.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
