@@ -118,11 +118,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         source = if matches!(source, Source::Dir(_)) { "manifests" } else { "kubernetes" },
         "starting"
     );
-    if agent.datapath.maps_adopted() {
-        // The maps hold the cluster's state from the previous run: swap the
-        // new programs in now, even if the API server is unreachable.
-        agent.attach()?;
-    }
+    // Attach (or swap into the pinned links) before anything is applied:
+    // adopted maps hold the cluster's state from the previous run, so the
+    // new programs serve at once, even with the API server unreachable;
+    // fresh maps are unconfigured, and unconfigured programs pass all
+    // traffic. Kernel routes toward peers come only after this, so no
+    // packet is routed to the underlay without its encapsulation.
+    agent.attach()?;
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut poll = tokio::time::interval(POLL);
@@ -451,12 +453,6 @@ impl Agent {
                 elapsed_us = elapsed.as_micros() as u64,
                 "reconciled"
             );
-        }
-        if self.attached.is_none()
-            && let Err(err) = self.attach()
-        {
-            error!(error = %format!("{err:#}"), "attaching the datapath; will retry");
-            return None;
         }
         if let (Some(path), Some(network)) = (&self.subnet_file, self.settings.network) {
             let env = netconf::subnet_env(network, desired.local_pod_cidr, desired.inner_mtu);
