@@ -237,8 +237,8 @@ impl Test {
     }
 }
 
-/// CPU time the whole machine spent, from the first line of /proc/stat, in
-/// seconds summed over CPUs.
+/// CPU time spent, from /proc/stat: one CPU's line, or the summary line of
+/// all CPUs (seconds summed over them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuTimes {
     pub user: f64,
@@ -248,12 +248,16 @@ pub struct CpuTimes {
 }
 
 impl CpuTimes {
-    pub fn now() -> Result<Self, String> {
+    pub fn now(cpu: Option<usize>) -> Result<Self, String> {
         let text = std::fs::read_to_string("/proc/stat").map_err(|e| format!("reading /proc/stat: {e}"))?;
-        let line = text.lines().next().unwrap_or_default();
+        let name = cpu.map_or_else(|| "cpu".to_owned(), |n| format!("cpu{n}"));
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+            .ok_or_else(|| format!("/proc/stat has no `{name}` line"))?;
         let fields: Vec<f64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-        if !line.starts_with("cpu ") || fields.len() < 7 {
-            return Err(format!("/proc/stat does not start with the cpu summary line: {line:?}"));
+        if fields.len() < 7 {
+            return Err(format!("/proc/stat: `{name}` has too few fields: {line:?}"));
         }
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -334,6 +338,9 @@ pub struct Meta {
     /// The nice level the tools ran at.
     #[serde(default)]
     pub tool_nice: String,
+    /// The CPU every tool was pinned to, if any.
+    #[serde(default)]
+    pub pinned_cpu: Option<usize>,
 }
 
 /// Everything a run produced.
@@ -357,6 +364,8 @@ pub struct Config {
     pub quick: bool,
     /// Prefix of every namespace and pin directory created.
     pub prefix: String,
+    /// Pin every tool to this CPU and account CPU time on it alone.
+    pub cpu: Option<usize>,
     /// Set from a signal handler: stop at the next step and clean up.
     pub interrupted: &'static AtomicBool,
     /// The command line, for the report.
@@ -368,6 +377,8 @@ struct Endpoints {
     client: String,
     server: String,
     server_ip: Ipv4Addr,
+    /// The CPU both ends run on, if pinned.
+    cpu: Option<usize>,
 }
 
 /// Builds the labs, measures, tears down.
@@ -382,6 +393,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
     meta.underlay_mtu = UNDERLAY_MTU;
     meta.pod_mtu = POD_MTU;
     meta.tool_nice = TOOL_NICE.to_owned();
+    meta.pinned_cpu = config.cpu;
 
     // One lab per distinct setup, all up for the whole run: switching
     // between variants costs nothing, so rounds can interleave them.
@@ -396,7 +408,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
         labs.push((*setup, lab));
     }
     let lab_of = |v: Variant| &labs.iter().find(|(s, _)| *s == v.setup()).expect("a lab per setup").1;
-    let endpoints: Vec<(Variant, Endpoints)> = config.variants.iter().map(|&v| (v, endpoints(v, lab_of(v)))).collect();
+    let endpoints: Vec<(Variant, Endpoints)> = config.variants.iter().map(|&v| (v, endpoints(v, lab_of(v), config.cpu))).collect();
     for (v, ends) in &endpoints {
         // Also resolves neighbours before anything is timed.
         if !ping(&ends.client, ends.server_ip) {
@@ -408,9 +420,9 @@ pub fn run(config: &Config) -> Result<Report, String> {
     let mut background = Vec::new();
     for round in 0..config.repeats {
         check_interrupted(config)?;
-        let before = CpuTimes::now()?;
+        let before = CpuTimes::now(config.cpu)?;
         std::thread::sleep(Duration::from_secs(config.seconds.into()));
-        background.push(CpuTimes::now()?.since(before));
+        background.push(CpuTimes::now(config.cpu)?.since(before));
         for test in Test::ALL {
             for k in 0..endpoints.len() {
                 let (variant, ends) = &endpoints[(round + k) % endpoints.len()];
@@ -475,12 +487,12 @@ fn start_lab(setup: Setup, config: &Config, n: usize) -> Result<Lab, String> {
     Lab::start(spec).map_err(|e| format!("lab for {setup:?} failed to start: {e}"))
 }
 
-fn endpoints(variant: Variant, lab: &Lab) -> Endpoints {
+fn endpoints(variant: Variant, lab: &Lab, cpu: Option<usize>) -> Endpoints {
     let (a, b) = (&lab.nodes[0], &lab.nodes[1]);
     if variant == Variant::Raw {
-        Endpoints { client: a.ns.name().to_owned(), server: b.ns.name().to_owned(), server_ip: b.ip }
+        Endpoints { client: a.ns.name().to_owned(), server: b.ns.name().to_owned(), server_ip: b.ip, cpu }
     } else {
-        Endpoints { client: a.pods[0].ns.name().to_owned(), server: b.pods[0].ns.name().to_owned(), server_ip: b.pods[0].ip }
+        Endpoints { client: a.pods[0].ns.name().to_owned(), server: b.pods[0].ns.name().to_owned(), server_ip: b.pods[0].ip, cpu }
     }
 }
 
@@ -576,15 +588,18 @@ fn in_ns(ns: &str, program: &str) -> Command {
     cmd
 }
 
-/// The nice level of the measuring tools. The machines are shared with
-/// compilers: at nice 0 they took half the CPU from a test and turned
-/// latency medians bimodal. Ahead of them, the packets' own cost shows.
+/// The nice level of the measuring tools: the machines are shared with
+/// compilers, and ahead of them the packets' own cost shows.
 pub const TOOL_NICE: &str = "-10";
 
-/// A measuring tool in `ns`, at [`TOOL_NICE`].
-fn tool(ns: &str, program: &str) -> Command {
+/// A measuring tool in `ns`, at [`TOOL_NICE`], on the pinned CPU if any.
+fn tool(ns: &str, program: &str, cpu: Option<usize>) -> Command {
     let mut cmd = in_ns(ns, "nice");
-    cmd.args(["-n", TOOL_NICE, program]);
+    cmd.args(["-n", TOOL_NICE]);
+    if let Some(cpu) = cpu {
+        cmd.args(["taskset", "-c", &cpu.to_string()]);
+    }
+    cmd.arg(program);
     cmd
 }
 
@@ -599,8 +614,8 @@ fn ping(ns: &str, to: Ipv4Addr) -> bool {
 
 /// Starts a server in `ns` and waits until it listens on `port` (a fixed
 /// sleep is either slow or, on a loaded machine, too short).
-fn server(ns: &str, program: &str, args: &[&str], port: u16, tcp: bool) -> Result<ChildGuard, String> {
-    let child = tool(ns, program)
+fn server(ns: &str, program: &str, args: &[&str], port: u16, tcp: bool, cpu: Option<usize>) -> Result<ChildGuard, String> {
+    let child = tool(ns, program, cpu)
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -624,13 +639,13 @@ fn server(ns: &str, program: &str, args: &[&str], port: u16, tcp: bool) -> Resul
     }
 }
 
-/// Runs a client, sampling the machine's CPU right around it.
-fn timed_client(mut cmd: Command) -> Result<(Output, CpuTimes, f64), String> {
-    let before = CpuTimes::now()?;
+/// Runs a client, sampling the CPU (the pinned one, or all) right around it.
+fn timed_client(mut cmd: Command, cpu: Option<usize>) -> Result<(Output, CpuTimes, f64), String> {
+    let before = CpuTimes::now(cpu)?;
     let started = Instant::now();
     let out = cmd.output().map_err(|e| format!("running {cmd:?}: {e}"))?;
     let wall = started.elapsed().as_secs_f64();
-    let cpu = CpuTimes::now()?.since(before);
+    let cpu = CpuTimes::now(cpu)?.since(before);
     Ok((out, cpu, wall))
 }
 
@@ -639,10 +654,10 @@ const SOCKPERF_PORT: u16 = 11111;
 
 fn iperf3(ends: &Endpoints, args: &[&str], seconds: u32) -> Result<(serde_json::Value, CpuTimes, f64), String> {
     let ip = ends.server_ip.to_string();
-    let _server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true)?;
-    let mut cmd = tool(&ends.client, "iperf3");
+    let _server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
+    let mut cmd = tool(&ends.client, "iperf3", ends.cpu);
     cmd.args(["-c", &ip, "-t", &seconds.to_string(), "-J", "--connect-timeout", "3000"]).args(args);
-    let (out, cpu, wall) = timed_client(cmd)?;
+    let (out, cpu, wall) = timed_client(cmd, ends.cpu)?;
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("iperf3 printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))?;
     if let Some(error) = json["error"].as_str() {
@@ -664,10 +679,10 @@ fn sockperf_ping_pong(ends: &Endpoints, tcp: bool, seconds: u32) -> Result<(f64,
         server_args.push("--tcp");
         client_args.push("--tcp");
     }
-    let _server = server(&ends.server, "sockperf", &server_args, SOCKPERF_PORT, tcp)?;
-    let mut cmd = tool(&ends.client, "sockperf");
+    let _server = server(&ends.server, "sockperf", &server_args, SOCKPERF_PORT, tcp, ends.cpu)?;
+    let mut cmd = tool(&ends.client, "sockperf", ends.cpu);
     cmd.args(&client_args);
-    let (out, cpu, wall) = timed_client(cmd)?;
+    let (out, cpu, wall) = timed_client(cmd, ends.cpu)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
         return Err(format!("sockperf pp failed ({}): {text}", out.status));
@@ -801,12 +816,17 @@ impl Report {
         self.records.iter().map(|r| r.round + 1).max().unwrap_or(0)
     }
 
+    /// How many CPUs the CPU figures cover: the pinned one, or all.
+    fn accounted_cpus(&self) -> f64 {
+        if self.meta.pinned_cpu.is_some() { 1.0 } else { self.meta.cpus.max(1) as f64 }
+    }
+
     /// The background CPU share of the machine, median over rounds.
     fn background_share(&self) -> Option<f64> {
         let mut shares: Vec<f64> = self
             .background
             .iter()
-            .map(|c| c.kernel() / (f64::from(self.meta.seconds) * self.meta.cpus.max(1) as f64))
+            .map(|c| c.kernel() / (f64::from(self.meta.seconds) * self.accounted_cpus()))
             .collect();
         if shares.is_empty() {
             return None;
@@ -822,7 +842,7 @@ impl Report {
             .records
             .iter()
             .filter(|r| r.test != Test::UdpPingPong.key() && r.test != Test::TcpPingPong.key() && r.wall > 0.0)
-            .map(|r| r.cpu.user / (r.wall * self.meta.cpus.max(1) as f64))
+            .map(|r| r.cpu.user / (r.wall * self.accounted_cpus()))
             .collect();
         if shares.is_empty() {
             return None;
@@ -835,7 +855,7 @@ impl Report {
         let mut shares: Vec<f64> = self
             .background
             .iter()
-            .map(|c| c.user / (f64::from(self.meta.seconds) * self.meta.cpus.max(1) as f64))
+            .map(|c| c.user / (f64::from(self.meta.seconds) * self.accounted_cpus()))
             .collect();
         if shares.is_empty() {
             return None;
@@ -898,16 +918,20 @@ pub fn render_markdown(report: &Report) -> String {
     );
     let _ = writeln!(s, "- **When:** {} (commit `{}`), {:.0} min of wall time.", m.date, m.commit, m.duration / 60.0);
     let _ = writeln!(s, "- **Machine:** Linux {}; {} × {}; {} RAM. Tools: {}.", m.kernel, m.cpus, m.cpu_model, m.memory, m.tools);
+    let scope = match m.pinned_cpu {
+        Some(cpu) => format!("CPU {cpu} (the one the tools ran on)"),
+        None => "the machine".to_owned(),
+    };
     let background = report.background_share().map_or_else(String::new, |share| {
         format!(
-            " In an idle window of {} s per round the machine spent a median {:.0} % of its CPUs in the kernel and {:.0} % in user space on other work (other jobs, our idle agents).",
+            " In an idle window of {} s per round, {scope} spent a median {:.0} % of its time in the kernel and {:.0} % in user space on other work (other jobs, our idle agents).",
             m.seconds,
             share * 100.0,
             report.background_user_share().unwrap_or(0.0) * 100.0
         )
     });
     let during = report.user_share_during_tests().map_or_else(String::new, |share| {
-        format!(" While iperf3 ran, user-space time (our tools use little) was a median {:.0} % of the machine.", share * 100.0)
+        format!(" While iperf3 ran, user-space time (ours is small) took a median {:.0} % of {scope}.", share * 100.0)
     });
     let _ = writeln!(
         s,
@@ -916,15 +940,24 @@ pub fn render_markdown(report: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "- **Lab:** the `cargo xtask lab` code: two nodes in network namespaces on a veth/bridge underlay, **underlay MTU {}**, wire-like (TSO/GSO off on the underlay ports, so frames between nodes are MTU-sized; GRO on at the nodes, as on NICs); one pod per node behind a `cni0` bridge, **pod MTU {}** in every pod variant.",
+        "- **Lab:** the `cargo xtask lab` code: two nodes in network namespaces on a veth/bridge underlay, **underlay MTU {}**, wire-like (TSO/GSO off on the underlay ports, so frames between nodes are MTU-sized; a packet queue on them, as a switch buffers; GRO on at the nodes, as on NICs); one pod per node behind a `cni0` bridge, **pod MTU {}** in every pod variant.",
         m.underlay_mtu, m.pod_mtu
     );
+    let pinning = match m.pinned_cpu {
+        Some(cpu) => format!(
+            "Every tool, client and server, runs on CPU {cpu} at nice {}; veth hands packets on in the sender's context, so all of a test's packet processing runs there too, and throughput is the inverse of the path's CPU cost. CPU cost is CPU {cpu}'s system + softirq + irq time (from `/proc/stat`) while the client ran, per Gbit or packet received.",
+            m.tool_nice
+        ),
+        None => format!(
+            "The tools run unpinned at nice {}. CPU cost is the system + softirq + irq time of all CPUs (from `/proc/stat`) while the client ran, per Gbit or packet received: the whole machine's kernel time, so other load inflates it for every variant.",
+            m.tool_nice
+        ),
+    };
     let _ = writeln!(
         s,
-        "- **Method:** {} round(s) of {} s per test. Each round runs every test once per variant, the variant order rotated by one each round, so drift in the machine's load falls on all variants alike. The tools run at nice {}, ahead of other jobs. Figures are medians over rounds, with the min–max spread; ratios are paired by round. CPU cost is the system + softirq + irq time of all CPUs (from `/proc/stat`) while the client ran, divided by the Gbit or packets received: the whole machine's kernel time, so other load inflates it for every variant.\n",
+        "- **Method:** {} round(s) of {} s per test. Each round runs every test once per variant, the variant order rotated by one each round, so drift in the machine's load falls on all variants alike. Figures are medians over rounds, with the min–max spread; ratios are paired by round. {pinning}\n",
         report.rounds(),
         m.seconds,
-        m.tool_nice
     );
 
     let _ = writeln!(s, "## Variants\n");

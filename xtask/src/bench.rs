@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// host-gw-xdp.
     #[arg(long)]
     variants: Option<String>,
+    /// The CPU the tools run on and whose time is accounted (default: the
+    /// last), or `all` for no pinning.
+    #[arg(long)]
+    cpu: Option<String>,
     /// Measure nothing: re-render results.md and results.svg from this
     /// results.json.
     #[arg(long)]
@@ -58,6 +62,9 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(variants) = &args.variants {
         cmd.args(["--variants", variants]);
+    }
+    if let Some(cpu) = &args.cpu {
+        cmd.args(["--cpu", cpu]);
     }
     if let Some(render) = &args.render {
         cmd.arg("--render").arg(std::path::absolute(render).context("resolving --render")?);

@@ -38,6 +38,12 @@ struct Args {
     /// host-gw-xdp.
     #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_VARIANTS.map(|v| v.key().to_owned()))]
     variants: Vec<String>,
+    /// The CPU every tool runs on (and whose time is accounted), or `all`
+    /// for no pinning. Default: the last CPU. On one CPU a ping-pong is a
+    /// context switch; across this VM's vCPUs it is a wake-up that took
+    /// 35–260 µs instead of 13 µs, at random.
+    #[arg(long, default_value = "last")]
+    cpu: String,
     /// Directory for results.md, results.json and results.svg.
     #[arg(long, default_value = "docs/benchmarks")]
     out: PathBuf,
@@ -92,6 +98,15 @@ fn run(args: Args) -> Result<(), String> {
     if repeats == 0 || seconds == 0 {
         return Err("--repeats and --seconds must be at least 1".to_owned());
     }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let cpu = match args.cpu.as_str() {
+        "all" => None,
+        "last" => Some(cpus - 1),
+        n => match n.parse::<usize>() {
+            Ok(n) if n < cpus => Some(n),
+            _ => return Err(format!("--cpu {n}: not `all`, `last` or a CPU number below {cpus}")),
+        },
+    };
     // Ctrl-C also reaches the agents and the tools (same process group); we
     // notice, stop at the next step, and the labs' guards remove everything.
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
@@ -102,6 +117,7 @@ fn run(args: Args) -> Result<(), String> {
         seconds,
         quick: args.quick,
         prefix: format!("{BENCH_PREFIX}{}", std::process::id() % 100_000),
+        cpu,
         interrupted: &INTERRUPTED,
         command: std::env::args().skip(1).filter(|a| !a.starts_with('/')).collect::<Vec<_>>().join(" "),
     };
