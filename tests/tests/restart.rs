@@ -38,15 +38,20 @@ fn ping_during(lab: &mut Lab, count: u32, during: impl FnOnce(&mut Lab)) -> (u32
     (number_before(" packets transmitted"), number_before(" received"))
 }
 
+/// Two nodes, one pod each, agents fed from manifests.
+fn two_node_lab() -> Lab {
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
 #[test]
 fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     if !privileged() {
         return;
     }
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let mut lab = two_node_lab();
     let before = (lab.counters(0).encap_packets, lab.counters(1).decap_packets);
 
     let (sent, received) = ping_during(&mut lab, 500, |lab| {
@@ -83,10 +88,7 @@ fn cleanup_removes_the_datapath_on_purpose() {
     if !privileged() {
         return;
     }
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let mut lab = two_node_lab();
     lab.stop_agent(0);
     let ns = lab.nodes[0].ns.name().to_owned();
     let pin_root = lab.nodes[0].pin_root.clone();
