@@ -1091,19 +1091,19 @@ pub fn summary_line(report: &Report) -> String {
     let mut parts = Vec::new();
     if let Some(r) = pick(Variant::Vxlan, Variant::KernelVxlan, Metric::Tcp1) {
         parts.push(format!(
-            "our VXLAN moves **{r}** the single-stream TCP of flannel's kernel vxlan device ({} vs {})",
+            "single-stream TCP over our VXLAN runs at **{r}** the speed of flannel's kernel vxlan device ({} vs {})",
             figure(Variant::Vxlan, Metric::Tcp1),
             figure(Variant::KernelVxlan, Metric::Tcp1)
         ));
     }
     if let Some(r) = pick(Variant::Vxlan, Variant::KernelVxlan, Metric::UdpRttP50) {
-        parts.push(format!("with **{r}** its UDP round-trip time"));
+        parts.push(format!("its UDP round trip takes **{r}** the time"));
     }
     if let Some(r) = pick(Variant::HostGw, Variant::KernelHostGw, Metric::Tcp1) {
-        parts.push(format!("our host-gw moves **{r}** kernel host-gw routes"));
+        parts.push(format!("our host-gw runs at **{r}** the speed of kernel host-gw routes"));
     }
     if let Some(r) = pick(Variant::KernelVxlan, Variant::Raw, Metric::Tcp1) {
-        parts.push(format!("(kernel vxlan itself reaches {r} of the raw underlay)"));
+        parts.push(format!("kernel vxlan itself reaches {r} of the raw underlay"));
     }
     format!(
         "Benchmark of {} ({} interleaved rounds, Linux {}, {} vCPUs): {}. Full results: [docs/benchmarks/results.md](docs/benchmarks/results.md).",
@@ -1111,7 +1111,7 @@ pub fn summary_line(report: &Report) -> String {
         report.rounds(),
         m.kernel.split_whitespace().next().unwrap_or_default(),
         m.cpus,
-        parts.join(", ")
+        parts.join("; ")
     )
 }
 
@@ -1293,7 +1293,8 @@ pub fn render_svg(report: &Report) -> String {
                     let tone = if v.key == norm_key { "#444" } else if gain > 1.03 { "#15803d" } else if gain < 0.97 { "#b91c1c" } else { "#444" };
                     let _ = writeln!(
                         s,
-                        r#"<text x="{:.1}" y="{:.1}"><tspan font-weight="bold">{}</tspan> <tspan fill="{tone}">{}</tspan></text>"#,
+                        // A white halo keeps the text legible where it crosses the 1× line.
+                        r#"<text x="{:.1}" y="{:.1}" stroke="white" stroke-width="3" paint-order="stroke"><tspan font-weight="bold">{}</tspan> <tspan fill="{tone}">{}</tspan></text>"#,
                         x(r.max(hi)) + 6.0,
                         cy + 4.0,
                         escape(&format!("{} {}", metric.format(st.median), metric.unit())),
@@ -1307,7 +1308,7 @@ pub fn render_svg(report: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        r##"<text x="20" y="{:.1}" fill="#666" font-size="11">Ratio text: green = better than {} by more than 3 %, red = worse by more than 3 %. Source: docs/benchmarks/results.json, written by cargo xtask bench.</text>"##,
+        r##"<text x="20" y="{:.1}" fill="#666" font-size="11">Ratio text: green = better than {} by more than 3 %, red = worse by more than 3 %. Source: results.json next to this chart, written by cargo xtask bench.</text>"##,
         y + 14.0,
         escape(&norm_label)
     );
