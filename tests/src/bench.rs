@@ -760,6 +760,16 @@ pub struct Stat {
     pub n: usize,
 }
 
+/// The median of `values`, or `None` when there are none.
+fn median_of(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut values: Vec<f64> = values.collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(median(&values))
+}
+
 pub fn median(sorted: &[f64]) -> f64 {
     let n = sorted.len();
     if n % 2 == 1 { sorted[n / 2] } else { (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0 }
@@ -823,45 +833,33 @@ impl Report {
 
     /// The background CPU share of the machine, median over rounds.
     fn background_share(&self) -> Option<f64> {
-        let mut shares: Vec<f64> = self
-            .background
-            .iter()
-            .map(|c| c.kernel() / (f64::from(self.meta.seconds) * self.accounted_cpus()))
-            .collect();
-        if shares.is_empty() {
-            return None;
-        }
-        shares.sort_by(f64::total_cmp);
-        Some(median(&shares))
+        median_of(
+            self
+                .background
+                .iter()
+                .map(|c| c.kernel() / (f64::from(self.meta.seconds) * self.accounted_cpus())),
+        )
     }
 
     /// User-space CPU during the iperf3 tests, as a share of the machine:
     /// our tools use little of it, so it is mostly other jobs' load.
     fn user_share_during_tests(&self) -> Option<f64> {
-        let mut shares: Vec<f64> = self
-            .records
-            .iter()
-            .filter(|r| r.test != Test::UdpPingPong.key() && r.test != Test::TcpPingPong.key() && r.wall > 0.0)
-            .map(|r| r.cpu.user / (r.wall * self.accounted_cpus()))
-            .collect();
-        if shares.is_empty() {
-            return None;
-        }
-        shares.sort_by(f64::total_cmp);
-        Some(median(&shares))
+        median_of(
+            self
+                .records
+                .iter()
+                .filter(|r| r.test != Test::UdpPingPong.key() && r.test != Test::TcpPingPong.key() && r.wall > 0.0)
+                .map(|r| r.cpu.user / (r.wall * self.accounted_cpus())),
+        )
     }
 
     fn background_user_share(&self) -> Option<f64> {
-        let mut shares: Vec<f64> = self
-            .background
-            .iter()
-            .map(|c| c.user / (f64::from(self.meta.seconds) * self.accounted_cpus()))
-            .collect();
-        if shares.is_empty() {
-            return None;
-        }
-        shares.sort_by(f64::total_cmp);
-        Some(median(&shares))
+        median_of(
+            self
+                .background
+                .iter()
+                .map(|c| c.user / (f64::from(self.meta.seconds) * self.accounted_cpus())),
+        )
     }
 }
 

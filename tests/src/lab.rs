@@ -636,6 +636,31 @@ impl Lab {
         }
     }
 
+    /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)
+    /// while `during` runs; returns (transmitted, received).
+    pub fn ping_during(&mut self, count: u32, during: impl FnOnce(&mut Self)) -> (u32, u32) {
+        let ping = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.nodes[0].pods[0].ns.name()))
+            .args(["ping", "-i", "0.01", "-c", &count.to_string(), "-W", "1", "-q", &self.nodes[1].pods[0].ip.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting ping");
+        // ping ends by itself after `count` packets, even if `during` panics.
+        during(self);
+        let out = ping.wait_with_output().expect("waiting for ping");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let summary = text
+            .lines()
+            .find(|l| l.contains("packets transmitted"))
+            .unwrap_or_else(|| panic!("ping printed no summary: {text}"));
+        let number_before = |needle: &str| -> u32 {
+            let idx = summary.find(needle).unwrap_or_else(|| panic!("{summary}"));
+            summary[..idx].trim_end().rsplit([' ', ',']).next().unwrap().parse().unwrap()
+        };
+        (number_before(" packets transmitted"), number_before(" received"))
+    }
+
     /// Kills node `i`'s agent with SIGKILL, as a crash or an OOM kill
     /// would: it gets no chance to clean up.
     pub fn kill_agent(&mut self, i: usize) {

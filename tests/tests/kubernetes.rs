@@ -152,30 +152,24 @@ fn an_api_outage_during_traffic_and_an_agent_restart_loses_nothing() {
         return;
     }
     let mut lab = kube_lab(3);
-    let from = lab.nodes[0].pods[0].ns.name().to_owned();
-    let to = lab.nodes[1].pods[0].ip.to_string();
-    let ping = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{from}"))
-        .args(["ping", "-i", "0.01", "-c", "500", "-W", "1", "-q", &to])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    lab.api.as_ref().unwrap().set_down(true);
-    // While the API is down: node1's agent crashes and restarts (it cannot
-    // list; it must adopt its pinned state), and node3 is deleted.
-    lab.kill_agent(0);
-    lab.launch_agent(0).unwrap();
-    let node3 = lab.api.as_ref().unwrap().delete("node3").unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(lab.agent_routes(0).len(), 2, "without the API nothing changes");
-    assert_eq!(lab.agent_http(0, "/healthz").unwrap().0, 200);
-    assert_eq!(lab.agent_http(0, "/readyz").unwrap().0, 503, "not ready before the initial sync");
-    lab.api.as_ref().unwrap().set_down(false);
-    let out = ping.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{}", text.trim());
-    assert!(text.contains("500 packets transmitted, 500 received"), "packets lost during the outage: {text}");
+    let mut node3 = None;
+    let (sent, received) = lab.ping_during(500, |lab| {
+        std::thread::sleep(Duration::from_millis(300));
+        lab.api.as_ref().unwrap().set_down(true);
+        // While the API is down: node1's agent crashes and restarts (it
+        // cannot list; it must adopt its pinned state), and node3 is deleted.
+        lab.kill_agent(0);
+        lab.launch_agent(0).unwrap();
+        node3 = lab.api.as_ref().unwrap().delete("node3");
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(lab.agent_routes(0).len(), 2, "without the API nothing changes");
+        assert_eq!(lab.agent_http(0, "/healthz").unwrap().0, 200);
+        assert_eq!(lab.agent_http(0, "/readyz").unwrap().0, 503, "not ready before the initial sync");
+        lab.api.as_ref().unwrap().set_down(false);
+    });
+    eprintln!("ping every 10 ms through the outage: {received}/{sent} received");
+    assert_eq!((sent, received), (500, 500), "packets lost during the outage");
+    let node3 = node3.expect("node3 existed");
 
     // Missed while down, applied after the relist.
     lab.wait_for_routes(0, 1, Duration::from_secs(40)).unwrap();

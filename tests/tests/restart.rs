@@ -2,10 +2,7 @@
 //! while the agent is killed, stopped and restarted, and a new agent
 //! swaps its programs in without a gap. `cleanup` removes it on purpose.
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use overlay_tests::{
@@ -13,30 +10,6 @@ use overlay_tests::{
     lab::{Lab, LabSpec},
     privileged,
 };
-
-/// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0) while
-/// `during` runs; returns (transmitted, received).
-fn ping_during(lab: &mut Lab, count: u32, during: impl FnOnce(&mut Lab)) -> (u32, u32) {
-    let from = lab.nodes[0].pods[0].ns.name().to_owned();
-    let to = lab.nodes[1].pods[0].ip.to_string();
-    let ping = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{from}"))
-        .args(["ping", "-i", "0.01", "-c", &count.to_string(), "-W", "1", "-q", &to])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting ping");
-    // ping ends by itself after `count` packets, even if `during` panics.
-    during(lab);
-    let out = ping.wait_with_output().expect("waiting for ping");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let summary = text.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("ping printed no summary: {text}"));
-    let number_before = |needle: &str| -> u32 {
-        let idx = summary.find(needle).unwrap_or_else(|| panic!("{summary}"));
-        summary[..idx].trim_end().rsplit([' ', ',']).next().unwrap().parse().unwrap()
-    };
-    (number_before(" packets transmitted"), number_before(" received"))
-}
 
 /// Two nodes, one pod each, agents fed from manifests.
 fn two_node_lab() -> Lab {
@@ -54,7 +27,7 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     let mut lab = two_node_lab();
     let before = (lab.counters(0).encap_packets, lab.counters(1).decap_packets);
 
-    let (sent, received) = ping_during(&mut lab, 500, |lab| {
+    let (sent, received) = lab.ping_during(500, |lab| {
         std::thread::sleep(Duration::from_millis(500));
         // A crash: no chance to clean up.
         lab.kill_agent(0);

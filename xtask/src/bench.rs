@@ -3,7 +3,7 @@
 
 use std::{path::PathBuf, process::Command};
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -73,11 +73,5 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     if out == default_out && !args.quick && args.variants.is_none() {
         cmd.arg("--readme").arg(root.join("README.md"));
     }
-    // The bench handles Ctrl-C itself (and cleans up); xtask just waits.
-    ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
-    let status = cmd.current_dir(&root).status().context("running the bench")?;
-    if !status.success() {
-        bail!("the bench failed ({status})");
-    }
-    Ok(())
+    crate::run_harness(&mut cmd, "bench")
 }

@@ -3,8 +3,6 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
-
 #[derive(clap::Args)]
 pub struct LabArgs {
     /// Arguments for the lab: --nodes N, --pods N, --decap xdp|xdp-generic|tc,
@@ -16,16 +14,11 @@ pub struct LabArgs {
 pub fn lab(args: &LabArgs) -> anyhow::Result<()> {
     crate::cargo(&["build", "--package", "overlay-agent", "--package", "overlay-tests", "--bins"])?;
     let root = crate::workspace_root();
-    // The lab handles Ctrl-C itself (and cleans up); xtask just waits.
-    ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
-    let status = Command::new(root.join("target/debug/overlay-lab"))
-        .arg("--agent")
-        .arg(root.join("target/debug/overlay-agent"))
-        .args(&args.args)
-        .status()
-        .context("running the lab")?;
-    if !status.success() {
-        bail!("the lab failed ({status})");
-    }
-    Ok(())
+    crate::run_harness(
+        Command::new(root.join("target/debug/overlay-lab"))
+            .arg("--agent")
+            .arg(root.join("target/debug/overlay-agent"))
+            .args(&args.args),
+        "lab",
+    )
 }

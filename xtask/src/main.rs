@@ -84,6 +84,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// Runs one of the tests crate's harnesses (lab, bench, scale) and waits.
+/// The harnesses handle Ctrl-C themselves (their guards clean up), so
+/// xtask ignores it rather than dying before them.
+fn run_harness(command: &mut Command, what: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    ctrlc::set_handler(|| {}).context("installing the Ctrl-C handler")?;
+    let status = command.current_dir(workspace_root()).status().with_context(|| format!("running the {what}"))?;
+    if !status.success() {
+        anyhow::bail!("the {what} failed ({status})");
+    }
+    Ok(())
+}
+
 /// `cargo <args>` from the workspace root, with the real eBPF build required.
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());

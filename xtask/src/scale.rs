@@ -4,8 +4,6 @@
 
 use std::process::Command;
 
-use anyhow::{Context as _, bail};
-
 #[derive(clap::Args)]
 pub struct ScaleArgs {
     /// Arguments for the benchmark: --nodes N (5000), --updates N (50),
@@ -17,14 +15,11 @@ pub struct ScaleArgs {
 pub fn scale(args: &ScaleArgs) -> anyhow::Result<()> {
     crate::cargo(&["build", "--release", "--package", "overlay-agent", "--package", "overlay-tests", "--bin", "overlay-agent", "--bin", "overlay-scale"])?;
     let root = crate::workspace_root();
-    let status = Command::new(root.join("target/release/overlay-scale"))
-        .arg("--agent")
-        .arg(root.join("target/release/overlay-agent"))
-        .args(&args.args)
-        .status()
-        .context("running the scale benchmark")?;
-    if !status.success() {
-        bail!("the scale benchmark failed ({status})");
-    }
-    Ok(())
+    crate::run_harness(
+        Command::new(root.join("target/release/overlay-scale"))
+            .arg("--agent")
+            .arg(root.join("target/release/overlay-agent"))
+            .args(&args.args),
+        "scale benchmark",
+    )
 }
