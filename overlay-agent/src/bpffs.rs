@@ -78,13 +78,14 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 1;
+pub const MAP_LAYOUT_VERSION: u32 = 2;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v1/{CONFIG,PEERS,ROUTES,COUNTERS}   maps (versioned layout)
-/// <root>/links/<iface>/{tc_egress,decap_xdp,decap_tc}   attachments
+/// <root>/v2/{CONFIG,PEERS,ROUTES,COUNTERS}   maps (versioned layout)
+/// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
+/// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
 /// ```
 ///
 /// Links are not versioned: a new agent swaps its programs into the pinned
@@ -103,10 +104,12 @@ pub enum LinkRole {
     DecapXdp,
     /// Decapsulation at TC ingress.
     DecapTc,
+    /// The pod-side fast path, TC ingress on the pod bridge.
+    PodFastPath,
 }
 
 impl LinkRole {
-    pub const ALL: [Self; 3] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc];
+    pub const ALL: [Self; 4] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath];
 
     /// The pin's file name.
     pub const fn file_name(self) -> &'static str {
@@ -114,6 +117,7 @@ impl LinkRole {
             Self::TcEgress => "tc_egress",
             Self::DecapXdp => "decap_xdp",
             Self::DecapTc => "decap_tc",
+            Self::PodFastPath => "pod_fastpath",
         }
     }
 }
@@ -186,7 +190,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v1/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v2/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")
@@ -196,7 +200,7 @@ mod tests {
     #[test]
     fn stale_map_dirs_are_other_versions_only() {
         let dir = std::env::temp_dir().join(format!("overlay-layout-{}", std::process::id()));
-        for sub in ["v0", "v1", "v7", "links", "vx"] {
+        for sub in ["v0", "v2", "v7", "links", "vx"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let layout = PinLayout::new(&dir);

@@ -208,9 +208,11 @@ impl Datapath {
     /// pins the links, so they outlive this process. Where a pinned link
     /// exists, the new program replaces the old one inside it atomically.
     /// Attachments this agent no longer wants (the other decap hook,
-    /// another interface) and map pins of older layouts are removed last.
-    /// A fresh attachment is undone if a later one fails.
-    pub fn attach(&mut self, iface: &str, hook: DecapHook) -> Result<AttachReport, DatapathError> {
+    /// another interface) and map pins of older layouts are removed last;
+    /// the pod fast path's attachment on `pod_bridge` is kept (see
+    /// [`Self::attach_pod_fast_path`]). A fresh attachment is undone if a
+    /// later one fails.
+    pub fn attach(&mut self, iface: &str, hook: DecapHook, pod_bridge: Option<&str>) -> Result<AttachReport, DatapathError> {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
@@ -240,6 +242,11 @@ impl Datapath {
             .map(|role| self.layout.link(iface, role))
             .collect();
         for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {
+            if Some(other.as_str()) == pod_bridge {
+                let roles = LinkRole::ALL.into_iter().filter(|role| *role != LinkRole::PodFastPath);
+                unwanted.extend(roles.map(|role| self.layout.link(&other, role)));
+                continue;
+            }
             unwanted.extend(LinkRole::ALL.map(|role| self.layout.link(&other, role)));
             unwanted.push(self.layout.links_dir().join(other));
         }
@@ -254,6 +261,21 @@ impl Datapath {
             }
         }
         Ok(AttachReport { egress, decap, removed })
+    }
+
+    /// Attaches the pod-side fast path (TC ingress) to the pod bridge and
+    /// pins the link, or swaps the program into the pinned link. Packets it
+    /// does not take go on to the kernel routes, so attaching it, or not
+    /// yet (the CNI plugin creates the bridge with the first pod), never
+    /// cuts a path.
+    pub fn attach_pod_fast_path(&mut self, bridge: &str) -> Result<LinkOutcome, DatapathError> {
+        if crate::iface::interface_index(bridge).is_none() {
+            return Err(DatapathError::UnknownInterface(bridge.to_owned()));
+        }
+        if KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0)) {
+            let _ = tc::qdisc_add_clsact(bridge);
+        }
+        self.attach_role(bridge, LinkRole::PodFastPath, DecapHook::TcIngress)
     }
 
     fn attach_role(&mut self, iface: &str, role: LinkRole, hook: DecapHook) -> Result<LinkOutcome, DatapathError> {
@@ -272,7 +294,7 @@ impl Datapath {
         }
         let attach_err = |source| attach_error(name, iface, source);
         let link: Result<FdLink, _> = match role {
-            LinkRole::TcEgress | LinkRole::DecapTc => {
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath => {
                 let attach_type = if role == LinkRole::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
                 let program = self.classifier(name)?;
                 let id = program.attach(iface, attach_type).map_err(attach_err)?;
@@ -309,7 +331,7 @@ impl Datapath {
         let link_err = |source| DatapathError::PinnedLink { path: pin.to_owned(), source };
         let link: FdLink = PinnedLink::from_pin(pin).map_err(link_err)?.into();
         match role {
-            LinkRole::TcEgress | LinkRole::DecapTc => {
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath => {
                 let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
                 let program = self.classifier(name)?;
                 let id = program.attach_to_link(link).map_err(swap_err)?;
@@ -376,6 +398,7 @@ const fn role_program(role: LinkRole) -> &'static str {
         LinkRole::TcEgress => program_names::TC_EGRESS,
         LinkRole::DecapXdp => program_names::XDP_INGRESS,
         LinkRole::DecapTc => program_names::TC_INGRESS,
+        LinkRole::PodFastPath => program_names::TC_POD,
     }
 }
 

@@ -115,6 +115,16 @@ struct RunArgs {
     /// TC ingress where XDP cannot attach.
     #[arg(long, value_enum, default_value_t = Decap::Auto)]
     decap: Decap,
+    /// How packets from local pods to remote pods leave this node: through
+    /// the kernel's forward path (kernel), or handed by our program on the
+    /// pod bridge straight to the underlay (bpf), which skips the node's
+    /// netfilter FORWARD and POSTROUTING hooks for that traffic.
+    #[arg(long, value_enum, default_value_t = Forward::Kernel)]
+    forward: Forward,
+    /// The bridge local pods sit behind (flannel's CNI plugin: cni0), where
+    /// `--forward bpf` attaches once it exists.
+    #[arg(long, default_value = "cni0")]
+    pod_bridge: String,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9472")]
     metrics_addr: std::net::SocketAddr,
@@ -124,6 +134,17 @@ struct RunArgs {
 enum Backend {
     Vxlan,
     HostGw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Forward {
+    /// The kernel routes pod traffic (`<podCIDR> via <node IP>`); our
+    /// programs encapsulate at the underlay's egress.
+    Kernel,
+    /// Our program on the pod bridge's ingress forwards it (TTL, VXLAN,
+    /// `bpf_redirect_neigh` to the underlay); what it cannot take goes on
+    /// to the kernel routes.
+    Bpf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -204,7 +225,7 @@ fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<
 fn check_in(iface: &str, root: &std::path::Path, hook: DecapHook) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(root).context("loading the datapath")?;
     datapath
-        .attach(iface, hook)
+        .attach(iface, hook, None)
         .with_context(|| format!("attaching to {iface}"))?;
     println!("attached to {iface} ({hook:?}); maps pinned under {}", root.display());
     println!("{:<22} {:>6} {:<10} {:>12}", "PROGRAM", "ID", "TYPE", "VERIFIED");

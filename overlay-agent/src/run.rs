@@ -30,7 +30,7 @@ use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
-use crate::{Decap, RunArgs};
+use crate::{Decap, Forward, RunArgs};
 
 /// How often the nodes directory is looked at; changes land within this.
 const POLL: Duration = Duration::from_millis(200);
@@ -95,6 +95,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         settings,
         subnet_file,
         decap: args.decap,
+        pod_fast_path: (args.forward == Forward::Bpf).then(|| PodFastPath { bridge: args.pod_bridge.clone(), ifindex: None }),
         datapath,
         attached: None,
         applier,
@@ -125,6 +126,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // traffic. Kernel routes toward peers come only after this, so no
     // packet is routed to the underlay without its encapsulation.
     agent.attach()?;
+    agent.attach_pod_fast_path();
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut poll = tokio::time::interval(POLL);
@@ -187,6 +189,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             _ = housekeeping.tick() => {
                 started = Instant::now();
                 warn_on_port_mismatch(&agent.applier, agent.settings.vxlan_port, &mut mismatched_seen);
+                agent.attach_pod_fast_path();
                 // Retries what failed before (API writes, events).
                 changed = synced;
             }
@@ -210,6 +213,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // keeps forwarding until a new agent takes over (`cleanup` removes it).
     info!("stopping; the datapath stays in place");
     Ok(())
+}
+
+/// `--forward bpf`: the bridge the fast path attaches to, and the bridge's
+/// ifindex when it was attached (a recreated bridge has a new one).
+struct PodFastPath {
+    bridge: String,
+    ifindex: Option<u32>,
 }
 
 async fn next_watch_event(source: &mut Source) -> Option<WatchItem> {
@@ -280,6 +290,8 @@ struct Agent {
     settings: LocalSettings,
     subnet_file: Option<PathBuf>,
     decap: Decap,
+    /// `--forward bpf`: the pod bridge and where the fast path is attached.
+    pod_fast_path: Option<PodFastPath>,
     datapath: Datapath,
     /// The decap hook in use, once attached.
     attached: Option<DecapHook>,
@@ -306,13 +318,14 @@ impl Agent {
             (Decap::Auto, Backend::HostGw) => DecapHook::TcIngress,
             (decap, _) => decap.into(),
         };
-        let (report, hook) = match self.datapath.attach(&iface, hook) {
+        let bridge = self.pod_fast_path.as_ref().map(|p| p.bridge.clone());
+        let (report, hook) = match self.datapath.attach(&iface, hook, bridge.as_deref()) {
             Ok(report) => (report, hook),
             Err(err) if self.decap == Decap::Auto && matches!(hook, DecapHook::Xdp(_)) => {
                 warn!(%iface, error = %format!("{err:#}"), "XDP cannot attach here; decapsulating at TC ingress");
                 let report = self
                     .datapath
-                    .attach(&iface, DecapHook::TcIngress)
+                    .attach(&iface, DecapHook::TcIngress, bridge.as_deref())
                     .with_context(|| format!("attaching to {iface}"))?;
                 (report, DecapHook::TcIngress)
             }
@@ -327,6 +340,39 @@ impl Agent {
         info!(%iface, ?hook, egress = ?report.egress, decap = ?report.decap, "datapath attached");
         self.attached = Some(hook);
         Ok(())
+    }
+
+    /// With `--forward bpf`, attaches the fast path to the pod bridge once
+    /// it exists, and again if it was recreated. Until then, and if
+    /// attaching fails, pod traffic takes the kernel routes, so this only
+    /// warns.
+    fn attach_pod_fast_path(&mut self) {
+        let Some(fast_path) = &mut self.pod_fast_path else { return };
+        let bridge = fast_path.bridge.clone();
+        let waiting = format!("no pod bridge {bridge}");
+        let Some(ifindex) = iface::interface_index(&bridge) else {
+            fast_path.ifindex = None;
+            if self.reported.insert(waiting) {
+                info!(%bridge, "no pod bridge yet (the CNI plugin creates it with the first pod); pod traffic takes the kernel routes until it appears");
+            }
+            return;
+        };
+        if fast_path.ifindex == Some(ifindex) {
+            return;
+        }
+        match self.datapath.attach_pod_fast_path(&bridge) {
+            Ok(outcome) => {
+                fast_path.ifindex = Some(ifindex);
+                self.reported.remove(&waiting);
+                info!(%bridge, ?outcome, "pod fast path attached: pod traffic to remote pods goes straight to the underlay");
+            }
+            Err(err) => {
+                let problem = format!("pod fast path on {bridge}: {err:#}");
+                if self.reported.insert(problem.clone()) {
+                    warn!(%bridge, error = %format!("{err:#}"), "cannot attach the pod fast path; pod traffic takes the kernel routes");
+                }
+            }
+        }
     }
 
     /// Re-asks the kernel for its paths to every node when the underlay's

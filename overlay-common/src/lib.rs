@@ -33,9 +33,11 @@ pub mod program_names {
     pub const XDP_INGRESS: &str = "overlay_xdp_ingress";
     /// TC ingress variant of the decapsulation, for interfaces without XDP.
     pub const TC_INGRESS: &str = "overlay_tc_ingress";
+    /// TC ingress on the pod bridge: the pod-side fast path (`--forward bpf`).
+    pub const TC_POD: &str = "overlay_tc_pod";
 
     /// Every program, in load order.
-    pub const ALL: [&str; 3] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS];
+    pub const ALL: [&str; 4] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD];
 }
 
 /// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8): what encapsulation
@@ -166,16 +168,22 @@ pub struct Counters {
     pub mismatched_port: u64,
     /// Dropped: a kernel helper failed (adjust room, redirect, ...).
     pub drop_helper_error: u64,
+    /// Packets from local pods that the pod-side fast path (`--forward
+    /// bpf`) sent straight to the underlay, past the kernel's forward path.
+    /// Each is also counted as `encap_packets` (VXLAN peers) or
+    /// `direct_packets` (direct peers, at the underlay's egress).
+    pub fastpath_packets: u64,
 }
 
 impl Counters {
     /// Every counter with its name, in declaration order: the one list that
     /// summing and printing share, so a new counter cannot be missed.
-    pub fn fields(&self) -> [(&'static str, u64); 16] {
+    pub fn fields(&self) -> [(&'static str, u64); 17] {
         let Self {
             encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
             icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
             drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
+            fastpath_packets,
         } = *self;
         [
             ("encap_packets", encap_packets),
@@ -194,6 +202,7 @@ impl Counters {
             ("drop_bad_inner", drop_bad_inner),
             ("mismatched_port", mismatched_port),
             ("drop_helper_error", drop_helper_error),
+            ("fastpath_packets", fastpath_packets),
         ]
     }
 
@@ -203,11 +212,13 @@ impl Counters {
             encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
             icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
             drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
+            fastpath_packets,
         } = self;
         for (field, value) in [
             encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
             icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
             drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
+            fastpath_packets,
         ]
         .into_iter()
         .zip(other.fields())

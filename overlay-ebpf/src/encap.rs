@@ -74,6 +74,16 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
     if !is_gso && inner_len > cfg.inner_mtu && icmp::dont_fragment(ip) {
         return icmp::reply_frag_needed(ctx, cfg.inner_mtu);
     }
+    encapsulate(ctx, cfg, &route, inner_len, tos)?;
+    Ok(TC_ACT_OK as i32)
+}
+
+/// Puts outer IPv4 + UDP + VXLAN + inner Ethernet in front of the inner
+/// IPv4 packet (of `inner_len` bytes, behind the Ethernet header at offset
+/// 0), flagged so GSO cuts a super-packet into UDP tunnel segments with the
+/// inner MSS unchanged. The Ethernet header stays in front, now the outer one.
+#[inline(always)]
+pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32, tos: u8) -> Result<(), Drop> {
     // The same flow always hashes the same, so it keeps one source port.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (SPORT_MIN + ((u64::from(hash) * SPORT_RANGE) >> 32) as u32) as u16;
@@ -81,14 +91,14 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
 
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJ_ROOM_ENCAP_FLAGS)
         .map_err(|_| Drop::HelperError)?;
-    let headers = encap_headers(cfg, &route, inner_len, tos, sport, ip_id);
+    let headers = encap_headers(cfg, route, inner_len, tos, sport, ip_id);
     ctx.store(OUTER_IP_OFF, &headers, 0)
         .map_err(|_| Drop::HelperError)?;
     count(|c| {
         c.encap_packets += 1;
         c.encap_bytes += u64::from(inner_len);
     });
-    Ok(TC_ACT_OK as i32)
+    Ok(())
 }
 
 /// Outer IPv4, UDP, VXLAN and inner Ethernet headers, as bytes on the wire.

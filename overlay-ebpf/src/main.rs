@@ -5,12 +5,15 @@
 //! - [`overlay_xdp_ingress`]: XDP on the underlay; validation + decapsulation.
 //! - [`overlay_tc_ingress`]: the same decapsulation at TC ingress, for
 //!   interfaces where XDP cannot attach.
+//! - [`overlay_tc_pod`]: TC ingress on the pod bridge; the pod-side fast
+//!   path to the underlay (`--forward bpf`).
 #![no_std]
 #![no_main]
 
 mod counters;
 mod decap;
 mod encap;
+mod fastpath;
 mod icmp;
 mod maps;
 mod packet;
@@ -56,6 +59,14 @@ pub fn overlay_xdp_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn overlay_tc_ingress(ctx: TcContext) -> i32 {
     decap::try_tc_ingress(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason);
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[classifier]
+pub fn overlay_tc_pod(ctx: TcContext) -> i32 {
+    fastpath::try_tc_pod(&ctx).unwrap_or_else(|reason| {
         count_drop(reason);
         TC_ACT_SHOT as i32
     })

@@ -41,6 +41,9 @@ pub struct LabSpec {
     pub agent: PathBuf,
     /// `--decap` passed to every agent.
     pub decap: String,
+    /// `--forward` passed to every agent: `kernel` or `bpf` (the fast path
+    /// on the nodes' `cni0`).
+    pub forward: String,
     /// Prefix of every name the lab creates.
     pub prefix: String,
     /// One underlay segment, or two joined by a router.
@@ -69,6 +72,7 @@ impl LabSpec {
             pods_per_node: 2,
             agent,
             decap: "auto".to_owned(),
+            forward: "kernel".to_owned(),
             prefix: crate::unique_name("ovlab"),
             flannel_nodes: 0,
             flannel_backend: "vxlan".to_owned(),
@@ -431,6 +435,7 @@ impl Lab {
             .arg(format!("--net=/run/netns/{}", node.ns.name()))
             .arg(&self.spec.agent)
             .args(["run", "--node-name", &node.name, "--iface", "eth0", "--decap", &self.spec.decap])
+            .args(["--forward", &self.spec.forward])
             .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
             .arg("--bpffs-root")
             .arg(&node.pin_root);

@@ -36,6 +36,10 @@ struct Args {
     /// Where decapsulation hooks in: auto, xdp, xdp-generic or tc.
     #[arg(long, default_value = "auto")]
     decap: String,
+    /// How the agents forward pod traffic to remote pods: kernel (routes)
+    /// or bpf (the fast path on each node's cni0).
+    #[arg(long, default_value = "kernel", value_parser = ["kernel", "bpf"])]
+    forward: String,
     /// Turn the last K nodes into flannel nodes: flannel's kernel vxlan
     /// device, programmed as flannel does from the same Node manifests.
     #[arg(long, default_value_t = 0)]
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
     spec.nodes = args.nodes.into();
     spec.pods_per_node = args.pods.into();
     spec.decap = args.decap;
+    spec.forward = args.forward;
     if args.flannel_nodes >= args.nodes {
         eprintln!("lab: --flannel-nodes must leave at least one of our nodes (got {} of {})", args.flannel_nodes, args.nodes);
         return ExitCode::FAILURE;
@@ -102,9 +107,9 @@ fn main() -> ExitCode {
     spec.kubernetes = args.kubernetes;
     spec.prefix = format!("{LAB_PREFIX}{}", std::process::id() % 100_000);
     println!(
-        "lab: {} nodes ({} flannel-style) x {} pods, {:?} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}, nodes from {}",
+        "lab: {} nodes ({} flannel-style) x {} pods, {:?} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}, forward {}, nodes from {}",
         spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.topology, spec.backend,
-        if spec.direct_routing { " with direct routing" } else { "" }, spec.decap,
+        if spec.direct_routing { " with direct routing" } else { "" }, spec.decap, spec.forward,
         if spec.kubernetes { "the test Kubernetes API server" } else { "a manifest directory" }
     );
     let lab = match Lab::start(spec) {

@@ -1,0 +1,145 @@
+//! The pod-side fast path (`--forward bpf`): TC ingress on the pod bridge.
+//!
+//! A packet from a local pod to a remote pod CIDR reaches the bridge's
+//! ingress addressed to the bridge (the pods' gateway). Here it is forwarded
+//! the way the kernel would, minus the kernel's forward path: the TTL is
+//! decremented, VXLAN peers get the packet encapsulated, and
+//! `bpf_redirect_neigh` hands it to the underlay's egress with the next hop
+//! the agent resolved, the kernel filling in the MAC addresses.
+//!
+//! Whatever needs the kernel's judgement goes on untouched to the kernel
+//! route, which the agent installs either way: TTL about to expire, IPv4
+//! options, a packet too big for the path (the kernel sends the ICMP), a
+//! peer without a usable next hop, and anything that is not IPv4 unicast
+//! to a remote pod CIDR.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    btf_maps::lpm_trie::Key,
+    helpers::generated::bpf_redirect_neigh,
+    programs::TcContext,
+};
+use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
+use overlay_common::{Config, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, VXLAN_OVERHEAD};
+
+use crate::{
+    Drop,
+    counters::count,
+    encap::encapsulate,
+    maps::{ROUTES, config},
+    packet::ptr_at,
+    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF},
+};
+
+const AF_INET: u32 = 2;
+/// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
+const PACKET_HOST: u32 = 0;
+const IPPROTO_TCP: u8 = 6;
+const UDP_HDR_LEN: u32 = 8;
+
+#[inline(always)]
+pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
+    let pass = Ok(TC_ACT_OK as i32);
+    let Some(cfg) = config() else {
+        return pass;
+    };
+    // Only frames the bridge passed up for routing; a promiscuous bridge
+    // also passes up frames between other hosts, which are not ours to
+    // forward.
+    // SAFETY: reading a field of the context's own sk_buff.
+    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+        return pass;
+    }
+    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN + TcpHdr::LEN);
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+        return pass;
+    };
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return pass;
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else {
+        return pass;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &mut *ip };
+    if ip.vihl != 0x45 || ip.ttl <= 1 {
+        return pass;
+    }
+    let Some(route) = ROUTES.get(&Key::new(32, ip.dst_addr)) else {
+        return pass;
+    };
+    let route = *route;
+    if route.next_hop == [0; 4] {
+        return pass;
+    }
+    let path_mtu = match route.mode {
+        ROUTE_MODE_VXLAN => cfg.inner_mtu,
+        ROUTE_MODE_DIRECT => cfg.inner_mtu + VXLAN_OVERHEAD,
+        _ => return pass,
+    };
+    let inner_len = ctx.len() - EthHdr::LEN as u32;
+    if !fits(ctx, ip, inner_len, path_mtu) {
+        return pass;
+    }
+
+    decrement_ttl(ip);
+    if route.mode == ROUTE_MODE_VXLAN {
+        encapsulate(ctx, cfg, &route, inner_len, ip.tos)?;
+    }
+    count(|c| c.fastpath_packets += 1);
+    redirect_to_underlay(cfg, &route)
+}
+
+/// Whether the packet, or each segment of a GSO packet, fits `path_mtu`.
+/// Segments carry the same IPv4 and transport headers as the super-packet.
+#[inline(always)]
+fn fits(ctx: &TcContext, ip: &Ipv4Hdr, inner_len: u32, path_mtu: u32) -> bool {
+    // SAFETY: reading a field of the context's own sk_buff.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    if gso_size == 0 {
+        return inner_len <= path_mtu;
+    }
+    let l4_len = match ip.proto {
+        IPPROTO_TCP => match ptr_at::<TcpHdr>(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN) {
+            // SAFETY: ptr_at checked the bounds.
+            Ok(tcp) => u32::from(unsafe { (*tcp).doff() }) * 4,
+            Err(_) => return false,
+        },
+        IPPROTO_UDP => UDP_HDR_LEN,
+        _ => return false,
+    };
+    Ipv4Hdr::LEN as u32 + l4_len + gso_size <= path_mtu
+}
+
+/// What forwarding does to the IPv4 header: TTL down by one, the checksum
+/// updated incrementally (RFC 1624: HC' = ~(~HC + ~m + m')).
+#[inline(always)]
+fn decrement_ttl(ip: &mut Ipv4Hdr) {
+    let old = u16::from_be_bytes([ip.ttl, ip.proto]);
+    let new = old - 0x0100;
+    let mut sum = u32::from(!u16::from_be_bytes(ip.check)) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip.ttl -= 1;
+    ip.check = (!(sum as u16)).to_be_bytes();
+}
+
+/// Hands the packet to the underlay's egress toward `route.next_hop`; the
+/// neighbour subsystem supplies the MAC addresses (and resolves them first
+/// if it has to).
+#[inline(always)]
+fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, Drop> {
+    let mut next_hop = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: u32::from_ne_bytes(route.next_hop) },
+    };
+    // SAFETY: the helper reads `size_of::<bpf_redir_neigh>()` bytes of
+    // `next_hop`, which lives on this stack frame.
+    let action = unsafe {
+        bpf_redirect_neigh(cfg.underlay_ifindex, &mut next_hop, size_of::<bpf_redir_neigh>() as i32, 0)
+    };
+    if action == i64::from(TC_ACT_SHOT) {
+        return Err(Drop::HelperError);
+    }
+    Ok(action as i32)
+}
