@@ -236,9 +236,21 @@ impl Datapath {
                 return Err(err);
             }
         };
+        // The fast path's inbound half runs at TC ingress; with XDP
+        // decapsulating, that program is attached as well, after XDP.
+        let deliver_at_tc = pod_bridge.is_some() && decap_role == LinkRole::DecapXdp;
+        if deliver_at_tc && let Err(err) = self.attach_role(iface, LinkRole::DecapTc, hook) {
+            for (role, outcome) in [(LinkRole::TcEgress, egress), (decap_role, decap)] {
+                if outcome == LinkOutcome::Attached {
+                    let _ = fs::remove_file(self.layout.link(iface, role));
+                }
+            }
+            return Err(err);
+        }
         let mut unwanted: Vec<PathBuf> = LinkRole::ALL
             .into_iter()
             .filter(|role| *role != LinkRole::TcEgress && *role != decap_role)
+            .filter(|role| !(deliver_at_tc && *role == LinkRole::DecapTc))
             .map(|role| self.layout.link(iface, role))
             .collect();
         for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {

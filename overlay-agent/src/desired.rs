@@ -55,6 +55,8 @@ pub struct LocalSettings {
     pub vxlan_port: u16,
     pub underlay_ifindex: u32,
     pub underlay_mtu: u32,
+    /// The pod bridge's index while the fast path is attached to it, else 0.
+    pub pod_bridge_ifindex: u32,
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
     /// The cluster's pod network (net-conf.json `Network`), when known:
@@ -186,6 +188,7 @@ pub fn desired(
         inner_mtu,
         pod_cidr: me.pod_cidr.network().octets(),
         pod_prefix_len: u32::from(me.pod_cidr.prefix()),
+        pod_bridge_ifindex: local.pod_bridge_ifindex,
         ..Config::default()
     };
 
@@ -365,6 +368,7 @@ mod tests {
             vxlan_port: 8472,
             underlay_ifindex: 2,
             underlay_mtu: 1500,
+            pod_bridge_ifindex: 0,
             public_ip: None,
             network: None,
         }

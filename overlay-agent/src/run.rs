@@ -126,6 +126,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // traffic. Kernel routes toward peers come only after this, so no
     // packet is routed to the underlay without its encapsulation.
     agent.attach()?;
+    // CONFIG is written by the first reconcile, which follows.
     agent.attach_pod_fast_path();
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -189,6 +190,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             _ = housekeeping.tick() => {
                 started = Instant::now();
                 warn_on_port_mismatch(&agent.applier, agent.settings.vxlan_port, &mut mismatched_seen);
+                // The reconcile this tick runs writes any new bridge index.
                 agent.attach_pod_fast_path();
                 // Retries what failed before (API writes, events).
                 changed = synced;
@@ -277,6 +279,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         vxlan_port: netconf.as_ref().map_or(args.port.unwrap_or(overlay_common::DEFAULT_VXLAN_PORT), |c| c.port),
         underlay_ifindex: ifindex,
         underlay_mtu,
+        pod_bridge_ifindex: 0,
         public_ip: args.public_ip,
         network: netconf.as_ref().map(|c| c.network),
     };
@@ -345,13 +348,15 @@ impl Agent {
     /// With `--forward bpf`, attaches the fast path to the pod bridge once
     /// it exists, and again if it was recreated. Until then, and if
     /// attaching fails, pod traffic takes the kernel routes, so this only
-    /// warns.
+    /// warns. The bridge's index goes into CONFIG (it tells the inbound
+    /// half where to deliver) with the next reconcile.
     fn attach_pod_fast_path(&mut self) {
         let Some(fast_path) = &mut self.pod_fast_path else { return };
         let bridge = fast_path.bridge.clone();
         let waiting = format!("no pod bridge {bridge}");
         let Some(ifindex) = iface::interface_index(&bridge) else {
             fast_path.ifindex = None;
+            self.settings.pod_bridge_ifindex = 0;
             if self.reported.insert(waiting) {
                 info!(%bridge, "no pod bridge yet (the CNI plugin creates it with the first pod); pod traffic takes the kernel routes until it appears");
             }
@@ -363,6 +368,7 @@ impl Agent {
         match self.datapath.attach_pod_fast_path(&bridge) {
             Ok(outcome) => {
                 fast_path.ifindex = Some(ifindex);
+                self.settings.pod_bridge_ifindex = ifindex;
                 self.reported.remove(&waiting);
                 info!(%bridge, ?outcome, "pod fast path attached: pod traffic to remote pods goes straight to the underlay");
             }

@@ -127,6 +127,10 @@ pub struct Config {
     pub pod_cidr: [u8; 4],
     /// This node's own pod CIDR prefix length.
     pub pod_prefix_len: u32,
+    /// Index of the pod bridge while the fast path (`--forward bpf`) is
+    /// attached to it; 0 otherwise. Inbound packets for local pods are
+    /// redirected to it.
+    pub pod_bridge_ifindex: u32,
 }
 
 /// Datapath counters, one copy per CPU in the `COUNTERS` map. The field names
@@ -168,10 +172,10 @@ pub struct Counters {
     pub mismatched_port: u64,
     /// Dropped: a kernel helper failed (adjust room, redirect, ...).
     pub drop_helper_error: u64,
-    /// Packets from local pods that the pod-side fast path (`--forward
-    /// bpf`) sent straight to the underlay, past the kernel's forward path.
-    /// Each is also counted as `encap_packets` (VXLAN peers) or
-    /// `direct_packets` (direct peers, at the underlay's egress).
+    /// Packets the fast path (`--forward bpf`) forwarded past the kernel's
+    /// forward path: from local pods straight to the underlay (each also
+    /// counted as `encap_packets` or, at the underlay's egress,
+    /// `direct_packets`), and from the underlay straight to the pod bridge.
     pub fastpath_packets: u64,
 }
 

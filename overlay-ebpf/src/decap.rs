@@ -14,6 +14,7 @@ use network_types::eth::EthHdr;
 use crate::{
     Drop,
     counters::count,
+    fastpath::deliver_to_pod,
     maps::config,
     packet::{Packet as _, ptr_at},
     parse::{ENCAP_LEN, INNER_IP_OFF, Rx, classify_rx},
@@ -55,6 +56,9 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, Drop> {
     };
     crate::linearize(ctx, INNER_IP_OFF + 20);
     if let Rx::NotOurs = classify_rx(ctx, cfg)? {
+        if let Some(action) = deliver_to_pod(ctx, cfg) {
+            return Ok(action);
+        }
         count(|c| c.pass_packets += 1);
         return Ok(TC_ACT_OK as i32);
     }
@@ -68,5 +72,5 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         c.decap_packets += 1;
         c.decap_bytes += len;
     });
-    Ok(TC_ACT_OK as i32)
+    Ok(deliver_to_pod(ctx, cfg).unwrap_or(TC_ACT_OK as i32))
 }

@@ -1,6 +1,6 @@
-//! The pod-side fast path (`--forward bpf`): TC ingress on the pod bridge.
+//! The fast path (`--forward bpf`), both ways past the kernel's forward path.
 //!
-//! A packet from a local pod to a remote pod CIDR reaches the bridge's
+//! **Out, TC ingress on the pod bridge.** A packet from a local pod to a remote pod CIDR reaches the bridge's
 //! ingress addressed to the bridge (the pods' gateway). Here it is forwarded
 //! the way the kernel would, minus the kernel's forward path: the TTL is
 //! decremented, VXLAN peers get the packet encapsulated, and
@@ -12,11 +12,19 @@
 //! options, a packet too big for the path (the kernel sends the ICMP), a
 //! peer without a usable next hop, and anything that is not IPv4 unicast
 //! to a remote pod CIDR.
+//!
+//! **In, TC ingress on the underlay** (after decapsulation, or as it came
+//! from a direct peer): a packet for a local pod is looked up in the FIB
+//! the way forwarding would; when the kernel would send it out of the pod
+//! bridge to a resolved neighbour, it gets those MAC addresses and its TTL
+//! decremented and is redirected to the bridge's egress. Anything else (no
+//! neighbour yet, too big for the bridge, a local address) goes on to the
+//! kernel.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     btf_maps::lpm_trie::Key,
-    helpers::generated::bpf_redirect_neigh,
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
@@ -28,7 +36,7 @@ use crate::{
     encap::encapsulate,
     maps::{ROUTES, config},
     packet::ptr_at,
-    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF},
+    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, in_cidr},
 };
 
 const AF_INET: u32 = 2;
@@ -142,4 +150,54 @@ fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, Drop> {
         return Err(Drop::HelperError);
     }
     Ok(action as i32)
+}
+
+/// The inbound half: hands a packet for a local pod straight to the pod
+/// bridge, or returns `None` to leave it to the kernel. Runs at the
+/// underlay's TC ingress once any tunnel header is gone.
+#[inline(always)]
+pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
+    if cfg.pod_bridge_ifindex == 0 {
+        return None;
+    }
+    // SAFETY: reading fields of the context's own sk_buff.
+    let (pkt_type, ingress_ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ingress_ifindex) };
+    if pkt_type != PACKET_HOST {
+        return None;
+    }
+    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN);
+    let eth = ptr_at::<EthHdr>(ctx, 0).ok()?;
+    // SAFETY (raw reads and writes below): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return None;
+    }
+    let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF).ok()? };
+    if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return None;
+    }
+    // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions).
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET as u8;
+    fib.l4_protocol = ip.proto;
+    fib.ifindex = ingress_ifindex;
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
+    // tot_len 0: the kernel checks this skb (GSO-aware) against the
+    // egress MTU itself.
+    // SAFETY: the helper reads and writes `size_of::<bpf_fib_lookup>()`
+    // bytes of `fib`, which lives on this stack frame.
+    let rc = unsafe {
+        fib_lookup(ctx.skb.skb.cast(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.pod_bridge_ifindex {
+        return None;
+    }
+    decrement_ttl(ip);
+    let eth = unsafe { &mut *eth };
+    eth.dst_addr = fib.dmac;
+    eth.src_addr = fib.smac;
+    count(|c| c.fastpath_packets += 1);
+    // SAFETY: plain helper call; 0 = the bridge's egress.
+    Some(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
 }

@@ -45,6 +45,12 @@ pub enum Variant {
     VxlanXdpGeneric,
     /// Design comparison: our host-gw with the native XDP hook.
     HostGwXdp,
+    /// Design comparison: our VXLAN, encapsulating in the pod-side fast
+    /// path (`--forward bpf`) instead of at the underlay's egress.
+    VxlanBpfForward,
+    /// Design comparison: our host-gw with the pod-side fast path
+    /// (`bpf_redirect_neigh`) instead of kernel routes.
+    HostGwBpfForward,
 }
 
 /// The variants of issue 6, in its order.
@@ -60,13 +66,13 @@ enum Setup {
     /// Both nodes programmed as flannel's backend does, no agent, no BPF.
     Flannel { backend: &'static str },
     /// Both nodes run our agent.
-    Ours { backend: &'static str, decap: &'static str },
+    Ours { backend: &'static str, decap: &'static str, forward: &'static str },
 }
 
 impl Variant {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::Raw, Self::KernelHostGw, Self::KernelVxlan, Self::Vxlan, Self::HostGw,
-        Self::VxlanTc, Self::VxlanXdpGeneric, Self::HostGwXdp,
+        Self::VxlanTc, Self::VxlanXdpGeneric, Self::HostGwXdp, Self::VxlanBpfForward, Self::HostGwBpfForward,
     ];
 
     /// The name used on the command line and in results.json.
@@ -80,6 +86,8 @@ impl Variant {
             Self::VxlanTc => "vxlan-tc",
             Self::VxlanXdpGeneric => "vxlan-xdp-generic",
             Self::HostGwXdp => "host-gw-xdp",
+            Self::VxlanBpfForward => "vxlan-bpf-forward",
+            Self::HostGwBpfForward => "host-gw-bpf-forward",
         }
     }
 
@@ -98,6 +106,8 @@ impl Variant {
             Self::VxlanTc => "ours: VXLAN, TC decap",
             Self::VxlanXdpGeneric => "ours: VXLAN, generic XDP",
             Self::HostGwXdp => "ours: host-gw, XDP hook",
+            Self::VxlanBpfForward => "ours: VXLAN, BPF forward",
+            Self::HostGwBpfForward => "ours: host-gw, BPF forward",
         }
     }
 
@@ -112,6 +122,8 @@ impl Variant {
             Self::VxlanTc => "pod to pod, our agent with `--backend vxlan --decap tc`",
             Self::VxlanXdpGeneric => "pod to pod, our agent with `--backend vxlan --decap xdp-generic`",
             Self::HostGwXdp => "pod to pod, our agent with `--backend host-gw --decap xdp`",
+            Self::VxlanBpfForward => "pod to pod, our agent with `--backend vxlan --decap auto --forward bpf`",
+            Self::HostGwBpfForward => "pod to pod, our agent with `--backend host-gw --decap auto --forward bpf`",
         }
     }
 
@@ -121,11 +133,13 @@ impl Variant {
             // underlay shares the lab that has no BPF and no tunnel device.
             Self::Raw | Self::KernelHostGw => Setup::Flannel { backend: "host-gw" },
             Self::KernelVxlan => Setup::Flannel { backend: "vxlan" },
-            Self::Vxlan => Setup::Ours { backend: "vxlan", decap: "auto" },
-            Self::HostGw => Setup::Ours { backend: "host-gw", decap: "auto" },
-            Self::VxlanTc => Setup::Ours { backend: "vxlan", decap: "tc" },
-            Self::VxlanXdpGeneric => Setup::Ours { backend: "vxlan", decap: "xdp-generic" },
-            Self::HostGwXdp => Setup::Ours { backend: "host-gw", decap: "xdp" },
+            Self::Vxlan => Setup::Ours { backend: "vxlan", decap: "auto", forward: "kernel" },
+            Self::HostGw => Setup::Ours { backend: "host-gw", decap: "auto", forward: "kernel" },
+            Self::VxlanTc => Setup::Ours { backend: "vxlan", decap: "tc", forward: "kernel" },
+            Self::VxlanXdpGeneric => Setup::Ours { backend: "vxlan", decap: "xdp-generic", forward: "kernel" },
+            Self::HostGwXdp => Setup::Ours { backend: "host-gw", decap: "xdp", forward: "kernel" },
+            Self::VxlanBpfForward => Setup::Ours { backend: "vxlan", decap: "auto", forward: "bpf" },
+            Self::HostGwBpfForward => Setup::Ours { backend: "host-gw", decap: "auto", forward: "bpf" },
         }
     }
 }
@@ -479,9 +493,10 @@ fn start_lab(setup: Setup, config: &Config, n: usize) -> Result<Lab, String> {
             spec.flannel_nodes = 2;
             spec.flannel_backend = backend.to_owned();
         }
-        Setup::Ours { backend, decap } => {
+        Setup::Ours { backend, decap, forward } => {
             spec.backend = backend.to_owned();
             spec.decap = decap.to_owned();
+            spec.forward = forward.to_owned();
         }
     }
     Lab::start(spec).map_err(|e| format!("lab for {setup:?} failed to start: {e}"))
@@ -888,6 +903,12 @@ pub fn problems(report: &Report) -> Vec<String> {
             }
             _ => {}
         }
+        match Variant::from_key(&v.key).map(Variant::setup) {
+            Some(Setup::Ours { forward: "bpf", .. }) if counter("fastpath_packets") == 0 => {
+                problems.push(format!("{}: our counters show no fast-path traffic: {:?}", v.key, v.counters));
+            }
+            _ => {}
+        }
         let drops: u64 = v.counters.iter().filter(|(k, _)| k.starts_with("drop_")).map(|(_, v)| v).sum();
         if drops > 0 {
             problems.push(format!("{}: our datapath dropped packets: {:?}", v.key, v.counters));
@@ -966,10 +987,11 @@ pub fn render_markdown(report: &Report) -> String {
             Some(hook) => {
                 let c = |k: &str| v.counters.get(k).copied().unwrap_or(0);
                 format!(
-                    "`{hook}`; encap {}, decap {}, direct {} packets",
+                    "`{hook}`; encap {}, decap {}, direct {}, fast path {} packets",
                     c("encap_packets"),
                     c("decap_packets"),
-                    c("direct_packets")
+                    c("direct_packets"),
+                    c("fastpath_packets")
                 )
             }
             None => "—".to_owned(),
@@ -1163,6 +1185,8 @@ fn colour(variant: &str) -> &'static str {
         Some(Variant::VxlanTc) => "#60a5fa",
         Some(Variant::VxlanXdpGeneric) => "#a78bfa",
         Some(Variant::HostGwXdp) => "#34d399",
+        Some(Variant::VxlanBpfForward) => "#1e3a8a",
+        Some(Variant::HostGwBpfForward) => "#064e3b",
         None => "#444444",
     }
 }
