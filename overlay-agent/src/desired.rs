@@ -189,6 +189,7 @@ pub fn desired(
         pod_cidr: me.pod_cidr.network().octets(),
         pod_prefix_len: u32::from(me.pod_cidr.prefix()),
         pod_bridge_ifindex: local.pod_bridge_ifindex,
+        underlay_mtu: local.underlay_mtu,
         ..Config::default()
     };
 

@@ -131,6 +131,8 @@ pub struct Config {
     /// attached to it; 0 otherwise. Inbound packets for local pods are
     /// redirected to it.
     pub pod_bridge_ifindex: u32,
+    /// The underlay interface's MTU: the largest packet a direct peer takes.
+    pub underlay_mtu: u32,
 }
 
 /// Datapath counters, one copy per CPU in the `COUNTERS` map. The field names

@@ -28,7 +28,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
-use overlay_common::{Config, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, VXLAN_OVERHEAD};
+use overlay_common::{Config, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route};
 
 use crate::{
     Drop,
@@ -82,7 +82,7 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
     }
     let path_mtu = match route.mode {
         ROUTE_MODE_VXLAN => cfg.inner_mtu,
-        ROUTE_MODE_DIRECT => cfg.inner_mtu + VXLAN_OVERHEAD,
+        ROUTE_MODE_DIRECT => cfg.underlay_mtu,
         _ => return pass,
     };
     let inner_len = ctx.len() - EthHdr::LEN as u32;

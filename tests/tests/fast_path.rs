@@ -1,0 +1,119 @@
+//! The fast path (`--forward bpf`): pod traffic forwarded by our programs,
+//! both ways past the kernel's forward path, with the same wire format and
+//! the same reach as the kernel routes, and what it must leave to the
+//! kernel.
+
+use std::{net::Ipv4Addr, process::Command};
+
+use overlay_common::Counters;
+use overlay_tests::{
+    NetNs, agent_binary,
+    lab::{Capture, Lab, LabSpec, Topology},
+    privileged, stdout,
+};
+
+fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
+    let mut spec = LabSpec::new(agent_binary());
+    spec.topology = topology;
+    spec.backend = backend.to_owned();
+    spec.direct_routing = direct_routing;
+    spec.forward = "bpf".to_owned();
+    Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
+fn assert_all_pairs(lab: &Lab, what: &str) {
+    let (checks, failures) = lab.check_all_pairs();
+    assert!(failures.is_empty(), "{what}: {} of {checks} checks failed: {failures:#?}", failures.len());
+}
+
+/// One ping with `options`, expected to fail; what it printed.
+fn ping_output(from: &NetNs, options: &[&str], to: Ipv4Addr) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", from.name()))
+        .args(["ping", "-c", "1", "-W", "2"])
+        .args(options)
+        .arg(to.to_string())
+        .output()
+        .expect("running ping");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn assert_no_drops(c: &Counters) {
+    let drops: Vec<_> = c.fields().into_iter().filter(|(name, v)| name.starts_with("drop_") && *v > 0).collect();
+    assert!(drops.is_empty(), "the datapath dropped packets: {drops:?}");
+}
+
+#[test]
+fn routed_direct_routing_all_pairs_on_the_wire_as_without_it() {
+    if !privileged() {
+        return;
+    }
+    let dr = lab(Topology::Routed, "vxlan", true);
+    assert!(dr.agent_log(0).contains("pod fast path attached"), "{}", dr.agent_log(0));
+    let before = dr.counters(0).fastpath_packets;
+    assert_all_pairs(&dr, "vxlan --direct-routing --forward bpf");
+    let after = dr.counters(0);
+    // Node 1 sent to and received from both peers: both halves ran.
+    assert!(after.fastpath_packets > before, "{after:?}");
+    assert!(after.direct_packets > 0 && after.encap_packets > 0, "{after:?}");
+    assert_no_drops(&after);
+
+    // Same wire format as the kernel path: plain to the on-link peer,
+    // VXLAN to the one behind the router.
+    let n1 = &dr.nodes[0];
+    let pcap = dr.work_dir().join("underlay.pcap");
+    let capture = Capture::start(&n1.ns, "eth0", &["icmp", "or", "udp", "port", "8472"], &pcap);
+    assert!(Lab::ping(&n1.pods[0].ns, dr.nodes[1].pods[0].ip));
+    assert!(Lab::ping(&n1.pods[0].ns, dr.nodes[2].pods[0].ip));
+    capture.stop();
+    let rows = stdout(
+        "tshark",
+        &["-r", pcap.to_str().unwrap(), "-d", "udp.port==8472,vxlan", "-T", "fields", "-e", "ip.dst", "-e", "ip.ttl"],
+    );
+    let to_node2_pod: Vec<&str> = rows.lines().filter(|l| l.contains("10.244.2.11")).collect();
+    let to_node3_pod: Vec<&str> = rows.lines().filter(|l| l.contains("10.244.3.11")).collect();
+    assert!(!to_node2_pod.is_empty() && !to_node3_pod.is_empty(), "{rows}");
+    // ping's TTL 64, one hop (this node) taken off, as forwarding does.
+    assert!(to_node2_pod.iter().all(|l| l.trim() == "10.244.2.11\t63"), "same subnet must be plain: {to_node2_pod:?}");
+    assert!(
+        to_node3_pod.iter().all(|l| l.starts_with("192.168.88.13,10.244.3.11\t64,63")),
+        "cross subnet must be VXLAN to node3: {to_node3_pod:?}"
+    );
+}
+
+#[test]
+fn host_gw_all_pairs_and_bulk_tcp() {
+    if !privileged() {
+        return;
+    }
+    let hgw = lab(Topology::Flat, "host-gw", false);
+    assert_all_pairs(&hgw, "host-gw --forward bpf");
+    let before = (hgw.counters(0).fastpath_packets, hgw.counters(1).fastpath_packets);
+    // GSO super-packets one way, ACKs the other.
+    let report = hgw.iperf3((0, 0), (1, 0), 2).expect("iperf3");
+    let bits = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+    assert!(bits > 0.0, "{report}");
+    let after = (hgw.counters(0), hgw.counters(1));
+    assert!(after.0.fastpath_packets > before.0 && after.1.fastpath_packets > before.1, "{after:?}");
+    assert_no_drops(&after.0);
+    assert_no_drops(&after.1);
+}
+
+#[test]
+fn what_needs_the_kernel_still_gets_it() {
+    if !privileged() {
+        return;
+    }
+    let vxlan = lab(Topology::Flat, "vxlan", false);
+    let (n1, n2) = (&vxlan.nodes[0], &vxlan.nodes[1]);
+    // A TTL about to expire: the kernel answers, from node1's pod gateway.
+    let text = ping_output(&n1.pods[0].ns, &["-t", "1"], n2.pods[0].ip);
+    assert!(text.contains("From 10.244.1.1") && text.contains("Time to live exceeded"), "{text}");
+    // Too big for the tunnel: the kernel route (mtu 1450) sends the ICMP.
+    vxlan.set_pod_mtu(0, 0, 1500);
+    let text = ping_output(&n1.pods[0].ns, &["-M", "do", "-s", "1472"], n2.pods[0].ip);
+    assert!(text.contains("mtu = 1450"), "{text}");
+    assert!(Lab::ping(&n1.pods[0].ns, n2.pods[0].ip));
+    // Node to node traffic is not ours to forward.
+    assert!(Lab::ping(&n1.ns, n2.ip));
+}
