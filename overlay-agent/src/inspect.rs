@@ -27,6 +27,10 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
             config.inner_mtu,
             config.underlay_ifindex
         );
+        match config.pod_bridge_ifindex {
+            0 => println!("  fast path: off (pod traffic takes the kernel's forward path)"),
+            index => println!("  fast path: on, pod bridge ifindex {index} (--forward bpf)"),
+        }
     }
 
     println!("\nPEERS (tunnel traffic accepted from)");

@@ -8,7 +8,7 @@ use aya::{
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
-use overlay_common::{Config, Counters, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
+use overlay_common::{Config, Counters, Peer, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, map_names, program_names};
 use overlay_tests::{PinDir, privileged};
 
 /// Reads the counter a case expects to move.
@@ -18,6 +18,7 @@ const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const ME: [u8; 4] = [192, 168, 77, 11];
 const PEER: [u8; 4] = [192, 168, 77, 12];
@@ -123,6 +124,7 @@ impl Fixture {
                     vtep_mac: MY_VTEP,
                     underlay_ifindex: 1,
                     inner_mtu: 1450,
+                    underlay_mtu: 1500,
                     pod_cidr: [10, 244, 1, 0],
                     pod_prefix_len: 24,
                     ..Config::default()
@@ -331,4 +333,74 @@ fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
     inner[6] = 0;
     let (verdict, _) = f.run(program_names::TC_EGRESS, &eth(PEER_NIC_MAC, NIC_MAC, &inner));
     assert_eq!(verdict, TC_ACT_OK, "without DF the packet goes on (the kernel fragments by route MTU)");
+}
+
+#[test]
+fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
+    if !privileged() {
+        return;
+    }
+    let mut f = Fixture::new();
+    // A direct peer beside the VXLAN one.
+    let ebpf = f.datapath.ebpf_mut();
+    let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
+    let direct = Route { node_ip: [192, 168, 77, 13], vtep_mac: [0; 6], mode: ROUTE_MODE_DIRECT, reason: 0, next_hop: [192, 168, 77, 13] };
+    routes.insert(&Key::new(24, [10, 244, 3, 0]), direct, 0).unwrap();
+    // Test runs see frames through the loopback device, whose address is
+    // all zeros: this is a frame addressed to the host (the pod bridge).
+    let to_bridge = |dst: [u8; 4], payload: &[u8]| eth([0; 6], [2, 0, 0, 0, 1, 11], &ipv4([10, 244, 1, 11], dst, 17, &udp(40000, 7, payload)));
+    let program = program_names::TC_POD;
+
+    // Direct peer: TTL down by one, checksum still valid, redirected.
+    let frame = to_bridge([10, 244, 3, 11], b"overlay!");
+    let before = f.counters();
+    let (verdict, out) = f.run(program, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(f.counters().fastpath_packets - before.fastpath_packets, 1);
+    assert_eq!(out.len(), frame.len());
+    assert_eq!(out[14 + 8], 63, "TTL decremented");
+    assert_eq!(checksum(&out[14..34]), 0, "IPv4 checksum still valid");
+    assert_eq!(&out[34..], &frame[34..], "payload untouched");
+
+    // VXLAN peer: encapsulated, then redirected; the inner packet has been
+    // forwarded (TTL 63) and the outer header goes to the peer.
+    let frame = to_bridge([10, 244, 2, 11], b"overlay!");
+    let before = f.counters();
+    let (verdict, out) = f.run(program, &frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let after = f.counters();
+    assert_eq!((after.fastpath_packets - before.fastpath_packets, after.encap_packets - before.encap_packets), (1, 1));
+    assert_eq!(out.len(), frame.len() + 50);
+    assert_eq!(&out[14 + 16..14 + 20], &PEER, "outer destination");
+    assert_eq!(checksum(&out[14..34]), 0, "outer checksum");
+    let inner_ip = &out[64..];
+    assert_eq!(inner_ip[8], 63, "inner TTL decremented");
+    assert_eq!(checksum(&inner_ip[..20]), 0, "inner checksum still valid");
+
+    // Left to the kernel, untouched and uncounted.
+    let mut ttl_1 = to_bridge([10, 244, 3, 11], b"overlay!");
+    ttl_1[14 + 8] = 1;
+    let mut options = to_bridge([10, 244, 3, 11], b"overlay!");
+    options[14] = 0x46;
+    options.splice(34..34, [1, 1, 1, 1]);
+    let mut other_host = to_bridge([10, 244, 3, 11], b"overlay!");
+    other_host[..6].copy_from_slice(&[2, 0, 0, 0, 9, 9]);
+    let cases: [(&str, Vec<u8>); 6] = [
+        ("TTL about to expire (the kernel sends time exceeded)", ttl_1),
+        ("IPv4 options", options),
+        ("a local or unknown destination", to_bridge([10, 244, 1, 12], b"overlay!")),
+        ("a frame for another host on the bridge", other_host),
+        ("too big for the tunnel (the kernel sends frag needed)", to_bridge([10, 244, 2, 11], &[0; 1451 - 28])),
+        ("too big for the underlay", to_bridge([10, 244, 3, 11], &[0; 1501 - 28])),
+    ];
+    for (what, frame) in cases {
+        let before = f.counters();
+        let (verdict, out) = f.run(program, &frame);
+        assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
+        assert_eq!(out, frame, "{what}: must be untouched");
+        assert_eq!(f.counters(), before, "{what}: nothing counted");
+    }
+    // The largest packets that fit are taken.
+    assert_eq!(f.run(program, &to_bridge([10, 244, 2, 11], &[0; 1450 - 28])).0, TC_ACT_REDIRECT);
+    assert_eq!(f.run(program, &to_bridge([10, 244, 3, 11], &[0; 1500 - 28])).0, TC_ACT_REDIRECT);
 }
