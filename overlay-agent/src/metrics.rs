@@ -110,7 +110,7 @@ pub fn metric_for(field: &'static str) -> (&'static str, &'static str, &'static 
 
 const HELP: [(&str, &str); 4] = [
     ("datapath_drops", "Packets the datapath dropped, by reason"),
-    ("datapath_packets", "Packets through the datapath, by path (encap, direct, decap, pass, mismatched_port)"),
+    ("datapath_packets", "Packets through the datapath, by path (encap, direct, decap, pass, fastpath, mismatched_port)"),
     ("datapath_bytes", "Bytes through the datapath, by path"),
     ("datapath_events", "Other datapath events (icmp_frag_needed: ICMP too-big replies sent)"),
 ];
