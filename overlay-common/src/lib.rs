@@ -257,8 +257,8 @@ mod tests {
         assert_eq!(size_of::<Route>(), 16);
         assert_eq!(align_of::<Route>(), 1);
         assert_eq!(size_of::<Peer>(), 8);
-        assert_eq!(size_of::<Config>(), 40);
-        assert_eq!(size_of::<Counters>(), 16 * 8);
+        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<Counters>(), 17 * 8);
     }
 
     #[test]
