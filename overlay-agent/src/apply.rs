@@ -86,6 +86,11 @@ impl Applier {
         &self.maps
     }
 
+    /// For the maps this stage does not own (`POD_PORTS`).
+    pub fn maps_mut(&mut self) -> &mut DatapathMaps {
+        &mut self.maps
+    }
+
     /// The underlay interface the routes use.
     pub fn iface(&self) -> &str {
         &self.iface

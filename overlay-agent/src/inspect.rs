@@ -73,6 +73,16 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         );
     }
 
+    let mut ports: Vec<_> = maps.pod_ports.iter().filter_map(Result::ok).collect();
+    if !ports.is_empty() {
+        println!("\nPOD_PORTS (local pods the fast path delivers to directly)");
+        println!("  {:<18} IFINDEX", "POD MAC");
+        ports.sort_by_key(|(_, port)| port.ifindex);
+        for (mac, port) in ports {
+            println!("  {:<18} {}", format_mac(mac), port.ifindex);
+        }
+    }
+
     let c = maps.counters_total().context("reading COUNTERS")?;
     println!("\nCOUNTERS (all CPUs)");
     for (name, value) in c.fields() {

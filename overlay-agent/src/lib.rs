@@ -24,5 +24,6 @@ pub mod metrics;
 pub mod netconf;
 pub mod node;
 pub mod object;
+pub mod pod_ports;
 pub mod routes;
 pub mod server;

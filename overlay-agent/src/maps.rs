@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
-use overlay_common::{Config, Counters, Peer, Route, map_names};
+use overlay_common::{Config, Counters, Peer, PodPort, Route, map_names};
 
 use crate::bpffs::PinLayout;
 
@@ -23,10 +23,11 @@ pub struct DatapathMaps {
     pub peers: HashMap<MapData, [u8; 4], Peer>,
     pub routes: LpmTrie<MapData, [u8; 4], Route>,
     pub counters: PerCpuArray<MapData, Counters>,
+    pub pod_ports: HashMap<MapData, [u8; 6], PodPort>,
 }
 
 impl DatapathMaps {
-    /// Opens the four maps pinned under `root`.
+    /// Opens the maps pinned under `root`.
     pub fn open(root: &Path) -> Result<Self, MapsError> {
         let layout = &PinLayout::new(root);
         fn open<T: TryFrom<Map, Error = MapError>>(layout: &PinLayout, name: &str) -> Result<T, MapsError> {
@@ -40,6 +41,7 @@ impl DatapathMaps {
             peers: open(layout, map_names::PEERS)?,
             routes: open(layout, map_names::ROUTES)?,
             counters: open(layout, map_names::COUNTERS)?,
+            pod_ports: open(layout, map_names::POD_PORTS)?,
         })
     }
 

@@ -24,7 +24,7 @@ use overlay_agent::{
     metrics::Metrics,
     netconf::{self, NetConf},
     node::{self, NodeInfo},
-    routes, server,
+    pod_ports, routes, server,
 };
 use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
 use tokio::signal::unix::{SignalKind, signal};
@@ -357,12 +357,16 @@ impl Agent {
         let Some(ifindex) = iface::interface_index(&bridge) else {
             fast_path.ifindex = None;
             self.settings.pod_bridge_ifindex = 0;
+            if let Err(err) = pod_ports::clear(self.applier.maps_mut()) {
+                warn!(error = %err, "cannot empty POD_PORTS");
+            }
             if self.reported.insert(waiting) {
                 info!(%bridge, "no pod bridge yet (the CNI plugin creates it with the first pod); pod traffic takes the kernel routes until it appears");
             }
             return;
         };
         if fast_path.ifindex == Some(ifindex) {
+            self.sync_pod_ports(&bridge);
             return;
         }
         match self.datapath.attach_pod_fast_path(&bridge) {
@@ -371,11 +375,27 @@ impl Agent {
                 self.settings.pod_bridge_ifindex = ifindex;
                 self.reported.remove(&waiting);
                 info!(%bridge, ?outcome, "pod fast path attached: pod traffic to remote pods goes straight to the underlay");
+                self.sync_pod_ports(&bridge);
             }
             Err(err) => {
                 let problem = format!("pod fast path on {bridge}: {err:#}");
                 if self.reported.insert(problem.clone()) {
                     warn!(%bridge, error = %format!("{err:#}"), "cannot attach the pod fast path; pod traffic takes the kernel routes");
+                }
+            }
+        }
+    }
+
+    /// Copies what the pod bridge has learned into `POD_PORTS`. A failure
+    /// only costs speed (packets go through the bridge), so it warns once.
+    fn sync_pod_ports(&mut self, bridge: &str) {
+        match pod_ports::sync(self.applier.maps_mut(), bridge) {
+            Ok(_) => {
+                self.reported.retain(|p| !p.starts_with("POD_PORTS: "));
+            }
+            Err(err) => {
+                if self.reported.insert(format!("POD_PORTS: {err}")) {
+                    warn!(%bridge, error = %err, "cannot learn the pod bridge's ports; packets for local pods go through the bridge");
                 }
             }
         }

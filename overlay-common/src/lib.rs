@@ -20,9 +20,12 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// Per-CPU single-entry array of [`crate::Counters`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Hash, local pod MAC (`[u8; 6]`) → [`crate::PodPort`]: where the fast
+    /// path delivers a local pod's packets, past the pod bridge.
+    pub const POD_PORTS: &str = "POD_PORTS";
 
     /// Every pinned map, in the order `inspect` prints them.
-    pub const ALL: [&str; 4] = [CONFIG, PEERS, ROUTES, COUNTERS];
+    pub const ALL: [&str; 5] = [CONFIG, PEERS, ROUTES, POD_PORTS, COUNTERS];
 }
 
 /// Names of the programs in the eBPF object.
@@ -95,6 +98,16 @@ pub struct Peer {
     pub pod_cidr: [u8; 4],
     /// The peer's pod CIDR prefix length.
     pub pod_prefix_len: u32,
+}
+
+/// Value of the `POD_PORTS` map (keyed by a local pod's MAC): the pod's
+/// host-side veth on the pod bridge, as the bridge learned it. The fast
+/// path redirects into the pod's namespace through it (`bpf_redirect_peer`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PodPort {
+    /// Index of the host-side veth.
+    pub ifindex: u32,
 }
 
 /// This node's datapath configuration: entry 0 of the `CONFIG` array.
@@ -242,6 +255,7 @@ mod pod {
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::PodPort {}
 }
 
 #[cfg(test)]
@@ -257,6 +271,7 @@ mod tests {
         assert_eq!(size_of::<Route>(), 16);
         assert_eq!(align_of::<Route>(), 1);
         assert_eq!(size_of::<Peer>(), 8);
+        assert_eq!(size_of::<PodPort>(), 4);
         assert_eq!(size_of::<Config>(), 48);
         assert_eq!(size_of::<Counters>(), 17 * 8);
     }

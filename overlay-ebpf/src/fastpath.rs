@@ -24,7 +24,7 @@
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
@@ -34,7 +34,7 @@ use crate::{
     Drop,
     counters::count,
     encap::encapsulate,
-    maps::{ROUTES, config},
+    maps::{POD_PORTS, ROUTES, config},
     packet::ptr_at,
     parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, in_cidr},
 };
@@ -198,6 +198,12 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     eth.dst_addr = fib.dmac;
     eth.src_addr = fib.smac;
     count(|c| c.fastpath_packets += 1);
-    // SAFETY: plain helper call; 0 = the bridge's egress.
-    Some(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
+    // SAFETY: the value is copied out at once, before anything could
+    // delete the entry; the helpers take plain integers (flags 0: the
+    // peer's ingress, or the bridge's egress).
+    let action = match unsafe { POD_PORTS.get(&fib.dmac) }.map(|port| port.ifindex) {
+        Some(veth) => unsafe { bpf_redirect_peer(veth, 0) },
+        None => unsafe { bpf_redirect(fib.ifindex, 0) },
+    };
+    Some(action as i32)
 }

@@ -5,7 +5,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
     macros::btf_map,
 };
-use overlay_common::{Config, Counters, Peer, Route};
+use overlay_common::{Config, Counters, Peer, PodPort, Route};
 
 /// Remote pod CIDR → how to reach it.
 #[btf_map]
@@ -14,6 +14,11 @@ pub static ROUTES: LpmTrie<[u8; 4], Route, 16384> = LpmTrie::new();
 /// Underlay address of every known node → the pod CIDR it may source.
 #[btf_map]
 pub static PEERS: HashMap<[u8; 4], Peer, 16384> = HashMap::new();
+
+/// Local pod MAC → its host-side veth, learned by the agent from the pod
+/// bridge's FDB (`--forward bpf`).
+#[btf_map]
+pub static POD_PORTS: HashMap<[u8; 6], PodPort, 4096> = HashMap::new();
 
 /// This node's configuration (one entry).
 #[btf_map]

@@ -3,7 +3,11 @@
 //! the same reach as the kernel routes, and what it must leave to the
 //! kernel.
 
-use std::{net::Ipv4Addr, process::Command};
+use std::{
+    net::Ipv4Addr,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use overlay_common::Counters;
 use overlay_tests::{
@@ -88,15 +92,34 @@ fn host_gw_all_pairs_and_bulk_tcp() {
     }
     let hgw = lab(Topology::Flat, "host-gw", false);
     assert_all_pairs(&hgw, "host-gw --forward bpf");
+    // The pods have spoken, so node2's bridge knows them; the agent copies
+    // that into POD_PORTS within its housekeeping period.
+    let deadline = Instant::now() + Duration::from_secs(12);
+    while !hgw.inspect(1).contains("POD_PORTS") {
+        assert!(Instant::now() < deadline, "node2 never learned its pods' ports:\n{}", hgw.inspect(1));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let before = (hgw.counters(0).fastpath_packets, hgw.counters(1).fastpath_packets);
+    let veth_tx_before = tx_bytes(&hgw.nodes[1].ns, "p1");
     // GSO super-packets one way, ACKs the other.
     let report = hgw.iperf3((0, 0), (1, 0), 2).expect("iperf3");
-    let bits = report["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
-    assert!(bits > 0.0, "{report}");
+    let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    assert!(received > 0.0, "{report}");
     let after = (hgw.counters(0), hgw.counters(1));
     assert!(after.0.fastpath_packets > before.0 && after.1.fastpath_packets > before.1, "{after:?}");
     assert_no_drops(&after.0);
     assert_no_drops(&after.1);
+    // Delivered into the pod past the bridge: the pod's host-side veth did
+    // not transmit the stream.
+    let veth_tx = tx_bytes(&hgw.nodes[1].ns, "p1") - veth_tx_before;
+    assert!((veth_tx as f64) < received / 10.0, "p1 sent {veth_tx} bytes of the {received} the pod received");
+}
+
+/// An interface's transmitted bytes, from `ip -s -j link`.
+fn tx_bytes(ns: &NetNs, iface: &str) -> u64 {
+    let out = ns.ip(&["-s", "-j", "link", "show", iface]);
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    links[0]["stats64"]["tx"]["bytes"].as_u64().expect("tx bytes")
 }
 
 #[test]
