@@ -51,6 +51,9 @@ pub enum Variant {
     /// Design comparison: our host-gw with the pod-side fast path
     /// (`bpf_redirect_neigh`) instead of kernel routes.
     HostGwBpfForward,
+    /// Design comparison: our VXLAN with the fast path and decapsulation at
+    /// TC, so nothing is copied into veth's XDP ring (and nothing is GROed).
+    VxlanTcBpfForward,
 }
 
 /// The variants of issue 6, in its order.
@@ -70,9 +73,10 @@ enum Setup {
 }
 
 impl Variant {
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Raw, Self::KernelHostGw, Self::KernelVxlan, Self::Vxlan, Self::HostGw,
         Self::VxlanTc, Self::VxlanXdpGeneric, Self::HostGwXdp, Self::VxlanBpfForward, Self::HostGwBpfForward,
+        Self::VxlanTcBpfForward,
     ];
 
     /// The name used on the command line and in results.json.
@@ -88,6 +92,7 @@ impl Variant {
             Self::HostGwXdp => "host-gw-xdp",
             Self::VxlanBpfForward => "vxlan-bpf-forward",
             Self::HostGwBpfForward => "host-gw-bpf-forward",
+            Self::VxlanTcBpfForward => "vxlan-tc-bpf-forward",
         }
     }
 
@@ -108,6 +113,7 @@ impl Variant {
             Self::HostGwXdp => "ours: host-gw, XDP hook",
             Self::VxlanBpfForward => "ours: VXLAN, BPF forward",
             Self::HostGwBpfForward => "ours: host-gw, BPF forward",
+            Self::VxlanTcBpfForward => "ours: VXLAN, TC decap, BPF forward",
         }
     }
 
@@ -124,6 +130,7 @@ impl Variant {
             Self::HostGwXdp => "pod to pod, our agent with `--backend host-gw --decap xdp`",
             Self::VxlanBpfForward => "pod to pod, our agent with `--backend vxlan --decap auto --forward bpf`",
             Self::HostGwBpfForward => "pod to pod, our agent with `--backend host-gw --decap auto --forward bpf`",
+            Self::VxlanTcBpfForward => "pod to pod, our agent with `--backend vxlan --decap tc --forward bpf`",
         }
     }
 
@@ -140,6 +147,7 @@ impl Variant {
             Self::HostGwXdp => Setup::Ours { backend: "host-gw", decap: "xdp", forward: "kernel" },
             Self::VxlanBpfForward => Setup::Ours { backend: "vxlan", decap: "auto", forward: "bpf" },
             Self::HostGwBpfForward => Setup::Ours { backend: "host-gw", decap: "auto", forward: "bpf" },
+            Self::VxlanTcBpfForward => Setup::Ours { backend: "vxlan", decap: "tc", forward: "bpf" },
         }
     }
 }
@@ -1187,6 +1195,7 @@ fn colour(variant: &str) -> &'static str {
         Some(Variant::HostGwXdp) => "#34d399",
         Some(Variant::VxlanBpfForward) => "#1e3a8a",
         Some(Variant::HostGwBpfForward) => "#064e3b",
+        Some(Variant::VxlanTcBpfForward) => "#7c3aed",
         None => "#444444",
     }
 }

@@ -25,7 +25,7 @@ pub struct BenchArgs {
     out: Option<PathBuf>,
     /// Comma-separated variants (default raw,kernel-host-gw,kernel-vxlan,
     /// vxlan,host-gw); design comparisons add vxlan-tc, vxlan-xdp-generic,
-    /// host-gw-xdp, vxlan-bpf-forward, host-gw-bpf-forward.
+    /// host-gw-xdp, vxlan-bpf-forward, host-gw-bpf-forward, vxlan-tc-bpf-forward.
     #[arg(long)]
     variants: Option<String>,
     /// The CPU the tools run on and whose time is accounted (default: the
