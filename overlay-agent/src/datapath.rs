@@ -254,7 +254,9 @@ impl Datapath {
             .map(|role| self.layout.link(iface, role))
             .collect();
         for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {
-            if Some(other.as_str()) == pod_bridge {
+            // The fast path's attachments (the bridge and its ports) are
+            // kept while it is wanted; its own sync prunes them.
+            if pod_bridge.is_some() && self.layout.link(&other, LinkRole::PodFastPath).exists() {
                 let roles = LinkRole::ALL.into_iter().filter(|role| *role != LinkRole::PodFastPath);
                 unwanted.extend(roles.map(|role| self.layout.link(&other, role)));
                 continue;
@@ -275,19 +277,38 @@ impl Datapath {
         Ok(AttachReport { egress, decap, removed })
     }
 
-    /// Attaches the pod-side fast path (TC ingress) to the pod bridge and
-    /// pins the link, or swaps the program into the pinned link. Packets it
-    /// does not take go on to the kernel routes, so attaching it, or not
-    /// yet (the CNI plugin creates the bridge with the first pod), never
-    /// cuts a path.
-    pub fn attach_pod_fast_path(&mut self, bridge: &str) -> Result<LinkOutcome, DatapathError> {
-        if crate::iface::interface_index(bridge).is_none() {
-            return Err(DatapathError::UnknownInterface(bridge.to_owned()));
+    /// Attaches the fast path's program (TC ingress) to `iface`, the pod
+    /// bridge or one of its ports, and pins the link, or swaps the program
+    /// into the pinned link. Packets it does not take go on untouched, so
+    /// attaching it never cuts a path.
+    pub fn attach_pod_fast_path(&mut self, iface: &str) -> Result<LinkOutcome, DatapathError> {
+        if crate::iface::interface_index(iface).is_none() {
+            return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
         if KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0)) {
-            let _ = tc::qdisc_add_clsact(bridge);
+            let _ = tc::qdisc_add_clsact(iface);
         }
-        self.attach_role(bridge, LinkRole::PodFastPath, DecapHook::TcIngress)
+        self.attach_role(iface, LinkRole::PodFastPath, DecapHook::TcIngress)
+    }
+
+    /// Detaches the fast path from `iface` (a pod's veth that is gone or
+    /// being left) by removing its pins.
+    pub fn detach_pod_fast_path(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let dir = self.layout.links_dir().join(iface);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DatapathError::Unpin { path: dir, source }),
+        }
+    }
+
+    /// Interfaces holding a pinned fast-path attachment.
+    pub fn pod_fast_path_interfaces(&self) -> Vec<String> {
+        self.layout
+            .linked_interfaces()
+            .into_iter()
+            .filter(|i| self.layout.link(i, LinkRole::PodFastPath).exists())
+            .collect()
     }
 
     fn attach_role(&mut self, iface: &str, role: LinkRole, hook: DecapHook) -> Result<LinkOutcome, DatapathError> {

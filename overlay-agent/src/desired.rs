@@ -57,6 +57,8 @@ pub struct LocalSettings {
     pub underlay_mtu: u32,
     /// The pod bridge's index while the fast path is attached to it, else 0.
     pub pod_bridge_ifindex: u32,
+    /// The pod bridge's MAC while the fast path is attached to it.
+    pub pod_bridge_mac: [u8; 6],
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
     /// The cluster's pod network (net-conf.json `Network`), when known:
@@ -189,6 +191,7 @@ pub fn desired(
         pod_cidr: me.pod_cidr.network().octets(),
         pod_prefix_len: u32::from(me.pod_cidr.prefix()),
         pod_bridge_ifindex: local.pod_bridge_ifindex,
+        pod_bridge_mac: local.pod_bridge_mac,
         underlay_mtu: local.underlay_mtu,
         ..Config::default()
     };
@@ -370,6 +373,7 @@ mod tests {
             underlay_ifindex: 2,
             underlay_mtu: 1500,
             pod_bridge_ifindex: 0,
+            pod_bridge_mac: [0; 6],
             public_ip: None,
             network: None,
         }

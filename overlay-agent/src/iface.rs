@@ -12,6 +12,21 @@ pub fn interface_index(iface: &str) -> Option<u32> {
 
 /// The interface's MTU (`SIOCGIFMTU`).
 pub fn mtu(iface: &str) -> io::Result<u32> {
+    // SAFETY: SIOCGIFMTU fills the `ifru_mtu` member.
+    ifreq(iface, libc::SIOCGIFMTU).map(|req| unsafe { req.ifr_ifru.ifru_mtu } as u32)
+}
+
+/// The interface's MAC address (`SIOCGIFHWADDR`). Asked of the kernel, not
+/// of sysfs, which shows the namespace it was mounted in.
+pub fn mac_address(iface: &str) -> io::Result<[u8; 6]> {
+    let req = ifreq(iface, libc::SIOCGIFHWADDR)?;
+    // SAFETY: SIOCGIFHWADDR fills the `ifru_hwaddr` member.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    Ok(std::array::from_fn(|i| data[i] as u8))
+}
+
+/// One `ifreq` ioctl on `iface` in this network namespace.
+fn ifreq(iface: &str, request: libc::c_ulong) -> io::Result<libc::ifreq> {
     let name = CString::new(iface).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let bytes = name.as_bytes_with_nul();
     if bytes.len() > libc::IFNAMSIZ {
@@ -27,13 +42,13 @@ pub fn mtu(iface: &str) -> io::Result<u32> {
         for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
             *dst = *src as libc::c_char;
         }
-        let rc = libc::ioctl(fd, libc::SIOCGIFMTU, &mut req);
+        let rc = libc::ioctl(fd, request, &mut req);
         let err = io::Error::last_os_error();
         libc::close(fd);
         if rc < 0 {
             return Err(err);
         }
-        Ok(req.ifr_ifru.ifru_mtu as u32)
+        Ok(req)
     }
 }
 
@@ -54,4 +69,5 @@ pub fn default_route_interface() -> Option<String> {
         (destination == "00000000" && mask == "00000000").then(|| iface.to_owned())
     })
 }
+
 

@@ -1,12 +1,17 @@
-//! The pod bridge's ports, for the fast path's last hop (`--forward bpf`).
+//! The pod bridge's ports, for the fast path (`--forward bpf`).
 //!
-//! The bridge learns which port each pod's MAC sits behind. The agent
-//! copies what it learned into `POD_PORTS`, so the inbound fast path can
-//! skip the bridge and redirect straight into the pod (`bpf_redirect_peer`
-//! through the pod's host-side veth). A pod missing from the map is only
-//! slower: its packets go through the bridge.
+//! The fast path serves a pod once the agent has attached its program to
+//! the pod's host-side veth and entered the pod's MAC in `POD_PORTS`; from
+//! then on the pod's traffic to remote pods leaves from that veth, and
+//! traffic for it goes straight into it (`bpf_redirect_peer`). Which MAC
+//! sits behind which veth is what the bridge learned (its FDB). A pod not
+//! in the map is served by the kernel both ways, as without the fast path.
 
-use std::{collections::BTreeMap, process::Command};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    process::Command,
+};
 
 use aya::maps::MapError;
 use overlay_common::PodPort;
@@ -17,7 +22,7 @@ use crate::{iface, maps::DatapathMaps, node::parse_mac};
 #[derive(Debug, thiserror::Error)]
 pub enum PodPortsError {
     #[error("running `bridge fdb show br {bridge}` (is iproute2 installed?): {source}")]
-    Spawn { bridge: String, source: std::io::Error },
+    Spawn { bridge: String, source: io::Error },
     #[error("`bridge fdb show br {bridge}` failed: {stderr}")]
     Failed { bridge: String, stderr: String },
     #[error("reading `bridge -j fdb show` output: {0}")]
@@ -39,38 +44,66 @@ struct FdbEntry {
     state: String,
 }
 
-/// The MACs the bridge learned on its ports, with the port's name: the
-/// dynamic unicast entries (a port's own address is `permanent`, the
-/// device's multicast entries are `self`).
-pub fn learned(fdb_json: &str, bridge: &str) -> Result<BTreeMap<[u8; 6], String>, PodPortsError> {
-    let entries: Vec<FdbEntry> = serde_json::from_str(fdb_json)?;
-    Ok(entries
-        .into_iter()
-        .filter(|e| e.master.as_deref() == Some(bridge) && e.state != "permanent" && !e.flags.iter().any(|f| f == "self"))
-        .filter_map(|e| Some((parse_mac(&e.mac)?, e.ifname)))
-        .filter(|(mac, _)| mac[0] & 1 == 0)
-        .collect())
+/// What a bridge knows about its ports: its forwarding database, asked of
+/// the kernel in this network namespace (sysfs would show the namespace it
+/// was mounted in).
+pub struct Fdb {
+    entries: Vec<FdbEntry>,
 }
 
-/// Asks the kernel for the bridge's forwarding database.
-fn read_fdb(bridge: &str) -> Result<String, PodPortsError> {
-    let out = Command::new("bridge")
-        .args(["-j", "fdb", "show", "br", bridge])
-        .output()
-        .map_err(|source| PodPortsError::Spawn { bridge: bridge.to_owned(), source })?;
-    if !out.status.success() {
-        return Err(PodPortsError::Failed { bridge: bridge.to_owned(), stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+impl Fdb {
+    /// `bridge -j fdb show br <bridge>`.
+    pub fn read(bridge: &str) -> Result<Self, PodPortsError> {
+        let out = Command::new("bridge")
+            .args(["-j", "fdb", "show", "br", bridge])
+            .output()
+            .map_err(|source| PodPortsError::Spawn { bridge: bridge.to_owned(), source })?;
+        if !out.status.success() {
+            return Err(PodPortsError::Failed {
+                bridge: bridge.to_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Self::parse(&String::from_utf8_lossy(&out.stdout), bridge)
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+
+    /// The entries of `bridge`'s ports in `bridge -j fdb show` output.
+    pub fn parse(json: &str, bridge: &str) -> Result<Self, PodPortsError> {
+        let entries: Vec<FdbEntry> = serde_json::from_str(json)?;
+        let entries = entries.into_iter().filter(|e| e.master.as_deref() == Some(bridge)).collect();
+        Ok(Self { entries })
+    }
+
+    /// The bridge's ports: each has at least its own (permanent) entry.
+    pub fn ports(&self) -> BTreeSet<String> {
+        self.entries.iter().map(|e| e.ifname.clone()).collect()
+    }
+
+    /// The MACs the bridge learned on its ports, with the port's name: the
+    /// dynamic unicast entries (a port's own address is `permanent`).
+    pub fn learned(&self) -> BTreeMap<[u8; 6], String> {
+        self.entries
+            .iter()
+            .filter(|e| e.state != "permanent" && !e.flags.iter().any(|f| f == "self"))
+            .filter_map(|e| Some((parse_mac(&e.mac)?, e.ifname.clone())))
+            .filter(|(mac, _)| mac[0] & 1 == 0)
+            .collect()
+    }
 }
 
-/// Makes `POD_PORTS` what the bridge has learned now: new and moved pods
-/// are written, entries for MACs the bridge forgot are removed. Returns
-/// how many entries the map holds.
-pub fn sync(maps: &mut DatapathMaps, bridge: &str) -> Result<usize, PodPortsError> {
-    let wanted: BTreeMap<[u8; 6], PodPort> = learned(&read_fdb(bridge)?, bridge)?
+/// Makes `POD_PORTS` the pods the bridge has learned behind `enrolled`
+/// ports (the veths the fast path is attached to, by name and index): new
+/// and moved pods are written, the others removed. Returns how many
+/// entries the map holds.
+pub fn sync(maps: &mut DatapathMaps, fdb: &Fdb, enrolled: &BTreeMap<String, u32>) -> Result<usize, PodPortsError> {
+    let wanted: BTreeMap<[u8; 6], PodPort> = fdb
+        .learned()
         .into_iter()
-        .filter_map(|(mac, port)| Some((mac, PodPort { ifindex: iface::interface_index(&port)? })))
+        .filter_map(|(mac, port)| {
+            let ifindex = *enrolled.get(&port)?;
+            // A veth recreated under the same name is not the one we attached to.
+            (iface::interface_index(&port) == Some(ifindex)).then_some((mac, PodPort { ifindex }))
+        })
         .collect();
     let current: BTreeMap<[u8; 6], PodPort> = maps.pod_ports.iter().filter_map(Result::ok).collect();
     for (mac, port) in &wanted {
@@ -87,7 +120,7 @@ pub fn sync(maps: &mut DatapathMaps, bridge: &str) -> Result<usize, PodPortsErro
     Ok(wanted.len())
 }
 
-/// Empties `POD_PORTS`, when the fast path is off or its bridge is gone.
+/// Empties `POD_PORTS`, when the fast path's bridge is gone.
 pub fn clear(maps: &mut DatapathMaps) -> Result<(), PodPortsError> {
     let macs: Vec<[u8; 6]> = maps.pod_ports.keys().filter_map(Result::ok).collect();
     for mac in macs {
@@ -114,11 +147,12 @@ mod tests {
             {"mac":"0a:58:0a:f4:01:0c","ifname":"veth2","master":"cni0"},
             {"mac":"0a:58:0a:f4:09:09","ifname":"other1","flags":[],"master":"br1","state":""}
         ]"#;
-        let ports = learned(fdb, "cni0").unwrap();
+        let fdb = Fdb::parse(fdb, "cni0").unwrap();
         assert_eq!(
-            ports.into_iter().collect::<Vec<_>>(),
+            fdb.learned().into_iter().collect::<Vec<_>>(),
             vec![([0x0a, 0x58, 0x0a, 0xf4, 1, 0x0b], "veth1".to_owned()), ([0x0a, 0x58, 0x0a, 0xf4, 1, 0x0c], "veth2".to_owned())]
         );
-        assert!(learned("not json", "cni0").is_err());
+        assert_eq!(fdb.ports().into_iter().collect::<Vec<_>>(), ["veth1", "veth2"]);
+        assert!(Fdb::parse("not json", "cni0").is_err());
     }
 }

@@ -95,7 +95,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         settings,
         subnet_file,
         decap: args.decap,
-        pod_fast_path: (args.forward == Forward::Bpf).then(|| PodFastPath { bridge: args.pod_bridge.clone(), ifindex: None }),
+        pod_fast_path: (args.forward == Forward::Bpf).then(|| PodFastPath { bridge: args.pod_bridge.clone(), ifindex: None, ports: BTreeMap::new() }),
         datapath,
         attached: None,
         applier,
@@ -217,11 +217,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--forward bpf`: the bridge the fast path attaches to, and the bridge's
-/// ifindex when it was attached (a recreated bridge has a new one).
+/// `--forward bpf`: the bridge the fast path attaches to, the bridge's
+/// ifindex when it was attached (a recreated bridge has a new one), and
+/// the ports (pod veths, by name and index) it is attached to.
 struct PodFastPath {
     bridge: String,
     ifindex: Option<u32>,
+    ports: BTreeMap<String, u32>,
 }
 
 async fn next_watch_event(source: &mut Source) -> Option<WatchItem> {
@@ -280,6 +282,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         underlay_ifindex: ifindex,
         underlay_mtu,
         pod_bridge_ifindex: 0,
+        pod_bridge_mac: [0; 6],
         public_ip: args.public_ip,
         network: netconf.as_ref().map(|c| c.network),
     };
@@ -345,17 +348,20 @@ impl Agent {
         Ok(())
     }
 
-    /// With `--forward bpf`, attaches the fast path to the pod bridge once
-    /// it exists, and again if it was recreated. Until then, and if
-    /// attaching fails, pod traffic takes the kernel routes, so this only
-    /// warns. The bridge's index goes into CONFIG (it tells the inbound
-    /// half where to deliver) with the next reconcile.
+    /// With `--forward bpf`: attaches the fast path to the pod bridge once
+    /// it exists (again if it was recreated) and to each of its ports,
+    /// detaches it from ports that are gone, and enrols in `POD_PORTS` the
+    /// pods behind the ports it is attached to. Until then, and if anything
+    /// here fails, pods are served by the kernel both ways, so this only
+    /// warns. The bridge's index and MAC reach CONFIG with the reconcile
+    /// that follows.
     fn attach_pod_fast_path(&mut self) {
         let Some(fast_path) = &mut self.pod_fast_path else { return };
         let bridge = fast_path.bridge.clone();
         let waiting = format!("no pod bridge {bridge}");
         let Some(ifindex) = iface::interface_index(&bridge) else {
             fast_path.ifindex = None;
+            fast_path.ports.clear();
             self.settings.pod_bridge_ifindex = 0;
             if let Err(err) = pod_ports::clear(self.applier.maps_mut()) {
                 warn!(error = %err, "cannot empty POD_PORTS");
@@ -365,37 +371,73 @@ impl Agent {
             }
             return;
         };
-        if fast_path.ifindex == Some(ifindex) {
-            self.sync_pod_ports(&bridge);
-            return;
-        }
-        match self.datapath.attach_pod_fast_path(&bridge) {
-            Ok(outcome) => {
-                fast_path.ifindex = Some(ifindex);
-                self.settings.pod_bridge_ifindex = ifindex;
-                self.reported.remove(&waiting);
-                info!(%bridge, ?outcome, "pod fast path attached: pod traffic to remote pods goes straight to the underlay");
-                self.sync_pod_ports(&bridge);
-            }
-            Err(err) => {
-                let problem = format!("pod fast path on {bridge}: {err:#}");
-                if self.reported.insert(problem.clone()) {
-                    warn!(%bridge, error = %format!("{err:#}"), "cannot attach the pod fast path; pod traffic takes the kernel routes");
+        if fast_path.ifindex != Some(ifindex) {
+            let mac = iface::mac_address(&bridge).ok();
+            match (mac, self.datapath.attach_pod_fast_path(&bridge)) {
+                (Some(mac), Ok(outcome)) => {
+                    fast_path.ifindex = Some(ifindex);
+                    fast_path.ports.clear();
+                    self.settings.pod_bridge_ifindex = ifindex;
+                    self.settings.pod_bridge_mac = mac;
+                    self.reported.remove(&waiting);
+                    info!(%bridge, ?outcome, "pod fast path attached to the bridge; its pods are enrolled as their veths get it");
+                }
+                (mac, result) => {
+                    let problem = match result {
+                        Err(err) => format!("{err:#}"),
+                        Ok(_) => format!("no MAC address readable for {bridge} ({mac:?})"),
+                    };
+                    if self.reported.insert(format!("pod fast path on {bridge}: {problem}")) {
+                        warn!(%bridge, error = %problem, "cannot attach the pod fast path; pod traffic takes the kernel routes");
+                    }
+                    return;
                 }
             }
         }
-    }
-
-    /// Copies what the pod bridge has learned into `POD_PORTS`. A failure
-    /// only costs speed (packets go through the bridge), so it warns once.
-    fn sync_pod_ports(&mut self, bridge: &str) {
-        match pod_ports::sync(self.applier.maps_mut(), bridge) {
-            Ok(_) => {
-                self.reported.retain(|p| !p.starts_with("POD_PORTS: "));
-            }
+        let fdb = match pod_ports::Fdb::read(&bridge) {
+            Ok(fdb) => fdb,
             Err(err) => {
                 if self.reported.insert(format!("POD_PORTS: {err}")) {
-                    warn!(%bridge, error = %err, "cannot learn the pod bridge's ports; packets for local pods go through the bridge");
+                    warn!(%bridge, error = %err, "cannot read the pod bridge's ports; its pods stay on the kernel's path");
+                }
+                return;
+            }
+        };
+        let ports = fdb.ports();
+        // Ports that are gone, or recreated under the same name.
+        let underlay = self.applier.iface().to_owned();
+        let stale: Vec<String> = self
+            .datapath
+            .pod_fast_path_interfaces()
+            .into_iter()
+            .filter(|i| *i != bridge && *i != underlay)
+            .filter(|i| !ports.contains(i) || fast_path.ports.get(i).is_some_and(|&idx| iface::interface_index(i) != Some(idx)))
+            .collect();
+        for port in stale {
+            fast_path.ports.remove(&port);
+            if let Err(err) = self.datapath.detach_pod_fast_path(&port) {
+                warn!(%port, error = %format!("{err:#}"), "cannot remove the fast path's pins for a gone pod veth");
+            }
+        }
+        let new_ports: Vec<String> = ports.iter().filter(|p| !fast_path.ports.contains_key(*p)).cloned().collect();
+        for port in &new_ports {
+            let Some(port_index) = iface::interface_index(port) else { continue };
+            match self.datapath.attach_pod_fast_path(port) {
+                Ok(_) => {
+                    fast_path.ports.insert(port.clone(), port_index);
+                }
+                Err(err) => {
+                    if self.reported.insert(format!("pod fast path on {port}: {err:#}")) {
+                        warn!(%port, error = %format!("{err:#}"), "cannot attach the fast path to a pod veth; its pod stays on the kernel's path");
+                    }
+                }
+            }
+        }
+        match pod_ports::sync(self.applier.maps_mut(), &fdb, &fast_path.ports) {
+            Ok(_) => self.reported.retain(|p| !p.starts_with("POD_PORTS: ")),
+            Err(err) => {
+                if self.reported.insert(format!("POD_PORTS: {err}")) {
+                    warn!(%bridge, error = %err, "cannot enrol the bridge's pods; they stay on the kernel's path");
                 }
             }
         }

@@ -20,12 +20,16 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     /// Per-CPU single-entry array of [`crate::Counters`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// Hash, local pod MAC (`[u8; 6]`) → [`crate::PodPort`]: where the fast
-    /// path delivers a local pod's packets, past the pod bridge.
+    /// Hash, local pod MAC (`[u8; 6]`) → [`crate::PodPort`]: the pods the
+    /// fast path serves, and the veth each sits behind.
     pub const POD_PORTS: &str = "POD_PORTS";
+    /// LRU hash of [`crate::SocketKey`]: local pod sockets that talk
+    /// through the kernel (to Services and beyond), whose replies the fast
+    /// path leaves to the kernel so conntrack can undo its NAT.
+    pub const KERNEL_SOCKETS: &str = "KERNEL_SOCKETS";
 
     /// Every pinned map, in the order `inspect` prints them.
-    pub const ALL: [&str; 5] = [CONFIG, PEERS, ROUTES, POD_PORTS, COUNTERS];
+    pub const ALL: [&str; 6] = [CONFIG, PEERS, ROUTES, POD_PORTS, KERNEL_SOCKETS, COUNTERS];
 }
 
 /// Names of the programs in the eBPF object.
@@ -101,13 +105,30 @@ pub struct Peer {
 }
 
 /// Value of the `POD_PORTS` map (keyed by a local pod's MAC): the pod's
-/// host-side veth on the pod bridge, as the bridge learned it. The fast
-/// path redirects into the pod's namespace through it (`bpf_redirect_peer`).
+/// host-side veth on the pod bridge, where the agent has attached the fast
+/// path. A pod in this map is fast both ways: its packets to remote pods
+/// leave from that veth's ingress, and packets for it are redirected into
+/// its namespace through the veth (`bpf_redirect_peer`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PodPort {
     /// Index of the host-side veth.
     pub ifindex: u32,
+}
+
+/// Key of the `KERNEL_SOCKETS` map: one local pod socket, as the packets it
+/// sends carry it (address, port and protocol as on the wire).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    /// The pod's IPv4 address.
+    pub addr: [u8; 4],
+    /// The pod's TCP or UDP port, network byte order.
+    pub port: [u8; 2],
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub proto: u8,
+    /// Explicit padding; always zero.
+    pub _pad: u8,
 }
 
 /// This node's datapath configuration: entry 0 of the `CONFIG` array.
@@ -146,6 +167,11 @@ pub struct Config {
     pub pod_bridge_ifindex: u32,
     /// The underlay interface's MTU: the largest packet a direct peer takes.
     pub underlay_mtu: u32,
+    /// The pod bridge's MAC (the pods' gateway) while the fast path is on:
+    /// frames from pods to it are the ones to route.
+    pub pod_bridge_mac: [u8; 6],
+    /// Explicit padding; always zero.
+    pub _pad2: u16,
 }
 
 /// Datapath counters, one copy per CPU in the `COUNTERS` map. The field names
@@ -256,6 +282,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::PodPort {}
+    unsafe impl aya::Pod for super::SocketKey {}
 }
 
 #[cfg(test)]
@@ -272,7 +299,8 @@ mod tests {
         assert_eq!(align_of::<Route>(), 1);
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<PodPort>(), 4);
-        assert_eq!(size_of::<Config>(), 48);
+        assert_eq!(size_of::<SocketKey>(), 8);
+        assert_eq!(size_of::<Config>(), 56);
         assert_eq!(size_of::<Counters>(), 17 * 8);
     }
 

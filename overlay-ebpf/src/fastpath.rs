@@ -1,40 +1,56 @@
-//! The fast path (`--forward bpf`), both ways past the kernel's forward path.
+//! The fast path (`--forward bpf`): pod-to-pod traffic forwarded by us,
+//! both ways, past the kernel's forward path.
 //!
-//! **Out, TC ingress on the pod bridge.** A packet from a local pod to a remote pod CIDR reaches the bridge's
-//! ingress addressed to the bridge (the pods' gateway). Here it is forwarded
-//! the way the kernel would, minus the kernel's forward path: the TTL is
-//! decremented, VXLAN peers get the packet encapsulated, and
-//! `bpf_redirect_neigh` hands it to the underlay's egress with the next hop
-//! the agent resolved, the kernel filling in the MAC addresses.
+//! **Out: TC ingress on each local pod's host-side veth**, where the agent
+//! attaches it: ahead of the bridge and of netfilter's bridge hooks, so no
+//! Service NAT has happened yet. A frame from the pod to its gateway (the
+//! bridge's MAC), for a remote pod CIDR in `ROUTES`, is forwarded the way
+//! the kernel would: TTL decremented, encapsulated for a VXLAN peer, and
+//! handed by `bpf_redirect_neigh` to the underlay's egress toward the
+//! route's next hop, the neighbour table supplying the MACs.
 //!
-//! Whatever needs the kernel's judgement goes on untouched to the kernel
-//! route, which the agent installs either way: TTL about to expire, IPv4
-//! options, a packet too big for the path (the kernel sends the ICMP), a
-//! peer without a usable next hop, and anything that is not IPv4 unicast
-//! to a remote pod CIDR.
+//! **In: TC ingress on the underlay** (after decapsulation, or as it came
+//! from a direct peer). A packet from a remote pod for a local pod is
+//! looked up in the FIB the way forwarding would; when the kernel would
+//! send it out of the pod bridge to a resolved neighbour that is a pod in
+//! `POD_PORTS`, it gets those MACs and its TTL decremented, and goes
+//! straight into the pod's namespace (`bpf_redirect_peer` through the
+//! pod's veth).
 //!
-//! **In, TC ingress on the underlay** (after decapsulation, or as it came
-//! from a direct peer): a packet for a local pod is looked up in the FIB
-//! the way forwarding would; when the kernel would send it out of the pod
-//! bridge to a resolved neighbour, it gets those MAC addresses and its TTL
-//! decremented and is redirected to the bridge's egress. Anything else (no
-//! neighbour yet, too big for the bridge, a local address) goes on to the
-//! kernel.
+//! **Conntrack stays consistent.** On each node a flow is either fast both
+//! ways or seen by the kernel both ways, never half: conntrack would call
+//! the other half INVALID, and kube-proxy drops INVALID packets.
+//! - Only pod-to-pod packets are fast, and only for pods in `POD_PORTS`
+//!   (which the agent fills only for veths where the out half is attached):
+//!   the same condition decides both ways.
+//! - A local pod socket that talks through the kernel's path (to a
+//!   Service, the outside, or before its pod was enrolled) goes into
+//!   `KERNEL_SOCKETS`, recorded both at the veth (before any NAT) and at
+//!   the bridge's own ingress (which only the kernel's path reaches; with
+//!   `br_netfilter` a Service's NAT happens before it). Such a socket stays
+//!   the kernel's both ways, so conntrack undoes the Service's NAT on its
+//!   replies: a remote backend's reply carries the backend pod's address
+//!   and would otherwise pass for pod-to-pod traffic. The map is an LRU of
+//!   65,536 sockets per node.
+//!
+//! **Left to the kernel**, which keeps its routes: TTL about to expire,
+//! IPv4 options, packets too big for the path (the kernel sends the
+//! ICMP), neighbours not yet resolved, and everything else.
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
-use overlay_common::{Config, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route};
+use overlay_common::{Config, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey};
 
 use crate::{
     Drop,
     counters::count,
     encap::encapsulate,
-    maps::{POD_PORTS, ROUTES, config},
+    maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::ptr_at,
     parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, in_cidr},
 };
@@ -44,6 +60,8 @@ const AF_INET: u32 = 2;
 const PACKET_HOST: u32 = 0;
 const IPPROTO_TCP: u8 = 6;
 const UDP_HDR_LEN: u32 = 8;
+/// The transport header, behind an IPv4 header without options.
+const L4_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
 
 #[inline(always)]
 pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
@@ -51,18 +69,23 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
     let Some(cfg) = config() else {
         return pass;
     };
-    // Only frames the bridge passed up for routing; a promiscuous bridge
-    // also passes up frames between other hosts, which are not ours to
-    // forward.
-    // SAFETY: reading a field of the context's own sk_buff.
-    if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+    if cfg.pod_bridge_ifindex == 0 {
         return pass;
     }
     crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN + TcpHdr::LEN);
+    // SAFETY: reading a field of the context's own sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ifindex == cfg.pod_bridge_ifindex {
+        record_kernel_socket(ctx, cfg);
+        return pass;
+    }
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return pass;
     };
-    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+    // SAFETY (raw reads): ptr_at checked the bounds.
+    let (dst_mac, src_mac) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    // Only frames to the gateway are routed; the rest is the bridge's.
+    if dst_mac != cfg.pod_bridge_mac || u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
         return pass;
     }
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else {
@@ -70,14 +93,26 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
     };
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &mut *ip };
-    if ip.vihl != 0x45 || ip.ttl <= 1 {
+    if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return pass;
     }
+    let socket = socket_at(ctx, ip, ip.src_addr, 0);
     let Some(route) = ROUTES.get(&Key::new(32, ip.dst_addr)) else {
+        // To a Service or beyond: the kernel's path, and its replies too.
+        if let Some(socket) = socket {
+            remember(&socket);
+        }
         return pass;
     };
     let route = *route;
-    if route.next_hop == [0; 4] {
+    // The pod must be one the agent enrolled on this very veth, so that
+    // the in half serves it too, and the socket one the kernel does not
+    // already carry.
+    // SAFETY: the map value is copied out at once.
+    if unsafe { POD_PORTS.get(&src_mac) }.map(|port| port.ifindex) != Some(ifindex)
+        || route.next_hop == [0; 4]
+        || socket.is_some_and(|socket| KERNEL_SOCKETS.get_ptr(&socket).is_some())
+    {
         return pass;
     }
     let path_mtu = match route.mode {
@@ -96,6 +131,49 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
     }
     count(|c| c.fastpath_packets += 1);
     redirect_to_underlay(cfg, &route)
+}
+
+/// At the pod bridge's own ingress, which only the kernel's path reaches
+/// (fast packets leave from the veths): a local pod's socket seen here is
+/// the kernel's from now on, both ways. Under `br_netfilter` a Service's
+/// NAT has already happened here, so this is where its sockets are caught;
+/// so are sockets from before the pod was enrolled.
+#[inline(always)]
+fn record_kernel_socket(ctx: &TcContext, cfg: &Config) {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return };
+    // SAFETY (raw reads): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return;
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else { return };
+    let ip = unsafe { &*ip };
+    if ip.vihl != 0x45 || !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return;
+    }
+    if let Some(socket) = socket_at(ctx, ip, ip.src_addr, 0) {
+        remember(&socket);
+    }
+}
+
+/// Adds a socket to `KERNEL_SOCKETS` (a full map forgets the one idle
+/// longest).
+#[inline(always)]
+fn remember(socket: &SocketKey) {
+    if KERNEL_SOCKETS.get_ptr(socket).is_none() {
+        let _ = KERNEL_SOCKETS.insert(socket, &0, 0);
+    }
+}
+
+/// The local pod socket of a TCP or UDP packet: `addr` with the port at
+/// `port_off` in the transport header (0: source, 2: destination).
+#[inline(always)]
+fn socket_at(ctx: &TcContext, ip: &Ipv4Hdr, addr: [u8; 4], port_off: usize) -> Option<SocketKey> {
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return None;
+    }
+    // SAFETY: ptr_at checked the bounds.
+    let port = unsafe { *ptr_at::<[u8; 2]>(ctx, L4_OFF + port_off).ok()? };
+    Some(SocketKey { addr, port, proto: ip.proto, _pad: 0 })
 }
 
 /// Whether the packet, or each segment of a GSO packet, fits `path_mtu`.
@@ -152,9 +230,9 @@ fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, Drop> {
     Ok(action as i32)
 }
 
-/// The inbound half: hands a packet for a local pod straight to the pod
-/// bridge, or returns `None` to leave it to the kernel. Runs at the
-/// underlay's TC ingress once any tunnel header is gone.
+/// The in half: hands a packet for a local pod straight into the pod, or
+/// returns `None` to leave it to the kernel. Runs at the underlay's TC
+/// ingress once any tunnel header is gone.
 #[inline(always)]
 pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     if cfg.pod_bridge_ifindex == 0 {
@@ -165,7 +243,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     if pkt_type != PACKET_HOST {
         return None;
     }
-    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN);
+    crate::linearize(ctx, L4_OFF + 4);
     let eth = ptr_at::<EthHdr>(ctx, 0).ok()?;
     // SAFETY (raw reads and writes below): ptr_at checked the bounds.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
@@ -173,6 +251,14 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     }
     let ip = unsafe { &mut *ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF).ok()? };
     if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return None;
+    }
+    // Pod-to-pod only: from a remote pod CIDR, and not a reply to a socket
+    // whose traffic the kernel carries (see the module's doc).
+    ROUTES.get(&Key::new(32, ip.src_addr))?;
+    if let Some(socket) = socket_at(ctx, ip, ip.dst_addr, 2)
+        && KERNEL_SOCKETS.get_ptr(&socket).is_some()
+    {
         return None;
     }
     // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions).
@@ -187,23 +273,17 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     // egress MTU itself.
     // SAFETY: the helper reads and writes `size_of::<bpf_fib_lookup>()`
     // bytes of `fib`, which lives on this stack frame.
-    let rc = unsafe {
-        fib_lookup(ctx.skb.skb.cast(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0)
-    };
+    let rc = unsafe { fib_lookup(ctx.skb.skb.cast(), &mut fib, size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.pod_bridge_ifindex {
         return None;
     }
+    // SAFETY: the map value is copied out at once.
+    let veth = unsafe { POD_PORTS.get(&fib.dmac) }.map(|port| port.ifindex)?;
     decrement_ttl(ip);
     let eth = unsafe { &mut *eth };
     eth.dst_addr = fib.dmac;
     eth.src_addr = fib.smac;
     count(|c| c.fastpath_packets += 1);
-    // SAFETY: the value is copied out at once, before anything could
-    // delete the entry; the helpers take plain integers (flags 0: the
-    // peer's ingress, or the bridge's egress).
-    let action = match unsafe { POD_PORTS.get(&fib.dmac) }.map(|port| port.ifindex) {
-        Some(veth) => unsafe { bpf_redirect_peer(veth, 0) },
-        None => unsafe { bpf_redirect(fib.ifindex, 0) },
-    };
-    Some(action as i32)
+    // SAFETY: plain helper call; into the veth's peer, the pod's eth0.
+    Some(unsafe { bpf_redirect_peer(veth, 0) } as i32)
 }

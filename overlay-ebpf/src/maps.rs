@@ -2,10 +2,10 @@
 //! field names; the agent pins them by name under its bpffs root.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use overlay_common::{Config, Counters, Peer, PodPort, Route};
+use overlay_common::{Config, Counters, Peer, PodPort, Route, SocketKey};
 
 /// Remote pod CIDR → how to reach it.
 #[btf_map]
@@ -19,6 +19,13 @@ pub static PEERS: HashMap<[u8; 4], Peer, 16384> = HashMap::new();
 /// bridge's FDB (`--forward bpf`).
 #[btf_map]
 pub static POD_PORTS: HashMap<[u8; 6], PodPort, 4096> = HashMap::new();
+
+/// Local pod sockets whose traffic takes the kernel's path (to anything
+/// but a remote pod: Services, the outside). Their replies must meet
+/// conntrack, which undoes the Service's NAT, so the fast path leaves them
+/// to the kernel. LRU: idle sockets age out.
+#[btf_map]
+pub static KERNEL_SOCKETS: LruHashMap<SocketKey, u8, 65536> = LruHashMap::new();
 
 /// This node's configuration (one entry).
 #[btf_map]

@@ -520,6 +520,12 @@ impl Lab {
     /// A TCP connection from `from` to `to_ip` inside `to`: the server echoes
     /// 64 KiB back, which crosses the tunnel as several full segments.
     pub fn tcp_echo(from: &NetNs, to: &NetNs, to_ip: Ipv4Addr, port: u16) -> Result<(), String> {
+        Self::tcp_echo_via(from, to, to_ip, port, (to_ip, port))
+    }
+
+    /// [`Self::tcp_echo`], the client dialling `dial` (a Service address
+    /// that NAT turns into `to_ip:port`).
+    pub fn tcp_echo_via(from: &NetNs, to: &NetNs, to_ip: Ipv4Addr, port: u16, dial: (Ipv4Addr, u16)) -> Result<(), String> {
         let listener = {
             let _inside = to.enter();
             TcpListener::bind((to_ip, port)).map_err(|e| format!("bind {to_ip}:{port}: {e}"))?
@@ -545,8 +551,8 @@ impl Lab {
         });
         let result = (|| {
             let _inside = from.enter();
-            let mut conn = TcpStream::connect_timeout(&(to_ip, port).into(), Duration::from_secs(3))
-                .map_err(|e| format!("connect {to_ip}:{port}: {e}"))?;
+            let mut conn = TcpStream::connect_timeout(&dial.into(), Duration::from_secs(3))
+                .map_err(|e| format!("connect {}:{}: {e}", dial.0, dial.1))?;
             conn.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
             let sent: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
             conn.write_all(&sent).map_err(|e| format!("send: {e}"))?;

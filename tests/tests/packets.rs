@@ -8,7 +8,7 @@ use aya::{
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
-use overlay_common::{Config, Counters, Peer, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, map_names, program_names};
+use overlay_common::{Config, Counters, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, map_names, program_names};
 use overlay_tests::{PinDir, privileged};
 
 /// Reads the counter a case expects to move.
@@ -346,9 +346,21 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
     let direct = Route { node_ip: [192, 168, 77, 13], vtep_mac: [0; 6], mode: ROUTE_MODE_DIRECT, reason: 0, next_hop: [192, 168, 77, 13] };
     routes.insert(&Key::new(24, [10, 244, 3, 0]), direct, 0).unwrap();
-    // Test runs see frames through the loopback device, whose address is
-    // all zeros: this is a frame addressed to the host (the pod bridge).
-    let to_bridge = |dst: [u8; 4], payload: &[u8]| eth([0; 6], [2, 0, 0, 0, 1, 11], &ipv4([10, 244, 1, 11], dst, 17, &udp(40000, 7, payload)));
+    // The fast path on: a pod bridge, and the pod enrolled on the veth the
+    // test runs see frames arrive on (loopback, index 1).
+    const BRIDGE_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+    const POD_MAC: [u8; 6] = [2, 0, 0, 0, 1, 11];
+    let mut config: Array<_, Config> = Array::try_from(ebpf.map_mut(map_names::CONFIG).unwrap()).unwrap();
+    let mut cfg = config.get(&0, 0).unwrap();
+    cfg.pod_bridge_ifindex = 99;
+    cfg.pod_bridge_mac = BRIDGE_MAC;
+    config.set(0, cfg, 0).unwrap();
+    let mut ports: HashMap<_, [u8; 6], PodPort> = HashMap::try_from(ebpf.map_mut(map_names::POD_PORTS).unwrap()).unwrap();
+    ports.insert(POD_MAC, PodPort { ifindex: 1 }, 0).unwrap();
+    let frame_from = |src_mac: [u8; 6], dst: [u8; 4], sport: u16, payload: &[u8]| {
+        eth(BRIDGE_MAC, src_mac, &ipv4([10, 244, 1, 11], dst, 17, &udp(sport, 7, payload)))
+    };
+    let to_bridge = |dst: [u8; 4], payload: &[u8]| frame_from(POD_MAC, dst, 40000, payload);
     let program = program_names::TC_POD;
 
     // Direct peer: TTL down by one, checksum still valid, redirected.
@@ -385,11 +397,15 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     options.splice(34..34, [1, 1, 1, 1]);
     let mut other_host = to_bridge([10, 244, 3, 11], b"overlay!");
     other_host[..6].copy_from_slice(&[2, 0, 0, 0, 9, 9]);
-    let cases: [(&str, Vec<u8>); 6] = [
+    // A socket that talked to a Service is the kernel's, both ways.
+    assert_eq!(f.run(program, &frame_from(POD_MAC, [10, 96, 0, 10], 41000, b"overlay!")).0, TC_ACT_OK);
+    let cases: [(&str, Vec<u8>); 8] = [
         ("TTL about to expire (the kernel sends time exceeded)", ttl_1),
         ("IPv4 options", options),
-        ("a local or unknown destination", to_bridge([10, 244, 1, 12], b"overlay!")),
+        ("a local or unknown destination", frame_from(POD_MAC, [10, 244, 1, 12], 42000, b"overlay!")),
         ("a frame for another host on the bridge", other_host),
+        ("a pod not enrolled", frame_from([2, 0, 0, 0, 1, 12], [10, 244, 3, 11], 40000, b"overlay!")),
+        ("a socket the kernel carries", frame_from(POD_MAC, [10, 244, 3, 11], 41000, b"overlay!")),
         ("too big for the tunnel (the kernel sends frag needed)", to_bridge([10, 244, 2, 11], &[0; 1451 - 28])),
         ("too big for the underlay", to_bridge([10, 244, 3, 11], &[0; 1501 - 28])),
     ];

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 9] = [
+const TEST_TOOLS: [(&str, &str); 10] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -20,6 +20,8 @@ const TEST_TOOLS: [(&str, &str); 9] = [
     ("tcpdump", "tcpdump"),
     ("tshark", "tshark"),
     ("sockperf", "sockperf"),
+    // A Service's DNAT and kube-proxy's INVALID drop, played in the lab.
+    ("iptables", "iptables"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says
