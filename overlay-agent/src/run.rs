@@ -196,11 +196,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         if !(changed || paths_changed) || !synced {
             continue;
         }
+        let source_time = started.elapsed();
         if changed {
             // New peers need their paths before their modes are decided.
             agent.check_new_paths(&nodes);
         }
-        let Some((desired, rejected)) = agent.reconcile(&nodes, started) else { continue };
+        let paths_time = started.elapsed() - source_time;
+        let Some((desired, rejected)) = agent.reconcile(&nodes, started, [source_time, paths_time]) else { continue };
         match &source {
             Source::Dir(_) => agent.log_missing_annotations(&nodes, &desired),
             Source::Kube(kube) => agent.publish(&kube.cache, &kube.publisher, &desired, rejected).await,
@@ -395,7 +397,12 @@ impl Agent {
     /// desired → diff → apply; then attach (first time) and write
     /// subnet.env. Returns the desired state, and the nodes left out, when
     /// it was applied.
-    fn reconcile(&mut self, nodes: &[NodeInfo], started: Instant) -> Option<(Desired, Vec<Rejected>)> {
+    ///
+    /// `stages` are the times the node source and the underlay paths took
+    /// before, for the log.
+    fn reconcile(&mut self, nodes: &[NodeInfo], started: Instant, stages: [Duration; 2]) -> Option<(Desired, Vec<Rejected>)> {
+        let [source_time, paths_time] = stages;
+        let desired_start = Instant::now();
         let (desired, rejected) = match desired(&self.settings, nodes, &self.paths) {
             Ok(result) => result,
             Err(not_ready) => {
@@ -426,6 +433,7 @@ impl Agent {
         self.reported.retain(|k| !k.starts_with("rejected:"));
         self.reported.extend(now_rejected);
         self.metrics.nodes_rejected.set(rejected.len() as i64);
+        let desired_time = desired_start.elapsed();
 
         let applied = match self.applier.apply(&desired) {
             Ok(applied) => applied,
@@ -451,6 +459,11 @@ impl Agent {
                 removed = applied.removed,
                 config_changed = applied.config_changed,
                 elapsed_us = elapsed.as_micros() as u64,
+                source_us = source_time.as_micros() as u64,
+                paths_us = paths_time.as_micros() as u64,
+                desired_us = desired_time.as_micros() as u64,
+                maps_us = applied.maps_time.as_micros() as u64,
+                routes_us = applied.routes_time.as_micros() as u64,
                 "reconciled"
             );
         }
