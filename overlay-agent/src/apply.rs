@@ -83,7 +83,7 @@ impl Applier {
         }
         let stale: Vec<Ipv4Network> = routes::owned()?.into_iter().filter(|c| !applied.contains_key(c)).collect();
         if let Some((cidr, reason)) = routes::remove_all(&stale)?.into_iter().next() {
-            return Err(ApplyError::Routes(RouteError::Ip { args: format!("route del {cidr}"), stderr: reason }));
+            return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }
         let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
         Ok(Self { maps, iface: iface.to_owned(), config, applied })
@@ -152,7 +152,7 @@ impl Applier {
             return Err(ApplyError::Route {
                 cidr,
                 node_ip: peer.node_ip,
-                source: RouteError::Ip { args: format!("route del {cidr}"), stderr: reason },
+                source: RouteError::Refused { request: format!("route del {cidr}"), reason },
             });
         }
         for peer in peers {
@@ -166,7 +166,8 @@ impl Applier {
     }
 
     /// Adds or updates peers: `PEERS` (we accept their traffic), `ROUTES`
-    /// (we encapsulate toward them), then all kernel routes in one batch
+    /// (we encapsulate toward them), then their kernel routes over one
+    /// netlink socket
     /// (traffic starts flowing). A new peer whose route fails is taken out
     /// of the maps again. Returns the failures.
     fn upsert_peers(&mut self, peers: &[PeerState], mtu: u32, routes_time: &mut Duration) -> Result<Vec<String>, ApplyError> {
@@ -214,7 +215,7 @@ impl Applier {
                 ApplyError::Route {
                     cidr: peer.pod_cidr,
                     node_ip: peer.node_ip,
-                    source: RouteError::Ip { args: format!("route replace {}", peer.pod_cidr), stderr: reason.clone() },
+                    source: RouteError::Refused { request: format!("route replace {}", peer.pod_cidr), reason: reason.clone() },
                 }
                 .to_string(),
             );

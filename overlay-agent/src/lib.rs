@@ -25,4 +25,5 @@ pub mod netconf;
 pub mod node;
 pub mod object;
 pub mod routes;
+pub mod rtnl;
 pub mod server;

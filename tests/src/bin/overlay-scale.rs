@@ -201,7 +201,7 @@ fn main() {
          | measure | result | target |\n|---|---|---|\n\
          | agent start → all {nodes} peers in the ROUTES map | {all:.2} s | < 2 s |\n\
          | agent start → all {nodes} kernel routes installed | {routes:.2} s | |\n\
-         | the agent's own reconcile of the initial list (desired, diff, maps, one `ip -batch`) | {reconcile} | |\n\
+         | the agent's own reconcile of the initial list (desired, diff, maps, kernel routes) | {reconcile} | |\n\
          | one Node update → its ROUTES entry, median of {updates} | {p50:.2} ms | < 10 ms |\n\
          | one Node update → its ROUTES entry, p99 / max | {p99:.2} / {max:.2} ms | |\n\
          | of which inside the agent (watch event in hand → maps and route applied), median | {agent_median} ms | |\n\
