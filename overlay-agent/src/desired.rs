@@ -2,6 +2,7 @@
 //! such states. Pure functions: no kernel, no I/O.
 
 use std::{
+    borrow::Borrow,
     cmp::Ordering,
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
@@ -47,6 +48,9 @@ pub enum UnderlayPath {
     /// No route, or only through another interface.
     NoRoute,
 }
+
+/// The kernel's path to each node address asked about.
+pub type Paths = HashMap<Ipv4Addr, UnderlayPath>;
 
 /// This node's settings, from the command line and the interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,13 +160,17 @@ pub fn check_pod_cidr(network: Ipv4Network, pod_cidr: Ipv4Network) -> Result<(),
 /// Computes the desired state. Peers that cannot be served (overlapping
 /// CIDR, duplicate address, other VNI or backend) are rejected one by one;
 /// the rest of the cluster is still programmed.
-pub fn desired(
+///
+/// `nodes` may be shared (`Arc<NodeInfo>`): a cluster's worth of nodes is
+/// not copied for every event.
+pub fn desired<N: Borrow<NodeInfo>>(
     local: &LocalSettings,
-    nodes: &[NodeInfo],
-    paths: &BTreeMap<Ipv4Addr, UnderlayPath>,
+    nodes: &[N],
+    paths: &Paths,
 ) -> Result<(Desired, Vec<Rejected>), NotReady> {
     let me = nodes
         .iter()
+        .map(Borrow::borrow)
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| NotReady::NoLocalNode(local.node_name.clone()))?;
     if let Some(network) = local.network {
@@ -201,7 +209,7 @@ pub fn desired(
     let mut cidr_owners = CidrOwners::default();
     cidr_owners.insert(me.pod_cidr, &me.name);
     taken.insert(node_ip, &me.name);
-    let mut others: Vec<&NodeInfo> = nodes.iter().filter(|n| n.name != local.node_name).collect();
+    let mut others: Vec<&NodeInfo> = nodes.iter().map(Borrow::borrow).filter(|n| n.name != local.node_name).collect();
     others.sort_by(|a, b| a.name.cmp(&b.name));
     for node in others {
         let reject = |kind: RejectKind, reason: String| Rejected { node: node.name.clone(), kind, reason };
@@ -378,7 +386,7 @@ mod tests {
         }
     }
 
-    fn on_link(nodes: &[NodeInfo]) -> BTreeMap<Ipv4Addr, UnderlayPath> {
+    fn on_link(nodes: &[NodeInfo]) -> Paths {
         nodes.iter().map(|n| (n.node_ip, UnderlayPath::OnLink)).collect()
     }
 
@@ -463,7 +471,7 @@ mod tests {
         me.node_ip = Ipv4Addr::new(10, 9, 9, 9); // what we published earlier
         me.internal_ip = Some(Ipv4Addr::new(192, 168, 0, 7));
         let nodes = [me.clone()];
-        let ip = |settings: &LocalSettings, nodes: &[NodeInfo]| Ipv4Addr::from(desired(settings, nodes, &BTreeMap::new()).unwrap().0.config.node_ip);
+        let ip = |settings: &LocalSettings, nodes: &[NodeInfo]| Ipv4Addr::from(desired(settings, nodes, &Paths::new()).unwrap().0.config.node_ip);
         assert_eq!(ip(&local(), &nodes), Ipv4Addr::new(192, 168, 0, 7));
         me.public_ip_overwrite = Some(Ipv4Addr::new(203, 0, 113, 1));
         assert_eq!(ip(&local(), &[me.clone()]), Ipv4Addr::new(203, 0, 113, 1));
@@ -479,7 +487,7 @@ mod tests {
             node("c", "10.244.3.0/24", [192, 168, 1, 3]),
         ];
         let gw = Ipv4Addr::new(192, 168, 0, 254);
-        let paths = BTreeMap::from([
+        let paths = Paths::from([
             (Ipv4Addr::new(192, 168, 0, 2), UnderlayPath::OnLink),
             (Ipv4Addr::new(192, 168, 1, 3), UnderlayPath::Gateway(gw)),
         ]);

@@ -19,7 +19,6 @@
 //! namespace.
 
 use std::{
-    collections::BTreeMap,
     io::Write as _,
     net::Ipv4Addr,
     process::{Command, Stdio},
@@ -34,7 +33,7 @@ use netlink_packet_route::{
 use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE};
 
 use crate::{
-    desired::{PeerState, UnderlayPath},
+    desired::{Paths, PeerState, UnderlayPath},
     rtnl::{Answer, Refused, Rtnl, RtnlError},
 };
 
@@ -192,11 +191,8 @@ fn ip_batch(args: &[&str], script: String) -> Result<std::process::Output, Route
 /// [`UnderlayPath::Gateway`] whatever its device; one without, out of
 /// `iface`, is [`UnderlayPath::OnLink`]; anything else (no route, another
 /// device, a local address) is [`UnderlayPath::NoRoute`].
-pub fn paths(
-    iface: &str,
-    addrs: &[Ipv4Addr],
-) -> Result<BTreeMap<Ipv4Addr, UnderlayPath>, RouteError> {
-    let mut paths = BTreeMap::new();
+pub fn paths(iface: &str, addrs: &[Ipv4Addr]) -> Result<Paths, RouteError> {
+    let mut paths = Paths::new();
     if addrs.is_empty() {
         return Ok(paths);
     }
