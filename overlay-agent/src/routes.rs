@@ -269,6 +269,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_kernel_answers_a_route_look_up_over_netlink() {
+        // Read-only, in whatever namespace the test runs: loopback is
+        // reached out of lo with no gateway.
+        let lo = paths("lo", &[Ipv4Addr::LOCALHOST]).unwrap();
+        assert_eq!(lo[&Ipv4Addr::LOCALHOST], UnderlayPath::OnLink);
+        assert_eq!(paths("eth-none", &[Ipv4Addr::LOCALHOST]).unwrap()[&Ipv4Addr::LOCALHOST], UnderlayPath::NoRoute);
+    }
+
+    #[test]
     fn the_protocol_number_and_its_text_agree() {
         assert_eq!(ROUTE_PROTO, ROUTE_PROTO_ID.to_string());
     }

@@ -62,10 +62,12 @@ impl Rtnl {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(RtnlError::Socket)?;
-        // Errors carry the kernel's text, and only the request's header
-        // rather than the whole request echoed back.
-        socket.set_ext_ack(true).map_err(RtnlError::Socket)?;
-        socket.set_cap_ack(true).map_err(RtnlError::Socket)?;
+        // Errors carry only the request's header rather than the whole
+        // request echoed back, then the kernel's text. Best effort: a
+        // kernel without either still answers, with the errno alone.
+        let _ = socket
+            .set_cap_ack(true)
+            .and_then(|()| socket.set_ext_ack(true));
         Ok(Self {
             socket,
             sequence: 0,
