@@ -166,10 +166,9 @@ impl Applier {
     }
 
     /// Adds or updates peers: `PEERS` (we accept their traffic), `ROUTES`
-    /// (we encapsulate toward them), then their kernel routes over one
-    /// netlink socket
-    /// (traffic starts flowing). A new peer whose route fails is taken out
-    /// of the maps again. Returns the failures.
+    /// (we encapsulate toward them), then their kernel routes (traffic
+    /// starts flowing). A new peer whose route fails is taken out of the
+    /// maps again. Returns the failures.
     fn upsert_peers(&mut self, peers: &[PeerState], mtu: u32, routes_time: &mut Duration) -> Result<Vec<String>, ApplyError> {
         for peer in peers {
             if let Some(old) = self.applied.get(&peer.pod_cidr).filter(|old| old.node_ip != peer.node_ip) {

@@ -75,21 +75,15 @@ fn replace_message(peer: &PeerState, ifindex: u32, vxlan_mtu: u32) -> RouteMessa
         ROUTE_MODE_UNREACHABLE => route.header.kind = RouteType::Unreachable,
         ROUTE_MODE_DIRECT => {
             route.header.kind = RouteType::Unicast;
-            route
-                .attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(peer.node_ip)));
+            route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(peer.node_ip)));
             route.attributes.push(RouteAttribute::Oif(ifindex));
         }
         _ => {
             route.header.kind = RouteType::Unicast;
             route.header.flags = RouteFlags::Onlink;
-            route
-                .attributes
-                .push(RouteAttribute::Gateway(RouteAddress::Inet(peer.next_hop)));
+            route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(peer.next_hop)));
             route.attributes.push(RouteAttribute::Oif(ifindex));
-            route
-                .attributes
-                .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(vxlan_mtu)]));
+            route.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(vxlan_mtu)]));
         }
     }
     route
@@ -101,11 +95,7 @@ fn route_to(cidr: Ipv4Network) -> RouteMessage {
     route.header.address_family = AddressFamily::Inet;
     route.header.destination_prefix_length = cidr.prefix();
     route.header.table = RouteHeader::RT_TABLE_MAIN;
-    route
-        .attributes
-        .push(RouteAttribute::Destination(RouteAddress::Inet(
-            cidr.network(),
-        )));
+    route.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(cidr.network())));
     route
 }
 
@@ -122,10 +112,7 @@ pub fn replace_all<'a>(
         return Ok(Vec::new());
     }
     let Some(ifindex) = crate::iface::interface_index(iface) else {
-        let refused = Refused {
-            errno: libc::ENODEV,
-            message: Some(format!("Cannot find device {iface:?}")),
-        };
+        let refused = Refused { errno: libc::ENODEV, message: Some(format!("Cannot find device {iface:?}")) };
         return Ok(peers.iter().map(|p| (p, refused.clone())).collect());
     };
     let mut rtnl = Rtnl::open()?;
@@ -155,9 +142,7 @@ pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, 
         route.header.scope = RouteScope::NoWhere;
         route.header.kind = RouteType::Unspec;
         match rtnl.change(RouteNetlinkMessage::DelRoute(route), 0)? {
-            Answer::Refused(refused) if refused.errno != libc::ESRCH => {
-                failed.push((*cidr, refused))
-            }
+            Answer::Refused(refused) if refused.errno != libc::ESRCH => failed.push((*cidr, refused)),
             _ => {}
         }
     }
@@ -165,9 +150,9 @@ pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, 
 }
 
 /// Runs `ip <args>` with `script` on its stdin, collecting its output.
-/// stdin is fed from another thread: with long output, `ip` fills its
-/// output pipe before it has read all its input, and a writer that waits
-/// for the input to drain first would deadlock with it.
+/// stdin is fed from another thread: with thousands of lines, `ip` fills
+/// its output pipe before it has read all its input, and a writer that
+/// waits for the input to drain first would deadlock with it.
 fn ip_batch(args: &[&str], script: String) -> Result<std::process::Output, RouteError> {
     let mut child = Command::new("ip")
         .args(args)
@@ -179,10 +164,7 @@ fn ip_batch(args: &[&str], script: String) -> Result<std::process::Output, Route
     let mut stdin = child.stdin.take().expect("piped stdin");
     let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
     let out = child.wait_with_output().map_err(RouteError::Spawn)?;
-    writer
-        .join()
-        .expect("the stdin writer does not panic")
-        .map_err(RouteError::Spawn)?;
+    writer.join().expect("the stdin writer does not panic").map_err(RouteError::Spawn)?;
     Ok(out)
 }
 
