@@ -6,7 +6,11 @@
 //! removal runs the other way round. A peer whose programming fails is
 //! rolled back and reported; the others go on.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use aya::maps::{MapError, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
@@ -45,6 +49,9 @@ pub struct Applied {
     pub config_changed: bool,
     /// Peers that could not be programmed (and were rolled back).
     pub failed: Vec<String>,
+    /// Time spent on the diff and the maps, and on the kernel routes.
+    pub maps_time: Duration,
+    pub routes_time: Duration,
 }
 
 pub struct Applier {
@@ -76,7 +83,7 @@ impl Applier {
         }
         let stale: Vec<Ipv4Network> = routes::owned()?.into_iter().filter(|c| !applied.contains_key(c)).collect();
         if let Some((cidr, reason)) = routes::remove_all(&stale)?.into_iter().next() {
-            return Err(ApplyError::Routes(RouteError::Ip { args: format!("route del {cidr}"), stderr: reason }));
+            return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }
         let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
         Ok(Self { maps, iface: iface.to_owned(), config, applied })
@@ -98,6 +105,7 @@ impl Applier {
 
     /// Brings maps and routes to `desired`.
     pub fn apply(&mut self, desired: &Desired) -> Result<Applied, ApplyError> {
+        let start = Instant::now();
         let mut report = Applied::default();
         let mtu_changed = self.config.map(|c| c.inner_mtu) != Some(desired.inner_mtu);
         if self.config != Some(desired.config) {
@@ -129,8 +137,9 @@ impl Applier {
                 (removals, upserts)
             },
         );
-        report.removed = self.remove_peers(&removals)?;
-        let failed = self.upsert_peers(&upserts, desired.inner_mtu)?;
+        report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
+        let failed = self.upsert_peers(&upserts, desired.inner_mtu, &mut report.routes_time)?;
+        report.maps_time = start.elapsed().saturating_sub(report.routes_time);
         report.added_or_updated = upserts.len() - failed.len();
         report.failed = failed;
         Ok(report)
@@ -138,14 +147,17 @@ impl Applier {
 
     /// Removes peers: kernel routes first (traffic stops being sent), then
     /// `ROUTES` and `PEERS` (we stop encapsulating and accepting).
-    fn remove_peers(&mut self, peers: &[PeerState]) -> Result<usize, ApplyError> {
+    fn remove_peers(&mut self, peers: &[PeerState], routes_time: &mut Duration) -> Result<usize, ApplyError> {
         let cidrs: Vec<Ipv4Network> = peers.iter().map(|p| p.pod_cidr).collect();
-        if let Some((cidr, reason)) = routes::remove_all(&cidrs)?.into_iter().next() {
+        let started = Instant::now();
+        let failed = routes::remove_all(&cidrs)?;
+        *routes_time += started.elapsed();
+        if let Some((cidr, reason)) = failed.into_iter().next() {
             let peer = peers.iter().find(|p| p.pod_cidr == cidr).expect("failed CIDR is one of ours");
             return Err(ApplyError::Route {
                 cidr,
                 node_ip: peer.node_ip,
-                source: RouteError::Ip { args: format!("route del {cidr}"), stderr: reason },
+                source: RouteError::Refused { request: format!("route del {cidr}"), reason },
             });
         }
         for peer in peers {
@@ -159,10 +171,10 @@ impl Applier {
     }
 
     /// Adds or updates peers: `PEERS` (we accept their traffic), `ROUTES`
-    /// (we encapsulate toward them), then all kernel routes in one batch
-    /// (traffic starts flowing). A new peer whose route fails is taken out
-    /// of the maps again. Returns the failures.
-    fn upsert_peers(&mut self, peers: &[PeerState], mtu: u32) -> Result<Vec<String>, ApplyError> {
+    /// (we encapsulate toward them), then their kernel routes (traffic
+    /// starts flowing). A new peer whose route fails is taken out of the
+    /// maps again. Returns the failures.
+    fn upsert_peers(&mut self, peers: &[PeerState], mtu: u32, routes_time: &mut Duration) -> Result<Vec<String>, ApplyError> {
         for peer in peers {
             if let Some(old) = self.applied.get(&peer.pod_cidr).filter(|old| old.node_ip != peer.node_ip) {
                 // The CIDR moved to another node address: stop accepting the old one.
@@ -194,7 +206,9 @@ impl Applier {
                 )
                 .map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
         }
+        let started = Instant::now();
         let failed = routes::replace_all(peers, &self.iface, mtu)?;
+        *routes_time += started.elapsed();
         let mut failures = Vec::new();
         for (peer, reason) in &failed {
             if !self.applied.contains_key(&peer.pod_cidr) {
@@ -205,7 +219,7 @@ impl Applier {
                 ApplyError::Route {
                     cidr: peer.pod_cidr,
                     node_ip: peer.node_ip,
-                    source: RouteError::Ip { args: format!("route replace {}", peer.pod_cidr), stderr: reason.clone() },
+                    source: RouteError::Refused { request: format!("route replace {}", peer.pod_cidr), reason: reason.clone() },
                 }
                 .to_string(),
             );

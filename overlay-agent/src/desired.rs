@@ -1,7 +1,12 @@
 //! Nodes → the state the datapath should hold, and the diff between two
 //! such states. Pure functions: no kernel, no I/O.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    borrow::Borrow,
+    cmp::Ordering,
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
 
 use ipnetwork::Ipv4Network;
 use overlay_common::{
@@ -43,6 +48,9 @@ pub enum UnderlayPath {
     /// No route, or only through another interface.
     NoRoute,
 }
+
+/// The kernel's path to each node address asked about.
+pub type Paths = HashMap<Ipv4Addr, UnderlayPath>;
 
 /// This node's settings, from the command line and the interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,13 +164,17 @@ pub fn check_pod_cidr(network: Ipv4Network, pod_cidr: Ipv4Network) -> Result<(),
 /// Computes the desired state. Peers that cannot be served (overlapping
 /// CIDR, duplicate address, other VNI or backend) are rejected one by one;
 /// the rest of the cluster is still programmed.
-pub fn desired(
+///
+/// `nodes` may be shared (`Arc<NodeInfo>`): a cluster's worth of nodes is
+/// not copied for every event.
+pub fn desired<N: Borrow<NodeInfo>>(
     local: &LocalSettings,
-    nodes: &[NodeInfo],
-    paths: &BTreeMap<Ipv4Addr, UnderlayPath>,
+    nodes: &[N],
+    paths: &Paths,
 ) -> Result<(Desired, Vec<Rejected>), NotReady> {
     let me = nodes
         .iter()
+        .map(Borrow::borrow)
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| NotReady::NoLocalNode(local.node_name.clone()))?;
     if let Some(network) = local.network {
@@ -197,12 +209,14 @@ pub fn desired(
     };
 
     let mut rejected = Vec::new();
-    let mut peers: BTreeMap<Ipv4Network, PeerState> = BTreeMap::new();
-    let mut taken: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
+    // Collected in name order and put in CIDR order once at the end:
+    // building the map in one go costs a fraction of thousands of inserts.
+    let mut peers: Vec<(Ipv4Network, PeerState)> = Vec::with_capacity(nodes.len());
+    let mut taken: HashMap<Ipv4Addr, &str> = HashMap::with_capacity(nodes.len());
     let mut cidr_owners = CidrOwners::default();
     cidr_owners.insert(me.pod_cidr, &me.name);
     taken.insert(node_ip, &me.name);
-    let mut others: Vec<&NodeInfo> = nodes.iter().filter(|n| n.name != local.node_name).collect();
+    let mut others: Vec<&NodeInfo> = nodes.iter().map(Borrow::borrow).filter(|n| n.name != local.node_name).collect();
     others.sort_by(|a, b| a.name.cmp(&b.name));
     for node in others {
         let reject = |kind: RejectKind, reason: String| Rejected { node: node.name.clone(), kind, reason };
@@ -259,7 +273,7 @@ pub fn desired(
                 node.pod_cidr
             )));
         }
-        peers.insert(
+        peers.push((
             node.pod_cidr,
             PeerState {
                 pod_cidr: node.pod_cidr,
@@ -269,8 +283,10 @@ pub fn desired(
                 reason,
                 next_hop,
             },
-        );
+        ));
     }
+    // The pod CIDRs are disjoint by now: no key is lost.
+    let peers = peers.into_iter().collect();
     Ok((Desired { config, local_pod_cidr: me.pod_cidr, inner_mtu, peers }, rejected))
 }
 
@@ -303,14 +319,15 @@ impl<'a> CidrOwners<'a> {
     fn overlapping(&self, cidr: Ipv4Network) -> Option<(Ipv4Network, &'a str)> {
         let start = u32::from(cidr.network());
         let end = u32::from(cidr.broadcast());
-        if let Some((_, found)) = self.by_start.range(start..=end).next() {
-            return Some(*found);
+        // One look-up when nothing overlaps, the usual case: the CIDR
+        // starting last up to our end either starts inside ours, or is the
+        // one starting last before it.
+        let (&last_start, &(held, owner)) = self.by_start.range(..=end).next_back()?;
+        if last_start >= start {
+            // Some start inside ours: name the first.
+            return self.by_start.range(start..=end).next().map(|(_, found)| *found);
         }
-        self.by_start
-            .range(..start)
-            .next_back()
-            .map(|(_, found)| *found)
-            .filter(|(held, _)| u32::from(held.broadcast()) >= start)
+        (u32::from(held.broadcast()) >= start).then_some((held, owner))
     }
 
     fn insert(&mut self, cidr: Ipv4Network, owner: &'a str) {
@@ -328,17 +345,34 @@ pub enum Change {
 }
 
 /// Removals first (so a CIDR moving between nodes never has two owners),
-/// then additions and updates. Unchanged peers produce nothing.
+/// then additions and updates. Unchanged peers produce nothing. Both maps
+/// are walked once side by side, both being in CIDR order, so thousands of
+/// unchanged peers cost no look-ups.
 pub fn diff(applied: &BTreeMap<Ipv4Network, PeerState>, desired: &BTreeMap<Ipv4Network, PeerState>) -> Vec<Change> {
-    let removals = applied
-        .iter()
-        .filter(|(cidr, _)| !desired.contains_key(cidr))
-        .map(|(_, p)| Change::Remove(*p));
-    let upserts = desired
-        .iter()
-        .filter(|(cidr, p)| applied.get(cidr) != Some(p))
-        .map(|(_, p)| Change::Upsert(*p));
-    removals.chain(upserts).collect()
+    let mut removals = Vec::new();
+    let mut upserts = Vec::new();
+    let mut old = applied.values().peekable();
+    let mut new = desired.values().peekable();
+    loop {
+        let order = match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(o), Some(n)) => o.pod_cidr.cmp(&n.pod_cidr),
+        };
+        match order {
+            Ordering::Less => removals.extend(old.next().map(|p| Change::Remove(*p))),
+            Ordering::Greater => upserts.extend(new.next().map(|p| Change::Upsert(*p))),
+            Ordering::Equal => {
+                let (o, n) = (old.next(), new.next());
+                if o != n {
+                    upserts.extend(n.map(|p| Change::Upsert(*p)));
+                }
+            }
+        }
+    }
+    removals.extend(upserts);
+    removals
 }
 
 #[cfg(test)]
@@ -359,7 +393,7 @@ mod tests {
         }
     }
 
-    fn on_link(nodes: &[NodeInfo]) -> BTreeMap<Ipv4Addr, UnderlayPath> {
+    fn on_link(nodes: &[NodeInfo]) -> Paths {
         nodes.iter().map(|n| (n.node_ip, UnderlayPath::OnLink)).collect()
     }
 
@@ -446,7 +480,7 @@ mod tests {
         me.node_ip = Ipv4Addr::new(10, 9, 9, 9); // what we published earlier
         me.internal_ip = Some(Ipv4Addr::new(192, 168, 0, 7));
         let nodes = [me.clone()];
-        let ip = |settings: &LocalSettings, nodes: &[NodeInfo]| Ipv4Addr::from(desired(settings, nodes, &BTreeMap::new()).unwrap().0.config.node_ip);
+        let ip = |settings: &LocalSettings, nodes: &[NodeInfo]| Ipv4Addr::from(desired(settings, nodes, &Paths::new()).unwrap().0.config.node_ip);
         assert_eq!(ip(&local(), &nodes), Ipv4Addr::new(192, 168, 0, 7));
         me.public_ip_overwrite = Some(Ipv4Addr::new(203, 0, 113, 1));
         assert_eq!(ip(&local(), &[me.clone()]), Ipv4Addr::new(203, 0, 113, 1));
@@ -462,7 +496,7 @@ mod tests {
             node("c", "10.244.3.0/24", [192, 168, 1, 3]),
         ];
         let gw = Ipv4Addr::new(192, 168, 0, 254);
-        let paths = BTreeMap::from([
+        let paths = Paths::from([
             (Ipv4Addr::new(192, 168, 0, 2), UnderlayPath::OnLink),
             (Ipv4Addr::new(192, 168, 1, 3), UnderlayPath::Gateway(gw)),
         ]);
@@ -517,5 +551,25 @@ mod tests {
         let desired = BTreeMap::from([(p("10.0.2.0/24", 2).pod_cidr, p("10.0.2.0/24", 2)), (p("10.0.3.0/24", 3).pod_cidr, p("10.0.3.0/24", 9))]);
         assert_eq!(diff(&applied, &desired), [Change::Remove(p("10.0.1.0/24", 1)), Change::Upsert(p("10.0.3.0/24", 9))]);
         assert!(diff(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn diff_walks_both_sides_like_looking_each_peer_up() {
+        // Interleaved keys, some only on one side, some changed.
+        let p = |k: u32, hop: u8| PeerState {
+            pod_cidr: Ipv4Network::new(Ipv4Addr::from(0x0a00_0000 + (k << 8)), 24).unwrap(),
+            node_ip: Ipv4Addr::new(192, 168, 0, 1),
+            vtep_mac: [0; 6],
+            mode: ROUTE_MODE_VXLAN,
+            reason: ROUTE_REASON_BACKEND,
+            next_hop: Ipv4Addr::new(192, 168, 0, hop),
+        };
+        let applied: BTreeMap<_, _> = (0..40).filter(|k| k % 3 != 0).map(|k| (p(k, 1).pod_cidr, p(k, 1))).collect();
+        let desired: BTreeMap<_, _> = (0..40).filter(|k| k % 4 != 0).map(|k| (p(k, 1).pod_cidr, p(k, 1 + u8::from(k % 5 == 0)))).collect();
+        let removals = applied.iter().filter(|(c, _)| !desired.contains_key(c)).map(|(_, p)| Change::Remove(*p));
+        let upserts = desired.iter().filter(|(c, p)| applied.get(c) != Some(p)).map(|(_, p)| Change::Upsert(*p));
+        assert_eq!(diff(&applied, &desired), removals.chain(upserts).collect::<Vec<_>>());
+        assert_eq!(diff(&BTreeMap::new(), &desired).len(), desired.len());
+        assert_eq!(diff(&applied, &BTreeMap::new()).len(), applied.len());
     }
 }

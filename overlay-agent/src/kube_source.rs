@@ -3,7 +3,7 @@
 //! translation as the manifest directory, and the publication of our own
 //! Node (flannel's annotations and the `NetworkUnavailable` condition).
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, sync::Arc};
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::{
@@ -74,9 +74,10 @@ pub fn node_watcher(client: Client) -> impl futures::Stream<Item = Result<watche
 #[derive(Debug)]
 pub struct NodeCache {
     own_name: String,
-    nodes: BTreeMap<String, Result<NodeInfo, NodeError>>,
+    /// Shared with each reconcile, which then costs no copy of the cluster.
+    nodes: BTreeMap<String, Result<Arc<NodeInfo>, NodeError>>,
     /// Nodes listed so far during a relist.
-    relisting: Option<BTreeMap<String, Result<NodeInfo, NodeError>>>,
+    relisting: Option<BTreeMap<String, Result<Arc<NodeInfo>, NodeError>>>,
     own: Option<Node>,
     synced: bool,
 }
@@ -122,9 +123,9 @@ impl NodeCache {
         }
     }
 
-    fn translate(&mut self, mut node: Node) -> (String, Result<NodeInfo, NodeError>) {
+    fn translate(&mut self, mut node: Node) -> (String, Result<Arc<NodeInfo>, NodeError>) {
         let name = node.metadata.name.clone().unwrap_or_default();
-        let info = NodeInfo::from_node(&node);
+        let info = NodeInfo::from_node(&node).map(Arc::new);
         if name == self.own_name {
             node.metadata.managed_fields = None;
             self.own = Some(node);
@@ -138,7 +139,7 @@ impl NodeCache {
     }
 
     /// The nodes the datapath can use.
-    pub fn nodes(&self) -> Vec<NodeInfo> {
+    pub fn nodes(&self) -> Vec<Arc<NodeInfo>> {
         self.nodes.values().filter_map(|n| n.as_ref().ok()).cloned().collect()
     }
 

@@ -26,4 +26,5 @@ pub mod node;
 pub mod object;
 pub mod pod_ports;
 pub mod routes;
+pub mod rtnl;
 pub mod server;

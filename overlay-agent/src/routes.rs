@@ -13,22 +13,34 @@
 //! Our routes carry their own protocol number, so stale ones are found
 //! after a restart.
 //!
-//! Uses `ip` (iproute2) for now; it runs in the agent's network namespace.
+//! Routes are looked up, added and removed over rtnetlink ([`crate::rtnl`]),
+//! so a Node update starts no process; `ip` (iproute2) still lists ours
+//! and takes the underlay's fingerprint. Both work in the agent's network
+//! namespace.
 
 use std::{
-    collections::BTreeMap,
     io::Write as _,
     net::Ipv4Addr,
     process::{Command, Stdio},
 };
 
 use ipnetwork::Ipv4Network;
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    route::{RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType},
+};
 use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE};
 
-use crate::desired::{PeerState, UnderlayPath};
+use crate::{
+    desired::{Paths, PeerState, UnderlayPath},
+    rtnl::{Answer, Refused, Rtnl, RtnlError},
+};
 
 /// `proto` of the routes we own (`ip route show proto 157`).
 pub const ROUTE_PROTO: &str = "157";
+/// The same, as netlink carries it.
+pub const ROUTE_PROTO_ID: u8 = 157;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -36,6 +48,10 @@ pub enum RouteError {
     Ip { args: String, stderr: String },
     #[error("running ip (iproute2 must be installed): {0}")]
     Spawn(std::io::Error),
+    #[error(transparent)]
+    Netlink(#[from] RtnlError),
+    #[error("{request}: {reason}")]
+    Refused { request: String, reason: Refused },
 }
 
 fn ip(args: &[&str]) -> Result<String, RouteError> {
@@ -49,54 +65,88 @@ fn ip(args: &[&str]) -> Result<String, RouteError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The `ip` command (without the leading `ip`) that adds or replaces the
-/// route toward `peer`'s pod CIDR.
-fn replace_command(peer: &PeerState, iface: &str, vxlan_mtu: u32) -> String {
-    let cidr = peer.pod_cidr;
+/// The `RTM_NEWROUTE` that adds or replaces the route toward `peer`'s pod
+/// CIDR: what `ip route replace` sends for the routes in the module doc.
+fn replace_message(peer: &PeerState, ifindex: u32, vxlan_mtu: u32) -> RouteMessage {
+    let mut route = route_to(peer.pod_cidr);
+    route.header.protocol = RouteProtocol::from(ROUTE_PROTO_ID);
+    route.header.scope = RouteScope::Universe;
     match peer.mode {
-        ROUTE_MODE_UNREACHABLE => format!("route replace unreachable {cidr} proto {ROUTE_PROTO}"),
-        ROUTE_MODE_DIRECT => format!("route replace {cidr} via {} dev {iface} proto {ROUTE_PROTO}", peer.node_ip),
-        _ => format!(
-            "route replace {cidr} via {} dev {iface} onlink mtu {vxlan_mtu} proto {ROUTE_PROTO}",
-            peer.next_hop
-        ),
+        ROUTE_MODE_UNREACHABLE => route.header.kind = RouteType::Unreachable,
+        ROUTE_MODE_DIRECT => {
+            route.header.kind = RouteType::Unicast;
+            route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(peer.node_ip)));
+            route.attributes.push(RouteAttribute::Oif(ifindex));
+        }
+        _ => {
+            route.header.kind = RouteType::Unicast;
+            route.header.flags = RouteFlags::Onlink;
+            route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(peer.next_hop)));
+            route.attributes.push(RouteAttribute::Oif(ifindex));
+            route.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(vxlan_mtu)]));
+        }
     }
+    route
 }
 
-/// Adds or replaces the routes toward `peers` in one `ip -batch`, so
-/// thousands of nodes cost one process, not thousands. Returns the peers
-/// whose route failed, with iproute2's reason; the others are in place.
+/// A main-table IPv4 route message for `cidr`, to be filled in.
+fn route_to(cidr: Ipv4Network) -> RouteMessage {
+    let mut route = RouteMessage::default();
+    route.header.address_family = AddressFamily::Inet;
+    route.header.destination_prefix_length = cidr.prefix();
+    route.header.table = RouteHeader::RT_TABLE_MAIN;
+    route.attributes.push(RouteAttribute::Destination(RouteAddress::Inet(cidr.network())));
+    route
+}
+
+/// Adds or replaces the routes toward `peers` over one netlink socket, one
+/// request each, so a single change costs no process and thousands cost
+/// one socket. Returns the peers whose route the kernel refused, with its
+/// reason; the others are in place.
 pub fn replace_all<'a>(
     peers: &'a [PeerState],
     iface: &str,
     vxlan_mtu: u32,
-) -> Result<Vec<(&'a PeerState, String)>, RouteError> {
-    let commands: Vec<String> = peers.iter().map(|p| replace_command(p, iface, vxlan_mtu)).collect();
-    let failed = batch(&commands)?;
-    Ok(failed.into_iter().map(|(line, reason)| (&peers[line], reason)).collect())
-}
-
-/// Removes our routes to `cidrs` in one `ip -batch`; a missing route is not
-/// an error. Returns the CIDRs whose route could not be removed.
-pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, String)>, RouteError> {
-    let commands: Vec<String> = cidrs.iter().map(|c| format!("route del {c} proto {ROUTE_PROTO}")).collect();
-    let failed = batch(&commands)?;
-    Ok(failed
-        .into_iter()
-        .filter(|(_, reason)| !reason.contains("No such process"))
-        .map(|(line, reason)| (cidrs[line], reason))
-        .collect())
-}
-
-/// Runs `commands` through `ip -force -batch -` and returns the indices of
-/// the commands that failed, with their error text.
-fn batch(commands: &[String]) -> Result<Vec<(usize, String)>, RouteError> {
-    if commands.is_empty() {
+) -> Result<Vec<(&'a PeerState, Refused)>, RouteError> {
+    if peers.is_empty() {
         return Ok(Vec::new());
     }
-    let script: String = commands.iter().map(|c| format!("{c}\n")).collect();
-    let out = ip_batch(&["-force", "-batch", "-"], script)?;
-    Ok(batch_failures(&String::from_utf8_lossy(&out.stderr), commands.len()))
+    let Some(ifindex) = crate::iface::interface_index(iface) else {
+        let refused = Refused { errno: libc::ENODEV, message: Some(format!("Cannot find device {iface:?}")) };
+        return Ok(peers.iter().map(|p| (p, refused.clone())).collect());
+    };
+    let mut rtnl = Rtnl::open()?;
+    let mut failed = Vec::new();
+    for peer in peers {
+        let message = RouteNetlinkMessage::NewRoute(replace_message(peer, ifindex, vxlan_mtu));
+        if let Answer::Refused(refused) = rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
+            failed.push((peer, refused));
+        }
+    }
+    Ok(failed)
+}
+
+/// Removes our routes to `cidrs` (as `ip route del CIDR proto 157`); a
+/// missing route is not an error. Returns the CIDRs whose route could not
+/// be removed.
+pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, RouteError> {
+    if cidrs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut rtnl = Rtnl::open()?;
+    let mut failed = Vec::new();
+    for cidr in cidrs {
+        let mut route = route_to(*cidr);
+        route.header.protocol = RouteProtocol::from(ROUTE_PROTO_ID);
+        // Any scope and type: only the destination and our protocol match.
+        route.header.scope = RouteScope::NoWhere;
+        route.header.kind = RouteType::Unspec;
+        match rtnl.change(RouteNetlinkMessage::DelRoute(route), 0)? {
+            Answer::Refused(refused) if refused.errno != libc::ESRCH => failed.push((*cidr, refused)),
+            _ => {}
+        }
+    }
+    Ok(failed)
 }
 
 /// Runs `ip <args>` with `script` on its stdin, collecting its output.
@@ -118,54 +168,45 @@ fn ip_batch(args: &[&str], script: String) -> Result<std::process::Output, Route
     Ok(out)
 }
 
-/// Parses iproute2's `-force -batch` stderr: each failure's message lines
-/// are followed by `Command failed -:<line>`.
-fn batch_failures(stderr: &str, commands: usize) -> Vec<(usize, String)> {
-    let mut failures = Vec::new();
-    let mut message: Vec<&str> = Vec::new();
-    for line in stderr.lines() {
-        if let Some(number) = line.strip_prefix("Command failed -:") {
-            if let Ok(n) = number.trim().parse::<usize>()
-                && (1..=commands).contains(&n)
-            {
-                failures.push((n - 1, message.join(" ")));
-            }
-            message.clear();
-        } else {
-            message.push(line.trim());
-        }
-    }
-    failures
-}
-
-/// How the kernel reaches each address (`ip route get`, one batch).
-pub fn paths(iface: &str, addrs: &[Ipv4Addr]) -> Result<BTreeMap<Ipv4Addr, UnderlayPath>, RouteError> {
-    let mut paths: BTreeMap<Ipv4Addr, UnderlayPath> = addrs.iter().map(|a| (*a, UnderlayPath::NoRoute)).collect();
+/// How the kernel reaches each address, as `ip route get` answers it: one
+/// `RTM_GETROUTE` each over one netlink socket. A route with a gateway is
+/// [`UnderlayPath::Gateway`] whatever its device; one without, out of
+/// `iface`, is [`UnderlayPath::OnLink`]; anything else (no route, another
+/// device, a local address) is [`UnderlayPath::NoRoute`].
+pub fn paths(iface: &str, addrs: &[Ipv4Addr]) -> Result<Paths, RouteError> {
+    let mut paths = Paths::new();
     if addrs.is_empty() {
         return Ok(paths);
     }
-    let script: String = addrs.iter().map(|a| format!("route get {a}\n")).collect();
-    // A failed lookup (no route) prints nothing for its line; -force goes on.
-    let out = ip_batch(&["-j", "-force", "-batch", "-"], script)?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(answers) = serde_json::from_str::<Vec<serde_json::Value>>(line) else {
-            continue;
+    let ifindex = crate::iface::interface_index(iface);
+    let mut rtnl = Rtnl::open()?;
+    for addr in addrs {
+        let mut query = route_to(Ipv4Network::from(*addr));
+        query.header.table = RouteHeader::RT_TABLE_UNSPEC;
+        let path = match rtnl.get_route(query)? {
+            Answer::Route(route) => path_of(&route, ifindex),
+            Answer::Done | Answer::Refused(_) => UnderlayPath::NoRoute,
         };
-        for answer in answers {
-            let Some(dst) = answer.get("dst").and_then(|d| d.as_str()?.parse::<Ipv4Addr>().ok()) else {
-                continue;
-            };
-            let gateway = answer.get("gateway").and_then(|g| g.as_str()?.parse::<Ipv4Addr>().ok());
-            let dev = answer.get("dev").and_then(|d| d.as_str());
-            let path = match (gateway, dev) {
-                (Some(gw), _) => UnderlayPath::Gateway(gw),
-                (None, Some(dev)) if dev == iface => UnderlayPath::OnLink,
-                _ => UnderlayPath::NoRoute,
-            };
-            paths.insert(dst, path);
-        }
+        paths.insert(*addr, path);
     }
     Ok(paths)
+}
+
+/// The path a route the kernel answered describes (see [`paths`]).
+fn path_of(route: &RouteMessage, ifindex: Option<u32>) -> UnderlayPath {
+    let gateway = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(RouteAddress::Inet(gw)) => Some(*gw),
+        _ => None,
+    });
+    let oif = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(index) => Some(*index),
+        _ => None,
+    });
+    match (gateway, oif) {
+        (Some(gw), _) => UnderlayPath::Gateway(gw),
+        (None, Some(oif)) if Some(oif) == ifindex => UnderlayPath::OnLink,
+        _ => UnderlayPath::NoRoute,
+    }
 }
 
 /// Destinations of every route we own.
@@ -180,8 +221,8 @@ pub fn owned() -> Result<Vec<Ipv4Network>, RouteError> {
 
 /// A digest of what decides the kernel's paths to the nodes: IPv4
 /// addresses, policy rules and routes (ours excluded, since every apply
-/// changes them). Cheap to take every second; the full per-node `route get`
-/// batch runs only when it changes.
+/// changes them). Cheap to take every second; the per-node route look-ups
+/// ([`paths`]) run only when it changes.
 pub fn underlay_fingerprint() -> Result<u64, RouteError> {
     use std::hash::{Hash as _, Hasher as _};
     let out = ip_batch(&["-4", "-batch", "-"], "addr show\nrule show\nroute show table all\n".to_owned())?;
@@ -210,12 +251,96 @@ mod tests {
     use super::*;
 
     #[test]
-    fn batch_failures_are_matched_to_their_commands() {
-        let stderr = "Error: Nexthop has invalid gateway.\nCommand failed -:2\nRTNETLINK answers: No such process\nCommand failed -:4\n";
+    fn the_kernel_answers_a_route_look_up_over_netlink() {
+        // Read-only, in whatever namespace the test runs: loopback is
+        // reached out of lo with no gateway.
+        let lo = paths("lo", &[Ipv4Addr::LOCALHOST]).unwrap();
+        assert_eq!(lo[&Ipv4Addr::LOCALHOST], UnderlayPath::OnLink);
+        assert_eq!(paths("eth-none", &[Ipv4Addr::LOCALHOST]).unwrap()[&Ipv4Addr::LOCALHOST], UnderlayPath::NoRoute);
+    }
+
+    #[test]
+    fn the_protocol_number_and_its_text_agree() {
+        assert_eq!(ROUTE_PROTO, ROUTE_PROTO_ID.to_string());
+    }
+
+    #[test]
+    fn a_route_with_a_gateway_is_routed_and_one_without_is_on_link_only_out_of_the_underlay() {
+        let answer = |attributes: Vec<RouteAttribute>| {
+            let mut route = RouteMessage::default();
+            route.attributes = attributes;
+            route
+        };
+        let gw = Ipv4Addr::new(192, 168, 0, 254);
+        let via = answer(vec![
+            RouteAttribute::Gateway(RouteAddress::Inet(gw)),
+            RouteAttribute::Oif(9),
+        ]);
+        assert_eq!(path_of(&via, Some(2)), UnderlayPath::Gateway(gw));
         assert_eq!(
-            batch_failures(stderr, 4),
-            [(1, "Error: Nexthop has invalid gateway.".to_owned()), (3, "RTNETLINK answers: No such process".to_owned())]
+            path_of(&answer(vec![RouteAttribute::Oif(2)]), Some(2)),
+            UnderlayPath::OnLink
         );
-        assert!(batch_failures("", 3).is_empty());
+        assert_eq!(
+            path_of(&answer(vec![RouteAttribute::Oif(1)]), Some(2)),
+            UnderlayPath::NoRoute
+        );
+        assert_eq!(
+            path_of(&answer(vec![RouteAttribute::Oif(2)]), None),
+            UnderlayPath::NoRoute
+        );
+    }
+
+    #[test]
+    fn each_mode_gets_the_route_ip_would_send() {
+        let peer = |mode| PeerState {
+            pod_cidr: "10.244.2.0/24".parse().unwrap(),
+            node_ip: Ipv4Addr::new(192, 168, 0, 2),
+            vtep_mac: [0; 6],
+            mode,
+            reason: 0,
+            next_hop: Ipv4Addr::new(192, 168, 0, 254),
+        };
+        let vxlan = replace_message(&peer(overlay_common::ROUTE_MODE_VXLAN), 2, 1450);
+        assert_eq!(vxlan.header.destination_prefix_length, 24);
+        assert_eq!(vxlan.header.protocol, RouteProtocol::from(157));
+        assert_eq!(vxlan.header.kind, RouteType::Unicast);
+        assert_eq!(vxlan.header.flags, RouteFlags::Onlink);
+        assert!(
+            vxlan
+                .attributes
+                .contains(&RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
+                    192, 168, 0, 254
+                ))))
+        );
+        assert!(
+            vxlan
+                .attributes
+                .contains(&RouteAttribute::Metrics(vec![RouteMetric::Mtu(1450)]))
+        );
+        let direct = replace_message(&peer(ROUTE_MODE_DIRECT), 2, 1450);
+        assert_eq!(direct.header.flags, RouteFlags::empty());
+        assert!(
+            direct
+                .attributes
+                .contains(&RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
+                    192, 168, 0, 2
+                ))))
+        );
+        assert!(direct.attributes.contains(&RouteAttribute::Oif(2)));
+        assert!(
+            !direct
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Metrics(_)))
+        );
+        let unreachable = replace_message(&peer(ROUTE_MODE_UNREACHABLE), 2, 1450);
+        assert_eq!(unreachable.header.kind, RouteType::Unreachable);
+        assert_eq!(
+            unreachable.attributes,
+            [RouteAttribute::Destination(RouteAddress::Inet(
+                Ipv4Addr::new(10, 244, 2, 0)
+            ))]
+        );
     }
 }

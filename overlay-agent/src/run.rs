@@ -4,7 +4,7 @@
 //! diff → apply (maps, routes) → publish (our Node, subnet.env, readiness).
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeSet, HashSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
@@ -16,7 +16,7 @@ use futures::{FutureExt as _, StreamExt as _};
 use overlay_agent::{
     apply::Applier,
     datapath::{Datapath, DecapHook, LinkOutcome},
-    desired::{Backend, Desired, LocalSettings, NotReady, RejectKind, Rejected, UnderlayPath, desired},
+    desired::{Backend, Desired, LocalSettings, NotReady, Paths, RejectKind, Rejected, desired},
     iface,
     kube_source::{self, NodeCache, Publisher},
     manifests::ManifestDir,
@@ -100,7 +100,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         attached: None,
         applier,
         metrics,
-        paths: BTreeMap::new(),
+        paths: Paths::new(),
         underlay: None,
         reported: BTreeSet::new(),
         evented: BTreeSet::new(),
@@ -134,7 +134,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mut path_check = tokio::time::interval(PATH_CHECK);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     let mut mismatched_seen = agent.applier.maps().counters_total().map(|c| c.mismatched_port).unwrap_or(0);
-    let mut nodes: Vec<NodeInfo> = Vec::new();
+    let mut nodes: Vec<Arc<NodeInfo>> = Vec::new();
     let mut synced = false;
     loop {
         // Set when a branch wakes up, so durations leave out idle waiting.
@@ -148,7 +148,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 match dir.scan_if_changed() {
                     Ok(Some(scan)) => {
                         agent.report_invalid(scan.errors.iter().map(ToString::to_string).collect());
-                        nodes = scan.nodes;
+                        nodes = scan.nodes.into_iter().map(Arc::new).collect();
                         synced = true;
                         changed = true;
                     }
@@ -201,11 +201,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         if !(changed || paths_changed) || !synced {
             continue;
         }
+        let source_time = started.elapsed();
         if changed {
             // New peers need their paths before their modes are decided.
             agent.check_new_paths(&nodes);
         }
-        let Some((desired, rejected)) = agent.reconcile(&nodes, started) else { continue };
+        let paths_time = started.elapsed() - source_time;
+        let Some((desired, rejected)) = agent.reconcile(&nodes, started, [source_time, paths_time]) else { continue };
         match &source {
             Source::Dir(_) => agent.log_missing_annotations(&nodes, &desired),
             Source::Kube(kube) => agent.publish(&kube.cache, &kube.publisher, &desired, rejected).await,
@@ -303,8 +305,9 @@ struct Agent {
     attached: Option<DecapHook>,
     applier: Applier,
     metrics: Arc<Metrics>,
-    /// The kernel's paths to the nodes' addresses, as last asked.
-    paths: BTreeMap<Ipv4Addr, UnderlayPath>,
+    /// The kernel's paths to the nodes' addresses, as last asked (those
+    /// of nodes gone are dropped at the next path check).
+    paths: Paths,
     /// [`routes::underlay_fingerprint`] when `paths` were last all asked.
     underlay: Option<u64>,
     /// Problems already logged, so each is logged once, not per reconcile.
@@ -446,9 +449,12 @@ impl Agent {
     /// Re-asks the kernel for its paths to every node when the underlay's
     /// addresses, rules or routes changed since the last look. Returns
     /// whether any path changed.
-    fn check_paths_if_underlay_changed(&mut self, nodes: &[NodeInfo]) -> bool {
+    fn check_paths_if_underlay_changed(&mut self, nodes: &[Arc<NodeInfo>]) -> bool {
         match routes::underlay_fingerprint() {
-            Ok(fingerprint) if Some(fingerprint) == self.underlay => false,
+            Ok(fingerprint) if Some(fingerprint) == self.underlay => {
+                self.forget_paths_of_gone_nodes(nodes);
+                false
+            }
             Ok(fingerprint) => {
                 let changed = self.check_paths(nodes);
                 self.underlay = Some(fingerprint);
@@ -463,31 +469,49 @@ impl Agent {
 
     /// Asks the kernel for its paths to nodes whose address it has not
     /// been asked about yet: a single Node update costs no full re-check.
-    fn check_new_paths(&mut self, nodes: &[NodeInfo]) {
-        let current: std::collections::HashSet<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
-        self.paths.retain(|addr, _| current.contains(addr));
-        let new: Vec<Ipv4Addr> = current.into_iter().filter(|a| !self.paths.contains_key(a)).collect();
+    fn check_new_paths(&mut self, nodes: &[Arc<NodeInfo>]) {
+        let mut new: Vec<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).filter(|a| !self.paths.contains_key(a)).collect();
+        new.sort_unstable();
+        new.dedup();
         match routes::paths(self.applier.iface(), &new) {
             Ok(paths) => self.paths.extend(paths),
             Err(err) => warn!(error = %err, "asking the kernel for paths to new nodes"),
         }
     }
 
+    /// Drops the paths to addresses no node has any more, once there are
+    /// more paths than nodes. Done at the path check, not per event: an
+    /// entry of a node gone is read only if a node takes its address again,
+    /// and it is then as current as any other entry (all are re-asked when
+    /// the underlay changes).
+    fn forget_paths_of_gone_nodes(&mut self, nodes: &[Arc<NodeInfo>]) {
+        if self.paths.len() > nodes.len() {
+            let current: HashSet<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
+            self.paths.retain(|addr, _| current.contains(addr));
+        }
+    }
+
     /// Re-asks the kernel for its paths to all nodes. Returns whether any
     /// changed.
-    fn check_paths(&mut self, nodes: &[NodeInfo]) -> bool {
+    fn check_paths(&mut self, nodes: &[Arc<NodeInfo>]) -> bool {
         let addrs: Vec<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
         match routes::paths(self.applier.iface(), &addrs) {
-            Ok(paths) if paths != self.paths => {
+            Ok(paths) => {
+                // Entries of nodes gone do not count: only what is read.
+                let mut changed = false;
                 for (addr, path) in &paths {
-                    if self.paths.get(addr).is_some_and(|old| old != path) {
-                        info!(peer = %addr, ?path, "underlay path changed; re-evaluating its mode");
+                    match self.paths.get(addr) {
+                        Some(old) if old == path => {}
+                        Some(_) => {
+                            info!(peer = %addr, ?path, "underlay path changed; re-evaluating its mode");
+                            changed = true;
+                        }
+                        None => changed = true,
                     }
                 }
                 self.paths = paths;
-                true
+                changed
             }
-            Ok(_) => false,
             Err(err) => {
                 warn!(error = %err, "asking the kernel for paths to the nodes");
                 false
@@ -509,7 +533,12 @@ impl Agent {
     /// desired → diff → apply; then attach (first time) and write
     /// subnet.env. Returns the desired state, and the nodes left out, when
     /// it was applied.
-    fn reconcile(&mut self, nodes: &[NodeInfo], started: Instant) -> Option<(Desired, Vec<Rejected>)> {
+    ///
+    /// `stages` are the times the node source and the underlay paths took
+    /// before, for the log.
+    fn reconcile(&mut self, nodes: &[Arc<NodeInfo>], started: Instant, stages: [Duration; 2]) -> Option<(Desired, Vec<Rejected>)> {
+        let [source_time, paths_time] = stages;
+        let desired_start = Instant::now();
         let (desired, rejected) = match desired(&self.settings, nodes, &self.paths) {
             Ok(result) => result,
             Err(not_ready) => {
@@ -540,6 +569,7 @@ impl Agent {
         self.reported.retain(|k| !k.starts_with("rejected:"));
         self.reported.extend(now_rejected);
         self.metrics.nodes_rejected.set(rejected.len() as i64);
+        let desired_time = desired_start.elapsed();
 
         let applied = match self.applier.apply(&desired) {
             Ok(applied) => applied,
@@ -565,6 +595,11 @@ impl Agent {
                 removed = applied.removed,
                 config_changed = applied.config_changed,
                 elapsed_us = elapsed.as_micros() as u64,
+                source_us = source_time.as_micros() as u64,
+                paths_us = paths_time.as_micros() as u64,
+                desired_us = desired_time.as_micros() as u64,
+                maps_us = applied.maps_time.as_micros() as u64,
+                routes_us = applied.routes_time.as_micros() as u64,
                 "reconciled"
             );
         }
@@ -587,7 +622,7 @@ impl Agent {
     }
 
     /// The file source cannot publish: say what our Node must carry.
-    fn log_missing_annotations(&mut self, nodes: &[NodeInfo], desired: &Desired) {
+    fn log_missing_annotations(&mut self, nodes: &[Arc<NodeInfo>], desired: &Desired) {
         let Some(me) = nodes.iter().find(|n| n.name == self.settings.node_name) else { return };
         let advertised = me.vtep_mac == Some(desired.config.vtep_mac) && me.vni == Some(desired.config.vni);
         if self.settings.backend == Backend::Vxlan && !advertised {
