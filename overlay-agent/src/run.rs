@@ -4,7 +4,7 @@
 //! diff → apply (maps, routes) → publish (our Node, subnet.env, readiness).
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
