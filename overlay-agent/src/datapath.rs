@@ -208,10 +208,12 @@ impl Datapath {
     /// pins the links, so they outlive this process. Where a pinned link
     /// exists, the new program replaces the old one inside it atomically.
     /// Attachments this agent no longer wants (the other decap hook,
-    /// another interface) and map pins of older layouts are removed last;
-    /// the pod fast path's attachment on `pod_bridge` is kept (see
-    /// [`Self::attach_pod_fast_path`]). A fresh attachment is undone if a
-    /// later one fails.
+    /// another interface) and map pins of older layouts are removed last.
+    /// With `pod_bridge` given (`--forward bpf`), the fast path's own
+    /// attachments (the bridge and the pods' veths, see
+    /// [`Self::attach_pod_fast_path`]) are kept, and the decapsulation's TC
+    /// program is attached beside XDP for the fast path's inbound half. A
+    /// fresh attachment is undone if a later one fails.
     pub fn attach(&mut self, iface: &str, hook: DecapHook, pod_bridge: Option<&str>) -> Result<AttachReport, DatapathError> {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
