@@ -73,7 +73,9 @@ impl LabSpec {
             agent,
             decap: "auto".to_owned(),
             forward: "kernel".to_owned(),
-            prefix: crate::unique_name("ovlab"),
+            // Not `ovlab`: `cargo xtask lab -- --down` removes every
+            // `ovlab*` lab, and must not pull one out from under a test.
+            prefix: crate::unique_name("ovtest"),
             flannel_nodes: 0,
             flannel_backend: "vxlan".to_owned(),
             topology: Topology::Flat,
