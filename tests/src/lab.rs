@@ -606,6 +606,25 @@ impl Lab {
         (checks, failures)
     }
 
+    /// Pings node `to`'s first pod from node `from`'s first pod, for each
+    /// `to`, while capturing on `from`'s underlay (ICMP and our VXLAN
+    /// port). Returns tshark's `fields` per frame, one line each, VXLAN
+    /// decoded, so an encapsulated frame lists outer and inner values.
+    pub fn ping_on_the_wire(&self, from: usize, to: &[usize], fields: &[&str]) -> String {
+        let node = &self.nodes[from];
+        let pcap = self.work_dir().join(format!("underlay-{from}.pcap"));
+        let capture = Capture::start(&node.ns, "eth0", &["icmp", "or", "udp", "port", "8472"], &pcap);
+        for &peer in to {
+            assert!(Self::ping(&node.pods[0].ns, self.nodes[peer].pods[0].ip), "ping to node {} failed", peer + 1);
+        }
+        capture.stop();
+        let mut args = vec!["-r", pcap.to_str().expect("UTF-8 path"), "-d", "udp.port==8472,vxlan", "-T", "fields"];
+        for field in fields {
+            args.extend(["-e", field]);
+        }
+        crate::stdout("tshark", &args)
+    }
+
     /// Sets the MTU of pod `j` on node `i`, on both ends of its veth (to
     /// play a pod whose MTU ignores the tunnel).
     pub fn set_pod_mtu(&self, i: usize, j: usize, mtu: u32) {

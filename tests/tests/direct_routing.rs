@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use overlay_tests::{
     agent_binary,
-    lab::{Capture, Lab, LabSpec, Topology},
+    lab::{Lab, LabSpec, Topology},
     privileged, stdout,
 };
 
@@ -88,16 +88,7 @@ fn capture_shows_same_subnet_traffic_plain_and_cross_subnet_traffic_encapsulated
         return;
     }
     let dr = lab(Topology::Routed, "vxlan", true);
-    let n1 = &dr.nodes[0];
-    let pcap = dr.work_dir().join("underlay.pcap");
-    let capture = Capture::start(&n1.ns, "eth0", &["icmp", "or", "udp", "port", "8472"], &pcap);
-    assert!(Lab::ping(&n1.pods[0].ns, dr.nodes[1].pods[0].ip));
-    assert!(Lab::ping(&n1.pods[0].ns, dr.nodes[2].pods[0].ip));
-    capture.stop();
-    let rows = stdout(
-        "tshark",
-        &["-r", pcap.to_str().unwrap(), "-d", "udp.port==8472,vxlan", "-T", "fields", "-e", "ip.dst", "-e", "udp.dstport"],
-    );
+    let rows = dr.ping_on_the_wire(0, &[1, 2], &["ip.dst", "udp.dstport"]);
     // Encapsulated frames list the outer and the inner address.
     let to_node2_pod: Vec<&str> = rows.lines().filter(|l| l.contains("10.244.2.11")).collect();
     let to_node3_pod: Vec<&str> = rows.lines().filter(|l| l.contains("10.244.3.11")).collect();

@@ -12,8 +12,8 @@ use std::{
 use overlay_common::Counters;
 use overlay_tests::{
     NetNs, agent_binary,
-    lab::{Capture, Lab, LabSpec, Topology},
-    privileged, stdout,
+    lab::{Lab, LabSpec, Topology},
+    privileged,
 };
 
 fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
@@ -90,16 +90,7 @@ fn routed_direct_routing_all_pairs_on_the_wire_as_without_it() {
 
     // Same wire format as the kernel path: plain to the on-link peer,
     // VXLAN to the one behind the router.
-    let n1 = &dr.nodes[0];
-    let pcap = dr.work_dir().join("underlay.pcap");
-    let capture = Capture::start(&n1.ns, "eth0", &["icmp", "or", "udp", "port", "8472"], &pcap);
-    assert!(Lab::ping(&n1.pods[0].ns, dr.nodes[1].pods[0].ip));
-    assert!(Lab::ping(&n1.pods[0].ns, dr.nodes[2].pods[0].ip));
-    capture.stop();
-    let rows = stdout(
-        "tshark",
-        &["-r", pcap.to_str().unwrap(), "-d", "udp.port==8472,vxlan", "-T", "fields", "-e", "ip.dst", "-e", "ip.ttl"],
-    );
+    let rows = dr.ping_on_the_wire(0, &[1, 2], &["ip.dst", "ip.ttl"]);
     let to_node2_pod: Vec<&str> = rows.lines().filter(|l| l.contains("10.244.2.11")).collect();
     let to_node3_pod: Vec<&str> = rows.lines().filter(|l| l.contains("10.244.3.11")).collect();
     assert!(!to_node2_pod.is_empty() && !to_node3_pod.is_empty(), "{rows}");
