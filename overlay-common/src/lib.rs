@@ -40,7 +40,8 @@ pub mod program_names {
     pub const XDP_INGRESS: &str = "overlay_xdp_ingress";
     /// TC ingress variant of the decapsulation, for interfaces without XDP.
     pub const TC_INGRESS: &str = "overlay_tc_ingress";
-    /// TC ingress on the pod bridge: the pod-side fast path (`--forward bpf`).
+    /// TC ingress on each pod's veth and on the pod bridge: the fast path's
+    /// outbound half (`--forward bpf`).
     pub const TC_POD: &str = "overlay_tc_pod";
 
     /// Every program, in load order.
