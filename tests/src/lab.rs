@@ -215,7 +215,42 @@ impl Lab {
                 lab.wait_for_routes(i, peers, Duration::from_secs(20))?;
             }
         }
+        if lab.spec.forward == "bpf" {
+            lab.wait_for_fast_path(Duration::from_secs(15))?;
+        }
         Ok(lab)
+    }
+
+    /// Waits until every agent has enrolled all its pods in the fast path
+    /// (`POD_PORTS`, as `inspect` lists it). A bridge learns a pod's MAC
+    /// from the pod's frames, so each pod first says hello to its gateway.
+    pub fn wait_for_fast_path(&self, timeout: Duration) -> Result<(), String> {
+        for node in self.nodes.iter().filter(|n| !n.flannel) {
+            for pod in &node.pods {
+                let gateway = Ipv4Addr::from(pod.ip.to_bits() & !0xff | 1);
+                if !Self::ping(&pod.ns, gateway) {
+                    return Err(format!("{} cannot reach its gateway {gateway}", pod.ip));
+                }
+            }
+        }
+        let deadline = Instant::now() + timeout;
+        for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| !n.flannel) {
+            loop {
+                let text = self.inspect(i);
+                let enrolled = text
+                    .split("POD_PORTS")
+                    .nth(1)
+                    .map_or(0, |t| t.split("\n\n").next().unwrap_or("").lines().count().saturating_sub(2));
+                if enrolled >= node.pods.len() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("{} enrolled {enrolled} of {} pods in the fast path:\n{text}", node.name, node.pods.len()));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        Ok(())
     }
 
     fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, pins: &PinDir) -> LabNode {

@@ -3,11 +3,7 @@
 //! the same reach as the kernel routes, and what it must leave to the
 //! kernel.
 
-use std::{
-    net::Ipv4Addr,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, process::Command};
 
 use overlay_common::Counters;
 use overlay_tests::{
@@ -22,33 +18,8 @@ fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
     spec.backend = backend.to_owned();
     spec.direct_routing = direct_routing;
     spec.forward = "bpf".to_owned();
-    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
-    wait_enrolled(&lab);
-    lab
-}
-
-/// Waits until every node's agent has enrolled all its pods in the fast
-/// path (POD_PORTS). The bridges learn a pod's MAC from its frames, so
-/// each pod first says hello to its gateway.
-fn wait_enrolled(lab: &Lab) {
-    for node in &lab.nodes {
-        for pod in &node.pods {
-            let gateway = Ipv4Addr::from(pod.ip.to_bits() & !0xff | 1);
-            assert!(Lab::ping(&pod.ns, gateway), "{} cannot reach its gateway", pod.ip);
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    for (i, node) in lab.nodes.iter().enumerate() {
-        loop {
-            let text = lab.inspect(i);
-            let enrolled = text.split("POD_PORTS").nth(1).map_or(0, |t| t.split("\n\n").next().unwrap_or("").lines().count().saturating_sub(2));
-            if enrolled >= node.pods.len() {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{} enrolled {enrolled} of {} pods:\n{text}", node.name, node.pods.len());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
+    // Lab::start waits until every pod is enrolled in the fast path.
+    Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
 }
 
 fn assert_all_pairs(lab: &Lab, what: &str) {
