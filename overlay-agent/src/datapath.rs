@@ -209,12 +209,12 @@ impl Datapath {
     /// exists, the new program replaces the old one inside it atomically.
     /// Attachments this agent no longer wants (the other decap hook,
     /// another interface) and map pins of older layouts are removed last.
-    /// With `pod_bridge` given (`--forward bpf`), the fast path's own
+    /// With `fast_path` (`--forward bpf`), the fast path's own
     /// attachments (the bridge and the pods' veths, see
     /// [`Self::attach_pod_fast_path`]) are kept, and the decapsulation's TC
     /// program is attached beside XDP for the fast path's inbound half. A
     /// fresh attachment is undone if a later one fails.
-    pub fn attach(&mut self, iface: &str, hook: DecapHook, pod_bridge: Option<&str>) -> Result<AttachReport, DatapathError> {
+    pub fn attach(&mut self, iface: &str, hook: DecapHook, fast_path: bool) -> Result<AttachReport, DatapathError> {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
@@ -240,7 +240,7 @@ impl Datapath {
         };
         // The fast path's inbound half runs at TC ingress; with XDP
         // decapsulating, that program is attached as well, after XDP.
-        let deliver_at_tc = pod_bridge.is_some() && decap_role == LinkRole::DecapXdp;
+        let deliver_at_tc = fast_path && decap_role == LinkRole::DecapXdp;
         if deliver_at_tc && let Err(err) = self.attach_role(iface, LinkRole::DecapTc, hook) {
             for (role, outcome) in [(LinkRole::TcEgress, egress), (decap_role, decap)] {
                 if outcome == LinkOutcome::Attached {
@@ -258,7 +258,7 @@ impl Datapath {
         for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {
             // The fast path's attachments (the bridge and its ports) are
             // kept while it is wanted; its own sync prunes them.
-            if pod_bridge.is_some() && self.layout.link(&other, LinkRole::PodFastPath).exists() {
+            if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
                 let roles = LinkRole::ALL.into_iter().filter(|role| *role != LinkRole::PodFastPath);
                 unwanted.extend(roles.map(|role| self.layout.link(&other, role)));
                 continue;

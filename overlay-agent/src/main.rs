@@ -225,7 +225,7 @@ fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<
 fn check_in(iface: &str, root: &std::path::Path, hook: DecapHook) -> anyhow::Result<()> {
     let mut datapath = Datapath::load(root).context("loading the datapath")?;
     datapath
-        .attach(iface, hook, None)
+        .attach(iface, hook, false)
         .with_context(|| format!("attaching to {iface}"))?;
     println!("attached to {iface} ({hook:?}); maps pinned under {}", root.display());
     println!("{:<22} {:>6} {:<10} {:>12}", "PROGRAM", "ID", "TYPE", "VERIFIED");

@@ -327,14 +327,14 @@ impl Agent {
             (Decap::Auto, Backend::HostGw) => DecapHook::TcIngress,
             (decap, _) => decap.into(),
         };
-        let bridge = self.pod_fast_path.as_ref().map(|p| p.bridge.clone());
-        let (report, hook) = match self.datapath.attach(&iface, hook, bridge.as_deref()) {
+        let fast_path = self.pod_fast_path.is_some();
+        let (report, hook) = match self.datapath.attach(&iface, hook, fast_path) {
             Ok(report) => (report, hook),
             Err(err) if self.decap == Decap::Auto && matches!(hook, DecapHook::Xdp(_)) => {
                 warn!(%iface, error = %format!("{err:#}"), "XDP cannot attach here; decapsulating at TC ingress");
                 let report = self
                     .datapath
-                    .attach(&iface, DecapHook::TcIngress, bridge.as_deref())
+                    .attach(&iface, DecapHook::TcIngress, fast_path)
                     .with_context(|| format!("attaching to {iface}"))?;
                 (report, DecapHook::TcIngress)
             }

@@ -643,9 +643,10 @@ impl Lab {
 
     /// Pings node `to`'s first pod from node `from`'s first pod, for each
     /// `to`, while capturing on `from`'s underlay (ICMP and our VXLAN
-    /// port). Returns tshark's `fields` per frame, one line each, VXLAN
-    /// decoded, so an encapsulated frame lists outer and inner values.
-    pub fn ping_on_the_wire(&self, from: usize, to: &[usize], fields: &[&str]) -> String {
+    /// port). Returns, per `to`, tshark's `fields` (tab-separated) of every
+    /// frame that names that pod, VXLAN decoded, so an encapsulated frame
+    /// lists outer and inner values; each list holds at least one frame.
+    pub fn ping_on_the_wire(&self, from: usize, to: &[usize], fields: &[&str]) -> Vec<Vec<String>> {
         let node = &self.nodes[from];
         let pcap = self.work_dir().join(format!("underlay-{from}.pcap"));
         let capture = Capture::start(&node.ns, "eth0", &["icmp", "or", "udp", "port", "8472"], &pcap);
@@ -657,7 +658,15 @@ impl Lab {
         for field in fields {
             args.extend(["-e", field]);
         }
-        crate::stdout("tshark", &args)
+        let rows = crate::stdout("tshark", &args);
+        to.iter()
+            .map(|&peer| {
+                let ip = self.nodes[peer].pods[0].ip.to_string();
+                let frames: Vec<String> = rows.lines().filter(|l| l.contains(&ip)).map(str::to_owned).collect();
+                assert!(!frames.is_empty(), "no frame to {ip} captured:\n{rows}");
+                frames
+            })
+            .collect()
     }
 
     /// Sets the MTU of pod `j` on node `i`, on both ends of its veth (to

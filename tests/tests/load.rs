@@ -62,7 +62,7 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
     let _inside = ns.enter();
     let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
     assert!(attached_program_ids("ul0").is_empty());
-    let report = datapath.attach("ul0", hook, None).expect("attaching");
+    let report = datapath.attach("ul0", hook, false).expect("attaching");
     assert_eq!((report.egress, report.decap), (LinkOutcome::Attached, LinkOutcome::Attached));
 
     let id_of = |datapath: &Datapath, name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
@@ -82,7 +82,7 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
     // two attachments, now running the new programs.
     let mut next = Datapath::load(pins.path()).expect("loading again");
     assert!(next.maps_adopted());
-    let report = next.attach("ul0", hook, None).expect("attaching again");
+    let report = next.attach("ul0", hook, false).expect("attaching again");
     assert_eq!((report.egress, report.decap), (LinkOutcome::Swapped, LinkOutcome::Swapped));
     let mut swapped = vec![id_of(&next, program_names::TC_EGRESS), id_of(&next, decap_program)];
     swapped.sort_unstable();
@@ -110,10 +110,10 @@ fn changing_the_decap_hook_replaces_the_old_attachment() {
     let pins = PinDir::new();
     let layout = PinLayout::new(pins.path());
     let _inside = ns.enter();
-    Datapath::load(pins.path()).unwrap().attach("ul0", DecapHook::Xdp(XdpMode::Default), None).unwrap();
+    Datapath::load(pins.path()).unwrap().attach("ul0", DecapHook::Xdp(XdpMode::Default), false).unwrap();
     assert!(layout.link("ul0", LinkRole::DecapXdp).exists());
     let mut tc = Datapath::load(pins.path()).unwrap();
-    let report = tc.attach("ul0", DecapHook::TcIngress, None).unwrap();
+    let report = tc.attach("ul0", DecapHook::TcIngress, false).unwrap();
     assert_eq!((report.egress, report.decap), (LinkOutcome::Swapped, LinkOutcome::Attached));
     assert_eq!(report.removed, [layout.link("ul0", LinkRole::DecapXdp)]);
     let ids: Vec<u32> = ["overlay_tc_egress", "overlay_tc_ingress"]
@@ -153,7 +153,7 @@ fn unknown_interface_is_named_and_nothing_attaches() {
     let _inside = ns.enter();
     let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
     let err = datapath
-        .attach("nosuch0", DecapHook::Xdp(XdpMode::Default), None)
+        .attach("nosuch0", DecapHook::Xdp(XdpMode::Default), false)
         .expect_err("attaching to a missing interface");
     assert!(matches!(err, DatapathError::UnknownInterface(ref i) if i == "nosuch0"), "{err}");
     assert!(err.to_string().contains("--iface"), "{err}");
