@@ -44,6 +44,26 @@ pub enum DecapHook {
     TcIngress,
 }
 
+impl DecapHook {
+    /// What `--decap auto` picks, from measurements
+    /// (docs/benchmarks/design.md, docs/benchmarks/profiles/):
+    /// - no tunnel traffic to take (host-gw): TC, whose hook costs plain
+    ///   forwarding least;
+    /// - a veth underlay (kind, k3d, Docker-based nodes, our lab): TC.
+    ///   XDP on a veth turns GSO off on its peer, so 64 KB frames are
+    ///   segmented before they reach us, and copies every frame into a page
+    ///   of its own; TC takes GSO frames whole;
+    /// - any other driver (a NIC, virtio): native XDP, which decapsulates
+    ///   on the driver's buffers before GRO, so GRO aggregates the inner
+    ///   TCP. TC where XDP cannot attach.
+    pub fn auto(tunnel: bool, driver: Option<&str>) -> Self {
+        match (tunnel, driver) {
+            (false, _) | (true, Some("veth")) => Self::TcIngress,
+            (true, _) => Self::Xdp(XdpMode::Default),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
@@ -469,4 +489,21 @@ fn may_load_bpf() -> bool {
         return true;
     };
     eff & (1 << CAP_BPF) != 0 || eff & (1 << CAP_SYS_ADMIN) != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_decap_hook_per_driver() {
+        assert_eq!(DecapHook::auto(true, Some("veth")), DecapHook::TcIngress);
+        assert_eq!(DecapHook::auto(true, Some("virtio_net")), DecapHook::Xdp(XdpMode::Default));
+        assert_eq!(DecapHook::auto(true, Some("mlx5_core")), DecapHook::Xdp(XdpMode::Default));
+        // Unknown driver: try native XDP; the agent falls back to TC.
+        assert_eq!(DecapHook::auto(true, None), DecapHook::Xdp(XdpMode::Default));
+        for driver in [Some("veth"), Some("virtio_net"), None] {
+            assert_eq!(DecapHook::auto(false, driver), DecapHook::TcIngress);
+        }
+    }
 }

@@ -27,6 +27,12 @@ pub fn mac_address(iface: &str) -> io::Result<[u8; 6]> {
 
 /// One `ifreq` ioctl on `iface` in this network namespace.
 fn ifreq(iface: &str, request: libc::c_ulong) -> io::Result<libc::ifreq> {
+    ifreq_with(iface, request, |_| {})
+}
+
+/// One `ifreq` ioctl on `iface`, with the request's union filled in by
+/// `fill` (for requests that point the kernel at a buffer of ours).
+fn ifreq_with(iface: &str, request: libc::c_ulong, fill: impl FnOnce(&mut libc::ifreq)) -> io::Result<libc::ifreq> {
     let name = CString::new(iface).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let bytes = name.as_bytes_with_nul();
     if bytes.len() > libc::IFNAMSIZ {
@@ -42,6 +48,7 @@ fn ifreq(iface: &str, request: libc::c_ulong) -> io::Result<libc::ifreq> {
         for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
             *dst = *src as libc::c_char;
         }
+        fill(&mut req);
         let rc = libc::ioctl(fd, request, &mut req);
         let err = io::Error::last_os_error();
         libc::close(fd);
@@ -70,4 +77,33 @@ pub fn default_route_interface() -> Option<String> {
     })
 }
 
-
+/// The interface's driver, as `ethtool -i` names it (`veth`, `virtio_net`,
+/// `mlx5_core`, …), asked of the kernel with `ETHTOOL_GDRVINFO`.
+pub fn driver(iface: &str) -> io::Result<String> {
+    /// `struct ethtool_drvinfo` (include/uapi/linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        n_priv_flags: u32,
+        n_stats: u32,
+        testinfo_len: u32,
+        eedump_len: u32,
+        regdump_len: u32,
+    }
+    const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    // SAFETY: all-zero is a valid DrvInfo (integers and byte arrays).
+    let mut info: DrvInfo = unsafe { std::mem::zeroed() };
+    info.cmd = ETHTOOL_GDRVINFO;
+    ifreq_with(iface, SIOCETHTOOL, |req| {
+        req.ifr_ifru.ifru_data = (&raw mut info).cast();
+    })?;
+    let name = info.driver.split(|&b| b == 0).next().unwrap_or_default();
+    Ok(String::from_utf8_lossy(name).into_owned())
+}

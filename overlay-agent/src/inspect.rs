@@ -3,7 +3,11 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::Context as _;
-use overlay_agent::{maps::DatapathMaps, node::format_mac};
+use overlay_agent::{
+    bpffs::{LinkRole, PinLayout},
+    maps::DatapathMaps,
+    node::format_mac,
+};
 use overlay_common::{
     ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY,
     ROUTE_REASON_NO_ROUTE, ROUTE_REASON_ON_LINK,
@@ -32,6 +36,8 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
             index => println!("  fast path: on, pod bridge ifindex {index} (--forward bpf)"),
         }
     }
+
+    print_attachments(&PinLayout::new(root));
 
     println!("\nPEERS (tunnel traffic accepted from)");
     println!("  {:<16} {:<18}", "NODE IP", "POD CIDR");
@@ -89,4 +95,28 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         println!("  {name:<22} {value}");
     }
     Ok(())
+}
+
+/// The pinned attachments, per interface: which hook decapsulates (what
+/// `--decap auto` chose) and where the fast path runs. Kernels that cannot
+/// pin TC links (before 6.6) show only the XDP ones.
+fn print_attachments(layout: &PinLayout) {
+    let interfaces = layout.linked_interfaces();
+    if interfaces.is_empty() {
+        return;
+    }
+    println!("\nATTACHMENTS (pinned links)");
+    for iface in interfaces {
+        let roles: Vec<&str> = LinkRole::ALL
+            .into_iter()
+            .filter(|role| layout.link(&iface, *role).exists())
+            .map(|role| match role {
+                LinkRole::TcEgress => "encapsulation at TC egress",
+                LinkRole::DecapXdp => "decapsulation at XDP",
+                LinkRole::DecapTc => "decapsulation (and fast-path delivery) at TC ingress",
+                LinkRole::PodFastPath => "fast path at TC ingress",
+            })
+            .collect();
+        println!("  {iface:<16} {}", roles.join("; "));
+    }
 }

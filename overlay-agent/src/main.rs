@@ -111,8 +111,10 @@ struct RunArgs {
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
     bpffs_root: PathBuf,
     /// Where decapsulation hooks in. `auto` picks what measured fastest
-    /// (docs/datapath.md): native XDP with vxlan, TC ingress with host-gw;
-    /// TC ingress where XDP cannot attach.
+    /// for the underlay's driver (docs/datapath.md): TC ingress on veth
+    /// underlays (container-based nodes) and with host-gw, native XDP on
+    /// other drivers (NICs, virtio), TC ingress where XDP cannot attach.
+    /// The log and `inspect` say which.
     #[arg(long, value_enum, default_value_t = Decap::Auto)]
     decap: Decap,
     /// How packets from local pods to remote pods leave this node: through

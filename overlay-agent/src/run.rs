@@ -320,12 +320,14 @@ impl Agent {
     /// Attaches the programs (or swaps them into the pinned links).
     fn attach(&mut self) -> anyhow::Result<()> {
         let iface = self.applier.iface().to_owned();
-        // Measured (docs/datapath.md): with VXLAN, native XDP decapsulates
-        // fastest; with host-gw, where no tunnel traffic arrives, the lighter
-        // TC hook costs plain forwarding less. TC where XDP cannot attach.
-        let hook: DecapHook = match (self.decap, self.settings.backend) {
-            (Decap::Auto, Backend::HostGw) => DecapHook::TcIngress,
-            (decap, _) => decap.into(),
+        let hook: DecapHook = match self.decap {
+            Decap::Auto => {
+                let driver = iface::driver(&iface).ok();
+                let hook = DecapHook::auto(self.settings.backend == Backend::Vxlan, driver.as_deref());
+                info!(%iface, driver = driver.as_deref().unwrap_or("unknown"), ?hook, "--decap auto chose the decapsulation hook for this driver");
+                hook
+            }
+            decap => decap.into(),
         };
         let fast_path = self.pod_fast_path.is_some();
         let (report, hook) = match self.datapath.attach(&iface, hook, fast_path) {
