@@ -78,12 +78,12 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v2/{CONFIG,PEERS,ROUTES,COUNTERS}   maps (versioned layout)
+/// <root>/v3/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
 /// ```
@@ -190,7 +190,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v2/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v3/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")
@@ -200,13 +200,14 @@ mod tests {
     #[test]
     fn stale_map_dirs_are_other_versions_only() {
         let dir = std::env::temp_dir().join(format!("overlay-layout-{}", std::process::id()));
-        for sub in ["v0", "v2", "v7", "links", "vx"] {
+        let current = format!("v{MAP_LAYOUT_VERSION}");
+        for sub in ["v0", "v2", current.as_str(), "v7", "links", "vx"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let layout = PinLayout::new(&dir);
         let mut stale = layout.stale_map_dirs();
         stale.sort();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(stale, vec![dir.join("v0"), dir.join("v7")]);
+        assert_eq!(stale, vec![dir.join("v0"), dir.join("v2"), dir.join("v7")]);
     }
 }

@@ -9,6 +9,7 @@ use overlay_agent::{
     node::format_mac,
 };
 use overlay_common::{
+    Counter,
     ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY,
     ROUTE_REASON_NO_ROUTE, ROUTE_REASON_ON_LINK,
 };
@@ -89,10 +90,16 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         }
     }
 
-    let c = maps.counters_total().context("reading COUNTERS")?;
+    let totals = maps.counters_total().context("reading COUNTERS")?;
     println!("\nCOUNTERS (all CPUs)");
-    for (name, value) in c.fields() {
-        println!("  {name:<22} {value}");
+    println!("  {:<18} {:>12} {:>14}", "COUNTER", "PACKETS", "BYTES");
+    for &counter in Counter::ALL {
+        println!("  {:<18} {:>12} {:>14}", counter.name(), totals.packets(counter), totals.bytes(counter));
+    }
+    println!("\nDROPS (all CPUs)");
+    println!("  {:<18} {:>12}  WHY", "REASON", "PACKETS");
+    for (reason, packets) in totals.drops_by_reason() {
+        println!("  {:<18} {packets:>12}  {}", reason.name(), reason.description());
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
-use overlay_common::{Config, Counters, Peer, PodPort, Route, map_names};
+use overlay_common::{COUNTER_SLOTS, Config, Peer, PodPort, Route, Tally, Totals, map_names};
 
 use crate::bpffs::PinLayout;
 
@@ -22,7 +22,7 @@ pub struct DatapathMaps {
     pub config: Array<MapData, Config>,
     pub peers: HashMap<MapData, [u8; 4], Peer>,
     pub routes: LpmTrie<MapData, [u8; 4], Route>,
-    pub counters: PerCpuArray<MapData, Counters>,
+    pub counters: PerCpuArray<MapData, Tally>,
     pub pod_ports: HashMap<MapData, [u8; 6], PodPort>,
 }
 
@@ -45,13 +45,14 @@ impl DatapathMaps {
         })
     }
 
-    /// The counters summed over all CPUs.
-    pub fn counters_total(&self) -> Result<Counters, MapError> {
-        let per_cpu = self.counters.get(&0, 0)?;
-        let mut t = Counters::default();
-        for c in per_cpu.iter() {
-            t.add(c);
+    /// Every counter and drop reason, summed over all CPUs.
+    pub fn counters_total(&self) -> Result<Totals, MapError> {
+        let mut totals = Totals::default();
+        for slot in 0..COUNTER_SLOTS {
+            for tally in self.counters.get(&(slot as u32), 0)?.iter() {
+                totals.add(slot, tally);
+            }
         }
-        Ok(t)
+        Ok(totals)
     }
 }

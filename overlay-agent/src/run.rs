@@ -26,7 +26,7 @@ use overlay_agent::{
     node::{self, NodeInfo},
     pod_ports, routes, server,
 };
-use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
+use overlay_common::{Counter, ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -133,7 +133,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let mut poll = tokio::time::interval(POLL);
     let mut path_check = tokio::time::interval(PATH_CHECK);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
-    let mut mismatched_seen = agent.applier.maps().counters_total().map(|c| c.mismatched_port).unwrap_or(0);
+    let mut mismatched_seen =
+        agent.applier.maps().counters_total().map(|c| c.packets(Counter::MismatchedPort)).unwrap_or(0);
     let mut nodes: Vec<Arc<NodeInfo>> = Vec::new();
     let mut synced = false;
     loop {
@@ -523,6 +524,7 @@ impl Agent {
 
     /// Logs problems with nodes once each (not on every reconcile).
     fn report_invalid(&mut self, problems: Vec<String>) {
+        self.metrics.nodes_invalid.set(problems.len() as i64);
         for problem in &problems {
             if !self.reported.contains(problem) {
                 warn!(problem = %problem, "node skipped");
@@ -678,20 +680,21 @@ fn warn_on_port_mismatch(applier: &Applier, port: u16, seen: &mut u64) {
     let Ok(counters) = applier.maps().counters_total() else {
         return;
     };
-    if counters.mismatched_port > *seen {
+    let mismatched = counters.packets(Counter::MismatchedPort);
+    if mismatched > *seen {
         let other = if port == overlay_common::IANA_VXLAN_PORT {
             overlay_common::DEFAULT_VXLAN_PORT
         } else {
             overlay_common::IANA_VXLAN_PORT
         };
         warn!(
-            packets = counters.mismatched_port - *seen,
+            packets = mismatched - *seen,
             our_port = port,
             their_port = other,
             "known nodes send VXLAN to port {other} but this node uses port {port}; their traffic is not decapsulated. Use one port cluster-wide (net-conf.json Backend.Port)"
         );
     }
-    *seen = counters.mismatched_port;
+    *seen = mismatched;
 }
 
 fn hostname() -> anyhow::Result<String> {

@@ -3,7 +3,8 @@
 //! Every map key and value is `#[repr(C)]` with explicit padding so that the
 //! kernel, the agent and `bpftool map dump` all agree on one layout. No
 //! `bool`, enum or `Option` appears in a map type: modes and flags are plain
-//! integers with named constants below.
+//! integers with named constants below. The two `#[repr(u8)]` enums,
+//! [`Counter`] and [`DropReason`], only number the slots of `COUNTERS`.
 //!
 //! IPv4 addresses are stored as `[u8; 4]` in network byte order, exactly as
 //! they appear on the wire, so the datapath compares them without swapping.
@@ -18,7 +19,8 @@ pub mod map_names {
     pub const PEERS: &str = "PEERS";
     /// Single-entry array holding this node's [`crate::Config`].
     pub const CONFIG: &str = "CONFIG";
-    /// Per-CPU single-entry array of [`crate::Counters`].
+    /// Per-CPU array of [`crate::Tally`], one slot per [`crate::Counter`]
+    /// and [`crate::DropReason`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Hash, local pod MAC (`[u8; 6]`) → [`crate::PodPort`]: the pods the
     /// fast path serves, and the veth each sits behind.
@@ -175,102 +177,175 @@ pub struct Config {
     pub _pad2: u16,
 }
 
-/// Datapath counters, one copy per CPU in the `COUNTERS` map. The field names
-/// are what `bpftool map dump` and `overlay-agent inspect` print.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Counters {
-    /// Packets encapsulated into VXLAN.
-    pub encap_packets: u64,
-    /// Bytes of inner packets encapsulated.
-    pub encap_bytes: u64,
-    /// Packets forwarded to a peer without encapsulation (direct mode).
-    pub direct_packets: u64,
-    /// VXLAN packets decapsulated and delivered.
-    pub decap_packets: u64,
-    /// Bytes of inner packets decapsulated.
-    pub decap_bytes: u64,
-    /// Packets that were not ours and went on untouched.
-    pub pass_packets: u64,
-    /// ICMP fragmentation-needed replies sent for too-big DF packets.
-    pub icmp_frag_needed: u64,
-    /// Dropped: tunnel packet shorter than its headers.
-    pub drop_truncated: u64,
-    /// Dropped: VXLAN flags without the I bit, or reserved bits set.
-    pub drop_bad_flags: u64,
-    /// Dropped: VXLAN with a VNI other than ours.
-    pub drop_wrong_vni: u64,
-    /// Dropped: outer source is not a known node.
-    pub drop_unknown_source: u64,
-    /// Dropped: inner source outside the sending node's pod CIDR.
-    pub drop_spoofed_inner: u64,
-    /// Dropped: outer IPv4 with options or fragmented.
-    pub drop_bad_outer: u64,
-    /// Dropped: tunnel payload that is not IPv4, or not addressed to this
-    /// node's pod CIDR.
-    pub drop_bad_inner: u64,
-    /// Passed on, not decapsulated: VXLAN from a known node to the other
-    /// well-known port (4789 vs 8472). The agent warns: the ports differ.
-    pub mismatched_port: u64,
-    /// Dropped: a kernel helper failed (adjust room, redirect, ...).
-    pub drop_helper_error: u64,
-    /// Packets the fast path (`--forward bpf`) forwarded past the kernel's
-    /// forward path: from local pods straight to the underlay (each also
-    /// counted as `encap_packets` or, at the underlay's egress,
-    /// `direct_packets`), and from the underlay straight to the pod bridge.
-    pub fastpath_packets: u64,
+/// Declares a `#[repr(u8)]` enum whose variants number the slots of the
+/// `COUNTERS` map, with `ALL` (every variant, in slot order), `name()` (the
+/// label `inspect` and `/metrics` print) and `description()` (the variant's
+/// doc comment, which is the metric's help). One line per variant is all a
+/// new reason or counter takes.
+macro_rules! slot_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $enum:ident {
+            $( $(#[doc = $doc:literal])* $variant:ident = $name:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $enum {
+            $( $(#[doc = $doc])* $variant, )+
+        }
+
+        impl $enum {
+            /// Every variant, in slot order (`ALL[i] as usize == i`).
+            pub const ALL: &'static [Self] = &[ $( Self::$variant, )+ ];
+            /// How many variants there are.
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// The label `inspect` and `/metrics` print.
+            pub const fn name(self) -> &'static str {
+                match self { $( Self::$variant => $name, )+ }
+            }
+
+            /// What it counts (the variant's doc comment).
+            pub const fn description(self) -> &'static str {
+                match self { $( Self::$variant => concat!($($doc),*), )+ }.trim_ascii()
+            }
+        }
+    };
 }
 
-impl Counters {
-    /// Every counter with its name, in declaration order: the one list that
-    /// summing and printing share, so a new counter cannot be missed.
-    pub fn fields(&self) -> [(&'static str, u64); 17] {
-        let Self {
-            encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
-            icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
-            drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
-            fastpath_packets,
-        } = *self;
-        [
-            ("encap_packets", encap_packets),
-            ("encap_bytes", encap_bytes),
-            ("direct_packets", direct_packets),
-            ("decap_packets", decap_packets),
-            ("decap_bytes", decap_bytes),
-            ("pass_packets", pass_packets),
-            ("icmp_frag_needed", icmp_frag_needed),
-            ("drop_truncated", drop_truncated),
-            ("drop_bad_flags", drop_bad_flags),
-            ("drop_wrong_vni", drop_wrong_vni),
-            ("drop_unknown_source", drop_unknown_source),
-            ("drop_spoofed_inner", drop_spoofed_inner),
-            ("drop_bad_outer", drop_bad_outer),
-            ("drop_bad_inner", drop_bad_inner),
-            ("mismatched_port", mismatched_port),
-            ("drop_helper_error", drop_helper_error),
-            ("fastpath_packets", fastpath_packets),
-        ]
+slot_enum! {
+    /// Why the datapath dropped a packet. Each reason has its own slot in
+    /// the `COUNTERS` map (after the [`Counter`] slots, see
+    /// [`DropReason::slot`]); `inspect` and `overlay_datapath_drops_total`
+    /// list them all. To add one: a line here, and the code that returns it.
+    pub enum DropReason {
+        /// Tunnel packet shorter than its headers.
+        Truncated = "truncated",
+        /// VXLAN flags without the I bit, or reserved bits set.
+        BadFlags = "bad_flags",
+        /// VXLAN with a VNI other than ours.
+        WrongVni = "wrong_vni",
+        /// Tunnel traffic whose outer source is not a known node.
+        UnknownSource = "unknown_source",
+        /// Inner source outside the sending node's pod CIDR.
+        SpoofedInner = "spoofed_inner",
+        /// Outer IPv4 with options, or fragmented.
+        BadOuter = "bad_outer",
+        /// Tunnel payload that is not IPv4, or not addressed to a pod of
+        /// this node.
+        BadInner = "bad_inner",
+        /// A kernel helper failed (adjust room, redirect, ...).
+        HelperError = "helper_error",
+    }
+}
+
+slot_enum! {
+    /// What the datapath counts besides drops: one slot of the `COUNTERS`
+    /// map each, holding packets and bytes. Each packet is counted once per
+    /// program that handled it; the metric family of each is in the agent's
+    /// `metrics.rs` and in the README.
+    pub enum Counter {
+        /// Underlay egress: encapsulated into VXLAN for a peer.
+        Encap = "encap",
+        /// Underlay egress: to a direct-mode peer, left to the kernel
+        /// route unencapsulated.
+        Direct = "direct",
+        /// Underlay ingress: valid VXLAN, decapsulated.
+        Decap = "decap",
+        /// Underlay egress or ingress: not ours, passed on untouched.
+        Pass = "pass",
+        /// Fast path, out: from a local pod's veth straight to the
+        /// underlay (the underlay's egress then sees it again: already
+        /// encapsulated, `pass`; direct, `direct`).
+        FastpathOut = "fastpath_out",
+        /// Fast path, in: from the underlay's ingress straight into a local
+        /// pod (also counted there as `decap` or `pass`).
+        FastpathIn = "fastpath_in",
+        /// ICMP fragmentation-needed replies sent for too-big DF packets.
+        IcmpFragNeeded = "icmp_frag_needed",
+        /// VXLAN from a known node to the other well-known port (4789 vs
+        /// 8472), passed on (also counted as `pass`); the agent warns.
+        MismatchedPort = "mismatched_port",
+    }
+}
+
+/// Number of slots in the `COUNTERS` map: every [`Counter`], then every
+/// [`DropReason`].
+pub const COUNTER_SLOTS: usize = Counter::COUNT + DropReason::COUNT;
+
+impl Counter {
+    /// This counter's index in the `COUNTERS` map.
+    pub const fn slot(self) -> u32 {
+        self as u32
+    }
+}
+
+impl DropReason {
+    /// This reason's index in the `COUNTERS` map.
+    pub const fn slot(self) -> u32 {
+        (Counter::COUNT + self as usize) as u32
+    }
+}
+
+/// Value of one `COUNTERS` slot, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tally {
+    pub packets: u64,
+    /// Bytes of those packets as the program saw them (for encapsulation
+    /// and decapsulation: of the inner packet).
+    pub bytes: u64,
+}
+
+impl Tally {
+    /// Adds `other` (summing per-CPU copies).
+    pub fn add(&mut self, other: &Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+    }
+}
+
+/// The `COUNTERS` map summed over CPUs, as the agent reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Totals {
+    pub slots: [Tally; COUNTER_SLOTS],
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Self { slots: [Tally::default(); COUNTER_SLOTS] }
+    }
+}
+
+impl Totals {
+    /// Packets counted under `counter`.
+    pub fn packets(&self, counter: Counter) -> u64 {
+        self.slots[counter.slot() as usize].packets
     }
 
-    /// Adds `other` field by field (summing per-CPU copies).
-    pub fn add(&mut self, other: &Self) {
-        let Self {
-            encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
-            icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
-            drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
-            fastpath_packets,
-        } = self;
-        for (field, value) in [
-            encap_packets, encap_bytes, direct_packets, decap_packets, decap_bytes, pass_packets,
-            icmp_frag_needed, drop_truncated, drop_bad_flags, drop_wrong_vni, drop_unknown_source,
-            drop_spoofed_inner, drop_bad_outer, drop_bad_inner, mismatched_port, drop_helper_error,
-            fastpath_packets,
-        ]
-        .into_iter()
-        .zip(other.fields())
-        {
-            *field += value.1;
+    /// Bytes counted under `counter`.
+    pub fn bytes(&self, counter: Counter) -> u64 {
+        self.slots[counter.slot() as usize].bytes
+    }
+
+    /// Packets dropped for `reason`.
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.slots[reason.slot() as usize].packets
+    }
+
+    /// Adds one slot's value (`slot` as in [`Counter::slot`] or
+    /// [`DropReason::slot`]); slots past the end are ignored.
+    pub fn add(&mut self, slot: usize, value: &Tally) {
+        if let Some(total) = self.slots.get_mut(slot) {
+            total.add(value);
         }
+    }
+
+    /// Every drop, with its reason, in slot order.
+    pub fn drops_by_reason(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|&reason| (reason, self.drops(reason)))
     }
 }
 
@@ -281,7 +356,7 @@ mod pod {
     unsafe impl aya::Pod for super::Route {}
     unsafe impl aya::Pod for super::Peer {}
     unsafe impl aya::Pod for super::Config {}
-    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Tally {}
     unsafe impl aya::Pod for super::PodPort {}
     unsafe impl aya::Pod for super::SocketKey {}
 }
@@ -302,19 +377,34 @@ mod tests {
         assert_eq!(size_of::<PodPort>(), 4);
         assert_eq!(size_of::<SocketKey>(), 8);
         assert_eq!(size_of::<Config>(), 56);
-        assert_eq!(size_of::<Counters>(), 17 * 8);
+        assert_eq!(size_of::<Tally>(), 16);
     }
 
     #[test]
-    fn counters_add_every_field_in_order() {
-        let mut total = Counters::default();
-        let one = Counters { encap_packets: 1, drop_helper_error: 2, mismatched_port: 3, ..Counters::default() };
-        total.add(&one);
-        total.add(&one);
-        let fields = total.fields();
-        assert_eq!(fields[0], ("encap_packets", 2));
-        assert_eq!(fields[14], ("mismatched_port", 6));
-        assert_eq!(fields[15], ("drop_helper_error", 4));
-        assert_eq!(fields.iter().map(|f| f.1).sum::<u64>(), 12);
+    fn slots_follow_the_enums() {
+        for (i, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(counter.slot() as usize, i);
+            assert!(!counter.description().is_empty(), "{counter:?}");
+        }
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(reason.slot() as usize, Counter::COUNT + i);
+            assert!(!reason.description().is_empty(), "{reason:?}");
+        }
+        assert_eq!(DropReason::ALL.last().unwrap().slot() as usize, COUNTER_SLOTS - 1);
+        assert_eq!(DropReason::SpoofedInner.name(), "spoofed_inner");
+        assert_eq!(Counter::IcmpFragNeeded.description(), "ICMP fragmentation-needed replies sent for too-big DF packets.");
+    }
+
+    #[test]
+    fn totals_sum_per_slot() {
+        let mut total = Totals::default();
+        let one = Tally { packets: 1, bytes: 100 };
+        total.add(Counter::Decap.slot() as usize, &one);
+        total.add(Counter::Decap.slot() as usize, &one);
+        total.add(DropReason::WrongVni.slot() as usize, &one);
+        total.add(COUNTER_SLOTS, &one);
+        assert_eq!((total.packets(Counter::Decap), total.bytes(Counter::Decap)), (2, 200));
+        assert_eq!(total.drops(DropReason::WrongVni), 1);
+        assert_eq!(total.drops_by_reason().map(|(_, n)| n).sum::<u64>(), 1);
     }
 }

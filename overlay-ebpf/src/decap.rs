@@ -10,9 +10,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::eth::EthHdr;
+use overlay_common::Counter;
 
 use crate::{
-    Drop,
+    DropReason,
     counters::count,
     fastpath::deliver_to_pod,
     maps::config,
@@ -21,18 +22,18 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, Drop> {
+pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(xdp_action::XDP_PASS);
     };
     if let Rx::NotOurs = classify_rx(ctx, cfg)? {
-        count(|c| c.pass_packets += 1);
+        count(Counter::Pass, (ctx.end() - ctx.start()) as u64);
         return Ok(xdp_action::XDP_PASS);
     }
     let outer = unsafe { *ptr_at::<EthHdr>(ctx, 0)? };
     // SAFETY: the helper takes the raw xdp_md this context wraps.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, ENCAP_LEN as i32) } != 0 {
-        return Err(Drop::HelperError);
+        return Err(DropReason::HelperError);
     }
     // The inner Ethernet header now leads; give it the outer addresses so
     // the stack sees a frame for this host.
@@ -41,16 +42,12 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, Drop> {
         (*eth).dst_addr = outer.dst_addr;
         (*eth).src_addr = outer.src_addr;
     }
-    let len = (ctx.end() - ctx.start()) as u64;
-    count(|c| {
-        c.decap_packets += 1;
-        c.decap_bytes += len;
-    });
+    count(Counter::Decap, (ctx.end() - ctx.start()) as u64);
     Ok(xdp_action::XDP_PASS)
 }
 
 #[inline(always)]
-pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, Drop> {
+pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK as i32);
     };
@@ -59,18 +56,14 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, Drop> {
         if let Some(action) = deliver_to_pod(ctx, cfg) {
             return Ok(action);
         }
-        count(|c| c.pass_packets += 1);
+        count(Counter::Pass, u64::from(ctx.len()));
         return Ok(TC_ACT_OK as i32);
     }
     // FIXED_GSO: a GSO super-packet (veth hands them over whole) keeps its
     // inner MSS; without it the kernel grows gso_size by 50 and segments
     // come out larger than the pod MTU.
     ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
-        .map_err(|_| Drop::HelperError)?;
-    let len = u64::from(ctx.len());
-    count(|c| {
-        c.decap_packets += 1;
-        c.decap_bytes += len;
-    });
+        .map_err(|_| DropReason::HelperError)?;
+    count(Counter::Decap, u64::from(ctx.len()));
     Ok(deliver_to_pod(ctx, cfg).unwrap_or(TC_ACT_OK as i32))
 }

@@ -17,10 +17,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use overlay_common::{Config, ROUTE_MODE_VXLAN, Route};
+use overlay_common::{Config, Counter, ROUTE_MODE_VXLAN, Route};
 
 use crate::{
-    Drop,
+    DropReason,
     counters::count,
     icmp,
     maps::{ROUTES, config},
@@ -40,7 +40,7 @@ const ADJ_ROOM_ENCAP_FLAGS: u64 = (BPF_F_ADJ_ROOM_FIXED_GSO
     | ((EthHdr::LEN as u64) << BPF_ADJ_ROOM_ENCAP_L2_SHIFT);
 
 #[inline(always)]
-pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
+pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK as i32);
     };
@@ -57,12 +57,16 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
     let ip = unsafe { &*ip };
     let (dst, tos) = (ip.dst_addr, ip.tos);
     let Some(route) = ROUTES.get(&Key::new(32, dst)) else {
-        count(|c| c.pass_packets += 1);
+        // The fast path's own VXLAN packets were counted as `encap` when
+        // it encapsulated them.
+        if !(ip.proto == IPPROTO_UDP && ip.src_addr == cfg.node_ip && is_our_tunnel_port(ctx, cfg)) {
+            count(Counter::Pass, u64::from(ctx.len()));
+        }
         return Ok(TC_ACT_OK as i32);
     };
     if route.mode != ROUTE_MODE_VXLAN {
         // Direct peers are served by the kernel route alone.
-        count(|c| c.direct_packets += 1);
+        count(Counter::Direct, u64::from(ctx.len()));
         return Ok(TC_ACT_OK as i32);
     }
     let route = *route;
@@ -78,26 +82,32 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, Drop> {
     Ok(TC_ACT_OK as i32)
 }
 
+/// Whether the UDP packet behind an option-less IPv4 header goes to our
+/// VXLAN port.
+#[inline(always)]
+fn is_our_tunnel_port(ctx: &TcContext, cfg: &Config) -> bool {
+    // SAFETY: ptr_at checked the bounds.
+    ptr_at::<[u8; 4]>(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN)
+        .is_ok_and(|ports| u16::from_be_bytes(unsafe { [(*ports)[2], (*ports)[3]] }) == cfg.vxlan_port)
+}
+
 /// Puts outer IPv4 + UDP + VXLAN + inner Ethernet in front of the inner
 /// IPv4 packet (of `inner_len` bytes, behind the Ethernet header at offset
 /// 0), flagged so GSO cuts a super-packet into UDP tunnel segments with the
 /// inner MSS unchanged. The Ethernet header stays in front, now the outer one.
 #[inline(always)]
-pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32, tos: u8) -> Result<(), Drop> {
+pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32, tos: u8) -> Result<(), DropReason> {
     // The same flow always hashes the same, so it keeps one source port.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (SPORT_MIN + ((u64::from(hash) * SPORT_RANGE) >> 32) as u32) as u16;
     let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
 
     ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJ_ROOM_ENCAP_FLAGS)
-        .map_err(|_| Drop::HelperError)?;
+        .map_err(|_| DropReason::HelperError)?;
     let headers = encap_headers(cfg, route, inner_len, tos, sport, ip_id);
     ctx.store(OUTER_IP_OFF, &headers, 0)
-        .map_err(|_| Drop::HelperError)?;
-    count(|c| {
-        c.encap_packets += 1;
-        c.encap_bytes += u64::from(inner_len);
-    });
+        .map_err(|_| DropReason::HelperError)?;
+    count(Counter::Encap, u64::from(inner_len));
     Ok(())
 }
 

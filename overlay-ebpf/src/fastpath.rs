@@ -44,10 +44,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
-use overlay_common::{Config, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey};
+use overlay_common::{Config, Counter, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey};
 
 use crate::{
-    Drop,
+    DropReason,
     counters::count,
     encap::encapsulate,
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
@@ -64,7 +64,7 @@ const UDP_HDR_LEN: u32 = 8;
 const L4_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
 
 #[inline(always)]
-pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
+pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     let pass = Ok(TC_ACT_OK as i32);
     let Some(cfg) = config() else {
         return pass;
@@ -129,7 +129,7 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, Drop> {
     if route.mode == ROUTE_MODE_VXLAN {
         encapsulate(ctx, cfg, &route, inner_len, ip.tos)?;
     }
-    count(|c| c.fastpath_packets += 1);
+    count(Counter::FastpathOut, u64::from(inner_len));
     redirect_to_underlay(cfg, &route)
 }
 
@@ -214,7 +214,7 @@ fn decrement_ttl(ip: &mut Ipv4Hdr) {
 /// neighbour subsystem supplies the MAC addresses (and resolves them first
 /// if it has to).
 #[inline(always)]
-fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, Drop> {
+fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, DropReason> {
     let mut next_hop = bpf_redir_neigh {
         nh_family: AF_INET,
         __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: u32::from_ne_bytes(route.next_hop) },
@@ -225,7 +225,7 @@ fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, Drop> {
         bpf_redirect_neigh(cfg.underlay_ifindex, &mut next_hop, size_of::<bpf_redir_neigh>() as i32, 0)
     };
     if action == i64::from(TC_ACT_SHOT) {
-        return Err(Drop::HelperError);
+        return Err(DropReason::HelperError);
     }
     Ok(action as i32)
 }
@@ -283,7 +283,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     let eth = unsafe { &mut *eth };
     eth.dst_addr = fib.dmac;
     eth.src_addr = fib.smac;
-    count(|c| c.fastpath_packets += 1);
+    count(Counter::FastpathIn, u64::from(ctx.len()));
     // SAFETY: plain helper call; into the veth's peer, the pod's eth0.
     Some(unsafe { bpf_redirect_peer(veth, 0) } as i32)
 }

@@ -15,8 +15,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use overlay_common::Counter;
 
-use crate::{Drop, counters::count, parse::ETH_P_IP};
+use crate::{DropReason, counters::count, parse::ETH_P_IP};
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -36,20 +37,21 @@ pub fn dont_fragment(ip: &Ipv4Hdr) -> bool {
 /// redirects it into the underlay's ingress. Never answers an ICMP
 /// destination-unreachable (RFC 1122 §3.2.2): those are dropped.
 #[inline(always)]
-pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, Drop> {
-    let eth: [u8; EthHdr::LEN] = ctx.load(0).map_err(|_| Drop::Truncated)?;
-    let quote: [u8; QUOTE_LEN] = ctx.load(EthHdr::LEN).map_err(|_| Drop::Truncated)?;
+pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
+    let eth: [u8; EthHdr::LEN] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
+    let quote: [u8; QUOTE_LEN] = ctx.load(EthHdr::LEN).map_err(|_| DropReason::Truncated)?;
     if quote[9] == IPPROTO_ICMP && quote[20] == ICMP_DEST_UNREACH {
         return Ok(TC_ACT_SHOT as i32);
     }
     let reply = frag_needed_frame(&eth, &quote, mtu);
+    let too_big_len = u64::from(ctx.len());
     // SAFETY: the helpers take the raw __sk_buff this context wraps.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, REPLY_LEN as u32, 0) } != 0 {
-        return Err(Drop::HelperError);
+        return Err(DropReason::HelperError);
     }
-    ctx.store(0, &reply, 0).map_err(|_| Drop::HelperError)?;
+    ctx.store(0, &reply, 0).map_err(|_| DropReason::HelperError)?;
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    count(|c| c.icmp_frag_needed += 1);
+    count(Counter::IcmpFragNeeded, too_big_len);
     Ok(unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }
 

@@ -1,5 +1,6 @@
 //! The overlay datapath. Entry points are thin: each calls a `try_…`
-//! function and turns its `Err(Drop)` into a counted drop.
+//! function and turns its `Err(DropReason)` into a counted drop. The
+//! reasons are listed once, in `overlay_common::DropReason`.
 //!
 //! - [`overlay_tc_egress`]: TC egress on the underlay; VXLAN encapsulation.
 //! - [`overlay_xdp_ingress`]: XDP on the underlay; validation + decapsulation.
@@ -29,23 +30,13 @@ use aya_ebpf::{
 
 use crate::counters::count_drop;
 
-/// Why a packet was dropped; each maps to a counter.
-#[derive(Clone, Copy)]
-pub enum Drop {
-    Truncated,
-    BadFlags,
-    WrongVni,
-    UnknownSource,
-    SpoofedInner,
-    BadOuter,
-    BadInner,
-    HelperError,
-}
+/// Why a packet was dropped: one `COUNTERS` slot each.
+pub use overlay_common::DropReason;
 
 #[classifier]
 pub fn overlay_tc_egress(ctx: TcContext) -> i32 {
     encap::try_tc_egress(&ctx).unwrap_or_else(|reason| {
-        count_drop(reason);
+        count_drop(reason, u64::from(ctx.len()));
         TC_ACT_SHOT as i32
     })
 }
@@ -53,7 +44,7 @@ pub fn overlay_tc_egress(ctx: TcContext) -> i32 {
 #[xdp]
 pub fn overlay_xdp_ingress(ctx: XdpContext) -> u32 {
     decap::try_xdp_ingress(&ctx).unwrap_or_else(|reason| {
-        count_drop(reason);
+        count_drop(reason, (ctx.data_end() - ctx.data()) as u64);
         xdp_action::XDP_DROP
     })
 }
@@ -61,7 +52,7 @@ pub fn overlay_xdp_ingress(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn overlay_tc_ingress(ctx: TcContext) -> i32 {
     decap::try_tc_ingress(&ctx).unwrap_or_else(|reason| {
-        count_drop(reason);
+        count_drop(reason, u64::from(ctx.len()));
         TC_ACT_SHOT as i32
     })
 }
@@ -69,7 +60,7 @@ pub fn overlay_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn overlay_tc_pod(ctx: TcContext) -> i32 {
     fastpath::try_tc_pod(&ctx).unwrap_or_else(|reason| {
-        count_drop(reason);
+        count_drop(reason, u64::from(ctx.len()));
         TC_ACT_SHOT as i32
     })
 }

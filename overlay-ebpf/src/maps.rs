@@ -5,7 +5,7 @@ use aya_ebpf::{
     btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
-use overlay_common::{Config, Counters, Peer, PodPort, Route, SocketKey};
+use overlay_common::{COUNTER_SLOTS, Config, Peer, PodPort, Route, SocketKey, Tally};
 
 /// Remote pod CIDR → how to reach it.
 #[btf_map]
@@ -31,9 +31,9 @@ pub static KERNEL_SOCKETS: LruHashMap<SocketKey, u8, 65536> = LruHashMap::new();
 #[btf_map]
 pub static CONFIG: Array<Config, 1> = Array::new();
 
-/// Per-CPU counters (one entry).
+/// Per-CPU counters: one slot per `Counter`, then one per `DropReason`.
 #[btf_map]
-pub static COUNTERS: PerCpuArray<Counters, 1> = PerCpuArray::new();
+pub static COUNTERS: PerCpuArray<Tally, COUNTER_SLOTS> = PerCpuArray::new();
 
 /// This node's configuration, once the agent has written a complete one.
 #[inline(always)]

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 
-use crate::Drop;
+use crate::DropReason;
 
 /// A program context with direct packet access.
 pub trait Packet {
@@ -35,15 +35,15 @@ impl Packet for XdpContext {
     }
 }
 
-/// A pointer to a `T` at `offset`, or [`Drop::Truncated`] when the packet is
+/// A pointer to a `T` at `offset`, or [`DropReason::Truncated`] when the packet is
 /// too short. The check is written the way the verifier can follow it: the
 /// pointer arithmetic and the comparison with `end` use the same registers.
 #[inline(always)]
-pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*mut T, Drop> {
+pub fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*mut T, DropReason> {
     let start = ctx.start();
     let end = ctx.end();
     if start + offset + size_of::<T>() > end {
-        return Err(Drop::Truncated);
+        return Err(DropReason::Truncated);
     }
     Ok((start + offset) as *mut T)
 }

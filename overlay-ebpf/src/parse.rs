@@ -1,9 +1,9 @@
 //! Recognising and validating VXLAN addressed to this node.
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
-use overlay_common::{Config, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer};
+use overlay_common::{Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer};
 
-use crate::{Drop, counters::count, maps::PEERS, packet::{Packet, ptr_at}};
+use crate::{DropReason, counters::count, maps::PEERS, packet::{Packet, ptr_at}};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
@@ -38,7 +38,7 @@ pub fn in_cidr(addr: [u8; 4], net: [u8; 4], prefix_len: u32) -> bool {
 /// our port at our address is [`Rx::NotOurs`]; from there on every check
 /// that fails is a drop with its reason.
 #[inline(always)]
-pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, Drop> {
+pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Ok(Rx::NotOurs);
     };
@@ -61,7 +61,7 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, Drop> {
             return Ok(Rx::NotOurs);
         };
         return if u16::from_be_bytes(unsafe { (*udp).dst }) == cfg.vxlan_port {
-            Err(Drop::BadOuter)
+            Err(DropReason::BadOuter)
         } else {
             Ok(Rx::NotOurs)
         };
@@ -75,7 +75,7 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, Drop> {
         // setting differs from ours. Counted so the agent can say so; the
         // packet goes on (the stack answers port unreachable).
         if (dport == IANA_VXLAN_PORT || dport == DEFAULT_VXLAN_PORT) && PEERS.get_ptr(ip.src_addr).is_some() {
-            count(|c| c.mismatched_port += 1);
+            count(Counter::MismatchedPort, (ctx.end() - ctx.start()) as u64);
         }
         return Ok(Rx::NotOurs);
     }
@@ -83,34 +83,34 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, Drop> {
     // Addressed to our tunnel: validate everything.
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         // A fragment (MF set or non-zero offset): we never reassemble.
-        return Err(Drop::BadOuter);
+        return Err(DropReason::BadOuter);
     }
     let vxlan = unsafe { *ptr_at::<[u8; 8]>(ctx, VXLAN_OFF)? };
     let inner_eth = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF)?;
     let inner_ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF)? };
     if vxlan[0] != VXLAN_FLAG_I || vxlan[1] != 0 || vxlan[2] != 0 || vxlan[3] != 0 || vxlan[7] != 0 {
-        return Err(Drop::BadFlags);
+        return Err(DropReason::BadFlags);
     }
     let vni = u32::from_be_bytes([0, vxlan[4], vxlan[5], vxlan[6]]);
     if vni != cfg.vni {
-        return Err(Drop::WrongVni);
+        return Err(DropReason::WrongVni);
     }
     let Some(peer) = PEERS.get_ptr(ip.src_addr) else {
-        return Err(Drop::UnknownSource);
+        return Err(DropReason::UnknownSource);
     };
     let peer: &Peer = unsafe { &*peer };
     if u16::from_be(unsafe { (*inner_eth).ether_type }) != ETH_P_IP || inner_ip.vihl >> 4 != 4 {
-        return Err(Drop::BadInner);
+        return Err(DropReason::BadInner);
     }
     // The sender may only speak for its own pods, or for itself (host
     // traffic leaves a node with its underlay address as source).
     if !in_cidr(inner_ip.src_addr, peer.pod_cidr, peer.pod_prefix_len)
         && inner_ip.src_addr != ip.src_addr
     {
-        return Err(Drop::SpoofedInner);
+        return Err(DropReason::SpoofedInner);
     }
     if !in_cidr(inner_ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
-        return Err(Drop::BadInner);
+        return Err(DropReason::BadInner);
     }
     Ok(Rx::Decap)
 }

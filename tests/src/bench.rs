@@ -533,9 +533,17 @@ fn datapath_counters(lab: &Lab) -> BTreeMap<String, u64> {
     for node in &lab.nodes {
         let Ok(maps) = overlay_agent::maps::DatapathMaps::open(&node.pin_root) else { continue };
         let Ok(counters) = maps.counters_total() else { continue };
-        for (name, value) in counters.fields() {
-            *total.entry(name.to_owned()).or_insert(0) += value;
+        for &counter in overlay_common::Counter::ALL {
+            *total.entry(format!("{}_packets", counter.name())).or_insert(0) += counters.packets(counter);
+            *total.entry(format!("{}_bytes", counter.name())).or_insert(0) += counters.bytes(counter);
         }
+        for (reason, packets) in counters.drops_by_reason() {
+            *total.entry(format!("drop_{}", reason.name())).or_insert(0) += packets;
+        }
+        // Both of the fast path's halves, under the name the checks and
+        // the results use.
+        *total.entry("fastpath_packets".to_owned()).or_insert(0) +=
+            counters.packets(overlay_common::Counter::FastpathOut) + counters.packets(overlay_common::Counter::FastpathIn);
     }
     total.retain(|_, v| *v > 0);
     total

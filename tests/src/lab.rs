@@ -782,7 +782,7 @@ impl Lab {
 
     /// The datapath counters of node `i`, summed over CPUs, read from its
     /// pins (so they are readable with or without a running agent).
-    pub fn counters(&self, i: usize) -> overlay_common::Counters {
+    pub fn counters(&self, i: usize) -> overlay_common::Totals {
         overlay_agent::maps::DatapathMaps::open(&self.nodes[i].pin_root)
             .expect("opening the pinned maps")
             .counters_total()

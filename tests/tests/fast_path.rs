@@ -5,7 +5,7 @@
 
 use std::{net::Ipv4Addr, process::Command};
 
-use overlay_common::Counters;
+use overlay_common::{Counter, Totals};
 use overlay_tests::{
     NetNs, agent_binary,
     lab::{Lab, LabSpec, Topology},
@@ -39,8 +39,8 @@ fn ping_output(from: &NetNs, options: &[&str], to: Ipv4Addr) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-fn assert_no_drops(c: &Counters) {
-    let drops: Vec<_> = c.fields().into_iter().filter(|(name, v)| name.starts_with("drop_") && *v > 0).collect();
+fn assert_no_drops(c: &Totals) {
+    let drops: Vec<_> = c.drops_by_reason().filter(|(_, n)| *n > 0).collect();
     assert!(drops.is_empty(), "the datapath dropped packets: {drops:?}");
 }
 
@@ -51,12 +51,13 @@ fn routed_direct_routing_all_pairs_on_the_wire_as_without_it() {
     }
     let dr = lab(Topology::Routed, "vxlan", true);
     assert!(dr.agent_log(0).contains("pod fast path attached"), "{}", dr.agent_log(0));
-    let before = dr.counters(0).fastpath_packets;
+    let before = dr.counters(0);
     assert_all_pairs(&dr, "vxlan --direct-routing --forward bpf");
     let after = dr.counters(0);
     // Node 1 sent to and received from both peers: both halves ran.
-    assert!(after.fastpath_packets > before, "{after:?}");
-    assert!(after.direct_packets > 0 && after.encap_packets > 0, "{after:?}");
+    assert!(after.packets(Counter::FastpathOut) > before.packets(Counter::FastpathOut), "out half: {after:?}");
+    assert!(after.packets(Counter::FastpathIn) > before.packets(Counter::FastpathIn), "in half: {after:?}");
+    assert!(after.packets(Counter::Direct) > 0 && after.packets(Counter::Encap) > 0, "{after:?}");
     assert_no_drops(&after);
 
     // Same wire format as the kernel path: plain to the on-link peer,
@@ -77,14 +78,14 @@ fn host_gw_all_pairs_and_bulk_tcp() {
     }
     let hgw = lab(Topology::Flat, "host-gw", false);
     assert_all_pairs(&hgw, "host-gw --forward bpf");
-    let before = (hgw.counters(0).fastpath_packets, hgw.counters(1).fastpath_packets);
+    let before = (hgw.counters(0).packets(Counter::FastpathOut), hgw.counters(1).packets(Counter::FastpathIn));
     let veth_tx_before = tx_bytes(&hgw.nodes[1].ns, "p1");
     // GSO super-packets one way, ACKs the other.
     let report = hgw.iperf3((0, 0), (1, 0), 2).expect("iperf3");
     let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
     assert!(received > 0.0, "{report}");
     let after = (hgw.counters(0), hgw.counters(1));
-    assert!(after.0.fastpath_packets > before.0 && after.1.fastpath_packets > before.1, "{after:?}");
+    assert!(after.0.packets(Counter::FastpathOut) > before.0 && after.1.packets(Counter::FastpathIn) > before.1, "{after:?}");
     assert_no_drops(&after.0);
     assert_no_drops(&after.1);
     // Delivered into the pod past the bridge: the pod's host-side veth did
@@ -142,7 +143,7 @@ fn services_and_conntrack_work_across_the_fast_path() {
             &["-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.10/32", "-p", "tcp", "--dport", "80",
               "-j", "DNAT", "--to-destination", &format!("{}:25080", server.ip)],
         );
-        let before = lab.counters(0).fastpath_packets;
+        let before = lab.counters(0).packets(Counter::FastpathOut);
         for attempt in 0..3 {
             Lab::tcp_echo_via(&client.ns, &server.ns, server.ip, 25080 + attempt, (service, 80))
                 .unwrap_or_else(|e| panic!("{backend}: through the Service, attempt {attempt}: {e}"));
@@ -155,7 +156,7 @@ fn services_and_conntrack_work_across_the_fast_path() {
         }
         // Pod to pod, fast both ways, through the same INVALID drops.
         assert_all_pairs(&lab, backend);
-        assert!(lab.counters(0).fastpath_packets > before, "{backend}: the fast path carried nothing");
+        assert!(lab.counters(0).packets(Counter::FastpathOut) > before, "{backend}: the fast path carried nothing");
         assert_no_drops(&lab.counters(0));
         assert_no_drops(&lab.counters(1));
     }

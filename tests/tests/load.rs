@@ -189,7 +189,7 @@ fn pinned_maps_dump_with_btf_field_names() {
         (map_names::CONFIG, &["\"enabled\": 1", "\"vni\": 1", "\"vxlan_port\": 8472", "\"vtep_mac\""]),
         (map_names::ROUTES, &["\"prefix_len\": 24", "\"node_ip\"", "\"vtep_mac\"", "\"mode\": 1", "\"reason\": 1", "\"next_hop\""]),
         (map_names::PEERS, &["\"pod_cidr\"", "\"pod_prefix_len\": 24"]),
-        (map_names::COUNTERS, &["\"encap_packets\"", "\"drop_unknown_source\"", "\"cpu\""]),
+        (map_names::COUNTERS, &["\"packets\"", "\"bytes\"", "\"cpu\""]),
     ];
     for (map, expected) in fields {
         let text = dump(map);

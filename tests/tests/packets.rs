@@ -8,11 +8,11 @@ use aya::{
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
-use overlay_common::{Config, Counters, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, map_names, program_names};
+use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, Totals, map_names, program_names};
 use overlay_tests::{PinDir, privileged};
 
 /// Reads the counter a case expects to move.
-type CounterOf = fn(&Counters) -> u64;
+type CounterOf = fn(&Totals) -> u64;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -142,7 +142,7 @@ impl Fixture {
         Self { _pins: pins, datapath, maps }
     }
 
-    fn counters(&self) -> Counters {
+    fn counters(&self) -> Totals {
         self.maps.counters_total().unwrap()
     }
 
@@ -181,7 +181,7 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     let before = f.counters();
     let (verdict, out) = f.run(program, &frame);
     assert_eq!(verdict, pass);
-    assert_eq!(f.counters().decap_packets - before.decap_packets, 1);
+    assert_eq!(f.counters().packets(Counter::Decap) - before.packets(Counter::Decap), 1);
     let inner = inner_ip([10, 244, 2, 11], [10, 244, 1, 11]);
     assert_eq!(out.len(), 14 + inner.len(), "exactly 50 bytes stripped");
     assert_eq!(&out[0..6], &NIC_MAC);
@@ -190,14 +190,14 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     assert_eq!(&out[14..], &inner[..], "inner packet untouched");
 
     let cases: [(&str, Vec<u8>, u32, CounterOf); 8] = [
-        ("unknown source", Vxlan { outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame(), drop, |c| c.drop_unknown_source),
-        ("wrong VNI", Vxlan { vni: 2, ..Vxlan::default() }.frame(), drop, |c| c.drop_wrong_vni),
-        ("no I flag", Vxlan { flags: 0, ..Vxlan::default() }.frame(), drop, |c| c.drop_bad_flags),
-        ("reserved flag bits", Vxlan { flags: 0x88, ..Vxlan::default() }.frame(), drop, |c| c.drop_bad_flags),
-        ("truncated after VXLAN", Vxlan::default().frame()[..50].to_vec(), drop, |c| c.drop_truncated),
-        ("inner source outside the sender's pod CIDR", Vxlan { inner: inner_ip([10, 244, 3, 5], [10, 244, 1, 11]), ..Vxlan::default() }.frame(), drop, |c| c.drop_spoofed_inner),
-        ("inner destination outside our pod CIDR", Vxlan { inner: inner_ip([10, 244, 2, 11], [8, 8, 8, 8]), ..Vxlan::default() }.frame(), drop, |c| c.drop_bad_inner),
-        ("other UDP port", Vxlan { dport: 53, ..Vxlan::default() }.frame(), pass, |c| c.pass_packets),
+        ("unknown source", Vxlan { outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame(), drop, |c| c.drops(DropReason::UnknownSource)),
+        ("wrong VNI", Vxlan { vni: 2, ..Vxlan::default() }.frame(), drop, |c| c.drops(DropReason::WrongVni)),
+        ("no I flag", Vxlan { flags: 0, ..Vxlan::default() }.frame(), drop, |c| c.drops(DropReason::BadFlags)),
+        ("reserved flag bits", Vxlan { flags: 0x88, ..Vxlan::default() }.frame(), drop, |c| c.drops(DropReason::BadFlags)),
+        ("truncated after VXLAN", Vxlan::default().frame()[..50].to_vec(), drop, |c| c.drops(DropReason::Truncated)),
+        ("inner source outside the sender's pod CIDR", Vxlan { inner: inner_ip([10, 244, 3, 5], [10, 244, 1, 11]), ..Vxlan::default() }.frame(), drop, |c| c.drops(DropReason::SpoofedInner)),
+        ("inner destination outside our pod CIDR", Vxlan { inner: inner_ip([10, 244, 2, 11], [8, 8, 8, 8]), ..Vxlan::default() }.frame(), drop, |c| c.drops(DropReason::BadInner)),
+        ("other UDP port", Vxlan { dport: 53, ..Vxlan::default() }.frame(), pass, |c| c.packets(Counter::Pass)),
     ];
     for (what, frame, verdict, counter) in cases {
         let before = f.counters();
@@ -205,23 +205,23 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
         let after = f.counters();
         assert_eq!(got, verdict, "{program}, {what}: verdict");
         assert_eq!(counter(&after) - counter(&before), 1, "{program}, {what}: counter");
-        assert_eq!(after.decap_packets, before.decap_packets, "{program}, {what}: must not decapsulate");
+        assert_eq!(after.packets(Counter::Decap), before.packets(Counter::Decap), "{program}, {what}: must not decapsulate");
     }
 
     // Outer IPv4 options on our port: refused, counted as a bad outer header.
     let mut with_options = Vxlan::default().frame();
     with_options[14] = 0x46;
     with_options.splice(34..34, [1, 1, 1, 1]); // four NOP options
-    f.expect_decap_verdict(program, &with_options, drop, |c| c.drop_bad_outer);
+    f.expect_decap_verdict(program, &with_options, drop, |c| c.drops(DropReason::BadOuter));
     // A known node tunnelling to the IANA port while we use 8472: passed
     // on, and counted so the agent reports the mismatch.
-    f.expect_decap_verdict(program, &Vxlan { dport: 4789, ..Vxlan::default() }.frame(), pass, |c| c.mismatched_port);
+    f.expect_decap_verdict(program, &Vxlan { dport: 4789, ..Vxlan::default() }.frame(), pass, |c| c.packets(Counter::MismatchedPort));
     let before = f.counters();
     let (got, _) = f.run(program, &Vxlan { dport: 4789, outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame());
     assert_eq!(got, pass);
-    assert_eq!(f.counters().mismatched_port, before.mismatched_port, "unknown senders are not a port mismatch");
+    assert_eq!(f.counters().packets(Counter::MismatchedPort), before.packets(Counter::MismatchedPort), "unknown senders are not a port mismatch");
     // VXLAN to another address on the segment is not ours: untouched.
-    f.expect_decap_verdict(program, &Vxlan { outer_dst: [192, 168, 77, 13], ..Vxlan::default() }.frame(), pass, |c| c.pass_packets);
+    f.expect_decap_verdict(program, &Vxlan { outer_dst: [192, 168, 77, 13], ..Vxlan::default() }.frame(), pass, |c| c.packets(Counter::Pass));
 }
 
 #[test]
@@ -285,8 +285,8 @@ fn encapsulation_builds_rfc7348_vxlan_with_flow_hashed_source_ports() {
     let other = eth(PEER_NIC_MAC, NIC_MAC, &ipv4([10, 244, 1, 11], [192, 168, 77, 12], 17, &udp(1, 2, b"x")));
     let (verdict, out) = f.run(program_names::TC_EGRESS, &other);
     assert_eq!((verdict, out), (TC_ACT_OK, other));
-    assert_eq!(f.counters().pass_packets - before.pass_packets, 1);
-    assert!(f.counters().encap_packets >= 18);
+    assert_eq!(f.counters().packets(Counter::Pass) - before.packets(Counter::Pass), 1);
+    assert!(f.counters().packets(Counter::Encap) >= 18);
 }
 
 #[test]
@@ -310,8 +310,8 @@ fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
     let before = f.counters();
     let (verdict, out) = f.run(program_names::TC_EGRESS, &frame);
     assert_eq!(verdict, TC_ACT_REDIRECT, "the reply is redirected back in");
-    assert_eq!(f.counters().icmp_frag_needed - before.icmp_frag_needed, 1);
-    assert_eq!(f.counters().encap_packets, before.encap_packets, "too big: not encapsulated");
+    assert_eq!(f.counters().packets(Counter::IcmpFragNeeded) - before.packets(Counter::IcmpFragNeeded), 1);
+    assert_eq!(f.counters().packets(Counter::Encap), before.packets(Counter::Encap), "too big: not encapsulated");
     assert_eq!(out.len(), 14 + 20 + 8 + 28);
     assert_eq!(&out[0..6], &NIC_MAC, "to the underlay's own MAC");
     let ip = &out[14..34];
@@ -368,7 +368,7 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     let before = f.counters();
     let (verdict, out) = f.run(program, &frame);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(f.counters().fastpath_packets - before.fastpath_packets, 1);
+    assert_eq!(f.counters().packets(Counter::FastpathOut) - before.packets(Counter::FastpathOut), 1);
     assert_eq!(out.len(), frame.len());
     assert_eq!(out[14 + 8], 63, "TTL decremented");
     assert_eq!(checksum(&out[14..34]), 0, "IPv4 checksum still valid");
@@ -381,7 +381,8 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     let (verdict, out) = f.run(program, &frame);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     let after = f.counters();
-    assert_eq!((after.fastpath_packets - before.fastpath_packets, after.encap_packets - before.encap_packets), (1, 1));
+    let moved = |c: Counter| after.packets(c) - before.packets(c);
+    assert_eq!((moved(Counter::FastpathOut), moved(Counter::Encap)), (1, 1));
     assert_eq!(out.len(), frame.len() + 50);
     assert_eq!(&out[14 + 16..14 + 20], &PEER, "outer destination");
     assert_eq!(checksum(&out[14..34]), 0, "outer checksum");

@@ -5,6 +5,7 @@
 use std::{process::Command, time::Duration};
 
 use aya::programs::{SchedClassifier, TcAttachType};
+use overlay_common::Counter;
 use overlay_tests::{
     agent_binary,
     lab::{Lab, LabSpec},
@@ -25,7 +26,7 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
         return;
     }
     let mut lab = two_node_lab();
-    let before = (lab.counters(0).encap_packets, lab.counters(1).decap_packets);
+    let before = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
 
     let (sent, received) = lab.ping_during(500, |lab| {
         std::thread::sleep(Duration::from_millis(500));
@@ -44,7 +45,7 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     assert_eq!(sent, 500);
     assert_eq!(received, sent, "packets were lost while agents restarted");
 
-    let after = (lab.counters(0).encap_packets, lab.counters(1).decap_packets);
+    let after = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
     assert!(after.0 >= before.0 + 500, "node1 encap counter {before:?} -> {after:?} did not keep counting");
     assert!(after.1 >= before.1 + 500, "node2 decap counter {before:?} -> {after:?} did not keep counting");
     for i in 0..2 {
