@@ -25,6 +25,7 @@ pub mod netconf;
 pub mod node;
 pub mod object;
 pub mod pod_ports;
+pub mod report;
 pub mod routes;
 pub mod rtnl;
 pub mod server;

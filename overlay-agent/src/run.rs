@@ -24,7 +24,9 @@ use overlay_agent::{
     metrics::Metrics,
     netconf::{self, NetConf},
     node::{self, NodeInfo},
-    pod_ports, routes, server,
+    pod_ports,
+    report::Chain,
+    routes, server,
 };
 use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
 use tokio::signal::unix::{SignalKind, signal};
@@ -147,7 +149,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 let Source::Dir(dir) = &mut source else { unreachable!() };
                 match dir.scan_if_changed() {
                     Ok(Some(scan)) => {
-                        agent.report_invalid(scan.errors.iter().map(ToString::to_string).collect());
+                        agent.report_invalid(scan.errors.iter().map(|e| Chain(e).to_string()).collect());
                         nodes = scan.nodes.into_iter().map(Arc::new).collect();
                         synced = true;
                         changed = true;
@@ -178,7 +180,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 }
                 if changed && cache.synced() {
                     nodes = cache.nodes();
-                    agent.report_invalid(cache.invalid().iter().map(ToString::to_string).collect());
+                    agent.report_invalid(cache.invalid().iter().map(|e| Chain(e).to_string()).collect());
                 }
                 changed &= cache.synced();
                 synced = cache.synced();
@@ -523,7 +525,7 @@ impl Agent {
     fn report_invalid(&mut self, problems: Vec<String>) {
         for problem in &problems {
             if !self.reported.contains(problem) {
-                warn!(problem = %problem, "node skipped");
+                warn!(problem = %problem, "bad Node manifest or object");
             }
         }
         self.reported.retain(|p| !p.starts_with("invalid:"));
