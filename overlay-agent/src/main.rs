@@ -125,6 +125,11 @@ struct RunArgs {
     /// `--forward bpf` attaches once it exists.
     #[arg(long, default_value = "cni0")]
     pod_bridge: String,
+    /// Run even where the pins would die with the agent: its bpffs is
+    /// private to its mount namespace (e.g. under `ip netns exec`, where
+    /// the agent mounts its own). Nothing then survives a restart.
+    #[arg(long)]
+    allow_ephemeral_pins: bool,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9472")]
     metrics_addr: std::net::SocketAddr,
