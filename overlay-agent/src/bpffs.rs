@@ -53,6 +53,51 @@ pub fn prepare_root(root: &Path) -> Result<bool, BpffsError> {
     Ok(!existed)
 }
 
+/// Whether pins under a root outlive the process that makes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Persistence {
+    /// On the host's bpffs (or one that stays mounted after we exit).
+    Host,
+    /// Only in this process's mount namespace; why, for the message.
+    Ephemeral(String),
+}
+
+/// Tells, before anything is mounted or pinned, whether pins under `root`
+/// would outlive this process. They would not when this process has a
+/// mount namespace of its own (as under `ip netns exec`) and either the
+/// agent would have to mount bpffs itself there, or the bpffs it would pin
+/// to is another than the one the host (PID 1) sees at that path.
+pub fn pin_persistence(root: &Path) -> Persistence {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    let (own, host) = (ns("self"), ns("1"));
+    if own.is_none() || own == host {
+        // The host's mount namespace (or a container started as PID 1's
+        // sibling cannot be told apart): whatever we mount stays.
+        return Persistence::Host;
+    }
+    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(root);
+    if !is_bpffs(existing) {
+        if root.starts_with(BPFFS_MOUNT) {
+            return Persistence::Ephemeral(format!(
+                "{BPFFS_MOUNT} is not mounted in this process's own mount namespace, and a bpffs the agent mounted there would be private to it"
+            ));
+        }
+        return Persistence::Host;
+    }
+    let device = |path: &Path| std::fs::metadata(path).ok().map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+    let host_view = Path::new("/proc/1/root").join(existing.strip_prefix("/").unwrap_or(existing));
+    match (device(existing), device(&host_view)) {
+        (Some(ours), Some(hosts)) if ours == hosts => Persistence::Host,
+        // A container that does not see the host's root through PID 1
+        // (its own PID namespace): trust a bpffs someone mounted for us.
+        (Some(_), None) => Persistence::Host,
+        _ => Persistence::Ephemeral(format!(
+            "the bpffs at {} is private to this process's mount namespace, not the host's",
+            existing.display()
+        )),
+    }
+}
+
 fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
     let err = |source| BpffsError::Mount { path: path.to_owned(), source };
     std::fs::create_dir_all(path).map_err(err)?;

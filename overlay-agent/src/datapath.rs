@@ -44,26 +44,6 @@ pub enum DecapHook {
     TcIngress,
 }
 
-impl DecapHook {
-    /// What `--decap auto` picks, from measurements
-    /// (docs/benchmarks/design.md, docs/benchmarks/profiles/):
-    /// - no tunnel traffic to take (host-gw): TC, whose hook costs plain
-    ///   forwarding least;
-    /// - a veth underlay (kind, k3d, Docker-based nodes, our lab): TC.
-    ///   XDP on a veth turns GSO off on its peer, so 64 KB frames are
-    ///   segmented before they reach us, and copies every frame into a page
-    ///   of its own; TC takes GSO frames whole;
-    /// - any other driver (a NIC, virtio): native XDP, which decapsulates
-    ///   on the driver's buffers before GRO, so GRO aggregates the inner
-    ///   TCP. TC where XDP cannot attach.
-    pub fn auto(tunnel: bool, driver: Option<&str>) -> Self {
-        match (tunnel, driver) {
-            (false, _) | (true, Some("veth")) => Self::TcIngress,
-            (true, _) => Self::Xdp(XdpMode::Default),
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
     #[error(
@@ -289,11 +269,20 @@ impl Datapath {
         unwanted.extend(self.layout.stale_map_dirs());
         let mut removed = Vec::new();
         for path in unwanted {
-            let result = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
-            match result {
-                Ok(()) => removed.push(path),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Unpin { path, source }),
+            if !path.exists() {
+                continue;
+            }
+            // Only what the agent creates: pins, and its own directories
+            // once they hold nothing else.
+            let left = if path.parent() == Some(&self.layout.links_dir()) {
+                remove_link_dir(&path)?
+            } else if path.is_dir() {
+                remove_map_dir(&path)?
+            } else {
+                remove_pin(&path).map(|()| Vec::new())?
+            };
+            if left.is_empty() {
+                removed.push(path);
             }
         }
         Ok(AttachReport { egress, decap, removed })
@@ -316,12 +305,7 @@ impl Datapath {
     /// Detaches the fast path from `iface` (a pod's veth that is gone or
     /// being left) by removing its pins.
     pub fn detach_pod_fast_path(&mut self, iface: &str) -> Result<(), DatapathError> {
-        let dir = self.layout.links_dir().join(iface);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(DatapathError::Unpin { path: dir, source }),
-        }
+        remove_link_dir(&self.layout.links_dir().join(iface)).map(drop)
     }
 
     /// Interfaces holding a pinned fast-path attachment.
@@ -422,15 +406,54 @@ impl Datapath {
             .collect()
     }
 
-    /// Removes every pin under `root`: the links (which detaches the
-    /// programs from their interfaces), the maps of every layout version,
-    /// and the directory itself. Maps live on while a process holds them.
-    pub fn remove_pins(root: &Path) -> Result<(), DatapathError> {
-        match fs::remove_dir_all(root) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(DatapathError::Unpin { path: root.to_owned(), source }),
+    /// Removes what the agent pins under `root`, and nothing else: the
+    /// links of each role in `links/<iface>/` (which detaches the programs
+    /// from their interfaces), the map directories of every layout version
+    /// (`v<N>/`), then each of those directories and `root` itself once
+    /// empty. Never recurses into anything else. Maps live on while a
+    /// process holds them.
+    ///
+    /// Refuses a `root` that is not on bpffs: pins live only there, so
+    /// anything else is not ours. Returns what was left under `root`
+    /// because the agent did not create it.
+    pub fn remove_pins(root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+        if !root.exists() {
+            return Ok(Vec::new());
         }
+        if !bpffs::is_bpffs(root) {
+            return Err(bpffs::BpffsError::NotBpffs { path: root.to_owned() }.into());
+        }
+        let layout = PinLayout::new(root);
+        for iface in layout.linked_interfaces() {
+            remove_link_dir(&layout.links_dir().join(iface))?;
+        }
+        remove_dir_if_empty(&layout.links_dir())?;
+        let mut map_dirs = layout.stale_map_dirs();
+        map_dirs.push(layout.maps_dir());
+        for dir in &map_dirs {
+            remove_map_dir(dir)?;
+        }
+        remove_dir_if_empty(root)?;
+        // Whatever remains is not ours: list it, down to the agent's own
+        // directories' foreign contents.
+        let children = |dir: &Path| -> Vec<PathBuf> {
+            fs::read_dir(dir).map(|e| e.filter_map(Result::ok).map(|e| e.path()).collect()).unwrap_or_default()
+        };
+        let mut left = Vec::new();
+        for entry in children(root) {
+            if entry == layout.links_dir() {
+                for iface_dir in children(&entry) {
+                    left.extend(children(&iface_dir));
+                }
+            } else if map_dirs.contains(&entry) {
+                left.extend(children(&entry));
+            } else {
+                left.push(entry);
+            }
+        }
+        left.sort();
+        left.dedup();
+        Ok(left)
     }
 
     fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, DatapathError> {
@@ -445,6 +468,50 @@ impl Datapath {
             Some(Program::Xdp(p)) => Ok(p),
             _ => Err(DatapathError::MissingProgram(name)),
         }
+    }
+}
+
+/// Removes the link pins of every role from one interface's directory,
+/// then the directory if nothing else is in it. Returns what is left.
+fn remove_link_dir(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    for role in LinkRole::ALL {
+        remove_pin(&dir.join(role.file_name()))?;
+    }
+    remove_dir_if_empty(dir)
+}
+
+/// Removes the map pins of one layout version's directory (every pin in
+/// it: older layouts had other maps), then the directory. Subdirectories,
+/// which the agent never creates there, are left. Returns what is left.
+fn remove_map_dir(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(DatapathError::Unpin { path: dir.to_owned(), source }),
+    };
+    for entry in entries.filter_map(Result::ok) {
+        if entry.file_type().is_ok_and(|t| !t.is_dir()) {
+            remove_pin(&entry.path())?;
+        }
+    }
+    remove_dir_if_empty(dir)
+}
+
+fn remove_pin(path: &Path) -> Result<(), DatapathError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Unpin { path: path.to_owned(), source }),
+    }
+}
+
+/// `rmdir`: removes `dir` only when empty. Returns `[dir]` when it is not.
+fn remove_dir_if_empty(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(vec![dir.to_owned()]),
+        Err(source) => Err(DatapathError::Unpin { path: dir.to_owned(), source }),
     }
 }
 
@@ -489,21 +556,4 @@ fn may_load_bpf() -> bool {
         return true;
     };
     eff & (1 << CAP_BPF) != 0 || eff & (1 << CAP_SYS_ADMIN) != 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn auto_decap_hook_per_driver() {
-        assert_eq!(DecapHook::auto(true, Some("veth")), DecapHook::TcIngress);
-        assert_eq!(DecapHook::auto(true, Some("virtio_net")), DecapHook::Xdp(XdpMode::Default));
-        assert_eq!(DecapHook::auto(true, Some("mlx5_core")), DecapHook::Xdp(XdpMode::Default));
-        // Unknown driver: try native XDP; the agent falls back to TC.
-        assert_eq!(DecapHook::auto(true, None), DecapHook::Xdp(XdpMode::Default));
-        for driver in [Some("veth"), Some("virtio_net"), None] {
-            assert_eq!(DecapHook::auto(false, driver), DecapHook::TcIngress);
-        }
-    }
 }

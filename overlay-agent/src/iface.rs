@@ -107,3 +107,44 @@ pub fn driver(iface: &str) -> io::Result<String> {
     let name = info.driver.split(|&b| b == 0).next().unwrap_or_default();
     Ok(String::from_utf8_lossy(name).into_owned())
 }
+
+
+/// The interface's IPv4 addresses (`getifaddrs`).
+pub fn ipv4_addresses(iface: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list freed by freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut addresses = Vec::new();
+    let mut cursor = head;
+    while !cursor.is_null() {
+        // SAFETY: a node of the list getifaddrs returned, alive until freed.
+        let entry = unsafe { &*cursor };
+        // SAFETY: ifa_name is a NUL-terminated string.
+        let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
+        if name.to_bytes() == iface.as_bytes() && !entry.ifa_addr.is_null() {
+            // SAFETY: a non-null address; its family says how to read it.
+            if i32::from(unsafe { (*entry.ifa_addr).sa_family }) == libc::AF_INET {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*entry.ifa_addr.cast::<libc::sockaddr_in>() };
+                addresses.push(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
+            }
+        }
+        cursor = entry.ifa_next;
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(addresses)
+}
+
+/// Whether an XDP program is attached to the interface, as `ip link`
+/// reports it.
+pub fn has_xdp_program(iface: &str) -> io::Result<bool> {
+    let out = std::process::Command::new("ip").args(["-j", "link", "show", "dev", iface]).output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    }
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
+    Ok(links.get(0).and_then(|link| link.get("xdp")).is_some())
+}

@@ -127,6 +127,11 @@ struct RunArgs {
     /// `--forward bpf` attaches once it exists.
     #[arg(long, default_value = "cni0")]
     pod_bridge: String,
+    /// Run even where the pins would die with the agent: its bpffs is
+    /// private to its mount namespace (e.g. under `ip netns exec`, where
+    /// the agent mounts its own). Nothing then survives a restart.
+    #[arg(long)]
+    allow_ephemeral_pins: bool,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9472")]
     metrics_addr: std::net::SocketAddr,
@@ -199,13 +204,35 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Removes one agent's datapath: the routes whose destinations are in the
+/// root's `ROUTES` map (so another root's routes in the same namespace
+/// stay), the pins under the root, and subnet.env. A root not on bpffs is
+/// refused before anything is touched.
 fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let layout = overlay_agent::bpffs::PinLayout::new(root);
+    use overlay_agent::{bpffs, maps::DatapathMaps, routes};
+    if root.exists() && !bpffs::is_bpffs(root) {
+        return Err(bpffs::BpffsError::NotBpffs { path: root.to_owned() }.into());
+    }
+    let layout = bpffs::PinLayout::new(root);
     let interfaces = layout.linked_interfaces();
-    Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
-    println!("detached from {} and removed the pins under {}", if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") }, root.display());
-    let removed = overlay_agent::routes::remove_owned().context("removing the agent's routes")?;
-    println!("removed {removed} routes (proto {})", overlay_agent::routes::ROUTE_PROTO);
+    let ours = if layout.map(overlay_common::map_names::ROUTES).exists() {
+        DatapathMaps::route_destinations(root).context("reading which routes this root installed")?
+    } else {
+        println!("no ROUTES map under {}: no route can be told to be this root's, so none is removed", root.display());
+        Vec::new()
+    };
+    let installed: Vec<_> = routes::owned().context("listing the agent's routes")?.into_iter().filter(|c| ours.contains(c)).collect();
+    if let Some((cidr, refused)) = routes::remove_all(&installed).context("removing the agent's routes")?.into_iter().next() {
+        anyhow::bail!("removing the route to {cidr}: {refused}");
+    }
+    println!("removed {} routes (proto {}, destinations in {})", installed.len(), routes::ROUTE_PROTO, layout.map(overlay_common::map_names::ROUTES).display());
+    let left = Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
+    let detached = if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") };
+    println!("detached from {detached} and removed the pins under {}", root.display());
+    if !left.is_empty() {
+        let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
+        println!("left what the agent did not create: {}", left.join(", "));
+    }
     let Some(subnet_file) = subnet_file else { return Ok(()) };
     match std::fs::remove_file(subnet_file) {
         Ok(()) => println!("removed {}", subnet_file.display()),
@@ -215,13 +242,25 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
     Ok(())
 }
 
+/// `check` pins into a directory of its own: a fresh one, never an
+/// existing one (a running agent's root would lose its datapath), and
+/// removes only what it pinned there.
 fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<()> {
     let root = root.unwrap_or_else(|| {
         PathBuf::from(format!("{}/overlay-check-{}", overlay_agent::bpffs::BPFFS_MOUNT, std::process::id()))
     });
+    if root.exists() && !overlay_agent::bpffs::is_bpffs(&root) {
+        return Err(overlay_agent::bpffs::BpffsError::NotBpffs { path: root }.into());
+    }
+    if root.exists() {
+        anyhow::bail!(
+            "--bpffs-root {} already exists: check needs a directory of its own on bpffs (it removes its pins afterwards); name one that does not exist, or leave the flag out",
+            root.display()
+        );
+    }
     let result = check_in(iface, &root, hook);
     let cleanup = Datapath::remove_pins(&root).context("cleaning up the check's pins");
-    result.and(cleanup)
+    result.and(cleanup.map(drop))
 }
 
 fn check_in(iface: &str, root: &std::path::Path, hook: DecapHook) -> anyhow::Result<()> {

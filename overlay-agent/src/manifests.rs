@@ -17,16 +17,34 @@ use crate::node::{NodeError, NodeInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("reading nodes directory {dir}: {source}")]
-    ReadDir { dir: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("reading nodes directory {dir}")]
+    ReadDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: not valid YAML/JSON: {reason}")]
     Parse { path: PathBuf, reason: String },
     #[error("{path}: kind is {kind:?}, not Node (only Node manifests belong in the nodes directory)")]
     NotANode { path: PathBuf, kind: String },
-    #[error("{path}: {source}")]
-    Node { path: PathBuf, source: NodeError },
+    #[error("{path}")]
+    Node {
+        path: PathBuf,
+        #[source]
+        source: NodeError,
+    },
+    /// A manifest that described a node stopped parsing: the node keeps
+    /// the state it last parsed to (a typo must not cut a peer off).
+    #[error("{}; keeping the last good state of node {node:?} until the file parses again", crate::report::Chain(error.as_ref()))]
+    KeptLastGood { node: String, error: Box<ManifestError> },
+    #[error("node {name:?} is defined by more than one manifest ({}); none of them is used until only one remains", paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    DuplicateName { name: String, paths: Vec<PathBuf> },
 }
 
 /// What a scan found: the nodes that parsed, and the files that did not.
@@ -40,11 +58,13 @@ pub struct Scan {
 pub struct ManifestDir {
     dir: PathBuf,
     fingerprint: BTreeMap<PathBuf, (SystemTime, u64)>,
+    /// What each file last parsed to, kept while it does not parse.
+    last_good: BTreeMap<PathBuf, NodeInfo>,
 }
 
 impl ManifestDir {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into(), fingerprint: BTreeMap::new() }
+        Self { dir: dir.into(), fingerprint: BTreeMap::new(), last_good: BTreeMap::new() }
     }
 
     /// Scans the directory when anything in it changed since the last call
@@ -55,7 +75,7 @@ impl ManifestDir {
             return Ok(None);
         }
         self.fingerprint = fingerprint;
-        Ok(Some(scan(&self.dir)?))
+        Ok(Some(assemble(read_all(&self.dir)?, Some(&mut self.last_good))))
     }
 }
 
@@ -83,16 +103,54 @@ fn fingerprint(dir: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>, Manif
         .collect())
 }
 
-/// Reads every manifest; a bad file is reported and skipped.
+/// Reads every manifest; a bad file is reported and skipped, and so are
+/// nodes defined by more than one file.
 pub fn scan(dir: &Path) -> Result<Scan, ManifestError> {
+    Ok(assemble(read_all(dir)?, None))
+}
+
+fn read_all(dir: &Path) -> Result<Vec<(PathBuf, Result<NodeInfo, ManifestError>)>, ManifestError> {
+    Ok(manifest_paths(dir)?.into_iter().map(|path| {
+        let node = read_manifest(&path);
+        (path, node)
+    }).collect())
+}
+
+/// The nodes of one scan. With `last_good`, a file that stops parsing
+/// keeps the node it last parsed to.
+fn assemble(files: Vec<(PathBuf, Result<NodeInfo, ManifestError>)>, mut last_good: Option<&mut BTreeMap<PathBuf, NodeInfo>>) -> Scan {
     let mut result = Scan::default();
-    for path in manifest_paths(dir)? {
-        match read_manifest(&path) {
-            Ok(node) => result.nodes.push(node),
-            Err(err) => result.errors.push(err),
+    let mut by_name: BTreeMap<String, Vec<(PathBuf, NodeInfo)>> = BTreeMap::new();
+    if let Some(last_good) = last_good.as_deref_mut() {
+        last_good.retain(|path, _| files.iter().any(|(p, _)| p == path));
+    }
+    for (path, node) in files {
+        let node = match (node, last_good.as_deref_mut()) {
+            (Ok(node), Some(last_good)) => {
+                last_good.insert(path.clone(), node.clone());
+                node
+            }
+            (Ok(node), None) => node,
+            (Err(error), Some(last_good)) if last_good.contains_key(&path) => {
+                let node = last_good[&path].clone();
+                result.errors.push(ManifestError::KeptLastGood { node: node.name.clone(), error: Box::new(error) });
+                node
+            }
+            (Err(error), _) => {
+                result.errors.push(error);
+                continue;
+            }
+        };
+        by_name.entry(node.name.clone()).or_default().push((path, node));
+    }
+    for (name, mut defined) in by_name {
+        if defined.len() == 1 {
+            result.nodes.extend(defined.pop().map(|(_, node)| node));
+        } else {
+            result.errors.push(ManifestError::DuplicateName { name, paths: defined.into_iter().map(|(p, _)| p).collect() });
         }
     }
-    Ok(result)
+    result
 }
 
 /// Parses one manifest file into a [`NodeInfo`].
@@ -129,7 +187,7 @@ mod tests {
         let scan = scan(&dir).unwrap();
         let names: Vec<_> = scan.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["a", "b"]);
-        let errors: Vec<String> = scan.errors.iter().map(ToString::to_string).collect();
+        let errors: Vec<String> = scan.errors.iter().map(|e| crate::report::Chain(e).to_string()).collect();
         assert_eq!(errors.len(), 3, "{errors:#?}");
         assert!(errors.iter().any(|e| e.contains("broken.yaml") && e.contains("not valid YAML")), "{errors:#?}");
         assert!(errors.iter().any(|e| e.contains("cm.yaml") && e.contains("not Node")), "{errors:#?}");
@@ -141,6 +199,53 @@ mod tests {
         fs::remove_file(dir.join("b.json")).unwrap();
         let rescan = watched.scan_if_changed().unwrap().expect("removal noticed");
         assert_eq!(rescan.nodes.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn node_yaml(name: &str, cidr: &str, ip: &str) -> String {
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n")
+    }
+
+    #[test]
+    fn a_manifest_that_stops_parsing_keeps_its_nodes_last_good_state() {
+        let dir = std::env::temp_dir().join(format!("overlay-manifests-typo-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.yaml"), node_yaml("a", "10.244.1.0/24", "192.168.0.1")).unwrap();
+        fs::write(dir.join("b.yaml"), node_yaml("b", "10.244.2.0/24", "192.168.0.2")).unwrap();
+        let mut watched = ManifestDir::new(&dir);
+        assert_eq!(watched.scan_if_changed().unwrap().unwrap().nodes.len(), 2);
+        // A typo while editing b.yaml.
+        fs::write(dir.join("b.yaml"), "kind: Node\nmetadata: [unclosed\n").unwrap();
+        let scan = watched.scan_if_changed().unwrap().expect("change noticed");
+        let names: Vec<_> = scan.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "b must keep its last good state");
+        let errors: Vec<String> = scan.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("b.yaml") && errors[0].contains("last good state of node \"b\""), "{errors:?}");
+        // Fixed: the new content counts.
+        fs::write(dir.join("b.yaml"), node_yaml("b", "10.244.3.0/24", "192.168.0.2")).unwrap();
+        let scan = watched.scan_if_changed().unwrap().unwrap();
+        assert!(scan.errors.is_empty());
+        assert_eq!(scan.nodes[1].pod_cidr.to_string(), "10.244.3.0/24");
+        // Removed: the node goes.
+        fs::remove_file(dir.join("b.yaml")).unwrap();
+        assert_eq!(watched.scan_if_changed().unwrap().unwrap().nodes.len(), 1);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn duplicate_node_names_are_rejected_naming_both_files() {
+        let dir = std::env::temp_dir().join(format!("overlay-manifests-dup-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("a.yaml"), node_yaml("a", "10.244.1.0/24", "192.168.0.1")).unwrap();
+        fs::write(dir.join("b.yaml"), node_yaml("b", "10.244.2.0/24", "192.168.0.2")).unwrap();
+        fs::write(dir.join("b-copy.yaml"), node_yaml("b", "10.244.9.0/24", "192.168.0.9")).unwrap();
+        let scan = scan(&dir).unwrap();
+        let names: Vec<_> = scan.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["a"], "neither copy of b may be programmed");
+        let errors: Vec<String> = scan.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("b-copy.yaml") && errors[0].contains("b.yaml") && errors[0].contains("\"b\""), "{errors:?}");
         fs::remove_dir_all(&dir).unwrap();
     }
 }

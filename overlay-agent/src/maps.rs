@@ -45,6 +45,20 @@ impl DatapathMaps {
         })
     }
 
+    /// The pod CIDRs in the `ROUTES` map pinned under `root`: the
+    /// destinations of the kernel routes that agent installed.
+    pub fn route_destinations(root: &Path) -> Result<Vec<ipnetwork::Ipv4Network>, MapsError> {
+        let path = PinLayout::new(root).map(map_names::ROUTES);
+        let err = |source| MapsError::Open { path: path.clone(), source };
+        let data = MapData::from_pin(&path).map_err(err)?;
+        let routes: LpmTrie<MapData, [u8; 4], Route> = LpmTrie::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?;
+        Ok(routes
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|key| ipnetwork::Ipv4Network::new(key.data().into(), key.prefix_len() as u8).ok())
+            .collect())
+    }
+
     /// Every counter and drop reason, summed over all CPUs.
     pub fn counters_total(&self) -> Result<Totals, MapError> {
         let mut totals = Totals::default();

@@ -236,16 +236,6 @@ pub fn underlay_fingerprint() -> Result<u64, RouteError> {
     Ok(hasher.finish())
 }
 
-/// Removes every route we own (`overlay-agent cleanup`); returns how many
-/// there were.
-pub fn remove_owned() -> Result<usize, RouteError> {
-    let count = owned()?.len();
-    if count > 0 {
-        ip(&["route", "flush", "proto", ROUTE_PROTO])?;
-    }
-    Ok(count)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,10 +12,13 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use aya::programs::XdpMode;
 use futures::{FutureExt as _, StreamExt as _};
 use overlay_agent::{
     apply::Applier,
+    bpffs::{self, LinkRole},
     datapath::{Datapath, DecapHook, LinkOutcome},
+    hook::{DecapRequest, HookFacts, choose_decap_hook},
     desired::{Backend, Desired, LocalSettings, NotReady, Paths, RejectKind, Rejected, desired},
     iface,
     kube_source::{self, NodeCache, Publisher},
@@ -24,7 +27,9 @@ use overlay_agent::{
     metrics::Metrics,
     netconf::{self, NetConf},
     node::{self, NodeInfo},
-    pod_ports, routes, server,
+    pod_ports,
+    report::Chain,
+    routes, server,
 };
 use overlay_common::{Counter, ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
 use tokio::signal::unix::{SignalKind, signal};
@@ -34,6 +39,8 @@ use crate::{Decap, Forward, RunArgs};
 
 /// How often the nodes directory is looked at; changes land within this.
 const POLL: Duration = Duration::from_millis(200);
+/// How often an unchanged error reading the nodes directory is repeated.
+const DIR_ERROR_REPEAT: Duration = Duration::from_secs(60);
 /// How often the kernel's paths to the nodes are re-checked: an underlay
 /// address or route change flips a peer between direct and VXLAN within
 /// this.
@@ -88,44 +95,32 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
-    let datapath = Datapath::load(&args.bpffs_root).context("loading the datapath")?;
-    let maps = DatapathMaps::open(&args.bpffs_root)?;
-    let applier = Applier::new(maps, &iface).context("adopting the pinned state")?;
-    let mut agent = Agent {
-        settings,
-        subnet_file,
-        decap: args.decap,
-        pod_fast_path: (args.forward == Forward::Bpf).then(|| PodFastPath { bridge: args.pod_bridge.clone(), ifindex: None, ports: BTreeMap::new() }),
-        datapath,
-        attached: None,
-        applier,
-        metrics,
-        paths: Paths::new(),
-        underlay: None,
-        reported: BTreeSet::new(),
-        evented: BTreeSet::new(),
+    match bpffs::pin_persistence(&args.bpffs_root) {
+        bpffs::Persistence::Host => {}
+        bpffs::Persistence::Ephemeral(why) if args.allow_ephemeral_pins => {
+            warn!(root = %args.bpffs_root.display(), reason = %why, "the pins live in this process's own mount namespace: nothing survives a restart (the datapath dies with the agent, its routes stay behind); allowed by --allow-ephemeral-pins");
+        }
+        bpffs::Persistence::Ephemeral(why) => bail!(
+            "--bpffs-root {}: {why}, so the pins would die with this process (a restart would cut traffic, and leave the routes without a datapath). Run the agent in the host's mount namespace (`nsenter --net=/run/netns/NAME`, not `ip netns exec`; in a pod, mount the host's /sys/fs/bpf), or pass --allow-ephemeral-pins to accept it",
+            args.bpffs_root.display()
+        ),
+    }
+    // A failed start removes what it created (the root's pins are all
+    // new when its maps were not there).
+    let fresh_root = !bpffs::PinLayout::new(&args.bpffs_root).maps_dir().exists();
+    let source_kind = if matches!(source, Source::Dir(_)) { "manifests" } else { "kubernetes" };
+    let mut agent = match start(&args, &iface, settings, subnet_file, metrics, bound, source_kind) {
+        Ok(agent) => agent,
+        Err(err) => {
+            if fresh_root {
+                match Datapath::remove_pins(&args.bpffs_root) {
+                    Ok(_) => info!(root = %args.bpffs_root.display(), "start failed; removed the pins it created"),
+                    Err(cleanup) => warn!(root = %args.bpffs_root.display(), error = %Chain(&cleanup), "start failed, and removing the pins it created failed too"),
+                }
+            }
+            return Err(err);
+        }
     };
-    info!(
-        node = %agent.settings.node_name,
-        backend = agent.settings.backend.flannel_name(),
-        direct_routing = agent.settings.direct_routing,
-        iface = %agent.applier.iface(),
-        vni = agent.settings.vni,
-        port = agent.settings.vxlan_port,
-        network = ?agent.settings.network,
-        root = %args.bpffs_root.display(),
-        maps_adopted = agent.datapath.maps_adopted(),
-        %bound,
-        source = if matches!(source, Source::Dir(_)) { "manifests" } else { "kubernetes" },
-        "starting"
-    );
-    // Attach (or swap into the pinned links) before anything is applied:
-    // adopted maps hold the cluster's state from the previous run, so the
-    // new programs serve at once, even with the API server unreachable;
-    // fresh maps are unconfigured, and unconfigured programs pass all
-    // traffic. Kernel routes toward peers come only after this, so no
-    // packet is routed to the underlay without its encapsulation.
-    agent.attach()?;
     // CONFIG is written by the first reconcile, which follows.
     agent.attach_pod_fast_path();
 
@@ -137,6 +132,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         agent.applier.maps().counters_total().map(|c| c.packets(Counter::MismatchedPort)).unwrap_or(0);
     let mut nodes: Vec<Arc<NodeInfo>> = Vec::new();
     let mut synced = false;
+    // The nodes directory's last read error, and when it was logged.
+    let mut dir_error: Option<(String, Instant)> = None;
     loop {
         // Set when a branch wakes up, so durations leave out idle waiting.
         let started;
@@ -148,13 +145,27 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 let Source::Dir(dir) = &mut source else { unreachable!() };
                 match dir.scan_if_changed() {
                     Ok(Some(scan)) => {
-                        agent.report_invalid(scan.errors.iter().map(ToString::to_string).collect());
+                        if dir_error.take().is_some() {
+                            info!("nodes directory readable again");
+                        }
+                        agent.report_invalid(scan.errors.iter().map(|e| Chain(e).to_string()).collect());
                         nodes = scan.nodes.into_iter().map(Arc::new).collect();
                         synced = true;
                         changed = true;
                     }
-                    Ok(None) => {}
-                    Err(err) => error!(error = %err, "reading the nodes directory; keeping the current state"),
+                    Ok(None) => {
+                        if dir_error.take().is_some() {
+                            info!("nodes directory readable again");
+                        }
+                    }
+                    Err(err) => {
+                        // Once per distinct error, and again each minute.
+                        let text = Chain(&err).to_string();
+                        if dir_error.as_ref().is_none_or(|(last, at)| *last != text || at.elapsed() >= DIR_ERROR_REPEAT) {
+                            error!(error = %text, "reading the nodes directory; keeping the current state");
+                            dir_error = Some((text, Instant::now()));
+                        }
+                    }
                 }
             }
             event = next_watch_event(&mut source) => {
@@ -179,7 +190,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 }
                 if changed && cache.synced() {
                     nodes = cache.nodes();
-                    agent.report_invalid(cache.invalid().iter().map(ToString::to_string).collect());
+                    agent.report_invalid(cache.invalid().iter().map(|e| Chain(e).to_string()).collect());
                 }
                 changed &= cache.synced();
                 synced = cache.synced();
@@ -218,6 +229,50 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // keeps forwarding until a new agent takes over (`cleanup` removes it).
     info!("stopping; the datapath stays in place");
     Ok(())
+}
+
+/// Loads the datapath, adopts the pinned state and attaches: everything a
+/// failed start must undo.
+fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Option<PathBuf>, metrics: Arc<Metrics>, bound: std::net::SocketAddr, source_kind: &str) -> anyhow::Result<Agent> {
+    let datapath = Datapath::load(&args.bpffs_root).context("loading the datapath")?;
+    let maps = DatapathMaps::open(&args.bpffs_root)?;
+    let applier = Applier::new(maps, iface).context("adopting the pinned state")?;
+    let mut agent = Agent {
+        settings,
+        subnet_file,
+        decap: args.decap,
+        pod_fast_path: (args.forward == Forward::Bpf).then(|| PodFastPath { bridge: args.pod_bridge.clone(), ifindex: None, ports: BTreeMap::new() }),
+        datapath,
+        attached: None,
+        applier,
+        metrics,
+        paths: Paths::new(),
+        underlay: None,
+        reported: BTreeSet::new(),
+        evented: BTreeSet::new(),
+    };
+    info!(
+        node = %agent.settings.node_name,
+        backend = agent.settings.backend.flannel_name(),
+        direct_routing = agent.settings.direct_routing,
+        iface = %agent.applier.iface(),
+        vni = agent.settings.vni,
+        port = agent.settings.vxlan_port,
+        network = ?agent.settings.network,
+        root = %args.bpffs_root.display(),
+        maps_adopted = agent.datapath.maps_adopted(),
+        %bound,
+        source = source_kind,
+        "starting"
+    );
+    // Attach (or swap into the pinned links) before anything is applied:
+    // adopted maps hold the cluster's state from the previous run, so the
+    // new programs serve at once, even with the API server unreachable;
+    // fresh maps are unconfigured, and unconfigured programs pass all
+    // traffic. Kernel routes toward peers come only after this, so no
+    // packet is routed to the underlay without its encapsulation.
+    agent.attach()?;
+    Ok(agent)
 }
 
 /// `--forward bpf`: the bridge the fast path attaches to, the bridge's
@@ -321,28 +376,22 @@ impl Agent {
     /// Attaches the programs (or swaps them into the pinned links).
     fn attach(&mut self) -> anyhow::Result<()> {
         let iface = self.applier.iface().to_owned();
-        let hook: DecapHook = match self.decap {
-            Decap::Auto => {
-                let driver = iface::driver(&iface).ok();
-                let hook = DecapHook::auto(self.settings.backend == Backend::Vxlan, driver.as_deref());
-                info!(%iface, driver = driver.as_deref().unwrap_or("unknown"), ?hook, "--decap auto chose the decapsulation hook for this driver");
-                hook
-            }
-            decap => decap.into(),
+        // Settled before anything is attached: a fallback after a failed
+        // attachment races the kernel's release of what was undone.
+        let request = match self.decap {
+            Decap::Auto => DecapRequest::Auto,
+            Decap::Xdp => DecapRequest::Xdp(XdpMode::Default),
+            Decap::XdpGeneric => DecapRequest::Xdp(XdpMode::Skb),
+            Decap::Tc => DecapRequest::Tc,
         };
+        let ours = self.datapath.layout().link(&iface, LinkRole::DecapXdp).exists();
+        let xdp_taken = !ours && iface::has_xdp_program(&iface).with_context(|| format!("asking whether XDP is free on {iface}"))?;
+        let driver = iface::driver(&iface).ok();
+        let facts = HookFacts { backend: self.settings.backend, driver: driver.as_deref(), xdp_taken };
+        let (hook, why) = choose_decap_hook(request, facts, &iface)?;
+        info!(%iface, driver = driver.as_deref().unwrap_or("unknown"), ?hook, reason = why, "decapsulation hook chosen");
         let fast_path = self.pod_fast_path.is_some();
-        let (report, hook) = match self.datapath.attach(&iface, hook, fast_path) {
-            Ok(report) => (report, hook),
-            Err(err) if self.decap == Decap::Auto && matches!(hook, DecapHook::Xdp(_)) => {
-                warn!(%iface, error = %format!("{err:#}"), "XDP cannot attach here; decapsulating at TC ingress");
-                let report = self
-                    .datapath
-                    .attach(&iface, DecapHook::TcIngress, fast_path)
-                    .with_context(|| format!("attaching to {iface}"))?;
-                (report, DecapHook::TcIngress)
-            }
-            Err(err) => return Err(err).with_context(|| format!("attaching to {iface}")),
-        };
+        let report = self.datapath.attach(&iface, hook, fast_path).with_context(|| format!("attaching to {iface}"))?;
         for removed in &report.removed {
             info!(pin = %removed.display(), "removed an attachment or map layout this agent no longer uses");
         }
@@ -527,7 +576,7 @@ impl Agent {
         self.metrics.nodes_invalid.set(problems.len() as i64);
         for problem in &problems {
             if !self.reported.contains(problem) {
-                warn!(problem = %problem, "node skipped");
+                warn!(problem = %problem, "bad Node manifest or object");
             }
         }
         self.reported.retain(|p| !p.starts_with("invalid:"));
@@ -557,6 +606,13 @@ impl Agent {
             }
         };
         self.reported.retain(|k| !k.starts_with("notready:"));
+        if let Err(problem) = self.check_own_address(nodes, &desired) {
+            if self.reported.insert(format!("ownaddr:{problem}")) {
+                error!(node = %self.settings.node_name, "{problem}");
+            }
+            return None;
+        }
+        self.reported.retain(|k| !k.starts_with("ownaddr:"));
         let mut now_rejected = BTreeSet::new();
         for r in &rejected {
             let key = format!("rejected:{r}");
@@ -623,6 +679,28 @@ impl Agent {
             info!(peers = desired.peers.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready: the initial sync is in the datapath");
         }
         Some((desired, rejected))
+    }
+
+    /// Our tunnel address must be one of the underlay's, or peers would
+    /// send to an address this node does not answer on; unless it was set
+    /// on purpose (`--public-ip`, or flannel's `public-ip-overwrite` for a
+    /// node behind NAT).
+    fn check_own_address(&self, nodes: &[Arc<NodeInfo>], desired: &Desired) -> Result<(), String> {
+        let me = nodes.iter().find(|n| n.name == self.settings.node_name);
+        if self.settings.public_ip.is_some() || me.is_some_and(|m| m.public_ip_overwrite.is_some()) {
+            return Ok(());
+        }
+        let iface = self.applier.iface();
+        let address = Ipv4Addr::from(desired.config.node_ip);
+        match iface::ipv4_addresses(iface) {
+            Ok(addresses) if addresses.contains(&address) => Ok(()),
+            Ok(addresses) => Err(format!(
+                "refusing to configure the datapath: our Node's address {address} is not an address of {iface} ({}); peers would tunnel to an address this node does not answer on. Fix our Node's InternalIP or --iface (or --node-name, if this is another node); for a node behind NAT, set {} or --public-ip",
+                if addresses.is_empty() { "it has none".to_owned() } else { addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") },
+                node::ANNOTATION_PUBLIC_IP_OVERWRITE,
+            )),
+            Err(err) => Err(format!("refusing to configure the datapath: cannot read the addresses of {iface}: {err}")),
+        }
     }
 
     /// The file source cannot publish: say what our Node must carry.

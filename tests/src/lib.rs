@@ -58,6 +58,18 @@ pub fn privileged() -> bool {
     false
 }
 
+/// For tests marked `#[ignore = "needs root: ..."]`: run with
+/// `--include-ignored` (as `cargo xtask test` does as root) they must not
+/// pass without root, so they fail here, saying why.
+pub fn require_root() {
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test needs root (network namespaces, BPF): run `sudo -E cargo xtask test`"
+    );
+}
+
 /// Runs a command and returns its output, panicking with the command line
 /// and stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {

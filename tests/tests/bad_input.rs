@@ -1,0 +1,308 @@
+//! Bad input, and what the agent answers: it refuses with a message naming
+//! what is wrong, changes nothing it did not create, and keeps what worked.
+//! The table of these answers is docs/bad-input.md.
+
+use std::{fs, path::Path, process::Output};
+
+use aya::maps::lpm_trie::Key;
+use overlay_agent::{
+    bpffs::PinLayout,
+    datapath::{Datapath, DecapHook},
+    maps::DatapathMaps,
+};
+use overlay_common::{ROUTE_MODE_VXLAN, Route};
+use overlay_tests::{NetNs, PinDir, agent_binary, require_root};
+
+/// Runs `overlay-agent <args>` inside `ns`'s network namespace.
+fn agent_in(ns: &NetNs, args: &[&str]) -> Output {
+    std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", ns.name()))
+        .arg(agent_binary())
+        .args(args)
+        .output()
+        .expect("running overlay-agent")
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// A user's directory, not on bpffs, with files and a subdirectory.
+fn users_directory() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(overlay_tests::unique_name("overlay-users-"));
+    fs::create_dir_all(dir.join("photos")).unwrap();
+    fs::write(dir.join("notes.txt"), "mine").unwrap();
+    fs::write(dir.join("photos/cat.jpg"), "meow").unwrap();
+    // Names the agent uses, which here are still the user's.
+    fs::create_dir_all(dir.join("v2")).unwrap();
+    fs::write(dir.join("v2/ROUTES"), "not a map").unwrap();
+    dir
+}
+
+fn assert_users_files_intact(dir: &Path) {
+    assert_eq!(fs::read_to_string(dir.join("notes.txt")).ok().as_deref(), Some("mine"), "{} lost the user's files", dir.display());
+    assert_eq!(fs::read_to_string(dir.join("photos/cat.jpg")).ok().as_deref(), Some("meow"));
+    assert_eq!(fs::read_to_string(dir.join("v2/ROUTES")).ok().as_deref(), Some("not a map"));
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn cleanup_refuses_a_directory_not_on_bpffs_and_deletes_nothing() {
+    require_root();
+    let ns = NetNs::new();
+    let dir = users_directory();
+    let out = agent_in(&ns, &["cleanup", "--keep-subnet-file", "--bpffs-root", dir.to_str().unwrap()]);
+    let said = text(&out);
+    let intact = std::panic::catch_unwind(|| assert_users_files_intact(&dir));
+    let _ = fs::remove_dir_all(&dir);
+    intact.unwrap();
+    assert_eq!(out.status.code(), Some(1), "cleanup of a non-bpffs directory must fail:\n{said}");
+    assert!(said.contains("not on a BPF filesystem"), "{said}");
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn check_refuses_a_directory_not_on_bpffs_and_deletes_nothing() {
+    require_root();
+    let ns = NetNs::new();
+    let dir = users_directory();
+    let out = agent_in(&ns, &["check", "--iface", "lo", "--bpffs-root", dir.to_str().unwrap()]);
+    let said = text(&out);
+    let intact = std::panic::catch_unwind(|| assert_users_files_intact(&dir));
+    let _ = fs::remove_dir_all(&dir);
+    intact.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("not on a BPF filesystem"), "{said}");
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn cleanup_removes_only_what_the_agent_created_and_only_its_routes() {
+    require_root();
+    let ns = NetNs::new();
+    ns.veth_pair("ul0", "ul1");
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "ul0"]);
+    let pins = PinDir::new();
+    let root = pins.path();
+    {
+        let _inside = ns.enter();
+        let mut datapath = Datapath::load(root).expect("loading the datapath");
+        datapath.attach("ul0", DecapHook::TcIngress, false).expect("attaching");
+    }
+    // Someone else's things beside ours on the same bpffs root.
+    fs::create_dir_all(root.join("theirs/inner")).unwrap();
+    fs::create_dir_all(root.join("links/ul0/extra")).unwrap();
+    // One route of this root (its destination is in this root's ROUTES),
+    // one of another agent's root in the same namespace.
+    let mut maps = DatapathMaps::open(root).unwrap();
+    let route = Route { node_ip: [192, 0, 2, 2], vtep_mac: [2, 0, 0, 0, 0, 2], mode: ROUTE_MODE_VXLAN, reason: 0, next_hop: [192, 0, 2, 2] };
+    maps.routes.insert(&Key::new(24, [10, 244, 9, 0]), route, 0).unwrap();
+    drop(maps);
+    for cidr in ["10.244.9.0/24", "10.99.0.0/24"] {
+        ns.ip(&["route", "add", cidr, "via", "192.0.2.2", "dev", "ul0", "onlink", "proto", "157"]);
+    }
+
+    let out = agent_in(&ns, &["cleanup", "--keep-subnet-file", "--bpffs-root", root.to_str().unwrap()]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("removed 1 routes"), "{said}");
+    let routes = String::from_utf8_lossy(&ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
+    assert!(!routes.contains("10.244.9.0/24"), "this root's route remains:\n{routes}");
+    assert!(routes.contains("10.99.0.0/24"), "another root's route was removed:\n{routes}");
+    let layout = PinLayout::new(root);
+    assert!(!layout.maps_dir().exists(), "maps remain");
+    assert!(!layout.link("ul0", overlay_agent::bpffs::LinkRole::TcEgress).exists(), "links remain");
+    assert!(root.join("theirs/inner").is_dir(), "another's directory was removed");
+    assert!(root.join("links/ul0/extra").is_dir(), "another's directory among the links was removed");
+    assert!(said.contains("theirs"), "cleanup must say what it left: {said}");
+}
+
+/// An `overlay-agent run` in a namespace of its own, killed on drop.
+struct RunningAgent {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl RunningAgent {
+    /// `overlay-agent run --node-name me --iface ul0 ...` in `ns`, entered
+    /// with `nsenter --net` (the host's bpffs) or, with `netns_exec`, with
+    /// `ip netns exec` (a mount namespace of its own).
+    fn start(ns: &NetNs, root: &Path, nodes_dir: &Path, extra: &[&str], netns_exec: bool) -> Self {
+        let log = std::env::temp_dir().join(overlay_tests::unique_name("overlay-agent-log-"));
+        let mut command = if netns_exec {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns.name()]);
+            c
+        } else {
+            let mut c = std::process::Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{}", ns.name()));
+            c
+        };
+        let child = command
+            .arg(agent_binary())
+            .args(["run", "--node-name", "me", "--iface", "ul0", "--metrics-addr", "127.0.0.1:0", "--bpffs-root"])
+            .arg(root)
+            .arg("--nodes-dir")
+            .arg(nodes_dir)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the agent");
+        Self { child, log }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle`; false at the deadline.
+    fn wait_for(&self, needle: &str, secs: u64) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The exit code, if it exits within `secs`.
+    fn exit_code(&mut self, secs: u64) -> Option<i32> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// A temporary nodes directory, removed on drop.
+struct NodesDir(std::path::PathBuf);
+
+impl NodesDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(overlay_tests::unique_name("overlay-nodes-"));
+        fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn node(&self, name: &str, cidr: &str, ip: &str) {
+        let yaml = format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{flannel.alpha.coreos.com/kube-subnet-manager: \"true\"}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
+        );
+        fs::write(self.0.join(format!("{name}.yaml")), yaml).unwrap();
+    }
+}
+
+impl Drop for NodesDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A namespace with the underlay `ul0` (192.0.2.1/24) and a nodes
+/// directory holding this node ("me") and one peer.
+fn one_node(my_ip: &str) -> (NetNs, NodesDir) {
+    let ns = NetNs::new();
+    ns.veth_pair("ul0", "ul1");
+    ns.ip(&["addr", "add", "192.0.2.1/24", "dev", "ul0"]);
+    let nodes = NodesDir::new();
+    nodes.node("me", "10.244.1.0/24", my_ip);
+    nodes.node("peer", "10.244.2.0/24", "192.0.2.2");
+    (ns, nodes)
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn our_address_not_on_the_interface_is_refused_loudly() {
+    require_root();
+    let (ns, nodes) = one_node("192.0.2.99");
+    let pins = PinDir::new();
+    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &[], false);
+    assert!(agent.wait_for("192.0.2.99 is not an address of ul0", 20), "no refusal:\n{}", agent.log());
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let routes = String::from_utf8_lossy(&ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
+    assert!(routes.is_empty(), "nothing may be programmed for a node that is not us: {routes}");
+    assert!(!agent.log().contains("ready: the initial sync"), "{}", agent.log());
+    drop(agent);
+
+    // The same address as a deliberate overwrite (a node behind NAT).
+    let pins = PinDir::new();
+    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &["--public-ip", "192.0.2.99"], false);
+    assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn pins_that_would_die_with_the_agent_are_refused_unless_allowed() {
+    require_root();
+    let (ns, nodes) = one_node("192.0.2.1");
+    let pins = PinDir::new();
+    // `ip netns exec` gives the agent a mount namespace of its own, where
+    // /sys/fs/bpf is not mounted: a bpffs the agent mounted would die with it.
+    let mut agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &[], true);
+    assert_eq!(agent.exit_code(20), Some(1), "the agent must refuse:\n{}", agent.log());
+    assert!(agent.log().contains("--allow-ephemeral-pins"), "{}", agent.log());
+    drop(agent);
+    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &["--allow-ephemeral-pins"], true);
+    assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
+    assert!(agent.log().contains("nothing survives"), "the agent must warn:\n{}", agent.log());
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn the_decap_hook_is_settled_before_anything_is_attached() {
+    require_root();
+    let (ns, nodes) = one_node("192.0.2.1");
+    let first = PinDir::new();
+    let a = RunningAgent::start(&ns, first.path(), &nodes.0, &[], false);
+    assert!(a.wait_for("ready: the initial sync", 20), "{}", a.log());
+    assert!(a.log().contains("hook=Xdp"), "{}", a.log());
+    // A second root on the same interface: XDP is taken, so auto picks TC
+    // without trying XDP first.
+    for _ in 0..5 {
+        let second = PinDir::new();
+        let b = RunningAgent::start(&ns, second.path(), &nodes.0, &[], false);
+        assert!(b.wait_for("datapath attached", 20), "{}", b.log());
+        let log = b.log();
+        assert!(log.contains("hook=TcIngress"), "{log}");
+        assert!(!log.contains("XDP cannot attach here"), "the choice must come before any attachment:\n{log}");
+    }
+    // Asked for XDP explicitly, the second root is refused, and a failed
+    // start leaves no pins behind.
+    let second = PinDir::new();
+    let mut b = RunningAgent::start(&ns, second.path(), &nodes.0, &["--decap", "xdp"], false);
+    assert_eq!(b.exit_code(20), Some(1), "{}", b.log());
+    assert!(!second.path().exists(), "a failed start left {} behind:\n{}", second.path().display(), b.log());
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_missing_nodes_directory_is_reported_once() {
+    require_root();
+    let (ns, nodes) = one_node("192.0.2.1");
+    let pins = PinDir::new();
+    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &[], false);
+    assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
+    fs::remove_dir_all(&nodes.0).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let log = agent.log();
+    let reports = log.matches("reading the nodes directory").count();
+    assert_eq!(reports, 1, "the error must be logged once, not every poll:\n{log}");
+    fs::create_dir_all(&nodes.0).unwrap();
+    nodes.node("me", "10.244.1.0/24", "192.0.2.1");
+    assert!(agent.wait_for("nodes directory readable again", 5), "{}", agent.log());
+}
