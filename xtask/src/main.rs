@@ -5,6 +5,7 @@
 //! - `test`: setup, then every test (the README's test command; CI runs it).
 //! - `lab`: setup, build, then the multi-node lab (see `tests/src/lab.rs`).
 //! - `bench`: setup, release build, then the benchmark (`tests/src/bench.rs`).
+//! - `vmtest`: the privileged integration tests on other kernels, under QEMU.
 //! - `lint`: clippy over the user-space crates.
 //! - `run`: build, then run the agent with the given arguments.
 
@@ -13,6 +14,7 @@ mod lab;
 mod scale;
 mod setup;
 mod toolchain;
+mod vmtest;
 
 use std::process::{Command, ExitCode};
 
@@ -52,6 +54,9 @@ enum Task {
     /// Benchmark raw underlay, kernel host-gw, flannel's kernel vxlan and our
     /// datapath side by side, interleaved; writes docs/benchmarks/.
     Bench(bench::BenchArgs),
+    /// Boot each kernel under QEMU (Debian's 6.1 cloud kernel by default)
+    /// and run the privileged integration tests inside it, per kernel.
+    Vmtest(vmtest::VmTestArgs),
     /// Clippy over the user-space crates, warnings denied.
     Lint,
     /// Build everything, then run the agent on this machine with these
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         Task::Lab(args) => setup::setup().and_then(|_| lab::lab(&args)),
         Task::Scale(args) => setup::setup().and_then(|_| scale::scale(&args)),
         Task::Bench(args) => setup::setup().and_then(|_| bench::bench(&args)),
+        Task::Vmtest(args) => setup::setup().and_then(|_| vmtest::vmtest(&args)),
         Task::Lint => lint(),
         Task::Run { args } => setup::setup().and_then(|_| run_agent(&args)),
     };
