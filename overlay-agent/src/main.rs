@@ -200,6 +200,10 @@ fn main() -> std::process::ExitCode {
 fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     let layout = overlay_agent::bpffs::PinLayout::new(root);
     let interfaces = layout.linked_interfaces();
+    // Before TCX the TC programs are clsact filters, which no pin holds.
+    for iface in &interfaces {
+        Datapath::detach_clsact(iface).with_context(|| format!("detaching from {iface}"))?;
+    }
     Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
     println!("detached from {} and removed the pins under {}", if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") }, root.display());
     let removed = overlay_agent::routes::remove_owned().context("removing the agent's routes")?;
@@ -218,7 +222,8 @@ fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<
         PathBuf::from(format!("{}/overlay-check-{}", overlay_agent::bpffs::BPFFS_MOUNT, std::process::id()))
     });
     let result = check_in(iface, &root, hook);
-    let cleanup = Datapath::remove_pins(&root).context("cleaning up the check's pins");
+    let detach = Datapath::detach_clsact(iface).context("detaching the check's filters");
+    let cleanup = Datapath::remove_pins(&root).context("cleaning up the check's pins").and(detach);
     result.and(cleanup)
 }
 
