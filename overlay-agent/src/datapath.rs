@@ -7,10 +7,13 @@
 //! programs attach through TCX on 6.6 and later, through a clsact qdisc
 //! before that.
 //!
-//! The datapath outlives the agent where the kernel can pin its
-//! attachments: TCX links (6.6) and XDP links (5.9). There a restarted
-//! agent swaps its programs into the pinned links without a gap. On older
-//! kernels the netlink attachments end with the agent.
+//! The datapath outlives the agent. TCX links (6.6) and XDP links (5.9)
+//! are pinned, and a restarted agent swaps its programs into them without
+//! a gap. Before 6.6 the TC programs are clsact filters, which cannot be
+//! pinned but stay until deleted: each role has a fixed priority and
+//! handle ([`clsact`]), where a restarted agent replaces the program in
+//! place, and its pin path holds an empty directory marking the attachment
+//! for the pin-based bookkeeping (and `cleanup`).
 
 use std::{
     fs, io,
@@ -22,7 +25,7 @@ use aya::{
     programs::{
         Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
-        tc::{self, SchedClassifierLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
         xdp::XdpLink,
     },
     util::KernelVersion,
@@ -31,6 +34,7 @@ use overlay_common::{map_names, program_names};
 
 use crate::{
     bpffs::{self, LinkRole, PinLayout},
+    clsact::{self, ClsactError},
     object,
 };
 
@@ -103,6 +107,12 @@ pub enum DatapathError {
         path: PathBuf,
         #[source]
         source: LinkError,
+    },
+    #[error("the clsact filters of {iface}")]
+    Clsact {
+        iface: String,
+        #[source]
+        source: ClsactError,
     },
 }
 
@@ -218,7 +228,7 @@ impl Datapath {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
-        let needs_clsact = KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0));
+        let needs_clsact = needs_clsact();
         if needs_clsact {
             // Already present is fine; a real failure shows up in attach.
             let _ = tc::qdisc_add_clsact(iface);
@@ -233,7 +243,7 @@ impl Datapath {
             Err(err) => {
                 if egress == LinkOutcome::Attached {
                     // Never leave the interface half-programmed.
-                    let _ = fs::remove_file(self.layout.link(iface, LinkRole::TcEgress));
+                    self.undo_fresh(iface, LinkRole::TcEgress);
                 }
                 return Err(err);
             }
@@ -244,7 +254,7 @@ impl Datapath {
         if deliver_at_tc && let Err(err) = self.attach_role(iface, LinkRole::DecapTc, hook) {
             for (role, outcome) in [(LinkRole::TcEgress, egress), (decap_role, decap)] {
                 if outcome == LinkOutcome::Attached {
-                    let _ = fs::remove_file(self.layout.link(iface, role));
+                    self.undo_fresh(iface, role);
                 }
             }
             return Err(err);
@@ -267,6 +277,29 @@ impl Datapath {
             unwanted.push(self.layout.links_dir().join(other));
         }
         unwanted.extend(self.layout.stale_map_dirs());
+        if needs_clsact {
+            // Filters are not pins: delete those of unwanted roles (and any
+            // stacked by agents before fixed priorities) on every interface
+            // whose markers are about to go.
+            let keep_here: Vec<LinkRole> = [Some(LinkRole::TcEgress), (decap_role == LinkRole::DecapTc || deliver_at_tc).then_some(LinkRole::DecapTc)]
+                .into_iter()
+                .flatten()
+                .collect();
+            let mut interfaces = self.layout.linked_interfaces();
+            if !interfaces.iter().any(|i| i == iface) {
+                interfaces.push(iface.to_owned());
+            }
+            for other in interfaces {
+                let keep: Vec<LinkRole> = if other == iface {
+                    keep_here.clone()
+                } else if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
+                    vec![LinkRole::PodFastPath]
+                } else {
+                    Vec::new()
+                };
+                delete_clsact_filters(&other, &keep)?;
+            }
+        }
         let mut removed = Vec::new();
         for path in unwanted {
             if !path.exists() {
@@ -296,7 +329,7 @@ impl Datapath {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
-        if KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0)) {
+        if needs_clsact() {
             let _ = tc::qdisc_add_clsact(iface);
         }
         self.attach_role(iface, LinkRole::PodFastPath, DecapHook::TcIngress)
@@ -305,6 +338,7 @@ impl Datapath {
     /// Detaches the fast path from `iface` (a pod's veth that is gone or
     /// being left) by removing its pins.
     pub fn detach_pod_fast_path(&mut self, iface: &str) -> Result<(), DatapathError> {
+        delete_clsact_filters(iface, &[])?;
         remove_link_dir(&self.layout.links_dir().join(iface)).map(drop)
     }
 
@@ -320,6 +354,9 @@ impl Datapath {
     fn attach_role(&mut self, iface: &str, role: LinkRole, hook: DecapHook) -> Result<LinkOutcome, DatapathError> {
         let name = role_program(role);
         let pin = self.layout.link(iface, role);
+        if role != LinkRole::DecapXdp && needs_clsact() {
+            return self.attach_clsact(iface, role, &pin);
+        }
         if pin.exists() {
             match self.swap_into_pinned(role, &pin) {
                 Ok(()) => return Ok(LinkOutcome::Swapped),
@@ -361,6 +398,72 @@ impl Datapath {
             source: io::Error::other(source),
         })?;
         Ok(LinkOutcome::Attached)
+    }
+
+    /// Before TCX: attaches `role`'s program as the clsact filter at its
+    /// fixed priority and handle, or replaces the program in that filter
+    /// atomically when a filter of ours is already there, and marks it with
+    /// an empty directory at `pin`. The filter stays after this process.
+    fn attach_clsact(&mut self, iface: &str, role: LinkRole, pin: &Path) -> Result<LinkOutcome, DatapathError> {
+        let name = role_program(role);
+        let (direction, attach_type) = match role {
+            LinkRole::TcEgress => (clsact::Direction::Egress, TcAttachType::Egress),
+            _ => (clsact::Direction::Ingress, TcAttachType::Ingress),
+        };
+        let priority = clsact::priority(role);
+        let handle = TcHandle::from(clsact::FILTER_HANDLE);
+        let ifindex = crate::iface::interface_index(iface).ok_or_else(|| DatapathError::UnknownInterface(iface.to_owned()))?;
+        let clsact_err = |source| DatapathError::Clsact { iface: iface.to_owned(), source };
+        let existing = clsact::filters(ifindex, direction).map_err(clsact_err)?;
+        let ours = existing.iter().find(|f| f.priority == priority && f.handle == clsact::FILTER_HANDLE);
+        let attach_err = |source| attach_error(name, iface, source);
+        let program = self.classifier(name)?;
+        let (id, outcome) = match ours {
+            Some(filter) if filter.name.as_deref() == Some(name) => {
+                let link = SchedClassifierLink::attached(iface, attach_type, priority, handle, None)
+                    .map_err(|e| attach_err(ProgramError::IOError(e)))?;
+                (program.attach_to_link(link).map_err(attach_err)?, LinkOutcome::Swapped)
+            }
+            Some(filter) => {
+                return Err(clsact_err(ClsactError::Occupied {
+                    iface: iface.to_owned(),
+                    direction,
+                    priority,
+                    handle: clsact::FILTER_HANDLE,
+                    found: filter.name.clone().unwrap_or_else(|| "a filter of another kind".to_owned()),
+                    program: name,
+                }));
+            }
+            None => {
+                let options = TcAttachOptions::Netlink(NlOptions { priority, handle, classid: None });
+                (program.attach_with_options(iface, attach_type, options).map_err(attach_err)?, LinkOutcome::Attached)
+            }
+        };
+        // The link's Drop would delete the filter; it must outlive us, and
+        // the next agent finds it by priority and handle.
+        std::mem::forget(program.take_link(id).map_err(attach_err)?);
+        fs::create_dir_all(pin).map_err(|source| DatapathError::Pin { path: pin.to_owned(), source })?;
+        Ok(outcome)
+    }
+
+    /// Undoes a fresh attachment: its pin (or clsact marker) and, before
+    /// TCX, its filter.
+    fn undo_fresh(&self, iface: &str, role: LinkRole) {
+        let pin = self.layout.link(iface, role);
+        let _ = if pin.is_dir() { fs::remove_dir(&pin) } else { fs::remove_file(&pin) };
+        if role != LinkRole::DecapXdp && needs_clsact() {
+            let direction = if role == LinkRole::TcEgress { clsact::Direction::Egress } else { clsact::Direction::Ingress };
+            if let Some(ifindex) = crate::iface::interface_index(iface) {
+                let _ = clsact::delete(ifindex, direction, clsact::priority(role), clsact::FILTER_HANDLE);
+            }
+        }
+    }
+
+    /// Deletes the clsact filters of ours from `iface` (nothing on kernels
+    /// with TCX, where removing the pins detaches): `cleanup` and `check`
+    /// call it for every interface with pins, before removing them.
+    pub fn detach_clsact(iface: &str) -> Result<(), DatapathError> {
+        delete_clsact_filters(iface, &[])
     }
 
     /// Replaces the program inside the pinned link at `pin` with ours.
@@ -513,6 +616,30 @@ fn remove_dir_if_empty(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
         Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty => Ok(vec![dir.to_owned()]),
         Err(source) => Err(DatapathError::Unpin { path: dir.to_owned(), source }),
     }
+}
+
+/// Whether TC programs attach as clsact filters (no TCX before 6.6).
+fn needs_clsact() -> bool {
+    KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0))
+}
+
+/// Deletes our clsact filters on `iface`, except those of the `keep` roles;
+/// nothing on kernels with TCX or when the interface is gone.
+fn delete_clsact_filters(iface: &str, keep: &[LinkRole]) -> Result<(), DatapathError> {
+    if !needs_clsact() {
+        return Ok(());
+    }
+    let Some(ifindex) = crate::iface::interface_index(iface) else { return Ok(()) };
+    let keep: Vec<(clsact::Direction, u16)> = keep
+        .iter()
+        .map(|role| {
+            let direction = if *role == LinkRole::TcEgress { clsact::Direction::Egress } else { clsact::Direction::Ingress };
+            (direction, clsact::priority(*role))
+        })
+        .collect();
+    clsact::delete_ours(ifindex, &keep)
+        .map(drop)
+        .map_err(|source| DatapathError::Clsact { iface: iface.to_owned(), source })
 }
 
 const fn role_program(role: LinkRole) -> &'static str {

@@ -14,6 +14,7 @@
 
 pub mod apply;
 pub mod bpffs;
+pub mod clsact;
 pub mod datapath;
 pub mod desired;
 pub mod hook;

@@ -226,6 +226,10 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         anyhow::bail!("removing the route to {cidr}: {refused}");
     }
     println!("removed {} routes (proto {}, destinations in {})", installed.len(), routes::ROUTE_PROTO, layout.map(overlay_common::map_names::ROUTES).display());
+    // Before TCX the TC programs are clsact filters, which no pin holds.
+    for iface in &interfaces {
+        Datapath::detach_clsact(iface).with_context(|| format!("detaching from {iface}"))?;
+    }
     let left = Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
     let detached = if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") };
     println!("detached from {detached} and removed the pins under {}", root.display());
@@ -259,8 +263,9 @@ fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<
         );
     }
     let result = check_in(iface, &root, hook);
-    let cleanup = Datapath::remove_pins(&root).context("cleaning up the check's pins");
-    result.and(cleanup.map(drop))
+    let detach = Datapath::detach_clsact(iface).context("detaching the check's filters");
+    let cleanup = Datapath::remove_pins(&root).context("cleaning up the check's pins").map(drop).and(detach);
+    result.and(cleanup)
 }
 
 fn check_in(iface: &str, root: &std::path::Path, hook: DecapHook) -> anyhow::Result<()> {

@@ -70,6 +70,31 @@ pub fn require_root() {
     );
 }
 
+/// Ids of the TC programs attached to one side of `iface` in the current
+/// network namespace, however they attach: TCX links (6.6 and later)
+/// through the kernel's query, and clsact `bpf` filters (before 6.6) as
+/// `tc filter show` lists them.
+pub fn tc_program_ids(iface: &str, side: aya::programs::TcAttachType) -> Vec<u32> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    let mut ids: Vec<u32> = SchedClassifier::query_tcx(iface, side)
+        .map(|(_, infos)| infos.iter().map(|i| i.id()).collect())
+        .unwrap_or_default();
+    let side = if side == TcAttachType::Ingress { "ingress" } else { "egress" };
+    let filters = stdout("tc", &["filter", "show", "dev", iface, side]);
+    for line in filters.lines().filter(|l| l.contains(" bpf ")) {
+        let mut words = line.split_whitespace();
+        while let Some(word) = words.next() {
+            if word == "id"
+                && let Some(id) = words.next().and_then(|w| w.parse().ok())
+            {
+                ids.push(id);
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids
+}
+
 /// Runs a command and returns its output, panicking with the command line
 /// and stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {

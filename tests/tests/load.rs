@@ -5,14 +5,14 @@
 
 use aya::{
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
-    programs::{SchedClassifier, TcAttachType, XdpMode},
+    programs::{TcAttachType, XdpMode},
 };
 use overlay_agent::{
     bpffs::{LinkRole, PinLayout},
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
-use overlay_tests::{NetNs, PinDir, privileged, stdout};
+use overlay_tests::{NetNs, PinDir, agent_binary, privileged, stdout, tc_program_ids};
 
 #[test]
 fn every_program_passes_the_verifier() {
@@ -36,14 +36,12 @@ fn every_program_passes_the_verifier() {
     }
 }
 
-/// Ids of the programs the kernel reports attached to `iface`: TCX links
-/// through the kernel's query, XDP through `bpftool net show`.
+/// Ids of the programs the kernel reports attached to `iface`: TC through
+/// TCX or clsact filters, XDP through `bpftool net show`.
 fn attached_program_ids(iface: &str) -> Vec<u32> {
     let mut ids = Vec::new();
     for ty in [TcAttachType::Ingress, TcAttachType::Egress] {
-        if let Ok((_, infos)) = SchedClassifier::query_tcx(iface, ty) {
-            ids.extend(infos.iter().map(|i| i.id()));
-        }
+        ids.extend(tc_program_ids(iface, ty));
     }
     let net = stdout("bpftool", &["net", "show", "dev", iface]);
     ids.extend(
@@ -90,6 +88,8 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
     assert_eq!(attached_program_ids("ul0"), swapped);
     drop(next);
 
+    // What `cleanup` does: before TCX the filters are not held by pins.
+    Datapath::detach_clsact("ul0").expect("deleting the clsact filters");
     Datapath::remove_pins(pins.path()).expect("removing the pins");
     // A bpf_link lives until its last fd closes; a process another test is
     // forking at this moment holds a copy until it execs, so allow a moment.
@@ -127,6 +127,54 @@ fn changing_the_decap_hook_replaces_the_old_attachment() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert_eq!(attached_program_ids("ul0"), ids, "XDP must be gone, TC egress and ingress attached");
+}
+
+/// Before TCX (6.6) the TC programs are clsact filters, which outlive the
+/// agent without a pin: a restarted agent must replace its own filter
+/// rather than stack another beside it, and `cleanup` must delete them.
+/// (On TCX kernels the same holds through the pinned links.)
+#[test]
+fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
+    if !privileged() {
+        return;
+    }
+    let ns = NetNs::new();
+    ns.veth_pair("ul0", "ul1");
+    let pins = PinDir::new();
+    let _inside = ns.enter();
+    let mut last_ids = Vec::new();
+    // The first agent and two restarts.
+    for start in 0..3 {
+        let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+        let report = datapath.attach("ul0", DecapHook::TcIngress, false).expect("attaching");
+        let expected = if start == 0 { LinkOutcome::Attached } else { LinkOutcome::Swapped };
+        assert_eq!((report.egress, report.decap), (expected, expected), "start {start}");
+        let id_of = |name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
+        last_ids = vec![id_of(program_names::TC_INGRESS), id_of(program_names::TC_EGRESS)];
+    }
+    let ingress = tc_program_ids("ul0", TcAttachType::Ingress);
+    let egress = tc_program_ids("ul0", TcAttachType::Egress);
+    let filters = stdout("tc", &["filter", "show", "dev", "ul0", "ingress"]) + &stdout("tc", &["filter", "show", "dev", "ul0", "egress"]);
+    assert_eq!(
+        (ingress, egress),
+        (vec![last_ids[0]], vec![last_ids[1]]),
+        "after two restarts: exactly the last agent's program on each side\n{filters}"
+    );
+
+    let out = std::process::Command::new(agent_binary())
+        .args(["cleanup", "--keep-subnet-file", "--bpffs-root"])
+        .arg(pins.path())
+        .output()
+        .expect("running overlay-agent cleanup");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cleanup failed: {printed}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(printed.contains("detached from ul0"), "{printed}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !attached_program_ids("ul0").is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let filters = stdout("tc", &["filter", "show", "dev", "ul0", "ingress"]) + &stdout("tc", &["filter", "show", "dev", "ul0", "egress"]);
+    assert!(attached_program_ids("ul0").is_empty(), "still attached after cleanup:\n{filters}");
 }
 
 #[test]
@@ -207,7 +255,7 @@ fn without_bpf_privileges_the_agent_says_what_it_needs() {
     let pins = PinDir::new();
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])
-        .arg(overlay_tests::agent_binary())
+        .arg(agent_binary())
         .args(["check", "--iface", "lo", "--bpffs-root"])
         .arg(pins.path())
         .output()

@@ -68,16 +68,16 @@ fn cleanup_removes_the_datapath_on_purpose() {
     let pin_root = lab.nodes[0].pin_root.clone();
     let subnet_file = lab.work_dir().join("node1-subnet.env");
     std::fs::write(&subnet_file, "FLANNEL_NETWORK=10.244.0.0/16\n").unwrap();
-    // What is attached to node1's eth0: TCX programs, and an XDP line.
+    // What is attached to node1's eth0: TC programs (TCX or clsact filters), and an XDP line.
     let attached = || {
         let _inside = lab.nodes[0].ns.enter();
-        let tcx = [TcAttachType::Ingress, TcAttachType::Egress]
+        let tc = [TcAttachType::Ingress, TcAttachType::Egress]
             .into_iter()
-            .map(|ty| SchedClassifier::query_tcx("eth0", ty).map_or(0, |(_, p)| p.len()))
+            .map(|ty| overlay_tests::tc_program_ids("eth0", ty).len())
             .sum::<usize>();
         let net = overlay_tests::stdout("bpftool", &["net", "show", "dev", "eth0"]);
         let xdp = net.lines().filter(|l| l.contains("driver id") || l.contains("generic id")).count();
-        (tcx, xdp)
+        (tc, xdp)
     };
     assert_eq!(attached(), (1, 1), "a stopped agent must leave TC egress and XDP attached");
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");

@@ -3,7 +3,11 @@
 //! Idempotent: every step checks before it acts. As root on Debian it
 //! installs what is missing; elsewhere it prints the commands to run.
 
-use std::{path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -60,8 +64,140 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
             );
         }
     }
+    if can_install {
+        setup_vm()?;
+    } else if !vm_ready() {
+        eprintln!("setup: `cargo xtask vmtest` needs root on Debian to install QEMU, busybox-static, kmod, virtiofsd and Debian's {VM_KERNEL_PACKAGE}");
+    }
     eprintln!("setup: eBPF toolchain `{}`: {}", chosen.name, chosen.reason);
     Ok(chosen)
+}
+
+/// Debian's meta-package for the kernel `cargo xtask vmtest` boots by
+/// default: the cloud kernel of the release this machine runs (6.1 on
+/// bookworm).
+pub const VM_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
+/// Where Debian's busybox-static installs busybox.
+pub const BUSYBOX: &str = "/bin/busybox";
+/// The virtiofsd release `setup` builds (Debian 12 does not package it).
+const VIRTIOFSD_VERSION: &str = "1.14.0";
+/// Debian packages the VM tests need: QEMU, a static busybox for the
+/// initramfs, kmod's depmod for the kernel's module index, and the
+/// libraries virtiofsd builds against.
+const VM_PACKAGES: [(&str, &str); 5] = [
+    ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
+    (BUSYBOX, "busybox-static"),
+    ("/usr/sbin/depmod", "kmod"),
+    ("/usr/include/seccomp.h", "libseccomp-dev"),
+    ("/usr/include/cap-ng.h", "libcap-ng-dev"),
+];
+
+/// `~/.cache/overlay/vmtest`: kernels, initramfs images, virtiofsd.
+pub fn vm_cache_dir() -> PathBuf {
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache/overlay/vmtest")
+}
+
+pub fn virtiofsd_binary() -> PathBuf {
+    vm_cache_dir().join(format!("virtiofsd-{VIRTIOFSD_VERSION}/bin/virtiofsd"))
+}
+
+/// Where the default kernel's package is extracted; its name is kept in
+/// `default-kernel` next to it.
+fn kernels_dir() -> PathBuf {
+    vm_cache_dir().join("kernels")
+}
+
+/// The `vmlinuz` of the default VM kernel, as extracted by `setup`.
+pub fn default_vm_kernel() -> anyhow::Result<PathBuf> {
+    let marker = kernels_dir().join("default-kernel");
+    let package = fs::read_to_string(&marker)
+        .with_context(|| format!("reading {} (run `cargo xtask setup` as root)", marker.display()))?;
+    let tree = kernels_dir().join(package.trim());
+    let boot = tree.join("boot");
+    let entries = fs::read_dir(&boot).with_context(|| format!("reading {}", boot.display()))?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .with_context(|| format!("no vmlinuz-* in {}", boot.display()))
+}
+
+fn vm_ready() -> bool {
+    VM_PACKAGES.iter().all(|(file, _)| Path::new(file).exists())
+        && virtiofsd_binary().is_file()
+        && default_vm_kernel().is_ok()
+}
+
+/// Installs what `cargo xtask vmtest` needs, each step only when missing:
+/// the Debian packages, virtiofsd (from crates.io), and the default kernel,
+/// downloaded with `apt-get download` and extracted into the cache rather
+/// than installed, so the host's boot setup is never touched.
+fn setup_vm() -> anyhow::Result<()> {
+    let missing: Vec<&str> = VM_PACKAGES.iter().filter(|(file, _)| !Path::new(file).exists()).map(|(_, pkg)| *pkg).collect();
+    if !missing.is_empty() {
+        eprintln!("setup: installing for the VM tests: {}", missing.join(" "));
+        apt_install(&missing)?;
+    }
+    if !virtiofsd_binary().is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let root = vm_cache_dir().join(format!("virtiofsd-{VIRTIOFSD_VERSION}"));
+        run(Command::new(cargo)
+            .args(["install", "virtiofsd", "--locked", "--version", VIRTIOFSD_VERSION, "--root"])
+            .arg(&root))?;
+    }
+    let package = kernel_package()?;
+    let tree = kernels_dir().join(&package);
+    let complete = tree.join(".complete");
+    if !complete.exists() {
+        eprintln!("setup: extracting {package} into {} for the VM tests", tree.display());
+        let download = kernels_dir().join("download");
+        let _ = fs::remove_dir_all(&download);
+        let _ = fs::remove_dir_all(&tree);
+        fs::create_dir_all(&download)?;
+        run(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&download))?;
+        let deb = fs::read_dir(&download)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == "deb"))
+            .with_context(|| format!("apt-get download {package} left no .deb"))?;
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+        let modules = tree.join("lib/modules");
+        for version in fs::read_dir(&modules).with_context(|| format!("reading {}", modules.display()))? {
+            let version = version?.file_name();
+            run(Command::new("/usr/sbin/depmod").arg("-b").arg(&tree).arg(&version))?;
+        }
+        fs::remove_dir_all(&download)?;
+        fs::write(&complete, "")?;
+    }
+    fs::write(kernels_dir().join("default-kernel"), format!("{package}\n"))?;
+    Ok(())
+}
+
+/// The versioned package `VM_KERNEL_PACKAGE` currently depends on
+/// (`linux-image-6.1.0-NN-cloud-amd64`).
+fn kernel_package() -> anyhow::Result<String> {
+    let output = Command::new("apt-cache")
+        .args(["depends", VM_KERNEL_PACKAGE])
+        .output()
+        .context("running apt-cache depends")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let found = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .map(|p| p.trim().to_owned())
+        .filter(|p| p.starts_with("linux-image-"));
+    match found {
+        Some(package) => Ok(package),
+        None => {
+            // Offline with a kernel already extracted: keep using it.
+            let marker = kernels_dir().join("default-kernel");
+            if let Ok(package) = fs::read_to_string(&marker) {
+                return Ok(package.trim().to_owned());
+            }
+            bail!("apt-cache depends {VM_KERNEL_PACKAGE} names no linux-image package (run apt-get update)")
+        }
+    }
 }
 
 fn install_debian_toolchain() -> anyhow::Result<()> {

@@ -1,0 +1,588 @@
+//! `cargo xtask vmtest`: the privileged integration tests on other kernels,
+//! each booted under QEMU.
+//!
+//! The guest sees the host's root filesystem read-only over virtiofs
+//! (`virtiofsd --readonly`), with a tmpfs overlay on top so tests can write.
+//! A tiny initramfs (static busybox and the modules virtiofs and overlayfs
+//! need) mounts that root and switches into it; a second script, written per
+//! run under `target/vmtest/`, mounts proc/sys/bpffs/tmp, points
+//! `/lib/modules/<version>` at the kernel's extracted modules (so `modprobe`
+//! and the kernel's own module autoloading work), loads the network modules
+//! the tests need, runs the test binaries built on the host, prints one
+//! `OVERLAY-VMTEST-RESULT` line per binary and powers off. Everything the
+//! guest prints arrives on the serial console, which is copied to stdout.
+//!
+//! KVM is used when it works (probed once per host kernel and cached); on
+//! these machines it does not (nested virtualisation), so QEMU emulates
+//! (TCG), which is slow: see `--timeout`.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::setup;
+
+/// The test files `cargo xtask vmtest` runs by default: everything that
+/// exercises the datapath's kernel interfaces.
+pub const DEFAULT_TESTS: &[&str] = &["load", "packets", "restart", "vxlan_lab"];
+/// The ones `cargo xtask test` runs on the default VM kernel every time.
+pub const CI_TESTS: &[&str] = &["load", "packets"];
+
+/// The result line the guest prints per test binary.
+const RESULT_TAG: &str = "OVERLAY-VMTEST-RESULT";
+/// The line the guest prints when it has run everything.
+const DONE_TAG: &str = "OVERLAY-VMTEST-DONE";
+
+/// Modules the guest needs before it can mount its root; their
+/// dependencies come from the kernel's `modules.dep`.
+const STAGE1_MODULES: &[&str] = &["virtio_pci", "virtiofs", "overlay"];
+
+/// Network modules the tests need; the rest (netfilter's) the kernel loads
+/// on demand through `modprobe`.
+const NETWORK_MODULES: &[&str] = &[
+    "veth", "vxlan", "bridge", "br_netfilter", "sch_ingress", "cls_bpf", "act_bpf", "dummy",
+];
+
+#[derive(clap::Args)]
+pub struct VmTestArgs {
+    /// A kernel to boot: its `vmlinuz`, inside an extracted Debian package
+    /// (`<dir>/boot/vmlinuz-<version>` with `<dir>/lib/modules/<version>`).
+    /// Repeat for several. Default: Debian's cloud kernel (6.1), which
+    /// `cargo xtask setup` extracts into the cache.
+    #[arg(long = "kernel")]
+    kernels: Vec<PathBuf>,
+    /// Give up on a kernel after this many minutes (TCG is slow).
+    #[arg(long, default_value_t = 45)]
+    timeout_minutes: u64,
+    /// Test files (`tests/tests/<name>.rs`) to run; default: load, packets,
+    /// restart, vxlan_lab.
+    #[arg(long = "test")]
+    tests: Vec<String>,
+    /// Filters passed to every test binary (after `--`).
+    #[arg(last = true)]
+    filters: Vec<String>,
+}
+
+pub fn vmtest(args: &VmTestArgs) -> anyhow::Result<()> {
+    let kernels = if args.kernels.is_empty() { vec![setup::default_vm_kernel()?] } else { args.kernels.clone() };
+    let tests: Vec<&str> = if args.tests.is_empty() { DEFAULT_TESTS.to_vec() } else { args.tests.iter().map(String::as_str).collect() };
+    run(&kernels, &tests, &args.filters, Duration::from_secs(args.timeout_minutes * 60))
+}
+
+/// `cargo xtask test`'s share: [`CI_TESTS`] on the default kernel, bounded
+/// by `CI_TIMEOUT`.
+pub fn ci() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let result = run(&[setup::default_vm_kernel()?], CI_TESTS, &[], CI_TIMEOUT);
+    eprintln!("vmtest: {} on the default VM kernel took {} s in all", CI_TESTS.join(", "), started.elapsed().as_secs());
+    result
+}
+
+/// How long `cargo xtask test` gives the VM (boot, load.rs, packets.rs).
+const CI_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+
+fn run(kernels: &[PathBuf], tests: &[&str], filters: &[String], timeout: Duration) -> anyhow::Result<()> {
+    let binaries = build_test_binaries(tests)?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let interrupted = interrupted.clone();
+        // Ctrl-C reaches QEMU too; the guards below reap it and virtiofsd.
+        let _ = ctrlc::set_handler(move || interrupted.store(true, Ordering::SeqCst));
+    }
+    let mut failed = Vec::new();
+    let mut summary = Vec::new();
+    for kernel in kernels {
+        let vm_kernel = VmKernel::find(kernel)?;
+        let started = Instant::now();
+        let outcome = run_in_vm(&vm_kernel, &binaries, filters, timeout, &interrupted);
+        let took = started.elapsed().as_secs();
+        match outcome {
+            Ok(results) => {
+                for (test, status) in &results {
+                    summary.push(format!("{}: {test}: {}", vm_kernel.version, if *status == 0 { "ok".to_owned() } else { format!("FAILED (exit {status})") }));
+                    if *status != 0 {
+                        failed.push(format!("{} on {}", test, vm_kernel.version));
+                    }
+                }
+                summary.push(format!("{}: {} test binaries in {took} s ({})", vm_kernel.version, results.len(), accel_name()));
+            }
+            Err(err) => {
+                summary.push(format!("{}: FAILED after {took} s: {err:#}", vm_kernel.version));
+                failed.push(format!("{}: {err:#}", vm_kernel.version));
+            }
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    eprintln!("vmtest: summary");
+    for line in &summary {
+        eprintln!("vmtest:   {line}");
+    }
+    if interrupted.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    if !failed.is_empty() {
+        bail!("failed in the VM: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// One test binary built on the host.
+struct TestBinary {
+    /// The test file's name (`load` for `tests/tests/load.rs`).
+    name: String,
+    path: PathBuf,
+    /// Its package's directory (cargo runs tests from there).
+    dir: PathBuf,
+}
+
+/// Builds the agent and the named test binaries, and finds them through
+/// cargo's JSON messages.
+fn build_test_binaries(tests: &[&str]) -> anyhow::Result<Vec<TestBinary>> {
+    crate::cargo(&["build"])?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(&cargo);
+    command.args(["test", "--no-run", "--message-format=json", "-p", "overlay-tests"]);
+    for test in tests {
+        command.args(["--test", test]);
+    }
+    let output = command
+        .current_dir(crate::workspace_root())
+        .env("OVERLAY_EBPF_BUILD", "require")
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cargo} test --no-run"))?;
+    if !output.status.success() {
+        bail!("building the test binaries failed ({})", output.status);
+    }
+    let mut binaries = Vec::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if message["reason"] != "compiler-artifact" || message["target"]["kind"][0] != "test" {
+            continue;
+        }
+        let (Some(name), Some(path), Some(manifest)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+            message["manifest_path"].as_str(),
+        ) else {
+            continue;
+        };
+        let dir = Path::new(manifest).parent().context("manifest path without a directory")?.to_owned();
+        binaries.push(TestBinary { name: name.to_owned(), path: path.into(), dir });
+    }
+    for test in tests {
+        if !binaries.iter().any(|b| b.name == *test) {
+            bail!("no test binary `{test}` among cargo's artifacts (tests/tests/{test}.rs?)");
+        }
+    }
+    Ok(binaries)
+}
+
+/// A kernel image and its modules.
+struct VmKernel {
+    vmlinuz: PathBuf,
+    /// `<dir>/lib/modules/<version>`.
+    modules: PathBuf,
+    version: String,
+}
+
+impl VmKernel {
+    fn find(vmlinuz: &Path) -> anyhow::Result<Self> {
+        let vmlinuz = fs::canonicalize(vmlinuz).with_context(|| format!("kernel {}", vmlinuz.display()))?;
+        let file = vmlinuz.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let Some(version) = file.strip_prefix("vmlinuz-") else {
+            bail!("{}: expected a kernel named vmlinuz-<version> inside an extracted package (<dir>/boot/)", vmlinuz.display());
+        };
+        let tree = vmlinuz.parent().and_then(Path::parent).context("kernel path too short")?;
+        let modules = tree.join("lib/modules").join(version);
+        if !modules.join("modules.dep").is_file() {
+            bail!(
+                "{} has no modules.dep: extract the package and run `depmod -b {} {version}` (`cargo xtask setup` does both for the default kernel)",
+                modules.display(),
+                tree.display()
+            );
+        }
+        Ok(Self { version: version.to_owned(), vmlinuz, modules })
+    }
+
+    /// The module files (relative to the modules directory) that load
+    /// `modules` with their dependencies, dependencies first.
+    fn load_order(&self, modules: &[&str]) -> anyhow::Result<Vec<String>> {
+        let dep_file = self.modules.join("modules.dep");
+        let deps = fs::read_to_string(&dep_file).with_context(|| format!("reading {}", dep_file.display()))?;
+        let mut order: Vec<String> = Vec::new();
+        for module in modules {
+            let line = deps
+                .lines()
+                .find(|l| l.split(':').next().is_some_and(|f| f.ends_with(&format!("/{module}.ko"))))
+                .with_context(|| format!("{} has no module {module}", dep_file.display()))?;
+            let (file, needs) = line.split_once(':').unwrap_or((line, ""));
+            // modules.dep lists a module's dependencies last-loaded first.
+            for needed in needs.split_whitespace().rev().chain([file]) {
+                if !order.iter().any(|o| o == needed) {
+                    order.push(needed.to_owned());
+                }
+            }
+        }
+        Ok(order)
+    }
+
+    /// The initramfs for this kernel, built once into the cache.
+    fn initramfs(&self) -> anyhow::Result<PathBuf> {
+        let path = setup::vm_cache_dir().join(format!("initramfs-{}.cpio", self.version));
+        let mut archive = Cpio::default();
+        archive.dir("bin");
+        archive.dir("modules");
+        for dir in ["proc", "sys", "dev", "lower", "upper", "newroot"] {
+            archive.dir(dir);
+        }
+        // The kernel opens it as init's stdin/stdout before devtmpfs exists.
+        archive.char_device("dev/console", 5, 1);
+        let busybox = fs::read(setup::BUSYBOX).with_context(|| format!("reading {} (busybox-static)", setup::BUSYBOX))?;
+        archive.file("bin/busybox", &busybox, 0o755);
+        let mut order = String::new();
+        for (i, module) in self.load_order(STAGE1_MODULES)?.iter().enumerate() {
+            let source = self.modules.join(module);
+            let bytes = fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+            let name = format!("modules/{i:02}.ko");
+            archive.file(&name, &bytes, 0o644);
+            order.push_str(&format!("/{name}\n"));
+        }
+        archive.file("modules/order", order.as_bytes(), 0o644);
+        archive.file("init", STAGE1_INIT.as_bytes(), 0o755);
+        let bytes = archive.finish();
+        if fs::read(&path).ok().as_deref() != Some(&bytes[..]) {
+            fs::create_dir_all(setup::vm_cache_dir())?;
+            fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(path)
+    }
+}
+
+/// The initramfs's `/init`: mounts the host's root read-only with a tmpfs
+/// overlay and runs the per-run script named on the kernel command line.
+const STAGE1_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do insmod "$m" || echo "vmtest: insmod $m failed"; done
+stage2=$(sed -n 's/.*overlay.stage2=\([^ ]*\).*/\1/p' /proc/cmdline)
+mount -t virtiofs hostroot /lower -o ro || { echo "vmtest: cannot mount the host's root"; echo o > /proc/sysrq-trigger; }
+mount -t tmpfs -o mode=0755 upper /upper
+mkdir -p /upper/data /upper/work
+mount -t overlay overlay -o lowerdir=/lower,upperdir=/upper/data,workdir=/upper/work /newroot || { echo "vmtest: overlay mount failed"; echo o > /proc/sysrq-trigger; }
+umount /proc
+umount /dev
+exec switch_root /newroot /bin/bash "$stage2"
+"#;
+
+/// Boots `kernel`, runs every binary, and returns each binary's exit status.
+fn run_in_vm(
+    kernel: &VmKernel,
+    binaries: &[TestBinary],
+    filters: &[String],
+    timeout: Duration,
+    interrupted: &AtomicBool,
+) -> anyhow::Result<Vec<(String, i32)>> {
+    let initramfs = kernel.initramfs()?;
+    let run_dir = RunDir::create(&kernel.version)?;
+    let stage2 = run_dir.path.join("stage2.sh");
+    fs::write(&stage2, stage2_script(kernel, binaries, filters)).context("writing the guest's script")?;
+    let socket = run_dir.path.join("virtiofsd.sock");
+    let virtiofsd = ChildGuard::spawn(
+        Command::new(setup::virtiofsd_binary())
+            .arg(format!("--socket-path={}", socket.display()))
+            .args(["--shared-dir=/", "--readonly", "--sandbox=none", "--cache=auto", "--log-level=error"])
+            // The host's mounts (/proc, /sys, /dev...) as plain directories:
+            // announced as submounts they become automount points, which
+            // overlayfs refuses (EREMOTE) as a lower layer.
+            .args(["--no-announce-submounts"])
+            .stdin(Stdio::null()),
+        "virtiofsd",
+    )?;
+    let waited = Instant::now();
+    while !socket.exists() {
+        if waited.elapsed() > Duration::from_secs(10) {
+            bail!("virtiofsd did not create {} within 10 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let memory = "3G";
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(accel_args())
+        .args(["-smp", "2", "-m", memory, "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
+        .args(["-object", &format!("memory-backend-memfd,id=mem,size={memory},share=on"), "-numa", "node,memdev=mem"])
+        .args(["-chardev", &format!("socket,id=vfs,path={}", socket.display())])
+        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
+        .arg("-kernel")
+        .arg(&kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&initramfs)
+        .args(["-append", &format!("console=ttyS0 panic=-1 quiet loglevel=4 overlay.stage2={}", stage2.display())])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    eprintln!("vmtest: booting {} ({})", kernel.version, accel_name());
+    let mut vm = ChildGuard::spawn(&mut qemu, "qemu-system-x86_64")?;
+    let stdout = vm.child.stdout.take().context("QEMU's stdout")?;
+    let (lines_tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    let mut results = Vec::new();
+    let mut done = false;
+    let mut out = std::io::stdout();
+    loop {
+        if interrupted.load(Ordering::SeqCst) {
+            bail!("interrupted");
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {} min (--timeout-minutes)", timeout.as_secs() / 60);
+        }
+        match lines.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let line = line.trim_end_matches('\r');
+                let _ = writeln!(out, "[{}] {line}", kernel.version);
+                if let Some(rest) = line.strip_prefix(RESULT_TAG) {
+                    results.push(parse_result(rest)?);
+                } else if line.starts_with(DONE_TAG) {
+                    done = true;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let status = vm.wait()?;
+    drop(virtiofsd);
+    if !done {
+        bail!("the guest stopped before running every test (QEMU {status}); its console is above");
+    }
+    if results.len() != binaries.len() {
+        bail!("{} results for {} test binaries", results.len(), binaries.len());
+    }
+    Ok(results)
+}
+
+/// `test=<name> status=<code>`.
+fn parse_result(rest: &str) -> anyhow::Result<(String, i32)> {
+    let mut name = None;
+    let mut status = None;
+    for field in rest.split_whitespace() {
+        if let Some(v) = field.strip_prefix("test=") {
+            name = Some(v.to_owned());
+        } else if let Some(v) = field.strip_prefix("status=") {
+            status = v.parse().ok();
+        }
+    }
+    match (name, status) {
+        (Some(name), Some(status)) => Ok((name, status)),
+        _ => bail!("unreadable result line: {RESULT_TAG}{rest}"),
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The guest's script after it switched into the host's root.
+fn stage2_script(kernel: &VmKernel, binaries: &[TestBinary], filters: &[String]) -> String {
+    let mut script = String::from("set -u\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CI=1 RUST_BACKTRACE=1\n");
+    script.push_str(
+        "mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev 2>/dev/null\n\
+         mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs shm /dev/shm\n\
+         mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nmount -t bpf bpf /sys/fs/bpf\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null\nmount --make-rshared /\n",
+    );
+    script.push_str(&format!(
+        "mkdir -p /usr/lib/modules && ln -sfn {} /usr/lib/modules/{}\n",
+        shell_quote(&kernel.modules.display().to_string()),
+        kernel.version
+    ));
+    script.push_str(&format!(
+        "for m in {}; do modprobe $m || echo \"vmtest: modprobe $m failed\"; done\n",
+        NETWORK_MODULES.join(" ")
+    ));
+    script.push_str("ip link set lo up\necho \"vmtest: $(uname -r) up after $(cut -d' ' -f1 /proc/uptime) s\"\n");
+    let filters: Vec<String> = filters.iter().map(|f| shell_quote(f)).collect();
+    for binary in binaries {
+        script.push_str(&format!(
+            "echo \"vmtest: running {name}\"\nstart=$(cut -d' ' -f1 /proc/uptime)\n(cd {dir} && {path} --test-threads=2 {filters})\nstatus=$?\necho \"vmtest: {name} took $(awk -v s=$start '{{print $1 - s}}' /proc/uptime) s\"\necho \"{RESULT_TAG} test={name} status=$status\"\n",
+            name = binary.name,
+            dir = shell_quote(&binary.dir.display().to_string()),
+            path = shell_quote(&binary.path.display().to_string()),
+            filters = filters.join(" "),
+        ));
+    }
+    script.push_str(&format!("echo {DONE_TAG}\nsync\necho o > /proc/sysrq-trigger\nsleep 60\n"));
+    script
+}
+
+/// A per-run directory under `target/vmtest/`, removed when dropped.
+struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    fn create(version: &str) -> anyhow::Result<Self> {
+        let path = crate::workspace_root().join("target/vmtest").join(format!("{version}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A child process that is killed and reaped when dropped (failure, timeout,
+/// Ctrl-C).
+struct ChildGuard {
+    child: Child,
+    name: &'static str,
+}
+
+impl ChildGuard {
+    fn spawn(command: &mut Command, name: &'static str) -> anyhow::Result<Self> {
+        let child = command.spawn().with_context(|| format!("starting {name} (`cargo xtask setup` installs it)"))?;
+        Ok(Self { child, name })
+    }
+
+    fn wait(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        self.child.wait().with_context(|| format!("waiting for {}", self.name))
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Whether KVM boots guests on this machine: `/dev/kvm` can exist and still
+/// never get a guest past its firmware (nested virtualisation), so a tiny
+/// guest is booted once per host kernel and the answer cached.
+fn kvm_works() -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        if std::env::var("OVERLAY_VMTEST_ACCEL").is_ok_and(|a| a == "tcg") {
+            return false;
+        }
+        if fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+            return false;
+        }
+        let host = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let cache = setup::vm_cache_dir().join(format!("kvm-works-{}", host.trim()));
+        if let Ok(answer) = fs::read_to_string(&cache) {
+            return answer.trim() == "yes";
+        }
+        let works = probe_kvm();
+        let _ = fs::create_dir_all(setup::vm_cache_dir());
+        let _ = fs::write(&cache, if works { "yes\n" } else { "no\n" });
+        eprintln!("vmtest: KVM {} on this machine (cached in {})", if works { "works" } else { "does not boot guests" }, cache.display());
+        works
+    })
+}
+
+/// Boots QEMU with KVM and no guest (its firmware alone prints to the
+/// console) and says whether anything appears within 20 s.
+fn probe_kvm() -> bool {
+    let Ok(mut guard) = ChildGuard::spawn(
+        Command::new("qemu-system-x86_64")
+            .args(["-accel", "kvm", "-m", "128", "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "qemu-system-x86_64",
+    ) else {
+        return false;
+    };
+    let Some(stdout) = guard.child.stdout.take() else { return false };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut byte = [0u8; 1];
+        let mut reader = stdout;
+        let got = std::io::Read::read(&mut reader, &mut byte).is_ok_and(|n| n == 1);
+        let _ = tx.send(got);
+    });
+    rx.recv_timeout(Duration::from_secs(20)).unwrap_or(false)
+}
+
+fn accel_args() -> Vec<&'static str> {
+    if kvm_works() { vec!["-accel", "kvm", "-cpu", "host"] } else { vec!["-accel", "tcg,thread=multi", "-cpu", "max"] }
+}
+
+fn accel_name() -> &'static str {
+    if kvm_works() { "KVM" } else { "TCG, no KVM" }
+}
+
+/// A `newc` cpio archive, the format the kernel unpacks an initramfs from.
+#[derive(Default)]
+struct Cpio {
+    bytes: Vec<u8>,
+    inode: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8], rdev: (u32, u32)) {
+        self.inode += 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.inode, mode, 0, 0, 1, 0, data.len(), 0, 0, rdev.0, rdev.1, name.len() + 1, 0
+        );
+        self.bytes.extend_from_slice(header.as_bytes());
+        self.bytes.extend_from_slice(name.as_bytes());
+        self.bytes.push(0);
+        self.pad();
+        self.bytes.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.bytes.len() % 4 != 0 {
+            self.bytes.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040_755, &[], (0, 0));
+    }
+
+    fn char_device(&mut self, name: &str, major: u32, minor: u32) {
+        self.entry(name, 0o020_600, &[], (major, minor));
+    }
+
+    fn file(&mut self, name: &str, data: &[u8], perm: u32) {
+        self.entry(name, 0o100_000 | perm, data, (0, 0));
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[], (0, 0));
+        self.bytes
+    }
+}
