@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::TcAttachType;
 use overlay_common::Counter;
 use overlay_tests::{
     agent_binary,
