@@ -14,20 +14,19 @@ use std::{
     fmt::Write as _,
     path::Path,
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use inferno::collapse::{Collapse as _, perf};
 
-use super::{Config, Variant, check_interrupted, iperf3, ping, start_labs, subjects};
-use crate::lab::{ChildGuard, Underlay};
+use super::{Config, Endpoints, IPERF3_PORT, Variant, check_interrupted, ping, server, start_labs, subjects, tool};
+use crate::lab::Underlay;
 
 /// What `--profile` covers besides any `--variants`: the baseline and our
 /// default.
 pub const DEFAULT_VARIANTS: [Variant; 2] = [Variant::KernelVxlan, Variant::Vxlan];
 
-/// The sampling period: cpu-clock every 250 µs of CPU time, so a sample is
-/// a quarter of a CPU-millisecond.
+/// The sampling period: cpu-clock every 250 µs of CPU time. inferno weighs
+/// each stack by perf's period, so folded counts are CPU-nanoseconds.
 const PERIOD_NS: u64 = 250_000;
 
 /// Rows in each top-N table.
@@ -45,9 +44,10 @@ fn on_the_path(comm: &str) -> bool {
 pub struct Profile {
     pub underlay: String,
     pub variant: String,
-    /// Samples on the CPU, all processes.
+    /// CPU-ns sampled on the CPU, all processes (a sample weighs
+    /// [`PERIOD_NS`]); the other counts are CPU-ns too.
     pub samples: u64,
-    /// Samples of processes on the packets' path.
+    /// CPU-ns of processes on the packets' path.
     pub path_samples: u64,
     /// Samples per process name (all processes).
     pub by_comm: BTreeMap<String, u64>,
@@ -70,7 +70,10 @@ impl Profile {
             let Some((stack, count)) = line.rsplit_once(' ') else { continue };
             let Ok(count) = count.parse::<u64>() else { continue };
             let mut frames = stack.split(';');
-            let comm = frames.next().unwrap_or_default();
+            let mut comm = frames.next().unwrap_or_default();
+            if comm == "[other load]" {
+                comm = frames.next().unwrap_or_default();
+            }
             p.samples += count;
             *p.by_comm.entry(comm.to_owned()).or_default() += count;
             if !on_the_path(comm) {
@@ -95,7 +98,7 @@ impl Profile {
 
     /// CPU-ms per Gbit received that `samples` stand for.
     fn ms_per_gbit(&self, samples: u64) -> f64 {
-        if self.gbits > 0.0 { samples as f64 * PERIOD_NS as f64 / 1e6 / self.gbits } else { 0.0 }
+        if self.gbits > 0.0 { samples as f64 / 1e6 / self.gbits } else { 0.0 }
     }
 
     fn top(map: &BTreeMap<String, u64>, n: usize) -> Vec<(&str, u64)> {
@@ -126,14 +129,11 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
         check_interrupted(config)?;
         let name = format!("{}-{}", underlay.key(), variant.key());
         let data = std::env::temp_dir().join(format!("{}-{name}.perf.data", config.prefix));
-        let recorder = record(config.cpu, &data)?;
-        let measured = iperf3(ends, &["-P", "1"], config.seconds);
-        recorder.stop()?;
-        let (json, _, _) = measured.map_err(|e| format!("{name}: {e}"))?;
+        let json = recorded_iperf3(ends, config, &data).map_err(|e| format!("{name}: {e}"))?;
         let received = &json["end"]["sum_received"];
         let folded = fold(&data);
         let _ = std::fs::remove_file(&data);
-        let folded = folded.map_err(|e| format!("{name}: {e}"))?;
+        let folded = others_summarised(&folded.map_err(|e| format!("{name}: {e}"))?);
         std::fs::write(out.join(format!("{name}.folded")), &folded).map_err(|e| format!("writing {name}.folded: {e}"))?;
         flame_graph(&folded, &out.join(format!("{name}.svg")), &format!("{} on the {}: 1-stream TCP, CPU {}", variant.label(), underlay.label(), config.cpu.map_or("all".to_owned(), |c| c.to_string())))
             .map_err(|e| format!("{name}.svg: {e}"))?;
@@ -143,8 +143,8 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
         profile.gbps = received["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
         profile.gbits = received["bytes"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
         eprintln!(
-            "bench: profiled {name}: {} samples, {} on the path, {:.2} Gbit/s",
-            profile.samples, profile.path_samples, profile.gbps
+            "bench: profiled {name}: {:.0} CPU-ms sampled, {:.0} on the path, {:.2} Gbit/s",
+            profile.samples as f64 / 1e6, profile.path_samples as f64 / 1e6, profile.gbps
         );
         if profile.path_samples == 0 {
             return Err(format!("{name}: perf recorded no samples of iperf3 or ksoftirqd on the CPU"));
@@ -157,14 +157,18 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
     Ok(profiles.len())
 }
 
-/// A running `perf record`; stopped with SIGINT so it writes its file.
-struct Recorder(ChildGuard);
-
-/// Starts `perf record -e cpu-clock -g` on `cpu` (all CPUs if unpinned),
-/// itself kept off that CPU where there is another.
-fn record(cpu: Option<usize>, data: &Path) -> Result<Recorder, String> {
+/// The bench's 1-stream TCP test, its client run by `perf record -e
+/// cpu-clock -g` sampling the measuring CPU (all CPUs if unpinned). perf
+/// starts the client only once its events are enabled, and stops with it,
+/// so the profile covers the test and nothing else; perf itself stays off
+/// the measuring CPU where there is another (the client pins itself).
+fn recorded_iperf3(ends: &Endpoints, config: &Config, data: &Path) -> Result<serde_json::Value, String> {
+    let ip = ends.server_ip.to_string();
+    let _server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
+    let mut client = tool(&ends.client, "iperf3", ends.cpu);
+    client.args(["-c", &ip, "-t", &config.seconds.to_string(), "-J", "--connect-timeout", "3000", "-P", "1"]);
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let mut cmd = match cpu.and_then(|c| (0..cpus).find(|&o| o != c)) {
+    let mut cmd = match config.cpu.and_then(|c| (0..cpus).find(|&o| o != c)) {
         Some(other) => {
             let mut c = Command::new("taskset");
             c.args(["-c", &other.to_string(), "perf"]);
@@ -173,31 +177,19 @@ fn record(cpu: Option<usize>, data: &Path) -> Result<Recorder, String> {
         None => Command::new("perf"),
     };
     cmd.args(["record", "-e", "cpu-clock", "-c", &PERIOD_NS.to_string(), "-g", "-q", "-o"]).arg(data);
-    match cpu {
+    match config.cpu {
         Some(c) => cmd.args(["-C", &c.to_string()]),
         None => cmd.arg("-a"),
     };
-    let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().map_err(|e| format!("starting perf record: {e}"))?;
-    let mut guard = ChildGuard(child);
-    // perf opens its events before it samples; give it the moment.
-    std::thread::sleep(Duration::from_millis(500));
-    if let Ok(Some(status)) = guard.0.try_wait() {
-        return Err(format!("perf record exited at once ({status}); run it by hand to see why"));
+    cmd.arg("--").arg(client.get_program()).args(client.get_args());
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("running perf record: {e}"))?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!("perf record / iperf3 printed no JSON ({e}; {}): {}", out.status, String::from_utf8_lossy(&out.stderr))
+    })?;
+    if let Some(error) = json["error"].as_str() {
+        return Err(format!("iperf3: {error}"));
     }
-    Ok(Recorder(guard))
-}
-
-impl Recorder {
-    fn stop(mut self) -> Result<(), String> {
-        // SAFETY: signalling our own child; SIGINT makes perf write its file.
-        unsafe { libc::kill(self.0.0.id() as i32, libc::SIGINT) };
-        let status = self.0.0.wait().map_err(|e| format!("waiting for perf record: {e}"))?;
-        // perf exits 130 (or by the signal) when interrupted: that is the plan.
-        if !status.success() && status.code().is_some_and(|c| c != 130) {
-            return Err(format!("perf record failed ({status})"));
-        }
-        Ok(())
-    }
+    Ok(json)
 }
 
 /// `perf script` of `data`, folded by inferno with kernel frames marked.
@@ -220,10 +212,36 @@ fn fold(data: &Path) -> Result<String, String> {
     String::from_utf8(folded).map_err(|e| format!("folded stacks are not UTF-8: {e}"))
 }
 
+/// Keeps the stacks of the packets' path and folds every other process
+/// (other jobs on the shared machine) into one frame per process name under
+/// `[other load]`: the flame graph still shows how much CPU they took, and
+/// the files stay small.
+fn others_summarised(folded: &str) -> String {
+    let mut others: BTreeMap<String, u64> = BTreeMap::new();
+    let mut kept = String::new();
+    for line in folded.lines() {
+        let comm = line.split(';').next().unwrap_or_default();
+        let count = line.rsplit_once(' ').and_then(|(_, c)| c.parse::<u64>().ok());
+        match count {
+            Some(count) if !on_the_path(comm) => {
+                *others.entry(comm.to_owned()).or_default() += count;
+            }
+            _ => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+    }
+    for (comm, count) in others {
+        let _ = writeln!(kept, "[other load];{comm} {count}");
+    }
+    kept
+}
+
 fn flame_graph(folded: &str, path: &Path, title: &str) -> Result<(), String> {
     let mut options = inferno::flamegraph::Options::default();
     options.title = title.to_owned();
-    options.count_name = "samples (250 µs of CPU each)".to_owned();
+    options.count_name = "CPU-ns".to_owned();
     let file = std::fs::File::create(path).map_err(|e| e.to_string())?;
     inferno::flamegraph::from_lines(&mut options, folded.lines(), std::io::BufWriter::new(file)).map_err(|e| e.to_string())
 }
@@ -246,7 +264,7 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
             continue;
         }
         let _ = writeln!(s, "## {}\n", underlay.label());
-        let _ = writeln!(s, "| variant | Gbit/s during the profile | samples on the CPU | on the path | other processes | path CPU-ms per Gbit |");
+        let _ = writeln!(s, "| variant | Gbit/s during the profile | CPU-ms sampled | on the path | other processes | path CPU-ms per Gbit |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for p in &of {
             let others: Vec<String> = {
@@ -256,11 +274,11 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
             };
             let _ = writeln!(
                 s,
-                "| `{}` | {:.2} | {} | {} | {} | {:.1} |",
+                "| `{}` | {:.2} | {:.0} | {:.0} | {} | {:.1} |",
                 p.variant,
                 p.gbps,
-                p.samples,
-                p.path_samples,
+                p.samples as f64 / 1e6,
+                p.path_samples as f64 / 1e6,
                 if others.is_empty() { "—".to_owned() } else { others.join(", ") },
                 p.ms_per_gbit(p.path_samples)
             );
