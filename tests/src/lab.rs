@@ -63,6 +63,8 @@ pub struct LabSpec {
     /// The flannel nodes' backend: `vxlan` (the kernel vxlan device
     /// `flannel.1`) or `host-gw` (plain routes via the peers' node IPs).
     pub flannel_backend: String,
+    /// What the links between the nodes are like.
+    pub underlay: Underlay,
 }
 
 impl LabSpec {
@@ -82,6 +84,53 @@ impl LabSpec {
             backend: "vxlan".to_owned(),
             direct_routing: false,
             kubernetes: false,
+            underlay: Underlay::Wire,
+        }
+    }
+}
+
+/// What the links between the nodes are like: the two kinds of underlay a
+/// pod network meets, which favour different datapaths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum)]
+pub enum Underlay {
+    /// Like a wire between VMs or NICs: the underlay's bridge ports have
+    /// TSO/GSO off (MTU-sized frames between nodes) and a packet queue, and
+    /// the nodes' `eth0` have GRO on, as NICs do.
+    Wire,
+    /// Like kind, k3d or other Docker-based nodes: plain veths with their
+    /// default features, so 64 KB GSO frames pass from node to node whole,
+    /// and no GRO is forced on.
+    Container,
+}
+
+impl Underlay {
+    pub const ALL: [Self; 2] = [Self::Wire, Self::Container];
+
+    /// The name on the command line and in results.json.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Wire => "wire",
+            Self::Container => "container",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|u| u.key() == key)
+    }
+
+    /// A short label for headings.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Wire => "wire-like underlay",
+            Self::Container => "container-style underlay",
+        }
+    }
+
+    /// What the lab builds, for reports.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::Wire => "wire-like, as between VMs or NICs: TSO/GSO off on the underlay bridge ports, so frames between nodes are MTU-sized; a packet queue (`pfifo`, 1000) on them, as a switch buffers; GRO on at the nodes' `eth0`, as on NICs",
+            Self::Container => "container-style, as kind, k3d and Docker-based nodes have: plain veths on the underlay bridge with their default features (64 KB GSO frames pass from node to node whole, `noqueue`), GRO left at veth's default (off)",
         }
     }
 }
@@ -261,15 +310,20 @@ impl Lab {
         let port = format!("n{i}");
         let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
         let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
-        wire_like(underlay, &port);
+        if spec.underlay == Underlay::Wire {
+            wire_like(underlay, &port);
+        }
         let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
         if spec.topology == Topology::Routed {
             let _ = ns.ip(&["route", "add", "default", "via", &format!("192.168.{octet}.1")]);
         }
-        // GRO on, as on a physical NIC (veth defaults to off): it aggregates
-        // what XDP decapsulated before the stack forwards it to the pod.
-        let _ = run("ip", &["netns", "exec", ns.name(), "ethtool", "-K", "eth0", "gro", "on"]);
+        // Wire-like: GRO on, as on a physical NIC (veth defaults to off): it
+        // aggregates what XDP decapsulated before the stack forwards it to
+        // the pod. A container's veth keeps its default.
+        if spec.underlay == Underlay::Wire {
+            let _ = run("ip", &["netns", "exec", ns.name(), "ethtool", "-K", "eth0", "gro", "on"]);
+        }
         let _ = run("ip", &["netns", "exec", ns.name(), "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let gateway = format!("10.244.{i}.1");
         let _ = ns.ip(&["link", "add", "cni0", "type", "bridge"]);
@@ -307,7 +361,9 @@ impl Lab {
             let inside = format!("leg{leg}");
             let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", &inside, "netns", router.name()]);
             let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
-            wire_like(underlay, &port);
+            if spec.underlay == Underlay::Wire {
+                wire_like(underlay, &port);
+            }
             let _ = router.ip(&["addr", "add", &format!("192.168.{octet}.1/24"), "dev", &inside]);
             let _ = router.ip(&["link", "set", &inside, "up"]);
         }

@@ -1,12 +1,14 @@
 //! The benchmark harness itself: a quick run (1 round, 1 s per test) of
-//! every default variant must move traffic through each and produce every
-//! figure. No timing is asserted: CI machines are shared and noisy.
+//! every default variant on both underlays must move traffic through each
+//! and produce every figure. No timing is asserted: CI machines are shared
+//! and noisy.
 
 use std::{process::Command, time::Instant};
 
 use overlay_tests::{
     agent_binary,
-    bench::{DEFAULT_VARIANTS, Metric, problems, read_report},
+    bench::{DEFAULT_VARIANTS, Metric, problems, read_report, summary_line},
+    lab::Underlay,
     privileged, unique_name,
 };
 
@@ -40,20 +42,37 @@ fn quick_run_measures_every_variant_and_leaves_nothing_behind() {
 
     let report = read_report(&out.join("results.json")).expect("results.json");
     assert_eq!(problems(&report), Vec::<String>::new());
-    let keys: Vec<&str> = report.variants.iter().map(|v| v.key.as_str()).collect();
-    assert_eq!(keys, DEFAULT_VARIANTS.map(|v| v.key()));
-    for v in DEFAULT_VARIANTS {
-        for metric in Metric::ALL {
-            let stat = report.stat(v.key(), metric).unwrap_or_else(|| panic!("{} has no {}", v.key(), metric.key()));
-            assert!(stat.median > 0.0 && stat.median.is_finite(), "{} {}: {stat:?}", v.key(), metric.key());
+    assert_eq!(report.underlays(), Underlay::ALL.to_vec(), "both underlays by default");
+    for underlay in Underlay::ALL {
+        let part = report.for_underlay(underlay);
+        let keys: Vec<&str> = part.variants.iter().map(|v| v.key.as_str()).collect();
+        assert_eq!(keys, DEFAULT_VARIANTS.map(|v| v.key()), "{} underlay", underlay.key());
+        for v in DEFAULT_VARIANTS {
+            for metric in Metric::ALL {
+                let stat = part
+                    .stat(v.key(), metric)
+                    .unwrap_or_else(|| panic!("{} on {} has no {}", v.key(), underlay.key(), metric.key()));
+                assert!(stat.median > 0.0 && stat.median.is_finite(), "{} {} {}: {stat:?}", underlay.key(), v.key(), metric.key());
+            }
         }
     }
     let markdown = std::fs::read_to_string(out.join("results.md")).expect("results.md");
-    for expected in ["kernel vxlan (flannel)", "ours: VXLAN", "Ratios to flannel's kernel vxlan", "Targets of issue 6"] {
+    for expected in [
+        "## Wire-like underlay",
+        "## Container-style underlay",
+        "kernel vxlan (flannel)",
+        "ours: VXLAN",
+        "Ratios to flannel's kernel vxlan",
+        "Targets of issue 12",
+        "share one interleaved schedule",
+    ] {
         assert!(markdown.contains(expected), "results.md lacks {expected:?}");
     }
+    assert_eq!(markdown.matches("### Ratios to flannel's kernel vxlan").count(), 2, "one ratio table per underlay");
+    let summary = summary_line(&report);
+    assert!(summary.contains("wire-like underlay") && summary.contains("container-style underlay"), "{summary}");
     let svg = std::fs::read_to_string(out.join("results.svg")).expect("results.svg");
-    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.matches("<rect").count() > 40, "results.svg looks wrong");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.matches("<rect").count() > 80 && svg.contains("container-style underlay"), "results.svg looks wrong");
     let _ = std::fs::remove_dir_all(&out);
 
     let namespaces = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().expect("ip netns list").stdout).into_owned();

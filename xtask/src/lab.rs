@@ -6,7 +6,7 @@ use std::process::Command;
 #[derive(clap::Args)]
 pub struct LabArgs {
     /// Arguments for the lab: --nodes N, --pods N, --decap xdp|xdp-generic|tc,
-    /// --forward kernel|bpf, --topology flat|routed, --backend vxlan|host-gw,
+    /// --forward kernel|bpf, --topology flat|routed, --underlay wire|container, --backend vxlan|host-gw,
     /// --keep (leave it up), --down (remove kept labs).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,

@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 10] = [
+const TEST_TOOLS: [(&str, &str); 11] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -26,6 +26,8 @@ const TEST_TOOLS: [(&str, &str); 10] = [
     ("sockperf", "sockperf"),
     // A Service's DNAT and kube-proxy's INVALID drop, played in the lab.
     ("iptables", "iptables"),
+    // `cargo xtask bench --profile`: cpu-clock samples with kernel stacks.
+    ("perf", "linux-perf"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says

@@ -8,7 +8,10 @@ use std::{
 };
 
 use clap::Parser;
-use overlay_tests::bench::{self, BASELINE, Config, DEFAULT_VARIANTS, Variant};
+use overlay_tests::{
+    bench::{self, BASELINE, Config, DEFAULT_VARIANTS, Variant, profile},
+    lab::Underlay,
+};
 
 /// Prefix of every namespace and pin directory a run creates; distinct from
 /// the lab's, so `cargo xtask lab -- --down` never touches a running bench.
@@ -16,12 +19,34 @@ const BENCH_PREFIX: &str = "ovbench";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Which underlays to measure.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum UnderlayArg {
+    Wire,
+    Container,
+    Both,
+}
+
+impl UnderlayArg {
+    fn underlays(self) -> Vec<Underlay> {
+        match self {
+            Self::Wire => vec![Underlay::Wire],
+            Self::Container => vec![Underlay::Container],
+            Self::Both => Underlay::ALL.to_vec(),
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "overlay's benchmark: kernel vxlan, host-gw and our datapath side by side, interleaved")]
 struct Args {
     /// The overlay-agent binary to run on our nodes.
     #[arg(long)]
     agent: Option<PathBuf>,
+    /// The workspace: default --out directories are inside it, and a full
+    /// run of the defaults rewrites its README's summary line.
+    #[arg(long, default_value = ".")]
+    root: PathBuf,
     /// Smoke test: 1 round of 1 s per test (unless --repeats/--seconds say
     /// otherwise). Proves every variant moves traffic; the figures mean
     /// nothing.
@@ -33,24 +58,42 @@ struct Args {
     /// Seconds per test.
     #[arg(long)]
     seconds: Option<u32>,
-    /// Comma-separated variants: raw, kernel-host-gw, kernel-vxlan, vxlan,
-    /// host-gw, and for design comparisons vxlan-tc, vxlan-xdp-generic,
-    /// host-gw-xdp.
-    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_VARIANTS.map(|v| v.key().to_owned()))]
-    variants: Vec<String>,
+    /// Comma-separated variants (default raw, kernel-host-gw, kernel-vxlan,
+    /// vxlan, host-gw); for design comparisons also vxlan-tc,
+    /// vxlan-xdp-generic, host-gw-xdp, vxlan-bpf-forward,
+    /// host-gw-bpf-forward, vxlan-tc-bpf-forward. With --profile: profiled
+    /// in addition to kernel-vxlan and vxlan.
+    #[arg(long, value_delimiter = ',')]
+    variants: Option<Vec<String>>,
+    /// The underlay(s): wire (MTU-sized frames between nodes, GRO at the
+    /// nodes, as VMs and NICs have), container (plain veths passing 64 KB
+    /// GSO frames, as kind, k3d and Docker-based nodes have), or both, in
+    /// one interleaved schedule.
+    #[arg(long, value_enum, default_value_t = UnderlayArg::Both)]
+    underlay: UnderlayArg,
     /// The CPU every tool runs on (and whose time is accounted), or `all`
     /// for no pinning. Default: the last CPU. On one CPU a ping-pong is a
     /// context switch; across this VM's vCPUs it is a wake-up that took
     /// 35–260 µs instead of 13 µs, at random.
     #[arg(long, default_value = "last")]
     cpu: String,
-    /// Directory for results.md, results.json and results.svg.
-    #[arg(long, default_value = "docs/benchmarks")]
-    out: PathBuf,
-    /// Also rewrite the summary between the bench-summary markers of this
-    /// README.
+    /// Directory for results.md, results.json and results.svg (default
+    /// docs/benchmarks; with --quick, target/bench-quick; with --profile,
+    /// docs/benchmarks/profiles). A full run of the default variants on
+    /// both underlays into the default directory also rewrites the
+    /// README's summary line.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Rewrite the summary between the bench-summary markers of this
+    /// README (default: the workspace's, after a full default run).
     #[arg(long)]
     readme: Option<PathBuf>,
+    /// Instead of the benchmark: profile the 1-stream TCP test with
+    /// `perf record -e cpu-clock -g` on the measuring CPU, for kernel-vxlan
+    /// and vxlan plus --variants, on each --underlay; writes flame graphs,
+    /// folded stacks and top-N kernel functions to --out.
+    #[arg(long)]
+    profile: bool,
     /// Measure nothing: re-render results.md and results.svg in --out from
     /// this results.json.
     #[arg(long)]
@@ -68,18 +111,32 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    let default_out = if args.profile {
+        args.root.join("docs/benchmarks/profiles")
+    } else if args.quick {
+        args.root.join("target/bench-quick")
+    } else {
+        args.root.join("docs/benchmarks")
+    };
+    let out = args.out.clone().unwrap_or(default_out);
     if let Some(json) = &args.render {
         let report = bench::read_report(json)?;
-        bench::write_outputs(&report, &args.out)?;
+        bench::write_outputs(&report, &out)?;
         if let Some(readme) = &args.readme {
             bench::update_readme(readme, &bench::summary_line(&report))?;
         }
-        println!("bench: rendered {} into {}", json.display(), args.out.display());
+        println!("bench: rendered {} into {}", json.display(), out.display());
         return Ok(());
     }
-    let agent = args.agent.ok_or("--agent is required (cargo xtask bench passes it)")?;
+    let agent = args.agent.clone().ok_or("--agent is required (cargo xtask bench passes it)")?;
     let mut variants = Vec::new();
-    for key in &args.variants {
+    let given = args.variants.clone();
+    let keys: Vec<String> = match (&given, args.profile) {
+        (_, true) => profile::DEFAULT_VARIANTS.iter().map(|v| v.key().to_owned()).chain(given.clone().unwrap_or_default()).collect(),
+        (Some(keys), false) => keys.clone(),
+        (None, false) => DEFAULT_VARIANTS.iter().map(|v| v.key().to_owned()).collect(),
+    };
+    for key in &keys {
         let variant = Variant::from_key(key).ok_or_else(|| {
             format!(
                 "--variants: unknown variant `{key}`; choose from {}",
@@ -113,24 +170,40 @@ fn run(args: Args) -> Result<(), String> {
     let config = Config {
         agent,
         variants,
+        underlays: args.underlay.underlays(),
         repeats,
         seconds,
         quick: args.quick,
         prefix: format!("{BENCH_PREFIX}{}", std::process::id() % 100_000),
         cpu,
         interrupted: &INTERRUPTED,
-        command: std::env::args().skip(1).filter(|a| !a.starts_with('/')).collect::<Vec<_>>().join(" "),
+        command: command_line(),
     };
+    if args.profile {
+        eprintln!(
+            "bench: profiling {} on {} underlay(s), {seconds} s of TCP each",
+            config.variants.iter().map(|v| v.key()).collect::<Vec<_>>().join(", "),
+            config.underlays.len()
+        );
+        let written = profile::run(&config, &out)?;
+        println!("bench: wrote {} profiles and summary.md to {}", written, out.display());
+        return Ok(());
+    }
     eprintln!(
-        "bench: {} variants × {repeats} rounds × 5 tests × {seconds} s ({})",
+        "bench: {} variants × {} underlay(s) × {repeats} rounds × 5 tests × {seconds} s ({}; {})",
         config.variants.len(),
-        config.variants.iter().map(|v| v.key()).collect::<Vec<_>>().join(", ")
+        config.underlays.len(),
+        config.variants.iter().map(|v| v.key()).collect::<Vec<_>>().join(", "),
+        config.underlays.iter().map(|u| u.key()).collect::<Vec<_>>().join(", ")
     );
     let report = bench::run(&config)?;
-    bench::write_outputs(&report, &args.out)?;
+    bench::write_outputs(&report, &out)?;
     println!("{}", bench::render_markdown(&report));
-    println!("bench: wrote results.md, results.json and results.svg to {}", args.out.display());
-    if let Some(readme) = &args.readme {
+    println!("bench: wrote results.md, results.json and results.svg to {}", out.display());
+    // The README quotes the project's reference run only.
+    let reference_run = args.out.is_none() && !args.quick && given.is_none() && args.underlay == UnderlayArg::Both;
+    let readme = args.readme.clone().or_else(|| reference_run.then(|| args.root.join("README.md")));
+    if let Some(readme) = &readme {
         bench::update_readme(readme, &bench::summary_line(&report))?;
         println!("bench: updated the summary in {}", readme.display());
     }
@@ -139,4 +212,18 @@ fn run(args: Args) -> Result<(), String> {
         return Err(format!("the run is incomplete:\n  {}", problems.join("\n  ")));
     }
     Ok(())
+}
+
+/// The command line for the report, without the paths xtask adds.
+fn command_line() -> String {
+    let mut words = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "--agent" || arg == "--root" {
+            args.next();
+        } else if !arg.starts_with("--agent=") && !arg.starts_with("--root=") {
+            words.push(arg);
+        }
+    }
+    words.join(" ")
 }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::Parser;
-use overlay_tests::lab::{Lab, LabSpec, POD_MTU, Topology, UNDERLAY_MTU, tear_down_kept};
+use overlay_tests::lab::{Lab, LabSpec, POD_MTU, Topology, UNDERLAY_MTU, Underlay, tear_down_kept};
 
 /// Prefix of every lab's names, so `--down` finds kept labs.
 const LAB_PREFIX: &str = "ovlab";
@@ -52,6 +52,12 @@ struct Args {
     /// a router namespace).
     #[arg(long, value_enum, default_value_t = TopologyArg::Flat)]
     topology: TopologyArg,
+    /// What the links between nodes are like: wire (MTU-sized frames
+    /// between nodes, GRO at the nodes, as VMs and NICs have) or container
+    /// (plain veths passing 64 KB GSO frames, as kind, k3d and Docker-based
+    /// nodes have).
+    #[arg(long, value_enum, default_value_t = Underlay::Wire)]
+    underlay: Underlay,
     /// Agents' backend: vxlan or host-gw.
     #[arg(long, default_value = "vxlan")]
     backend: String,
@@ -102,13 +108,14 @@ fn main() -> ExitCode {
         TopologyArg::Flat => Topology::Flat,
         TopologyArg::Routed => Topology::Routed,
     };
+    spec.underlay = args.underlay;
     spec.backend = args.backend.clone();
     spec.direct_routing = args.direct_routing;
     spec.kubernetes = args.kubernetes;
     spec.prefix = format!("{LAB_PREFIX}{}", std::process::id() % 100_000);
     println!(
-        "lab: {} nodes ({} flannel-style) x {} pods, {:?} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}, forward {}, nodes from {}",
-        spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.topology, spec.backend,
+        "lab: {} nodes ({} flannel-style) x {} pods, {:?} {} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}, forward {}, nodes from {}",
+        spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.topology, spec.underlay.key(), spec.backend,
         if spec.direct_routing { " with direct routing" } else { "" }, spec.decap, spec.forward,
         if spec.kubernetes { "the test Kubernetes API server" } else { "a manifest directory" }
     );
