@@ -22,6 +22,7 @@ pub mod manifests;
 pub mod maps;
 pub mod metrics;
 pub mod netconf;
+pub mod netfilter;
 pub mod node;
 pub mod object;
 pub mod pod_ports;

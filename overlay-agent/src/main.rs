@@ -24,8 +24,9 @@ enum Command {
     /// datapath in place (pinned), so traffic keeps flowing until the next
     /// agent takes over.
     Run(RunArgs),
-    /// Remove the datapath on purpose: detach the programs, remove the pins
-    /// and the routes the agent installed, and the subnet.env file.
+    /// Remove the datapath on purpose: detach the programs, remove the pins,
+    /// the routes, the masquerade and FORWARD rules the agent installed,
+    /// and the subnet.env file.
     Cleanup {
         /// The agent's pin directory.
         #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
@@ -125,6 +126,11 @@ struct RunArgs {
     /// `--forward bpf` attaches once it exists.
     #[arg(long, default_value = "cni0")]
     pod_bridge: String,
+    /// Masquerade pod traffic leaving the cluster Network to the node's
+    /// address (flannel's --ip-masq); `--ip-masq=false` leaves it to the
+    /// CNI plugin (subnet.env says FLANNEL_IPMASQ=false). Needs --net-conf.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ip_masq: bool,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9472")]
     metrics_addr: std::net::SocketAddr,
@@ -204,6 +210,12 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
     println!("detached from {} and removed the pins under {}", if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") }, root.display());
     let removed = overlay_agent::routes::remove_owned().context("removing the agent's routes")?;
     println!("removed {removed} routes (proto {})", overlay_agent::routes::ROUTE_PROTO);
+    let rules = overlay_agent::netfilter::remove().context("removing the masquerade and FORWARD rules")?;
+    println!(
+        "removed {} and the FORWARD accept rules from {}",
+        if rules.masquerade_table { "the nftables table ip overlay" } else { "no nftables table" },
+        if rules.forward.is_empty() { "no iptables".to_owned() } else { rules.forward.iter().map(|v| format!("iptables-{v}")).collect::<Vec<_>>().join(", ") }
+    );
     let Some(subnet_file) = subnet_file else { return Ok(()) };
     match std::fs::remove_file(subnet_file) {
         Ok(()) => println!("removed {}", subnet_file.display()),
