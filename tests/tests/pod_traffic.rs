@@ -75,6 +75,19 @@ fn wait_for_masquerade_table(lab: &Lab, i: usize) -> String {
     }
 }
 
+/// Waits until node `i`'s agent has written subnet.env: its first
+/// reconcile is through, and the rules follow within moments.
+fn wait_for_subnet_env(lab: &Lab, i: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(env) = std::fs::read_to_string(lab.subnet_file(i)) {
+            return env;
+        }
+        assert!(Instant::now() < deadline, "{} wrote no subnet.env:\n{}", lab.nodes[i].name, lab.agent_log(i));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn rule_count(table: &str) -> usize {
     table.lines().filter(|l| l.contains("comment \"")).count()
 }
@@ -101,27 +114,37 @@ fn traffic_leaving_the_cluster_is_masqueraded_and_pod_to_pod_is_not() {
         return;
     }
     let mut lab = lab(&[]);
-    let table = wait_for_masquerade_table(&lab, 0);
-    wait_for_masquerade_table(&lab, 1);
+    let env = wait_for_subnet_env(&lab, 0);
+    assert!(env.contains("FLANNEL_IPMASQ=true\n"), "{env}");
     let outside = lab.outside.as_ref().expect("an outside namespace");
     let (pod, remote_pod) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
 
-    let seen = udp_source_seen(&pod.ns, pod.ip, 40000, outside, OUTSIDE_ADDR, 7000).unwrap();
-    eprintln!("pod {}:40000 -> outside: the server saw {seen}", pod.ip);
+    // The rules land moments after subnet.env; a flow sent before them
+    // keeps its conntrack entry, so each try is a new flow (source port).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut port = 40000;
+    let seen = loop {
+        let seen = udp_source_seen(&pod.ns, pod.ip, port, outside, OUTSIDE_ADDR, 7000).unwrap();
+        if *seen.ip() == lab.nodes[0].ip || Instant::now() > deadline {
+            break seen;
+        }
+        port += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("pod {}:{port} -> outside: the server saw {seen}", pod.ip);
     assert_eq!(*seen.ip(), lab.nodes[0].ip, "traffic leaving the cluster must carry the node's address");
     // Plain masquerade keeps a free source port; fully random picks one.
-    assert_ne!(seen.port(), 40000, "the masquerade must pick a random source port (--random-fully)");
+    assert_ne!(seen.port(), port, "the masquerade must pick a random source port (--random-fully)");
+    let table = wait_for_masquerade_table(&lab, 0);
 
-    let seen = udp_source_seen(&pod.ns, pod.ip, 40001, &remote_pod.ns, remote_pod.ip, 7001).unwrap();
-    eprintln!("pod {}:40001 -> pod {}: the server saw {seen}", pod.ip, remote_pod.ip);
-    assert_eq!(seen, SocketAddrV4::new(pod.ip, 40001), "pod to pod must keep the pod's address and port");
+    let seen = udp_source_seen(&pod.ns, pod.ip, 41000, &remote_pod.ns, remote_pod.ip, 7001).unwrap();
+    eprintln!("pod {}:41000 -> pod {}: the server saw {seen}", pod.ip, remote_pod.ip);
+    assert_eq!(seen, SocketAddrV4::new(pod.ip, 41000), "pod to pod must keep the pod's address and port");
 
     // The outside has no route to pods: a reply proves the way back.
     Lab::tcp_echo(&pod.ns, outside, OUTSIDE_ADDR, 7002).expect("TCP from a pod to the outside and back");
     let (checks, failures) = lab.check_all_pairs();
     assert!(failures.is_empty(), "{} of {checks} checks failed with masquerade on: {failures:?}", failures.len());
-    let env = std::fs::read_to_string(lab.subnet_file(0)).unwrap();
-    assert!(env.contains("FLANNEL_IPMASQ=true\n"), "{env}");
 
     // A restart (SIGTERM, then a new agent) finds the rules and adds none.
     assert_eq!(rule_count(&table), 6, "{table}");
@@ -145,6 +168,9 @@ fn ip_masq_false_leaves_pod_addresses_and_subnet_env_says_so() {
         return;
     }
     let lab = lab(&["--ip-masq=false"]);
+    wait_for_subnet_env(&lab, 0);
+    // As long as it takes the agent to write rules it should not write.
+    std::thread::sleep(Duration::from_secs(1));
     let outside = lab.outside.as_ref().expect("an outside namespace");
     let pod = &lab.nodes[0].pods[0];
     let seen = udp_source_seen(&pod.ns, pod.ip, 40000, outside, OUTSIDE_ADDR, 7000).unwrap();
@@ -166,8 +192,8 @@ fn a_forward_policy_of_drop_in_either_iptables_does_not_stop_pod_traffic() {
         return;
     }
     let mut lab = lab(&[]);
-    wait_for_masquerade_table(&lab, 0);
-    wait_for_masquerade_table(&lab, 1);
+    wait_for_subnet_env(&lab, 0);
+    wait_for_subnet_env(&lab, 1);
     // What Docker does to a host, in both iptables at once: each one's
     // drop is final, so pod traffic needs an accept in each.
     for i in 0..2 {

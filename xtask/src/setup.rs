@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 10] = [
+const TEST_TOOLS: [(&str, &str); 12] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -20,8 +20,13 @@ const TEST_TOOLS: [(&str, &str); 10] = [
     ("tcpdump", "tcpdump"),
     ("tshark", "tshark"),
     ("sockperf", "sockperf"),
-    // A Service's DNAT and kube-proxy's INVALID drop, played in the lab.
+    // A Service's DNAT and kube-proxy's INVALID drop, played in the lab;
+    // the agent's FORWARD accept rules (iptables-nft, iptables-legacy).
     ("iptables", "iptables"),
+    // The agent's masquerade table.
+    ("nft", "nftables"),
+    // tests/tests/image.rs runs the agent's image.
+    ("podman", "podman"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says
