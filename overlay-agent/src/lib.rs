@@ -26,6 +26,7 @@ pub mod netfilter;
 pub mod node;
 pub mod object;
 pub mod pod_ports;
+pub mod preflight;
 pub mod routes;
 pub mod rtnl;
 pub mod server;

@@ -38,6 +38,18 @@ enum Command {
         /// flanneld has written its own).
         #[arg(long)]
         keep_subnet_file: bool,
+        /// Also remove this CNI config (the DaemonSet installs
+        /// /etc/cni/net.d/10-flannel.conflist). Not when rolling back to
+        /// flannel, which uses the same file.
+        #[arg(long)]
+        cni_conf: Option<PathBuf>,
+    },
+    /// Exit non-zero when this kernel is older than MIN (MAJOR.MINOR): the
+    /// DaemonSet's init container, which keeps the agent off such nodes.
+    KernelCheck {
+        /// The oldest kernel accepted.
+        #[arg(long, default_value = "6.6")]
+        min: String,
     },
     /// Print the pinned maps as tables: config, peers, routes, counters.
     /// Reads the pins, so it works while the agent is stopped.
@@ -187,9 +199,11 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run::run(args),
         Command::Inspect { bpffs_root } => inspect::inspect(&bpffs_root),
-        Command::Cleanup { bpffs_root, subnet_file, keep_subnet_file } => {
+        Command::Cleanup { bpffs_root, subnet_file, keep_subnet_file, cni_conf } => {
             cleanup(&bpffs_root, (!keep_subnet_file).then_some(subnet_file.as_path()))
+                .and_then(|()| remove_cni_conf(cni_conf.as_deref()))
         }
+        Command::KernelCheck { min } => kernel_check(&min),
         Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),
     };
     match result {
@@ -222,6 +236,24 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", subnet_file.display())),
     }
+    Ok(())
+}
+
+fn remove_cni_conf(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    match std::fs::remove_file(path) {
+        Ok(()) => println!("removed {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    Ok(())
+}
+
+fn kernel_check(min: &str) -> anyhow::Result<()> {
+    let minimum = overlay_agent::preflight::major_minor(min)
+        .with_context(|| format!("--min {min:?}: expected MAJOR.MINOR, e.g. 6.6"))?;
+    let release = overlay_agent::preflight::check_kernel(minimum)?;
+    println!("kernel {release}: at least {min}");
     Ok(())
 }
 

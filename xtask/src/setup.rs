@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 12] = [
+const TEST_TOOLS: [(&str, &str); 13] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -25,8 +25,10 @@ const TEST_TOOLS: [(&str, &str); 12] = [
     ("iptables", "iptables"),
     // The agent's masquerade table.
     ("nft", "nftables"),
-    // tests/tests/image.rs runs the agent's image.
+    // tests/tests/image.rs runs the agent's image; with runc, as crun
+    // refuses hybrid cgroup hosts.
     ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says
