@@ -98,7 +98,8 @@ impl PodTrafficRules {
     }
 
     /// [`ensure`]s the rules for `network` and our `pod_cidr` when they
-    /// changed, or when the last look is [`RECHECK`] old (or failed).
+    /// changed, or when the last look (successful or not) is [`RECHECK`]
+    /// old: a failure is retried at that pace, not on every Node event.
     /// Returns `None` when it was not time to look.
     pub fn keep(&mut self, network: Ipv4Network, pod_cidr: Ipv4Network) -> Option<Result<Changes, NetfilterError>> {
         let wanted = PodTraffic { network, pod_cidr, masquerade: self.masquerade };
@@ -107,7 +108,7 @@ impl PodTrafficRules {
             return None;
         }
         let result = ensure(&wanted);
-        self.applied = result.is_ok().then_some(wanted);
+        self.applied = Some(wanted);
         self.checked = Some(Instant::now());
         Some(result)
     }

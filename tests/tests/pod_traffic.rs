@@ -205,7 +205,9 @@ fn a_forward_policy_of_drop_in_either_iptables_does_not_stop_pod_traffic() {
     let outside = lab.outside.as_ref().expect("an outside namespace");
     let (pod, remote_pod) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
     // The agents find the new filter tables at their next re-check.
-    let deadline = Instant::now() + netfilter_recheck() * 2;
+    // Housekeeping runs every 5 s too, so a re-check can land up to two
+    // periods later.
+    let deadline = Instant::now() + netfilter_recheck() * 3;
     while !Lab::ping(&pod.ns, remote_pod.ip) {
         assert!(
             Instant::now() < deadline,
