@@ -177,11 +177,13 @@ impl Publisher {
     }
 
     /// Sets `annotations` on our Node (a merge patch: other annotations are
-    /// left alone).
+    /// left alone). Through the status subresource, as flannel does: the
+    /// node status strategy keeps metadata changes, so `nodes/status` patch
+    /// is all the RBAC this needs, and no agent can change a Node's spec.
     pub async fn annotate(&self, annotations: &BTreeMap<String, String>) -> Result<(), kube::Error> {
         let patch = serde_json::json!({"metadata": {"annotations": annotations}});
         self.api
-            .patch(&self.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
+            .patch_status(&self.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
             .await
             .map(drop)
     }

@@ -24,8 +24,9 @@ enum Command {
     /// datapath in place (pinned), so traffic keeps flowing until the next
     /// agent takes over.
     Run(RunArgs),
-    /// Remove the datapath on purpose: detach the programs, remove the pins
-    /// and the routes the agent installed, and the subnet.env file.
+    /// Remove the datapath on purpose: detach the programs, remove the pins,
+    /// the routes, the masquerade and FORWARD rules the agent installed,
+    /// and the subnet.env file.
     Cleanup {
         /// The agent's pin directory.
         #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
@@ -37,6 +38,18 @@ enum Command {
         /// flanneld has written its own).
         #[arg(long)]
         keep_subnet_file: bool,
+        /// Also remove this CNI config (the DaemonSet installs
+        /// /etc/cni/net.d/10-flannel.conflist). Not when rolling back to
+        /// flannel, which uses the same file.
+        #[arg(long)]
+        cni_conf: Option<PathBuf>,
+    },
+    /// Exit non-zero when this kernel is older than MIN (MAJOR.MINOR): the
+    /// DaemonSet's init container, which keeps the agent off such nodes.
+    KernelCheck {
+        /// The oldest kernel accepted.
+        #[arg(long, default_value = "6.6")]
+        min: String,
     },
     /// Print the pinned maps as tables: config, peers, routes, counters.
     /// Reads the pins, so it works while the agent is stopped.
@@ -132,6 +145,11 @@ struct RunArgs {
     /// the agent mounts its own). Nothing then survives a restart.
     #[arg(long)]
     allow_ephemeral_pins: bool,
+    /// Masquerade pod traffic leaving the cluster Network to the node's
+    /// address (flannel's --ip-masq); `--ip-masq=false` leaves it to the
+    /// CNI plugin (subnet.env says FLANNEL_IPMASQ=false). Needs --net-conf.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ip_masq: bool,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9472")]
     metrics_addr: std::net::SocketAddr,
@@ -188,9 +206,11 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run::run(args),
         Command::Inspect { bpffs_root } => inspect::inspect(&bpffs_root),
-        Command::Cleanup { bpffs_root, subnet_file, keep_subnet_file } => {
+        Command::Cleanup { bpffs_root, subnet_file, keep_subnet_file, cni_conf } => {
             cleanup(&bpffs_root, (!keep_subnet_file).then_some(subnet_file.as_path()))
+                .and_then(|()| remove_cni_conf(cni_conf.as_deref()))
         }
+        Command::KernelCheck { min } => kernel_check(&min),
         Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),
     };
     match result {
@@ -237,12 +257,36 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
         println!("left what the agent did not create: {}", left.join(", "));
     }
+    let rules = overlay_agent::netfilter::remove().context("removing the masquerade and FORWARD rules")?;
+    println!(
+        "removed {} and the FORWARD accept rules from {}",
+        if rules.masquerade_table { "the nftables table ip overlay" } else { "no nftables table" },
+        if rules.forward.is_empty() { "no iptables".to_owned() } else { rules.forward.iter().map(|v| format!("iptables-{v}")).collect::<Vec<_>>().join(", ") }
+    );
     let Some(subnet_file) = subnet_file else { return Ok(()) };
     match std::fs::remove_file(subnet_file) {
         Ok(()) => println!("removed {}", subnet_file.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("removing {}", subnet_file.display())),
     }
+    Ok(())
+}
+
+fn remove_cni_conf(path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    match std::fs::remove_file(path) {
+        Ok(()) => println!("removed {}", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+    Ok(())
+}
+
+fn kernel_check(min: &str) -> anyhow::Result<()> {
+    let minimum = overlay_agent::preflight::major_minor(min)
+        .with_context(|| format!("--min {min:?}: expected MAJOR.MINOR, e.g. 6.6"))?;
+    let release = overlay_agent::preflight::check_kernel(minimum)?;
+    println!("kernel {release}: at least {min}");
     Ok(())
 }
 

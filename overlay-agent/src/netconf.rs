@@ -162,13 +162,16 @@ fn lowercase_keys(value: serde_json::Value) -> serde_json::Value {
 }
 
 /// The contents of flannel's `subnet.env` for this node.
-pub fn subnet_env(network: Ipv4Network, pod_cidr: Ipv4Network, mtu: u32) -> String {
+///
+/// `ip_masq` says whether the agent masquerades traffic leaving the
+/// cluster (flannel's `--ip-masq`). flannel's CNI plugin gives the bridge
+/// plugin `ipMasq = !FLANNEL_IPMASQ`: when the agent does not, the bridge
+/// plugin masquerades each pod's traffic to anything outside the node's
+/// own pod subnet (pod-to-pod across nodes included), as with flanneld.
+pub fn subnet_env(network: Ipv4Network, pod_cidr: Ipv4Network, mtu: u32, ip_masq: bool) -> String {
     let first = Ipv4Addr::from(u32::from(pod_cidr.network()) + 1);
-    // IPMASQ=true tells flannel's CNI plugin not to let the bridge plugin
-    // masquerade: it would SNAT pod-to-pod traffic to the node address,
-    // which peers rightly drop as spoofed.
     format!(
-        "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=true\n",
+        "FLANNEL_NETWORK={network}\nFLANNEL_SUBNET={first}/{}\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ip_masq}\n",
         pod_cidr.prefix()
     )
 }
@@ -243,7 +246,9 @@ mod tests {
 
     #[test]
     fn subnet_env_matches_flannels() {
-        let env = subnet_env("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), 1450);
+        let env = subnet_env("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), 1450, true);
         assert_eq!(env, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n");
+        let env = subnet_env("10.244.0.0/16".parse().unwrap(), "10.244.1.0/24".parse().unwrap(), 1450, false);
+        assert!(env.ends_with("FLANNEL_IPMASQ=false\n"), "{env}");
     }
 }

@@ -26,6 +26,7 @@ use overlay_agent::{
     maps::DatapathMaps,
     metrics::Metrics,
     netconf::{self, NetConf},
+    netfilter::PodTrafficRules,
     node::{self, NodeInfo},
     pod_ports,
     report::Chain,
@@ -250,7 +251,11 @@ fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Opti
         underlay: None,
         reported: BTreeSet::new(),
         evented: BTreeSet::new(),
+        pod_traffic_rules: PodTrafficRules::new(args.ip_masq),
     };
+    if agent.settings.network.is_none() {
+        warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded and no FORWARD accept rules are installed");
+    }
     info!(
         node = %agent.settings.node_name,
         backend = agent.settings.backend.flannel_name(),
@@ -370,6 +375,8 @@ struct Agent {
     reported: BTreeSet<String>,
     /// Problems already recorded as Kubernetes events.
     evented: BTreeSet<String>,
+    /// Masquerade and FORWARD accept rules (`netfilter`).
+    pod_traffic_rules: PodTrafficRules,
 }
 
 impl Agent {
@@ -664,7 +671,7 @@ impl Agent {
             );
         }
         if let (Some(path), Some(network)) = (&self.subnet_file, self.settings.network) {
-            let env = netconf::subnet_env(network, desired.local_pod_cidr, desired.inner_mtu);
+            let env = netconf::subnet_env(network, desired.local_pod_cidr, desired.inner_mtu, self.pod_traffic_rules.masquerade());
             match netconf::write_atomically(path, &env) {
                 Ok(true) => info!(path = %path.display(), "wrote subnet.env for flannel's CNI plugin"),
                 Ok(false) => {}
@@ -673,6 +680,9 @@ impl Agent {
                     return None;
                 }
             }
+        }
+        if let Some(network) = self.settings.network {
+            self.keep_pod_traffic_rules(network, desired.local_pod_cidr);
         }
         if !self.metrics.ready() {
             self.metrics.set_ready();
@@ -700,6 +710,35 @@ impl Agent {
                 node::ANNOTATION_PUBLIC_IP_OVERWRITE,
             )),
             Err(err) => Err(format!("refusing to configure the datapath: cannot read the addresses of {iface}: {err}")),
+        }
+    }
+
+    /// Masquerade and FORWARD accept rules: written when they change,
+    /// re-checked every few seconds. A failure is logged and retried;
+    /// it does not hold back the datapath, which pod-to-pod traffic needs
+    /// either way.
+    fn keep_pod_traffic_rules(&mut self, network: ipnetwork::Ipv4Network, pod_cidr: ipnetwork::Ipv4Network) {
+        match self.pod_traffic_rules.keep(network, pod_cidr) {
+            None => {}
+            Some(Ok(changes)) => {
+                self.reported.retain(|p| !p.starts_with("netfilter:"));
+                if changes.any() {
+                    info!(
+                        masquerade = self.pod_traffic_rules.masquerade(),
+                        masquerade_written = changes.masquerade_written,
+                        masquerade_removed = changes.masquerade_removed,
+                        forward_accept_written = ?changes.forward_written,
+                        %network, %pod_cidr,
+                        "pod traffic rules in place (nftables table ip overlay; iptables FORWARD -> OVERLAY-FWD)"
+                    );
+                }
+            }
+            Some(Err(err)) => {
+                let problem = format!("{:#}", anyhow::Error::new(err));
+                if self.reported.insert(format!("netfilter:{problem}")) {
+                    error!(error = %problem, "installing the masquerade and FORWARD rules; will retry");
+                }
+            }
         }
     }
 

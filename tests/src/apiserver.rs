@@ -17,7 +17,8 @@
 //!   /api/v1/nodes`, and `GET`, `PUT`, `PATCH /api/v1/nodes/{name}/status`.
 //!   PATCH takes merge, strategic merge (Node merge keys) and JSON patches;
 //!   server-side apply gets 415. The main resource ignores `status`, the
-//!   status subresource changes nothing else. A write that changes nothing
+//!   status subresource changes only status, labels and annotations (the
+//!   real node status strategy keeps only the spec). A write that changes nothing
 //!   keeps the resourceVersion and emits no event.
 //! - `/version`, `/api`, `/api/v1`, `/apis` for discovery.
 //!

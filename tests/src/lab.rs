@@ -65,6 +65,15 @@ pub struct LabSpec {
     pub flannel_backend: String,
     /// What the links between the nodes are like.
     pub underlay: Underlay,
+    /// Run the agents with flannel's `net-conf.json` and `--subnet-file`,
+    /// as deployed (which also installs the masquerade and FORWARD rules),
+    /// instead of `--backend`/`--direct-routing`. Implied by `kubernetes`.
+    pub net_conf: bool,
+    /// An "outside" namespace beyond the cluster, at [`OUTSIDE_ADDR`],
+    /// which every node routes to through the underlay.
+    pub outside: bool,
+    /// Extra arguments for every agent's `run`.
+    pub agent_args: Vec<String>,
 }
 
 impl LabSpec {
@@ -85,6 +94,9 @@ impl LabSpec {
             direct_routing: false,
             kubernetes: false,
             underlay: Underlay::Wire,
+            net_conf: false,
+            outside: false,
+            agent_args: Vec::new(),
         }
     }
 }
@@ -152,6 +164,12 @@ const SUBNETS: [(u8, &str); 2] = [(77, "br0"), (88, "br1")];
 /// the underlay namespace on the first segment, reachable from every node.
 pub const API_ADDR: &str = "192.168.77.2:6443";
 
+/// A host outside the cluster (TEST-NET-3, never routed on the internet),
+/// on a `lo` of the outside namespace.
+pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The outside namespace's leg on the first underlay segment.
+const OUTSIDE_GATEWAY: &str = "192.168.77.254";
+
 /// The agents' `--metrics-addr` (each in its own node namespace).
 pub const METRICS_PORT: u16 = 9472;
 
@@ -182,6 +200,8 @@ pub struct Lab {
     pub nodes: Vec<LabNode>,
     /// The router joining the two subnets of a routed topology.
     pub router: Option<NetNs>,
+    /// The host beyond the cluster ([`LabSpec::outside`]).
+    pub outside: Option<NetNs>,
     pub underlay: NetNs,
     pub nodes_dir: PathBuf,
     spec: LabSpec,
@@ -234,9 +254,12 @@ impl Lab {
             let _ = underlay.ip(&["addr", "add", "192.168.77.2/24", "dev", SUBNETS[0].1]);
             ApiServer::start(Some(&underlay), API_ADDR.parse().expect("valid address"))
         });
-        let mut lab = Self { agents: Vec::new(), api, nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        let outside = spec.outside.then(|| Self::make_outside(&spec, &underlay, &nodes, router.as_ref()));
+        let mut lab = Self { agents: Vec::new(), api, nodes, router, outside, underlay, nodes_dir, spec, _pins: pins, work_dir };
         if let Some(api) = &lab.api {
             api.write_kubeconfig(&lab.kubeconfig_path()).map_err(|e| format!("writing kubeconfig: {e}"))?;
+        }
+        if lab.uses_net_conf() {
             let net_conf = serde_json::json!({
                 "Network": "10.244.0.0/16",
                 "Backend": {"Type": lab.spec.backend, "DirectRouting": lab.spec.direct_routing},
@@ -353,6 +376,35 @@ impl Lab {
         }
     }
 
+    /// The outside namespace: a leg on the first underlay segment
+    /// ([`OUTSIDE_GATEWAY`]) and [`OUTSIDE_ADDR`], with routes between it
+    /// and every node (through the router for the second segment). It has
+    /// no route to the pod network: only masqueraded pod traffic can get a
+    /// reply.
+    fn make_outside(spec: &LabSpec, underlay: &NetNs, nodes: &[LabNode], router: Option<&NetNs>) -> NetNs {
+        let outside = NetNs::with_name(format!("{}-out", spec.prefix));
+        let _ = underlay.ip(&["link", "add", "out", "type", "veth", "peer", "name", "eth0", "netns", outside.name()]);
+        let _ = underlay.ip(&["link", "set", "out", "master", SUBNETS[0].1, "up"]);
+        wire_like(underlay, "out");
+        let _ = outside.ip(&["addr", "add", &format!("{OUTSIDE_GATEWAY}/24"), "dev", "eth0"]);
+        let _ = outside.ip(&["link", "set", "eth0", "up"]);
+        let _ = outside.ip(&["addr", "add", &format!("{OUTSIDE_ADDR}/32"), "dev", "lo"]);
+        let beyond = format!("{OUTSIDE_ADDR}/32");
+        if let Some(router) = router {
+            let _ = outside.ip(&["route", "add", &format!("192.168.{}.0/24", SUBNETS[1].0), "via", "192.168.77.1"]);
+            let _ = router.ip(&["route", "add", &beyond, "via", OUTSIDE_GATEWAY]);
+        }
+        for node in nodes.iter().filter(|n| n.ip.octets()[2] == SUBNETS[0].0) {
+            let _ = node.ns.ip(&["route", "add", &beyond, "via", OUTSIDE_GATEWAY]);
+        }
+        outside
+    }
+
+    /// Whether the agents run with `net-conf.json` (see [`LabSpec::net_conf`]).
+    fn uses_net_conf(&self) -> bool {
+        self.spec.kubernetes || self.spec.net_conf
+    }
+
     /// A router namespace with a leg on each underlay subnet (`.1`).
     fn make_router(spec: &LabSpec, underlay: &NetNs) -> NetNs {
         let router = NetNs::with_name(format!("{}-rt", spec.prefix));
@@ -447,7 +499,7 @@ impl Lab {
         self.work_dir.0.join("net-conf.json")
     }
 
-    /// The subnet.env node `i`'s agent writes in a `kubernetes` lab.
+    /// The subnet.env node `i`'s agent writes when it runs with net-conf.json.
     pub fn subnet_file(&self, i: usize) -> PathBuf {
         self.work_dir.0.join(format!("{}-subnet.env", self.nodes[i].name))
     }
@@ -533,20 +585,16 @@ impl Lab {
             .arg("--bpffs-root")
             .arg(&node.pin_root);
         if self.spec.kubernetes {
-            command
-                .arg("--kubeconfig")
-                .arg(self.kubeconfig_path())
-                .arg("--net-conf")
-                .arg(self.net_conf_path())
-                .arg("--subnet-file")
-                .arg(self.subnet_file(i));
+            command.arg("--kubeconfig").arg(self.kubeconfig_path());
         } else {
-            command
-                .arg("--nodes-dir")
-                .arg(&self.nodes_dir)
-                .args(["--backend", &self.spec.backend])
-                .args(self.spec.direct_routing.then_some("--direct-routing"));
+            command.arg("--nodes-dir").arg(&self.nodes_dir);
         }
+        if self.uses_net_conf() {
+            command.arg("--net-conf").arg(self.net_conf_path()).arg("--subnet-file").arg(self.subnet_file(i));
+        } else {
+            command.args(["--backend", &self.spec.backend]).args(self.spec.direct_routing.then_some("--direct-routing"));
+        }
+        command.args(&self.spec.agent_args);
         command
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

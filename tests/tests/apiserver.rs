@@ -666,9 +666,12 @@ async fn patches_follow_kubernetes_semantics() {
     assert_eq!(rv(), before + 1);
 
     // Strategic merge on status: conditions merge by type; metadata in a
-    // status patch is ignored.
+    // status patch is kept (the node status strategy resets only the spec,
+    // which is how flanneld annotates with nodes/status patch alone), the
+    // spec is not.
     let strategic = Patch::Strategic(json!({
-        "metadata": {"labels": {"ignored": "yes"}},
+        "metadata": {"labels": {"kept": "yes"}},
+        "spec": {"podCIDR": "10.99.0.0/24"},
         "status": {
             "conditions": [{"type": "NetworkUnavailable", "status": "False", "reason": "RouteCreated"}],
             "addresses": [{"type": "InternalIP", "address": "192.168.0.9"}],
@@ -703,7 +706,8 @@ async fn patches_follow_kubernetes_semantics() {
             ("Hostname".to_owned(), "n".to_owned())
         ]
     );
-    assert!(!patched.labels().contains_key("ignored"));
+    assert_eq!(patched.labels().get("kept").map(String::as_str), Some("yes"));
+    assert_ne!(patched.spec.as_ref().and_then(|s| s.pod_cidr.as_deref()), Some("10.99.0.0/24"));
     assert_eq!(rv(), before + 2);
 
     // JSON patch of annotations, then of status through /status.

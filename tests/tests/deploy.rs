@@ -18,7 +18,11 @@ use k8s_openapi::{
 use serde_json::Value;
 
 fn manifests() -> Vec<Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlay.yaml");
+    manifests_in("overlay.yaml")
+}
+
+fn manifests_in(file: &str) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_norway::Deserializer::from_str(&text)
         .map(|doc| {
@@ -171,13 +175,76 @@ fn rbac_grants_what_the_agent_calls_and_binds_its_service_account() {
                 && r.verbs.iter().any(|v| v == verb)
         })
     };
-    for verb in ["get", "list", "watch", "patch"] {
+    for verb in ["get", "list", "watch"] {
         assert!(allows("", "nodes", verb), "nodes {verb}");
     }
+    // flannel's RBAC: annotations go through the status subresource too.
+    assert!(!allows("", "nodes", "patch"), "the agent patches only nodes/status");
     assert!(allows("", "nodes/status", "patch"));
     assert!(allows("events.k8s.io", "events", "create"));
     let binding: ClusterRoleBinding = find("ClusterRoleBinding");
     assert_eq!(binding.role_ref.name, "overlay-agent");
     let subject = &binding.subjects.unwrap()[0];
     assert_eq!((subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()), ("ServiceAccount", "overlay-agent", Some("overlay-system")));
+}
+
+#[test]
+fn a_kernel_check_keeps_the_agent_off_nodes_it_cannot_run_on() {
+    let ds: DaemonSet = find("DaemonSet");
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let agent = pod.containers.iter().find(|c| c.name == "agent").unwrap();
+    let inits = pod.init_containers.as_ref().expect("init containers");
+    let check = inits.iter().find(|c| c.name == "kernel-check").expect("a kernel-check init container");
+    assert_eq!(check.image, agent.image, "the check runs the agent's own image");
+    let args = check.args.as_ref().unwrap();
+    assert_eq!(args[0], "kernel-check");
+    let out = std::process::Command::new(overlay_tests::agent_binary()).args(args).output().unwrap();
+    assert!(out.status.success(), "this (6.6+) kernel must pass: {}", String::from_utf8_lossy(&out.stderr));
+    let mut too_new = args.clone();
+    too_new.splice(1.., ["--min".to_owned(), "999.0".to_owned()]);
+    let out = std::process::Command::new(overlay_tests::agent_binary()).args(&too_new).output().unwrap();
+    assert!(!out.status.success(), "an older kernel than --min must fail the init container");
+    // The flannel CNI plugin image flannel v0.28.9's manifest names.
+    for init in inits.iter().filter(|c| c.name.starts_with("install-cni")) {
+        assert_eq!(init.image.as_deref(), Some("ghcr.io/flannel-io/flannel-cni-plugin:v1.9.1-flannel3"));
+    }
+    // iptables' lock is the host's, shared with kube-proxy and Docker.
+    let lock = agent.volume_mounts.as_ref().unwrap().iter().find(|m| m.mount_path == "/run/xtables.lock").expect("xtables lock");
+    let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == lock.name).unwrap();
+    assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some("/run/xtables.lock"));
+}
+
+#[test]
+fn the_uninstall_daemonset_runs_cleanup_on_the_hosts_state() {
+    let docs = manifests_in("uninstall.yaml");
+    assert_eq!(docs.len(), 1);
+    let uninstall: DaemonSet = strict(&docs[0]);
+    let installed: DaemonSet = find("DaemonSet");
+    let installed_pod = installed.spec.unwrap().template.spec.unwrap();
+    let agent = installed_pod.containers.iter().find(|c| c.name == "agent").unwrap();
+    let pod = uninstall.spec.unwrap().template.spec.unwrap();
+    let cleanup = pod.init_containers.as_ref().unwrap().iter().find(|c| c.name == "cleanup").expect("a cleanup init container");
+    assert_eq!(cleanup.image, agent.image);
+    assert_eq!(cleanup.security_context.as_ref().and_then(|s| s.privileged), Some(true));
+    let args = cleanup.args.as_ref().unwrap();
+    assert_eq!(args[0], "cleanup");
+    let help = overlay_tests::stdout(overlay_tests::agent_binary().to_str().unwrap(), &["cleanup", "--help"]);
+    let flags: BTreeMap<&str, &str> = args[1..].iter().map(|a| a.split_once('=').unwrap_or((a, ""))).collect();
+    for flag in flags.keys() {
+        assert!(help.contains(&format!("{flag} ")), "cleanup --help lacks {flag}");
+    }
+    // The same pins, subnet.env and CNI config the agent's DaemonSet uses.
+    let agent_args = agent.args.as_ref().unwrap();
+    assert!(agent_args.contains(&format!("--bpffs-root={}", flags["--bpffs-root"])));
+    assert!(agent_args.contains(&format!("--subnet-file={}", flags["--subnet-file"])));
+    let install_cni = installed_pod.init_containers.as_ref().unwrap().iter().find(|c| c.name == "install-cni").unwrap();
+    assert_eq!(install_cni.command.as_ref().unwrap().last().map(String::as_str), Some(flags["--cni-conf"]));
+    let volumes = pod.volumes.as_ref().unwrap();
+    let host_path_of = |mount_path: &str| {
+        let mount = cleanup.volume_mounts.as_ref().unwrap().iter().find(|m| m.mount_path == mount_path).unwrap_or_else(|| panic!("no mount at {mount_path}"));
+        volumes.iter().find(|v| v.name == mount.name).and_then(|v| v.host_path.as_ref()).map(|h| h.path.clone())
+    };
+    assert_eq!(host_path_of("/sys/fs/bpf").as_deref(), Some("/sys/fs/bpf"), "the host's bpffs");
+    assert_eq!(host_path_of("/run/flannel").as_deref(), Some("/run/flannel"));
+    assert_eq!(host_path_of("/etc/cni/net.d").as_deref(), Some("/etc/cni/net.d"));
 }

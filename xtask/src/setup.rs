@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 11] = [
+const TEST_TOOLS: [(&str, &str); 14] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -24,10 +24,17 @@ const TEST_TOOLS: [(&str, &str); 11] = [
     ("tcpdump", "tcpdump"),
     ("tshark", "tshark"),
     ("sockperf", "sockperf"),
-    // A Service's DNAT and kube-proxy's INVALID drop, played in the lab.
+    // A Service's DNAT and kube-proxy's INVALID drop, played in the lab;
+    // the agent's FORWARD accept rules (iptables-nft, iptables-legacy).
     ("iptables", "iptables"),
     // `cargo xtask bench --profile`: cpu-clock samples with kernel stacks.
     ("perf", "linux-perf"),
+    // The agent's masquerade table.
+    ("nft", "nftables"),
+    // tests/tests/image.rs runs the agent's image; with runc, as crun
+    // refuses hybrid cgroup hosts.
+    ("podman", "podman"),
+    ("runc", "runc"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says

@@ -462,11 +462,28 @@ fn write_node(
         }
         let next = match part {
             Part::Main => with_status_of(proposed, &current),
-            Part::Status => with_status_of((*current).clone(), &proposed),
+            // As the real node status strategy: spec stays, metadata
+            // (annotations, labels) and status come from the write, which
+            // is how flannel publishes its annotations with nothing but
+            // nodes/status patch.
+            Part::Status => with_labels_and_annotations_of(with_status_of((*current).clone(), &proposed), &proposed),
         };
         Ok(store.put(name, next).unwrap_or(current))
     })?;
     Ok(json_response(StatusCode::OK, &with_type_meta(&stored)))
+}
+
+/// `object` with its `metadata.labels` and `metadata.annotations` taken
+/// from `source`.
+fn with_labels_and_annotations_of(mut object: Value, source: &Value) -> Value {
+    for field in ["labels", "annotations"] {
+        let metadata = object["metadata"].as_object_mut().expect("a Node has metadata");
+        match source["metadata"].get(field) {
+            Some(value) => metadata.insert(field.into(), value.clone()),
+            None => metadata.remove(field),
+        };
+    }
+    object
 }
 
 /// `object` with its `status` taken from `source`.
