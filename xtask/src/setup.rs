@@ -7,10 +7,13 @@ use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
+use crate::{
+    gotools,
+    toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain},
+};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 10] = [
+const TEST_TOOLS: [(&str, &str); 12] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -22,6 +25,9 @@ const TEST_TOOLS: [(&str, &str); 10] = [
     ("sockperf", "sockperf"),
     // A Service's DNAT and kube-proxy's INVALID drop, played in the lab.
     ("iptables", "iptables"),
+    // The real control plane's store, and its certificates and keys.
+    ("etcd", "etcd-server"),
+    ("openssl", "openssl"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says
@@ -59,6 +65,16 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
                 missing_tools.join(" ")
             );
         }
+    }
+    match gotools::find_go() {
+        Some(go) => {
+            let bin = gotools::kubernetes(&go).context("building kube-apiserver and kube-controller-manager")?;
+            eprintln!("setup: kubernetes {} control plane in {}", gotools::KUBERNETES_VERSION.trim(), bin.display());
+        }
+        None => eprintln!(
+            "setup: no `go` (on PATH or /usr/local/go/bin): the Kubernetes tests and `lab --kubernetes` need kube-apiserver \
+             built from the Go module proxy; install Go >= 1.26 from https://go.dev/dl/ and run `cargo xtask setup` again"
+        ),
     }
     eprintln!("setup: eBPF toolchain `{}`: {}", chosen.name, chosen.reason);
     Ok(chosen)
