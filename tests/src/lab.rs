@@ -12,6 +12,11 @@
 //! its own pin root. Pods are namespaces behind a veth on the node's `cni0`
 //! bridge, as flannel's CNI plugin sets them up. Dropping a [`Lab`] stops
 //! the agents and removes namespaces, manifests and pins.
+//!
+//! With [`LabSpec::kubernetes`], a real control plane
+//! ([`crate::control_plane`]) in the underlay namespace serves the Nodes
+//! instead, and the pod CIDRs (hence the pods' addresses) are the ones its
+//! controller-manager allocates.
 
 use std::{
     fs,
