@@ -8,7 +8,7 @@
 //!   address, authenticates client certificates and ServiceAccount tokens
 //!   (its own signing key), authorizes with RBAC only, and refuses
 //!   anonymous requests.
-//! - kube-controller-manager runs the node IPAM controller only
+//! - kube-controller-manager runs the node IPAM controller only (`node-ipam-controller`)
 //!   (`--allocate-node-cidrs`), which fills `spec.podCIDR` as in real
 //!   clusters, and serves nothing.
 //!
@@ -200,7 +200,7 @@ impl ControlPlane {
             &plane.bin.join("kube-controller-manager"),
             &[
                 format!("--kubeconfig={}", plane.dir.0.join("controller-manager.kubeconfig").display()),
-                "--controllers=nodeipam".to_owned(),
+                "--controllers=node-ipam-controller".to_owned(),
                 "--allocate-node-cidrs=true".to_owned(),
                 format!("--cluster-cidr={CLUSTER_CIDR}"),
                 "--node-cidr-mask-size=24".to_owned(),
