@@ -141,8 +141,7 @@ pub fn kubernetes(go: &Path) -> anyhow::Result<PathBuf> {
     download
         .args(["mod", "download", "-json", &format!("k8s.io/kubernetes@{version}")])
         .env("GOMODCACHE", root.join("go/mod"))
-        .env("GOTOOLCHAIN", "local")
-        .env("GOFLAGS", "-mod=mod");
+        .env("GOTOOLCHAIN", "local");
     // Outside any module: `go mod download` of a named module needs none.
     download.current_dir(std::env::temp_dir());
     let info = output(&mut download).with_context(|| format!("the Go module proxy refused k8s.io/kubernetes@{version}"))?;
