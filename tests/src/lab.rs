@@ -297,7 +297,7 @@ impl Lab {
             });
             kube.register_node(name, ip, annotations).map_err(|e| e.to_string())?;
         }
-        let cidrs = kube.wait_for_pod_cidrs(&names, Duration::from_secs(30)).map_err(|e| e.to_string())?;
+        let cidrs = kube.wait_for_pod_cidrs(&names, Duration::from_secs(90)).map_err(|e| e.to_string())?;
         Ok((kube, cidrs))
     }
 

@@ -147,9 +147,10 @@ fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
     let mut lab = kube_lab(3);
     let mut compacted = 0;
     let mut outage = Duration::ZERO;
-    // 60 s of pings: the outage, the restart and the agents' relists all
-    // happen inside it (asserted below).
-    let count = 6000;
+    // 90 s of pings: the outage, the restart and the agents' relists (after
+    // kube-runtime's backoff, up to 30 s) all happen inside it (asserted
+    // below).
+    let count = 9000;
     let (sent, received) = lab.ping_during(count, |lab| {
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();
@@ -167,16 +168,16 @@ fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
         assert_eq!(lab.agent_http(0, "/healthz").unwrap().0, 200);
         assert_eq!(lab.agent_http(0, "/readyz").unwrap().0, 503, "not ready before the initial sync");
         lab.kube.as_mut().unwrap().start_apiserver().unwrap();
-        wait_until("node1 ready", Duration::from_secs(30), || lab.agent_http(0, "/readyz").is_ok_and(|(s, _)| s == 200));
+        wait_until("node1 ready", Duration::from_secs(40), || lab.agent_http(0, "/readyz").is_ok_and(|(s, _)| s == 200));
         // The agents that kept running resumed their watch from a
         // compacted resourceVersion: the real server said 410 Gone, and
         // they relisted.
         for i in [1, 2] {
-            wait_until("a watch restart", Duration::from_secs(30), || {
+            wait_until("a watch restart", Duration::from_secs(40), || {
                 lab.agent_http(i, "/metrics").is_ok_and(|(_, m)| !m.contains("overlay_watch_restarts_total 0"))
             });
         }
-        wait_until("a 410 in node2's agent log", Duration::from_secs(30), || {
+        wait_until("a 410 in node2's agent log", Duration::from_secs(40), || {
             let log = lab.agent_log(1);
             log.contains("too old resource version") || log.contains("code: 410")
         });
@@ -186,7 +187,7 @@ fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
         "ping every 10 ms through an API server restart and an etcd compaction at revision {compacted} \
          ({outage:?} from the stop to the agents' relists): {received}/{sent} received"
     );
-    assert!(outage < Duration::from_secs(55), "the ping must cover the whole outage and recovery ({outage:?})");
+    assert!(outage < Duration::from_secs(85), "the ping must cover the whole outage and recovery ({outage:?})");
     assert_eq!((sent, received), (count, count), "packets lost during the outage");
 
     // And they still follow changes.
