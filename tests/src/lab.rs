@@ -12,6 +12,11 @@
 //! its own pin root. Pods are namespaces behind a veth on the node's `cni0`
 //! bridge, as flannel's CNI plugin sets them up. Dropping a [`Lab`] stops
 //! the agents and removes namespaces, manifests and pins.
+//!
+//! With [`LabSpec::kubernetes`], a real control plane
+//! ([`crate::control_plane`]) in the underlay namespace serves the Nodes
+//! instead, and the pod CIDRs (hence the pods' addresses) are the ones its
+//! controller-manager allocates.
 
 use std::{
     fs,
@@ -22,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, PinDir, apiserver::ApiServer, run};
+use crate::{NetNs, PinDir, control_plane::ControlPlane, run};
 
 /// What an agent logs once its initial sync is in the datapath.
 pub const READY_LOG: &str = "ready: the initial sync is in the datapath";
@@ -56,9 +61,12 @@ pub struct LabSpec {
     /// How many nodes (the last ones) are programmed by the kernel alone,
     /// exactly as flannel's backend does, instead of by our agent.
     pub flannel_nodes: usize,
-    /// Serve the Nodes from the test API server (in the underlay namespace,
-    /// at [`API_ADDR`]) and run the agents with `--kubeconfig` and
-    /// `--net-conf`, instead of a manifest directory.
+    /// Run a real control plane ([`ControlPlane`]: etcd, kube-apiserver at
+    /// [`API_ADDR`] and kube-controller-manager, in the underlay namespace),
+    /// register the Nodes there as kubelet does, take their pod CIDRs from
+    /// the controller-manager, and run the agents with `--kubeconfig` (a
+    /// token of deploy/overlay.yaml's ServiceAccount) and `--net-conf`,
+    /// instead of a manifest directory.
     pub kubernetes: bool,
     /// The flannel nodes' backend: `vxlan` (the kernel vxlan device
     /// `flannel.1`) or `host-gw` (plain routes via the peers' node IPs).
@@ -160,8 +168,9 @@ pub enum Topology {
 /// The underlay subnets' third octet and bridge names.
 const SUBNETS: [(u8, &str); 2] = [(77, "br0"), (88, "br1")];
 
-/// Where the test API server listens in a `kubernetes` lab: an address of
-/// the underlay namespace on the first segment, reachable from every node.
+/// Where kube-apiserver listens in a `kubernetes` lab: an address of the
+/// underlay namespace on the first segment, reachable from every node and
+/// from nothing outside the lab.
 pub const API_ADDR: &str = "192.168.77.2:6443";
 
 /// A host outside the cluster (TEST-NET-3, never routed on the internet),
@@ -169,6 +178,14 @@ pub const API_ADDR: &str = "192.168.77.2:6443";
 pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 /// The outside namespace's leg on the first underlay segment.
 const OUTSIDE_GATEWAY: &str = "192.168.77.254";
+/// deploy/overlay.yaml, whose RBAC the agents of a `kubernetes` lab run with.
+pub fn deploy_manifest() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlay.yaml")
+}
+
+/// The objects of deploy/overlay.yaml the lab applies: the agents' identity
+/// and its RBAC (no kubelet runs the DaemonSet here).
+pub const RBAC_KINDS: [&str; 4] = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"];
 
 /// The agents' `--metrics-addr` (each in its own node namespace).
 pub const METRICS_PORT: u16 = 9472;
@@ -195,8 +212,8 @@ pub struct LabNode {
 /// namespaces go, pins last.
 pub struct Lab {
     agents: Vec<Option<Child>>,
-    /// The test API server of a `kubernetes` lab.
-    pub api: Option<ApiServer>,
+    /// The control plane of a `kubernetes` lab.
+    pub kube: Option<ControlPlane>,
     pub nodes: Vec<LabNode>,
     /// The router joining the two subnets of a routed topology.
     pub router: Option<NetNs>,
@@ -246,31 +263,33 @@ impl Lab {
         }
         let router = (spec.topology == Topology::Routed).then(|| Self::make_router(&spec, &underlay));
 
+        let (kube, pod_cidrs) = if spec.kubernetes {
+            let (kube, cidrs) = Self::start_control_plane(&spec, &underlay, &work_dir.0)?;
+            (Some(kube), cidrs)
+        } else {
+            (None, (1..=spec.nodes).map(|i| format!("10.244.{i}.0/24")).collect())
+        };
         let mut nodes = Vec::new();
-        for i in 1..=spec.nodes {
-            nodes.push(Self::make_node(&spec, &underlay, i, &pins));
+        for (i, pod_cidr) in (1..=spec.nodes).zip(pod_cidrs) {
+            nodes.push(Self::make_node(&spec, &underlay, i, &pins, pod_cidr)?);
         }
-        let api = spec.kubernetes.then(|| {
-            let _ = underlay.ip(&["addr", "add", "192.168.77.2/24", "dev", SUBNETS[0].1]);
-            ApiServer::start(Some(&underlay), API_ADDR.parse().expect("valid address"))
-        });
         let outside = spec.outside.then(|| Self::make_outside(&spec, &underlay, &nodes, router.as_ref()));
-        let mut lab = Self { agents: Vec::new(), api, nodes, router, outside, underlay, nodes_dir, spec, _pins: pins, work_dir };
-        if let Some(api) = &lab.api {
-            api.write_kubeconfig(&lab.kubeconfig_path()).map_err(|e| format!("writing kubeconfig: {e}"))?;
+        let mut lab = Self { agents: Vec::new(), kube, nodes, router, outside, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        if let Some(kube) = &lab.kube {
+            // The agents' identity and permissions: exactly deploy/overlay.yaml's.
+            kube.apply_manifest(&deploy_manifest(), &RBAC_KINDS, false).map_err(|e| e.to_string())?;
+            let token = kube.service_account_token("overlay-system", "overlay-agent").map_err(|e| e.to_string())?;
+            kube.write_token_kubeconfig(&lab.kubeconfig_path(), &token).map_err(|e| e.to_string())?;
         }
         if lab.uses_net_conf() {
             let net_conf = serde_json::json!({
-                "Network": "10.244.0.0/16",
+                "Network": crate::control_plane::CLUSTER_CIDR,
                 "Backend": {"Type": lab.spec.backend, "DirectRouting": lab.spec.direct_routing},
             });
             fs::write(lab.net_conf_path(), net_conf.to_string()).map_err(|e| format!("writing net-conf.json: {e}"))?;
         }
         for i in 0..lab.nodes.len() {
             lab.write_manifest(i);
-            if let Some(api) = &lab.api {
-                api.apply(lab.node_object(i));
-            }
         }
         for i in 0..lab.nodes.len() {
             if lab.nodes[i].flannel {
@@ -325,11 +344,51 @@ impl Lab {
         Ok(())
     }
 
-    fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, pins: &PinDir) -> LabNode {
+    /// Starts the control plane in the underlay namespace, registers every
+    /// node's Node object as its kubelet would (InternalIP, no pod CIDR;
+    /// flannel nodes with the annotations flanneld publishes), and returns
+    /// the pod CIDRs the controller-manager allocated, in node order.
+    fn start_control_plane(spec: &LabSpec, underlay: &NetNs, work_dir: &Path) -> Result<(ControlPlane, Vec<String>), String> {
+        let api_ip = API_ADDR.split(':').next().expect("host:port");
+        let _ = underlay.ip(&["addr", "add", &format!("{api_ip}/24"), "dev", SUBNETS[0].1]);
+        let kube = ControlPlane::start(Some(underlay), api_ip.parse().expect("valid address"), &work_dir.join("control-plane"))
+            .map_err(|e| e.to_string())?;
+        let names: Vec<String> = (1..=spec.nodes).map(|i| format!("node{i}")).collect();
+        for (i, name) in (1..=spec.nodes).zip(&names) {
+            let ip = Self::node_ip(spec, i);
+            let annotations = (i > spec.nodes - spec.flannel_nodes).then(|| {
+                let mac = overlay_agent::node::format_mac(Self::flannel_vtep_mac(i - 1));
+                serde_json::json!({
+                    "flannel.alpha.coreos.com/backend-type": spec.flannel_backend,
+                    "flannel.alpha.coreos.com/backend-data":
+                        if spec.flannel_backend == "host-gw" { "null".to_owned() } else { format!("{{\"VNI\":1,\"VtepMAC\":\"{mac}\"}}") },
+                    "flannel.alpha.coreos.com/public-ip": ip.to_string(),
+                    "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+                })
+            });
+            kube.register_node(name, ip, annotations).map_err(|e| e.to_string())?;
+        }
+        let cidrs = kube.wait_for_pod_cidrs(&names, Duration::from_secs(90)).map_err(|e| e.to_string())?;
+        Ok((kube, cidrs))
+    }
+
+    /// Node `i`'s underlay address (1-based).
+    fn node_ip(spec: &LabSpec, i: usize) -> Ipv4Addr {
+        let second_half = spec.topology == Topology::Routed && i > spec.nodes.div_ceil(2);
+        Ipv4Addr::new(192, 168, SUBNETS[usize::from(second_half)].0, 10 + i as u8)
+    }
+
+    fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, pins: &PinDir, pod_cidr: String) -> Result<LabNode, String> {
         let ns = NetNs::with_name(format!("{}-n{i}", spec.prefix));
         let second_half = spec.topology == Topology::Routed && i > spec.nodes.div_ceil(2);
         let (octet, bridge) = SUBNETS[usize::from(second_half)];
-        let ip = Ipv4Addr::new(192, 168, octet, 10 + i as u8);
+        let ip = Self::node_ip(spec, i);
+        // Pods are numbered inside the node's /24: gateway .1, pods .11, .12, …
+        let base: Ipv4Addr = pod_cidr
+            .strip_suffix("/24")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| format!("node{i}'s pod CIDR {pod_cidr} is not a /24"))?;
+        let in_cidr = |host: u32| Ipv4Addr::from(base.to_bits() + host);
         let port = format!("n{i}");
         let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
         let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
@@ -348,14 +407,14 @@ impl Lab {
             let _ = run("ip", &["netns", "exec", ns.name(), "ethtool", "-K", "eth0", "gro", "on"]);
         }
         let _ = run("ip", &["netns", "exec", ns.name(), "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let gateway = format!("10.244.{i}.1");
+        let gateway = in_cidr(1).to_string();
         let _ = ns.ip(&["link", "add", "cni0", "type", "bridge"]);
         let _ = ns.ip(&["addr", "add", &format!("{gateway}/24"), "dev", "cni0"]);
         let _ = ns.ip(&["link", "set", "cni0", "mtu", &POD_MTU.to_string(), "up"]);
         let mut pods = Vec::new();
         for j in 1..=spec.pods_per_node {
             let pod = NetNs::with_name(format!("{}-n{i}p{j}", spec.prefix));
-            let pod_ip = Ipv4Addr::new(10, 244, i as u8, 10 + j as u8);
+            let pod_ip = in_cidr(10 + j as u32);
             let veth = format!("p{j}");
             let _ = ns.ip(&["link", "add", &veth, "mtu", &POD_MTU.to_string(), "type", "veth", "peer", "name", "eth0", "netns", pod.name()]);
             let _ = ns.ip(&["link", "set", &veth, "master", "cni0", "up"]);
@@ -364,16 +423,16 @@ impl Lab {
             let _ = pod.ip(&["route", "add", "default", "via", &gateway]);
             pods.push(LabPod { ns: pod, ip: pod_ip });
         }
-        LabNode {
+        Ok(LabNode {
             name: format!("node{i}"),
             flannel: i > spec.nodes - spec.flannel_nodes,
             ip,
-            pod_cidr: format!("10.244.{i}.0/24"),
+            pod_cidr,
             pin_root: pins.path().join(format!("node{i}")),
             pods,
             log: std::env::temp_dir().join(&spec.prefix).join(format!("node{i}.log")),
             ns,
-        }
+        })
     }
 
     /// The outside namespace: a leg on the first underlay segment
@@ -434,10 +493,14 @@ impl Lab {
     pub fn vtep_mac(&self, i: usize) -> [u8; 6] {
         let node = &self.nodes[i];
         if node.flannel {
-            [0x0a, 0xfe, 0, 0, 0, i as u8 + 1]
+            Self::flannel_vtep_mac(i)
         } else {
             overlay_agent::desired::default_vtep_mac(node.ip)
         }
+    }
+
+    fn flannel_vtep_mac(i: usize) -> [u8; 6] {
+        [0x0a, 0xfe, 0, 0, 0, i as u8 + 1]
     }
 
     /// (Re)writes node `i`'s Node manifest, with flannel's annotations as
@@ -463,8 +526,8 @@ impl Lab {
         fs::rename(&tmp, self.manifest_path(i)).expect("renaming manifest");
     }
 
-    /// Node `i` as the test API server first holds it: what kubelet and
-    /// the controller-manager write (pod CIDR, addresses). Our agents
+    /// Node `i` as kubelet and the controller-manager write it (pod CIDR,
+    /// addresses, `Ready`). Our agents
     /// publish their flannel annotations themselves; flannel nodes get them
     /// as flanneld would have published them.
     pub fn node_object(&self, i: usize) -> serde_json::Value {

@@ -7,6 +7,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod control_plane;
 pub mod lab;
 
 use std::{
@@ -157,12 +158,7 @@ impl NetNs {
 
     /// Moves the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> NetNsEntered {
-        let original = File::open("/proc/thread-self/ns/net").expect("opening current netns");
-        let target = File::open(format!("/run/netns/{}", self.name)).expect("opening test netns");
-        // SAFETY: valid namespace fds; setns only affects this thread.
-        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        NetNsEntered { original }
+        enter_netns(&self.name)
     }
 
     /// Creates a veth pair `a`/`b` inside the namespace, both up.
@@ -185,6 +181,17 @@ impl Drop for NetNs {
         // them every program attachment.
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
+}
+
+/// Moves the calling thread into the named namespace (`/run/netns/<name>`)
+/// until the guard drops.
+pub fn enter_netns(name: &str) -> NetNsEntered {
+    let original = File::open("/proc/thread-self/ns/net").expect("opening current netns");
+    let target = File::open(format!("/run/netns/{name}")).expect("opening test netns");
+    // SAFETY: valid namespace fds; setns only affects this thread.
+    let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    NetNsEntered { original }
 }
 
 /// While alive, the thread is inside a [`NetNs`].

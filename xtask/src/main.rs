@@ -11,6 +11,7 @@
 //! - `run`: build, then run the agent with the given arguments.
 
 mod bench;
+mod gotools;
 mod lab;
 mod scale;
 mod setup;

@@ -11,10 +11,13 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
+use crate::{
+    gotools,
+    toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain},
+};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 14] = [
+const TEST_TOOLS: [(&str, &str); 16] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -35,6 +38,9 @@ const TEST_TOOLS: [(&str, &str); 14] = [
     // refuses hybrid cgroup hosts.
     ("podman", "podman"),
     ("runc", "runc"),
+    // The real control plane's store, and its certificates and keys.
+    ("etcd", "etcd-server"),
+    ("openssl", "openssl"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says
@@ -77,6 +83,16 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
         setup_vm()?;
     } else if !vm_ready() {
         eprintln!("setup: `cargo xtask vmtest` needs root on Debian to install QEMU, busybox-static, kmod, virtiofsd and Debian's {VM_KERNEL_PACKAGE}");
+    }
+    match gotools::find_go() {
+        Some(go) => {
+            let bin = gotools::kubernetes(&go).context("building kube-apiserver and kube-controller-manager")?;
+            eprintln!("setup: kubernetes {} control plane in {}", gotools::KUBERNETES_VERSION.trim(), bin.display());
+        }
+        None => eprintln!(
+            "setup: no `go` (on PATH or /usr/local/go/bin): the Kubernetes tests and `lab --kubernetes` need kube-apiserver \
+             built from the Go module proxy; install Go >= 1.26 from https://go.dev/dl/ and run `cargo xtask setup` again"
+        ),
     }
     eprintln!("setup: eBPF toolchain `{}`: {}", chosen.name, chosen.reason);
     Ok(chosen)

@@ -64,10 +64,12 @@ struct Args {
     /// Agents forward directly to on-link peers (vxlan backend).
     #[arg(long)]
     direct_routing: bool,
-    /// Serve the Nodes from the test Kubernetes API server (in the underlay
-    /// namespace) and run the agents with --kubeconfig and --net-conf,
-    /// instead of a manifest directory. With --keep, the API server ends
-    /// with this command; the agents keep the datapath and retry.
+    /// Run a real control plane (etcd, kube-apiserver, kube-controller-manager
+    /// in the underlay namespace): Nodes registered as kubelet does, pod CIDRs
+    /// from the controller-manager, agents with --kubeconfig (a token of
+    /// deploy/overlay.yaml's ServiceAccount and RBAC) and --net-conf. With
+    /// --keep, the control plane ends with this command; the agents keep
+    /// the datapath and retry.
     #[arg(long)]
     kubernetes: bool,
     /// Leave the lab up for poking around; `--down` removes it.
@@ -117,7 +119,7 @@ fn main() -> ExitCode {
         "lab: {} nodes ({} flannel-style) x {} pods, {:?} {} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}, forward {}, nodes from {}",
         spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.topology, spec.underlay.key(), spec.backend,
         if spec.direct_routing { " with direct routing" } else { "" }, spec.decap, spec.forward,
-        if spec.kubernetes { "the test Kubernetes API server" } else { "a manifest directory" }
+        if spec.kubernetes { "kube-apiserver (pod CIDRs from kube-controller-manager)" } else { "a manifest directory" }
     );
     let lab = match Lab::start(spec) {
         Ok(lab) => lab,
@@ -126,6 +128,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(kube) = &lab.kube {
+        match kube.version() {
+            Ok(version) => println!(
+                "lab: kube-apiserver {version} at https://{} with etcd {}; agents authenticated as ServiceAccount overlay-system/overlay-agent, authorized by deploy/overlay.yaml's RBAC",
+                kube.addr,
+                kube.etcd_version()
+            ),
+            Err(e) => println!("lab: kube-apiserver at https://{} did not say its version: {e}", kube.addr),
+        }
+    }
     for (i, node) in lab.nodes.iter().enumerate() {
         if node.flannel {
             let what = if lab.spec().flannel_backend == "host-gw" { "host-gw routes" } else { "flannel.1 (kernel vxlan)" };

@@ -1,0 +1,226 @@
+//! Go programs the tests run (kube-apiserver, kube-controller-manager, ...),
+//! built from the Go module proxy once per machine and cached under
+//! `~/.cache/overlay/<name>-<version>/bin`, keyed by a stamp file.
+//!
+//! [`build_go_packages`] is generic: a scratch module that requires a set of
+//! modules (with `replace` lines where needed), `go build` of some of their
+//! main packages into the cache. [`kubernetes`] is its one user so far.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, bail};
+
+/// The kubernetes release the tests run, shared with the tests crate
+/// (`overlay_tests::control_plane`), which finds the binaries by it.
+pub const KUBERNETES_VERSION: &str = include_str!("../../tests/kubernetes-version.txt");
+
+/// The Go programs the Kubernetes tests and `lab --kubernetes` run.
+pub const KUBERNETES_PACKAGES: [&str; 2] =
+    ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager"];
+
+/// What to build: a scratch module's requirements and replacements, and the
+/// main packages to build from them.
+#[derive(Debug, Clone)]
+pub struct GoBuild {
+    /// The cache entry's name, e.g. `kubernetes-v1.37.2`.
+    pub key: String,
+    /// `module version` requirements.
+    pub require: Vec<(String, String)>,
+    /// `module => module version` replacements.
+    pub replace: Vec<(String, String)>,
+    /// Main packages; each binary is named after the package's last element.
+    pub packages: Vec<String>,
+}
+
+impl GoBuild {
+    /// The scratch module's go.mod.
+    fn go_mod(&self) -> String {
+        let mut text = String::from("module overlay.invalid/gotools\n\ngo 1.26.0\n\nrequire (\n");
+        for (module, version) in &self.require {
+            text += &format!("\t{module} {version}\n");
+        }
+        text += ")\n\nreplace (\n";
+        for (module, version) in &self.replace {
+            text += &format!("\t{module} => {module} {version}\n");
+        }
+        text + ")\n"
+    }
+
+    /// What the stamp records: a change to any of it rebuilds.
+    fn stamp(&self, go_version: &str) -> String {
+        format!("{go_version}\n{}\n{}\n", self.go_mod(), self.packages.join("\n"))
+    }
+}
+
+/// The cache root: `~/.cache/overlay` (or `$XDG_CACHE_HOME/overlay`).
+pub fn cache_root() -> anyhow::Result<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .context("neither XDG_CACHE_HOME nor HOME is set: no place for the Go build cache")?;
+    Ok(base.join("overlay"))
+}
+
+/// The `go` binary: on PATH, else the official tarball's /usr/local/go/bin.
+pub fn find_go() -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("go")).find(|g| g.is_file()))
+        .or_else(|| Some(PathBuf::from("/usr/local/go/bin/go")).filter(|g| g.is_file()))
+}
+
+/// Builds `build`'s packages into `<cache>/<key>/bin` unless the stamp says
+/// they are there already; returns that directory. Go's module and build
+/// caches live next to it (`<cache>/go/`), so a rebuild after a version bump
+/// reuses what did not change.
+pub fn build_go_packages(go: &Path, build: &GoBuild) -> anyhow::Result<PathBuf> {
+    let root = cache_root()?;
+    let dir = root.join(&build.key);
+    let bin = dir.join("bin");
+    let stamp_path = dir.join("stamp");
+    let go_version = output(Command::new(go).arg("version"))?;
+    let stamp = build.stamp(go_version.trim());
+    let binaries_present = build.packages.iter().all(|p| bin.join(binary_name(p)).is_file());
+    if binaries_present && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
+        return Ok(bin);
+    }
+    let module = dir.join("module");
+    fs::create_dir_all(&module).with_context(|| format!("creating {}", module.display()))?;
+    let _ = fs::remove_file(&stamp_path);
+    fs::write(module.join("go.mod"), build.go_mod()).context("writing the scratch go.mod")?;
+    // Imports for `go mod tidy`, which then pins every dependency in go.sum.
+    let imports: String = build.packages.iter().map(|p| format!("\t_ \"{p}\"\n")).collect();
+    fs::write(module.join("tools.go"), format!("//go:build tools\n\npackage tools\n\nimport (\n{imports})\n"))
+        .context("writing tools.go")?;
+    eprintln!("setup: building {} from the Go module proxy into {} (once per machine; about 20 minutes on 2 CPUs)", build.packages.join(" "), bin.display());
+    let started = Instant::now();
+    let go_env = |cmd: &mut Command| {
+        cmd.current_dir(&module)
+            .env("GOCACHE", root.join("go/build"))
+            .env("GOMODCACHE", root.join("go/mod"))
+            .env("GOFLAGS", "-trimpath")
+            .env("GOTOOLCHAIN", "local")
+            .env("CGO_ENABLED", "0");
+    };
+    let mut tidy = Command::new(go);
+    tidy.args(["mod", "tidy"]);
+    go_env(&mut tidy);
+    run(&mut tidy)?;
+    let mut compile = Command::new(go);
+    compile.args(["build", "-ldflags=-s -w", "-o"]).arg(format!("{}/", bin.display())).args(&build.packages);
+    go_env(&mut compile);
+    run(&mut compile)?;
+    fs::write(&stamp_path, stamp).context("writing the stamp")?;
+    eprintln!("setup: built {} in {:.0?}", build.key, started.elapsed());
+    Ok(bin)
+}
+
+fn binary_name(package: &str) -> &str {
+    package.rsplit('/').next().unwrap_or(package)
+}
+
+/// kube-apiserver and kube-controller-manager at [`KUBERNETES_VERSION`].
+///
+/// k8s.io/kubernetes requires its staging modules (k8s.io/api,
+/// k8s.io/apimachinery, ...) at v0.0.0 and replaces them with
+/// `./staging/...`, which only works inside its own repository. A module
+/// that requires k8s.io/kubernetes replaces each of them with its published
+/// release: v0.X.Y for kubernetes v1.X.Y.
+pub fn kubernetes(go: &Path) -> anyhow::Result<PathBuf> {
+    let version = KUBERNETES_VERSION.trim();
+    let staging_version = version
+        .strip_prefix("v1.")
+        .map(|rest| format!("v0.{rest}"))
+        .with_context(|| format!("{version} is not a v1.x.y kubernetes version"))?;
+    let root = cache_root()?;
+    let mut download = Command::new(go);
+    download
+        .args(["mod", "download", "-json", &format!("k8s.io/kubernetes@{version}")])
+        .env("GOMODCACHE", root.join("go/mod"))
+        .env("GOTOOLCHAIN", "local");
+    // Outside any module: `go mod download` of a named module needs none.
+    download.current_dir(std::env::temp_dir());
+    let info = output(&mut download).with_context(|| format!("the Go module proxy refused k8s.io/kubernetes@{version}"))?;
+    let go_mod_path = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"GoMod\": \"")?.strip_suffix("\","))
+        .context("`go mod download -json` named no go.mod")?;
+    let go_mod = fs::read_to_string(go_mod_path).with_context(|| format!("reading {go_mod_path}"))?;
+    let staging = staging_modules(&go_mod);
+    if staging.is_empty() {
+        bail!("k8s.io/kubernetes@{version}'s go.mod requires no staging module at v0.0.0: has its layout changed?");
+    }
+    let build = GoBuild {
+        key: format!("kubernetes-{version}"),
+        require: vec![("k8s.io/kubernetes".to_owned(), version.to_owned())],
+        replace: staging.into_iter().map(|m| (m, staging_version.clone())).collect(),
+        packages: KUBERNETES_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+    };
+    build_go_packages(go, &build)
+}
+
+/// The `k8s.io/...` modules k8s.io/kubernetes requires at `v0.0.0` (its
+/// staging modules, replaced by local paths in its own go.mod).
+fn staging_modules(go_mod: &str) -> Vec<String> {
+    let mut in_require = false;
+    let mut modules = Vec::new();
+    for line in go_mod.lines().map(str::trim) {
+        if line.starts_with("require (") {
+            in_require = true;
+        } else if line == ")" {
+            in_require = false;
+        } else if in_require
+            && let [module, "v0.0.0", ..] = line.split_whitespace().collect::<Vec<_>>()[..]
+            && module.starts_with("k8s.io/")
+        {
+            modules.push(module.to_owned());
+        }
+    }
+    modules
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("setup: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_modules_are_the_v0_0_0_requirements() {
+        let go_mod = "module k8s.io/kubernetes\n\nrequire (\n\tgithub.com/x/y v1.2.3\n\tk8s.io/api v0.0.0\n\tk8s.io/klog/v2 v2.130.1\n)\n\nrequire (\n\tk8s.io/kms v0.0.0 // indirect\n)\n\nreplace (\n\tk8s.io/api => ./staging/src/k8s.io/api\n)\n";
+        assert_eq!(staging_modules(go_mod), ["k8s.io/api", "k8s.io/kms"]);
+    }
+
+    #[test]
+    fn the_scratch_module_replaces_each_staging_module_by_its_release() {
+        let build = GoBuild {
+            key: "k".into(),
+            require: vec![("k8s.io/kubernetes".into(), "v1.37.2".into())],
+            replace: vec![("k8s.io/api".into(), "v0.37.2".into())],
+            packages: vec!["k8s.io/kubernetes/cmd/kube-apiserver".into()],
+        };
+        let go_mod = build.go_mod();
+        assert!(go_mod.contains("\tk8s.io/kubernetes v1.37.2\n"), "{go_mod}");
+        assert!(go_mod.contains("\tk8s.io/api => k8s.io/api v0.37.2\n"), "{go_mod}");
+        assert_eq!(binary_name(&build.packages[0]), "kube-apiserver");
+    }
+}
