@@ -356,4 +356,17 @@ mod tests {
         assert_eq!(p.self_samples.get("write"), None, "user frames are not kernel functions");
         assert_eq!(p.by_comm.get("rustc"), Some(&10));
     }
+
+    #[test]
+    fn other_processes_become_one_frame_each_and_still_count() {
+        let folded = "iperf3;tcp_sendmsg_[k] 2\n\
+                      rustc;a;b 3\n\
+                      rustc;c 4\n\
+                      opt cgu.1;d 1\n";
+        let kept = others_summarised(folded);
+        assert_eq!(kept, "iperf3;tcp_sendmsg_[k] 2\n[other load];opt cgu.1 1\n[other load];rustc 7\n");
+        let p = Profile::from_folded(&kept);
+        assert_eq!((p.samples, p.path_samples), (10, 2));
+        assert_eq!(p.by_comm.get("rustc"), Some(&7));
+    }
 }
