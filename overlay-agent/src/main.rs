@@ -130,11 +130,14 @@ struct RunArgs {
     /// The log and `inspect` say which.
     #[arg(long, value_enum, default_value_t = Decap::Auto)]
     decap: Decap,
-    /// How packets from local pods to remote pods leave this node: through
-    /// the kernel's forward path (kernel), or handed by our program on the
-    /// pod bridge straight to the underlay (bpf), which skips the node's
-    /// netfilter FORWARD and POSTROUTING hooks for that traffic.
-    #[arg(long, value_enum, default_value_t = Forward::Kernel)]
+    /// How pod-to-pod traffic between nodes is forwarded: by our programs
+    /// on each pod's veth and the underlay, past the kernel's forward path
+    /// (bpf, the default: measured fastest, docs/benchmarks/results.md), or
+    /// by the kernel's routes (kernel: the conservative choice, for nodes
+    /// whose netfilter FORWARD/POSTROUTING rules, e.g. NetworkPolicy, must
+    /// see pod-to-pod traffic). NATed and Service flows take the kernel's
+    /// path either way.
+    #[arg(long, value_enum, default_value_t = Forward::Bpf)]
     forward: Forward,
     /// The bridge local pods sit behind (flannel's CNI plugin: cni0), where
     /// `--forward bpf` attaches once it exists.

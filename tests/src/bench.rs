@@ -37,9 +37,11 @@ pub enum Variant {
     KernelHostGw,
     /// flannel's vxlan backend: the kernel vxlan device `flannel.1`.
     KernelVxlan,
-    /// Our VXLAN datapath, `--decap auto` (native XDP on the lab's veths).
+    /// Our VXLAN datapath with the agent's default flags (`--decap auto`,
+    /// TC on the lab's veths; `--forward bpf`, the fast path).
     Vxlan,
-    /// Our host-gw backend, `--decap auto` (TC hook).
+    /// Our host-gw backend with the agent's default flags (`--decap auto`,
+    /// TC hook; `--forward bpf`).
     HostGw,
     /// Design comparison: our VXLAN decapsulating at TC ingress.
     VxlanTc,
@@ -125,8 +127,8 @@ impl Variant {
             Self::Raw => "node eth0 to node eth0 at the underlay MTU, no BPF attached: the ceiling",
             Self::KernelHostGw => "pod to pod over `<podCIDR> via <node IP>` kernel routes, as flannel's host-gw backend; no BPF",
             Self::KernelVxlan => "pod to pod over the kernel vxlan device `flannel.1`, programmed as flannel's vxlan backend does; no BPF",
-            Self::Vxlan => "pod to pod, our agent with `--backend vxlan --decap auto`",
-            Self::HostGw => "pod to pod, our agent with `--backend host-gw --decap auto`",
+            Self::Vxlan => "pod to pod, our agent with `--backend vxlan` and default flags (`--decap auto --forward bpf`)",
+            Self::HostGw => "pod to pod, our agent with `--backend host-gw` and default flags (`--decap auto --forward bpf`)",
             Self::VxlanTc => "pod to pod, our agent with `--backend vxlan --decap tc`",
             Self::VxlanXdpGeneric => "pod to pod, our agent with `--backend vxlan --decap xdp-generic`",
             Self::HostGwXdp => "pod to pod, our agent with `--backend host-gw --decap xdp`",
@@ -142,8 +144,8 @@ impl Variant {
             // underlay shares the lab that has no BPF and no tunnel device.
             Self::Raw | Self::KernelHostGw => Setup::Flannel { backend: "host-gw" },
             Self::KernelVxlan => Setup::Flannel { backend: "vxlan" },
-            Self::Vxlan => Setup::Ours { backend: "vxlan", decap: "auto", forward: "kernel" },
-            Self::HostGw => Setup::Ours { backend: "host-gw", decap: "auto", forward: "kernel" },
+            Self::Vxlan => Setup::Ours { backend: "vxlan", decap: "auto", forward: "bpf" },
+            Self::HostGw => Setup::Ours { backend: "host-gw", decap: "auto", forward: "bpf" },
             Self::VxlanTc => Setup::Ours { backend: "vxlan", decap: "tc", forward: "kernel" },
             Self::VxlanXdpGeneric => Setup::Ours { backend: "vxlan", decap: "xdp-generic", forward: "kernel" },
             Self::HostGwXdp => Setup::Ours { backend: "host-gw", decap: "xdp", forward: "kernel" },

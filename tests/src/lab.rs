@@ -91,7 +91,8 @@ impl LabSpec {
             pods_per_node: 2,
             agent,
             decap: "auto".to_owned(),
-            forward: "kernel".to_owned(),
+            // The agent's default.
+            forward: "bpf".to_owned(),
             // Not `ovlab`: `cargo xtask lab -- --down` removes every
             // `ovlab*` lab, and must not pull one out from under a test.
             prefix: crate::unique_name("ovtest"),

@@ -38,7 +38,7 @@ struct Args {
     decap: String,
     /// How the agents forward pod traffic to remote pods: kernel (routes)
     /// or bpf (the fast path on each node's cni0).
-    #[arg(long, default_value = "kernel", value_parser = ["kernel", "bpf"])]
+    #[arg(long, default_value = "bpf", value_parser = ["kernel", "bpf"])]
     forward: String,
     /// Turn the last K nodes into flannel nodes: flannel's kernel vxlan
     /// device, programmed as flannel does from the same Node manifests.
