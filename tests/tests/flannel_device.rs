@@ -121,9 +121,19 @@ fn another_vxlan_device_on_our_port_is_never_touched() {
     // On another port it is no concern.
     node.ns.ip(&["link", "del", "vx0"]);
     node.ns.ip(&["link", "add", "vx0", "type", "vxlan", "id", "7", "dev", "ul0", "dstport", "4789"]);
-    let mut agent = node.agent(&[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    assert!(agent.try_wait().unwrap().is_none(), "the agent must run beside a vxlan device on another port");
+    let mut agent = node.agent(&[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Up once it has attached to the underlay (its pinned egress link).
+    let attached = node.pins.path().join("links/ul0/tc_egress");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !attached.exists() {
+        if let Some(status) = agent.try_wait().unwrap() {
+            let mut log = String::new();
+            std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
+            panic!("the agent must run beside a vxlan device on another port; it exited ({status}):\n{log}");
+        }
+        assert!(Instant::now() < deadline, "the agent did not attach within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // SAFETY: plain kill(2) of our own child.
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     assert!(agent.wait().unwrap().success());
