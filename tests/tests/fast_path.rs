@@ -176,6 +176,12 @@ fn iptables(ns: &NetNs, args: &[&str]) {
 /// `POD_PORTS` entry names a veth that is gone. With the agent down (no
 /// sync will fix the entry), the new pod must still be reachable: the
 /// fast path leaves the packet to the kernel, whose bridge finds the pod.
+///
+/// Not yet shown failing: against the program without the veth check
+/// (`bpf_check_mtu` in `deliver_to_pod`) it passes too (2026-12-01), so
+/// the blackhole issue 13 describes did not reproduce this way. Whether
+/// the packet still took the fast path once the veth was gone (and what
+/// `bpf_redirect_peer` does with a deleted index) is open.
 #[test]
 fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() {
     if !privileged() {
@@ -189,9 +195,12 @@ fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() 
     let (client, target) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
     assert!(Lab::ping(&client.ns, target.ip), "control: the pod answers before it is recreated");
     let target_ip = target.ip;
+    // Control: node 2 serves the pod on the fast path both ways (the
+    // request in, the reply out), so the stale entry below is used.
     let fast_before = lab.counters(1).fastpath_packets;
     assert!(Lab::ping(&lab.nodes[0].pods[0].ns, target_ip));
-    assert!(lab.counters(1).fastpath_packets > fast_before, "control: node 2 delivers to the pod on the fast path");
+    let fast = lab.counters(1).fastpath_packets - fast_before;
+    assert!(fast >= 2, "control: one ping moved node 2's fastpath_packets by {fast}, not 2 (both halves)");
 
     // The agent goes down; the datapath stays, POD_PORTS as it was.
     lab.stop_agent(1);
