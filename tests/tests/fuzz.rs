@@ -621,7 +621,7 @@ fn drop_counts(maps: &DatapathMaps) -> BTreeMap<&'static str, u64> {
 
 /// Drop reasons that moved, and by how much.
 fn drops_between(before: &BTreeMap<&'static str, u64>, after: &BTreeMap<&'static str, u64>) -> Vec<(&'static str, u64)> {
-    after.iter().filter_map(|(name, n)| (*n != before[name]).then(|| (*name, n - before[name]))).collect()
+    after.iter().filter(|&(name, n)| *n != before[name]).map(|(name, n)| (*name, n - before[name])).collect()
 }
 
 fn fastpath_packets(maps: &DatapathMaps) -> u64 {
