@@ -7,7 +7,7 @@
 //! rolled back and reported; the others go on.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
@@ -64,7 +64,7 @@ pub struct Applier {
 impl Applier {
     /// Takes over the maps as they are pinned (possibly from an earlier run)
     /// and removes kernel routes of ours that no map entry accounts for.
-    pub fn new(maps: DatapathMaps, iface: &str) -> Result<Self, ApplyError> {
+    pub fn new(mut maps: DatapathMaps, iface: &str) -> Result<Self, ApplyError> {
         let mut applied = BTreeMap::new();
         for entry in maps.routes.iter() {
             let (key, route) = entry.map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
@@ -81,6 +81,7 @@ impl Applier {
             };
             applied.insert(cidr, peer);
         }
+        forget_orphaned_peers(&mut maps, &applied)?;
         let stale: Vec<Ipv4Network> = routes::owned()?.into_iter().filter(|c| !applied.contains_key(c)).collect();
         if let Some((cidr, reason)) = routes::remove_all(&stale)?.into_iter().next() {
             return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
@@ -138,7 +139,8 @@ impl Applier {
             },
         );
         report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
-        let failed = self.upsert_peers(&upserts, desired.inner_mtu, &mut report.routes_time)?;
+        let claimed: BTreeSet<Ipv4Addr> = desired.peers.values().map(|p| p.node_ip).collect();
+        let failed = self.upsert_peers(&upserts, &claimed, desired.inner_mtu, &mut report.routes_time)?;
         report.maps_time = start.elapsed().saturating_sub(report.routes_time);
         report.added_or_updated = upserts.len() - failed.len();
         report.failed = failed;
@@ -174,10 +176,22 @@ impl Applier {
     /// (we encapsulate toward them), then their kernel routes (traffic
     /// starts flowing). A new peer whose route fails is taken out of the
     /// maps again. Returns the failures.
-    fn upsert_peers(&mut self, peers: &[PeerState], mtu: u32, routes_time: &mut Duration) -> Result<Vec<String>, ApplyError> {
+    /// `claimed` holds the node address of every desired peer: an address
+    /// a moved CIDR leaves behind may be another peer's new one in the
+    /// same batch (B .12→.13 while C .13→.14), and must stay.
+    fn upsert_peers(
+        &mut self,
+        peers: &[PeerState],
+        claimed: &BTreeSet<Ipv4Addr>,
+        mtu: u32,
+        routes_time: &mut Duration,
+    ) -> Result<Vec<String>, ApplyError> {
         for peer in peers {
-            if let Some(old) = self.applied.get(&peer.pod_cidr).filter(|old| old.node_ip != peer.node_ip) {
-                // The CIDR moved to another node address: stop accepting the old one.
+            if let Some(old) = self.applied.get(&peer.pod_cidr).filter(|old| old.node_ip != peer.node_ip)
+                && !claimed.contains(&old.node_ip)
+            {
+                // The CIDR moved to another node address that no peer
+                // takes over: stop accepting the old one.
                 let _ = self.maps.peers.remove(&old.node_ip.octets());
             }
             self.maps
@@ -231,6 +245,30 @@ impl Applier {
         }
         Ok(failures)
     }
+}
+
+/// Makes `PEERS` match the adopted `ROUTES`: a crash between writing one
+/// and the other (either order) leaves an entry accepting a node no route
+/// accounts for, or a route whose node's traffic is refused. The state is
+/// rebuilt from `ROUTES`, so `PEERS` follows it.
+fn forget_orphaned_peers(maps: &mut DatapathMaps, applied: &BTreeMap<Ipv4Network, PeerState>) -> Result<(), ApplyError> {
+    let map_err = |source| ApplyError::Map { map: "PEERS", source };
+    let wanted: BTreeMap<[u8; 4], Peer> = applied
+        .values()
+        .map(|p| (p.node_ip.octets(), Peer { pod_cidr: p.pod_cidr.network().octets(), pod_prefix_len: u32::from(p.pod_cidr.prefix()) }))
+        .collect();
+    let present: Vec<([u8; 4], Peer)> = maps.peers.iter().collect::<Result<_, _>>().map_err(map_err)?;
+    for (addr, peer) in &present {
+        if wanted.get(addr) != Some(peer) {
+            ignore_missing(maps.peers.remove(addr)).map_err(map_err)?;
+        }
+    }
+    for (addr, peer) in &wanted {
+        if !present.iter().any(|(a, p)| a == addr && p == peer) {
+            maps.peers.insert(addr, peer, 0).map_err(map_err)?;
+        }
+    }
+    Ok(())
 }
 
 fn route_key(cidr: Ipv4Network) -> Key<[u8; 4]> {

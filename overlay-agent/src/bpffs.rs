@@ -228,9 +228,73 @@ impl PinLayout {
     }
 }
 
+/// Every map layout version this agent knows, with what it pins: each
+/// map's kind, key size, value size and capacity, as the embedded eBPF
+/// object defines them (see `layout_fingerprint` in the tests). A layout
+/// change without a new version fails `every_map_layout_change_bumps_the_version`:
+/// bump [`MAP_LAYOUT_VERSION`] and add the new line here.
+///
+/// History: v2 was first
+/// assigned with a 40-byte CONFIG and without POD_PORTS and KERNEL_SOCKETS,
+/// which were added later under the same version (issue 13). The line for
+/// v2 is main's layout as of 2026-12-01.
+#[cfg(test)]
+const LAYOUTS: &[(u32, &str)] = &[(
+    2,
+    "CONFIG type=2 key=4 value=56 max=1; COUNTERS type=6 key=4 value=136 max=1; \
+     KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=16384; \
+     POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=16384",
+)];
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pinned maps as the embedded eBPF object defines them, sorted by
+    /// name: what must not change under one layout version.
+    fn layout_fingerprint() -> String {
+        assert!(
+            crate::object::has_programs(),
+            "this build has no eBPF object to read the map layout from: run the tests with `cargo xtask test`"
+        );
+        let object = aya_obj::Object::parse(crate::object::EBPF_OBJECT).expect("parsing the embedded eBPF object");
+        let mut names: Vec<&str> = overlay_common::map_names::ALL.to_vec();
+        names.sort_unstable();
+        names
+            .iter()
+            .map(|name| {
+                let map = object.maps.get(*name).unwrap_or_else(|| panic!("the eBPF object has no map {name}"));
+                format!(
+                    "{name} type={} key={} value={} max={}",
+                    map.map_type(),
+                    map.key_size(),
+                    map.value_size(),
+                    map.max_entries()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    #[test]
+    fn every_map_layout_change_bumps_the_version() {
+        let current = layout_fingerprint();
+        let normalise = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        let known = LAYOUTS.iter().find(|(v, _)| *v == MAP_LAYOUT_VERSION).map(|(_, l)| normalise(l));
+        assert_eq!(
+            known.as_deref(),
+            Some(normalise(&current).as_str()),
+            "the pinned maps' layout is not the one recorded for v{MAP_LAYOUT_VERSION}: a new layout needs a new \
+             MAP_LAYOUT_VERSION (pinned maps of the old one would be reused and misread), and a line for it in \
+             LAYOUTS:\n    ({}, \"{current}\")",
+            MAP_LAYOUT_VERSION + 1
+        );
+        let mut versions: Vec<u32> = LAYOUTS.iter().map(|(v, _)| *v).collect();
+        versions.dedup();
+        assert_eq!(versions.len(), LAYOUTS.len(), "one line per version in LAYOUTS");
+        let distinct: std::collections::BTreeSet<String> = LAYOUTS.iter().map(|(_, l)| normalise(l)).collect();
+        assert_eq!(distinct.len(), LAYOUTS.len(), "two versions with the same layout in LAYOUTS");
+    }
 
     #[test]
     fn layout_paths() {

@@ -17,6 +17,7 @@ pub mod bpffs;
 pub mod clsact;
 pub mod datapath;
 pub mod desired;
+pub mod foreign_vxlan;
 pub mod hook;
 pub mod iface;
 pub mod kube_source;

@@ -156,6 +156,12 @@ struct RunArgs {
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "0.0.0.0:9472")]
     metrics_addr: std::net::SocketAddr,
+    /// Delete flannel's kernel vxlan device (`flannel.<VNI>`) on our UDP
+    /// port, left by a migration from flannel, once our datapath and
+    /// routes are in place. Without it the agent refuses to start beside
+    /// one: the device decapsulates tunnel traffic without our checks.
+    #[arg(long)]
+    remove_flannel_device: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

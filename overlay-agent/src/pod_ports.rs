@@ -96,16 +96,8 @@ impl Fdb {
 /// and moved pods are written, the others removed. Returns how many
 /// entries the map holds.
 pub fn sync(maps: &mut DatapathMaps, fdb: &Fdb, enrolled: &BTreeMap<String, u32>) -> Result<usize, PodPortsError> {
-    let wanted: BTreeMap<[u8; 6], PodPort> = fdb
-        .learned()
-        .into_iter()
-        .filter_map(|(mac, port)| {
-            let ifindex = *enrolled.get(&port)?;
-            // A veth recreated under the same name is not the one we attached to.
-            (iface::interface_index(&port) == Some(ifindex)).then_some((mac, PodPort { ifindex }))
-        })
-        .collect();
     let current: BTreeMap<[u8; 6], PodPort> = maps.pod_ports.iter().filter_map(Result::ok).collect();
+    let wanted = wanted_ports(&fdb.learned(), &current, enrolled, iface::interface_index);
     for (mac, port) in &wanted {
         if current.get(mac) != Some(port) {
             maps.pod_ports.insert(mac, port, 0)?;
@@ -118,6 +110,37 @@ pub fn sync(maps: &mut DatapathMaps, fdb: &Fdb, enrolled: &BTreeMap<String, u32>
         }
     }
     Ok(wanted.len())
+}
+
+/// The `POD_PORTS` entries to hold: MACs the bridge learned behind an
+/// enrolled port, and entries already held whose port is still enrolled
+/// and still the same interface. The bridge forgets a MAC after its ageing
+/// time (300 s) without frames from it, and a pod whose traffic all takes
+/// the fast path sends no frame through the bridge: its entry lives as
+/// long as its veth, not as long as the bridge remembers it.
+fn wanted_ports(
+    learned: &BTreeMap<[u8; 6], String>,
+    current: &BTreeMap<[u8; 6], PodPort>,
+    enrolled: &BTreeMap<String, u32>,
+    index_of: impl Fn(&str) -> Option<u32>,
+) -> BTreeMap<[u8; 6], PodPort> {
+    // A veth recreated under the same name is not the one we attached to.
+    let live = |port: &str, ifindex: u32| index_of(port) == Some(ifindex);
+    let mut wanted: BTreeMap<[u8; 6], PodPort> = learned
+        .iter()
+        .filter_map(|(mac, port)| {
+            let ifindex = *enrolled.get(port)?;
+            live(port, ifindex).then_some((*mac, PodPort { ifindex }))
+        })
+        .collect();
+    for (mac, port) in current {
+        let still_enrolled = enrolled.iter().any(|(name, &ifindex)| ifindex == port.ifindex && live(name, ifindex));
+        // Learned elsewhere (moved, or on a port not enrolled): the bridge knows better.
+        if still_enrolled && !learned.contains_key(mac) {
+            wanted.insert(*mac, *port);
+        }
+    }
+    wanted
 }
 
 /// Empties `POD_PORTS`, when the fast path's bridge is gone.
@@ -135,6 +158,34 @@ pub fn clear(maps: &mut DatapathMaps) -> Result<(), PodPortsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enrolled_pods_outlive_the_bridges_memory_but_not_their_veth() {
+        const POD: [u8; 6] = [0x0a, 0x58, 0x0a, 0xf4, 1, 0x0b];
+        const OTHER: [u8; 6] = [0x0a, 0x58, 0x0a, 0xf4, 1, 0x0c];
+        let enrolled = BTreeMap::from([("veth1".to_owned(), 7), ("veth2".to_owned(), 8)]);
+        let indexes = |name: &str| match name {
+            "veth1" => Some(7),
+            "veth2" => Some(8),
+            _ => None,
+        };
+        let current = BTreeMap::from([(POD, PodPort { ifindex: 7 })]);
+        // The bridge aged the MAC out: all its traffic took the fast path.
+        let aged = wanted_ports(&BTreeMap::new(), &current, &enrolled, indexes);
+        assert_eq!(aged, current, "an aged-out FDB entry must not unenrol a pod whose veth is still there");
+        // Learned: as learned.
+        let learned = BTreeMap::from([(OTHER, "veth2".to_owned())]);
+        let both = wanted_ports(&learned, &current, &enrolled, indexes);
+        assert_eq!(both, BTreeMap::from([(POD, PodPort { ifindex: 7 }), (OTHER, PodPort { ifindex: 8 })]));
+        // Moved to another port: the bridge's word wins.
+        let moved = BTreeMap::from([(POD, "veth2".to_owned())]);
+        assert_eq!(wanted_ports(&moved, &current, &enrolled, indexes), BTreeMap::from([(POD, PodPort { ifindex: 8 })]));
+        // The veth is gone, or recreated under its name with a new index.
+        let gone = BTreeMap::from([("veth2".to_owned(), 8)]);
+        assert!(wanted_ports(&BTreeMap::new(), &current, &gone, indexes).is_empty());
+        let recreated = |name: &str| (name == "veth1").then_some(9);
+        assert!(wanted_ports(&BTreeMap::new(), &current, &enrolled, recreated).is_empty());
+    }
 
     #[test]
     fn only_macs_learned_on_ports_count() {

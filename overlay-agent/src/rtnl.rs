@@ -6,9 +6,9 @@
 use std::io;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::{RouteNetlinkMessage, route::RouteMessage};
+use netlink_packet_route::{RouteNetlinkMessage, link::LinkMessage, route::RouteMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +90,38 @@ impl Rtnl {
         self.request(message, NLM_F_REQUEST | NLM_F_ACK | flags)
     }
 
-    fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<Answer, RtnlError> {
+    /// Every link in this network namespace, with its attributes (as `ip
+    /// -d link show`).
+    pub fn links(&mut self) -> Result<Vec<LinkMessage>, RtnlError> {
+        self.send(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_REQUEST | NLM_F_DUMP)?;
+        let mut links = Vec::new();
+        loop {
+            let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(RtnlError::Io)?;
+            let mut offset = 0;
+            while offset < size {
+                let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..size])
+                    .map_err(|e| RtnlError::Decode(e.to_string()))?;
+                let length = answer.header.length as usize;
+                if length == 0 {
+                    break;
+                }
+                offset += length.next_multiple_of(4);
+                if answer.header.sequence_number != self.sequence {
+                    continue;
+                }
+                match answer.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => links.push(link),
+                    NetlinkPayload::Done(_) => return Ok(links),
+                    NetlinkPayload::Error(error) if error.code.is_some() => {
+                        return Err(RtnlError::Io(io::Error::from_raw_os_error(error.raw_code().abs())));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<(), RtnlError> {
         self.sequence = self.sequence.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = flags;
@@ -100,6 +131,11 @@ impl Rtnl {
         let mut out = vec![0; packet.buffer_len()];
         packet.serialize(&mut out);
         self.socket.send(&out, 0).map_err(RtnlError::Io)?;
+        Ok(())
+    }
+
+    fn request(&mut self, message: RouteNetlinkMessage, flags: u16) -> Result<Answer, RtnlError> {
+        self.send(message, flags)?;
         loop {
             let size = self
                 .socket

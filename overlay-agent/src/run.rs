@@ -20,6 +20,7 @@ use overlay_agent::{
     datapath::{Datapath, DecapHook, LinkOutcome},
     hook::{DecapRequest, HookFacts, choose_decap_hook},
     desired::{Backend, Desired, LocalSettings, NotReady, Paths, RejectKind, Rejected, desired},
+    foreign_vxlan::{self, VxlanDevice},
     iface,
     kube_source::{self, NodeCache, Publisher},
     manifests::ManifestDir,
@@ -96,6 +97,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    // Before anything is touched: a kernel vxlan device on our port would
+    // decapsulate what our programs do not see.
+    let mut flannel_devices = foreign_vxlan_devices(settings.vxlan_port, args.remove_flannel_device)?;
     match bpffs::pin_persistence(&args.bpffs_root) {
         bpffs::Persistence::Host => {}
         bpffs::Persistence::Ephemeral(why) if args.allow_ephemeral_pins => {
@@ -221,6 +225,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
         let paths_time = started.elapsed() - source_time;
         let Some((desired, rejected)) = agent.reconcile(&nodes, started, [source_time, paths_time]) else { continue };
+        // Our programs and routes serve now: flannel's device can go.
+        for device in flannel_devices.drain(..) {
+            match foreign_vxlan::remove(&device) {
+                Ok(()) => info!(device = %device.name, "deleted flannel's vxlan device (--remove-flannel-device)"),
+                Err(err) => error!(error = %err, "deleting flannel's vxlan device; delete it by hand: ip link del {}", device.name),
+            }
+        }
         match &source {
             Source::Dir(_) => agent.log_missing_annotations(&nodes, &desired),
             Source::Kube(kube) => agent.publish(&kube.cache, &kube.publisher, &desired, rejected).await,
@@ -287,6 +298,34 @@ struct PodFastPath {
     bridge: String,
     ifindex: Option<u32>,
     ports: BTreeMap<String, u32>,
+}
+
+/// The kernel vxlan devices on `port`: an error naming them and what to
+/// do, unless all are flannel's and `remove` allows deleting them (then
+/// they are returned, to be deleted once our datapath serves).
+fn foreign_vxlan_devices(port: u16, remove: bool) -> anyhow::Result<Vec<VxlanDevice>> {
+    let devices = foreign_vxlan::on_port(port).context("looking for kernel vxlan devices on our UDP port")?;
+    let describe = |d: &VxlanDevice| format!("{} (VNI {}, UDP port {})", d.name, d.vni.map_or("?".to_owned(), |v| v.to_string()), d.port);
+    if let Some(other) = devices.iter().find(|d| !d.is_flannels()) {
+        bail!(
+            "the kernel vxlan device {} receives on our UDP port {port} and would decapsulate tunnel traffic our \
+             programs do not see; it is not flannel's, so the agent leaves it alone: delete it (`ip link del {}`) or \
+             choose another --port",
+            describe(other),
+            other.name
+        );
+    }
+    if !remove && let Some(flannel) = devices.first() {
+        bail!(
+            "flannel's vxlan device {} is still here (left by a migration from flannel?): it receives on \
+             0.0.0.0:{port} and decapsulates tunnel traffic to any of this node's addresses without our checks. \
+             Stop flanneld, then delete it (`ip link del {}`), or start the agent with --remove-flannel-device, which \
+             deletes it once our datapath and routes are in place",
+            describe(flannel),
+            flannel.name
+        );
+    }
+    Ok(devices)
 }
 
 async fn next_watch_event(source: &mut Source) -> Option<WatchItem> {

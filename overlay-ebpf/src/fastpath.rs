@@ -40,7 +40,7 @@
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
@@ -279,6 +279,15 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     }
     // SAFETY: the map value is copied out at once.
     let veth = unsafe { POD_PORTS.get(&fib.dmac) }.map(|port| port.ifindex)?;
+    // A deleted pod's entry outlives its veth until the agent's next sync
+    // (for good while the agent is down), and a new pod with the same
+    // address has the same MAC: a veth that no longer exists leaves the
+    // packet to the kernel, whose bridge has learned the new port.
+    let mut mtu = 0u32;
+    // SAFETY: plain helper call; `mtu` lives on this stack frame.
+    if unsafe { bpf_check_mtu(ctx.skb.skb.cast(), veth, &mut mtu, 0, 0) } < 0 {
+        return None;
+    }
     decrement_ttl(ip);
     let eth = unsafe { &mut *eth };
     eth.dst_addr = fib.dmac;

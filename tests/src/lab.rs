@@ -617,15 +617,22 @@ impl Lab {
     }
 
     /// Migrates flannel node `i` to our agent the way the migration guide
-    /// says: start the agent (its XDP program takes over receiving and its
-    /// routes replace flannel's), then delete `flannel.1`.
+    /// says: start the agent with `--remove-flannel-device` (its XDP
+    /// program takes over receiving, its routes replace flannel's, then it
+    /// deletes `flannel.1`).
     pub fn convert_to_overlay(&mut self, i: usize) -> Result<(), String> {
         let agent = self.spawn_agent(i)?;
         self.agents[i] = Some(agent);
         let peers = self.nodes.len() - 1;
         self.wait_for_routes(i, peers, Duration::from_secs(10))?;
         if self.spec.flannel_backend == "vxlan" {
-            let _ = self.nodes[i].ns.ip(&["link", "del", "flannel.1"]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.nodes[i].ns.ip(&["-o", "link", "show", "type", "vxlan"]).stdout.windows(9).any(|w| w == b"flannel.1") {
+                if Instant::now() > deadline {
+                    return Err(format!("the agent of {} did not delete flannel.1:\n{}", self.nodes[i].name, self.agent_log(i)));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         self.nodes[i].flannel = false;
         Ok(())
@@ -647,7 +654,9 @@ impl Lab {
             .args(["--forward", &self.spec.forward])
             .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
             .arg("--bpffs-root")
-            .arg(&node.pin_root);
+            .arg(&node.pin_root)
+            // A flannel node being migrated still has flannel.1.
+            .args(node.flannel.then_some("--remove-flannel-device"));
         if self.spec.kubernetes {
             command.arg("--kubeconfig").arg(self.kubeconfig_path());
         } else {

@@ -4,6 +4,7 @@
 //! - `build`: build the workspace with the real eBPF programs.
 //! - `test`: setup, then every test (the README's test command; CI runs it),
 //!   and load.rs and packets.rs on Debian's 6.1 kernel under QEMU.
+//! - `fuzz`: the adversarial suite at full size (`tests/tests/fuzz.rs`).
 //! - `lab`: setup, build, then the multi-node lab (see `tests/src/lab.rs`).
 //! - `bench`: setup, release build, then the benchmark (`tests/src/bench.rs`).
 //! - `vmtest`: the privileged integration tests on other kernels, under QEMU.
@@ -41,6 +42,22 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
+    /// The adversarial suite alone, at full size: generated frames through
+    /// the programs under BPF_PROG_TEST_RUN, judged by the model in
+    /// tests/tests/fuzz.rs (`cargo xtask test` runs 20,000 cases of it).
+    Fuzz {
+        /// Generated cases; each sends one frame through the pod program
+        /// and, for most, one through both ingress programs.
+        #[arg(long, default_value_t = 100_000)]
+        cases: u64,
+        /// Seed of the run (decimal or 0x-hex); each case gets its own seed
+        /// from it, printed when the case fails.
+        #[arg(long)]
+        seed: Option<String>,
+        /// Judge known open defects too (KNOWN_DEFECTS in the suite).
+        #[arg(long)]
+        strict: bool,
+    },
     /// Run setup, then all tests (unit and real-kernel integration tests).
     Test {
         /// Extra arguments for `cargo test` (after `--`).
@@ -76,6 +93,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup().map(drop),
         Task::Build { release } => setup::setup().and_then(|_| build(release)),
         Task::Test { args } => setup::setup().and_then(|_| test(&args)),
+        Task::Fuzz { cases, seed, strict } => setup::setup().and_then(|_| fuzz(cases, seed.as_deref(), strict)),
         Task::Lab(args) => setup::setup().and_then(|_| lab::lab(&args)),
         Task::Scale(args) => setup::setup().and_then(|_| scale::scale(&args)),
         Task::Bench(args) => setup::setup().and_then(|_| bench::bench(&args)),
@@ -145,6 +163,25 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: test arguments given, so the VM stage (load, packets on Debian's 6.1) is skipped; `cargo xtask vmtest` runs it");
         Ok(())
     }
+}
+
+fn fuzz(cases: u64, seed: Option<&str>, strict: bool) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(&cargo);
+    command
+        .args(["test", "--package", "overlay-tests", "--test", "fuzz", "--", "--nocapture"])
+        .current_dir(workspace_root())
+        .env("OVERLAY_EBPF_BUILD", "require")
+        .env("OVERLAY_FUZZ_CASES", cases.to_string())
+        .env("OVERLAY_FUZZ_STRICT", if strict { "1" } else { "0" });
+    if let Some(seed) = seed {
+        command.env("OVERLAY_FUZZ_SEED", seed);
+    }
+    let status = command.status().with_context(|| format!("running {cargo}"))?;
+    if !status.success() {
+        bail!("the fuzz suite failed ({status})");
+    }
+    Ok(())
 }
 
 fn run_agent(args: &[String]) -> anyhow::Result<()> {

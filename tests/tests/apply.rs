@@ -1,0 +1,138 @@
+//! The applier's upkeep of `PEERS` against real pinned maps and real
+//! kernel routes, in a throwaway namespace: addresses that shift in one
+//! batch, and entries a crash left behind.
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use aya::maps::{HashMap, MapData};
+use ipnetwork::Ipv4Network;
+use overlay_agent::{
+    apply::Applier,
+    datapath::Datapath,
+    desired::{Desired, PeerState},
+    maps::DatapathMaps,
+};
+use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND};
+use overlay_tests::{NetNs, PinDir, privileged};
+
+const IFACE: &str = "ul0";
+
+fn cidr(s: &str) -> Ipv4Network {
+    s.parse().unwrap()
+}
+
+fn peer(pod_cidr: &str, node_ip: [u8; 4]) -> PeerState {
+    PeerState {
+        pod_cidr: cidr(pod_cidr),
+        node_ip: node_ip.into(),
+        vtep_mac: [0x0e, 0, 0, 0, 0, node_ip[3]],
+        mode: ROUTE_MODE_VXLAN,
+        reason: ROUTE_REASON_BACKEND,
+        next_hop: node_ip.into(),
+    }
+}
+
+fn desired(peers: &[PeerState]) -> Desired {
+    Desired {
+        config: Config {
+            enabled: 1,
+            vni: 1,
+            node_ip: [192, 168, 77, 11],
+            vxlan_port: 8472,
+            inner_mtu: 1450,
+            underlay_mtu: 1500,
+            pod_cidr: [10, 244, 1, 0],
+            pod_prefix_len: 24,
+            ..Config::default()
+        },
+        local_pod_cidr: cidr("10.244.1.0/24"),
+        inner_mtu: 1450,
+        peers: peers.iter().map(|p| (p.pod_cidr, *p)).collect(),
+    }
+}
+
+/// `PEERS` as address → pod CIDR.
+fn peers_map(pins: &PinDir) -> BTreeMap<Ipv4Addr, Ipv4Network> {
+    let maps = DatapathMaps::open(pins.path()).unwrap();
+    maps.peers
+        .iter()
+        .map(Result::unwrap)
+        .map(|(addr, p)| (Ipv4Addr::from(addr), Ipv4Network::new(p.pod_cidr.into(), p.pod_prefix_len as u8).unwrap()))
+        .collect()
+}
+
+/// A namespace with the underlay interface, and the datapath's maps pinned.
+fn setup() -> (NetNs, PinDir, Datapath) {
+    let ns = NetNs::new();
+    ns.veth_pair(IFACE, "ul1");
+    ns.ip(&["addr", "add", "192.168.77.11/24", "dev", IFACE]);
+    let pins = PinDir::new();
+    let datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    (ns, pins, datapath)
+}
+
+#[test]
+fn node_addresses_shifting_in_one_batch_keep_every_new_peer() {
+    if !privileged() {
+        return;
+    }
+    let (ns, pins, _datapath) = setup();
+    let _inside = ns.enter();
+    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    applier
+        .apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 12]), peer("10.244.3.0/24", [192, 168, 77, 13])]))
+        .unwrap();
+    // B moves .12 → .13 while C moves .13 → .14, in one batch.
+    let report = applier
+        .apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 13]), peer("10.244.3.0/24", [192, 168, 77, 14])]))
+        .unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(
+        peers_map(&pins),
+        BTreeMap::from([
+            (Ipv4Addr::new(192, 168, 77, 13), cidr("10.244.2.0/24")),
+            (Ipv4Addr::new(192, 168, 77, 14), cidr("10.244.3.0/24")),
+        ]),
+        "PEERS after the shift"
+    );
+    // And two nodes swapping addresses.
+    applier
+        .apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 14]), peer("10.244.3.0/24", [192, 168, 77, 13])]))
+        .unwrap();
+    assert_eq!(
+        peers_map(&pins),
+        BTreeMap::from([
+            (Ipv4Addr::new(192, 168, 77, 13), cidr("10.244.3.0/24")),
+            (Ipv4Addr::new(192, 168, 77, 14), cidr("10.244.2.0/24")),
+        ]),
+        "PEERS after the swap"
+    );
+}
+
+#[test]
+fn peers_a_crash_left_without_a_route_are_removed_at_start() {
+    if !privileged() {
+        return;
+    }
+    let (ns, pins, _datapath) = setup();
+    let _inside = ns.enter();
+    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    applier.apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 12])])).unwrap();
+    drop(applier);
+    // What a crash between the two map writes leaves: a PEERS entry no
+    // ROUTES entry accounts for (a peer half added or half removed), and a
+    // route whose PEERS entry is gone.
+    {
+        let pin = overlay_agent::bpffs::PinLayout::new(pins.path()).map(overlay_common::map_names::PEERS);
+        let mut peers: HashMap<MapData, [u8; 4], Peer> =
+            HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(&pin).unwrap())).unwrap();
+        peers.insert([192, 168, 77, 99], Peer { pod_cidr: [10, 244, 9, 0], pod_prefix_len: 24 }, 0).unwrap();
+        peers.remove(&[192, 168, 77, 12]).unwrap();
+    }
+    let _applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    assert_eq!(
+        peers_map(&pins),
+        BTreeMap::from([(Ipv4Addr::new(192, 168, 77, 12), cidr("10.244.2.0/24"))]),
+        "PEERS rebuilt from ROUTES at start"
+    );
+}

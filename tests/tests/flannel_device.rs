@@ -1,0 +1,140 @@
+//! A kernel vxlan device on our UDP port (the `flannel.1` a migration
+//! leaves behind) decapsulates tunnel traffic to any local address without
+//! our checks: the agent refuses to start beside it, and deletes it only
+//! when told to (`--remove-flannel-device`), and only flannel's.
+
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use overlay_tests::{NetNs, PinDir, agent_binary, privileged};
+
+/// A namespace with the underlay `ul0` (192.168.77.11) and a directory
+/// holding this node's manifest.
+struct Node {
+    ns: NetNs,
+    pins: PinDir,
+    nodes_dir: std::path::PathBuf,
+}
+
+impl Node {
+    fn new() -> Self {
+        let ns = NetNs::new();
+        ns.veth_pair("ul0", "ul1");
+        ns.ip(&["addr", "add", "192.168.77.11/24", "dev", "ul0"]);
+        let nodes_dir = std::env::temp_dir().join(overlay_tests::unique_name("ovfl-nodes"));
+        std::fs::create_dir_all(&nodes_dir).unwrap();
+        std::fs::write(
+            nodes_dir.join("n1.yaml"),
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  podCIDR: 10.244.1.0/24\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.77.11\n",
+        )
+        .unwrap();
+        Self { ns, pins: PinDir::new(), nodes_dir }
+    }
+
+    fn vxlan(&self, name: &str) {
+        self.ns.ip(&["link", "add", name, "type", "vxlan", "id", "1", "local", "192.168.77.11", "dev", "ul0", "dstport", "8472", "nolearning"]);
+        self.ns.ip(&["link", "set", name, "up"]);
+    }
+
+    fn has_link(&self, name: &str) -> bool {
+        Command::new("ip").args(["-n", self.ns.name(), "link", "show", name]).stderr(Stdio::null()).stdout(Stdio::null()).status().unwrap().success()
+    }
+
+    fn agent(&self, extra: &[&str]) -> Command {
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.ns.name()))
+            .arg(agent_binary())
+            .args(["run", "--node-name", "n1", "--iface", "ul0", "--metrics-addr", "127.0.0.1:0", "--nodes-dir"])
+            .arg(&self.nodes_dir)
+            .arg("--bpffs-root")
+            .arg(self.pins.path())
+            .args(extra);
+        command
+    }
+
+    /// Runs the agent and expects it to refuse: its stderr.
+    fn refused(&self, extra: &[&str]) -> String {
+        let out = self.agent(extra).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "the agent must refuse to start:\n{stderr}");
+        assert!(!self.pins.path().exists(), "a refusing agent must pin nothing:\n{stderr}");
+        stderr
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.nodes_dir);
+    }
+}
+
+#[test]
+fn a_leftover_flannel_device_stops_the_agent_unless_it_may_remove_it() {
+    if !privileged() {
+        return;
+    }
+    let node = Node::new();
+    node.vxlan("flannel.1");
+
+    let stderr = node.refused(&[]);
+    for needed in ["flannel.1", "8472", "ip link del flannel.1", "--remove-flannel-device"] {
+        assert!(stderr.contains(needed), "the refusal must say {needed:?}:\n{stderr}");
+    }
+    assert!(node.has_link("flannel.1"), "refusing must leave flannel.1 alone");
+
+    // With the flag: the agent starts, and deletes it once it serves.
+    let mut agent = node.agent(&["--remove-flannel-device"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node.has_link("flannel.1") {
+        if let Some(status) = agent.try_wait().unwrap() {
+            let mut log = String::new();
+            std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
+            panic!("the agent exited ({status}) with flannel.1 still present:\n{log}");
+        }
+        assert!(Instant::now() < deadline, "the agent did not delete flannel.1 within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "agent stopped with {status}:\n{log}");
+    assert!(log.contains("deleted flannel's vxlan device"), "the deletion must be logged:\n{log}");
+}
+
+#[test]
+fn another_vxlan_device_on_our_port_is_never_touched() {
+    if !privileged() {
+        return;
+    }
+    let node = Node::new();
+    node.vxlan("vx0");
+    let stderr = node.refused(&["--remove-flannel-device"]);
+    for needed in ["vx0", "not flannel's", "ip link del vx0", "--port"] {
+        assert!(stderr.contains(needed), "the refusal must say {needed:?}:\n{stderr}");
+    }
+    assert!(node.has_link("vx0"), "vx0 is not ours to delete");
+    // On another port it is no concern.
+    node.ns.ip(&["link", "del", "vx0"]);
+    node.ns.ip(&["link", "add", "vx0", "type", "vxlan", "id", "7", "dev", "ul0", "dstport", "4789"]);
+    let mut agent = node.agent(&[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Up once it has attached to the underlay (its pinned egress link).
+    let attached = node.pins.path().join("links/ul0/tc_egress");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !attached.exists() {
+        if let Some(status) = agent.try_wait().unwrap() {
+            let mut log = String::new();
+            std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
+            panic!("the agent must run beside a vxlan device on another port; it exited ({status}):\n{log}");
+        }
+        assert!(Instant::now() < deadline, "the agent did not attach within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert!(agent.wait().unwrap().success());
+}
