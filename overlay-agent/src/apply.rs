@@ -17,6 +17,7 @@ use ipnetwork::Ipv4Network;
 use overlay_common::{Config, Peer, Route};
 
 use crate::{
+    report::WithCauses as _,
     desired::{Change, Desired, PeerState, diff},
     maps::DatapathMaps,
     routes::{self, RouteError},
@@ -30,7 +31,7 @@ pub enum ApplyError {
         #[source]
         source: MapError,
     },
-    #[error("peer {cidr} via {node_ip}: {source}")]
+    #[error("peer {cidr} via {node_ip}")]
     Route {
         cidr: Ipv4Network,
         node_ip: Ipv4Addr,
@@ -235,7 +236,7 @@ impl Applier {
                     node_ip: peer.node_ip,
                     source: RouteError::Refused { request: format!("route replace {}", peer.pod_cidr), reason: reason.clone() },
                 }
-                .to_string(),
+                .to_string_with_causes(),
             );
         }
         for peer in peers {

@@ -14,12 +14,20 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
-    #[error("mounting bpffs at {path}: {source} (the agent needs CAP_SYS_ADMIN to mount it; or mount it yourself: `mount -t bpf bpf {path}`)")]
-    Mount { path: PathBuf, source: io::Error },
+    #[error("mounting bpffs at {path} (the agent needs CAP_SYS_ADMIN to mount it; or mount it yourself: `mount -t bpf bpf {path}`)")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is not on a BPF filesystem: pins must live on bpffs (choose a --bpffs-root under {BPFFS_MOUNT})")]
     NotBpffs { path: PathBuf },
-    #[error("creating pin directory {path}: {source}")]
-    CreateDir { path: PathBuf, source: io::Error },
+    #[error("creating pin directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Whether `path` is on a bpffs mount.

@@ -70,7 +70,7 @@ pub enum DatapathError {
     },
     #[error("the eBPF object has no program {0}; agent and programs are out of step")]
     MissingProgram(&'static str),
-    #[error("the kernel verifier rejected program {name}: {source}\n{verifier_log}")]
+    #[error("the kernel verifier rejected program {name}; its log:\n{verifier_log}\n")]
     Verifier {
         name: &'static str,
         verifier_log: String,
@@ -92,10 +92,18 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    #[error("removing pin {path}: {source}")]
-    Unpin { path: PathBuf, source: io::Error },
-    #[error("pinning link {path}: {source}")]
-    Pin { path: PathBuf, source: io::Error },
+    #[error("removing pin {path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinning link {path}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("swapping our program into the pinned link {path}")]
     Swap {
         path: PathBuf,

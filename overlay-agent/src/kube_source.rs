@@ -26,7 +26,7 @@ pub const NETWORK_UP_REASON: &str = "OverlayIsUp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
-    #[error("reading kubeconfig {path}: {source}")]
+    #[error("reading kubeconfig {path}")]
     Kubeconfig {
         path: String,
         #[source]
@@ -37,9 +37,9 @@ pub enum KubeSourceError {
          give --kubeconfig PATH, or --nodes-dir DIR to read Node manifests from a directory"
     )]
     NotInCluster,
-    #[error("in-cluster configuration: {0}")]
+    #[error("in-cluster configuration")]
     InCluster(#[source] kube::config::InClusterError),
-    #[error("building the Kubernetes client: {0}")]
+    #[error("building the Kubernetes client")]
     Client(#[source] kube::Error),
 }
 

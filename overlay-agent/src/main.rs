@@ -86,9 +86,10 @@ struct RunArgs {
     /// instead of the Kubernetes API.
     #[arg(long, conflicts_with = "kubeconfig")]
     nodes_dir: Option<PathBuf>,
-    /// Watch Nodes through the API server in this kubeconfig. Without it
-    /// (and without --nodes-dir) the in-cluster service account is used.
-    #[arg(long, env = "KUBECONFIG")]
+    /// Watch Nodes through the API server in this kubeconfig; defaults to
+    /// $KUBECONFIG unless --nodes-dir is given. Without either (and without
+    /// --nodes-dir) the in-cluster service account is used.
+    #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// flannel's net-conf.json (Network, SubnetLen, Backend {Type, VNI,
     /// Port, DirectRouting}). Sets the backend (instead of --backend,
@@ -227,7 +228,7 @@ fn main() -> std::process::ExitCode {
         Err(err) => {
             // The whole cause chain on one line, without a backtrace: this is
             // what an operator reads.
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", overlay_agent::report::chain(&err));
             std::process::ExitCode::FAILURE
         }
     }

@@ -109,7 +109,10 @@ pub fn scan(dir: &Path) -> Result<Scan, ManifestError> {
     Ok(assemble(read_all(dir)?, None))
 }
 
-fn read_all(dir: &Path) -> Result<Vec<(PathBuf, Result<NodeInfo, ManifestError>)>, ManifestError> {
+/// Each manifest file and what it parsed to.
+type Files = Vec<(PathBuf, Result<NodeInfo, ManifestError>)>;
+
+fn read_all(dir: &Path) -> Result<Files, ManifestError> {
     Ok(manifest_paths(dir)?.into_iter().map(|path| {
         let node = read_manifest(&path);
         (path, node)
@@ -118,7 +121,7 @@ fn read_all(dir: &Path) -> Result<Vec<(PathBuf, Result<NodeInfo, ManifestError>)
 
 /// The nodes of one scan. With `last_good`, a file that stops parsing
 /// keeps the node it last parsed to.
-fn assemble(files: Vec<(PathBuf, Result<NodeInfo, ManifestError>)>, mut last_good: Option<&mut BTreeMap<PathBuf, NodeInfo>>) -> Scan {
+fn assemble(files: Files, mut last_good: Option<&mut BTreeMap<PathBuf, NodeInfo>>) -> Scan {
     let mut result = Scan::default();
     let mut by_name: BTreeMap<String, Vec<(PathBuf, NodeInfo)>> = BTreeMap::new();
     if let Some(last_good) = last_good.as_deref_mut() {

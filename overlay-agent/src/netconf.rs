@@ -31,14 +31,33 @@ pub struct NetConf {
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetConfError {
-    #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: not valid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("reading {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not valid JSON")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: {key}")]
+    Field {
+        path: PathBuf,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("{path}: {what}")]
     Invalid { path: PathBuf, what: String },
-    #[error("writing {path}: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    #[error("writing {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The file as flannel's Go code decodes it: keys match case-insensitively,
@@ -71,13 +90,19 @@ impl NetConf {
         let text = std::fs::read_to_string(path).map_err(|source| NetConfError::Read { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|e| match e {
             ParseError::Json(source) => NetConfError::Json { path: path.to_owned(), source },
+            ParseError::Field { key, source } => NetConfError::Field { path: path.to_owned(), key, source },
             ParseError::Invalid(what) => NetConfError::Invalid { path: path.to_owned(), what },
         })
     }
 
     fn parse(text: &str) -> Result<Self, ParseError> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(ParseError::Json)?;
-        let raw: RawNetConf = serde_json::from_value(lowercase_keys(value)).map_err(ParseError::Json)?;
+        // The path names the key that has the wrong type, in flannel's
+        // spelling (the keys were lowercased to match as Go does).
+        let raw: RawNetConf = serde_path_to_error::deserialize(lowercase_keys(value)).map_err(|e| {
+            let key = e.path().iter().map(|segment| flannel_key(&segment.to_string())).collect::<Vec<_>>().join(".");
+            ParseError::Field { key, source: e.into_inner() }
+        })?;
         let invalid = |what: String| ParseError::Invalid(what);
         if raw.enable_ipv4 == Some(false) {
             return Err(invalid("EnableIPv4 is false: overlay serves IPv4 pod networks only".into()));
@@ -112,8 +137,9 @@ impl NetConf {
             direct_routing: None,
             gbp: None,
         });
-        let kind = backend.kind.as_deref().unwrap_or("vxlan");
-        let backend_kind = match kind {
+        // flannel lowercases it too.
+        let kind = backend.kind.as_deref().unwrap_or("vxlan").to_ascii_lowercase();
+        let backend_kind = match kind.as_str() {
             "vxlan" => Backend::Vxlan,
             "host-gw" => Backend::HostGw,
             other => {
@@ -149,7 +175,14 @@ impl NetConf {
 
 enum ParseError {
     Json(serde_json::Error),
+    Field { key: String, source: serde_json::Error },
     Invalid(String),
+}
+
+/// A lowercased key as flannel's documentation spells it.
+fn flannel_key(lowercase: &str) -> String {
+    const KEYS: [&str; 9] = ["Network", "SubnetLen", "EnableIPv4", "EnableIPv6", "Backend", "Type", "VNI", "Port", "DirectRouting"];
+    KEYS.iter().find(|k| k.eq_ignore_ascii_case(lowercase)).map_or_else(|| lowercase.to_owned(), |k| (*k).to_owned())
 }
 
 fn lowercase_keys(value: serde_json::Value) -> serde_json::Value {
@@ -202,6 +235,7 @@ mod tests {
     fn parse(text: &str) -> Result<NetConf, String> {
         NetConf::parse(text).map_err(|e| match e {
             ParseError::Json(e) => e.to_string(),
+            ParseError::Field { key, source } => format!("{key}: {source}"),
             ParseError::Invalid(what) => what,
         })
     }
@@ -230,10 +264,22 @@ mod tests {
             (r#"{"Network": "10.244.0.0/16", "SubnetLen": 8}"#, "SubnetLen 8"),
             (r#"{"Network": "10.244.0.0/16", "Backend": {"VNI": 16777216}}"#, "24 bits"),
             (r#"{"Network": "10.244.0.0/16""#, "EOF"),
+            (r#"{"Network": "10.244.0.0/16", "Backend": {"VNI": "1"}}"#, "Backend.VNI: invalid type: string \"1\""),
+            (r#"{"Network": "10.244.0.0/16", "Backend": {"Port": 70000}}"#, "Backend.Port: invalid value: integer `70000`"),
+            (r#"{"Network": "10.244.0.0/16", "SubnetLen": "24"}"#, "SubnetLen: invalid type"),
+            (r#"{"Network": 10}"#, "Network: invalid type"),
         ] {
             let err = parse(text).expect_err(text);
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn backend_type_matches_case_insensitively_as_in_flannel() {
+        let conf = parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "VXLAN"}}"#).unwrap();
+        assert_eq!(conf.backend, Backend::Vxlan);
+        let conf = parse(r#"{"Network": "10.244.0.0/16", "Backend": {"Type": "Host-GW"}}"#).unwrap();
+        assert_eq!(conf.backend, Backend::HostGw);
     }
 
     #[test]

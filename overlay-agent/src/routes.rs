@@ -46,8 +46,8 @@ pub const ROUTE_PROTO_ID: u8 = 157;
 pub enum RouteError {
     #[error("`ip {args}` failed: {stderr}")]
     Ip { args: String, stderr: String },
-    #[error("running ip (iproute2 must be installed): {0}")]
-    Spawn(std::io::Error),
+    #[error("running ip (iproute2 must be installed)")]
+    Spawn(#[source] std::io::Error),
     #[error(transparent)]
     Netlink(#[from] RtnlError),
     #[error("{request}: {reason}")]

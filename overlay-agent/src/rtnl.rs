@@ -13,9 +13,9 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RtnlError {
-    #[error("opening a netlink socket: {0}")]
+    #[error("opening a netlink socket")]
     Socket(#[source] io::Error),
-    #[error("talking to the kernel over netlink: {0}")]
+    #[error("talking to the kernel over netlink")]
     Io(#[source] io::Error),
     #[error("decoding the kernel's netlink answer: {0}")]
     Decode(String),

@@ -30,7 +30,7 @@ use overlay_agent::{
     netfilter::PodTrafficRules,
     node::{self, NodeInfo},
     pod_ports,
-    report::Chain,
+    report::{Chain, WithCauses as _},
     routes, server,
 };
 use overlay_common::{Counter, ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
@@ -88,7 +88,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             Source::Dir(ManifestDir::new(dir))
         }
         None => {
-            let client = kube_source::client(args.kubeconfig.as_deref()).await?;
+            // $KUBECONFIG only where no --nodes-dir was given: an exported
+            // variable must not conflict with a flag the user typed.
+            let kubeconfig = args.kubeconfig.clone().or_else(|| std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()).map(PathBuf::from));
+            let client = kube_source::client(kubeconfig.as_deref()).await?;
             Source::Kube(Box::new(KubeNodes {
                 watch: kube_source::node_watcher(client.clone()).boxed(),
                 cache: NodeCache::new(&settings.node_name),
@@ -184,7 +187,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                         Some(Ok(event)) => changed |= cache.handle(event),
                         Some(Err(err)) => {
                             agent.metrics.watch_restarts.inc();
-                            warn!(error = %err, "watching Nodes; retrying with backoff (the datapath keeps forwarding)");
+                            warn!(error = %err.to_string_with_causes(), "watching Nodes; retrying with backoff (the datapath keeps forwarding)");
                         }
                         None => bail!("the Node watch ended"),
                     }
@@ -465,7 +468,7 @@ impl Agent {
             fast_path.ports.clear();
             self.settings.pod_bridge_ifindex = 0;
             if let Err(err) = pod_ports::clear(self.applier.maps_mut()) {
-                warn!(error = %err, "cannot empty POD_PORTS");
+                warn!(error = %err.to_string_with_causes(), "cannot empty POD_PORTS");
             }
             if self.reported.insert(waiting) {
                 info!(%bridge, "no pod bridge yet (the CNI plugin creates it with the first pod); pod traffic takes the kernel routes until it appears");
@@ -485,7 +488,7 @@ impl Agent {
                 }
                 (mac, result) => {
                     let problem = match result {
-                        Err(err) => format!("{err:#}"),
+                        Err(err) => err.to_string_with_causes(),
                         Ok(_) => format!("no MAC address readable for {bridge} ({mac:?})"),
                     };
                     if self.reported.insert(format!("pod fast path on {bridge}: {problem}")) {
@@ -498,8 +501,8 @@ impl Agent {
         let fdb = match pod_ports::Fdb::read(&bridge) {
             Ok(fdb) => fdb,
             Err(err) => {
-                if self.reported.insert(format!("POD_PORTS: {err}")) {
-                    warn!(%bridge, error = %err, "cannot read the pod bridge's ports; its pods stay on the kernel's path");
+                if self.reported.insert(format!("POD_PORTS: {}", err.to_string_with_causes())) {
+                    warn!(%bridge, error = %err.to_string_with_causes(), "cannot read the pod bridge's ports; its pods stay on the kernel's path");
                 }
                 return;
             }
@@ -517,7 +520,7 @@ impl Agent {
         for port in stale {
             fast_path.ports.remove(&port);
             if let Err(err) = self.datapath.detach_pod_fast_path(&port) {
-                warn!(%port, error = %format!("{err:#}"), "cannot remove the fast path's pins for a gone pod veth");
+                warn!(%port, error = %err.to_string_with_causes(), "cannot remove the fast path's pins for a gone pod veth");
             }
         }
         let new_ports: Vec<String> = ports.iter().filter(|p| !fast_path.ports.contains_key(*p)).cloned().collect();
@@ -528,8 +531,8 @@ impl Agent {
                     fast_path.ports.insert(port.clone(), port_index);
                 }
                 Err(err) => {
-                    if self.reported.insert(format!("pod fast path on {port}: {err:#}")) {
-                        warn!(%port, error = %format!("{err:#}"), "cannot attach the fast path to a pod veth; its pod stays on the kernel's path");
+                    if self.reported.insert(format!("pod fast path on {port}: {}", err.to_string_with_causes())) {
+                        warn!(%port, error = %err.to_string_with_causes(), "cannot attach the fast path to a pod veth; its pod stays on the kernel's path");
                     }
                 }
             }
@@ -537,8 +540,8 @@ impl Agent {
         match pod_ports::sync(self.applier.maps_mut(), &fdb, &fast_path.ports) {
             Ok(_) => self.reported.retain(|p| !p.starts_with("POD_PORTS: ")),
             Err(err) => {
-                if self.reported.insert(format!("POD_PORTS: {err}")) {
-                    warn!(%bridge, error = %err, "cannot enrol the bridge's pods; they stay on the kernel's path");
+                if self.reported.insert(format!("POD_PORTS: {}", err.to_string_with_causes())) {
+                    warn!(%bridge, error = %err.to_string_with_causes(), "cannot enrol the bridge's pods; they stay on the kernel's path");
                 }
             }
         }
@@ -559,7 +562,7 @@ impl Agent {
                 changed
             }
             Err(err) => {
-                warn!(error = %err, "reading the underlay's addresses and routes");
+                warn!(error = %err.to_string_with_causes(), "reading the underlay's addresses and routes");
                 false
             }
         }
@@ -573,7 +576,7 @@ impl Agent {
         new.dedup();
         match routes::paths(self.applier.iface(), &new) {
             Ok(paths) => self.paths.extend(paths),
-            Err(err) => warn!(error = %err, "asking the kernel for paths to new nodes"),
+            Err(err) => warn!(error = %err.to_string_with_causes(), "asking the kernel for paths to new nodes"),
         }
     }
 
@@ -611,7 +614,7 @@ impl Agent {
                 changed
             }
             Err(err) => {
-                warn!(error = %err, "asking the kernel for paths to the nodes");
+                warn!(error = %err.to_string_with_causes(), "asking the kernel for paths to the nodes");
                 false
             }
         }
@@ -680,7 +683,7 @@ impl Agent {
         let applied = match self.applier.apply(&desired) {
             Ok(applied) => applied,
             Err(err) => {
-                error!(error = %format!("{err:#}"), "applying the desired state; will retry");
+                error!(error = %err.to_string_with_causes(), "applying the desired state; will retry");
                 return None;
             }
         };
@@ -715,7 +718,7 @@ impl Agent {
                 Ok(true) => info!(path = %path.display(), "wrote subnet.env for flannel's CNI plugin"),
                 Ok(false) => {}
                 Err(err) => {
-                    error!(error = %err, "writing subnet.env; pods cannot start until it exists");
+                    error!(error = %err.to_string_with_causes(), "writing subnet.env; pods cannot start until it exists");
                     return None;
                 }
             }
@@ -805,13 +808,13 @@ impl Agent {
         if !missing.is_empty() {
             match publisher.annotate(&missing).await {
                 Ok(()) => info!(annotations = ?missing, "published our tunnel endpoint on our Node"),
-                Err(err) => warn!(error = %err, "publishing our Node's annotations; will retry"),
+                Err(err) => warn!(error = %err.to_string_with_causes(), "publishing our Node's annotations; will retry"),
             }
         }
         if self.attached.is_some() && !kube_source::network_marked_available(own) {
             match publisher.network_available().await {
                 Ok(()) => info!("set NetworkUnavailable=False on our Node"),
-                Err(err) => warn!(error = %err, "setting our Node's NetworkUnavailable condition; will retry"),
+                Err(err) => warn!(error = %err.to_string_with_causes(), "setting our Node's NetworkUnavailable condition; will retry"),
             }
         }
         for r in rejected {
@@ -824,7 +827,7 @@ impl Agent {
                 Ok(()) => {
                     self.evented.insert(key);
                 }
-                Err(err) => warn!(error = %err, node = %r.node, "recording an event; will retry"),
+                Err(err) => warn!(error = %err.to_string_with_causes(), node = %r.node, "recording an event; will retry"),
             }
         }
     }

@@ -11,10 +11,16 @@ use tokio::net::TcpListener;
 use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
-#[error("listening on {addr} for /healthz, /readyz and /metrics: {source} (choose another --metrics-addr)")]
+#[error("listening on {addr} for /healthz, /readyz and /metrics (choose another --metrics-addr)")]
 pub struct ServerError {
     addr: SocketAddr,
+    #[source]
     source: std::io::Error,
+}
+
+/// A [`ServerError`], for tests of how errors print.
+pub fn serve_error(addr: SocketAddr, source: std::io::Error) -> ServerError {
+    ServerError { addr, source }
 }
 
 /// Binds `addr` now, so a port in use fails the start, and serves in the

@@ -44,8 +44,9 @@ pub fn agent_binary() -> PathBuf {
     agent
 }
 
-/// Whether the privileged tests can run. Without root they are skipped with
-/// a message, except under CI (`CI` set), where skipping would hide them.
+/// Whether the privileged tests can run. Prefer `#[ignore = "needs root:
+/// ..."]` with [`require_root`]: a test that returns early here reports
+/// "ok" without having run.
 pub fn privileged() -> bool {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 {

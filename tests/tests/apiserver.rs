@@ -21,7 +21,7 @@ use kube::{
         watcher::{self, Event},
     },
 };
-use overlay_tests::{NetNs, apiserver::ApiServer, privileged, unique_name};
+use overlay_tests::{NetNs, apiserver::ApiServer, require_root, unique_name};
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -788,10 +788,9 @@ fn get_version_inside(ns: &NetNs, addr: SocketAddr) -> std::io::Result<String> {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn serves_inside_a_network_namespace() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let ns = NetNs::new();
     let server = ApiServer::start(Some(&ns), loopback());
     let addr = server.addr();

@@ -13,7 +13,7 @@ use overlay_agent::{
     maps::DatapathMaps,
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND};
-use overlay_tests::{NetNs, PinDir, privileged};
+use overlay_tests::{NetNs, PinDir, require_root};
 
 const IFACE: &str = "ul0";
 
@@ -72,10 +72,9 @@ fn setup() -> (NetNs, PinDir, Datapath) {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn node_addresses_shifting_in_one_batch_keep_every_new_peer() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (ns, pins, _datapath) = setup();
     let _inside = ns.enter();
     let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
@@ -110,10 +109,9 @@ fn node_addresses_shifting_in_one_batch_keep_every_new_peer() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn peers_a_crash_left_without_a_route_are_removed_at_start() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (ns, pins, _datapath) = setup();
     let _inside = ns.enter();
     let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();

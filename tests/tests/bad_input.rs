@@ -306,3 +306,18 @@ fn a_missing_nodes_directory_is_reported_once() {
     nodes.node("me", "10.244.1.0/24", "192.0.2.1");
     assert!(agent.wait_for("nodes directory readable again", 5), "{}", agent.log());
 }
+
+/// Needs no root: the agent stops at the missing nodes directory, before
+/// anything privileged.
+#[test]
+fn an_exported_kubeconfig_does_not_conflict_with_nodes_dir() {
+    let out = std::process::Command::new(agent_binary())
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .args(["run", "--node-name", "me", "--iface", "lo", "--metrics-addr", "127.0.0.1:0", "--nodes-dir", "/nonexistent/nodes"])
+        .output()
+        .expect("running overlay-agent");
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(!said.contains("--kubeconfig"), "a flag the user never typed must not be blamed:\n{said}");
+    assert!(said.contains("--nodes-dir /nonexistent/nodes: not a directory"), "{said}");
+}

@@ -9,14 +9,13 @@ use overlay_tests::{
     agent_binary,
     bench::{DEFAULT_VARIANTS, Metric, problems, read_report, summary_line},
     lab::Underlay,
-    privileged, unique_name,
+    require_root, unique_name,
 };
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn quick_run_measures_every_variant_and_leaves_nothing_behind() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let out = std::env::temp_dir().join(unique_name("ovbench-out"));
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))

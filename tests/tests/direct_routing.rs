@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use overlay_tests::{
     agent_binary,
     lab::{Lab, LabSpec, Topology},
-    privileged, stdout,
+    require_root, stdout,
 };
 
 fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
@@ -33,10 +33,9 @@ fn route_line(lab: &Lab, node: usize, cidr: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn routed_topology_all_pairs_with_vxlan_and_with_direct_routing() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let vxlan = lab(Topology::Routed, "vxlan", false);
     assert_all_pairs(&vxlan, "vxlan");
     assert!(route_line(&vxlan, 0, "10.244.2.0/24").contains("vxlan"));
@@ -51,20 +50,19 @@ fn routed_topology_all_pairs_with_vxlan_and_with_direct_routing() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn host_gw_on_one_segment_all_pairs() {
-    if privileged() {
-        let hgw = lab(Topology::Flat, "host-gw", false);
-        assert_all_pairs(&hgw, "host-gw");
-        let line = route_line(&hgw, 0, "10.244.3.0/24");
-        assert!(line.contains("direct") && line.contains("on-link"), "{line}");
-    }
+    require_root();
+    let hgw = lab(Topology::Flat, "host-gw", false);
+    assert_all_pairs(&hgw, "host-gw");
+    let line = route_line(&hgw, 0, "10.244.3.0/24");
+    assert!(line.contains("direct") && line.contains("on-link"), "{line}");
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn host_gw_reports_a_peer_behind_a_router_and_keeps_serving_the_others() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let hgw = lab(Topology::Routed, "host-gw", false);
     let (n1, n2, n3) = (&hgw.nodes[0], &hgw.nodes[1], &hgw.nodes[2]);
     // Same segment: served.
@@ -83,10 +81,9 @@ fn host_gw_reports_a_peer_behind_a_router_and_keeps_serving_the_others() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn capture_shows_same_subnet_traffic_plain_and_cross_subnet_traffic_encapsulated() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let dr = lab(Topology::Routed, "vxlan", true);
     // Encapsulated frames list the outer and the inner address.
     let [to_node2_pod, to_node3_pod] = <[_; 2]>::try_from(dr.ping_on_the_wire(0, &[1, 2], &["ip.dst", "udp.dstport"])).unwrap();
@@ -116,10 +113,9 @@ fn wait_for_mode(lab: &Lab, i: usize, cidr: &str, expected: &str) -> Duration {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_router_appearing_flips_a_peer_to_vxlan_and_back_without_restarting() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let dr = lab(Topology::Flat, "vxlan", true);
     let (n1, n2) = (&dr.nodes[0], &dr.nodes[1]);
     wait_for_mode(&dr, 0, "10.244.2.0/24", "on-link");

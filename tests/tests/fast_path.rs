@@ -9,7 +9,7 @@ use overlay_common::{Counter, Totals};
 use overlay_tests::{
     NetNs, agent_binary,
     lab::{Lab, LabSpec, Topology},
-    privileged,
+    require_root,
 };
 
 fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
@@ -45,10 +45,9 @@ fn assert_no_drops(c: &Totals) {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn routed_direct_routing_all_pairs_on_the_wire_as_without_it() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let dr = lab(Topology::Routed, "vxlan", true);
     assert!(dr.agent_log(0).contains("pod fast path attached"), "{}", dr.agent_log(0));
     let before = dr.counters(0);
@@ -72,10 +71,9 @@ fn routed_direct_routing_all_pairs_on_the_wire_as_without_it() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn host_gw_all_pairs_and_bulk_tcp() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let hgw = lab(Topology::Flat, "host-gw", false);
     assert_all_pairs(&hgw, "host-gw --forward bpf");
     let before = (hgw.counters(0).packets(Counter::FastpathOut), hgw.counters(1).packets(Counter::FastpathIn));
@@ -102,10 +100,9 @@ fn tx_bytes(ns: &NetNs, iface: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn what_needs_the_kernel_still_gets_it() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let vxlan = lab(Topology::Flat, "vxlan", false);
     let (n1, n2) = (&vxlan.nodes[0], &vxlan.nodes[1]);
     // A TTL about to expire: the kernel answers, from node1's pod gateway.
@@ -127,10 +124,9 @@ fn what_needs_the_kernel_still_gets_it() {
 /// which turns it back into the Service's. Pod-to-pod flows, fast both
 /// ways, must not look half-seen to conntrack either.
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn services_and_conntrack_work_across_the_fast_path() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     for backend in ["vxlan", "host-gw"] {
         let lab = lab(Topology::Flat, backend, false);
         for node in &lab.nodes {
@@ -184,10 +180,9 @@ fn iptables(ns: &NetNs, args: &[&str]) {
 /// the packet still took the fast path once the veth was gone (and what
 /// `bpf_redirect_peer` does with a deleted index) is open.
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut spec = LabSpec::new(agent_binary());
     spec.nodes = 2;
     spec.pods_per_node = 1;

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_tests::{NetNs, PinDir, agent_binary, privileged};
+use overlay_tests::{NetNs, PinDir, agent_binary, require_root};
 
 /// A namespace with the underlay `ul0` (192.168.77.11) and a directory
 /// holding this node's manifest.
@@ -72,10 +72,9 @@ impl Drop for Node {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_leftover_flannel_device_stops_the_agent_unless_it_may_remove_it() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let node = Node::new();
     node.vxlan("flannel.1");
 
@@ -107,10 +106,9 @@ fn a_leftover_flannel_device_stops_the_agent_unless_it_may_remove_it() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn another_vxlan_device_on_our_port_is_never_touched() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let node = Node::new();
     node.vxlan("vx0");
     let stderr = node.refused(&["--remove-flannel-device"]);

@@ -31,7 +31,7 @@ use aya::{
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
 use overlay_common::{Config, Counters, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey, map_names, program_names};
-use overlay_tests::{PinDir, privileged};
+use overlay_tests::{PinDir, require_root};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -821,10 +821,9 @@ fn kernel_warnings() -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn generated_frames_are_delivered_dropped_once_or_passed_untouched() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let (cases, seed, strict) = settings();
     let warnings_before = kernel_warnings();
     let mut f = Fixture::new();

@@ -20,7 +20,7 @@ use overlay_tests::{
     agent_binary,
     control_plane::{ControlPlane, KUBERNETES_VERSION},
     lab::{Lab, LabSpec, RBAC_KINDS, deploy_manifest},
-    privileged, unique_name,
+    require_root, unique_name,
 };
 use serde_json::Value;
 
@@ -45,10 +45,9 @@ fn annotation(node: &Value, key: &str) -> Option<String> {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn agents_publish_their_node_and_follow_adds_updates_and_deletes() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = kube_lab(3);
     let kube = lab.kube.as_ref().unwrap();
     assert_eq!(kube.version().unwrap(), KUBERNETES_VERSION.trim(), "the API server is the release we built");
@@ -117,10 +116,9 @@ fn agents_publish_their_node_and_follow_adds_updates_and_deletes() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn nodes_deleted_while_the_agent_was_down_are_removed_after_restart() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = kube_lab(3);
     lab.stop_agent(0);
     lab.kube.as_ref().unwrap().delete("node3");
@@ -140,10 +138,9 @@ fn nodes_deleted_while_the_agent_was_down_are_removed_after_restart() {
 /// with a real 410 Gone, and the agents relist. A ping every 10 ms loses
 /// nothing throughout.
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = kube_lab(3);
     let mut compacted = 0;
     let mut outage = Duration::ZERO;
@@ -202,10 +199,9 @@ fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn pod_cidrs_outside_the_network_are_refused_with_an_event() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = kube_lab(2);
     let kube = lab.kube.as_ref().unwrap();
     let mut stray = lab.node_object(1);

@@ -12,13 +12,12 @@ use overlay_agent::{
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
-use overlay_tests::{NetNs, PinDir, agent_binary, privileged, stdout, tc_program_ids};
+use overlay_tests::{NetNs, PinDir, agent_binary, require_root, stdout, tc_program_ids};
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn every_program_passes_the_verifier() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let pins = PinDir::new();
     let datapath = Datapath::load(pins.path()).expect("loading the datapath");
     let programs = datapath.programs();
@@ -101,10 +100,9 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn changing_the_decap_hook_replaces_the_old_attachment() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let ns = NetNs::new();
     ns.veth_pair("ul0", "ul1");
     let pins = PinDir::new();
@@ -134,10 +132,9 @@ fn changing_the_decap_hook_replaces_the_old_attachment() {
 /// rather than stack another beside it, and `cleanup` must delete them.
 /// (On TCX kernels the same holds through the pinned links.)
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let ns = NetNs::new();
     ns.veth_pair("ul0", "ul1");
     let pins = PinDir::new();
@@ -178,24 +175,23 @@ fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn attach_and_detach_xdp_on_veth() {
-    if privileged() {
-        attach_and_detach(DecapHook::Xdp(XdpMode::Default), program_names::XDP_INGRESS);
-    }
+    require_root();
+    attach_and_detach(DecapHook::Xdp(XdpMode::Default), program_names::XDP_INGRESS);
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn attach_and_detach_tc_ingress_on_veth() {
-    if privileged() {
-        attach_and_detach(DecapHook::TcIngress, program_names::TC_INGRESS);
-    }
+    require_root();
+    attach_and_detach(DecapHook::TcIngress, program_names::TC_INGRESS);
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn unknown_interface_is_named_and_nothing_attaches() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let ns = NetNs::new();
     let pins = PinDir::new();
     let _inside = ns.enter();
@@ -208,10 +204,9 @@ fn unknown_interface_is_named_and_nothing_attaches() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn pinned_maps_dump_with_btf_field_names() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let pins = PinDir::new();
     let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
     let ebpf = datapath.ebpf_mut();
@@ -248,10 +243,9 @@ fn pinned_maps_dump_with_btf_field_names() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn without_bpf_privileges_the_agent_says_what_it_needs() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let pins = PinDir::new();
     let out = std::process::Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--"])

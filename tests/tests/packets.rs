@@ -9,7 +9,7 @@ use aya::{
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
 use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, Totals, map_names, program_names};
-use overlay_tests::{PinDir, privileged};
+use overlay_tests::{PinDir, require_root};
 
 /// Reads the counter a case expects to move.
 type CounterOf = fn(&Totals) -> u64;
@@ -225,24 +225,23 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn xdp_decapsulates_valid_vxlan_and_drops_forgeries_by_reason() {
-    if privileged() {
-        decap_cases(program_names::XDP_INGRESS, XDP_PASS, XDP_DROP);
-    }
+    require_root();
+    decap_cases(program_names::XDP_INGRESS, XDP_PASS, XDP_DROP);
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn tc_ingress_decapsulates_valid_vxlan_and_drops_forgeries_by_reason() {
-    if privileged() {
-        decap_cases(program_names::TC_INGRESS, TC_ACT_OK, TC_ACT_SHOT);
-    }
+    require_root();
+    decap_cases(program_names::TC_INGRESS, TC_ACT_OK, TC_ACT_SHOT);
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn encapsulation_builds_rfc7348_vxlan_with_flow_hashed_source_ports() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = Fixture::new();
     let pod_packet = |sport: u16| eth(PEER_NIC_MAC, NIC_MAC, &ipv4([10, 244, 1, 11], [10, 244, 2, 11], 17, &udp(sport, 5001, b"payload!")));
 
@@ -290,10 +289,9 @@ fn encapsulation_builds_rfc7348_vxlan_with_flow_hashed_source_ports() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     const TC_ACT_REDIRECT: u32 = 7;
     let mut f = Fixture::new();
     // 1451 bytes of IPv4 with DF toward a remote pod: one byte over 1450.
@@ -336,10 +334,9 @@ fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut f = Fixture::new();
     // A direct peer beside the VXLAN one.
     let ebpf = f.datapath.ebpf_mut();

@@ -109,10 +109,9 @@ fn cleanup(lab: &Lab, i: usize) -> String {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn traffic_leaving_the_cluster_is_masqueraded_and_pod_to_pod_is_not() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = lab(&[]);
     let env = wait_for_subnet_env(&lab, 0);
     assert!(env.contains("FLANNEL_IPMASQ=true\n"), "{env}");
@@ -163,10 +162,9 @@ fn traffic_leaving_the_cluster_is_masqueraded_and_pod_to_pod_is_not() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn ip_masq_false_leaves_pod_addresses_and_subnet_env_says_so() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = lab(&["--ip-masq=false"]);
     wait_for_subnet_env(&lab, 0);
     // As long as it takes the agent to write rules it should not write.
@@ -187,10 +185,9 @@ fn netfilter_recheck() -> Duration {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_forward_policy_of_drop_in_either_iptables_does_not_stop_pod_traffic() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = lab(&[]);
     wait_for_subnet_env(&lab, 0);
     wait_for_subnet_env(&lab, 1);

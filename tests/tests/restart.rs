@@ -9,7 +9,7 @@ use overlay_common::Counter;
 use overlay_tests::{
     agent_binary,
     lab::{Lab, LabSpec},
-    privileged,
+    require_root,
 };
 
 /// Two nodes, one pod each, agents fed from manifests.
@@ -21,10 +21,9 @@ fn two_node_lab() -> Lab {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = two_node_lab();
     let before = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
 
@@ -58,10 +57,9 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn cleanup_removes_the_datapath_on_purpose() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = two_node_lab();
     lab.stop_agent(0);
     let ns = lab.nodes[0].ns.name().to_owned();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use overlay_tests::{
     agent_binary,
     lab::{Capture, Lab, LabSpec},
-    privileged, stdout,
+    require_root, stdout,
 };
 
 fn start_lab() -> Lab {
@@ -14,10 +14,9 @@ fn start_lab() -> Lab {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn three_nodes_all_pairs_ping_and_tcp_without_any_kernel_vxlan_device() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = start_lab();
     let (checks, failures) = lab.check_all_pairs();
     assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
@@ -35,10 +34,9 @@ fn three_nodes_all_pairs_ping_and_tcp_without_any_kernel_vxlan_device() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn capture_on_the_underlay_shows_port_vni_flags_zero_checksum_and_spread_ports() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = start_lab();
     let pcap = lab.work_dir().join("underlay.pcap");
     let node1 = &lab.nodes[0];
@@ -74,10 +72,9 @@ fn capture_on_the_underlay_shows_port_vni_flags_zero_checksum_and_spread_ports()
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn removing_a_manifest_removes_routes_and_map_entries_and_stops_traffic() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let mut lab = start_lab();
     let (a, gone) = (lab.nodes[0].pods[0].ns.name().to_owned(), lab.nodes[2].pods[0].ip);
     assert!(Lab::ping(&lab.nodes[0].pods[0].ns, gone));
@@ -97,10 +94,9 @@ fn removing_a_manifest_removes_routes_and_map_entries_and_stops_traffic() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn iperf3_between_pods_on_different_nodes_runs_clean() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = start_lab();
     let report = lab.iperf3((0, 0), (1, 0), 3).expect("iperf3");
     assert!(report.get("error").is_none(), "iperf3 failed: {}", report["error"]);
@@ -123,10 +119,9 @@ fn iperf3_between_pods_on_different_nodes_runs_clean() {
 }
 
 #[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
 fn path_mtu_discovery_works_through_the_overlay() {
-    if !privileged() {
-        return;
-    }
+    require_root();
     let lab = start_lab();
     // Two pods whose MTU ignores the tunnel's 50 bytes.
     lab.set_pod_mtu(0, 0, 1500);

@@ -274,7 +274,7 @@ fn on_path(cmd: &str) -> bool {
         || ["/usr/sbin", "/sbin"].iter().any(|d| Path::new(d).join(cmd).is_file())
 }
 
-fn effective_uid() -> u32 {
+pub(crate) fn effective_uid() -> u32 {
     // No libc dependency in xtask: `id -u` answers the same question.
     Command::new("id")
         .arg("-u")

@@ -426,7 +426,7 @@ fn stage2_script(kernel: &VmKernel, binaries: &[TestBinary], filters: &[String])
     let filters: Vec<String> = filters.iter().map(|f| shell_quote(f)).collect();
     for binary in binaries {
         script.push_str(&format!(
-            "echo \"vmtest: running {name}\"\nstart=$(cut -d' ' -f1 /proc/uptime)\n(cd {dir} && {path} --test-threads=2 {filters})\nstatus=$?\necho \"vmtest: {name} took $(awk -v s=$start '{{print $1 - s}}' /proc/uptime) s\"\necho \"{RESULT_TAG} test={name} status=$status\"\n",
+            "echo \"vmtest: running {name}\"\nstart=$(cut -d' ' -f1 /proc/uptime)\n(cd {dir} && {path} --include-ignored --test-threads=2 {filters})\nstatus=$?\necho \"vmtest: {name} took $(awk -v s=$start '{{print $1 - s}}' /proc/uptime) s\"\necho \"{RESULT_TAG} test={name} status=$status\"\n",
             name = binary.name,
             dir = shell_quote(&binary.dir.display().to_string()),
             path = shell_quote(&binary.path.display().to_string()),
