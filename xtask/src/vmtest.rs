@@ -170,6 +170,11 @@ fn build_test_binaries(tests: &[&str]) -> anyhow::Result<Vec<TestBinary>> {
     let mut binaries = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if message["reason"] == "compiler-message"
+            && let Some(rendered) = message["message"]["rendered"].as_str()
+        {
+            eprint!("{rendered}");
+        }
         if message["reason"] != "compiler-artifact" || message["target"]["kind"][0] != "test" {
             continue;
         }
