@@ -683,7 +683,7 @@ impl Lab {
 
     /// Waits until node `i` has `count` agent routes.
     pub fn wait_for_routes(&mut self, i: usize, count: usize, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::scaled(timeout);
         loop {
             if self.agent_routes(i).len() == count {
                 return Ok(());

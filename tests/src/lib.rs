@@ -72,6 +72,15 @@ pub fn require_root() {
     );
 }
 
+/// `timeout` stretched by `OVERLAY_TEST_TIME_SCALE` (default 1), which
+/// `cargo xtask vmtest` sets in an emulated VM, where loading the programs
+/// through the verifier alone takes tens of seconds. Only waits for
+/// something to become ready are stretched, never a figure a test asserts.
+pub fn scaled(timeout: std::time::Duration) -> std::time::Duration {
+    let scale = std::env::var("OVERLAY_TEST_TIME_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1);
+    timeout * scale.max(1)
+}
+
 /// Ids of the TC programs attached to one side of `iface` in the current
 /// network namespace, however they attach: TCX links (6.6 and later)
 /// through the kernel's query, and clsact `bpf` filters (before 6.6) as

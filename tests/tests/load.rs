@@ -140,12 +140,12 @@ fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
     let pins = PinDir::new();
     let _inside = ns.enter();
     let mut last_ids = Vec::new();
+    let mut outcomes = Vec::new();
     // The first agent and two restarts.
-    for start in 0..3 {
+    for _ in 0..3 {
         let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
         let report = datapath.attach("ul0", DecapHook::TcIngress, false).expect("attaching");
-        let expected = if start == 0 { LinkOutcome::Attached } else { LinkOutcome::Swapped };
-        assert_eq!((report.egress, report.decap), (expected, expected), "start {start}");
+        outcomes.push((report.egress, report.decap));
         let id_of = |name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
         last_ids = vec![id_of(program_names::TC_INGRESS), id_of(program_names::TC_EGRESS)];
     }
@@ -157,6 +157,8 @@ fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
         (vec![last_ids[0]], vec![last_ids[1]]),
         "after two restarts: exactly the last agent's program on each side\n{filters}"
     );
+    let (fresh, swapped) = ((LinkOutcome::Attached, LinkOutcome::Attached), (LinkOutcome::Swapped, LinkOutcome::Swapped));
+    assert_eq!(outcomes, [fresh, swapped, swapped], "a restart replaces the program in place");
 
     let out = std::process::Command::new(agent_binary())
         .args(["cleanup", "--keep-subnet-file", "--bpffs-root"])

@@ -170,6 +170,11 @@ fn build_test_binaries(tests: &[&str]) -> anyhow::Result<Vec<TestBinary>> {
     let mut binaries = Vec::new();
     for line in String::from_utf8_lossy(&output.stdout).lines() {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if message["reason"] == "compiler-message"
+            && let Some(rendered) = message["message"]["rendered"].as_str()
+        {
+            eprint!("{rendered}");
+        }
         if message["reason"] != "compiler-artifact" || message["target"]["kind"][0] != "test" {
             continue;
         }
@@ -407,6 +412,8 @@ fn shell_quote(s: &str) -> String {
 /// The guest's script after it switched into the host's root.
 fn stage2_script(kernel: &VmKernel, binaries: &[TestBinary], filters: &[String]) -> String {
     let mut script = String::from("set -u\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CI=1 RUST_BACKTRACE=1\n");
+    // Waits for agents to come up stretch by this much (tests/src/lib.rs).
+    script.push_str(&format!("export OVERLAY_TEST_TIME_SCALE={}\n", if kvm_works() { 2 } else { 10 }));
     script.push_str(
         "mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev 2>/dev/null\n\
          mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs shm /dev/shm\n\
