@@ -86,6 +86,7 @@ pub const MAP_LAYOUT_VERSION: u32 = 3;
 /// <root>/v3/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
+/// <root>/links/<pod veth>/{pod_fastpath,pod_delivered}
 /// ```
 ///
 /// Links are not versioned: a new agent swaps its programs into the pinned
@@ -104,12 +105,14 @@ pub enum LinkRole {
     DecapXdp,
     /// Decapsulation at TC ingress.
     DecapTc,
-    /// The pod-side fast path, TC ingress on the pod bridge.
+    /// The pod-side fast path, TC ingress on the pod bridge and its ports.
     PodFastPath,
+    /// TC egress on each pod's veth: what the kernel delivered to a pod.
+    PodDelivered,
 }
 
 impl LinkRole {
-    pub const ALL: [Self; 4] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath];
+    pub const ALL: [Self; 5] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath, Self::PodDelivered];
 
     /// The pin's file name.
     pub const fn file_name(self) -> &'static str {
@@ -118,6 +121,7 @@ impl LinkRole {
             Self::DecapXdp => "decap_xdp",
             Self::DecapTc => "decap_tc",
             Self::PodFastPath => "pod_fastpath",
+            Self::PodDelivered => "pod_delivered",
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Recognising and validating VXLAN addressed to this node.
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
-use overlay_common::{Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer};
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use overlay_common::{Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer, ROUTE_MODE_VXLAN};
 
-use crate::{DropReason, counters::count, maps::PEERS, packet::{Packet, ptr_at}};
+use crate::{DropReason, counters::count, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
@@ -109,8 +110,41 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     {
         return Err(DropReason::SpoofedInner);
     }
-    if !in_cidr(inner_ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+    if !is_pod_address(inner_ip.dst_addr, cfg) {
         return Err(DropReason::BadInner);
     }
     Ok(Rx::Decap)
+}
+
+/// Whether `addr` can be one of this node's pods: in our pod CIDR, and
+/// neither its network nor its broadcast address (the host's, which the
+/// tunnel must not reach).
+#[inline(always)]
+pub fn is_pod_address(addr: [u8; 4], cfg: &Config) -> bool {
+    let host_mask = u32::MAX.checked_shr(cfg.pod_prefix_len.min(32)).unwrap_or(0);
+    let host = u32::from_be_bytes(addr) & host_mask;
+    in_cidr(addr, cfg.pod_cidr, cfg.pod_prefix_len) && (host_mask < 3 || (host != 0 && host != host_mask))
+}
+
+/// For a packet that is not tunnel traffic: drops an unencapsulated
+/// IPv4 packet for our pods whose source is a pod of a peer we reach by
+/// VXLAN. Such a peer only ever sends its pods' packets encapsulated
+/// (and checked against `PEERS`), so this one was forged by a host on the
+/// underlay. Direct-mode peers' pods arrive unencapsulated and pass.
+#[inline(always)]
+pub fn reject_bare_tunnel_source(ctx: &impl Packet, cfg: &Config) -> Result<(), DropReason> {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Ok(()) };
+    // SAFETY (raw reads): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Ok(());
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else { return Ok(()) };
+    let ip = unsafe { &*ip };
+    if !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return Ok(());
+    }
+    match ROUTES.get(&Key::new(32, ip.src_addr)) {
+        Some(route) if route.mode == ROUTE_MODE_VXLAN => Err(DropReason::BareTunnelSource),
+        _ => Ok(()),
+    }
 }

@@ -171,3 +171,45 @@ fn iptables(ns: &NetNs, args: &[&str]) {
         .expect("running iptables");
     assert!(out.status.success(), "iptables {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A DNAT on the backend's node, as hostPort, NodePort with
+/// `externalTrafficPolicy: Local` and externalIPs are: a pod on another
+/// node dials the node's own address, which the node turns into its local
+/// pod's. The request reaches the pod through the kernel's path (it is
+/// for the node, not a pod); the pod's replies carry the pod's address to
+/// a remote pod and must still meet that conntrack entry, which turns
+/// their source back into the node's address.
+#[test]
+fn replies_of_connections_dnatted_to_a_local_pod_meet_conntrack() {
+    if !privileged() {
+        return;
+    }
+    for backend in ["vxlan", "host-gw"] {
+        let lab = lab(Topology::Flat, backend, false);
+        for node in &lab.nodes {
+            iptables(&node.ns, &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+        }
+        let (server_node, client, server) = (&lab.nodes[0], &lab.nodes[1].pods[0], &lab.nodes[0].pods[0]);
+        let dnat = |rule: &[&str], port: u16| {
+            let to = format!("{}:{port}", server.ip);
+            let node_ip = format!("{}/32", server_node.ip);
+            let mut args = rule.to_vec();
+            args.extend(["-d", &node_ip, "-p", "tcp", "--dport", "30080", "-j", "DNAT", "--to-destination", &to]);
+            iptables(&server_node.ns, &args);
+        };
+        dnat(&["-t", "nat", "-A", "PREROUTING"], 25080);
+        let mut failures = Vec::new();
+        for attempt in 0..3 {
+            if let Err(e) = Lab::tcp_echo_via(&client.ns, &server.ns, server.ip, 25080 + attempt, (server_node.ip, 30080)) {
+                failures.push(format!("attempt {attempt}: {e}"));
+            }
+            dnat(&["-t", "nat", "-R", "PREROUTING", "1"], 25081 + attempt);
+        }
+        assert!(failures.is_empty(), "{backend}: through node1's address: {failures:#?}");
+        // The same pods, pod to pod: still fast.
+        let before = lab.counters(0).packets(Counter::FastpathOut);
+        Lab::tcp_echo(&client.ns, &server.ns, server.ip, 26080).unwrap_or_else(|e| panic!("{backend}: pod to pod: {e}"));
+        assert!(lab.counters(0).packets(Counter::FastpathOut) > before, "{backend}: pod to pod left the fast path");
+        assert_no_drops(&lab.counters(0));
+    }
+}
