@@ -248,6 +248,11 @@ slot_enum! {
         /// VXLAN: that peer's pods only ever arrive encapsulated, so it is
         /// forged (a host on the underlay claiming a remote pod's address).
         BareTunnelSource = "bare_tunnel_source",
+        /// Decapsulated with the outer header marked Congestion
+        /// Experienced while the inner packet is not ECN-capable (RFC 6040
+        /// §4.2: the congestion cannot be signalled, so the packet is
+        /// dropped, as the kernel's vxlan device does).
+        EcnNotEct = "ecn_not_ect",
     }
 }
 

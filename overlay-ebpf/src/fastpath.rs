@@ -52,7 +52,7 @@ use crate::{
     encap::encapsulate,
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::ptr_at,
-    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, in_cidr},
+    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
 };
 
 const AF_INET: u32 = 2;
@@ -312,7 +312,8 @@ fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, DropReason> 
 /// returns `None` to leave it to the kernel. Runs at the underlay's TC
 /// ingress once any tunnel header is gone; `decapsulated` says whether
 /// there was one (its inner source was then checked against the sending
-/// peer). Unencapsulated, only a direct-mode peer's pods qualify.
+/// peer). Unencapsulated, a pod of a plain-VXLAN peer never qualifies
+/// (the underlay's ingress drops it as forged).
 #[inline(always)]
 pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Option<i32> {
     if cfg.pod_bridge_ifindex == 0 {
@@ -339,7 +340,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Opti
     // Pod-to-pod only: from a remote pod CIDR, and not a reply to a socket
     // whose traffic the kernel carries (see the module's doc).
     let source = ROUTES.get(&Key::new(32, ip.src_addr))?;
-    if !decapsulated && source.mode != ROUTE_MODE_DIRECT {
+    if !decapsulated && arrives_only_encapsulated(source) {
         return None;
     }
     if let Some(socket) = socket_at(ctx, ip, ip.dst_addr, 2)

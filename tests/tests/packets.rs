@@ -8,7 +8,7 @@ use aya::{
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
-use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, Totals, map_names, program_names};
+use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY, Route, Totals, map_names, program_names};
 use overlay_tests::{PinDir, privileged};
 
 /// Reads the counter a case expects to move.
@@ -136,7 +136,7 @@ impl Fixture {
         peers.insert(PEER, Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
         let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
         routes
-            .insert(&Key::new(24, [10, 244, 2, 0]), Route { node_ip: PEER, vtep_mac: PEER_VTEP, mode: ROUTE_MODE_VXLAN, reason: 0, next_hop: PEER }, 0)
+            .insert(&Key::new(24, [10, 244, 2, 0]), Route { node_ip: PEER, vtep_mac: PEER_VTEP, mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_BACKEND, next_hop: PEER }, 0)
             .unwrap();
         let maps = DatapathMaps::open(pins.path()).unwrap();
         Self { _pins: pins, datapath, maps }
@@ -220,6 +220,29 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     let (got, _) = f.run(program, &Vxlan { dport: 4789, outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame());
     assert_eq!(got, pass);
     assert_eq!(f.counters().packets(Counter::MismatchedPort), before.packets(Counter::MismatchedPort), "unknown senders are not a port mismatch");
+    // ECN (RFC 6040 §4.2): outer CE is copied onto an ECN-capable inner
+    // packet, checksum updated; a not-ECN-capable one is dropped.
+    let with_tos = |outer_tos: u8, inner_tos: u8| {
+        let mut inner = inner_ip([10, 244, 2, 11], [10, 244, 1, 11]);
+        inner[1] = inner_tos;
+        inner[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut frame = Vxlan { inner, ..Vxlan::default() }.frame();
+        frame[15] = outer_tos;
+        frame
+    };
+    for (inner_tos, delivered_tos) in [(0x02, 0x03), (0x01, 0x03), (0x03, 0x03), (0xb8 | 0x02, 0xb8 | 0x03)] {
+        let (verdict, out) = f.run(program, &with_tos(0x03, inner_tos));
+        assert_eq!(verdict, pass, "{program}: outer CE, inner TOS {inner_tos:#x}");
+        assert_eq!(out[15], delivered_tos, "{program}: inner TOS {inner_tos:#x} under outer CE");
+        assert_eq!(checksum(&out[14..34]), 0, "{program}: inner checksum after CE");
+    }
+    let (_, out) = f.run(program, &with_tos(0x02, 0x02));
+    assert_eq!(out[15], 0x02, "{program}: outer ECT(0) leaves the inner packet alone");
+    f.expect_decap_verdict(program, &with_tos(0x03, 0x00), drop, |c| c.drops(DropReason::EcnNotEct));
+    f.expect_decap_verdict(program, &with_tos(0x00, 0x00), pass, |c| c.packets(Counter::Decap));
+
     // Inner destinations that are this pod CIDR's network or broadcast
     // address: the host's, never a pod's.
     for (what, dst) in [("network address", [10, 244, 1, 0]), ("broadcast address", [10, 244, 1, 255])] {
@@ -237,6 +260,12 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(f.datapath.ebpf_mut().map_mut(map_names::ROUTES).unwrap()).unwrap();
     routes.insert(&Key::new(24, [10, 244, 3, 0]), direct, 0).unwrap();
     f.expect_decap_verdict(program, &bare([10, 244, 2, 11]), drop, |c| c.drops(DropReason::BareTunnelSource));
+    // Under DirectRouting a peer we reach by VXLAN (a gateway in between
+    // from here) may see us on-link and send directly: not forged.
+    let behind_gateway = Route { node_ip: [192, 168, 77, 14], vtep_mac: [0; 6], mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_GATEWAY, next_hop: [192, 168, 77, 1] };
+    let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(f.datapath.ebpf_mut().map_mut(map_names::ROUTES).unwrap()).unwrap();
+    routes.insert(&Key::new(24, [10, 244, 4, 0]), behind_gateway, 0).unwrap();
+    f.expect_decap_verdict(program, &bare([10, 244, 4, 11]), pass, |c| c.packets(Counter::Pass));
     f.expect_decap_verdict(program, &bare([10, 244, 3, 11]), pass, |c| c.packets(Counter::Pass));
     f.expect_decap_verdict(program, &bare([192, 0, 2, 1]), pass, |c| c.packets(Counter::Pass));
 
