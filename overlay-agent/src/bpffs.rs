@@ -78,12 +78,12 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v3/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
+/// <root>/v4/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
 /// <root>/links/<pod veth>/{pod_fastpath,pod_delivered}
@@ -194,7 +194,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v3/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v4/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")
