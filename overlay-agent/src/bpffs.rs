@@ -131,14 +131,15 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v3/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
+/// <root>/v4/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
+/// <root>/links/<pod veth>/{pod_fastpath,pod_delivered}
 /// ```
 ///
 /// Links are not versioned: a new agent swaps its programs into the pinned
@@ -157,12 +158,14 @@ pub enum LinkRole {
     DecapXdp,
     /// Decapsulation at TC ingress.
     DecapTc,
-    /// The pod-side fast path, TC ingress on the pod bridge.
+    /// The pod-side fast path, TC ingress on the pod bridge and its ports.
     PodFastPath,
+    /// TC egress on each pod's veth: what the kernel delivered to a pod.
+    PodDelivered,
 }
 
 impl LinkRole {
-    pub const ALL: [Self; 4] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath];
+    pub const ALL: [Self; 5] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath, Self::PodDelivered];
 
     /// The pin's file name.
     pub const fn file_name(self) -> &'static str {
@@ -171,6 +174,7 @@ impl LinkRole {
             Self::DecapXdp => "decap_xdp",
             Self::DecapTc => "decap_tc",
             Self::PodFastPath => "pod_fastpath",
+            Self::PodDelivered => "pod_delivered",
         }
     }
 }
@@ -252,6 +256,19 @@ const LAYOUTS: &[(u32, &str)] = &[(
     "CONFIG type=2 key=4 value=56 max=1; COUNTERS type=6 key=4 value=136 max=1; \
      KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=16384; \
      POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=16384",
+), (
+    // v3: COUNTERS became one slot per counter and drop reason (16).
+    3,
+    "CONFIG type=2 key=4 value=56 max=1; COUNTERS type=6 key=4 value=16 max=16; \
+     KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=16384; \
+     POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=16384",
+), (
+    // v4: two more drop reasons (bare_tunnel_source, ecn_not_ect); Config's
+    // padding became xdp_decap (a meaning, not a size, so not seen here).
+    4,
+    "CONFIG type=2 key=4 value=56 max=1; COUNTERS type=6 key=4 value=16 max=18; \
+     KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=16384; \
+     POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=16384",
 )];
 
 #[cfg(test)]
@@ -307,7 +324,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v3/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v4/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")

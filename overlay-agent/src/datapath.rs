@@ -277,7 +277,9 @@ impl Datapath {
             // The fast path's attachments (the bridge and its ports) are
             // kept while it is wanted; its own sync prunes them.
             if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
-                let roles = LinkRole::ALL.into_iter().filter(|role| *role != LinkRole::PodFastPath);
+                let roles = LinkRole::ALL
+                    .into_iter()
+                    .filter(|role| *role != LinkRole::PodFastPath && *role != LinkRole::PodDelivered);
                 unwanted.extend(roles.map(|role| self.layout.link(&other, role)));
                 continue;
             }
@@ -343,6 +345,26 @@ impl Datapath {
         self.attach_role(iface, LinkRole::PodFastPath, DecapHook::TcIngress)
     }
 
+    /// Attaches the fast path to a pod's veth: first what records the
+    /// sockets the kernel delivers to the pod (TC egress), then the out
+    /// half (TC ingress), so the pod is never fast one way while its
+    /// NATed connections go unrecorded. Undoes the first if the second
+    /// fails.
+    pub fn attach_pod_port(&mut self, iface: &str) -> Result<LinkOutcome, DatapathError> {
+        if crate::iface::interface_index(iface).is_none() {
+            return Err(DatapathError::UnknownInterface(iface.to_owned()));
+        }
+        if KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0)) {
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+        let delivered = self.attach_role(iface, LinkRole::PodDelivered, DecapHook::TcIngress)?;
+        self.attach_role(iface, LinkRole::PodFastPath, DecapHook::TcIngress).inspect_err(|_| {
+            if delivered == LinkOutcome::Attached {
+                let _ = fs::remove_file(self.layout.link(iface, LinkRole::PodDelivered));
+            }
+        })
+    }
+
     /// Detaches the fast path from `iface` (a pod's veth that is gone or
     /// being left) by removing its pins.
     pub fn detach_pod_fast_path(&mut self, iface: &str) -> Result<(), DatapathError> {
@@ -378,8 +400,12 @@ impl Datapath {
         }
         let attach_err = |source| attach_error(name, iface, source);
         let link: Result<FdLink, _> = match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath => {
-                let attach_type = if role == LinkRole::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered => {
+                let attach_type = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) {
+                    TcAttachType::Egress
+                } else {
+                    TcAttachType::Ingress
+                };
                 let program = self.classifier(name)?;
                 let id = program.attach(iface, attach_type).map_err(attach_err)?;
                 let link = program.take_link(id).map_err(attach_err)?;
@@ -415,7 +441,7 @@ impl Datapath {
     fn attach_clsact(&mut self, iface: &str, role: LinkRole, pin: &Path) -> Result<LinkOutcome, DatapathError> {
         let name = role_program(role);
         let (direction, attach_type) = match role {
-            LinkRole::TcEgress => (clsact::Direction::Egress, TcAttachType::Egress),
+            LinkRole::TcEgress | LinkRole::PodDelivered => (clsact::Direction::Egress, TcAttachType::Egress),
             _ => (clsact::Direction::Ingress, TcAttachType::Ingress),
         };
         let priority = clsact::priority(role);
@@ -460,7 +486,7 @@ impl Datapath {
         let pin = self.layout.link(iface, role);
         let _ = if pin.is_dir() { fs::remove_dir(&pin) } else { fs::remove_file(&pin) };
         if role != LinkRole::DecapXdp && needs_clsact() {
-            let direction = if role == LinkRole::TcEgress { clsact::Direction::Egress } else { clsact::Direction::Ingress };
+            let direction = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) { clsact::Direction::Egress } else { clsact::Direction::Ingress };
             if let Some(ifindex) = crate::iface::interface_index(iface) {
                 let _ = clsact::delete(ifindex, direction, clsact::priority(role), clsact::FILTER_HANDLE);
             }
@@ -481,7 +507,7 @@ impl Datapath {
         let link_err = |source| DatapathError::PinnedLink { path: pin.to_owned(), source };
         let link: FdLink = PinnedLink::from_pin(pin).map_err(link_err)?.into();
         match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath => {
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered => {
                 let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
                 let program = self.classifier(name)?;
                 let id = program.attach_to_link(link).map_err(swap_err)?;
@@ -641,7 +667,7 @@ fn delete_clsact_filters(iface: &str, keep: &[LinkRole]) -> Result<(), DatapathE
     let keep: Vec<(clsact::Direction, u16)> = keep
         .iter()
         .map(|role| {
-            let direction = if *role == LinkRole::TcEgress { clsact::Direction::Egress } else { clsact::Direction::Ingress };
+            let direction = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) { clsact::Direction::Egress } else { clsact::Direction::Ingress };
             (direction, clsact::priority(*role))
         })
         .collect();
@@ -656,6 +682,7 @@ const fn role_program(role: LinkRole) -> &'static str {
         LinkRole::DecapXdp => program_names::XDP_INGRESS,
         LinkRole::DecapTc => program_names::TC_INGRESS,
         LinkRole::PodFastPath => program_names::TC_POD,
+        LinkRole::PodDelivered => program_names::TC_POD_DELIVERED,
     }
 }
 

@@ -67,6 +67,9 @@ pub struct LocalSettings {
     pub pod_bridge_ifindex: u32,
     /// The pod bridge's MAC while the fast path is attached to it.
     pub pod_bridge_mac: [u8; 6],
+    /// Whether XDP may decapsulate in front of TC ingress (see
+    /// [`overlay_common::Config::xdp_decap`]).
+    pub xdp_decap: bool,
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
     /// The cluster's pod network (net-conf.json `Network`), when known:
@@ -205,6 +208,7 @@ pub fn desired<N: Borrow<NodeInfo>>(
         pod_bridge_ifindex: local.pod_bridge_ifindex,
         pod_bridge_mac: local.pod_bridge_mac,
         underlay_mtu: local.underlay_mtu,
+        xdp_decap: u16::from(local.xdp_decap),
         ..Config::default()
     };
 
@@ -408,6 +412,7 @@ mod tests {
             underlay_mtu: 1500,
             pod_bridge_ifindex: 0,
             pod_bridge_mac: [0; 6],
+            xdp_decap: false,
             public_ip: None,
             network: None,
         }

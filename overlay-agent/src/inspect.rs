@@ -122,6 +122,7 @@ fn print_attachments(layout: &PinLayout) {
                 LinkRole::DecapXdp => "decapsulation at XDP",
                 LinkRole::DecapTc => "decapsulation (and fast-path delivery) at TC ingress",
                 LinkRole::PodFastPath => "fast path at TC ingress",
+                LinkRole::PodDelivered => "kernel-delivered sockets recorded at TC egress",
             })
             .collect();
         println!("  {iface:<16} {}", roles.join("; "));

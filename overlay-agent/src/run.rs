@@ -388,6 +388,9 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         underlay_mtu,
         pod_bridge_ifindex: 0,
         pod_bridge_mac: [0; 6],
+        // Until attach settles the hook: whenever XDP may be in front, so
+        // TC never drops what XDP decapsulated (see Config::xdp_decap).
+        xdp_decap: !(args.decap == Decap::Tc || (args.decap == Decap::Auto && backend == Backend::HostGw)),
         public_ip: args.public_ip,
         network: netconf.as_ref().map(|c| c.network),
     };
@@ -449,6 +452,8 @@ impl Agent {
         }
         info!(%iface, ?hook, egress = ?report.egress, decap = ?report.decap, "datapath attached");
         self.attached = Some(hook);
+        // Written to CONFIG by the next reconcile.
+        self.settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
         Ok(())
     }
 
@@ -526,7 +531,7 @@ impl Agent {
         let new_ports: Vec<String> = ports.iter().filter(|p| !fast_path.ports.contains_key(*p)).cloned().collect();
         for port in &new_ports {
             let Some(port_index) = iface::interface_index(port) else { continue };
-            match self.datapath.attach_pod_fast_path(port) {
+            match self.datapath.attach_pod_port(port) {
                 Ok(_) => {
                     fast_path.ports.insert(port.clone(), port_index);
                 }

@@ -46,8 +46,12 @@ pub mod program_names {
     /// outbound half (`--forward bpf`).
     pub const TC_POD: &str = "overlay_tc_pod";
 
+    /// TC egress on each pod's veth (`--forward bpf`): records the sockets
+    /// the kernel's path delivered to, so their replies stay on it.
+    pub const TC_POD_DELIVERED: &str = "overlay_tc_pod_delivered";
+
     /// Every program, in load order.
-    pub const ALL: [&str; 4] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD];
+    pub const ALL: [&str; 5] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD, TC_POD_DELIVERED];
 }
 
 /// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8): what encapsulation
@@ -149,8 +153,10 @@ pub struct Config {
     pub node_ip: [u8; 4],
     /// VXLAN UDP destination port (host byte order).
     pub vxlan_port: u16,
-    /// Explicit padding; always zero.
-    pub _pad0: u16,
+    /// Non-zero while XDP may decapsulate in front of TC ingress. TC then
+    /// cannot tell a packet XDP decapsulated from one that arrived bare,
+    /// so it leaves the check of bare packets' sources to XDP.
+    pub xdp_decap: u16,
     /// This node's VTEP MAC: inner source MAC on encapsulation and the inner
     /// destination MAC flannel peers send to us.
     pub vtep_mac: [u8; 6],
@@ -238,6 +244,15 @@ slot_enum! {
         BadInner = "bad_inner",
         /// A kernel helper failed (adjust room, redirect, ...).
         HelperError = "helper_error",
+        /// Unencapsulated on the underlay, from a pod of a peer we reach by
+        /// VXLAN: that peer's pods only ever arrive encapsulated, so it is
+        /// forged (a host on the underlay claiming a remote pod's address).
+        BareTunnelSource = "bare_tunnel_source",
+        /// Decapsulated with the outer header marked Congestion
+        /// Experienced while the inner packet is not ECN-capable (RFC 6040
+        /// §4.2: the congestion cannot be signalled, so the packet is
+        /// dropped, as the kernel's vxlan device does).
+        EcnNotEct = "ecn_not_ect",
     }
 }
 

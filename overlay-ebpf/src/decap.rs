@@ -18,7 +18,7 @@ use crate::{
     fastpath::deliver_to_pod,
     maps::config,
     packet::{Packet as _, ptr_at},
-    parse::{ENCAP_LEN, INNER_IP_OFF, Rx, classify_rx},
+    parse::{ENCAP_LEN, INNER_IP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
 };
 
 #[inline(always)]
@@ -27,6 +27,7 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(xdp_action::XDP_PASS);
     };
     if let Rx::NotOurs = classify_rx(ctx, cfg)? {
+        reject_bare_tunnel_source(ctx, cfg)?;
         count(Counter::Pass, (ctx.end() - ctx.start()) as u64);
         return Ok(xdp_action::XDP_PASS);
     }
@@ -53,8 +54,13 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     crate::linearize(ctx, INNER_IP_OFF + 20);
     if let Rx::NotOurs = classify_rx(ctx, cfg)? {
-        if let Some(action) = deliver_to_pod(ctx, cfg) {
+        // Behind XDP, this may be a packet XDP decapsulated (and checked).
+        let xdp_in_front = cfg.xdp_decap != 0;
+        if let Some(action) = deliver_to_pod(ctx, cfg, xdp_in_front) {
             return Ok(action);
+        }
+        if !xdp_in_front {
+            reject_bare_tunnel_source(ctx, cfg)?;
         }
         count(Counter::Pass, u64::from(ctx.len()));
         return Ok(TC_ACT_OK as i32);
@@ -65,5 +71,5 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
         .map_err(|_| DropReason::HelperError)?;
     count(Counter::Decap, u64::from(ctx.len()));
-    Ok(deliver_to_pod(ctx, cfg).unwrap_or(TC_ACT_OK as i32))
+    Ok(deliver_to_pod(ctx, cfg, true).unwrap_or(TC_ACT_OK as i32))
 }

@@ -52,13 +52,25 @@ use crate::{
     encap::encapsulate,
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::ptr_at,
-    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, in_cidr},
+    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
 };
 
 const AF_INET: u32 = 2;
 /// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
 const PACKET_HOST: u32 = 0;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+/// ICMP error types (RFC 792, RFC 1812): each quotes the header of the
+/// packet it is about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_SOURCE_QUENCH: u8 = 4;
+const ICMP_REDIRECT: u8 = 5;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// IPv4 "more fragments" flag and fragment offset, in `frags`.
+const IP_MF_OFFSET: u16 = 0x3fff;
+/// IPv4 fragment offset alone.
+const IP_OFFSET: u16 = 0x1fff;
 const UDP_HDR_LEN: u32 = 8;
 /// The transport header, behind an IPv4 header without options.
 const L4_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
@@ -94,6 +106,9 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &mut *ip };
     if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return pass;
+    }
+    if needs_conntrack(ctx, ip) {
         return pass;
     }
     let socket = socket_at(ctx, ip, ip.src_addr, 0);
@@ -155,6 +170,65 @@ fn record_kernel_socket(ctx: &TcContext, cfg: &Config) {
     }
 }
 
+/// At TC egress of each enrolled pod's host-side veth: every packet here
+/// was delivered by the kernel's path, since `bpf_redirect_peer` (the in
+/// half) enters the pod past this hook. The pod's socket it is for is the
+/// kernel's from now on, both ways, before the pod can answer. This is
+/// what keeps replies of connections NATed to a local pod (hostPort,
+/// NodePort with `externalTrafficPolicy: Local`, externalIPs: requests to
+/// the node's own address that conntrack turned into the pod's) on the
+/// kernel's path, where conntrack undoes that NAT.
+#[inline(always)]
+pub fn try_tc_pod_delivered(ctx: &TcContext) -> Result<i32, DropReason> {
+    let pass = Ok(TC_ACT_OK as i32);
+    let Some(cfg) = config() else {
+        return pass;
+    };
+    if cfg.pod_bridge_ifindex == 0 {
+        return pass;
+    }
+    crate::linearize(ctx, L4_OFF + 4);
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return pass };
+    // SAFETY (raw reads): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return pass;
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else { return pass };
+    let ip = unsafe { &*ip };
+    // With options the in half never takes a packet, so the ports sit
+    // where socket_at looks only without them.
+    if ip.vihl != 0x45 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return pass;
+    }
+    if let Some(socket) = socket_at(ctx, ip, ip.dst_addr, 2) {
+        remember(&socket);
+    }
+    pass
+}
+
+/// Whether the packet needs conntrack's own handling, so neither half may
+/// take it: a fragment (conntrack reassembles, and a non-first fragment
+/// has no ports: one datagram must not go two ways) or an ICMP error
+/// (conntrack translates the header it quotes back through any NAT).
+#[inline(always)]
+fn needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
+        return true;
+    }
+    if ip.proto != IPPROTO_ICMP {
+        return false;
+    }
+    // SAFETY: ptr_at checked the bounds.
+    match ptr_at::<u8>(ctx, L4_OFF).map(|t| unsafe { *t }) {
+        Ok(icmp_type) => matches!(
+            icmp_type,
+            ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_REDIRECT | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        ),
+        // Too short to say: the kernel's.
+        Err(_) => true,
+    }
+}
+
 /// Adds a socket to `KERNEL_SOCKETS` (a full map forgets the one idle
 /// longest).
 #[inline(always)]
@@ -169,6 +243,10 @@ fn remember(socket: &SocketKey) {
 #[inline(always)]
 fn socket_at(ctx: &TcContext, ip: &Ipv4Hdr, addr: [u8; 4], port_off: usize) -> Option<SocketKey> {
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return None;
+    }
+    if u16::from_be_bytes(ip.frags) & IP_OFFSET != 0 {
+        // A non-first fragment: what sits where the ports would is data.
         return None;
     }
     // SAFETY: ptr_at checked the bounds.
@@ -232,9 +310,12 @@ fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, DropReason> 
 
 /// The in half: hands a packet for a local pod straight into the pod, or
 /// returns `None` to leave it to the kernel. Runs at the underlay's TC
-/// ingress once any tunnel header is gone.
+/// ingress once any tunnel header is gone; `decapsulated` says whether
+/// there was one (its inner source was then checked against the sending
+/// peer). Unencapsulated, a pod of a plain-VXLAN peer never qualifies
+/// (the underlay's ingress drops it as forged).
 #[inline(always)]
-pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
+pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Option<i32> {
     if cfg.pod_bridge_ifindex == 0 {
         return None;
     }
@@ -253,9 +334,15 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return None;
     }
+    if needs_conntrack(ctx, ip) {
+        return None;
+    }
     // Pod-to-pod only: from a remote pod CIDR, and not a reply to a socket
     // whose traffic the kernel carries (see the module's doc).
-    ROUTES.get(&Key::new(32, ip.src_addr))?;
+    let source = ROUTES.get(&Key::new(32, ip.src_addr))?;
+    if !decapsulated && arrives_only_encapsulated(source) {
+        return None;
+    }
     if let Some(socket) = socket_at(ctx, ip, ip.dst_addr, 2)
         && KERNEL_SOCKETS.get_ptr(&socket).is_some()
     {

@@ -10,6 +10,8 @@
 //! - [`overlay_tc_pod`]: TC ingress on each pod's veth (the fast path to
 //!   the underlay) and on the pod bridge (which sockets the kernel
 //!   carries), with `--forward bpf`.
+//! - [`overlay_tc_pod_delivered`]: TC egress on each pod's veth: which
+//!   sockets the kernel delivered to, with `--forward bpf`.
 #![no_std]
 #![no_main]
 
@@ -60,6 +62,14 @@ pub fn overlay_tc_ingress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn overlay_tc_pod(ctx: TcContext) -> i32 {
     fastpath::try_tc_pod(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason, u64::from(ctx.len()));
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[classifier]
+pub fn overlay_tc_pod_delivered(ctx: TcContext) -> i32 {
+    fastpath::try_tc_pod_delivered(&ctx).unwrap_or_else(|reason| {
         count_drop(reason, u64::from(ctx.len()));
         TC_ACT_SHOT as i32
     })

@@ -1,9 +1,12 @@
 //! Recognising and validating VXLAN addressed to this node.
 
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, udp::UdpHdr};
-use overlay_common::{Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer};
+use aya_ebpf::btf_maps::lpm_trie::Key;
+use overlay_common::{
+    Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, Route,
+};
 
-use crate::{DropReason, counters::count, maps::PEERS, packet::{Packet, ptr_at}};
+use crate::{DropReason, counters::count, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_UDP: u8 = 17;
@@ -11,6 +14,10 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const ENCAP_LEN: usize = 20 + 8 + 8 + 14;
 /// The VXLAN "I" flag: the VNI field is valid (RFC 7348 §5).
 pub const VXLAN_FLAG_I: u8 = 0x08;
+/// The ECN field of the IPv4 TOS byte (RFC 3168) and its values.
+const ECN_MASK: u8 = 0x03;
+const ECN_NOT_ECT: u8 = 0x00;
+const ECN_CE: u8 = 0x03;
 
 pub const OUTER_IP_OFF: usize = EthHdr::LEN;
 pub const OUTER_UDP_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
@@ -109,8 +116,81 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     {
         return Err(DropReason::SpoofedInner);
     }
-    if !in_cidr(inner_ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+    if !is_pod_address(inner_ip.dst_addr, cfg) {
         return Err(DropReason::BadInner);
     }
+    if ip.tos & ECN_MASK == ECN_CE {
+        propagate_ce(ctx)?;
+    }
     Ok(Rx::Decap)
+}
+
+/// RFC 6040 §4.2 on decapsulation with the outer header marked CE: an
+/// ECN-capable inner packet gets CE too (its checksum updated), a
+/// not-ECN-capable one is dropped.
+#[inline(always)]
+fn propagate_ce(ctx: &impl Packet) -> Result<(), DropReason> {
+    let inner = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF)?;
+    // SAFETY (raw reads and writes): ptr_at checked the bounds.
+    let inner = unsafe { &mut *inner };
+    match inner.tos & ECN_MASK {
+        ECN_NOT_ECT => Err(DropReason::EcnNotEct),
+        ECN_CE => Ok(()),
+        _ => {
+            // The 16-bit word holding version/IHL and TOS changes
+            // (RFC 1624: HC' = ~(~HC + ~m + m')).
+            let old = u16::from_be_bytes([inner.vihl, inner.tos]);
+            let new = old | u16::from(ECN_CE);
+            let mut sum = u32::from(!u16::from_be_bytes(inner.check)) + u32::from(!old) + u32::from(new);
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            inner.tos |= ECN_CE;
+            inner.check = (!(sum as u16)).to_be_bytes();
+            Ok(())
+        }
+    }
+}
+
+/// Whether `addr` can be one of this node's pods: in our pod CIDR, and
+/// neither its network nor its broadcast address (the host's, which the
+/// tunnel must not reach).
+#[inline(always)]
+pub fn is_pod_address(addr: [u8; 4], cfg: &Config) -> bool {
+    let host_mask = u32::MAX.checked_shr(cfg.pod_prefix_len.min(32)).unwrap_or(0);
+    let host = u32::from_be_bytes(addr) & host_mask;
+    in_cidr(addr, cfg.pod_cidr, cfg.pod_prefix_len) && (host_mask < 3 || (host != 0 && host != host_mask))
+}
+
+/// For a packet that is not tunnel traffic: drops an unencapsulated
+/// IPv4 packet for our pods whose source is a pod of a peer that only
+/// ever sends its pods' packets encapsulated (and checked against
+/// `PEERS`; see [`arrives_only_encapsulated`]), so this one was forged by
+/// a host on the underlay. Direct-mode peers' pods arrive unencapsulated
+/// and pass.
+#[inline(always)]
+pub fn reject_bare_tunnel_source(ctx: &impl Packet, cfg: &Config) -> Result<(), DropReason> {
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Ok(()) };
+    // SAFETY (raw reads): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Ok(());
+    }
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else { return Ok(()) };
+    let ip = unsafe { &*ip };
+    if !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return Ok(());
+    }
+    match ROUTES.get(&Key::new(32, ip.src_addr)) {
+        Some(route) if arrives_only_encapsulated(route) => Err(DropReason::BareTunnelSource),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the pods behind `route` only ever reach us encapsulated: the
+/// backend is VXLAN without direct routing, so no node sends to another
+/// node's pods unencapsulated. Under DirectRouting each side picks its
+/// mode from its own view of the underlay, so a peer we reach by VXLAN
+/// (a gateway in between from here) may still send to us directly.
+#[inline(always)]
+pub fn arrives_only_encapsulated(route: &Route) -> bool {
+    route.mode == ROUTE_MODE_VXLAN && route.reason == ROUTE_REASON_BACKEND
 }

@@ -193,9 +193,13 @@ fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() 
     let target_ip = target.ip;
     // Control: node 2 serves the pod on the fast path both ways (the
     // request in, the reply out), so the stale entry below is used.
-    let fast_before = lab.counters(1).fastpath_packets;
+    let fast = |lab: &Lab| {
+        let totals = lab.counters(1);
+        totals.packets(Counter::FastpathOut) + totals.packets(Counter::FastpathIn)
+    };
+    let fast_before = fast(&lab);
     assert!(Lab::ping(&lab.nodes[0].pods[0].ns, target_ip));
-    let fast = lab.counters(1).fastpath_packets - fast_before;
+    let fast = fast(&lab) - fast_before;
     assert!(fast >= 2, "control: one ping moved node 2's fastpath_packets by {fast}, not 2 (both halves)");
 
     // The agent goes down; the datapath stays, POD_PORTS as it was.
@@ -214,4 +218,45 @@ fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() 
 
     let answered = (0..3).any(|_| Lab::ping(&lab.nodes[0].pods[0].ns, target_ip));
     assert!(answered, "the recreated pod is blackholed by its stale POD_PORTS entry:\n{}", lab.inspect(1));
+}
+
+/// A DNAT on the backend's node, as hostPort, NodePort with
+/// `externalTrafficPolicy: Local` and externalIPs are: a pod on another
+/// node dials the node's own address, which the node turns into its local
+/// pod's. The request reaches the pod through the kernel's path (it is
+/// for the node, not a pod); the pod's replies carry the pod's address to
+/// a remote pod and must still meet that conntrack entry, which turns
+/// their source back into the node's address.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn replies_of_connections_dnatted_to_a_local_pod_meet_conntrack() {
+    require_root();
+    for backend in ["vxlan", "host-gw"] {
+        let lab = lab(Topology::Flat, backend, false);
+        for node in &lab.nodes {
+            iptables(&node.ns, &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
+        }
+        let (server_node, client, server) = (&lab.nodes[0], &lab.nodes[1].pods[0], &lab.nodes[0].pods[0]);
+        let dnat = |rule: &[&str], port: u16| {
+            let to = format!("{}:{port}", server.ip);
+            let node_ip = format!("{}/32", server_node.ip);
+            let mut args = rule.to_vec();
+            args.extend(["-d", &node_ip, "-p", "tcp", "--dport", "30080", "-j", "DNAT", "--to-destination", &to]);
+            iptables(&server_node.ns, &args);
+        };
+        dnat(&["-t", "nat", "-A", "PREROUTING"], 25080);
+        let mut failures = Vec::new();
+        for attempt in 0..3 {
+            if let Err(e) = Lab::tcp_echo_via(&client.ns, &server.ns, server.ip, 25080 + attempt, (server_node.ip, 30080)) {
+                failures.push(format!("attempt {attempt}: {e}"));
+            }
+            dnat(&["-t", "nat", "-R", "PREROUTING", "1"], 25081 + attempt);
+        }
+        assert!(failures.is_empty(), "{backend}: through node1's address: {failures:#?}");
+        // The same pods, pod to pod: still fast.
+        let before = lab.counters(0).packets(Counter::FastpathOut);
+        Lab::tcp_echo(&client.ns, &server.ns, server.ip, 26080).unwrap_or_else(|e| panic!("{backend}: pod to pod: {e}"));
+        assert!(lab.counters(0).packets(Counter::FastpathOut) > before, "{backend}: pod to pod left the fast path");
+        assert_no_drops(&lab.counters(0));
+    }
 }

@@ -30,7 +30,7 @@ use aya::{
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
-use overlay_common::{Config, Counters, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey, map_names, program_names};
+use overlay_common::{Config, Counter, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey, map_names, program_names};
 use overlay_tests::{PinDir, require_root};
 
 const XDP_DROP: u32 = 1;
@@ -615,8 +615,8 @@ fn expect_pod(f: &[u8]) -> Judgement {
 /// The drop reasons counted so far, by name. The one place that knows how
 /// drops are counted: the counters' `drop_*` fields today.
 fn drop_counts(maps: &DatapathMaps) -> BTreeMap<&'static str, u64> {
-    let counters: Counters = maps.counters_total().expect("reading COUNTERS");
-    counters.fields().into_iter().filter(|(name, _)| name.starts_with("drop_")).collect()
+    let totals = maps.counters_total().expect("reading COUNTERS");
+    totals.drops_by_reason().map(|(reason, n)| (reason.name(), n)).collect()
 }
 
 /// Drop reasons that moved, and by how much.
@@ -625,7 +625,8 @@ fn drops_between(before: &BTreeMap<&'static str, u64>, after: &BTreeMap<&'static
 }
 
 fn fastpath_packets(maps: &DatapathMaps) -> u64 {
-    maps.counters_total().expect("reading COUNTERS").fastpath_packets
+    let totals = maps.counters_total().expect("reading COUNTERS");
+    totals.packets(Counter::FastpathOut) + totals.packets(Counter::FastpathIn)
 }
 
 struct Fixture {

@@ -8,7 +8,7 @@ use aya::{
     programs::{Program, TestRun as _, TestRunOptions},
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
-use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, Totals, map_names, program_names};
+use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY, Route, Totals, map_names, program_names};
 use overlay_tests::{PinDir, require_root};
 
 /// Reads the counter a case expects to move.
@@ -136,7 +136,7 @@ impl Fixture {
         peers.insert(PEER, Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
         let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(ebpf.map_mut(map_names::ROUTES).unwrap()).unwrap();
         routes
-            .insert(&Key::new(24, [10, 244, 2, 0]), Route { node_ip: PEER, vtep_mac: PEER_VTEP, mode: ROUTE_MODE_VXLAN, reason: 0, next_hop: PEER }, 0)
+            .insert(&Key::new(24, [10, 244, 2, 0]), Route { node_ip: PEER, vtep_mac: PEER_VTEP, mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_BACKEND, next_hop: PEER }, 0)
             .unwrap();
         let maps = DatapathMaps::open(pins.path()).unwrap();
         Self { _pins: pins, datapath, maps }
@@ -220,6 +220,55 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     let (got, _) = f.run(program, &Vxlan { dport: 4789, outer_src: [192, 168, 77, 99], ..Vxlan::default() }.frame());
     assert_eq!(got, pass);
     assert_eq!(f.counters().packets(Counter::MismatchedPort), before.packets(Counter::MismatchedPort), "unknown senders are not a port mismatch");
+    // ECN (RFC 6040 §4.2): outer CE is copied onto an ECN-capable inner
+    // packet, checksum updated; a not-ECN-capable one is dropped.
+    let with_tos = |outer_tos: u8, inner_tos: u8| {
+        let mut inner = inner_ip([10, 244, 2, 11], [10, 244, 1, 11]);
+        inner[1] = inner_tos;
+        inner[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&inner[..20]);
+        inner[10..12].copy_from_slice(&c.to_be_bytes());
+        let mut frame = Vxlan { inner, ..Vxlan::default() }.frame();
+        frame[15] = outer_tos;
+        frame
+    };
+    for (inner_tos, delivered_tos) in [(0x02, 0x03), (0x01, 0x03), (0x03, 0x03), (0xb8 | 0x02, 0xb8 | 0x03)] {
+        let (verdict, out) = f.run(program, &with_tos(0x03, inner_tos));
+        assert_eq!(verdict, pass, "{program}: outer CE, inner TOS {inner_tos:#x}");
+        assert_eq!(out[15], delivered_tos, "{program}: inner TOS {inner_tos:#x} under outer CE");
+        assert_eq!(checksum(&out[14..34]), 0, "{program}: inner checksum after CE");
+    }
+    let (_, out) = f.run(program, &with_tos(0x02, 0x02));
+    assert_eq!(out[15], 0x02, "{program}: outer ECT(0) leaves the inner packet alone");
+    f.expect_decap_verdict(program, &with_tos(0x03, 0x00), drop, |c| c.drops(DropReason::EcnNotEct));
+    f.expect_decap_verdict(program, &with_tos(0x00, 0x00), pass, |c| c.packets(Counter::Decap));
+
+    // Inner destinations that are this pod CIDR's network or broadcast
+    // address: the host's, never a pod's.
+    for (what, dst) in [("network address", [10, 244, 1, 0]), ("broadcast address", [10, 244, 1, 255])] {
+        let frame = Vxlan { inner: inner_ip([10, 244, 2, 11], dst), ..Vxlan::default() }.frame();
+        let before = f.counters();
+        assert_eq!(f.run(program, &frame).0, drop, "{program}: inner destination {what}");
+        assert_eq!(f.counters().drops(DropReason::BadInner) - before.drops(DropReason::BadInner), 1, "{program}: {what}");
+    }
+
+    // Unencapsulated from the underlay, claiming a VXLAN-mode peer's pod
+    // as source: that peer's pods only ever arrive encapsulated, so it is
+    // forged. A direct-mode peer's pods arrive just like that (control).
+    let bare = |src: [u8; 4]| eth(NIC_MAC, PEER_NIC_MAC, &inner_ip(src, [10, 244, 1, 11]));
+    let direct = Route { node_ip: [192, 168, 77, 13], vtep_mac: [0; 6], mode: ROUTE_MODE_DIRECT, reason: 0, next_hop: [192, 168, 77, 13] };
+    let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(f.datapath.ebpf_mut().map_mut(map_names::ROUTES).unwrap()).unwrap();
+    routes.insert(&Key::new(24, [10, 244, 3, 0]), direct, 0).unwrap();
+    f.expect_decap_verdict(program, &bare([10, 244, 2, 11]), drop, |c| c.drops(DropReason::BareTunnelSource));
+    // Under DirectRouting a peer we reach by VXLAN (a gateway in between
+    // from here) may see us on-link and send directly: not forged.
+    let behind_gateway = Route { node_ip: [192, 168, 77, 14], vtep_mac: [0; 6], mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_GATEWAY, next_hop: [192, 168, 77, 1] };
+    let mut routes: LpmTrie<_, [u8; 4], Route> = LpmTrie::try_from(f.datapath.ebpf_mut().map_mut(map_names::ROUTES).unwrap()).unwrap();
+    routes.insert(&Key::new(24, [10, 244, 4, 0]), behind_gateway, 0).unwrap();
+    f.expect_decap_verdict(program, &bare([10, 244, 4, 11]), pass, |c| c.packets(Counter::Pass));
+    f.expect_decap_verdict(program, &bare([10, 244, 3, 11]), pass, |c| c.packets(Counter::Pass));
+    f.expect_decap_verdict(program, &bare([192, 0, 2, 1]), pass, |c| c.packets(Counter::Pass));
+
     // VXLAN to another address on the segment is not ours: untouched.
     f.expect_decap_verdict(program, &Vxlan { outer_dst: [192, 168, 77, 13], ..Vxlan::default() }.frame(), pass, |c| c.packets(Counter::Pass));
 }
@@ -397,7 +446,34 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     other_host[..6].copy_from_slice(&[2, 0, 0, 0, 9, 9]);
     // A socket that talked to a Service is the kernel's, both ways.
     assert_eq!(f.run(program, &frame_from(POD_MAC, [10, 96, 0, 10], 41000, b"overlay!")).0, TC_ACT_OK);
-    let cases: [(&str, Vec<u8>); 8] = [
+    // A fragment (MF set, or an offset): conntrack reassembles, and a
+    // non-first fragment has no ports; one datagram must not go two ways.
+    let fragment = |frags: [u8; 2]| {
+        let mut frame = to_bridge([10, 244, 3, 11], b"overlay!");
+        frame[14 + 6..14 + 8].copy_from_slice(&frags);
+        frame[14 + 10..14 + 12].copy_from_slice(&[0, 0]);
+        let c = checksum(&frame[14..34]);
+        frame[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+        frame
+    };
+    // ICMP errors: conntrack must translate the header they quote.
+    let icmp_error = |icmp_type: u8| {
+        let quoted = ipv4([10, 244, 3, 11], [10, 244, 1, 11], 17, &udp(7, 40000, b""));
+        let mut icmp = vec![icmp_type, 0, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&quoted);
+        let c = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&c.to_be_bytes());
+        eth(BRIDGE_MAC, POD_MAC, &ipv4([10, 244, 1, 11], [10, 244, 3, 11], 1, &icmp))
+    };
+    let cases: [(&str, Vec<u8>); 16] = [
+        ("first fragment (MF)", fragment([0x20, 0])),
+        ("non-first fragment", fragment([0, 0x10])),
+        ("last fragment (offset, no MF)", fragment([0x00, 0x01])),
+        ("ICMP destination unreachable", icmp_error(3)),
+        ("ICMP source quench", icmp_error(4)),
+        ("ICMP redirect", icmp_error(5)),
+        ("ICMP time exceeded", icmp_error(11)),
+        ("ICMP parameter problem", icmp_error(12)),
         ("TTL about to expire (the kernel sends time exceeded)", ttl_1),
         ("IPv4 options", options),
         ("a local or unknown destination", frame_from(POD_MAC, [10, 244, 1, 12], 42000, b"overlay!")),
@@ -414,6 +490,18 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
         assert_eq!(out, frame, "{what}: must be untouched");
         assert_eq!(f.counters(), before, "{what}: nothing counted");
     }
+    // A packet the kernel's path delivered to the pod (seen at its veth's
+    // egress): the pod's socket is the kernel's from then on, so its reply
+    // meets conntrack (here: a request to the node's address, DNATed to
+    // the pod's port 25080 by a hostPort or NodePort rule).
+    let reply = eth(BRIDGE_MAC, POD_MAC, &ipv4([10, 244, 1, 11], [10, 244, 3, 11], 17, &udp(25080, 40000, b"reply")));
+    assert_eq!(f.run(program, &reply).0, TC_ACT_REDIRECT, "before: a reply like any pod-to-pod packet");
+    let delivered = eth(POD_MAC, BRIDGE_MAC, &ipv4([10, 244, 3, 11], [10, 244, 1, 11], 17, &udp(40000, 25080, b"request")));
+    assert_eq!(f.run(program_names::TC_POD_DELIVERED, &delivered), (TC_ACT_OK, delivered.clone()), "the delivery goes on untouched");
+    let before = f.counters();
+    assert_eq!(f.run(program, &reply), (TC_ACT_OK, reply.clone()), "after: the kernel's");
+    assert_eq!(f.counters(), before, "nothing counted");
+
     // The largest packets that fit are taken.
     assert_eq!(f.run(program, &to_bridge([10, 244, 2, 11], &[0; 1450 - 28])).0, TC_ACT_REDIRECT);
     assert_eq!(f.run(program, &to_bridge([10, 244, 3, 11], &[0; 1500 - 28])).0, TC_ACT_REDIRECT);

@@ -13,7 +13,7 @@ use std::{
 use overlay_tests::{
     NetNs, agent_binary,
     lab::{Lab, LabSpec, OUTSIDE_ADDR},
-    privileged,
+    require_root,
 };
 
 /// Two nodes, one pod each, the agents configured as deployed
