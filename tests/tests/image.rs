@@ -56,7 +56,9 @@ fn the_image_builds_without_a_registry_and_runs_as_the_labs_agents() {
     // work directory (manifests, net-conf.json, subnet.env) and bpffs are
     // shared at the same paths.
     let work = std::env::temp_dir().join(&spec.prefix);
-    let wrapper = std::env::temp_dir().join(format!("{}-agent.sh", spec.prefix));
+    // In the lab's work directory, which the lab removes however it ends.
+    std::fs::create_dir_all(&work).unwrap();
+    let wrapper = work.join("agent.sh");
     // Below this machine's limits (nofile 20000 here); lowering is allowed.
     let (nofile, nproc) = (4096, 1024);
     std::fs::write(
@@ -85,6 +87,4 @@ fn the_image_builds_without_a_registry_and_runs_as_the_labs_agents() {
     assert!(failures.is_empty(), "{} of {checks} checks failed with the image's agents: {failures:?}", failures.len());
     let table = lab.nodes[0].ns.exec("nft", &["list", "table", "ip", "overlay"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("masquerade"), "the image's nft must have written the masquerade table");
-    drop(lab);
-    let _ = std::fs::remove_file(wrapper);
 }
