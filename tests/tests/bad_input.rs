@@ -268,17 +268,20 @@ fn the_decap_hook_is_settled_before_anything_is_attached() {
     require_root();
     let (ns, nodes) = one_node("192.0.2.1");
     let first = PinDir::new();
-    let a = RunningAgent::start(&ns, first.path(), &nodes.0, &[], false);
+    // On a veth `auto` would pick TC anyway: the first root takes XDP
+    // explicitly.
+    let a = RunningAgent::start(&ns, first.path(), &nodes.0, &["--decap", "xdp"], false);
     assert!(a.wait_for("ready: the initial sync", 20), "{}", a.log());
     assert!(a.log().contains("hook=Xdp"), "{}", a.log());
-    // A second root on the same interface: XDP is taken, so auto picks TC
-    // without trying XDP first.
+    // A second root on the same interface: XDP is taken, so auto picks TC,
+    // for that reason, without trying XDP first.
     for _ in 0..5 {
         let second = PinDir::new();
         let b = RunningAgent::start(&ns, second.path(), &nodes.0, &[], false);
         assert!(b.wait_for("datapath attached", 20), "{}", b.log());
         let log = b.log();
         assert!(log.contains("hook=TcIngress"), "{log}");
+        assert!(log.contains("another XDP program is attached"), "{log}");
         assert!(!log.contains("XDP cannot attach here"), "the choice must come before any attachment:\n{log}");
     }
     // Asked for XDP explicitly, the second root is refused, and a failed
