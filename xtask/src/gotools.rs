@@ -96,7 +96,7 @@ pub fn build_go_packages(go: &Path, build: &GoBuild) -> anyhow::Result<PathBuf> 
     let imports: String = build.packages.iter().map(|p| format!("\t_ \"{p}\"\n")).collect();
     fs::write(module.join("tools.go"), format!("//go:build tools\n\npackage tools\n\nimport (\n{imports})\n"))
         .context("writing tools.go")?;
-    eprintln!("setup: building {} from the Go module proxy into {} (once per machine; about 20 minutes on 2 CPUs)", build.packages.join(" "), bin.display());
+    eprintln!("setup: building {} from the Go module proxy into {} (once per machine; the cold build is about 20 CPU-minutes)", build.packages.join(" "), bin.display());
     let started = Instant::now();
     let go_env = |cmd: &mut Command| {
         cmd.current_dir(&module)
