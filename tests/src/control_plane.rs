@@ -239,6 +239,10 @@ impl ControlPlane {
                 // The tests compact etcd themselves, when they mean to.
                 "--etcd-compaction-interval=0".to_owned(),
                 "--profiling=false".to_owned(),
+                // No endpoints for the `kubernetes` Service: nothing here
+                // uses it, and the lease reconciler refuses a loopback
+                // --advertise-address.
+                "--endpoint-reconciler-type=none".to_owned(),
             ],
             &d.join("kube-apiserver.log"),
         )?;
