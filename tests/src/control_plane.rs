@@ -206,6 +206,9 @@ impl ControlPlane {
                 "--node-cidr-mask-size=24".to_owned(),
                 format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                 "--leader-elect=false".to_owned(),
+                // As kubeadm: each controller acts as its own ServiceAccount
+                // (node-controller may patch nodes; the CM itself may not).
+                "--use-service-account-credentials=true".to_owned(),
                 // Serve nothing: nothing here scrapes it.
                 "--secure-port=0".to_owned(),
             ],
@@ -239,6 +242,12 @@ impl ControlPlane {
                 // The tests compact etcd themselves, when they mean to.
                 "--etcd-compaction-interval=0".to_owned(),
                 "--profiling=false".to_owned(),
+                // As kubeadm and every CNI DaemonSet need.
+                "--allow-privileged=true".to_owned(),
+                // No endpoints for the `kubernetes` Service: nothing here
+                // uses it, and the lease reconciler refuses a loopback
+                // --advertise-address.
+                "--endpoint-reconciler-type=none".to_owned(),
             ],
             &d.join("kube-apiserver.log"),
         )?;

@@ -35,6 +35,8 @@ pub struct GoBuild {
     pub replace: Vec<(String, String)>,
     /// Main packages; each binary is named after the package's last element.
     pub packages: Vec<String>,
+    /// `go build -ldflags` (`-s -w` strips; `-X` sets version variables).
+    pub ldflags: String,
 }
 
 impl GoBuild {
@@ -53,7 +55,7 @@ impl GoBuild {
 
     /// What the stamp records: a change to any of it rebuilds.
     fn stamp(&self, go_version: &str) -> String {
-        format!("{go_version}\n{}\n{}\n", self.go_mod(), self.packages.join("\n"))
+        format!("{go_version}\n{}\n{}\n{}\n", self.go_mod(), self.packages.join("\n"), self.ldflags)
     }
 }
 
@@ -96,7 +98,7 @@ pub fn build_go_packages(go: &Path, build: &GoBuild) -> anyhow::Result<PathBuf> 
     let imports: String = build.packages.iter().map(|p| format!("\t_ \"{p}\"\n")).collect();
     fs::write(module.join("tools.go"), format!("//go:build tools\n\npackage tools\n\nimport (\n{imports})\n"))
         .context("writing tools.go")?;
-    eprintln!("setup: building {} from the Go module proxy into {} (once per machine; about 20 minutes on 2 CPUs)", build.packages.join(" "), bin.display());
+    eprintln!("setup: building {} from the Go module proxy into {} (once per machine; the cold build is about 20 CPU-minutes)", build.packages.join(" "), bin.display());
     let started = Instant::now();
     let go_env = |cmd: &mut Command| {
         cmd.current_dir(&module)
@@ -111,7 +113,7 @@ pub fn build_go_packages(go: &Path, build: &GoBuild) -> anyhow::Result<PathBuf> 
     go_env(&mut tidy);
     run(&mut tidy)?;
     let mut compile = Command::new(go);
-    compile.args(["build", "-ldflags=-s -w", "-o"]).arg(format!("{}/", bin.display())).args(&build.packages);
+    compile.arg("build").arg(format!("-ldflags={}", build.ldflags)).arg("-o").arg(format!("{}/", bin.display())).args(&build.packages);
     go_env(&mut compile);
     run(&mut compile)?;
     fs::write(&stamp_path, stamp).context("writing the stamp")?;
@@ -159,8 +161,23 @@ pub fn kubernetes(go: &Path) -> anyhow::Result<PathBuf> {
         require: vec![("k8s.io/kubernetes".to_owned(), version.to_owned())],
         replace: staging.into_iter().map(|m| (m, staging_version.clone())).collect(),
         packages: KUBERNETES_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
+        ldflags: kubernetes_ldflags(version),
     };
     build_go_packages(go, &build)
+}
+
+/// What Kubernetes' own build (hack/lib/version.sh) stamps into its
+/// binaries, so `/version` says the release rather than `v0.0.0-master`.
+fn kubernetes_ldflags(version: &str) -> String {
+    let mut parts = version.trim_start_matches('v').split('.');
+    let (major, minor) = (parts.next().unwrap_or("1"), parts.next().unwrap_or("0"));
+    let mut flags = String::from("-s -w");
+    for package in ["k8s.io/component-base/version", "k8s.io/client-go/pkg/version"] {
+        flags += &format!(
+            " -X {package}.gitVersion={version} -X {package}.gitMajor={major} -X {package}.gitMinor={minor} -X {package}.gitTreeState=clean"
+        );
+    }
+    flags
 }
 
 /// The `k8s.io/...` modules k8s.io/kubernetes requires at `v0.0.0` (its
@@ -217,7 +234,9 @@ mod tests {
             require: vec![("k8s.io/kubernetes".into(), "v1.37.2".into())],
             replace: vec![("k8s.io/api".into(), "v0.37.2".into())],
             packages: vec!["k8s.io/kubernetes/cmd/kube-apiserver".into()],
+            ldflags: kubernetes_ldflags("v1.37.2"),
         };
+        assert!(build.ldflags.contains("-X k8s.io/component-base/version.gitVersion=v1.37.2 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37"), "{}", build.ldflags);
         let go_mod = build.go_mod();
         assert!(go_mod.contains("\tk8s.io/kubernetes v1.37.2\n"), "{go_mod}");
         assert!(go_mod.contains("\tk8s.io/api => k8s.io/api v0.37.2\n"), "{go_mod}");
