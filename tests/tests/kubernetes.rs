@@ -144,10 +144,10 @@ fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
     let mut lab = kube_lab(3);
     let mut compacted = 0;
     let mut outage = Duration::ZERO;
-    // 90 s of pings: the outage, the restart and the agents' relists (after
+    // 150 s of pings: the outage, the restart and the agents' relists (after
     // kube-runtime's backoff, up to 30 s) all happen inside it (asserted
     // below).
-    let count = 9000;
+    let count = 15000;
     let (sent, received) = lab.ping_during(count, |lab| {
         std::thread::sleep(Duration::from_millis(300));
         let started = Instant::now();
@@ -184,7 +184,7 @@ fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
         "ping every 10 ms through an API server restart and an etcd compaction at revision {compacted} \
          ({outage:?} from the stop to the agents' relists): {received}/{sent} received"
     );
-    assert!(outage < Duration::from_secs(85), "the ping must cover the whole outage and recovery ({outage:?})");
+    assert!(outage < Duration::from_secs(145), "the ping must cover the whole outage and recovery ({outage:?})");
     assert_eq!((sent, received), (count, count), "packets lost during the outage");
 
     // And they still follow changes.
