@@ -100,6 +100,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
     };
 
+    // From here on SIGTERM (the kubelet stopping a pod that is still
+    // starting) waits for the loop, which leaves everything in place,
+    // instead of killing the agent half way through attaching.
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     // Before anything is touched: a kernel vxlan device on our port would
     // decapsulate what our programs do not see.
     let mut flannel_devices = foreign_vxlan_devices(settings.vxlan_port, args.remove_flannel_device)?;
@@ -132,7 +136,6 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // CONFIG is written by the first reconcile, which follows.
     agent.attach_pod_fast_path();
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut poll = tokio::time::interval(POLL);
     let mut path_check = tokio::time::interval(PATH_CHECK);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);

@@ -505,6 +505,12 @@ fn expect_ingress(f: &[u8]) -> Judgement {
     if !(in_cidr(inner_src, peer_pods) || inner_src == src) || !in_cidr(inner_dst, OUR_PODS) {
         return drop;
     }
+    // Our pod CIDR's network and broadcast addresses are no pod's: from
+    // the tunnel they would reach the host stack.
+    let host_bits = !u32::MAX.checked_shl(32 - OUR_PODS.1).unwrap_or(0);
+    if [0, host_bits].contains(&(u32::from_be_bytes(inner_dst) & host_bits)) {
+        return drop;
+    }
     // What a valid decapsulation delivers: the inner frame behind the
     // outer MAC addresses, ECN combined per RFC 6040.
     let mut out = f[..12].to_vec();
@@ -529,13 +535,13 @@ fn expect_ingress(f: &[u8]) -> Judgement {
         Expect::Deliver(out)
     };
     if version != 4 {
-        return (Expect::Drop, Some(("outer-version", as_is())));
+        return (Expect::Drop, Some(("outer-version", specified.clone())));
     }
     let tot = usize::from(be16(f, 16).unwrap());
     let ulen = usize::from(be16(f, 38).unwrap());
     let inner_tot = usize::from(be16(f, 66).unwrap());
     if tot > f.len() - 14 || ulen != tot.saturating_sub(20) || ulen < 8 + 8 + 14 + inner_tot {
-        return (Expect::Drop, Some(("outer-lengths", as_is())));
+        return (Expect::Drop, Some(("outer-lengths", specified.clone())));
     }
     if outer_tos & 3 == 3 {
         return (specified, Some(("ecn-ce", as_is())));

@@ -265,12 +265,17 @@ fn the_rbac_allows_what_the_agent_needs_and_flannels_rules_can_annotate_through_
         let nodes: Api<Node> = Api::all(agent.clone());
         nodes.list(&Default::default()).await.expect("list nodes");
         let patch = serde_json::json!({"metadata": {"annotations": {"overlay.test/a": "1"}}});
-        nodes.patch("node1", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch nodes");
+        // The agent annotates through the status subresource, as flanneld.
+        nodes.patch_status("node1", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch nodes/status");
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::all(agent.clone());
-        secrets.list(&Default::default()).await.is_err_and(|e| matches!(e, kube::Error::Api(s) if s.code == 403))
-            && nodes.delete("node1", &Default::default()).await.is_err_and(|e| matches!(e, kube::Error::Api(s) if s.code == 403))
+        let is_403 = |e: kube::Error| matches!(e, kube::Error::Api(s) if s.code == 403);
+        secrets.list(&Default::default()).await.is_err_and(is_403)
+            && nodes.delete("node1", &Default::default()).await.is_err_and(is_403)
+            && nodes.patch("node1", &PatchParams::default(), &Patch::Merge(&patch)).await.is_err_and(is_403)
     });
-    assert!(forbidden, "the agent's ServiceAccount must not read secrets or delete nodes");
+    assert!(forbidden, "the agent's ServiceAccount must not read secrets, delete nodes or patch their spec");
+    let node = kube.get("node1").unwrap();
+    assert_eq!(node["metadata"]["annotations"]["overlay.test/a"], "1", "the agent's annotation went through nodes/status: {node}");
 
     // flannel's ClusterRole, for a ServiceAccount of its own.
     let flannel_rbac = dir.join("flannel-rbac.yaml");

@@ -205,7 +205,9 @@ fn a_forward_policy_of_drop_in_either_iptables_does_not_stop_pod_traffic() {
     // Housekeeping runs every 5 s too, so a re-check can land up to two
     // periods later.
     let deadline = Instant::now() + netfilter_recheck() * 3;
-    while !Lab::ping(&pod.ns, remote_pod.ip) {
+    // Wait on traffic the kernel forwards (node to remote pod): pod to pod
+    // takes the fast path, which FORWARD never sees.
+    while !(Lab::ping(&lab.nodes[0].ns, remote_pod.ip) && Lab::ping(&lab.nodes[1].ns, pod.ip)) {
         assert!(
             Instant::now() < deadline,
             "pod to pod stays dropped by FORWARD DROP:\nnode1 nft:\n{}\nnode1 legacy:\n{}\nlog:\n{}",

@@ -77,7 +77,8 @@ fn cleanup_removes_the_datapath_on_purpose() {
         let xdp = net.lines().filter(|l| l.contains("driver id") || l.contains("generic id")).count();
         (tc, xdp)
     };
-    assert_eq!(attached(), (1, 1), "a stopped agent must leave TC egress and XDP attached");
+    // On the lab's veths `--decap auto` decapsulates at TC ingress.
+    assert_eq!(attached(), (2, 0), "a stopped agent must leave TC egress and TC ingress attached");
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
 
     let out = Command::new("nsenter")
