@@ -107,3 +107,13 @@ pub fn driver(iface: &str) -> io::Result<String> {
     let name = info.driver.split(|&b| b == 0).next().unwrap_or_default();
     Ok(String::from_utf8_lossy(name).into_owned())
 }
+
+/// The interface's primary IPv4 address (`SIOCGIFADDR`): what flanneld
+/// advertises as `PublicIP` when `--public-ip` is not given.
+pub fn ipv4_address(iface: &str) -> io::Result<std::net::Ipv4Addr> {
+    let req = ifreq(iface, libc::SIOCGIFADDR)?;
+    // SAFETY: SIOCGIFADDR fills `ifru_addr` with a `sockaddr_in`, which has
+    // the size of a `sockaddr`.
+    let sin: libc::sockaddr_in = unsafe { std::mem::transmute_copy(&req.ifr_ifru.ifru_addr) };
+    Ok(std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)))
+}

@@ -16,6 +16,7 @@ pub mod apply;
 pub mod bpffs;
 pub mod datapath;
 pub mod desired;
+pub mod etcd_source;
 pub mod iface;
 pub mod kube_source;
 pub mod manifests;

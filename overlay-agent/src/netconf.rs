@@ -75,6 +75,15 @@ impl NetConf {
         })
     }
 
+    /// Parses net-conf JSON held somewhere other than a file (flannel's
+    /// etcd mode keeps it at `<prefix>/config`); the error says what is wrong.
+    pub fn parse_text(text: &str) -> Result<Self, String> {
+        Self::parse(text).map_err(|e| match e {
+            ParseError::Json(source) => format!("not valid JSON: {source}"),
+            ParseError::Invalid(what) => what,
+        })
+    }
+
     fn parse(text: &str) -> Result<Self, ParseError> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(ParseError::Json)?;
         let raw: RawNetConf = serde_json::from_value(lowercase_keys(value)).map_err(ParseError::Json)?;
@@ -152,7 +161,7 @@ enum ParseError {
     Invalid(String),
 }
 
-fn lowercase_keys(value: serde_json::Value) -> serde_json::Value {
+pub(crate) fn lowercase_keys(value: serde_json::Value) -> serde_json::Value {
     match value {
         serde_json::Value::Object(map) => {
             map.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), lowercase_keys(v))).collect()

@@ -17,6 +17,7 @@ use overlay_agent::{
     apply::Applier,
     datapath::{Datapath, DecapHook, LinkOutcome},
     desired::{Backend, Desired, LocalSettings, NotReady, Paths, RejectKind, Rejected, desired},
+    etcd_source::{self, EtcdSource},
     iface,
     kube_source::{self, NodeCache, Publisher},
     manifests::ManifestDir,
@@ -57,6 +58,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 enum Source {
     Dir(ManifestDir),
     Kube(Box<KubeNodes>),
+    /// flannel's etcd mode: snapshots come from the task that holds our
+    /// lease and watches everyone's (`etcd_snapshots`).
+    Etcd,
 }
 
 struct KubeNodes {
@@ -68,17 +72,36 @@ struct KubeNodes {
 type WatchItem = Result<kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Node>, kube::runtime::watcher::Error>;
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
-    let (settings, iface, subnet_file) = settings(&args)?;
+    let etcd = if args.etcd_endpoints.is_empty() { None } else { Some(etcd_connect(&args).await?) };
+    let (settings, iface, subnet_file) = settings(&args, etcd.as_ref().map(|(_, config)| config.net_conf.clone()))?;
     let metrics = Arc::new(Metrics::new(&args.bpffs_root));
     let bound = server::serve(args.metrics_addr, metrics.clone()).await?;
-    let mut source = match &args.nodes_dir {
-        Some(dir) => {
+    let mut etcd_snapshots = None;
+    let mut source = match (&args.nodes_dir, etcd) {
+        (_, Some((client, config))) => {
+            let public_ip = match settings.public_ip {
+                Some(ip) => ip,
+                None => iface::ipv4_address(&iface).with_context(|| format!("reading the IPv4 address of {iface} to advertise (or give --public-ip)"))?,
+            };
+            let attrs = etcd_source::OwnAttrs {
+                node_name: settings.node_name.clone(),
+                public_ip,
+                backend_type: settings.backend.flannel_name().to_owned(),
+                vni: settings.vni,
+                previous_subnet: subnet_file.as_deref().and_then(etcd_source::previous_subnet),
+            };
+            let (sender, receiver) = tokio::sync::mpsc::channel(16);
+            tokio::spawn(EtcdSource::new(client, &args.etcd_prefix, config, attrs).run(sender));
+            etcd_snapshots = Some(receiver);
+            Source::Etcd
+        }
+        (Some(dir), None) => {
             if !dir.is_dir() {
                 bail!("--nodes-dir {}: not a directory", dir.display());
             }
             Source::Dir(ManifestDir::new(dir))
         }
-        None => {
+        (None, None) => {
             let client = kube_source::client(args.kubeconfig.as_deref()).await?;
             Source::Kube(Box::new(KubeNodes {
                 watch: kube_source::node_watcher(client.clone()).boxed(),
@@ -116,7 +139,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         root = %args.bpffs_root.display(),
         maps_adopted = agent.datapath.maps_adopted(),
         %bound,
-        source = if matches!(source, Source::Dir(_)) { "manifests" } else { "kubernetes" },
+        source = match source { Source::Dir(_) => "manifests", Source::Kube(_) => "kubernetes", Source::Etcd => "etcd" },
         "starting"
     );
     // Attach (or swap into the pinned links) before anything is applied:
@@ -183,6 +206,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 changed &= cache.synced();
                 synced = cache.synced();
             }
+            snapshot = next_etcd_snapshot(&mut etcd_snapshots) => {
+                started = Instant::now();
+                let Some(snapshot) = snapshot else { bail!("the etcd source stopped") };
+                agent.report_invalid(snapshot.invalid.iter().map(ToString::to_string).collect());
+                nodes = snapshot.nodes.into_iter().map(Arc::new).collect();
+                synced = true;
+                changed = true;
+            }
             _ = path_check.tick() => {
                 started = Instant::now();
                 paths_changed = agent.check_paths_if_underlay_changed(&nodes);
@@ -210,6 +241,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         let Some((desired, rejected)) = agent.reconcile(&nodes, started, [source_time, paths_time]) else { continue };
         match &source {
             Source::Dir(_) => agent.log_missing_annotations(&nodes, &desired),
+            // Our lease, which the source task holds, is what we publish.
+            Source::Etcd => {}
             Source::Kube(kube) => agent.publish(&kube.cache, &kube.publisher, &desired, rejected).await,
         }
     }
@@ -231,13 +264,45 @@ struct PodFastPath {
 async fn next_watch_event(source: &mut Source) -> Option<WatchItem> {
     match source {
         Source::Kube(kube) => kube.watch.next().await,
-        Source::Dir(_) => std::future::pending().await,
+        Source::Dir(_) | Source::Etcd => std::future::pending().await,
+    }
+}
+
+async fn next_etcd_snapshot(snapshots: &mut Option<tokio::sync::mpsc::Receiver<etcd_source::Snapshot>>) -> Option<etcd_source::Snapshot> {
+    match snapshots {
+        Some(snapshots) => snapshots.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Connects to etcd and reads the network config, waiting (as flanneld
+/// does) while etcd is unreachable or the config is not written yet; a
+/// config that is there but wrong is fatal.
+async fn etcd_connect(args: &RunArgs) -> anyhow::Result<(etcd_client::Client, etcd_source::NetworkConfig)> {
+    let options = etcd_source::EtcdOptions {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.trim_end_matches('/').to_owned(),
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
+    };
+    let mut client = etcd_source::connect(&options).await?;
+    loop {
+        match etcd_source::read_config(&mut client, &options.prefix).await {
+            Ok(config) => {
+                info!(endpoints = %options.endpoints.join(","), prefix = %options.prefix, subnet_min = %config.subnet_min, subnet_max = %config.subnet_max, "read the network config from etcd");
+                return Ok((client, config));
+            }
+            Err(err @ etcd_source::EtcdSourceError::BadConfig { .. }) => return Err(err.into()),
+            Err(err) => warn!(error = %format!("{err:#}"), "waiting for etcd's network config"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
 /// Settings from the flags and `net-conf.json`, the underlay interface, and
 /// where to write `subnet.env`.
-fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
+fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
     let node_name = match &args.node_name {
         Some(name) => name.clone(),
         None => hostname().context("--node-name not given, $NODE_NAME unset, and the hostname is unreadable")?,
@@ -251,7 +316,10 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         bail!("--iface {iface}: no such interface in this network namespace");
     };
     let underlay_mtu = iface::mtu(&iface).with_context(|| format!("reading the MTU of {iface}"))?;
-    let netconf = args.net_conf.as_deref().map(NetConf::read).transpose()?;
+    let netconf = match etcd_net_conf {
+        Some(conf) => Some(conf),
+        None => args.net_conf.as_deref().map(NetConf::read).transpose()?,
+    };
     if let Some(conf) = &netconf {
         let flags = [
             ("--backend", args.backend.is_some()),
@@ -262,7 +330,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         if let Some((flag, _)) = flags.iter().find(|(_, given)| *given) {
             bail!(
                 "{flag} and --net-conf both set the backend; set it in {} (Backend: Type, VNI, Port, DirectRouting) and drop the flag",
-                args.net_conf.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                args.net_conf.as_ref().map_or_else(|| format!("{}/config in etcd", args.etcd_prefix), |p| p.display().to_string())
             );
         }
         info!(network = %conf.network, backend = conf.backend.flannel_name(), vni = conf.vni, port = conf.port, direct_routing = conf.direct_routing, "read net-conf.json");

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 use crate::toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 10] = [
+const TEST_TOOLS: [(&str, &str); 12] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -22,6 +22,10 @@ const TEST_TOOLS: [(&str, &str); 10] = [
     ("sockperf", "sockperf"),
     // A Service's DNAT and kube-proxy's INVALID drop, played in the lab.
     ("iptables", "iptables"),
+    // The real control plane's store (and flannel's etcd mode's).
+    ("etcd", "etcd-server"),
+    // The agent's etcd client (etcd-client) compiles etcd's .proto files.
+    ("protoc", "protobuf-compiler"),
 ];
 
 /// Makes sure an eBPF toolchain and the test tools are present, and says
