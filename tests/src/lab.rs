@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, PinDir, apiserver::ApiServer, run};
+use crate::{NetNs, PinDir, apiserver::ApiServer, etcd::Etcd, run};
 
 /// What an agent logs once its initial sync is in the datapath.
 pub const READY_LOG: &str = "ready: the initial sync is in the datapath";
@@ -60,6 +60,11 @@ pub struct LabSpec {
     /// at [`API_ADDR`]) and run the agents with `--kubeconfig` and
     /// `--net-conf`, instead of a manifest directory.
     pub kubernetes: bool,
+    /// flannel's etcd mode: run an etcd cluster of this many members in the
+    /// underlay namespace (at [`ETCD_FIRST_IP`] and up) and the agents with
+    /// `--etcd-endpoints`; 0 for the other sources. Each node's subnet.env
+    /// names its lab pod CIDR, so agents reclaim it as flanneld does.
+    pub etcd_members: usize,
     /// The flannel nodes' backend: `vxlan` (the kernel vxlan device
     /// `flannel.1`) or `host-gw` (plain routes via the peers' node IPs).
     pub flannel_backend: String,
@@ -82,6 +87,7 @@ impl LabSpec {
             backend: "vxlan".to_owned(),
             direct_routing: false,
             kubernetes: false,
+            etcd_members: 0,
         }
     }
 }
@@ -102,6 +108,13 @@ const SUBNETS: [(u8, &str); 2] = [(77, "br0"), (88, "br1")];
 /// Where the test API server listens in a `kubernetes` lab: an address of
 /// the underlay namespace on the first segment, reachable from every node.
 pub const API_ADDR: &str = "192.168.77.2:6443";
+
+/// The first etcd member's address in an etcd lab (the next members take
+/// the following addresses), on the underlay's first segment.
+pub const ETCD_FIRST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 3);
+
+/// The network config an etcd lab writes at `/coreos.com/network/config`.
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
 
 /// The agents' `--metrics-addr` (each in its own node namespace).
 pub const METRICS_PORT: u16 = 9472;
@@ -130,6 +143,8 @@ pub struct Lab {
     agents: Vec<Option<Child>>,
     /// The test API server of a `kubernetes` lab.
     pub api: Option<ApiServer>,
+    /// The etcd cluster of an etcd lab.
+    pub etcd: Option<Etcd>,
     pub nodes: Vec<LabNode>,
     /// The router joining the two subnets of a routed topology.
     pub router: Option<NetNs>,
@@ -185,7 +200,23 @@ impl Lab {
             let _ = underlay.ip(&["addr", "add", "192.168.77.2/24", "dev", SUBNETS[0].1]);
             ApiServer::start(Some(&underlay), API_ADDR.parse().expect("valid address"))
         });
-        let mut lab = Self { agents: Vec::new(), api, nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        let etcd = match spec.etcd_members {
+            0 => None,
+            members => {
+                let ips: Vec<Ipv4Addr> = (0..members as u32).map(|k| Ipv4Addr::from(ETCD_FIRST_IP.to_bits() + k)).collect();
+                for ip in &ips {
+                    let _ = underlay.ip(&["addr", "add", &format!("{ip}/24"), "dev", SUBNETS[0].1]);
+                }
+                let etcd = Etcd::start(&underlay, &ips, work_dir.0.clone())?;
+                let config = serde_json::json!({
+                    "Network": "10.244.0.0/16",
+                    "Backend": {"Type": spec.backend, "DirectRouting": spec.direct_routing},
+                });
+                etcd.put(&format!("{ETCD_PREFIX}/config"), &config.to_string(), None)?;
+                Some(etcd)
+            }
+        };
+        let mut lab = Self { agents: Vec::new(), api, etcd, nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
         if let Some(api) = &lab.api {
             api.write_kubeconfig(&lab.kubeconfig_path()).map_err(|e| format!("writing kubeconfig: {e}"))?;
             let net_conf = serde_json::json!({
@@ -195,6 +226,10 @@ impl Lab {
             fs::write(lab.net_conf_path(), net_conf.to_string()).map_err(|e| format!("writing net-conf.json: {e}"))?;
         }
         for i in 0..lab.nodes.len() {
+            if lab.etcd.is_some() {
+                let env = format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU={POD_MTU}\nFLANNEL_IPMASQ=false\n", i + 1);
+                fs::write(lab.subnet_file(i), env).map_err(|e| format!("writing subnet.env: {e}"))?;
+            }
             lab.write_manifest(i);
             if let Some(api) = &lab.api {
                 api.apply(lab.node_object(i));
@@ -476,7 +511,12 @@ impl Lab {
             .arg(format!("--metrics-addr=127.0.0.1:{METRICS_PORT}"))
             .arg("--bpffs-root")
             .arg(&node.pin_root);
-        if self.spec.kubernetes {
+        if let Some(etcd) = &self.etcd {
+            command
+                .args(["--etcd-endpoints", &etcd.endpoints()])
+                .arg("--subnet-file")
+                .arg(self.subnet_file(i));
+        } else if self.spec.kubernetes {
             command
                 .arg("--kubeconfig")
                 .arg(self.kubeconfig_path())

@@ -7,6 +7,7 @@
 
 pub mod apiserver;
 pub mod bench;
+pub mod etcd;
 pub mod lab;
 
 use std::{

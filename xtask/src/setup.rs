@@ -64,8 +64,69 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
             );
         }
     }
+    match ensure_flanneld() {
+        Ok(path) => eprintln!("setup: flanneld {FLANNEL_VERSION}: {}", path.display()),
+        // The lab's flannel nodes and the interop tests need it; everything
+        // else does not, so this does not stop setup.
+        Err(err) => eprintln!("setup: WARNING: cannot build flanneld {FLANNEL_VERSION}: {err:#}"),
+    }
     eprintln!("setup: eBPF toolchain `{}`: {}", chosen.name, chosen.reason);
     Ok(chosen)
+}
+
+/// The flannel release the lab's flannel nodes and the interop tests run
+/// (`tests/src/lib.rs` has the same constant).
+pub const FLANNEL_VERSION: &str = "v0.28.10";
+const FLANNEL_MODULE: &str = "github.com/flannel-io/flannel";
+
+/// Builds flanneld from the flannel module at [`FLANNEL_VERSION`], once per
+/// machine, into `~/.cache/overlay/flanneld-<version>/flanneld`.
+///
+/// Not `go install module@version`: flannel's main package imports the
+/// tencent-vpc backend, whose dependency
+/// `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc@v1.3.188`
+/// the Go module proxy refuses (403, "This module version is not
+/// available"). So the build is a scratch module holding flannel's own
+/// main.go without that one import, with flannel's go.mod and go.sum; every
+/// other backend (vxlan, host-gw, ...) is flannel's code as released.
+fn ensure_flanneld() -> anyhow::Result<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").context("HOME is unset")?;
+    let dir = Path::new(&home).join(".cache/overlay").join(format!("flanneld-{FLANNEL_VERSION}"));
+    let binary = dir.join("flanneld");
+    if binary.is_file() {
+        return Ok(binary);
+    }
+    let go = ["/usr/local/go/bin/go", "/usr/lib/go/bin/go"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+        .or_else(|| on_path("go").then(|| "go".into()))
+        .context("no Go toolchain (install Go 1.24 or later)")?;
+    let started = std::time::Instant::now();
+    let module = format!("{FLANNEL_MODULE}@{FLANNEL_VERSION}");
+    run(Command::new(&go).args(["mod", "download", &module]))?;
+    let cache = Command::new(&go).args(["env", "GOMODCACHE"]).output().context("go env GOMODCACHE")?;
+    let source = Path::new(String::from_utf8_lossy(&cache.stdout).trim()).join(&module);
+    let scratch = dir.join("src");
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let main = std::fs::read_to_string(source.join("main.go")).with_context(|| format!("reading {}/main.go", source.display()))?;
+    let main: String = main.lines().filter(|l| !l.contains("pkg/backend/tencentvpc")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(scratch.join("main.go"), main)?;
+    let go_mod = std::fs::read_to_string(source.join("go.mod"))?;
+    let go_mod = go_mod.replacen(&format!("module {FLANNEL_MODULE}"), "module overlay.invalid/flanneld", 1);
+    std::fs::write(scratch.join("go.mod"), go_mod)?;
+    std::fs::copy(source.join("go.sum"), scratch.join("go.sum"))?;
+    run(Command::new(&go).args(["mod", "edit", &format!("-require={module}")]).current_dir(&scratch))?;
+    let partial = dir.join("flanneld.partial");
+    run(Command::new(&go)
+        .args(["build", "-mod=mod", "-o"])
+        .arg(&partial)
+        .arg(format!("-ldflags=-X {FLANNEL_MODULE}/pkg/version.Version={FLANNEL_VERSION}"))
+        .arg(".")
+        .current_dir(&scratch))?;
+    std::fs::rename(&partial, &binary)?;
+    eprintln!("setup: built flanneld {FLANNEL_VERSION} in {:.0?}", started.elapsed());
+    Ok(binary)
 }
 
 fn install_debian_toolchain() -> anyhow::Result<()> {
