@@ -65,6 +65,10 @@ pub struct LabSpec {
     /// `--etcd-endpoints`; 0 for the other sources. Each node's subnet.env
     /// names its lab pod CIDR, so agents reclaim it as flanneld does.
     pub etcd_members: usize,
+    /// The flannel nodes run real flanneld ([`crate::flanneld_binary`]) in
+    /// etcd mode against the lab's etcd (at least one member), with our
+    /// agents in etcd mode too, instead of the hand-programmed `flannel.1`.
+    pub real_flannel: bool,
     /// The flannel nodes' backend: `vxlan` (the kernel vxlan device
     /// `flannel.1`) or `host-gw` (plain routes via the peers' node IPs).
     pub flannel_backend: String,
@@ -88,6 +92,7 @@ impl LabSpec {
             direct_routing: false,
             kubernetes: false,
             etcd_members: 0,
+            real_flannel: false,
         }
     }
 }
@@ -140,6 +145,8 @@ pub struct LabNode {
 /// A running lab. Field order is drop order: agents stop before their
 /// namespaces go, pins last.
 pub struct Lab {
+    /// Real flanneld per flannel node of a `real_flannel` lab.
+    flanneld: Vec<Option<ChildGuard>>,
     agents: Vec<Option<Child>>,
     /// The test API server of a `kubernetes` lab.
     pub api: Option<ApiServer>,
@@ -180,7 +187,10 @@ fn ns_ok(ns: &NetNs, program: &str, args: &[&str]) -> bool {
 impl Lab {
     /// Builds the namespaces, writes the manifests and starts the agents,
     /// waiting until every agent has programmed its routes.
-    pub fn start(spec: LabSpec) -> Result<Self, String> {
+    pub fn start(mut spec: LabSpec) -> Result<Self, String> {
+        if spec.real_flannel {
+            spec.etcd_members = spec.etcd_members.max(1);
+        }
         let work_dir = WorkDir(std::env::temp_dir().join(&spec.prefix));
         let nodes_dir = work_dir.0.join("nodes");
         fs::create_dir_all(&nodes_dir).map_err(|e| format!("creating {}: {e}", nodes_dir.display()))?;
@@ -216,7 +226,8 @@ impl Lab {
                 Some(etcd)
             }
         };
-        let mut lab = Self { agents: Vec::new(), api, etcd, nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        let flanneld = nodes.iter().map(|_| None).collect();
+        let mut lab = Self { flanneld, agents: Vec::new(), api, etcd, nodes, router, underlay, nodes_dir, spec, _pins: pins, work_dir };
         if let Some(api) = &lab.api {
             api.write_kubeconfig(&lab.kubeconfig_path()).map_err(|e| format!("writing kubeconfig: {e}"))?;
             let net_conf = serde_json::json!({
@@ -236,7 +247,10 @@ impl Lab {
             }
         }
         for i in 0..lab.nodes.len() {
-            if lab.nodes[i].flannel {
+            if lab.nodes[i].flannel && lab.spec.real_flannel {
+                lab.flanneld[i] = Some(ChildGuard(lab.spawn_flanneld(i)?));
+                lab.agents.push(None);
+            } else if lab.nodes[i].flannel {
                 lab.program_flannel_node(i)?;
                 lab.agents.push(None);
             } else {
@@ -248,6 +262,11 @@ impl Lab {
         for i in 0..lab.nodes.len() {
             if !lab.nodes[i].flannel {
                 lab.wait_for_routes(i, peers, Duration::from_secs(20))?;
+            }
+        }
+        for i in 0..lab.nodes.len() {
+            if lab.flanneld[i].is_some() {
+                lab.wait_for_flanneld(i, peers, Duration::from_secs(30))?;
             }
         }
         if lab.spec.forward == "bpf" {
@@ -360,6 +379,10 @@ impl Lab {
     /// proves annotations are honoured, not guessed).
     pub fn vtep_mac(&self, i: usize) -> [u8; 6] {
         let node = &self.nodes[i];
+        // Real flanneld picks its own; our agents keep what a lease says.
+        if let Some(mac) = self.lease_vtep_mac(i) {
+            return mac;
+        }
         if node.flannel {
             [0x0a, 0xfe, 0, 0, 0, i as u8 + 1]
         } else {
@@ -450,6 +473,68 @@ impl Lab {
         Ok((status, body))
     }
 
+    /// The VtepMAC in node `i`'s lease, in an etcd lab.
+    fn lease_vtep_mac(&self, i: usize) -> Option<[u8; 6]> {
+        let etcd = self.etcd.as_ref()?;
+        let key = format!("{ETCD_PREFIX}/subnets/{}-{}", self.nodes[i].pod_cidr.split('/').next()?, 24);
+        let leases = etcd.list(&key).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&leases.first()?.1).ok()?;
+        overlay_agent::node::parse_mac(value["BackendData"]["VtepMAC"].as_str()?)
+    }
+
+    /// Where flanneld of node `i` logs.
+    pub fn flanneld_log_path(&self, i: usize) -> PathBuf {
+        self.work_dir.0.join(format!("{}-flanneld.log", self.nodes[i].name))
+    }
+
+    /// Starts real flanneld on node `i`, in etcd mode against the lab's
+    /// etcd, on eth0, without masquerading (the lab's traffic stays inside
+    /// the pod network), writing the subnet.env the lab seeded (so it
+    /// reclaims the lab's pod CIDR, as flanneld does on restart).
+    fn spawn_flanneld(&self, i: usize) -> Result<Child, String> {
+        let etcd = self.etcd.as_ref().ok_or("real flanneld needs the lab's etcd")?;
+        let binary = crate::flanneld_binary()?;
+        let log_path = self.flanneld_log_path(i);
+        let log = fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.nodes[i].ns.name()))
+            .arg(&binary)
+            .arg(format!("--etcd-endpoints={}", etcd.endpoints()))
+            .arg(format!("--etcd-prefix={ETCD_PREFIX}"))
+            .args(["--iface=eth0", "--ip-masq=false"])
+            .arg(format!("--subnet-file={}", self.subnet_file(i).display()))
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", binary.display()))
+    }
+
+    /// Waits until flanneld on node `i` has a route to each of `peers`
+    /// through flannel.1.
+    fn wait_for_flanneld(&mut self, i: usize, peers: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.nodes[i].ns.ip(&["route", "show", "dev", "flannel.1"]);
+            let routes = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" via ")).count();
+            if routes == peers {
+                return Ok(());
+            }
+            if let Some(Some(child)) = self.flanneld.get_mut(i)
+                && let Ok(Some(status)) = child.0.try_wait()
+            {
+                return Err(format!("flanneld on {} exited ({status}):\n{}", self.nodes[i].name, fs::read_to_string(self.flanneld_log_path(i)).unwrap_or_default()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "flanneld on {} has {routes} of {peers} routes after {timeout:?}:\n{}",
+                    self.nodes[i].name,
+                    fs::read_to_string(self.flanneld_log_path(i)).unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Programs flannel node `i` from the Node manifests exactly as
     /// flannel's backend does. vxlan: `flannel.1` (VNI 1, port 8472,
     /// learning off) with the advertised VtepMAC and `<podCIDR>.0/32`, and
@@ -487,6 +572,9 @@ impl Lab {
         self.agents[i] = Some(agent);
         let peers = self.nodes.len() - 1;
         self.wait_for_routes(i, peers, Duration::from_secs(10))?;
+        // Stopping flanneld leaves its device, neighbours and routes, as
+        // on a real node; the device goes next.
+        self.flanneld[i] = None;
         if self.spec.flannel_backend == "vxlan" {
             let _ = self.nodes[i].ns.ip(&["link", "del", "flannel.1"]);
         }

@@ -30,6 +30,21 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
+/// The flannel release the lab's real flannel nodes run (`xtask/src/setup.rs`
+/// builds it and has the same constant).
+pub const FLANNEL_VERSION: &str = "v0.28.10";
+
+/// Real flanneld, as `cargo xtask setup` builds and caches it.
+pub fn flanneld_binary() -> Result<PathBuf, String> {
+    let home = std::env::var_os("HOME").ok_or("HOME is unset")?;
+    let path = Path::new(&home).join(".cache/overlay").join(format!("flanneld-{FLANNEL_VERSION}")).join("flanneld");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing: run `cargo xtask setup`, which builds flanneld {FLANNEL_VERSION}", path.display()))
+    }
+}
+
 /// The `overlay-agent` binary next to this test binary (`target/<profile>/`).
 /// `cargo xtask test` builds it before running the tests.
 pub fn agent_binary() -> PathBuf {
