@@ -1006,6 +1006,8 @@ impl Drop for ChildGuard {
 /// pins whose names start with `prefix`.
 pub fn tear_down_kept(prefix: &str) -> usize {
     let _ = Command::new("pkill").args(["-TERM", "-f", &format!("bpffs-root {}/{prefix}", overlay_agent::bpffs::BPFFS_MOUNT)]).status();
+    // flanneld and etcd of an etcd lab name the lab's work directory.
+    let _ = Command::new("pkill").args(["-TERM", "-f", &format!("{}/{prefix}", std::env::temp_dir().display())]).status();
     std::thread::sleep(Duration::from_millis(300));
     let list = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
     let mut removed = 0;
