@@ -414,10 +414,12 @@ fn stage2_script(kernel: &VmKernel, binaries: &[TestBinary], filters: &[String])
     let mut script = String::from("set -u\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CI=1 RUST_BACKTRACE=1\n");
     // Waits for agents to come up stretch by this much (tests/src/lib.rs).
     script.push_str(&format!("export OVERLAY_TEST_TIME_SCALE={}\n", if kvm_works() { 2 } else { 10 }));
+    // No tmpfs over /tmp: the root is already writable (the overlay's tmpfs
+    // upper), and the workspace itself may live under /tmp (CI's clone).
     script.push_str(
         "mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev 2>/dev/null\n\
          mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs shm /dev/shm\n\
-         mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nmount -t bpf bpf /sys/fs/bpf\n\
+         mount -t tmpfs run /run\nmount -t bpf bpf /sys/fs/bpf\n\
          mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null\nmount --make-rshared /\n",
     );
     script.push_str(&format!(
