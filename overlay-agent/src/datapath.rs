@@ -634,8 +634,12 @@ fn remove_map_dir(dir: &Path) -> Result<Vec<PathBuf>, DatapathError> {
     remove_dir_if_empty(dir)
 }
 
+/// Removes a link pin, or, before TCX, the empty directory marking a
+/// clsact filter of ours at that path (`rmdir`: never a directory with
+/// anything in it).
 fn remove_pin(path: &Path) -> Result<(), DatapathError> {
-    match fs::remove_file(path) {
+    let removed = if path.is_dir() { fs::remove_dir(path) } else { fs::remove_file(path) };
+    match removed {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(DatapathError::Unpin { path: path.to_owned(), source }),
