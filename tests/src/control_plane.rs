@@ -576,7 +576,7 @@ where
 
 /// A port nobody listens on at `ip` (inside `netns`).
 fn free_port(netns: Option<&str>, ip: Ipv4Addr) -> Result<u16> {
-    let _inside = netns.map(|n| crate::enter_netns(n));
+    let _inside = netns.map(crate::enter_netns);
     let listener = TcpListener::bind((ip, 0)).map_err(io_err(format!("finding a free port on {ip}")))?;
     Ok(listener.local_addr().map_err(io_err("reading a bound port"))?.port())
 }
