@@ -111,11 +111,11 @@ pub fn build_go_packages(go: &Path, build: &GoBuild) -> anyhow::Result<PathBuf> 
     let mut tidy = Command::new(go);
     tidy.args(["mod", "tidy"]);
     go_env(&mut tidy);
-    run(&mut tidy)?;
+    crate::setup::run(&mut tidy)?;
     let mut compile = Command::new(go);
     compile.arg("build").arg(format!("-ldflags={}", build.ldflags)).arg("-o").arg(format!("{}/", bin.display())).args(&build.packages);
     go_env(&mut compile);
-    run(&mut compile)?;
+    crate::setup::run(&mut compile)?;
     fs::write(&stamp_path, stamp).context("writing the stamp")?;
     eprintln!("setup: built {} in {:.0?}", build.key, started.elapsed());
     Ok(bin)
@@ -200,14 +200,6 @@ fn staging_modules(go_mod: &str) -> Vec<String> {
     modules
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    eprintln!("setup: running {cmd:?}");
-    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed ({status})");
-    }
-    Ok(())
-}
 
 fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;

@@ -259,7 +259,7 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("setup: running {cmd:?}");
     let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
     if !status.success() {
