@@ -22,7 +22,7 @@ use overlay_common::{Config, Counter, ROUTE_MODE_VXLAN, Route};
 use crate::{
     DropReason,
     counters::count,
-    icmp,
+    csum, icmp,
     maps::{ROUTES, config},
     packet::ptr_at,
     parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, VXLAN_FLAG_I},
@@ -136,8 +136,8 @@ fn encap_headers(
     h[9] = IPPROTO_UDP;
     h[12..16].copy_from_slice(&cfg.node_ip);
     h[16..20].copy_from_slice(&route.node_ip);
-    let csum = ipv4_checksum(&h);
-    h[10..12].copy_from_slice(&csum.to_be_bytes());
+    let check = csum::compute(&h, 0, 20);
+    h[10..12].copy_from_slice(&check.to_be_bytes());
     // UDP, checksum 0: a non-zero one cannot survive GSO from BPF.
     h[20..22].copy_from_slice(&sport.to_be_bytes());
     h[22..24].copy_from_slice(&cfg.vxlan_port.to_be_bytes());
@@ -153,16 +153,3 @@ fn encap_headers(
     h
 }
 
-/// RFC 1071 checksum of the 20-byte IPv4 header at the start of `h`.
-#[inline(always)]
-pub fn ipv4_checksum(h: &[u8; ENCAP_LEN]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}

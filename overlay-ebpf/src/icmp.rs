@@ -17,7 +17,7 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use overlay_common::Counter;
 
-use crate::{DropReason, counters::count, parse::ETH_P_IP};
+use crate::{DropReason, counters::count, csum, parse::ETH_P_IP};
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -71,28 +71,15 @@ fn frag_needed_frame(eth: &[u8; EthHdr::LEN], quote: &[u8; QUOTE_LEN], mtu: u32)
     f[ip + 9] = IPPROTO_ICMP;
     f[ip + 12..ip + 16].copy_from_slice(&quote[16..20]);
     f[ip + 16..ip + 20].copy_from_slice(&quote[12..16]);
-    let ip_csum = checksum(&f, ip, Ipv4Hdr::LEN);
+    let ip_csum = csum::compute(&f, ip, Ipv4Hdr::LEN);
     f[ip + 10..ip + 12].copy_from_slice(&ip_csum.to_be_bytes());
     let icmp = ip + Ipv4Hdr::LEN;
     f[icmp] = ICMP_DEST_UNREACH;
     f[icmp + 1] = ICMP_FRAG_NEEDED;
     f[icmp + 6..icmp + 8].copy_from_slice(&(mtu as u16).to_be_bytes());
     f[icmp + 8..].copy_from_slice(quote);
-    let icmp_csum = checksum(&f, icmp, ICMP_LEN);
+    let icmp_csum = csum::compute(&f, icmp, ICMP_LEN);
     f[icmp + 2..icmp + 4].copy_from_slice(&icmp_csum.to_be_bytes());
     f
 }
 
-/// RFC 1071 checksum of `len` (even) bytes of `f` from `start`.
-#[inline(always)]
-fn checksum(f: &[u8; REPLY_LEN], start: usize, len: usize) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < len {
-        sum += u32::from(u16::from_be_bytes([f[start + i], f[start + i + 1]]));
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
