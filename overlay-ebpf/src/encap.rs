@@ -24,9 +24,13 @@ use crate::{
     counters::count,
     csum, icmp,
     maps::{ROUTES, config},
-    packet::ptr_at,
+    packet::{Packet as _, ptr_at},
     parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, VXLAN_FLAG_I},
 };
+
+/// `bpf_skb_adjust_room`'s answer to encapsulating a packet already marked
+/// encapsulated (`include/uapi/asm-generic/errno.h`).
+const EALREADY: i32 = 114;
 
 /// First port of the IANA ephemeral range (RFC 6335), where outer source
 /// ports are spread.
@@ -102,8 +106,22 @@ pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32,
     let sport = (SPORT_MIN + ((u64::from(hash) * SPORT_RANGE) >> 32) as u32) as u16;
     let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
 
-    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJ_ROOM_ENCAP_FLAGS)
-        .map_err(|_| DropReason::HelperError)?;
+    match ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJ_ROOM_ENCAP_FLAGS) {
+        Ok(()) => {}
+        // A pod's own tunnel packet (its VXLAN, Geneve or GRE device left
+        // `skb->encapsulation` set: the inner checksum is left to offload):
+        // the helper records one level of tunnel headers only. A single
+        // packet needs none recorded: the offload's checksum offsets count
+        // from the buffer's head, which the room made in front leaves in
+        // place. A GSO super-packet does: segmentation would copy the pod's
+        // tunnel headers with the super-packet's lengths, so it stays
+        // dropped (the kernel's vxlan device segments in software first).
+        Err(e) if e == -i64::from(EALREADY) && !ctx.is_gso() => {
+            ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+                .map_err(|_| DropReason::HelperError)?;
+        }
+        Err(_) => return Err(DropReason::HelperError),
+    }
     let headers = encap_headers(cfg, route, inner_len, tos, sport, ip_id);
     ctx.store(OUTER_IP_OFF, &headers, 0)
         .map_err(|_| DropReason::HelperError)?;
