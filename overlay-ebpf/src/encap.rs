@@ -22,10 +22,11 @@ use overlay_common::{Config, Counter, ROUTE_MODE_VXLAN, Route};
 use crate::{
     DropReason,
     counters::count,
-    csum, icmp,
+    icmp,
     maps::{ROUTES, config},
     packet::{Packet as _, ptr_at},
-    parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, VXLAN_FLAG_I},
+    parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF},
+    vxlan::EncapHeaders,
 };
 
 /// `bpf_skb_adjust_room`'s answer to encapsulating a packet already marked
@@ -122,52 +123,9 @@ pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32,
         }
         Err(_) => return Err(DropReason::HelperError),
     }
-    let headers = encap_headers(cfg, route, inner_len, tos, sport, ip_id);
-    ctx.store(OUTER_IP_OFF, &headers, 0)
+    let headers = EncapHeaders::new(cfg, route, inner_len, tos, sport, ip_id);
+    ctx.store(OUTER_IP_OFF, headers.as_bytes(), 0)
         .map_err(|_| DropReason::HelperError)?;
     count(Counter::Encap, u64::from(inner_len));
     Ok(())
 }
-
-/// Outer IPv4, UDP, VXLAN and inner Ethernet headers, as bytes on the wire.
-#[inline(always)]
-fn encap_headers(
-    cfg: &Config,
-    route: &Route,
-    inner_len: u32,
-    tos: u8,
-    sport: u16,
-    ip_id: u16,
-) -> [u8; ENCAP_LEN] {
-    let mut h = [0u8; ENCAP_LEN];
-    // GSO packets can exceed 64 KiB; segmentation rewrites both lengths
-    // per segment, so truncating here is harmless.
-    let ip_len = (inner_len + ENCAP_LEN as u32) as u16;
-    let udp_len = ip_len - 20;
-    // IPv4: no options, no DF (like the kernel vxlan device's default),
-    // TTL 64, inner TOS copied so ECN and DSCP survive the tunnel.
-    h[0] = 0x45;
-    h[1] = tos;
-    h[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    h[4..6].copy_from_slice(&ip_id.to_be_bytes());
-    h[8] = 64;
-    h[9] = IPPROTO_UDP;
-    h[12..16].copy_from_slice(&cfg.node_ip);
-    h[16..20].copy_from_slice(&route.node_ip);
-    let check = csum::compute(&h, 0, 20);
-    h[10..12].copy_from_slice(&check.to_be_bytes());
-    // UDP, checksum 0: a non-zero one cannot survive GSO from BPF.
-    h[20..22].copy_from_slice(&sport.to_be_bytes());
-    h[22..24].copy_from_slice(&cfg.vxlan_port.to_be_bytes());
-    h[24..26].copy_from_slice(&udp_len.to_be_bytes());
-    // VXLAN: I flag, VNI in the top 24 bits of the second word.
-    h[28] = VXLAN_FLAG_I;
-    let vni = cfg.vni.to_be_bytes();
-    h[32..35].copy_from_slice(&vni[1..4]);
-    // Inner Ethernet: flannel nodes accept only frames to their VtepMAC.
-    h[36..42].copy_from_slice(&route.vtep_mac);
-    h[42..48].copy_from_slice(&cfg.vtep_mac);
-    h[48..50].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    h
-}
-

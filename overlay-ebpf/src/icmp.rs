@@ -17,31 +17,23 @@ use aya_ebpf::{
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 use overlay_common::Counter;
 
-use crate::{DropReason, counters::count, csum, parse::ETH_P_IP};
+use crate::{
+    DropReason,
+    counters::count,
+    csum,
+    proto::{ETH_P_IP, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, IP_OFFSET, IPPROTO_ICMP, is_icmp_error},
+};
 
-const IPPROTO_ICMP: u8 = 1;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_FRAG_NEEDED: u8 = 4;
 /// Longest quote: an IPv4 header with 40 bytes of options, and the first 8
 /// bytes of its payload (RFC 792).
 const MAX_QUOTE_LEN: usize = 60 + 8;
 const MAX_ICMP_LEN: usize = 8 + MAX_QUOTE_LEN;
 const MAX_REPLY_LEN: usize = EthHdr::LEN + Ipv4Hdr::LEN + MAX_ICMP_LEN;
-/// IPv4 fragment offset, in the flags-and-offset word.
-const IP_OFFSET: u8 = 0x1f;
 
 /// Whether the IPv4 header has DF set.
 #[inline(always)]
 pub fn dont_fragment(ip: &Ipv4Hdr) -> bool {
     ip.frags[0] & 0x40 != 0
-}
-
-/// Whether an ICMP message of `icmp_type` is an error (RFC 1122 §3.2.2:
-/// destination unreachable, source quench, redirect, time exceeded,
-/// parameter problem), which no ICMP error may answer.
-#[inline(always)]
-fn is_icmp_error(icmp_type: u8) -> bool {
-    matches!(icmp_type, 3 | 4 | 5 | 11 | 12)
 }
 
 /// Turns the too-big packet into a frag-needed reply carrying `mtu` and
@@ -62,7 +54,7 @@ pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
     let Some(&l4_first) = quote.get(header_len) else {
         return Ok(TC_ACT_SHOT as i32);
     };
-    if (quote[9] == IPPROTO_ICMP && is_icmp_error(l4_first)) || quote[6] & IP_OFFSET != 0 || quote[7] != 0 {
+    if (quote[9] == IPPROTO_ICMP && is_icmp_error(l4_first)) || u16::from_be_bytes([quote[6], quote[7]]) & IP_OFFSET != 0 {
         return Ok(TC_ACT_SHOT as i32);
     }
     // Past the quote: zeros, which leave the checksum as it is and are

@@ -7,3 +7,5 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod csum;
+pub mod proto;
+pub mod vxlan;

@@ -24,8 +24,8 @@ mod maps;
 mod packet;
 mod parse;
 
-/// Checksums, shared with the host's unit tests through the library.
-use overlay_ebpf::csum;
+// Pure helpers, shared with the host's unit tests through the library.
+use overlay_ebpf::{csum, proto, vxlan};
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action},

@@ -8,12 +8,10 @@ use overlay_common::{
 
 use crate::{DropReason, counters::count, csum, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}};
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const IPPROTO_UDP: u8 = 17;
-/// Outer IPv4 without options + UDP + VXLAN + inner Ethernet.
-pub const ENCAP_LEN: usize = 20 + 8 + 8 + 14;
-/// The VXLAN "I" flag: the VNI field is valid (RFC 7348 §5).
-pub const VXLAN_FLAG_I: u8 = 0x08;
+pub use crate::{
+    proto::{ETH_P_IP, IPPROTO_UDP, VXLAN_FLAG_I},
+    vxlan::ENCAP_LEN,
+};
 /// The ECN field of the IPv4 TOS byte (RFC 3168) and its values.
 const ECN_MASK: u8 = 0x03;
 const ECN_NOT_ECT: u8 = 0x00;
