@@ -274,6 +274,11 @@ impl Datapath {
             .map(|role| self.layout.link(iface, role))
             .collect();
         for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {
+            // The GRO device's delivery is the agent's to keep or remove
+            // (see `gro_device`), after CONFIG stops pointing at it.
+            if self.layout.link(&other, LinkRole::GroDeliver).exists() {
+                continue;
+            }
             // The fast path's attachments (the bridge and its ports) are
             // kept while it is wanted; its own sync prunes them.
             if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
@@ -302,6 +307,8 @@ impl Datapath {
             for other in interfaces {
                 let keep: Vec<LinkRole> = if other == iface {
                     keep_here.clone()
+                } else if self.layout.link(&other, LinkRole::GroDeliver).exists() {
+                    vec![LinkRole::GroDeliver]
                 } else if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
                     vec![LinkRole::PodFastPath]
                 } else {
@@ -365,6 +372,26 @@ impl Datapath {
         })
     }
 
+    /// Attaches the GRO device's delivery (TC ingress) to `iface`, the
+    /// device's receiving end, and pins the link, or swaps the program
+    /// into the pinned link.
+    pub fn attach_gro_delivery(&mut self, iface: &str) -> Result<LinkOutcome, DatapathError> {
+        if crate::iface::interface_index(iface).is_none() {
+            return Err(DatapathError::UnknownInterface(iface.to_owned()));
+        }
+        if needs_clsact() {
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+        self.attach_role(iface, LinkRole::GroDeliver, DecapHook::TcIngress)
+    }
+
+    /// Removes the GRO device's delivery from `iface` (its pin, and before
+    /// TCX its filter).
+    pub fn detach_gro_delivery(&mut self, iface: &str) -> Result<(), DatapathError> {
+        delete_clsact_filters(iface, &[])?;
+        remove_link_dir(&self.layout.links_dir().join(iface)).map(drop)
+    }
+
     /// Detaches the fast path from `iface` (a pod's veth that is gone or
     /// being left) by removing its pins.
     pub fn detach_pod_fast_path(&mut self, iface: &str) -> Result<(), DatapathError> {
@@ -400,7 +427,7 @@ impl Datapath {
         }
         let attach_err = |source| attach_error(name, iface, source);
         let link: Result<FdLink, _> = match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered => {
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered | LinkRole::GroDeliver => {
                 let attach_type = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) {
                     TcAttachType::Egress
                 } else {
@@ -507,7 +534,7 @@ impl Datapath {
         let link_err = |source| DatapathError::PinnedLink { path: pin.to_owned(), source };
         let link: FdLink = PinnedLink::from_pin(pin).map_err(link_err)?.into();
         match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered => {
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered | LinkRole::GroDeliver => {
                 let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
                 let program = self.classifier(name)?;
                 let id = program.attach_to_link(link).map_err(swap_err)?;
@@ -687,6 +714,7 @@ const fn role_program(role: LinkRole) -> &'static str {
         LinkRole::DecapTc => program_names::TC_INGRESS,
         LinkRole::PodFastPath => program_names::TC_POD,
         LinkRole::PodDelivered => program_names::TC_POD_DELIVERED,
+        LinkRole::GroDeliver => program_names::TC_GRO,
     }
 }
 

@@ -70,6 +70,9 @@ pub struct LocalSettings {
     /// Whether XDP may decapsulate in front of TC ingress (see
     /// [`overlay_common::Config::xdp_decap`]).
     pub xdp_decap: bool,
+    /// The GRO device's sending end while the fast path delivers through
+    /// it (see [`overlay_common::Config::gro_ifindex`]), else 0.
+    pub gro_ifindex: u32,
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
     /// The cluster's pod network (net-conf.json `Network`), when known:
@@ -209,6 +212,7 @@ pub fn desired<N: Borrow<NodeInfo>>(
         pod_bridge_mac: local.pod_bridge_mac,
         underlay_mtu: local.underlay_mtu,
         xdp_decap: u16::from(local.xdp_decap),
+        gro_ifindex: local.gro_ifindex,
         ..Config::default()
     };
 
@@ -413,6 +417,7 @@ mod tests {
             pod_bridge_ifindex: 0,
             pod_bridge_mac: [0; 6],
             xdp_decap: false,
+            gro_ifindex: 0,
             public_ip: None,
             network: None,
         }

@@ -97,7 +97,6 @@ pub fn driver(iface: &str) -> io::Result<String> {
         regdump_len: u32,
     }
     const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
     // SAFETY: all-zero is a valid DrvInfo (integers and byte arrays).
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
@@ -147,4 +146,50 @@ pub fn has_xdp_program(iface: &str) -> io::Result<bool> {
     }
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
     Ok(links.get(0).and_then(|link| link.get("xdp")).is_some())
+}
+
+/// An offload flag with a legacy ethtool get/set request pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EthtoolFlag {
+    /// Every TSO feature (`ETHTOOL_GTSO`/`ETHTOOL_STSO`, `NETIF_F_ALL_TSO`).
+    Tso,
+    /// Generic receive offload (`ETHTOOL_GGRO`/`ETHTOOL_SGRO`).
+    Gro,
+}
+
+impl EthtoolFlag {
+    /// The (get, set) requests (include/uapi/linux/ethtool.h).
+    const fn requests(self) -> (u32, u32) {
+        match self {
+            Self::Tso => (0x0000_001e, 0x0000_001f),
+            Self::Gro => (0x0000_002b, 0x0000_002c),
+        }
+    }
+}
+
+/// `struct ethtool_value`.
+#[repr(C)]
+struct EthtoolValue {
+    cmd: u32,
+    data: u32,
+}
+
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+
+fn ethtool_value(iface: &str, cmd: u32, data: u32) -> io::Result<u32> {
+    let mut value = EthtoolValue { cmd, data };
+    ifreq_with(iface, SIOCETHTOOL, |req| {
+        req.ifr_ifru.ifru_data = (&raw mut value).cast();
+    })?;
+    Ok(value.data)
+}
+
+/// Whether `flag` is on for the interface (`ethtool -k`).
+pub fn ethtool_flag(iface: &str, flag: EthtoolFlag) -> io::Result<bool> {
+    ethtool_value(iface, flag.requests().0, 0).map(|data| data != 0)
+}
+
+/// Turns `flag` on or off for the interface (`ethtool -K`).
+pub fn set_ethtool_flag(iface: &str, flag: EthtoolFlag, on: bool) -> io::Result<()> {
+    ethtool_value(iface, flag.requests().1, u32::from(on)).map(drop)
 }

@@ -36,6 +36,15 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
             0 => println!("  fast path: off (pod traffic takes the kernel's forward path)"),
             index => println!("  fast path: on, pod bridge ifindex {index} (--forward bpf)"),
         }
+        if config.pod_bridge_ifindex != 0 {
+            match config.gro_ifindex {
+                0 => println!("  fast-path delivery: straight into the pod (bpf_redirect_peer) for every packet"),
+                index => println!(
+                    "  fast-path delivery: TCP segments decapsulated at TC through the GRO device (ifindex {index}, {}), merged, then into the pod; the rest straight into the pod",
+                    overlay_agent::gro_device::DEVICE_NAMES.join(" -> ")
+                ),
+            }
+        }
     }
 
     print_attachments(&PinLayout::new(root));
@@ -123,6 +132,7 @@ fn print_attachments(layout: &PinLayout) {
                 LinkRole::DecapTc => "decapsulation (and fast-path delivery) at TC ingress",
                 LinkRole::PodFastPath => "fast path at TC ingress",
                 LinkRole::PodDelivered => "kernel-delivered sockets recorded at TC egress",
+                LinkRole::GroDeliver => "GRO-merged TCP delivered into pods at TC ingress",
             })
             .collect();
         println!("  {iface:<16} {}", roles.join("; "));

@@ -18,6 +18,7 @@ pub mod clsact;
 pub mod datapath;
 pub mod desired;
 pub mod foreign_vxlan;
+pub mod gro_device;
 pub mod hook;
 pub mod iface;
 pub mod kube_source;

@@ -267,6 +267,12 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
         println!("left what the agent did not create: {}", left.join(", "));
     }
+    // The GRO device, when this root's programs delivered through it.
+    if interfaces.iter().any(|i| i == overlay_agent::gro_device::RECEIVE_END)
+        && overlay_agent::gro_device::remove(None).context("removing the GRO device")?
+    {
+        println!("removed the GRO device {}", overlay_agent::gro_device::DEVICE_NAMES.join(", "));
+    }
     let rules = overlay_agent::netfilter::remove().context("removing the masquerade and FORWARD rules")?;
     println!(
         "removed {} and the FORWARD accept rules from {}",

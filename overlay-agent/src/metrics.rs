@@ -136,7 +136,8 @@ const FASTPATH_PACKETS: DatapathFamily = DatapathFamily {
     label: "direction",
     help: "Packets the fast path (--forward bpf) forwarded past the kernel's forward path: out (a local pod's veth \
            straight to the underlay; the underlay's egress then counts them too, as pass when already encapsulated \
-           or as direct) and in (the underlay's ingress straight into a local pod; also counted there as decap or pass)",
+           or as direct), in (the underlay's ingress straight into a local pod; also counted there as decap or pass) \
+           and in_gro_merged (what of in went through the agent's GRO device: the merged packets it delivered)",
 };
 const FASTPATH_BYTES: DatapathFamily = DatapathFamily {
     name: "datapath_fastpath_bytes",
@@ -166,6 +167,7 @@ pub fn families_of(counter: Counter) -> (DatapathFamily, Option<DatapathFamily>,
         Counter::Encap | Counter::Direct | Counter::Decap | Counter::Pass => (PACKETS, Some(BYTES), counter.name()),
         Counter::FastpathOut => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), "out"),
         Counter::FastpathIn => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), "in"),
+        Counter::GroDelivered => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), "in_gro_merged"),
         Counter::IcmpFragNeeded | Counter::MismatchedPort => (EVENTS, None, counter.name()),
     }
 }

@@ -18,6 +18,7 @@ use overlay_agent::{
     apply::Applier,
     bpffs::{self, LinkRole},
     datapath::{Datapath, DecapHook, LinkOutcome},
+    gro_device,
     hook::{DecapRequest, HookFacts, choose_decap_hook},
     desired::{Backend, Desired, LocalSettings, NotReady, Paths, RejectKind, Rejected, desired},
     foreign_vxlan::{self, VxlanDevice},
@@ -394,6 +395,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         // Until attach settles the hook: whenever XDP may be in front, so
         // TC never drops what XDP decapsulated (see Config::xdp_decap).
         xdp_decap: !(args.decap == Decap::Tc || (args.decap == Decap::Auto && backend == Backend::HostGw)),
+        gro_ifindex: 0,
         public_ip: args.public_ip,
         network: netconf.as_ref().map(|c| c.network),
     };
@@ -457,6 +459,7 @@ impl Agent {
         self.attached = Some(hook);
         // Written to CONFIG by the next reconcile.
         self.settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
+        self.settings.gro_ifindex = gro_device::settle(&mut self.datapath, self.pod_fast_path.is_some(), hook, self.settings.backend).config_ifindex();
         Ok(())
     }
 

@@ -50,8 +50,12 @@ pub mod program_names {
     /// the kernel's path delivered to, so their replies stay on it.
     pub const TC_POD_DELIVERED: &str = "overlay_tc_pod_delivered";
 
+    /// TC ingress on the receiving end of the agent's GRO device
+    /// (`ovl-gro1`): delivers the merged packets into the pods.
+    pub const TC_GRO: &str = "overlay_tc_gro";
+
     /// Every program, in load order.
-    pub const ALL: [&str; 5] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD, TC_POD_DELIVERED];
+    pub const ALL: [&str; 6] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD, TC_POD_DELIVERED, TC_GRO];
 }
 
 /// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8): what encapsulation
@@ -181,6 +185,12 @@ pub struct Config {
     pub pod_bridge_mac: [u8; 6],
     /// Explicit padding; always zero.
     pub _pad2: u16,
+    /// Index of the agent's GRO device's sending end (`ovl-gro0`), or 0.
+    /// Non-zero: TCP the underlay's TC ingress decapsulated for a local
+    /// pod is redirected there instead of straight into the pod, so the
+    /// receiving end's NAPI merges the segments (GRO) and
+    /// `overlay_tc_gro` delivers each merged packet into the pod.
+    pub gro_ifindex: u32,
 }
 
 /// Declares a `#[repr(u8)]` enum whose variants number the slots of the
@@ -253,6 +263,9 @@ slot_enum! {
         /// §4.2: the congestion cannot be signalled, so the packet is
         /// dropped, as the kernel's vxlan device does).
         EcnNotEct = "ecn_not_ect",
+        /// Came out of the GRO device for a pod that is no longer enrolled
+        /// (it went between decapsulation and delivery).
+        GroNoPod = "gro_no_pod",
     }
 }
 
@@ -283,6 +296,10 @@ slot_enum! {
         /// VXLAN from a known node to the other well-known port (4789 vs
         /// 8472), passed on (also counted as `pass`); the agent warns.
         MismatchedPort = "mismatched_port",
+        /// Fast path, in: packets the GRO device delivered into a local
+        /// pod, each one or more decapsulated TCP segments (also counted
+        /// per segment as `fastpath_in`) merged by GRO.
+        GroDelivered = "gro_delivered",
     }
 }
 
@@ -391,7 +408,7 @@ mod tests {
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<PodPort>(), 4);
         assert_eq!(size_of::<SocketKey>(), 8);
-        assert_eq!(size_of::<Config>(), 56);
+        assert_eq!(size_of::<Config>(), 60);
         assert_eq!(size_of::<Tally>(), 16);
     }
 

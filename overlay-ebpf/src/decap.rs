@@ -56,7 +56,7 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     if let Rx::NotOurs = classify_rx(ctx, cfg)? {
         // Behind XDP, this may be a packet XDP decapsulated (and checked).
         let xdp_in_front = cfg.xdp_decap != 0;
-        if let Some(action) = deliver_to_pod(ctx, cfg, xdp_in_front) {
+        if let Some(action) = deliver_to_pod(ctx, cfg, xdp_in_front, false) {
             return Ok(action);
         }
         if !xdp_in_front {
@@ -71,5 +71,5 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
         .map_err(|_| DropReason::HelperError)?;
     count(Counter::Decap, u64::from(ctx.len()));
-    Ok(deliver_to_pod(ctx, cfg, true).unwrap_or(TC_ACT_OK as i32))
+    Ok(deliver_to_pod(ctx, cfg, true, true).unwrap_or(TC_ACT_OK as i32))
 }

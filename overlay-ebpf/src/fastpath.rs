@@ -40,7 +40,7 @@
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
@@ -313,9 +313,11 @@ fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, DropReason> 
 /// ingress once any tunnel header is gone; `decapsulated` says whether
 /// there was one (its inner source was then checked against the sending
 /// peer). Unencapsulated, a pod of a plain-VXLAN peer never qualifies
-/// (the underlay's ingress drops it as forged).
+/// (the underlay's ingress drops it as forged). `via_gro`: this program
+/// decapsulated the packet after the underlay's GRO, so a TCP segment goes
+/// through the agent's GRO device (see [`try_tc_gro`]).
 #[inline(always)]
-pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Option<i32> {
+pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool, via_gro: bool) -> Option<i32> {
     if cfg.pod_bridge_ifindex == 0 {
         return None;
     }
@@ -375,11 +377,50 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Opti
     if unsafe { bpf_check_mtu(ctx.skb.skb.cast(), veth, &mut mtu, 0, 0) } < 0 {
         return None;
     }
+    let proto = ip.proto;
     decrement_ttl(ip);
     let eth = unsafe { &mut *eth };
     eth.dst_addr = fib.dmac;
     eth.src_addr = fib.smac;
     count(Counter::FastpathIn, u64::from(ctx.len()));
+    // A lone TCP segment (MTU-sized frames, as on a wire: GRO on the
+    // underlay could not merge tunnel traffic for a port without a socket)
+    // goes through the GRO device, whose NAPI merges it with the segments
+    // after it, so the pod's stack runs once per merged packet. A GSO
+    // packet (a veth underlay passes them whole) is merged already, and
+    // would be segmented on the GRO device's egress, which has TSO off.
+    // SAFETY: reading a field of the context's own sk_buff.
+    if via_gro && cfg.gro_ifindex != 0 && proto == IPPROTO_TCP && unsafe { (*ctx.skb.skb).gso_size } == 0 {
+        // SAFETY: plain helper call; to the GRO device's egress.
+        return Some(unsafe { bpf_redirect(cfg.gro_ifindex, 0) } as i32);
+    }
     // SAFETY: plain helper call; into the veth's peer, the pod's eth0.
     Some(unsafe { bpf_redirect_peer(veth, 0) } as i32)
+}
+
+/// TC ingress of the GRO device's receiving end (`ovl-gro1`, which only
+/// [`deliver_to_pod`] sends to): each packet is one or more TCP segments
+/// for a local pod, merged by GRO, with the pod's MACs and TTL already
+/// set. One look-up by destination MAC finds the pod's veth.
+#[inline(always)]
+pub fn try_tc_gro(ctx: &TcContext) -> Result<i32, DropReason> {
+    let drop = Ok(TC_ACT_SHOT as i32);
+    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return drop };
+    // SAFETY (raw reads): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        // The kernel's own chatter on the device: nothing to deliver.
+        return drop;
+    }
+    let dst_mac = unsafe { (*eth).dst_addr };
+    // SAFETY: the map value is copied out at once.
+    let Some(veth) = unsafe { POD_PORTS.get(&dst_mac) }.map(|port| port.ifindex) else {
+        return Err(DropReason::GroNoPod);
+    };
+    // The frame is addressed to the pod, not to this device (otherhost):
+    // the pod's stack must take it as its own. (Since 6.15 the peer
+    // redirect scrubs it to PACKET_HOST by itself.)
+    ctx.change_type(PACKET_HOST).map_err(|_| DropReason::HelperError)?;
+    count(Counter::GroDelivered, u64::from(ctx.len()));
+    // SAFETY: plain helper call; into the veth's peer, the pod's eth0.
+    Ok(unsafe { bpf_redirect_peer(veth, 0) } as i32)
 }

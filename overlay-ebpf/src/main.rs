@@ -12,6 +12,8 @@
 //!   carries), with `--forward bpf`.
 //! - [`overlay_tc_pod_delivered`]: TC egress on each pod's veth: which
 //!   sockets the kernel delivered to, with `--forward bpf`.
+//! - [`overlay_tc_gro`]: TC ingress on the agent's GRO device: delivers
+//!   the TCP segments GRO merged there into the pods.
 #![no_std]
 #![no_main]
 
@@ -70,6 +72,14 @@ pub fn overlay_tc_pod(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn overlay_tc_pod_delivered(ctx: TcContext) -> i32 {
     fastpath::try_tc_pod_delivered(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason, u64::from(ctx.len()));
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[classifier]
+pub fn overlay_tc_gro(ctx: TcContext) -> i32 {
+    fastpath::try_tc_gro(&ctx).unwrap_or_else(|reason| {
         count_drop(reason, u64::from(ctx.len()));
         TC_ACT_SHOT as i32
     })
