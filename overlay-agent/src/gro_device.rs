@@ -187,13 +187,21 @@ fn ours() -> Result<Option<bool>, GroDeviceError> {
     Ok(Some(send.as_deref() == Some(ALIAS) && receive.as_deref() == Some(ALIAS)))
 }
 
+/// Creates the pair and marks it ours (`ip link add` takes no alias), or
+/// leaves nothing.
 fn create() -> Result<(), GroDeviceError> {
-    let common = ["mtu", MTU, "addrgenmode", "none", "alias", ALIAS];
-    let mut args = vec!["link", "add", SEND_END];
-    args.extend(common);
-    args.extend(["type", "veth", "peer", "name", RECEIVE_END]);
-    args.extend(common);
-    ip(&args).map(drop)
+    ip(&["link", "add", SEND_END, "mtu", MTU, "type", "veth", "peer", "name", RECEIVE_END, "mtu", MTU])?;
+    let marked = DEVICE_NAMES.iter().try_for_each(|name| {
+        ip(&["link", "set", "dev", name, "alias", ALIAS])?;
+        // No IPv6 link-local address, so the kernel sends nothing through
+        // the pair (best effort: a kernel without IPv6 refuses the mode).
+        let _ = ip(&["link", "set", "dev", name, "addrgenmode", "none"]);
+        Ok(())
+    });
+    if marked.is_err() {
+        let _ = ip(&["link", "del", SEND_END]);
+    }
+    marked
 }
 
 /// Features and state; returns the sending end's index.

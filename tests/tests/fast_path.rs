@@ -92,6 +92,51 @@ fn host_gw_all_pairs_and_bulk_tcp() {
     assert!((veth_tx as f64) < received / 10.0, "p1 sent {veth_tx} bytes of the {received} the pod received");
 }
 
+/// On the wire-like underlay (MTU-sized VXLAN frames, the lab's default),
+/// TCP that the underlay's TC ingress decapsulates reaches the pod through
+/// the agent's GRO device, merged: fewer, larger packets than the
+/// segments that arrived, and the device pair is the agent's own.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn wire_tcp_reaches_the_pod_gro_merged() {
+    require_root();
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    let vxlan = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let log = vxlan.agent_log(1);
+    assert!(log.contains("fast-path delivery: TCP segments decapsulated at TC go through the GRO device"), "{log}");
+    assert!(vxlan.inspect(1).contains("through the GRO device"), "{}", vxlan.inspect(1));
+    let alias = vxlan.nodes[1].ns.ip(&["-j", "link", "show", "ovl-gro1"]);
+    assert!(String::from_utf8_lossy(&alias.stdout).contains("overlay-agent: GRO"), "{alias:?}");
+    let before = vxlan.counters(1);
+    let report = vxlan.iperf3((0, 0), (1, 0), 2).expect("iperf3");
+    let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    assert!(received > 0.0, "{report}");
+    let after = vxlan.counters(1);
+    let segments = after.packets(Counter::FastpathIn) - before.packets(Counter::FastpathIn);
+    let merged = after.packets(Counter::GroDelivered) - before.packets(Counter::GroDelivered);
+    let merged_bytes = after.bytes(Counter::GroDelivered) - before.bytes(Counter::GroDelivered);
+    eprintln!("{received} bytes received; {segments} packets in by the fast path, {merged} merged packets ({merged_bytes} bytes) out of the GRO device");
+    // The stream went through the GRO device...
+    assert!(merged_bytes as f64 > received * 0.9, "{merged_bytes} bytes of {received} through the GRO device: {after:?}");
+    // ...and came out merged: on average several 1450-byte segments each.
+    assert!(merged > 0 && merged_bytes / merged > 3 * 1450, "{merged} packets of {merged_bytes} bytes: not merged");
+    assert!(segments > 2 * merged, "{segments} segments in, {merged} packets delivered");
+    assert_no_drops(&after);
+    // The receiving end's own statistics agree: it took them through its
+    // NAPI (veth counts what it queued) and GRO'd them.
+    let rx = rx_packets(&vxlan.nodes[1].ns, "ovl-gro1");
+    assert!(rx >= merged, "ovl-gro1 received {rx} packets, the program delivered {merged}");
+}
+
+/// An interface's received packets, from `ip -s -j link`.
+fn rx_packets(ns: &NetNs, iface: &str) -> u64 {
+    let out = ns.ip(&["-s", "-j", "link", "show", iface]);
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");
+    links[0]["stats64"]["rx"]["packets"].as_u64().expect("rx packets")
+}
+
 /// An interface's transmitted bytes, from `ip -s -j link`.
 fn tx_bytes(ns: &NetNs, iface: &str) -> u64 {
     let out = ns.ip(&["-s", "-j", "link", "show", iface]);

@@ -51,6 +51,8 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
         let log = lab.agent_log(i);
         assert!(log.contains("maps_adopted=true"), "restarted agent must adopt the pinned maps:\n{log}");
         assert!(log.contains("egress=Swapped"), "restarted agent must swap into the pinned links:\n{log}");
+        // Its GRO device too: the one the first agent made, reused.
+        assert!(log.contains("ThroughGro { send_ifindex: ") && log.contains("outcome: Swapped }"), "restarted agent must reuse its GRO device:\n{log}");
     }
     let (checks, failures) = lab.check_all_pairs();
     assert!(failures.is_empty(), "{} of {checks} checks failed after restarts: {failures:?}", failures.len());
@@ -80,6 +82,8 @@ fn cleanup_removes_the_datapath_on_purpose() {
     // On the lab's veths `--decap auto` decapsulates at TC ingress.
     assert_eq!(attached(), (2, 0), "a stopped agent must leave TC egress and TC ingress attached");
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
+    let gro_device = || lab.nodes[0].ns.ip(&["link", "show", "ovl-gro0"]).status.success();
+    assert!(gro_device(), "the agent's GRO device stays while the agent is stopped");
 
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
@@ -96,6 +100,7 @@ fn cleanup_removes_the_datapath_on_purpose() {
     // The fast path (the default) is attached to the pod bridge and veths too.
     assert!(stdout.lines().any(|l| l.starts_with("detached from") && l.contains("eth0")), "{stdout}");
     assert!(stdout.contains("removed 1 routes"), "{stdout}");
+    assert!(stdout.contains("removed the GRO device") && !gro_device(), "{stdout}");
     assert!(!pin_root.exists(), "pins remain under {}", pin_root.display());
     assert!(!subnet_file.exists());
     assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
