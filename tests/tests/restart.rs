@@ -82,7 +82,7 @@ fn cleanup_removes_the_datapath_on_purpose() {
     // On the lab's veths `--decap auto` decapsulates at TC ingress.
     assert_eq!(attached(), (2, 0), "a stopped agent must leave TC egress and TC ingress attached");
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
-    let gro_device = || lab.nodes[0].ns.ip(&["link", "show", "ovl-gro0"]).status.success();
+    let gro_device = || String::from_utf8_lossy(&lab.nodes[0].ns.ip(&["-j", "link", "show"]).stdout).contains("\"ifname\":\"ovl-gro0\"");
     assert!(gro_device(), "the agent's GRO device stays while the agent is stopped");
 
     let out = Command::new("nsenter")
