@@ -314,8 +314,9 @@ impl Lab {
     }
 
     /// Waits until every agent has enrolled all its pods in the fast path
-    /// (`POD_PORTS`, as `inspect` lists it). A bridge learns a pod's MAC
-    /// from the pod's frames, so each pod first says hello to its gateway.
+    /// (`POD_PORTS`, as `inspect` lists it), `timeout` stretched by
+    /// [`crate::scaled`]. A bridge learns a pod's MAC from the pod's
+    /// frames, so each pod first says hello to its gateway.
     pub fn wait_for_fast_path(&self, timeout: Duration) -> Result<(), String> {
         for node in self.nodes.iter().filter(|n| !n.flannel) {
             for pod in &node.pods {
@@ -325,7 +326,7 @@ impl Lab {
                 }
             }
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::scaled(timeout);
         for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| !n.flannel) {
             loop {
                 let text = self.inspect(i);
@@ -924,11 +925,13 @@ impl Lab {
     }
 
     /// Starts node `i`'s agent again and waits until it reports ready
-    /// (its initial sync applied to the datapath).
+    /// (its initial sync applied to the datapath), `timeout` stretched by
+    /// [`crate::scaled`] (loading through the verifier is most of it).
     pub fn start_agent(&mut self, i: usize, timeout: Duration) -> Result<(), String> {
         let readies = self.agent_log(i).matches(READY_LOG).count();
         let agent = self.spawn_agent(i)?;
         self.agents[i] = Some(agent);
+        let timeout = crate::scaled(timeout);
         let deadline = Instant::now() + timeout;
         while self.agent_log(i).matches(READY_LOG).count() == readies {
             if let Some(Some(child)) = self.agents.get_mut(i)
