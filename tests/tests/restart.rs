@@ -111,7 +111,7 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(!pin_root.exists(), "pins remain under {}", pin_root.display());
     assert!(!subnet_file.exists());
     assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
-    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
+    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(2));
     while attached() != (0, 0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
