@@ -191,6 +191,19 @@ pub const RBAC_KINDS: [&str; 4] = ["Namespace", "ServiceAccount", "ClusterRole",
 /// The agents' `--metrics-addr` (each in its own node namespace).
 pub const METRICS_PORT: u16 = 9472;
 
+/// What [`Lab::ping_throughout`] saw.
+#[derive(Debug)]
+pub struct PingRun {
+    /// Whether ping was still running when `during` had returned.
+    pub ran_throughout: bool,
+    /// Echo requests sent.
+    pub transmitted: u32,
+    /// Distinct requests answered.
+    pub replies: u32,
+    /// Sequence numbers of requests without a reply, but for the last one.
+    pub unanswered: Vec<u32>,
+}
+
 pub struct LabPod {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
@@ -888,6 +901,48 @@ impl Lab {
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let _ = child.wait();
         }
+    }
+
+    /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)
+    /// from before `during` starts until a second after it returns, however
+    /// long it takes (agent restarts under emulation take minutes), and
+    /// returns what it saw. Every echo request but the last was sent while
+    /// `during` ran or in that second; the last is sent as ping is stopped
+    /// (SIGINT), which does not wait for its reply, so it is not judged.
+    pub fn ping_throughout(&mut self, during: impl FnOnce(&mut Self)) -> PingRun {
+        let mut ping = ChildGuard(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.nodes[0].pods[0].ns.name()))
+                .args(["ping", "-n", "-i", "0.01", "-W", "1", &self.nodes[1].pods[0].ip.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting ping"),
+        );
+        let stdout = ping.0.stdout.take().expect("ping's stdout");
+        let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+        // Its first request is out before `during` starts.
+        std::thread::sleep(Duration::from_millis(100));
+        during(self);
+        std::thread::sleep(Duration::from_secs(1));
+        // Without a count ping stops only on a signal or an error.
+        let ran_throughout = matches!(ping.0.try_wait(), Ok(None));
+        // SAFETY: signalling our own child; SIGINT makes ping print its summary.
+        unsafe { libc::kill(ping.0.id() as i32, libc::SIGINT) };
+        let _ = ping.0.wait();
+        let text = reader.join().expect("reading ping's output");
+        let transmitted: u32 = text
+            .lines()
+            .find_map(|l| l.split_once(" packets transmitted").and_then(|(n, _)| n.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("ping printed no summary: {text}"));
+        let mut replied = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| l.contains(" bytes from ") && !l.contains("DUP!")) {
+            if let Some(seq) = line.split_whitespace().find_map(|w| w.strip_prefix("icmp_seq=")?.parse::<u32>().ok()) {
+                replied.insert(seq);
+            }
+        }
+        let unanswered = (1..transmitted).filter(|seq| !replied.contains(seq)).collect();
+        PingRun { ran_throughout, transmitted, replies: replied.len() as u32, unanswered }
     }
 
     /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)

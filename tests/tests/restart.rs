@@ -30,13 +30,11 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     let mut lab = two_node_lab();
     let before = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
 
-    // The ping must outlast every restart (asserted below), which takes as
-    // long as loading through the verifier: stretched on slow machines
-    // (`cargo xtask vmtest` under emulation).
-    let ping_for = overlay_tests::scaled(Duration::from_secs(10));
-    let count = (ping_for.as_millis() / 10) as u32;
+    // The ping runs until every restart is over, however long loading
+    // through the verifier takes (minutes under `cargo xtask vmtest`'s
+    // emulation).
     let mut restarts = Duration::ZERO;
-    let (sent, received) = lab.ping_during(count, |lab| {
+    let ping = lab.ping_throughout(|lab| {
         let started = Instant::now();
         std::thread::sleep(Duration::from_millis(500));
         // A crash: no chance to clean up.
@@ -51,14 +49,18 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
         lab.start_agent(1, Duration::from_secs(20)).unwrap();
         restarts = started.elapsed();
     });
-    eprintln!("ping every 10 ms across kill -9, SIGTERM and restarts ({restarts:?} of {ping_for:?}): {received}/{sent} received");
-    assert!(restarts < ping_for, "the ping ({ping_for:?}) ended before the restarts did ({restarts:?})");
-    assert_eq!(sent, count);
-    assert_eq!(received, sent, "packets were lost while agents restarted");
+    eprintln!(
+        "ping every 10 ms across kill -9, SIGTERM and restarts ({restarts:?}): {} of {} requests answered",
+        ping.replies, ping.transmitted
+    );
+    assert!(ping.ran_throughout, "ping stopped before the restarts were over:\n{ping:?}");
+    // Nominally one per 10 ms; at least one per 100 ms however loaded the machine.
+    assert!(u128::from(ping.transmitted) > restarts.as_millis() / 100, "{} requests in {restarts:?}", ping.transmitted);
+    assert!(ping.unanswered.is_empty(), "requests lost while agents restarted: {:?}", ping.unanswered);
 
     let after = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
-    assert!(after.0 >= before.0 + u64::from(count), "node1 encap counter {before:?} -> {after:?} did not keep counting");
-    assert!(after.1 >= before.1 + u64::from(count), "node2 decap counter {before:?} -> {after:?} did not keep counting");
+    assert!(after.0 >= before.0 + u64::from(ping.replies), "node1 encap counter {before:?} -> {after:?} did not keep counting");
+    assert!(after.1 >= before.1 + u64::from(ping.replies), "node2 decap counter {before:?} -> {after:?} did not keep counting");
     for i in 0..2 {
         let log = lab.agent_log(i);
         assert!(log.contains("maps_adopted=true"), "restarted agent must adopt the pinned maps:\n{log}");
