@@ -191,6 +191,19 @@ pub const RBAC_KINDS: [&str; 4] = ["Namespace", "ServiceAccount", "ClusterRole",
 /// The agents' `--metrics-addr` (each in its own node namespace).
 pub const METRICS_PORT: u16 = 9472;
 
+/// What [`Lab::ping_throughout`] saw.
+#[derive(Debug)]
+pub struct PingRun {
+    /// Whether ping was still running when `during` had returned.
+    pub ran_throughout: bool,
+    /// Echo requests sent.
+    pub transmitted: u32,
+    /// Distinct requests answered.
+    pub replies: u32,
+    /// Sequence numbers of requests without a reply, but for the last one.
+    pub unanswered: Vec<u32>,
+}
+
 pub struct LabPod {
     pub ns: NetNs,
     pub ip: Ipv4Addr,
@@ -324,8 +337,9 @@ impl Lab {
     }
 
     /// Waits until every agent has enrolled all its pods in the fast path
-    /// (`POD_PORTS`, as `inspect` lists it). A bridge learns a pod's MAC
-    /// from the pod's frames, so each pod first says hello to its gateway.
+    /// (`POD_PORTS`, as `inspect` lists it), `timeout` stretched by
+    /// [`crate::scaled`]. A bridge learns a pod's MAC from the pod's
+    /// frames, so each pod first says hello to its gateway.
     pub fn wait_for_fast_path(&self, timeout: Duration) -> Result<(), String> {
         for node in self.nodes.iter().filter(|n| !n.flannel) {
             for pod in &node.pods {
@@ -335,7 +349,7 @@ impl Lab {
                 }
             }
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::scaled(timeout);
         for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| !n.flannel) {
             loop {
                 let text = self.inspect(i);
@@ -900,6 +914,48 @@ impl Lab {
     }
 
     /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)
+    /// from before `during` starts until a second after it returns, however
+    /// long it takes (agent restarts under emulation take minutes), and
+    /// returns what it saw. Every echo request but the last was sent while
+    /// `during` ran or in that second; the last is sent as ping is stopped
+    /// (SIGINT), which does not wait for its reply, so it is not judged.
+    pub fn ping_throughout(&mut self, during: impl FnOnce(&mut Self)) -> PingRun {
+        let mut ping = ChildGuard(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.nodes[0].pods[0].ns.name()))
+                .args(["ping", "-n", "-i", "0.01", "-W", "1", &self.nodes[1].pods[0].ip.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting ping"),
+        );
+        let stdout = ping.0.stdout.take().expect("ping's stdout");
+        let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+        // Its first request is out before `during` starts.
+        std::thread::sleep(Duration::from_millis(100));
+        during(self);
+        std::thread::sleep(Duration::from_secs(1));
+        // Without a count ping stops only on a signal or an error.
+        let ran_throughout = matches!(ping.0.try_wait(), Ok(None));
+        // SAFETY: signalling our own child; SIGINT makes ping print its summary.
+        unsafe { libc::kill(ping.0.id() as i32, libc::SIGINT) };
+        let _ = ping.0.wait();
+        let text = reader.join().expect("reading ping's output");
+        let transmitted: u32 = text
+            .lines()
+            .find_map(|l| l.split_once(" packets transmitted").and_then(|(n, _)| n.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("ping printed no summary: {text}"));
+        let mut replied = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| l.contains(" bytes from ") && !l.contains("DUP!")) {
+            if let Some(seq) = line.split_whitespace().find_map(|w| w.strip_prefix("icmp_seq=")?.parse::<u32>().ok()) {
+                replied.insert(seq);
+            }
+        }
+        let unanswered = (1..transmitted).filter(|seq| !replied.contains(seq)).collect();
+        PingRun { ran_throughout, transmitted, replies: replied.len() as u32, unanswered }
+    }
+
+    /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)
     /// while `during` runs; returns (transmitted, received).
     pub fn ping_during(&mut self, count: u32, during: impl FnOnce(&mut Self)) -> (u32, u32) {
         let ping = Command::new("nsenter")
@@ -934,11 +990,13 @@ impl Lab {
     }
 
     /// Starts node `i`'s agent again and waits until it reports ready
-    /// (its initial sync applied to the datapath).
+    /// (its initial sync applied to the datapath), `timeout` stretched by
+    /// [`crate::scaled`] (loading through the verifier is most of it).
     pub fn start_agent(&mut self, i: usize, timeout: Duration) -> Result<(), String> {
         let readies = self.agent_log(i).matches(READY_LOG).count();
         let agent = self.spawn_agent(i)?;
         self.agents[i] = Some(agent);
+        let timeout = crate::scaled(timeout);
         let deadline = Instant::now() + timeout;
         while self.agent_log(i).matches(READY_LOG).count() == readies {
             if let Some(Some(child)) = self.agents.get_mut(i)
