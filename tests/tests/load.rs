@@ -266,9 +266,13 @@ fn without_bpf_privileges_the_agent_says_what_it_needs() {
 /// before `bare_tunnel_source` and `ecn_not_ect`), made with bpftool as
 /// that agent left them under `<root>/v3/`: the new agent loads beside
 /// them, its programs run on the new layout's maps, and the old
-/// directory is removed once they are attached. (The same pins under the
-/// current version's directory are what a layout change without a new
-/// version looked like: the load is then refused, naming the root.)
+/// directory is removed once they are attached. (Shown failing with the
+/// same pins made under the current version's directory, what a layout
+/// change without a new version looks like: the old directory stays, and
+/// the load does NOT refuse them: aya reuses a pinned COUNTERS of 16
+/// slots where the programs index 18, so the last two drop reasons go
+/// uncounted. Checking pinned maps against the object before reuse is
+/// open.)
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
