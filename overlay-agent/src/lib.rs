@@ -3,14 +3,17 @@
 //!
 //! The agent is a pipeline, top to bottom, each stage testable on its own:
 //!
-//! 1. node source: [`manifests`] (a directory of Node manifests), read
-//!    through the one Node → [`node::NodeInfo`] translation;
+//! 1. node source: [`manifests`] (a directory of Node manifests) or
+//!    [`kube_source`] (a watch of the API server's Nodes), read through the
+//!    one Node → [`node::NodeInfo`] translation;
 //! 2. desired state: [`desired::desired`];
 //! 3. diff: [`desired::diff`];
 //! 4. apply: [`apply::Applier`] writes the pinned [`maps`] and the kernel
 //!    [`routes`].
 //!
-//! [`datapath`] loads and attaches the eBPF programs underneath.
+//! [`datapath`] loads and attaches the eBPF programs underneath;
+//! [`kernel_events`] says when what the agent reads from the kernel (paths
+//! to the nodes, the pod bridge's ports) has changed.
 
 pub mod apply;
 pub mod bpffs;
@@ -20,6 +23,7 @@ pub mod desired;
 pub mod foreign_vxlan;
 pub mod hook;
 pub mod iface;
+pub mod kernel_events;
 pub mod kube_source;
 pub mod manifests;
 pub mod maps;

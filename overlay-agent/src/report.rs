@@ -95,11 +95,14 @@ mod tests {
             Box::new(NetConfError::Write { path: path(), source: io_error() }),
             Box::new(KubeSourceError::Kubeconfig { path: "/x".into(), source: kubeconfig }),
             Box::new(KubeSourceError::InCluster(kube::config::InClusterError::ReadEnvironmentVariable(std::env::VarError::NotPresent))),
-            Box::new(RouteError::Spawn(io_error())),
+            Box::new(RouteError::Netlink(RtnlError::Socket(io_error()))),
+            Box::new(crate::pod_ports::PodPortsError::Read { bridge: "cni0".into(), source: RtnlError::Io(io_error()) }),
+            Box::new(crate::kernel_events::KernelEventsError::Socket(io_error())),
+            Box::new(crate::kernel_events::KernelEventsError::Subscribe { group: 1, source: io_error() }),
             Box::new(RouteError::Netlink(RtnlError::Io(io_error()))),
             Box::new(RtnlError::Socket(io_error())),
             Box::new(RtnlError::Io(io_error())),
-            Box::new(crate::apply::ApplyError::Route { cidr: "10.0.0.0/24".parse().unwrap(), node_ip: [1, 2, 3, 4].into(), source: RouteError::Spawn(io_error()) }),
+            Box::new(crate::apply::ApplyError::Route { cidr: "10.0.0.0/24".parse().unwrap(), node_ip: [1, 2, 3, 4].into(), source: RouteError::Netlink(RtnlError::Io(io_error())) }),
             Box::new(crate::server::serve_error("127.0.0.1:1".parse().unwrap(), io_error())),
         ];
         let repeated: Vec<String> = errors.iter().filter_map(|e| assert_each_cause_once(e.as_ref()).err()).collect();

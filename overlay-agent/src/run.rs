@@ -4,7 +4,7 @@
 //! diff → apply (maps, routes) → publish (our Node, subnet.env, readiness).
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::Arc,
@@ -22,6 +22,7 @@ use overlay_agent::{
     desired::{Backend, Desired, LocalSettings, NotReady, Paths, RejectKind, Rejected, desired},
     foreign_vxlan::{self, VxlanDevice},
     iface,
+    kernel_events::{KernelEvent, KernelEvents, Watched},
     kube_source::{self, NodeCache, Publisher},
     manifests::ManifestDir,
     maps::DatapathMaps,
@@ -43,10 +44,6 @@ use crate::{Decap, Forward, RunArgs};
 const POLL: Duration = Duration::from_millis(200);
 /// How often an unchanged error reading the nodes directory is repeated.
 const DIR_ERROR_REPEAT: Duration = Duration::from_secs(60);
-/// How often the kernel's paths to the nodes are re-checked: an underlay
-/// address or route change flips a peer between direct and VXLAN within
-/// this.
-const PATH_CHECK: Duration = Duration::from_secs(1);
 /// How often the datapath counters are checked for problems to report and
 /// failed writes to the API are retried.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
@@ -133,11 +130,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             return Err(err);
         }
     };
+    // Subscribed before the first look at the pod bridge: nothing changes
+    // unheard in between.
+    let watched = Watched { underlay: iface.clone(), pod_bridge: agent.pod_fast_path.as_ref().map(|f| f.bridge.clone()) };
+    let mut kernel_events = KernelEvents::spawn(watched).context("subscribing to the kernel's link, address and route changes")?;
     // CONFIG is written by the first reconcile, which follows.
     agent.attach_pod_fast_path();
 
     let mut poll = tokio::time::interval(POLL);
-    let mut path_check = tokio::time::interval(PATH_CHECK);
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
     let mut mismatched_seen =
         agent.applier.maps().counters_total().map(|c| c.packets(Counter::MismatchedPort)).unwrap_or(0);
@@ -206,15 +206,20 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 changed &= cache.synced();
                 synced = cache.synced();
             }
-            _ = path_check.tick() => {
+            events = kernel_events.next() => {
                 started = Instant::now();
-                paths_changed = agent.check_paths_if_underlay_changed(&nodes);
+                if events.contains(&KernelEvent::UnderlayChanged) {
+                    paths_changed = agent.check_paths(&nodes);
+                }
+                if events.contains(&KernelEvent::PodBridgeChanged) || events.contains(&KernelEvent::PodPortsChanged) {
+                    agent.attach_pod_fast_path();
+                }
+                // A new bridge's index and MAC reach CONFIG by a reconcile.
+                changed = synced && events.contains(&KernelEvent::PodBridgeChanged);
             }
             _ = housekeeping.tick() => {
                 started = Instant::now();
                 warn_on_port_mismatch(&agent.applier, agent.settings.vxlan_port, &mut mismatched_seen);
-                // The reconcile this tick runs writes any new bridge index.
-                agent.attach_pod_fast_path();
                 // Retries what failed before (API writes, events).
                 changed = synced;
             }
@@ -265,7 +270,6 @@ fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Opti
         applier,
         metrics,
         paths: Paths::new(),
-        underlay: None,
         reported: BTreeSet::new(),
         evented: BTreeSet::new(),
         pod_traffic_rules: PodTrafficRules::new(args.ip_masq),
@@ -417,8 +421,6 @@ struct Agent {
     /// The kernel's paths to the nodes' addresses, as last asked (those
     /// of nodes gone are dropped at the next path check).
     paths: Paths,
-    /// [`routes::underlay_fingerprint`] when `paths` were last all asked.
-    underlay: Option<u64>,
     /// Problems already logged, so each is logged once, not per reconcile.
     reported: BTreeSet<String>,
     /// Problems already recorded as Kubernetes events.
@@ -555,27 +557,6 @@ impl Agent {
         }
     }
 
-    /// Re-asks the kernel for its paths to every node when the underlay's
-    /// addresses, rules or routes changed since the last look. Returns
-    /// whether any path changed.
-    fn check_paths_if_underlay_changed(&mut self, nodes: &[Arc<NodeInfo>]) -> bool {
-        match routes::underlay_fingerprint() {
-            Ok(fingerprint) if Some(fingerprint) == self.underlay => {
-                self.forget_paths_of_gone_nodes(nodes);
-                false
-            }
-            Ok(fingerprint) => {
-                let changed = self.check_paths(nodes);
-                self.underlay = Some(fingerprint);
-                changed
-            }
-            Err(err) => {
-                warn!(error = %err.to_string_with_causes(), "reading the underlay's addresses and routes");
-                false
-            }
-        }
-    }
-
     /// Asks the kernel for its paths to nodes whose address it has not
     /// been asked about yet: a single Node update costs no full re-check.
     fn check_new_paths(&mut self, nodes: &[Arc<NodeInfo>]) {
@@ -585,18 +566,6 @@ impl Agent {
         match routes::paths(self.applier.iface(), &new) {
             Ok(paths) => self.paths.extend(paths),
             Err(err) => warn!(error = %err.to_string_with_causes(), "asking the kernel for paths to new nodes"),
-        }
-    }
-
-    /// Drops the paths to addresses no node has any more, once there are
-    /// more paths than nodes. Done at the path check, not per event: an
-    /// entry of a node gone is read only if a node takes its address again,
-    /// and it is then as current as any other entry (all are re-asked when
-    /// the underlay changes).
-    fn forget_paths_of_gone_nodes(&mut self, nodes: &[Arc<NodeInfo>]) {
-        if self.paths.len() > nodes.len() {
-            let current: HashSet<Ipv4Addr> = nodes.iter().map(|n| n.node_ip).collect();
-            self.paths.retain(|addr, _| current.contains(addr));
         }
     }
 

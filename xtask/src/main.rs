@@ -16,7 +16,6 @@ mod gotools;
 mod lab;
 mod scale;
 mod setup;
-mod toolchain;
 mod vmtest;
 
 use std::process::{Command, ExitCode};

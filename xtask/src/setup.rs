@@ -10,11 +10,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use overlay_toolchain::{self as toolchain, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
-use crate::{
-    gotools,
-    toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain},
-};
+use crate::gotools;
 
 /// Commands the tests and the lab run, and the Debian package for each.
 const TEST_TOOLS: [(&str, &str); 16] = [
