@@ -58,8 +58,13 @@ const RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdSourceError {
-    #[error("reading --etcd-{what} {path}: {source}")]
-    TlsFile { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("reading --etcd-{what} {path}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("--etcd-certfile and --etcd-keyfile go together; give both or neither")]
     HalfIdentity,
     #[error("connecting to etcd at {endpoints}")]
@@ -89,8 +94,12 @@ pub enum LeaseError {
     BadValue { key: String, reason: String },
     #[error("{key}: no PublicIP")]
     NoPublicIp { key: String },
-    #[error("{key}: {source}")]
-    Node { key: String, source: NodeError },
+    #[error("lease {key}")]
+    Node {
+        key: String,
+        #[source]
+        source: NodeError,
+    },
 }
 
 /// How to reach etcd (flanneld's `--etcd-*` flags).
@@ -591,7 +600,7 @@ mod tests {
 
     #[test]
     fn bad_leases_are_named_with_the_reason() {
-        let err = |key: &str, value: &[u8]| lease_to_node(key, key, value).unwrap_err().to_string();
+        let err = |key: &str, value: &[u8]| crate::report::Chain(&lease_to_node(key, key, value).unwrap_err()).to_string();
         assert!(err("garbage", b"{}").contains("not a subnet key"));
         assert!(err("10.244.5.0-24", b"not json").contains("not a JSON object"));
         assert!(err("10.244.5.0-24", br#"{"BackendType":"vxlan"}"#).contains("no PublicIP"));
