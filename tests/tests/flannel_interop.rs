@@ -113,7 +113,8 @@ fn a_flannel_node_migrates_to_overlay_while_peers_keep_sending() {
     for (what, (sent, received)) in ["node1 pod -> migrating node3 pod", "migrating node3 pod -> node2 pod"].iter().zip(&results) {
         eprintln!("migration: {what}: {sent} sent, {received} received, {} lost", sent - received);
         assert!(*sent > 100, "{what}: ping did not run");
-        assert!(sent - received <= sent / 50, "{what}: lost {} of {sent} during migration", sent - received);
+        // Issue 18: a node migrated from real flanneld loses nothing.
+        assert_eq!(sent, received, "{what}: lost {} of {sent} during migration", sent - received);
     }
     let vxlan = String::from_utf8_lossy(&lab.nodes[2].ns.ip(&["-d", "link", "show", "type", "vxlan"]).stdout).into_owned();
     assert!(vxlan.trim().is_empty(), "flannel.1 still present after migration: {vxlan}");
