@@ -20,6 +20,7 @@ pub mod bpffs;
 pub mod clsact;
 pub mod datapath;
 pub mod desired;
+pub mod etcd_source;
 pub mod foreign_vxlan;
 pub mod hook;
 pub mod iface;

@@ -21,6 +21,7 @@ use overlay_agent::{
     hook::{DecapRequest, HookFacts, choose_decap_hook},
     desired::{Backend, Desired, LocalSettings, NotReady, Paths, RejectKind, Rejected, desired},
     foreign_vxlan::{self, VxlanDevice},
+    etcd_source::{self, EtcdSource},
     iface,
     kernel_events::{KernelEvent, KernelEvents, Watched},
     kube_source::{self, NodeCache, Publisher},
@@ -63,6 +64,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 enum Source {
     Dir(ManifestDir),
     Kube(Box<KubeNodes>),
+    /// flannel's etcd mode: snapshots come from the task that holds our
+    /// lease and watches everyone's (`etcd_snapshots`).
+    Etcd,
 }
 
 struct KubeNodes {
@@ -74,17 +78,38 @@ struct KubeNodes {
 type WatchItem = Result<kube::runtime::watcher::Event<k8s_openapi::api::core::v1::Node>, kube::runtime::watcher::Error>;
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
-    let (settings, iface, subnet_file) = settings(&args)?;
+    let etcd = if args.etcd_endpoints.is_empty() { None } else { Some(etcd_source::connect_and_read_config(&etcd_options(&args)).await?) };
+    let (settings, iface, subnet_file) = settings(&args, etcd.as_ref().map(|(_, config)| config.net_conf.clone()))?;
     let metrics = Arc::new(Metrics::new(&args.bpffs_root));
     let bound = server::serve(args.metrics_addr, metrics.clone()).await?;
-    let mut source = match &args.nodes_dir {
-        Some(dir) => {
+    let mut etcd_snapshots = None;
+    let mut source = match (&args.nodes_dir, etcd) {
+        (_, Some((client, config))) => {
+            let public_ip = match settings.public_ip {
+                Some(ip) => ip,
+                None => iface::ipv4_addresses(&iface)
+                    .with_context(|| format!("reading the IPv4 addresses of {iface}"))?
+                    .first()
+                    .copied()
+                    .with_context(|| format!("{iface} has no IPv4 address to advertise in our lease; give --public-ip"))?,
+            };
+            let attrs = etcd_source::OwnAttrs {
+                node_name: settings.node_name.clone(),
+                public_ip,
+                backend_type: settings.backend.flannel_name().to_owned(),
+                vni: settings.vni,
+                previous_subnet: subnet_file.as_deref().and_then(etcd_source::previous_subnet),
+            };
+            etcd_snapshots = Some(EtcdSource::new(client, &args.etcd_prefix, config, attrs).spawn());
+            Source::Etcd
+        }
+        (Some(dir), None) => {
             if !dir.is_dir() {
                 bail!("--nodes-dir {}: not a directory", dir.display());
             }
             Source::Dir(ManifestDir::new(dir))
         }
-        None => {
+        (None, None) => {
             // $KUBECONFIG only where no --nodes-dir was given: an exported
             // variable must not conflict with a flag the user typed.
             let kubeconfig = args.kubeconfig.clone().or_else(|| std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()).map(PathBuf::from));
@@ -117,7 +142,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // A failed start removes what it created (the root's pins are all
     // new when its maps were not there).
     let fresh_root = !bpffs::PinLayout::new(&args.bpffs_root).maps_dir().exists();
-    let source_kind = if matches!(source, Source::Dir(_)) { "manifests" } else { "kubernetes" };
+    let source_kind = match source { Source::Dir(_) => "manifests", Source::Kube(_) => "kubernetes", Source::Etcd => "etcd" };
     let mut agent = match start(&args, &iface, settings, subnet_file, metrics, bound, source_kind) {
         Ok(agent) => agent,
         Err(err) => {
@@ -206,6 +231,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 changed &= cache.synced();
                 synced = cache.synced();
             }
+            snapshot = next_etcd_snapshot(&mut etcd_snapshots) => {
+                started = Instant::now();
+                let Some(snapshot) = snapshot else { bail!("the etcd source stopped") };
+                agent.report_invalid(snapshot.invalid.iter().map(|e| Chain(e).to_string()).collect());
+                nodes = snapshot.nodes.into_iter().map(Arc::new).collect();
+                synced = true;
+                changed = true;
+            }
             events = kernel_events.next() => {
                 started = Instant::now();
                 if events.contains(&KernelEvent::UnderlayChanged) {
@@ -245,6 +278,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         }
         match &source {
             Source::Dir(_) => agent.log_missing_annotations(&nodes, &desired),
+            // Our lease, which the source task holds, is what we publish.
+            Source::Etcd => {}
             Source::Kube(kube) => agent.publish(&kube.cache, &kube.publisher, &desired, rejected).await,
         }
     }
@@ -341,13 +376,31 @@ fn foreign_vxlan_devices(port: u16, remove: bool) -> anyhow::Result<Vec<VxlanDev
 async fn next_watch_event(source: &mut Source) -> Option<WatchItem> {
     match source {
         Source::Kube(kube) => kube.watch.next().await,
-        Source::Dir(_) => std::future::pending().await,
+        Source::Dir(_) | Source::Etcd => std::future::pending().await,
+    }
+}
+
+async fn next_etcd_snapshot(snapshots: &mut Option<tokio::sync::mpsc::Receiver<etcd_source::Snapshot>>) -> Option<etcd_source::Snapshot> {
+    match snapshots {
+        Some(snapshots) => snapshots.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// flanneld's `--etcd-*` flags.
+fn etcd_options(args: &RunArgs) -> etcd_source::EtcdOptions {
+    etcd_source::EtcdOptions {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.trim_end_matches('/').to_owned(),
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
     }
 }
 
 /// Settings from the flags and `net-conf.json`, the underlay interface, and
 /// where to write `subnet.env`.
-fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
+fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
     let node_name = match &args.node_name {
         Some(name) => name.clone(),
         None => hostname().context("--node-name not given, $NODE_NAME unset, and the hostname is unreadable")?,
@@ -361,7 +414,10 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         bail!("--iface {iface}: no such interface in this network namespace");
     };
     let underlay_mtu = iface::mtu(&iface).with_context(|| format!("reading the MTU of {iface}"))?;
-    let netconf = args.net_conf.as_deref().map(NetConf::read).transpose()?;
+    let netconf = match etcd_net_conf {
+        Some(conf) => Some(conf),
+        None => args.net_conf.as_deref().map(NetConf::read).transpose()?,
+    };
     if let Some(conf) = &netconf {
         let flags = [
             ("--backend", args.backend.is_some()),
@@ -372,7 +428,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         if let Some((flag, _)) = flags.iter().find(|(_, given)| *given) {
             bail!(
                 "{flag} and --net-conf both set the backend; set it in {} (Backend: Type, VNI, Port, DirectRouting) and drop the flag",
-                args.net_conf.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                args.net_conf.as_ref().map_or_else(|| format!("{}/config in etcd", args.etcd_prefix), |p| p.display().to_string())
             );
         }
         info!(network = %conf.network, backend = conf.backend.flannel_name(), vni = conf.vni, port = conf.port, direct_routing = conf.direct_routing, "read net-conf.json");
