@@ -600,7 +600,7 @@ mod tests {
 
     #[test]
     fn bad_leases_are_named_with_the_reason() {
-        let err = |key: &str, value: &[u8]| crate::report::Chain(&lease_to_node(key, key, value).unwrap_err()).to_string();
+        let err = |key: &str, value: &[u8]| Chain(&lease_to_node(key, key, value).unwrap_err()).to_string();
         assert!(err("garbage", b"{}").contains("not a subnet key"));
         assert!(err("10.244.5.0-24", b"not json").contains("not a JSON object"));
         assert!(err("10.244.5.0-24", br#"{"BackendType":"vxlan"}"#).contains("no PublicIP"));
