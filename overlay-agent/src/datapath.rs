@@ -68,6 +68,18 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    #[error(
+        "the map pinned at {path} is {pinned}, but this agent's programs use {expected}: pins of another build \
+         under the same layout version; stop the agent that left them and run `overlay-agent cleanup` on its \
+         --bpffs-root (pod traffic stops until the agent starts again)"
+    )]
+    PinnedMapShape { path: PathBuf, pinned: String, expected: String },
+    #[error("reading the map pinned at {path}")]
+    PinnedMapInfo {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("the eBPF object has no program {0}; agent and programs are out of step")]
     MissingProgram(&'static str),
     #[error("the kernel verifier rejected program {name}; its log:\n{verifier_log}\n")]
@@ -165,6 +177,36 @@ pub struct ProgramSummary {
     pub verified_instructions: Option<u32>,
 }
 
+/// One map's shape as `bpftool map show` would name it.
+fn shape(map_type: u32, key: u32, value: u32, max: u32) -> String {
+    format!("type {map_type}, key {key} B, value {value} B, {max} entries")
+}
+
+/// Refuses pinned maps whose kind, key, value or capacity differ from the
+/// embedded object's definition of the same name.
+fn check_pinned_shapes(layout: &PinLayout) -> Result<(), DatapathError> {
+    let Ok(object) = aya_obj::Object::parse(object::EBPF_OBJECT) else {
+        // The loader reports an unparsable object with its own error.
+        return Ok(());
+    };
+    for name in map_names::ALL {
+        let path = layout.map(name);
+        let Some(def) = object.maps.get(name) else { continue };
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path)
+            .map_err(|source| DatapathError::PinnedMapInfo { path: path.clone(), source })?;
+        let pinned_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let pinned = shape(pinned_type, info.key_size(), info.value_size(), info.max_entries());
+        let expected = shape(def.map_type(), def.key_size(), def.value_size(), def.max_entries());
+        if pinned != expected {
+            return Err(DatapathError::PinnedMapShape { path, pinned, expected });
+        }
+    }
+    Ok(())
+}
+
 impl Datapath {
     /// Loads the programs, passing each through the kernel's verifier, and
     /// creates (or reopens) the maps pinned under `root` (see
@@ -179,6 +221,11 @@ impl Datapath {
         let layout = PinLayout::new(root);
         bpffs::prepare_root(&layout.maps_dir())?;
         let maps_adopted = map_names::ALL.iter().all(|name| layout.map(name).exists());
+        // aya reuses a pinned map whatever its shape, so pins left under this
+        // layout version by a build with other sizes would be misread (a
+        // shorter COUNTERS loses the last reasons' counts, a smaller value
+        // is read past its end): refuse them before anything attaches.
+        check_pinned_shapes(&layout)?;
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             let _: &mut EbpfLoader<'_> = loader.map_pin_path(name, layout.map(name));

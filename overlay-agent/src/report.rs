@@ -87,6 +87,7 @@ mod tests {
             Box::new(DatapathError::Verifier { name: "p", verifier_log: "log".into(), source: io_error() }),
             Box::new(DatapathError::Unpin { path: path(), source: io_error() }),
             Box::new(DatapathError::Pin { path: path(), source: io_error() }),
+            Box::new(DatapathError::PinnedMapInfo { path: path(), source: aya::maps::MapError::ProgIdNotSupported }),
             Box::new(DatapathError::Bpffs(BpffsError::Mount { path: path(), source: io_error() })),
             Box::new(ManifestError::ReadDir { dir: path(), source: io_error() }),
             Box::new(ManifestError::Read { path: path(), source: io_error() }),
