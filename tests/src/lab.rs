@@ -710,7 +710,14 @@ impl Lab {
     fn wait_for_flanneld(&mut self, i: usize, peers: usize, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
         loop {
-            let out = self.nodes[i].ns.ip(&["route", "show", "dev", "flannel.1"]);
+            // flanneld creates flannel.1 once it holds its lease: until then
+            // `ip route show dev flannel.1` fails (no such device), which
+            // here means no routes yet.
+            let out = Command::new("ip")
+                .args(["-n", self.nodes[i].ns.name(), "route", "show", "dev", "flannel.1"])
+                .stderr(Stdio::null())
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
             let routes = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" via ")).count();
             if routes == peers {
                 return Ok(());
