@@ -3,17 +3,23 @@
 //!
 //! The agent is a pipeline, top to bottom, each stage testable on its own:
 //!
-//! 1. node source: [`manifests`] (a directory of Node manifests), read
-//!    through the one Node → [`node::NodeInfo`] translation;
-//! 2. desired state: [`desired::desired`];
+//! 1. node source: [`manifests`] (a directory of Node manifests) or
+//!    [`kube_source`] (the Kubernetes API), read through the one Node →
+//!    [`node::NodeInfo`] translation;
+//! 2. desired state: [`desired::desired`], kept up to date node by node by
+//!    [`desired::DesiredState`];
 //! 3. diff: [`desired::diff`];
 //! 4. apply: [`apply::Applier`] writes the pinned [`maps`] and the kernel
 //!    [`routes`].
 //!
-//! [`datapath`] loads and attaches the eBPF programs underneath.
+//! [`reconciler`] is the event loop that runs them, with the node source,
+//! the datapath, the underlay and the publisher behind traits (unit-tested
+//! against fakes). [`cli`] is the command line. [`datapath`] loads and
+//! attaches the eBPF programs underneath.
 
 pub mod apply;
 pub mod bpffs;
+pub mod cli;
 pub mod clsact;
 pub mod datapath;
 pub mod desired;
@@ -31,6 +37,7 @@ pub mod object;
 pub mod pod_ports;
 pub mod report;
 pub mod preflight;
+pub mod reconciler;
 pub mod routes;
 pub mod rtnl;
 pub mod server;
