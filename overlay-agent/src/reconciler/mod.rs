@@ -79,7 +79,11 @@ pub enum SourceUpdate {
     /// datapath keeps what it has. A watch-based source resumes by itself
     /// (from its last resource version or revision, or with a relist that
     /// it reports as [`NodeEvent::Resync`]).
-    Outage(String),
+    Outage {
+        /// What could not be read, for the log: "the nodes directory".
+        source: &'static str,
+        problem: String,
+    },
 }
 
 /// The node source stopped for good.
@@ -152,7 +156,7 @@ pub enum Reported {
     NotReady(String),
     OwnAddress(String),
     Rejected { node: String, kind: RejectKind, reason: String },
-    SourceOutage(String),
+    SourceOutage { source: &'static str, problem: String },
 }
 
 /// The loop's state between events.
@@ -237,21 +241,21 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     /// Takes what the node source reported.
     pub fn handle_source(&mut self, update: SourceUpdate) {
         let events = match update {
-            SourceUpdate::Outage(problem) => {
-                self.metrics.watch_restarts.inc();
-                let key = Reported::SourceOutage(problem.clone());
+            SourceUpdate::Outage { source, problem } => {
+                let key = Reported::SourceOutage { source, problem: problem.clone() };
+                // Once per distinct problem, and again each minute.
                 let repeat = self.outage_logged_at.is_some_and(|at| at.elapsed() >= OUTAGE_REPEAT);
                 if self.report(key) || repeat {
-                    error!(error = %problem, "reading the nodes; keeping the current state (the datapath keeps forwarding)");
+                    error!(error = %problem, "reading {source}; keeping the current state (the datapath keeps forwarding)");
                     self.outage_logged_at = Some(Instant::now());
                 }
                 return;
             }
             SourceUpdate::Events(events) => events,
         };
-        if self.reported.iter().any(|r| matches!(r, Reported::SourceOutage(_))) {
-            info!("nodes readable again");
-            self.reported.retain(|r| !matches!(r, Reported::SourceOutage(_)));
+        if let Some(Reported::SourceOutage { source, .. }) = self.reported.iter().find(|r| matches!(r, Reported::SourceOutage { .. })) {
+            info!("{source} readable again");
+            self.reported.retain(|r| !matches!(r, Reported::SourceOutage { .. }));
             self.outage_logged_at = None;
         }
         for event in events {

@@ -60,12 +60,15 @@ impl NodeSource for ManifestSource {
                 Ok(None) => {}
                 Err(err) => {
                     self.failing = true;
-                    return Ok(SourceUpdate::Outage(Chain(&err).to_string()));
+                    return Ok(SourceUpdate::Outage { source: "the nodes directory", problem: Chain(&err).to_string() });
                 }
             }
         }
     }
 }
+
+/// The Kubernetes source, in the log.
+const WATCH: &str = "Nodes through the API (watch)";
 
 type WatchItem = Result<watcher::Event<Node>, watcher::Error>;
 
@@ -131,7 +134,7 @@ impl KubeSource {
 impl NodeSource for KubeSource {
     async fn next(&mut self) -> Result<SourceUpdate, SourceEnded> {
         if let Some(problem) = self.outage.take() {
-            return Ok(SourceUpdate::Outage(problem));
+            return Ok(SourceUpdate::Outage { source: WATCH, problem });
         }
         let mut events = Vec::new();
         let mut item = self.watch.next().await;
@@ -141,9 +144,9 @@ impl NodeSource for KubeSource {
                 None => return Err(SourceEnded("the Node watch ended".to_owned())),
                 Some(Err(err)) => {
                     self.metrics.watch_restarts.inc();
-                    let problem = format!("watching Nodes (retrying with backoff): {}", err.to_string_with_causes());
+                    let problem = format!("{} (retrying with backoff)", err.to_string_with_causes());
                     if events.is_empty() {
-                        return Ok(SourceUpdate::Outage(problem));
+                        return Ok(SourceUpdate::Outage { source: WATCH, problem });
                     }
                     self.outage = Some(problem);
                     break;

@@ -239,12 +239,12 @@ async fn a_source_outage_keeps_the_state_and_is_logged_once() {
     let mut r = new_loop(&table);
     step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await;
     for _ in 0..5 {
-        step(&mut r, SourceUpdate::Outage("connection refused".into())).await;
+        step(&mut r, SourceUpdate::Outage { source: "the API", problem: "connection refused".into() }).await;
         r.housekeeping();
         r.reconcile(Instant::now()).await;
     }
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"], "the datapath keeps every peer");
-    let outages = r.first_reports.iter().filter(|p| **p == Reported::SourceOutage("connection refused".into())).count();
+    let outages = r.first_reports.iter().filter(|p| *p == Reported::SourceOutage { source: "the API", problem: "connection refused".into() }).count();
     assert_eq!(outages, 1);
     step(&mut r, events(vec![])).await;
     assert!(r.reported.is_empty(), "back: {:?}", r.reported);
@@ -259,7 +259,7 @@ async fn a_restart_adopts_the_state_and_a_relist_drops_nodes_deleted_meanwhile()
     drop(first);
     let mut second = new_loop(&table);
     // Until the new loop has the whole set, the adopted state serves.
-    second.handle_source(SourceUpdate::Outage("API server down".into()));
+    second.handle_source(SourceUpdate::Outage { source: "the API", problem: "API server down".into() });
     assert!(!second.reconcile(Instant::now()).await);
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
     let mut nodes = three();
