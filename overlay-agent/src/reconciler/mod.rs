@@ -358,11 +358,12 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
 
     /// Records a problem; `true` the first time (log it then).
     fn report(&mut self, problem: Reported) -> bool {
+        let first = self.reported.insert(problem.clone());
         #[cfg(test)]
-        if !self.reported.contains(&problem) {
-            self.first_reports.push(problem.clone());
+        if first {
+            self.first_reports.push(problem);
         }
-        self.reported.insert(problem)
+        first
     }
 
     /// desired → apply → host → publish, when anything is pending and the

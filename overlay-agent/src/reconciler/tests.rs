@@ -244,7 +244,7 @@ async fn a_source_outage_keeps_the_state_and_is_logged_once() {
         r.reconcile(Instant::now()).await;
     }
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"], "the datapath keeps every peer");
-    let outages = r.first_reports.iter().filter(|p| *p == Reported::SourceOutage { source: "the API", problem: "connection refused".into() }).count();
+    let outages = r.first_reports.iter().filter(|p| **p == Reported::SourceOutage { source: "the API", problem: "connection refused".into() }).count();
     assert_eq!(outages, 1);
     step(&mut r, events(vec![])).await;
     assert!(r.reported.is_empty(), "back: {:?}", r.reported);
