@@ -12,8 +12,7 @@ use std::{env, fs, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
 
-#[path = "../xtask/src/toolchain.rs"]
-mod toolchain;
+use overlay_toolchain as toolchain;
 
 const OVERLAY_EBPF_BUILD: &str = "OVERLAY_EBPF_BUILD";
 const OUT_DIR: &str = "OUT_DIR";
@@ -22,7 +21,6 @@ const OBJECT_NAME: &str = "overlay";
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed={OVERLAY_EBPF_BUILD}");
     println!("cargo:rerun-if-env-changed={}", toolchain::OVERLAY_EBPF_TOOLCHAIN);
-    println!("cargo:rerun-if-changed=../xtask/src/toolchain.rs");
     let out_dir = PathBuf::from(env::var_os(OUT_DIR).ok_or_else(|| anyhow!("{OUT_DIR} not set"))?);
     let object = out_dir.join(OBJECT_NAME);
 

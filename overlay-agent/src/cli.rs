@@ -18,6 +18,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start; boxing buys nothing")]
 pub enum Command {
     /// Load and attach the datapath, then keep its maps and routes in step
     /// with the cluster's nodes until SIGTERM/Ctrl-C. Stopping leaves the
@@ -86,8 +87,26 @@ pub struct RunArgs {
     /// instead of the Kubernetes API.
     #[arg(long, conflicts_with = "kubeconfig")]
     pub nodes_dir: Option<PathBuf>,
+    /// flannel's etcd mode: read the network config and every node's subnet
+    /// lease from these etcd endpoints (comma-separated), watch them, and
+    /// hold this node's own lease as flanneld does, instead of Node objects.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["nodes_dir", "net_conf", "kubeconfig"])]
+    pub etcd_endpoints: Vec<String>,
+    /// Where flannel's keys live in etcd (`<prefix>/config`,
+    /// `<prefix>/subnets/`).
+    #[arg(long, default_value = crate::etcd_source::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate (PEM) to verify etcd's TLS certificate.
+    #[arg(long)]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd, with --etcd-keyfile.
+    #[arg(long)]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key (PEM) for etcd, with --etcd-certfile.
+    #[arg(long)]
+    pub etcd_keyfile: Option<PathBuf>,
     /// Watch Nodes through the API server in this kubeconfig; defaults to
-    /// $KUBECONFIG unless --nodes-dir is given. Without either (and without
+    /// $KUBECONFIG unless --nodes-dir or --etcd-endpoints is given. Without either (and without
     /// --nodes-dir) the in-cluster service account is used.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,

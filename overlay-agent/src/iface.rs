@@ -2,6 +2,10 @@
 
 use std::{ffi::CString, io};
 
+use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
+
+use crate::rtnl::Rtnl;
+
 /// The interface's index in the current network namespace.
 pub fn interface_index(iface: &str) -> Option<u32> {
     let name = CString::new(iface).ok()?;
@@ -138,13 +142,47 @@ pub fn ipv4_addresses(iface: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {
     Ok(addresses)
 }
 
-/// Whether an XDP program is attached to the interface, as `ip link`
-/// reports it.
+/// Whether an XDP program is attached to the interface (what `ip link`
+/// shows as `xdp`), asked of the kernel over rtnetlink.
 pub fn has_xdp_program(iface: &str) -> io::Result<bool> {
-    let out = std::process::Command::new("ip").args(["-j", "link", "show", "dev", iface]).output()?;
-    if !out.status.success() {
-        return Err(io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+    let links = Rtnl::open().and_then(|mut rtnl| rtnl.links()).map_err(io::Error::other)?;
+    let link = links
+        .iter()
+        .find(|link| link.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(name) if name == iface)))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {iface} in this network namespace")))?;
+    Ok(xdp_attached(link))
+}
+
+/// Whether a link's `IFLA_XDP` says a program is attached in any mode.
+fn xdp_attached(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| match a {
+        LinkAttribute::Xdp(xdp) => xdp.iter().any(|x| matches!(x, LinkXdp::Attached(mode) if *mode != XdpAttached::None)),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xdp_is_attached_in_any_mode_but_none() {
+        let link = |xdp: Vec<LinkXdp>| {
+            let mut link = LinkMessage::default();
+            link.attributes.push(LinkAttribute::Xdp(xdp));
+            link
+        };
+        assert!(!xdp_attached(&LinkMessage::default()));
+        assert!(!xdp_attached(&link(vec![LinkXdp::Attached(XdpAttached::None)])));
+        for mode in [XdpAttached::Driver, XdpAttached::SocketBuffer, XdpAttached::Hardware, XdpAttached::Multiple] {
+            assert!(xdp_attached(&link(vec![LinkXdp::Attached(mode), LinkXdp::ProgId(7)])), "{mode:?}");
+        }
     }
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(io::Error::other)?;
-    Ok(links.get(0).and_then(|link| link.get("xdp")).is_some())
+
+    #[test]
+    fn loopback_has_no_xdp_program_and_a_missing_interface_is_an_error() {
+        // Read-only, in whatever namespace the test runs.
+        assert!(!has_xdp_program("lo").unwrap());
+        assert_eq!(has_xdp_program("no-such-if0").unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
 }

@@ -4,7 +4,8 @@
 //! The agent is a pipeline, top to bottom, each stage testable on its own:
 //!
 //! 1. node source: [`manifests`] (a directory of Node manifests) or
-//!    [`kube_source`] (the Kubernetes API), read through the one Node →
+//!    [`kube_source`] (a watch of the API server's Nodes) or [`etcd_source`]
+//!    (flannel's etcd mode), read through the one Node →
 //!    [`node::NodeInfo`] translation;
 //! 2. desired state: [`desired::desired`], kept up to date node by node by
 //!    [`desired::DesiredState`];
@@ -15,7 +16,9 @@
 //! [`reconciler`] is the event loop that runs them, with the node source,
 //! the datapath, the underlay and the publisher behind traits (unit-tested
 //! against fakes). [`cli`] is the command line. [`datapath`] loads and
-//! attaches the eBPF programs underneath.
+//! attaches the eBPF programs underneath; [`kernel_events`] says when what
+//! the agent reads from the kernel (paths to the nodes, the pod bridge's
+//! ports) has changed.
 
 pub mod apply;
 pub mod bpffs;
@@ -23,9 +26,11 @@ pub mod cli;
 pub mod clsact;
 pub mod datapath;
 pub mod desired;
+pub mod etcd_source;
 pub mod foreign_vxlan;
 pub mod hook;
 pub mod iface;
+pub mod kernel_events;
 pub mod kube_source;
 pub mod manifests;
 pub mod maps;

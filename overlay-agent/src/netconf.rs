@@ -95,6 +95,16 @@ impl NetConf {
         })
     }
 
+    /// Parses net-conf JSON held somewhere other than a file (flannel's
+    /// etcd mode keeps it at `<prefix>/config`); the error says what is wrong.
+    pub fn parse_text(text: &str) -> Result<Self, String> {
+        Self::parse(text).map_err(|e| match e {
+            ParseError::Json(source) => format!("not valid JSON: {source}"),
+            ParseError::Field { key, source } => format!("{key}: {source}"),
+            ParseError::Invalid(what) => what,
+        })
+    }
+
     fn parse(text: &str) -> Result<Self, ParseError> {
         let value: serde_json::Value = serde_json::from_str(text).map_err(ParseError::Json)?;
         // The path names the key that has the wrong type, in flannel's
@@ -185,7 +195,7 @@ fn flannel_key(lowercase: &str) -> String {
     KEYS.iter().find(|k| k.eq_ignore_ascii_case(lowercase)).map_or_else(|| lowercase.to_owned(), |k| (*k).to_owned())
 }
 
-fn lowercase_keys(value: serde_json::Value) -> serde_json::Value {
+pub(crate) fn lowercase_keys(value: serde_json::Value) -> serde_json::Value {
     match value {
         serde_json::Value::Object(map) => {
             map.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), lowercase_keys(v))).collect()

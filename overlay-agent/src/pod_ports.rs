@@ -7,88 +7,104 @@
 //! sits behind which veth is what the bridge learned (its FDB). A pod not
 //! in the map is served by the kernel both ways, as without the fast path.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    io,
-    process::Command,
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::MapError;
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkMessage},
+    neighbour::{NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState},
+};
 use overlay_common::PodPort;
-use serde::Deserialize;
 
-use crate::{iface, maps::DatapathMaps, node::parse_mac};
+use crate::{
+    iface,
+    maps::DatapathMaps,
+    rtnl::{Rtnl, RtnlError},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodPortsError {
-    #[error("running `bridge fdb show br {bridge}` (is iproute2 installed?): {source}")]
-    Spawn { bridge: String, source: io::Error },
-    #[error("`bridge fdb show br {bridge}` failed: {stderr}")]
-    Failed { bridge: String, stderr: String },
-    #[error("reading `bridge -j fdb show` output: {0}")]
-    Parse(#[from] serde_json::Error),
-    #[error("updating POD_PORTS: {0}")]
+    #[error("reading the ports and forwarding database of bridge {bridge}")]
+    Read {
+        bridge: String,
+        #[source]
+        source: RtnlError,
+    },
+    #[error("no bridge {0} in this network namespace")]
+    NoBridge(String),
+    #[error("updating POD_PORTS")]
     Map(#[from] MapError),
 }
 
-/// One entry of `bridge -j fdb show`.
-#[derive(Debug, Deserialize)]
-struct FdbEntry {
-    mac: String,
-    ifname: String,
-    #[serde(default)]
-    master: Option<String>,
-    #[serde(default)]
-    flags: Vec<String>,
-    #[serde(default)]
-    state: String,
-}
-
-/// What a bridge knows about its ports: its forwarding database, asked of
-/// the kernel in this network namespace (sysfs would show the namespace it
-/// was mounted in).
+/// What a bridge knows about its ports, asked of the kernel over rtnetlink
+/// in this network namespace (sysfs would show the namespace it was
+/// mounted in): which links are its ports, and its forwarding database.
+#[derive(Debug, Default)]
 pub struct Fdb {
-    entries: Vec<FdbEntry>,
+    /// Port names, by index.
+    ports: BTreeMap<u32, String>,
+    /// Learned unicast MACs, with the index of the port behind which.
+    learned: BTreeMap<[u8; 6], u32>,
 }
 
 impl Fdb {
-    /// `bridge -j fdb show br <bridge>`.
+    /// The links and the forwarding database of `bridge` (as `ip link show
+    /// master BRIDGE` and `bridge fdb show br BRIDGE`).
     pub fn read(bridge: &str) -> Result<Self, PodPortsError> {
-        let out = Command::new("bridge")
-            .args(["-j", "fdb", "show", "br", bridge])
-            .output()
-            .map_err(|source| PodPortsError::Spawn { bridge: bridge.to_owned(), source })?;
-        if !out.status.success() {
-            return Err(PodPortsError::Failed {
-                bridge: bridge.to_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Self::parse(&String::from_utf8_lossy(&out.stdout), bridge)
-    }
-
-    /// The entries of `bridge`'s ports in `bridge -j fdb show` output.
-    pub fn parse(json: &str, bridge: &str) -> Result<Self, PodPortsError> {
-        let entries: Vec<FdbEntry> = serde_json::from_str(json)?;
-        let entries = entries.into_iter().filter(|e| e.master.as_deref() == Some(bridge)).collect();
-        Ok(Self { entries })
-    }
-
-    /// The bridge's ports: each has at least its own (permanent) entry.
-    pub fn ports(&self) -> BTreeSet<String> {
-        self.entries.iter().map(|e| e.ifname.clone()).collect()
-    }
-
-    /// The MACs the bridge learned on its ports, with the port's name: the
-    /// dynamic unicast entries (a port's own address is `permanent`).
-    pub fn learned(&self) -> BTreeMap<[u8; 6], String> {
-        self.entries
+        let read = |source| PodPortsError::Read { bridge: bridge.to_owned(), source };
+        let mut rtnl = Rtnl::open().map_err(read)?;
+        let links = rtnl.links().map_err(read)?;
+        let index = links
             .iter()
-            .filter(|e| e.state != "permanent" && !e.flags.iter().any(|f| f == "self"))
-            .filter_map(|e| Some((parse_mac(&e.mac)?, e.ifname.clone())))
-            .filter(|(mac, _)| mac[0] & 1 == 0)
-            .collect()
+            .find(|link| link_name(link) == Some(bridge))
+            .map(|link| link.header.index)
+            .ok_or_else(|| PodPortsError::NoBridge(bridge.to_owned()))?;
+        let entries = rtnl.bridge_fdb(index).map_err(read)?;
+        Ok(Self::from_kernel(index, &links, &entries))
     }
+
+    /// The ports of the bridge with index `bridge` among `links`, and what
+    /// it learned behind them among `entries`: the dynamic unicast entries
+    /// of its own database (a port's own address is permanent, and entries
+    /// flagged `self` are the port device's, not the bridge's).
+    fn from_kernel(bridge: u32, links: &[LinkMessage], entries: &[NeighbourMessage]) -> Self {
+        let ports: BTreeMap<u32, String> = links
+            .iter()
+            .filter(|link| link.attributes.contains(&LinkAttribute::Controller(bridge)))
+            .filter_map(|link| Some((link.header.index, link_name(link)?.to_owned())))
+            .collect();
+        let learned = entries
+            .iter()
+            .filter(|e| e.attributes.contains(&NeighbourAttribute::Controller(bridge)))
+            .filter(|e| e.header.state != NeighbourState::Permanent && !e.header.flags.contains(NeighbourFlags::Own))
+            .filter(|e| ports.contains_key(&e.header.ifindex))
+            .filter_map(|e| {
+                let mac = e.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+                    _ => None,
+                })?;
+                (mac[0] & 1 == 0).then_some((mac, e.header.ifindex))
+            })
+            .collect();
+        Self { ports, learned }
+    }
+
+    /// The bridge's ports, by name.
+    pub fn ports(&self) -> BTreeSet<String> {
+        self.ports.values().cloned().collect()
+    }
+
+    /// The MACs the bridge learned on its ports, with the port's name.
+    pub fn learned(&self) -> BTreeMap<[u8; 6], String> {
+        self.learned.iter().filter_map(|(mac, index)| Some((*mac, self.ports.get(index)?.clone()))).collect()
+    }
+}
+
+fn link_name(link: &LinkMessage) -> Option<&str> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.as_str()),
+        _ => None,
+    })
 }
 
 /// Makes `POD_PORTS` the pods the bridge has learned behind `enrolled`
@@ -189,21 +205,47 @@ mod tests {
 
     #[test]
     fn only_macs_learned_on_ports_count() {
-        let fdb = r#"[
-            {"mac":"33:33:00:00:00:01","ifname":"cni0","flags":["self"],"state":"permanent"},
-            {"mac":"0a:58:0a:f4:01:0b","ifname":"veth1","flags":[],"master":"cni0","state":""},
-            {"mac":"26:4c:8b:d4:17:50","ifname":"veth1","flags":[],"master":"cni0","state":"permanent"},
-            {"mac":"01:00:5e:00:00:01","ifname":"veth1","flags":[],"master":"cni0","state":""},
-            {"mac":"33:33:ff:d4:17:50","ifname":"veth1","flags":["self"],"state":"permanent"},
-            {"mac":"0a:58:0a:f4:01:0c","ifname":"veth2","master":"cni0"},
-            {"mac":"0a:58:0a:f4:09:09","ifname":"other1","flags":[],"master":"br1","state":""}
-        ]"#;
-        let fdb = Fdb::parse(fdb, "cni0").unwrap();
+        const BRIDGE: u32 = 3;
+        let link = |index: u32, name: &str, master: Option<u32>| {
+            let mut link = LinkMessage::default();
+            link.header.index = index;
+            link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+            link.attributes.extend(master.map(LinkAttribute::Controller));
+            link
+        };
+        let links = [
+            link(2, "eth0", None),
+            link(BRIDGE, "cni0", None),
+            link(4, "veth1", Some(BRIDGE)),
+            link(5, "veth2", Some(BRIDGE)),
+            link(6, "other1", Some(9)),
+        ];
+        // As the kernel dumps them for `bridge fdb show br cni0`.
+        let entry = |ifindex: u32, mac: [u8; 6], state: NeighbourState, flags: NeighbourFlags, master: Option<u32>| {
+            let mut entry = NeighbourMessage::default();
+            entry.header.ifindex = ifindex;
+            entry.header.state = state;
+            entry.header.flags = flags;
+            entry.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+            entry.attributes.extend(master.map(NeighbourAttribute::Controller));
+            entry
+        };
+        let (master, own) = (NeighbourFlags::Controller, NeighbourFlags::Own);
+        let entries = [
+            entry(BRIDGE, [0x33, 0x33, 0, 0, 0, 1], NeighbourState::Permanent, own, None),
+            entry(4, [0x0a, 0x58, 0x0a, 0xf4, 1, 0x0b], NeighbourState::Reachable, master, Some(BRIDGE)),
+            entry(4, [0x26, 0x4c, 0x8b, 0xd4, 0x17, 0x50], NeighbourState::Permanent, master, Some(BRIDGE)),
+            entry(4, [0x01, 0x00, 0x5e, 0, 0, 1], NeighbourState::Reachable, master, Some(BRIDGE)),
+            entry(4, [0x33, 0x33, 0xff, 0xd4, 0x17, 0x50], NeighbourState::Permanent, own, None),
+            // Aged past its time but not yet removed: still learned.
+            entry(5, [0x0a, 0x58, 0x0a, 0xf4, 1, 0x0c], NeighbourState::Stale, master, Some(BRIDGE)),
+            entry(6, [0x0a, 0x58, 0x0a, 0xf4, 9, 9], NeighbourState::Reachable, master, Some(9)),
+        ];
+        let fdb = Fdb::from_kernel(BRIDGE, &links, &entries);
         assert_eq!(
             fdb.learned().into_iter().collect::<Vec<_>>(),
             vec![([0x0a, 0x58, 0x0a, 0xf4, 1, 0x0b], "veth1".to_owned()), ([0x0a, 0x58, 0x0a, 0xf4, 1, 0x0c], "veth2".to_owned())]
         );
         assert_eq!(fdb.ports().into_iter().collect::<Vec<_>>(), ["veth1", "veth2"]);
-        assert!(Fdb::parse("not json", "cni0").is_err());
     }
 }

@@ -95,12 +95,17 @@ mod tests {
             Box::new(NetConfError::Write { path: path(), source: io_error() }),
             Box::new(KubeSourceError::Kubeconfig { path: "/x".into(), source: kubeconfig }),
             Box::new(KubeSourceError::InCluster(kube::config::InClusterError::ReadEnvironmentVariable(std::env::VarError::NotPresent))),
-            Box::new(RouteError::Spawn(io_error())),
+            Box::new(RouteError::Netlink(RtnlError::Socket(io_error()))),
+            Box::new(crate::pod_ports::PodPortsError::Read { bridge: "cni0".into(), source: RtnlError::Io(io_error()) }),
+            Box::new(crate::kernel_events::KernelEventsError::Socket(io_error())),
+            Box::new(crate::kernel_events::KernelEventsError::Subscribe { group: 1, source: io_error() }),
             Box::new(RouteError::Netlink(RtnlError::Io(io_error()))),
             Box::new(RtnlError::Socket(io_error())),
             Box::new(RtnlError::Io(io_error())),
-            Box::new(crate::apply::ApplyError::Route { cidr: "10.0.0.0/24".parse().unwrap(), node_ip: [1, 2, 3, 4].into(), source: RouteError::Spawn(io_error()) }),
+            Box::new(crate::apply::ApplyError::Route { cidr: "10.0.0.0/24".parse().unwrap(), node_ip: [1, 2, 3, 4].into(), source: RouteError::Netlink(RtnlError::Io(io_error())) }),
             Box::new(crate::server::serve_error("127.0.0.1:1".parse().unwrap(), io_error())),
+            Box::new(crate::etcd_source::EtcdSourceError::TlsFile { what: "cafile", path: path(), source: io_error() }),
+            Box::new(crate::etcd_source::lease_to_node("n", "10.0.0.1-24", br#"{"PublicIP":"192.168.0.1"}"#).unwrap_err()),
         ];
         let repeated: Vec<String> = errors.iter().filter_map(|e| assert_each_cause_once(e.as_ref()).err()).collect();
         assert!(repeated.is_empty(), "{} errors print a cause twice:\n{}", repeated.len(), repeated.join("\n"));

@@ -13,16 +13,12 @@
 //! Our routes carry their own protocol number, so stale ones are found
 //! after a restart.
 //!
-//! Routes are looked up, added and removed over rtnetlink ([`crate::rtnl`]),
-//! so a Node update starts no process; `ip` (iproute2) still lists ours
-//! and takes the underlay's fingerprint. Both work in the agent's network
-//! namespace.
+//! Routes are listed, looked up, added and removed over rtnetlink
+//! ([`crate::rtnl`]), in the agent's network namespace: no process is
+//! started. When to look the paths up again is for
+//! [`crate::kernel_events`] to say.
 
-use std::{
-    io::Write as _,
-    net::Ipv4Addr,
-    process::{Command, Stdio},
-};
+use std::net::Ipv4Addr;
 
 use ipnetwork::Ipv4Network;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
@@ -44,25 +40,10 @@ pub const ROUTE_PROTO_ID: u8 = 157;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
-    #[error("`ip {args}` failed: {stderr}")]
-    Ip { args: String, stderr: String },
-    #[error("running ip (iproute2 must be installed)")]
-    Spawn(#[source] std::io::Error),
     #[error(transparent)]
     Netlink(#[from] RtnlError),
     #[error("{request}: {reason}")]
     Refused { request: String, reason: Refused },
-}
-
-fn ip(args: &[&str]) -> Result<String, RouteError> {
-    let out = Command::new("ip").args(args).output().map_err(RouteError::Spawn)?;
-    if !out.status.success() {
-        return Err(RouteError::Ip {
-            args: args.join(" "),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The `RTM_NEWROUTE` that adds or replaces the route toward `peer`'s pod
@@ -149,25 +130,6 @@ pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, 
     Ok(failed)
 }
 
-/// Runs `ip <args>` with `script` on its stdin, collecting its output.
-/// stdin is fed from another thread: with thousands of lines, `ip` fills
-/// its output pipe before it has read all its input, and a writer that
-/// waits for the input to drain first would deadlock with it.
-fn ip_batch(args: &[&str], script: String) -> Result<std::process::Output, RouteError> {
-    let mut child = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(RouteError::Spawn)?;
-    let mut stdin = child.stdin.take().expect("piped stdin");
-    let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
-    let out = child.wait_with_output().map_err(RouteError::Spawn)?;
-    writer.join().expect("the stdin writer does not panic").map_err(RouteError::Spawn)?;
-    Ok(out)
-}
-
 /// How the kernel reaches each address, as `ip route get` answers it: one
 /// `RTM_GETROUTE` each over one netlink socket. A route with a gateway is
 /// [`UnderlayPath::Gateway`] whatever its device; one without, out of
@@ -209,31 +171,29 @@ fn path_of(route: &RouteMessage, ifindex: Option<u32>) -> UnderlayPath {
     }
 }
 
-/// Destinations of every route we own.
+/// Destinations of every route we own: the main table's IPv4 routes of
+/// our protocol (as `ip route show proto 157`).
 pub fn owned() -> Result<Vec<Ipv4Network>, RouteError> {
-    let text = ip(&["-j", "route", "show", "proto", ROUTE_PROTO])?;
-    let routes: Vec<serde_json::Value> = serde_json::from_str(text.trim()).unwrap_or_default();
-    Ok(routes
-        .iter()
-        .filter_map(|r| r.get("dst")?.as_str()?.parse::<Ipv4Network>().ok())
-        .collect())
+    let routes = Rtnl::open()?.routes()?;
+    Ok(routes.iter().filter(|route| is_ours_in_main(route)).filter_map(destination).collect())
 }
 
-/// A digest of what decides the kernel's paths to the nodes: IPv4
-/// addresses, policy rules and routes (ours excluded, since every apply
-/// changes them). Cheap to take every second; the per-node route look-ups
-/// ([`paths`]) run only when it changes.
-pub fn underlay_fingerprint() -> Result<u64, RouteError> {
-    use std::hash::{Hash as _, Hasher as _};
-    let out = ip_batch(&["-4", "-batch", "-"], "addr show\nrule show\nroute show table all\n".to_owned())?;
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        // Our own routes, and counters that move without meaning anything.
-        if !line.contains(&format!("proto {ROUTE_PROTO}")) && !line.contains("valid_lft") {
-            line.hash(&mut hasher);
-        }
-    }
-    Ok(hasher.finish())
+fn is_ours_in_main(route: &RouteMessage) -> bool {
+    let table = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Table(table) => Some(*table),
+        _ => None,
+    });
+    route.header.protocol == RouteProtocol::from(ROUTE_PROTO_ID)
+        && table.unwrap_or(u32::from(route.header.table)) == u32::from(RouteHeader::RT_TABLE_MAIN)
+}
+
+/// The destination of an IPv4 route (`0.0.0.0/0` when it carries none).
+fn destination(route: &RouteMessage) -> Option<Ipv4Network> {
+    let address = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(address)) => Some(*address),
+        _ => None,
+    });
+    Ipv4Network::new(address.unwrap_or(Ipv4Addr::UNSPECIFIED), route.header.destination_prefix_length).ok()
 }
 
 #[cfg(test)]
@@ -247,6 +207,38 @@ mod tests {
         let lo = paths("lo", &[Ipv4Addr::LOCALHOST]).unwrap();
         assert_eq!(lo[&Ipv4Addr::LOCALHOST], UnderlayPath::OnLink);
         assert_eq!(paths("eth-none", &[Ipv4Addr::LOCALHOST]).unwrap()[&Ipv4Addr::LOCALHOST], UnderlayPath::NoRoute);
+    }
+
+    #[test]
+    fn ours_are_the_main_tables_routes_of_our_protocol() {
+        let route = |protocol: u8, table: u8, extended_table: Option<u32>| {
+            let mut route = route_to("10.244.2.0/24".parse().unwrap());
+            route.header.protocol = RouteProtocol::from(protocol);
+            route.header.table = table;
+            if let Some(table) = extended_table {
+                route.attributes.push(RouteAttribute::Table(table));
+            }
+            route
+        };
+        assert!(is_ours_in_main(&route(157, 254, None)));
+        assert!(is_ours_in_main(&route(157, 254, Some(254))));
+        assert!(!is_ours_in_main(&route(157, 255, None)), "local table");
+        assert!(!is_ours_in_main(&route(157, 252, Some(1000))), "a table past 255");
+        assert!(!is_ours_in_main(&route(4, 254, None)), "another protocol");
+        assert_eq!(destination(&route(157, 254, None)), Some("10.244.2.0/24".parse().unwrap()));
+        let mut default = RouteMessage::default();
+        default.header.address_family = AddressFamily::Inet;
+        assert_eq!(destination(&default), Some("0.0.0.0/0".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_kernel_lists_routes_over_netlink() {
+        // Read-only, in whatever namespace the test runs: none of ours
+        // outside a lab's namespaces, and the listing itself succeeds.
+        let routes = Rtnl::open().unwrap().routes().unwrap();
+        assert!(routes.iter().all(|r| r.header.address_family == AddressFamily::Inet));
+        assert!(routes.iter().any(|r| r.header.table == 255), "the local table lists loopback");
+        owned().unwrap();
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Route requests to the kernel over rtnetlink, one at a time on a
-//! synchronous socket: what `ip route get|replace|del` send, without
-//! starting a process. Messages are built and parsed by
+//! Requests to the kernel over rtnetlink, one at a time on a synchronous
+//! socket: what `ip route get|replace|del`, `ip link show`, `ip route show`
+//! and `bridge fdb show` send, without starting a process. Messages are built and parsed by
 //! `netlink-packet-route`; the socket is `netlink-sys`.
 
 use std::io;
@@ -8,7 +8,12 @@ use std::io;
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
-use netlink_packet_route::{RouteNetlinkMessage, link::LinkMessage, route::RouteMessage};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::LinkMessage,
+    neighbour::{NeighbourAttribute, NeighbourMessage},
+    route::RouteMessage,
+};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,8 +98,51 @@ impl Rtnl {
     /// Every link in this network namespace, with its attributes (as `ip
     /// -d link show`).
     pub fn links(&mut self) -> Result<Vec<LinkMessage>, RtnlError> {
-        self.send(RouteNetlinkMessage::GetLink(LinkMessage::default()), NLM_F_REQUEST | NLM_F_DUMP)?;
-        let mut links = Vec::new();
+        let answers = self.dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|answer| match answer {
+                RouteNetlinkMessage::NewLink(link) => Some(link),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Every IPv4 route of every table (as `ip -4 route show table all`).
+    pub fn routes(&mut self) -> Result<Vec<RouteMessage>, RtnlError> {
+        let mut query = RouteMessage::default();
+        query.header.address_family = AddressFamily::Inet;
+        let answers = self.dump(RouteNetlinkMessage::GetRoute(query))?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|answer| match answer {
+                RouteNetlinkMessage::NewRoute(route) => Some(route),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The forwarding database of the bridge with index `bridge`: the
+    /// entries of its ports, and the ports' own (as `bridge fdb show br
+    /// BRIDGE`).
+    pub fn bridge_fdb(&mut self, bridge: u32) -> Result<Vec<NeighbourMessage>, RtnlError> {
+        let mut query = NeighbourMessage::default();
+        query.header.family = AddressFamily::Bridge;
+        query.attributes.push(NeighbourAttribute::Controller(bridge));
+        let answers = self.dump(RouteNetlinkMessage::GetNeighbour(query))?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|answer| match answer {
+                RouteNetlinkMessage::NewNeighbour(entry) => Some(entry),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Sends a dump request and collects its answers up to `NLMSG_DONE`.
+    fn dump(&mut self, message: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, RtnlError> {
+        self.send(message, NLM_F_REQUEST | NLM_F_DUMP)?;
+        let mut answers = Vec::new();
         loop {
             let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(RtnlError::Io)?;
             let mut offset = 0;
@@ -110,8 +158,8 @@ impl Rtnl {
                     continue;
                 }
                 match answer.payload {
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => links.push(link),
-                    NetlinkPayload::Done(_) => return Ok(links),
+                    NetlinkPayload::InnerMessage(inner) => answers.push(inner),
+                    NetlinkPayload::Done(_) => return Ok(answers),
                     NetlinkPayload::Error(error) if error.code.is_some() => {
                         return Err(RtnlError::Io(io::Error::from_raw_os_error(error.raw_code().abs())));
                     }

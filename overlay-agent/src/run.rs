@@ -18,9 +18,12 @@ use overlay_agent::{
     cli::{self, Decap, Forward, RunArgs},
     datapath::{Datapath, DecapHook, LinkOutcome},
     desired::{Backend, Desired, LocalSettings},
+    etcd_source::{self, EtcdSource},
     foreign_vxlan::{self, VxlanDevice},
     hook::{DecapRequest, HookFacts, choose_decap_hook},
-    iface, kube_source,
+    iface,
+    kernel_events::{KernelEvents, Watched},
+    kube_source,
     manifests::ManifestDir,
     maps::DatapathMaps,
     metrics::Metrics,
@@ -30,7 +33,7 @@ use overlay_agent::{
     reconciler::{
         Host, NodeSource, Publisher, Reconciler,
         kernel::KernelUnderlay,
-        sources::{KubeSource, LogPublisher, ManifestSource},
+        sources::{EtcdNodes, KubeSource, LeasePublisher, LogPublisher, ManifestSource},
     },
     report::{Chain, WithCauses as _},
     server,
@@ -47,22 +50,50 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .block_on(run_async(args))
 }
 
+/// Where nodes come from, connected.
+enum Source {
+    Dir(ManifestDir),
+    Kube(kube::Client),
+    /// flannel's etcd mode: snapshots come from the task that holds our
+    /// lease and watches everyone's.
+    Etcd(tokio::sync::mpsc::Receiver<etcd_source::Snapshot>),
+}
+
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
-    let (settings, iface, subnet_file) = settings(&args)?;
+    let etcd = if args.etcd_endpoints.is_empty() { None } else { Some(etcd_source::connect_and_read_config(&etcd_options(&args)).await?) };
+    let (settings, iface, subnet_file) = settings(&args, etcd.as_ref().map(|(_, config)| config.net_conf.clone()))?;
     let metrics = Arc::new(Metrics::new(&args.bpffs_root));
     let bound = server::serve(args.metrics_addr, metrics.clone()).await?;
-    let kube = match &args.nodes_dir {
-        Some(dir) => {
+    let source = match (&args.nodes_dir, etcd) {
+        (_, Some((client, config))) => {
+            let public_ip = match settings.public_ip {
+                Some(ip) => ip,
+                None => iface::ipv4_addresses(&iface)
+                    .with_context(|| format!("reading the IPv4 addresses of {iface}"))?
+                    .first()
+                    .copied()
+                    .with_context(|| format!("{iface} has no IPv4 address to advertise in our lease; give --public-ip"))?,
+            };
+            let attrs = etcd_source::OwnAttrs {
+                node_name: settings.node_name.clone(),
+                public_ip,
+                backend_type: settings.backend.flannel_name().to_owned(),
+                vni: settings.vni,
+                previous_subnet: subnet_file.as_deref().and_then(etcd_source::previous_subnet),
+            };
+            Source::Etcd(EtcdSource::new(client, &args.etcd_prefix, config, attrs).spawn())
+        }
+        (Some(dir), None) => {
             if !dir.is_dir() {
                 bail!("--nodes-dir {}: not a directory", dir.display());
             }
-            None
+            Source::Dir(ManifestDir::new(dir))
         }
-        None => {
+        (None, None) => {
             // $KUBECONFIG only where no --nodes-dir was given: an exported
             // variable must not conflict with a flag the user typed.
             let kubeconfig = args.kubeconfig.clone().or_else(|| std::env::var_os("KUBECONFIG").filter(|v| !v.is_empty()).map(PathBuf::from));
-            Some(kube_source::client(kubeconfig.as_deref()).await?)
+            Source::Kube(kube_source::client(kubeconfig.as_deref()).await?)
         }
     };
 
@@ -86,7 +117,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // A failed start removes what it created (the root's pins are all
     // new when its maps were not there).
     let fresh_root = !bpffs::PinLayout::new(&args.bpffs_root).maps_dir().exists();
-    let source_kind = if kube.is_some() { "kubernetes" } else { "manifests" };
+    let source_kind = match source {
+        Source::Dir(_) => "manifests",
+        Source::Kube(_) => "kubernetes",
+        Source::Etcd(_) => "etcd",
+    };
     let started = match start(&args, &iface, settings, subnet_file, flannel_devices, bound, source_kind) {
         Ok(started) => started,
         Err(err) => {
@@ -105,15 +140,14 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    match kube {
-        Some(client) => {
+    match source {
+        Source::Kube(client) => {
             let (source, publisher) = KubeSource::new(client, &started.settings.node_name, metrics.clone());
             drive(started, source, publisher, metrics, stop).await?;
         }
-        None => {
-            let dir = args.nodes_dir.as_ref().expect("no client without --nodes-dir");
-            drive(started, ManifestSource::new(ManifestDir::new(dir)), LogPublisher::default(), metrics, stop).await?;
-        }
+        Source::Dir(dir) => drive(started, ManifestSource::new(dir), LogPublisher::default(), metrics, stop).await?,
+        // Our lease, which the source's task holds, is what we publish.
+        Source::Etcd(snapshots) => drive(started, EtcdNodes::new(snapshots), LeasePublisher, metrics, stop).await?,
     }
     // Links and maps stay pinned and routes stay in place: the datapath
     // keeps forwarding until a new agent takes over (`cleanup` removes it).
@@ -131,7 +165,11 @@ struct Started {
 
 async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publisher: P, metrics: Arc<Metrics>, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
     let Started { mut settings, applier, mut host } = started;
-    let underlay = KernelUnderlay::new(applier.iface());
+    // Subscribed before the first look at the pod bridge: nothing changes
+    // unheard in between.
+    let watched = Watched { underlay: applier.iface().to_owned(), pod_bridge: host.pod_fast_path.as_ref().map(|f| f.bridge.clone()) };
+    let events = KernelEvents::spawn(watched).context("subscribing to the kernel's link, address and route changes")?;
+    let underlay = KernelUnderlay::new(applier.iface(), events);
     // CONFIG is written by the first reconcile, which follows.
     host.attach_pod_fast_path(&mut settings);
     let mut reconciler = Reconciler::new(settings, source, applier, underlay, publisher, host, metrics);
@@ -228,8 +266,11 @@ struct NodeHost {
 }
 
 impl Host for NodeHost {
-    fn housekeeping(&mut self, local: &mut LocalSettings) {
+    fn housekeeping(&mut self) {
         warn_on_port_mismatch(&self.maps, self.vxlan_port, &mut self.mismatched_seen);
+    }
+
+    fn pod_network_changed(&mut self, local: &mut LocalSettings) {
         // The reconcile that follows writes any new bridge index.
         self.attach_pod_fast_path(local);
     }
@@ -445,9 +486,20 @@ fn foreign_vxlan_devices(port: u16, remove: bool) -> anyhow::Result<Vec<VxlanDev
     Ok(devices)
 }
 
+/// flanneld's `--etcd-*` flags.
+fn etcd_options(args: &RunArgs) -> etcd_source::EtcdOptions {
+    etcd_source::EtcdOptions {
+        endpoints: args.etcd_endpoints.clone(),
+        prefix: args.etcd_prefix.trim_end_matches('/').to_owned(),
+        ca_file: args.etcd_cafile.clone(),
+        cert_file: args.etcd_certfile.clone(),
+        key_file: args.etcd_keyfile.clone(),
+    }
+}
+
 /// Settings from the flags and `net-conf.json`, the underlay interface, and
 /// where to write `subnet.env`.
-fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
+fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
     let node_name = match &args.node_name {
         Some(name) => name.clone(),
         None => hostname().context("--node-name not given, $NODE_NAME unset, and the hostname is unreadable")?,
@@ -461,7 +513,10 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         bail!("--iface {iface}: no such interface in this network namespace");
     };
     let underlay_mtu = iface::mtu(&iface).with_context(|| format!("reading the MTU of {iface}"))?;
-    let netconf = args.net_conf.as_deref().map(NetConf::read).transpose()?;
+    let netconf = match etcd_net_conf {
+        Some(conf) => Some(conf),
+        None => args.net_conf.as_deref().map(NetConf::read).transpose()?,
+    };
     if let Some(conf) = &netconf {
         let flags = [
             ("--backend", args.backend.is_some()),
@@ -472,7 +527,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<(LocalSettings, String, Option<Pat
         if let Some((flag, _)) = flags.iter().find(|(_, given)| *given) {
             bail!(
                 "{flag} and --net-conf both set the backend; set it in {} (Backend: Type, VNI, Port, DirectRouting) and drop the flag",
-                args.net_conf.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+                args.net_conf.as_ref().map_or_else(|| format!("{}/config in etcd", args.etcd_prefix), |p| p.display().to_string())
             );
         }
         info!(network = %conf.network, backend = conf.backend.flannel_name(), vni = conf.vni, port = conf.port, direct_routing = conf.direct_routing, "read net-conf.json");

@@ -237,16 +237,20 @@ slot_enum! {
         UnknownSource = "unknown_source",
         /// Inner source outside the sending node's pod CIDR.
         SpoofedInner = "spoofed_inner",
-        /// Outer IPv4 with options, or fragmented.
+        /// Outer IPv4 header of tunnel traffic not as a node sends it: not
+        /// version 4, options, a fragment, or lengths that disagree with the
+        /// frame (total length past its end, UDP length not the rest of the
+        /// packet or too short for the inner packet).
         BadOuter = "bad_outer",
         /// Tunnel payload that is not IPv4, or not addressed to a pod of
         /// this node.
         BadInner = "bad_inner",
         /// A kernel helper failed (adjust room, redirect, ...).
         HelperError = "helper_error",
-        /// Unencapsulated on the underlay, from a pod of a peer we reach by
-        /// VXLAN: that peer's pods only ever arrive encapsulated, so it is
-        /// forged (a host on the underlay claiming a remote pod's address).
+        /// Unencapsulated on the underlay, from one of our own pods, or for
+        /// our pods from a pod of a peer we reach by VXLAN: neither ever
+        /// arrives so, so it is forged (a host on the underlay claiming a
+        /// pod's address).
         BareTunnelSource = "bare_tunnel_source",
         /// Decapsulated with the outer header marked Congestion
         /// Experienced while the inner packet is not ECN-capable (RFC 6040

@@ -24,9 +24,14 @@ use crate::{
     counters::count,
     icmp,
     maps::{ROUTES, config},
-    packet::ptr_at,
-    parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, VXLAN_FLAG_I},
+    packet::{Packet as _, ptr_at},
+    parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF},
+    vxlan::EncapHeaders,
 };
+
+/// `bpf_skb_adjust_room`'s answer to encapsulating a packet already marked
+/// encapsulated (`include/uapi/asm-generic/errno.h`).
+const EALREADY: i32 = 114;
 
 /// First port of the IANA ephemeral range (RFC 6335), where outer source
 /// ports are spread.
@@ -102,67 +107,25 @@ pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32,
     let sport = (SPORT_MIN + ((u64::from(hash) * SPORT_RANGE) >> 32) as u32) as u16;
     let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
 
-    ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJ_ROOM_ENCAP_FLAGS)
-        .map_err(|_| DropReason::HelperError)?;
-    let headers = encap_headers(cfg, route, inner_len, tos, sport, ip_id);
-    ctx.store(OUTER_IP_OFF, &headers, 0)
+    match ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, ADJ_ROOM_ENCAP_FLAGS) {
+        Ok(()) => {}
+        // A pod's own tunnel packet (its VXLAN, Geneve or GRE device left
+        // `skb->encapsulation` set: the inner checksum is left to offload):
+        // the helper records one level of tunnel headers only. A single
+        // packet needs none recorded: the offload's checksum offsets count
+        // from the buffer's head, which the room made in front leaves in
+        // place. A GSO super-packet does: segmentation would copy the pod's
+        // tunnel headers with the super-packet's lengths, so it stays
+        // dropped (the kernel's vxlan device segments in software first).
+        Err(e) if e == -i64::from(EALREADY) && !ctx.is_gso() => {
+            ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
+                .map_err(|_| DropReason::HelperError)?;
+        }
+        Err(_) => return Err(DropReason::HelperError),
+    }
+    let headers = EncapHeaders::new(cfg, route, inner_len, tos, sport, ip_id);
+    ctx.store(OUTER_IP_OFF, headers.as_bytes(), 0)
         .map_err(|_| DropReason::HelperError)?;
     count(Counter::Encap, u64::from(inner_len));
     Ok(())
-}
-
-/// Outer IPv4, UDP, VXLAN and inner Ethernet headers, as bytes on the wire.
-#[inline(always)]
-fn encap_headers(
-    cfg: &Config,
-    route: &Route,
-    inner_len: u32,
-    tos: u8,
-    sport: u16,
-    ip_id: u16,
-) -> [u8; ENCAP_LEN] {
-    let mut h = [0u8; ENCAP_LEN];
-    // GSO packets can exceed 64 KiB; segmentation rewrites both lengths
-    // per segment, so truncating here is harmless.
-    let ip_len = (inner_len + ENCAP_LEN as u32) as u16;
-    let udp_len = ip_len - 20;
-    // IPv4: no options, no DF (like the kernel vxlan device's default),
-    // TTL 64, inner TOS copied so ECN and DSCP survive the tunnel.
-    h[0] = 0x45;
-    h[1] = tos;
-    h[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    h[4..6].copy_from_slice(&ip_id.to_be_bytes());
-    h[8] = 64;
-    h[9] = IPPROTO_UDP;
-    h[12..16].copy_from_slice(&cfg.node_ip);
-    h[16..20].copy_from_slice(&route.node_ip);
-    let csum = ipv4_checksum(&h);
-    h[10..12].copy_from_slice(&csum.to_be_bytes());
-    // UDP, checksum 0: a non-zero one cannot survive GSO from BPF.
-    h[20..22].copy_from_slice(&sport.to_be_bytes());
-    h[22..24].copy_from_slice(&cfg.vxlan_port.to_be_bytes());
-    h[24..26].copy_from_slice(&udp_len.to_be_bytes());
-    // VXLAN: I flag, VNI in the top 24 bits of the second word.
-    h[28] = VXLAN_FLAG_I;
-    let vni = cfg.vni.to_be_bytes();
-    h[32..35].copy_from_slice(&vni[1..4]);
-    // Inner Ethernet: flannel nodes accept only frames to their VtepMAC.
-    h[36..42].copy_from_slice(&route.vtep_mac);
-    h[42..48].copy_from_slice(&cfg.vtep_mac);
-    h[48..50].copy_from_slice(&ETH_P_IP.to_be_bytes());
-    h
-}
-
-/// RFC 1071 checksum of the 20-byte IPv4 header at the start of `h`.
-#[inline(always)]
-pub fn ipv4_checksum(h: &[u8; ENCAP_LEN]) -> u16 {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u32::from(u16::from_be_bytes([h[i], h[i + 1]]));
-        i += 2;
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
 }

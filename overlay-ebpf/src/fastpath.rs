@@ -49,6 +49,7 @@ use overlay_common::{Config, Counter, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route
 use crate::{
     DropReason,
     counters::count,
+    csum,
     encap::encapsulate,
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::ptr_at,
@@ -108,7 +109,8 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return pass;
     }
-    if needs_conntrack(ctx, ip) {
+    // A corrupt header is the kernel's to discard, as forwarding would.
+    if needs_conntrack(ctx, ip) || !header_intact(ip) {
         return pass;
     }
     let socket = socket_at(ctx, ip, ip.src_addr, 0);
@@ -276,16 +278,20 @@ fn fits(ctx: &TcContext, ip: &Ipv4Hdr, inner_len: u32, path_mtu: u32) -> bool {
 }
 
 /// What forwarding does to the IPv4 header: TTL down by one, the checksum
-/// updated incrementally (RFC 1624: HC' = ~(~HC + ~m + m')).
+/// updated incrementally.
 #[inline(always)]
 fn decrement_ttl(ip: &mut Ipv4Hdr) {
     let old = u16::from_be_bytes([ip.ttl, ip.proto]);
-    let new = old - 0x0100;
-    let mut sum = u32::from(!u16::from_be_bytes(ip.check)) + u32::from(!old) + u32::from(new);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
+    ip.check = csum::replace16(ip.check, old, old - 0x0100);
     ip.ttl -= 1;
-    ip.check = (!(sum as u16)).to_be_bytes();
+}
+
+/// Whether an option-less IPv4 header's checksum is right (`ip_rcv`
+/// discards the packet otherwise).
+#[inline(always)]
+fn header_intact(ip: &Ipv4Hdr) -> bool {
+    // SAFETY: Ipv4Hdr is 20 bytes of plain integers and byte arrays.
+    csum::ipv4_header_valid(unsafe { &*(ip as *const Ipv4Hdr).cast::<[u8; Ipv4Hdr::LEN]>() })
 }
 
 /// Hands the packet to the underlay's egress toward `route.next_hop`; the
@@ -334,7 +340,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Opti
     if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return None;
     }
-    if needs_conntrack(ctx, ip) {
+    if needs_conntrack(ctx, ip) || !header_intact(ip) {
         return None;
     }
     // Pod-to-pod only: from a remote pod CIDR, and not a reply to a socket

@@ -24,6 +24,9 @@ mod maps;
 mod packet;
 mod parse;
 
+// Pure helpers, shared with the host's unit tests through the library.
+use overlay_ebpf::{csum, proto, vxlan};
+
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, xdp_action},
     macros::{classifier, xdp},

@@ -11,6 +11,11 @@ pub trait Packet {
     fn start(&self) -> usize;
     /// One past the end of the linear packet data.
     fn end(&self) -> usize;
+    /// The whole packet's length, linear data or not.
+    fn len(&self) -> usize;
+    /// Whether this is a GSO super-packet, whose IPv4 and UDP lengths are
+    /// rewritten per segment (and truncated to 16 bits above 64 KiB).
+    fn is_gso(&self) -> bool;
 }
 
 impl Packet for TcContext {
@@ -22,6 +27,15 @@ impl Packet for TcContext {
     fn end(&self) -> usize {
         self.data_end()
     }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        TcContext::len(self) as usize
+    }
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        // SAFETY: reading a field of the context's own sk_buff.
+        unsafe { (*self.skb.skb).gso_size != 0 }
+    }
 }
 
 impl Packet for XdpContext {
@@ -32,6 +46,14 @@ impl Packet for XdpContext {
     #[inline(always)]
     fn end(&self) -> usize {
         self.data_end()
+    }
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.data_end() - self.data()
+    }
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        false
     }
 }
 

@@ -6,14 +6,12 @@ use overlay_common::{
     Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, Route,
 };
 
-use crate::{DropReason, counters::count, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}};
+use crate::{DropReason, counters::count, csum, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}};
 
-pub const ETH_P_IP: u16 = 0x0800;
-pub const IPPROTO_UDP: u8 = 17;
-/// Outer IPv4 without options + UDP + VXLAN + inner Ethernet.
-pub const ENCAP_LEN: usize = 20 + 8 + 8 + 14;
-/// The VXLAN "I" flag: the VNI field is valid (RFC 7348 §5).
-pub const VXLAN_FLAG_I: u8 = 0x08;
+pub use crate::{
+    proto::{ETH_P_IP, IPPROTO_UDP, VXLAN_FLAG_I},
+    vxlan::ENCAP_LEN,
+};
 /// The ECN field of the IPv4 TOS byte (RFC 3168) and its values.
 const ECN_MASK: u8 = 0x03;
 const ECN_NOT_ECT: u8 = 0x00;
@@ -88,6 +86,11 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     }
 
     // Addressed to our tunnel: validate everything.
+    if ip.vihl >> 4 != 4 {
+        // Behind ethertype IPv4, anything but version 4 is not a header
+        // any node sent (the stack would discard it).
+        return Err(DropReason::BadOuter);
+    }
     if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
         // A fragment (MF set or non-zero offset): we never reassemble.
         return Err(DropReason::BadOuter);
@@ -95,6 +98,9 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     let vxlan = unsafe { *ptr_at::<[u8; 8]>(ctx, VXLAN_OFF)? };
     let inner_eth = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF)?;
     let inner_ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF)? };
+    if !lengths_agree(ctx, ip, unsafe { &*udp }, inner_ip) {
+        return Err(DropReason::BadOuter);
+    }
     if vxlan[0] != VXLAN_FLAG_I || vxlan[1] != 0 || vxlan[2] != 0 || vxlan[3] != 0 || vxlan[7] != 0 {
         return Err(DropReason::BadFlags);
     }
@@ -125,6 +131,25 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     Ok(Rx::Decap)
 }
 
+/// Whether the outer IPv4 total length fits the frame, the UDP length is
+/// the rest of the IPv4 packet, and it holds VXLAN, the inner Ethernet
+/// header and the whole inner packet (as `udp_rcv` and the inner `ip_rcv`
+/// would insist). A GSO super-packet's lengths are rewritten per segment
+/// (and cut to 16 bits past 64 KiB), so only the first check applies.
+#[inline(always)]
+fn lengths_agree(ctx: &impl Packet, ip: &Ipv4Hdr, udp: &UdpHdr, inner_ip: &Ipv4Hdr) -> bool {
+    let total = usize::from(u16::from_be_bytes(ip.tot_len));
+    if OUTER_IP_OFF + total > ctx.len() {
+        return false;
+    }
+    if ctx.is_gso() {
+        return true;
+    }
+    let udp_len = usize::from(u16::from_be_bytes(udp.len));
+    let inner_total = usize::from(u16::from_be_bytes(inner_ip.tot_len));
+    udp_len + Ipv4Hdr::LEN == total && udp_len >= INNER_IP_OFF - OUTER_UDP_OFF + inner_total
+}
+
 /// RFC 6040 §4.2 on decapsulation with the outer header marked CE: an
 /// ECN-capable inner packet gets CE too (its checksum updated), a
 /// not-ECN-capable one is dropped.
@@ -137,15 +162,10 @@ fn propagate_ce(ctx: &impl Packet) -> Result<(), DropReason> {
         ECN_NOT_ECT => Err(DropReason::EcnNotEct),
         ECN_CE => Ok(()),
         _ => {
-            // The 16-bit word holding version/IHL and TOS changes
-            // (RFC 1624: HC' = ~(~HC + ~m + m')).
+            // The 16-bit word holding version/IHL and TOS changes.
             let old = u16::from_be_bytes([inner.vihl, inner.tos]);
-            let new = old | u16::from(ECN_CE);
-            let mut sum = u32::from(!u16::from_be_bytes(inner.check)) + u32::from(!old) + u32::from(new);
-            sum = (sum & 0xffff) + (sum >> 16);
-            sum = (sum & 0xffff) + (sum >> 16);
+            inner.check = csum::replace16(inner.check, old, old | u16::from(ECN_CE));
             inner.tos |= ECN_CE;
-            inner.check = (!(sum as u16)).to_be_bytes();
             Ok(())
         }
     }
@@ -162,11 +182,12 @@ pub fn is_pod_address(addr: [u8; 4], cfg: &Config) -> bool {
 }
 
 /// For a packet that is not tunnel traffic: drops an unencapsulated
-/// IPv4 packet for our pods whose source is a pod of a peer that only
-/// ever sends its pods' packets encapsulated (and checked against
-/// `PEERS`; see [`arrives_only_encapsulated`]), so this one was forged by
-/// a host on the underlay. Direct-mode peers' pods arrive unencapsulated
-/// and pass.
+/// IPv4 packet whose source is one of our own pods (they sit behind the
+/// pod bridge, never on the underlay), or that is for our pods and whose
+/// source is a pod of a peer that only ever sends its pods' packets
+/// encapsulated (and checked against `PEERS`; see
+/// [`arrives_only_encapsulated`]): either was forged by a host on the
+/// underlay. Direct-mode peers' pods arrive unencapsulated and pass.
 #[inline(always)]
 pub fn reject_bare_tunnel_source(ctx: &impl Packet, cfg: &Config) -> Result<(), DropReason> {
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Ok(()) };
@@ -176,6 +197,13 @@ pub fn reject_bare_tunnel_source(ctx: &impl Packet, cfg: &Config) -> Result<(), 
     }
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else { return Ok(()) };
     let ip = unsafe { &*ip };
+    // Our own pods sit behind the pod bridge: from the underlay, their
+    // address is forged, whatever the destination.
+    if in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return Err(DropReason::BareTunnelSource);
+    }
+    // A peer's pod may reach the node itself bare (a reply to this node,
+    // unmasqueraded, leaves the peer by its default route), never our pods.
     if !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return Ok(());
     }

@@ -58,6 +58,10 @@ pub enum Variant {
     /// Design comparison: our VXLAN with the fast path and decapsulation at
     /// TC, so nothing is copied into veth's XDP ring (and nothing is GROed).
     VxlanTcBpfForward,
+    /// flannel's vxlan backend run by real flanneld (etcd mode, the lab's
+    /// etcd) instead of programmed by the lab: the check that
+    /// [`Variant::KernelVxlan`]'s imitation measures what flannel users run.
+    KernelVxlanFlanneld,
 }
 
 /// The variants of issue 6, in its order.
@@ -72,15 +76,17 @@ pub const BASELINE: Variant = Variant::KernelVxlan;
 enum Setup {
     /// Both nodes programmed as flannel's backend does, no agent, no BPF.
     Flannel { backend: &'static str },
+    /// Both nodes run real flanneld (vxlan, etcd mode), no agent, no BPF.
+    Flanneld,
     /// Both nodes run our agent.
     Ours { backend: &'static str, decap: &'static str, forward: &'static str },
 }
 
 impl Variant {
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Raw, Self::KernelHostGw, Self::KernelVxlan, Self::Vxlan, Self::HostGw,
         Self::VxlanTc, Self::VxlanXdpGeneric, Self::HostGwXdp, Self::VxlanBpfForward, Self::HostGwBpfForward,
-        Self::VxlanTcBpfForward,
+        Self::VxlanTcBpfForward, Self::KernelVxlanFlanneld,
     ];
 
     /// The name used on the command line and in results.json.
@@ -97,6 +103,7 @@ impl Variant {
             Self::VxlanBpfForward => "vxlan-bpf-forward",
             Self::HostGwBpfForward => "host-gw-bpf-forward",
             Self::VxlanTcBpfForward => "vxlan-tc-bpf-forward",
+            Self::KernelVxlanFlanneld => "kernel-vxlan-flanneld",
         }
     }
 
@@ -118,6 +125,7 @@ impl Variant {
             Self::VxlanBpfForward => "ours: VXLAN, BPF forward",
             Self::HostGwBpfForward => "ours: host-gw, BPF forward",
             Self::VxlanTcBpfForward => "ours: VXLAN, TC decap, BPF forward",
+            Self::KernelVxlanFlanneld => "kernel vxlan (real flanneld)",
         }
     }
 
@@ -135,6 +143,7 @@ impl Variant {
             Self::VxlanBpfForward => "pod to pod, our agent with `--backend vxlan --decap auto --forward bpf`",
             Self::HostGwBpfForward => "pod to pod, our agent with `--backend host-gw --decap auto --forward bpf`",
             Self::VxlanTcBpfForward => "pod to pod, our agent with `--backend vxlan --decap tc --forward bpf`",
+            Self::KernelVxlanFlanneld => "pod to pod over the kernel vxlan device `flannel.1`, created and programmed by real flanneld v0.28.10 (etcd mode); no BPF",
         }
     }
 
@@ -152,6 +161,7 @@ impl Variant {
             Self::VxlanBpfForward => Setup::Ours { backend: "vxlan", decap: "auto", forward: "bpf" },
             Self::HostGwBpfForward => Setup::Ours { backend: "host-gw", decap: "auto", forward: "bpf" },
             Self::VxlanTcBpfForward => Setup::Ours { backend: "vxlan", decap: "tc", forward: "bpf" },
+            Self::KernelVxlanFlanneld => Setup::Flanneld,
         }
     }
 }
@@ -578,6 +588,10 @@ fn start_lab(underlay: Underlay, setup: Setup, config: &Config, n: usize) -> Res
         Setup::Flannel { backend } => {
             spec.flannel_nodes = 2;
             spec.flannel_backend = backend.to_owned();
+        }
+        Setup::Flanneld => {
+            spec.flannel_nodes = 2;
+            spec.real_flannel = true;
         }
         Setup::Ours { backend, decap, forward } => {
             spec.backend = backend.to_owned();
@@ -1350,6 +1364,7 @@ fn colour(variant: &str) -> &'static str {
         Some(Variant::VxlanBpfForward) => "#1e3a8a",
         Some(Variant::HostGwBpfForward) => "#064e3b",
         Some(Variant::VxlanTcBpfForward) => "#7c3aed",
+        Some(Variant::KernelVxlanFlanneld) => "#e76f51",
         None => "#444444",
     }
 }

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, PinDir, control_plane::ControlPlane, run};
+use crate::{NetNs, PinDir, control_plane::ControlPlane, etcd::Etcd, run};
 
 /// What an agent logs once its initial sync is in the datapath.
 pub const READY_LOG: &str = "ready: the initial sync is in the datapath";
@@ -68,6 +68,15 @@ pub struct LabSpec {
     /// token of deploy/overlay.yaml's ServiceAccount) and `--net-conf`,
     /// instead of a manifest directory.
     pub kubernetes: bool,
+    /// flannel's etcd mode: run an etcd cluster of this many members in the
+    /// underlay namespace (at [`ETCD_FIRST_IP`] and up) and the agents with
+    /// `--etcd-endpoints`; 0 for the other sources. Each node's subnet.env
+    /// names its lab pod CIDR, so agents reclaim it as flanneld does.
+    pub etcd_members: usize,
+    /// The flannel nodes run real flanneld ([`crate::flanneld_binary`]) in
+    /// etcd mode against the lab's etcd (at least one member), with our
+    /// agents in etcd mode too, instead of the hand-programmed `flannel.1`.
+    pub real_flannel: bool,
     /// The flannel nodes' backend: `vxlan` (the kernel vxlan device
     /// `flannel.1`) or `host-gw` (plain routes via the peers' node IPs).
     pub flannel_backend: String,
@@ -106,6 +115,8 @@ impl LabSpec {
             net_conf: false,
             outside: false,
             agent_args: Vec::new(),
+            etcd_members: 0,
+            real_flannel: false,
         }
     }
 }
@@ -188,8 +199,28 @@ pub fn deploy_manifest() -> PathBuf {
 /// and its RBAC (no kubelet runs the DaemonSet here).
 pub const RBAC_KINDS: [&str; 4] = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"];
 
+/// The first etcd member's address in an etcd lab (the next members take
+/// the following addresses), on the underlay's first segment.
+pub const ETCD_FIRST_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 3);
+
+/// The network config an etcd lab writes at `/coreos.com/network/config`.
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
+
 /// The agents' `--metrics-addr` (each in its own node namespace).
 pub const METRICS_PORT: u16 = 9472;
+
+/// What [`Lab::ping_throughout`] saw.
+#[derive(Debug)]
+pub struct PingRun {
+    /// Whether ping was still running when `during` had returned.
+    pub ran_throughout: bool,
+    /// Echo requests sent.
+    pub transmitted: u32,
+    /// Distinct requests answered.
+    pub replies: u32,
+    /// Sequence numbers of requests without a reply, but for the last one.
+    pub unanswered: Vec<u32>,
+}
 
 pub struct LabPod {
     pub ns: NetNs,
@@ -212,9 +243,13 @@ pub struct LabNode {
 /// A running lab. Field order is drop order: agents stop before their
 /// namespaces go, pins last.
 pub struct Lab {
+    /// Real flanneld per flannel node of a `real_flannel` lab.
+    flanneld: Vec<Option<ChildGuard>>,
     agents: Vec<Option<Child>>,
     /// The control plane of a `kubernetes` lab.
     pub kube: Option<ControlPlane>,
+    /// The etcd cluster of an etcd lab.
+    pub etcd: Option<Etcd>,
     pub nodes: Vec<LabNode>,
     /// The router joining the two subnets of a routed topology.
     pub router: Option<NetNs>,
@@ -252,7 +287,10 @@ fn ns_ok(ns: &NetNs, program: &str, args: &[&str]) -> bool {
 impl Lab {
     /// Builds the namespaces, writes the manifests and starts the agents,
     /// waiting until every agent has programmed its routes.
-    pub fn start(spec: LabSpec) -> Result<Self, String> {
+    pub fn start(mut spec: LabSpec) -> Result<Self, String> {
+        if spec.real_flannel {
+            spec.etcd_members = spec.etcd_members.max(1);
+        }
         let work_dir = WorkDir(std::env::temp_dir().join(&spec.prefix));
         let nodes_dir = work_dir.0.join("nodes");
         fs::create_dir_all(&nodes_dir).map_err(|e| format!("creating {}: {e}", nodes_dir.display()))?;
@@ -262,6 +300,16 @@ impl Lab {
             let _ = underlay.ip(&["link", "add", bridge, "type", "bridge"]);
             let _ = underlay.ip(&["link", "set", bridge, "up"]);
         }
+        // The underlay is a switch: no iptables on what it bridges. Once
+        // anything on the machine has loaded br_netfilter, every new
+        // namespace's bridges call iptables' FORWARD for each frame
+        // (`br_nf_forward_ip`, a fifth of the path in the bench's
+        // profiles, for every variant alike). Per namespace since 5.3;
+        // absent (and nothing to do) without the module.
+        let _ = Command::new("ip")
+            .args(["netns", "exec", underlay.name(), "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"])
+            .stderr(Stdio::null())
+            .status();
         let router = (spec.topology == Topology::Routed).then(|| Self::make_router(&spec, &underlay));
 
         let (kube, pod_cidrs) = if spec.kubernetes {
@@ -274,8 +322,25 @@ impl Lab {
         for (i, pod_cidr) in (1..=spec.nodes).zip(pod_cidrs) {
             nodes.push(Self::make_node(&spec, &underlay, i, &pins, pod_cidr)?);
         }
+        let etcd = match spec.etcd_members {
+            0 => None,
+            members => {
+                let ips: Vec<Ipv4Addr> = (0..members as u32).map(|k| Ipv4Addr::from(ETCD_FIRST_IP.to_bits() + k)).collect();
+                for ip in &ips {
+                    let _ = underlay.ip(&["addr", "add", &format!("{ip}/24"), "dev", SUBNETS[0].1]);
+                }
+                let etcd = Etcd::start(&underlay, &ips, work_dir.0.clone())?;
+                let config = serde_json::json!({
+                    "Network": crate::control_plane::CLUSTER_CIDR,
+                    "Backend": {"Type": spec.backend, "DirectRouting": spec.direct_routing},
+                });
+                etcd.put(&format!("{ETCD_PREFIX}/config"), &config.to_string(), None)?;
+                Some(etcd)
+            }
+        };
         let outside = spec.outside.then(|| Self::make_outside(&spec, &underlay, &nodes, router.as_ref()));
-        let mut lab = Self { agents: Vec::new(), kube, nodes, router, outside, underlay, nodes_dir, spec, _pins: pins, work_dir };
+        let flanneld = nodes.iter().map(|_| None).collect();
+        let mut lab = Self { flanneld, agents: Vec::new(), kube, etcd, nodes, router, outside, underlay, nodes_dir, spec, _pins: pins, work_dir };
         if let Some(kube) = &lab.kube {
             // The agents' identity and permissions: exactly deploy/overlay.yaml's.
             kube.apply_manifest(&deploy_manifest(), &RBAC_KINDS, false).map_err(|e| e.to_string())?;
@@ -290,10 +355,17 @@ impl Lab {
             fs::write(lab.net_conf_path(), net_conf.to_string()).map_err(|e| format!("writing net-conf.json: {e}"))?;
         }
         for i in 0..lab.nodes.len() {
+            if lab.etcd.is_some() {
+                let env = format!("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU={POD_MTU}\nFLANNEL_IPMASQ=false\n", i + 1);
+                fs::write(lab.subnet_file(i), env).map_err(|e| format!("writing subnet.env: {e}"))?;
+            }
             lab.write_manifest(i);
         }
         for i in 0..lab.nodes.len() {
-            if lab.nodes[i].flannel {
+            if lab.nodes[i].flannel && lab.spec.real_flannel {
+                lab.flanneld[i] = Some(ChildGuard(lab.spawn_flanneld(i)?));
+                lab.agents.push(None);
+            } else if lab.nodes[i].flannel {
                 lab.program_flannel_node(i)?;
                 lab.agents.push(None);
             } else {
@@ -307,6 +379,11 @@ impl Lab {
                 lab.wait_for_routes(i, peers, Duration::from_secs(20))?;
             }
         }
+        for i in 0..lab.nodes.len() {
+            if lab.flanneld[i].is_some() {
+                lab.wait_for_flanneld(i, peers, Duration::from_secs(30))?;
+            }
+        }
         if lab.spec.forward == "bpf" {
             lab.wait_for_fast_path(Duration::from_secs(15))?;
         }
@@ -314,8 +391,9 @@ impl Lab {
     }
 
     /// Waits until every agent has enrolled all its pods in the fast path
-    /// (`POD_PORTS`, as `inspect` lists it). A bridge learns a pod's MAC
-    /// from the pod's frames, so each pod first says hello to its gateway.
+    /// (`POD_PORTS`, as `inspect` lists it), `timeout` stretched by
+    /// [`crate::scaled`]. A bridge learns a pod's MAC from the pod's
+    /// frames, so each pod first says hello to its gateway.
     pub fn wait_for_fast_path(&self, timeout: Duration) -> Result<(), String> {
         for node in self.nodes.iter().filter(|n| !n.flannel) {
             for pod in &node.pods {
@@ -325,7 +403,7 @@ impl Lab {
                 }
             }
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + crate::scaled(timeout);
         for (i, node) in self.nodes.iter().enumerate().filter(|(_, n)| !n.flannel) {
             loop {
                 let text = self.inspect(i);
@@ -493,6 +571,10 @@ impl Lab {
     /// proves annotations are honoured, not guessed).
     pub fn vtep_mac(&self, i: usize) -> [u8; 6] {
         let node = &self.nodes[i];
+        // Real flanneld picks its own; our agents keep what a lease says.
+        if let Some(mac) = self.lease_vtep_mac(i) {
+            return mac;
+        }
         if node.flannel {
             Self::flannel_vtep_mac(i)
         } else {
@@ -587,6 +669,68 @@ impl Lab {
         Ok((status, body))
     }
 
+    /// The VtepMAC in node `i`'s lease, in an etcd lab.
+    fn lease_vtep_mac(&self, i: usize) -> Option<[u8; 6]> {
+        let etcd = self.etcd.as_ref()?;
+        let key = format!("{ETCD_PREFIX}/subnets/{}-{}", self.nodes[i].pod_cidr.split('/').next()?, 24);
+        let leases = etcd.list(&key).ok()?;
+        let value: serde_json::Value = serde_json::from_str(&leases.first()?.1).ok()?;
+        overlay_agent::node::parse_mac(value["BackendData"]["VtepMAC"].as_str()?)
+    }
+
+    /// Where flanneld of node `i` logs.
+    pub fn flanneld_log_path(&self, i: usize) -> PathBuf {
+        self.work_dir.0.join(format!("{}-flanneld.log", self.nodes[i].name))
+    }
+
+    /// Starts real flanneld on node `i`, in etcd mode against the lab's
+    /// etcd, on eth0, without masquerading (the lab's traffic stays inside
+    /// the pod network), writing the subnet.env the lab seeded (so it
+    /// reclaims the lab's pod CIDR, as flanneld does on restart).
+    fn spawn_flanneld(&self, i: usize) -> Result<Child, String> {
+        let etcd = self.etcd.as_ref().ok_or("real flanneld needs the lab's etcd")?;
+        let binary = crate::flanneld_binary()?;
+        let log_path = self.flanneld_log_path(i);
+        let log = fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.nodes[i].ns.name()))
+            .arg(&binary)
+            .arg(format!("--etcd-endpoints={}", etcd.endpoints()))
+            .arg(format!("--etcd-prefix={ETCD_PREFIX}"))
+            .args(["--iface=eth0", "--ip-masq=false"])
+            .arg(format!("--subnet-file={}", self.subnet_file(i).display()))
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", binary.display()))
+    }
+
+    /// Waits until flanneld on node `i` has a route to each of `peers`
+    /// through flannel.1.
+    fn wait_for_flanneld(&mut self, i: usize, peers: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.nodes[i].ns.ip(&["route", "show", "dev", "flannel.1"]);
+            let routes = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" via ")).count();
+            if routes == peers {
+                return Ok(());
+            }
+            if let Some(Some(child)) = self.flanneld.get_mut(i)
+                && let Ok(Some(status)) = child.0.try_wait()
+            {
+                return Err(format!("flanneld on {} exited ({status}):\n{}", self.nodes[i].name, fs::read_to_string(self.flanneld_log_path(i)).unwrap_or_default()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "flanneld on {} has {routes} of {peers} routes after {timeout:?}:\n{}",
+                    self.nodes[i].name,
+                    fs::read_to_string(self.flanneld_log_path(i)).unwrap_or_default()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Programs flannel node `i` from the Node manifests exactly as
     /// flannel's backend does. vxlan: `flannel.1` (VNI 1, port 8472,
     /// learning off) with the advertised VtepMAC and `<podCIDR>.0/32`, and
@@ -621,6 +765,11 @@ impl Lab {
     /// program takes over receiving, its routes replace flannel's, then it
     /// deletes `flannel.1`).
     pub fn convert_to_overlay(&mut self, i: usize) -> Result<(), String> {
+        // flannel's pod leaves the node first (the guide's DaemonSet
+        // affinity). Stopping flanneld leaves its device, neighbours and
+        // routes, which keep forwarding until the agent takes over; its
+        // lease stays in etcd, and the agent reuses it (same VtepMAC).
+        self.flanneld[i] = None;
         let agent = self.spawn_agent(i)?;
         self.agents[i] = Some(agent);
         let peers = self.nodes.len() - 1;
@@ -657,12 +806,17 @@ impl Lab {
             .arg(&node.pin_root)
             // A flannel node being migrated still has flannel.1.
             .args(node.flannel.then_some("--remove-flannel-device"));
-        if self.spec.kubernetes {
+        if let Some(etcd) = &self.etcd {
+            // The network config (backend included) comes from etcd.
+            command.args(["--etcd-endpoints", &etcd.endpoints()]).arg("--subnet-file").arg(self.subnet_file(i));
+        } else if self.spec.kubernetes {
             command.arg("--kubeconfig").arg(self.kubeconfig_path());
         } else {
             command.arg("--nodes-dir").arg(&self.nodes_dir);
         }
-        if self.uses_net_conf() {
+        if self.etcd.is_some() {
+            // The backend is etcd's network config's.
+        } else if self.uses_net_conf() {
             command.arg("--net-conf").arg(self.net_conf_path()).arg("--subnet-file").arg(self.subnet_file(i));
         } else {
             command.args(["--backend", &self.spec.backend]).args(self.spec.direct_routing.then_some("--direct-routing"));
@@ -890,6 +1044,48 @@ impl Lab {
     }
 
     /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)
+    /// from before `during` starts until a second after it returns, however
+    /// long it takes (agent restarts under emulation take minutes), and
+    /// returns what it saw. Every echo request but the last was sent while
+    /// `during` ran or in that second; the last is sent as ping is stopped
+    /// (SIGINT), which does not wait for its reply, so it is not judged.
+    pub fn ping_throughout(&mut self, during: impl FnOnce(&mut Self)) -> PingRun {
+        let mut ping = ChildGuard(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.nodes[0].pods[0].ns.name()))
+                .args(["ping", "-n", "-i", "0.01", "-W", "1", &self.nodes[1].pods[0].ip.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting ping"),
+        );
+        let stdout = ping.0.stdout.take().expect("ping's stdout");
+        let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+        // Its first request is out before `during` starts.
+        std::thread::sleep(Duration::from_millis(100));
+        during(self);
+        std::thread::sleep(Duration::from_secs(1));
+        // Without a count ping stops only on a signal or an error.
+        let ran_throughout = matches!(ping.0.try_wait(), Ok(None));
+        // SAFETY: signalling our own child; SIGINT makes ping print its summary.
+        unsafe { libc::kill(ping.0.id() as i32, libc::SIGINT) };
+        let _ = ping.0.wait();
+        let text = reader.join().expect("reading ping's output");
+        let transmitted: u32 = text
+            .lines()
+            .find_map(|l| l.split_once(" packets transmitted").and_then(|(n, _)| n.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("ping printed no summary: {text}"));
+        let mut replied = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| l.contains(" bytes from ") && !l.contains("DUP!")) {
+            if let Some(seq) = line.split_whitespace().find_map(|w| w.strip_prefix("icmp_seq=")?.parse::<u32>().ok()) {
+                replied.insert(seq);
+            }
+        }
+        let unanswered = (1..transmitted).filter(|seq| !replied.contains(seq)).collect();
+        PingRun { ran_throughout, transmitted, replies: replied.len() as u32, unanswered }
+    }
+
+    /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)
     /// while `during` runs; returns (transmitted, received).
     pub fn ping_during(&mut self, count: u32, during: impl FnOnce(&mut Self)) -> (u32, u32) {
         let ping = Command::new("nsenter")
@@ -924,11 +1120,13 @@ impl Lab {
     }
 
     /// Starts node `i`'s agent again and waits until it reports ready
-    /// (its initial sync applied to the datapath).
+    /// (its initial sync applied to the datapath), `timeout` stretched by
+    /// [`crate::scaled`] (loading through the verifier is most of it).
     pub fn start_agent(&mut self, i: usize, timeout: Duration) -> Result<(), String> {
         let readies = self.agent_log(i).matches(READY_LOG).count();
         let agent = self.spawn_agent(i)?;
         self.agents[i] = Some(agent);
+        let timeout = crate::scaled(timeout);
         let deadline = Instant::now() + timeout;
         while self.agent_log(i).matches(READY_LOG).count() == readies {
             if let Some(Some(child)) = self.agents.get_mut(i)
@@ -1055,6 +1253,8 @@ impl Drop for ChildGuard {
 /// pins whose names start with `prefix`.
 pub fn tear_down_kept(prefix: &str) -> usize {
     let _ = Command::new("pkill").args(["-TERM", "-f", &format!("bpffs-root {}/{prefix}", overlay_agent::bpffs::BPFFS_MOUNT)]).status();
+    // flanneld and etcd of an etcd lab name the lab's work directory.
+    let _ = Command::new("pkill").args(["-TERM", "-f", &format!("{}/{prefix}", std::env::temp_dir().display())]).status();
     std::thread::sleep(Duration::from_millis(300));
     let list = Command::new("ip").args(["netns", "list"]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
     let mut removed = 0;

@@ -8,6 +8,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod control_plane;
+pub mod etcd;
 pub mod lab;
 
 use std::{
@@ -28,6 +29,25 @@ pub fn unique_name(prefix: &str) -> String {
         std::process::id() % 100_000,
         NEXT_ID.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The flannel release the lab's real flannel nodes run; `xtask/src/gotools.rs`
+/// builds it from the same file.
+pub const FLANNEL_VERSION: &str = include_str!("../flannel-version.txt");
+
+/// Real flanneld, as `cargo xtask setup` builds and caches it
+/// (`~/.cache/overlay/flanneld-<version>/bin/flanneld`).
+pub fn flanneld_binary() -> Result<PathBuf, String> {
+    let version = FLANNEL_VERSION.trim();
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
+    let path = cache.join("overlay").join(format!("flanneld-{version}")).join("bin/flanneld");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing: run `cargo xtask setup`, which builds flanneld {version}", path.display()))
+    }
 }
 
 /// The `overlay-agent` binary next to this test binary (`target/<profile>/`).

@@ -382,6 +382,52 @@ fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
     assert_eq!(verdict, TC_ACT_OK, "without DF the packet goes on (the kernel fragments by route MTU)");
 }
 
+/// A too-big DF packet whose header carries options (IHL 6): the reply
+/// quotes the whole header and 8 bytes of payload (RFC 792), with both
+/// lengths and checksums to match. An ICMP error behind options is still
+/// recognised, and never answered (RFC 1122 §3.2.2).
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn frag_needed_quotes_ip_options_and_never_answers_an_icmp_error() {
+    require_root();
+    const TC_ACT_REDIRECT: u32 = 7;
+    let mut f = Fixture::new();
+    let with_options = |proto: u8, l4: &[u8]| {
+        let mut ip = ipv4([10, 244, 1, 11], [10, 244, 2, 11], proto, l4);
+        ip.splice(20..20, [1u8, 1, 1, 0]); // NOP, NOP, NOP, end of options
+        ip[0] = 0x46;
+        ip[6] = 0x40;
+        let len = ip.len() as u16;
+        ip[2..4].copy_from_slice(&len.to_be_bytes());
+        ip[10..12].fill(0);
+        let c = checksum(&ip[..24]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        ip
+    };
+    let inner = with_options(17, &udp(40000, 9, &[7u8; 1451 - 32]));
+    assert_eq!(inner.len(), 1451);
+    let before = f.counters();
+    let (verdict, out) = f.run(program_names::TC_EGRESS, &eth(PEER_NIC_MAC, NIC_MAC, &inner));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "the reply is redirected back in");
+    assert_eq!(f.counters().packets(Counter::IcmpFragNeeded) - before.packets(Counter::IcmpFragNeeded), 1);
+    assert_eq!(out.len(), 14 + 20 + 8 + 24 + 8, "the header with its options and 8 bytes quoted");
+    let ip = &out[14..34];
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 20 + 8 + 32, "IPv4 total length");
+    assert_eq!(checksum(ip), 0, "IPv4 checksum");
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4));
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1450, "next-hop MTU");
+    assert_eq!(&icmp[8..], &inner[..32], "quotes the original header, options included, and 8 bytes");
+    assert_eq!(checksum(icmp), 0, "ICMP checksum");
+
+    // Time exceeded, behind options, too big with DF: not answered.
+    let error = with_options(1, &[&[11u8, 0, 0, 0, 0, 0, 0, 0][..], &[0u8; 1451 - 32][..]].concat());
+    let before = f.counters();
+    let (verdict, _) = f.run(program_names::TC_EGRESS, &eth(PEER_NIC_MAC, NIC_MAC, &error));
+    assert_ne!(verdict, TC_ACT_REDIRECT, "an ICMP error got an ICMP error in reply");
+    assert_eq!(f.counters().packets(Counter::IcmpFragNeeded), before.packets(Counter::IcmpFragNeeded));
+}
+
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {

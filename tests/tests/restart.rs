@@ -2,7 +2,10 @@
 //! while the agent is killed, stopped and restarted, and a new agent
 //! swaps its programs in without a gap. `cleanup` removes it on purpose.
 
-use std::{process::Command, time::Duration};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use aya::programs::TcAttachType;
 use overlay_common::Counter;
@@ -27,7 +30,12 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     let mut lab = two_node_lab();
     let before = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
 
-    let (sent, received) = lab.ping_during(500, |lab| {
+    // The ping runs until every restart is over, however long loading
+    // through the verifier takes (minutes under `cargo xtask vmtest`'s
+    // emulation).
+    let mut restarts = Duration::ZERO;
+    let ping = lab.ping_throughout(|lab| {
+        let started = Instant::now();
         std::thread::sleep(Duration::from_millis(500));
         // A crash: no chance to clean up.
         lab.kill_agent(0);
@@ -39,14 +47,20 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
         lab.start_agent(1, Duration::from_secs(20)).unwrap();
         lab.kill_agent(1);
         lab.start_agent(1, Duration::from_secs(20)).unwrap();
+        restarts = started.elapsed();
     });
-    eprintln!("ping every 10 ms across kill -9, SIGTERM and restarts: {received}/{sent} received");
-    assert_eq!(sent, 500);
-    assert_eq!(received, sent, "packets were lost while agents restarted");
+    eprintln!(
+        "ping every 10 ms across kill -9, SIGTERM and restarts ({restarts:?}): {} of {} requests answered",
+        ping.replies, ping.transmitted
+    );
+    assert!(ping.ran_throughout, "ping stopped before the restarts were over:\n{ping:?}");
+    // Nominally one per 10 ms; at least one per 100 ms however loaded the machine.
+    assert!(u128::from(ping.transmitted) > restarts.as_millis() / 100, "{} requests in {restarts:?}", ping.transmitted);
+    assert!(ping.unanswered.is_empty(), "requests lost while agents restarted: {:?}", ping.unanswered);
 
     let after = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
-    assert!(after.0 >= before.0 + 500, "node1 encap counter {before:?} -> {after:?} did not keep counting");
-    assert!(after.1 >= before.1 + 500, "node2 decap counter {before:?} -> {after:?} did not keep counting");
+    assert!(after.0 >= before.0 + u64::from(ping.replies), "node1 encap counter {before:?} -> {after:?} did not keep counting");
+    assert!(after.1 >= before.1 + u64::from(ping.replies), "node2 decap counter {before:?} -> {after:?} did not keep counting");
     for i in 0..2 {
         let log = lab.agent_log(i);
         assert!(log.contains("maps_adopted=true"), "restarted agent must adopt the pinned maps:\n{log}");
@@ -99,8 +113,8 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(!pin_root.exists(), "pins remain under {}", pin_root.display());
     assert!(!subnet_file.exists());
     assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    while attached() != (0, 0) && std::time::Instant::now() < deadline {
+    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(2));
+    while attached() != (0, 0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(attached(), (0, 0), "programs still attached after cleanup");

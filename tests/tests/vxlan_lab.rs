@@ -147,3 +147,99 @@ fn path_mtu_discovery_works_through_the_overlay() {
     let route = String::from_utf8_lossy(&a.ns.ip(&["route", "get", &b.ip.to_string()]).stdout).into_owned();
     assert!(route.contains("mtu 1450"), "the sender did not learn the path MTU: {route}");
 }
+
+/// A pod running a tunnel of its own (VXLAN over its eth0, TCP inside), as
+/// flannel's kernel device carries it. The pod's tunnel leaves its packets
+/// marked as encapsulated (`skb->encapsulation`, kept while the inner TCP
+/// checksum is left to offload), and `bpf_skb_adjust_room` refuses to
+/// encapsulate those again (-EALREADY). Single packets: the pod's tunnel
+/// device with segmentation offload off. Both the underlay's egress
+/// (`--forward kernel`) and the fast path (`--forward bpf`).
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_pods_own_vxlan_tunnel_carries_tcp_across_the_overlay() {
+    require_root();
+    for forward in ["kernel", "bpf"] {
+        let mut spec = LabSpec::new(agent_binary());
+        spec.nodes = 2;
+        spec.pods_per_node = 1;
+        spec.forward = forward.to_owned();
+        let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+        if forward == "bpf" {
+            lab.wait_for_fast_path(Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+        let inner = |i: u8| std::net::Ipv4Addr::new(172, 31, 0, i);
+        for (pod, remote, me) in [(a, b.ip, inner(1)), (b, a.ip, inner(2))] {
+            let remote = remote.to_string();
+            let add = ["link", "add", "vx0", "type", "vxlan", "id", "42", "remote", &remote, "dstport", "4789", "dev", "eth0"];
+            for args in [&add[..], &["addr", "add", &format!("{me}/24"), "dev", "vx0"], &["link", "set", "vx0", "up"]] {
+                let out = pod.ns.ip(args);
+                assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let out = pod.ns.exec("ethtool", &["-K", "vx0", "tso", "off", "gso", "off"]);
+            assert!(out.status.success(), "ethtool: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // Control: ICMP's checksum is computed in software, so the pod's
+        // tunnel packet is not marked encapsulated and always got through.
+        assert!(
+            (0..3).any(|_| Lab::ping(&a.ns, inner(2))),
+            "--forward {forward}: ping through the pods' own tunnel failed:\n{}",
+            lab.inspect(0)
+        );
+        let before = lab.counters(0).drops(overlay_common::DropReason::HelperError);
+        let echo = Lab::tcp_echo(&a.ns, &b.ns, inner(2), 24002);
+        let helper_errors = lab.counters(0).drops(overlay_common::DropReason::HelperError) - before;
+        assert!(
+            echo.is_ok(),
+            "--forward {forward}: TCP through the pods' own tunnel failed ({echo:?}); node 1 counted {helper_errors} helper_error drops"
+        );
+        assert_eq!(helper_errors, 0, "--forward {forward}: node 1 dropped packets of the pods' tunnel");
+    }
+}
+
+/// A DF packet that reaches the underlay's egress too big for the tunnel
+/// despite the route's MTU (a socket probing past it:
+/// `IP_PMTUDISC_PROBE`): `icmp.rs` answers with frag-needed, which reaches
+/// the sending socket as EMSGSIZE. Without it the encapsulated packet is
+/// too big for the underlay and vanishes.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_too_big_df_packet_past_the_route_mtu_gets_frag_needed_from_the_datapath() {
+    use std::os::fd::AsRawFd as _;
+    require_root();
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let (node, target) = (&lab.nodes[0], &lab.nodes[1].pods[0]);
+    assert!(Lab::ping(&node.ns, target.ip), "control: the node reaches the remote pod");
+    let before = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded);
+    let socket = {
+        let _inside = node.ns.enter();
+        std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket on node 1")
+    };
+    let set = |option: libc::c_int, value: libc::c_int| {
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, option, (&raw const value).cast(), size_of::<libc::c_int>() as u32)
+        };
+        assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
+    };
+    // DF set, the route's MTU ignored; ICMP errors reported on the socket.
+    set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
+    set(libc::IP_RECVERR, 1);
+    socket.connect((target.ip, 9)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // 1472 bytes of payload: a 1500-byte packet, 50 over the tunnel MTU.
+    // (Without the reply, the underlay's transmit drops the encapsulated
+    // packet and the send itself fails with ENOBUFS.)
+    let sent = socket.send(&[0u8; 1472]);
+    let answer = socket.recv(&mut [0u8; 64]);
+    let replies = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded) - before;
+    assert!(
+        sent.is_ok() && answer.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EMSGSIZE)),
+        "the sender got no frag-needed ({replies} sent by node 1's datapath); send: {sent:?}, then: {answer:?}"
+    );
+    assert_eq!(replies, 1, "icmp_frag_needed counted {replies}");
+}

@@ -4,7 +4,8 @@
 //!
 //! [`build_go_packages`] is generic: a scratch module that requires a set of
 //! modules (with `replace` lines where needed), `go build` of some of their
-//! main packages into the cache. [`kubernetes`] is its one user so far.
+//! main packages (or of main packages written into the scratch module) into
+//! the cache. Its users: [`kubernetes`] and [`flanneld`].
 
 use std::{
     fs,
@@ -23,6 +24,9 @@ pub const KUBERNETES_VERSION: &str = include_str!("../../tests/kubernetes-versio
 pub const KUBERNETES_PACKAGES: [&str; 2] =
     ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager"];
 
+/// The scratch module's path.
+const SCRATCH_MODULE: &str = "overlay.invalid/gotools";
+
 /// What to build: a scratch module's requirements and replacements, and the
 /// main packages to build from them.
 #[derive(Debug, Clone)]
@@ -37,12 +41,17 @@ pub struct GoBuild {
     pub packages: Vec<String>,
     /// `go build -ldflags` (`-s -w` strips; `-X` sets version variables).
     pub ldflags: String,
+    /// Files written into the scratch module (path inside it, contents):
+    /// main packages of our own, built as `overlay.invalid/gotools/<dir>`.
+    pub sources: Vec<(String, String)>,
+    /// Build with cgo (flanneld's udp backend is C), else `CGO_ENABLED=0`.
+    pub cgo: bool,
 }
 
 impl GoBuild {
     /// The scratch module's go.mod.
     fn go_mod(&self) -> String {
-        let mut text = String::from("module overlay.invalid/gotools\n\ngo 1.26.0\n\nrequire (\n");
+        let mut text = format!("module {SCRATCH_MODULE}\n\ngo 1.26.0\n\nrequire (\n");
         for (module, version) in &self.require {
             text += &format!("\t{module} {version}\n");
         }
@@ -55,7 +64,10 @@ impl GoBuild {
 
     /// What the stamp records: a change to any of it rebuilds.
     fn stamp(&self, go_version: &str) -> String {
-        format!("{go_version}\n{}\n{}\n{}\n", self.go_mod(), self.packages.join("\n"), self.ldflags)
+        let sources: String = self.sources.iter().map(|(path, text)| format!("{path}\n{text}\n")).collect();
+        // Without cgo and sources, the stamp of the builds before either existed.
+        let cgo = if self.cgo { "cgo\n" } else { "" };
+        format!("{go_version}\n{}\n{}\n{}\n{cgo}{sources}", self.go_mod(), self.packages.join("\n"), self.ldflags)
     }
 }
 
@@ -94,8 +106,20 @@ pub fn build_go_packages(go: &Path, build: &GoBuild) -> anyhow::Result<PathBuf> 
     fs::create_dir_all(&module).with_context(|| format!("creating {}", module.display()))?;
     let _ = fs::remove_file(&stamp_path);
     fs::write(module.join("go.mod"), build.go_mod()).context("writing the scratch go.mod")?;
-    // Imports for `go mod tidy`, which then pins every dependency in go.sum.
-    let imports: String = build.packages.iter().map(|p| format!("\t_ \"{p}\"\n")).collect();
+    for (path, text) in &build.sources {
+        let path = module.join(path);
+        fs::create_dir_all(path.parent().unwrap_or(&module)).with_context(|| format!("creating the directory of {}", path.display()))?;
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    // Imports for `go mod tidy`, which then pins every dependency in go.sum
+    // (the scratch module's own packages it finds by itself; a main package
+    // cannot be imported).
+    let imports: String = build
+        .packages
+        .iter()
+        .filter(|p| !p.starts_with(SCRATCH_MODULE))
+        .map(|p| format!("\t_ \"{p}\"\n"))
+        .collect();
     fs::write(module.join("tools.go"), format!("//go:build tools\n\npackage tools\n\nimport (\n{imports})\n"))
         .context("writing tools.go")?;
     eprintln!("setup: building {} from the Go module proxy into {} (once per machine; the cold build is about 20 CPU-minutes)", build.packages.join(" "), bin.display());
@@ -106,7 +130,7 @@ pub fn build_go_packages(go: &Path, build: &GoBuild) -> anyhow::Result<PathBuf> 
             .env("GOMODCACHE", root.join("go/mod"))
             .env("GOFLAGS", "-trimpath")
             .env("GOTOOLCHAIN", "local")
-            .env("CGO_ENABLED", "0");
+            .env("CGO_ENABLED", if build.cgo { "1" } else { "0" });
     };
     let mut tidy = Command::new(go);
     tidy.args(["mod", "tidy"]);
@@ -162,8 +186,65 @@ pub fn kubernetes(go: &Path) -> anyhow::Result<PathBuf> {
         replace: staging.into_iter().map(|m| (m, staging_version.clone())).collect(),
         packages: KUBERNETES_PACKAGES.iter().map(|p| (*p).to_owned()).collect(),
         ldflags: kubernetes_ldflags(version),
+        sources: Vec::new(),
+        cgo: false,
     };
     build_go_packages(go, &build)
+}
+
+/// The flannel release the lab's flannel nodes, the interop tests and the
+/// bench run, shared with the tests crate (`overlay_tests::FLANNEL_VERSION`).
+pub const FLANNEL_VERSION: &str = include_str!("../../tests/flannel-version.txt");
+const FLANNEL_MODULE: &str = "github.com/flannel-io/flannel";
+/// flanneld's main.go imports this backend, whose dependency the Go module
+/// proxy refuses to serve:
+/// `github.com/tencentcloud/tencentcloud-sdk-go/tencentcloud/vpc@v1.3.188`
+/// (403, "This module version is not available").
+const FLANNEL_REFUSED_BACKEND: &str = "github.com/flannel-io/flannel/pkg/backend/tencentvpc";
+
+/// flanneld at [`FLANNEL_VERSION`]: flannel's own main.go, without the one
+/// backend import whose module the proxy refuses, as a main package of the
+/// scratch module that requires flannel's module; every other backend
+/// (vxlan, host-gw, ...) is flannel's code as released, at the dependency
+/// versions flannel's go.mod gives.
+pub fn flanneld(go: &Path) -> anyhow::Result<PathBuf> {
+    let version = FLANNEL_VERSION.trim();
+    let dir = download_module(go, FLANNEL_MODULE, version)?;
+    let main_go = dir.join("main.go");
+    let main = fs::read_to_string(&main_go).with_context(|| format!("reading {}", main_go.display()))?;
+    if !main.contains(FLANNEL_REFUSED_BACKEND) {
+        bail!("{} no longer imports {FLANNEL_REFUSED_BACKEND}: check whether `go install {FLANNEL_MODULE}@{version}` works now", main_go.display());
+    }
+    let main: String = main.lines().filter(|l| !l.contains(FLANNEL_REFUSED_BACKEND)).map(|l| format!("{l}\n")).collect();
+    let build = GoBuild {
+        key: format!("flanneld-{version}"),
+        require: vec![(FLANNEL_MODULE.to_owned(), version.to_owned())],
+        replace: Vec::new(),
+        packages: vec![format!("{SCRATCH_MODULE}/flanneld")],
+        ldflags: format!("-s -w -X {FLANNEL_MODULE}/pkg/version.Version={version}"),
+        sources: vec![("flanneld/main.go".to_owned(), main)],
+        // As flannel's release build: its udp backend's proxy is C.
+        cgo: true,
+    };
+    build_go_packages(go, &build)
+}
+
+/// `go mod download` of one module into the cache's module cache; returns
+/// its source directory.
+fn download_module(go: &Path, module: &str, version: &str) -> anyhow::Result<PathBuf> {
+    let mut download = Command::new(go);
+    download
+        .args(["mod", "download", "-json", &format!("{module}@{version}")])
+        .env("GOMODCACHE", cache_root()?.join("go/mod"))
+        .env("GOTOOLCHAIN", "local");
+    // Outside any module: `go mod download` of a named module needs none.
+    download.current_dir(std::env::temp_dir());
+    let info = output(&mut download).with_context(|| format!("the Go module proxy refused {module}@{version}"))?;
+    let dir = info
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"Dir\": \"")?.strip_suffix("\","))
+        .with_context(|| format!("`go mod download -json {module}@{version}` named no directory"))?;
+    Ok(PathBuf::from(dir))
 }
 
 /// What Kubernetes' own build (hack/lib/version.sh) stamps into its
@@ -227,6 +308,8 @@ mod tests {
             replace: vec![("k8s.io/api".into(), "v0.37.2".into())],
             packages: vec!["k8s.io/kubernetes/cmd/kube-apiserver".into()],
             ldflags: kubernetes_ldflags("v1.37.2"),
+            sources: Vec::new(),
+            cgo: false,
         };
         assert!(build.ldflags.contains("-X k8s.io/component-base/version.gitVersion=v1.37.2 -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37"), "{}", build.ldflags);
         let go_mod = build.go_mod();

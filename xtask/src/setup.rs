@@ -10,14 +10,12 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use overlay_toolchain::{self as toolchain, DEBIAN_TOOLCHAIN, EbpfToolchain};
 
-use crate::{
-    gotools,
-    toolchain::{self, DEBIAN_TOOLCHAIN, EbpfToolchain},
-};
+use crate::gotools;
 
 /// Commands the tests and the lab run, and the Debian package for each.
-const TEST_TOOLS: [(&str, &str); 16] = [
+const TEST_TOOLS: [(&str, &str); 17] = [
     ("ethtool", "ethtool"),
     ("ping", "iputils-ping"),
     ("ip", "iproute2"),
@@ -38,8 +36,10 @@ const TEST_TOOLS: [(&str, &str); 16] = [
     // refuses hybrid cgroup hosts.
     ("podman", "podman"),
     ("runc", "runc"),
-    // The real control plane's store, and its certificates and keys.
+    // The real control plane's store (and flannel's etcd mode's), and its certificates and keys.
     ("etcd", "etcd-server"),
+    // The agent's etcd client (etcd-client) compiles etcd's .proto files.
+    ("protoc", "protobuf-compiler"),
     ("openssl", "openssl"),
 ];
 
@@ -88,10 +88,13 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
         Some(go) => {
             let bin = gotools::kubernetes(&go).context("building kube-apiserver and kube-controller-manager")?;
             eprintln!("setup: kubernetes {} control plane in {}", gotools::KUBERNETES_VERSION.trim(), bin.display());
+            let bin = gotools::flanneld(&go).with_context(|| format!("building flanneld {}", gotools::FLANNEL_VERSION.trim()))?;
+            eprintln!("setup: flanneld {} in {}", gotools::FLANNEL_VERSION.trim(), bin.display());
         }
         None => eprintln!(
-            "setup: no `go` (on PATH or /usr/local/go/bin): the Kubernetes tests and `lab --kubernetes` need kube-apiserver \
-             built from the Go module proxy; install Go >= 1.26 from https://go.dev/dl/ and run `cargo xtask setup` again"
+            "setup: no `go` (on PATH or /usr/local/go/bin): the Kubernetes tests and `lab --kubernetes` need kube-apiserver, \
+             the flannel interop tests and `lab --flannel-nodes` need flanneld, both built from the Go module proxy; \
+             install Go >= 1.26 from https://go.dev/dl/ and run `cargo xtask setup` again"
         ),
     }
     eprintln!("setup: eBPF toolchain `{}`: {}", chosen.name, chosen.reason);

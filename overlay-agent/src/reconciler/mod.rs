@@ -5,14 +5,15 @@
 //!
 //! | seam | trait | the real one |
 //! |---|---|---|
-//! | where nodes come from | [`NodeSource`] | [`sources::ManifestSource`], [`sources::KubeSource`] |
+//! | where nodes come from | [`NodeSource`] | [`sources::ManifestSource`], [`sources::KubeSource`], [`sources::EtcdNodes`] |
 //! | the datapath's maps and kernel routes | [`PeerWriter`] | [`crate::apply::Applier`] |
-//! | the kernel's paths to the nodes | [`Underlay`] | [`kernel::KernelUnderlay`] |
-//! | what our own node advertises | [`Publisher`] | [`sources::KubePublisher`], [`sources::LogPublisher`] |
+//! | the kernel's paths to the nodes, and its notifications | [`Underlay`] | [`kernel::KernelUnderlay`] ([`crate::kernel_events`]) |
+//! | what our own node advertises | [`Publisher`] | [`sources::KubePublisher`], [`sources::LogPublisher`], [`sources::LeasePublisher`] |
 //! | the rest of the host (subnet.env, netfilter, pod fast path) | [`Host`] | the binary's `run.rs` |
 //!
 //! Where each event is handled: node events in [`Reconciler::handle_source`],
-//! kernel (underlay) events in [`Reconciler::handle_underlay_change`], the
+//! kernel events (rtnetlink notifications: the underlay's paths, the pod
+//! bridge and its ports) in [`Reconciler::handle_kernel_events`], the
 //! periodic safety net in [`Reconciler::housekeeping`]; all end in
 //! [`Reconciler::reconcile`].
 
@@ -40,9 +41,10 @@ use crate::{
     node::NodeInfo,
     routes::RouteError,
 };
+pub use crate::kernel_events::KernelEvent;
 
-/// How often the datapath counters are checked, the pod bridge is looked
-/// at, and what failed (API writes, peers the kernel refused) is retried.
+/// How often the datapath counters are checked and what failed (API
+/// writes, peers the kernel refused) is retried.
 pub const HOUSEKEEPING: Duration = Duration::from_secs(5);
 /// How often an unchanged outage of the node source is logged again.
 const OUTAGE_REPEAT: Duration = Duration::from_secs(60);
@@ -113,11 +115,13 @@ pub trait PeerWriter {
 pub trait Underlay {
     /// The kernel's path to each of `addrs`.
     fn paths(&mut self, addrs: &[Ipv4Addr]) -> Result<Paths, RouteError>;
-    /// Resolves when the underlay's addresses, rules or routes may have
-    /// changed: the loop then re-asks the paths to every node. This is
-    /// where kernel events come in (today a poll; a netlink subscription
-    /// resolves it on the event).
-    fn changed(&mut self) -> impl Future<Output = ()>;
+    /// Resolves with what may have changed in the kernel, batched: the
+    /// underlay's addresses, rules or routes (the loop then re-asks the
+    /// paths to every node), the pod bridge or its ports (the host attaches
+    /// the fast path again). This is where kernel events come in; the real
+    /// one also sends every kind now and then, as a safety net under lost
+    /// notifications.
+    fn changed(&mut self) -> impl Future<Output = BTreeSet<KernelEvent>>;
     /// The underlay interface's IPv4 addresses.
     fn own_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String>;
     /// The underlay interface's name, for messages.
@@ -137,9 +141,11 @@ pub trait Publisher {
 
 /// The rest of the host, outside the loop's concern but driven by it.
 pub trait Host {
-    /// Every [`HOUSEKEEPING`]: may change the settings (the pod bridge
-    /// appeared or was recreated).
-    fn housekeeping(&mut self, local: &mut LocalSettings);
+    /// Every [`HOUSEKEEPING`]: the host's periodic checks.
+    fn housekeeping(&mut self);
+    /// The pod bridge or its ports may have changed: attach the pod fast
+    /// path (again). May change the settings (the bridge's index and MAC).
+    fn pod_network_changed(&mut self, local: &mut LocalSettings);
     /// After each applied reconcile: subnet.env, masquerade and FORWARD
     /// rules, flannel's device. `false` when the node is not ready to serve
     /// pods yet (subnet.env could not be written): the reconcile is retried.
@@ -224,9 +230,9 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
                     started = Instant::now();
                     self.handle_source(update?);
                 }
-                () = self.underlay.changed() => {
+                events = self.underlay.changed() => {
                     started = Instant::now();
-                    self.handle_underlay_change();
+                    self.handle_kernel_events(&events);
                 }
                 _ = housekeeping.tick() => {
                     started = Instant::now();
@@ -287,6 +293,24 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         }
     }
 
+    /// Takes what the kernel said may have changed.
+    pub fn handle_kernel_events(&mut self, events: &BTreeSet<KernelEvent>) {
+        if events.contains(&KernelEvent::UnderlayChanged) {
+            self.handle_underlay_change();
+        }
+        let bridge_changed = events.contains(&KernelEvent::PodBridgeChanged);
+        if bridge_changed || events.contains(&KernelEvent::PodPortsChanged) {
+            let mut local = self.state.local().clone();
+            self.host.pod_network_changed(&mut local);
+            let touched = self.state.set_local(local, &self.paths);
+            self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
+        }
+        if bridge_changed {
+            // A new bridge's index and MAC reach CONFIG by a full reconcile.
+            self.pending = Touched::All;
+        }
+    }
+
     /// The underlay may have changed: re-asks the paths to every node.
     pub fn handle_underlay_change(&mut self) {
         let addrs: Vec<Ipv4Addr> = self.state.nodes().values().map(|n| n.node_ip).collect();
@@ -312,9 +336,7 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     /// The periodic safety net: the host's chores, and a full diff that
     /// retries what failed before.
     pub fn housekeeping(&mut self) {
-        let mut local = self.state.local().clone();
-        self.host.housekeeping(&mut local);
-        self.state.set_local(local, &self.paths);
+        self.host.housekeeping();
         // Paths of addresses no node has any more.
         if self.paths.len() > self.state.nodes().len() {
             let current: HashSet<Ipv4Addr> = self.state.nodes().values().map(|n| n.node_ip).collect();

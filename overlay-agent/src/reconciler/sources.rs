@@ -1,8 +1,9 @@
 //! The real node sources and publishers: a directory of Node manifests,
-//! and the Kubernetes API.
+//! the Kubernetes API, and flannel's etcd.
 
 use std::{cell::RefCell, rc::Rc, sync::Arc, time::Duration};
 
+use tokio::sync::mpsc;
 use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher;
@@ -11,6 +12,7 @@ use tracing::{info, warn};
 use super::{InvalidNode, NodeEvent, NodeSource, Publisher, SourceEnded, SourceUpdate};
 use crate::{
     desired::{Backend, Desired, LocalSettings, Rejected},
+    etcd_source::Snapshot,
     kube_source::{self, NodeCache},
     manifests::ManifestDir,
     metrics::Metrics,
@@ -221,6 +223,54 @@ impl Publisher for LogPublisher {
             self.logged = Some(text);
         }
     }
+
+    async fn warn_peer(&mut self, _rejected: &Rejected, _reason: &'static str) -> Result<(), String> {
+        // No API to record events in; the log has said it.
+        Ok(())
+    }
+}
+
+/// flannel's etcd mode: the snapshots of every lease that
+/// [`crate::etcd_source::EtcdSource`]'s task sends (it holds our lease and
+/// watches everyone's), each a [`NodeEvent::Resync`]. The task logs etcd's
+/// failures itself and retries, sending nothing meanwhile, so an outage
+/// leaves the datapath as it is.
+pub struct EtcdNodes {
+    snapshots: mpsc::Receiver<Snapshot>,
+}
+
+impl EtcdNodes {
+    /// `snapshots` from [`crate::etcd_source::EtcdSource::spawn`].
+    pub fn new(snapshots: mpsc::Receiver<Snapshot>) -> Self {
+        Self { snapshots }
+    }
+}
+
+impl NodeSource for EtcdNodes {
+    async fn next(&mut self) -> Result<SourceUpdate, SourceEnded> {
+        let Some(snapshot) = self.snapshots.recv().await else {
+            return Err(SourceEnded("the etcd source stopped".to_owned()));
+        };
+        let nodes = snapshot.nodes.into_iter().map(Arc::new).collect();
+        let invalid = snapshot
+            .invalid
+            .iter()
+            .map(|e| {
+                let problem = Chain(e).to_string();
+                InvalidNode { key: problem.clone(), problem }
+            })
+            .collect();
+        Ok(SourceUpdate::Events(vec![NodeEvent::Resync { nodes, invalid }]))
+    }
+}
+
+/// flannel's etcd mode publishes nothing here: our lease, which the
+/// source's task holds, is what peers read.
+#[derive(Default)]
+pub struct LeasePublisher;
+
+impl Publisher for LeasePublisher {
+    async fn publish(&mut self, _me: &NodeInfo, _desired: &Desired, _settings: &LocalSettings) {}
 
     async fn warn_peer(&mut self, _rejected: &Rejected, _reason: &'static str) -> Result<(), String> {
         // No API to record events in; the log has said it.

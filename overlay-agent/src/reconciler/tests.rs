@@ -71,7 +71,7 @@ impl Underlay for FakeUnderlay {
         Ok(addrs.iter().map(|a| (*a, self.path)).collect())
     }
 
-    async fn changed(&mut self) {
+    async fn changed(&mut self) -> std::collections::BTreeSet<super::KernelEvent> {
         std::future::pending().await
     }
 
@@ -107,7 +107,9 @@ struct FakeHost {
 }
 
 impl Host for FakeHost {
-    fn housekeeping(&mut self, _local: &mut LocalSettings) {}
+    fn housekeeping(&mut self) {}
+
+    fn pod_network_changed(&mut self, _local: &mut LocalSettings) {}
 
     fn after_apply(&mut self, _desired: &Desired) -> bool {
         self.applied += 1;

@@ -40,10 +40,18 @@ struct Args {
     /// or bpf (the fast path on each node's cni0).
     #[arg(long, default_value = "bpf", value_parser = ["kernel", "bpf"])]
     forward: String,
-    /// Turn the last K nodes into flannel nodes: flannel's kernel vxlan
-    /// device, programmed as flannel does from the same Node manifests.
+    /// Turn the last K nodes into flannel nodes. With the vxlan backend they
+    /// run real flanneld (built by `cargo xtask setup`) in etcd mode against
+    /// an etcd in the lab, and our agents run in etcd mode too; with
+    /// --kubernetes, host-gw or --hand-programmed-flannel, flannel's kernel
+    /// state is programmed by the lab as flannel does, from the Node
+    /// manifests.
     #[arg(long, default_value_t = 0)]
     flannel_nodes: u8,
+    /// Program the flannel nodes' flannel.1 by hand (our imitation of
+    /// flanneld) instead of running real flanneld.
+    #[arg(long)]
+    hand_programmed_flannel: bool,
     /// The flannel nodes' backend: vxlan (kernel vxlan device) or host-gw
     /// (kernel routes).
     #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw"])]
@@ -114,12 +122,13 @@ fn main() -> ExitCode {
     spec.backend = args.backend.clone();
     spec.direct_routing = args.direct_routing;
     spec.kubernetes = args.kubernetes;
+    spec.real_flannel = spec.flannel_nodes > 0 && !args.kubernetes && spec.flannel_backend == "vxlan" && !args.hand_programmed_flannel;
     spec.prefix = format!("{LAB_PREFIX}{}", std::process::id() % 100_000);
     println!(
         "lab: {} nodes ({} flannel-style) x {} pods, {:?} {} underlay, MTU {UNDERLAY_MTU}, pod MTU {POD_MTU}, backend {}{}, decap {}, forward {}, nodes from {}",
         spec.nodes, spec.flannel_nodes, spec.pods_per_node, spec.topology, spec.underlay.key(), spec.backend,
         if spec.direct_routing { " with direct routing" } else { "" }, spec.decap, spec.forward,
-        if spec.kubernetes { "kube-apiserver (pod CIDRs from kube-controller-manager)" } else { "a manifest directory" }
+        if spec.kubernetes { "kube-apiserver (pod CIDRs from kube-controller-manager)" } else if spec.real_flannel { "etcd (flannel's etcd mode; flannel nodes run real flanneld)" } else { "a manifest directory" }
     );
     let lab = match Lab::start(spec) {
         Ok(lab) => lab,
@@ -140,8 +149,14 @@ fn main() -> ExitCode {
     }
     for (i, node) in lab.nodes.iter().enumerate() {
         if node.flannel {
-            let what = if lab.spec().flannel_backend == "host-gw" { "host-gw routes" } else { "flannel.1 (kernel vxlan)" };
-            println!("  {} ({}) pods {} on {}: {what}, as flannel programs it", node.name, node.ns.name(), node.pod_cidr, node.ip);
+            let what = if lab.spec().real_flannel {
+                format!("real flanneld {}, etcd mode", overlay_tests::FLANNEL_VERSION.trim())
+            } else if lab.spec().flannel_backend == "host-gw" {
+                "host-gw routes, as flannel programs them".to_owned()
+            } else {
+                "flannel.1 (kernel vxlan), as flannel programs it".to_owned()
+            };
+            println!("  {} ({}) pods {} on {}: {what}", node.name, node.ns.name(), node.pod_cidr, node.ip);
         } else {
             println!("  {} ({}) pods {} on {}: overlay agent, routes {:?}", node.name, node.ns.name(), node.pod_cidr, node.ip, lab.agent_routes(i));
         }

@@ -1,8 +1,8 @@
 //! Which Rust toolchain builds the eBPF programs.
 //!
 //! Shared, std-only, by `cargo xtask setup` (which installs what is missing)
-//! and by overlay-agent's build.rs (which builds with what it finds), so the
-//! two always agree. The build script includes this file with `#[path]`.
+//! and by overlay-agent's build.rs (which builds with what it finds, as a
+//! build-dependency), so the two always agree.
 //!
 //! The programs need `-Z build-std=core` for `bpfel-unknown-none`, hence a
 //! toolchain that ships the standard library sources (`rust-src`), plus

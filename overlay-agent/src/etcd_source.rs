@@ -1,0 +1,620 @@
+//! The etcd node source, as flanneld's etcd subnet manager
+//! (`pkg/subnet/etcd/` in flannel v0.28.10): the network config at
+//! `<prefix>/config`, one lease per node at `<prefix>/subnets/a.b.c.d-NN`
+//! holding `{"PublicIP":…,"PublicIPv6":null,"BackendType":"vxlan",
+//! "BackendData":{"VNI":1,"VtepMAC":…}}` attached to an etcd lease of 24 h.
+//!
+//! Our own lease is acquired and renewed exactly as flanneld does it, so
+//! flanneld nodes see us and we see them: reuse the lease that carries our
+//! PublicIP, else the subnet in our previous subnet.env, else a random one of
+//! the first 100 free subnets between SubnetMin and SubnetMax, created only
+//! if the key does not exist yet (a transaction on its version); renewal
+//! grants a fresh 24 h lease and re-puts the value 60 min before expiry.
+//! Where flanneld exits when its lease is deleted, we put it back: the
+//! datapath must not stop.
+//!
+//! Every lease (ours included) becomes a Node object and goes through the
+//! one Node → [`NodeInfo`] translation, so the same validation and
+//! rejection rules apply. A watch from the listed revision follows the
+//! changes (expired leases arrive as deletes) and resumes from the last
+//! revision seen after a disconnect; while etcd is unreachable the agent
+//! keeps the datapath as it is.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, TlsOptions,
+    Txn, TxnOp, WatchOptions,
+};
+use ipnetwork::Ipv4Network;
+use k8s_openapi::api::core::v1::Node;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    netconf::{self, NetConf},
+    node::{self, NodeError, NodeInfo},
+    report::Chain,
+};
+
+/// flanneld's `--etcd-prefix` default.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+/// flanneld's `subnetTTL`.
+pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// flanneld's `--subnet-lease-renew-margin` default (60 minutes).
+pub const RENEW_MARGIN: Duration = Duration::from_secs(3600);
+/// flanneld's `raceRetries`: attempts to create a subnet another node may
+/// take at the same moment.
+const RACE_RETRIES: usize = 10;
+/// flanneld picks at random among at most this many free subnets.
+const CANDIDATES: usize = 100;
+/// Pause between attempts while etcd is unreachable.
+const RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdSourceError {
+    #[error("reading --etcd-{what} {path}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--etcd-certfile and --etcd-keyfile go together; give both or neither")]
+    HalfIdentity,
+    #[error("connecting to etcd at {endpoints}")]
+    Connect {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd request")]
+    Request(#[from] etcd_client::Error),
+    #[error("no network config at {key}: put flannel's net-conf JSON there, e.g. etcdctl put {key} '{{\"Network\":\"10.244.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}'")]
+    NoConfig { key: String },
+    #[error("{key}: {reason}")]
+    BadConfig { key: String, reason: String },
+    #[error("no free /{len} subnet left between SubnetMin {min} and SubnetMax {max}; widen Network or remove stale leases")]
+    OutOfSubnets { len: u8, min: Ipv4Addr, max: Ipv4Addr },
+    #[error("other nodes took the subnet we picked {RACE_RETRIES} times in a row")]
+    Race,
+}
+
+/// Why a lease in etcd cannot be used (it is skipped and reported).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    #[error("{key}: not a subnet key (flannel's a.b.c.d-NN)")]
+    BadKey { key: String },
+    #[error("{key}: value is not a JSON object of flannel lease attributes: {reason}")]
+    BadValue { key: String, reason: String },
+    #[error("{key}: no PublicIP")]
+    NoPublicIp { key: String },
+    #[error("lease {key}")]
+    Node {
+        key: String,
+        #[source]
+        source: NodeError,
+    },
+}
+
+/// How to reach etcd (flanneld's `--etcd-*` flags).
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// The network config as flanneld completes it: net-conf plus the range
+/// leases are taken from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub net_conf: NetConf,
+    pub subnet_min: Ipv4Addr,
+    pub subnet_max: Ipv4Addr,
+}
+
+impl NetworkConfig {
+    /// Parses `<prefix>/config` and fills SubnetMin/SubnetMax as flannel's
+    /// `CheckNetworkConfig` does.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let net_conf = NetConf::parse_text(text)?;
+        let raw = netconf::lowercase_keys(serde_json::from_str(text).map_err(|e| e.to_string())?);
+        if net_conf.subnet_len < net_conf.network.prefix() + 2 {
+            return Err("network must be able to accommodate at least four subnets (SubnetLen ≥ Network prefix + 2)".into());
+        }
+        let size = 1u32 << (32 - net_conf.subnet_len);
+        let mask = u32::MAX << (32 - net_conf.subnet_len);
+        let network = net_conf.network.network().to_bits();
+        let last = network | !u32::MAX.checked_shl(32 - u32::from(net_conf.network.prefix())).unwrap_or(0);
+        let bound = |field: &str, default: u32| -> Result<Ipv4Addr, String> {
+            let Some(value) = raw.get(field) else { return Ok(Ipv4Addr::from(default)) };
+            let text = value.as_str().ok_or_else(|| format!("{field} is not a string"))?;
+            let ip: Ipv4Addr = text.parse().map_err(|_| format!("{field} {text:?} is not an IPv4 address"))?;
+            if !net_conf.network.contains(ip) {
+                return Err(format!("{field} {ip} is not in the range of the Network {}", net_conf.network));
+            }
+            if ip.to_bits() & mask != ip.to_bits() {
+                return Err(format!("{field} {ip} is not on a SubnetLen boundary"));
+            }
+            Ok(ip)
+        };
+        let subnet_min = bound("subnetmin", network + size)?;
+        let subnet_max = bound("subnetmax", last + 1 - size)?;
+        Ok(Self { net_conf, subnet_min, subnet_max })
+    }
+
+    fn compatible(&self, subnet: Ipv4Network) -> bool {
+        subnet.prefix() == self.net_conf.subnet_len
+            && (self.subnet_min..=self.subnet_max).contains(&subnet.network())
+    }
+}
+
+/// Connects (lazily: requests fail, and are retried, while etcd is down).
+pub async fn connect(options: &EtcdOptions) -> Result<Client, EtcdSourceError> {
+    let read = |what, path: &Path| {
+        std::fs::read(path).map_err(|source| EtcdSourceError::TlsFile { what, path: path.to_owned(), source })
+    };
+    // Keepalives notice a dead member within seconds, so the watch moves
+    // on to another endpoint; require-leader cancels a watch on a member
+    // cut off from the quorum, which would otherwise go silent.
+    let mut connect = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true);
+    let tls = options.endpoints.iter().any(|e| e.starts_with("https://"));
+    if tls || options.ca_file.is_some() || options.cert_file.is_some() {
+        let mut config = TlsOptions::new();
+        if let Some(ca) = &options.ca_file {
+            config = config.ca_certificate(Certificate::from_pem(read("cafile", ca)?));
+        }
+        match (&options.cert_file, &options.key_file) {
+            (Some(cert), Some(key)) => config = config.identity(Identity::from_pem(read("certfile", cert)?, read("keyfile", key)?)),
+            (None, None) => {}
+            _ => return Err(EtcdSourceError::HalfIdentity),
+        }
+        connect = connect.with_tls(config);
+    }
+    Client::connect(&options.endpoints, Some(connect))
+        .await
+        .map_err(|source| EtcdSourceError::Connect { endpoints: options.endpoints.join(","), source })
+}
+
+/// Connects and reads the network config, waiting (as flanneld does) while
+/// etcd is unreachable or the config is not written yet; a config that is
+/// there but wrong is an error.
+pub async fn connect_and_read_config(options: &EtcdOptions) -> Result<(Client, NetworkConfig), EtcdSourceError> {
+    let mut client = connect(options).await?;
+    loop {
+        match read_config(&mut client, &options.prefix).await {
+            Ok(config) => {
+                info!(endpoints = %options.endpoints.join(","), prefix = %options.prefix, subnet_min = %config.subnet_min, subnet_max = %config.subnet_max, "read the network config from etcd");
+                return Ok((client, config));
+            }
+            Err(err @ EtcdSourceError::BadConfig { .. }) => return Err(err),
+            Err(err) => warn!(error = %Chain(&err), "waiting for etcd's network config"),
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Reads `<prefix>/config`.
+pub async fn read_config(client: &mut Client, prefix: &str) -> Result<NetworkConfig, EtcdSourceError> {
+    let key = format!("{prefix}/config");
+    let response = client.get(key.as_str(), None).await?;
+    let kv = response.kvs().first().ok_or_else(|| EtcdSourceError::NoConfig { key: key.clone() })?;
+    let text = String::from_utf8_lossy(kv.value());
+    NetworkConfig::parse(&text).map_err(|reason| EtcdSourceError::BadConfig { key, reason })
+}
+
+/// flannel's key for a subnet: `a.b.c.d-NN`.
+pub fn subnet_key(subnet: Ipv4Network) -> String {
+    format!("{}-{}", subnet.network(), subnet.prefix())
+}
+
+/// The IPv4 subnet in a lease key (`a.b.c.d-NN`, optionally followed by
+/// flannel's `&<IPv6 subnet>`, which we do not serve).
+pub fn parse_subnet_key(name: &str) -> Option<Ipv4Network> {
+    let v4 = name.split('&').next()?;
+    let (ip, prefix) = v4.rsplit_once('-')?;
+    Ipv4Network::new(ip.parse().ok()?, prefix.parse().ok()?).ok()
+}
+
+/// A lease (its key's last component and its value) as a Node object,
+/// translated by [`NodeInfo::from_node`]: the subnet is its pod CIDR, the
+/// attributes are flannel's annotations.
+pub fn lease_to_node(name: &str, key_name: &str, value: &[u8]) -> Result<NodeInfo, LeaseError> {
+    let key = key_name.to_owned();
+    let subnet = key_name.split('&').next().unwrap_or_default();
+    let (ip, prefix) = subnet.rsplit_once('-').ok_or_else(|| LeaseError::BadKey { key: key.clone() })?;
+    if ip.parse::<Ipv4Addr>().is_err() || prefix.parse::<u8>().is_err() {
+        return Err(LeaseError::BadKey { key });
+    }
+    let bad = |reason: String| LeaseError::BadValue { key: key.clone(), reason };
+    let value: serde_json::Value = serde_json::from_slice(value).map_err(|e| bad(e.to_string()))?;
+    if !value.is_object() {
+        return Err(bad("not an object".into()));
+    }
+    // Go's JSON decoding matches keys case-insensitively.
+    let attrs = netconf::lowercase_keys(value);
+    let public_ip = attrs
+        .get("publicip")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| LeaseError::NoPublicIp { key: key.clone() })?;
+    let mut annotations = BTreeMap::from([
+        (node::ANNOTATION_PUBLIC_IP.to_owned(), public_ip.to_owned()),
+        (node::ANNOTATION_KUBE_SUBNET_MANAGER.to_owned(), "true".to_owned()),
+    ]);
+    if let Some(kind) = attrs.get("backendtype").and_then(|v| v.as_str()) {
+        annotations.insert(node::ANNOTATION_BACKEND_TYPE.to_owned(), kind.to_owned());
+    }
+    if let Some(data) = attrs.get("backenddata").filter(|d| !d.is_null()) {
+        // Back to flannel's own key spelling for the annotation's parser.
+        let data = serde_json::json!({
+            "VNI": data.get("VNI").or_else(|| data.get("vni")),
+            "VtepMAC": data.get("VtepMAC").or_else(|| data.get("vtepmac")).or_else(|| data.get("VtepMac")),
+        });
+        annotations.insert(node::ANNOTATION_BACKEND_DATA.to_owned(), data.to_string());
+    }
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "annotations": annotations},
+        "spec": {"podCIDR": format!("{ip}/{prefix}")},
+    }))
+    .map_err(|e| bad(e.to_string()))?;
+    NodeInfo::from_node(&node).map_err(|source| LeaseError::Node { key, source })
+}
+
+/// The lease value flanneld writes (`json.Marshal(LeaseAttrs)`).
+pub fn lease_value(public_ip: Ipv4Addr, backend_type: &str, vni: u32, vtep_mac: [u8; 6]) -> String {
+    let mut attrs = serde_json::json!({"PublicIP": public_ip.to_string(), "PublicIPv6": null, "BackendType": backend_type});
+    if backend_type == "vxlan" {
+        attrs["BackendData"] = serde_json::json!({"VNI": vni, "VtepMAC": node::format_mac(vtep_mac)});
+    }
+    attrs.to_string()
+}
+
+/// What the source tells the agent: every usable node (ours under our
+/// node name, the others under their lease key), and the leases skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub nodes: Vec<NodeInfo>,
+    pub invalid: Vec<LeaseError>,
+}
+
+/// What this node advertises.
+#[derive(Debug, Clone)]
+pub struct OwnAttrs {
+    pub node_name: String,
+    pub public_ip: Ipv4Addr,
+    pub backend_type: String,
+    pub vni: u32,
+    /// flanneld's `subnet.env` from a previous run: its subnet is tried
+    /// before a random one, as flanneld does.
+    pub previous_subnet: Option<Ipv4Network>,
+}
+
+/// Our lease, as last written.
+#[derive(Debug, Clone)]
+struct OwnLease {
+    key_name: String,
+    value: String,
+    renew_at: tokio::time::Instant,
+}
+
+/// The source: owns our lease and follows everyone's, sending a snapshot
+/// whenever the set changes.
+pub struct EtcdSource {
+    client: Client,
+    prefix: String,
+    config: NetworkConfig,
+    attrs: OwnAttrs,
+    own: Option<OwnLease>,
+    /// Every lease under `<prefix>/subnets/`, by the key's last component.
+    leases: BTreeMap<String, Vec<u8>>,
+    /// The revision the leases are current to; a watch resumes after it.
+    revision: i64,
+    last_sent: Option<Snapshot>,
+}
+
+impl EtcdSource {
+    pub fn new(client: Client, prefix: &str, config: NetworkConfig, attrs: OwnAttrs) -> Self {
+        Self {
+            client,
+            prefix: prefix.trim_end_matches('/').to_owned(),
+            config,
+            attrs,
+            own: None,
+            leases: BTreeMap::new(),
+            revision: 0,
+            last_sent: None,
+        }
+    }
+
+    fn subnets_prefix(&self) -> String {
+        format!("{}/subnets/", self.prefix)
+    }
+
+    /// Runs [`Self::run`] as a task; snapshots arrive on the receiver.
+    pub fn spawn(self) -> mpsc::Receiver<Snapshot> {
+        let (sender, receiver) = mpsc::channel(16);
+        tokio::spawn(self.run(sender));
+        receiver
+    }
+
+    /// Runs until the receiver goes away. Every etcd failure is logged and
+    /// retried; nothing is sent meanwhile, so the datapath stays as it is.
+    pub async fn run(mut self, snapshots: mpsc::Sender<Snapshot>) {
+        loop {
+            if let Err(err) = self.serve(&snapshots).await {
+                warn!(error = %Chain(&err), revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying");
+            }
+            if snapshots.is_closed() {
+                return;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+    }
+
+    async fn serve(&mut self, snapshots: &mpsc::Sender<Snapshot>) -> Result<(), EtcdSourceError> {
+        if self.own.is_none() {
+            self.acquire().await?;
+        }
+        if self.revision == 0 {
+            self.list().await?;
+        }
+        self.send(snapshots).await;
+        let options = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1);
+        let mut watch = self.client.watch(self.subnets_prefix(), Some(options)).await?;
+        loop {
+            let renew_at = self.own.as_ref().map(|o| o.renew_at).unwrap_or_else(tokio::time::Instant::now);
+            tokio::select! {
+                message = watch.message() => {
+                    let Some(response) = message? else {
+                        return Err(etcd_client::Error::WatchError("the watch stream ended".into()).into());
+                    };
+                    if response.compact_revision() != 0 {
+                        // Fell behind the compaction horizon: list again.
+                        warn!(compact_revision = response.compact_revision(), "the lease watch fell behind etcd's compaction; listing again");
+                        self.revision = 0;
+                        return Ok(());
+                    }
+                    if response.canceled() {
+                        return Err(etcd_client::Error::WatchError(format!("watch canceled: {}", response.cancel_reason())).into());
+                    }
+                    let mut own_deleted = false;
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let name = String::from_utf8_lossy(kv.key()).trim_start_matches(&self.subnets_prefix()).to_owned();
+                        self.revision = self.revision.max(kv.mod_revision());
+                        match event.event_type() {
+                            EventType::Put => { self.leases.insert(name, kv.value().to_vec()); }
+                            EventType::Delete => {
+                                own_deleted |= self.own.as_ref().is_some_and(|o| o.key_name == name);
+                                self.leases.remove(&name);
+                            }
+                        }
+                    }
+                    if let Some(header) = response.header() {
+                        self.revision = self.revision.max(header.revision());
+                    }
+                    if own_deleted {
+                        warn!("our subnet lease was deleted or expired; writing it again (flanneld would exit here)");
+                        self.renew().await?;
+                    }
+                    self.send(snapshots).await;
+                }
+                () = tokio::time::sleep_until(renew_at) => self.renew().await?,
+                () = snapshots.closed() => return Ok(()),
+            }
+        }
+    }
+
+    /// Lists every lease and the revision they are current to.
+    async fn list(&mut self) -> Result<(), EtcdSourceError> {
+        let response = self.client.get(self.subnets_prefix(), Some(GetOptions::new().with_prefix())).await?;
+        let prefix = self.subnets_prefix();
+        self.leases = response
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).trim_start_matches(&prefix).to_owned(), kv.value().to_vec()))
+            .collect();
+        self.revision = response.header().map_or(0, |h| h.revision());
+        Ok(())
+    }
+
+    /// flanneld's `AcquireLease`.
+    async fn acquire(&mut self) -> Result<(), EtcdSourceError> {
+        for _ in 0..RACE_RETRIES {
+            self.list().await?;
+            let leases: Vec<(String, Option<NodeInfo>)> = self
+                .leases
+                .iter()
+                .map(|(name, value)| (name.clone(), lease_to_node(name, name, value).ok()))
+                .collect();
+            // Reuse the lease that carries our address.
+            if let Some((name, info)) = leases.iter().find(|(_, n)| n.as_ref().is_some_and(|n| n.node_ip == self.attrs.public_ip)) {
+                let info = info.as_ref().expect("found by its address");
+                if self.config.compatible(info.pod_cidr) {
+                    info!(lease = %name, "found the lease for our address; reusing it");
+                    // Keep the VtepMAC it advertises (a flanneld node taken
+                    // over keeps its peers' neighbour and FDB entries valid).
+                    let mac = info.vtep_mac.unwrap_or_else(|| crate::desired::default_vtep_mac(self.attrs.public_ip));
+                    self.own = Some(self.own_lease(name.clone(), mac));
+                    return self.renew().await;
+                }
+                info!(lease = %name, "the lease for our address does not fit the network config; deleting it");
+                self.client.delete(format!("{}{name}", self.subnets_prefix()), None).await?;
+                continue;
+            }
+            let taken: Vec<Ipv4Network> = self.leases.keys().filter_map(|k| parse_subnet_key(k)).collect();
+            let free = |subnet: &Ipv4Network| !taken.iter().any(|t| t.overlaps(*subnet));
+            let subnet = match self.attrs.previous_subnet.filter(|s| self.config.compatible(*s) && free(s)) {
+                Some(previous) => {
+                    info!(subnet = %previous, "reusing the subnet of our previous subnet.env");
+                    previous
+                }
+                None => self.pick_free(&taken)?,
+            };
+            let name = subnet_key(subnet);
+            let mac = crate::desired::default_vtep_mac(self.attrs.public_ip);
+            let own = self.own_lease(name.clone(), mac);
+            let key = format!("{}{name}", self.subnets_prefix());
+            let grant = self.client.lease_grant(LEASE_TTL.as_secs() as i64, None).await?;
+            let put = TxnOp::put(key.as_str(), own.value.as_str(), Some(PutOptions::new().with_lease(grant.id())));
+            let txn = Txn::new().when([Compare::version(key.as_str(), CompareOp::Equal, 0)]).and_then([put]);
+            if self.client.txn(txn).await?.succeeded() {
+                info!(lease = %name, "allocated a subnet lease");
+                self.own = Some(OwnLease { renew_at: renew_at(grant.ttl()), ..own });
+                return Ok(());
+            }
+            let _ = self.client.lease_revoke(grant.id()).await;
+        }
+        Err(EtcdSourceError::Race)
+    }
+
+    fn own_lease(&self, key_name: String, vtep_mac: [u8; 6]) -> OwnLease {
+        OwnLease {
+            key_name,
+            value: lease_value(self.attrs.public_ip, &self.attrs.backend_type, self.attrs.vni, vtep_mac),
+            renew_at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// flanneld's `allocateSubnet`: a random one of the first free subnets.
+    fn pick_free(&self, taken: &[Ipv4Network]) -> Result<Ipv4Network, EtcdSourceError> {
+        let len = self.config.net_conf.subnet_len;
+        let step = 1u32 << (32 - len);
+        let (min, max) = (self.config.subnet_min.to_bits(), self.config.subnet_max.to_bits());
+        let candidates: Vec<Ipv4Network> = (0..)
+            .map_while(|i: u32| i.checked_mul(step).and_then(|o| min.checked_add(o)).filter(|ip| *ip <= max))
+            .filter_map(|ip| Ipv4Network::new(Ipv4Addr::from(ip), len).ok())
+            .filter(|s| !taken.iter().any(|t| t.overlaps(*s)))
+            .take(CANDIDATES)
+            .collect();
+        if candidates.is_empty() {
+            return Err(EtcdSourceError::OutOfSubnets { len, min: self.config.subnet_min, max: self.config.subnet_max });
+        }
+        Ok(candidates[random_index(candidates.len())])
+    }
+
+    /// flanneld's `RenewLease` (`updateSubnet`): a fresh lease of the full
+    /// TTL, and the value put again under it.
+    async fn renew(&mut self) -> Result<(), EtcdSourceError> {
+        let Some(own) = self.own.clone() else { return Ok(()) };
+        let grant = self.client.lease_grant(LEASE_TTL.as_secs() as i64, None).await?;
+        let key = format!("{}{}", self.subnets_prefix(), own.key_name);
+        if let Err(err) = self.client.put(key, own.value.as_str(), Some(PutOptions::new().with_lease(grant.id()))).await {
+            let _ = self.client.lease_revoke(grant.id()).await;
+            return Err(err.into());
+        }
+        info!(lease = %own.key_name, ttl_s = grant.ttl(), "subnet lease written");
+        self.own = Some(OwnLease { renew_at: renew_at(grant.ttl()), ..own });
+        Ok(())
+    }
+
+    /// Translates every lease and sends the result if it changed.
+    async fn send(&mut self, snapshots: &mpsc::Sender<Snapshot>) {
+        let own_name = self.own.as_ref().map(|o| o.key_name.as_str());
+        let mut snapshot = Snapshot { nodes: Vec::new(), invalid: Vec::new() };
+        for (key_name, value) in &self.leases {
+            let name = if Some(key_name.as_str()) == own_name { &self.attrs.node_name } else { key_name };
+            match lease_to_node(name, key_name, value) {
+                Ok(node) => snapshot.nodes.push(node),
+                Err(err) => snapshot.invalid.push(err),
+            }
+        }
+        if self.last_sent.as_ref() != Some(&snapshot) {
+            self.last_sent = Some(snapshot.clone());
+            let _ = snapshots.send(snapshot).await;
+        }
+    }
+}
+
+fn renew_at(ttl_s: i64) -> tokio::time::Instant {
+    let ttl = Duration::from_secs(ttl_s.max(0) as u64);
+    tokio::time::Instant::now() + ttl.saturating_sub(RENEW_MARGIN).max(RETRY)
+}
+
+/// Uniform enough for spreading subnet picks: the clock's nanoseconds mixed
+/// with our pid (flanneld uses math/rand seeded from the clock).
+fn random_index(len: usize) -> usize {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut x = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
+    // splitmix64
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x % len as u64) as usize
+}
+
+/// The subnet in flannel's `subnet.env` (`FLANNEL_SUBNET=10.244.1.1/24`).
+pub fn previous_subnet(subnet_env: &Path) -> Option<Ipv4Network> {
+    let text = std::fs::read_to_string(subnet_env).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))?;
+    let net: Ipv4Network = value.trim().parse().ok()?;
+    Ipv4Network::new(net.network(), net.prefix()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_fills_the_subnet_range_as_flannel_does() {
+        let config = NetworkConfig::parse(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap();
+        assert_eq!((config.subnet_min, config.subnet_max), ("10.244.1.0".parse().unwrap(), "10.244.255.0".parse().unwrap()));
+        let config = NetworkConfig::parse(r#"{"network":"10.5.0.0/16","SubnetLen":26,"SubnetMin":"10.5.4.0"}"#).unwrap();
+        assert_eq!((config.subnet_min, config.subnet_max), ("10.5.4.0".parse().unwrap(), "10.5.255.192".parse().unwrap()));
+        assert!(NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.6.0.0"}"#).unwrap_err().contains("range of the Network"));
+        assert!(NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.3.7"}"#).unwrap_err().contains("boundary"));
+        assert!(NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetLen":17}"#).unwrap_err().contains("four subnets"));
+    }
+
+    #[test]
+    fn a_flanneld_lease_reads_as_a_node() {
+        let value = br#"{"PublicIP":"192.168.77.13","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"12:c6:65:89:b4:e3"}}"#;
+        let node = lease_to_node("10.244.3.0-24", "10.244.3.0-24", value).unwrap();
+        assert_eq!(node.pod_cidr, "10.244.3.0/24".parse().unwrap());
+        assert_eq!(node.node_ip, Ipv4Addr::new(192, 168, 77, 13));
+        assert_eq!((node.vni, node.vtep_mac), (Some(1), Some([0x12, 0xc6, 0x65, 0x89, 0xb4, 0xe3])));
+        assert_eq!(node.backend_type.as_deref(), Some("vxlan"));
+        assert!(node.kube_subnet_managed);
+        // host-gw leases carry no BackendData; an IPv6 half is ignored.
+        let node = lease_to_node("n", "10.244.4.0-24&fd00:0:0:4::-64", br#"{"PublicIP":"192.168.77.14","BackendType":"host-gw"}"#).unwrap();
+        assert_eq!((node.pod_cidr, node.vtep_mac), ("10.244.4.0/24".parse().unwrap(), None));
+        // Our own value reads back as what we advertise.
+        let ours = lease_value(Ipv4Addr::new(192, 168, 77, 11), "vxlan", 1, [0x0e, 0, 192, 168, 77, 11]);
+        let node = lease_to_node("node1", "10.244.1.0-24", ours.as_bytes()).unwrap();
+        assert_eq!((node.name.as_str(), node.vtep_mac), ("node1", Some([0x0e, 0, 192, 168, 77, 11])));
+        assert_eq!(parse_subnet_key(&subnet_key(node.pod_cidr)), Some(node.pod_cidr));
+    }
+
+    #[test]
+    fn bad_leases_are_named_with_the_reason() {
+        let err = |key: &str, value: &[u8]| Chain(&lease_to_node(key, key, value).unwrap_err()).to_string();
+        assert!(err("garbage", b"{}").contains("not a subnet key"));
+        assert!(err("10.244.5.0-24", b"not json").contains("not a JSON object"));
+        assert!(err("10.244.5.0-24", br#"{"BackendType":"vxlan"}"#).contains("no PublicIP"));
+        assert!(err("10.244.5.7-24", br#"{"PublicIP":"192.168.0.1"}"#).contains("use 10.244.5.0/24"));
+        let e = err("10.244.5.0-24", br#"{"PublicIP":"192.168.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#);
+        assert!(e.contains("VtepMAC"), "{e}");
+    }
+
+    #[test]
+    fn previous_subnet_comes_from_subnet_env() {
+        let path = std::env::temp_dir().join(format!("overlay-subnet-env-{}", std::process::id()));
+        std::fs::write(&path, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\n").unwrap();
+        assert_eq!(previous_subnet(&path), Some("10.244.7.0/24".parse().unwrap()));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(previous_subnet(&path), None);
+    }
+}

@@ -1,0 +1,152 @@
+//! flannel's etcd mode (`overlay-agent run --etcd-endpoints`) against a
+//! real etcd: agents hold flanneld-format leases and follow everyone's;
+//! leases added, changed, deleted or expired change the peers; etcd going
+//! away leaves the datapath alone and the agents resume when it returns.
+
+use std::time::{Duration, Instant};
+
+use overlay_tests::{
+    agent_binary,
+    lab::{ETCD_PREFIX, Lab, LabSpec},
+    require_root,
+};
+
+fn etcd_lab(members: usize) -> Lab {
+    let mut spec = LabSpec::new(agent_binary());
+    spec.etcd_members = members;
+    Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
+fn lease_key(subnet: &str) -> String {
+    format!("{ETCD_PREFIX}/subnets/{subnet}")
+}
+
+/// Waits until `done` holds on every agent's `inspect`, or panics with the
+/// first agent's.
+fn wait_for_inspect(lab: &Lab, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for i in 0..lab.nodes.len() {
+        loop {
+            let text = lab.inspect(i);
+            if done(&text) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{what}: not seen by node{} in 15 s:\n{text}\n{}", i + 1, lab.agent_log(i));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn wait_for_routes_everywhere(lab: &mut Lab, count: usize) {
+    for i in 0..lab.nodes.len() {
+        lab.wait_for_routes(i, count, Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn agents_hold_flanneld_leases_and_reach_each_other() {
+    require_root();
+    let lab = etcd_lab(1);
+    let leases = lab.etcd.as_ref().unwrap().list(&format!("{ETCD_PREFIX}/subnets/")).unwrap();
+    assert_eq!(leases.len(), lab.nodes.len(), "{leases:#?}");
+    for (i, node) in lab.nodes.iter().enumerate() {
+        // The subnet of the node's subnet.env, reclaimed as flanneld does.
+        let key = lease_key(&format!("10.244.{}.0-24", i + 1));
+        let (_, value, ttl) = leases.iter().find(|l| l.0 == key).unwrap_or_else(|| panic!("no {key}: {leases:#?}"));
+        let value: serde_json::Value = serde_json::from_str(value).unwrap();
+        let mac = overlay_agent::node::format_mac(lab.vtep_mac(i));
+        assert_eq!(
+            value,
+            serde_json::json!({"PublicIP": node.ip.to_string(), "PublicIPv6": null, "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": mac}}),
+            "{key}"
+        );
+        // flanneld's 24 h lease.
+        assert!((86_400 - 120..=86_400).contains(ttl), "{key}: TTL {ttl}");
+    }
+    let (checks, failures) = lab.check_all_pairs();
+    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn leases_added_changed_deleted_or_expired_change_the_peers() {
+    require_root();
+    let mut lab = etcd_lab(1);
+    let peers = lab.nodes.len() - 1;
+    let etcd = lab.etcd.as_ref().unwrap();
+    let lease = |mac: &str| format!(r#"{{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#);
+
+    etcd.put(&lease_key("10.244.9.0-24"), &lease("0a:fe:00:00:00:99"), None).unwrap();
+    wait_for_routes_everywhere(&mut lab, peers + 1);
+    wait_for_inspect(&lab, "added lease", |t| t.contains("0a:fe:00:00:00:99"));
+
+    let etcd = lab.etcd.as_ref().unwrap();
+    etcd.put(&lease_key("10.244.9.0-24"), &lease("0a:fe:00:00:00:98"), None).unwrap();
+    wait_for_inspect(&lab, "changed VtepMAC", |t| t.contains("0a:fe:00:00:00:98") && !t.contains("0a:fe:00:00:00:99"));
+
+    let etcd = lab.etcd.as_ref().unwrap();
+    etcd.delete(&lease_key("10.244.9.0-24")).unwrap();
+    wait_for_routes_everywhere(&mut lab, peers);
+
+    // A lease with host bits is named in the log and skipped.
+    let etcd = lab.etcd.as_ref().unwrap();
+    etcd.put(&lease_key("10.244.10.5-24"), r#"{"PublicIP":"192.168.77.98","BackendType":"vxlan"}"#, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.agent_log(0).contains("10.244.10.5-24") {
+        assert!(Instant::now() < deadline, "bad lease not reported:\n{}", lab.agent_log(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(lab.agent_log(0).contains("use 10.244.10.0/24"), "{}", lab.agent_log(0));
+    assert_eq!(lab.agent_routes(0).len(), peers);
+
+    // A lease that is not renewed expires, and its peer goes.
+    let etcd = lab.etcd.as_ref().unwrap();
+    etcd.put(&lease_key("10.244.11.0-24"), &lease("0a:fe:00:00:00:97"), Some(Duration::from_secs(3))).unwrap();
+    wait_for_routes_everywhere(&mut lab, peers + 1);
+    let added = Instant::now();
+    wait_for_routes_everywhere(&mut lab, peers);
+    eprintln!("expired lease's peer removed {:?} after it was seen", added.elapsed());
+    let (checks, failures) = lab.check_all_pairs();
+    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_etcd_outage_keeps_the_datapath_and_the_agents_resume() {
+    require_root();
+    let mut lab = etcd_lab(1);
+    let peers = lab.nodes.len() - 1;
+    let (sent, received) = lab.ping_during(500, |lab| {
+        lab.etcd.as_mut().unwrap().kill_member(0);
+        std::thread::sleep(Duration::from_secs(3));
+        lab.etcd.as_mut().unwrap().start_member(0).unwrap();
+    });
+    eprintln!("etcd restart: {sent} sent, {received} received");
+    assert!(sent >= 400, "ping did not run: {sent}");
+    assert_eq!(sent, received, "pings lost while etcd was down");
+    let etcd = lab.etcd.as_ref().unwrap();
+    etcd.wait_healthy(Duration::from_secs(20)).unwrap();
+    for i in 0..lab.nodes.len() {
+        assert!(lab.agent_pid(i).is_some() && lab.agent_log(i).contains("etcd unreachable"), "node{}: {}", i + 1, lab.agent_log(i));
+    }
+    // The watches resumed: a lease written now reaches every agent.
+    etcd.put(&lease_key("10.244.9.0-24"), r#"{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:fe:00:00:00:99"}}"#, None).unwrap();
+    wait_for_routes_everywhere(&mut lab, peers + 1);
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_three_member_etcd_losing_one_member_changes_nothing() {
+    require_root();
+    let mut lab = etcd_lab(3);
+    let peers = lab.nodes.len() - 1;
+    let (sent, received) = lab.ping_during(300, |lab| lab.etcd.as_mut().unwrap().kill_member(0));
+    assert_eq!(sent, received, "pings lost when an etcd member died");
+    // The quorum of two still serves, and the agents follow through it.
+    let etcd = lab.etcd.as_ref().unwrap();
+    etcd.put(&lease_key("10.244.9.0-24"), r#"{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:fe:00:00:00:99"}}"#, None).unwrap();
+    wait_for_routes_everywhere(&mut lab, peers + 1);
+    lab.etcd.as_ref().unwrap().delete(&lease_key("10.244.9.0-24")).unwrap();
+    wait_for_routes_everywhere(&mut lab, peers);
+}
