@@ -104,12 +104,19 @@ impl Publisher for FakePublisher {
 #[derive(Default)]
 struct FakeHost {
     applied: usize,
+    /// Times the pod fast path was asked to attach again.
+    pod_network_changes: usize,
+    /// The pod bridge's index it then finds.
+    bridge_ifindex: u32,
 }
 
 impl Host for FakeHost {
     fn housekeeping(&mut self) {}
 
-    fn pod_network_changed(&mut self, _local: &mut LocalSettings) {}
+    fn pod_network_changed(&mut self, local: &mut LocalSettings) {
+        self.pod_network_changes += 1;
+        local.pod_bridge_ifindex = self.bridge_ifindex;
+    }
 
     fn after_apply(&mut self, _desired: &Desired) -> bool {
         self.applied += 1;
@@ -293,4 +300,40 @@ async fn run_applies_what_the_source_sends_until_stopped() {
     let stop = async { tokio::time::sleep(Duration::from_millis(50)).await };
     r.run(stop).await.unwrap();
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+}
+
+#[tokio::test]
+async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    r.state.set_local(LocalSettings { direct_routing: true, ..local() }, &Paths::new());
+    step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await;
+    let b: Ipv4Network = "10.244.2.0/24".parse().unwrap();
+    assert_eq!(table.0.borrow().peers[&b].mode, ROUTE_MODE_DIRECT);
+    let kernel = |events: &[KernelEvent]| events.iter().copied().collect::<BTreeSet<_>>();
+
+    // A pod joined the bridge: the host enrols it; no peer changes.
+    r.handle_kernel_events(&kernel(&[KernelEvent::PodPortsChanged]));
+    assert_eq!(r.host.pod_network_changes, 1);
+    assert!(!r.reconcile(Instant::now()).await, "a new pod changes no peer");
+
+    // The bridge came back: a full reconcile, even with the same index.
+    let full = table.0.borrow().full_applies;
+    r.handle_kernel_events(&kernel(&[KernelEvent::PodBridgeChanged]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!((r.host.pod_network_changes, table.0.borrow().full_applies), (2, full + 1));
+    // Recreated under a new index: it reaches CONFIG.
+    r.host.bridge_ifindex = 7;
+    r.handle_kernel_events(&kernel(&[KernelEvent::PodBridgeChanged, KernelEvent::PodPortsChanged]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!((r.host.pod_network_changes, r.state.local().pod_bridge_ifindex), (3, 7));
+    assert_eq!(r.state.result().unwrap().config.pod_bridge_ifindex, 7);
+
+    // The underlay changed: paths asked again, the peer goes to VXLAN; the
+    // pod fast path is not asked.
+    r.underlay.path = UnderlayPath::Gateway(Ipv4Addr::new(192, 168, 0, 254));
+    r.handle_kernel_events(&kernel(&[KernelEvent::UnderlayChanged]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!(table.0.borrow().peers[&b].mode, ROUTE_MODE_VXLAN);
+    assert_eq!(r.host.pod_network_changes, 3);
 }
