@@ -71,7 +71,7 @@ impl Underlay for FakeUnderlay {
         Ok(addrs.iter().map(|a| (*a, self.path)).collect())
     }
 
-    async fn changed(&mut self) -> std::collections::BTreeSet<super::KernelEvent> {
+    async fn changed(&mut self) -> BTreeSet<KernelEvent> {
         std::future::pending().await
     }
 
