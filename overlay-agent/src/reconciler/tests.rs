@@ -337,3 +337,29 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
     assert_eq!(table.0.borrow().peers[&b].mode, ROUTE_MODE_VXLAN);
     assert_eq!(r.host.pod_network_changes, 3);
 }
+
+#[tokio::test]
+async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop() {
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let bad = crate::etcd_source::LeaseError::NoPublicIp { key: "10.244.9.0-24".into() };
+    let snapshot = crate::etcd_source::Snapshot { nodes: three().iter().map(|n| (**n).clone()).collect(), invalid: vec![bad.clone()] };
+    sender.send(snapshot).await.unwrap();
+    let mut r = Reconciler::new(
+        local(),
+        sources::EtcdNodes::new(receiver),
+        FakeWriter::default(),
+        FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)] },
+        sources::LeasePublisher,
+        FakeHost::default(),
+        Arc::new(Metrics::new(std::path::Path::new("/nonexistent"))),
+    );
+    let SourceUpdate::Events(events) = r.source.next().await.unwrap() else { panic!("not events") };
+    let invalid = vec![InvalidNode { key: bad.to_string(), problem: bad.to_string() }];
+    assert_eq!(events, [NodeEvent::Resync { nodes: three(), invalid }]);
+
+    // The task gone (the receiver's only sender): the loop ends, as the
+    // agent did before the reconciler ("the etcd source stopped").
+    drop(sender);
+    let ended = tokio::time::timeout(Duration::from_secs(5), r.run(std::future::pending())).await.expect("the loop ended");
+    assert_eq!(ended.unwrap_err().to_string(), "the node source ended: the etcd source stopped");
+}
