@@ -141,6 +141,34 @@ impl Applier {
         );
         report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
         let claimed: BTreeSet<Ipv4Addr> = desired.peers.values().map(|p| p.node_ip).collect();
+        let failed = self.upsert_peers(&upserts, &|addr| claimed.contains(&addr), desired.inner_mtu, &mut report.routes_time)?;
+        report.maps_time = start.elapsed().saturating_sub(report.routes_time);
+        report.added_or_updated = upserts.len() - failed.len();
+        report.failed = failed;
+        Ok(report)
+    }
+
+    /// Brings only the peers under `touched` to `desired`: what one node's
+    /// event changed, in O(touched) instead of a walk over every peer. A
+    /// change of CONFIG (the MTU is in every route) takes [`Self::apply`].
+    pub fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError> {
+        if self.config != Some(desired.config) {
+            return self.apply(desired);
+        }
+        let start = Instant::now();
+        let mut report = Applied::default();
+        let mut removals = Vec::new();
+        let mut upserts = Vec::new();
+        for cidr in touched {
+            match (self.applied.get(cidr), desired.peers.get(cidr)) {
+                (Some(old), None) => removals.push(*old),
+                (old, Some(new)) if old != Some(new) => upserts.push(*new),
+                _ => {}
+            }
+        }
+        report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
+        // Asked only when a CIDR moves to another address: one walk then.
+        let claimed = |addr: Ipv4Addr| desired.peers.values().any(|p| p.node_ip == addr);
         let failed = self.upsert_peers(&upserts, &claimed, desired.inner_mtu, &mut report.routes_time)?;
         report.maps_time = start.elapsed().saturating_sub(report.routes_time);
         report.added_or_updated = upserts.len() - failed.len();
@@ -183,13 +211,13 @@ impl Applier {
     fn upsert_peers(
         &mut self,
         peers: &[PeerState],
-        claimed: &BTreeSet<Ipv4Addr>,
+        claimed: &dyn Fn(Ipv4Addr) -> bool,
         mtu: u32,
         routes_time: &mut Duration,
     ) -> Result<Vec<String>, ApplyError> {
         for peer in peers {
             if let Some(old) = self.applied.get(&peer.pod_cidr).filter(|old| old.node_ip != peer.node_ip)
-                && !claimed.contains(&old.node_ip)
+                && !claimed(old.node_ip)
             {
                 // The CIDR moved to another node address that no peer
                 // takes over: stop accepting the old one.

@@ -169,7 +169,8 @@ pub fn check_pod_cidr(network: Ipv4Network, pod_cidr: Ipv4Network) -> Result<(),
 /// the rest of the cluster is still programmed.
 ///
 /// `nodes` may be shared (`Arc<NodeInfo>`): a cluster's worth of nodes is
-/// not copied for every event.
+/// not copied for every event. [`DesiredState`] keeps the same result up
+/// to date node by node.
 pub fn desired<N: Borrow<NodeInfo>>(
     local: &LocalSettings,
     nodes: &[N],
@@ -180,6 +181,52 @@ pub fn desired<N: Borrow<NodeInfo>>(
         .map(Borrow::borrow)
         .find(|n| n.name == local.node_name)
         .ok_or_else(|| NotReady::NoLocalNode(local.node_name.clone()))?;
+    let (config, inner_mtu) = local_config(local, me)?;
+    let node_ip = Ipv4Addr::from(config.node_ip);
+
+    let mut rejected = Vec::new();
+    // Collected in name order and put in CIDR order once at the end:
+    // building the map in one go costs a fraction of thousands of inserts.
+    let mut peers: Vec<(Ipv4Network, PeerState)> = Vec::with_capacity(nodes.len());
+    let mut taken: HashMap<Ipv4Addr, &str> = HashMap::with_capacity(nodes.len());
+    let mut cidr_owners = CidrOwners::default();
+    cidr_owners.insert(me.pod_cidr, &me.name);
+    taken.insert(node_ip, &me.name);
+    let mut others: Vec<&NodeInfo> = nodes.iter().map(Borrow::borrow).filter(|n| n.name != local.node_name).collect();
+    others.sort_by(|a, b| a.name.cmp(&b.name));
+    for node in others {
+        if let Err(rejection) = check_peer(local, node) {
+            rejected.push(rejection);
+            continue;
+        }
+        let reject = |kind: RejectKind, reason: String| Rejected { node: node.name.clone(), kind, reason };
+        if let Some((cidr, owner)) = cidr_owners.overlapping(node.pod_cidr) {
+            rejected.push(reject(RejectKind::OverlappingCidr, format!(
+                "pod CIDR {} overlaps {cidr} of node {owner}; left out of the datapath",
+                node.pod_cidr
+            )));
+            continue;
+        }
+        if let Some(owner) = taken.get(&node.node_ip) {
+            rejected.push(reject(RejectKind::DuplicateAddress, format!(
+                "address {} is already used by node {owner}; left out of the datapath",
+                node.node_ip
+            )));
+            continue;
+        }
+        taken.insert(node.node_ip, &node.name);
+        cidr_owners.insert(node.pod_cidr, &node.name);
+        let (peer, unreachable) = peer_state(local, node, paths);
+        rejected.extend(unreachable);
+        peers.push((node.pod_cidr, peer));
+    }
+    // The pod CIDRs are disjoint by now: no key is lost.
+    let peers = peers.into_iter().collect();
+    Ok((Desired { config, local_pod_cidr: me.pod_cidr, inner_mtu, peers }, rejected))
+}
+
+/// CONFIG and the inner MTU, from our own node and the settings.
+fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), NotReady> {
     if let Some(network) = local.network {
         check_pod_cidr(network, me.pod_cidr).map_err(NotReady::LocalPodCidrOutsideNetwork)?;
     }
@@ -211,87 +258,65 @@ pub fn desired<N: Borrow<NodeInfo>>(
         xdp_decap: u16::from(local.xdp_decap),
         ..Config::default()
     };
+    Ok((config, inner_mtu))
+}
 
-    let mut rejected = Vec::new();
-    // Collected in name order and put in CIDR order once at the end:
-    // building the map in one go costs a fraction of thousands of inserts.
-    let mut peers: Vec<(Ipv4Network, PeerState)> = Vec::with_capacity(nodes.len());
-    let mut taken: HashMap<Ipv4Addr, &str> = HashMap::with_capacity(nodes.len());
-    let mut cidr_owners = CidrOwners::default();
-    cidr_owners.insert(me.pod_cidr, &me.name);
-    taken.insert(node_ip, &me.name);
-    let mut others: Vec<&NodeInfo> = nodes.iter().map(Borrow::borrow).filter(|n| n.name != local.node_name).collect();
-    others.sort_by(|a, b| a.name.cmp(&b.name));
-    for node in others {
-        let reject = |kind: RejectKind, reason: String| Rejected { node: node.name.clone(), kind, reason };
-        if !node.kube_subnet_managed {
-            rejected.push(reject(RejectKind::NotSubnetManaged, format!(
-                "does not carry {}: \"true\", so it advertises no tunnel endpoint yet (its agent publishes it once running); left out of the datapath",
-                crate::node::ANNOTATION_KUBE_SUBNET_MANAGER
-            )));
-            continue;
-        }
-        if let Some(Err(why)) = local.network.map(|network| check_pod_cidr(network, node.pod_cidr)) {
-            rejected.push(reject(RejectKind::OutsideNetwork, format!("{why}; left out of the datapath")));
-            continue;
-        }
-        let ours = local.backend.flannel_name();
-        if let Some(backend) = node.backend_type.as_deref().filter(|b| *b != ours) {
-            rejected.push(reject(RejectKind::OtherBackend, format!(
-                "backend-type {backend:?} differs from ours ({ours:?}); left out of the datapath (use one backend cluster-wide)"
-            )));
-            continue;
-        }
-        if let Some(vni) = node.vni.filter(|v| *v != local.vni) {
-            rejected.push(reject(RejectKind::OtherVni, format!(
-                "its VNI {vni} differs from ours ({}); left out of the datapath (set --vni to match the cluster)",
-                local.vni
-            )));
-            continue;
-        }
-        if let Some((cidr, owner)) = cidr_owners.overlapping(node.pod_cidr) {
-            rejected.push(reject(RejectKind::OverlappingCidr, format!(
-                "pod CIDR {} overlaps {cidr} of node {owner}; left out of the datapath",
-                node.pod_cidr
-            )));
-            continue;
-        }
-        if let Some(owner) = taken.get(&node.node_ip) {
-            rejected.push(reject(RejectKind::DuplicateAddress, format!(
-                "address {} is already used by node {owner}; left out of the datapath",
-                node.node_ip
-            )));
-            continue;
-        }
-        taken.insert(node.node_ip, &node.name);
-        cidr_owners.insert(node.pod_cidr, &node.name);
-        let path = paths.get(&node.node_ip).copied().unwrap_or(UnderlayPath::NoRoute);
-        let (mode, reason, next_hop) = peer_mode(local, node.node_ip, path);
-        if mode == ROUTE_MODE_UNREACHABLE {
-            let why = match path {
-                UnderlayPath::Gateway(gw) => format!("gateway {gw} lies between us and {}", node.node_ip),
-                _ => format!("no route to {} on the underlay", node.node_ip),
-            };
-            rejected.push(reject(RejectKind::NotOnLink, format!(
+/// What a peer must satisfy on its own, whatever the other nodes say:
+/// subnet-managed, inside the Network, our backend and VNI.
+fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
+    let reject = |kind: RejectKind, reason: String| Rejected { node: node.name.clone(), kind, reason };
+    if !node.kube_subnet_managed {
+        return Err(reject(RejectKind::NotSubnetManaged, format!(
+            "does not carry {}: \"true\", so it advertises no tunnel endpoint yet (its agent publishes it once running); left out of the datapath",
+            crate::node::ANNOTATION_KUBE_SUBNET_MANAGER
+        )));
+    }
+    if let Some(Err(why)) = local.network.map(|network| check_pod_cidr(network, node.pod_cidr)) {
+        return Err(reject(RejectKind::OutsideNetwork, format!("{why}; left out of the datapath")));
+    }
+    let ours = local.backend.flannel_name();
+    if let Some(backend) = node.backend_type.as_deref().filter(|b| *b != ours) {
+        return Err(reject(RejectKind::OtherBackend, format!(
+            "backend-type {backend:?} differs from ours ({ours:?}); left out of the datapath (use one backend cluster-wide)"
+        )));
+    }
+    if let Some(vni) = node.vni.filter(|v| *v != local.vni) {
+        return Err(reject(RejectKind::OtherVni, format!(
+            "its VNI {vni} differs from ours ({}); left out of the datapath (set --vni to match the cluster)",
+            local.vni
+        )));
+    }
+    Ok(())
+}
+
+/// An accepted peer's entry, and its rejection when host-gw cannot reach
+/// it (it is then routed `unreachable`).
+fn peer_state(local: &LocalSettings, node: &NodeInfo, paths: &Paths) -> (PeerState, Option<Rejected>) {
+    let path = paths.get(&node.node_ip).copied().unwrap_or(UnderlayPath::NoRoute);
+    let (mode, reason, next_hop) = peer_mode(local, node.node_ip, path);
+    let unreachable = (mode == ROUTE_MODE_UNREACHABLE).then(|| {
+        let why = match path {
+            UnderlayPath::Gateway(gw) => format!("gateway {gw} lies between us and {}", node.node_ip),
+            _ => format!("no route to {} on the underlay", node.node_ip),
+        };
+        Rejected {
+            node: node.name.clone(),
+            kind: RejectKind::NotOnLink,
+            reason: format!(
                 "host-gw cannot reach it: {why}; its pod CIDR {} is routed `unreachable` (use --backend vxlan --direct-routing)",
                 node.pod_cidr
-            )));
+            ),
         }
-        peers.push((
-            node.pod_cidr,
-            PeerState {
-                pod_cidr: node.pod_cidr,
-                node_ip: node.node_ip,
-                vtep_mac: node.vtep_mac.unwrap_or_else(|| default_vtep_mac(node.node_ip)),
-                mode,
-                reason,
-                next_hop,
-            },
-        ));
-    }
-    // The pod CIDRs are disjoint by now: no key is lost.
-    let peers = peers.into_iter().collect();
-    Ok((Desired { config, local_pod_cidr: me.pod_cidr, inner_mtu, peers }, rejected))
+    });
+    let peer = PeerState {
+        pod_cidr: node.pod_cidr,
+        node_ip: node.node_ip,
+        vtep_mac: node.vtep_mac.unwrap_or_else(|| default_vtep_mac(node.node_ip)),
+        mode,
+        reason,
+        next_hop,
+    };
+    (peer, unreachable)
 }
 
 /// A peer's mode, the reason for it, and the kernel route's next hop.
@@ -337,6 +362,217 @@ impl<'a> CidrOwners<'a> {
     fn insert(&mut self, cidr: Ipv4Network, owner: &'a str) {
         self.by_start.insert(u32::from(cidr.network()), (cidr, owner));
     }
+}
+
+/// Which peers an update of [`DesiredState`] may have changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Touched {
+    /// Nothing the datapath holds.
+    Nothing,
+    /// Only the entries under these pod CIDRs (added, changed or removed).
+    Peers(Vec<Ipv4Network>),
+    /// Anything: CONFIG, or peers beyond the node that changed (a conflict
+    /// resolved, the settings, the underlay paths, our own node).
+    All,
+}
+
+/// The cluster's nodes and the desired state computed from them, kept up
+/// to date node by node: the same result as [`desired`] over all nodes,
+/// without recomputing it over thousands of nodes for every event.
+///
+/// A node's update costs O(log n) unless it touches a conflict (its old or
+/// new pod CIDR overlaps, or its address equals, that of another node that
+/// passes [`check_peer`], ours included): which node then wins depends on
+/// the others, in name order, so everything is recomputed. Conflicts are
+/// misconfigurations, reported as such; the usual event is one node's
+/// address or annotations changing.
+#[derive(Debug)]
+pub struct DesiredState {
+    local: LocalSettings,
+    nodes: BTreeMap<String, std::sync::Arc<NodeInfo>>,
+    computed: Result<Computed, NotReady>,
+}
+
+#[derive(Debug)]
+struct Computed {
+    desired: Desired,
+    /// At most one per node, by node name: the order [`desired`] reports.
+    rejected: BTreeMap<String, Rejected>,
+    /// Pod CIDRs (first address, prefix) of the peers that pass
+    /// [`check_peer`], with how many hold each: the candidates for a
+    /// conflict.
+    candidate_cidrs: BTreeMap<(u32, u8), u32>,
+    candidate_addrs: HashMap<Ipv4Addr, u32>,
+}
+
+impl DesiredState {
+    pub fn new(local: LocalSettings) -> Self {
+        let computed = Err(NotReady::NoLocalNode(local.node_name.clone()));
+        Self { local, nodes: BTreeMap::new(), computed }
+    }
+
+    pub fn local(&self) -> &LocalSettings {
+        &self.local
+    }
+
+    /// The nodes, by name.
+    pub fn nodes(&self) -> &BTreeMap<String, std::sync::Arc<NodeInfo>> {
+        &self.nodes
+    }
+
+    /// Our own node, when known.
+    pub fn me(&self) -> Option<&NodeInfo> {
+        self.nodes.get(&self.local.node_name).map(|n| &**n)
+    }
+
+    /// The desired state, or why there is none yet.
+    pub fn result(&self) -> Result<&Desired, &NotReady> {
+        self.computed.as_ref().map(|c| &c.desired)
+    }
+
+    /// The nodes left out (or routed `unreachable`), in name order.
+    pub fn rejected(&self) -> impl Iterator<Item = &Rejected> {
+        self.computed.iter().flat_map(|c| c.rejected.values())
+    }
+
+    /// Replaces every node (a relist, a rescan) and recomputes.
+    pub fn replace_all(&mut self, nodes: impl IntoIterator<Item = std::sync::Arc<NodeInfo>>, paths: &Paths) -> Touched {
+        self.nodes = nodes.into_iter().map(|n| (n.name.clone(), n)).collect();
+        self.recompute(paths)
+    }
+
+    /// New settings (the pod bridge appeared, the decap hook settled).
+    pub fn set_local(&mut self, local: LocalSettings, paths: &Paths) -> Touched {
+        if local == self.local {
+            return Touched::Nothing;
+        }
+        self.local = local;
+        self.recompute(paths)
+    }
+
+    /// Recomputes everything: the underlay paths changed, or a conflict.
+    pub fn recompute(&mut self, paths: &Paths) -> Touched {
+        let nodes: Vec<&NodeInfo> = self.nodes.values().map(|n| &**n).collect();
+        self.computed = desired(&self.local, &nodes, paths).map(|(desired, rejected)| {
+            let mut candidate_cidrs = BTreeMap::new();
+            let mut candidate_addrs = HashMap::with_capacity(nodes.len());
+            for node in nodes.iter().filter(|n| n.name != self.local.node_name && check_peer(&self.local, n).is_ok()) {
+                *candidate_cidrs.entry(cidr_key(node.pod_cidr)).or_insert(0) += 1;
+                *candidate_addrs.entry(node.node_ip).or_insert(0) += 1;
+            }
+            let rejected = rejected.into_iter().map(|r| (r.node.clone(), r)).collect();
+            Computed { desired, rejected, candidate_cidrs, candidate_addrs }
+        });
+        Touched::All
+    }
+
+    /// A node added or changed.
+    pub fn upsert(&mut self, node: std::sync::Arc<NodeInfo>, paths: &Paths) -> Touched {
+        let name = node.name.clone();
+        self.update(&name, Some(node), paths)
+    }
+
+    /// A node deleted.
+    pub fn remove(&mut self, name: &str, paths: &Paths) -> Touched {
+        self.update(name, None, paths)
+    }
+
+    fn update(&mut self, name: &str, new: Option<std::sync::Arc<NodeInfo>>, paths: &Paths) -> Touched {
+        let old = match &new {
+            Some(node) => self.nodes.insert(name.to_owned(), node.clone()),
+            None => self.nodes.remove(name),
+        };
+        if old.as_deref() == new.as_deref() {
+            return Touched::Nothing;
+        }
+        if name == self.local.node_name {
+            return self.recompute(paths);
+        }
+        let Ok(computed) = &mut self.computed else {
+            // No state without our own node; nothing to keep up to date.
+            return Touched::Nothing;
+        };
+        let local = &self.local;
+        let old = old.filter(|n| check_peer(local, n).is_ok());
+        if let Some(old) = &old {
+            computed.forget_candidate(old);
+        }
+        let me = &computed.desired;
+        let conflict = |node: &NodeInfo| {
+            computed.overlaps_candidate(node.pod_cidr)
+                || computed.candidate_addrs.contains_key(&node.node_ip)
+                || me.local_pod_cidr.contains(node.pod_cidr.network())
+                || node.pod_cidr.contains(me.local_pod_cidr.network())
+                || node.node_ip == Ipv4Addr::from(me.config.node_ip)
+        };
+        let new_candidate = new.as_deref().filter(|n| check_peer(local, n).is_ok());
+        if old.as_deref().is_some_and(conflict) || new_candidate.is_some_and(conflict) {
+            return self.recompute(paths);
+        }
+        // No other node competes for the old or the new CIDR and address:
+        // the old entry was this node's, and the new one is.
+        let mut touched = Vec::with_capacity(2);
+        computed.rejected.remove(name);
+        if let Some(old) = &old {
+            computed.desired.peers.remove(&old.pod_cidr);
+            touched.push(old.pod_cidr);
+        }
+        if let Some(node) = new.as_deref() {
+            match check_peer(local, node) {
+                Err(rejection) => {
+                    computed.rejected.insert(name.to_owned(), rejection);
+                }
+                Ok(()) => {
+                    *computed.candidate_cidrs.entry(cidr_key(node.pod_cidr)).or_insert(0) += 1;
+                    *computed.candidate_addrs.entry(node.node_ip).or_insert(0) += 1;
+                    let (peer, unreachable) = peer_state(local, node, paths);
+                    if let Some(rejection) = unreachable {
+                        computed.rejected.insert(name.to_owned(), rejection);
+                    }
+                    computed.desired.peers.insert(node.pod_cidr, peer);
+                    if !touched.contains(&node.pod_cidr) {
+                        touched.push(node.pod_cidr);
+                    }
+                }
+            }
+        }
+        Touched::Peers(touched)
+    }
+}
+
+impl Computed {
+    fn forget_candidate(&mut self, node: &NodeInfo) {
+        let key = cidr_key(node.pod_cidr);
+        if let Some(count) = self.candidate_cidrs.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                self.candidate_cidrs.remove(&key);
+            }
+        }
+        if let Some(count) = self.candidate_addrs.get_mut(&node.node_ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.candidate_addrs.remove(&node.node_ip);
+            }
+        }
+    }
+
+    /// Whether a candidate's pod CIDR overlaps `cidr`: one starts inside
+    /// it, or one holds it (at most one look-up per shorter prefix).
+    fn overlaps_candidate(&self, cidr: Ipv4Network) -> bool {
+        let (start, end) = (u32::from(cidr.network()), u32::from(cidr.broadcast()));
+        if self.candidate_cidrs.range((start, 0)..=(end, 32)).next().is_some() {
+            return true;
+        }
+        (0..cidr.prefix()).any(|prefix| {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            self.candidate_cidrs.contains_key(&(start & mask, prefix))
+        })
+    }
+}
+
+fn cidr_key(cidr: Ipv4Network) -> (u32, u8) {
+    (u32::from(cidr.network()), cidr.prefix())
 }
 
 /// One step that turns the applied peers into the desired ones.
@@ -540,6 +776,63 @@ mod tests {
         assert_eq!(hit("10.244.3.0/24"), None, "beside");
         assert_eq!(hit("10.244.12.0/24"), None, "just after");
         assert_eq!(hit("10.244.1.0/24"), None, "just before");
+    }
+
+    /// The incremental state equals [`desired`] over all nodes after every
+    /// one of thousands of random changes, on a small universe of names,
+    /// CIDRs (nested and equal ones among them) and addresses, so that
+    /// conflicts come and go; and the touched CIDRs account for every
+    /// entry that changed.
+    #[test]
+    fn incremental_state_equals_the_full_computation_after_random_changes() {
+        let cidrs = ["10.244.1.0/24", "10.244.2.0/24", "10.244.2.0/25", "10.244.2.128/25", "10.244.0.0/16", "10.244.3.0/24", "10.99.0.0/24", "10.244.4.0/24"];
+        let gw = Ipv4Addr::new(192, 168, 0, 254);
+        let paths = Paths::from([
+            (Ipv4Addr::new(192, 168, 0, 1), UnderlayPath::OnLink),
+            (Ipv4Addr::new(192, 168, 0, 2), UnderlayPath::OnLink),
+            (Ipv4Addr::new(192, 168, 0, 3), UnderlayPath::Gateway(gw)),
+        ]);
+        let settings = [
+            LocalSettings { network: Some("10.244.0.0/16".parse().unwrap()), ..local() },
+            LocalSettings { backend: Backend::HostGw, ..local() },
+            LocalSettings { direct_routing: true, ..local() },
+        ];
+        for (round, settings) in settings.iter().enumerate() {
+            let mut rng = fastrand::Rng::with_seed(round as u64);
+            let mut state = DesiredState::new(settings.clone());
+            let mut applied: BTreeMap<Ipv4Network, PeerState> = BTreeMap::new();
+            for step in 0..3000 {
+                let name = ["a", "b", "c", "d", "e", "f"][rng.usize(..6)];
+                let touched = if rng.u8(..5) == 0 {
+                    state.remove(name, &paths)
+                } else {
+                    let mut n = node(name, cidrs[rng.usize(..cidrs.len())], [192, 168, 0, rng.u8(1..6)]);
+                    n.kube_subnet_managed = rng.u8(..8) != 0;
+                    n.vni = (rng.u8(..8) == 0).then_some(7);
+                    n.backend_type = (rng.u8(..8) == 0).then(|| "host-gw".to_owned());
+                    n.vtep_mac = (rng.bool()).then_some([2, 0, 0, 0, 0, rng.u8(..)]);
+                    state.upsert(std::sync::Arc::new(n), &paths)
+                };
+                let nodes: Vec<&NodeInfo> = state.nodes().values().map(|n| &**n).collect();
+                let full = desired(settings, &nodes, &paths);
+                let incremental = state.result().cloned().map_err(Clone::clone).map(|d| (d, state.rejected().cloned().collect::<Vec<_>>()));
+                assert_eq!(incremental, full, "round {round}, step {step}: {name} changed");
+                let Ok((full, _)) = full else { continue };
+                match touched {
+                    Touched::All => applied = full.peers.clone(),
+                    Touched::Nothing => {}
+                    Touched::Peers(cidrs) => {
+                        for cidr in cidrs {
+                            match full.peers.get(&cidr) {
+                                Some(peer) => applied.insert(cidr, *peer),
+                                None => applied.remove(&cidr),
+                            };
+                        }
+                    }
+                }
+                assert_eq!(applied, full.peers, "round {round}, step {step}: the touched CIDRs miss a change of {name}");
+            }
+        }
     }
 
     #[test]

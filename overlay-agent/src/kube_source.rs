@@ -148,6 +148,16 @@ impl NodeCache {
         self.nodes.values().filter_map(|n| n.as_ref().err()).cloned().collect()
     }
 
+    /// One node by name: what it translated to.
+    pub fn get(&self, name: &str) -> Option<Result<Arc<NodeInfo>, NodeError>> {
+        self.nodes.get(name).cloned()
+    }
+
+    /// Why the other nodes cannot be used, by node name.
+    pub fn invalid_named(&self) -> Vec<(String, NodeError)> {
+        self.nodes.iter().filter_map(|(name, n)| Some((name.clone(), n.as_ref().err()?.clone()))).collect()
+    }
+
     /// Our own Node object, as last seen.
     pub fn own(&self) -> Option<&Node> {
         self.own.as_ref()
@@ -174,6 +184,11 @@ impl Publisher {
     pub fn new(client: Client, node_name: &str) -> Self {
         let reporter = Reporter { controller: FIELD_MANAGER.to_owned(), instance: Some(node_name.to_owned()) };
         Self { api: Api::all(client.clone()), name: node_name.to_owned(), recorder: Recorder::new(client, reporter) }
+    }
+
+    /// Our Node's name.
+    pub fn node_name(&self) -> &str {
+        &self.name
     }
 
     /// Sets `annotations` on our Node (a merge patch: other annotations are

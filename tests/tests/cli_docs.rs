@@ -1,9 +1,10 @@
-//! The README's command-line section and `overlay-agent <command> --help`
-//! name the same flags.
+//! The README's command-line section and the agent's command line
+//! (`Cli::command()`) name the same flags.
 
 use std::collections::BTreeSet;
 
-use overlay_tests::agent_binary;
+use clap::CommandFactory as _;
+use overlay_agent::cli::Cli;
 
 /// Long flags (`--name`) in `text`.
 fn flags(text: &str) -> BTreeSet<String> {
@@ -34,16 +35,17 @@ fn readme_synopsis(command: &str) -> String {
 }
 
 #[test]
-fn readme_synopsis_and_help_name_the_same_flags() {
+fn readme_synopsis_and_the_cli_name_the_same_flags() {
+    let cli = Cli::command();
     let mut differences = Vec::new();
     for command in ["run", "inspect", "check", "cleanup"] {
-        let out = std::process::Command::new(agent_binary()).args([command, "--help"]).output().unwrap();
-        let help: BTreeSet<String> = flags(&String::from_utf8_lossy(&out.stdout)).into_iter().filter(|f| f != "--help").collect();
+        let sub = cli.find_subcommand(command).unwrap_or_else(|| panic!("overlay-agent has no subcommand {command}"));
+        let help: BTreeSet<String> = sub.get_arguments().filter_map(|a| a.get_long()).map(|l| format!("--{l}")).filter(|f| f != "--help").collect();
         let readme = flags(&readme_synopsis(command));
         let missing: Vec<_> = help.difference(&readme).collect();
         let extra: Vec<_> = readme.difference(&help).collect();
         if !missing.is_empty() || !extra.is_empty() {
-            differences.push(format!("{command}: README lacks {missing:?}, README has {extra:?} that --help does not"));
+            differences.push(format!("{command}: README lacks {missing:?}, README has {extra:?} that the CLI does not"));
         }
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));

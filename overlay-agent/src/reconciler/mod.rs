@@ -1,0 +1,538 @@
+//! The agent's event loop: node events → desired state → maps and routes →
+//! publication, with everything it talks to behind a trait, so the loop is
+//! tested against fakes (`tests.rs`), as kube-rs's controller-rs tests its
+//! reconciler.
+//!
+//! | seam | trait | the real one |
+//! |---|---|---|
+//! | where nodes come from | [`NodeSource`] | [`sources::ManifestSource`], [`sources::KubeSource`], [`sources::EtcdNodes`] |
+//! | the datapath's maps and kernel routes | [`PeerWriter`] | [`crate::apply::Applier`] |
+//! | the kernel's paths to the nodes, and its notifications | [`Underlay`] | [`kernel::KernelUnderlay`] ([`crate::kernel_events`]) |
+//! | what our own node advertises | [`Publisher`] | [`sources::KubePublisher`], [`sources::LogPublisher`], [`sources::LeasePublisher`] |
+//! | the rest of the host (subnet.env, netfilter, pod fast path) | [`Host`] | the binary's `run.rs` |
+//!
+//! Where each event is handled: node events in [`Reconciler::handle_source`],
+//! kernel events (rtnetlink notifications: the underlay's paths, the pod
+//! bridge and its ports) in [`Reconciler::handle_kernel_events`], the
+//! periodic safety net in [`Reconciler::housekeeping`]; all end in
+//! [`Reconciler::reconcile`].
+
+pub mod kernel;
+pub mod sources;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    future::Future,
+    net::Ipv4Addr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ipnetwork::Ipv4Network;
+use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN};
+use tracing::{error, info, warn};
+
+use crate::{
+    apply::{Applied, ApplyError},
+    desired::{Desired, DesiredState, LocalSettings, NotReady, Paths, RejectKind, Rejected, Touched},
+    metrics::Metrics,
+    node::NodeInfo,
+    routes::RouteError,
+};
+pub use crate::kernel_events::KernelEvent;
+
+/// How often the datapath counters are checked and what failed (API
+/// writes, peers the kernel refused) is retried.
+pub const HOUSEKEEPING: Duration = Duration::from_secs(5);
+/// How often an unchanged outage of the node source is logged again.
+const OUTAGE_REPEAT: Duration = Duration::from_secs(60);
+
+/// One change a node source reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeEvent {
+    /// Every node, replacing what was known: a (re)list, a rescan. Nodes
+    /// missing from it are gone (deleted while the source was not
+    /// watching).
+    Resync { nodes: Vec<Arc<NodeInfo>>, invalid: Vec<InvalidNode> },
+    /// A node added or changed.
+    Upsert(Arc<NodeInfo>),
+    /// A node that can no longer be read: left out until it can.
+    Invalid(InvalidNode),
+    /// A node deleted, by name.
+    Delete(String),
+}
+
+/// A node (or manifest) that could not be read as a node.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InvalidNode {
+    /// The node's name, or what else identifies it (a file, the problem).
+    pub key: String,
+    pub problem: String,
+}
+
+/// What a node source has next.
+#[derive(Debug)]
+pub enum SourceUpdate {
+    /// Changes, in order; possibly none (the source is readable again).
+    Events(Vec<NodeEvent>),
+    /// The source cannot be read (API server down, directory gone): the
+    /// datapath keeps what it has. A watch-based source resumes by itself
+    /// (from its last resource version or revision, or with a relist that
+    /// it reports as [`NodeEvent::Resync`]).
+    Outage {
+        /// What could not be read, for the log: "the nodes directory".
+        source: &'static str,
+        problem: String,
+    },
+}
+
+/// The node source stopped for good.
+#[derive(Debug, thiserror::Error)]
+#[error("the node source ended: {0}")]
+pub struct SourceEnded(pub String);
+
+/// Where nodes come from: a directory of manifests, the Kubernetes API,
+/// etcd. The first update that counts is a [`NodeEvent::Resync`]: nothing
+/// is programmed before the whole set is known.
+pub trait NodeSource {
+    /// Waits for the next update. A source batches what is already waiting
+    /// (a relist of thousands of nodes arrives as one `Resync`).
+    fn next(&mut self) -> impl Future<Output = Result<SourceUpdate, SourceEnded>>;
+}
+
+/// The datapath's peer entries and kernel routes.
+pub trait PeerWriter {
+    /// Brings everything to `desired` (a full diff).
+    fn apply(&mut self, desired: &Desired) -> Result<Applied, ApplyError>;
+    /// Brings only the peers under `touched` to `desired`: what one node's
+    /// event changes, without walking the cluster.
+    fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError>;
+}
+
+/// The kernel's view of the underlay.
+pub trait Underlay {
+    /// The kernel's path to each of `addrs`.
+    fn paths(&mut self, addrs: &[Ipv4Addr]) -> Result<Paths, RouteError>;
+    /// Resolves with what may have changed in the kernel, batched: the
+    /// underlay's addresses, rules or routes (the loop then re-asks the
+    /// paths to every node), the pod bridge or its ports (the host attaches
+    /// the fast path again). This is where kernel events come in; the real
+    /// one also sends every kind now and then, as a safety net under lost
+    /// notifications.
+    fn changed(&mut self) -> impl Future<Output = BTreeSet<KernelEvent>>;
+    /// The underlay interface's IPv4 addresses.
+    fn own_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String>;
+    /// The underlay interface's name, for messages.
+    fn iface(&self) -> &str;
+}
+
+/// What our own node advertises, and warnings about peers.
+pub trait Publisher {
+    /// Makes our node advertise `desired` (flannel's annotations, network
+    /// available). Failures are logged by the publisher and retried with
+    /// the next reconcile.
+    fn publish(&mut self, me: &NodeInfo, desired: &Desired, settings: &LocalSettings) -> impl Future<Output = ()>;
+    /// Records a warning about a peer an operator must fix (a Kubernetes
+    /// event). `Ok` means recorded: it is not asked again.
+    fn warn_peer(&mut self, rejected: &Rejected, reason: &'static str) -> impl Future<Output = Result<(), String>>;
+}
+
+/// The rest of the host, outside the loop's concern but driven by it.
+pub trait Host {
+    /// Every [`HOUSEKEEPING`]: the host's periodic checks.
+    fn housekeeping(&mut self);
+    /// The pod bridge or its ports may have changed: attach the pod fast
+    /// path (again). May change the settings (the bridge's index and MAC).
+    fn pod_network_changed(&mut self, local: &mut LocalSettings);
+    /// After each applied reconcile: subnet.env, masquerade and FORWARD
+    /// rules, flannel's device. `false` when the node is not ready to serve
+    /// pods yet (subnet.env could not be written): the reconcile is retried.
+    fn after_apply(&mut self, desired: &Desired) -> bool;
+}
+
+/// Problems the loop logs once each, until they go away. Typed, so each
+/// kind is cleared without looking at message texts.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reported {
+    /// A node that cannot be read; held in the loop's map of invalid nodes
+    /// (by key), listed here for the record of first reports.
+    InvalidNode { key: String, problem: String },
+    NotReady(String),
+    OwnAddress(String),
+    Rejected { node: String, kind: RejectKind, reason: String },
+    SourceOutage { source: &'static str, problem: String },
+}
+
+/// The loop's state between events.
+pub struct Reconciler<S, W, U, P, H> {
+    pub source: S,
+    pub writer: W,
+    pub underlay: U,
+    pub publisher: P,
+    pub host: H,
+    metrics: Arc<Metrics>,
+    state: DesiredState,
+    /// The kernel's paths to the nodes' addresses, as last asked.
+    paths: Paths,
+    /// Nodes that could not be read, by key: each logged once per problem.
+    invalid: BTreeMap<String, String>,
+    reported: BTreeSet<Reported>,
+    /// Rejections already recorded as events (node, reason).
+    evented: BTreeSet<(String, String)>,
+    /// Whether the source delivered the whole set of nodes yet.
+    synced: bool,
+    /// What changed since the last applied reconcile.
+    pending: Touched,
+    outage_logged_at: Option<Instant>,
+    /// Every first report, in order, for the tests.
+    #[cfg(test)]
+    first_reports: Vec<Reported>,
+}
+
+impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconciler<S, W, U, P, H> {
+    pub fn new(local: LocalSettings, source: S, writer: W, underlay: U, publisher: P, host: H, metrics: Arc<Metrics>) -> Self {
+        Self {
+            source,
+            writer,
+            underlay,
+            publisher,
+            host,
+            metrics,
+            state: DesiredState::new(local),
+            paths: Paths::new(),
+            invalid: BTreeMap::new(),
+            reported: BTreeSet::new(),
+            evented: BTreeSet::new(),
+            synced: false,
+            pending: Touched::Nothing,
+            outage_logged_at: None,
+            #[cfg(test)]
+            first_reports: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    /// Runs until `stop` resolves (SIGTERM, Ctrl-C) or the source ends.
+    /// Stopping leaves everything in place.
+    pub async fn run(&mut self, stop: impl Future<Output = ()>) -> Result<(), SourceEnded> {
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            // Set when a branch wakes up, so durations leave out idle waiting.
+            let started;
+            tokio::select! {
+                update = self.source.next() => {
+                    started = Instant::now();
+                    self.handle_source(update?);
+                }
+                events = self.underlay.changed() => {
+                    started = Instant::now();
+                    self.handle_kernel_events(&events);
+                }
+                _ = housekeeping.tick() => {
+                    started = Instant::now();
+                    self.housekeeping();
+                }
+                () = &mut stop => return Ok(()),
+            }
+            self.reconcile(started).await;
+        }
+    }
+
+    /// Takes what the node source reported.
+    pub fn handle_source(&mut self, update: SourceUpdate) {
+        let events = match update {
+            SourceUpdate::Outage { source, problem } => {
+                let key = Reported::SourceOutage { source, problem: problem.clone() };
+                // Once per distinct problem, and again each minute.
+                let repeat = self.outage_logged_at.is_some_and(|at| at.elapsed() >= OUTAGE_REPEAT);
+                if self.report(key) || repeat {
+                    error!(error = %problem, "reading {source}; keeping the current state (the datapath keeps forwarding)");
+                    self.outage_logged_at = Some(Instant::now());
+                }
+                return;
+            }
+            SourceUpdate::Events(events) => events,
+        };
+        if let Some(Reported::SourceOutage { source, .. }) = self.reported.iter().find(|r| matches!(r, Reported::SourceOutage { .. })) {
+            info!("{source} readable again");
+            self.reported.retain(|r| !matches!(r, Reported::SourceOutage { .. }));
+            self.outage_logged_at = None;
+        }
+        for event in events {
+            let touched = match event {
+                NodeEvent::Resync { nodes, invalid } => {
+                    self.synced = true;
+                    self.ask_new_paths(nodes.iter().map(|n| n.node_ip));
+                    let invalid = invalid.into_iter().map(|i| (i.key, i.problem)).collect();
+                    self.set_invalid(invalid);
+                    self.state.replace_all(nodes, &self.paths)
+                }
+                NodeEvent::Upsert(node) => {
+                    self.ask_new_paths([node.node_ip]);
+                    self.clear_invalid(&node.name);
+                    self.state.upsert(node, &self.paths)
+                }
+                NodeEvent::Invalid(invalid) => {
+                    let mut all = self.invalid.clone();
+                    all.insert(invalid.key.clone(), invalid.problem);
+                    self.set_invalid(all);
+                    self.state.remove(&invalid.key, &self.paths)
+                }
+                NodeEvent::Delete(name) => {
+                    self.clear_invalid(&name);
+                    self.state.remove(&name, &self.paths)
+                }
+            };
+            self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
+        }
+    }
+
+    /// Takes what the kernel said may have changed.
+    pub fn handle_kernel_events(&mut self, events: &BTreeSet<KernelEvent>) {
+        if events.contains(&KernelEvent::UnderlayChanged) {
+            self.handle_underlay_change();
+        }
+        let bridge_changed = events.contains(&KernelEvent::PodBridgeChanged);
+        if bridge_changed || events.contains(&KernelEvent::PodPortsChanged) {
+            let mut local = self.state.local().clone();
+            self.host.pod_network_changed(&mut local);
+            let touched = self.state.set_local(local, &self.paths);
+            self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
+        }
+        if bridge_changed {
+            // A new bridge's index and MAC reach CONFIG by a full reconcile.
+            self.pending = Touched::All;
+        }
+    }
+
+    /// The underlay may have changed: re-asks the paths to every node.
+    pub fn handle_underlay_change(&mut self) {
+        let addrs: Vec<Ipv4Addr> = self.state.nodes().values().map(|n| n.node_ip).collect();
+        match self.underlay.paths(&addrs) {
+            Ok(paths) => {
+                // Entries of nodes gone do not count: only what is read.
+                let changed = paths.iter().any(|(addr, path)| self.paths.get(addr) != Some(path));
+                for (addr, path) in &paths {
+                    if self.paths.get(addr).is_some_and(|old| old != path) {
+                        info!(peer = %addr, ?path, "underlay path changed; re-evaluating its mode");
+                    }
+                }
+                self.paths = paths;
+                if changed {
+                    let touched = self.state.recompute(&self.paths);
+                    self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
+                }
+            }
+            Err(err) => warn!(error = %crate::report::Chain(&err), "asking the kernel for paths to the nodes"),
+        }
+    }
+
+    /// The periodic safety net: the host's chores, and a full diff that
+    /// retries what failed before.
+    pub fn housekeeping(&mut self) {
+        self.host.housekeeping();
+        // Paths of addresses no node has any more.
+        if self.paths.len() > self.state.nodes().len() {
+            let current: HashSet<Ipv4Addr> = self.state.nodes().values().map(|n| n.node_ip).collect();
+            self.paths.retain(|addr, _| current.contains(addr));
+        }
+        self.pending = Touched::All;
+    }
+
+    /// Asks the kernel for its paths to addresses not asked about yet: a
+    /// single node's update costs no full re-check.
+    fn ask_new_paths(&mut self, addrs: impl IntoIterator<Item = Ipv4Addr>) {
+        let mut new: Vec<Ipv4Addr> = addrs.into_iter().filter(|a| !self.paths.contains_key(a)).collect();
+        if new.is_empty() {
+            return;
+        }
+        new.sort_unstable();
+        new.dedup();
+        match self.underlay.paths(&new) {
+            Ok(paths) => self.paths.extend(paths),
+            Err(err) => warn!(error = %crate::report::Chain(&err), "asking the kernel for paths to new nodes"),
+        }
+    }
+
+    fn set_invalid(&mut self, invalid: BTreeMap<String, String>) {
+        for (key, problem) in &invalid {
+            if self.invalid.get(key) != Some(problem) {
+                warn!(problem = %problem, "bad Node manifest or object");
+                #[cfg(test)]
+                self.first_reports.push(Reported::InvalidNode { key: key.clone(), problem: problem.clone() });
+            }
+        }
+        self.metrics.nodes_invalid.set(invalid.len() as i64);
+        self.invalid = invalid;
+    }
+
+    fn clear_invalid(&mut self, key: &str) {
+        if self.invalid.remove(key).is_some() {
+            self.metrics.nodes_invalid.set(self.invalid.len() as i64);
+        }
+    }
+
+    /// Records a problem; `true` the first time (log it then).
+    fn report(&mut self, problem: Reported) -> bool {
+        let first = self.reported.insert(problem.clone());
+        #[cfg(test)]
+        if first {
+            self.first_reports.push(problem);
+        }
+        first
+    }
+
+    /// desired → apply → host → publish, when anything is pending and the
+    /// source has delivered the whole set of nodes. Returns whether the
+    /// state was applied.
+    pub async fn reconcile(&mut self, started: Instant) -> bool {
+        if !self.synced || self.pending == Touched::Nothing {
+            return false;
+        }
+        // The event, the paths of new nodes, and the desired state's update.
+        let source_time = started.elapsed();
+        let our_address = match self.state.result() {
+            Ok(desired) => Ipv4Addr::from(desired.config.node_ip),
+            Err(not_ready) => {
+                let not_ready = not_ready.clone();
+                if self.report(Reported::NotReady(not_ready.to_string())) {
+                    match not_ready {
+                        NotReady::NoLocalNode(_) => warn!(reason = %not_ready, "datapath not configured yet"),
+                        NotReady::LocalPodCidrOutsideNetwork(_) => error!(reason = %not_ready, "refusing to configure the datapath"),
+                    }
+                }
+                return false;
+            }
+        };
+        self.reported.retain(|r| !matches!(r, Reported::NotReady(_)));
+        if let Err(problem) = self.check_own_address(our_address) {
+            if self.report(Reported::OwnAddress(problem.clone())) {
+                error!(node = %self.state.local().node_name, "{problem}");
+            }
+            return false;
+        }
+        self.reported.retain(|r| !matches!(r, Reported::OwnAddress(_)));
+        let rejected: Vec<Rejected> = self.state.rejected().cloned().collect();
+        let current: BTreeSet<Reported> = rejected
+            .iter()
+            .map(|r| Reported::Rejected { node: r.node.clone(), kind: r.kind, reason: r.reason.clone() })
+            .collect();
+        for r in &rejected {
+            if self.report(Reported::Rejected { node: r.node.clone(), kind: r.kind, reason: r.reason.clone() }) {
+                if r.kind == RejectKind::NotSubnetManaged {
+                    // Normal while a node's agent starts up.
+                    info!(node = %r.node, reason = %r.reason, "peer not programmed yet");
+                } else {
+                    warn!(node = %r.node, reason = %r.reason, "peer not served as asked");
+                }
+            }
+        }
+        self.reported.retain(|r| !matches!(r, Reported::Rejected { .. }) || current.contains(r));
+        self.metrics.nodes_rejected.set(rejected.len() as i64);
+        let checks_time = started.elapsed() - source_time;
+
+        let Ok(full) = self.state.result() else { unreachable!("checked above") };
+        let result = match std::mem::replace(&mut self.pending, Touched::Nothing) {
+            Touched::Peers(cidrs) => self.writer.apply_touched(full, &cidrs),
+            Touched::All | Touched::Nothing => self.writer.apply(full),
+        };
+        let applied = match result {
+            Ok(applied) => applied,
+            Err(err) => {
+                error!(error = %crate::report::Chain(&err), "applying the desired state; will retry");
+                self.pending = Touched::All;
+                return false;
+            }
+        };
+        for failure in &applied.failed {
+            error!(error = %failure, "peer not programmed");
+        }
+        if applied.added_or_updated + applied.removed > 0 || applied.config_changed {
+            for (mode, name) in [(ROUTE_MODE_VXLAN, "vxlan"), (ROUTE_MODE_DIRECT, "direct"), (ROUTE_MODE_UNREACHABLE, "unreachable")] {
+                let count = full.peers.values().filter(|p| p.mode == mode).count();
+                self.metrics.peers.get_or_create(&[("mode", name)]).set(count as i64);
+            }
+            let elapsed = started.elapsed();
+            self.metrics.reconcile_seconds.observe(elapsed.as_secs_f64());
+            info!(
+                nodes = self.state.nodes().len(),
+                peers = full.peers.len(),
+                upserted = applied.added_or_updated,
+                removed = applied.removed,
+                config_changed = applied.config_changed,
+                elapsed_us = elapsed.as_micros() as u64,
+                source_us = source_time.as_micros() as u64,
+                checks_us = checks_time.as_micros() as u64,
+                maps_us = applied.maps_time.as_micros() as u64,
+                routes_us = applied.routes_time.as_micros() as u64,
+                "reconciled"
+            );
+        }
+        if !self.host.after_apply(full) {
+            self.pending = Touched::All;
+            return false;
+        }
+        if !self.metrics.ready() {
+            self.metrics.set_ready();
+            info!(peers = full.peers.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready: the initial sync is in the datapath");
+        }
+        if let Some(me) = self.state.me() {
+            self.publisher.publish(me, full, self.state.local()).await;
+        }
+        for r in &rejected {
+            let Some(reason) = r.kind.event_reason() else { continue };
+            let key = (r.node.clone(), r.reason.clone());
+            if self.evented.contains(&key) {
+                continue;
+            }
+            match self.publisher.warn_peer(r, reason).await {
+                Ok(()) => {
+                    self.evented.insert(key);
+                }
+                Err(err) => warn!(error = %err, node = %r.node, "recording an event; will retry"),
+            }
+        }
+        true
+    }
+
+    /// Our tunnel address must be one of the underlay's, or peers would
+    /// send to an address this node does not answer on; unless it was set
+    /// on purpose (`--public-ip`, or flannel's `public-ip-overwrite` for a
+    /// node behind NAT).
+    fn check_own_address(&mut self, address: Ipv4Addr) -> Result<(), String> {
+        let local = self.state.local();
+        if local.public_ip.is_some() || self.state.me().is_some_and(|m| m.public_ip_overwrite.is_some()) {
+            return Ok(());
+        }
+        let iface = self.underlay.iface().to_owned();
+        match self.underlay.own_addresses() {
+            Ok(addresses) if addresses.contains(&address) => Ok(()),
+            Ok(addresses) => Err(format!(
+                "refusing to configure the datapath: our Node's address {address} is not an address of {iface} ({}); peers would tunnel to an address this node does not answer on. Fix our Node's InternalIP or --iface (or --node-name, if this is another node); for a node behind NAT, set {} or --public-ip",
+                if addresses.is_empty() { "it has none".to_owned() } else { addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ") },
+                crate::node::ANNOTATION_PUBLIC_IP_OVERWRITE,
+            )),
+            Err(err) => Err(format!("refusing to configure the datapath: cannot read the addresses of {iface}: {err}")),
+        }
+    }
+}
+
+/// What two successive updates touched together.
+fn merge(a: Touched, b: Touched) -> Touched {
+    match (a, b) {
+        (Touched::All, _) | (_, Touched::All) => Touched::All,
+        (Touched::Nothing, other) | (other, Touched::Nothing) => other,
+        (Touched::Peers(mut a), Touched::Peers(b)) => {
+            a.extend(b);
+            a.sort_unstable();
+            a.dedup();
+            Touched::Peers(a)
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The loop against fakes: a scripted node source, a peer table in memory,
+//! a fixed underlay, a publisher and host that record what they are asked.
+
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, VecDeque},
+    net::Ipv4Addr,
+    rc::Rc,
+    sync::Arc,
+    time::Instant,
+};
+
+use ipnetwork::Ipv4Network;
+
+use super::*;
+use crate::desired::{Backend, PeerState, UnderlayPath, diff, Change};
+
+#[derive(Default)]
+struct FakeSource(VecDeque<SourceUpdate>);
+
+impl NodeSource for FakeSource {
+    async fn next(&mut self) -> Result<SourceUpdate, SourceEnded> {
+        match self.0.pop_front() {
+            Some(update) => Ok(update),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// The peers as the datapath holds them, and how they got there.
+#[derive(Default)]
+struct Table {
+    peers: BTreeMap<Ipv4Network, PeerState>,
+    full_applies: usize,
+    touched_applies: usize,
+}
+
+#[derive(Clone, Default)]
+struct FakeWriter(Rc<RefCell<Table>>);
+
+impl PeerWriter for FakeWriter {
+    fn apply(&mut self, desired: &Desired) -> Result<Applied, ApplyError> {
+        let mut table = self.0.borrow_mut();
+        table.full_applies += 1;
+        let changes = diff(&table.peers, &desired.peers);
+        let removed = changes.iter().filter(|c| matches!(c, Change::Remove(_))).count();
+        table.peers = desired.peers.clone();
+        Ok(Applied { added_or_updated: changes.len() - removed, removed, ..Applied::default() })
+    }
+
+    fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError> {
+        let mut table = self.0.borrow_mut();
+        table.touched_applies += 1;
+        for cidr in touched {
+            match desired.peers.get(cidr) {
+                Some(peer) => table.peers.insert(*cidr, *peer),
+                None => table.peers.remove(cidr),
+            };
+        }
+        Ok(Applied { added_or_updated: touched.len(), ..Applied::default() })
+    }
+}
+
+struct FakeUnderlay {
+    path: UnderlayPath,
+    addresses: Vec<Ipv4Addr>,
+}
+
+impl Underlay for FakeUnderlay {
+    fn paths(&mut self, addrs: &[Ipv4Addr]) -> Result<Paths, RouteError> {
+        Ok(addrs.iter().map(|a| (*a, self.path)).collect())
+    }
+
+    async fn changed(&mut self) -> BTreeSet<KernelEvent> {
+        std::future::pending().await
+    }
+
+    fn own_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String> {
+        Ok(self.addresses.clone())
+    }
+
+    fn iface(&self) -> &str {
+        "eth0"
+    }
+}
+
+#[derive(Default)]
+struct FakePublisher {
+    published: usize,
+    warned: Vec<String>,
+}
+
+impl Publisher for FakePublisher {
+    async fn publish(&mut self, _me: &NodeInfo, _desired: &Desired, _settings: &LocalSettings) {
+        self.published += 1;
+    }
+
+    async fn warn_peer(&mut self, rejected: &Rejected, _reason: &'static str) -> Result<(), String> {
+        self.warned.push(rejected.node.clone());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct FakeHost {
+    applied: usize,
+    /// Times the pod fast path was asked to attach again.
+    pod_network_changes: usize,
+    /// The pod bridge's index it then finds.
+    bridge_ifindex: u32,
+}
+
+impl Host for FakeHost {
+    fn housekeeping(&mut self) {}
+
+    fn pod_network_changed(&mut self, local: &mut LocalSettings) {
+        self.pod_network_changes += 1;
+        local.pod_bridge_ifindex = self.bridge_ifindex;
+    }
+
+    fn after_apply(&mut self, _desired: &Desired) -> bool {
+        self.applied += 1;
+        true
+    }
+}
+
+type Loop = Reconciler<FakeSource, FakeWriter, FakeUnderlay, FakePublisher, FakeHost>;
+
+fn node(name: &str, cidr: &str, ip: [u8; 4]) -> Arc<NodeInfo> {
+    Arc::new(NodeInfo {
+        name: name.into(),
+        pod_cidr: cidr.parse().unwrap(),
+        node_ip: ip.into(),
+        backend_type: None,
+        vni: None,
+        vtep_mac: None,
+        kube_subnet_managed: true,
+        internal_ip: Some(ip.into()),
+        public_ip_overwrite: None,
+    })
+}
+
+fn local() -> LocalSettings {
+    LocalSettings {
+        node_name: "a".into(),
+        backend: Backend::Vxlan,
+        direct_routing: false,
+        vni: 1,
+        vxlan_port: 8472,
+        underlay_ifindex: 2,
+        underlay_mtu: 1500,
+        pod_bridge_ifindex: 0,
+        pod_bridge_mac: [0; 6],
+        xdp_decap: false,
+        public_ip: None,
+        network: None,
+    }
+}
+
+fn new_loop(table: &FakeWriter) -> Loop {
+    let underlay = FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)] };
+    let metrics = Arc::new(Metrics::new(std::path::Path::new("/nonexistent")));
+    Reconciler::new(local(), FakeSource::default(), table.clone(), underlay, FakePublisher::default(), FakeHost::default(), metrics)
+}
+
+fn three() -> Vec<Arc<NodeInfo>> {
+    vec![node("a", "10.244.1.0/24", [192, 168, 0, 1]), node("b", "10.244.2.0/24", [192, 168, 0, 2]), node("c", "10.244.3.0/24", [192, 168, 0, 3])]
+}
+
+/// Feeds one update and reconciles, as one turn of the loop does.
+async fn step(reconciler: &mut Loop, update: SourceUpdate) -> bool {
+    reconciler.handle_source(update);
+    reconciler.reconcile(Instant::now()).await
+}
+
+fn events(events: Vec<NodeEvent>) -> SourceUpdate {
+    SourceUpdate::Events(events)
+}
+
+fn cidrs(table: &FakeWriter) -> Vec<String> {
+    table.0.borrow().peers.keys().map(ToString::to_string).collect()
+}
+
+#[tokio::test]
+async fn nodes_added_changed_and_removed_reach_the_datapath_node_by_node() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    assert!(!step(&mut r, events(vec![NodeEvent::Upsert(node("b", "10.244.2.0/24", [192, 168, 0, 2]))])).await, "nothing before the whole set is known");
+    assert!(step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await);
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+    assert_eq!(r.publisher.published, 1);
+
+    assert!(step(&mut r, events(vec![NodeEvent::Upsert(node("b", "10.244.2.0/24", [192, 168, 0, 9]))])).await);
+    assert_eq!(table.0.borrow().peers[&"10.244.2.0/24".parse().unwrap()].node_ip, Ipv4Addr::new(192, 168, 0, 9));
+    assert!(step(&mut r, events(vec![NodeEvent::Upsert(node("d", "10.244.4.0/24", [192, 168, 0, 4]))])).await);
+    assert!(step(&mut r, events(vec![NodeEvent::Delete("c".into())])).await);
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.4.0/24"]);
+    let (full, touched) = (table.0.borrow().full_applies, table.0.borrow().touched_applies);
+    assert_eq!((full, touched), (1, 3), "one full apply for the list, then one node at a time");
+
+    // An update that changes nothing (a heartbeat) applies nothing.
+    assert!(!step(&mut r, events(vec![NodeEvent::Upsert(node("d", "10.244.4.0/24", [192, 168, 0, 4]))])).await);
+}
+
+#[tokio::test]
+async fn an_invalid_node_is_left_out_and_reported_once() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await;
+    let bad = InvalidNode { key: "b".into(), problem: "node b: pod CIDR \"x\" is not a valid IPv4 CIDR".into() };
+    for _ in 0..3 {
+        step(&mut r, events(vec![NodeEvent::Invalid(bad.clone())])).await;
+        r.housekeeping();
+        r.reconcile(Instant::now()).await;
+    }
+    assert_eq!(cidrs(&table), ["10.244.3.0/24"], "the unreadable node is out");
+    let reports: Vec<_> = r.first_reports.iter().filter(|p| matches!(p, Reported::InvalidNode { key, .. } if key == "b")).collect();
+    assert_eq!(reports.len(), 1, "{:?}", r.first_reports);
+    assert_eq!(r.metrics.nodes_invalid.get(), 1);
+    step(&mut r, events(vec![NodeEvent::Upsert(node("b", "10.244.2.0/24", [192, 168, 0, 2]))])).await;
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+    assert_eq!(r.metrics.nodes_invalid.get(), 0);
+}
+
+#[tokio::test]
+async fn a_rejected_peer_is_reported_once_and_evented_once() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    let mut nodes = three();
+    nodes.push(node("d", "10.244.2.0/25", [192, 168, 0, 4]));
+    step(&mut r, events(vec![NodeEvent::Resync { nodes, invalid: vec![] }])).await;
+    for _ in 0..3 {
+        r.housekeeping();
+        r.reconcile(Instant::now()).await;
+    }
+    let rejections: Vec<_> = r.first_reports.iter().filter(|p| matches!(p, Reported::Rejected { node, kind: RejectKind::OverlappingCidr, .. } if node == "d")).collect();
+    assert_eq!(rejections.len(), 1, "{:?}", r.first_reports);
+    assert_eq!(r.publisher.warned, ["d"]);
+    // Once it is fixed, it is served, and a later conflict is new again.
+    step(&mut r, events(vec![NodeEvent::Upsert(node("d", "10.244.4.0/24", [192, 168, 0, 4]))])).await;
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24"]);
+    assert!(!r.reported.iter().any(|p| matches!(p, Reported::Rejected { .. })));
+}
+
+#[tokio::test]
+async fn a_source_outage_keeps_the_state_and_is_logged_once() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await;
+    for _ in 0..5 {
+        step(&mut r, SourceUpdate::Outage { source: "the API", problem: "connection refused".into() }).await;
+        r.housekeeping();
+        r.reconcile(Instant::now()).await;
+    }
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"], "the datapath keeps every peer");
+    let outages = r.first_reports.iter().filter(|p| **p == Reported::SourceOutage { source: "the API", problem: "connection refused".into() }).count();
+    assert_eq!(outages, 1);
+    step(&mut r, events(vec![])).await;
+    assert!(r.reported.is_empty(), "back: {:?}", r.reported);
+}
+
+#[tokio::test]
+async fn a_restart_adopts_the_state_and_a_relist_drops_nodes_deleted_meanwhile() {
+    // The table outlives the first loop, as pinned maps outlive the agent.
+    let table = FakeWriter::default();
+    let mut first = new_loop(&table);
+    step(&mut first, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await;
+    drop(first);
+    let mut second = new_loop(&table);
+    // Until the new loop has the whole set, the adopted state serves.
+    second.handle_source(SourceUpdate::Outage { source: "the API", problem: "API server down".into() });
+    assert!(!second.reconcile(Instant::now()).await);
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+    let mut nodes = three();
+    nodes.pop();
+    step(&mut second, events(vec![NodeEvent::Resync { nodes, invalid: vec![] }])).await;
+    assert_eq!(cidrs(&table), ["10.244.2.0/24"], "c was deleted while no agent watched");
+}
+
+#[tokio::test]
+async fn no_datapath_without_our_own_node_or_with_an_address_we_do_not_have() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    let others = three().split_off(1);
+    assert!(!step(&mut r, events(vec![NodeEvent::Resync { nodes: others, invalid: vec![] }])).await);
+    assert!(r.first_reports.iter().any(|p| matches!(p, Reported::NotReady(_))));
+    assert!(!step(&mut r, events(vec![NodeEvent::Upsert(node("a", "10.244.1.0/24", [192, 168, 0, 77]))])).await);
+    assert!(r.first_reports.iter().any(|p| matches!(p, Reported::OwnAddress(t) if t.contains("192.168.0.77 is not an address of eth0"))));
+    assert!(table.0.borrow().peers.is_empty());
+    assert!(step(&mut r, events(vec![NodeEvent::Upsert(node("a", "10.244.1.0/24", [192, 168, 0, 1]))])).await);
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+    assert!(r.reported.is_empty());
+}
+
+#[tokio::test]
+async fn run_applies_what_the_source_sends_until_stopped() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    r.source.0.push_back(events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }]));
+    let stop = async { tokio::time::sleep(Duration::from_millis(50)).await };
+    r.run(stop).await.unwrap();
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+}
+
+#[tokio::test]
+async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    r.state.set_local(LocalSettings { direct_routing: true, ..local() }, &Paths::new());
+    step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await;
+    let b: Ipv4Network = "10.244.2.0/24".parse().unwrap();
+    assert_eq!(table.0.borrow().peers[&b].mode, ROUTE_MODE_DIRECT);
+    let kernel = |events: &[KernelEvent]| events.iter().copied().collect::<BTreeSet<_>>();
+
+    // A pod joined the bridge: the host enrols it; no peer changes.
+    r.handle_kernel_events(&kernel(&[KernelEvent::PodPortsChanged]));
+    assert_eq!(r.host.pod_network_changes, 1);
+    assert!(!r.reconcile(Instant::now()).await, "a new pod changes no peer");
+
+    // The bridge came back: a full reconcile, even with the same index.
+    let full = table.0.borrow().full_applies;
+    r.handle_kernel_events(&kernel(&[KernelEvent::PodBridgeChanged]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!((r.host.pod_network_changes, table.0.borrow().full_applies), (2, full + 1));
+    // Recreated under a new index: it reaches CONFIG.
+    r.host.bridge_ifindex = 7;
+    r.handle_kernel_events(&kernel(&[KernelEvent::PodBridgeChanged, KernelEvent::PodPortsChanged]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!((r.host.pod_network_changes, r.state.local().pod_bridge_ifindex), (3, 7));
+    assert_eq!(r.state.result().unwrap().config.pod_bridge_ifindex, 7);
+
+    // The underlay changed: paths asked again, the peer goes to VXLAN; the
+    // pod fast path is not asked.
+    r.underlay.path = UnderlayPath::Gateway(Ipv4Addr::new(192, 168, 0, 254));
+    r.handle_kernel_events(&kernel(&[KernelEvent::UnderlayChanged]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!(table.0.borrow().peers[&b].mode, ROUTE_MODE_VXLAN);
+    assert_eq!(r.host.pod_network_changes, 3);
+}
+
+#[tokio::test]
+async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop() {
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let bad = crate::etcd_source::LeaseError::NoPublicIp { key: "10.244.9.0-24".into() };
+    let snapshot = crate::etcd_source::Snapshot { nodes: three().iter().map(|n| (**n).clone()).collect(), invalid: vec![bad.clone()] };
+    sender.send(snapshot).await.unwrap();
+    let mut r = Reconciler::new(
+        local(),
+        sources::EtcdNodes::new(receiver),
+        FakeWriter::default(),
+        FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)] },
+        sources::LeasePublisher,
+        FakeHost::default(),
+        Arc::new(Metrics::new(std::path::Path::new("/nonexistent"))),
+    );
+    let SourceUpdate::Events(events) = r.source.next().await.unwrap() else { panic!("not events") };
+    let invalid = vec![InvalidNode { key: bad.to_string(), problem: bad.to_string() }];
+    assert_eq!(events, [NodeEvent::Resync { nodes: three(), invalid }]);
+
+    // The task gone (the receiver's only sender): the loop ends, as the
+    // agent did before the reconciler ("the etcd source stopped").
+    drop(sender);
+    let ended = tokio::time::timeout(Duration::from_secs(5), r.run(std::future::pending())).await.expect("the loop ended");
+    assert_eq!(ended.unwrap_err().to_string(), "the node source ended: the etcd source stopped");
+}
