@@ -34,6 +34,21 @@ pub struct ManifestSource {
     failing: bool,
 }
 
+/// A whole listing as one resync: the nodes, and each entry that did not
+/// translate as an invalid node keyed by its message (a listing names no
+/// object to key it by).
+fn resync<E: std::error::Error + 'static>(nodes: Vec<NodeInfo>, errors: &[E]) -> SourceUpdate {
+    let nodes = nodes.into_iter().map(Arc::new).collect();
+    let invalid = errors
+        .iter()
+        .map(|e| {
+            let problem = Chain(e).to_string();
+            InvalidNode { key: problem.clone(), problem }
+        })
+        .collect();
+    SourceUpdate::Events(vec![NodeEvent::Resync { nodes, invalid }])
+}
+
 impl ManifestSource {
     pub fn new(dir: ManifestDir) -> Self {
         Self { dir, poll: tokio::time::interval(POLL), failing: false }
@@ -47,16 +62,7 @@ impl NodeSource for ManifestSource {
             match self.dir.scan_if_changed() {
                 Ok(Some(scan)) => {
                     self.failing = false;
-                    let nodes = scan.nodes.into_iter().map(Arc::new).collect();
-                    let invalid = scan
-                        .errors
-                        .iter()
-                        .map(|e| {
-                            let problem = Chain(e).to_string();
-                            InvalidNode { key: problem.clone(), problem }
-                        })
-                        .collect();
-                    return Ok(SourceUpdate::Events(vec![NodeEvent::Resync { nodes, invalid }]));
+                    return Ok(resync(scan.nodes, &scan.errors));
                 }
                 Ok(None) if std::mem::take(&mut self.failing) => return Ok(SourceUpdate::Events(Vec::new())),
                 Ok(None) => {}
@@ -251,16 +257,7 @@ impl NodeSource for EtcdNodes {
         let Some(snapshot) = self.snapshots.recv().await else {
             return Err(SourceEnded("the etcd source stopped".to_owned()));
         };
-        let nodes = snapshot.nodes.into_iter().map(Arc::new).collect();
-        let invalid = snapshot
-            .invalid
-            .iter()
-            .map(|e| {
-                let problem = Chain(e).to_string();
-                InvalidNode { key: problem.clone(), problem }
-            })
-            .collect();
-        Ok(SourceUpdate::Events(vec![NodeEvent::Resync { nodes, invalid }]))
+        Ok(resync(snapshot.nodes, &snapshot.invalid))
     }
 }
 
