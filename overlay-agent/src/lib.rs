@@ -27,6 +27,8 @@ pub mod clsact;
 pub mod datapath;
 pub mod desired;
 pub mod etcd_source;
+#[cfg(test)]
+mod fixtures;
 pub mod foreign_vxlan;
 pub mod hook;
 pub mod iface;
