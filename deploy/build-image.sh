@@ -7,11 +7,11 @@
 # (default target/release/overlay-agent; build it first with
 # `cargo xtask build --release`) and the commands it runs — nft (the
 # masquerade table), iptables-nft and iptables-legacy (FORWARD accept
-# rules), ip and bridge (routes, the pod bridge's FDB) — each with the
-# shared libraries `ldd` names, copied from this machine (Debian) into
-# target/image/rootfs. deploy/Containerfile then copies that tree into an
-# image FROM scratch; .containerignore keeps the rest of the repository out
-# of the build context.
+# rules) — each with the shared libraries `ldd` names, copied from this
+# machine (Debian) into target/image/rootfs. (Routes, links and the pod
+# bridge's FDB go over rtnetlink: no ip or bridge.) deploy/Containerfile
+# then copies that tree into an image FROM scratch; .containerignore keeps
+# the rest of the repository out of the build context.
 #
 # Tag and push for a cluster (the DaemonSet in deploy/overlay.yaml names
 # the image in its `agent` and `uninstall` containers):
@@ -31,8 +31,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -x "$agent" ] || { echo "$agent: no agent binary; run \`cargo xtask build --release\` first" >&2; exit 1; }
-for tool in nft xtables-nft-multi xtables-legacy-multi ip bridge podman; do
-    command -v $tool >/dev/null || { echo "$tool not found: run \`cargo xtask setup\` (Debian: nftables, iptables, iproute2, podman)" >&2; exit 1; }
+for tool in nft xtables-nft-multi xtables-legacy-multi podman; do
+    command -v $tool >/dev/null || { echo "$tool not found: run \`cargo xtask setup\` (Debian: nftables, iptables, podman)" >&2; exit 1; }
 done
 
 stage=$root/target/image/rootfs
@@ -56,8 +56,7 @@ cp "$agent" "$stage/usr/local/bin/overlay-agent"
 strip "$stage/usr/local/bin/overlay-agent"
 copy_with_libs "$stage/usr/local/bin/overlay-agent"
 # ldd names the staged agent's libraries by their host paths: copy those.
-copy_with_libs "$(command -v nft)" "$(command -v xtables-nft-multi)" "$(command -v xtables-legacy-multi)" \
-    "$(command -v ip)" "$(command -v bridge)"
+copy_with_libs "$(command -v nft)" "$(command -v xtables-nft-multi)" "$(command -v xtables-legacy-multi)"
 xtables=$(dirname "$(ldd "$(command -v xtables-nft-multi)" | awk '/libxtables/ { print $3 }')")/xtables
 copy_with_libs "$xtables"/*.so
 # Cleaned paths: the stage's own copy of the agent is not a host path.

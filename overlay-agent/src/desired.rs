@@ -618,40 +618,10 @@ pub fn diff(applied: &BTreeMap<Ipv4Network, PeerState>, desired: &BTreeMap<Ipv4N
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn node(name: &str, cidr: &str, ip: [u8; 4]) -> NodeInfo {
-        NodeInfo {
-            name: name.into(),
-            pod_cidr: cidr.parse().unwrap(),
-            node_ip: ip.into(),
-            backend_type: None,
-            vni: None,
-            vtep_mac: None,
-            kube_subnet_managed: true,
-            internal_ip: Some(ip.into()),
-            public_ip_overwrite: None,
-        }
-    }
+    use crate::fixtures::{local, node};
 
     fn on_link(nodes: &[NodeInfo]) -> Paths {
         nodes.iter().map(|n| (n.node_ip, UnderlayPath::OnLink)).collect()
-    }
-
-    fn local() -> LocalSettings {
-        LocalSettings {
-            node_name: "a".into(),
-            backend: Backend::Vxlan,
-            direct_routing: false,
-            vni: 1,
-            vxlan_port: 8472,
-            underlay_ifindex: 2,
-            underlay_mtu: 1500,
-            pod_bridge_ifindex: 0,
-            pod_bridge_mac: [0; 6],
-            xdp_decap: false,
-            public_ip: None,
-            network: None,
-        }
     }
 
     #[test]

@@ -19,6 +19,31 @@
 //! attaches the eBPF programs underneath; [`kernel_events`] says when what
 //! the agent reads from the kernel (paths to the nodes, the pod bridge's
 //! ports) has changed.
+//!
+//! The rest, by concern. The datapath: [`object`] (the embedded eBPF
+//! object), [`hook`] (which decapsulation hook), [`clsact`] (TC filters on
+//! kernels without TCX), [`bpffs`] (the filesystem the pins live on). The
+//! kernel around it: [`rtnl`] (rtnetlink requests), [`iface`] (facts about
+//! the underlay interface), [`pod_ports`] (the pod bridge's ports, for the
+//! fast path), [`foreign_vxlan`] (kernel vxlan devices on our port),
+//! [`netfilter`] (masquerade and FORWARD rules). flannel's files:
+//! [`netconf`] (`net-conf.json`, `subnet.env`). Operating it: [`metrics`],
+//! [`server`] (`/healthz`, `/readyz`, `/metrics`), [`preflight`]
+//! (`kernel-check`), [`report`] (an error's causes on one line).
+//!
+//! Where things are handled, one file each:
+//!
+//! - a node event (a node added, changed, deleted or unreadable, from any
+//!   source): [`reconciler::Reconciler::handle_source`], in
+//!   `reconciler/mod.rs`;
+//! - a kernel event ([`kernel_events::KernelEvent`]: the underlay's paths,
+//!   the pod bridge, its ports): [`reconciler::Reconciler::handle_kernel_events`],
+//!   in the same file (what counts as one is decided in `kernel_events.rs`);
+//! - a drop reason: [`overlay_common::DropReason`], in
+//!   `overlay-common/src/lib.rs`, the one list of reasons with their labels
+//!   and meanings, which `inspect` and `/metrics` walk; the programs return
+//!   one from their `try_…` functions and `overlay-ebpf/src/main.rs` counts
+//!   it.
 
 pub mod apply;
 pub mod bpffs;
@@ -27,6 +52,8 @@ pub mod clsact;
 pub mod datapath;
 pub mod desired;
 pub mod etcd_source;
+#[cfg(test)]
+mod fixtures;
 pub mod foreign_vxlan;
 pub mod hook;
 pub mod iface;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use overlay_tests::{
     agent_binary,
+    etcd::Etcd,
     lab::{ETCD_PREFIX, Lab, LabSpec},
     require_root,
 };
@@ -17,8 +18,19 @@ fn etcd_lab(members: usize) -> Lab {
     Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
 }
 
+fn etcd(lab: &Lab) -> &Etcd {
+    lab.etcd.as_ref().expect("the lab's etcd")
+}
+
 fn lease_key(subnet: &str) -> String {
     format!("{ETCD_PREFIX}/subnets/{subnet}")
+}
+
+/// Writes a flanneld-format VXLAN lease for `subnet` (as flanneld names
+/// it: `10.244.9.0-24`) of a node at 192.168.77.99, which no lab node is.
+fn put_lease(lab: &Lab, subnet: &str, vtep_mac: &str, ttl: Option<Duration>) {
+    let value = format!(r#"{{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{vtep_mac}"}}}}"#);
+    etcd(lab).put(&lease_key(subnet), &value, ttl).unwrap();
 }
 
 /// Waits until `done` holds on every agent's `inspect`, or panics with the
@@ -37,7 +49,10 @@ fn wait_for_inspect(lab: &Lab, what: &str, done: impl Fn(&str) -> bool) {
     }
 }
 
-fn wait_for_routes_everywhere(lab: &mut Lab, count: usize) {
+/// Waits until every agent routes to the other lab nodes and to `leases`
+/// nodes that only have a lease.
+fn wait_for_peers_everywhere(lab: &mut Lab, leases: usize) {
+    let count = lab.nodes.len() - 1 + leases;
     for i in 0..lab.nodes.len() {
         lab.wait_for_routes(i, count, Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e}"));
     }
@@ -48,7 +63,7 @@ fn wait_for_routes_everywhere(lab: &mut Lab, count: usize) {
 fn agents_hold_flanneld_leases_and_reach_each_other() {
     require_root();
     let lab = etcd_lab(1);
-    let leases = lab.etcd.as_ref().unwrap().list(&format!("{ETCD_PREFIX}/subnets/")).unwrap();
+    let leases = etcd(&lab).list(&format!("{ETCD_PREFIX}/subnets/")).unwrap();
     assert_eq!(leases.len(), lab.nodes.len(), "{leases:#?}");
     for (i, node) in lab.nodes.iter().enumerate() {
         // The subnet of the node's subnet.env, reclaimed as flanneld does.
@@ -73,39 +88,32 @@ fn agents_hold_flanneld_leases_and_reach_each_other() {
 fn leases_added_changed_deleted_or_expired_change_the_peers() {
     require_root();
     let mut lab = etcd_lab(1);
-    let peers = lab.nodes.len() - 1;
-    let etcd = lab.etcd.as_ref().unwrap();
-    let lease = |mac: &str| format!(r#"{{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{{"VNI":1,"VtepMAC":"{mac}"}}}}"#);
 
-    etcd.put(&lease_key("10.244.9.0-24"), &lease("0a:fe:00:00:00:99"), None).unwrap();
-    wait_for_routes_everywhere(&mut lab, peers + 1);
+    put_lease(&lab, "10.244.9.0-24", "0a:fe:00:00:00:99", None);
+    wait_for_peers_everywhere(&mut lab, 1);
     wait_for_inspect(&lab, "added lease", |t| t.contains("0a:fe:00:00:00:99"));
 
-    let etcd = lab.etcd.as_ref().unwrap();
-    etcd.put(&lease_key("10.244.9.0-24"), &lease("0a:fe:00:00:00:98"), None).unwrap();
+    put_lease(&lab, "10.244.9.0-24", "0a:fe:00:00:00:98", None);
     wait_for_inspect(&lab, "changed VtepMAC", |t| t.contains("0a:fe:00:00:00:98") && !t.contains("0a:fe:00:00:00:99"));
 
-    let etcd = lab.etcd.as_ref().unwrap();
-    etcd.delete(&lease_key("10.244.9.0-24")).unwrap();
-    wait_for_routes_everywhere(&mut lab, peers);
+    etcd(&lab).delete(&lease_key("10.244.9.0-24")).unwrap();
+    wait_for_peers_everywhere(&mut lab, 0);
 
     // A lease with host bits is named in the log and skipped.
-    let etcd = lab.etcd.as_ref().unwrap();
-    etcd.put(&lease_key("10.244.10.5-24"), r#"{"PublicIP":"192.168.77.98","BackendType":"vxlan"}"#, None).unwrap();
+    etcd(&lab).put(&lease_key("10.244.10.5-24"), r#"{"PublicIP":"192.168.77.98","BackendType":"vxlan"}"#, None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !lab.agent_log(0).contains("10.244.10.5-24") {
         assert!(Instant::now() < deadline, "bad lease not reported:\n{}", lab.agent_log(0));
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(lab.agent_log(0).contains("use 10.244.10.0/24"), "{}", lab.agent_log(0));
-    assert_eq!(lab.agent_routes(0).len(), peers);
+    assert_eq!(lab.agent_routes(0).len(), lab.nodes.len() - 1);
 
     // A lease that is not renewed expires, and its peer goes.
-    let etcd = lab.etcd.as_ref().unwrap();
-    etcd.put(&lease_key("10.244.11.0-24"), &lease("0a:fe:00:00:00:97"), Some(Duration::from_secs(3))).unwrap();
-    wait_for_routes_everywhere(&mut lab, peers + 1);
+    put_lease(&lab, "10.244.11.0-24", "0a:fe:00:00:00:97", Some(Duration::from_secs(3)));
+    wait_for_peers_everywhere(&mut lab, 1);
     let added = Instant::now();
-    wait_for_routes_everywhere(&mut lab, peers);
+    wait_for_peers_everywhere(&mut lab, 0);
     eprintln!("expired lease's peer removed {:?} after it was seen", added.elapsed());
     let (checks, failures) = lab.check_all_pairs();
     assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
@@ -116,7 +124,6 @@ fn leases_added_changed_deleted_or_expired_change_the_peers() {
 fn an_etcd_outage_keeps_the_datapath_and_the_agents_resume() {
     require_root();
     let mut lab = etcd_lab(1);
-    let peers = lab.nodes.len() - 1;
     let (sent, received) = lab.ping_during(500, |lab| {
         lab.etcd.as_mut().unwrap().kill_member(0);
         std::thread::sleep(Duration::from_secs(3));
@@ -125,14 +132,13 @@ fn an_etcd_outage_keeps_the_datapath_and_the_agents_resume() {
     eprintln!("etcd restart: {sent} sent, {received} received");
     assert!(sent >= 400, "ping did not run: {sent}");
     assert_eq!(sent, received, "pings lost while etcd was down");
-    let etcd = lab.etcd.as_ref().unwrap();
-    etcd.wait_healthy(Duration::from_secs(20)).unwrap();
+    etcd(&lab).wait_healthy(Duration::from_secs(20)).unwrap();
     for i in 0..lab.nodes.len() {
         assert!(lab.agent_pid(i).is_some() && lab.agent_log(i).contains("etcd unreachable"), "node{}: {}", i + 1, lab.agent_log(i));
     }
     // The watches resumed: a lease written now reaches every agent.
-    etcd.put(&lease_key("10.244.9.0-24"), r#"{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:fe:00:00:00:99"}}"#, None).unwrap();
-    wait_for_routes_everywhere(&mut lab, peers + 1);
+    put_lease(&lab, "10.244.9.0-24", "0a:fe:00:00:00:99", None);
+    wait_for_peers_everywhere(&mut lab, 1);
 }
 
 #[test]
@@ -140,13 +146,11 @@ fn an_etcd_outage_keeps_the_datapath_and_the_agents_resume() {
 fn a_three_member_etcd_losing_one_member_changes_nothing() {
     require_root();
     let mut lab = etcd_lab(3);
-    let peers = lab.nodes.len() - 1;
     let (sent, received) = lab.ping_during(300, |lab| lab.etcd.as_mut().unwrap().kill_member(0));
     assert_eq!(sent, received, "pings lost when an etcd member died");
     // The quorum of two still serves, and the agents follow through it.
-    let etcd = lab.etcd.as_ref().unwrap();
-    etcd.put(&lease_key("10.244.9.0-24"), r#"{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:fe:00:00:00:99"}}"#, None).unwrap();
-    wait_for_routes_everywhere(&mut lab, peers + 1);
-    lab.etcd.as_ref().unwrap().delete(&lease_key("10.244.9.0-24")).unwrap();
-    wait_for_routes_everywhere(&mut lab, peers);
+    put_lease(&lab, "10.244.9.0-24", "0a:fe:00:00:00:99", None);
+    wait_for_peers_everywhere(&mut lab, 1);
+    etcd(&lab).delete(&lease_key("10.244.9.0-24")).unwrap();
+    wait_for_peers_everywhere(&mut lab, 0);
 }

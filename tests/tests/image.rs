@@ -1,6 +1,7 @@
 //! The agent's container image: built by `deploy/build-image.sh` from
-//! `deploy/Containerfile` with no registry, then run with podman as every
-//! agent of a lab, which must forward all pairs.
+//! `deploy/Containerfile` with no registry, holding the agent and the
+//! commands it runs and nothing more, then run with podman as every agent
+//! of a lab, which must forward all pairs.
 //!
 //! This machine's podman needs two things spelled out: runc (crun 1.8
 //! refuses this host's hybrid cgroup layout, "cgroups in hybrid mode not
@@ -44,6 +45,26 @@ fn the_image_builds_without_a_registry_and_runs_as_the_labs_agents() {
         .expect("running deploy/build-image.sh");
     let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "deploy/build-image.sh failed:\n{said}");
+    // The agent and the commands it runs (nft, iptables-nft and
+    // iptables-legacy), nothing more: routes, links and the pod bridge's
+    // FDB go over rtnetlink, so no ip or bridge.
+    let staged = root.join("target/image/rootfs");
+    let mut commands: Vec<String> = ["usr/local/bin", "usr/sbin", "usr/bin", "sbin", "bin"]
+        .into_iter()
+        .filter_map(|dir| std::fs::read_dir(staged.join(dir)).ok())
+        .flatten()
+        .map(|entry| entry.expect("a staged file").file_name().to_string_lossy().into_owned())
+        .collect();
+    commands.sort();
+    assert_eq!(
+        commands,
+        [
+            "iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save", "iptables-nft", "iptables-nft-restore",
+            "iptables-nft-save", "nft", "overlay-agent", "xtables-legacy-multi", "xtables-nft-multi",
+        ],
+        "the commands in {}",
+        staged.display()
+    );
     let size = Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", &image.0]).output().unwrap();
     eprintln!("image {} built: {} bytes (a debug agent, stripped)", image.0, String::from_utf8_lossy(&size.stdout).trim());
 

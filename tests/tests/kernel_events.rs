@@ -35,6 +35,11 @@ fn lab() -> Lab {
     Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
 }
 
+/// The pinned maps of node1's agent, where the test watches it react.
+fn node1_maps(lab: &Lab) -> DatapathMaps {
+    DatapathMaps::open(&lab.nodes[0].pin_root).expect("node1's pinned maps")
+}
+
 /// Polls until `done` holds; how long that took.
 fn time_until(what: &str, mut done: impl FnMut() -> bool) -> Duration {
     let started = Instant::now();
@@ -45,12 +50,23 @@ fn time_until(what: &str, mut done: impl FnMut() -> bool) -> Duration {
     started.elapsed()
 }
 
-/// Sorted copies of `samples`, and their median and maximum, in ms.
-fn summary(samples: &[Duration]) -> (Vec<f64>, f64, f64) {
-    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+/// How long the agent took to show one change: `change` makes it and
+/// returns when it started, then the test polls until `seen` holds.
+fn reaction(what: &str, change: impl FnOnce() -> Instant, seen: impl FnMut() -> bool) -> Duration {
+    let started = change();
+    time_until(what, seen);
+    started.elapsed()
+}
+
+/// Measures `count` reactions (`react(k)` makes the k-th change and says
+/// how long the agent took) and prints them as `what` over `count`
+/// `units`; returns them sorted, and their median and maximum, in ms.
+fn measure(what: &str, count: usize, units: &str, mut react: impl FnMut(usize) -> Duration) -> (Vec<f64>, f64, f64) {
+    let mut ms: Vec<f64> = (0..count).map(|k| react(k).as_secs_f64() * 1e3).collect();
     ms.sort_by(f64::total_cmp);
     let median = if ms.len().is_multiple_of(2) { (ms[ms.len() / 2 - 1] + ms[ms.len() / 2]) / 2.0 } else { ms[ms.len() / 2] };
     let max = *ms.last().expect("samples");
+    eprintln!("{what}: median {median:.1} ms, max {max:.1} ms over {} {units}: {ms:.1?}", ms.len());
     (ms, median, max)
 }
 
@@ -60,29 +76,28 @@ fn an_underlay_route_change_reaches_the_routes_map_at_once() {
     require_root();
     let lab = lab();
     let node1 = &lab.nodes[0];
-    let maps = DatapathMaps::open(&node1.pin_root).expect("node1's pinned maps");
+    let maps = node1_maps(&lab);
     let key = Key::new(24, [10, 244, 2, 0]);
     let next_hop = || maps.routes.get(&key, 0).map(|route| Ipv4Addr::from(route.next_hop)).ok();
     let (node2, node3) = (lab.nodes[1].ip, lab.nodes[2].ip);
     time_until("node2 on-link in ROUTES", || next_hop() == Some(node2));
     let to_node2 = format!("{node2}/32");
     let via_node3 = node3.to_string();
-    let mut samples = Vec::new();
-    for _ in 0..ROUNDS {
-        // node3 (which forwards) becomes the gateway toward node2, and goes
-        // again: the timer starts before `ip` does, so each figure also
-        // holds the command's own start-up.
+    // node3 (which forwards) becomes the gateway toward node2, and goes
+    // again: the timer starts before `ip` does, so each figure also holds
+    // the command's own start-up.
+    let ip = |args: &[&str]| {
         let started = Instant::now();
-        node1.ns.ip(&["route", "add", &to_node2, "via", &via_node3]);
-        time_until("the gateway in ROUTES", || next_hop() == Some(node3));
-        samples.push(started.elapsed());
-        let started = Instant::now();
-        node1.ns.ip(&["route", "del", &to_node2]);
-        time_until("node2 on-link again in ROUTES", || next_hop() == Some(node2));
-        samples.push(started.elapsed());
-    }
-    let (ms, median, max) = summary(&samples);
-    eprintln!("underlay route change -> ROUTES: median {median:.1} ms, max {max:.1} ms over {} changes: {ms:.1?}", ms.len());
+        node1.ns.ip(args);
+        started
+    };
+    let (ms, median, max) = measure("underlay route change -> ROUTES", 2 * ROUNDS, "changes", |k| {
+        if k % 2 == 0 {
+            reaction("the gateway in ROUTES", || ip(&["route", "add", &to_node2, "via", &via_node3]), || next_hop() == Some(node3))
+        } else {
+            reaction("node2 on-link again in ROUTES", || ip(&["route", "del", &to_node2]), || next_hop() == Some(node2))
+        }
+    });
     // An agent polling once a second has a median near 500 ms.
     assert!(median < 250.0 && max < 1000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
 }
@@ -93,10 +108,9 @@ fn a_new_pod_is_on_the_fast_path_at_once() {
     require_root();
     let lab = lab();
     let node1 = &lab.nodes[0];
-    let maps = DatapathMaps::open(&node1.pin_root).expect("node1's pinned maps");
+    let maps = node1_maps(&lab);
     let mut pods: Vec<NetNs> = Vec::new();
-    let mut samples = Vec::new();
-    for k in 0..PODS {
+    let (ms, median, max) = measure("new pod -> POD_PORTS, from its first frame", PODS, "pods", |k| {
         // As flannel's CNI plugin (the bridge plugin) sets a pod up, with
         // IPv6 off so that the pod says nothing before the test does.
         let pod = NetNs::new();
@@ -111,15 +125,14 @@ fn a_new_pod_is_on_the_fast_path_at_once() {
         time_until(&format!("{veth} forwarding in cni0"), || port_state(&node1.ns, &veth) == "forwarding");
         let ifindex = ifindex(&node1.ns, &veth);
         // The bridge learns the pod's MAC from its first frame.
-        let sent = send_frame(&pod, "eth0", mac);
-        time_until(&format!("{mac_text} behind {veth} in POD_PORTS"), || {
-            maps.pod_ports.get(&mac, 0).is_ok_and(|port| port.ifindex == ifindex)
-        });
-        samples.push(sent.elapsed());
+        let took = reaction(
+            &format!("{mac_text} behind {veth} in POD_PORTS"),
+            || send_frame(&pod, "eth0", mac),
+            || maps.pod_ports.get(&mac, 0).is_ok_and(|port| port.ifindex == ifindex),
+        );
         pods.push(pod);
-    }
-    let (ms, median, max) = summary(&samples);
-    eprintln!("new pod -> POD_PORTS, from its first frame: median {median:.1} ms, max {max:.1} ms over {} pods: {ms:.1?}", ms.len());
+        took
+    });
     // An agent reading the bridge every 5 s takes up to 5 s.
     assert!(max < 1000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
 }

@@ -6,7 +6,8 @@
 //!   and load.rs and packets.rs on Debian's 6.1 kernel under QEMU.
 //! - `fuzz`: the adversarial suite at full size (`tests/tests/fuzz.rs`).
 //! - `lab`: setup, build, then the multi-node lab (see `tests/src/lab.rs`).
-//! - `bench`: setup, release build, then the benchmark (`tests/src/bench.rs`).
+//! - `bench`: setup, release build, then the benchmark (`tests/src/bench.rs`
+//!   and its modules in `tests/src/bench/`).
 //! - `vmtest`: the privileged integration tests on other kernels, under QEMU.
 //! - `lint`: clippy over the user-space crates.
 //! - `run`: build, then run the agent with the given arguments.

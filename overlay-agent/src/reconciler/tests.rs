@@ -13,7 +13,10 @@ use std::{
 use ipnetwork::Ipv4Network;
 
 use super::*;
-use crate::desired::{Backend, PeerState, UnderlayPath, diff, Change};
+use crate::{
+    desired::{Change, PeerState, UnderlayPath, diff},
+    fixtures::{self, local},
+};
 
 #[derive(Default)]
 struct FakeSource(VecDeque<SourceUpdate>);
@@ -126,35 +129,9 @@ impl Host for FakeHost {
 
 type Loop = Reconciler<FakeSource, FakeWriter, FakeUnderlay, FakePublisher, FakeHost>;
 
+/// [`fixtures::node`] behind an `Arc`, as the node sources hand nodes on.
 fn node(name: &str, cidr: &str, ip: [u8; 4]) -> Arc<NodeInfo> {
-    Arc::new(NodeInfo {
-        name: name.into(),
-        pod_cidr: cidr.parse().unwrap(),
-        node_ip: ip.into(),
-        backend_type: None,
-        vni: None,
-        vtep_mac: None,
-        kube_subnet_managed: true,
-        internal_ip: Some(ip.into()),
-        public_ip_overwrite: None,
-    })
-}
-
-fn local() -> LocalSettings {
-    LocalSettings {
-        node_name: "a".into(),
-        backend: Backend::Vxlan,
-        direct_routing: false,
-        vni: 1,
-        vxlan_port: 8472,
-        underlay_ifindex: 2,
-        underlay_mtu: 1500,
-        pod_bridge_ifindex: 0,
-        pod_bridge_mac: [0; 6],
-        xdp_decap: false,
-        public_ip: None,
-        network: None,
-    }
+    Arc::new(fixtures::node(name, cidr, ip))
 }
 
 fn new_loop(table: &FakeWriter) -> Loop {

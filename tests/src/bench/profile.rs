@@ -18,7 +18,11 @@ use std::{
 
 use inferno::collapse::{Collapse as _, perf};
 
-use super::{Config, Endpoints, IPERF3_PORT, Variant, check_interrupted, ping, server, start_labs, subjects, tool};
+use super::{
+    Config, Variant, check_interrupted,
+    measurement::{Endpoints, IPERF3_PORT, loadavg, ping, server, tool},
+    variants::{start_labs, subjects},
+};
 use crate::lab::Underlay;
 
 /// What `--profile` covers besides any `--variants`: the baseline and our
@@ -123,7 +127,7 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
             return Err(format!("{} on the {} underlay: {} cannot reach {}", v.key(), underlay.key(), ends.client, ends.server_ip));
         }
     }
-    let load_before = super::loadavg();
+    let load_before = loadavg();
     let mut profiles = Vec::new();
     for (underlay, variant, ends) in &subjects {
         check_interrupted(config)?;
@@ -152,7 +156,7 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
         profiles.push(profile);
     }
     drop(labs);
-    let summary = render_summary(&profiles, config, &load_before, &super::loadavg());
+    let summary = render_summary(&profiles, config, &load_before, &loadavg());
     std::fs::write(out.join("summary.md"), summary).map_err(|e| format!("writing summary.md: {e}"))?;
     Ok(profiles.len())
 }
