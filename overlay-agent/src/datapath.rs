@@ -350,7 +350,15 @@ impl Datapath {
                 let keep: Vec<LinkRole> = if other == iface {
                     keep_here.clone()
                 } else if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
-                    vec![LinkRole::PodFastPath]
+                    // The bridge has the fast path's filter; a pod's veth
+                    // also the one recording what the kernel delivers to
+                    // its pod (the filter that keeps DNATed replies on the
+                    // kernel's path), which must not lapse until the
+                    // fast path's sync attaches it again.
+                    [LinkRole::PodFastPath, LinkRole::PodDelivered]
+                        .into_iter()
+                        .filter(|role| self.layout.link(&other, *role).exists())
+                        .collect()
                 } else {
                     Vec::new()
                 };
@@ -401,13 +409,13 @@ impl Datapath {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
-        if KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0)) {
+        if needs_clsact() {
             let _ = tc::qdisc_add_clsact(iface);
         }
         let delivered = self.attach_role(iface, LinkRole::PodDelivered, DecapHook::TcIngress)?;
         self.attach_role(iface, LinkRole::PodFastPath, DecapHook::TcIngress).inspect_err(|_| {
             if delivered == LinkOutcome::Attached {
-                let _ = fs::remove_file(self.layout.link(iface, LinkRole::PodDelivered));
+                self.undo_fresh(iface, LinkRole::PodDelivered);
             }
         })
     }
@@ -439,9 +447,7 @@ impl Datapath {
                 Ok(()) => return Ok(LinkOutcome::Swapped),
                 // The interface was recreated (ENOLINK) or the pin is not a
                 // link of this kind: it holds nothing worth keeping.
-                Err(err) if swap_failure_is_stale(&err) => {
-                    fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
-                }
+                Err(err) if swap_failure_is_stale(&err) => remove_pin(&pin)?,
                 Err(err) => return Err(err),
             }
         }
@@ -530,8 +536,7 @@ impl Datapath {
     /// Undoes a fresh attachment: its pin (or clsact marker) and, before
     /// TCX, its filter.
     fn undo_fresh(&self, iface: &str, role: LinkRole) {
-        let pin = self.layout.link(iface, role);
-        let _ = if pin.is_dir() { fs::remove_dir(&pin) } else { fs::remove_file(&pin) };
+        let _ = remove_pin(&self.layout.link(iface, role));
         if role != LinkRole::DecapXdp && needs_clsact() {
             let direction = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) { clsact::Direction::Egress } else { clsact::Direction::Ingress };
             if let Some(ifindex) = crate::iface::interface_index(iface) {
