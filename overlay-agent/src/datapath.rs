@@ -128,6 +128,19 @@ pub enum DatapathError {
         #[source]
         source: LinkError,
     },
+    #[error(
+        "{program} is no longer attached to {iface} (detached by someone, or the interface was recreated); \
+         restart the agent, which attaches it again"
+    )]
+    NotAttached { program: &'static str, iface: String },
+    #[error("interface {0:?} the datapath was attached to is gone; restart the agent once it is back")]
+    InterfaceGone(String),
+    #[error("asking the kernel what is attached to {iface}")]
+    Query {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the clsact filters of {iface}")]
     Clsact {
         iface: String,
@@ -542,6 +555,52 @@ impl Datapath {
             if let Some(ifindex) = crate::iface::interface_index(iface) {
                 let _ = clsact::delete(ifindex, direction, clsact::priority(role), clsact::FILTER_HANDLE);
             }
+        }
+    }
+
+    /// Whether this agent's programs still serve `iface` as
+    /// [`Self::attach`] left them: encapsulation at TC egress and
+    /// decapsulation at `hook`, each running the program this agent loaded
+    /// (before 6.6, our filter at its priority with our program's name).
+    /// The error names what is missing.
+    pub fn check_attached(&self, iface: &str, hook: DecapHook) -> Result<(), DatapathError> {
+        let ifindex = crate::iface::interface_index(iface).ok_or_else(|| DatapathError::InterfaceGone(iface.to_owned()))?;
+        let decap = match hook {
+            DecapHook::Xdp(_) => LinkRole::DecapXdp,
+            DecapHook::TcIngress => LinkRole::DecapTc,
+        };
+        let query_err = |source| DatapathError::Query { iface: iface.to_owned(), source };
+        for role in [LinkRole::TcEgress, decap] {
+            let program = role_program(role);
+            let ours = self.program_id(program).ok_or(DatapathError::MissingProgram(program))?;
+            let attached = match role {
+                LinkRole::DecapXdp => crate::iface::xdp_program_id(iface).map_err(query_err)? == Some(ours),
+                _ if needs_clsact() => {
+                    let direction = if role == LinkRole::TcEgress { clsact::Direction::Egress } else { clsact::Direction::Ingress };
+                    clsact::filters(ifindex, direction)
+                        .map_err(|source| DatapathError::Clsact { iface: iface.to_owned(), source })?
+                        .iter()
+                        .any(|f| f.priority == clsact::priority(role) && f.handle == clsact::FILTER_HANDLE && f.name.as_deref() == Some(program))
+                }
+                _ => {
+                    let side = if role == LinkRole::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
+                    let (_, programs) = SchedClassifier::query_tcx(iface, side).map_err(|e| query_err(io::Error::other(e)))?;
+                    programs.iter().any(|p| p.id() == ours)
+                }
+            };
+            if !attached {
+                return Err(DatapathError::NotAttached { program, iface: iface.to_owned() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's id of one of our loaded programs.
+    fn program_id(&self, name: &str) -> Option<u32> {
+        match self.ebpf.program(name)? {
+            Program::SchedClassifier(p) => p.info().ok().map(|i| i.id()),
+            Program::Xdp(p) => p.info().ok().map(|i| i.id()),
+            _ => None,
         }
     }
 

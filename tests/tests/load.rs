@@ -437,3 +437,41 @@ fn a_restart_keeps_each_pod_veth_attachment_once() {
     assert_eq!(restarted.attach_pod_port("pv0").expect("attaching to the pod's veth again"), LinkOutcome::Swapped);
     assert_eq!(on_veth(), ids(&restarted), "after the restart: exactly the new agent's programs, once each side:\n{}", filters());
 }
+
+/// What the agent's Node condition follows: whether its programs still
+/// serve the underlay. Attached, they do; one detached by someone else
+/// (before 6.6 its filter deleted, with TCX its link unpinned), or the
+/// interface gone, and the check says which.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn the_attachment_check_sees_a_program_detached_behind_the_agents_back() {
+    require_root();
+    let ns = NetNs::new();
+    ns.veth_pair("ul0", "ul1");
+    let pins = PinDir::new();
+    let layout = PinLayout::new(pins.path());
+    let _inside = ns.enter();
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    for hook in [DecapHook::TcIngress, DecapHook::Xdp(XdpMode::Skb)] {
+        datapath.attach("ul0", hook, false).expect("attaching");
+        datapath.check_attached("ul0", hook).unwrap_or_else(|e| panic!("{hook:?}: attached, yet: {}", overlay_agent::report::Chain(&e)));
+    }
+    let hook = DecapHook::Xdp(XdpMode::Skb);
+    if clsact_kernel() {
+        overlay_tests::run("tc", &["filter", "del", "dev", "ul0", "egress"]);
+    } else {
+        std::fs::remove_file(layout.link("ul0", LinkRole::TcEgress)).unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut checked = datapath.check_attached("ul0", hook);
+    while checked.is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        checked = datapath.check_attached("ul0", hook);
+    }
+    match checked {
+        Err(DatapathError::NotAttached { program, ref iface }) => assert_eq!((program, iface.as_str()), (program_names::TC_EGRESS, "ul0")),
+        other => panic!("the egress program was detached, yet: {other:?}"),
+    }
+    ns.ip(&["link", "del", "ul0"]);
+    assert!(matches!(datapath.check_attached("ul0", hook), Err(DatapathError::InterfaceGone(_))));
+}
