@@ -40,6 +40,11 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     Routes(#[from] RouteError),
+    #[error("reading which routes the previous map layout recorded")]
+    Record {
+        #[source]
+        source: crate::maps::MapsError,
+    },
 }
 
 /// What one [`Applier::apply`] did.
@@ -64,7 +69,15 @@ pub struct Applier {
 
 impl Applier {
     /// Takes over the maps as they are pinned (possibly from an earlier run)
-    /// and removes kernel routes of ours that no map entry accounts for.
+    /// and removes the kernel routes this root's agent installed that no
+    /// map entry accounts for any more.
+    ///
+    /// The routes' protocol number alone does not make a route ours:
+    /// another agent with another pin root in this namespace (a lab, a
+    /// test) or another tool may use it too. Only a route whose destination
+    /// is recorded in this root's `ROUTES` maps is ours: the current
+    /// layout's entries are kept (`applied`), and the older layouts' (an
+    /// upgrade) name the routes to remove, as `cleanup` does.
     pub fn new(mut maps: DatapathMaps, iface: &str) -> Result<Self, ApplyError> {
         let mut applied = BTreeMap::new();
         for entry in maps.routes.iter() {
@@ -83,7 +96,17 @@ impl Applier {
             applied.insert(cidr, peer);
         }
         forget_orphaned_peers(&mut maps, &applied)?;
-        let stale: Vec<Ipv4Network> = routes::owned()?.into_iter().filter(|c| !applied.contains_key(c)).collect();
+        let recorded: BTreeSet<Ipv4Network> = maps
+            .older_layouts_route_destinations()
+            .map_err(|source| ApplyError::Record { source })?
+            .into_iter()
+            .filter(|c| !applied.contains_key(c))
+            .collect();
+        let stale: Vec<Ipv4Network> = if recorded.is_empty() {
+            Vec::new()
+        } else {
+            routes::with_our_protocol()?.into_iter().filter(|c| recorded.contains(c)).collect()
+        };
         if let Some((cidr, reason)) = routes::remove_all(&stale)?.into_iter().next() {
             return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }

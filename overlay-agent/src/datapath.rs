@@ -128,6 +128,19 @@ pub enum DatapathError {
         #[source]
         source: LinkError,
     },
+    #[error(
+        "{program} is no longer attached to {iface} (detached by someone, or the interface was recreated); \
+         restart the agent, which attaches it again"
+    )]
+    NotAttached { program: &'static str, iface: String },
+    #[error("interface {0:?} the datapath was attached to is gone; restart the agent once it is back")]
+    InterfaceGone(String),
+    #[error("asking the kernel what is attached to {iface}")]
+    Query {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the clsact filters of {iface}")]
     Clsact {
         iface: String,
@@ -350,7 +363,15 @@ impl Datapath {
                 let keep: Vec<LinkRole> = if other == iface {
                     keep_here.clone()
                 } else if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
-                    vec![LinkRole::PodFastPath]
+                    // The bridge has the fast path's filter; a pod's veth
+                    // also the one recording what the kernel delivers to
+                    // its pod (the filter that keeps DNATed replies on the
+                    // kernel's path), which must not lapse until the
+                    // fast path's sync attaches it again.
+                    [LinkRole::PodFastPath, LinkRole::PodDelivered]
+                        .into_iter()
+                        .filter(|role| self.layout.link(&other, *role).exists())
+                        .collect()
                 } else {
                     Vec::new()
                 };
@@ -401,13 +422,13 @@ impl Datapath {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
-        if KernelVersion::current().map_or(true, |v| v < KernelVersion::new(6, 6, 0)) {
+        if needs_clsact() {
             let _ = tc::qdisc_add_clsact(iface);
         }
         let delivered = self.attach_role(iface, LinkRole::PodDelivered, DecapHook::TcIngress)?;
         self.attach_role(iface, LinkRole::PodFastPath, DecapHook::TcIngress).inspect_err(|_| {
             if delivered == LinkOutcome::Attached {
-                let _ = fs::remove_file(self.layout.link(iface, LinkRole::PodDelivered));
+                self.undo_fresh(iface, LinkRole::PodDelivered);
             }
         })
     }
@@ -439,9 +460,7 @@ impl Datapath {
                 Ok(()) => return Ok(LinkOutcome::Swapped),
                 // The interface was recreated (ENOLINK) or the pin is not a
                 // link of this kind: it holds nothing worth keeping.
-                Err(err) if swap_failure_is_stale(&err) => {
-                    fs::remove_file(&pin).map_err(|source| DatapathError::Unpin { path: pin.clone(), source })?;
-                }
+                Err(err) if swap_failure_is_stale(&err) => remove_pin(&pin)?,
                 Err(err) => return Err(err),
             }
         }
@@ -530,13 +549,58 @@ impl Datapath {
     /// Undoes a fresh attachment: its pin (or clsact marker) and, before
     /// TCX, its filter.
     fn undo_fresh(&self, iface: &str, role: LinkRole) {
-        let pin = self.layout.link(iface, role);
-        let _ = if pin.is_dir() { fs::remove_dir(&pin) } else { fs::remove_file(&pin) };
+        let _ = remove_pin(&self.layout.link(iface, role));
         if role != LinkRole::DecapXdp && needs_clsact() {
             let direction = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) { clsact::Direction::Egress } else { clsact::Direction::Ingress };
             if let Some(ifindex) = crate::iface::interface_index(iface) {
                 let _ = clsact::delete(ifindex, direction, clsact::priority(role), clsact::FILTER_HANDLE);
             }
+        }
+    }
+
+    /// Whether this agent's programs still serve `iface` as
+    /// [`Self::attach`] left them: encapsulation at TC egress and
+    /// decapsulation at `hook`, each running the program this agent loaded
+    /// (before 6.6, our filter at its priority with our program's name).
+    /// The error names what is missing.
+    pub fn check_attached(&self, iface: &str, hook: DecapHook) -> Result<(), DatapathError> {
+        let ifindex = crate::iface::interface_index(iface).ok_or_else(|| DatapathError::InterfaceGone(iface.to_owned()))?;
+        let decap = match hook {
+            DecapHook::Xdp(_) => LinkRole::DecapXdp,
+            DecapHook::TcIngress => LinkRole::DecapTc,
+        };
+        let query_err = |source| DatapathError::Query { iface: iface.to_owned(), source };
+        for role in [LinkRole::TcEgress, decap] {
+            let program = role_program(role);
+            let ours = self.program_id(program).ok_or(DatapathError::MissingProgram(program))?;
+            let attached = match role {
+                LinkRole::DecapXdp => crate::iface::xdp_program_id(iface).map_err(query_err)? == Some(ours),
+                _ if needs_clsact() => {
+                    let direction = if role == LinkRole::TcEgress { clsact::Direction::Egress } else { clsact::Direction::Ingress };
+                    clsact::filters(ifindex, direction)
+                        .map_err(|source| DatapathError::Clsact { iface: iface.to_owned(), source })?
+                        .iter()
+                        .any(|f| f.priority == clsact::priority(role) && f.handle == clsact::FILTER_HANDLE && f.name.as_deref() == Some(program))
+                }
+                _ => {
+                    let side = if role == LinkRole::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
+                    let (_, programs) = SchedClassifier::query_tcx(iface, side).map_err(|e| query_err(io::Error::other(e)))?;
+                    programs.iter().any(|p| p.id() == ours)
+                }
+            };
+            if !attached {
+                return Err(DatapathError::NotAttached { program, iface: iface.to_owned() });
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel's id of one of our loaded programs.
+    fn program_id(&self, name: &str) -> Option<u32> {
+        match self.ebpf.program(name)? {
+            Program::SchedClassifier(p) => p.info().ok().map(|i| i.id()),
+            Program::Xdp(p) => p.info().ok().map(|i| i.id()),
+            _ => None,
         }
     }
 

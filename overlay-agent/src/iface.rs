@@ -145,12 +145,27 @@ pub fn ipv4_addresses(iface: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {
 /// Whether an XDP program is attached to the interface (what `ip link`
 /// shows as `xdp`), asked of the kernel over rtnetlink.
 pub fn has_xdp_program(iface: &str) -> io::Result<bool> {
+    Ok(xdp_attached(&link_named(iface)?))
+}
+
+/// The id of the XDP program attached to `iface`, if any (`IFLA_XDP_PROG_ID`).
+pub fn xdp_program_id(iface: &str) -> io::Result<Option<u32>> {
+    Ok(link_named(iface)?.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+            LinkXdp::ProgId(id) if *id != 0 => Some(*id),
+            _ => None,
+        }),
+        _ => None,
+    }))
+}
+
+/// The kernel's description of the interface `iface`, over rtnetlink.
+fn link_named(iface: &str) -> io::Result<LinkMessage> {
     let links = Rtnl::open().and_then(|mut rtnl| rtnl.links()).map_err(io::Error::other)?;
-    let link = links
-        .iter()
+    links
+        .into_iter()
         .find(|link| link.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(name) if name == iface)))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {iface} in this network namespace")))?;
-    Ok(xdp_attached(link))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {iface} in this network namespace")))
 }
 
 /// Whether a link's `IFLA_XDP` says a program is attached in any mode.

@@ -23,6 +23,8 @@ pub const FIELD_MANAGER: &str = "overlay-agent";
 /// The condition's reason once our datapath is up (flannel's is
 /// `FlannelIsUp`).
 pub const NETWORK_UP_REASON: &str = "OverlayIsUp";
+/// The condition's reason once our datapath no longer serves.
+pub const NETWORK_DOWN_REASON: &str = "OverlayIsDown";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeSourceError {
@@ -203,16 +205,25 @@ impl Publisher {
             .map(drop)
     }
 
-    /// Sets `NetworkUnavailable=False` on our Node, as flannel does once its
-    /// network is up. A strategic merge keyed by condition type leaves
+    /// Sets our Node's `NetworkUnavailable` condition: `False` once the
+    /// network is up, as flannel does, `True` with `problem` when it no
+    /// longer is. A strategic merge keyed by condition type leaves
     /// kubelet's conditions alone.
-    pub async fn network_available(&self) -> Result<(), kube::Error> {
+    pub async fn set_network_condition(&self, condition: NetworkCondition, problem: Option<&str>) -> Result<(), kube::Error> {
         let now = k8s_openapi::jiff::Timestamp::now().to_string();
+        let (status, reason, message) = match condition {
+            NetworkCondition::Available => ("False", NETWORK_UP_REASON, "overlay agent has programmed this node's datapath".to_owned()),
+            NetworkCondition::Unavailable => (
+                "True",
+                NETWORK_DOWN_REASON,
+                format!("overlay agent's datapath does not serve this node: {}", problem.unwrap_or("unknown")),
+            ),
+        };
         let patch = serde_json::json!({"status": {"conditions": [{
             "type": "NetworkUnavailable",
-            "status": "False",
-            "reason": NETWORK_UP_REASON,
-            "message": "overlay agent has programmed this node's datapath",
+            "status": status,
+            "reason": reason,
+            "message": message,
             "lastTransitionTime": now,
             "lastHeartbeatTime": now,
         }]}});
@@ -241,14 +252,36 @@ impl Publisher {
     }
 }
 
-/// Whether `node` already says `NetworkUnavailable=False` for our reason.
-pub fn network_marked_available(node: &Node) -> bool {
-    node.status
+/// What our Node's `NetworkUnavailable` condition is to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkCondition {
+    /// `False`: the network is up.
+    Available,
+    /// `True`: it is not.
+    Unavailable,
+}
+
+/// The `NetworkUnavailable` condition to write on `node` for a network
+/// that is up (`network_up`) or not, if it does not say so already: up,
+/// unless it says `False` for our reason; down, only where it says the
+/// network is available (a condition never set, or set `True` by anyone,
+/// is left as it is).
+pub fn network_condition_update(node: &Node, network_up: bool) -> Option<NetworkCondition> {
+    let condition = node
+        .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .into_iter()
         .flatten()
-        .any(|c| c.type_ == "NetworkUnavailable" && c.status == "False" && c.reason.as_deref() == Some(NETWORK_UP_REASON))
+        .find(|c| c.type_ == "NetworkUnavailable");
+    let says_available = condition.is_some_and(|c| c.status == "False");
+    let ours = condition.is_some_and(|c| c.reason.as_deref() == Some(NETWORK_UP_REASON));
+    match (network_up, says_available) {
+        (true, true) if ours => None,
+        (true, _) => Some(NetworkCondition::Available),
+        (false, true) => Some(NetworkCondition::Unavailable),
+        (false, false) => None,
+    }
 }
 
 #[cfg(test)]
@@ -298,6 +331,29 @@ mod tests {
         assert!(cache.handle(watcher::Event::Delete(node("b", "10.244.2.0/24", "192.168.0.9", "2026-01-01T00:00:30Z"))));
         assert!(!cache.handle(watcher::Event::Delete(node("b", "10.244.2.0/24", "192.168.0.9", "2026-01-01T00:00:30Z"))));
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn the_network_condition_follows_the_datapath_and_leaves_others_alone() {
+        let with = |condition: Option<(&str, &str)>| {
+            let mut n = node("a", "10.244.1.0/24", "192.168.0.1", "2026-01-01T00:00:00Z");
+            if let Some((status, reason)) = condition {
+                let c = serde_json::from_value(serde_json::json!({"type": "NetworkUnavailable", "status": status, "reason": reason})).unwrap();
+                n.status.as_mut().unwrap().conditions.as_mut().unwrap().push(c);
+            }
+            n
+        };
+        let up = |n: &Node| network_condition_update(n, true);
+        let down = |n: &Node| network_condition_update(n, false);
+        assert_eq!(up(&with(None)), Some(NetworkCondition::Available));
+        assert_eq!(up(&with(Some(("True", "NoRouteCreated")))), Some(NetworkCondition::Available));
+        assert_eq!(up(&with(Some(("False", "FlannelIsUp")))), Some(NetworkCondition::Available), "ours replaces flannel's");
+        assert_eq!(up(&with(Some(("False", NETWORK_UP_REASON)))), None, "already said");
+        assert_eq!(down(&with(Some(("False", NETWORK_UP_REASON)))), Some(NetworkCondition::Unavailable));
+        assert_eq!(down(&with(Some(("False", "FlannelIsUp")))), Some(NetworkCondition::Unavailable), "no longer true");
+        assert_eq!(down(&with(None)), None, "never said available");
+        assert_eq!(down(&with(Some(("True", NETWORK_DOWN_REASON)))), None, "already said");
+        assert_eq!(down(&with(Some(("True", "NoRouteCreated")))), None);
     }
 
     #[test]

@@ -59,7 +59,7 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         println!("no ROUTES map under {}: no route can be told to be this root's, so none is removed", root.display());
         Vec::new()
     };
-    let installed: Vec<_> = routes::owned().context("listing the agent's routes")?.into_iter().filter(|c| ours.contains(c)).collect();
+    let installed: Vec<_> = routes::with_our_protocol().context("listing the agent's routes")?.into_iter().filter(|c| ours.contains(c)).collect();
     if let Some((cidr, refused)) = routes::remove_all(&installed).context("removing the agent's routes")?.into_iter().next() {
         anyhow::bail!("removing the route to {cidr}: {refused}");
     }

@@ -19,6 +19,8 @@ pub enum MapsError {
 }
 
 pub struct DatapathMaps {
+    /// Where they are pinned.
+    layout: PinLayout,
     pub config: Array<MapData, Config>,
     pub peers: HashMap<MapData, [u8; 4], Peer>,
     pub routes: LpmTrie<MapData, [u8; 4], Route>,
@@ -37,6 +39,7 @@ impl DatapathMaps {
             T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
         }
         Ok(Self {
+            layout: layout.clone(),
             config: open(layout, map_names::CONFIG)?,
             peers: open(layout, map_names::PEERS)?,
             routes: open(layout, map_names::ROUTES)?,
@@ -48,15 +51,28 @@ impl DatapathMaps {
     /// The pod CIDRs in the `ROUTES` map pinned under `root`: the
     /// destinations of the kernel routes that agent installed.
     pub fn route_destinations(root: &Path) -> Result<Vec<ipnetwork::Ipv4Network>, MapsError> {
-        let path = PinLayout::new(root).map(map_names::ROUTES);
-        let err = |source| MapsError::Open { path: path.clone(), source };
-        let data = MapData::from_pin(&path).map_err(err)?;
-        let routes: LpmTrie<MapData, [u8; 4], Route> = LpmTrie::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?;
-        Ok(routes
-            .keys()
-            .filter_map(Result::ok)
-            .filter_map(|key| ipnetwork::Ipv4Network::new(key.data().into(), key.prefix_len() as u8).ok())
-            .collect())
+        route_destinations_at(&PinLayout::new(root).map(map_names::ROUTES))
+    }
+
+    /// The pod CIDRs in the `ROUTES` maps of the older map layouts still
+    /// pinned beside these maps (an upgraded agent's first start, before
+    /// attaching removes them): the destinations of the kernel routes the
+    /// previous agent installed. A layout whose `ROUTES` has another shape
+    /// tells nothing.
+    pub fn older_layouts_route_destinations(&self) -> Result<Vec<ipnetwork::Ipv4Network>, MapsError> {
+        let mut destinations = Vec::new();
+        for dir in self.layout.stale_map_dirs() {
+            let path = dir.join(map_names::ROUTES);
+            if !path.exists() {
+                continue;
+            }
+            match route_destinations_at(&path) {
+                Ok(found) => destinations.extend(found),
+                Err(MapsError::Open { source: MapError::InvalidKeySize { .. } | MapError::InvalidValueSize { .. } | MapError::InvalidMapType { .. }, .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(destinations)
     }
 
     /// Every counter and drop reason, summed over all CPUs.
@@ -69,4 +85,16 @@ impl DatapathMaps {
         }
         Ok(totals)
     }
+}
+
+/// The keys of the `ROUTES` map pinned at `path`, as CIDRs.
+fn route_destinations_at(path: &Path) -> Result<Vec<ipnetwork::Ipv4Network>, MapsError> {
+    let err = |source| MapsError::Open { path: path.to_owned(), source };
+    let data = MapData::from_pin(path).map_err(err)?;
+    let routes: LpmTrie<MapData, [u8; 4], Route> = LpmTrie::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?;
+    Ok(routes
+        .keys()
+        .filter_map(Result::ok)
+        .filter_map(|key| ipnetwork::Ipv4Network::new(key.data().into(), key.prefix_len() as u8).ok())
+        .collect())
 }

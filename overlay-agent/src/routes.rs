@@ -10,8 +10,10 @@
 //! - Peers host-gw cannot reach: `unreachable <podCIDR>`, so senders get
 //!   an ICMP error instead of a black hole.
 //!
-//! Our routes carry their own protocol number, so stale ones are found
-//! after a restart.
+//! Our routes carry their own protocol number, which sets them apart from
+//! the kernel's and most tools' routes; which of them are this agent's is
+//! recorded in its pinned `ROUTES` map (another agent with another pin
+//! root, or another tool, may use the same number).
 //!
 //! Routes are listed, looked up, added and removed over rtnetlink
 //! ([`crate::rtnl`]), in the agent's network namespace: no process is
@@ -33,7 +35,7 @@ use crate::{
     rtnl::{Answer, Refused, Rtnl, RtnlError},
 };
 
-/// `proto` of the routes we own (`ip route show proto 157`).
+/// `proto` of the routes we install (`ip route show proto 157`).
 pub const ROUTE_PROTO: &str = "157";
 /// The same, as netlink carries it.
 pub const ROUTE_PROTO_ID: u8 = 157;
@@ -171,9 +173,12 @@ fn path_of(route: &RouteMessage, ifindex: Option<u32>) -> UnderlayPath {
     }
 }
 
-/// Destinations of every route we own: the main table's IPv4 routes of
-/// our protocol (as `ip route show proto 157`).
-pub fn owned() -> Result<Vec<Ipv4Network>, RouteError> {
+/// Destinations of the main table's IPv4 routes of our protocol (as `ip
+/// route show proto 157`). Not all ours: another agent's in the same
+/// namespace (another pin root) or another tool's carry the same number,
+/// so callers remove only those whose destination their own root
+/// recorded (its `ROUTES` maps).
+pub fn with_our_protocol() -> Result<Vec<Ipv4Network>, RouteError> {
     let routes = Rtnl::open()?.routes()?;
     Ok(routes.iter().filter(|route| is_ours_in_main(route)).filter_map(destination).collect())
 }
@@ -238,7 +243,7 @@ mod tests {
         let routes = Rtnl::open().unwrap().routes().unwrap();
         assert!(routes.iter().all(|r| r.header.address_family == AddressFamily::Inet));
         assert!(routes.iter().any(|r| r.header.table == 255), "the local table lists loopback");
-        owned().unwrap();
+        with_our_protocol().unwrap();
     }
 
     #[test]

@@ -199,6 +199,8 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
         pod_traffic_rules: PodTrafficRules::new(args.ip_masq),
         flannel_devices,
         mismatched_seen,
+        decap_hook: None,
+        datapath_problem: Some("not attached yet".to_owned()),
     };
     if settings.network.is_none() {
         warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded and no FORWARD accept rules are installed");
@@ -263,11 +265,21 @@ struct NodeHost {
     flannel_devices: Vec<VxlanDevice>,
     /// The mismatched-port counter when last looked at.
     mismatched_seen: u64,
+    /// Where decapsulation was attached.
+    decap_hook: Option<DecapHook>,
+    /// Why the datapath does not serve, as last checked (at attach, then
+    /// every housekeeping): what our Node's `NetworkUnavailable` follows.
+    datapath_problem: Option<String>,
 }
 
 impl Host for NodeHost {
     fn housekeeping(&mut self) {
         warn_on_port_mismatch(&self.maps, self.vxlan_port, &mut self.mismatched_seen);
+        self.check_datapath();
+    }
+
+    fn datapath_problem(&mut self) -> Option<String> {
+        self.datapath_problem.clone()
     }
 
     fn pod_network_changed(&mut self, local: &mut LocalSettings) {
@@ -302,6 +314,15 @@ impl Host for NodeHost {
 }
 
 impl NodeHost {
+    /// Asks the kernel whether our programs still serve the underlay
+    /// (every housekeeping: a few netlink queries, not one per event).
+    fn check_datapath(&mut self) {
+        self.datapath_problem = match self.decap_hook {
+            None => Some("not attached yet".to_owned()),
+            Some(hook) => self.datapath.check_attached(&self.iface, hook).err().map(|e| e.to_string_with_causes()),
+        };
+    }
+
     /// Attaches the programs (or swaps them into the pinned links).
     fn attach(&mut self, settings: &mut LocalSettings) -> anyhow::Result<()> {
         let iface = self.iface.clone();
@@ -328,6 +349,8 @@ impl NodeHost {
             warn!("this kernel cannot pin the attachments (TCX needs 6.6, XDP links 5.9): the datapath detaches when the agent stops");
         }
         info!(%iface, ?hook, egress = ?report.egress, decap = ?report.decap, "datapath attached");
+        self.decap_hook = Some(hook);
+        self.check_datapath();
         // Written to CONFIG by the next reconcile.
         settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
         Ok(())

@@ -304,3 +304,39 @@ fn the_rbac_allows_what_the_agent_needs_and_flannels_rules_can_annotate_through_
     let node = kube.get("node1").unwrap();
     assert_eq!(annotation(&node, "public-ip").as_deref(), Some("192.168.77.11"), "the status subresource kept the annotation: {node}");
 }
+
+/// Our Node says its network is up only while the agent's programs serve
+/// it: once the encapsulation program is detached behind the agent's back
+/// (its TCX link unpinned, or before 6.6 its filter deleted), the next
+/// housekeeping sets `NetworkUnavailable=True` (reason `OverlayIsDown`,
+/// naming what is missing) instead of going on claiming the network is up.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_detached_datapath_is_not_claimed_up() {
+    require_root();
+    let lab = kube_lab(2);
+    let kube = lab.kube.as_ref().unwrap();
+    let condition = || {
+        let node = kube.get(&lab.nodes[0].name).unwrap();
+        let network = node["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "NetworkUnavailable").cloned();
+        network.map(|c| (c["status"].as_str().unwrap_or("").to_owned(), c["reason"].as_str().unwrap_or("").to_owned(), c["message"].as_str().unwrap_or("").to_owned()))
+    };
+    let (status, reason, _) = condition().expect("NetworkUnavailable set");
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "OverlayIsUp"));
+
+    {
+        let _inside = lab.nodes[0].ns.enter();
+        let egress_pin = lab.nodes[0].pin_root.join("links/eth0/tc_egress");
+        if egress_pin.is_dir() {
+            overlay_tests::run("tc", &["filter", "del", "dev", "eth0", "egress"]);
+        } else {
+            std::fs::remove_file(&egress_pin).unwrap();
+        }
+    }
+    wait_until("NetworkUnavailable=True on node1", overlay_tests::scaled(Duration::from_secs(20)), || {
+        condition().is_some_and(|(status, _, _)| status == "True")
+    });
+    let (_, reason, message) = condition().unwrap();
+    assert_eq!(reason, "OverlayIsDown");
+    assert!(message.contains("overlay_tc_egress is no longer attached to eth0"), "{message}");
+}

@@ -128,12 +128,22 @@ pub trait Underlay {
     fn iface(&self) -> &str;
 }
 
+/// Whether this node's pod network serves, as our Node is to say
+/// (`NetworkUnavailable`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkState {
+    /// The maps hold the desired state and the programs are attached.
+    Up,
+    /// The programs are not attached (any more): why.
+    Down(String),
+}
+
 /// What our own node advertises, and warnings about peers.
 pub trait Publisher {
-    /// Makes our node advertise `desired` (flannel's annotations, network
-    /// available). Failures are logged by the publisher and retried with
-    /// the next reconcile.
-    fn publish(&mut self, me: &NodeInfo, desired: &Desired, settings: &LocalSettings) -> impl Future<Output = ()>;
+    /// Makes our node advertise `desired` (flannel's annotations) and
+    /// `network` (available or not). Failures are logged by the publisher
+    /// and retried with the next reconcile.
+    fn publish(&mut self, me: &NodeInfo, desired: &Desired, settings: &LocalSettings, network: &NetworkState) -> impl Future<Output = ()>;
     /// Records a warning about a peer an operator must fix (a Kubernetes
     /// event). `Ok` means recorded: it is not asked again.
     fn warn_peer(&mut self, rejected: &Rejected, reason: &'static str) -> impl Future<Output = Result<(), String>>;
@@ -150,6 +160,11 @@ pub trait Host {
     /// rules, flannel's device. `false` when the node is not ready to serve
     /// pods yet (subnet.env could not be written): the reconcile is retried.
     fn after_apply(&mut self, desired: &Desired) -> bool;
+    /// Why the datapath does not serve this node (its programs are not
+    /// attached to the underlay, or no longer), or `None` when it does.
+    /// Asked before each publication: our Node says the network is up
+    /// only while it is.
+    fn datapath_problem(&mut self) -> Option<String>;
 }
 
 /// Problems the loop logs once each, until they go away. Typed, so each
@@ -163,6 +178,7 @@ pub enum Reported {
     OwnAddress(String),
     Rejected { node: String, kind: RejectKind, reason: String },
     SourceOutage { source: &'static str, problem: String },
+    DatapathDown(String),
 }
 
 /// The loop's state between events.
@@ -437,6 +453,24 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         self.metrics.nodes_rejected.set(rejected.len() as i64);
         let checks_time = started.elapsed() - source_time;
 
+        // Asked before the borrow of the desired state below; the maps'
+        // writes do not change it.
+        let network = match self.host.datapath_problem() {
+            None => {
+                if self.reported.iter().any(|r| matches!(r, Reported::DatapathDown(_))) {
+                    info!("the datapath serves this node again");
+                }
+                self.reported.retain(|r| !matches!(r, Reported::DatapathDown(_)));
+                NetworkState::Up
+            }
+            Some(problem) => {
+                self.reported.retain(|r| !matches!(r, Reported::DatapathDown(p) if *p != problem));
+                if self.report(Reported::DatapathDown(problem.clone())) {
+                    error!(error = %problem, "the datapath does not serve this node; not published as available until it does");
+                }
+                NetworkState::Down(problem)
+            }
+        };
         let Ok(full) = self.state.result() else { unreachable!("checked above") };
         let result = match std::mem::replace(&mut self.pending, Touched::Nothing) {
             Touched::Peers(cidrs) => self.writer.apply_touched(full, &cidrs),
@@ -483,7 +517,7 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
             info!(peers = full.peers.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready: the initial sync is in the datapath");
         }
         if let Some(me) = self.state.me() {
-            self.publisher.publish(me, full, self.state.local()).await;
+            self.publisher.publish(me, full, self.state.local(), &network).await;
         }
         for r in &rejected {
             let Some(reason) = r.kind.event_reason() else { continue };

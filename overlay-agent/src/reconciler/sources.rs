@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher;
 use tracing::{info, warn};
 
-use super::{InvalidNode, NodeEvent, NodeSource, Publisher, SourceEnded, SourceUpdate};
+use super::{InvalidNode, NetworkState, NodeEvent, NodeSource, Publisher, SourceEnded, SourceUpdate};
 use crate::{
     desired::{Backend, Desired, LocalSettings, Rejected},
     etcd_source::Snapshot,
@@ -177,12 +177,12 @@ pub struct KubePublisher {
 }
 
 impl Publisher for KubePublisher {
-    async fn publish(&mut self, _me: &NodeInfo, desired: &Desired, settings: &LocalSettings) {
+    async fn publish(&mut self, _me: &NodeInfo, desired: &Desired, settings: &LocalSettings, network: &NetworkState) {
         let wanted = node::flannel_annotations(settings.backend.flannel_name(), &desired.config);
-        let (missing, available) = {
+        let (missing, condition) = {
             let own = self.own.borrow();
             let Some(own) = own.as_ref() else { return };
-            (node::missing_annotations(own, &wanted), kube_source::network_marked_available(own))
+            (node::missing_annotations(own, &wanted), kube_source::network_condition_update(own, *network == NetworkState::Up))
         };
         if !missing.is_empty() {
             match self.publisher.annotate(&missing).await {
@@ -190,9 +190,13 @@ impl Publisher for KubePublisher {
                 Err(err) => warn!(error = %err.to_string_with_causes(), "publishing our Node's annotations; will retry"),
             }
         }
-        if !available {
-            match self.publisher.network_available().await {
-                Ok(()) => info!("set NetworkUnavailable=False on our Node"),
+        if let Some(condition) = condition {
+            let problem = match network {
+                NetworkState::Down(problem) => Some(problem.as_str()),
+                NetworkState::Up => None,
+            };
+            match self.publisher.set_network_condition(condition, problem).await {
+                Ok(()) => info!(?condition, "set our Node's NetworkUnavailable condition"),
                 Err(err) => warn!(error = %err.to_string_with_causes(), "setting our Node's NetworkUnavailable condition; will retry"),
             }
         }
@@ -215,7 +219,7 @@ pub struct LogPublisher {
 }
 
 impl Publisher for LogPublisher {
-    async fn publish(&mut self, me: &NodeInfo, desired: &Desired, settings: &LocalSettings) {
+    async fn publish(&mut self, me: &NodeInfo, desired: &Desired, settings: &LocalSettings, _network: &NetworkState) {
         let advertised = me.vtep_mac == Some(desired.config.vtep_mac) && me.vni == Some(desired.config.vni);
         if settings.backend != Backend::Vxlan || advertised {
             return;
@@ -267,7 +271,7 @@ impl NodeSource for EtcdNodes {
 pub struct LeasePublisher;
 
 impl Publisher for LeasePublisher {
-    async fn publish(&mut self, _me: &NodeInfo, _desired: &Desired, _settings: &LocalSettings) {}
+    async fn publish(&mut self, _me: &NodeInfo, _desired: &Desired, _settings: &LocalSettings, _network: &NetworkState) {}
 
     async fn warn_peer(&mut self, _rejected: &Rejected, _reason: &'static str) -> Result<(), String> {
         // No API to record events in; the log has said it.

@@ -90,12 +90,15 @@ impl Underlay for FakeUnderlay {
 #[derive(Default)]
 struct FakePublisher {
     published: usize,
+    /// The network state each publication said.
+    networks: Vec<NetworkState>,
     warned: Vec<String>,
 }
 
 impl Publisher for FakePublisher {
-    async fn publish(&mut self, _me: &NodeInfo, _desired: &Desired, _settings: &LocalSettings) {
+    async fn publish(&mut self, _me: &NodeInfo, _desired: &Desired, _settings: &LocalSettings, network: &NetworkState) {
         self.published += 1;
+        self.networks.push(network.clone());
     }
 
     async fn warn_peer(&mut self, rejected: &Rejected, _reason: &'static str) -> Result<(), String> {
@@ -111,6 +114,8 @@ struct FakeHost {
     pod_network_changes: usize,
     /// The pod bridge's index it then finds.
     bridge_ifindex: u32,
+    /// Why the datapath does not serve, if it does not.
+    datapath_problem: Option<String>,
 }
 
 impl Host for FakeHost {
@@ -124,6 +129,10 @@ impl Host for FakeHost {
     fn after_apply(&mut self, _desired: &Desired) -> bool {
         self.applied += 1;
         true
+    }
+
+    fn datapath_problem(&mut self) -> Option<String> {
+        self.datapath_problem.clone()
     }
 }
 
@@ -339,4 +348,39 @@ async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop() {
     drop(sender);
     let ended = tokio::time::timeout(Duration::from_secs(5), r.run(std::future::pending())).await.expect("the loop ended");
     assert_eq!(ended.unwrap_err().to_string(), "the node source ended: the etcd source stopped");
+}
+
+/// Our Node says its network is up only while the datapath serves: not
+/// while the programs are not attached (yet, or any more), though the maps
+/// were programmed, and again once they are. (Shown failing with the loop
+/// publishing `Up` whatever the host says, as it did before it asked.)
+#[tokio::test]
+async fn the_network_is_published_up_only_while_the_datapath_is_attached() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    let detached = "overlay_tc_egress is no longer attached to eth0".to_owned();
+    r.host.datapath_problem = Some(detached.clone());
+    assert!(step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await);
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"], "the maps are programmed all the same");
+    assert_eq!(r.publisher.networks, [NetworkState::Down(detached.clone())]);
+
+    r.host.datapath_problem = None;
+    r.housekeeping();
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!(r.publisher.networks.last(), Some(&NetworkState::Up));
+
+    // The datapath goes away: not claimed up any more, and said once.
+    r.host.datapath_problem = Some(detached.clone());
+    for _ in 0..3 {
+        r.housekeeping();
+        assert!(r.reconcile(Instant::now()).await);
+        assert_eq!(r.publisher.networks.last(), Some(&NetworkState::Down(detached.clone())));
+    }
+    let reports = r.first_reports.iter().filter(|p| matches!(p, Reported::DatapathDown(_))).count();
+    assert_eq!(reports, 2, "once per outage: {:?}", r.first_reports);
+    r.host.datapath_problem = None;
+    r.housekeeping();
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!(r.publisher.networks.last(), Some(&NetworkState::Up));
+    assert!(r.reported.is_empty(), "{:?}", r.reported);
 }
