@@ -175,14 +175,14 @@ fn iptables(ns: &NetNs, args: &[&str]) {
 /// fast path leaves the packet to the kernel, whose bridge finds the pod.
 /// Once the agent is back, the new veth is enrolled and fast again.
 ///
-/// The node keeps another pod, as nodes do: with the deleted veth its
-/// bridge's only port, the bridge lost its carrier, which flushes its
-/// neighbour entries, and the first packet after (no neighbour: the
-/// kernel's) resolved the pod anew and was answered. That is why an
-/// earlier version of this test, with one pod and "any of 3 pings",
-/// passed without the veth check. Every ping must be answered here:
-/// without the check (`bpf_check_mtu` in `deliver_to_pod`) all of them
-/// went into the deleted veth's index and none was.
+/// Why an earlier version of this test (one pod, "any of 3 pings")
+/// passed without the veth check: deleting a port flushes the bridge's
+/// neighbour entries when the bridge loses its carrier (its last port)
+/// or its MAC (it had the deleted port's, its ports' lowest), so the
+/// first packet after found no neighbour and took the kernel's path,
+/// which resolved the pod again; only the packets after it went into the
+/// deleted veth's index. Here every ping must be answered: without the
+/// check (`bpf_check_mtu` in `deliver_to_pod`) 1 of 5 was (2026-12-02).
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() {
