@@ -106,6 +106,12 @@ impl Applier {
         Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None })
     }
 
+    /// Makes the next [`Self::apply`] write every route again (the kernel
+    /// deleted those whose preferred source went away).
+    pub fn rewrite_routes(&mut self) {
+        self.route_source = None;
+    }
+
     pub fn maps(&self) -> &DatapathMaps {
         &self.maps
     }

@@ -278,4 +278,24 @@ fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods(
     assert!(Lab::ping(&node1.ns, remote.ip), "node1's host traffic to a remote pod (route: {route})");
     assert!(route.contains(&format!("src {secondary}")), "{route}");
     assert_eq!(lab.counters(1).drops(overlay_common::DropReason::SpoofedInner), spoofed_before);
+    // The address goes for a while: the kernel deletes the routes it was
+    // the source of (the agent refuses to configure anything meanwhile:
+    // its own address is not on eth0). Once it is back, so are they.
+    let node1 = lab.nodes[0].ns.name().to_owned();
+    lab.nodes[0].ns.ip(&["addr", "del", &format!("{secondary}/24"), "dev", "eth0"]);
+    let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let routes = lab.agent_routes(0);
+            if done(&routes) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: node1's routes are {routes:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("control: the kernel deletes routes whose source went", &|routes| routes.is_empty());
+    stdout("ip", &["-n", &node1, "addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
+    wait_for("routes back once the address is", &|routes| routes.len() == 1 && routes[0].contains(&format!("src {secondary}")));
+    assert!(Lab::ping(&lab.nodes[0].ns, lab.nodes[1].pods[0].ip), "node1's host traffic after its address came back");
 }
