@@ -65,6 +65,21 @@ pub struct Applier {
     iface: String,
     config: Option<Config>,
     applied: BTreeMap<Ipv4Network, PeerState>,
+    /// The preferred source the kernel routes were last written with
+    /// ([`route_source`]); `None` until the first apply, which rewrites
+    /// them all (routes from an earlier run, or an older agent, may carry
+    /// another).
+    route_source: Option<Option<Ipv4Addr>>,
+}
+
+/// The preferred source of our routes: the address we advertise, when it
+/// is one of this node's (a secondary address, say). Host traffic to remote
+/// pods then leaves with the address peers know us by; over VXLAN they
+/// accept a node's own traffic only from that address. An advertised
+/// address that is not on the node (NATed to it) is left to the kernel.
+fn route_source(config: &Config) -> Option<Ipv4Addr> {
+    let advertised = Ipv4Addr::from(config.node_ip);
+    crate::iface::is_local_ipv4(advertised).then_some(advertised)
 }
 
 impl Applier {
@@ -111,7 +126,13 @@ impl Applier {
             return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }
         let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
-        Ok(Self { maps, iface: iface.to_owned(), config, applied })
+        Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None })
+    }
+
+    /// Makes the next [`Self::apply`] write every route again (the kernel
+    /// deleted those whose preferred source went away).
+    pub fn rewrite_routes(&mut self) {
+        self.route_source = None;
     }
 
     pub fn maps(&self) -> &DatapathMaps {
@@ -133,6 +154,8 @@ impl Applier {
         let start = Instant::now();
         let mut report = Applied::default();
         let mtu_changed = self.config.map(|c| c.inner_mtu) != Some(desired.inner_mtu);
+        let source = route_source(&desired.config);
+        let source_changed = self.route_source != Some(source);
         if self.config != Some(desired.config) {
             self.maps
                 .config
@@ -142,8 +165,9 @@ impl Applier {
             report.config_changed = true;
         }
         let mut changes = diff(&self.applied, &desired.peers);
-        if mtu_changed {
-            // Every route carries the MTU: reinstall the unchanged ones too.
+        if mtu_changed || source_changed {
+            // Every route carries the MTU and the source: reinstall the
+            // unchanged ones too.
             changes.extend(
                 desired
                     .peers
@@ -164,7 +188,8 @@ impl Applier {
         );
         report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
         let claimed: BTreeSet<Ipv4Addr> = desired.peers.values().map(|p| p.node_ip).collect();
-        let failed = self.upsert_peers(&upserts, &|addr| claimed.contains(&addr), desired.inner_mtu, &mut report.routes_time)?;
+        let failed = self.upsert_peers(&upserts, &|addr| claimed.contains(&addr), desired.inner_mtu, source, &mut report.routes_time)?;
+        self.route_source = Some(source);
         report.maps_time = start.elapsed().saturating_sub(report.routes_time);
         report.added_or_updated = upserts.len() - failed.len();
         report.failed = failed;
@@ -175,7 +200,8 @@ impl Applier {
     /// event changed, in O(touched) instead of a walk over every peer. A
     /// change of CONFIG (the MTU is in every route) takes [`Self::apply`].
     pub fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError> {
-        if self.config != Some(desired.config) {
+        let source = route_source(&desired.config);
+        if self.config != Some(desired.config) || self.route_source != Some(source) {
             return self.apply(desired);
         }
         let start = Instant::now();
@@ -192,7 +218,7 @@ impl Applier {
         report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
         // Asked only when a CIDR moves to another address: one walk then.
         let claimed = |addr: Ipv4Addr| desired.peers.values().any(|p| p.node_ip == addr);
-        let failed = self.upsert_peers(&upserts, &claimed, desired.inner_mtu, &mut report.routes_time)?;
+        let failed = self.upsert_peers(&upserts, &claimed, desired.inner_mtu, source, &mut report.routes_time)?;
         report.maps_time = start.elapsed().saturating_sub(report.routes_time);
         report.added_or_updated = upserts.len() - failed.len();
         report.failed = failed;
@@ -236,6 +262,7 @@ impl Applier {
         peers: &[PeerState],
         claimed: &dyn Fn(Ipv4Addr) -> bool,
         mtu: u32,
+        source: Option<Ipv4Addr>,
         routes_time: &mut Duration,
     ) -> Result<Vec<String>, ApplyError> {
         for peer in peers {
@@ -273,7 +300,7 @@ impl Applier {
                 .map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
         }
         let started = Instant::now();
-        let failed = routes::replace_all(peers, &self.iface, mtu)?;
+        let failed = routes::replace_all(peers, &self.iface, mtu, source)?;
         *routes_time += started.elapsed();
         let mut failures = Vec::new();
         for (peer, reason) in &failed {

@@ -115,6 +115,16 @@ pub fn driver(iface: &str) -> io::Result<String> {
 
 /// The interface's IPv4 addresses (`getifaddrs`).
 pub fn ipv4_addresses(iface: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {
+    ipv4_addresses_of(|name| name == iface.as_bytes())
+}
+
+/// Whether `addr` is one of this node's IPv4 addresses, on any interface.
+pub fn is_local_ipv4(addr: std::net::Ipv4Addr) -> bool {
+    ipv4_addresses_of(|_| true).is_ok_and(|all| all.contains(&addr))
+}
+
+/// The IPv4 addresses of the interfaces whose name `wanted` accepts.
+fn ipv4_addresses_of(wanted: impl Fn(&[u8]) -> bool) -> io::Result<Vec<std::net::Ipv4Addr>> {
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed by freeifaddrs.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
@@ -127,7 +137,7 @@ pub fn ipv4_addresses(iface: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {
         let entry = unsafe { &*cursor };
         // SAFETY: ifa_name is a NUL-terminated string.
         let name = unsafe { std::ffi::CStr::from_ptr(entry.ifa_name) };
-        if name.to_bytes() == iface.as_bytes() && !entry.ifa_addr.is_null() {
+        if wanted(name.to_bytes()) && !entry.ifa_addr.is_null() {
             // SAFETY: a non-null address; its family says how to read it.
             if i32::from(unsafe { (*entry.ifa_addr).sa_family }) == libc::AF_INET {
                 // SAFETY: AF_INET addresses are sockaddr_in.

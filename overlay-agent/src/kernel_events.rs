@@ -70,8 +70,10 @@ pub enum KernelEvent {
     /// The pod bridge appeared, went, or was recreated (a new index): the
     /// fast path must attach to it again and CONFIG learn its index.
     PodBridgeChanged,
-    /// A port joined or left the pod bridge, or the bridge learned or
-    /// forgot a MAC behind one: who is on the fast path may have changed.
+    /// A port joined or left the pod bridge, the bridge learned or forgot
+    /// a MAC behind one, or its own MAC changed (a bridge without an
+    /// address of its own takes its ports' lowest): who is on the fast
+    /// path, or which frames it routes, may have changed.
     PodPortsChanged,
 }
 
@@ -233,11 +235,13 @@ struct Classifier {
     watched: Watched,
     underlay: Option<u32>,
     pod_bridge: Option<u32>,
+    /// The pod bridge's MAC as its last notification gave it.
+    pod_bridge_mac: Option<Vec<u8>>,
 }
 
 impl Classifier {
     fn new(watched: Watched) -> Self {
-        let mut classifier = Self { watched, underlay: None, pod_bridge: None };
+        let mut classifier = Self { watched, underlay: None, pod_bridge: None, pod_bridge_mac: None };
         classifier.refresh();
         classifier
     }
@@ -322,11 +326,22 @@ impl Classifier {
             && (name == Some(bridge.as_str()) || (name.is_none() && Some(index) == self.pod_bridge))
         {
             let now = present.then_some(index);
+            let mac = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(mac) => Some(mac.clone()),
+                _ => None,
+            });
             if now != self.pod_bridge {
                 self.pod_bridge = now;
+                self.pod_bridge_mac = mac;
                 return Some(KernelEvent::PodBridgeChanged);
             }
-            // Its own state (up, down, features) changes no port.
+            // Its MAC, the pods' gateway address, follows its ports' (the
+            // lowest) unless set: the fast path routes frames sent to it.
+            if mac.is_some() && mac != self.pod_bridge_mac {
+                self.pod_bridge_mac = mac;
+                return Some(KernelEvent::PodPortsChanged);
+            }
+            // Its other state (up, down, features) changes no port.
             return None;
         }
         if master.is_some() && master == self.pod_bridge {
@@ -359,6 +374,7 @@ mod tests {
             watched: Watched { underlay: "eth0".to_owned(), pod_bridge: Some("cni0".to_owned()) },
             underlay: Some(UNDERLAY),
             pod_bridge: Some(BRIDGE),
+            pod_bridge_mac: None,
         }
     }
 
@@ -454,6 +470,20 @@ mod tests {
         assert_eq!(c.pod_bridge, Some(11));
         let learned = RouteNetlinkMessage::NewNeighbour(fdb_entry(AddressFamily::Bridge, 11));
         assert_eq!(c.classify(&learned), Some(KernelEvent::PodPortsChanged));
+    }
+
+    #[test]
+    fn the_pod_bridges_mac_changing_moves_its_ports() {
+        let mut c = classifier();
+        let with_mac = |mac: [u8; 6]| {
+            let mut message = link(AddressFamily::Unspec, BRIDGE, Some("cni0"), None);
+            message.attributes.push(LinkAttribute::Address(mac.to_vec()));
+            RouteNetlinkMessage::NewLink(message)
+        };
+        assert_eq!(c.classify(&with_mac([2, 0, 0, 0, 0, 9])), Some(KernelEvent::PodPortsChanged), "first seen");
+        assert_eq!(c.classify(&with_mac([2, 0, 0, 0, 0, 9])), None, "the same MAC: up, down, features");
+        // A port with a lower MAC joined: the bridge took it.
+        assert_eq!(c.classify(&with_mac([2, 0, 0, 0, 0, 1])), Some(KernelEvent::PodPortsChanged));
     }
 
     #[test]

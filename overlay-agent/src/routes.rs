@@ -9,6 +9,11 @@
 //!   <underlay>`, forwarded by the kernel as is.
 //! - Peers host-gw cannot reach: `unreachable <podCIDR>`, so senders get
 //!   an ICMP error instead of a black hole.
+//! - The unicast routes carry `src <advertised IP>` when the address we
+//!   advertise is one of this node's: host traffic to remote pods then
+//!   leaves with it even when it is a secondary address (the kernel would
+//!   pick the interface's primary one), and a peer accepts a node's own
+//!   traffic from the tunnel only with the address it knows the node by.
 //!
 //! Our routes carry their own protocol number, which sets them apart from
 //! the kernel's and most tools' routes; which of them are this agent's is
@@ -50,7 +55,7 @@ pub enum RouteError {
 
 /// The `RTM_NEWROUTE` that adds or replaces the route toward `peer`'s pod
 /// CIDR: what `ip route replace` sends for the routes in the module doc.
-fn replace_message(peer: &PeerState, ifindex: u32, vxlan_mtu: u32) -> RouteMessage {
+fn replace_message(peer: &PeerState, ifindex: u32, vxlan_mtu: u32, source: Option<Ipv4Addr>) -> RouteMessage {
     let mut route = route_to(peer.pod_cidr);
     route.header.protocol = RouteProtocol::from(ROUTE_PROTO_ID);
     route.header.scope = RouteScope::Universe;
@@ -69,6 +74,9 @@ fn replace_message(peer: &PeerState, ifindex: u32, vxlan_mtu: u32) -> RouteMessa
             route.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(vxlan_mtu)]));
         }
     }
+    if let (RouteType::Unicast, Some(source)) = (route.header.kind, source) {
+        route.attributes.push(RouteAttribute::PrefSource(RouteAddress::Inet(source)));
+    }
     route
 }
 
@@ -84,12 +92,14 @@ fn route_to(cidr: Ipv4Network) -> RouteMessage {
 
 /// Adds or replaces the routes toward `peers` over one netlink socket, one
 /// request each, so a single change costs no process and thousands cost
-/// one socket. Returns the peers whose route the kernel refused, with its
-/// reason; the others are in place.
+/// one socket; each carries `source` as its preferred source, if given
+/// (it must be one of this node's addresses). Returns the peers whose
+/// route the kernel refused, with its reason; the others are in place.
 pub fn replace_all<'a>(
     peers: &'a [PeerState],
     iface: &str,
     vxlan_mtu: u32,
+    source: Option<Ipv4Addr>,
 ) -> Result<Vec<(&'a PeerState, Refused)>, RouteError> {
     if peers.is_empty() {
         return Ok(Vec::new());
@@ -101,7 +111,7 @@ pub fn replace_all<'a>(
     let mut rtnl = Rtnl::open()?;
     let mut failed = Vec::new();
     for peer in peers {
-        let message = RouteNetlinkMessage::NewRoute(replace_message(peer, ifindex, vxlan_mtu));
+        let message = RouteNetlinkMessage::NewRoute(replace_message(peer, ifindex, vxlan_mtu, source));
         if let Answer::Refused(refused) = rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
             failed.push((peer, refused));
         }
@@ -288,7 +298,8 @@ mod tests {
             reason: 0,
             next_hop: Ipv4Addr::new(192, 168, 0, 254),
         };
-        let vxlan = replace_message(&peer(overlay_common::ROUTE_MODE_VXLAN), 2, 1450);
+        let vxlan = replace_message(&peer(overlay_common::ROUTE_MODE_VXLAN), 2, 1450, None);
+        assert!(!vxlan.attributes.iter().any(|a| matches!(a, RouteAttribute::PrefSource(_))), "no source given");
         assert_eq!(vxlan.header.destination_prefix_length, 24);
         assert_eq!(vxlan.header.protocol, RouteProtocol::from(157));
         assert_eq!(vxlan.header.kind, RouteType::Unicast);
@@ -305,7 +316,7 @@ mod tests {
                 .attributes
                 .contains(&RouteAttribute::Metrics(vec![RouteMetric::Mtu(1450)]))
         );
-        let direct = replace_message(&peer(ROUTE_MODE_DIRECT), 2, 1450);
+        let direct = replace_message(&peer(ROUTE_MODE_DIRECT), 2, 1450, None);
         assert_eq!(direct.header.flags, RouteFlags::empty());
         assert!(
             direct
@@ -321,7 +332,12 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, RouteAttribute::Metrics(_)))
         );
-        let unreachable = replace_message(&peer(ROUTE_MODE_UNREACHABLE), 2, 1450);
+        let source = Ipv4Addr::new(192, 168, 0, 21);
+        for mode in [overlay_common::ROUTE_MODE_VXLAN, ROUTE_MODE_DIRECT] {
+            let route = replace_message(&peer(mode), 2, 1450, Some(source));
+            assert!(route.attributes.contains(&RouteAttribute::PrefSource(RouteAddress::Inet(source))), "mode {mode}");
+        }
+        let unreachable = replace_message(&peer(ROUTE_MODE_UNREACHABLE), 2, 1450, Some(source));
         assert_eq!(unreachable.header.kind, RouteType::Unreachable);
         assert_eq!(
             unreachable.attributes,

@@ -402,6 +402,17 @@ impl NodeHost {
                 }
             }
         }
+        // A bridge without an address of its own takes the lowest of its
+        // ports' MACs, so a pod joining or leaving can change the pods'
+        // gateway MAC, which the out half compares frames with.
+        match iface::mac_address(&bridge) {
+            Ok(mac) if mac != settings.pod_bridge_mac => {
+                info!(%bridge, mac = %overlay_agent::node::format_mac(mac), "the pod bridge's MAC changed; the fast path routes frames sent to the new one");
+                settings.pod_bridge_mac = mac;
+            }
+            Ok(_) => {}
+            Err(err) => warn!(%bridge, error = %err, "cannot read the pod bridge's MAC; the fast path keeps the last one"),
+        }
         let fdb = match pod_ports::Fdb::read(&bridge) {
             Ok(fdb) => fdb,
             Err(err) => {

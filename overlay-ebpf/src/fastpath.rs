@@ -53,25 +53,13 @@ use crate::{
     encap::encapsulate,
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::ptr_at,
-    parse::{ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
+    parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
+    proto::{ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, is_icmp_error},
 };
 
 const AF_INET: u32 = 2;
 /// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
 const PACKET_HOST: u32 = 0;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_ICMP: u8 = 1;
-/// ICMP error types (RFC 792, RFC 1812): each quotes the header of the
-/// packet it is about.
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_SOURCE_QUENCH: u8 = 4;
-const ICMP_REDIRECT: u8 = 5;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETER_PROBLEM: u8 = 12;
-/// IPv4 "more fragments" flag and fragment offset, in `frags`.
-const IP_MF_OFFSET: u16 = 0x3fff;
-/// IPv4 fragment offset alone.
-const IP_OFFSET: u16 = 0x1fff;
 const UDP_HDR_LEN: u32 = 8;
 /// The transport header, behind an IPv4 header without options.
 const L4_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
@@ -222,10 +210,7 @@ fn needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
     }
     // SAFETY: ptr_at checked the bounds.
     match ptr_at::<u8>(ctx, L4_OFF).map(|t| unsafe { *t }) {
-        Ok(icmp_type) => matches!(
-            icmp_type,
-            ICMP_DEST_UNREACH | ICMP_SOURCE_QUENCH | ICMP_REDIRECT | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
-        ),
+        Ok(icmp_type) => is_icmp_error(icmp_type),
         // Too short to say: the kernel's.
         Err(_) => true,
     }

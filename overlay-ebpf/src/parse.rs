@@ -6,7 +6,7 @@ use overlay_common::{
     Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, Route,
 };
 
-use crate::{DropReason, counters::count, csum, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}};
+use crate::{DropReason, counters::count, csum, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}, proto::IP_MF_OFFSET};
 
 pub use crate::{
     proto::{ETH_P_IP, IPPROTO_UDP, VXLAN_FLAG_I},
@@ -91,7 +91,7 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
         // any node sent (the stack would discard it).
         return Err(DropReason::BadOuter);
     }
-    if u16::from_be_bytes(ip.frags) & 0x3fff != 0 {
+    if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
         // A fragment (MF set or non-zero offset): we never reassemble.
         return Err(DropReason::BadOuter);
     }

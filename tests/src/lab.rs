@@ -188,8 +188,9 @@ pub const API_ADDR: &str = "192.168.77.2:6443";
 /// A host outside the cluster (TEST-NET-3, never routed on the internet),
 /// on a `lo` of the outside namespace.
 pub const OUTSIDE_ADDR: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
-/// The outside namespace's leg on the first underlay segment.
-const OUTSIDE_GATEWAY: &str = "192.168.77.254";
+/// The outside namespace's leg on the first underlay segment: a host on
+/// the nodes' segment that is not a node.
+pub const OUTSIDE_GATEWAY: &str = "192.168.77.254";
 /// deploy/overlay.yaml, whose RBAC the agents of a `kubernetes` lab run with.
 pub fn deploy_manifest() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/overlay.yaml")

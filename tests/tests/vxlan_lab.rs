@@ -243,3 +243,59 @@ fn a_too_big_df_packet_past_the_route_mtu_gets_frag_needed_from_the_datapath() {
     );
     assert_eq!(replies, 1, "icmp_frag_needed counted {replies}");
 }
+
+/// A node that advertises a secondary address of its underlay interface
+/// (`public-ip`): host traffic to remote pods must leave with that address
+/// inside the tunnel, since peers accept a node's own traffic only from
+/// the address they know it by (`spoofed_inner` otherwise). Without a
+/// preferred source on our routes the kernel picks the interface's primary
+/// address.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods() {
+    require_root();
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let secondary: std::net::Ipv4Addr = "192.168.77.31".parse().unwrap();
+    lab.stop_agent(0);
+    lab.nodes[0].ns.ip(&["addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
+    lab.nodes[0].ip = secondary;
+    lab.write_manifest(0);
+    lab.start_agent(0, Duration::from_secs(30)).expect("restarting node1's agent");
+    // node2 learns node1's new address.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !lab.agent_routes(1).iter().any(|r| r.contains(&format!("via {secondary}"))) {
+        assert!(std::time::Instant::now() < deadline, "node2 still routes node1's pods {:?}", lab.agent_routes(1));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (node1, remote) = (&lab.nodes[0], &lab.nodes[1].pods[0]);
+    // Control: pod to pod works through the new address.
+    assert!(Lab::ping(&node1.pods[0].ns, remote.ip), "pod to pod after the address change");
+    let spoofed_before = lab.counters(1).drops(overlay_common::DropReason::SpoofedInner);
+    let route = stdout("ip", &["-n", node1.ns.name(), "route", "get", &remote.ip.to_string()]);
+    assert!(Lab::ping(&node1.ns, remote.ip), "node1's host traffic to a remote pod (route: {route})");
+    assert!(route.contains(&format!("src {secondary}")), "{route}");
+    assert_eq!(lab.counters(1).drops(overlay_common::DropReason::SpoofedInner), spoofed_before);
+    // The address goes for a while: the kernel deletes the routes it was
+    // the source of (the agent refuses to configure anything meanwhile:
+    // its own address is not on eth0). Once it is back, so are they.
+    let node1 = lab.nodes[0].ns.name().to_owned();
+    lab.nodes[0].ns.ip(&["addr", "del", &format!("{secondary}/24"), "dev", "eth0"]);
+    let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let routes = lab.agent_routes(0);
+            if done(&routes) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: node1's routes are {routes:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for("control: the kernel deletes routes whose source went", &|routes| routes.is_empty());
+    stdout("ip", &["-n", &node1, "addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
+    wait_for("routes back once the address is", &|routes| routes.len() == 1 && routes[0].contains(&format!("src {secondary}")));
+    assert!(Lab::ping(&lab.nodes[0].ns, lab.nodes[1].pods[0].ip), "node1's host traffic after its address came back");
+}

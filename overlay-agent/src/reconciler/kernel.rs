@@ -21,6 +21,10 @@ impl PeerWriter for Applier {
     fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError> {
         Applier::apply_touched(self, desired, touched)
     }
+
+    fn rewrite_routes(&mut self) {
+        Applier::rewrite_routes(self);
+    }
 }
 
 /// The underlay interface, its addresses and the kernel's routes; what

@@ -109,6 +109,10 @@ pub trait PeerWriter {
     /// Brings only the peers under `touched` to `desired`: what one node's
     /// event changes, without walking the cluster.
     fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError>;
+    /// Our own address was missing from the node (the loop refused to
+    /// apply meanwhile), and the kernel deletes the routes whose preferred
+    /// source it was: the next apply must write every route again.
+    fn rewrite_routes(&mut self) {}
 }
 
 /// The kernel's view of the underlay.
@@ -432,6 +436,9 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
                 error!(node = %self.state.local().node_name, "{problem}");
             }
             return false;
+        }
+        if self.reported.iter().any(|r| matches!(r, Reported::OwnAddress(_))) {
+            self.writer.rewrite_routes();
         }
         self.reported.retain(|r| !matches!(r, Reported::OwnAddress(_)));
         let rejected: Vec<Rejected> = self.state.rejected().cloned().collect();
