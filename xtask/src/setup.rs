@@ -111,11 +111,13 @@ pub const BUSYBOX: &str = "/bin/busybox";
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 /// Debian packages the VM tests need: QEMU, a static busybox for the
 /// initramfs, kmod's depmod for the kernel's module index, and the
-/// libraries virtiofsd builds against.
-const VM_PACKAGES: [(&str, &str); 5] = [
+/// libraries virtiofsd builds against; xz for the compressed modules of
+/// newer kernels (6.12), which busybox's `insmod` cannot read.
+const VM_PACKAGES: [(&str, &str); 6] = [
     ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
     (BUSYBOX, "busybox-static"),
     ("/usr/sbin/depmod", "kmod"),
+    ("/usr/bin/xz", "xz-utils"),
     ("/usr/include/seccomp.h", "libseccomp-dev"),
     ("/usr/include/cap-ng.h", "libcap-ng-dev"),
 ];
@@ -221,7 +223,7 @@ const DEBIAN_KERNELS: [DebianKernel; 3] = [
         name: "6.1",
         sources: "deb http://deb.debian.org/debian bookworm main\ndeb http://deb.debian.org/debian-security bookworm-security main\n",
         meta_package: "linux-image-cloud-amd64",
-        note: "Debian 12's kernel (the default)",
+        note: "Debian 12's kernel, the default",
     },
     DebianKernel {
         name: "6.12",
@@ -239,7 +241,7 @@ const DEBIAN_KERNELS: [DebianKernel; 3] = [
 
 /// The names `--kernel` takes besides paths, for messages.
 pub fn debian_kernel_names() -> String {
-    DEBIAN_KERNELS.iter().map(|k| format!("{} ({})", k.name, k.note)).collect::<Vec<_>>().join(", ")
+    DEBIAN_KERNELS.iter().map(|k| format!("{} ({})", k.name, k.note)).collect::<Vec<_>>().join("; ")
 }
 
 /// The `vmlinuz` of Debian's cloud kernel `name` (`6.1`, `6.12`, `5.10`),
@@ -258,6 +260,8 @@ pub fn debian_kernel(name: &str) -> anyhow::Result<Option<PathBuf>> {
         format!("Dir::Etc::SourceParts={}", apt_dir.join("sources.list.d").display()),
         format!("Dir::State::Lists={}", lists.display()),
         format!("Dir::Cache={}", apt_dir.join("cache").display()),
+        // apt's unprivileged `_apt` user cannot write under root's home.
+        "APT::Sandbox::User=root".to_owned(),
     ]
     .into_iter()
     .flat_map(|o| ["-o".to_owned(), o])

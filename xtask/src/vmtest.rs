@@ -277,12 +277,12 @@ impl VmKernel {
         let builtin = fs::read_to_string(self.modules.join("modules.builtin")).unwrap_or_default();
         let mut order: Vec<String> = Vec::new();
         for module in modules {
-            if builtin.lines().any(|l| l.ends_with(&format!("/{module}.ko"))) {
+            if builtin.lines().any(|l| is_module_file(l, module)) {
                 continue;
             }
             let line = deps
                 .lines()
-                .find(|l| l.split(':').next().is_some_and(|f| f.ends_with(&format!("/{module}.ko"))))
+                .find(|l| l.split(':').next().is_some_and(|f| is_module_file(f, module)))
                 .with_context(|| format!("{} has no module {module}", dep_file.display()))?;
             let (file, needs) = line.split_once(':').unwrap_or((line, ""));
             // modules.dep lists a module's dependencies last-loaded first.
@@ -311,7 +311,7 @@ impl VmKernel {
         let mut order = String::new();
         for (i, module) in self.load_order(STAGE1_MODULES)?.iter().enumerate() {
             let source = self.modules.join(module);
-            let bytes = fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+            let bytes = read_module(&source)?;
             let name = format!("modules/{i:02}.ko");
             archive.file(&name, &bytes, 0o644);
             order.push_str(&format!("/{name}\n"));
@@ -325,6 +325,31 @@ impl VmKernel {
         }
         Ok(path)
     }
+}
+
+/// Module files come as `.ko`, or compressed (`.ko.xz` from 6.12 on in
+/// Debian).
+const MODULE_SUFFIXES: [&str; 4] = [".ko", ".ko.xz", ".ko.zst", ".ko.gz"];
+
+/// Whether `file` (a path in `modules.dep` or `modules.builtin`) is
+/// `module`'s.
+fn is_module_file(file: &str, module: &str) -> bool {
+    MODULE_SUFFIXES.iter().any(|suffix| file.ends_with(&format!("/{module}{suffix}")))
+}
+
+/// A module's bytes, decompressed: busybox's `insmod` in the initramfs
+/// takes plain ELF only.
+fn read_module(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let name = path.to_string_lossy();
+    let decompressor = [(".xz", "xz"), (".zst", "zstd"), (".gz", "gzip")].into_iter().find(|(suffix, _)| name.ends_with(suffix));
+    let Some((_, tool)) = decompressor else {
+        return fs::read(path).with_context(|| format!("reading {}", path.display()));
+    };
+    let output = Command::new(tool).arg("-dc").arg(path).output().with_context(|| format!("running {tool} -dc {}", path.display()))?;
+    if !output.status.success() {
+        bail!("{tool} -dc {} failed ({}): {}", path.display(), output.status, String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(output.stdout)
 }
 
 /// The initramfs's `/init`: mounts the host's root read-only with a tmpfs
