@@ -22,7 +22,11 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
-        Command::Run(args) => run::run(args),
+        // Before anything is touched: below 5.13 the datapath cannot
+        // encapsulate (preflight::DATAPATH_MINIMUM).
+        Command::Run(args) => overlay_agent::preflight::check_kernel(overlay_agent::preflight::DATAPATH_MINIMUM)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| run::run(args)),
         Command::Inspect { bpffs_root } => inspect::inspect(&bpffs_root),
         Command::Cleanup { bpffs_root, subnet_file, keep_subnet_file, cni_conf } => {
             cleanup(&bpffs_root, (!keep_subnet_file).then_some(subnet_file.as_path()))

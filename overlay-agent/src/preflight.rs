@@ -1,11 +1,20 @@
-//! `overlay-agent kernel-check`: whether this node's kernel can run the
-//! datapath as deployed, before the agent touches anything. The DaemonSet
-//! runs it as an init container, so a node with an older kernel keeps its
-//! pod in `Init:Error` (visible in `kubectl get pods`) instead of running
-//! an agent that would detach its datapath on every restart.
+//! Whether this node's kernel can run the datapath, before the agent
+//! touches anything. `overlay-agent kernel-check` asks for the deployed
+//! minimum (6.6): the DaemonSet runs it as an init container, so a node
+//! with an older kernel keeps its pod in `Init:Error` (visible in
+//! `kubectl get pods`) instead of running an agent that would detach its
+//! datapath on every restart. `overlay-agent run` refuses a kernel below
+//! [`DATAPATH_MINIMUM`], where the programs could not encapsulate at all.
 
 /// Kernels that pin TC links (TCX), so the datapath outlives the agent.
 pub const DEPLOYED_MINIMUM: (u32, u32) = (6, 6);
+
+/// The oldest kernel the datapath works on at all:
+/// `bpf_skb_adjust_room` with `BPF_F_ADJ_ROOM_ENCAP_L2_ETH` came in 5.13.
+/// Before it the verifier rejects the programs (`bpf_check_mtu` is 5.12,
+/// with a message naming a helper, not the kernel), or, on 5.12, they load
+/// and then fail every encapsulation.
+pub const DATAPATH_MINIMUM: (u32, u32) = (5, 13);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -13,8 +22,8 @@ pub enum KernelError {
     Read(#[source] std::io::Error),
     #[error("kernel release {0:?} does not start with MAJOR.MINOR")]
     Unparsable(String),
-    #[error("kernel {release} is older than {}.{}: {why}", minimum.0, minimum.1)]
-    TooOld { release: String, minimum: (u32, u32), why: &'static str },
+    #[error("kernel {release} is older than {}.{}: {}", minimum.0, minimum.1, why_minimum(*minimum))]
+    TooOld { release: String, minimum: (u32, u32) },
 }
 
 /// `MAJOR.MINOR` of a release string such as `6.18.44-fc-v857`.
@@ -25,18 +34,28 @@ pub fn major_minor(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
+/// What a kernel below `minimum` lacks.
+fn why_minimum(minimum: (u32, u32)) -> &'static str {
+    if minimum > DATAPATH_MINIMUM {
+        "the datapath needs pinned TCX links (6.6) to survive agent restarts, and bpf_skb_adjust_room with ENCAP_L2_ETH (5.13) at all"
+    } else {
+        "the datapath's encapsulation needs bpf_skb_adjust_room with BPF_F_ADJ_ROOM_ENCAP_L2_ETH (5.13); run the agent on Linux 5.13 or later (6.6 or later keeps the datapath across agent restarts)"
+    }
+}
+
 /// Checks the running kernel against `minimum`; returns its release.
 pub fn check_kernel(minimum: (u32, u32)) -> Result<String, KernelError> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_err(KernelError::Read)?.trim().to_owned();
-    let version = major_minor(&release).ok_or_else(|| KernelError::Unparsable(release.clone()))?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").map_err(KernelError::Read)?;
+    check_release(release.trim(), minimum)
+}
+
+/// Checks a kernel release string against `minimum`.
+pub fn check_release(release: &str, minimum: (u32, u32)) -> Result<String, KernelError> {
+    let version = major_minor(release).ok_or_else(|| KernelError::Unparsable(release.to_owned()))?;
     if version < minimum {
-        return Err(KernelError::TooOld {
-            release,
-            minimum,
-            why: "the datapath needs pinned TCX links (6.6) to survive agent restarts, and bpf_skb_adjust_room with ENCAP_L2_ETH (5.13) at all",
-        });
+        return Err(KernelError::TooOld { release: release.to_owned(), minimum });
     }
-    Ok(release)
+    Ok(release.to_owned())
 }
 
 #[cfg(test)]
@@ -51,6 +70,17 @@ mod tests {
         assert_eq!(major_minor("garbage"), None);
         assert!(major_minor("5.15.0-91-generic").unwrap() < DEPLOYED_MINIMUM);
         assert!(major_minor("6.10.3").unwrap() >= DEPLOYED_MINIMUM);
+    }
+
+    #[test]
+    fn a_kernel_below_5_13_is_refused_naming_the_minimum_and_what_it_lacks() {
+        let err = check_release("5.10.0-32-cloud-amd64", DATAPATH_MINIMUM).unwrap_err().to_string();
+        assert!(err.starts_with("kernel 5.10.0-32-cloud-amd64 is older than 5.13: "), "{err}");
+        assert!(err.contains("BPF_F_ADJ_ROOM_ENCAP_L2_ETH") && err.contains("5.13 or later"), "{err}");
+        assert!(check_release("5.13.0", DATAPATH_MINIMUM).is_ok());
+        assert!(check_release("6.1.0-57-cloud-amd64", DATAPATH_MINIMUM).is_ok());
+        let deployed = check_release("6.1.0-57-cloud-amd64", DEPLOYED_MINIMUM).unwrap_err().to_string();
+        assert!(deployed.contains("older than 6.6") && deployed.contains("TCX"), "{deployed}");
     }
 
     #[test]

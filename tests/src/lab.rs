@@ -1030,8 +1030,8 @@ impl Lab {
                 .spawn()
                 .map_err(|e| format!("starting iperf3 server: {e}"))?,
         );
-        // The server needs a moment to listen.
-        std::thread::sleep(Duration::from_millis(300));
+        // The server needs a moment to listen (longer under emulation).
+        std::thread::sleep(crate::scaled(Duration::from_millis(300)));
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", client_pod.ns.name()))
             .args(["iperf3", "-c", &server_pod.ip.to_string(), "-t", &seconds.to_string(), "-J"])

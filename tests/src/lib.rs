@@ -92,13 +92,19 @@ pub fn require_root() {
     );
 }
 
-/// `timeout` stretched by `OVERLAY_TEST_TIME_SCALE` (default 1), which
-/// `cargo xtask vmtest` sets in an emulated VM, where loading the programs
-/// through the verifier alone takes tens of seconds. Only waits for
-/// something to become ready are stretched, never a figure a test asserts.
+/// How much slower than real hardware this machine runs:
+/// `OVERLAY_TEST_TIME_SCALE` (default 1), which `cargo xtask vmtest` sets
+/// in a VM (10 under emulation, where loading the programs through the
+/// verifier alone takes tens of seconds; 2 with KVM).
+pub fn time_scale() -> u32 {
+    std::env::var("OVERLAY_TEST_TIME_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1).max(1)
+}
+
+/// `timeout` stretched by [`time_scale`]. Waits for something to become
+/// ready are stretched; a figure a test asserts is not, except a
+/// throughput floor whose test says why (`vxlan_lab.rs`'s iperf3 test).
 pub fn scaled(timeout: std::time::Duration) -> std::time::Duration {
-    let scale = std::env::var("OVERLAY_TEST_TIME_SCALE").ok().and_then(|s| s.parse::<u32>().ok()).unwrap_or(1);
-    timeout * scale.max(1)
+    timeout * time_scale()
 }
 
 /// Ids of the TC programs attached to one side of `iface` in the current

@@ -475,3 +475,66 @@ fn the_attachment_check_sees_a_program_detached_behind_the_agents_back() {
     ns.ip(&["link", "del", "ul0"]);
     assert!(matches!(datapath.check_attached("ul0", hook), Err(DatapathError::InterfaceGone(_))));
 }
+
+/// Below 5.13 (`preflight::DATAPATH_MINIMUM`) `run` stops before touching
+/// anything and names the kernel, the minimum and what is missing, where
+/// it would otherwise fail in the verifier on a helper the kernel lacks
+/// (`bpf_check_mtu` is 5.12), or, on 5.12, encapsulate nothing. On such a
+/// kernel (`cargo xtask vmtest --kernel 5.10 --test load -- older_than`)
+/// its own release is refused; on a newer one the agent runs in a mount
+/// namespace of its own with an old kernel's release bind-mounted over
+/// `/proc/sys/kernel/osrelease`, which is all it reads.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn run_refuses_a_kernel_older_than_5_13_before_touching_anything() {
+    require_root();
+    let real = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim().to_owned();
+    let old = overlay_agent::preflight::major_minor(&real).unwrap() < overlay_agent::preflight::DATAPATH_MINIMUM;
+    let release = if old { real.clone() } else { "5.10.0-32-cloud-amd64".to_owned() };
+    let ns = NetNs::new();
+    ns.veth_pair("ul0", "ul1");
+    ns.ip(&["addr", "add", "192.168.77.11/24", "dev", "ul0"]);
+    let pins = PinDir::new();
+    let work = std::env::temp_dir().join(overlay_tests::unique_name("overlay-oldkernel-"));
+    let nodes = work.join("nodes");
+    std::fs::create_dir_all(&nodes).unwrap();
+    let fake_release = work.join("osrelease");
+    std::fs::write(&fake_release, format!("{release}\n")).unwrap();
+    let agent = agent_binary();
+    let mut command = std::process::Command::new("nsenter");
+    command.arg(format!("--net=/run/netns/{}", ns.name()));
+    if !old {
+        command.args(["unshare", "--mount", "--propagation", "private", "sh", "-c", r#"mount --bind "$0" /proc/sys/kernel/osrelease && exec "$@""#]);
+        command.arg(&fake_release);
+    }
+    command
+        .arg(&agent)
+        .args(["run", "--node-name", "node1", "--iface", "ul0", "--backend", "vxlan", "--metrics-addr", "127.0.0.1:0", "--nodes-dir"])
+        .arg(&nodes)
+        .arg("--bpffs-root")
+        .arg(pins.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().expect("starting the agent");
+    let deadline = std::time::Instant::now() + overlay_tests::scaled(std::time::Duration::from_secs(10));
+    let exited = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&work);
+    let status = exited.unwrap_or_else(|| panic!("the agent kept running on a kernel reporting {release} (real: {real}):\n{said}"));
+    assert_eq!(status.code(), Some(1), "{said}");
+    let expected = format!("error: kernel {release} is older than 5.13: ");
+    assert!(said.contains(&expected) && said.contains("BPF_F_ADJ_ROOM_ENCAP_L2_ETH"), "expected `{expected}...`, got:\n{said}");
+    assert!(!pins.path().exists(), "the agent pinned under {} before refusing", pins.path().display());
+    let _inside = ns.enter();
+    assert_eq!(attached_program_ids("ul0"), Vec::<u32>::new(), "the agent attached to ul0 before refusing");
+}

@@ -104,18 +104,31 @@ fn iperf3_between_pods_on_different_nodes_runs_clean() {
     let bits_per_second = sent["bits_per_second"].as_f64().unwrap();
     let bytes = sent["bytes"].as_f64().unwrap();
     let retransmits = sent["retransmits"].as_f64().unwrap();
-    // Sane: far above what a broken (per-packet slow-path or stalling)
-    // tunnel manages, far below anything this machine could fake.
-    assert!(bits_per_second > 300e6, "only {:.0} Mbit/s", bits_per_second / 1e6);
+    // A functional floor, not a speed claim (that is `cargo xtask bench`'s):
+    // far above what a broken (per-packet slow-path, stalling, or MTU
+    // black-holing) tunnel manages, far below what it does on hardware.
+    // Under emulation (`cargo xtask vmtest` without KVM sets
+    // OVERLAY_TEST_TIME_SCALE=10) every packet costs that many times more
+    // CPU, so both floors are divided by the same factor the waits are
+    // stretched by: 30 Mbit/s and 1 Mbit/s there, still far above a broken
+    // tunnel's near zero.
+    let scale = f64::from(overlay_tests::time_scale());
+    let floor = 300e6 / scale;
+    assert!(
+        bits_per_second > floor,
+        "only {:.1} Mbit/s (floor {:.0} Mbit/s = 300 / OVERLAY_TEST_TIME_SCALE {scale})",
+        bits_per_second / 1e6,
+        floor / 1e6
+    );
     // Clean: under 1% of segments retransmitted (MSS 1398 at pod MTU 1450).
     let segments = bytes / 1398.0;
     assert!(retransmits < segments / 100.0, "{retransmits} retransmits for {segments:.0} segments");
     // No stall: every one-second interval moved data.
     for interval in report["intervals"].as_array().unwrap() {
         let bps = interval["sum"]["bits_per_second"].as_f64().unwrap();
-        assert!(bps > 10e6, "an interval stalled at {bps} bit/s: {interval}");
+        assert!(bps > 10e6 / scale, "an interval stalled at {bps} bit/s: {interval}");
     }
-    eprintln!("iperf3: {:.2} Gbit/s, {retransmits} retransmits", bits_per_second / 1e9);
+    eprintln!("iperf3: {:.1} Mbit/s, {retransmits} retransmits", bits_per_second / 1e6);
 }
 
 #[test]

@@ -111,11 +111,13 @@ pub const BUSYBOX: &str = "/bin/busybox";
 const VIRTIOFSD_VERSION: &str = "1.14.0";
 /// Debian packages the VM tests need: QEMU, a static busybox for the
 /// initramfs, kmod's depmod for the kernel's module index, and the
-/// libraries virtiofsd builds against.
-const VM_PACKAGES: [(&str, &str); 5] = [
+/// libraries virtiofsd builds against; xz for the compressed modules of
+/// newer kernels (6.12), which busybox's `insmod` cannot read.
+const VM_PACKAGES: [(&str, &str); 6] = [
     ("/usr/bin/qemu-system-x86_64", "qemu-system-x86"),
     (BUSYBOX, "busybox-static"),
     ("/usr/sbin/depmod", "kmod"),
+    ("/usr/bin/xz", "xz-utils"),
     ("/usr/include/seccomp.h", "libseccomp-dev"),
     ("/usr/include/cap-ng.h", "libcap-ng-dev"),
 ];
@@ -141,14 +143,7 @@ pub fn default_vm_kernel() -> anyhow::Result<PathBuf> {
     let marker = kernels_dir().join("default-kernel");
     let package = fs::read_to_string(&marker)
         .with_context(|| format!("reading {} (run `cargo xtask setup` as root)", marker.display()))?;
-    let tree = kernels_dir().join(package.trim());
-    let boot = tree.join("boot");
-    let entries = fs::read_dir(&boot).with_context(|| format!("reading {}", boot.display()))?;
-    entries
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
-        .with_context(|| format!("no vmlinuz-* in {}", boot.display()))
+    vmlinuz_in(&kernels_dir().join(package.trim()))
 }
 
 fn vm_ready() -> bool {
@@ -175,31 +170,132 @@ fn setup_vm() -> anyhow::Result<()> {
             .arg(&root))?;
     }
     let package = kernel_package()?;
-    let tree = kernels_dir().join(&package);
-    let complete = tree.join(".complete");
-    if !complete.exists() {
-        eprintln!("setup: extracting {package} into {} for the VM tests", tree.display());
-        let download = kernels_dir().join("download");
-        let _ = fs::remove_dir_all(&download);
-        let _ = fs::remove_dir_all(&tree);
-        fs::create_dir_all(&download)?;
-        run(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&download))?;
-        let deb = fs::read_dir(&download)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|e| e == "deb"))
-            .with_context(|| format!("apt-get download {package} left no .deb"))?;
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
-        let modules = tree.join("lib/modules");
-        for version in fs::read_dir(&modules).with_context(|| format!("reading {}", modules.display()))? {
-            let version = version?.file_name();
-            run(Command::new("/usr/sbin/depmod").arg("-b").arg(&tree).arg(&version))?;
-        }
-        fs::remove_dir_all(&download)?;
-        fs::write(&complete, "")?;
-    }
+    extract_kernel(&package, &[])?;
     fs::write(kernels_dir().join("default-kernel"), format!("{package}\n"))?;
     Ok(())
+}
+
+/// Downloads `package` (a versioned `linux-image-*`) with `apt-get
+/// download` and the given apt options, extracts it into the cache and
+/// indexes its modules; once. Returns the extracted tree.
+fn extract_kernel(package: &str, apt_options: &[String]) -> anyhow::Result<PathBuf> {
+    let tree = kernels_dir().join(package);
+    let complete = tree.join(".complete");
+    if complete.exists() {
+        return Ok(tree);
+    }
+    eprintln!("setup: extracting {package} into {} for the VM tests", tree.display());
+    let download = kernels_dir().join("download");
+    let _ = fs::remove_dir_all(&download);
+    let _ = fs::remove_dir_all(&tree);
+    fs::create_dir_all(&download)?;
+    run(Command::new("apt-get").args(apt_options).args(["download", "-q", package]).current_dir(&download))?;
+    let deb = fs::read_dir(&download)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {package} left no .deb"))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+    let modules = tree.join("lib/modules");
+    for version in fs::read_dir(&modules).with_context(|| format!("reading {}", modules.display()))? {
+        let version = version?.file_name();
+        run(Command::new("/usr/sbin/depmod").arg("-b").arg(&tree).arg(&version))?;
+    }
+    fs::remove_dir_all(&download)?;
+    fs::write(&complete, "")?;
+    Ok(tree)
+}
+
+/// A Debian cloud kernel `cargo xtask vmtest --kernel NAME` fetches by
+/// name, from Debian's archive through apt lists of its own (so the
+/// host's apt sources stay as they are).
+struct DebianKernel {
+    name: &'static str,
+    /// `deb` lines of the suites that carry it.
+    sources: &'static str,
+    /// The meta-package that depends on the current versioned kernel.
+    meta_package: &'static str,
+    note: &'static str,
+}
+
+const DEBIAN_KERNELS: [DebianKernel; 3] = [
+    DebianKernel {
+        name: "6.1",
+        sources: "deb http://deb.debian.org/debian bookworm main\ndeb http://deb.debian.org/debian-security bookworm-security main\n",
+        meta_package: "linux-image-cloud-amd64",
+        note: "Debian 12's kernel, the default",
+    },
+    DebianKernel {
+        name: "6.12",
+        sources: "deb http://deb.debian.org/debian-security bookworm-security main\n",
+        meta_package: "linux-image-6.12-cloud-amd64",
+        note: "Debian 13's kernel, as Debian 12 carries it",
+    },
+    DebianKernel {
+        name: "5.10",
+        sources: "deb http://deb.debian.org/debian bullseye main\ndeb http://deb.debian.org/debian-security bullseye-security main\n",
+        meta_package: "linux-image-cloud-amd64",
+        note: "Debian 11's kernel, below the datapath's 5.13",
+    },
+];
+
+/// The names `--kernel` takes besides paths, for messages.
+pub fn debian_kernel_names() -> String {
+    DEBIAN_KERNELS.iter().map(|k| format!("{} ({})", k.name, k.note)).collect::<Vec<_>>().join("; ")
+}
+
+/// The `vmlinuz` of Debian's cloud kernel `name` (`6.1`, `6.12`, `5.10`),
+/// downloaded and extracted into the cache the first time, or `None` for
+/// a name not in [`DEBIAN_KERNELS`].
+pub fn debian_kernel(name: &str) -> anyhow::Result<Option<PathBuf>> {
+    let Some(kernel) = DEBIAN_KERNELS.iter().find(|k| k.name == name) else { return Ok(None) };
+    let apt_dir = vm_cache_dir().join("apt").join(kernel.name);
+    let lists = apt_dir.join("lists");
+    fs::create_dir_all(lists.join("partial"))?;
+    fs::create_dir_all(apt_dir.join("cache/archives/partial"))?;
+    fs::create_dir_all(apt_dir.join("sources.list.d"))?;
+    fs::write(apt_dir.join("sources.list"), kernel.sources)?;
+    let options: Vec<String> = [
+        format!("Dir::Etc::SourceList={}", apt_dir.join("sources.list").display()),
+        format!("Dir::Etc::SourceParts={}", apt_dir.join("sources.list.d").display()),
+        format!("Dir::State::Lists={}", lists.display()),
+        format!("Dir::Cache={}", apt_dir.join("cache").display()),
+        // apt's unprivileged `_apt` user cannot write under root's home.
+        "APT::Sandbox::User=root".to_owned(),
+    ]
+    .into_iter()
+    .flat_map(|o| ["-o".to_owned(), o])
+    .collect();
+    let depends = |options: &[String]| -> Option<String> {
+        let output = Command::new("apt-cache").args(options).args(["depends", kernel.meta_package]).output().ok()?;
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Depends: "))
+            .map(|p| p.trim().to_owned())
+            .filter(|p| p.starts_with("linux-image-"))
+    };
+    let package = match depends(&options) {
+        Some(package) if kernels_dir().join(&package).join(".complete").exists() => package,
+        _ => {
+            run(Command::new("apt-get").args(&options).args(["update", "-q"]))?;
+            depends(&options).with_context(|| {
+                format!("{} in {} names no linux-image package", kernel.meta_package, kernel.sources.trim().replace('\n', ", "))
+            })?
+        }
+    };
+    let tree = extract_kernel(&package, &options)?;
+    vmlinuz_in(&tree).map(Some)
+}
+
+/// The `boot/vmlinuz-*` of an extracted kernel package.
+fn vmlinuz_in(tree: &Path) -> anyhow::Result<PathBuf> {
+    let boot = tree.join("boot");
+    let entries = fs::read_dir(&boot).with_context(|| format!("reading {}", boot.display()))?;
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .with_context(|| format!("no vmlinuz-* in {}", boot.display()))
 }
 
 /// The versioned package `VM_KERNEL_PACKAGE` currently depends on
