@@ -80,11 +80,10 @@ fn route_to(cidr: Ipv4Network) -> RouteMessage {
     route
 }
 
-/// Adds or replaces the routes toward `peers` over one netlink socket,
-/// many requests to a datagram ([`Rtnl::change_all`]), so a single change
-/// costs no process and thousands cost a few sends. Returns the peers
-/// whose route the kernel refused, with its reason; the others are in
-/// place.
+/// Adds or replaces the routes toward `peers` over one netlink socket, one
+/// request each, so a single change costs no process and thousands cost
+/// one socket. Returns the peers whose route the kernel refused, with its
+/// reason; the others are in place.
 pub fn replace_all<'a>(
     peers: &'a [PeerState],
     iface: &str,
@@ -97,9 +96,15 @@ pub fn replace_all<'a>(
         let refused = Refused { errno: libc::ENODEV, message: Some(format!("Cannot find device {iface:?}")) };
         return Ok(peers.iter().map(|p| (p, refused.clone())).collect());
     };
-    let messages = peers.iter().map(|peer| RouteNetlinkMessage::NewRoute(replace_message(peer, ifindex, vxlan_mtu)));
-    let refused = Rtnl::open()?.change_all(messages, NLM_F_CREATE | NLM_F_REPLACE)?;
-    Ok(refused.into_iter().filter_map(|(index, refused)| Some((peers.get(index)?, refused))).collect())
+    let mut rtnl = Rtnl::open()?;
+    let mut failed = Vec::new();
+    for peer in peers {
+        let message = RouteNetlinkMessage::NewRoute(replace_message(peer, ifindex, vxlan_mtu));
+        if let Answer::Refused(refused) = rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
+            failed.push((peer, refused));
+        }
+    }
+    Ok(failed)
 }
 
 /// Removes our routes to `cidrs` (as `ip route del CIDR proto 157`); a
@@ -109,20 +114,20 @@ pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, 
     if cidrs.is_empty() {
         return Ok(Vec::new());
     }
-    let messages = cidrs.iter().map(|cidr| {
+    let mut rtnl = Rtnl::open()?;
+    let mut failed = Vec::new();
+    for cidr in cidrs {
         let mut route = route_to(*cidr);
         route.header.protocol = RouteProtocol::from(ROUTE_PROTO_ID);
         // Any scope and type: only the destination and our protocol match.
         route.header.scope = RouteScope::NoWhere;
         route.header.kind = RouteType::Unspec;
-        RouteNetlinkMessage::DelRoute(route)
-    });
-    let refused = Rtnl::open()?.change_all(messages, 0)?;
-    Ok(refused
-        .into_iter()
-        .filter(|(_, refused)| refused.errno != libc::ESRCH)
-        .filter_map(|(index, refused)| Some((*cidrs.get(index)?, refused)))
-        .collect())
+        match rtnl.change(RouteNetlinkMessage::DelRoute(route), 0)? {
+            Answer::Refused(refused) if refused.errno != libc::ESRCH => failed.push((*cidr, refused)),
+            _ => {}
+        }
+    }
+    Ok(failed)
 }
 
 /// How the kernel reaches each address, as `ip route get` answers it: one

@@ -57,11 +57,6 @@ pub struct Rtnl {
     buf: Vec<u8>,
 }
 
-/// Changes per datagram in [`Rtnl::change_all`]: few enough that the
-/// refusals of a whole datagram (a few hundred bytes of socket buffer
-/// each) fit in the default receive buffer.
-const BATCH: usize = 64;
-
 /// `NLMSGERR_ATTR_MSG`: the extended ack's text.
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
@@ -98,78 +93,6 @@ impl Rtnl {
         flags: u16,
     ) -> Result<Answer, RtnlError> {
         self.request(message, NLM_F_REQUEST | NLM_F_ACK | flags)
-    }
-
-    /// Sends many changes (`RTM_NEWROUTE`, `RTM_DELROUTE`), each with
-    /// `flags` added to `NLM_F_REQUEST`, [`BATCH`] to a datagram and
-    /// without asking for acknowledgements, as `ip -batch` would without
-    /// waiting: the kernel then answers only the ones it refuses. It
-    /// carries out a netlink request within the `send` that delivers it,
-    /// so once `send` returns every refusal of that datagram is queued on
-    /// the socket. One send (and one read that finds nothing) per
-    /// [`BATCH`] changes instead of a send and a read each: what makes
-    /// the routes of 20,000 nodes quick. Returns the refusals, by the
-    /// index of the change.
-    pub fn change_all(
-        &mut self,
-        messages: impl IntoIterator<Item = RouteNetlinkMessage>,
-        flags: u16,
-    ) -> Result<Vec<(usize, Refused)>, RtnlError> {
-        let mut refused = Vec::new();
-        let mut out = Vec::new();
-        // The change of index i carries sequence number first_sequence + i.
-        let first_sequence = self.sequence.wrapping_add(1);
-        let mut in_datagram = 0;
-        for message in messages {
-            self.sequence = self.sequence.wrapping_add(1);
-            let mut header = NetlinkHeader::default();
-            header.flags = NLM_F_REQUEST | flags;
-            header.sequence_number = self.sequence;
-            let mut packet = NetlinkMessage::new(header, NetlinkPayload::from(message));
-            packet.finalize();
-            let (start, length) = (out.len(), packet.buffer_len());
-            out.resize(start + length.next_multiple_of(4), 0);
-            packet.serialize(&mut out[start..start + length]);
-            in_datagram += 1;
-            if in_datagram == BATCH {
-                self.send_batch(&out, first_sequence, &mut refused)?;
-                out.clear();
-                in_datagram = 0;
-            }
-        }
-        if in_datagram > 0 {
-            self.send_batch(&out, first_sequence, &mut refused)?;
-        }
-        Ok(refused)
-    }
-
-    /// Sends one datagram of changes, then reads the refusals it queued.
-    /// `first_sequence` is the sequence number of the change of index 0.
-    fn send_batch(&mut self, datagram: &[u8], first_sequence: u32, refused: &mut Vec<(usize, Refused)>) -> Result<(), RtnlError> {
-        self.socket.send(datagram, 0).map_err(RtnlError::Io)?;
-        loop {
-            let size = match self.socket.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
-                Ok(size) => size,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(err) => return Err(RtnlError::Io(err)),
-            };
-            let mut offset = 0;
-            while offset < size {
-                let answer = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[offset..size])
-                    .map_err(|e| RtnlError::Decode(e.to_string()))?;
-                let length = answer.header.length as usize;
-                if length == 0 {
-                    break;
-                }
-                offset += length.next_multiple_of(4);
-                if let NetlinkPayload::Error(error) = answer.payload
-                    && error.code.is_some()
-                {
-                    let index = answer.header.sequence_number.wrapping_sub(first_sequence) as usize;
-                    refused.push((index, Refused { errno: error.raw_code().abs(), message: extack_message(&error.header) }));
-                }
-            }
-        }
     }
 
     /// Every link in this network namespace, with its attributes (as `ip

@@ -85,7 +85,7 @@ fn node_addresses_shifting_in_one_batch_keep_every_new_peer() {
     let report = applier
         .apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 13]), peer("10.244.3.0/24", [192, 168, 77, 14])]))
         .unwrap();
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert!(report.not_programmed.is_empty(), "{:?}", report.not_programmed);
     assert_eq!(
         peers_map(&pins),
         BTreeMap::from([
@@ -229,19 +229,16 @@ fn peers_beyond_a_full_map_are_left_out_whole_and_reported() {
     assert_eq!(peers_map(&pins).len(), 3);
 }
 
-/// The kernel refuses one route in the middle of a batch (an on-link
-/// gateway that is our own address): the routes are sent many to a
-/// datagram without acknowledgements, and the refusal must still come
-/// back to the peer it belongs to, with the kernel's reason, that peer
-/// taken out of the maps again, and the others in place.
+/// The kernel refuses one route among many (an on-link gateway that is
+/// our own address): that peer alone is reported, with the kernel's
+/// reason, and taken out of the maps again; the others are in place.
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
-fn a_route_the_kernel_refuses_in_a_batch_fails_only_its_own_peer() {
+fn a_route_the_kernel_refuses_fails_only_its_own_peer() {
     require_root();
     let (ns, pins, _datapath) = setup();
     let _inside = ns.enter();
     let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
-    // 199 peers: four datagrams of routes, the refused one in the third.
     let mut peers: Vec<PeerState> = (0..199u32)
         .map(|i| {
             let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 168, 78, 0)) + i);
