@@ -217,7 +217,7 @@ fn peers_beyond_a_full_map_are_left_out_whole_and_reported() {
         programmed,
         "PEERS holds the programmed peers only: the ones left out were undone"
     );
-    let routes = overlay_agent::maps::DatapathMaps::route_destinations(pins.path()).unwrap();
+    let routes = DatapathMaps::route_destinations(pins.path()).unwrap();
     assert_eq!(routes.len(), 3, "{routes:?}");
 
     // One node leaves: the next full apply (the agent's every 5 s) takes

@@ -48,12 +48,12 @@ impl Table {
     }
 
     /// What the real applier reports: every desired peer not held.
-    fn not_programmed(&self, desired: &Desired) -> Vec<crate::apply::PeerFailure> {
+    fn not_programmed(&self, desired: &Desired) -> Vec<PeerFailure> {
         desired
             .peers
             .values()
             .filter(|p| self.peers.get(&p.pod_cidr) != Some(p))
-            .map(|p| crate::apply::PeerFailure { peer: *p, kind: FailureKind::MapFull, message: format!("peer {}: map ROUTES is full", p.pod_cidr) })
+            .map(|p| PeerFailure { peer: *p, kind: FailureKind::MapFull, message: format!("peer {}: map ROUTES is full", p.pod_cidr) })
             .collect()
     }
 }

@@ -296,11 +296,13 @@ fn main() {
     }
 }
 
+type RoutesMap = LpmTrie<MapData, [u8; 4], Route>;
+
 /// The `ROUTES` map the agent pinned under `root`, and its directory:
 /// whichever map layout version the agent uses (`<root>/v<N>/`), so the
 /// benchmark also drives an agent of an earlier layout (a baseline). The
 /// `ROUTES` entry has kept its shape across versions.
-fn open_routes(root: &std::path::Path) -> Option<(PathBuf, LpmTrie<MapData, [u8; 4], Route>)> {
+fn open_routes(root: &std::path::Path) -> Option<(PathBuf, RoutesMap)> {
     let dir = std::fs::read_dir(root)
         .ok()?
         .filter_map(Result::ok)
