@@ -3,8 +3,11 @@
 //! Order matters so the datapath is never half-programmed: a new peer gets
 //! its `PEERS` entry (we accept its traffic), then its `ROUTES` entry (we
 //! encapsulate toward it), then its kernel route (traffic starts flowing);
-//! removal runs the other way round. A peer whose programming fails is
-//! rolled back and reported; the others go on.
+//! removal runs the other way round. A peer whose programming fails (a
+//! full map: more nodes than the datapath holds; a route the kernel
+//! refused) is rolled back and reported; the others go on. Such peers are
+//! tried again with every full apply, and stay listed in
+//! [`Applied::not_programmed`] until they are in.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -31,6 +34,25 @@ pub enum ApplyError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "peer {cidr} via {node_ip} is not programmed, so this node does not reach it: map {map} is full ({capacity} \
+         entries, one per remote node); the cluster has more nodes than the datapath holds. Remove nodes, or run a \
+         build whose overlay_common::MAX_PEERS is larger"
+    )]
+    MapFull {
+        cidr: Ipv4Network,
+        node_ip: Ipv4Addr,
+        map: &'static str,
+        capacity: u32,
+    },
+    #[error("peer {cidr} via {node_ip}: writing map {map}")]
+    PeerMap {
+        cidr: Ipv4Network,
+        node_ip: Ipv4Addr,
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
     #[error("peer {cidr} via {node_ip}")]
     Route {
         cidr: Ipv4Network,
@@ -53,11 +75,46 @@ pub struct Applied {
     pub added_or_updated: usize,
     pub removed: usize,
     pub config_changed: bool,
-    /// Peers that could not be programmed (and were rolled back).
-    pub failed: Vec<String>,
+    /// Every peer of the desired state that is not in the datapath (rolled
+    /// back, or never written), whether it failed in this apply or an
+    /// earlier one and has not been written since, by pod CIDR.
+    pub not_programmed: Vec<PeerFailure>,
     /// Time spent on the diff and the maps, and on the kernel routes.
     pub maps_time: Duration,
     pub routes_time: Duration,
+}
+
+/// Why a peer is not in the datapath.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FailureKind {
+    /// `PEERS` or `ROUTES` is full.
+    MapFull,
+    /// Another error writing a map.
+    MapWrite,
+    /// The kernel refused the route.
+    RouteRefused,
+}
+
+impl FailureKind {
+    pub const ALL: [Self; 3] = [Self::MapFull, Self::MapWrite, Self::RouteRefused];
+
+    /// The `reason` label of `overlay_peers_not_programmed`.
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::MapFull => "map_full",
+            Self::MapWrite => "map_write",
+            Self::RouteRefused => "route_refused",
+        }
+    }
+}
+
+/// A peer of the desired state the datapath does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerFailure {
+    pub peer: PeerState,
+    pub kind: FailureKind,
+    /// What went wrong and what to do, with its causes.
+    pub message: String,
 }
 
 pub struct Applier {
@@ -65,6 +122,8 @@ pub struct Applier {
     iface: String,
     config: Option<Config>,
     applied: BTreeMap<Ipv4Network, PeerState>,
+    /// Desired peers not in `applied` because writing them failed.
+    not_programmed: BTreeMap<Ipv4Network, PeerFailure>,
     /// The preferred source the kernel routes were last written with
     /// ([`route_source`]); `None` until the first apply, which rewrites
     /// them all (routes from an earlier run, or an older agent, may carry
@@ -126,7 +185,7 @@ impl Applier {
             return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }
         let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
-        Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None })
+        Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None, not_programmed: BTreeMap::new() })
     }
 
     /// Makes the next [`Self::apply`] write every route again (the kernel
@@ -190,9 +249,12 @@ impl Applier {
         let claimed: BTreeSet<Ipv4Addr> = desired.peers.values().map(|p| p.node_ip).collect();
         let failed = self.upsert_peers(&upserts, &|addr| claimed.contains(&addr), desired.inner_mtu, source, &mut report.routes_time)?;
         self.route_source = Some(source);
+        // Failures of peers no longer desired, or desired as they are, are moot.
+        let applied = &self.applied;
+        self.not_programmed.retain(|cidr, _| desired.peers.get(cidr).is_some_and(|p| applied.get(cidr) != Some(p)));
         report.maps_time = start.elapsed().saturating_sub(report.routes_time);
-        report.added_or_updated = upserts.len() - failed.len();
-        report.failed = failed;
+        report.added_or_updated = upserts.len() - failed;
+        report.not_programmed = self.not_programmed.values().cloned().collect();
         Ok(report)
     }
 
@@ -212,7 +274,10 @@ impl Applier {
             match (self.applied.get(cidr), desired.peers.get(cidr)) {
                 (Some(old), None) => removals.push(*old),
                 (old, Some(new)) if old != Some(new) => upserts.push(*new),
-                _ => {}
+                _ => {
+                    // A peer that had failed, now gone or back as it is.
+                    self.not_programmed.remove(cidr);
+                }
             }
         }
         report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
@@ -220,8 +285,8 @@ impl Applier {
         let claimed = |addr: Ipv4Addr| desired.peers.values().any(|p| p.node_ip == addr);
         let failed = self.upsert_peers(&upserts, &claimed, desired.inner_mtu, source, &mut report.routes_time)?;
         report.maps_time = start.elapsed().saturating_sub(report.routes_time);
-        report.added_or_updated = upserts.len() - failed.len();
-        report.failed = failed;
+        report.added_or_updated = upserts.len() - failed;
+        report.not_programmed = self.not_programmed.values().cloned().collect();
         Ok(report)
     }
 
@@ -246,14 +311,17 @@ impl Applier {
             ignore_missing(self.maps.peers.remove(&peer.node_ip.octets()))
                 .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
             self.applied.remove(&peer.pod_cidr);
+            self.not_programmed.remove(&peer.pod_cidr);
         }
         Ok(peers.len())
     }
 
     /// Adds or updates peers: `PEERS` (we accept their traffic), `ROUTES`
     /// (we encapsulate toward them), then their kernel routes (traffic
-    /// starts flowing). A new peer whose route fails is taken out of the
-    /// maps again. Returns the failures.
+    /// starts flowing). A peer whose map entries cannot be written (a full
+    /// map) gets no route, and what was written for it is undone; a new
+    /// peer whose route fails is taken out of the maps again. The failures
+    /// go to `self.not_programmed`; returns how many.
     /// `claimed` holds the node address of every desired peer: an address
     /// a moved CIDR leaves behind may be another peer's new one in the
     /// same batch (B .12→.13 while C .13→.14), and must stay.
@@ -264,65 +332,116 @@ impl Applier {
         mtu: u32,
         source: Option<Ipv4Addr>,
         routes_time: &mut Duration,
-    ) -> Result<Vec<String>, ApplyError> {
+    ) -> Result<usize, ApplyError> {
+        let mut written = Vec::with_capacity(peers.len());
+        let mut failures = 0;
         for peer in peers {
-            if let Some(old) = self.applied.get(&peer.pod_cidr).filter(|old| old.node_ip != peer.node_ip)
-                && !claimed(old.node_ip)
-            {
-                // The CIDR moved to another node address that no peer
-                // takes over: stop accepting the old one.
-                let _ = self.maps.peers.remove(&old.node_ip.octets());
+            match self.write_peer(peer, claimed) {
+                Ok(()) => written.push(*peer),
+                Err(error) => {
+                    let kind = match error {
+                        ApplyError::MapFull { .. } => FailureKind::MapFull,
+                        _ => FailureKind::MapWrite,
+                    };
+                    self.fail(*peer, kind, &error);
+                    failures += 1;
+                }
             }
-            self.maps
-                .peers
-                .insert(
-                    peer.node_ip.octets(),
-                    Peer {
-                        pod_cidr: peer.pod_cidr.network().octets(),
-                        pod_prefix_len: u32::from(peer.pod_cidr.prefix()),
-                    },
-                    0,
-                )
-                .map_err(|source| ApplyError::Map { map: "PEERS", source })?;
-            self.maps
-                .routes
-                .insert(
-                    &route_key(peer.pod_cidr),
-                    Route {
-                        node_ip: peer.node_ip.octets(),
-                        vtep_mac: peer.vtep_mac,
-                        mode: peer.mode,
-                        reason: peer.reason,
-                        next_hop: peer.next_hop.octets(),
-                    },
-                    0,
-                )
-                .map_err(|source| ApplyError::Map { map: "ROUTES", source })?;
         }
         let started = Instant::now();
-        let failed = routes::replace_all(peers, &self.iface, mtu, source)?;
+        let refused = routes::replace_all(&written, &self.iface, mtu, source)?;
         *routes_time += started.elapsed();
-        let mut failures = Vec::new();
-        for (peer, reason) in &failed {
+        for (peer, reason) in &refused {
             if !self.applied.contains_key(&peer.pod_cidr) {
                 let _ = self.maps.routes.remove(&route_key(peer.pod_cidr));
                 let _ = self.maps.peers.remove(&peer.node_ip.octets());
             }
-            failures.push(
-                ApplyError::Route {
-                    cidr: peer.pod_cidr,
-                    node_ip: peer.node_ip,
-                    source: RouteError::Refused { request: format!("route replace {}", peer.pod_cidr), reason: reason.clone() },
-                }
-                .to_string_with_causes(),
-            );
+            let error = ApplyError::Route {
+                cidr: peer.pod_cidr,
+                node_ip: peer.node_ip,
+                source: RouteError::Refused { request: format!("route replace {}", peer.pod_cidr), reason: reason.clone() },
+            };
+            self.fail(**peer, FailureKind::RouteRefused, &error);
+            failures += 1;
         }
-        for peer in peers {
-            if !failed.iter().any(|(f, _)| f.pod_cidr == peer.pod_cidr) {
+        for peer in &written {
+            if !refused.iter().any(|(f, _)| f.pod_cidr == peer.pod_cidr) {
                 self.applied.insert(peer.pod_cidr, *peer);
+                self.not_programmed.remove(&peer.pod_cidr);
             }
         }
         Ok(failures)
+    }
+
+    fn fail(&mut self, peer: PeerState, kind: FailureKind, error: &ApplyError) {
+        let message = error.to_string_with_causes();
+        self.not_programmed.insert(peer.pod_cidr, PeerFailure { peer, kind, message });
+    }
+
+    /// Writes one peer's `PEERS` and `ROUTES` entries, or, when either
+    /// write fails, leaves both maps as they were.
+    fn write_peer(&mut self, peer: &PeerState, claimed: &dyn Fn(Ipv4Addr) -> bool) -> Result<(), ApplyError> {
+        let (cidr, node_ip) = (peer.pod_cidr, peer.node_ip);
+        let map_error = |map: &'static str, capacity: u32| {
+            move |source: MapError| {
+                if is_full(&source) {
+                    ApplyError::MapFull { cidr, node_ip, map, capacity }
+                } else {
+                    ApplyError::PeerMap { cidr, node_ip, map, source }
+                }
+            }
+        };
+        // The CIDR moved to another node address that no peer takes over:
+        // stop accepting the old one (first, so a full PEERS has room).
+        let left_behind = self
+            .applied
+            .get(&cidr)
+            .filter(|old| old.node_ip != node_ip && !claimed(old.node_ip))
+            .map(|old| old.node_ip.octets())
+            .and_then(|addr| Some((addr, self.maps.peers.get(&addr, 0).ok()?)));
+        if let Some((addr, _)) = left_behind {
+            let _ = self.maps.peers.remove(&addr);
+        }
+        let overwritten = self.maps.peers.get(&node_ip.octets(), 0).ok();
+        let undo = |maps: &mut DatapathMaps| {
+            match overwritten {
+                Some(previous) => {
+                    let _ = maps.peers.insert(node_ip.octets(), previous, 0);
+                }
+                None => {
+                    let _ = maps.peers.remove(&node_ip.octets());
+                }
+            }
+            if let Some((addr, entry)) = left_behind {
+                let _ = maps.peers.insert(addr, entry, 0);
+            }
+        };
+        let entry = Peer { pod_cidr: cidr.network().octets(), pod_prefix_len: u32::from(cidr.prefix()) };
+        if let Err(source) = self.maps.peers.insert(node_ip.octets(), entry, 0) {
+            undo(&mut self.maps);
+            return Err(map_error("PEERS", self.maps.peers_capacity)(source));
+        }
+        let route = Route {
+            node_ip: node_ip.octets(),
+            vtep_mac: peer.vtep_mac,
+            mode: peer.mode,
+            reason: peer.reason,
+            next_hop: peer.next_hop.octets(),
+        };
+        if let Err(source) = self.maps.routes.insert(&route_key(cidr), route, 0) {
+            undo(&mut self.maps);
+            return Err(map_error("ROUTES", self.maps.routes_capacity)(source));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a map write failed because the map holds as many entries as
+/// it can: a hash map says `E2BIG`, an LPM trie `ENOSPC`.
+fn is_full(error: &MapError) -> bool {
+    match error {
+        MapError::SyscallError(error) => matches!(error.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)),
+        _ => false,
     }
 }
 

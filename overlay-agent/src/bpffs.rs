@@ -131,12 +131,12 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v4/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
+/// <root>/v5/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
 /// <root>/links/<pod veth>/{pod_fastpath,pod_delivered}
@@ -269,6 +269,13 @@ const LAYOUTS: &[(u32, &str)] = &[(
     "CONFIG type=2 key=4 value=56 max=1; COUNTERS type=6 key=4 value=16 max=18; \
      KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=16384; \
      POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=16384",
+), (
+    // v5: ROUTES and PEERS hold 65,536 nodes (overlay_common::MAX_PEERS),
+    // not 16,384: a cluster of 20,000 nodes fits.
+    5,
+    "CONFIG type=2 key=4 value=56 max=1; COUNTERS type=6 key=4 value=16 max=18; \
+     KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
+     POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
 )];
 
 #[cfg(test)]
@@ -324,7 +331,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v4/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v5/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")

@@ -26,25 +26,38 @@ pub struct DatapathMaps {
     pub routes: LpmTrie<MapData, [u8; 4], Route>,
     pub counters: PerCpuArray<MapData, Tally>,
     pub pod_ports: HashMap<MapData, [u8; 6], PodPort>,
+    /// How many entries `PEERS` and `ROUTES` hold, as the kernel created
+    /// them: what a full map's message names.
+    pub peers_capacity: u32,
+    pub routes_capacity: u32,
 }
 
 impl DatapathMaps {
     /// Opens the maps pinned under `root`.
     pub fn open(root: &Path) -> Result<Self, MapsError> {
         let layout = &PinLayout::new(root);
-        fn open<T: TryFrom<Map, Error = MapError>>(layout: &PinLayout, name: &str) -> Result<T, MapsError> {
+        /// The map and its capacity.
+        fn open_sized<T: TryFrom<Map, Error = MapError>>(layout: &PinLayout, name: &str) -> Result<(T, u32), MapsError> {
             let path = layout.map(name);
             let err = |source| MapsError::Open { path: path.clone(), source };
             let data = MapData::from_pin(&path).map_err(err)?;
-            T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)
+            let capacity = data.info().map_err(err)?.max_entries();
+            Ok((T::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?, capacity))
         }
+        fn open<T: TryFrom<Map, Error = MapError>>(layout: &PinLayout, name: &str) -> Result<T, MapsError> {
+            open_sized(layout, name).map(|(map, _)| map)
+        }
+        let (peers, peers_capacity) = open_sized(layout, map_names::PEERS)?;
+        let (routes, routes_capacity) = open_sized(layout, map_names::ROUTES)?;
         Ok(Self {
             layout: layout.clone(),
             config: open(layout, map_names::CONFIG)?,
-            peers: open(layout, map_names::PEERS)?,
-            routes: open(layout, map_names::ROUTES)?,
+            peers,
+            routes,
             counters: open(layout, map_names::COUNTERS)?,
             pod_ports: open(layout, map_names::POD_PORTS)?,
+            peers_capacity,
+            routes_capacity,
         })
     }
 

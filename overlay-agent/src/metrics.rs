@@ -36,6 +36,9 @@ pub struct Metrics {
     pub peers: Family<[(&'static str, &'static str); 1], Gauge>,
     /// Valid nodes left out of the datapath (not servable as configured).
     pub nodes_rejected: Gauge,
+    /// Peers the datapath should hold but could not take, by reason
+    /// (`map_full`, `map_write`, `route_refused`).
+    pub peers_not_programmed: Family<[(&'static str, &'static str); 1], Gauge>,
     /// Nodes (or manifests) that could not be read as a node at all.
     pub nodes_invalid: Gauge,
     pub reconcile_seconds: Histogram,
@@ -55,6 +58,14 @@ impl Metrics {
             "Valid nodes left out of the datapath because they cannot be served as configured (outside Network, \
              overlapping pod CIDR, duplicate address, other VNI or backend, not subnet-managed; see the log and events)",
             nodes_rejected.clone(),
+        );
+        let peers_not_programmed = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        registry.register(
+            "peers_not_programmed",
+            "Remote nodes that should be in the datapath but are not, by reason: map_full (PEERS or ROUTES is full: \
+             more nodes than the datapath holds), map_write (another map error), route_refused (the kernel refused \
+             the route); retried every 5 s, see the log",
+            peers_not_programmed.clone(),
         );
         let nodes_invalid = Gauge::default();
         registry.register(
@@ -81,7 +92,7 @@ impl Metrics {
             watch_restarts.clone(),
         );
         registry.register_collector(Box::new(DatapathCounters { pin_root: pin_root.to_owned() }));
-        Self { registry, peers, nodes_rejected, nodes_invalid, reconcile_seconds, watch_restarts, ready: Arc::default() }
+        Self { registry, peers, nodes_rejected, peers_not_programmed, nodes_invalid, reconcile_seconds, watch_restarts, ready: Arc::default() }
     }
 
     /// The text exposition format.

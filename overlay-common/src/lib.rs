@@ -34,6 +34,17 @@ pub mod map_names {
     pub const ALL: [&str; 6] = [CONFIG, PEERS, ROUTES, POD_PORTS, KERNEL_SOCKETS, COUNTERS];
 }
 
+/// How many remote nodes the datapath holds: the capacity of `ROUTES` and
+/// `PEERS`, which take one entry per remote node. 65,536 is every /24 pod
+/// CIDR of a /8 Network (flannel's largest usual layout), over three times
+/// the 20,000 nodes the agent is measured with, and beyond the 5,000 nodes
+/// Kubernetes is tested to. `PEERS` is preallocated: about 5 MiB of kernel
+/// memory per node at this size whatever the cluster's size (measured with
+/// `bpftool map show`, see docs/benchmarks/scale.md); `ROUTES` grows with
+/// its entries. A node beyond it is left out and reported, never half
+/// programmed (the agent's `apply`).
+pub const MAX_PEERS: usize = 65_536;
+
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     /// TC egress on the underlay interface: encapsulates packets to remote pod CIDRs.

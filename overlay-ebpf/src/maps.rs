@@ -7,13 +7,14 @@ use aya_ebpf::{
 };
 use overlay_common::{COUNTER_SLOTS, Config, Peer, PodPort, Route, SocketKey, Tally};
 
-/// Remote pod CIDR → how to reach it.
+/// Remote pod CIDR → how to reach it. One entry per remote node, like
+/// PEERS: both hold [`overlay_common::MAX_PEERS`].
 #[btf_map]
-pub static ROUTES: LpmTrie<[u8; 4], Route, 16384> = LpmTrie::new();
+pub static ROUTES: LpmTrie<[u8; 4], Route, { overlay_common::MAX_PEERS }> = LpmTrie::new();
 
 /// Underlay address of every known node → the pod CIDR it may source.
 #[btf_map]
-pub static PEERS: HashMap<[u8; 4], Peer, 16384> = HashMap::new();
+pub static PEERS: HashMap<[u8; 4], Peer, { overlay_common::MAX_PEERS }> = HashMap::new();
 
 /// Local pod MAC → its host-side veth, learned by the agent from the pod
 /// bridge's FDB (`--forward bpf`).

@@ -262,24 +262,42 @@ fn without_bpf_privileges_the_agent_says_what_it_needs() {
     assert!(!pins.path().exists(), "nothing may be created without permission");
 }
 
-/// The previous release's pins (map layout v3: `COUNTERS` had 16 slots,
-/// before `bare_tunnel_source` and `ecn_not_ect`), made with bpftool as
-/// that agent left them under `<root>/v3/`: the new agent loads beside
-/// them, its programs run on the new layout's maps, and the old
-/// directory is removed once they are attached. (Shown failing with the
-/// same pins made under the current version's directory, what a layout
-/// change without a new version looks like: the old directory stays, and
-/// aya reused a pinned COUNTERS of 16 slots where the programs index 18:
-/// now refused, see the next test.)
-#[test]
-#[ignore = "needs root: run `cargo xtask test` as root"]
-fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
-    require_root();
+/// One map as an older agent pinned it: name, `bpftool map create` kind,
+/// key and value size, capacity, flags.
+type PinnedMap = (&'static str, &'static str, u32, u32, u32, u32);
+
+/// Map layout v3 (overlay-agent's LAYOUTS): `COUNTERS` had 16 slots,
+/// before `bare_tunnel_source` and `ecn_not_ect`.
+const V3_MAPS: [PinnedMap; 6] = [
+    (map_names::CONFIG, "array", 4, 56, 1, 0),
+    (map_names::COUNTERS, "percpu_array", 4, 16, 16, 0),
+    (map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
+    (map_names::PEERS, "hash", 4, 8, 16384, 0),
+    (map_names::POD_PORTS, "hash", 6, 4, 4096, 0),
+    (map_names::ROUTES, "lpm_trie", 8, 16, 16384, 1),
+];
+
+/// Map layout v4: `COUNTERS` of 18 slots; `ROUTES` and `PEERS` still held
+/// 16,384 nodes.
+const V4_MAPS: [PinnedMap; 6] = [
+    (map_names::CONFIG, "array", 4, 56, 1, 0),
+    (map_names::COUNTERS, "percpu_array", 4, 16, 18, 0),
+    (map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
+    (map_names::PEERS, "hash", 4, 8, 16384, 0),
+    (map_names::POD_PORTS, "hash", 6, 4, 4096, 0),
+    (map_names::ROUTES, "lpm_trie", 8, 16, 16384, 1),
+];
+
+/// The pins an older release left under `<root>/v<version>/`, made with
+/// bpftool as that agent pinned them: the new agent loads beside them,
+/// its programs run on the new layout's maps (checked by their
+/// capacities), and the old directory is removed once they are attached.
+fn upgrade_from(version: u32, maps: &[PinnedMap]) {
     let ns = NetNs::new();
     ns.veth_pair("ul0", "ul1");
     let pins = PinDir::new();
-    let old = pins.path().join("v3");
-    make_v3_pins(&old);
+    let old = pins.path().join(format!("v{version}"));
+    make_pins(&old, maps);
     let _inside = ns.enter();
     let mut datapath = Datapath::load(pins.path()).expect("loading beside the previous layout's pins");
     datapath.attach("ul0", DecapHook::TcIngress, false).expect("attaching");
@@ -287,24 +305,43 @@ fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
     for name in map_names::ALL {
         assert!(layout.map(name).exists(), "no {} after the upgrade", layout.map(name).display());
     }
-    assert!(!old.exists(), "the previous layout's pins are still there: {:?}", std::fs::read_dir(&old).map(|d| d.count()));
-    let counters = stdout("bpftool", &["map", "show", "pinned", layout.map(map_names::COUNTERS).to_str().unwrap()]);
-    let slots = overlay_common::COUNTER_SLOTS.to_string();
-    assert!(counters.contains(&format!("max_entries {slots}")), "COUNTERS is not the new layout's: {counters}");
+    assert!(!old.exists(), "the v{version} pins are still there: {:?}", std::fs::read_dir(&old).map(|d| d.count()));
+    for (name, capacity) in [
+        (map_names::COUNTERS, overlay_common::COUNTER_SLOTS),
+        (map_names::PEERS, overlay_common::MAX_PEERS),
+        (map_names::ROUTES, overlay_common::MAX_PEERS),
+    ] {
+        let shown = stdout("bpftool", &["map", "show", "pinned", layout.map(name).to_str().unwrap()]);
+        assert!(shown.contains(&format!("max_entries {capacity} ")), "{name} is not the new layout's: {shown}");
+    }
 }
 
-/// Creates the maps of layout v3 (overlay-agent's LAYOUTS) in `dir`, as
-/// that agent pinned them: kind, key, value, capacity.
-fn make_v3_pins(dir: &std::path::Path) {
+/// From v3 pins, two layouts back. (Shown failing with the same pins
+/// made under the current version's directory, what a layout change
+/// without a new version looks like: the old directory stays, and aya
+/// reused a pinned COUNTERS of 16 slots where the programs index 18:
+/// now refused, see `pinned_maps_of_another_shape_under_this_version_are_refused`.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_agent_upgrades_from_the_v3_map_layouts_pins() {
+    require_root();
+    upgrade_from(3, &V3_MAPS);
+}
+
+/// From the previous release's v4 pins, whose `ROUTES` and `PEERS` held
+/// 16,384 nodes: the agent must not keep using them (a cluster beyond
+/// 16,384 nodes would not fit).
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
+    require_root();
+    upgrade_from(4, &V4_MAPS);
+}
+
+/// Creates `maps` in `dir` with bpftool, as an older agent pinned them.
+fn make_pins(dir: &std::path::Path, maps: &[PinnedMap]) {
     std::fs::create_dir_all(dir).unwrap();
-    for (name, kind, key, value, entries, flags) in [
-        (map_names::CONFIG, "array", 4, 56, 1, 0),
-        (map_names::COUNTERS, "percpu_array", 4, 16, 16, 0),
-        (map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
-        (map_names::PEERS, "hash", 4, 8, 16384, 0),
-        (map_names::POD_PORTS, "hash", 6, 4, 4096, 0),
-        (map_names::ROUTES, "lpm_trie", 8, 16, 16384, 1),
-    ] {
+    for &(name, kind, key, value, entries, flags) in maps {
         let (key, value, entries, flags) = (key.to_string(), value.to_string(), entries.to_string(), flags.to_string());
         let path = dir.join(name);
         let out = std::process::Command::new("bpftool")
@@ -328,15 +365,15 @@ fn pinned_maps_of_another_shape_under_this_version_are_refused() {
     require_root();
     let pins = PinDir::new();
     let layout = PinLayout::new(pins.path());
-    let current = layout.map(map_names::COUNTERS).parent().unwrap().to_owned();
-    make_v3_pins(&current);
+    let current = layout.map(map_names::PEERS).parent().unwrap().to_owned();
+    make_pins(&current, &V4_MAPS);
     let err = match Datapath::load(pins.path()) {
-        Ok(_) => panic!("the load accepted a 16-slot COUNTERS pinned where the programs index {}", overlay_common::COUNTER_SLOTS),
+        Ok(_) => panic!("the load accepted a PEERS of 16,384 entries where the programs hold {}", overlay_common::MAX_PEERS),
         Err(err) => overlay_agent::report::Chain(&err).to_string(),
     };
-    let counters = layout.map(map_names::COUNTERS);
-    assert!(err.contains(&format!("the map pinned at {}", counters.display())), "{err}");
-    assert!(err.contains("16 entries") && err.contains("overlay-agent cleanup"), "{err}");
+    let peers = layout.map(map_names::PEERS);
+    assert!(err.contains(&format!("the map pinned at {}", peers.display())), "{err}");
+    assert!(err.contains("16384 entries") && err.contains("overlay-agent cleanup"), "{err}");
     for name in map_names::ALL {
         assert!(layout.map(name).exists(), "{} was removed by a refused load", layout.map(name).display());
     }

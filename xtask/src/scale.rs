@@ -6,8 +6,8 @@ use std::process::Command;
 
 #[derive(clap::Args)]
 pub struct ScaleArgs {
-    /// Arguments for the benchmark: --nodes N (5000), --updates N (50),
-    /// --out FILE (e.g. docs/benchmarks/scale.md).
+    /// Arguments for the benchmark: --nodes N (5000), --updates N (200),
+    /// --poll-pause-us N (0), --out FILE (e.g. docs/benchmarks/scale.md).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }

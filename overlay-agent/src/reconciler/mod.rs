@@ -23,7 +23,7 @@ pub mod sources;
 mod tests;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     future::Future,
     net::Ipv4Addr,
     sync::Arc,
@@ -35,7 +35,7 @@ use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE, ROUTE_MODE_VXLAN
 use tracing::{error, info, warn};
 
 use crate::{
-    apply::{Applied, ApplyError},
+    apply::{Applied, ApplyError, FailureKind, PeerFailure},
     desired::{Desired, DesiredState, LocalSettings, NotReady, Paths, RejectKind, Rejected, Touched},
     metrics::Metrics,
     node::NodeInfo,
@@ -181,6 +181,8 @@ pub enum Reported {
     NotReady(String),
     OwnAddress(String),
     Rejected { node: String, kind: RejectKind, reason: String },
+    /// A peer the datapath could not take (a full map, a refused route).
+    NotProgrammed { pod_cidr: Ipv4Network, problem: String },
     SourceOutage { source: &'static str, problem: String },
     DatapathDown(String),
 }
@@ -491,9 +493,8 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
                 return false;
             }
         };
-        for failure in &applied.failed {
-            error!(error = %failure, "peer not programmed");
-        }
+        self.report_not_programmed(&applied.not_programmed);
+        let Ok(full) = self.state.result() else { unreachable!("checked above") };
         if applied.added_or_updated + applied.removed > 0 || applied.config_changed {
             for (mode, name) in [(ROUTE_MODE_VXLAN, "vxlan"), (ROUTE_MODE_DIRECT, "direct"), (ROUTE_MODE_UNREACHABLE, "unreachable")] {
                 let count = full.peers.values().filter(|p| p.mode == mode).count();
@@ -540,6 +541,28 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
             }
         }
         true
+    }
+
+    /// Logs each peer the datapath does not hold once per problem, with
+    /// its node's name, and counts them by reason.
+    fn report_not_programmed(&mut self, failures: &[PeerFailure]) {
+        let key = |f: &PeerFailure| Reported::NotProgrammed { pod_cidr: f.peer.pod_cidr, problem: f.message.clone() };
+        let current: BTreeSet<Reported> = failures.iter().map(key).collect();
+        self.reported.retain(|r| !matches!(r, Reported::NotProgrammed { .. }) || current.contains(r));
+        let first: Vec<&PeerFailure> = failures.iter().filter(|f| self.report(key(f))).collect();
+        if !first.is_empty() {
+            // Failures are rare: one walk over the nodes to name them.
+            let names: HashMap<Ipv4Network, &str> =
+                self.state.nodes().values().map(|n| (n.pod_cidr, n.name.as_str())).collect();
+            for failure in first {
+                let node = names.get(&failure.peer.pod_cidr).copied().unwrap_or("?");
+                error!(node, error = %failure.message, "peer not programmed; retried every {}s", HOUSEKEEPING.as_secs());
+            }
+        }
+        for kind in FailureKind::ALL {
+            let count = failures.iter().filter(|f| f.kind == kind).count();
+            self.metrics.peers_not_programmed.get_or_create(&[("reason", kind.label())]).set(count as i64);
+        }
     }
 
     /// Our tunnel address must be one of the underlay's, or peers would

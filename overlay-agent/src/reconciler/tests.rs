@@ -36,6 +36,29 @@ struct Table {
     peers: BTreeMap<Ipv4Network, PeerState>,
     full_applies: usize,
     touched_applies: usize,
+    /// How many peers fit, as a full map would have it (`None`: any).
+    capacity: Option<usize>,
+}
+
+impl Table {
+    /// Writes `peer` unless the table is full.
+    fn upsert(&mut self, peer: PeerState) -> bool {
+        let full = self.capacity.is_some_and(|c| self.peers.len() >= c) && !self.peers.contains_key(&peer.pod_cidr);
+        if !full {
+            self.peers.insert(peer.pod_cidr, peer);
+        }
+        !full
+    }
+
+    /// What the real applier reports: every desired peer not held.
+    fn not_programmed(&self, desired: &Desired) -> Vec<PeerFailure> {
+        desired
+            .peers
+            .values()
+            .filter(|p| self.peers.get(&p.pod_cidr) != Some(p))
+            .map(|p| PeerFailure { peer: *p, kind: FailureKind::MapFull, message: format!("peer {}: map ROUTES is full", p.pod_cidr) })
+            .collect()
+    }
 }
 
 #[derive(Clone, Default)]
@@ -46,21 +69,32 @@ impl PeerWriter for FakeWriter {
         let mut table = self.0.borrow_mut();
         table.full_applies += 1;
         let changes = diff(&table.peers, &desired.peers);
-        let removed = changes.iter().filter(|c| matches!(c, Change::Remove(_))).count();
-        table.peers = desired.peers.clone();
-        Ok(Applied { added_or_updated: changes.len() - removed, removed, ..Applied::default() })
+        let mut counts = (0, 0);
+        for change in changes {
+            match change {
+                Change::Remove(peer) => {
+                    table.peers.remove(&peer.pod_cidr);
+                    counts.1 += 1;
+                }
+                Change::Upsert(peer) => counts.0 += usize::from(table.upsert(peer)),
+            }
+        }
+        Ok(Applied { added_or_updated: counts.0, removed: counts.1, not_programmed: table.not_programmed(desired), ..Applied::default() })
     }
 
     fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError> {
         let mut table = self.0.borrow_mut();
         table.touched_applies += 1;
+        let mut upserted = 0;
         for cidr in touched {
             match desired.peers.get(cidr) {
-                Some(peer) => table.peers.insert(*cidr, *peer),
-                None => table.peers.remove(cidr),
+                Some(peer) => upserted += usize::from(table.upsert(*peer)),
+                None => {
+                    table.peers.remove(cidr);
+                }
             };
         }
-        Ok(Applied { added_or_updated: touched.len(), ..Applied::default() })
+        Ok(Applied { added_or_updated: upserted, not_programmed: table.not_programmed(desired), ..Applied::default() })
     }
 }
 
@@ -383,4 +417,43 @@ async fn the_network_is_published_up_only_while_the_datapath_is_attached() {
     assert!(r.reconcile(Instant::now()).await);
     assert_eq!(r.publisher.networks.last(), Some(&NetworkState::Up));
     assert!(r.reported.is_empty(), "{:?}", r.reported);
+}
+
+/// More nodes than the datapath holds: the one left out is logged once
+/// with its node's name however often it is retried, counted in
+/// `overlay_peers_not_programmed{reason="map_full"}`, and taken in by the
+/// next full apply once a node leaves.
+#[tokio::test]
+async fn a_peer_beyond_a_full_map_is_reported_once_counted_and_taken_in_later() {
+    let table = FakeWriter::default();
+    table.0.borrow_mut().capacity = Some(2);
+    let mut r = new_loop(&table);
+    let mut nodes = three();
+    nodes.push(node("d", "10.244.4.0/24", [192, 168, 0, 4]));
+    step(&mut r, events(vec![NodeEvent::Resync { nodes, invalid: vec![] }])).await;
+    for _ in 0..3 {
+        r.housekeeping();
+        r.reconcile(Instant::now()).await;
+    }
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+    let reports: Vec<_> = r.first_reports.iter().filter(|p| matches!(p, Reported::NotProgrammed { .. })).collect();
+    assert_eq!(
+        reports,
+        [&Reported::NotProgrammed { pod_cidr: "10.244.4.0/24".parse().unwrap(), problem: "peer 10.244.4.0/24: map ROUTES is full".into() }],
+        "{:?}",
+        r.first_reports
+    );
+    let gauge = |r: &Loop| r.metrics.peers_not_programmed.get_or_create(&[("reason", "map_full")]).get();
+    assert_eq!(gauge(&r), 1);
+    assert!(r.metrics.encode().contains("overlay_peers_not_programmed{reason=\"map_full\"} 1"), "{}", r.metrics.encode());
+
+    // A node leaves: its removal touches only its own CIDR, and the
+    // housekeeping's full apply takes the one left out.
+    step(&mut r, events(vec![NodeEvent::Delete("c".into())])).await;
+    assert_eq!(gauge(&r), 1);
+    r.housekeeping();
+    r.reconcile(Instant::now()).await;
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.4.0/24"]);
+    assert_eq!(gauge(&r), 0);
+    assert!(!r.reported.iter().any(|p| matches!(p, Reported::NotProgrammed { .. })), "{:?}", r.reported);
 }

@@ -13,7 +13,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::lpm_trie::Key;
+use aya::maps::{LpmTrie, Map, MapData, lpm_trie::Key};
+use overlay_common::Route;
 use clap::Parser;
 use overlay_tests::{NetNs, PinDir, apiserver::ApiServer, lab::ChildGuard};
 use serde_json::{Value, json};
@@ -33,6 +34,12 @@ struct Args {
     /// Write the report (markdown) here as well as to stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// How the benchmark waits for an update to reach the map: 0 polls
+    /// without pause (one CPU busy the whole time, taken from the agent
+    /// and the API server on a small machine), N sleeps N µs between
+    /// looks (the figure then carries up to that much more).
+    #[arg(long, default_value_t = 0)]
+    poll_pause_us: u64,
 }
 
 /// Peer `k` (1-based): pod CIDR 10.(k/256).(k%256).0/24, address on the
@@ -59,9 +66,12 @@ fn peer(k: u32, ip: Ipv4Addr) -> Value {
     })
 }
 
+/// Peer `k`'s address in its `generation` (0 at the start, then one per
+/// update of it): 172.16.0.0/12 holds the node and every peer, on-link,
+/// 16 generations of up to 65,534 peers.
 fn peer_ip(k: u32, generation: u32) -> Ipv4Addr {
-    // 172.16.0.0/12 holds the node and every peer, on-link.
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + (generation << 16) + k + 1)
+    assert!(k < 0xffff, "at most 65,534 peers");
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + ((generation % 16) << 16) + k + 1)
 }
 
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -124,15 +134,15 @@ fn main() {
 
     // Until the ROUTES map holds every peer.
     let deadline = Instant::now() + Duration::from_secs(120);
-    let maps = loop {
-        if let Ok(maps) = overlay_agent::maps::DatapathMaps::open(pins.path()) {
-            break maps;
+    let (maps_dir, routes_map) = loop {
+        if let Some(found) = open_routes(pins.path()) {
+            break found;
         }
         assert!(Instant::now() < deadline, "the agent never created its maps:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
         std::thread::sleep(Duration::from_millis(5));
     };
     let all_in_maps = loop {
-        let count = maps.routes.keys().count();
+        let count = routes_map.keys().count();
         if count >= args.nodes as usize {
             break started.elapsed();
         }
@@ -160,20 +170,26 @@ fn main() {
     let mut latencies = Vec::new();
     for u in 0..args.updates {
         let k = 1 + (u * 97) % args.nodes;
-        let new_ip = peer_ip(k, 1 + u);
         let mut node = api.get(&format!("node{k}")).expect("node");
+        let old_ip = node["status"]["addresses"][0]["address"].as_str().and_then(|a| a.parse::<Ipv4Addr>().ok()).expect("node address");
+        // The next generation: another address on the same /12.
+        let new_ip = peer_ip(k, ((u32::from(old_ip) - u32::from(Ipv4Addr::new(172, 16, 0, 0))) >> 16) + 1);
         node["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"] = new_ip.to_string().into();
         node["status"]["addresses"][0]["address"] = new_ip.to_string().into();
         let key = Key::new(24, [10, (k / 256) as u8, (k % 256) as u8, 0]);
         let t0 = Instant::now();
         api.apply(node);
         loop {
-            if maps.routes.get(&key, 0).is_ok_and(|r| Ipv4Addr::from(r.node_ip) == new_ip) {
+            if routes_map.get(&key, 0).is_ok_and(|r| Ipv4Addr::from(r.node_ip) == new_ip) {
                 latencies.push(t0.elapsed());
                 break;
             }
             assert!(t0.elapsed() < Duration::from_secs(10), "update of node{k} never reached the map");
-            std::hint::spin_loop();
+            if args.poll_pause_us == 0 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::sleep(Duration::from_micros(args.poll_pause_us));
+            }
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -192,6 +208,19 @@ fn main() {
     };
     let agent_median = median_ms("elapsed_us");
     let stages = ["source_us", "checks_us", "maps_us", "routes_us"].map(median_ms).join(" / ");
+    // The 99th percentile of each stage, in ms: where the agent's tail is.
+    let p99_ms = |field: &str| {
+        let mut us: Vec<u64> = update_lines
+            .iter()
+            .filter_map(|l| l.split(&format!(" {field}=")).nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect();
+        us.sort_unstable();
+        if us.is_empty() {
+            return "-".to_owned();
+        }
+        format!("{:.2}", us[((us.len() - 1) as f64 * 0.99).round() as usize] as f64 / 1e3)
+    };
+    let stages_p99 = ["source_us", "checks_us", "maps_us", "routes_us"].map(p99_ms).join(" / ");
     // The agent's own p99 and maximum (event in hand → applied), in ms.
     let mut agent_us: Vec<u64> = update_lines
         .iter()
@@ -204,6 +233,26 @@ fn main() {
     };
     let pick = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     let (rss_end, hwm) = rss_kib(pid);
+    // The kernel memory of the maps that grow with the cluster, as bpftool
+    // reports it (memlock).
+    let memlock = |name: &str| {
+        let pin = maps_dir.join(name);
+        let out = Command::new("bpftool").args(["map", "show", "pinned"]).arg(&pin).output();
+        let text = out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+        let field = |key: &str| text.split_whitespace().skip_while(|w| *w != key).nth(1).map(str::to_owned);
+        let bytes: Option<f64> = field("memlock").and_then(|b| b.trim_end_matches('B').parse().ok());
+        format!(
+            "{name} ({} of {} entries): {}",
+            args.nodes,
+            field("max_entries").unwrap_or_else(|| "?".into()),
+            bytes.map_or("?".to_owned(), |b| format!("{:.2} MiB", b / 1048576.0)),
+        )
+    };
+    let waiting = match args.poll_pause_us {
+        0 => "polling the map without pause (--poll-pause-us 0)".to_owned(),
+        us => format!("polling the map every {us} µs (--poll-pause-us {us})"),
+    };
+    let map_memory = [overlay_common::map_names::PEERS, overlay_common::map_names::ROUTES].map(memlock).join("; ");
 
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
@@ -211,7 +260,8 @@ fn main() {
         "# Agent scale\n\n\
          `cargo xtask scale` (tests/src/bin/overlay-scale.rs): one agent (release build) watching the test API server \
          (`tests/src/apiserver.rs`, real kube client and watcher in the agent) that holds {nodes} Nodes, all on-link VXLAN peers. \
-         Kernel {kernel}, {cpus} CPUs, shared machine: load average {load_at_start} at the start, {load_at_end} at the end.\n\n\
+         Kernel {kernel}, {cpus} CPUs, shared machine: load average {load_at_start} at the start, {load_at_end} at the end. \
+         Waiting for each update: {waiting}.\n\n\
          | measure | result | target |\n|---|---|---|\n\
          | agent start → all {nodes} peers in the ROUTES map | {all:.2} s | |\n\
          | agent start → all {nodes} kernel routes installed | {routes:.2} s | < 2 s (20,000 nodes) |\n\
@@ -221,7 +271,9 @@ fn main() {
          | of which inside the agent (watch event in hand → maps and route applied), median | {agent_median} ms | |\n\
          | inside the agent, p99 / max | {agent_tail} ms | |\n\
          | inside the agent by stage, medians: event, paths and desired state / checks / maps / kernel route | {stages} ms | |\n\
-         | agent RSS after the initial sync / after the updates / peak | {rss_synced:.1} / {rss_end:.1} / {hwm:.1} MiB | < 64 MiB (20,000 nodes) |\n\n\
+         | inside the agent by stage, p99 of each | {stages_p99} ms | |\n\
+         | agent RSS after the initial sync / after the updates / peak | {rss_synced:.1} / {rss_end:.1} / {hwm:.1} MiB | < 64 MiB (20,000 nodes) |\n\
+         | kernel memory of the maps (bpftool memlock) | {map_memory} | |\n\n\
          The start time includes loading and verifying the eBPF programs and the paged list (500 per page).\n",
         nodes = args.nodes,
         kernel = kernel.trim(),
@@ -242,6 +294,23 @@ fn main() {
         std::fs::write(out, &report).expect("writing the report");
         eprintln!("scale: wrote {}", out.display());
     }
+}
+
+type RoutesMap = LpmTrie<MapData, [u8; 4], Route>;
+
+/// The `ROUTES` map the agent pinned under `root`, and its directory:
+/// whichever map layout version the agent uses (`<root>/v<N>/`), so the
+/// benchmark also drives an agent of an earlier layout (a baseline). The
+/// `ROUTES` entry has kept its shape across versions.
+fn open_routes(root: &std::path::Path) -> Option<(PathBuf, RoutesMap)> {
+    let dir = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('v') && n[1..].parse::<u32>().is_ok()))?;
+    let data = MapData::from_pin(dir.join(overlay_common::map_names::ROUTES)).ok()?;
+    let routes = LpmTrie::try_from(Map::from_map_data(data).ok()?).ok()?;
+    Some((dir, routes))
 }
 
 struct WorkDir(PathBuf);
