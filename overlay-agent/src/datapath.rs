@@ -251,8 +251,8 @@ impl Datapath {
                 .program_mut(name)
                 .ok_or(DatapathError::MissingProgram(name))?;
             let loaded = match program {
-                Program::SchedClassifier(p) => p.load(),
-                Program::Xdp(p) => p.load(),
+                Program::SchedClassifier(p) => retry_interrupted_load(|| p.load()),
+                Program::Xdp(p) => retry_interrupted_load(|| p.load()),
                 _ => return Err(DatapathError::MissingProgram(name)),
             };
             loaded.map_err(|source| match source {
@@ -833,4 +833,73 @@ fn may_load_bpf() -> bool {
         return true;
     };
     eff & (1 << CAP_BPF) != 0 || eff & (1 << CAP_SYS_ADMIN) != 0
+}
+
+/// How often a program load the verifier gave up on because a signal was
+/// pending is tried again (libbpf's `sys_bpf_prog_load` tries 5 times).
+const LOAD_ATTEMPTS: usize = 5;
+
+/// Loads a program, trying again while the kernel answers `EAGAIN`: the
+/// verifier stops with it whenever a signal is pending for the loading
+/// thread (`do_check`'s `signal_pending` test), which in a process with
+/// handlers installed (tokio's, the tests' child processes exiting) is a
+/// matter of timing, not of the program. aya retries only to grow the
+/// verifier log.
+fn retry_interrupted_load(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
+    let mut attempt = 1;
+    loop {
+        match load() {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < LOAD_ATTEMPTS =>
+            {
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::Cell, io};
+
+    use aya::programs::ProgramError;
+
+    use super::{LOAD_ATTEMPTS, retry_interrupted_load};
+
+    fn failure(errno: i32) -> ProgramError {
+        ProgramError::LoadError { io_error: io::Error::from_raw_os_error(errno), verifier_log: aya_obj::VerifierLog::new(String::new()) }
+    }
+
+    /// A load the verifier gave up on for a pending signal is tried again,
+    /// and succeeds; one the verifier refused is not; and a signal storm
+    /// ends with the kernel's answer. (Shown failing with the load called
+    /// once: the interrupted load failed with EAGAIN, seen in load.rs's
+    /// tests run in parallel.)
+    #[test]
+    fn loads_interrupted_by_a_signal_are_tried_again() {
+        let calls = Cell::new(0);
+        let interrupted_twice = retry_interrupted_load(|| {
+            calls.set(calls.get() + 1);
+            if calls.get() <= 2 { Err(failure(libc::EAGAIN)) } else { Ok(()) }
+        });
+        assert!(interrupted_twice.is_ok(), "{interrupted_twice:?}");
+        assert_eq!(calls.get(), 3);
+
+        calls.set(0);
+        let refused = retry_interrupted_load(|| {
+            calls.set(calls.get() + 1);
+            Err(failure(libc::EACCES))
+        });
+        assert!(matches!(refused, Err(ProgramError::LoadError { ref io_error, .. }) if io_error.raw_os_error() == Some(libc::EACCES)));
+        assert_eq!(calls.get(), 1, "a verifier's refusal is final");
+
+        calls.set(0);
+        let storm = retry_interrupted_load(|| {
+            calls.set(calls.get() + 1);
+            Err(failure(libc::EAGAIN))
+        });
+        assert!(matches!(storm, Err(ProgramError::LoadError { ref io_error, .. }) if io_error.raw_os_error() == Some(libc::EAGAIN)));
+        assert_eq!(calls.get(), LOAD_ATTEMPTS);
+    }
 }
