@@ -95,9 +95,9 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert_eq!(attached(), (2, 0), "a stopped agent must leave TC egress and TC ingress attached");
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
 
-    // Another root's nexthop, with our protocol: cleanup must leave it.
-    // (Shown failing against a cleanup that removed every nexthop of our
-    // protocol.)
+    // Another root's nexthop, with our protocol: cleanup must leave it,
+    // and remove ours. (Shown failing against the branch's start, whose
+    // route had no nexthop.)
     let nexthops = |args: &[&str]| {
         let out = lab.nodes[0].ns.ip(&[&["nexthop", "show"], args].concat());
         String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect::<Vec<_>>()
