@@ -25,7 +25,10 @@
 //! started. When to look the paths up again is for
 //! [`crate::kernel_events`] to say.
 
-use std::{collections::HashMap, net::Ipv4Addr};
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use ipnetwork::Ipv4Network;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
@@ -136,6 +139,9 @@ pub struct Nexthops {
     ours: HashMap<u32, NexthopKey>,
     route_nexthop: HashMap<Ipv4Network, u32>,
     users: HashMap<u32, usize>,
+    /// Ours that no route uses: what [`Self::collect`] looks at, so an
+    /// update costs no walk over every nexthop.
+    idle: HashSet<u32>,
 }
 
 impl Nexthops {
@@ -181,6 +187,8 @@ impl Nexthops {
                 Answer::Done | Answer::Route(_) => {
                     self.ours.insert(id, key);
                     self.by_key.insert(key, id);
+                    // Until its route is in: a refused route leaves it to collect.
+                    self.idle.insert(id);
                     return Ok(Ok(id));
                 }
                 Answer::Refused(refused) if refused.errno == libc::EEXIST => {
@@ -204,6 +212,7 @@ impl Nexthops {
         let old = match id {
             Some(id) => {
                 *self.users.entry(id).or_default() += 1;
+                self.idle.remove(&id);
                 self.route_nexthop.insert(destination, id)
             }
             None => self.route_nexthop.remove(&destination),
@@ -211,6 +220,9 @@ impl Nexthops {
         if let Some(old) = old {
             if let Some(users) = self.users.get_mut(&old) {
                 *users = users.saturating_sub(1);
+                if *users == 0 {
+                    self.idle.insert(old);
+                }
             }
         }
     }
@@ -218,6 +230,7 @@ impl Nexthops {
     /// Forgets `id`: the kernel no longer has it (it deletes a device's
     /// nexthops, and their routes, with the device).
     fn forget(&mut self, id: u32) {
+        self.idle.remove(&id);
         if let Some(key) = self.ours.remove(&id) {
             if self.by_key.get(&key) == Some(&id) {
                 self.by_key.remove(&key);
@@ -228,8 +241,12 @@ impl Nexthops {
     /// Deletes our nexthops no route of ours uses any more. One the kernel
     /// refuses to delete stays ours, to be tried again next time.
     pub fn collect(&mut self, rtnl: &mut Rtnl) -> Result<(), RouteError> {
-        let unused: Vec<u32> =
-            self.ours.keys().copied().filter(|id| self.users.get(id).copied().unwrap_or(0) == 0).collect();
+        let unused: Vec<u32> = self
+            .idle
+            .iter()
+            .copied()
+            .filter(|id| self.ours.contains_key(id) && self.users.get(id).copied().unwrap_or(0) == 0)
+            .collect();
         for id in unused {
             match rtnl.delete_nexthop(id)? {
                 Answer::Refused(refused) if refused.errno != libc::ENOENT && refused.errno != libc::ESRCH => continue,
