@@ -129,6 +129,8 @@ pub struct Applier {
     /// them all (routes from an earlier run, or an older agent, may carry
     /// another).
     route_source: Option<Option<Ipv4Addr>>,
+    /// The nexthop objects our routes go through, and which route uses which.
+    nexthops: routes::Nexthops,
 }
 
 /// The preferred source of our routes: the address we advertise, when it
@@ -181,11 +183,14 @@ impl Applier {
         } else {
             routes::with_our_protocol()?.into_iter().filter(|c| recorded.contains(c)).collect()
         };
-        if let Some((cidr, reason)) = routes::remove_all(&stale)?.into_iter().next() {
+        // The routes of the current layout's entries, and the nexthops they
+        // go through, stay as they are until the first apply replaces them.
+        let mut nexthops = routes::Nexthops::adopt(|c| applied.contains_key(c))?;
+        if let Some((cidr, reason)) = routes::remove_all(&mut nexthops, &stale)?.into_iter().next() {
             return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }
         let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
-        Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None, not_programmed: BTreeMap::new() })
+        Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None, not_programmed: BTreeMap::new(), nexthops })
     }
 
     /// Makes the next [`Self::apply`] write every route again (the kernel
@@ -295,7 +300,7 @@ impl Applier {
     fn remove_peers(&mut self, peers: &[PeerState], routes_time: &mut Duration) -> Result<usize, ApplyError> {
         let cidrs: Vec<Ipv4Network> = peers.iter().map(|p| p.pod_cidr).collect();
         let started = Instant::now();
-        let failed = routes::remove_all(&cidrs)?;
+        let failed = routes::remove_all(&mut self.nexthops, &cidrs)?;
         *routes_time += started.elapsed();
         if let Some((cidr, reason)) = failed.into_iter().next() {
             let peer = peers.iter().find(|p| p.pod_cidr == cidr).expect("failed CIDR is one of ours");
@@ -349,7 +354,7 @@ impl Applier {
             }
         }
         let started = Instant::now();
-        let refused = routes::replace_all(&written, &self.iface, mtu, source)?;
+        let refused = routes::replace_all(&mut self.nexthops, &written, &self.iface, mtu, source)?;
         *routes_time += started.elapsed();
         for (peer, reason) in &refused {
             if !self.applied.contains_key(&peer.pod_cidr) {

@@ -49,6 +49,9 @@ const CHANNEL: usize = 16;
 /// `RTM_NEWNEXTHOP`, `RTM_DELNEXTHOP` (linux/rtnetlink.h).
 const RTM_NEWNEXTHOP: u16 = 104;
 const RTM_DELNEXTHOP: u16 = 105;
+/// Where a nexthop notification's `nhmsg.nh_protocol` is: after the
+/// 16-byte netlink header, family and scope.
+const NEXTHOP_PROTOCOL_OFFSET: usize = 16 + 2;
 
 /// The rtnetlink multicast groups the task joins (`RTNLGRP_*`).
 const GROUPS: [u32; 6] = [
@@ -267,9 +270,14 @@ impl Classifier {
             let message = &datagram[offset..offset + length];
             offset += length.next_multiple_of(4);
             // Nexthop objects (routes may use them) are not modelled by
-            // netlink-packet-route: their type is enough.
+            // netlink-packet-route: their type is enough, and `nhmsg`'s
+            // protocol (its third byte) sets ours apart. Ours change with
+            // every apply, as our routes do; were they to move the underlay,
+            // every node update would bring a look-up of every node's path.
             if matches!(kind, RTM_NEWNEXTHOP | RTM_DELNEXTHOP) {
-                events.insert(KernelEvent::UnderlayChanged);
+                if message.get(NEXTHOP_PROTOCOL_OFFSET) != Some(&ROUTE_PROTO_ID) {
+                    events.insert(KernelEvent::UnderlayChanged);
+                }
                 continue;
             }
             match NetlinkMessage::<RouteNetlinkMessage>::deserialize(message) {
@@ -516,6 +524,14 @@ mod tests {
         let mut events = BTreeSet::new();
         c.read(&nexthop, &mut events);
         assert_eq!(events, BTreeSet::from([KernelEvent::UnderlayChanged]));
+        // Ours (protocol 157), added or deleted, move nothing.
+        nexthop[NEXTHOP_PROTOCOL_OFFSET] = ROUTE_PROTO_ID;
+        for kind in [RTM_NEWNEXTHOP, RTM_DELNEXTHOP] {
+            nexthop[4..6].copy_from_slice(&kind.to_ne_bytes());
+            let mut events = BTreeSet::new();
+            c.read(&nexthop, &mut events);
+            assert_eq!(events, BTreeSet::new(), "our nexthop, message type {kind}");
+        }
         let mut events = BTreeSet::new();
         c.read(&[1, 2, 3], &mut events);
         assert_eq!(events, BTreeSet::from(KernelEvent::ALL));

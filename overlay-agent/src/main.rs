@@ -64,10 +64,19 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         Vec::new()
     };
     let installed: Vec<_> = routes::with_our_protocol().context("listing the agent's routes")?.into_iter().filter(|c| ours.contains(c)).collect();
-    if let Some((cidr, refused)) = routes::remove_all(&installed).context("removing the agent's routes")?.into_iter().next() {
+    // The nexthops our recorded routes use are ours; they go once their
+    // routes are gone.
+    let mut nexthops = routes::Nexthops::adopt(|c| ours.contains(c)).context("listing the agent's nexthops")?;
+    let nexthop_count = nexthops.ids().count();
+    if let Some((cidr, refused)) = routes::remove_all(&mut nexthops, &installed).context("removing the agent's routes")?.into_iter().next() {
         anyhow::bail!("removing the route to {cidr}: {refused}");
     }
-    println!("removed {} routes (proto {}, destinations in {})", installed.len(), routes::ROUTE_PROTO, layout.map(overlay_common::map_names::ROUTES).display());
+    println!(
+        "removed {} routes (proto {}, destinations in {}) and the {nexthop_count} nexthops they used",
+        installed.len(),
+        routes::ROUTE_PROTO,
+        layout.map(overlay_common::map_names::ROUTES).display()
+    );
     // Before TCX the TC programs are clsact filters, which no pin holds.
     for iface in &interfaces {
         Datapath::detach_clsact(iface).with_context(|| format!("detaching from {iface}"))?;

@@ -25,13 +25,16 @@
 //! started. When to look the paths up again is for
 //! [`crate::kernel_events`] to say.
 
-use std::net::Ipv4Addr;
+use std::{
+    collections::{HashMap, HashSet},
+    net::Ipv4Addr,
+};
 
 use ipnetwork::Ipv4Network;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    route::{RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType},
 };
 use overlay_common::{ROUTE_MODE_DIRECT, ROUTE_MODE_UNREACHABLE};
 
@@ -54,23 +57,22 @@ pub enum RouteError {
 }
 
 /// The `RTM_NEWROUTE` that adds or replaces the route toward `peer`'s pod
-/// CIDR: what `ip route replace` sends for the routes in the module doc.
-fn replace_message(peer: &PeerState, ifindex: u32, vxlan_mtu: u32, source: Option<Ipv4Addr>) -> RouteMessage {
+/// CIDR through `nexthop` (the object [`nexthop_key`] describes; none for
+/// an unreachable route). The MTU and the preferred source stay on the
+/// route: they are the route's, not the next hop's.
+fn replace_message(peer: &PeerState, nexthop: Option<u32>, vxlan_mtu: u32, source: Option<Ipv4Addr>) -> RouteMessage {
     let mut route = route_to(peer.pod_cidr);
     route.header.protocol = RouteProtocol::from(ROUTE_PROTO_ID);
     route.header.scope = RouteScope::Universe;
-    match peer.mode {
-        ROUTE_MODE_UNREACHABLE => route.header.kind = RouteType::Unreachable,
-        ROUTE_MODE_DIRECT => {
+    match (peer.mode, nexthop) {
+        (ROUTE_MODE_UNREACHABLE, _) | (_, None) => route.header.kind = RouteType::Unreachable,
+        (ROUTE_MODE_DIRECT, Some(id)) => {
             route.header.kind = RouteType::Unicast;
-            route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(peer.node_ip)));
-            route.attributes.push(RouteAttribute::Oif(ifindex));
+            route.attributes.push(RouteAttribute::NhId(id));
         }
-        _ => {
+        (_, Some(id)) => {
             route.header.kind = RouteType::Unicast;
-            route.header.flags = RouteFlags::Onlink;
-            route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(peer.next_hop)));
-            route.attributes.push(RouteAttribute::Oif(ifindex));
+            route.attributes.push(RouteAttribute::NhId(id));
             route.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(vxlan_mtu)]));
         }
     }
@@ -78,6 +80,191 @@ fn replace_message(peer: &PeerState, ifindex: u32, vxlan_mtu: u32, source: Optio
         route.attributes.push(RouteAttribute::PrefSource(RouteAddress::Inet(source)));
     }
     route
+}
+
+/// What the next hop of `peer`'s route is: `via <next hop> dev <underlay>
+/// onlink` over VXLAN, `via <node IP> dev <underlay>` direct, none for an
+/// unreachable route.
+fn nexthop_key(peer: &PeerState, ifindex: u32) -> Option<NexthopKey> {
+    match peer.mode {
+        ROUTE_MODE_UNREACHABLE => None,
+        ROUTE_MODE_DIRECT => Some(NexthopKey { gateway: peer.node_ip, oif: ifindex, onlink: false }),
+        _ => Some(NexthopKey { gateway: peer.next_hop, oif: ifindex, onlink: true }),
+    }
+}
+
+/// A nexthop object's content: what routes through it share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NexthopKey {
+    pub gateway: Ipv4Addr,
+    pub oif: u32,
+    pub onlink: bool,
+}
+
+impl NexthopKey {
+    /// The id tried first for this content: the same across restarts, so
+    /// an agent finds its own again; spread over the id space so another
+    /// tool's ids (small ones, as `ip nexthop add id 1`) rarely collide.
+    pub fn first_id(&self) -> u32 {
+        let mut hash: u32 = 0x811c_9dc5;
+        for byte in self.gateway.octets().into_iter().chain(self.oif.to_ne_bytes()).chain([u8::from(self.onlink)]) {
+            hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+        }
+        (hash & 0x7fff_ffff) | 0x4000_0000
+    }
+}
+
+/// How many ids after [`NexthopKey::first_id`] are tried before the route is
+/// refused: each taken one is another tool's or another root's.
+const NEXTHOP_PROBES: u32 = 64;
+
+/// The nexthop objects (kernel >= 5.3) this root's routes use, one per
+/// distinct next hop, and which routes use which.
+///
+/// Why objects: a route with its own gateway gets its own `fib_info`, and
+/// the kernel's `fib_info` hash covers the device but not the gateway, so
+/// every route of ours lands in one bucket and each insert compares with
+/// all before it (quadratic: 58.7 s for 20,000). A route through a nexthop
+/// object is hashed by the object's id.
+///
+/// Ownership: an id is ours only if this process created it (`NLM_F_EXCL`,
+/// so never another's), or a route whose destination this root recorded
+/// (its `ROUTES` map) uses it and it carries our protocol. Any other id
+/// that is taken is skipped, never adopted nor deleted. A nexthop is
+/// deleted (which deletes every route using it) only once no route of ours
+/// uses it.
+#[derive(Debug, Default)]
+pub struct Nexthops {
+    by_key: HashMap<NexthopKey, u32>,
+    ours: HashMap<u32, NexthopKey>,
+    route_nexthop: HashMap<Ipv4Network, u32>,
+    users: HashMap<u32, usize>,
+    /// Ours that no route uses: what [`Self::collect`] looks at, so an
+    /// update costs no walk over every nexthop.
+    idle: HashSet<u32>,
+}
+
+impl Nexthops {
+    /// Takes over the nexthops the main table's routes of our protocol use
+    /// whose destination `recorded` says is this root's (an earlier run's).
+    pub fn adopt(recorded: impl Fn(&Ipv4Network) -> bool) -> Result<Self, RouteError> {
+        let mut rtnl = Rtnl::open()?;
+        let mut table = Self::default();
+        for route in rtnl.routes()?.iter().filter(|route| is_ours_in_main(route)) {
+            let (Some(destination), Some(id)) = (destination(route), nexthop_id(route)) else { continue };
+            if !recorded(&destination) {
+                continue;
+            }
+            if !table.ours.contains_key(&id) {
+                let Some(nexthop) = rtnl.nexthop(id)? else { continue };
+                let (Some(gateway), Some(oif)) = (nexthop.gateway, nexthop.oif) else { continue };
+                if nexthop.protocol != ROUTE_PROTO_ID {
+                    continue;
+                }
+                let key = NexthopKey { gateway, oif, onlink: nexthop.onlink };
+                table.ours.insert(id, key);
+                table.by_key.entry(key).or_insert(id);
+            }
+            table.assign(destination, Some(id));
+        }
+        Ok(table)
+    }
+
+    /// The ids of the nexthops this table holds as ours.
+    pub fn ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ours.keys().copied()
+    }
+
+    /// The id of our nexthop with `key`'s content, created if there is none.
+    fn obtain(&mut self, rtnl: &mut Rtnl, key: NexthopKey) -> Result<Result<u32, Refused>, RouteError> {
+        if let Some(id) = self.by_key.get(&key) {
+            return Ok(Ok(*id));
+        }
+        let mut id = key.first_id();
+        let mut last = None;
+        for _ in 0..NEXTHOP_PROBES {
+            match rtnl.add_nexthop(id, ROUTE_PROTO_ID, key.gateway, key.oif, key.onlink)? {
+                Answer::Done | Answer::Route(_) => {
+                    self.ours.insert(id, key);
+                    self.by_key.insert(key, id);
+                    // Until its route is in: a refused route leaves it to collect.
+                    self.idle.insert(id);
+                    return Ok(Ok(id));
+                }
+                Answer::Refused(refused) if refused.errno == libc::EEXIST => {
+                    // Ours with another content, another root's, another
+                    // tool's: not for this route.
+                    last = Some(refused);
+                }
+                Answer::Refused(refused) => return Ok(Err(refused)),
+            }
+            id = if id == u32::MAX { 0x4000_0000 } else { id + 1 };
+        }
+        let refused = last.expect("at least one probe");
+        Ok(Err(Refused {
+            errno: refused.errno,
+            message: Some(format!("nexthop ids {:#x}..+{NEXTHOP_PROBES} are all taken by others", key.first_id())),
+        }))
+    }
+
+    /// Records that the route to `destination` now uses `id` (or none).
+    fn assign(&mut self, destination: Ipv4Network, id: Option<u32>) {
+        let old = match id {
+            Some(id) => {
+                *self.users.entry(id).or_default() += 1;
+                self.idle.remove(&id);
+                self.route_nexthop.insert(destination, id)
+            }
+            None => self.route_nexthop.remove(&destination),
+        };
+        if let Some(old) = old {
+            if let Some(users) = self.users.get_mut(&old) {
+                *users = users.saturating_sub(1);
+                if *users == 0 {
+                    self.idle.insert(old);
+                }
+            }
+        }
+    }
+
+    /// Forgets `id`: the kernel no longer has it (it deletes a device's
+    /// nexthops, and their routes, with the device).
+    fn forget(&mut self, id: u32) {
+        self.idle.remove(&id);
+        if let Some(key) = self.ours.remove(&id) {
+            if self.by_key.get(&key) == Some(&id) {
+                self.by_key.remove(&key);
+            }
+        }
+    }
+
+    /// Deletes our nexthops no route of ours uses any more. One the kernel
+    /// refuses to delete stays ours, to be tried again next time.
+    pub fn collect(&mut self, rtnl: &mut Rtnl) -> Result<(), RouteError> {
+        let unused: Vec<u32> = self
+            .idle
+            .iter()
+            .copied()
+            .filter(|id| self.ours.contains_key(id) && self.users.get(id).copied().unwrap_or(0) == 0)
+            .collect();
+        for id in unused {
+            match rtnl.delete_nexthop(id)? {
+                Answer::Refused(refused) if refused.errno != libc::ENOENT && refused.errno != libc::ESRCH => continue,
+                _ => {}
+            }
+            self.forget(id);
+            self.users.remove(&id);
+        }
+        Ok(())
+    }
+}
+
+/// The nexthop object a route uses, if any (`nhid N`).
+fn nexthop_id(route: &RouteMessage) -> Option<u32> {
+    route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::NhId(id) => Some(*id),
+        _ => None,
+    })
 }
 
 /// A main-table IPv4 route message for `cidr`, to be filled in.
@@ -92,10 +279,13 @@ fn route_to(cidr: Ipv4Network) -> RouteMessage {
 
 /// Adds or replaces the routes toward `peers` over one netlink socket, one
 /// request each, so a single change costs no process and thousands cost
-/// one socket; each carries `source` as its preferred source, if given
-/// (it must be one of this node's addresses). Returns the peers whose
-/// route the kernel refused, with its reason; the others are in place.
+/// one socket; each goes through a nexthop object of `nexthops` (created
+/// when its next hop is new) and carries `source` as its preferred source,
+/// if given (it must be one of this node's addresses). Nexthops no route
+/// uses any more are deleted after. Returns the peers whose route the
+/// kernel refused, with its reason; the others are in place.
 pub fn replace_all<'a>(
+    nexthops: &mut Nexthops,
     peers: &'a [PeerState],
     iface: &str,
     vxlan_mtu: u32,
@@ -111,18 +301,44 @@ pub fn replace_all<'a>(
     let mut rtnl = Rtnl::open()?;
     let mut failed = Vec::new();
     for peer in peers {
-        let message = RouteNetlinkMessage::NewRoute(replace_message(peer, ifindex, vxlan_mtu, source));
-        if let Answer::Refused(refused) = rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
-            failed.push((peer, refused));
+        // A second try when the first went through a nexthop the kernel
+        // deleted meanwhile (with its device, or by hand).
+        for attempt in 0..2 {
+            let nexthop = match nexthop_key(peer, ifindex) {
+                None => None,
+                Some(key) => match nexthops.obtain(&mut rtnl, key)? {
+                    Ok(id) => Some(id),
+                    Err(refused) => {
+                        failed.push((peer, refused));
+                        break;
+                    }
+                },
+            };
+            let message = RouteNetlinkMessage::NewRoute(replace_message(peer, nexthop, vxlan_mtu, source));
+            match rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
+                Answer::Refused(refused) => {
+                    if let Some(id) = nexthop.filter(|_| attempt == 0) {
+                        if rtnl.nexthop(id)?.is_none() {
+                            nexthops.forget(id);
+                            continue;
+                        }
+                    }
+                    failed.push((peer, refused));
+                }
+                _ => nexthops.assign(peer.pod_cidr, nexthop),
+            }
+            break;
         }
     }
+    nexthops.collect(&mut rtnl)?;
     Ok(failed)
 }
 
 /// Removes our routes to `cidrs` (as `ip route del CIDR proto 157`); a
-/// missing route is not an error. Returns the CIDRs whose route could not
+/// missing route is not an error. Then deletes the nexthops of `nexthops`
+/// no route of ours uses any more. Returns the CIDRs whose route could not
 /// be removed.
-pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, RouteError> {
+pub fn remove_all(nexthops: &mut Nexthops, cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, RouteError> {
     if cidrs.is_empty() {
         return Ok(Vec::new());
     }
@@ -136,9 +352,10 @@ pub fn remove_all(cidrs: &[Ipv4Network]) -> Result<Vec<(Ipv4Network, Refused)>, 
         route.header.kind = RouteType::Unspec;
         match rtnl.change(RouteNetlinkMessage::DelRoute(route), 0)? {
             Answer::Refused(refused) if refused.errno != libc::ESRCH => failed.push((*cidr, refused)),
-            _ => {}
+            _ => nexthops.assign(*cidr, None),
         }
     }
+    nexthops.collect(&mut rtnl)?;
     Ok(failed)
 }
 
@@ -289,7 +506,7 @@ mod tests {
     }
 
     #[test]
-    fn each_mode_gets_the_route_ip_would_send() {
+    fn each_mode_gets_a_route_through_its_nexthop_object() {
         let peer = |mode| PeerState {
             pod_cidr: "10.244.2.0/24".parse().unwrap(),
             node_ip: Ipv4Addr::new(192, 168, 0, 2),
@@ -298,46 +515,35 @@ mod tests {
             reason: 0,
             next_hop: Ipv4Addr::new(192, 168, 0, 254),
         };
-        let vxlan = replace_message(&peer(overlay_common::ROUTE_MODE_VXLAN), 2, 1450, None);
+        let vxlan_peer = peer(overlay_common::ROUTE_MODE_VXLAN);
+        assert_eq!(
+            nexthop_key(&vxlan_peer, 2),
+            Some(NexthopKey { gateway: Ipv4Addr::new(192, 168, 0, 254), oif: 2, onlink: true })
+        );
+        let vxlan = replace_message(&vxlan_peer, Some(7), 1450, None);
         assert!(!vxlan.attributes.iter().any(|a| matches!(a, RouteAttribute::PrefSource(_))), "no source given");
         assert_eq!(vxlan.header.destination_prefix_length, 24);
         assert_eq!(vxlan.header.protocol, RouteProtocol::from(157));
         assert_eq!(vxlan.header.kind, RouteType::Unicast);
-        assert_eq!(vxlan.header.flags, RouteFlags::Onlink);
-        assert!(
-            vxlan
-                .attributes
-                .contains(&RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
-                    192, 168, 0, 254
-                ))))
+        assert!(vxlan.attributes.contains(&RouteAttribute::NhId(7)));
+        assert!(!vxlan.attributes.iter().any(|a| matches!(a, RouteAttribute::Gateway(_) | RouteAttribute::Oif(_))), "the nexthop's");
+        assert!(vxlan.attributes.contains(&RouteAttribute::Metrics(vec![RouteMetric::Mtu(1450)])));
+        let direct_peer = peer(ROUTE_MODE_DIRECT);
+        assert_eq!(
+            nexthop_key(&direct_peer, 2),
+            Some(NexthopKey { gateway: Ipv4Addr::new(192, 168, 0, 2), oif: 2, onlink: false })
         );
-        assert!(
-            vxlan
-                .attributes
-                .contains(&RouteAttribute::Metrics(vec![RouteMetric::Mtu(1450)]))
-        );
-        let direct = replace_message(&peer(ROUTE_MODE_DIRECT), 2, 1450, None);
-        assert_eq!(direct.header.flags, RouteFlags::empty());
-        assert!(
-            direct
-                .attributes
-                .contains(&RouteAttribute::Gateway(RouteAddress::Inet(Ipv4Addr::new(
-                    192, 168, 0, 2
-                ))))
-        );
-        assert!(direct.attributes.contains(&RouteAttribute::Oif(2)));
-        assert!(
-            !direct
-                .attributes
-                .iter()
-                .any(|a| matches!(a, RouteAttribute::Metrics(_)))
-        );
+        let direct = replace_message(&direct_peer, Some(8), 1450, None);
+        assert!(direct.attributes.contains(&RouteAttribute::NhId(8)));
+        assert!(!direct.attributes.iter().any(|a| matches!(a, RouteAttribute::Metrics(_))));
         let source = Ipv4Addr::new(192, 168, 0, 21);
         for mode in [overlay_common::ROUTE_MODE_VXLAN, ROUTE_MODE_DIRECT] {
-            let route = replace_message(&peer(mode), 2, 1450, Some(source));
+            let route = replace_message(&peer(mode), Some(9), 1450, Some(source));
             assert!(route.attributes.contains(&RouteAttribute::PrefSource(RouteAddress::Inet(source))), "mode {mode}");
         }
-        let unreachable = replace_message(&peer(ROUTE_MODE_UNREACHABLE), 2, 1450, Some(source));
+        let unreachable_peer = peer(ROUTE_MODE_UNREACHABLE);
+        assert_eq!(nexthop_key(&unreachable_peer, 2), None);
+        let unreachable = replace_message(&unreachable_peer, None, 1450, Some(source));
         assert_eq!(unreachable.header.kind, RouteType::Unreachable);
         assert_eq!(
             unreachable.attributes,
@@ -345,5 +551,14 @@ mod tests {
                 Ipv4Addr::new(10, 244, 2, 0)
             ))]
         );
+    }
+
+    #[test]
+    fn a_next_hops_first_id_is_stable_nonzero_and_differs_by_content() {
+        let key = NexthopKey { gateway: Ipv4Addr::new(192, 168, 0, 2), oif: 2, onlink: true };
+        assert_eq!(key.first_id(), key.first_id());
+        assert!(key.first_id() >= 0x4000_0000);
+        assert_ne!(key.first_id(), NexthopKey { onlink: false, ..key }.first_id());
+        assert_ne!(key.first_id(), NexthopKey { gateway: Ipv4Addr::new(192, 168, 0, 3), ..key }.first_id());
     }
 }

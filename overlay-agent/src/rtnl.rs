@@ -219,6 +219,150 @@ impl Rtnl {
     }
 }
 
+/// A nexthop object as the kernel holds it (`ip nexthop show id N`): the
+/// fields our routes use. `netlink-packet-route` 0.34 has no nexthop
+/// messages (only `RTA_NH_ID` on routes), so `RTM_{NEW,DEL,GET}NEXTHOP` are
+/// built and read here by hand: `struct nhmsg` and three attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Nexthop {
+    pub id: u32,
+    pub protocol: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub onlink: bool,
+}
+
+const RTM_NEWNEXTHOP: u16 = 104;
+const RTM_DELNEXTHOP: u16 = 105;
+const RTM_GETNEXTHOP: u16 = 106;
+const NLMSG_ERROR: u16 = 2;
+const NHA_ID: u16 = 1;
+const NHA_OIF: u16 = 5;
+const NHA_GATEWAY: u16 = 6;
+/// `RTNH_F_ONLINK` in `nhmsg.nh_flags`.
+const RTNH_F_ONLINK: u32 = 4;
+
+/// `struct nhmsg` then its attributes.
+fn nexthop_payload(family: u8, protocol: u8, flags: u32, attributes: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut out = vec![family, 0, protocol, 0];
+    out.extend_from_slice(&flags.to_ne_bytes());
+    for (kind, value) in attributes {
+        let length = 4 + value.len();
+        out.extend_from_slice(&(length as u16).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    out
+}
+
+/// Reads an `RTM_NEWNEXTHOP` payload; `None` if it is not an IPv4 one.
+fn parse_nexthop(payload: &[u8]) -> Option<Nexthop> {
+    let (header, mut rest) = (payload.get(..8)?, &payload[8..]);
+    let mut nexthop = Nexthop {
+        id: 0,
+        protocol: header[2],
+        gateway: None,
+        oif: None,
+        onlink: u32::from_ne_bytes(header[4..8].try_into().ok()?) & RTNH_F_ONLINK != 0,
+    };
+    while rest.len() >= 4 {
+        let length = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
+        if length < 4 || length > rest.len() {
+            break;
+        }
+        let value = &rest[4..length];
+        match (kind, value.len()) {
+            (NHA_ID, 4) => nexthop.id = u32::from_ne_bytes(value.try_into().ok()?),
+            (NHA_OIF, 4) => nexthop.oif = Some(u32::from_ne_bytes(value.try_into().ok()?)),
+            (NHA_GATEWAY, 4) => nexthop.gateway = Some(<[u8; 4]>::try_from(value).ok()?.into()),
+            _ => {}
+        }
+        rest = rest.get(length.next_multiple_of(4)..).unwrap_or_default();
+    }
+    (nexthop.id != 0).then_some(nexthop)
+}
+
+impl Rtnl {
+    /// Creates nexthop `id` (`ip nexthop add id ID via GW dev OIF [onlink]
+    /// proto PROTOCOL`), with `NLM_F_EXCL`: an existing one is never
+    /// replaced, the kernel answers `EEXIST`.
+    pub fn add_nexthop(&mut self, id: u32, protocol: u8, gateway: std::net::Ipv4Addr, oif: u32, onlink: bool) -> Result<Answer, RtnlError> {
+        let flags = if onlink { RTNH_F_ONLINK } else { 0 };
+        let payload = nexthop_payload(
+            libc::AF_INET as u8,
+            protocol,
+            flags,
+            &[(NHA_ID, &id.to_ne_bytes()), (NHA_OIF, &oif.to_ne_bytes()), (NHA_GATEWAY, &gateway.octets())],
+        );
+        let flags = NLM_F_REQUEST | NLM_F_ACK | netlink_packet_core::NLM_F_CREATE | netlink_packet_core::NLM_F_EXCL;
+        self.raw_request(RTM_NEWNEXTHOP, flags, &payload).map(|(answer, _)| answer)
+    }
+
+    /// Deletes nexthop `id` (`ip nexthop del id ID`); the kernel deletes
+    /// every route using it with it.
+    pub fn delete_nexthop(&mut self, id: u32) -> Result<Answer, RtnlError> {
+        let payload = nexthop_payload(0, 0, 0, &[(NHA_ID, &id.to_ne_bytes())]);
+        self.raw_request(RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK, &payload).map(|(answer, _)| answer)
+    }
+
+    /// Nexthop `id` (`ip nexthop get id ID`), `None` if there is none.
+    pub fn nexthop(&mut self, id: u32) -> Result<Option<Nexthop>, RtnlError> {
+        let payload = nexthop_payload(0, 0, 0, &[(NHA_ID, &id.to_ne_bytes())]);
+        match self.raw_request(RTM_GETNEXTHOP, NLM_F_REQUEST, &payload)? {
+            (_, Some(nexthop)) => Ok(Some(nexthop)),
+            (Answer::Refused(refused), None) if refused.errno == libc::ENOENT || refused.errno == libc::ESRCH => Ok(None),
+            (Answer::Refused(refused), None) => Err(RtnlError::Io(io::Error::from_raw_os_error(refused.errno))),
+            (_, None) => Err(RtnlError::Decode(format!("no answer to the query of nexthop {id}"))),
+        }
+    }
+
+    /// Sends one hand-built request and reads its answer: an
+    /// acknowledgement or refusal, or (to a query) a nexthop.
+    fn raw_request(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(Answer, Option<Nexthop>), RtnlError> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let mut out = Vec::with_capacity(16 + payload.len());
+        out.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(&flags.to_ne_bytes());
+        out.extend_from_slice(&self.sequence.to_ne_bytes());
+        out.extend_from_slice(&0u32.to_ne_bytes());
+        out.extend_from_slice(payload);
+        self.socket.send(&out, 0).map_err(RtnlError::Io)?;
+        loop {
+            let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(RtnlError::Io)?;
+            let mut offset = 0;
+            while offset + 16 <= size {
+                let message = &self.buf[offset..size];
+                let length = u32::from_ne_bytes(message[0..4].try_into().expect("4 bytes")) as usize;
+                let kind = u16::from_ne_bytes([message[4], message[5]]);
+                let sequence = u32::from_ne_bytes(message[8..12].try_into().expect("4 bytes"));
+                if length < 16 || length > message.len() {
+                    return Err(RtnlError::Decode(format!("a netlink message of length {length} in {} bytes", message.len())));
+                }
+                offset += length.next_multiple_of(4);
+                if sequence != self.sequence {
+                    continue;
+                }
+                let body = &message[16..length];
+                return match kind {
+                    NLMSG_ERROR if body.len() >= 4 => {
+                        let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
+                        if errno == 0 {
+                            Ok((Answer::Done, None))
+                        } else {
+                            Ok((Answer::Refused(Refused { errno, message: extack_message(&body[4..]) }), None))
+                        }
+                    }
+                    RTM_NEWNEXTHOP => Ok((Answer::Done, parse_nexthop(body))),
+                    other => Err(RtnlError::Decode(format!("unexpected answer of type {other}"))),
+                };
+            }
+        }
+    }
+}
+
 /// The text of an extended acknowledgement: after the (capped) request
 /// header come attributes, `NLMSGERR_ATTR_MSG` holding a C string.
 fn extack_message(payload: &[u8]) -> Option<String> {
@@ -247,6 +391,23 @@ fn extack_message(payload: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nexthop_message_reads_back_as_written() {
+        let gateway = std::net::Ipv4Addr::new(192, 168, 0, 2);
+        let payload = nexthop_payload(
+            libc::AF_INET as u8,
+            157,
+            RTNH_F_ONLINK,
+            &[(NHA_ID, &7u32.to_ne_bytes()), (NHA_OIF, &3u32.to_ne_bytes()), (NHA_GATEWAY, &gateway.octets())],
+        );
+        assert_eq!(payload.len(), 8 + 3 * 8);
+        assert_eq!(
+            parse_nexthop(&payload),
+            Some(Nexthop { id: 7, protocol: 157, gateway: Some(gateway), oif: Some(3), onlink: true })
+        );
+        assert_eq!(parse_nexthop(&payload[..8]), None, "no id");
+    }
 
     #[test]
     fn extack_text_is_read_after_the_request_header() {

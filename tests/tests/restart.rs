@@ -95,6 +95,18 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert_eq!(attached(), (2, 0), "a stopped agent must leave TC egress and TC ingress attached");
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
 
+    // Another root's nexthop, with our protocol: cleanup must leave it,
+    // and remove ours. (Shown failing against the branch's start, whose
+    // route had no nexthop.)
+    let nexthops = |args: &[&str]| {
+        let out = lab.nodes[0].ns.ip(&[&["nexthop", "show"], args].concat());
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect::<Vec<_>>()
+    };
+    lab.nodes[0].ns.ip(&["nexthop", "add", "id", "7", "via", "192.0.2.7", "dev", "eth0", "onlink", "proto", "157"]);
+    let foreign = nexthops(&["id", "7"]);
+    assert_eq!(foreign.len(), 1, "{foreign:?}");
+    assert_eq!(nexthops(&["proto", "157"]).len(), 2, "the agent's route goes through a nexthop of ours");
+
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
         .arg(agent_binary())
@@ -113,6 +125,8 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(!pin_root.exists(), "pins remain under {}", pin_root.display());
     assert!(!subnet_file.exists());
     assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
+    assert!(stdout.contains("and the 1 nexthops they used"), "{stdout}");
+    assert_eq!(nexthops(&["proto", "157"]), foreign, "cleanup left ours or took another's");
     let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(2));
     while attached() != (0, 0) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
