@@ -32,7 +32,11 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{iface, routes::ROUTE_PROTO_ID};
+use crate::{
+    iface,
+    routes::ROUTE_PROTO_ID,
+    rtnl::{RTM_DELNEXTHOP, RTM_NEWNEXTHOP},
+};
 
 /// How often every event is sent whether or not the kernel said anything:
 /// the safety net under lost notifications.
@@ -46,9 +50,6 @@ const RECEIVE_BUFFER: usize = 4 << 20;
 /// kernel's buffer fills, and the overflow becomes a resync.
 const CHANNEL: usize = 16;
 
-/// `RTM_NEWNEXTHOP`, `RTM_DELNEXTHOP` (linux/rtnetlink.h).
-const RTM_NEWNEXTHOP: u16 = 104;
-const RTM_DELNEXTHOP: u16 = 105;
 /// Where a nexthop notification's `nhmsg.nh_protocol` is: after the
 /// 16-byte netlink header, family and scope.
 const NEXTHOP_PROTOCOL_OFFSET: usize = 16 + 2;

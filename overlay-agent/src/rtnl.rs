@@ -232,8 +232,10 @@ pub struct Nexthop {
     pub onlink: bool,
 }
 
-const RTM_NEWNEXTHOP: u16 = 104;
-const RTM_DELNEXTHOP: u16 = 105;
+/// Nexthop object messages (linux/rtnetlink.h), which netlink-packet-route
+/// does not model; [`crate::kernel_events`] matches the notifications too.
+pub(crate) const RTM_NEWNEXTHOP: u16 = 104;
+pub(crate) const RTM_DELNEXTHOP: u16 = 105;
 const RTM_GETNEXTHOP: u16 = 106;
 const NLMSG_ERROR: u16 = 2;
 const NHA_ID: u16 = 1;
