@@ -14,7 +14,7 @@ use overlay_agent::{
     maps::DatapathMaps,
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, Route};
-use overlay_tests::{NetNs, PinDir, require_root};
+use overlay_tests::{NetNs, NetNsEntered, PinDir, require_root};
 
 const IFACE: &str = "ul0";
 
@@ -62,23 +62,42 @@ fn peers_map(pins: &PinDir) -> BTreeMap<Ipv4Addr, Ipv4Network> {
         .collect()
 }
 
-/// A namespace with the underlay interface, and the datapath's maps pinned.
-fn setup() -> (NetNs, PinDir, Datapath) {
+/// A namespace with the underlay interface, and a pin directory.
+fn underlay() -> (NetNs, PinDir) {
     let ns = NetNs::new();
     ns.veth_pair(IFACE, "ul1");
     ns.ip(&["addr", "add", "192.168.77.11/24", "dev", IFACE]);
-    let pins = PinDir::new();
+    (ns, PinDir::new())
+}
+
+/// A namespace with the underlay interface, and the datapath's maps pinned.
+fn setup() -> (NetNs, PinDir, Datapath) {
+    let (ns, pins) = underlay();
     let datapath = Datapath::load(pins.path()).expect("loading the datapath");
     (ns, pins, datapath)
+}
+
+/// An applier on the maps pinned under `pins` (in the namespace entered).
+fn open_applier(pins: &PinDir) -> Applier {
+    Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap()
+}
+
+/// What most tests start from: [`setup`], the thread inside the
+/// namespace, and an applier on the pinned maps. Bound in this order, they
+/// drop as a test's own locals would: the applier, then the thread leaves
+/// the namespace, then the datapath, the pins and the namespace go.
+fn start() -> (NetNs, PinDir, Datapath, NetNsEntered, Applier) {
+    let (ns, pins, datapath) = setup();
+    let inside = ns.enter();
+    let applier = open_applier(&pins);
+    (ns, pins, datapath, inside, applier)
 }
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn node_addresses_shifting_in_one_batch_keep_every_new_peer() {
     require_root();
-    let (ns, pins, _datapath) = setup();
-    let _inside = ns.enter();
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let (_ns, pins, _datapath, _inside, mut applier) = start();
     applier
         .apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 12]), peer("10.244.3.0/24", [192, 168, 77, 13])]))
         .unwrap();
@@ -113,9 +132,7 @@ fn node_addresses_shifting_in_one_batch_keep_every_new_peer() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn peers_a_crash_left_without_a_route_are_removed_at_start() {
     require_root();
-    let (ns, pins, _datapath) = setup();
-    let _inside = ns.enter();
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let (_ns, pins, _datapath, _inside, mut applier) = start();
     applier.apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 12])])).unwrap();
     drop(applier);
     // What a crash between the two map writes leaves: a PEERS entry no
@@ -128,7 +145,7 @@ fn peers_a_crash_left_without_a_route_are_removed_at_start() {
         peers.insert([192, 168, 77, 99], Peer { pod_cidr: [10, 244, 9, 0], pod_prefix_len: 24 }, 0).unwrap();
         peers.remove(&[192, 168, 77, 12]).unwrap();
     }
-    let _applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let _applier = open_applier(&pins);
     assert_eq!(
         peers_map(&pins),
         BTreeMap::from([(Ipv4Addr::new(192, 168, 77, 12), cidr("10.244.2.0/24"))]),
@@ -148,9 +165,7 @@ fn peers_a_crash_left_without_a_route_are_removed_at_start() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn at_start_only_routes_this_root_recorded_are_removed() {
     require_root();
-    let (ns, pins, _datapath) = setup();
-    let _inside = ns.enter();
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let (ns, pins, _datapath, _inside, mut applier) = start();
     applier.apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 12])])).unwrap();
     drop(applier);
     // The previous layout's ROUTES, as an upgraded agent finds it beside
@@ -171,7 +186,7 @@ fn at_start_only_routes_this_root_recorded_are_removed() {
         ns.ip(&["route", "add", cidr, "via", via, "dev", IFACE, "onlink", "proto", "157"]);
     }
 
-    let _applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let _applier = open_applier(&pins);
     let routes = String::from_utf8_lossy(&ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
     assert!(routes.contains("10.99.0.0/24"), "a route this root did not install was removed:\n{routes}");
     assert!(routes.contains("10.244.2.0/24"), "the route of a peer this root serves was removed:\n{routes}");
@@ -230,13 +245,10 @@ fn kernel_routes(ns: &NetNs) -> Vec<Ipv4Network> {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn peers_beyond_a_full_map_are_left_out_whole_and_reported() {
     require_root();
-    let ns = NetNs::new();
-    ns.veth_pair(IFACE, "ul1");
-    ns.ip(&["addr", "add", "192.168.77.11/24", "dev", IFACE]);
-    let pins = PinDir::new();
+    let (ns, pins) = underlay();
     small_maps(&pins, 4, 3);
     let _inside = ns.enter();
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let mut applier = open_applier(&pins);
     let all: Vec<PeerState> = (2..=6).map(|i| peer(&format!("10.244.{i}.0/24"), [192, 168, 77, 10 + i])).collect();
     let report = applier.apply(&desired(&all)).expect("a full map fails peers, not the apply");
     assert_eq!(report.added_or_updated, 3, "{report:?}");
@@ -279,9 +291,7 @@ fn peers_beyond_a_full_map_are_left_out_whole_and_reported() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_route_the_kernel_refuses_fails_only_its_own_peer() {
     require_root();
-    let (ns, pins, _datapath) = setup();
-    let _inside = ns.enter();
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let (ns, pins, _datapath, _inside, mut applier) = start();
     let mut peers: Vec<PeerState> = (0..199u32)
         .map(|i| {
             let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 168, 78, 0)) + i);
@@ -325,9 +335,7 @@ fn route_nexthop(ns: &NetNs, destination: &str) -> Option<u32> {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn routes_go_through_our_nexthops_which_go_with_their_last_route() {
     require_root();
-    let (ns, pins, _datapath) = setup();
-    let _inside = ns.enter();
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let (ns, _pins, _datapath, _inside, mut applier) = start();
     let mut via_gateway = peer("10.244.4.0/24", [192, 168, 78, 14]);
     via_gateway.next_hop = Ipv4Addr::new(192, 168, 77, 12);
     let peers = [peer("10.244.2.0/24", [192, 168, 77, 12]), peer("10.244.3.0/24", [192, 168, 77, 13]), via_gateway];
@@ -374,12 +382,12 @@ fn a_foreign_nexthop_at_our_id_is_left_alone() {
     let foreign = nexthops(&ns, &[]);
     assert_eq!(foreign.len(), 2, "{foreign:?}");
     let peers = [peer("10.244.2.0/24", [192, 168, 77, 12]), peer("10.244.3.0/24", [192, 168, 77, 13])];
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let mut applier = open_applier(&pins);
     applier.apply(&desired(&peers)).unwrap();
     let ids = [route_nexthop(&ns, "10.244.2.0/24"), route_nexthop(&ns, "10.244.3.0/24")];
     assert!(ids.iter().all(|id| id.is_some_and(|id| id.to_string() != first && id.to_string() != second)), "{ids:?}");
     drop(applier);
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let mut applier = open_applier(&pins);
     applier.apply(&desired(&peers)).unwrap();
     assert_eq!([route_nexthop(&ns, "10.244.2.0/24"), route_nexthop(&ns, "10.244.3.0/24")], ids, "a restart moved our routes");
     applier.apply(&desired(&[])).unwrap();
@@ -395,18 +403,17 @@ fn a_foreign_nexthop_at_our_id_is_left_alone() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_restart_keeps_routes_on_their_nexthops() {
     require_root();
-    let (ns, pins, _datapath) = setup();
-    let _inside = ns.enter();
+    let (ns, pins, _datapath, _inside, mut applier) = start();
     let peers = [peer("10.244.2.0/24", [192, 168, 77, 12]), peer("10.244.3.0/24", [192, 168, 77, 13])];
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let routes_and_nexthops = || (route_nexthop(&ns, "10.244.2.0/24"), route_nexthop(&ns, "10.244.3.0/24"), nexthops(&ns, &["proto", "157"]));
     applier.apply(&desired(&peers)).unwrap();
-    let before = (route_nexthop(&ns, "10.244.2.0/24"), route_nexthop(&ns, "10.244.3.0/24"), nexthops(&ns, &["proto", "157"]));
+    let before = routes_and_nexthops();
     assert!(before.0.is_some() && before.1.is_some(), "{before:?}");
     drop(applier);
-    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
-    let started = (route_nexthop(&ns, "10.244.2.0/24"), route_nexthop(&ns, "10.244.3.0/24"), nexthops(&ns, &["proto", "157"]));
+    let mut applier = open_applier(&pins);
+    let started = routes_and_nexthops();
     assert_eq!(started, before, "the start changed routes or nexthops");
     applier.apply(&desired(&peers)).unwrap();
-    let applied = (route_nexthop(&ns, "10.244.2.0/24"), route_nexthop(&ns, "10.244.3.0/24"), nexthops(&ns, &["proto", "157"]));
+    let applied = routes_and_nexthops();
     assert_eq!(applied, before, "the first apply after a restart changed routes or nexthops");
 }
