@@ -12,7 +12,7 @@ use overlay_agent::{
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
-use overlay_tests::{NetNs, PinDir, agent_binary, require_root, stdout, tc_program_ids};
+use overlay_tests::{NetNs, NetNsEntered, PinDir, agent_binary, require_root, stdout, tc_program_ids};
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
@@ -52,18 +52,46 @@ fn attached_program_ids(iface: &str) -> Vec<u32> {
     ids
 }
 
-fn attach_and_detach(hook: DecapHook, decap_program: &str) {
+/// A namespace with the veth pair `ul0`/`ul1`, a pin directory, and the
+/// thread inside the namespace. Bound in this order, they drop as a
+/// test's own locals would: the thread leaves first, the namespace goes
+/// last.
+fn underlay() -> (NetNs, PinDir, NetNsEntered) {
     let ns = NetNs::new();
     ns.veth_pair("ul0", "ul1");
     let pins = PinDir::new();
-    let _inside = ns.enter();
+    let inside = ns.enter();
+    (ns, pins, inside)
+}
+
+/// The kernel's id of `datapath`'s program `name`.
+fn program_id(datapath: &Datapath, name: &str) -> u32 {
+    datapath.programs().iter().find(|p| p.name == name).unwrap().id
+}
+
+/// Waits up to 2 s for `done`. A bpf_link lives until its last fd closes;
+/// a process another test is forking at this moment holds a copy until it
+/// execs, so a detach may take a moment to show.
+fn settle(mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while !done() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `tc filter show` of `iface`'s ingress and egress, for messages.
+fn tc_filters(iface: &str) -> String {
+    stdout("tc", &["filter", "show", "dev", iface, "ingress"]) + &stdout("tc", &["filter", "show", "dev", iface, "egress"])
+}
+
+fn attach_and_detach(hook: DecapHook, decap_program: &str) {
+    let (_ns, pins, _inside) = underlay();
     let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
     assert!(attached_program_ids("ul0").is_empty());
     let report = datapath.attach("ul0", hook, false).expect("attaching");
     assert_eq!((report.egress, report.decap), (LinkOutcome::Attached, LinkOutcome::Attached));
 
-    let id_of = |datapath: &Datapath, name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
-    let mut expected = vec![id_of(&datapath, program_names::TC_EGRESS), id_of(&datapath, decap_program)];
+    let mut expected = vec![program_id(&datapath, program_names::TC_EGRESS), program_id(&datapath, decap_program)];
     expected.sort_unstable();
     assert_eq!(attached_program_ids("ul0"), expected);
     let progs = stdout("bpftool", &["prog", "show"]);
@@ -81,7 +109,7 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
     assert!(next.maps_adopted());
     let report = next.attach("ul0", hook, false).expect("attaching again");
     assert_eq!((report.egress, report.decap), (LinkOutcome::Swapped, LinkOutcome::Swapped));
-    let mut swapped = vec![id_of(&next, program_names::TC_EGRESS), id_of(&next, decap_program)];
+    let mut swapped = vec![program_id(&next, program_names::TC_EGRESS), program_id(&next, decap_program)];
     swapped.sort_unstable();
     assert_ne!(swapped, expected, "a new load has new program ids");
     assert_eq!(attached_program_ids("ul0"), swapped);
@@ -90,12 +118,7 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
     // What `cleanup` does: before TCX the filters are not held by pins.
     Datapath::detach_clsact("ul0").expect("deleting the clsact filters");
     Datapath::remove_pins(pins.path()).expect("removing the pins");
-    // A bpf_link lives until its last fd closes; a process another test is
-    // forking at this moment holds a copy until it execs, so allow a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !attached_program_ids("ul0").is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    settle(|| attached_program_ids("ul0").is_empty());
     assert!(attached_program_ids("ul0").is_empty(), "still attached 2 s after the pins were removed");
 }
 
@@ -103,27 +126,17 @@ fn attach_and_detach(hook: DecapHook, decap_program: &str) {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn changing_the_decap_hook_replaces_the_old_attachment() {
     require_root();
-    let ns = NetNs::new();
-    ns.veth_pair("ul0", "ul1");
-    let pins = PinDir::new();
+    let (_ns, pins, _inside) = underlay();
     let layout = PinLayout::new(pins.path());
-    let _inside = ns.enter();
     Datapath::load(pins.path()).unwrap().attach("ul0", DecapHook::Xdp(XdpMode::Default), false).unwrap();
     assert!(layout.link("ul0", LinkRole::DecapXdp).exists());
     let mut tc = Datapath::load(pins.path()).unwrap();
     let report = tc.attach("ul0", DecapHook::TcIngress, false).unwrap();
     assert_eq!((report.egress, report.decap), (LinkOutcome::Swapped, LinkOutcome::Attached));
     assert_eq!(report.removed, [layout.link("ul0", LinkRole::DecapXdp)]);
-    let ids: Vec<u32> = ["overlay_tc_egress", "overlay_tc_ingress"]
-        .iter()
-        .map(|n| tc.programs().iter().find(|p| p.name == *n).unwrap().id)
-        .collect();
-    let mut ids = ids;
+    let mut ids: Vec<u32> = ["overlay_tc_egress", "overlay_tc_ingress"].iter().map(|n| program_id(&tc, n)).collect();
     ids.sort_unstable();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while attached_program_ids("ul0") != ids && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    settle(|| attached_program_ids("ul0") == ids);
     assert_eq!(attached_program_ids("ul0"), ids, "XDP must be gone, TC egress and ingress attached");
 }
 
@@ -135,10 +148,7 @@ fn changing_the_decap_hook_replaces_the_old_attachment() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
     require_root();
-    let ns = NetNs::new();
-    ns.veth_pair("ul0", "ul1");
-    let pins = PinDir::new();
-    let _inside = ns.enter();
+    let (_ns, pins, _inside) = underlay();
     let mut last_ids = Vec::new();
     let mut outcomes = Vec::new();
     // The first agent and two restarts.
@@ -146,12 +156,11 @@ fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
         let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
         let report = datapath.attach("ul0", DecapHook::TcIngress, false).expect("attaching");
         outcomes.push((report.egress, report.decap));
-        let id_of = |name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
-        last_ids = vec![id_of(program_names::TC_INGRESS), id_of(program_names::TC_EGRESS)];
+        last_ids = vec![program_id(&datapath, program_names::TC_INGRESS), program_id(&datapath, program_names::TC_EGRESS)];
     }
     let ingress = tc_program_ids("ul0", TcAttachType::Ingress);
     let egress = tc_program_ids("ul0", TcAttachType::Egress);
-    let filters = stdout("tc", &["filter", "show", "dev", "ul0", "ingress"]) + &stdout("tc", &["filter", "show", "dev", "ul0", "egress"]);
+    let filters = tc_filters("ul0");
     assert_eq!(
         (ingress, egress),
         (vec![last_ids[0]], vec![last_ids[1]]),
@@ -168,11 +177,8 @@ fn restarts_keep_one_tc_program_per_side_and_cleanup_removes_them() {
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "cleanup failed: {printed}{}", String::from_utf8_lossy(&out.stderr));
     assert!(printed.contains("detached from ul0"), "{printed}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !attached_program_ids("ul0").is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let filters = stdout("tc", &["filter", "show", "dev", "ul0", "ingress"]) + &stdout("tc", &["filter", "show", "dev", "ul0", "egress"]);
+    settle(|| attached_program_ids("ul0").is_empty());
+    let filters = tc_filters("ul0");
     assert!(attached_program_ids("ul0").is_empty(), "still attached after cleanup:\n{filters}");
 }
 
@@ -293,12 +299,9 @@ const V4_MAPS: [PinnedMap; 6] = [
 /// its programs run on the new layout's maps (checked by their
 /// capacities), and the old directory is removed once they are attached.
 fn upgrade_from(version: u32, maps: &[PinnedMap]) {
-    let ns = NetNs::new();
-    ns.veth_pair("ul0", "ul1");
-    let pins = PinDir::new();
+    let (_ns, pins, _inside) = underlay();
     let old = pins.path().join(format!("v{version}"));
     make_pins(&old, maps);
-    let _inside = ns.enter();
     let mut datapath = Datapath::load(pins.path()).expect("loading beside the previous layout's pins");
     datapath.attach("ul0", DecapHook::TcIngress, false).expect("attaching");
     let layout = PinLayout::new(pins.path());
@@ -417,12 +420,7 @@ fn a_pod_veth_attachment_that_fails_half_way_leaves_nothing_behind() {
     block();
     let err = datapath.attach_pod_port("pv0").expect_err("attaching beside a blocked fast path");
     let delivered_pin = layout.link("pv0", LinkRole::PodDelivered);
-    // A TCX link lives until its last fd closes (a process another test
-    // forks at this moment holds a copy until it execs): allow a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    while !tc_program_ids("pv0", TcAttachType::Egress).is_empty() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    settle(|| tc_program_ids("pv0", TcAttachType::Egress).is_empty());
     let filters = stdout("tc", &["filter", "show", "dev", "pv0", "egress"]);
     assert!(!delivered_pin.exists(), "the undone attachment's pin remains: {} (after: {})", delivered_pin.display(), overlay_agent::report::Chain(&err));
     assert!(tc_program_ids("pv0", TcAttachType::Egress).is_empty(), "the undone attachment is still attached:\n{filters}");
@@ -434,9 +432,8 @@ fn a_pod_veth_attachment_that_fails_half_way_leaves_nothing_behind() {
         std::fs::remove_dir(&fast_path_pin).unwrap();
     }
     assert_eq!(datapath.attach_pod_port("pv0").expect("attaching once unblocked"), LinkOutcome::Attached);
-    let id_of = |name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
-    assert_eq!(tc_program_ids("pv0", TcAttachType::Ingress), [id_of(program_names::TC_POD)]);
-    assert_eq!(tc_program_ids("pv0", TcAttachType::Egress), [id_of(program_names::TC_POD_DELIVERED)]);
+    assert_eq!(tc_program_ids("pv0", TcAttachType::Ingress), [program_id(&datapath, program_names::TC_POD)]);
+    assert_eq!(tc_program_ids("pv0", TcAttachType::Egress), [program_id(&datapath, program_names::TC_POD_DELIVERED)]);
 }
 
 /// With the fast path, a restarted agent's attach to the underlay keeps
@@ -450,17 +447,13 @@ fn a_pod_veth_attachment_that_fails_half_way_leaves_nothing_behind() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_restart_keeps_each_pod_veth_attachment_once() {
     require_root();
-    let ns = NetNs::new();
-    ns.veth_pair("ul0", "ul1");
+    let (ns, pins, _inside) = underlay();
     ns.veth_pair("pv0", "pv1");
-    let pins = PinDir::new();
-    let _inside = ns.enter();
     let ids = |datapath: &Datapath| {
-        let id_of = |name: &str| datapath.programs().iter().find(|p| p.name == name).unwrap().id;
-        (vec![id_of(program_names::TC_POD)], vec![id_of(program_names::TC_POD_DELIVERED)])
+        (vec![program_id(datapath, program_names::TC_POD)], vec![program_id(datapath, program_names::TC_POD_DELIVERED)])
     };
     let on_veth = || (tc_program_ids("pv0", TcAttachType::Ingress), tc_program_ids("pv0", TcAttachType::Egress));
-    let filters = || stdout("tc", &["filter", "show", "dev", "pv0", "ingress"]) + &stdout("tc", &["filter", "show", "dev", "pv0", "egress"]);
+    let filters = || tc_filters("pv0");
     let mut first = Datapath::load(pins.path()).expect("loading the datapath");
     first.attach("ul0", DecapHook::TcIngress, true).expect("attaching");
     assert_eq!(first.attach_pod_port("pv0").expect("attaching to the pod's veth"), LinkOutcome::Attached);
@@ -483,11 +476,8 @@ fn a_restart_keeps_each_pod_veth_attachment_once() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn the_attachment_check_sees_a_program_detached_behind_the_agents_back() {
     require_root();
-    let ns = NetNs::new();
-    ns.veth_pair("ul0", "ul1");
-    let pins = PinDir::new();
+    let (ns, pins, _inside) = underlay();
     let layout = PinLayout::new(pins.path());
-    let _inside = ns.enter();
     let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
     for hook in [DecapHook::TcIngress, DecapHook::Xdp(XdpMode::Skb)] {
         datapath.attach("ul0", hook, false).expect("attaching");
@@ -499,12 +489,11 @@ fn the_attachment_check_sees_a_program_detached_behind_the_agents_back() {
     } else {
         std::fs::remove_file(layout.link("ul0", LinkRole::TcEgress)).unwrap();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     let mut checked = datapath.check_attached("ul0", hook);
-    while checked.is_ok() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
+    settle(|| {
         checked = datapath.check_attached("ul0", hook);
-    }
+        checked.is_err()
+    });
     match checked {
         Err(DatapathError::NotAttached { program, ref iface }) => assert_eq!((program, iface.as_str()), (program_names::TC_EGRESS, "ul0")),
         other => panic!("the egress program was detached, yet: {other:?}"),
