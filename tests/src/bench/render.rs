@@ -6,7 +6,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use super::{BASELINE, Better, Metric, Report, Variant};
+use super::{BASELINE, Better, Metric, Report, Variant, VariantInfo};
 use crate::lab::Underlay;
 
 fn ratio_text(r: f64) -> String {
@@ -111,45 +111,22 @@ fn render_underlay_markdown(s: &mut String, report: &Report, underlay: Underlay)
         let _ = writeln!(s, "| {} (`{}`) | {} | {evidence} |", v.label, v.key, v.description);
     }
 
-    let header: Vec<&str> = report.variants.iter().map(|v| v.label.as_str()).collect();
     let _ = writeln!(s, "\n### Absolute figures\n\nMedian, and the min–max over rounds below it.\n");
-    let _ = writeln!(s, "| metric | {} |", header.join(" | "));
-    let _ = writeln!(s, "|---|{}", "---|".repeat(header.len()));
-    for metric in Metric::ALL {
-        let cells: Vec<String> = report
-            .variants
-            .iter()
-            .map(|v| match report.stat(&v.key, metric) {
-                Some(st) => format!("**{}**<br>{}–{}", metric.format(st.median), metric.format(st.min), metric.format(st.max)),
-                None => "—".to_owned(),
-            })
-            .collect();
-        let arrow = if metric.better() == Better::Higher { "↑" } else { "↓" };
-        let _ = writeln!(s, "| {} ({}) {arrow} | {} |", metric.label(), metric.unit(), cells.join(" | "));
-    }
+    metric_table(s, report, |metric| format!("{} ({})", metric.label(), metric.unit()), |v, metric| match report.stat(&v.key, metric) {
+        Some(st) => format!("**{}**<br>{}–{}", metric.format(st.median), metric.format(st.min), metric.format(st.max)),
+        None => "—".to_owned(),
+    });
 
     if report.has(BASELINE) {
         let _ = writeln!(
             s,
             "\n### Ratios to flannel's kernel vxlan\n\nEach round gives a ratio (the variant's figure over kernel vxlan's figure in the same round); shown is their median, and below it their min–max. ↑ above 1 is better, ↓ below 1 is better.\n"
         );
-        let _ = writeln!(s, "| metric | {} |", header.join(" | "));
-        let _ = writeln!(s, "|---|{}", "---|".repeat(header.len()));
-        for metric in Metric::ALL {
-            let cells: Vec<String> = report
-                .variants
-                .iter()
-                .map(|v| {
-                    match report.paired_ratio(&v.key, base, metric) {
-                        Some(_) if v.key == base => "1×".to_owned(),
-                        Some(r) => format!("**{}**<br>{:.2}–{:.2}", ratio_text(r.median), r.min, r.max),
-                        None => "—".to_owned(),
-                    }
-                })
-                .collect();
-            let arrow = if metric.better() == Better::Higher { "↑" } else { "↓" };
-            let _ = writeln!(s, "| {} {arrow} | {} |", metric.label(), cells.join(" | "));
-        }
+        metric_table(s, report, |metric| metric.label().to_owned(), |v, metric| match report.paired_ratio(&v.key, base, metric) {
+            Some(_) if v.key == base => "1×".to_owned(),
+            Some(r) => format!("**{}**<br>{:.2}–{:.2}", ratio_text(r.median), r.min, r.max),
+            None => "—".to_owned(),
+        });
     }
 
     let targets = targets(report, underlay);
@@ -162,6 +139,19 @@ fn render_underlay_markdown(s: &mut String, report: &Report, underlay: Underlay)
         }
     }
     let _ = writeln!(s);
+}
+
+/// A table of a row per metric (named by `row`, with an arrow for which
+/// way is better) and a column per variant, each cell from `cell`.
+fn metric_table(s: &mut String, report: &Report, row: impl Fn(Metric) -> String, cell: impl Fn(&VariantInfo, Metric) -> String) {
+    let header: Vec<&str> = report.variants.iter().map(|v| v.label.as_str()).collect();
+    let _ = writeln!(s, "| metric | {} |", header.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(header.len()));
+    for metric in Metric::ALL {
+        let cells: Vec<String> = report.variants.iter().map(|v| cell(v, metric)).collect();
+        let arrow = if metric.better() == Better::Higher { "↑" } else { "↓" };
+        let _ = writeln!(s, "| {} {arrow} | {} |", row(metric), cells.join(" | "));
+    }
 }
 
 struct Target {
