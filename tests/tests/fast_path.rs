@@ -22,6 +22,21 @@ fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
     Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
 }
 
+/// Two nodes with `pods_per_node` pods each, on the fast path.
+fn two_nodes(pods_per_node: usize) -> Lab {
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = pods_per_node;
+    spec.forward = "bpf".to_owned();
+    Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
+/// `iface`'s MAC address in `ns`, as `ip` prints it.
+fn mac_of(ns: &NetNs, iface: &str) -> String {
+    let link = String::from_utf8_lossy(&ns.ip(&["-o", "link", "show", iface]).stdout).into_owned();
+    link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("{iface}'s MAC: {link}")).to_owned()
+}
+
 fn assert_all_pairs(lab: &Lab, what: &str) {
     let (checks, failures) = lab.check_all_pairs();
     assert!(failures.is_empty(), "{what}: {} of {checks} checks failed: {failures:#?}", failures.len());
@@ -129,9 +144,7 @@ fn services_and_conntrack_work_across_the_fast_path() {
     require_root();
     for backend in ["vxlan", "host-gw"] {
         let lab = lab(Topology::Flat, backend, false);
-        for node in &lab.nodes {
-            iptables(&node.ns, &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
-        }
+        drop_invalid_forwards(&lab);
         let (client, server) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
         let service = Ipv4Addr::new(10, 96, 0, 10);
         iptables(
@@ -155,6 +168,14 @@ fn services_and_conntrack_work_across_the_fast_path() {
         assert!(lab.counters(0).packets(Counter::FastpathOut) > before, "{backend}: the fast path carried nothing");
         assert_no_drops(&lab.counters(0));
         assert_no_drops(&lab.counters(1));
+    }
+}
+
+/// On every node, what kube-proxy adds: forwarded packets conntrack calls
+/// INVALID are dropped.
+fn drop_invalid_forwards(lab: &Lab) {
+    for node in &lab.nodes {
+        iptables(&node.ns, &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
     }
 }
 
@@ -187,11 +208,7 @@ fn iptables(ns: &NetNs, args: &[&str]) {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 2;
-    spec.forward = "bpf".to_owned();
-    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let mut lab = two_nodes(2);
     let (client, target) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
     assert!(Lab::ping(&client.ns, target.ip), "control: the pod answers before it is recreated");
     let target_ip = target.ip;
@@ -211,15 +228,13 @@ fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() 
     lab.stop_agent(1);
     let node = &lab.nodes[1];
     let pod = &node.pods[0];
-    let link = String::from_utf8_lossy(&pod.ns.ip(&["-o", "link", "show", "eth0"]).stdout).into_owned();
-    let mac = link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).expect("the pod's MAC").to_owned();
+    let mac = mac_of(&pod.ns, "eth0");
     // Delete the pod's veth (its eth0 goes with it) and make the new one.
     // Its host side keeps the old one's MAC: cni0, a bridge without an
     // address of its own, takes its ports' lowest MAC, and a new random one
     // could change the gateway MAC the other pod has cached, which is not
     // what this test is about (see the bridge-MAC tests).
-    let host_link = String::from_utf8_lossy(&node.ns.ip(&["-o", "link", "show", "p1"]).stdout).into_owned();
-    let host_mac = host_link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).expect("p1's MAC").to_owned();
+    let host_mac = mac_of(&node.ns, "p1");
     node.ns.ip(&["link", "del", "p1"]);
     node.ns.ip(&["link", "add", "p1", "mtu", "1450", "address", &host_mac, "type", "veth", "peer", "name", "eth0", "address", &mac, "netns", pod.ns.name()]);
     node.ns.ip(&["link", "set", "p1", "master", "cni0", "up"]);
@@ -254,9 +269,7 @@ fn replies_of_connections_dnatted_to_a_local_pod_meet_conntrack() {
     require_root();
     for backend in ["vxlan", "host-gw"] {
         let lab = lab(Topology::Flat, backend, false);
-        for node in &lab.nodes {
-            iptables(&node.ns, &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"]);
-        }
+        drop_invalid_forwards(&lab);
         let (server_node, client, server) = (&lab.nodes[0], &lab.nodes[1].pods[0], &lab.nodes[0].pods[0]);
         let dnat = |rule: &[&str], port: u16| {
             let to = format!("{}:{port}", server.ip);
@@ -293,17 +306,9 @@ fn replies_of_connections_dnatted_to_a_local_pod_meet_conntrack() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_pod_that_changes_the_bridges_mac_is_served_by_the_fast_path() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    spec.forward = "bpf".to_owned();
-    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let lab = two_nodes(1);
     let node = &lab.nodes[0];
-    let bridge_mac = |ns: &NetNs| -> String {
-        let link = String::from_utf8_lossy(&ns.ip(&["-o", "link", "show", "cni0"]).stdout).into_owned();
-        link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).expect("cni0's MAC").to_owned()
-    };
-    let before = bridge_mac(&node.ns);
+    let before = mac_of(&node.ns, "cni0");
     // A new pod whose host-side veth has a MAC below any random one.
     let pod = NetNs::new();
     let lowest = "02:00:00:00:00:01";
@@ -312,13 +317,10 @@ fn a_pod_that_changes_the_bridges_mac_is_served_by_the_fast_path() {
     pod.ip(&["addr", "add", "10.244.1.21/24", "dev", "eth0"]);
     pod.ip(&["link", "set", "eth0", "mtu", "1450", "up"]);
     pod.ip(&["route", "add", "default", "via", "10.244.1.1"]);
-    let after = bridge_mac(&node.ns);
+    let after = mac_of(&node.ns, "cni0");
     assert!(before != after && after == lowest, "control: cni0's MAC went from {before} to {after}, not to {lowest}");
     // Enrolled once the bridge learns the pod's MAC from its frames.
-    let pod_mac = {
-        let link = String::from_utf8_lossy(&pod.ip(&["-o", "link", "show", "eth0"]).stdout).into_owned();
-        link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).expect("the pod's MAC").to_owned()
-    };
+    let pod_mac = mac_of(&pod, "eth0");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         assert!(Lab::ping(&pod, "10.244.1.1".parse().unwrap()), "the new pod cannot reach its gateway");
@@ -345,20 +347,9 @@ fn a_pod_that_changes_the_bridges_mac_is_served_by_the_fast_path() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_pod_stays_enrolled_after_the_bridge_forgets_its_mac() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    spec.forward = "bpf".to_owned();
-    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let lab = two_nodes(1);
     let (client, node, server) = (&lab.nodes[0].pods[0], &lab.nodes[1], &lab.nodes[1].pods[0]);
-    let pod_mac = {
-        let link = String::from_utf8_lossy(&server.ns.ip(&["-o", "link", "show", "eth0"]).stdout).into_owned();
-        link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).expect("the pod's MAC").to_owned()
-    };
-    let bridge_mac = {
-        let link = String::from_utf8_lossy(&node.ns.ip(&["-o", "link", "show", "cni0"]).stdout).into_owned();
-        link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).expect("cni0's MAC").to_owned()
-    };
+    let (pod_mac, bridge_mac) = (mac_of(&server.ns, "eth0"), mac_of(&node.ns, "cni0"));
     // Nothing of the pod's crosses the bridge: no ARP for its gateway
     // either, and the bridge forgets in 3 s.
     server.ns.ip(&["neigh", "replace", "10.244.2.1", "lladdr", &bridge_mac, "dev", "eth0", "nud", "permanent"]);
