@@ -9,6 +9,7 @@ pub mod apiserver;
 pub mod bench;
 pub mod control_plane;
 pub mod etcd;
+pub mod frames;
 pub mod lab;
 
 use std::{
@@ -242,6 +243,38 @@ impl Drop for NetNsEntered {
         if rc != 0 && !std::thread::panicking() {
             panic!("returning to the original netns: {}", std::io::Error::last_os_error());
         }
+    }
+}
+
+/// Sends `frames` (whole Ethernet frames) out of `iface` in `ns` through a
+/// packet socket, in order; returns when the first was handed to the kernel.
+pub fn send_frames(ns: &NetNs, iface: &str, frames: &[impl AsRef<[u8]>]) -> std::time::Instant {
+    let _inside = ns.enter();
+    let name = std::ffi::CString::new(iface).expect("interface name");
+    // SAFETY: plain socket calls on a descriptor this function owns, with a
+    // zeroed, correctly sized sockaddr_ll and frames that outlive them.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        assert_ne!(ifindex, 0, "no {iface} in {}", ns.name());
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        let mut address: libc::sockaddr_ll = std::mem::zeroed();
+        address.sll_family = libc::AF_PACKET as u16;
+        address.sll_ifindex = ifindex as i32;
+        address.sll_halen = 6;
+        let sent = std::time::Instant::now();
+        for frame in frames {
+            let frame = frame.as_ref();
+            address.sll_addr[..6].copy_from_slice(&frame[..6]);
+            let rc = libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&raw const address).cast(), size_of::<libc::sockaddr_ll>() as u32);
+            let err = std::io::Error::last_os_error();
+            if rc != frame.len() as isize {
+                libc::close(fd);
+                panic!("sending a frame from {iface}: {err}");
+            }
+        }
+        libc::close(fd);
+        sent
     }
 }
 

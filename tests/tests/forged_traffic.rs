@@ -25,7 +25,7 @@ use std::{
 
 use overlay_common::DropReason;
 use overlay_tests::{
-    NetNs, agent_binary,
+    NetNs, agent_binary, frames,
     lab::{Lab, LabSpec, OUTSIDE_GATEWAY, Topology},
     require_root,
 };
@@ -81,7 +81,7 @@ fn check_claims(lab: &Lab, mode: &str, claims: &[Claim]) {
             .collect();
         // The control, last: sent from the outside host's own address.
         frames.push(udp_frame(outside_mac, node_mac, outside_ip, target.ip, port, b"control"));
-        send_frames(outside, "eth0", &frames);
+        overlay_tests::send_frames(outside, "eth0", &frames);
         let (probes, control) = receive(&socket, "control");
         if !control {
             failures.push(format!("{}: the control from {outside_ip} did not arrive: the probe is broken", claim.what));
@@ -118,53 +118,59 @@ fn own_pod(lab: &Lab) -> Claim {
     Claim { what: "node1's own other pod", source: lab.nodes[0].pods[1].ip, fate: Fate::Dropped }
 }
 
+/// A claim of the first pod of node `node` (0 is node1).
+fn pod_of(lab: &Lab, node: usize, what: &'static str, fate: Fate) -> Claim {
+    Claim { what, source: lab.nodes[node].pods[0].ip, fate }
+}
+
+/// For each `--forward` and `--decap` in `modes`, a lab of `backend`
+/// (with DirectRouting or not) on `topology`: node1's own pod's claim and
+/// the claims `peers` makes, checked.
+fn check_modes(topology: Topology, backend: &str, direct_routing: bool, modes: &[(&str, &str)], peers: impl Fn(&Lab) -> Vec<Claim>) {
+    for &(forward, decap) in modes {
+        let lab = lab(topology, backend, direct_routing, forward, decap);
+        let mut claims = vec![own_pod(&lab)];
+        claims.extend(peers(&lab));
+        let direct = if direct_routing { " --direct-routing" } else { "" };
+        let decap_flag = if decap == "auto" { String::new() } else { format!(" --decap {decap}") };
+        check_claims(&lab, &format!("{backend}{direct} --forward {forward}{decap_flag}"), &claims);
+    }
+}
+
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn vxlan_refuses_bare_packets_claiming_any_pod() {
     require_root();
     // With XDP decapsulating, XDP checks bare packets (TC, behind it, does not).
-    for (forward, decap) in [("bpf", "auto"), ("kernel", "auto"), ("bpf", "xdp")] {
-        let lab = lab(Topology::Flat, "vxlan", false, forward, decap);
-        let claims = [
-            own_pod(&lab),
-            Claim { what: "a pod of node2 (a plain-VXLAN peer)", source: lab.nodes[1].pods[0].ip, fate: Fate::Dropped },
-        ];
-        check_claims(&lab, &format!("vxlan --forward {forward} --decap {decap}"), &claims);
-    }
+    check_modes(Topology::Flat, "vxlan", false, &[("bpf", "auto"), ("kernel", "auto"), ("bpf", "xdp")], |lab| {
+        vec![pod_of(lab, 1, "a pod of node2 (a plain-VXLAN peer)", Fate::Dropped)]
+    });
 }
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn host_gw_refuses_bare_packets_claiming_our_own_pods_only() {
     require_root();
-    for forward in ["bpf", "kernel"] {
-        let lab = lab(Topology::Flat, "host-gw", false, forward, "auto");
-        let claims = [
-            own_pod(&lab),
-            // Not protected: node2's pods reach us bare, as this does.
-            Claim { what: "a pod of node2 (host-gw peer)", source: lab.nodes[1].pods[0].ip, fate: Fate::Delivered },
-        ];
-        check_claims(&lab, &format!("host-gw --forward {forward}"), &claims);
-    }
+    check_modes(Topology::Flat, "host-gw", false, &[("bpf", "auto"), ("kernel", "auto")], |lab| {
+        // Not protected: node2's pods reach us bare, as this does.
+        vec![pod_of(lab, 1, "a pod of node2 (host-gw peer)", Fate::Delivered)]
+    });
 }
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn direct_routing_refuses_bare_packets_claiming_our_own_pods_only() {
     require_root();
-    for forward in ["bpf", "kernel"] {
-        // node2 on node1's segment (direct), node3 behind the router (VXLAN).
-        let lab = lab(Topology::Routed, "vxlan", true, forward, "auto");
-        let claims = [
-            own_pod(&lab),
+    // node2 on node1's segment (direct), node3 behind the router (VXLAN).
+    check_modes(Topology::Routed, "vxlan", true, &[("bpf", "auto"), ("kernel", "auto")], |lab| {
+        vec![
             // Not protected: node2 sends its pods' packets to us bare.
-            Claim { what: "a pod of node2 (direct peer)", source: lab.nodes[1].pods[0].ip, fate: Fate::Delivered },
+            pod_of(lab, 1, "a pod of node2 (direct peer)", Fate::Delivered),
             // Not protected: we reach node3 by VXLAN, but it decides its
             // own mode from its own view of the underlay.
-            Claim { what: "a pod of node3 (DirectRouting peer behind a gateway)", source: lab.nodes[2].pods[0].ip, fate: Fate::Delivered },
-        ];
-        check_claims(&lab, &format!("vxlan --direct-routing --forward {forward}"), &claims);
-    }
+            pod_of(lab, 2, "a pod of node3 (DirectRouting peer behind a gateway)", Fate::Delivered),
+        ]
+    });
 }
 
 /// An interface's MAC address in `ns`.
@@ -178,55 +184,8 @@ fn mac_of(ns: &NetNs, iface: &str) -> [u8; 6] {
 /// An Ethernet frame with an IPv4 UDP datagram (no UDP checksum, which
 /// IPv4 allows), as a host would send it to `dst_mac`'s host as its router.
 fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, port: u16, payload: &[u8]) -> Vec<u8> {
-    let total = 20 + 8 + payload.len();
-    let mut f = Vec::with_capacity(14 + total);
-    f.extend_from_slice(&dst_mac);
-    f.extend_from_slice(&src_mac);
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let ip = f.len();
-    f.extend_from_slice(&[0x45, 0]);
-    f.extend_from_slice(&(total as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-    f.extend_from_slice(&src.octets());
-    f.extend_from_slice(&dst.octets());
-    let sum = f[ip..ip + 20].chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum::<u32>();
-    let folded = (sum & 0xffff) + (sum >> 16);
-    let check = !(((folded & 0xffff) + (folded >> 16)) as u16);
-    f[ip + 10..ip + 12].copy_from_slice(&check.to_be_bytes());
-    f.extend_from_slice(&40000u16.to_be_bytes());
-    f.extend_from_slice(&port.to_be_bytes());
-    f.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    f.extend_from_slice(&[0, 0]);
-    f.extend_from_slice(payload);
-    f
-}
-
-/// Sends `frames` out of `iface` in `ns` through a packet socket, in order.
-fn send_frames(ns: &NetNs, iface: &str, frames: &[Vec<u8>]) {
-    let _inside = ns.enter();
-    let name = std::ffi::CString::new(iface).expect("interface name");
-    // SAFETY: plain socket calls on a descriptor this function owns, with a
-    // zeroed, correctly sized sockaddr_ll and frames that outlive them.
-    unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        assert_ne!(ifindex, 0, "no {iface} in {}", ns.name());
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        let mut address: libc::sockaddr_ll = std::mem::zeroed();
-        address.sll_family = libc::AF_PACKET as u16;
-        address.sll_ifindex = ifindex as i32;
-        address.sll_halen = 6;
-        for frame in frames {
-            address.sll_addr[..6].copy_from_slice(&frame[..6]);
-            let rc = libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&raw const address).cast(), size_of::<libc::sockaddr_ll>() as u32);
-            let err = std::io::Error::last_os_error();
-            if rc != frame.len() as isize {
-                libc::close(fd);
-                panic!("sending a frame from {iface}: {err}");
-            }
-        }
-        libc::close(fd);
-    }
+    let datagram = frames::udp(40000, port, payload);
+    frames::eth(dst_mac, src_mac, 0x0800, &frames::ipv4(src.octets(), dst.octets(), 17, 0, 0, true, &datagram))
 }
 
 /// Reads datagrams until one whose payload is `last` (or 3 s pass), then a

@@ -31,7 +31,11 @@ use aya::{
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
 use overlay_common::{Config, Counter, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_ON_LINK, Route, SocketKey, map_names, program_names};
-use overlay_tests::{PinDir, require_root};
+use overlay_tests::{
+    PinDir,
+    frames::{self, checksum, eth, udp},
+    require_root,
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -71,12 +75,8 @@ const KNOWN_DEFECTS: &[(&str, &str)] = &[];
 
 // ---------------------------------------------------------------- frames
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, tos: u8, payload: &[u8]) -> Vec<u8> {
+    frames::ipv4(src, dst, proto, tos, 0x1234, true, payload)
 }
 
 fn set_ipv4_checksum(ip: &mut [u8]) {
@@ -86,35 +86,6 @@ fn set_ipv4_checksum(ip: &mut [u8]) {
     ip[11] = 0;
     let c = checksum(&ip[..ihl]);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-}
-
-fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, tos: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x45, tos, 0, 0, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
-    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    set_ipv4_checksum(&mut h);
-    h.extend_from_slice(payload);
-    h
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::with_capacity(8 + payload.len());
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
-}
-
-fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut e = Vec::with_capacity(14 + payload.len());
-    e.extend_from_slice(&dst);
-    e.extend_from_slice(&src);
-    e.extend_from_slice(&ether_type.to_be_bytes());
-    e.extend_from_slice(payload);
-    e
 }
 
 fn in_cidr(addr: [u8; 4], (net, len): ([u8; 4], u32)) -> bool {

@@ -141,38 +141,11 @@ fn a_new_pod_is_on_the_fast_path_at_once() {
 /// EtherType, which nothing answers) out of `iface` in `ns`, from `mac`;
 /// when it was sent.
 fn send_frame(ns: &NetNs, iface: &str, mac: [u8; 6]) -> Instant {
-    let _inside = ns.enter();
-    let name = std::ffi::CString::new(iface).expect("interface name");
-    // SAFETY: plain socket calls on a descriptor this function owns, with
-    // a zeroed, correctly sized sockaddr_ll and a frame that outlives them.
-    unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        assert_ne!(ifindex, 0, "no {iface} in {}", ns.name());
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
-        let mut address: libc::sockaddr_ll = std::mem::zeroed();
-        address.sll_family = libc::AF_PACKET as u16;
-        address.sll_ifindex = ifindex as i32;
-        address.sll_halen = 6;
-        address.sll_addr[..6].fill(0xff);
-        let mut frame = [0u8; 60];
-        frame[..6].fill(0xff);
-        frame[6..12].copy_from_slice(&mac);
-        frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
-        let sent = Instant::now();
-        let rc = libc::sendto(
-            fd,
-            frame.as_ptr().cast(),
-            frame.len(),
-            0,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_ll>() as u32,
-        );
-        let err = std::io::Error::last_os_error();
-        libc::close(fd);
-        assert_eq!(rc, frame.len() as isize, "sending a frame from {iface}: {err}");
-        sent
-    }
+    let mut frame = [0u8; 60];
+    frame[..6].fill(0xff);
+    frame[6..12].copy_from_slice(&mac);
+    frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    overlay_tests::send_frames(ns, iface, &[frame])
 }
 
 /// A bridge port's STP state (`forwarding`, `learning`, `disabled`, …).

@@ -9,7 +9,11 @@ use aya::{
 };
 use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
 use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY, Route, Totals, map_names, program_names};
-use overlay_tests::{PinDir, require_root};
+use overlay_tests::{
+    PinDir,
+    frames::{self, checksum, udp},
+    require_root,
+};
 
 /// Reads the counter a case expects to move.
 type CounterOf = fn(&Totals) -> u64;
@@ -27,42 +31,12 @@ const PEER_VTEP: [u8; 6] = [0x0e, 0, 192, 168, 77, 12];
 const NIC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 11];
 const PEER_NIC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 12];
 
-fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 fn ipv4(src: [u8; 4], dst: [u8; 4], proto: u8, payload: &[u8]) -> Vec<u8> {
-    let mut h = vec![0x45, 0, 0, 0, 0, 1, 0, 0, 64, proto, 0, 0];
-    h[2..4].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
-    h.extend_from_slice(&src);
-    h.extend_from_slice(&dst);
-    let c = checksum(&h);
-    h[10..12].copy_from_slice(&c.to_be_bytes());
-    h.extend_from_slice(payload);
-    h
-}
-
-fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let mut u = Vec::new();
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(payload);
-    u
+    frames::ipv4(src, dst, proto, 0, 1, false, payload)
 }
 
 fn eth(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
-    let mut e = Vec::new();
-    e.extend_from_slice(&dst);
-    e.extend_from_slice(&src);
-    e.extend_from_slice(&[0x08, 0x00]);
-    e.extend_from_slice(payload);
-    e
+    frames::eth(dst, src, 0x0800, payload)
 }
 
 /// A pod-to-pod inner packet: IPv4/UDP with a small payload.
