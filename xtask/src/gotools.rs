@@ -162,20 +162,8 @@ pub fn kubernetes(go: &Path) -> anyhow::Result<PathBuf> {
         .strip_prefix("v1.")
         .map(|rest| format!("v0.{rest}"))
         .with_context(|| format!("{version} is not a v1.x.y kubernetes version"))?;
-    let root = cache_root()?;
-    let mut download = Command::new(go);
-    download
-        .args(["mod", "download", "-json", &format!("k8s.io/kubernetes@{version}")])
-        .env("GOMODCACHE", root.join("go/mod"))
-        .env("GOTOOLCHAIN", "local");
-    // Outside any module: `go mod download` of a named module needs none.
-    download.current_dir(std::env::temp_dir());
-    let info = output(&mut download).with_context(|| format!("the Go module proxy refused k8s.io/kubernetes@{version}"))?;
-    let go_mod_path = info
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"GoMod\": \"")?.strip_suffix("\","))
-        .context("`go mod download -json` named no go.mod")?;
-    let go_mod = fs::read_to_string(go_mod_path).with_context(|| format!("reading {go_mod_path}"))?;
+    let go_mod_path = go_mod_download(go, "k8s.io/kubernetes", version, "GoMod")?;
+    let go_mod = fs::read_to_string(&go_mod_path).with_context(|| format!("reading {go_mod_path}"))?;
     let staging = staging_modules(&go_mod);
     if staging.is_empty() {
         bail!("k8s.io/kubernetes@{version}'s go.mod requires no staging module at v0.0.0: has its layout changed?");
@@ -232,6 +220,13 @@ pub fn flanneld(go: &Path) -> anyhow::Result<PathBuf> {
 /// `go mod download` of one module into the cache's module cache; returns
 /// its source directory.
 fn download_module(go: &Path, module: &str, version: &str) -> anyhow::Result<PathBuf> {
+    go_mod_download(go, module, version, "Dir").map(PathBuf::from)
+}
+
+/// `go mod download -json` of one module into the cache's module cache;
+/// returns `field` of what it prints (`Dir`: the source directory,
+/// `GoMod`: its go.mod file).
+fn go_mod_download(go: &Path, module: &str, version: &str, field: &str) -> anyhow::Result<String> {
     let mut download = Command::new(go);
     download
         .args(["mod", "download", "-json", &format!("{module}@{version}")])
@@ -240,11 +235,10 @@ fn download_module(go: &Path, module: &str, version: &str) -> anyhow::Result<Pat
     // Outside any module: `go mod download` of a named module needs none.
     download.current_dir(std::env::temp_dir());
     let info = output(&mut download).with_context(|| format!("the Go module proxy refused {module}@{version}"))?;
-    let dir = info
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("\"Dir\": \"")?.strip_suffix("\","))
-        .with_context(|| format!("`go mod download -json {module}@{version}` named no directory"))?;
-    Ok(PathBuf::from(dir))
+    let prefix = format!("\"{field}\": \"");
+    info.lines()
+        .find_map(|l| Some(l.trim().strip_prefix(&prefix)?.strip_suffix("\",")?.to_owned()))
+        .with_context(|| format!("`go mod download -json {module}@{version}` named no {field}"))
 }
 
 /// What Kubernetes' own build (hack/lib/version.sh) stamps into its
