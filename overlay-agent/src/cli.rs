@@ -195,15 +195,15 @@ pub enum Forward {
     /// The kernel routes pod traffic (`<podCIDR> via <node IP>`); our
     /// programs encapsulate at the underlay's egress.
     Kernel,
-    /// Our program on the pod bridge's ingress forwards it (TTL, VXLAN,
-    /// `bpf_redirect_neigh` to the underlay); what it cannot take goes on
-    /// to the kernel routes.
+    /// Our program at the ingress of each pod's veth (and of the pod
+    /// bridge) forwards it (TTL, VXLAN, `bpf_redirect_neigh` to the
+    /// underlay); what it cannot take goes on to the kernel routes.
     Bpf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Decap {
-    /// Measured choice per interface (see `run --help`).
+    /// The measured choice for the underlay's driver, as described above.
     Auto,
     /// XDP, native when the driver supports it.
     Xdp,

@@ -134,7 +134,7 @@ const PACKETS: DatapathFamily = DatapathFamily {
     name: "datapath_packets",
     label: "path",
     help: "Packets the programs on the underlay interface handled, each counted once per program by what it did: \
-           encap (egress, encapsulated for a VXLAN peer), direct (egress, to a direct-mode peer unencapsulated), \
+           encap (egress or the fast path, encapsulated for a VXLAN peer), direct (egress, to a direct-mode peer unencapsulated), \
            decap (ingress, valid VXLAN decapsulated), pass (either way, not ours: left untouched)",
 };
 const BYTES: DatapathFamily = DatapathFamily {
@@ -146,8 +146,8 @@ const FASTPATH_PACKETS: DatapathFamily = DatapathFamily {
     name: "datapath_fastpath_packets",
     label: "direction",
     help: "Packets the fast path (--forward bpf) forwarded past the kernel's forward path: out (a local pod's veth \
-           straight to the underlay; the underlay's egress then counts them too, as pass when already encapsulated \
-           or as direct) and in (the underlay's ingress straight into a local pod; also counted there as decap or pass)",
+           straight to the underlay; also counted as encap when it encapsulated them, or by the underlay's egress as \
+           direct) and in (the underlay's ingress straight into a local pod; also counted there as decap or pass)",
 };
 const FASTPATH_BYTES: DatapathFamily = DatapathFamily {
     name: "datapath_fastpath_bytes",

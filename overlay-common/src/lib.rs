@@ -277,7 +277,8 @@ slot_enum! {
     /// program that handled it; the metric family of each is in the agent's
     /// `metrics.rs` and in the README.
     pub enum Counter {
-        /// Underlay egress: encapsulated into VXLAN for a peer.
+        /// Underlay egress, or the fast path: encapsulated into VXLAN for
+        /// a peer.
         Encap = "encap",
         /// Underlay egress: to a direct-mode peer, left to the kernel
         /// route unencapsulated.
@@ -287,8 +288,9 @@ slot_enum! {
         /// Underlay egress or ingress: not ours, passed on untouched.
         Pass = "pass",
         /// Fast path, out: from a local pod's veth straight to the
-        /// underlay (the underlay's egress then sees it again: already
-        /// encapsulated, `pass`; direct, `direct`).
+        /// underlay (also counted as `encap` when it encapsulated the
+        /// packet; to a direct-mode peer the underlay's egress counts it
+        /// as `direct`).
         FastpathOut = "fastpath_out",
         /// Fast path, in: from the underlay's ingress straight into a local
         /// pod (also counted there as `decap` or `pass`).
