@@ -45,34 +45,32 @@ fn assert_users_files_intact(dir: &Path) {
     assert_eq!(fs::read_to_string(dir.join("v2/ROUTES")).ok().as_deref(), Some("not a map"));
 }
 
-#[test]
-#[ignore = "needs root: run `cargo xtask test` as root"]
-fn cleanup_refuses_a_directory_not_on_bpffs_and_deletes_nothing() {
-    require_root();
+/// The agent run with `args` and a user's directory, not on bpffs, as its
+/// `--bpffs-root`: it must fail saying so, and leave the user's files.
+fn assert_refused_outside_bpffs(args: &[&str]) {
     let ns = NetNs::new();
     let dir = users_directory();
-    let out = agent_in(&ns, &["cleanup", "--keep-subnet-file", "--bpffs-root", dir.to_str().unwrap()]);
+    let out = agent_in(&ns, &[args, &["--bpffs-root", dir.to_str().unwrap()]].concat());
     let said = text(&out);
     let intact = std::panic::catch_unwind(|| assert_users_files_intact(&dir));
     let _ = fs::remove_dir_all(&dir);
     intact.unwrap();
-    assert_eq!(out.status.code(), Some(1), "cleanup of a non-bpffs directory must fail:\n{said}");
+    assert_eq!(out.status.code(), Some(1), "{} on a non-bpffs directory must fail:\n{said}", args[0]);
     assert!(said.contains("not on a BPF filesystem"), "{said}");
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn cleanup_refuses_a_directory_not_on_bpffs_and_deletes_nothing() {
+    require_root();
+    assert_refused_outside_bpffs(&["cleanup", "--keep-subnet-file"]);
 }
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn check_refuses_a_directory_not_on_bpffs_and_deletes_nothing() {
     require_root();
-    let ns = NetNs::new();
-    let dir = users_directory();
-    let out = agent_in(&ns, &["check", "--iface", "lo", "--bpffs-root", dir.to_str().unwrap()]);
-    let said = text(&out);
-    let intact = std::panic::catch_unwind(|| assert_users_files_intact(&dir));
-    let _ = fs::remove_dir_all(&dir);
-    intact.unwrap();
-    assert_eq!(out.status.code(), Some(1), "{said}");
-    assert!(said.contains("not on a BPF filesystem"), "{said}");
+    assert_refused_outside_bpffs(&["check", "--iface", "lo"]);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! when told to (`--remove-flannel-device`), and only flannel's.
 
 use std::{
-    process::{Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -65,6 +65,34 @@ impl Node {
     }
 }
 
+/// Waits up to 20 s for `done` while `agent` runs; panics, saying it did
+/// not `what` and with its log, when it exits first or time runs out.
+fn wait_while_running(agent: &mut Child, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!("the agent exited ({status}) before it would {what}:\n{}", log_of(agent));
+        }
+        assert!(Instant::now() < deadline, "the agent did not {what} within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops `agent` with SIGTERM: how it exited, and its log.
+fn stop(mut agent: Child) -> (ExitStatus, String) {
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    let status = agent.wait().unwrap();
+    (status, log_of(&mut agent))
+}
+
+/// What the agent wrote to its piped stderr.
+fn log_of(agent: &mut Child) -> String {
+    let mut log = String::new();
+    std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
+    log
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.nodes_dir);
@@ -86,21 +114,8 @@ fn a_leftover_flannel_device_stops_the_agent_unless_it_may_remove_it() {
 
     // With the flag: the agent starts, and deletes it once it serves.
     let mut agent = node.agent(&["--remove-flannel-device"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while node.has_link("flannel.1") {
-        if let Some(status) = agent.try_wait().unwrap() {
-            let mut log = String::new();
-            std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
-            panic!("the agent exited ({status}) with flannel.1 still present:\n{log}");
-        }
-        assert!(Instant::now() < deadline, "the agent did not delete flannel.1 within 20 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // SAFETY: plain kill(2) of our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    let status = agent.wait().unwrap();
-    let mut log = String::new();
-    std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
+    wait_while_running(&mut agent, "delete flannel.1", || !node.has_link("flannel.1"));
+    let (status, log) = stop(agent);
     assert!(status.success(), "agent stopped with {status}:\n{log}");
     assert!(log.contains("deleted flannel's vxlan device"), "the deletion must be logged:\n{log}");
 }
@@ -122,17 +137,7 @@ fn another_vxlan_device_on_our_port_is_never_touched() {
     let mut agent = node.agent(&[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
     // Up once it has attached to the underlay (its pinned egress link).
     let attached = node.pins.path().join("links/ul0/tc_egress");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !attached.exists() {
-        if let Some(status) = agent.try_wait().unwrap() {
-            let mut log = String::new();
-            std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
-            panic!("the agent must run beside a vxlan device on another port; it exited ({status}):\n{log}");
-        }
-        assert!(Instant::now() < deadline, "the agent did not attach within 20 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // SAFETY: plain kill(2) of our own child.
-    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-    assert!(agent.wait().unwrap().success());
+    wait_while_running(&mut agent, "attach beside a vxlan device on another port", || attached.exists());
+    let (status, log) = stop(agent);
+    assert!(status.success(), "agent stopped with {status}:\n{log}");
 }
