@@ -203,7 +203,8 @@ pub enum Forward {
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Decap {
-    /// The measured choice for the underlay's driver, as described above.
+    /// The measured choice: TC ingress with host-gw, on veth underlays and
+    /// where another XDP program is attached; native XDP on other drivers.
     Auto,
     /// XDP, native when the driver supports it.
     Xdp,
