@@ -241,10 +241,10 @@ impl PodTrafficRules {
     /// reports what the checks not reported yet did. The rules stay.
     pub fn stop(&mut self) {
         self.to_thread = None;
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                tracing::error!("the netfilter thread panicked; the rules are as it left them");
-            }
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the netfilter thread panicked; the rules are as it left them");
         }
         while let Ok(checked) = self.from_thread.try_recv() {
             self.report(checked);

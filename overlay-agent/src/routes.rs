@@ -166,14 +166,14 @@ impl Nexthops {
             if !recorded(&destination) {
                 continue;
             }
-            if !table.ours.contains_key(&id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = table.ours.entry(id) {
                 let Some(nexthop) = rtnl.nexthop(id)? else { continue };
                 let (Some(gateway), Some(oif)) = (nexthop.gateway, nexthop.oif) else { continue };
                 if nexthop.protocol != ROUTE_PROTO_ID {
                     continue;
                 }
                 let key = NexthopKey { gateway, oif, onlink: nexthop.onlink };
-                table.ours.insert(id, key);
+                slot.insert(key);
                 table.by_key.entry(key).or_insert(id);
             }
             table.assign(destination, Some(id));
@@ -228,12 +228,12 @@ impl Nexthops {
             }
             None => self.route_nexthop.remove(&destination),
         };
-        if let Some(old) = old {
-            if let Some(users) = self.users.get_mut(&old) {
-                *users = users.saturating_sub(1);
-                if *users == 0 {
-                    self.idle.insert(old);
-                }
+        if let Some(old) = old
+            && let Some(users) = self.users.get_mut(&old)
+        {
+            *users = users.saturating_sub(1);
+            if *users == 0 {
+                self.idle.insert(old);
             }
         }
     }
@@ -242,10 +242,10 @@ impl Nexthops {
     /// nexthops, and their routes, with the device).
     fn forget(&mut self, id: u32) {
         self.idle.remove(&id);
-        if let Some(key) = self.ours.remove(&id) {
-            if self.by_key.get(&key) == Some(&id) {
-                self.by_key.remove(&key);
-            }
+        if let Some(key) = self.ours.remove(&id)
+            && self.by_key.get(&key) == Some(&id)
+        {
+            self.by_key.remove(&key);
         }
     }
 
@@ -381,11 +381,11 @@ pub fn replace_all<'a>(
             let message = RouteNetlinkMessage::NewRoute(replace_message(peer, nexthop, vxlan_mtu, source));
             match rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
                 Answer::Refused(refused) => {
-                    if let Some(id) = nexthop.filter(|_| attempt == 0) {
-                        if rtnl.nexthop(id)?.is_none() {
-                            nexthops.forget(id);
-                            continue;
-                        }
+                    if let Some(id) = nexthop.filter(|_| attempt == 0)
+                        && rtnl.nexthop(id)?.is_none()
+                    {
+                        nexthops.forget(id);
+                        continue;
                     }
                     failed.push((peer, refused));
                 }

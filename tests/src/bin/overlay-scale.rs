@@ -229,7 +229,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     latencies.sort();
-    slowest.sort_by(|a, b| b.0.cmp(&a.0));
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
     for (latency, at, k, waited, api_waited) in slowest.iter().take(5) {
         let at = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         eprintln!(
