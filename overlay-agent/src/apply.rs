@@ -189,6 +189,14 @@ impl Applier {
         if let Some((cidr, reason)) = routes::remove_all(&mut nexthops, &stale)?.into_iter().next() {
             return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }
+        // Nexthops of ours no route leads to (a crash before their route,
+        // routes deleted while we were down). Not fatal: they only cost
+        // kernel memory, and the next start tries again.
+        match routes::remove_orphaned_nexthops() {
+            Ok(removed) if removed.is_empty() => {}
+            Ok(removed) => tracing::info!(count = removed.len(), ids = ?removed, "removed nexthops of ours that no route used (left by a crash, or by routes deleted while the agent was down)"),
+            Err(err) => tracing::warn!(error = %crate::report::Chain(&err), "looking for nexthops of ours that no route uses; leaving them"),
+        }
         let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
         Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None, not_programmed: BTreeMap::new(), nexthops })
     }

@@ -77,6 +77,12 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         routes::ROUTE_PROTO,
         layout.map(overlay_common::map_names::ROUTES).display()
     );
+    // Those no route leads to any more: left by a crash before their route,
+    // or by routes deleted while the agent was down.
+    let orphans = routes::remove_orphaned_nexthops().context("removing the agent's nexthops no route uses")?;
+    if !orphans.is_empty() {
+        println!("removed {} nexthops of ours that no route used", orphans.len());
+    }
     // Before TCX the TC programs are clsact filters, which no pin holds.
     for iface in &interfaces {
         Datapath::detach_clsact(iface).with_context(|| format!("detaching from {iface}"))?;

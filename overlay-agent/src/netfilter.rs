@@ -17,9 +17,10 @@
 //! commands. No crate fits: `rustables` (pure Rust netlink) is GPL-3.0,
 //! which the agent's MIT/Apache licence cannot ship; `nftnl` binds the C
 //! libnftnl, which the static image cannot link; and iptables-legacy's
-//! tables have no library at all. These commands run at start, when the
-//! pod CIDR changes and at housekeeping (every few seconds, a check that
-//! rewrites only what is missing), never per Node event.
+//! tables have no library at all. These commands run on a thread of their
+//! own ([`PodTrafficRules`]), never on the event loop's: at start, when the
+//! pod CIDR changes and every [`RECHECK`] (a check that rewrites only what
+//! is missing), never per Node event.
 //!
 //! Rules stay in place when the agent stops, so traffic keeps flowing
 //! across restarts; a restart finds them and adds nothing. `cleanup`
@@ -28,7 +29,7 @@
 use std::{
     io::Write as _,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use ipnetwork::Ipv4Network;
@@ -72,23 +73,107 @@ pub struct PodTraffic {
     pub masquerade: bool,
 }
 
-/// How often [`PodTrafficRules::keep`] looks again at rules it wrote
-/// (flannel: `--iptables-resync`, 5 s): someone flushing FORWARD, or a
-/// firewall reload, is repaired within this.
+/// How often the rules are looked at again after a check (flannel:
+/// `--iptables-resync`, 5 s): someone flushing FORWARD, or a firewall
+/// reload, is repaired within this (plus one check's time).
 pub const RECHECK: Duration = Duration::from_secs(5);
 
-/// The agent's side of the rules: what it last wrote, and when it last
-/// looked, so that Node events (thousands in a relist) start no process.
+/// What writes the rules: [`Commands`] in the agent, a fake in the loop's
+/// tests. It runs on the rules' own thread.
+pub trait RuleWriter: Send + 'static {
+    /// Brings the rules to `traffic`, as [`ensure`] does.
+    fn ensure(&mut self, traffic: &PodTraffic) -> Result<Changes, NetfilterError>;
+}
+
+/// The real rules, through the `nft` and `iptables` commands ([`ensure`]).
+#[derive(Debug, Default)]
+pub struct Commands;
+
+impl RuleWriter for Commands {
+    fn ensure(&mut self, traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
+        ensure(traffic)
+    }
+}
+
+/// One check of the rules, done.
 #[derive(Debug)]
+pub struct Checked {
+    pub traffic: PodTraffic,
+    pub result: Result<Changes, NetfilterError>,
+}
+
+/// What [`PodTrafficRules::report`] logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Logged {
+    /// Nothing: the rules were in place, or the failure was logged before.
+    Nothing,
+    /// Rules were (re)written.
+    Written,
+    /// A failure not logged before.
+    Failed(String),
+}
+
+/// The agent's side of the rules. The checks start processes (`nft`,
+/// `iptables`, tens to hundreds of milliseconds, once 521 ms on a busy
+/// node), so they run on a thread of their own, never on the event loop's:
+/// a Node event arriving meanwhile does not wait for them. The thread
+/// checks when the wanted rules change and every [`RECHECK`] after its last
+/// check (which also retries a failure at that pace, not on every Node
+/// event), and sends each outcome back ([`Self::checked`]) for the loop to
+/// [`Self::report`].
+///
+/// Dropping it waits for a check under way: an agent stopping mid-check
+/// would leave a half-written FORWARD chain, or an `iptables` process
+/// still adding a rule after `cleanup` removed ours.
 pub struct PodTrafficRules {
     masquerade: bool,
-    applied: Option<PodTraffic>,
-    checked: Option<Instant>,
+    /// What was last handed to the thread.
+    wanted: Option<PodTraffic>,
+    to_thread: Option<std::sync::mpsc::Sender<PodTraffic>>,
+    from_thread: tokio::sync::mpsc::UnboundedReceiver<Checked>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Failures logged, until a check succeeds.
+    reported: std::collections::BTreeSet<String>,
 }
 
 impl PodTrafficRules {
+    /// Rules written by the `nft` and `iptables` commands.
     pub fn new(masquerade: bool) -> Self {
-        Self { masquerade, applied: None, checked: None }
+        Self::with_writer(masquerade, Commands, RECHECK)
+    }
+
+    /// Rules written by `writer`, looked at again `recheck` after each check.
+    pub fn with_writer(masquerade: bool, mut writer: impl RuleWriter, recheck: Duration) -> Self {
+        let (to_thread, wanted_rx) = std::sync::mpsc::channel::<PodTraffic>();
+        let (checked_tx, from_thread) = tokio::sync::mpsc::unbounded_channel();
+        let thread = std::thread::Builder::new()
+            .name("netfilter".into())
+            .spawn(move || {
+                let mut wanted: Option<PodTraffic> = None;
+                loop {
+                    let next = match wanted {
+                        Some(_) => wanted_rx.recv_timeout(recheck),
+                        None => wanted_rx.recv().map_err(Into::into),
+                    };
+                    match next {
+                        Ok(traffic) => wanted = Some(traffic),
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        // The agent stops: no check after the one done.
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                    }
+                    // Only the latest of what queued up meanwhile counts.
+                    while let Ok(traffic) = wanted_rx.try_recv() {
+                        wanted = Some(traffic);
+                    }
+                    let Some(traffic) = wanted else { continue };
+                    let result = writer.ensure(&traffic);
+                    if checked_tx.send(Checked { traffic, result }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawning the netfilter thread");
+        Self { masquerade, wanted: None, to_thread: Some(to_thread), from_thread, thread: Some(thread), reported: Default::default() }
     }
 
     /// Whether traffic leaving the cluster is masqueraded (what
@@ -97,20 +182,79 @@ impl PodTrafficRules {
         self.masquerade
     }
 
-    /// [`ensure`]s the rules for `network` and our `pod_cidr` when they
-    /// changed, or when the last look (successful or not) is [`RECHECK`]
-    /// old: a failure is retried at that pace, not on every Node event.
-    /// Returns `None` when it was not time to look.
-    pub fn keep(&mut self, network: Ipv4Network, pod_cidr: Ipv4Network) -> Option<Result<Changes, NetfilterError>> {
+    /// Asks for the rules for `network` and our `pod_cidr`: hands them to
+    /// the rules' thread when they changed, which checks them at once and
+    /// then every [`RECHECK`]. Never waits.
+    pub fn keep(&mut self, network: Ipv4Network, pod_cidr: Ipv4Network) {
         let wanted = PodTraffic { network, pod_cidr, masquerade: self.masquerade };
-        let due = self.applied != Some(wanted) || self.checked.is_none_or(|at| at.elapsed() >= RECHECK);
-        if !due {
-            return None;
+        if self.wanted == Some(wanted) {
+            return;
         }
-        let result = ensure(&wanted);
-        self.applied = Some(wanted);
-        self.checked = Some(Instant::now());
-        Some(result)
+        if let Some(to_thread) = &self.to_thread {
+            // A thread that died (a panic) is reported by stop's join.
+            let _ = to_thread.send(wanted);
+        }
+        self.wanted = Some(wanted);
+    }
+
+    /// The next check done on the rules' thread; pending for ever once the
+    /// thread is gone. Cancel-safe: a check is never lost to a `select!`.
+    pub async fn checked(&mut self) -> Checked {
+        match self.from_thread.recv().await {
+            Some(checked) => checked,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Logs a check's outcome: what it wrote, and each failure once until
+    /// a check succeeds.
+    pub fn report(&mut self, checked: Checked) -> Logged {
+        let PodTraffic { network, pod_cidr, masquerade } = checked.traffic;
+        match checked.result {
+            Ok(changes) => {
+                self.reported.clear();
+                if !changes.any() {
+                    return Logged::Nothing;
+                }
+                tracing::info!(
+                    masquerade,
+                    masquerade_written = changes.masquerade_written,
+                    masquerade_removed = changes.masquerade_removed,
+                    forward_accept_written = ?changes.forward_written,
+                    %network, %pod_cidr,
+                    "pod traffic rules in place (nftables table ip overlay; iptables FORWARD -> OVERLAY-FWD)"
+                );
+                Logged::Written
+            }
+            Err(err) => {
+                let problem = crate::report::Chain(&err).to_string();
+                if !self.reported.insert(problem.clone()) {
+                    return Logged::Nothing;
+                }
+                tracing::error!(error = %problem, "installing the masquerade and FORWARD rules; will retry");
+                Logged::Failed(problem)
+            }
+        }
+    }
+
+    /// Stops the rules' thread after the check under way, if any, and
+    /// reports what the checks not reported yet did. The rules stay.
+    pub fn stop(&mut self) {
+        self.to_thread = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the netfilter thread panicked; the rules are as it left them");
+        }
+        while let Ok(checked) = self.from_thread.try_recv() {
+            self.report(checked);
+        }
+    }
+}
+
+impl Drop for PodTrafficRules {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -449,6 +593,73 @@ mod tests {
         // Leaving the cluster: masqueraded, fully random, never multicast.
         assert!(text[4].contains("\"!=\"") && text[4].contains("224.0.0.0") && text[4].contains("fully-random"));
         assert!(rules.iter().filter(|(_, e)| e.to_string().contains("masquerade")).all(|(_, e)| e.to_string().contains("fully-random")));
+    }
+
+    /// A writer answering from a script, one outcome per check, then
+    /// success; it counts its checks.
+    struct Scripted {
+        outcomes: std::collections::VecDeque<Result<Changes, NetfilterError>>,
+        checks: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl RuleWriter for Scripted {
+        fn ensure(&mut self, _traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
+            self.checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.outcomes.pop_front().unwrap_or_else(|| Ok(Changes::default()))
+        }
+    }
+
+    fn missing() -> Result<Changes, NetfilterError> {
+        Err(NetfilterError::Missing { program: "nft".into(), package: "nftables", hint: "" })
+    }
+
+    #[tokio::test]
+    async fn rules_are_checked_again_unasked_and_each_failure_is_logged_once_until_a_check_succeeds() {
+        let flushed = Ok(Changes { forward_written: vec!["nft"], ..Changes::default() });
+        let outcomes = [missing(), missing(), flushed, Ok(Changes::default()), missing()].into_iter().collect();
+        let checks = std::sync::Arc::default();
+        let mut rules = PodTrafficRules::with_writer(true, Scripted { outcomes, checks: std::sync::Arc::clone(&checks) }, Duration::from_millis(5));
+        rules.keep(traffic().network, traffic().pod_cidr);
+        let mut logged = Vec::new();
+        for _ in 0..5 {
+            let checked = tokio::time::timeout(Duration::from_secs(5), rules.checked()).await.expect("a re-check within 5 s");
+            assert_eq!(checked.traffic, traffic());
+            logged.push(rules.report(checked));
+        }
+        let failed = Logged::Failed("running nft: not found on PATH; install it (Debian: apt-get install nftables)".into());
+        // Someone flushed our FORWARD rules between the 2nd and 3rd checks:
+        // the re-check, which no event asked for, wrote them again.
+        assert_eq!(logged, [failed.clone(), Logged::Nothing, Logged::Written, Logged::Nothing, failed]);
+        drop(rules);
+        let after_stop = checks.load(std::sync::atomic::Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(checks.load(std::sync::atomic::Ordering::SeqCst), after_stop, "no check after the rules are dropped");
+    }
+
+    /// A writer whose one check takes a while, and says when it is done.
+    struct Slow(std::sync::Arc<std::sync::atomic::AtomicU8>);
+
+    impl RuleWriter for Slow {
+        fn ensure(&mut self, _traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
+            self.0.store(1, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(200));
+            self.0.store(2, std::sync::atomic::Ordering::SeqCst);
+            Ok(Changes::default())
+        }
+    }
+
+    #[test]
+    fn stopping_waits_for_the_check_under_way() {
+        let state = std::sync::Arc::default();
+        let mut rules = PodTrafficRules::with_writer(true, Slow(std::sync::Arc::clone(&state)), Duration::from_secs(3600));
+        rules.keep(traffic().network, traffic().pod_cidr);
+        while state.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(rules);
+        // Else the agent could exit half way through writing FORWARD, or
+        // leave an iptables process adding a rule after `cleanup`.
+        assert_eq!(state.load(std::sync::atomic::Ordering::SeqCst), 2, "the check under way must finish before the rules are dropped");
     }
 
     #[test]

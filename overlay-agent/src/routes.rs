@@ -114,6 +114,16 @@ impl NexthopKey {
     }
 }
 
+impl NexthopKey {
+    /// The content of `nexthop` when it is provably one an overlay agent
+    /// created: our protocol, an IPv4 gateway on a device, and the id our
+    /// hash gives for exactly that content. See [`remove_orphaned_nexthops`].
+    pub fn of_ours(nexthop: &crate::rtnl::Nexthop) -> Option<Self> {
+        let key = Self { gateway: nexthop.gateway?, oif: nexthop.oif?, onlink: nexthop.onlink };
+        (nexthop.protocol == ROUTE_PROTO_ID && key.first_id() == nexthop.id).then_some(key)
+    }
+}
+
 /// How many ids after [`NexthopKey::first_id`] are tried before the route is
 /// refused: each taken one is another tool's or another root's.
 const NEXTHOP_PROBES: u32 = 64;
@@ -132,7 +142,8 @@ const NEXTHOP_PROBES: u32 = 64;
 /// (its `ROUTES` map) uses it and it carries our protocol. Any other id
 /// that is taken is skipped, never adopted nor deleted. A nexthop is
 /// deleted (which deletes every route using it) only once no route of ours
-/// uses it.
+/// uses it. Nexthops no route leads to (a crash between creating one and
+/// its route) are for [`remove_orphaned_nexthops`].
 #[derive(Debug, Default)]
 pub struct Nexthops {
     by_key: HashMap<NexthopKey, u32>,
@@ -155,14 +166,14 @@ impl Nexthops {
             if !recorded(&destination) {
                 continue;
             }
-            if !table.ours.contains_key(&id) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = table.ours.entry(id) {
                 let Some(nexthop) = rtnl.nexthop(id)? else { continue };
                 let (Some(gateway), Some(oif)) = (nexthop.gateway, nexthop.oif) else { continue };
                 if nexthop.protocol != ROUTE_PROTO_ID {
                     continue;
                 }
                 let key = NexthopKey { gateway, oif, onlink: nexthop.onlink };
-                table.ours.insert(id, key);
+                slot.insert(key);
                 table.by_key.entry(key).or_insert(id);
             }
             table.assign(destination, Some(id));
@@ -217,12 +228,12 @@ impl Nexthops {
             }
             None => self.route_nexthop.remove(&destination),
         };
-        if let Some(old) = old {
-            if let Some(users) = self.users.get_mut(&old) {
-                *users = users.saturating_sub(1);
-                if *users == 0 {
-                    self.idle.insert(old);
-                }
+        if let Some(old) = old
+            && let Some(users) = self.users.get_mut(&old)
+        {
+            *users = users.saturating_sub(1);
+            if *users == 0 {
+                self.idle.insert(old);
             }
         }
     }
@@ -231,10 +242,10 @@ impl Nexthops {
     /// nexthops, and their routes, with the device).
     fn forget(&mut self, id: u32) {
         self.idle.remove(&id);
-        if let Some(key) = self.ours.remove(&id) {
-            if self.by_key.get(&key) == Some(&id) {
-                self.by_key.remove(&key);
-            }
+        if let Some(key) = self.ours.remove(&id)
+            && self.by_key.get(&key) == Some(&id)
+        {
+            self.by_key.remove(&key);
         }
     }
 
@@ -257,6 +268,59 @@ impl Nexthops {
         }
         Ok(())
     }
+}
+
+/// Deletes the nexthops an agent left behind: provably ours (see below)
+/// and used by no route of any table, IPv4 or IPv6, and by no nexthop
+/// group. An agent leaves them when it crashes between creating a nexthop
+/// and installing its route (nothing records a nexthop but its routes), or
+/// when its routes were deleted while it was down (by hand, or with their
+/// device's address); [`Nexthops::adopt`] only finds nexthops through
+/// routes, so nothing else would ever remove them. Runs at start (the
+/// applier's) and in `cleanup`. Returns the ids deleted.
+///
+/// Why deleting these is safe, though nothing recorded them:
+/// - **Ours.** A nexthop counts only if its protocol is ours (157) *and*
+///   its id is exactly [`NexthopKey::first_id`] of its own gateway, device
+///   and onlink flag, a 31-bit hash with bit 30 set. Another tool would
+///   have to pick our protocol and that very id; one that uses 157 with
+///   ids of its own choosing (`ip nexthop add id 7 ... proto 157`) or our
+///   id with its own protocol is never touched. The ids an agent probes
+///   after a taken one (`first_id + 1`, ...) are not provable, so a crash
+///   right after such a probe leaves its nexthop behind: rare (it needs a
+///   taken id), and left rather than guessed at.
+/// - **Unused.** Deleting a nexthop deletes the routes through it, so only
+///   nexthops nothing uses go: a provable one still in use (another root's
+///   agent in the same namespace, whose route goes through it, or a group
+///   of any tool) stays.
+/// - **Another root's.** Another agent in the same namespace (another pin
+///   root) hashes content the same way, so its unused nexthops count as
+///   ours too. Deleting one costs it nothing: its next route through that
+///   next hop finds the nexthop gone and creates it again
+///   ([`replace_all`]'s second attempt). The one case not covered is a
+///   route it adds between our look and our delete (microseconds, at our
+///   start or cleanup), which would go with the nexthop; one agent per
+///   network namespace, as deployed, has no such neighbour.
+pub fn remove_orphaned_nexthops() -> Result<Vec<u32>, RouteError> {
+    let mut rtnl = Rtnl::open()?;
+    let table = rtnl.nexthops()?;
+    let candidates: Vec<u32> = table.nexthops.iter().filter(|n| NexthopKey::of_ours(n).is_some()).map(|n| n.id).collect();
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut used: HashSet<u32> = table.grouped.into_iter().collect();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        used.extend(rtnl.routes_of(family)?.iter().filter_map(nexthop_id));
+    }
+    let mut removed = Vec::new();
+    for id in candidates.into_iter().filter(|id| !used.contains(id)) {
+        match rtnl.delete_nexthop(id)? {
+            Answer::Refused(refused) if refused.errno == libc::ENOENT || refused.errno == libc::ESRCH => {}
+            Answer::Refused(reason) => return Err(RouteError::Refused { request: format!("nexthop del id {id}"), reason }),
+            _ => removed.push(id),
+        }
+    }
+    Ok(removed)
 }
 
 /// The nexthop object a route uses, if any (`nhid N`).
@@ -317,11 +381,11 @@ pub fn replace_all<'a>(
             let message = RouteNetlinkMessage::NewRoute(replace_message(peer, nexthop, vxlan_mtu, source));
             match rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
                 Answer::Refused(refused) => {
-                    if let Some(id) = nexthop.filter(|_| attempt == 0) {
-                        if rtnl.nexthop(id)?.is_none() {
-                            nexthops.forget(id);
-                            continue;
-                        }
+                    if let Some(id) = nexthop.filter(|_| attempt == 0)
+                        && rtnl.nexthop(id)?.is_none()
+                    {
+                        nexthops.forget(id);
+                        continue;
                     }
                     failed.push((peer, refused));
                 }
@@ -551,6 +615,17 @@ mod tests {
                 Ipv4Addr::new(10, 244, 2, 0)
             ))]
         );
+    }
+
+    #[test]
+    fn a_nexthop_is_provably_ours_only_with_our_protocol_and_the_id_of_its_content() {
+        let key = NexthopKey { gateway: Ipv4Addr::new(192, 168, 0, 2), oif: 2, onlink: true };
+        let nexthop = crate::rtnl::Nexthop { id: key.first_id(), protocol: 157, gateway: Some(key.gateway), oif: Some(2), onlink: true };
+        assert_eq!(NexthopKey::of_ours(&nexthop), Some(key));
+        assert_eq!(NexthopKey::of_ours(&crate::rtnl::Nexthop { protocol: 4, ..nexthop }), None, "another protocol");
+        assert_eq!(NexthopKey::of_ours(&crate::rtnl::Nexthop { id: key.first_id() + 1, ..nexthop }), None, "a probed id is not provable");
+        assert_eq!(NexthopKey::of_ours(&crate::rtnl::Nexthop { onlink: false, ..nexthop }), None, "other content");
+        assert_eq!(NexthopKey::of_ours(&crate::rtnl::Nexthop { gateway: None, ..nexthop }), None, "a group or blackhole");
     }
 
     #[test]

@@ -110,8 +110,14 @@ impl Rtnl {
 
     /// Every IPv4 route of every table (as `ip -4 route show table all`).
     pub fn routes(&mut self) -> Result<Vec<RouteMessage>, RtnlError> {
+        self.routes_of(AddressFamily::Inet)
+    }
+
+    /// Every route of `family` in every table (as `ip -6 route show table
+    /// all` for IPv6).
+    pub fn routes_of(&mut self, family: AddressFamily) -> Result<Vec<RouteMessage>, RtnlError> {
         let mut query = RouteMessage::default();
-        query.header.address_family = AddressFamily::Inet;
+        query.header.address_family = family;
         let answers = self.dump(RouteNetlinkMessage::GetRoute(query))?;
         Ok(answers
             .into_iter()
@@ -238,11 +244,42 @@ pub(crate) const RTM_NEWNEXTHOP: u16 = 104;
 pub(crate) const RTM_DELNEXTHOP: u16 = 105;
 const RTM_GETNEXTHOP: u16 = 106;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const NHA_ID: u16 = 1;
+const NHA_GROUP: u16 = 2;
 const NHA_OIF: u16 = 5;
 const NHA_GATEWAY: u16 = 6;
 /// `RTNH_F_ONLINK` in `nhmsg.nh_flags`.
 const RTNH_F_ONLINK: u32 = 4;
+
+/// Every nexthop object in the namespace (`ip nexthop show`), and the ids
+/// that nexthop groups hold (a group's members are in use).
+#[derive(Debug, Default)]
+pub struct NexthopTable {
+    /// The nexthops [`parse_nexthop`] reads; groups among them have no
+    /// gateway.
+    pub nexthops: Vec<Nexthop>,
+    pub grouped: Vec<u32>,
+}
+
+/// The members of a group nexthop (`NHA_GROUP`: `struct nexthop_grp`, 8
+/// bytes each, the id first).
+fn group_members(payload: &[u8]) -> Vec<u32> {
+    let mut members = Vec::new();
+    let mut rest = payload.get(8..).unwrap_or_default();
+    while rest.len() >= 4 {
+        let length = usize::from(u16::from_ne_bytes([rest[0], rest[1]]));
+        let kind = u16::from_ne_bytes([rest[2], rest[3]]) & 0x3fff;
+        if length < 4 || length > rest.len() {
+            break;
+        }
+        if kind == NHA_GROUP {
+            members.extend(rest[4..length].chunks_exact(8).map(|entry| u32::from_ne_bytes(entry[..4].try_into().expect("4 bytes"))));
+        }
+        rest = rest.get(length.next_multiple_of(4)..).unwrap_or_default();
+    }
+    members
+}
 
 /// `struct nhmsg` then its attributes.
 fn nexthop_payload(family: u8, protocol: u8, flags: u32, attributes: &[(u16, &[u8])]) -> Vec<u8> {
@@ -320,9 +357,48 @@ impl Rtnl {
         }
     }
 
-    /// Sends one hand-built request and reads its answer: an
-    /// acknowledgement or refusal, or (to a query) a nexthop.
-    fn raw_request(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(Answer, Option<Nexthop>), RtnlError> {
+    /// Every nexthop object (`ip nexthop show`), with the members of groups.
+    pub fn nexthops(&mut self) -> Result<NexthopTable, RtnlError> {
+        let payload = nexthop_payload(0, 0, 0, &[]);
+        self.send_raw(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, &payload)?;
+        let mut table = NexthopTable::default();
+        loop {
+            let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(RtnlError::Io)?;
+            let mut offset = 0;
+            while offset + 16 <= size {
+                let message = &self.buf[offset..size];
+                let length = u32::from_ne_bytes(message[0..4].try_into().expect("4 bytes")) as usize;
+                let kind = u16::from_ne_bytes([message[4], message[5]]);
+                let sequence = u32::from_ne_bytes(message[8..12].try_into().expect("4 bytes"));
+                if length < 16 || length > message.len() {
+                    return Err(RtnlError::Decode(format!("a netlink message of length {length} in {} bytes", message.len())));
+                }
+                offset += length.next_multiple_of(4);
+                if sequence != self.sequence {
+                    continue;
+                }
+                let body = &message[16..length];
+                match kind {
+                    NLMSG_DONE => return Ok(table),
+                    NLMSG_ERROR if body.len() >= 4 => {
+                        let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
+                        // A kernel without nexthop objects has none.
+                        if errno == libc::EOPNOTSUPP || errno == libc::EINVAL || errno == libc::EAFNOSUPPORT {
+                            return Ok(table);
+                        }
+                        return Err(RtnlError::Io(io::Error::from_raw_os_error(errno)));
+                    }
+                    RTM_NEWNEXTHOP => {
+                        table.grouped.extend(group_members(body));
+                        table.nexthops.extend(parse_nexthop(body));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn send_raw(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(), RtnlError> {
         self.sequence = self.sequence.wrapping_add(1);
         let mut out = Vec::with_capacity(16 + payload.len());
         out.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
@@ -332,6 +408,13 @@ impl Rtnl {
         out.extend_from_slice(&0u32.to_ne_bytes());
         out.extend_from_slice(payload);
         self.socket.send(&out, 0).map_err(RtnlError::Io)?;
+        Ok(())
+    }
+
+    /// Sends one hand-built request and reads its answer: an
+    /// acknowledgement or refusal, or (to a query) a nexthop.
+    fn raw_request(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(Answer, Option<Nexthop>), RtnlError> {
+        self.send_raw(kind, flags, payload)?;
         loop {
             let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(RtnlError::Io)?;
             let mut offset = 0;
@@ -409,6 +492,19 @@ mod tests {
             Some(Nexthop { id: 7, protocol: 157, gateway: Some(gateway), oif: Some(3), onlink: true })
         );
         assert_eq!(parse_nexthop(&payload[..8]), None, "no id");
+    }
+
+    #[test]
+    fn a_groups_members_are_read() {
+        let mut entries = Vec::new();
+        for id in [0x4000_0001u32, 9] {
+            entries.extend_from_slice(&id.to_ne_bytes());
+            entries.extend_from_slice(&[1, 0, 0, 0]);
+        }
+        let payload = nexthop_payload(0, 0, 0, &[(NHA_ID, &8u32.to_ne_bytes()), (NHA_GROUP, &entries)]);
+        assert_eq!(group_members(&payload), [0x4000_0001, 9]);
+        let single = nexthop_payload(libc::AF_INET as u8, 157, 0, &[(NHA_ID, &7u32.to_ne_bytes())]);
+        assert!(group_members(&single).is_empty());
     }
 
     #[test]

@@ -244,7 +244,6 @@ enum HostProblem {
     NoPodBridge(String),
     PodFastPath { iface: String, problem: String },
     PodPorts(String),
-    Netfilter(String),
 }
 
 /// Everything on the node besides the peers' maps and routes.
@@ -259,7 +258,8 @@ struct NodeHost {
     datapath: Datapath,
     maps: DatapathMaps,
     reported: BTreeSet<HostProblem>,
-    /// Masquerade and FORWARD accept rules (`netfilter`).
+    /// Masquerade and FORWARD accept rules (`netfilter`), kept on their own
+    /// thread; dropping the host waits for a check under way.
     pod_traffic_rules: PodTrafficRules,
     /// flannel's devices to delete once our datapath serves.
     flannel_devices: Vec<VxlanDevice>,
@@ -282,6 +282,11 @@ impl Host for NodeHost {
         self.datapath_problem.clone()
     }
 
+    async fn finished_work(&mut self) {
+        let checked = self.pod_traffic_rules.checked().await;
+        self.pod_traffic_rules.report(checked);
+    }
+
     fn pod_network_changed(&mut self, local: &mut LocalSettings) {
         // The reconcile that follows writes any new bridge index.
         self.attach_pod_fast_path(local);
@@ -299,8 +304,12 @@ impl Host for NodeHost {
                 }
             }
         }
+        // Masquerade and FORWARD accept rules: handed to their own thread
+        // when they change, which re-checks them every few seconds. A
+        // failure is logged and retried; it does not hold back the
+        // datapath, which pod-to-pod traffic needs either way.
         if let Some(network) = self.network {
-            self.keep_pod_traffic_rules(network, desired.local_pod_cidr);
+            self.pod_traffic_rules.keep(network, desired.local_pod_cidr);
         }
         // Our programs and routes serve now: flannel's device can go.
         for device in self.flannel_devices.drain(..) {
@@ -457,35 +466,6 @@ impl NodeHost {
             Err(err) => {
                 if self.reported.insert(HostProblem::PodPorts(err.to_string_with_causes())) {
                     warn!(%bridge, error = %err.to_string_with_causes(), "cannot enrol the bridge's pods; they stay on the kernel's path");
-                }
-            }
-        }
-    }
-
-    /// Masquerade and FORWARD accept rules: written when they change,
-    /// re-checked every few seconds. A failure is logged and retried;
-    /// it does not hold back the datapath, which pod-to-pod traffic needs
-    /// either way.
-    fn keep_pod_traffic_rules(&mut self, network: ipnetwork::Ipv4Network, pod_cidr: ipnetwork::Ipv4Network) {
-        match self.pod_traffic_rules.keep(network, pod_cidr) {
-            None => {}
-            Some(Ok(changes)) => {
-                self.reported.retain(|p| !matches!(p, HostProblem::Netfilter(_)));
-                if changes.any() {
-                    info!(
-                        masquerade = self.pod_traffic_rules.masquerade(),
-                        masquerade_written = changes.masquerade_written,
-                        masquerade_removed = changes.masquerade_removed,
-                        forward_accept_written = ?changes.forward_written,
-                        %network, %pod_cidr,
-                        "pod traffic rules in place (nftables table ip overlay; iptables FORWARD -> OVERLAY-FWD)"
-                    );
-                }
-            }
-            Some(Err(err)) => {
-                let problem = format!("{:#}", anyhow::Error::new(err));
-                if self.reported.insert(HostProblem::Netfilter(problem.clone())) {
-                    error!(error = %problem, "installing the masquerade and FORWARD rules; will retry");
                 }
             }
         }

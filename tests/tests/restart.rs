@@ -106,6 +106,16 @@ fn cleanup_removes_the_datapath_on_purpose() {
     let foreign = nexthops(&["id", "7"]);
     assert_eq!(foreign.len(), 1, "{foreign:?}");
     assert_eq!(nexthops(&["proto", "157"]).len(), 2, "the agent's route goes through a nexthop of ours");
+    // And an orphan of ours, as a crash between creating a nexthop and its
+    // route leaves: cleanup removes it too. (Shown failing against this
+    // branch's start, whose cleanup left it.)
+    let orphan = {
+        let _inside = lab.nodes[0].ns.enter();
+        let oif = overlay_agent::iface::interface_index("eth0").expect("eth0");
+        overlay_agent::routes::NexthopKey { gateway: [192, 0, 2, 8].into(), oif, onlink: true }.first_id().to_string()
+    };
+    lab.nodes[0].ns.ip(&["nexthop", "add", "id", &orphan, "via", "192.0.2.8", "dev", "eth0", "onlink", "proto", "157"]);
+    assert_eq!(nexthops(&["proto", "157"]).len(), 3, "the orphan is in place");
 
     let out = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
@@ -126,6 +136,7 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(!subnet_file.exists());
     assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
     assert!(stdout.contains("and the 1 nexthops they used"), "{stdout}");
+    assert!(stdout.contains("removed 1 nexthops of ours that no route used"), "{stdout}");
     assert_eq!(nexthops(&["proto", "157"]), foreign, "cleanup left ours or took another's");
     let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(2));
     while attached() != (0, 0) && Instant::now() < deadline {

@@ -7,7 +7,8 @@ use std::process::Command;
 #[derive(clap::Args)]
 pub struct ScaleArgs {
     /// Arguments for the benchmark: --nodes N (5000), --updates N (200),
-    /// --poll-pause-us N (0), --out FILE (e.g. docs/benchmarks/scale.md).
+    /// --poll-pause-us N (0), --out FILE (e.g. docs/benchmarks/scale.md),
+    /// --agent-log FILE (keeps the agent's log, which times each update's stages).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }

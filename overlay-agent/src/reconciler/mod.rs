@@ -169,6 +169,14 @@ pub trait Host {
     /// Asked before each publication: our Node says the network is up
     /// only while it is.
     fn datapath_problem(&mut self) -> Option<String>;
+    /// Resolves when work the host runs off the loop's thread (the
+    /// netfilter check) has finished, once its outcome is handled (logged);
+    /// never, by default. The loop waits for it beside its events, so such
+    /// work holds no event back. Must be cancel-safe: the loop drops it
+    /// when another event comes first.
+    fn finished_work(&mut self) -> impl Future<Output = ()> {
+        std::future::pending()
+    }
 }
 
 /// Problems the loop logs once each, until they go away. Typed, so each
@@ -259,6 +267,9 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
                 _ = housekeeping.tick() => {
                     started = Instant::now();
                     self.housekeeping();
+                }
+                () = self.host.finished_work() => {
+                    started = Instant::now();
                 }
                 () = &mut stop => return Ok(()),
             }

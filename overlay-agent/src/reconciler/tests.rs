@@ -10,12 +10,15 @@ use std::{
     time::Instant,
 };
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
 use ipnetwork::Ipv4Network;
 
 use super::*;
 use crate::{
     desired::{Change, PeerState, UnderlayPath, diff},
     fixtures::{self, local},
+    netfilter::{Changes, Logged, NetfilterError, PodTraffic, PodTrafficRules, RuleWriter},
 };
 
 #[derive(Default)]
@@ -150,6 +153,10 @@ struct FakeHost {
     bridge_ifindex: u32,
     /// Why the datapath does not serve, if it does not.
     datapath_problem: Option<String>,
+    /// The masquerade and FORWARD rules, when the test keeps them, and
+    /// what their reports logged.
+    rules: Option<PodTrafficRules>,
+    rules_logged: Rc<RefCell<Vec<Logged>>>,
 }
 
 impl Host for FakeHost {
@@ -160,13 +167,39 @@ impl Host for FakeHost {
         local.pod_bridge_ifindex = self.bridge_ifindex;
     }
 
-    fn after_apply(&mut self, _desired: &Desired) -> bool {
+    fn after_apply(&mut self, desired: &Desired) -> bool {
         self.applied += 1;
+        if let Some(rules) = &mut self.rules {
+            rules.keep("10.244.0.0/16".parse().unwrap(), desired.local_pod_cidr);
+        }
         true
     }
 
     fn datapath_problem(&mut self) -> Option<String> {
         self.datapath_problem.clone()
+    }
+
+    async fn finished_work(&mut self) {
+        let Some(rules) = &mut self.rules else { return std::future::pending().await };
+        let checked = rules.checked().await;
+        let logged = rules.report(checked);
+        self.rules_logged.borrow_mut().push(logged);
+    }
+}
+
+/// Rules whose check blocks until the test releases it (or 2 s pass).
+struct HeldRules {
+    release: std::sync::mpsc::Receiver<()>,
+    checks: Arc<AtomicUsize>,
+    finished: Arc<AtomicBool>,
+}
+
+impl RuleWriter for HeldRules {
+    fn ensure(&mut self, _traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        let _ = self.release.recv_timeout(Duration::from_secs(2));
+        self.finished.store(true, Ordering::SeqCst);
+        Ok(Changes { masquerade_written: true, ..Changes::default() })
     }
 }
 
@@ -320,6 +353,40 @@ async fn run_applies_what_the_source_sends_until_stopped() {
     let stop = async { tokio::time::sleep(Duration::from_millis(50)).await };
     r.run(stop).await.unwrap();
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
+}
+
+#[tokio::test]
+async fn a_node_event_is_applied_while_the_netfilter_check_runs() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    let (release, held) = std::sync::mpsc::channel();
+    let (checks, finished) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let writer = HeldRules { release: held, checks: checks.clone(), finished: finished.clone() };
+    // No re-check during the test: only a change of the rules starts one.
+    r.host.rules = Some(PodTrafficRules::with_writer(true, writer, Duration::from_secs(3600)));
+    let logged = r.host.rules_logged.clone();
+    r.source.0.push_back(events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }]));
+    r.source.0.push_back(events(vec![NodeEvent::Upsert(node("d", "10.244.4.0/24", [192, 168, 0, 4]))]));
+    let in_flight = Rc::new(RefCell::new(None));
+    let seen = in_flight.clone();
+    let peers = table.0.clone();
+    let stop = async move {
+        while !peers.borrow().peers.contains_key(&"10.244.4.0/24".parse().unwrap()) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        *seen.borrow_mut() = Some(!finished.load(Ordering::SeqCst));
+        release.send(()).unwrap();
+        // The check's outcome comes back to the loop as an event.
+        while logged.borrow().is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    };
+    let started = Instant::now();
+    r.run(stop).await.unwrap();
+    assert_eq!(*in_flight.borrow(), Some(true), "node d must reach the datapath while the first check still runs, not after it");
+    assert!(started.elapsed() < Duration::from_secs(2), "the check was released, not timed out: {:?}", started.elapsed());
+    assert_eq!(*r.host.rules_logged.borrow(), [Logged::Written]);
+    assert_eq!(checks.load(Ordering::SeqCst), 1, "two reconciles, unchanged rules: one check, no process per Node event");
 }
 
 #[tokio::test]

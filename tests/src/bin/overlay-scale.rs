@@ -40,6 +40,10 @@ struct Args {
     /// looks (the figure then carries up to that much more).
     #[arg(long, default_value_t = 0)]
     poll_pause_us: u64,
+    /// Keep the agent's log (its "reconciled" lines time each stage of
+    /// each update) here, to find where the slowest updates went.
+    #[arg(long)]
+    agent_log: Option<PathBuf>,
 }
 
 /// Peer `k` (1-based): pod CIDR 10.(k/256).(k%256).0/24, address on the
@@ -84,6 +88,27 @@ fn rss_kib(pid: u32) -> (u64, u64) {
             .unwrap_or(0)
     };
     (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// How long the agent's threads have waited, runnable, for a CPU, summed
+/// (`/proc/PID/task/*/schedstat`, its second field, in ns): what a busy
+/// machine adds to an update, as opposed to work the agent does.
+fn runqueue_wait(pid: u32) -> Duration {
+    runqueue_wait_but(pid, None)
+}
+
+/// [`runqueue_wait`] of `pid`'s threads but `except` (a thread id).
+fn runqueue_wait_but(pid: u32, except: Option<u32>) -> Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|task| except.is_none_or(|tid| task.file_name().to_str() != Some(&tid.to_string())));
+    let ns: u64 = tasks
+        .filter_map(|task| std::fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
 }
 
 fn main() {
@@ -168,6 +193,9 @@ fn main() {
     // One Node update at a time: a new address for node k, timed until
     // its ROUTES entry carries it.
     let mut latencies = Vec::new();
+    // (latency, when written, node, the agent's and the API server's CPU
+    // waits): to find the slowest in the agent's log, and why.
+    let mut slowest = Vec::new();
     for u in 0..args.updates {
         let k = 1 + (u * 97) % args.nodes;
         let mut node = api.get(&format!("node{k}")).expect("node");
@@ -177,11 +205,18 @@ fn main() {
         node["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"] = new_ip.to_string().into();
         node["status"]["addresses"][0]["address"] = new_ip.to_string().into();
         let key = Key::new(24, [10, (k / 256) as u8, (k % 256) as u8, 0]);
+        let waited_before = runqueue_wait(pid);
+        // This process's other threads: the API server's.
+        let me = std::process::id();
+        let api_waited_before = runqueue_wait_but(me, Some(me));
         let t0 = Instant::now();
+        let written_at = std::time::SystemTime::now();
         api.apply(node);
         loop {
             if routes_map.get(&key, 0).is_ok_and(|r| Ipv4Addr::from(r.node_ip) == new_ip) {
                 latencies.push(t0.elapsed());
+                let api_waited = runqueue_wait_but(me, Some(me)).saturating_sub(api_waited_before);
+                slowest.push((t0.elapsed(), written_at, k, runqueue_wait(pid).saturating_sub(waited_before), api_waited));
                 break;
             }
             assert!(t0.elapsed() < Duration::from_secs(10), "update of node{k} never reached the map");
@@ -194,6 +229,34 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     latencies.sort();
+    slowest.sort_by_key(|s| std::cmp::Reverse(s.0));
+    for (latency, at, k, waited, api_waited) in slowest.iter().take(5) {
+        let at = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        eprintln!(
+            "scale: slow update: node{k} written at {}.{:06} (Unix time) took {:.2} ms; meanwhile the agent's threads waited for a CPU {:.2} ms, the API server's {:.2} ms",
+            at.as_secs(),
+            at.subsec_micros(),
+            latency.as_secs_f64() * 1e3,
+            waited.as_secs_f64() * 1e3,
+            api_waited.as_secs_f64() * 1e3
+        );
+    }
+    // How long the agent's and the API server's threads waited for a CPU
+    // during each update: what a busy machine adds.
+    let spread = |mut waits: Vec<Duration>| {
+        waits.sort();
+        match waits.last() {
+            Some(max) => format!(
+                "{:.2} ms, {:.2} / {:.2} ms",
+                waits[waits.len() / 2].as_secs_f64() * 1e3,
+                waits[((waits.len() - 1) as f64 * 0.99).round() as usize].as_secs_f64() * 1e3,
+                max.as_secs_f64() * 1e3
+            ),
+            None => "-".to_owned(),
+        }
+    };
+    let cpu_wait = spread(slowest.iter().map(|s| s.3).collect());
+    let api_cpu_wait = spread(slowest.iter().map(|s| s.4).collect());
     // The agent's own account of each update: event in hand → applied.
     let agent_log = std::fs::read_to_string(&log).unwrap_or_default();
     let update_lines: Vec<&str> = agent_log.lines().filter(|l| l.contains("reconciled") && l.contains("upserted=1 ")).collect();
@@ -270,6 +333,8 @@ fn main() {
          | one Node update → its ROUTES entry, p99 / max | {p99:.2} / {max:.2} ms | p99 ≤ 5 ms (5,000 nodes) |\n\
          | of which inside the agent (watch event in hand → maps and route applied), median | {agent_median} ms | |\n\
          | inside the agent, p99 / max | {agent_tail} ms | |\n\
+         | the agent's threads waiting for a CPU during one update (schedstat), median, p99 / max | {cpu_wait} | |\n\
+         | the API server's threads (in the benchmark) waiting for a CPU during one update, median, p99 / max | {api_cpu_wait} | |\n\
          | inside the agent by stage, medians: event, paths and desired state / checks / maps / kernel route | {stages} ms | |\n\
          | inside the agent by stage, p99 of each | {stages_p99} ms | |\n\
          | agent RSS after the initial sync / after the updates / peak | {rss_synced:.1} / {rss_end:.1} / {hwm:.1} MiB | < 64 MiB (20,000 nodes) |\n\
@@ -290,6 +355,10 @@ fn main() {
         hwm = hwm as f64 / 1024.0,
     );
     println!("{report}");
+    if let Some(keep) = &args.agent_log {
+        std::fs::copy(&log, keep).expect("copying the agent's log");
+        eprintln!("scale: the agent's log is in {}", keep.display());
+    }
     if let Some(out) = &args.out {
         std::fs::write(out, &report).expect("writing the report");
         eprintln!("scale: wrote {}", out.display());
