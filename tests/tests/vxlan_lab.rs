@@ -220,9 +220,10 @@ fn a_pods_own_vxlan_tunnel_carries_bulk_tcp_across_the_overlay() {
             "--forward {forward}: TCP echo through the pods' own tunnel failed ({echo:?}); helper_error drops on nodes 1, 2: {dropped:?}"
         );
         let received = bulk.unwrap_or_else(|e| panic!("--forward {forward}: iperf3 through the pods' own tunnel: {e}; helper_error drops on nodes 1, 2: {dropped:?}"));
-        // 2 s of a working path carry far more than this, and a path that
-        // loses every super-packet far less.
-        assert!(received > 10_000_000, "--forward {forward}: iperf3 carried only {received} bytes; helper_error drops on nodes 1, 2: {dropped:?}");
+        // 2 s of a working path carry far more than this, even emulated
+        // (`cargo xtask vmtest`), and a path that loses every super-packet
+        // far less (41,788 bytes, shown with the device left unused).
+        assert!(received > 1_000_000, "--forward {forward}: iperf3 carried only {received} bytes; helper_error drops on nodes 1, 2: {dropped:?}");
         assert_eq!(dropped, [0, 0], "--forward {forward}: nodes 1, 2 dropped packets of the pods' tunnel");
         eprintln!("--forward {forward}: iperf3 carried {received} bytes in 2 s; node 1 segmented {segments} packets");
         // The sender's super-packets went through the segmentation device.
