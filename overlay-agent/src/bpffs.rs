@@ -131,15 +131,16 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 5;
+pub const MAP_LAYOUT_VERSION: u32 = 6;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v5/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
+/// <root>/v6/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
 /// <root>/links/<pod veth>/{pod_fastpath,pod_delivered}
+/// <root>/links/ovl-seg1/seg_encap   pod tunnels' segments encapsulated (VXLAN)
 /// ```
 ///
 /// Links are not versioned: a new agent swaps its programs into the pinned
@@ -162,10 +163,13 @@ pub enum LinkRole {
     PodFastPath,
     /// TC egress on each pod's veth: what the kernel delivered to a pod.
     PodDelivered,
+    /// TC ingress on the segmentation device's receiving end: the segments
+    /// of pod tunnels' GSO packets encapsulated.
+    SegEncap,
 }
 
 impl LinkRole {
-    pub const ALL: [Self; 5] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath, Self::PodDelivered];
+    pub const ALL: [Self; 6] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath, Self::PodDelivered, Self::SegEncap];
 
     /// The pin's file name.
     pub const fn file_name(self) -> &'static str {
@@ -175,6 +179,7 @@ impl LinkRole {
             Self::DecapTc => "decap_tc",
             Self::PodFastPath => "pod_fastpath",
             Self::PodDelivered => "pod_delivered",
+            Self::SegEncap => "seg_encap",
         }
     }
 }
@@ -276,6 +281,13 @@ const LAYOUTS: &[(u32, &str)] = &[(
     "CONFIG type=2 key=4 value=56 max=1; COUNTERS type=6 key=4 value=16 max=18; \
      KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
      POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
+), (
+    // v6: Config gained seg_ifindex (60 bytes); a counter (segmented) and a
+    // drop reason (segment_no_route).
+    6,
+    "CONFIG type=2 key=4 value=60 max=1; COUNTERS type=6 key=4 value=16 max=20; \
+     KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
+     POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
 )];
 
 #[cfg(test)]
@@ -331,7 +343,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v5/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v6/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")

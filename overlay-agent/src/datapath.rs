@@ -334,6 +334,11 @@ impl Datapath {
             .map(|role| self.layout.link(iface, role))
             .collect();
         for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {
+            // The segmentation device's program is the agent's to keep or
+            // remove with the device (see `seg_device`).
+            if self.layout.link(&other, LinkRole::SegEncap).exists() {
+                continue;
+            }
             // The fast path's attachments (the bridge and its ports) are
             // kept while it is wanted; its own sync prunes them.
             if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
@@ -362,6 +367,8 @@ impl Datapath {
             for other in interfaces {
                 let keep: Vec<LinkRole> = if other == iface {
                     keep_here.clone()
+                } else if self.layout.link(&other, LinkRole::SegEncap).exists() {
+                    vec![LinkRole::SegEncap]
                 } else if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
                     // The bridge has the fast path's filter; a pod's veth
                     // also the one recording what the kernel delivers to
@@ -433,6 +440,26 @@ impl Datapath {
         })
     }
 
+    /// Attaches the encapsulation of segments (TC ingress) to `iface`, the
+    /// segmentation device's receiving end, and pins the link, or swaps the
+    /// program into the pinned link.
+    pub fn attach_seg_encap(&mut self, iface: &str) -> Result<LinkOutcome, DatapathError> {
+        if crate::iface::interface_index(iface).is_none() {
+            return Err(DatapathError::UnknownInterface(iface.to_owned()));
+        }
+        if needs_clsact() {
+            let _ = tc::qdisc_add_clsact(iface);
+        }
+        self.attach_role(iface, LinkRole::SegEncap, DecapHook::TcIngress)
+    }
+
+    /// Removes the encapsulation of segments from `iface` (its pin, and
+    /// before TCX its filter).
+    pub fn detach_seg_encap(&mut self, iface: &str) -> Result<(), DatapathError> {
+        delete_clsact_filters(iface, &[])?;
+        remove_link_dir(&self.layout.links_dir().join(iface)).map(drop)
+    }
+
     /// Detaches the fast path from `iface` (a pod's veth that is gone or
     /// being left) by removing its pins.
     pub fn detach_pod_fast_path(&mut self, iface: &str) -> Result<(), DatapathError> {
@@ -466,7 +493,7 @@ impl Datapath {
         }
         let attach_err = |source| attach_error(name, iface, source);
         let link: Result<FdLink, _> = match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered => {
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered | LinkRole::SegEncap => {
                 let attach_type = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) {
                     TcAttachType::Egress
                 } else {
@@ -618,7 +645,7 @@ impl Datapath {
         let link_err = |source| DatapathError::PinnedLink { path: pin.to_owned(), source };
         let link: FdLink = PinnedLink::from_pin(pin).map_err(link_err)?.into();
         match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered => {
+            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered | LinkRole::SegEncap => {
                 let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
                 let program = self.classifier(name)?;
                 let id = program.attach_to_link(link).map_err(swap_err)?;
@@ -798,6 +825,7 @@ const fn role_program(role: LinkRole) -> &'static str {
         LinkRole::DecapTc => program_names::TC_INGRESS,
         LinkRole::PodFastPath => program_names::TC_POD,
         LinkRole::PodDelivered => program_names::TC_POD_DELIVERED,
+        LinkRole::SegEncap => program_names::TC_SEGMENTED,
     }
 }
 

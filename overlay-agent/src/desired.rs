@@ -70,6 +70,9 @@ pub struct LocalSettings {
     /// Whether XDP may decapsulate in front of TC ingress (see
     /// [`overlay_common::Config::xdp_decap`]).
     pub xdp_decap: bool,
+    /// The segmentation device's sending end (see
+    /// [`overlay_common::Config::seg_ifindex`]), else 0.
+    pub seg_ifindex: u32,
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
     /// The cluster's pod network (net-conf.json `Network`), when known:
@@ -256,6 +259,7 @@ fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), N
         pod_bridge_mac: local.pod_bridge_mac,
         underlay_mtu: local.underlay_mtu,
         xdp_decap: u16::from(local.xdp_decap),
+        seg_ifindex: local.seg_ifindex,
         ..Config::default()
     };
     Ok((config, inner_mtu))

@@ -37,6 +37,7 @@ pub(crate) fn local() -> LocalSettings {
         pod_bridge_ifindex: 0,
         pod_bridge_mac: [0; 6],
         xdp_decap: false,
+        seg_ifindex: 0,
         public_ip: None,
         network: None,
     }

@@ -101,7 +101,6 @@ pub fn driver(iface: &str) -> io::Result<String> {
         regdump_len: u32,
     }
     const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
     // SAFETY: all-zero is a valid DrvInfo (integers and byte arrays).
     let mut info: DrvInfo = unsafe { std::mem::zeroed() };
     info.cmd = ETHTOOL_GDRVINFO;
@@ -112,6 +111,84 @@ pub fn driver(iface: &str) -> io::Result<String> {
     Ok(String::from_utf8_lossy(name).into_owned())
 }
 
+/// `SIOCETHTOOL` and the `ethtool` commands the feature functions use
+/// (include/uapi/linux/ethtool.h; all there since Linux 3.x).
+const SIOCETHTOOL: libc::c_ulong = 0x8946;
+const ETHTOOL_GSTRINGS: u32 = 0x0000_001b;
+const ETHTOOL_GSSET_INFO: u32 = 0x0000_0037;
+const ETHTOOL_GFEATURES: u32 = 0x0000_003a;
+const ETHTOOL_SFEATURES: u32 = 0x0000_003b;
+/// The string set naming the features (`enum ethtool_stringset`).
+const ETH_SS_FEATURES: u32 = 4;
+const ETH_GSTRING_LEN: usize = 32;
+
+/// The names of the kernel's feature bits, in bit order (what `ethtool
+/// -k` prints): bit numbers differ between kernel versions, names do not.
+fn feature_names(iface: &str) -> io::Result<Vec<String>> {
+    /// `struct ethtool_sset_info` with room for one set's count.
+    #[repr(C)]
+    struct SsetInfo {
+        cmd: u32,
+        reserved: u32,
+        sset_mask: u64,
+        data: [u32; 1],
+    }
+    let mut info = SsetInfo { cmd: ETHTOOL_GSSET_INFO, reserved: 0, sset_mask: 1 << ETH_SS_FEATURES, data: [0] };
+    ifreq_with(iface, SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = (&raw mut info).cast())?;
+    if info.sset_mask & (1 << ETH_SS_FEATURES) == 0 {
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "the kernel names no features (ETH_SS_FEATURES)"));
+    }
+    let count = info.data[0] as usize;
+    // `struct ethtool_gstrings`: cmd, string_set, len, then the names; u32
+    // words keep the header aligned.
+    let mut buf = vec![0u32; 3 + count * ETH_GSTRING_LEN / 4];
+    buf[..3].copy_from_slice(&[ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count as u32]);
+    ifreq_with(iface, SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = buf.as_mut_ptr().cast())?;
+    let bytes: Vec<u8> = buf[3..].iter().flat_map(|word| word.to_ne_bytes()).collect();
+    Ok(bytes
+        .chunks(ETH_GSTRING_LEN)
+        .map(|name| String::from_utf8_lossy(name.split(|&b| b == 0).next().unwrap_or_default()).into_owned())
+        .collect())
+}
+
+/// Turns the named features of `iface` on or off (`ethtool -K`, by the
+/// names `ethtool -k` prints), then reads them back: an error names a
+/// feature the kernel does not know or would not change.
+pub fn set_features(iface: &str, wanted: &[(&str, bool)]) -> io::Result<()> {
+    let names = feature_names(iface)?;
+    let blocks = names.len().div_ceil(32);
+    let bit = |name: &str| -> io::Result<(usize, u32)> {
+        let index = names.iter().position(|n| n == name).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("the kernel has no feature {name} on {iface}"))
+        })?;
+        Ok((index / 32, 1 << (index % 32)))
+    };
+    // `struct ethtool_sfeatures`: cmd, size, then {valid, requested} per
+    // block of 32 features.
+    let mut set = vec![0u32; 2 + 2 * blocks];
+    set[..2].copy_from_slice(&[ETHTOOL_SFEATURES, blocks as u32]);
+    for &(name, on) in wanted {
+        let (block, mask) = bit(name)?;
+        set[2 + 2 * block] |= mask;
+        if on {
+            set[3 + 2 * block] |= mask;
+        }
+    }
+    ifreq_with(iface, SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = set.as_mut_ptr().cast())?;
+    // `struct ethtool_gfeatures`: cmd, size, then {available, requested,
+    // active, never_changed} per block.
+    let mut get = vec![0u32; 2 + 4 * blocks];
+    get[..2].copy_from_slice(&[ETHTOOL_GFEATURES, blocks as u32]);
+    ifreq_with(iface, SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = get.as_mut_ptr().cast())?;
+    for &(name, on) in wanted {
+        let (block, mask) = bit(name)?;
+        if (get[2 + 4 * block + 2] & mask != 0) != on {
+            let state = if on { "off" } else { "on" };
+            return Err(io::Error::other(format!("{iface} keeps {name} {state}")));
+        }
+    }
+    Ok(())
+}
 
 /// The interface's IPv4 addresses (`getifaddrs`).
 pub fn ipv4_addresses(iface: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {

@@ -36,6 +36,13 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
             0 => println!("  fast path: off (pod traffic takes the kernel's forward path)"),
             index => println!("  fast path: on, pod bridge ifindex {index} (--forward bpf)"),
         }
+        match config.seg_ifindex {
+            0 => println!("  pods' own tunnels: single packets only (no segmentation device: their GSO packets are dropped as helper_error)"),
+            index => println!(
+                "  pods' own tunnels: GSO packets segmented on the segmentation device ({}, ifindex {index}), then encapsulated",
+                overlay_agent::seg_device::DEVICE_NAMES.join(" -> ")
+            ),
+        }
     }
 
     print_attachments(&PinLayout::new(root));
@@ -123,6 +130,7 @@ fn print_attachments(layout: &PinLayout) {
                 LinkRole::DecapTc => "decapsulation (and fast-path delivery) at TC ingress",
                 LinkRole::PodFastPath => "fast path at TC ingress",
                 LinkRole::PodDelivered => "kernel-delivered sockets recorded at TC egress",
+                LinkRole::SegEncap => "pod tunnels' segments encapsulated at TC ingress",
             })
             .collect();
         println!("  {iface:<16} {}", roles.join("; "));

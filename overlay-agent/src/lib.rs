@@ -72,4 +72,5 @@ pub mod preflight;
 pub mod reconciler;
 pub mod routes;
 pub mod rtnl;
+pub mod seg_device;
 pub mod server;

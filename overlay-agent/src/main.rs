@@ -94,6 +94,17 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
         println!("left what the agent did not create: {}", left.join(", "));
     }
+    // The segmentation device, when this root's programs used it.
+    if interfaces.iter().any(|i| i == overlay_agent::seg_device::RECEIVE_END) {
+        use overlay_agent::seg_device::{self, SegDeviceError};
+        match seg_device::remove(None) {
+            Ok(true) => println!("removed the segmentation device {}", seg_device::DEVICE_NAMES.join(", ")),
+            Ok(false) => {}
+            // Someone else's device under that name: never ours to remove.
+            Err(err @ SegDeviceError::NotOurs { .. }) => println!("left {}: {err}", seg_device::SEND_END),
+            Err(err) => return Err(err).context("removing the segmentation device"),
+        }
+    }
     let rules = overlay_agent::netfilter::remove().context("removing the masquerade and FORWARD rules")?;
     println!(
         "removed {} and the FORWARD accept rules from {}",

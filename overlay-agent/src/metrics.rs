@@ -159,7 +159,8 @@ const EVENTS: DatapathFamily = DatapathFamily {
     label: "event",
     help: "Other datapath events: icmp_frag_needed (ICMP fragmentation-needed replies the datapath sent for DF \
            packets too big for the tunnel), mismatched_port (VXLAN from a known node to the other well-known port, \
-           4789 vs 8472, passed on undecapsulated; the agent logs a warning)",
+           4789 vs 8472, passed on undecapsulated; the agent logs a warning), segmented (segments of pods' own \
+           tunnels' GSO packets, cut on the agent's segmentation device, then encapsulated)",
 };
 const DROPS: DatapathFamily = DatapathFamily {
     name: "datapath_drops",
@@ -177,7 +178,7 @@ pub fn families_of(counter: Counter) -> (DatapathFamily, Option<DatapathFamily>,
         Counter::Encap | Counter::Direct | Counter::Decap | Counter::Pass => (PACKETS, Some(BYTES), counter.name()),
         Counter::FastpathOut => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), "out"),
         Counter::FastpathIn => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), "in"),
-        Counter::IcmpFragNeeded | Counter::MismatchedPort => (EVENTS, None, counter.name()),
+        Counter::IcmpFragNeeded | Counter::MismatchedPort | Counter::Segmented => (EVENTS, None, counter.name()),
     }
 }
 
@@ -235,6 +236,7 @@ mod tests {
             "overlay_datapath_fastpath_packets_total{direction=\"out\"} 0",
             "overlay_datapath_events_total{event=\"icmp_frag_needed\"} 0",
             "overlay_datapath_events_total{event=\"mismatched_port\"} 0",
+            "overlay_datapath_events_total{event=\"segmented\"} 0",
             "overlay_datapath_drops_total{reason=\"spoofed_inner\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");

@@ -36,7 +36,7 @@ use overlay_agent::{
         sources::{EtcdNodes, KubeSource, LeasePublisher, LogPublisher, ManifestSource},
     },
     report::{Chain, WithCauses as _},
-    server,
+    seg_device, server,
 };
 use overlay_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -362,6 +362,7 @@ impl NodeHost {
         self.check_datapath();
         // Written to CONFIG by the next reconcile.
         settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
+        settings.seg_ifindex = seg_device::settle(&mut self.datapath, settings.backend);
         Ok(())
     }
 
@@ -567,6 +568,8 @@ fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(L
         // Until attach settles the hook: whenever XDP may be in front, so
         // TC never drops what XDP decapsulated (see Config::xdp_decap).
         xdp_decap: !(args.decap == Decap::Tc || (args.decap == Decap::Auto && backend == Backend::HostGw)),
+        // Until attach sets up the segmentation device.
+        seg_ifindex: 0,
         public_ip: args.public_ip,
         network: netconf.as_ref().map(|c| c.network),
     };

@@ -61,8 +61,12 @@ pub mod program_names {
     /// the kernel's path delivered to, so their replies stay on it.
     pub const TC_POD_DELIVERED: &str = "overlay_tc_pod_delivered";
 
+    /// TC ingress on the segmentation device's receiving end (`ovl-seg1`):
+    /// encapsulates the segments of a pod tunnel's GSO packets.
+    pub const TC_SEGMENTED: &str = "overlay_tc_segmented";
+
     /// Every program, in load order.
-    pub const ALL: [&str; 5] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD, TC_POD_DELIVERED];
+    pub const ALL: [&str; 6] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD, TC_POD_DELIVERED, TC_SEGMENTED];
 }
 
 /// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8): what encapsulation
@@ -192,6 +196,11 @@ pub struct Config {
     pub pod_bridge_mac: [u8; 6],
     /// Explicit padding; always zero.
     pub _pad2: u16,
+    /// Index of the segmentation device's sending end (`ovl-seg0`), or 0
+    /// without it: GSO packets of a pod's own tunnel, which
+    /// `bpf_skb_adjust_room` will not encapsulate again, are redirected
+    /// there so the kernel segments them before they are encapsulated.
+    pub seg_ifindex: u32,
 }
 
 /// Declares a `#[repr(u8)]` enum whose variants number the slots of the
@@ -268,6 +277,11 @@ slot_enum! {
         /// §4.2: the congestion cannot be signalled, so the packet is
         /// dropped, as the kernel's vxlan device does).
         EcnNotEct = "ecn_not_ect",
+        /// A segment of a pod tunnel's GSO packet, arriving at the agent's
+        /// segmentation device (`ovl-seg1`), with no VXLAN route for its
+        /// destination (the route went away while the kernel segmented
+        /// it), or something other than the datapath sent there.
+        SegmentNoRoute = "segment_no_route",
     }
 }
 
@@ -300,6 +314,11 @@ slot_enum! {
         /// VXLAN from a known node to the other well-known port (4789 vs
         /// 8472), passed on (also counted as `pass`); the agent warns.
         MismatchedPort = "mismatched_port",
+        /// A segment of a GSO packet of a pod's own tunnel (which
+        /// `bpf_skb_adjust_room` will not encapsulate as one), cut by the
+        /// kernel on the agent's segmentation device, then encapsulated
+        /// (also counted as `encap`) and sent to the underlay.
+        Segmented = "segmented",
     }
 }
 
@@ -408,7 +427,7 @@ mod tests {
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<PodPort>(), 4);
         assert_eq!(size_of::<SocketKey>(), 8);
-        assert_eq!(size_of::<Config>(), 56);
+        assert_eq!(size_of::<Config>(), 60);
         assert_eq!(size_of::<Tally>(), 16);
     }
 

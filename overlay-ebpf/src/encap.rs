@@ -5,6 +5,10 @@
 //! header becomes the outer one. We insert outer IPv4 + UDP + VXLAN + inner
 //! Ethernet behind it, flagged so GSO segments the result as UDP tunnel
 //! packets (`SKB_GSO_UDP_TUNNEL`) with the inner MSS unchanged.
+//!
+//! A pod tunnel's GSO packet cannot be encapsulated as one: it goes through
+//! the agent's segmentation device first (`to_segmentation`), and each
+//! segment is encapsulated at that device's TC ingress (`try_tc_segmented`).
 
 use aya_ebpf::{
     bindings::{
@@ -13,7 +17,7 @@ use aya_ebpf::{
         TC_ACT_OK,
     },
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_get_hash_recalc, bpf_get_prandom_u32},
+    helpers::generated::{bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_redirect},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
@@ -22,6 +26,7 @@ use overlay_common::{Config, Counter, ROUTE_MODE_VXLAN, Route};
 use crate::{
     DropReason,
     counters::count,
+    fastpath::redirect_to_underlay,
     icmp,
     maps::{ROUTES, config},
     packet::{Packet as _, ptr_at},
@@ -83,8 +88,74 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     if !is_gso && inner_len > cfg.inner_mtu && icmp::dont_fragment(ip) {
         return icmp::reply_frag_needed(ctx, cfg.inner_mtu);
     }
-    encapsulate(ctx, cfg, &route, inner_len, tos)?;
-    Ok(TC_ACT_OK as i32)
+    match encapsulate(ctx, cfg, &route, inner_len, tos)? {
+        Encapsulated::Done => Ok(TC_ACT_OK as i32),
+        Encapsulated::NeedsSegmenting => to_segmentation(cfg),
+    }
+}
+
+/// What [`encapsulate`] did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Encapsulated {
+    /// The packet carries our tunnel headers.
+    Done,
+    /// Untouched: a GSO packet of a pod's own tunnel, which must be cut
+    /// into segments before each is encapsulated ([`to_segmentation`]).
+    NeedsSegmenting,
+}
+
+/// Hands a pod tunnel's GSO packet to the egress of the agent's
+/// segmentation device (`ovl-seg0`), whose features lack tunnel
+/// segmentation offload, so the kernel cuts it into segments in software
+/// before the veth carries them (`validate_xmit_skb`), as its own vxlan
+/// device does before it encapsulates. Each segment arrives at `ovl-seg1`'s
+/// TC ingress, where [`try_tc_segmented`] encapsulates it. Without the
+/// device (it could not be set up), the packet is dropped as before.
+#[inline(always)]
+pub fn to_segmentation(cfg: &Config) -> Result<i32, DropReason> {
+    if cfg.seg_ifindex == 0 {
+        return Err(DropReason::HelperError);
+    }
+    // SAFETY: plain helper call; flags 0: the device's egress.
+    Ok(unsafe { bpf_redirect(cfg.seg_ifindex, 0) } as i32)
+}
+
+/// TC ingress on `ovl-seg1`: one segment of a pod tunnel's GSO packet, as
+/// [`to_segmentation`] sent it, with the Ethernet header it had then (the
+/// route's next hop, or with the fast path the pod's gateway frame, TTL
+/// already decremented). Encapsulated for the peer of its route (a single
+/// packet: `encapsulate`'s path without tunnel metadata) and handed to the
+/// underlay's egress, whose program passes our own VXLAN untouched.
+#[inline(always)]
+pub fn try_tc_segmented(ctx: &TcContext) -> Result<i32, DropReason> {
+    let Some(cfg) = config() else {
+        return Err(DropReason::SegmentNoRoute);
+    };
+    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN);
+    let eth = ptr_at::<EthHdr>(ctx, 0).map_err(|_| DropReason::SegmentNoRoute)?;
+    // SAFETY (raw reads): ptr_at checked the bounds.
+    if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return Err(DropReason::SegmentNoRoute);
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF).map_err(|_| DropReason::SegmentNoRoute)?;
+    let (dst, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    let route = match ROUTES.get(&Key::new(32, dst)) {
+        Some(route) if route.mode == ROUTE_MODE_VXLAN => *route,
+        _ => return Err(DropReason::SegmentNoRoute),
+    };
+    let inner_len = ctx.len() - EthHdr::LEN as u32;
+    if encapsulate(ctx, cfg, &route, inner_len, tos)? == Encapsulated::NeedsSegmenting {
+        // Still a GSO packet: the device did not segment it.
+        return Err(DropReason::HelperError);
+    }
+    count(Counter::Segmented, u64::from(inner_len));
+    if route.next_hop == [0; 4] {
+        // Only the kernel's path sends such routes here, and it already
+        // wrote the next hop's MACs.
+        // SAFETY: plain helper call; flags 0: the underlay's egress.
+        return Ok(unsafe { bpf_redirect(cfg.underlay_ifindex, 0) } as i32);
+    }
+    redirect_to_underlay(cfg, &route)
 }
 
 /// Whether the UDP packet behind an option-less IPv4 header goes to our
@@ -101,7 +172,7 @@ fn is_our_tunnel_port(ctx: &TcContext, cfg: &Config) -> bool {
 /// 0), flagged so GSO cuts a super-packet into UDP tunnel segments with the
 /// inner MSS unchanged. The Ethernet header stays in front, now the outer one.
 #[inline(always)]
-pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32, tos: u8) -> Result<(), DropReason> {
+pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32, tos: u8) -> Result<Encapsulated, DropReason> {
     // The same flow always hashes the same, so it keeps one source port.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) };
     let sport = (SPORT_MIN + ((u64::from(hash) * SPORT_RANGE) >> 32) as u32) as u16;
@@ -111,13 +182,16 @@ pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32,
         Ok(()) => {}
         // A pod's own tunnel packet (its VXLAN, Geneve or GRE device left
         // `skb->encapsulation` set: the inner checksum is left to offload):
-        // the helper records one level of tunnel headers only. A single
-        // packet needs none recorded: the offload's checksum offsets count
-        // from the buffer's head, which the room made in front leaves in
-        // place. A GSO super-packet does: segmentation would copy the pod's
-        // tunnel headers with the super-packet's lengths, so it stays
-        // dropped (the kernel's vxlan device segments in software first).
-        Err(e) if e == -i64::from(EALREADY) && !ctx.is_gso() => {
+        // the helper records one level of tunnel headers only, and refuses
+        // before it changes anything. A single packet needs none recorded:
+        // the offload's checksum offsets count from the buffer's head,
+        // which the room made in front leaves in place. A GSO super-packet
+        // does: segmentation would copy the pod's tunnel headers with the
+        // super-packet's lengths, so it is segmented first.
+        Err(e) if e == -i64::from(EALREADY) => {
+            if ctx.is_gso() {
+                return Ok(Encapsulated::NeedsSegmenting);
+            }
             ctx.adjust_room(ENCAP_LEN as i32, BPF_ADJ_ROOM_MAC, 0)
                 .map_err(|_| DropReason::HelperError)?;
         }
@@ -127,5 +201,5 @@ pub fn encapsulate(ctx: &TcContext, cfg: &Config, route: &Route, inner_len: u32,
     ctx.store(OUTER_IP_OFF, headers.as_bytes(), 0)
         .map_err(|_| DropReason::HelperError)?;
     count(Counter::Encap, u64::from(inner_len));
-    Ok(())
+    Ok(Encapsulated::Done)
 }

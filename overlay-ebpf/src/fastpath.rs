@@ -50,7 +50,7 @@ use crate::{
     DropReason,
     counters::count,
     csum,
-    encap::encapsulate,
+    encap::{Encapsulated, encapsulate, to_segmentation},
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::ptr_at,
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
@@ -131,8 +131,11 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     }
 
     decrement_ttl(ip);
-    if route.mode == ROUTE_MODE_VXLAN {
-        encapsulate(ctx, cfg, &route, inner_len, ip.tos)?;
+    if route.mode == ROUTE_MODE_VXLAN && encapsulate(ctx, cfg, &route, inner_len, ip.tos)? == Encapsulated::NeedsSegmenting {
+        // A pod tunnel's GSO packet: cut first, then each segment is
+        // encapsulated and sent toward the same next hop.
+        count(Counter::FastpathOut, u64::from(inner_len));
+        return to_segmentation(cfg);
     }
     count(Counter::FastpathOut, u64::from(inner_len));
     redirect_to_underlay(cfg, &route)
@@ -310,7 +313,7 @@ impl FibParams {
 /// neighbour subsystem supplies the MAC addresses (and resolves them first
 /// if it has to).
 #[inline(always)]
-fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, DropReason> {
+pub fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, DropReason> {
     let mut next_hop = bpf_redir_neigh {
         nh_family: AF_INET,
         __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: u32::from_ne_bytes(route.next_hop) },

@@ -71,6 +71,14 @@ pub fn overlay_tc_pod(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+pub fn overlay_tc_segmented(ctx: TcContext) -> i32 {
+    encap::try_tc_segmented(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason, u64::from(ctx.len()));
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[classifier]
 pub fn overlay_tc_pod_delivered(ctx: TcContext) -> i32 {
     fastpath::try_tc_pod_delivered(&ctx).unwrap_or_else(|reason| {
         count_drop(reason, u64::from(ctx.len()));

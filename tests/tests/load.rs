@@ -294,6 +294,18 @@ const V4_MAPS: [PinnedMap; 6] = [
     (map_names::ROUTES, "lpm_trie", 8, 16, 16384, 1),
 ];
 
+/// Map layout v5: `ROUTES` and `PEERS` of 65,536 nodes; `CONFIG` of 56
+/// bytes and `COUNTERS` of 18 slots, before the segmentation device's
+/// `seg_ifindex`, `segmented` and `segment_no_route`.
+const V5_MAPS: [PinnedMap; 6] = [
+    (map_names::CONFIG, "array", 4, 56, 1, 0),
+    (map_names::COUNTERS, "percpu_array", 4, 16, 18, 0),
+    (map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
+    (map_names::PEERS, "hash", 4, 8, 65536, 0),
+    (map_names::POD_PORTS, "hash", 6, 4, 4096, 0),
+    (map_names::ROUTES, "lpm_trie", 8, 16, 65536, 1),
+];
+
 /// The pins an older release left under `<root>/v<version>/`, made with
 /// bpftool as that agent pinned them: the new agent loads beside them,
 /// its programs run on the new layout's maps (checked by their
@@ -331,14 +343,22 @@ fn an_agent_upgrades_from_the_v3_map_layouts_pins() {
     upgrade_from(3, &V3_MAPS);
 }
 
-/// From the previous release's v4 pins, whose `ROUTES` and `PEERS` held
-/// 16,384 nodes: the agent must not keep using them (a cluster beyond
-/// 16,384 nodes would not fit).
+/// From v4 pins, whose `ROUTES` and `PEERS` held 16,384 nodes: the agent
+/// must not keep using them (a cluster beyond 16,384 nodes would not fit).
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_agent_upgrades_from_the_v4_map_layouts_pins() {
+    require_root();
+    upgrade_from(4, &V4_MAPS);
+}
+
+/// From the previous release's v5 pins, whose `CONFIG` had no
+/// `seg_ifindex` and `COUNTERS` 18 slots.
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
     require_root();
-    upgrade_from(4, &V4_MAPS);
+    upgrade_from(5, &V5_MAPS);
 }
 
 /// Creates `maps` in `dir` with bpftool, as an older agent pinned them.
@@ -369,7 +389,12 @@ fn pinned_maps_of_another_shape_under_this_version_are_refused() {
     let pins = PinDir::new();
     let layout = PinLayout::new(pins.path());
     let current = layout.map(map_names::PEERS).parent().unwrap().to_owned();
-    make_pins(&current, &V4_MAPS);
+    // This layout's maps, but a PEERS of v4's 16,384 entries.
+    let mut maps = V5_MAPS;
+    maps[0].3 = size_of::<Config>() as u32;
+    maps[1].4 = overlay_common::COUNTER_SLOTS as u32;
+    maps[3].4 = 16384;
+    make_pins(&current, &maps);
     let err = match Datapath::load(pins.path()) {
         Ok(_) => panic!("the load accepted a PEERS of 16,384 entries where the programs hold {}", overlay_common::MAX_PEERS),
         Err(err) => overlay_agent::report::Chain(&err).to_string(),

@@ -526,3 +526,36 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     assert_eq!(f.run(program, &to_bridge([10, 244, 2, 11], &[0; 1450 - 28])).0, TC_ACT_REDIRECT);
     assert_eq!(f.run(program, &to_bridge([10, 244, 3, 11], &[0; 1500 - 28])).0, TC_ACT_REDIRECT);
 }
+
+/// The segmentation device's program (`ovl-seg1`'s TC ingress): a segment
+/// of a pod tunnel's GSO packet, as the kernel cut it, is encapsulated for
+/// the peer of its route and redirected to the underlay; one whose route
+/// is gone is dropped with its own reason, not passed into the host.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_segment_is_encapsulated_for_its_route_and_one_without_is_dropped() {
+    require_root();
+    let mut f = Fixture::new();
+    let program = program_names::TC_SEGMENTED;
+    // A pod's own VXLAN packet, after segmentation: the pod's outer
+    // header, to the remote pod.
+    let pod_tunnel = ipv4([10, 244, 1, 11], [10, 244, 2, 11], 17, &udp(41000, 4789, &[0x08, 0, 0, 0, 0, 0, 42, 0]));
+    let segment = eth(PEER_NIC_MAC, NIC_MAC, &pod_tunnel);
+    let before = f.counters();
+    let (verdict, out) = f.run(program, &segment);
+    let after = f.counters();
+    assert_eq!(verdict, TC_ACT_REDIRECT, "to the underlay");
+    assert_eq!(after.packets(Counter::Segmented) - before.packets(Counter::Segmented), 1);
+    assert_eq!(after.packets(Counter::Encap) - before.packets(Counter::Encap), 1);
+    assert_eq!(out.len(), segment.len() + 50, "outer IPv4 + UDP + VXLAN + inner Ethernet in front");
+    assert_eq!(&out[26..30], &ME, "outer source");
+    assert_eq!(&out[30..34], &PEER, "outer destination: the route's node");
+    assert_eq!(u16::from_be_bytes([out[36], out[37]]), 8472, "our VXLAN port");
+    assert_eq!(&out[50..56], &PEER_VTEP, "inner destination MAC: the peer's VTEP");
+    assert_eq!(&out[64..], &pod_tunnel[..], "the segment itself untouched");
+
+    let lost = eth(PEER_NIC_MAC, NIC_MAC, &ipv4([10, 244, 1, 11], [10, 244, 9, 11], 17, &udp(41000, 4789, &[0; 8])));
+    let before = f.counters();
+    assert_eq!(f.run(program, &lost).0, TC_ACT_SHOT, "a segment without a route");
+    assert_eq!(f.counters().drops(DropReason::SegmentNoRoute) - before.drops(DropReason::SegmentNoRoute), 1);
+}

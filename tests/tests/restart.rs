@@ -15,6 +15,13 @@ use overlay_tests::{
     require_root,
 };
 
+/// The index of the link `name` in node `i`'s namespace, if it exists.
+fn link_index(lab: &Lab, i: usize, name: &str) -> Option<u64> {
+    let out = lab.nodes[i].ns.ip(&["-j", "link", "show"]);
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j link show prints JSON");
+    links.as_array()?.iter().find(|l| l["ifname"] == name).and_then(|l| l["ifindex"].as_u64())
+}
+
 /// Two nodes, one pod each, agents fed from manifests.
 fn two_node_lab() -> Lab {
     let mut spec = LabSpec::new(agent_binary());
@@ -29,6 +36,8 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     require_root();
     let mut lab = two_node_lab();
     let before = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
+    let seg_devices = [link_index(&lab, 0, "ovl-seg0"), link_index(&lab, 1, "ovl-seg0")];
+    assert!(seg_devices.iter().all(Option::is_some), "the agents made no segmentation device: {seg_devices:?}");
 
     // The ping runs until every restart is over, however long loading
     // through the verifier takes (minutes under `cargo xtask vmtest`'s
@@ -61,10 +70,14 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     let after = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
     assert!(after.0 >= before.0 + u64::from(ping.replies), "node1 encap counter {before:?} -> {after:?} did not keep counting");
     assert!(after.1 >= before.1 + u64::from(ping.replies), "node2 decap counter {before:?} -> {after:?} did not keep counting");
-    for i in 0..2 {
+    for (i, seg_device) in seg_devices.iter().enumerate() {
         let log = lab.agent_log(i);
         assert!(log.contains("maps_adopted=true"), "restarted agent must adopt the pinned maps:\n{log}");
         assert!(log.contains("egress=Swapped"), "restarted agent must swap into the pinned links:\n{log}");
+        // Its segmentation device too: the one the first agent made (a
+        // new one would have a new index), its program swapped in.
+        assert_eq!(link_index(&lab, i, "ovl-seg0"), *seg_device, "node {}'s segmentation device was recreated", i + 1);
+        assert!(log.contains("outcome=Swapped") && log.contains("segmentation device: "), "restarted agent must reuse its segmentation device:\n{log}");
     }
     let (checks, failures) = lab.check_all_pairs();
     assert!(failures.is_empty(), "{} of {checks} checks failed after restarts: {failures:?}", failures.len());
@@ -94,6 +107,8 @@ fn cleanup_removes_the_datapath_on_purpose() {
     // On the lab's veths `--decap auto` decapsulates at TC ingress.
     assert_eq!(attached(), (2, 0), "a stopped agent must leave TC egress and TC ingress attached");
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
+    let seg_device = || link_index(&lab, 0, "ovl-seg0").is_some() || link_index(&lab, 0, "ovl-seg1").is_some();
+    assert!(seg_device(), "the agent's segmentation device stays while the agent is stopped");
 
     // Another root's nexthop, with our protocol: cleanup must leave it,
     // and remove ours. (Shown failing against the branch's start, whose
@@ -132,6 +147,7 @@ fn cleanup_removes_the_datapath_on_purpose() {
     // The fast path (the default) is attached to the pod bridge and veths too.
     assert!(stdout.lines().any(|l| l.starts_with("detached from") && l.contains("eth0")), "{stdout}");
     assert!(stdout.contains("removed 1 routes"), "{stdout}");
+    assert!(stdout.contains("removed the segmentation device") && !seg_device(), "{stdout}");
     assert!(!pin_root.exists(), "pins remain under {}", pin_root.display());
     assert!(!subnet_file.exists());
     assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
@@ -144,4 +160,44 @@ fn cleanup_removes_the_datapath_on_purpose() {
     }
     assert_eq!(attached(), (0, 0), "programs still attached after cleanup");
     assert!(!Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "the datapath must be gone");
+}
+
+/// A device named like the agent's segmentation device that the agent did
+/// not make (no alias of ours) is left alone: the agent runs without
+/// segmentation (and says so), and `cleanup` does not remove it.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_foreign_device_named_like_the_segmentation_device_is_left_alone() {
+    require_root();
+    let mut lab = two_node_lab();
+    lab.stop_agent(0);
+    let ip = |args: &[&str]| {
+        let out = lab.nodes[0].ns.ip(args);
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    // Node 1's own pair goes; someone else's device takes its name.
+    ip(&["link", "del", "ovl-seg0"]);
+    ip(&["link", "add", "ovl-seg0", "type", "veth", "peer", "name", "not-ours1"]);
+    let foreign = link_index(&lab, 0, "ovl-seg0");
+    lab.start_agent(0, Duration::from_secs(20)).unwrap();
+    let log = lab.agent_log(0);
+    assert!(log.contains("ovl-seg0 exists but is not the agent's"), "the agent must say why it has no segmentation device:\n{log}");
+    assert_eq!(link_index(&lab, 0, "ovl-seg0"), foreign, "the agent touched a device it did not make");
+    assert_eq!(link_index(&lab, 0, "ovl-seg1"), None, "the agent made half a pair");
+    assert!(lab.inspect(0).contains("no segmentation device"), "{}", lab.inspect(0));
+    assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "the datapath serves without the device");
+
+    lab.stop_agent(0);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.nodes[0].ns.name()))
+        .arg(agent_binary())
+        .arg("cleanup")
+        .arg("--bpffs-root")
+        .arg(&lab.nodes[0].pin_root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "cleanup failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("removed the segmentation device"), "{stdout}");
+    assert_eq!(link_index(&lab, 0, "ovl-seg0"), foreign, "cleanup removed a device it did not make");
 }
