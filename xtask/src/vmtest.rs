@@ -37,10 +37,13 @@ use crate::setup;
 /// the verifier and attachments (`load`, whose restart test also runs
 /// `cleanup` on the clsact fallback), packets under BPF_PROG_TEST_RUN
 /// (`packets`), restarts and `cleanup` in a lab (`restart`), and the VXLAN
-/// lab (`vxlan_lab`).
-pub const DEFAULT_TESTS: &[&str] = &["load", "packets", "restart", "vxlan_lab"];
-/// The ones `cargo xtask test` runs on the default VM kernel every time.
-pub const CI_TESTS: &[&str] = &["load", "packets"];
+/// lab (`vxlan_lab`), and pods' own tunnels (`pod_tunnels`).
+pub const DEFAULT_TESTS: &[&str] = &["load", "packets", "restart", "vxlan_lab", "pod_tunnels"];
+/// The ones `cargo xtask test` runs on the default VM kernel every time:
+/// `pod_tunnels` for its Geneve and GRE case, which the host run skips.
+pub const CI_TESTS: &[&str] = &["load", "packets", "pod_tunnels"];
+/// The test `cargo xtask test` runs only in the VM (tests/tests/pod_tunnels.rs).
+pub const VM_ONLY_TEST: &str = "geneve_and_gre_in_pods_on_a_kernel_that_has_them";
 
 /// The result line the guest prints per test binary.
 const RESULT_TAG: &str = "OVERLAY-VMTEST-RESULT";
@@ -75,7 +78,7 @@ pub struct VmTestArgs {
     #[arg(long, default_value_t = 120)]
     timeout_minutes: u64,
     /// Test files (`tests/tests/<name>.rs`) to run; default: load, packets,
-    /// restart, vxlan_lab.
+    /// restart, vxlan_lab, pod_tunnels.
     #[arg(long = "test")]
     tests: Vec<String>,
     /// Tests each binary runs at once inside the VM (`--test-threads`).
@@ -133,7 +136,8 @@ pub fn ci() -> anyhow::Result<()> {
     result
 }
 
-/// How long `cargo xtask test` gives the VM (boot, load.rs, packets.rs).
+/// How long `cargo xtask test` gives the VM (boot, load.rs, packets.rs,
+/// pod_tunnels.rs).
 const CI_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 fn run(kernels: &[PathBuf], tests: &[&str], options: &RunOptions) -> anyhow::Result<()> {
