@@ -43,6 +43,9 @@ const TEST_TOOLS: [(&str, &str); 17] = [
     ("openssl", "openssl"),
 ];
 
+/// One of protobuf's own .proto files, which etcd's import.
+const PROTOBUF_INCLUDES: &str = "/usr/include/google/protobuf/descriptor.proto";
+
 /// Makes sure an eBPF toolchain and the test tools are present, and says
 /// which toolchain the build will use.
 pub fn setup() -> anyhow::Result<EbpfToolchain> {
@@ -50,11 +53,17 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
     let debian = Path::new("/etc/debian_version").exists();
     let can_install = is_root && debian;
 
-    let missing_tools: Vec<_> = TEST_TOOLS
+    let mut missing_tools: Vec<_> = TEST_TOOLS
         .iter()
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    // etcd's .proto files import protobuf's own (descriptor.proto, …), which
+    // Debian ships apart from protoc; a machine without them fails the
+    // agent's build in etcd-client's build script.
+    if !Path::new(PROTOBUF_INCLUDES).exists() {
+        missing_tools.push("libprotobuf-dev");
+    }
 
     let chosen = match toolchain::detect() {
         Ok(chosen) => chosen,
