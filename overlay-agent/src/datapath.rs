@@ -231,6 +231,16 @@ impl Datapath {
         if !may_load_bpf() {
             return Err(DatapathError::NoPermission);
         }
+        // Every signal is blocked on this thread while the kernel is asked
+        // to load anything: a signal pending for the loading thread makes
+        // the verifier give up with EAGAIN, and not only ours. aya's
+        // feature probes (small programs it loads once per process, inside
+        // `EbpfLoader::load`) take EAGAIN for "unsupported", and the
+        // object then fails to relocate (`SectionNotFound` in
+        // `overlay_tc_pod`): load.rs's tests, whose child processes exiting
+        // send SIGCHLD, failed so. A process-wide signal goes to another
+        // thread meanwhile, or waits the milliseconds until the load is done.
+        let _blocked = SignalsBlocked::on_this_thread();
         let layout = PinLayout::new(root);
         bpffs::prepare_root(&layout.maps_dir())?;
         let maps_adopted = map_names::ALL.iter().all(|name| layout.map(name).exists());
@@ -873,6 +883,8 @@ const LOAD_ATTEMPTS: usize = 5;
 /// handlers installed (tokio's, the tests' child processes exiting) is a
 /// matter of timing, not of the program. aya retries only to grow the
 /// verifier log.
+/// [`Datapath::load`] also blocks signals while it loads, which keeps this
+/// from happening on its thread.
 fn retry_interrupted_load(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
     let mut attempt = 1;
     loop {
@@ -883,6 +895,36 @@ fn retry_interrupted_load(mut load: impl FnMut() -> Result<(), ProgramError>) ->
                 attempt += 1;
             }
             result => return result,
+        }
+    }
+}
+
+/// Every blockable signal blocked on the current thread, until dropped
+/// (the previous mask comes back, also when a panic unwinds).
+struct SignalsBlocked {
+    previous: libc::sigset_t,
+}
+
+impl SignalsBlocked {
+    fn on_this_thread() -> Self {
+        // SAFETY: both sets are plain values initialised by sigfillset and
+        // pthread_sigmask; pthread_sigmask only changes this thread's mask.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+            Self { previous }
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask `on_this_thread` saved; the guard lives
+        // in `Datapath::load`'s frame, on the thread it blocked.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut());
         }
     }
 }

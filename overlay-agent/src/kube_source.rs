@@ -193,40 +193,43 @@ impl Publisher {
         &self.name
     }
 
-    /// Sets `annotations` on our Node (a merge patch: other annotations are
-    /// left alone). Through the status subresource, as flannel does: the
-    /// node status strategy keeps metadata changes, so `nodes/status` patch
-    /// is all the RBAC this needs, and no agent can change a Node's spec.
-    pub async fn annotate(&self, annotations: &BTreeMap<String, String>) -> Result<(), kube::Error> {
-        let patch = serde_json::json!({"metadata": {"annotations": annotations}});
-        self.api
-            .patch_status(&self.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch))
-            .await
-            .map(drop)
-    }
-
-    /// Sets our Node's `NetworkUnavailable` condition: `False` once the
-    /// network is up, as flannel does, `True` with `problem` when it no
-    /// longer is. A strategic merge keyed by condition type leaves
-    /// kubelet's conditions alone.
-    pub async fn set_network_condition(&self, condition: NetworkCondition, problem: Option<&str>) -> Result<(), kube::Error> {
-        let now = k8s_openapi::jiff::Timestamp::now().to_string();
-        let (status, reason, message) = match condition {
-            NetworkCondition::Available => ("False", NETWORK_UP_REASON, "overlay agent has programmed this node's datapath".to_owned()),
-            NetworkCondition::Unavailable => (
-                "True",
-                NETWORK_DOWN_REASON,
-                format!("overlay agent's datapath does not serve this node: {}", problem.unwrap_or("unknown")),
-            ),
-        };
-        let patch = serde_json::json!({"status": {"conditions": [{
-            "type": "NetworkUnavailable",
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": now,
-            "lastHeartbeatTime": now,
-        }]}});
+    /// Writes what our Node is to say, in one strategic merge patch (one
+    /// write, so one echo from the watch): `annotations` (other
+    /// annotations are left alone) and, if given, the `NetworkUnavailable`
+    /// condition, `False` once the network is up, as flannel does, `True`
+    /// with `problem` when it no longer is (merged by condition type, so
+    /// kubelet's conditions stay). Through the status subresource, as
+    /// flannel does: the node status strategy keeps metadata changes, so
+    /// `nodes/status` patch is all the RBAC this needs, and no agent can
+    /// change a Node's spec.
+    pub async fn publish(
+        &self,
+        annotations: &BTreeMap<String, String>,
+        condition: Option<(NetworkCondition, Option<&str>)>,
+    ) -> Result<(), kube::Error> {
+        let mut patch = serde_json::json!({});
+        if !annotations.is_empty() {
+            patch["metadata"] = serde_json::json!({"annotations": annotations});
+        }
+        if let Some((condition, problem)) = condition {
+            let now = k8s_openapi::jiff::Timestamp::now().to_string();
+            let (status, reason, message) = match condition {
+                NetworkCondition::Available => ("False", NETWORK_UP_REASON, "overlay agent has programmed this node's datapath".to_owned()),
+                NetworkCondition::Unavailable => (
+                    "True",
+                    NETWORK_DOWN_REASON,
+                    format!("overlay agent's datapath does not serve this node: {}", problem.unwrap_or("unknown")),
+                ),
+            };
+            patch["status"] = serde_json::json!({"conditions": [{
+                "type": "NetworkUnavailable",
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now,
+                "lastHeartbeatTime": now,
+            }]});
+        }
         self.api
             .patch_status(&self.name, &PatchParams::apply(FIELD_MANAGER), &Patch::Strategic(&patch))
             .await

@@ -3,7 +3,7 @@
 //! and `bridge fdb show` send, without starting a process. Messages are built and parsed by
 //! `netlink-packet-route`; the socket is `netlink-sys`.
 
-use std::io;
+use std::{io, ops::ControlFlow};
 
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -362,40 +362,25 @@ impl Rtnl {
         let payload = nexthop_payload(0, 0, 0, &[]);
         self.send_raw(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, &payload)?;
         let mut table = NexthopTable::default();
-        loop {
-            let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(RtnlError::Io)?;
-            let mut offset = 0;
-            while offset + 16 <= size {
-                let message = &self.buf[offset..size];
-                let length = u32::from_ne_bytes(message[0..4].try_into().expect("4 bytes")) as usize;
-                let kind = u16::from_ne_bytes([message[4], message[5]]);
-                let sequence = u32::from_ne_bytes(message[8..12].try_into().expect("4 bytes"));
-                if length < 16 || length > message.len() {
-                    return Err(RtnlError::Decode(format!("a netlink message of length {length} in {} bytes", message.len())));
-                }
-                offset += length.next_multiple_of(4);
-                if sequence != self.sequence {
-                    continue;
-                }
-                let body = &message[16..length];
-                match kind {
-                    NLMSG_DONE => return Ok(table),
-                    NLMSG_ERROR if body.len() >= 4 => {
-                        let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
-                        // A kernel without nexthop objects has none.
-                        if errno == libc::EOPNOTSUPP || errno == libc::EINVAL || errno == libc::EAFNOSUPPORT {
-                            return Ok(table);
-                        }
-                        return Err(RtnlError::Io(io::Error::from_raw_os_error(errno)));
-                    }
-                    RTM_NEWNEXTHOP => {
-                        table.grouped.extend(group_members(body));
-                        table.nexthops.extend(parse_nexthop(body));
-                    }
-                    _ => {}
-                }
+        self.read_replies(|kind, body| match kind {
+            NLMSG_DONE => ControlFlow::Break(Ok(())),
+            NLMSG_ERROR if body.len() >= 4 => {
+                let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
+                // A kernel without nexthop objects has none.
+                ControlFlow::Break(if errno == libc::EOPNOTSUPP || errno == libc::EINVAL || errno == libc::EAFNOSUPPORT {
+                    Ok(())
+                } else {
+                    Err(RtnlError::Io(io::Error::from_raw_os_error(errno)))
+                })
             }
-        }
+            RTM_NEWNEXTHOP => {
+                table.grouped.extend(group_members(body));
+                table.nexthops.extend(parse_nexthop(body));
+                ControlFlow::Continue(())
+            }
+            _ => ControlFlow::Continue(()),
+        })?;
+        Ok(table)
     }
 
     fn send_raw(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(), RtnlError> {
@@ -415,6 +400,29 @@ impl Rtnl {
     /// acknowledgement or refusal, or (to a query) a nexthop.
     fn raw_request(&mut self, kind: u16, flags: u16, payload: &[u8]) -> Result<(Answer, Option<Nexthop>), RtnlError> {
         self.send_raw(kind, flags, payload)?;
+        self.read_replies(|kind, body| {
+            ControlFlow::Break(match kind {
+                NLMSG_ERROR if body.len() >= 4 => {
+                    let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
+                    if errno == 0 {
+                        Ok((Answer::Done, None))
+                    } else {
+                        Ok((Answer::Refused(Refused { errno, message: extack_message(&body[4..]) }), None))
+                    }
+                }
+                RTM_NEWNEXTHOP => Ok((Answer::Done, parse_nexthop(body))),
+                other => Err(RtnlError::Decode(format!("unexpected answer of type {other}"))),
+            })
+        })
+    }
+
+    /// Reads the replies to the request just sent by [`Self::send_raw`]
+    /// (messages of other sequence numbers are skipped), handing each
+    /// message's type and body to `on_reply` until it breaks with the result.
+    fn read_replies<T>(
+        &mut self,
+        mut on_reply: impl FnMut(u16, &[u8]) -> ControlFlow<Result<T, RtnlError>>,
+    ) -> Result<T, RtnlError> {
         loop {
             let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(RtnlError::Io)?;
             let mut offset = 0;
@@ -430,19 +438,9 @@ impl Rtnl {
                 if sequence != self.sequence {
                     continue;
                 }
-                let body = &message[16..length];
-                return match kind {
-                    NLMSG_ERROR if body.len() >= 4 => {
-                        let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
-                        if errno == 0 {
-                            Ok((Answer::Done, None))
-                        } else {
-                            Ok((Answer::Refused(Refused { errno, message: extack_message(&body[4..]) }), None))
-                        }
-                    }
-                    RTM_NEWNEXTHOP => Ok((Answer::Done, parse_nexthop(body))),
-                    other => Err(RtnlError::Decode(format!("unexpected answer of type {other}"))),
-                };
+                if let ControlFlow::Break(result) = on_reply(kind, &message[16..length]) {
+                    return result;
+                }
             }
         }
     }

@@ -2,6 +2,14 @@
 //! `fuzz.rs`, `forged_traffic.rs`): the Internet checksum and Ethernet,
 //! IPv4 and UDP headers in front of a payload.
 
+/// What the programs return under `BPF_PROG_TEST_RUN` (`xdp_action`,
+/// `TC_ACT_*` in the kernel's uapi).
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
 /// The Internet checksum (RFC 1071) of `bytes`, an odd last byte padded
 /// with zero.
 pub fn checksum(bytes: &[u8]) -> u16 {

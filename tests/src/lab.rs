@@ -946,6 +946,14 @@ impl Lab {
         }
     }
 
+    /// [`Self::check_all_pairs`], failing the test with every failed check
+    /// and `what` was being checked; the number of checks.
+    pub fn assert_all_pairs(&self, what: &str) -> usize {
+        let (checks, failures) = self.check_all_pairs();
+        assert!(failures.is_empty(), "{what}: {} of {checks} checks failed: {failures:#?}", failures.len());
+        checks
+    }
+
     /// Ping and TCP between every pair of pods on different nodes, and
     /// from every node to every remote pod. Returns the failures.
     pub fn check_all_pairs(&self) -> (usize, Vec<String>) {

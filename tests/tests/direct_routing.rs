@@ -18,11 +18,6 @@ fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
     Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
 }
 
-fn assert_all_pairs(lab: &Lab, what: &str) {
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{what}: {} of {checks} checks failed: {failures:#?}", failures.len());
-}
-
 /// The ROUTES line of `inspect` for a pod CIDR.
 fn route_line(lab: &Lab, node: usize, cidr: &str) -> String {
     let text = lab.inspect(node);
@@ -37,12 +32,12 @@ fn route_line(lab: &Lab, node: usize, cidr: &str) -> String {
 fn routed_topology_all_pairs_with_vxlan_and_with_direct_routing() {
     require_root();
     let vxlan = lab(Topology::Routed, "vxlan", false);
-    assert_all_pairs(&vxlan, "vxlan");
+    vxlan.assert_all_pairs("vxlan");
     assert!(route_line(&vxlan, 0, "10.244.2.0/24").contains("vxlan"));
     drop(vxlan);
 
     let dr = lab(Topology::Routed, "vxlan", true);
-    assert_all_pairs(&dr, "vxlan --direct-routing");
+    dr.assert_all_pairs("vxlan --direct-routing");
     let same_subnet = route_line(&dr, 0, "10.244.2.0/24");
     assert!(same_subnet.contains("direct") && same_subnet.contains("on-link"), "{same_subnet}");
     let across = route_line(&dr, 0, "10.244.3.0/24");
@@ -54,7 +49,7 @@ fn routed_topology_all_pairs_with_vxlan_and_with_direct_routing() {
 fn host_gw_on_one_segment_all_pairs() {
     require_root();
     let hgw = lab(Topology::Flat, "host-gw", false);
-    assert_all_pairs(&hgw, "host-gw");
+    hgw.assert_all_pairs("host-gw");
     let line = route_line(&hgw, 0, "10.244.3.0/24");
     assert!(line.contains("direct") && line.contains("on-link"), "{line}");
 }

@@ -79,8 +79,7 @@ fn agents_hold_flanneld_leases_and_reach_each_other() {
         // flanneld's 24 h lease.
         assert!((86_400 - 120..=86_400).contains(ttl), "{key}: TTL {ttl}");
     }
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+    lab.assert_all_pairs("all pairs");
 }
 
 #[test]
@@ -115,8 +114,7 @@ fn leases_added_changed_deleted_or_expired_change_the_peers() {
     let added = Instant::now();
     wait_for_peers_everywhere(&mut lab, 0);
     eprintln!("expired lease's peer removed {:?} after it was seen", added.elapsed());
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+    lab.assert_all_pairs("all pairs");
 }
 
 #[test]

@@ -37,11 +37,6 @@ fn mac_of(ns: &NetNs, iface: &str) -> String {
     link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("{iface}'s MAC: {link}")).to_owned()
 }
 
-fn assert_all_pairs(lab: &Lab, what: &str) {
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{what}: {} of {checks} checks failed: {failures:#?}", failures.len());
-}
-
 /// One ping with `options`, expected to fail; what it printed.
 fn ping_output(from: &NetNs, options: &[&str], to: Ipv4Addr) -> String {
     let out = Command::new("nsenter")
@@ -66,7 +61,7 @@ fn routed_direct_routing_all_pairs_on_the_wire_as_without_it() {
     let dr = lab(Topology::Routed, "vxlan", true);
     assert!(dr.agent_log(0).contains("pod fast path attached"), "{}", dr.agent_log(0));
     let before = dr.counters(0);
-    assert_all_pairs(&dr, "vxlan --direct-routing --forward bpf");
+    dr.assert_all_pairs("vxlan --direct-routing --forward bpf");
     let after = dr.counters(0);
     // Node 1 sent to and received from both peers: both halves ran.
     assert!(after.packets(Counter::FastpathOut) > before.packets(Counter::FastpathOut), "out half: {after:?}");
@@ -90,7 +85,7 @@ fn routed_direct_routing_all_pairs_on_the_wire_as_without_it() {
 fn host_gw_all_pairs_and_bulk_tcp() {
     require_root();
     let hgw = lab(Topology::Flat, "host-gw", false);
-    assert_all_pairs(&hgw, "host-gw --forward bpf");
+    hgw.assert_all_pairs("host-gw --forward bpf");
     let before = (hgw.counters(0).packets(Counter::FastpathOut), hgw.counters(1).packets(Counter::FastpathIn));
     let veth_tx_before = tx_bytes(&hgw.nodes[1].ns, "p1");
     // GSO super-packets one way, ACKs the other.
@@ -164,7 +159,7 @@ fn services_and_conntrack_work_across_the_fast_path() {
             );
         }
         // Pod to pod, fast both ways, through the same INVALID drops.
-        assert_all_pairs(&lab, backend);
+        lab.assert_all_pairs(backend);
         assert!(lab.counters(0).packets(Counter::FastpathOut) > before, "{backend}: the fast path carried nothing");
         assert_no_drops(&lab.counters(0));
         assert_no_drops(&lab.counters(1));

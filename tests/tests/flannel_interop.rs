@@ -27,8 +27,7 @@ fn our_nodes_and_flannel_nodes_reach_each_other_both_ways() {
     // host-to-pod from either kind.
     let lab = mixed_lab(1);
     assert!(lab.nodes[2].flannel && !lab.nodes[0].flannel);
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+    lab.assert_all_pairs("all pairs");
 }
 
 /// (outer dst port, VNI, VXLAN flags, inner dst MAC, inner src MAC) of the
@@ -118,6 +117,5 @@ fn a_flannel_node_migrates_to_overlay_while_peers_keep_sending() {
     }
     let vxlan = String::from_utf8_lossy(&lab.nodes[2].ns.ip(&["-d", "link", "show", "type", "vxlan"]).stdout).into_owned();
     assert!(vxlan.trim().is_empty(), "flannel.1 still present after migration: {vxlan}");
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "after migration {} of {checks} checks failed: {failures:#?}", failures.len());
+    lab.assert_all_pairs("after migration");
 }

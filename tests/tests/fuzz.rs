@@ -33,15 +33,9 @@ use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
 use overlay_common::{Config, Counter, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_ON_LINK, Route, SocketKey, map_names, program_names};
 use overlay_tests::{
     PinDir,
-    frames::{self, checksum, eth, udp},
+    frames::{self, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, checksum, eth, udp},
     require_root,
 };
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const ME: [u8; 4] = [192, 168, 77, 11];
 /// A VXLAN peer, pod CIDR 10.244.2.0/24.

@@ -104,8 +104,7 @@ fn the_image_builds_without_a_registry_and_runs_as_the_labs_agents() {
         .unwrap();
     let running = String::from_utf8_lossy(&running.stdout);
     assert_eq!(running.lines().filter(|l| l.contains(&image.0)).count(), 2, "both agents must run in the image:\n{running}");
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed with the image's agents: {failures:?}", failures.len());
+    lab.assert_all_pairs("with the image's agents");
     let table = lab.nodes[0].ns.exec("nft", &["list", "table", "ip", "overlay"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("masquerade"), "the image's nft must have written the masquerade table");
 }

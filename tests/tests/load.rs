@@ -35,6 +35,46 @@ fn every_program_passes_the_verifier() {
     }
 }
 
+/// Signals aimed at the loading thread, hundreds a second (a busy agent's
+/// or the tests' child processes exiting send such bursts), do not fail
+/// the load: the verifier gives up with EAGAIN whenever a signal is
+/// pending for the thread, five times in a row under such a burst.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn loading_survives_a_signal_storm() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    extern "C" fn ignore(_: libc::c_int) {}
+    require_root();
+    // SAFETY: a handler that does nothing, for a signal nothing else in
+    // this process uses.
+    unsafe { libc::signal(libc::SIGUSR2, ignore as *const () as libc::sighandler_t) };
+    // SAFETY: plain call.
+    let loader = unsafe { libc::pthread_self() };
+    let stop = Arc::new(AtomicBool::new(false));
+    let storm = std::thread::spawn({
+        let stop = stop.clone();
+        move || {
+            let mut sent = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: the loading thread outlives this one (joined below).
+                unsafe { libc::pthread_kill(loader, libc::SIGUSR2) };
+                sent += 1;
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+            sent
+        }
+    });
+    let pins = PinDir::new();
+    let loaded = Datapath::load(pins.path());
+    stop.store(true, Ordering::Relaxed);
+    let sent = storm.join().unwrap();
+    assert!(sent > 50, "only {sent} signals were sent while loading");
+    loaded.unwrap_or_else(|e| panic!("loading under {sent} signals: {e:?}"));
+}
+
 /// Ids of the programs the kernel reports attached to `iface`: TC through
 /// TCX or clsact filters, XDP through `bpftool net show`.
 fn attached_program_ids(iface: &str) -> Vec<u32> {

@@ -11,18 +11,12 @@ use overlay_agent::{datapath::Datapath, maps::DatapathMaps};
 use overlay_common::{Config, Counter, DropReason, Peer, PodPort, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, ROUTE_REASON_GATEWAY, Route, Totals, map_names, program_names};
 use overlay_tests::{
     PinDir,
-    frames::{self, checksum, udp},
+    frames::{self, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, checksum, udp},
     require_root,
 };
 
 /// Reads the counter a case expects to move.
 type CounterOf = fn(&Totals) -> u64;
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
 
 const ME: [u8; 4] = [192, 168, 77, 11];
 const PEER: [u8; 4] = [192, 168, 77, 12];
@@ -315,7 +309,6 @@ fn encapsulation_builds_rfc7348_vxlan_with_flow_hashed_source_ports() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
     require_root();
-    const TC_ACT_REDIRECT: u32 = 7;
     let mut f = Fixture::new();
     // 1451 bytes of IPv4 with DF toward a remote pod: one byte over 1450.
     let mut inner = ipv4([10, 244, 1, 11], [10, 244, 2, 11], 17, &udp(40000, 9, &[0u8; 1451 - 28]));
@@ -364,7 +357,6 @@ fn too_big_df_packet_gets_icmp_frag_needed_with_the_tunnel_mtu() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn frag_needed_quotes_ip_options_and_never_answers_an_icmp_error() {
     require_root();
-    const TC_ACT_REDIRECT: u32 = 7;
     let mut f = Fixture::new();
     let with_options = |proto: u8, l4: &[u8]| {
         let mut ip = ipv4([10, 244, 1, 11], [10, 244, 2, 11], proto, l4);

@@ -142,8 +142,7 @@ fn traffic_leaving_the_cluster_is_masqueraded_and_pod_to_pod_is_not() {
 
     // The outside has no route to pods: a reply proves the way back.
     Lab::tcp_echo(&pod.ns, outside, OUTSIDE_ADDR, 7002).expect("TCP from a pod to the outside and back");
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed with masquerade on: {failures:?}", failures.len());
+    lab.assert_all_pairs("with masquerade on");
 
     // A restart (SIGTERM, then a new agent) finds the rules and adds none.
     assert_eq!(rule_count(&table), 6, "{table}");
@@ -216,8 +215,7 @@ fn a_forward_policy_of_drop_in_either_iptables_does_not_stop_pod_traffic() {
             lab.agent_log(0)
         );
     }
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed under FORWARD DROP: {failures:?}", failures.len());
+    lab.assert_all_pairs("all pairs");
     Lab::tcp_echo(&pod.ns, outside, OUTSIDE_ADDR, 7003).expect("TCP from a pod to the outside under FORWARD DROP");
 
     let jumps = |lab: &Lab, iptables: &str| on_node(lab, 0, iptables, &["-S", "FORWARD"]).1.matches("-j OVERLAY-FWD").count();

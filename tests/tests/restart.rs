@@ -79,8 +79,7 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
         assert_eq!(link_index(&lab, i, "ovl-seg0"), *seg_device, "node {}'s segmentation device was recreated", i + 1);
         assert!(log.contains("outcome=Swapped") && log.contains("segmentation device: "), "restarted agent must reuse its segmentation device:\n{log}");
     }
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed after restarts: {failures:?}", failures.len());
+    lab.assert_all_pairs("all pairs");
 }
 
 #[test]

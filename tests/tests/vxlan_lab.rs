@@ -18,8 +18,7 @@ fn start_lab() -> Lab {
 fn three_nodes_all_pairs_ping_and_tcp_without_any_kernel_vxlan_device() {
     require_root();
     let lab = start_lab();
-    let (checks, failures) = lab.check_all_pairs();
-    assert!(failures.is_empty(), "{} of {checks} checks failed: {failures:#?}", failures.len());
+    let checks = lab.assert_all_pairs("all pairs");
     // 6 pods: 24 cross-node pairs × (ping + TCP) + 3 nodes × 4 remote pods.
     assert_eq!(checks, 24 * 2 + 12);
 

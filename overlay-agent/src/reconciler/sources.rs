@@ -1,7 +1,7 @@
 //! The real node sources and publishers: a directory of Node manifests,
 //! the Kubernetes API, and flannel's etcd.
 
-use std::{cell::RefCell, rc::Rc, sync::Arc, time::Duration};
+use std::{cell::RefCell, collections::BTreeMap, rc::Rc, sync::Arc, time::Duration};
 
 use tokio::sync::mpsc;
 use futures::{FutureExt as _, StreamExt as _, stream::BoxStream};
@@ -13,7 +13,7 @@ use super::{InvalidNode, NetworkState, NodeEvent, NodeSource, Publisher, SourceE
 use crate::{
     desired::{Backend, Desired, LocalSettings, Rejected},
     etcd_source::Snapshot,
-    kube_source::{self, NodeCache},
+    kube_source::{self, NetworkCondition, NodeCache},
     manifests::ManifestDir,
     metrics::Metrics,
     node::{self, NodeInfo},
@@ -102,7 +102,7 @@ impl KubeSource {
     fn from_stream(watch: BoxStream<'static, WatchItem>, own_name: &str, metrics: Arc<Metrics>, publisher: kube_source::Publisher) -> (Self, KubePublisher) {
         let own = Rc::new(RefCell::new(None));
         let source = Self { watch, cache: NodeCache::new(own_name), own_name: own_name.to_owned(), own: own.clone(), metrics, outage: None };
-        (source, KubePublisher { publisher, own })
+        (source, KubePublisher { publisher, own, written: None })
     }
 
     /// One watcher event → the node events it means, if any (kubelet's
@@ -174,31 +174,66 @@ impl NodeSource for KubeSource {
 pub struct KubePublisher {
     publisher: kube_source::Publisher,
     own: Rc<RefCell<Option<Node>>>,
+    /// What we last wrote: until the watch brings it back, our Node as last
+    /// seen still lacks it, and each reconcile meanwhile would write it
+    /// again.
+    written: Option<Unechoed<NodeWrite>>,
+}
+
+/// The annotations and the condition one write set.
+type NodeWrite = (BTreeMap<String, String>, Option<NetworkCondition>);
+
+/// A write to our Node that the watch has not brought back yet: what was
+/// written, and the version of our Node seen when it was.
+#[derive(Debug, PartialEq)]
+struct Unechoed<T> {
+    seen: Option<String>,
+    written: T,
+}
+
+impl<T: PartialEq> Unechoed<T> {
+    /// Whether writing `what` now, with our Node at version `seen`, would
+    /// repeat this write before its echo: same content, no newer Node.
+    fn repeated_by(memo: Option<&Self>, seen: Option<&String>, what: &T) -> bool {
+        memo.is_some_and(|m| m.seen.as_ref() == seen && &m.written == what)
+    }
 }
 
 impl Publisher for KubePublisher {
     async fn publish(&mut self, _me: &NodeInfo, desired: &Desired, settings: &LocalSettings, network: &NetworkState) {
         let wanted = node::flannel_annotations(settings.backend.flannel_name(), &desired.config);
-        let (missing, condition) = {
+        let (seen, missing, condition) = {
             let own = self.own.borrow();
             let Some(own) = own.as_ref() else { return };
-            (node::missing_annotations(own, &wanted), kube_source::network_condition_update(own, *network == NetworkState::Up))
+            (
+                own.metadata.resource_version.clone(),
+                node::missing_annotations(own, &wanted),
+                kube_source::network_condition_update(own, *network == NetworkState::Up),
+            )
         };
-        if !missing.is_empty() {
-            match self.publisher.annotate(&missing).await {
-                Ok(()) => info!(annotations = ?missing, "published our tunnel endpoint on our Node"),
-                Err(err) => warn!(error = %err.to_string_with_causes(), "publishing our Node's annotations; will retry"),
-            }
+        if missing.is_empty() && condition.is_none() {
+            return;
         }
-        if let Some(condition) = condition {
-            let problem = match network {
-                NetworkState::Down(problem) => Some(problem.as_str()),
-                NetworkState::Up => None,
-            };
-            match self.publisher.set_network_condition(condition, problem).await {
-                Ok(()) => info!(?condition, "set our Node's NetworkUnavailable condition"),
-                Err(err) => warn!(error = %err.to_string_with_causes(), "setting our Node's NetworkUnavailable condition; will retry"),
+        let write: NodeWrite = (missing, condition);
+        if Unechoed::repeated_by(self.written.as_ref(), seen.as_ref(), &write) {
+            return;
+        }
+        let problem = match network {
+            NetworkState::Down(problem) => Some(problem.as_str()),
+            NetworkState::Up => None,
+        };
+        let (missing, condition) = &write;
+        match self.publisher.publish(missing, condition.map(|c| (c, problem))).await {
+            Ok(()) => {
+                if !missing.is_empty() {
+                    info!(annotations = ?missing, "published our tunnel endpoint on our Node");
+                }
+                if let Some(condition) = condition {
+                    info!(?condition, "set our Node's NetworkUnavailable condition");
+                }
+                self.written = Some(Unechoed { seen, written: write });
             }
+            Err(err) => warn!(error = %err.to_string_with_causes(), "publishing our Node's annotations and NetworkUnavailable condition; will retry"),
         }
     }
 
@@ -276,5 +311,24 @@ impl Publisher for LeasePublisher {
     async fn warn_peer(&mut self, _rejected: &Rejected, _reason: &'static str) -> Result<(), String> {
         // No API to record events in; the log has said it.
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{NetworkCondition, Unechoed};
+
+    /// A write is not repeated while our Node is still the version it was
+    /// written against; a newer Node (the echo, or anyone's change), or
+    /// other content, is decided afresh.
+    #[test]
+    fn a_write_is_repeated_only_once_our_node_moved_on() {
+        let v1 = Some("41".to_owned());
+        let v2 = Some("42".to_owned());
+        let memo = Unechoed { seen: v1.clone(), written: NetworkCondition::Available };
+        assert!(Unechoed::repeated_by(Some(&memo), v1.as_ref(), &NetworkCondition::Available));
+        assert!(!Unechoed::repeated_by(Some(&memo), v2.as_ref(), &NetworkCondition::Available));
+        assert!(!Unechoed::repeated_by(Some(&memo), v1.as_ref(), &NetworkCondition::Unavailable));
+        assert!(!Unechoed::repeated_by(None, v1.as_ref(), &NetworkCondition::Available));
     }
 }
