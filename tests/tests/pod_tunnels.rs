@@ -1,17 +1,17 @@
-//! A pod running a tunnel of its own (VXLAN, Geneve or GRE over its eth0,
+//! A pod running a tunnel of its own (VXLAN, Geneve, GRE or IPIP over its eth0,
 //! TCP inside), as flannel's kernel device carries it, with the tunnel's
 //! segmentation offload on (the default). The pod's tunnel leaves its
 //! packets marked as encapsulated (`skb->encapsulation`), and
 //! `bpf_skb_adjust_room` refuses to encapsulate those again (-EALREADY):
 //! single packets are encapsulated without the tunnel flags, and GSO
-//! super-packets (`SKB_GSO_UDP_TUNNEL`, `SKB_GSO_GRE`) go through the
+//! super-packets (`SKB_GSO_UDP_TUNNEL`, `SKB_GSO_GRE`, `SKB_GSO_IPXIP4`) go through the
 //! agent's segmentation device first (`segmented`). Both the underlay's
 //! egress (`--forward kernel`) and the fast path (`--forward bpf`), with
 //! bulk TCP (iperf3) and a byte-checked echo.
 //!
-//! Geneve and GRE need their kernel modules, which Debian's kernels have
+//! Geneve, GRE and IPIP need their kernel modules, which Debian's kernels have
 //! and this project's CI host kernel does not: `cargo xtask test` runs
-//! `geneve_and_gre_in_pods_on_a_kernel_that_has_them` in its VM stage
+//! `tunnels_of_other_kinds_in_pods_on_a_kernel_that_has_them` in its VM stage
 //! (Debian's 6.1) and leaves it out of the host run (`--skip`, so it is
 //! neither run nor reported there); the VXLAN case runs in both.
 
@@ -33,10 +33,10 @@ fn a_pods_own_vxlan_tunnel_carries_bulk_tcp_across_the_overlay() {
 /// The name is what `cargo xtask test` skips on the host (see the module's
 /// doc); keep them in step.
 #[test]
-#[ignore = "needs root and a kernel with geneve and ip_gre: `cargo xtask test` runs it in its VM stage"]
-fn geneve_and_gre_in_pods_on_a_kernel_that_has_them() {
+#[ignore = "needs root and a kernel with geneve, ip_gre and ipip: `cargo xtask test` runs it in its VM stage"]
+fn tunnels_of_other_kinds_in_pods_on_a_kernel_that_has_them() {
     require_root();
-    pods_own_tunnels_carry_bulk_tcp(&["geneve", "gre"]);
+    pods_own_tunnels_carry_bulk_tcp(&["geneve", "gre", "ipip"]);
 }
 
 /// Both forward modes, one lab each, every tunnel kind of `kinds` in turn.
@@ -59,7 +59,8 @@ fn pods_own_tunnels_carry_bulk_tcp(kinds: &[&str]) {
                 let add: &[&str] = match kind {
                     "vxlan" => &["link", "add", "pt0", "type", "vxlan", "id", "42", "remote", &remote, "dstport", "4789", "dev", "eth0"],
                     "geneve" => &["link", "add", "pt0", "type", "geneve", "id", "42", "remote", &remote],
-                    _ => &["link", "add", "pt0", "type", "gre", "remote", &remote, "ttl", "64"],
+                    "gre" => &["link", "add", "pt0", "type", "gre", "remote", &remote, "ttl", "64"],
+                    _ => &["link", "add", "pt0", "type", "ipip", "remote", &remote, "ttl", "64"],
                 };
                 for args in [add, &["addr", "add", &format!("{me}/24"), "dev", "pt0"], &["link", "set", "pt0", "up"]] {
                     let out = pod.ns.ip(args);

@@ -161,7 +161,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         // Needs kernel modules the CI host's kernel lacks; the VM stage
         // below runs it (tests/tests/pod_tunnels.rs says why).
         args.extend(["--skip", vmtest::VM_ONLY_TEST]);
-        eprintln!("xtask: {} is left to the VM stage (it needs geneve and ip_gre)", vmtest::VM_ONLY_TEST);
+        eprintln!("xtask: {} is left to the VM stage (it needs geneve, ip_gre and ipip)", vmtest::VM_ONLY_TEST);
     }
     cargo(&args)?;
     // The eBPF crate is no default member (it builds for bpfel); its pure

@@ -40,10 +40,10 @@ use crate::setup;
 /// lab (`vxlan_lab`), and pods' own tunnels (`pod_tunnels`).
 pub const DEFAULT_TESTS: &[&str] = &["load", "packets", "restart", "vxlan_lab", "pod_tunnels"];
 /// The ones `cargo xtask test` runs on the default VM kernel every time:
-/// `pod_tunnels` for its Geneve and GRE case, which the host run skips.
+/// `pod_tunnels` for its Geneve, GRE and IPIP case, which the host run skips.
 pub const CI_TESTS: &[&str] = &["load", "packets", "pod_tunnels"];
 /// The test `cargo xtask test` runs only in the VM (tests/tests/pod_tunnels.rs).
-pub const VM_ONLY_TEST: &str = "geneve_and_gre_in_pods_on_a_kernel_that_has_them";
+pub const VM_ONLY_TEST: &str = "tunnels_of_other_kinds_in_pods_on_a_kernel_that_has_them";
 
 /// The result line the guest prints per test binary.
 const RESULT_TAG: &str = "OVERLAY-VMTEST-RESULT";
