@@ -883,6 +883,7 @@ const LOAD_ATTEMPTS: usize = 5;
 /// handlers installed (tokio's, the tests' child processes exiting) is a
 /// matter of timing, not of the program. aya retries only to grow the
 /// verifier log.
+///
 /// [`Datapath::load`] also blocks signals while it loads, which keeps this
 /// from happening on its thread.
 fn retry_interrupted_load(mut load: impl FnMut() -> Result<(), ProgramError>) -> Result<(), ProgramError> {
