@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::generated::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::eth::EthHdr;
 use overlay_common::Counter;
 
 use crate::{
@@ -18,18 +18,8 @@ use crate::{
     fastpath::deliver_to_pod,
     maps::config,
     packet::{Packet as _, ptr_at},
-    parse::{ENCAP_LEN, ETH_P_IP, INNER_IP_OFF, IPPROTO_UDP, OUTER_IP_OFF, OUTER_UDP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
+    parse::{ENCAP_LEN, OUTER_UDP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
 };
-
-/// Whether the frame is IPv4 carrying UDP.
-#[inline(always)]
-fn carries_udp(ctx: &TcContext) -> bool {
-    let (Ok(eth), Ok(ip)) = (ptr_at::<EthHdr>(ctx, 0), ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF)) else {
-        return false;
-    };
-    // SAFETY: ptr_at checked the bounds.
-    unsafe { u16::from_be((*eth).ether_type) == ETH_P_IP && (*ip).proto == IPPROTO_UDP }
-}
 
 #[inline(always)]
 pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
@@ -62,15 +52,13 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK as i32);
     };
-    // Only UDP can be our tunnel, whose inner headers `classify_rx` reads.
-    // Anything else needs no more than its IPv4 and transport headers
-    // linear: pulling further would move payload into the head of every
-    // TCP packet (whose linear part ends with its header), a copy and often
-    // a new head (host-gw and DirectRouting pod traffic, and the node's own).
-    crate::linearize(ctx, OUTER_UDP_OFF);
-    if carries_udp(ctx) {
-        crate::linearize(ctx, INNER_IP_OFF + Ipv4Hdr::LEN);
-    }
+    // The IPv4 header of every packet; `classify_rx` makes a tunnel's
+    // inner headers linear once it knows the packet is UDP for this node.
+    // Pulling that far for every packet would move payload into the head
+    // of each TCP packet (whose linear part ends with its header): a copy
+    // and often a new head, for host-gw and DirectRouting pod traffic and
+    // the node's own.
+    ctx.make_linear(OUTER_UDP_OFF);
     if let Rx::NotOurs = classify_rx(ctx, cfg)? {
         // Behind XDP, this may be a packet XDP decapsulated (and checked).
         let xdp_in_front = cfg.xdp_decap != 0;

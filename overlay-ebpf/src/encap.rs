@@ -54,7 +54,7 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK as i32);
     };
-    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN);
+    ctx.make_linear(OUTER_IP_OFF + Ipv4Hdr::LEN);
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return Ok(TC_ACT_OK as i32);
     };
@@ -131,7 +131,7 @@ pub fn try_tc_segmented(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else {
         return Err(DropReason::SegmentNoRoute);
     };
-    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN);
+    ctx.make_linear(OUTER_IP_OFF + Ipv4Hdr::LEN);
     let eth = ptr_at::<EthHdr>(ctx, 0).map_err(|_| DropReason::SegmentNoRoute)?;
     // SAFETY (raw reads): ptr_at checked the bounds.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {

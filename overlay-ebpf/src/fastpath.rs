@@ -52,7 +52,7 @@ use crate::{
     csum,
     encap::{Encapsulated, encapsulate, to_segmentation},
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
-    packet::ptr_at,
+    packet::{Packet as _, ptr_at},
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
     proto::{ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, is_icmp_error},
 };
@@ -73,7 +73,7 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     if cfg.pod_bridge_ifindex == 0 {
         return pass;
     }
-    crate::linearize(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN + TcpHdr::LEN);
+    ctx.make_linear(OUTER_IP_OFF + Ipv4Hdr::LEN + TcpHdr::LEN);
     // SAFETY: reading a field of the context's own sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if ifindex == cfg.pod_bridge_ifindex {
@@ -131,13 +131,13 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     }
 
     decrement_ttl(ip);
-    if route.mode == ROUTE_MODE_VXLAN && encapsulate(ctx, cfg, &route, inner_len, ip.tos)? == Encapsulated::NeedsSegmenting {
+    let encapsulated = if route.mode == ROUTE_MODE_VXLAN { Some(encapsulate(ctx, cfg, &route, inner_len, ip.tos)?) } else { None };
+    count(Counter::FastpathOut, u64::from(inner_len));
+    if encapsulated == Some(Encapsulated::NeedsSegmenting) {
         // A pod tunnel's GSO packet: cut first, then each segment is
         // encapsulated and sent toward the same next hop.
-        count(Counter::FastpathOut, u64::from(inner_len));
         return to_segmentation(cfg);
     }
-    count(Counter::FastpathOut, u64::from(inner_len));
     redirect_to_underlay(cfg, &route)
 }
 
@@ -180,7 +180,7 @@ pub fn try_tc_pod_delivered(ctx: &TcContext) -> Result<i32, DropReason> {
     if cfg.pod_bridge_ifindex == 0 {
         return pass;
     }
-    crate::linearize(ctx, L4_OFF + 4);
+    ctx.make_linear(L4_OFF + 4);
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return pass };
     // SAFETY (raw reads): ptr_at checked the bounds.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
@@ -345,7 +345,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Opti
     if pkt_type != PACKET_HOST {
         return None;
     }
-    crate::linearize(ctx, L4_OFF + 4);
+    ctx.make_linear(L4_OFF + 4);
     let eth = ptr_at::<EthHdr>(ctx, 0).ok()?;
     // SAFETY (raw reads and writes below): ptr_at checked the bounds.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {

@@ -86,16 +86,6 @@ pub fn overlay_tc_pod_delivered(ctx: TcContext) -> i32 {
     })
 }
 
-/// Makes the first `len` bytes directly accessible when the skb holds them
-/// in fragments, so `ptr_at` can see the headers.
-#[inline(always)]
-fn linearize(ctx: &TcContext, len: usize) {
-    if ctx.data() + len > ctx.data_end() && ctx.len() as usize >= len {
-        // Failure leaves the skb as it was; ptr_at then reports it short.
-        let _ = ctx.pull_data(len as u32);
-    }
-}
-
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -16,6 +16,12 @@ pub trait Packet {
     /// Whether this is a GSO super-packet, whose IPv4 and UDP lengths are
     /// rewritten per segment (and truncated to 16 bits above 64 KiB).
     fn is_gso(&self) -> bool;
+    /// Makes the first `len` bytes linear where they are not (an skb may
+    /// hold them in fragments), so [`ptr_at`] can reach them; packet
+    /// pointers taken before must be taken again. Only as far as the
+    /// headers a program reads: pulling payload into the head costs a copy
+    /// and often a new head.
+    fn make_linear(&self, len: usize);
 }
 
 impl Packet for TcContext {
@@ -36,6 +42,13 @@ impl Packet for TcContext {
         // SAFETY: reading a field of the context's own sk_buff.
         unsafe { (*self.skb.skb).gso_size != 0 }
     }
+    #[inline(always)]
+    fn make_linear(&self, len: usize) {
+        if self.data() + len > self.data_end() && TcContext::len(self) as usize >= len {
+            // Failure leaves the skb as it was; ptr_at then reports it short.
+            let _ = self.pull_data(len as u32);
+        }
+    }
 }
 
 impl Packet for XdpContext {
@@ -55,6 +68,9 @@ impl Packet for XdpContext {
     fn is_gso(&self) -> bool {
         false
     }
+    /// An XDP frame's first buffer is linear.
+    #[inline(always)]
+    fn make_linear(&self, _len: usize) {}
 }
 
 /// A pointer to a `T` at `offset`, or [`DropReason::Truncated`] when the packet is

@@ -54,10 +54,18 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else {
         return Ok(Rx::NotOurs);
     };
-    let ip = unsafe { &*ip };
-    if ip.proto != IPPROTO_UDP || ip.dst_addr != cfg.node_ip {
+    // SAFETY: ptr_at checked the bounds.
+    if unsafe { (*ip).proto != IPPROTO_UDP || (*ip).dst_addr != cfg.node_ip } {
         return Ok(Rx::NotOurs);
     }
+    // UDP for this node, perhaps our tunnel: everything below reads as far
+    // as the inner IPv4 header (the UDP header behind the longest options
+    // too), and the pull invalidates `ip`.
+    ctx.make_linear(INNER_IP_OFF + Ipv4Hdr::LEN);
+    let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else {
+        return Ok(Rx::NotOurs);
+    };
+    let ip = unsafe { &*ip };
     let ihl = usize::from(ip.vihl & 0x0f);
     if ihl != 5 {
         // Options move the UDP header; look at it only to decide whether

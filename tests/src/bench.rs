@@ -194,6 +194,9 @@ pub struct Meta {
     /// The CPU every tool was pinned to, if any.
     #[serde(default)]
     pub pinned_cpu: Option<usize>,
+    /// The TCP tests' fixed socket buffers (iperf3 `-w`), if not autotuned.
+    #[serde(default)]
+    pub tcp_window: Option<String>,
 }
 
 impl Report {
@@ -253,6 +256,8 @@ pub struct Config {
     pub interrupted: &'static AtomicBool,
     /// The command line, for the report.
     pub command: String,
+    /// Fixed TCP socket buffers (iperf3 `-w`) instead of autotuning.
+    pub tcp_window: Option<String>,
 }
 
 /// Builds the labs, measures, tears down.
@@ -268,6 +273,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
     meta.pod_mtu = POD_MTU;
     meta.tool_nice = TOOL_NICE.to_owned();
     meta.pinned_cpu = config.cpu;
+    meta.tcp_window = config.tcp_window.clone();
 
     let labs = start_labs(config)?;
     let subjects = subjects(config, &labs);

@@ -124,7 +124,15 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
     let (cpu, wall) = match test {
         Test::Tcp1 | Test::Tcp4 => {
             let streams = if test == Test::Tcp1 { "1" } else { "4" };
-            let (json, cpu, wall) = iperf3(ends, &["-P", streams], seconds)?;
+            let client_before = IpCounters::read(&ends.client)?;
+            let server_before = IpCounters::read(&ends.server)?;
+            let mut args = vec!["-P", streams];
+            if let Some(window) = &config.tcp_window {
+                args.extend(["-w", window.as_str()]);
+            }
+            let (json, cpu, wall) = iperf3(ends, &args, seconds)?;
+            let sent = IpCounters::read(&ends.client)?.since(client_before);
+            let got = IpCounters::read(&ends.server)?.since(server_before);
             let received = &json["end"]["sum_received"];
             let bits = received["bytes"].as_f64().ok_or("iperf3: no end.sum_received.bytes")? * 8.0;
             let gbps = received["bits_per_second"].as_f64().ok_or("iperf3: no end.sum_received.bits_per_second")? / 1e9;
@@ -134,6 +142,11 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
                 values.insert(Metric::CpuPerGbit.key().to_owned(), cpu.kernel() * 1e3 / (bits / 1e9));
             }
             extra.insert("retransmits".to_owned(), json["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0));
+            // How many bytes each trip through the path carried: the CPU
+            // per Gbit is mostly a cost per packet over this size.
+            extra.insert("sender_bytes_per_ip_packet".to_owned(), sent.out_octets / sent.out_requests.max(1.0));
+            extra.insert("receiver_bytes_per_ip_packet".to_owned(), got.in_octets / got.in_receives.max(1.0));
+            extra.insert("receiver_packets_back_per_mb".to_owned(), got.out_requests / (got.in_octets / 1e6).max(1e-6));
             (cpu, wall)
         }
         Test::Udp64 => {
@@ -172,6 +185,51 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
         cpu,
         wall,
     })
+}
+
+/// A network namespace's IPv4 counters (`/proc/net/snmp`, `/proc/net/netstat`).
+#[derive(Debug, Clone, Copy, Default)]
+struct IpCounters {
+    in_receives: f64,
+    in_octets: f64,
+    out_requests: f64,
+    out_octets: f64,
+}
+
+impl IpCounters {
+    fn read(ns: &str) -> Result<Self, String> {
+        let out = in_ns(ns, "cat")
+            .args(["/proc/net/snmp", "/proc/net/netstat"])
+            .output()
+            .map_err(|e| format!("reading {ns}'s IP counters: {e}"))?;
+        Self::parse(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| format!("{ns}'s /proc/net/snmp or netstat lacks the IP counters"))
+    }
+
+    /// The value of `field` in the `prefix:` table (a line of names, then
+    /// a line of values).
+    fn parse(text: &str) -> Option<Self> {
+        let field = |prefix: &str, name: &str| -> Option<f64> {
+            let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(prefix));
+            let (names, values) = (rows.next()?, rows.next()?);
+            let at = names.split_whitespace().position(|n| n == name)?;
+            values.split_whitespace().nth(at)?.parse().ok()
+        };
+        Some(Self {
+            in_receives: field("Ip:", "InReceives")?,
+            in_octets: field("IpExt:", "InOctets")?,
+            out_requests: field("Ip:", "OutRequests")?,
+            out_octets: field("IpExt:", "OutOctets")?,
+        })
+    }
+
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            in_receives: self.in_receives - earlier.in_receives,
+            in_octets: self.in_octets - earlier.in_octets,
+            out_requests: self.out_requests - earlier.out_requests,
+            out_octets: self.out_octets - earlier.out_octets,
+        }
+    }
 }
 
 /// `nsenter --net=/run/netns/<ns> <program>`.
@@ -353,6 +411,15 @@ sockperf: ---> percentile 99.000 =  122.110
 sockperf: ---> percentile 50.000 =   73.458
 sockperf: ---> <MIN> observation =   28.311
 ";
+
+    #[test]
+    fn ip_counters_are_read_by_name() {
+        let text = "Ip: Forwarding DefaultTTL InReceives OutRequests\nIp: 2 64 101560 92338\nIcmp: InMsgs\nIcmp: 3\n\
+                    TcpExt: SyncookiesSent\nTcpExt: 0\nIpExt: InNoRoutes InOctets OutOctets\nIpExt: 0 706276919 36245862\n";
+        let c = IpCounters::parse(text).unwrap();
+        assert_eq!((c.in_receives, c.out_requests, c.in_octets, c.out_octets), (101560.0, 92338.0, 706276919.0, 36245862.0));
+        assert!(IpCounters::parse("Ip: InReceives\nIp: 1\n").is_none());
+    }
 
     #[test]
     fn sockperf_summary_gives_median_p99_and_count() {

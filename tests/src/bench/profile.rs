@@ -171,6 +171,9 @@ fn recorded_iperf3(ends: &Endpoints, config: &Config, data: &Path) -> Result<ser
     let _server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
     let mut client = tool(&ends.client, "iperf3", ends.cpu);
     client.args(["-c", &ip, "-t", &config.seconds.to_string(), "-J", "--connect-timeout", "3000", "-P", "1"]);
+    if let Some(window) = &config.tcp_window {
+        client.args(["-w", window]);
+    }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let mut cmd = match config.cpu.and_then(|c| (0..cpus).find(|&o| o != c)) {
         Some(other) => {
@@ -257,9 +260,10 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
     let _ = writeln!(s, "# Profiles: 1-stream TCP, `perf record -e cpu-clock -g`\n");
     let _ = writeln!(
         s,
-        "Written by `cargo xtask bench --profile`. Each profile is one {} s iperf3 run (client and server pinned to CPU {}), sampled every {} µs of CPU time on that CPU. Load average {load_before} before, {load_after} after. Shares are of the samples of the packets' path (processes iperf3 and ksoftirqd); CPU-ms per Gbit turns samples into the bench's unit with the Gbit received during the profile (a figure from a profiled run: compare, do not quote). Flame graphs: `<underlay>-<variant>.svg`; folded stacks: `<underlay>-<variant>.folded`.\n",
+        "Written by `cargo xtask bench --profile`. Each profile is one {} s iperf3 run (client and server pinned to CPU {}{}), sampled every {} µs of CPU time on that CPU. Load average {load_before} before, {load_after} after. Shares are of the samples of the packets' path (processes iperf3 and ksoftirqd); CPU-ms per Gbit turns samples into the bench's unit with the Gbit received during the profile (a figure from a profiled run: compare, do not quote). Flame graphs: `<underlay>-<variant>.svg`; folded stacks: `<underlay>-<variant>.folded`.\n",
         config.seconds,
         config.cpu.map_or("all".to_owned(), |c| c.to_string()),
+        config.tcp_window.as_ref().map_or_else(String::new, |w| format!("; socket buffers fixed at {w}, iperf3 `-w`")),
         PERIOD_NS / 1000
     );
     for underlay in Underlay::ALL {

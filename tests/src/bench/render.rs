@@ -64,9 +64,12 @@ pub fn render_markdown(report: &Report) -> String {
     };
     let _ = writeln!(
         s,
-        "- **Method:** {} round(s) of {} s per test. Each round runs every test once per variant{}, the order rotated by one each round, so drift in the machine's load falls on all variants alike. Figures are medians over rounds, with the min–max spread; ratios are paired by round, within one underlay. {pinning}\n",
+        "- **Method:** {} round(s) of {} s per test{}. Each round runs every test once per variant{}, the order rotated by one each round, so drift in the machine's load falls on all variants alike. Figures are medians over rounds, with the min–max spread; ratios are paired by round, within one underlay. {pinning}\n",
         report.rounds(),
         m.seconds,
+        m.tcp_window.as_ref().map_or_else(String::new, |w| format!(
+            ", **TCP socket buffers fixed at {w}** on both ends (iperf3 `-w`; a design comparison, not the run of record: by default the kernel autotunes them)"
+        )),
         if report.underlays().len() > 1 {
             " and underlay: both underlays' labs are up for the whole run and share one interleaved schedule (not one after the other)"
         } else {
@@ -117,6 +120,8 @@ fn render_underlay_markdown(s: &mut String, report: &Report, underlay: Underlay)
         None => "—".to_owned(),
     });
 
+    packet_sizes(s, report);
+
     if report.has(BASELINE) {
         let _ = writeln!(
             s,
@@ -139,6 +144,36 @@ fn render_underlay_markdown(s: &mut String, report: &Report, underlay: Underlay)
         }
     }
     let _ = writeln!(s);
+}
+
+/// The 1-stream TCP test's packets as the two pods' IP layers counted them
+/// (a figure from reports that have it): how many bytes one trip through
+/// the path carried each way, which the CPU per Gbit divides among.
+fn packet_sizes(s: &mut String, report: &Report) {
+    const ROWS: [(&str, &str); 3] = [
+        ("sender_bytes_per_ip_packet", "bytes per IP packet the sender's TCP sent"),
+        ("receiver_bytes_per_ip_packet", "bytes per IP packet the receiver's IP took in (after any GRO)"),
+        ("receiver_packets_back_per_mb", "packets the receiver sent back (ACKs) per MB received"),
+    ];
+    let any = report.variants.iter().any(|v| report.extra_stat(&v.key, "tcp1", ROWS[0].0).is_some());
+    if !any {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "\n**The packets of the 1-stream TCP test**, from the pods' own IPv4 counters (`/proc/net/snmp`, `/proc/net/netstat`): each packet pays the path once, so a path that hands the receiving pod wire-sized segments instead of merged ones pays it per segment. Median over rounds.\n"
+    );
+    let header: Vec<&str> = report.variants.iter().map(|v| v.label.as_str()).collect();
+    let _ = writeln!(s, "| | {} |", header.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(header.len()));
+    for (key, label) in ROWS {
+        let cells: Vec<String> = report
+            .variants
+            .iter()
+            .map(|v| report.extra_stat(&v.key, "tcp1", key).map_or_else(|| "—".to_owned(), |st| format!("{:.0}", st.median)))
+            .collect();
+        let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
+    }
 }
 
 /// A table of a row per metric (named by `row`, with an arrow for which

@@ -41,7 +41,22 @@ impl Report {
     }
 
     pub fn stat(&self, variant: &str, metric: Metric) -> Option<Stat> {
-        let mut values: Vec<f64> = self.samples(variant, metric).into_values().collect();
+        Self::stat_of(self.samples(variant, metric).into_values().collect())
+    }
+
+    /// The median, min and max over rounds of a side figure of `test`
+    /// (a key of [`super::Record::extra`]), where its records have it.
+    pub fn extra_stat(&self, variant: &str, test: &str, key: &str) -> Option<Stat> {
+        Self::stat_of(
+            self.records
+                .iter()
+                .filter(|r| r.variant == variant && r.test == test)
+                .filter_map(|r| r.extra.get(key).copied())
+                .collect(),
+        )
+    }
+
+    fn stat_of(mut values: Vec<f64>) -> Option<Stat> {
         if values.is_empty() {
             return None;
         }

@@ -58,6 +58,15 @@ struct Args {
     /// Seconds per test.
     #[arg(long)]
     seconds: Option<u32>,
+    /// For design comparisons: the TCP tests' socket buffers, fixed on
+    /// both ends (iperf3 `-w`, e.g. `256K`), instead of the kernel's
+    /// autotuning. With autotuning, megabytes wait in the receiver's queue
+    /// between the sender's copy and the receiver's (both on the one
+    /// measuring CPU), so both copies miss the CPU's caches by an amount
+    /// that varies from run to run; a window that fits the cache leaves the
+    /// path's own cost to decide. Not for the run of record.
+    #[arg(long, value_name = "SIZE")]
+    tcp_window: Option<String>,
     /// Comma-separated variants (default raw, kernel-host-gw, kernel-vxlan,
     /// vxlan, host-gw); for design comparisons also vxlan-tc,
     /// vxlan-xdp-generic, host-gw-xdp, vxlan-bpf-forward,
@@ -151,6 +160,11 @@ fn run(args: Args) -> Result<(), String> {
     if !variants.contains(&BASELINE) {
         eprintln!("bench: note: without {} in --variants the report has no ratios to it", BASELINE.key());
     }
+    if let Some(window) = &args.tcp_window
+        && !tcp_window_valid(window)
+    {
+        return Err(format!("--tcp-window {window}: not a size like 131072, 256K or 1M"));
+    }
     let repeats = args.repeats.unwrap_or(if args.quick { 1 } else { 5 });
     let seconds = args.seconds.unwrap_or(if args.quick { 1 } else { 4 });
     if repeats == 0 || seconds == 0 {
@@ -179,6 +193,7 @@ fn run(args: Args) -> Result<(), String> {
         cpu,
         interrupted: &INTERRUPTED,
         command: command_line(),
+        tcp_window: args.tcp_window.clone(),
     };
     if args.profile {
         eprintln!(
@@ -202,7 +217,8 @@ fn run(args: Args) -> Result<(), String> {
     println!("{}", bench::render_markdown(&report));
     println!("bench: wrote results.md, results.json and results.svg to {}", out.display());
     // The README quotes the project's reference run only.
-    let reference_run = args.out.is_none() && !args.quick && given.is_none() && args.underlay == UnderlayArg::Both;
+    let reference_run =
+        args.out.is_none() && !args.quick && given.is_none() && args.underlay == UnderlayArg::Both && args.tcp_window.is_none();
     let readme = args.readme.clone().or_else(|| reference_run.then(|| args.root.join("README.md")));
     if let Some(readme) = &readme {
         bench::update_readme(readme, &bench::summary_line(&report))?;
@@ -213,6 +229,13 @@ fn run(args: Args) -> Result<(), String> {
         return Err(format!("the run is incomplete:\n  {}", problems.join("\n  ")));
     }
     Ok(())
+}
+
+/// Whether `window` is a size iperf3's `-w` takes: digits, then K, M or G
+/// at most.
+fn tcp_window_valid(window: &str) -> bool {
+    let digits = window.trim_end_matches(['K', 'M', 'G', 'k', 'm', 'g']);
+    window.len() - digits.len() <= 1 && !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && digits != "0"
 }
 
 /// The command line for the report, without the paths xtask adds.
@@ -227,4 +250,19 @@ fn command_line() -> String {
         }
     }
     words.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tcp_window_valid;
+
+    #[test]
+    fn tcp_window_takes_iperf3_sizes_only() {
+        for ok in ["131072", "256K", "1M", "2g"] {
+            assert!(tcp_window_valid(ok), "{ok}");
+        }
+        for bad in ["", "K", "0", "256KK", "-1", "1.5M", "256 K", "256KB"] {
+            assert!(!tcp_window_valid(bad), "{bad}");
+        }
+    }
 }
