@@ -362,16 +362,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn ratios_are_paired_by_round() {
-        let info = |v: Variant| VariantInfo {
-            underlay: "wire".to_owned(),
+    fn variant_info(underlay: &str, v: Variant) -> VariantInfo {
+        VariantInfo {
+            underlay: underlay.to_owned(),
             key: v.key().to_owned(),
             label: v.label().to_owned(),
             description: String::new(),
             hook: None,
             counters: BTreeMap::new(),
-        };
+        }
+    }
+
+    #[test]
+    fn ratios_are_paired_by_round() {
+        let info = |v: Variant| variant_info("wire", v);
         let report = Report {
             meta: Meta::default(),
             variants: vec![info(Variant::KernelVxlan), info(Variant::Vxlan)],
@@ -397,15 +401,41 @@ mod tests {
     }
 
     #[test]
-    fn each_underlay_has_its_own_figures_ratios_and_sections() {
-        let info = |u: &str, v: Variant| VariantInfo {
-            underlay: u.to_owned(),
-            key: v.key().to_owned(),
-            label: v.label().to_owned(),
-            description: String::new(),
-            hook: None,
-            counters: BTreeMap::new(),
+    fn packet_sizes_show_as_medians_only_where_recorded() {
+        let info = |v: Variant| variant_info("wire", v);
+        let sized = |round, variant, received: f64| {
+            let mut r = record(round, variant, 1.0);
+            r.extra = BTreeMap::from([
+                ("sender_bytes_per_ip_packet".to_owned(), 60000.0),
+                ("receiver_bytes_per_ip_packet".to_owned(), received),
+                ("receiver_packets_back_per_mb".to_owned(), 8.0),
+            ]);
+            r
         };
+        let mut report = Report {
+            meta: Meta::default(),
+            variants: vec![info(Variant::KernelVxlan), info(Variant::Vxlan)],
+            records: vec![record(0, Variant::KernelVxlan, 1.0), record(0, Variant::Vxlan, 1.0)],
+            background: Vec::new(),
+        };
+        assert!(!render_markdown(&report).contains("The packets of the 1-stream TCP test"));
+        report.records = vec![
+            sized(0, Variant::KernelVxlan, 57000.0),
+            sized(0, Variant::Vxlan, 1448.0),
+            sized(1, Variant::Vxlan, 1450.0),
+            sized(2, Variant::Vxlan, 9000.0),
+        ];
+        let markdown = render_markdown(&report);
+        assert!(
+            markdown.contains("| bytes per IP packet the receiver's IP took in (after any GRO) | 57000 | 1450 |"),
+            "{markdown}"
+        );
+        assert!(markdown.contains("| packets the receiver sent back (ACKs) per MB received | 8 | 8 |"), "{markdown}");
+    }
+
+    #[test]
+    fn each_underlay_has_its_own_figures_ratios_and_sections() {
+        let info = variant_info;
         let on = |u: &str, mut r: Record| {
             r.underlay = u.to_owned();
             r
