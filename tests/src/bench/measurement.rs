@@ -188,7 +188,7 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
 }
 
 /// A network namespace's IPv4 counters (`/proc/net/snmp`, `/proc/net/netstat`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct IpCounters {
     in_receives: f64,
     in_octets: f64,
@@ -205,8 +205,9 @@ impl IpCounters {
         Self::parse(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| format!("{ns}'s /proc/net/snmp or netstat lacks the IP counters"))
     }
 
-    /// The value of `field` in the `prefix:` table (a line of names, then
-    /// a line of values).
+    /// The counters in the text of both files, where each table is a line
+    /// of names and then a line of values, both led by the table's name
+    /// (`Ip:`, `IpExt:`).
     fn parse(text: &str) -> Option<Self> {
         let field = |prefix: &str, name: &str| -> Option<f64> {
             let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(prefix));
