@@ -365,7 +365,7 @@ impl Rtnl {
         self.read_replies(|kind, body| match kind {
             NLMSG_DONE => ControlFlow::Break(Ok(())),
             NLMSG_ERROR if body.len() >= 4 => {
-                let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
+                let errno = error_code(body);
                 // A kernel without nexthop objects has none.
                 ControlFlow::Break(if errno == libc::EOPNOTSUPP || errno == libc::EINVAL || errno == libc::EAFNOSUPPORT {
                     Ok(())
@@ -403,7 +403,7 @@ impl Rtnl {
         self.read_replies(|kind, body| {
             ControlFlow::Break(match kind {
                 NLMSG_ERROR if body.len() >= 4 => {
-                    let errno = i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs();
+                    let errno = error_code(body);
                     if errno == 0 {
                         Ok((Answer::Done, None))
                     } else {
@@ -444,6 +444,12 @@ impl Rtnl {
             }
         }
     }
+}
+
+/// The errno of an `NLMSG_ERROR` body (at least 4 bytes; 0 is an
+/// acknowledgement), as a positive number.
+fn error_code(body: &[u8]) -> i32 {
+    i32::from_ne_bytes(body[0..4].try_into().expect("4 bytes")).abs()
 }
 
 /// The text of an extended acknowledgement: after the (capped) request

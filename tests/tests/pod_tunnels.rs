@@ -60,7 +60,8 @@ fn pods_own_tunnels_carry_bulk_tcp(kinds: &[&str]) {
                     "vxlan" => &["link", "add", "pt0", "type", "vxlan", "id", "42", "remote", &remote, "dstport", "4789", "dev", "eth0"],
                     "geneve" => &["link", "add", "pt0", "type", "geneve", "id", "42", "remote", &remote],
                     "gre" => &["link", "add", "pt0", "type", "gre", "remote", &remote, "ttl", "64"],
-                    _ => &["link", "add", "pt0", "type", "ipip", "remote", &remote, "ttl", "64"],
+                    "ipip" => &["link", "add", "pt0", "type", "ipip", "remote", &remote, "ttl", "64"],
+                    other => panic!("no pod tunnel of kind {other}"),
                 };
                 for args in [add, &["addr", "add", &format!("{me}/24"), "dev", "pt0"], &["link", "set", "pt0", "up"]] {
                     let out = pod.ns.ip(args);
