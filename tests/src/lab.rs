@@ -133,21 +133,37 @@ pub enum Underlay {
     /// default features, so 64 KB GSO frames pass from node to node whole,
     /// and no GRO is forced on.
     Container,
+    /// A VM's NICs: each node's `eth0` is a virtio-net NIC of the VM the lab
+    /// runs in (native XDP, GRO at the driver), joined to the other node's
+    /// by QEMU's hub: MTU-sized frames and no offloads. Only inside the VM
+    /// `cargo xtask bench --underlay nic` boots, which gives it NIC pairs
+    /// with [`NIC_MAC_PREFIX`]; two nodes per lab, one pair each.
+    Nic,
 }
 
+/// The first four bytes of the MAC of every NIC `cargo xtask bench
+/// --underlay nic` gives its VM; then the pair's number and the end (1 or
+/// 2). A lab with the NIC underlay takes only NICs with this prefix.
+pub const NIC_MAC_PREFIX: [u8; 4] = [0x52, 0x54, 0x00, 0x0f];
+
 impl Underlay {
+    /// The underlays a lab builds from veths on any machine (`--underlay
+    /// both`); [`Underlay::Nic`] needs the bench's VM.
     pub const ALL: [Self; 2] = [Self::Wire, Self::Container];
+    /// Every underlay a report may hold.
+    pub const KINDS: [Self; 3] = [Self::Wire, Self::Container, Self::Nic];
 
     /// The name on the command line and in results.json.
     pub fn key(self) -> &'static str {
         match self {
             Self::Wire => "wire",
             Self::Container => "container",
+            Self::Nic => "nic",
         }
     }
 
     pub fn from_key(key: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|u| u.key() == key)
+        Self::KINDS.into_iter().find(|u| u.key() == key)
     }
 
     /// A short label for headings.
@@ -155,6 +171,7 @@ impl Underlay {
         match self {
             Self::Wire => "wire-like underlay",
             Self::Container => "container-style underlay",
+            Self::Nic => "VM NIC underlay",
         }
     }
 
@@ -163,6 +180,7 @@ impl Underlay {
         match self {
             Self::Wire => "wire-like, as between VMs or NICs: TSO/GSO off on the underlay bridge ports, so frames between nodes are MTU-sized; a packet queue (`pfifo`, 1000) on them, as a switch buffers; GRO on at the nodes' `eth0`, as on NICs",
             Self::Container => "container-style, as kind, k3d and Docker-based nodes have: plain veths on the underlay bridge with their default features (64 KB GSO frames pass from node to node whole, `noqueue`), GRO left at veth's default (off)",
+            Self::Nic => "a VM's NICs, as between VMs: each node's `eth0` is a virtio-net NIC (native XDP, GRO on, as the driver has it) of a QEMU VM (Debian's 6.1 kernel, emulated: TCG), joined to the other node's by QEMU's hub, which passes MTU-sized frames and offers no offloads (no checksum offload, no TSO: the sender's TCP sends MTU-sized segments)",
         }
     }
 }
@@ -319,9 +337,11 @@ impl Lab {
         } else {
             (None, (1..=spec.nodes).map(|i| format!("10.244.{i}.0/24")).collect())
         };
+        let nics = if spec.underlay == Underlay::Nic { Some(claim_nic_pair(&spec)?) } else { None };
         let mut nodes = Vec::new();
         for (i, pod_cidr) in (1..=spec.nodes).zip(pod_cidrs) {
-            nodes.push(Self::make_node(&spec, &underlay, i, &pins, pod_cidr)?);
+            let nic = nics.as_ref().map(|pair| pair[i - 1].as_str());
+            nodes.push(Self::make_node(&spec, &underlay, i, nic, &pins, pod_cidr)?);
         }
         let etcd = match spec.etcd_members {
             0 => None,
@@ -458,7 +478,9 @@ impl Lab {
         Ipv4Addr::new(192, 168, SUBNETS[usize::from(second_half)].0, 10 + i as u8)
     }
 
-    fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, pins: &PinDir, pod_cidr: String) -> Result<LabNode, String> {
+    /// Node `i`: its namespace, `eth0` on the underlay (a veth into the
+    /// underlay's bridge, or `nic`, moved in), `cni0` and its pods.
+    fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, nic: Option<&str>, pins: &PinDir, pod_cidr: String) -> Result<LabNode, String> {
         let ns = NetNs::with_name(format!("{}-n{i}", spec.prefix));
         let second_half = spec.topology == Topology::Routed && i > spec.nodes.div_ceil(2);
         let (octet, bridge) = SUBNETS[usize::from(second_half)];
@@ -469,11 +491,19 @@ impl Lab {
             .and_then(|a| a.parse().ok())
             .ok_or_else(|| format!("node{i}'s pod CIDR {pod_cidr} is not a /24"))?;
         let in_cidr = |host: u32| Ipv4Addr::from(base.to_bits() + host);
-        let port = format!("n{i}");
-        let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
-        let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
-        if spec.underlay == Underlay::Wire {
-            wire_like(underlay, &port);
+        if let Some(nic) = nic {
+            // Back in the VM's own namespace when the node's is deleted.
+            let moved = run("ip", &["link", "set", nic, "netns", ns.name(), "name", "eth0"]);
+            if !moved.status.success() {
+                return Err(format!("moving NIC {nic} into {}: {}", ns.name(), String::from_utf8_lossy(&moved.stderr).trim()));
+            }
+        } else {
+            let port = format!("n{i}");
+            let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
+            let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
+            if spec.underlay == Underlay::Wire {
+                wire_like(underlay, &port);
+            }
         }
         let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
@@ -1234,6 +1264,39 @@ impl Capture {
         unsafe { libc::kill(self.0.0.id() as i32, libc::SIGINT) };
         let _ = self.0.0.wait();
     }
+}
+
+/// Two NICs of one of the VM's pairs ([`NIC_MAC_PREFIX`]) still in this
+/// namespace, end 1 first: the [`Underlay::Nic`] lab's two nodes. A lab
+/// takes a pair nobody took (its NICs return here when its nodes'
+/// namespaces go, possibly renamed, so they are found by MAC).
+fn claim_nic_pair(spec: &LabSpec) -> Result<[String; 2], String> {
+    if spec.nodes != 2 || spec.topology != Topology::Flat || spec.outside || spec.kubernetes || spec.etcd_members > 0 {
+        return Err("the nic underlay joins two nodes by one NIC pair: 2 nodes, flat topology, no outside, control plane or etcd (those live on the underlay's bridge, which the NICs are not on)".to_owned());
+    }
+    let mut ends: Vec<(u8, u8, String)> = Vec::new();
+    for entry in fs::read_dir("/sys/class/net").map_err(|e| format!("listing /sys/class/net: {e}"))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Ok(address) = fs::read_to_string(entry.path().join("address")) else { continue };
+        let bytes: Vec<u8> = address.trim().split(':').filter_map(|b| u8::from_str_radix(b, 16).ok()).collect();
+        if bytes.len() == 6 && bytes[..4] == NIC_MAC_PREFIX {
+            ends.push((bytes[4], bytes[5], name));
+        }
+    }
+    ends.sort();
+    for (pair, end, name) in &ends {
+        if *end != 1 {
+            continue;
+        }
+        if let Some((_, _, other)) = ends.iter().find(|(p, e, _)| p == pair && *e == 2) {
+            return Ok([name.clone(), other.clone()]);
+        }
+    }
+    Err(format!(
+        "the nic underlay needs a free pair of NICs with MACs {}:<pair>:01 and :02, which only the VM of `cargo xtask bench --underlay nic` has ({} such NICs here)",
+        NIC_MAC_PREFIX.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
+        ends.len()
+    ))
 }
 
 /// Makes an underlay port behave like a switch port on a wire.

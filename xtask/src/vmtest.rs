@@ -126,6 +126,28 @@ struct RunOptions<'a> {
     timeout: Duration,
 }
 
+/// The VM's hardware beyond the root filesystem.
+struct VmShape {
+    cpus: u32,
+    /// Pairs of virtio-net NICs, each pair joined by a QEMU hub of its own
+    /// (the bench's NIC underlay); MACs `52:54:00:0f:<pair>:01` and `:02`.
+    nic_pairs: u32,
+    /// A host directory the guest may write, mounted at the same path (the
+    /// root is the host's, read-only, under a tmpfs that dies with the VM).
+    writable: Option<PathBuf>,
+}
+
+/// The test VMs: 2 vCPUs, no NICs.
+const TEST_VM: VmShape = VmShape { cpus: 2, nic_pairs: 0, writable: None };
+
+/// A command the guest runs from a directory: a test binary, or the bench.
+struct GuestJob {
+    /// For the result line (a test file's name, `bench`).
+    name: String,
+    dir: PathBuf,
+    argv: Vec<String>,
+}
+
 /// `cargo xtask test`'s share: [`CI_TESTS`] on the default kernel, bounded
 /// by `CI_TIMEOUT`.
 pub fn ci() -> anyhow::Result<()> {
@@ -136,12 +158,50 @@ pub fn ci() -> anyhow::Result<()> {
     result
 }
 
+/// NIC pairs the bench's VM gets: one per lab, and a run builds one lab per
+/// distinct setup of its variants (5 for the defaults).
+pub const BENCH_NIC_PAIRS: u32 = 8;
+
+/// `cargo xtask bench --underlay nic`: `argv` (the bench's command line) in
+/// a VM of the default kernel with [`BENCH_NIC_PAIRS`] NIC pairs and one
+/// vCPU (the bench pins every tool to one CPU; the host's other CPU runs
+/// QEMU's hub and device emulation), writing into `out`.
+pub fn bench(argv: Vec<String>, out: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let kernel = VmKernel::find(&setup::default_vm_kernel()?)?;
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let interrupted = interrupted.clone();
+        // Ctrl-C reaches QEMU too; the guards reap it and virtiofsd.
+        let _ = ctrlc::set_handler(move || interrupted.store(true, Ordering::SeqCst));
+    }
+    let job = GuestJob { name: "bench".to_owned(), dir: crate::workspace_root(), argv };
+    let shape = VmShape { cpus: 1, nic_pairs: BENCH_NIC_PAIRS, writable: Some(out.to_owned()) };
+    let results = run_in_vm(&kernel, &[job], &shape, timeout, &interrupted)?;
+    match results.first().map(|r| r.status) {
+        Some(0) => Ok(()),
+        Some(status) => bail!("the bench failed in the VM (exit {status}); its output is above"),
+        None => bail!("the bench in the VM reported nothing"),
+    }
+}
+
 /// How long `cargo xtask test` gives the VM (boot, load.rs, packets.rs,
 /// pod_tunnels.rs).
 const CI_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 
 fn run(kernels: &[PathBuf], tests: &[&str], options: &RunOptions) -> anyhow::Result<()> {
     let binaries = build_test_binaries(tests)?;
+    let jobs: Vec<GuestJob> = binaries
+        .into_iter()
+        .map(|binary| GuestJob {
+            name: binary.name,
+            dir: binary.dir,
+            argv: [binary.path.display().to_string(), "--include-ignored".to_owned(), format!("--test-threads={}", options.test_threads)]
+                .into_iter()
+                .chain(options.filters.iter().cloned())
+                .collect(),
+        })
+        .collect();
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let interrupted = interrupted.clone();
@@ -153,7 +213,7 @@ fn run(kernels: &[PathBuf], tests: &[&str], options: &RunOptions) -> anyhow::Res
     for kernel in kernels {
         let vm_kernel = VmKernel::find(kernel)?;
         let started = Instant::now();
-        let outcome = run_in_vm(&vm_kernel, &binaries, options, &interrupted);
+        let outcome = run_in_vm(&vm_kernel, &jobs, &TEST_VM, options.timeout, &interrupted);
         let took = started.elapsed().as_secs();
         match outcome {
             Ok(results) => {
@@ -376,25 +436,24 @@ umount /dev
 exec switch_root /newroot /bin/bash "$stage2"
 "#;
 
-/// Boots `kernel`, runs every binary, and returns each binary's exit status.
-fn run_in_vm(kernel: &VmKernel, binaries: &[TestBinary], options: &RunOptions, interrupted: &AtomicBool) -> anyhow::Result<Vec<BinaryResult>> {
-    let timeout = options.timeout;
-    let initramfs = kernel.initramfs()?;
-    let run_dir = RunDir::create(&kernel.version)?;
-    let stage2 = run_dir.path.join("stage2.sh");
-    fs::write(&stage2, stage2_script(kernel, binaries, options)).context("writing the guest's script")?;
-    let socket = run_dir.path.join("virtiofsd.sock");
-    let virtiofsd = ChildGuard::spawn(
-        Command::new(setup::virtiofsd_binary())
-            .arg(format!("--socket-path={}", socket.display()))
-            .args(["--shared-dir=/", "--readonly", "--sandbox=none", "--cache=auto", "--log-level=error"])
-            // The host's mounts (/proc, /sys, /dev...) as plain directories:
-            // announced as submounts they become automount points, which
-            // overlayfs refuses (EREMOTE) as a lower layer.
-            .args(["--no-announce-submounts"])
-            .stdin(Stdio::null()),
-        "virtiofsd",
-    )?;
+/// Serves `dir` to the guest over virtiofs (read-only or not) on a socket
+/// in `run_dir`, and waits until the socket is there.
+fn spawn_virtiofsd(run_dir: &RunDir, name: &str, dir: &Path, readonly: bool) -> anyhow::Result<(ChildGuard, PathBuf)> {
+    let socket = run_dir.path.join(format!("{name}.sock"));
+    let mut command = Command::new(setup::virtiofsd_binary());
+    command
+        .arg(format!("--socket-path={}", socket.display()))
+        .arg(format!("--shared-dir={}", dir.display()))
+        .args(["--sandbox=none", "--cache=auto", "--log-level=error"])
+        // The host's mounts (/proc, /sys, /dev...) as plain directories:
+        // announced as submounts they become automount points, which
+        // overlayfs refuses (EREMOTE) as a lower layer.
+        .args(["--no-announce-submounts"])
+        .stdin(Stdio::null());
+    if readonly {
+        command.arg("--readonly");
+    }
+    let virtiofsd = ChildGuard::spawn(&mut command, "virtiofsd")?;
     let waited = Instant::now();
     while !socket.exists() {
         if waited.elapsed() > Duration::from_secs(10) {
@@ -402,14 +461,41 @@ fn run_in_vm(kernel: &VmKernel, binaries: &[TestBinary], options: &RunOptions, i
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    Ok((virtiofsd, socket))
+}
+
+/// The virtiofs tag of [`VmShape::writable`].
+const WRITABLE_TAG: &str = "writable";
+
+/// Boots `kernel`, runs every job, and returns each job's exit status.
+fn run_in_vm(kernel: &VmKernel, jobs: &[GuestJob], shape: &VmShape, timeout: Duration, interrupted: &AtomicBool) -> anyhow::Result<Vec<BinaryResult>> {
+    let initramfs = kernel.initramfs()?;
+    let run_dir = RunDir::create(&kernel.version)?;
+    let stage2 = run_dir.path.join("stage2.sh");
+    fs::write(&stage2, stage2_script(kernel, jobs, shape)).context("writing the guest's script")?;
+    let (virtiofsd, socket) = spawn_virtiofsd(&run_dir, "virtiofsd", Path::new("/"), true)?;
+    let writable = match &shape.writable {
+        Some(dir) => Some(spawn_virtiofsd(&run_dir, "writable", dir, false)?),
+        None => None,
+    };
     let memory = "3G";
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(accel_args())
-        .args(["-smp", "2", "-m", memory, "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
+        .args(["-smp", &shape.cpus.to_string(), "-m", memory, "-nodefaults", "-no-reboot", "-display", "none", "-serial", "stdio"])
         .args(["-object", &format!("memory-backend-memfd,id=mem,size={memory},share=on"), "-numa", "node,memdev=mem"])
         .args(["-chardev", &format!("socket,id=vfs,path={}", socket.display())])
-        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
-        .arg("-kernel")
+        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"]);
+    if let Some((_, socket)) = &writable {
+        qemu.args(["-chardev", &format!("socket,id=wfs,path={}", socket.display())])
+            .args(["-device", &format!("vhost-user-fs-pci,chardev=wfs,tag={WRITABLE_TAG}")]);
+    }
+    for pair in 1..=shape.nic_pairs {
+        for end in 1..=2 {
+            qemu.args(["-netdev", &format!("hubport,id=nic{pair}x{end},hubid={pair}")])
+                .args(["-device", &format!("virtio-net-pci,netdev=nic{pair}x{end},mac=52:54:00:0f:{pair:02x}:{end:02x}")]);
+        }
+    }
+    qemu.arg("-kernel")
         .arg(&kernel.vmlinuz)
         .arg("-initrd")
         .arg(&initramfs)
@@ -458,11 +544,12 @@ fn run_in_vm(kernel: &VmKernel, binaries: &[TestBinary], options: &RunOptions, i
     }
     let status = vm.wait()?;
     drop(virtiofsd);
+    drop(writable);
     if !done {
-        bail!("the guest stopped before running every test (QEMU {status}); its console is above");
+        bail!("the guest stopped before running every job (QEMU {status}); its console is above");
     }
-    if results.len() != binaries.len() {
-        bail!("{} results for {} test binaries", results.len(), binaries.len());
+    if results.len() != jobs.len() {
+        bail!("{} results for {} jobs", results.len(), jobs.len());
     }
     Ok(results)
 }
@@ -501,7 +588,7 @@ fn shell_quote(s: &str) -> String {
 }
 
 /// The guest's script after it switched into the host's root.
-fn stage2_script(kernel: &VmKernel, binaries: &[TestBinary], options: &RunOptions) -> String {
+fn stage2_script(kernel: &VmKernel, jobs: &[GuestJob], shape: &VmShape) -> String {
     let mut script = String::from("set -u\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root CI=1 RUST_BACKTRACE=1\n");
     // Waits for agents to come up stretch by this much (tests/src/lib.rs).
     script.push_str(&format!("export OVERLAY_TEST_TIME_SCALE={}\n", if kvm_works() { 2 } else { 10 }));
@@ -518,20 +605,25 @@ fn stage2_script(kernel: &VmKernel, binaries: &[TestBinary], options: &RunOption
         shell_quote(&kernel.modules.display().to_string()),
         kernel.version
     ));
+    let nic_driver: &[&str] = if shape.nic_pairs > 0 { &["virtio_net"] } else { &[] };
     script.push_str(&format!(
         "for m in {}; do modprobe $m || echo \"vmtest: modprobe $m failed\"; done\n",
-        NETWORK_MODULES.join(" ")
+        NETWORK_MODULES.iter().chain(nic_driver).copied().collect::<Vec<_>>().join(" ")
     ));
-    script.push_str("ip link set lo up\necho \"vmtest: $(uname -r) up after $(cut -d' ' -f1 /proc/uptime) s\"\n");
-    let filters: Vec<String> = options.filters.iter().map(|f| shell_quote(f)).collect();
-    for binary in binaries {
+    if let Some(dir) = &shape.writable {
+        let dir = shell_quote(&dir.display().to_string());
         script.push_str(&format!(
-            "echo \"vmtest: running {name}\"\nstart=$(cut -d' ' -f1 /proc/uptime)\n(cd {dir} && {path} --include-ignored --test-threads={threads} {filters})\nstatus=$?\ntook=$(awk -v s=$start '{{print $1 - s}}' /proc/uptime)\necho \"vmtest: {name} took $took s\"\necho \"{RESULT_TAG} test={name} status=$status seconds=$took\"\n",
-            name = binary.name,
-            dir = shell_quote(&binary.dir.display().to_string()),
-            path = shell_quote(&binary.path.display().to_string()),
-            threads = options.test_threads,
-            filters = filters.join(" "),
+            "mkdir -p {dir} && mount -t virtiofs {WRITABLE_TAG} {dir} || echo \"vmtest: cannot mount {dir} writable\"\n"
+        ));
+    }
+    script.push_str("ip link set lo up\necho \"vmtest: $(uname -r) up after $(cut -d' ' -f1 /proc/uptime) s\"\n");
+    for job in jobs {
+        let argv: Vec<String> = job.argv.iter().map(|a| shell_quote(a)).collect();
+        script.push_str(&format!(
+            "echo \"vmtest: running {name}\"\nstart=$(cut -d' ' -f1 /proc/uptime)\n(cd {dir} && {argv})\nstatus=$?\ntook=$(awk -v s=$start '{{print $1 - s}}' /proc/uptime)\necho \"vmtest: {name} took $took s\"\necho \"{RESULT_TAG} test={name} status=$status seconds=$took\"\n",
+            name = job.name,
+            dir = shell_quote(&job.dir.display().to_string()),
+            argv = argv.join(" "),
         ));
     }
     script.push_str(&format!("echo {DONE_TAG}\nsync\necho o > /proc/sysrq-trigger\nsleep 60\n"));

@@ -266,7 +266,7 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
         config.tcp_window.as_ref().map_or_else(String::new, |w| format!("; socket buffers fixed at {w}, iperf3 `-w`")),
         PERIOD_NS / 1000
     );
-    for underlay in Underlay::ALL {
+    for underlay in Underlay::KINDS {
         let of: Vec<&Profile> = profiles.iter().filter(|p| p.underlay == underlay.key()).collect();
         if of.is_empty() {
             continue;

@@ -25,6 +25,7 @@ enum UnderlayArg {
     Wire,
     Container,
     Both,
+    Nic,
 }
 
 impl UnderlayArg {
@@ -33,6 +34,7 @@ impl UnderlayArg {
             Self::Wire => vec![Underlay::Wire],
             Self::Container => vec![Underlay::Container],
             Self::Both => Underlay::ALL.to_vec(),
+            Self::Nic => vec![Underlay::Nic],
         }
     }
 }
@@ -78,7 +80,10 @@ struct Args {
     /// The underlay(s): wire (MTU-sized frames between nodes, GRO at the
     /// nodes, as VMs and NICs have), container (plain veths passing 64 KB
     /// GSO frames, as kind, k3d and Docker-based nodes have), or both, in
-    /// one interleaved schedule.
+    /// one interleaved schedule; or nic, a VM's virtio-net NICs joined by
+    /// QEMU's hub (the wire-like underlay's real thing, with native XDP):
+    /// `cargo xtask bench --underlay nic` boots a QEMU VM with NIC pairs and
+    /// runs the bench in it, into docs/benchmarks/nic by default.
     #[arg(long, value_enum, default_value_t = UnderlayArg::Both)]
     underlay: UnderlayArg,
     /// The CPU every tool runs on (and whose time is accounted), or `all`
@@ -125,6 +130,8 @@ fn run(args: Args) -> Result<(), String> {
         args.root.join("docs/benchmarks/profiles")
     } else if args.quick {
         args.root.join("target/bench-quick")
+    } else if args.underlay == UnderlayArg::Nic {
+        args.root.join("docs/benchmarks/nic")
     } else {
         args.root.join("docs/benchmarks")
     };
