@@ -493,7 +493,10 @@ impl Lab {
         let in_cidr = |host: u32| Ipv4Addr::from(base.to_bits() + host);
         if let Some(nic) = nic {
             // Back in the VM's own namespace when the node's is deleted.
-            let moved = run("ip", &["link", "set", nic, "netns", ns.name(), "name", "eth0"]);
+            let moved = Command::new("ip")
+                .args(["link", "set", nic, "netns", ns.name(), "name", "eth0"])
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
             if !moved.status.success() {
                 return Err(format!("moving NIC {nic} into {}: {}", ns.name(), String::from_utf8_lossy(&moved.stderr).trim()));
             }

@@ -133,6 +133,59 @@ pub fn tc_program_ids(iface: &str, side: aya::programs::TcAttachType) -> Vec<u32
     ids
 }
 
+/// A network namespace's IPv4 counters (`/proc/net/snmp`, `/proc/net/netstat`).
+#[derive(Debug, Clone, Copy)]
+pub struct IpCounters {
+    /// `Ip: InReceives`: packets IP took in (after any GRO).
+    pub in_receives: f64,
+    /// `IpExt: InOctets`.
+    pub in_octets: f64,
+    /// `Ip: OutRequests`: packets IP was asked to send (before GSO).
+    pub out_requests: f64,
+    /// `IpExt: OutOctets`.
+    pub out_octets: f64,
+}
+
+impl IpCounters {
+    /// Reads the counters of the named namespace (`/run/netns/<ns>`).
+    pub fn read(ns: &str) -> Result<Self, String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["cat", "/proc/net/snmp", "/proc/net/netstat"])
+            .output()
+            .map_err(|e| format!("reading {ns}'s IP counters: {e}"))?;
+        Self::parse(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| format!("{ns}'s /proc/net/snmp or netstat lacks the IP counters"))
+    }
+
+    /// The counters in the text of both files, where each table is a line
+    /// of names and then a line of values, both led by the table's name
+    /// (`Ip:`, `IpExt:`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let field = |prefix: &str, name: &str| -> Option<f64> {
+            let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(prefix));
+            let (names, values) = (rows.next()?, rows.next()?);
+            let at = names.split_whitespace().position(|n| n == name)?;
+            values.split_whitespace().nth(at)?.parse().ok()
+        };
+        Some(Self {
+            in_receives: field("Ip:", "InReceives")?,
+            in_octets: field("IpExt:", "InOctets")?,
+            out_requests: field("Ip:", "OutRequests")?,
+            out_octets: field("IpExt:", "OutOctets")?,
+        })
+    }
+
+    /// What the counters grew by since `earlier`.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            in_receives: self.in_receives - earlier.in_receives,
+            in_octets: self.in_octets - earlier.in_octets,
+            out_requests: self.out_requests - earlier.out_requests,
+            out_octets: self.out_octets - earlier.out_octets,
+        }
+    }
+}
+
 /// Runs a command and returns its output, panicking with the command line
 /// and stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {

@@ -61,7 +61,7 @@ pub fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// How long the NIC underlay's VM may take: boot, labs through an emulated
-/// verifier, and the rounds (a default run took N min).
+/// verifier, and the rounds (a default run took 20 min on 2026-12-02).
 const NIC_BENCH_TIMEOUT: Duration = Duration::from_secs(150 * 60);
 
 /// With `--underlay nic` (and not `--render`, which measures nothing): the

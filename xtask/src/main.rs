@@ -160,8 +160,10 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if extra.is_empty() {
         // Needs kernel modules the CI host's kernel lacks; the VM stage
         // below runs it (tests/tests/pod_tunnels.rs says why).
-        args.extend(["--skip", vmtest::VM_ONLY_TEST]);
-        eprintln!("xtask: {} is left to the VM stage (it needs geneve, ip_gre and ipip)", vmtest::VM_ONLY_TEST);
+        for (test, why) in vmtest::VM_ONLY_TESTS {
+            args.extend(["--skip", test]);
+            eprintln!("xtask: {test} is left to the VM stage ({why})");
+        }
     }
     cargo(&args)?;
     // The eBPF crate is no default member (it builds for bpfel); its pure
@@ -174,7 +176,7 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if extra.is_empty() {
         vmtest::ci()
     } else {
-        eprintln!("xtask: test arguments given, so the VM stage (load, packets, pod_tunnels on Debian's 6.1) is skipped; `cargo xtask vmtest` runs it");
+        eprintln!("xtask: test arguments given, so the VM stage (load, packets, pod_tunnels, nic_underlay on Debian's 6.1) is skipped; `cargo xtask vmtest` runs it");
         Ok(())
     }
 }

@@ -37,13 +37,19 @@ use crate::setup;
 /// the verifier and attachments (`load`, whose restart test also runs
 /// `cleanup` on the clsact fallback), packets under BPF_PROG_TEST_RUN
 /// (`packets`), restarts and `cleanup` in a lab (`restart`), and the VXLAN
-/// lab (`vxlan_lab`), and pods' own tunnels (`pod_tunnels`).
-pub const DEFAULT_TESTS: &[&str] = &["load", "packets", "restart", "vxlan_lab", "pod_tunnels"];
+/// lab (`vxlan_lab`), pods' own tunnels (`pod_tunnels`), and decapsulation
+/// on a VM's NIC (`nic_underlay`).
+pub const DEFAULT_TESTS: &[&str] = &["load", "packets", "restart", "vxlan_lab", "pod_tunnels", "nic_underlay"];
 /// The ones `cargo xtask test` runs on the default VM kernel every time:
-/// `pod_tunnels` for its Geneve, GRE and IPIP case, which the host run skips.
-pub const CI_TESTS: &[&str] = &["load", "packets", "pod_tunnels"];
-/// The test `cargo xtask test` runs only in the VM (tests/tests/pod_tunnels.rs).
-pub const VM_ONLY_TEST: &str = "tunnels_of_other_kinds_in_pods_on_a_kernel_that_has_them";
+/// `pod_tunnels` for its Geneve, GRE and IPIP case and `nic_underlay`, which
+/// the host run skips.
+pub const CI_TESTS: &[&str] = &["load", "packets", "pod_tunnels", "nic_underlay"];
+/// The tests `cargo xtask test` runs only in the VM, and why the host run
+/// cannot (tests/tests/pod_tunnels.rs, tests/tests/nic_underlay.rs).
+pub const VM_ONLY_TESTS: &[(&str, &str)] = &[
+    ("tunnels_of_other_kinds_in_pods_on_a_kernel_that_has_them", "it needs geneve, ip_gre and ipip"),
+    ("default_flags_decapsulate_before_gro_on_a_vm_nic", "it needs a VM's NICs"),
+];
 
 /// The result line the guest prints per test binary.
 const RESULT_TAG: &str = "OVERLAY-VMTEST-RESULT";
@@ -137,8 +143,8 @@ struct VmShape {
     writable: Option<PathBuf>,
 }
 
-/// The test VMs: 2 vCPUs, no NICs.
-const TEST_VM: VmShape = VmShape { cpus: 2, nic_pairs: 0, writable: None };
+/// The test VMs: 2 vCPUs, one NIC pair (`nic_underlay`).
+const TEST_VM: VmShape = VmShape { cpus: 2, nic_pairs: 1, writable: None };
 
 /// A command the guest runs from a directory: a test binary, or the bench.
 struct GuestJob {

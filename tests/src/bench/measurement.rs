@@ -13,7 +13,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::{Config, Meta, Metric, Record, Variant, check_interrupted};
-use crate::lab::{ChildGuard, Underlay};
+use crate::{
+    IpCounters,
+    lab::{ChildGuard, Underlay},
+};
 
 /// One program run that yields one or more metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,52 +188,6 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
         cpu,
         wall,
     })
-}
-
-/// A network namespace's IPv4 counters (`/proc/net/snmp`, `/proc/net/netstat`).
-#[derive(Debug, Clone, Copy)]
-struct IpCounters {
-    in_receives: f64,
-    in_octets: f64,
-    out_requests: f64,
-    out_octets: f64,
-}
-
-impl IpCounters {
-    fn read(ns: &str) -> Result<Self, String> {
-        let out = in_ns(ns, "cat")
-            .args(["/proc/net/snmp", "/proc/net/netstat"])
-            .output()
-            .map_err(|e| format!("reading {ns}'s IP counters: {e}"))?;
-        Self::parse(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| format!("{ns}'s /proc/net/snmp or netstat lacks the IP counters"))
-    }
-
-    /// The counters in the text of both files, where each table is a line
-    /// of names and then a line of values, both led by the table's name
-    /// (`Ip:`, `IpExt:`).
-    fn parse(text: &str) -> Option<Self> {
-        let field = |prefix: &str, name: &str| -> Option<f64> {
-            let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(prefix));
-            let (names, values) = (rows.next()?, rows.next()?);
-            let at = names.split_whitespace().position(|n| n == name)?;
-            values.split_whitespace().nth(at)?.parse().ok()
-        };
-        Some(Self {
-            in_receives: field("Ip:", "InReceives")?,
-            in_octets: field("IpExt:", "InOctets")?,
-            out_requests: field("Ip:", "OutRequests")?,
-            out_octets: field("IpExt:", "OutOctets")?,
-        })
-    }
-
-    fn since(self, earlier: Self) -> Self {
-        Self {
-            in_receives: self.in_receives - earlier.in_receives,
-            in_octets: self.in_octets - earlier.in_octets,
-            out_requests: self.out_requests - earlier.out_requests,
-            out_octets: self.out_octets - earlier.out_octets,
-        }
-    }
 }
 
 /// `nsenter --net=/run/netns/<ns> <program>`.
