@@ -13,6 +13,10 @@
 //! bridge, as flannel's CNI plugin sets them up. Dropping a [`Lab`] stops
 //! the agents and removes namespaces, manifests and pins.
 //!
+//! With [`Underlay::Nic`], inside a VM xtask booted, each node's `eth0` is
+//! one of the VM's virtio-net NICs instead, joined to the other node's by a
+//! QEMU hub rather than `br0`.
+//!
 //! With [`LabSpec::kubernetes`], a real control plane
 //! ([`crate::control_plane`]) in the underlay namespace serves the Nodes
 //! instead, and the pod CIDRs (hence the pods' addresses) are the ones its
@@ -135,15 +139,16 @@ pub enum Underlay {
     Container,
     /// A VM's NICs: each node's `eth0` is a virtio-net NIC of the VM the lab
     /// runs in (native XDP, GRO at the driver), joined to the other node's
-    /// by QEMU's hub: MTU-sized frames and no offloads. Only inside the VM
-    /// `cargo xtask bench --underlay nic` boots, which gives it NIC pairs
-    /// with [`NIC_MAC_PREFIX`]; two nodes per lab, one pair each.
+    /// by QEMU's hub: MTU-sized frames and no offloads. Only inside a VM
+    /// xtask boots with NIC pairs ([`NIC_MAC_PREFIX`]): `cargo xtask bench
+    /// --underlay nic`'s, and the VM stage's (`nic_underlay.rs`); two nodes
+    /// per lab, one pair each.
     Nic,
 }
 
-/// The first four bytes of the MAC of every NIC `cargo xtask bench
-/// --underlay nic` gives its VM; then the pair's number and the end (1 or
-/// 2). A lab with the NIC underlay takes only NICs with this prefix.
+/// The first four bytes of the MAC of every NIC xtask gives its VMs
+/// (`xtask/src/vmtest.rs`); then the pair's number and the end (1 or 2). A
+/// lab with the NIC underlay takes only NICs with this prefix.
 pub const NIC_MAC_PREFIX: [u8; 4] = [0x52, 0x54, 0x00, 0x0f];
 
 impl Underlay {
@@ -1296,7 +1301,7 @@ fn claim_nic_pair(spec: &LabSpec) -> Result<[String; 2], String> {
         }
     }
     Err(format!(
-        "the nic underlay needs a free pair of NICs with MACs {}:<pair>:01 and :02, which only the VM of `cargo xtask bench --underlay nic` has ({} such NICs here)",
+        "the nic underlay needs a free pair of NICs with MACs {}:<pair>:01 and :02, which only the VMs xtask boots have (`cargo xtask bench --underlay nic`, `cargo xtask vmtest --test nic_underlay`; {} such NICs here)",
         NIC_MAC_PREFIX.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":"),
         ends.len()
     ))

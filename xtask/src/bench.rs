@@ -2,6 +2,8 @@
 //! run the benchmark (`overlay-tests`' `overlay-bench` binary) with the
 //! arguments given, untouched: the bench binary alone declares its flags
 //! (`cargo xtask bench --help` prints them), so the two cannot drift.
+//! `--underlay nic` is the one xtask reads: that underlay is a VM's NICs, so
+//! the bench runs inside a VM xtask boots (`vmtest::bench`).
 
 use std::{
     path::{Path, PathBuf},
@@ -16,7 +18,7 @@ use anyhow::{Context as _, bail};
 #[command(disable_help_flag = true)]
 pub struct BenchArgs {
     /// Arguments for overlay-bench: --quick, --repeats N, --seconds S,
-    /// --variants a,b, --underlay wire|container|both, --cpu N|all,
+    /// --variants a,b, --underlay wire|container|both|nic, --cpu N|all,
     /// --out DIR, --render results.json, --profile (see --help).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,

@@ -12,6 +12,11 @@
 //! `OVERLAY-VMTEST-RESULT` line per binary and powers off. Everything the
 //! guest prints arrives on the serial console, which is copied to stdout.
 //!
+//! The test VM also has a pair of virtio-net NICs joined by a QEMU hub
+//! (`nic_underlay.rs`). `cargo xtask bench --underlay nic` boots the same
+//! way with one vCPU, eight NIC pairs and one host directory shared
+//! writable (the bench's `--out`), and runs the bench instead of tests.
+//!
 //! KVM is used when it works (probed once per host kernel and cached); on
 //! these machines it does not (nested virtualisation), so QEMU emulates
 //! (TCG), which is slow: see `--timeout`.
@@ -165,7 +170,8 @@ pub fn ci() -> anyhow::Result<()> {
 }
 
 /// NIC pairs the bench's VM gets: one per lab, and a run builds one lab per
-/// distinct setup of its variants (5 for the defaults).
+/// distinct setup of its variants (4 for the defaults: `raw` runs between
+/// the nodes of kernel host-gw's lab).
 pub const BENCH_NIC_PAIRS: u32 = 8;
 
 /// `cargo xtask bench --underlay nic`: `argv` (the bench's command line) in
