@@ -315,6 +315,9 @@ impl Lab {
         if spec.real_flannel {
             spec.etcd_members = spec.etcd_members.max(1);
         }
+        // Before anything is created: a spec the NICs cannot carry, or no
+        // free pair, leaves nothing behind.
+        let nics = if spec.underlay == Underlay::Nic { Some(claim_nic_pair(&spec)?) } else { None };
         let work_dir = WorkDir(std::env::temp_dir().join(&spec.prefix));
         let nodes_dir = work_dir.0.join("nodes");
         fs::create_dir_all(&nodes_dir).map_err(|e| format!("creating {}: {e}", nodes_dir.display()))?;
@@ -342,7 +345,6 @@ impl Lab {
         } else {
             (None, (1..=spec.nodes).map(|i| format!("10.244.{i}.0/24")).collect())
         };
-        let nics = if spec.underlay == Underlay::Nic { Some(claim_nic_pair(&spec)?) } else { None };
         let mut nodes = Vec::new();
         for (i, pod_cidr) in (1..=spec.nodes).zip(pod_cidrs) {
             let nic = nics.as_ref().map(|pair| pair[i - 1].as_str());

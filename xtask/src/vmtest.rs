@@ -181,12 +181,7 @@ pub const BENCH_NIC_PAIRS: u32 = 8;
 pub fn bench(argv: Vec<String>, out: &Path, timeout: Duration) -> anyhow::Result<()> {
     let kernel = VmKernel::find(&setup::default_vm_kernel()?)?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let interrupted = interrupted.clone();
-        // Ctrl-C reaches QEMU too; the guards reap it and virtiofsd.
-        let _ = ctrlc::set_handler(move || interrupted.store(true, Ordering::SeqCst));
-    }
+    let interrupted = interrupt_flag();
     let job = GuestJob { name: "bench".to_owned(), dir: crate::workspace_root(), argv };
     let shape = VmShape { cpus: 1, nic_pairs: BENCH_NIC_PAIRS, writable: Some(out.to_owned()) };
     let results = run_in_vm(&kernel, &[job], &shape, timeout, &interrupted)?;
@@ -214,12 +209,7 @@ fn run(kernels: &[PathBuf], tests: &[&str], options: &RunOptions) -> anyhow::Res
                 .collect(),
         })
         .collect();
-    let interrupted = Arc::new(AtomicBool::new(false));
-    {
-        let interrupted = interrupted.clone();
-        // Ctrl-C reaches QEMU too; the guards below reap it and virtiofsd.
-        let _ = ctrlc::set_handler(move || interrupted.store(true, Ordering::SeqCst));
-    }
+    let interrupted = interrupt_flag();
     let mut failed = Vec::new();
     let mut summary = Vec::new();
     for kernel in kernels {
@@ -260,6 +250,15 @@ fn run(kernels: &[PathBuf], tests: &[&str], options: &RunOptions) -> anyhow::Res
         bail!("failed in the VM: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// Set by Ctrl-C, which reaches QEMU too: the guards reap it and
+/// virtiofsd, and the caller stops at its next check.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    interrupted
 }
 
 /// One test binary built on the host.
