@@ -131,16 +131,17 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 6;
+pub const MAP_LAYOUT_VERSION: u32 = 7;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v6/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
+/// <root>/v7/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
 /// <root>/links/<pod veth>/{pod_fastpath,pod_delivered}
 /// <root>/links/ovl-seg1/seg_encap   pod tunnels' segments encapsulated (VXLAN)
+/// <root>/links/ovl-gro1/gro_deliver   merged TCP delivered (VXLAN at TC, --forward bpf)
 /// ```
 ///
 /// Links are not versioned: a new agent swaps its programs into the pinned
@@ -166,10 +167,17 @@ pub enum LinkRole {
     /// TC ingress on the segmentation device's receiving end: the segments
     /// of pod tunnels' GSO packets encapsulated.
     SegEncap,
+    /// TC ingress on the GRO device's receiving end: merged TCP delivered
+    /// into pods, or returned to the underlay's ingress.
+    GroDeliver,
 }
 
 impl LinkRole {
-    pub const ALL: [Self; 6] = [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath, Self::PodDelivered, Self::SegEncap];
+    pub const ALL: [Self; 7] =
+        [Self::TcEgress, Self::DecapXdp, Self::DecapTc, Self::PodFastPath, Self::PodDelivered, Self::SegEncap, Self::GroDeliver];
+    /// The programs at the receiving ends of the agent's own device pairs
+    /// (see `device_pair`), kept or removed with their devices.
+    pub const DEVICE_PAIRS: [Self; 2] = [Self::SegEncap, Self::GroDeliver];
 
     /// The pin's file name.
     pub const fn file_name(self) -> &'static str {
@@ -180,6 +188,7 @@ impl LinkRole {
             Self::PodFastPath => "pod_fastpath",
             Self::PodDelivered => "pod_delivered",
             Self::SegEncap => "seg_encap",
+            Self::GroDeliver => "gro_deliver",
         }
     }
 }
@@ -288,6 +297,13 @@ const LAYOUTS: &[(u32, &str)] = &[(
     "CONFIG type=2 key=4 value=60 max=1; COUNTERS type=6 key=4 value=16 max=20; \
      KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
      POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
+), (
+    // v7: Config gained gro_ifindex (64 bytes); two counters
+    // (gro_in, gro_returned) and a drop reason (gro_unconfigured).
+    7,
+    "CONFIG type=2 key=4 value=64 max=1; COUNTERS type=6 key=4 value=16 max=23; \
+     KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
+     POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
 )];
 
 #[cfg(test)]
@@ -343,7 +359,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v6/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v7/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")
@@ -354,13 +370,13 @@ mod tests {
     fn stale_map_dirs_are_other_versions_only() {
         let dir = std::env::temp_dir().join(format!("overlay-layout-{}", std::process::id()));
         let current = format!("v{MAP_LAYOUT_VERSION}");
-        for sub in ["v0", "v2", current.as_str(), "v7", "links", "vx"] {
+        for sub in ["v0", "v2", current.as_str(), "v9", "links", "vx"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let layout = PinLayout::new(&dir);
         let mut stale = layout.stale_map_dirs();
         stale.sort();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(stale, vec![dir.join("v0"), dir.join("v2"), dir.join("v7")]);
+        assert_eq!(stale, vec![dir.join("v0"), dir.join("v2"), dir.join("v9")]);
     }
 }

@@ -37,6 +37,7 @@ pub const fn priority(role: LinkRole) -> u16 {
         LinkRole::PodFastPath => 20312,
         LinkRole::PodDelivered => 20314,
         LinkRole::SegEncap => 20315,
+        LinkRole::GroDeliver => 20316,
         // XDP is never a clsact filter; kept distinct all the same.
         LinkRole::DecapXdp => 20313,
     }

@@ -344,9 +344,9 @@ impl Datapath {
             .map(|role| self.layout.link(iface, role))
             .collect();
         for other in self.layout.linked_interfaces().into_iter().filter(|i| i != iface) {
-            // The segmentation device's program is the agent's to keep or
-            // remove with the device (see `seg_device`).
-            if self.layout.link(&other, LinkRole::SegEncap).exists() {
+            // The device pairs' programs are the agent's to keep or remove
+            // with the devices (see `device_pair`).
+            if LinkRole::DEVICE_PAIRS.iter().any(|role| self.layout.link(&other, *role).exists()) {
                 continue;
             }
             // The fast path's attachments (the bridge and its ports) are
@@ -377,8 +377,8 @@ impl Datapath {
             for other in interfaces {
                 let keep: Vec<LinkRole> = if other == iface {
                     keep_here.clone()
-                } else if self.layout.link(&other, LinkRole::SegEncap).exists() {
-                    vec![LinkRole::SegEncap]
+                } else if let Some(role) = LinkRole::DEVICE_PAIRS.into_iter().find(|role| self.layout.link(&other, *role).exists()) {
+                    vec![role]
                 } else if fast_path && self.layout.link(&other, LinkRole::PodFastPath).exists() {
                     // The bridge has the fast path's filter; a pod's veth
                     // also the one recording what the kernel delivers to
@@ -450,22 +450,22 @@ impl Datapath {
         })
     }
 
-    /// Attaches the encapsulation of segments (TC ingress) to `iface`, the
-    /// segmentation device's receiving end, and pins the link, or swaps the
+    /// Attaches `role`'s program (TC ingress) to `iface`, the receiving end
+    /// of one of the agent's device pairs, and pins the link, or swaps the
     /// program into the pinned link.
-    pub fn attach_seg_encap(&mut self, iface: &str) -> Result<LinkOutcome, DatapathError> {
+    pub fn attach_device_pair(&mut self, iface: &str, role: LinkRole) -> Result<LinkOutcome, DatapathError> {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
         if needs_clsact() {
             let _ = tc::qdisc_add_clsact(iface);
         }
-        self.attach_role(iface, LinkRole::SegEncap, DecapHook::TcIngress)
+        self.attach_role(iface, role, DecapHook::TcIngress)
     }
 
-    /// Removes the encapsulation of segments from `iface` (its pin, and
-    /// before TCX its filter).
-    pub fn detach_seg_encap(&mut self, iface: &str) -> Result<(), DatapathError> {
+    /// Removes a device pair's program from `iface`, its receiving end (its
+    /// pin, and before TCX its filter).
+    pub fn detach_device_pair(&mut self, iface: &str) -> Result<(), DatapathError> {
         delete_clsact_filters(iface, &[])?;
         remove_link_dir(&self.layout.links_dir().join(iface)).map(drop)
     }
@@ -503,7 +503,15 @@ impl Datapath {
         }
         let attach_err = |source| attach_error(name, iface, source);
         let link: Result<FdLink, _> = match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered | LinkRole::SegEncap => {
+            LinkRole::DecapXdp => {
+                let DecapHook::Xdp(mode) = hook else { unreachable!("XDP role only for the XDP hook") };
+                let program = self.xdp(name)?;
+                let id = program.attach(iface, mode).map_err(attach_err)?;
+                let link = program.take_link(id).map_err(attach_err)?;
+                FdLink::try_from(link).map_err(|_| ())
+            }
+            // Every other role is a TC program.
+            _ => {
                 let attach_type = if matches!(role, LinkRole::TcEgress | LinkRole::PodDelivered) {
                     TcAttachType::Egress
                 } else {
@@ -511,13 +519,6 @@ impl Datapath {
                 };
                 let program = self.classifier(name)?;
                 let id = program.attach(iface, attach_type).map_err(attach_err)?;
-                let link = program.take_link(id).map_err(attach_err)?;
-                FdLink::try_from(link).map_err(|_| ())
-            }
-            LinkRole::DecapXdp => {
-                let DecapHook::Xdp(mode) = hook else { unreachable!("XDP role only for the XDP hook") };
-                let program = self.xdp(name)?;
-                let id = program.attach(iface, mode).map_err(attach_err)?;
                 let link = program.take_link(id).map_err(attach_err)?;
                 FdLink::try_from(link).map_err(|_| ())
             }
@@ -655,15 +656,16 @@ impl Datapath {
         let link_err = |source| DatapathError::PinnedLink { path: pin.to_owned(), source };
         let link: FdLink = PinnedLink::from_pin(pin).map_err(link_err)?.into();
         match role {
-            LinkRole::TcEgress | LinkRole::DecapTc | LinkRole::PodFastPath | LinkRole::PodDelivered | LinkRole::SegEncap => {
-                let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
-                let program = self.classifier(name)?;
-                let id = program.attach_to_link(link).map_err(swap_err)?;
-                drop(program.take_link(id).map_err(swap_err)?);
-            }
             LinkRole::DecapXdp => {
                 let link = XdpLink::try_from(link).map_err(link_err)?;
                 let program = self.xdp(name)?;
+                let id = program.attach_to_link(link).map_err(swap_err)?;
+                drop(program.take_link(id).map_err(swap_err)?);
+            }
+            // Every other role is a TC program.
+            _ => {
+                let link = SchedClassifierLink::try_from(link).map_err(link_err)?;
+                let program = self.classifier(name)?;
                 let id = program.attach_to_link(link).map_err(swap_err)?;
                 drop(program.take_link(id).map_err(swap_err)?);
             }
@@ -828,7 +830,7 @@ fn delete_clsact_filters(iface: &str, keep: &[LinkRole]) -> Result<(), DatapathE
         .map_err(|source| DatapathError::Clsact { iface: iface.to_owned(), source })
 }
 
-const fn role_program(role: LinkRole) -> &'static str {
+pub(crate) const fn role_program(role: LinkRole) -> &'static str {
     match role {
         LinkRole::TcEgress => program_names::TC_EGRESS,
         LinkRole::DecapXdp => program_names::XDP_INGRESS,
@@ -836,6 +838,7 @@ const fn role_program(role: LinkRole) -> &'static str {
         LinkRole::PodFastPath => program_names::TC_POD,
         LinkRole::PodDelivered => program_names::TC_POD_DELIVERED,
         LinkRole::SegEncap => program_names::TC_SEGMENTED,
+        LinkRole::GroDeliver => program_names::TC_GRO,
     }
 }
 

@@ -73,6 +73,9 @@ pub struct LocalSettings {
     /// The segmentation device's sending end (see
     /// [`overlay_common::Config::seg_ifindex`]), else 0.
     pub seg_ifindex: u32,
+    /// The GRO device's sending end (see
+    /// [`overlay_common::Config::gro_ifindex`]), else 0.
+    pub gro_ifindex: u32,
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
     /// The cluster's pod network (net-conf.json `Network`), when known:
@@ -260,6 +263,7 @@ fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), N
         underlay_mtu: local.underlay_mtu,
         xdp_decap: u16::from(local.xdp_decap),
         seg_ifindex: local.seg_ifindex,
+        gro_ifindex: local.gro_ifindex,
         ..Config::default()
     };
     Ok((config, inner_mtu))

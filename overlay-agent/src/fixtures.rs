@@ -38,6 +38,7 @@ pub(crate) fn local() -> LocalSettings {
         pod_bridge_mac: [0; 6],
         xdp_decap: false,
         seg_ifindex: 0,
+        gro_ifindex: 0,
         public_ip: None,
         network: None,
     }

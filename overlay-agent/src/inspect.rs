@@ -40,8 +40,17 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
             0 => println!("  pods' own tunnels: single packets only (no segmentation device: their GSO packets are dropped as helper_error)"),
             index => println!(
                 "  pods' own tunnels: GSO packets segmented on the segmentation device ({}, ifindex {index}), then encapsulated",
-                overlay_agent::seg_device::DEVICE_NAMES.join(" -> ")
+                overlay_agent::seg_device::SEGMENTATION.device_names().join(" -> ")
             ),
+        }
+        if config.pod_bridge_ifindex != 0 {
+            match config.gro_ifindex {
+                0 => println!("  fast path, in: every packet straight into its pod (bpf_redirect_peer)"),
+                index => println!(
+                    "  fast path, in: TCP decapsulated at TC merged on the GRO device ({}, ifindex {index}), then into its pod once per merged packet; the rest straight into its pod",
+                    overlay_agent::gro_device::GRO.device_names().join(" -> ")
+                ),
+            }
         }
     }
 
@@ -131,6 +140,7 @@ fn print_attachments(layout: &PinLayout) {
                 LinkRole::PodFastPath => "fast path at TC ingress",
                 LinkRole::PodDelivered => "kernel-delivered sockets recorded at TC egress",
                 LinkRole::SegEncap => "pod tunnels' segments encapsulated at TC ingress",
+                LinkRole::GroDeliver => "merged TCP delivered into pods at TC ingress",
             })
             .collect();
         println!("  {iface:<16} {}", roles.join("; "));

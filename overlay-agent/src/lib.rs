@@ -51,10 +51,12 @@ pub mod cli;
 pub mod clsact;
 pub mod datapath;
 pub mod desired;
+pub mod device_pair;
 pub mod etcd_source;
 #[cfg(test)]
 mod fixtures;
 pub mod foreign_vxlan;
+pub mod gro_device;
 pub mod hook;
 pub mod iface;
 pub mod kernel_events;

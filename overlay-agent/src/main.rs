@@ -94,15 +94,18 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
         println!("left what the agent did not create: {}", left.join(", "));
     }
-    // The segmentation device, when this root's programs used it.
-    if interfaces.iter().any(|i| i == overlay_agent::seg_device::RECEIVE_END) {
-        use overlay_agent::seg_device::{self, SegDeviceError};
-        match seg_device::remove(None) {
-            Ok(true) => println!("removed the segmentation device {}", seg_device::DEVICE_NAMES.join(", ")),
+    // The device pairs, when this root's programs used them.
+    for pair in [&overlay_agent::seg_device::SEGMENTATION, &overlay_agent::gro_device::GRO] {
+        use overlay_agent::device_pair::DevicePairError;
+        if !interfaces.iter().any(|i| i == pair.receive_end) {
+            continue;
+        }
+        match pair.remove(None) {
+            Ok(true) => println!("removed the {} {}", pair.what, pair.device_names().join(", ")),
             Ok(false) => {}
             // Someone else's device under that name: never ours to remove.
-            Err(err @ SegDeviceError::NotOurs { .. }) => println!("left {}: {err}", seg_device::SEND_END),
-            Err(err) => return Err(err).context("removing the segmentation device"),
+            Err(err @ DevicePairError::NotOurs { .. }) => println!("left {}: {err}", pair.send_end),
+            Err(err) => return Err(err).with_context(|| format!("removing the {}", pair.what)),
         }
     }
     let rules = overlay_agent::netfilter::remove().context("removing the masquerade and FORWARD rules")?;

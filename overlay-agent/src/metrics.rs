@@ -147,7 +147,10 @@ const FASTPATH_PACKETS: DatapathFamily = DatapathFamily {
     label: "direction",
     help: "Packets the fast path (--forward bpf) forwarded past the kernel's forward path: out (a local pod's veth \
            straight to the underlay; also counted as encap when it encapsulated them, or by the underlay's egress as \
-           direct) and in (the underlay's ingress straight into a local pod; also counted there as decap or pass)",
+           direct), in (the underlay's ingress, or merged the agent's GRO device, straight into a local pod; also \
+           counted at the underlay as decap or pass), gro_in (lone TCP segments decapsulated at TC and sent to the \
+           GRO device to be merged) and gro_returned (merged packets the fast path leaves to the kernel, returned to \
+           the underlay's ingress; also counted there as pass)",
 };
 const FASTPATH_BYTES: DatapathFamily = DatapathFamily {
     name: "datapath_fastpath_bytes",
@@ -178,6 +181,7 @@ pub fn families_of(counter: Counter) -> (DatapathFamily, Option<DatapathFamily>,
         Counter::Encap | Counter::Direct | Counter::Decap | Counter::Pass => (PACKETS, Some(BYTES), counter.name()),
         Counter::FastpathOut => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), "out"),
         Counter::FastpathIn => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), "in"),
+        Counter::GroIn | Counter::GroReturned => (FASTPATH_PACKETS, Some(FASTPATH_BYTES), counter.name()),
         Counter::IcmpFragNeeded | Counter::MismatchedPort | Counter::Segmented => (EVENTS, None, counter.name()),
     }
 }

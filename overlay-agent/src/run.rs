@@ -36,7 +36,7 @@ use overlay_agent::{
         sources::{EtcdNodes, KubeSource, LeasePublisher, LogPublisher, ManifestSource},
     },
     report::{Chain, WithCauses as _},
-    seg_device, server,
+    gro_device, seg_device, server,
 };
 use overlay_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -363,6 +363,8 @@ impl NodeHost {
         // Written to CONFIG by the next reconcile.
         settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
         settings.seg_ifindex = seg_device::settle(&mut self.datapath, settings.backend);
+        let gro_wanted = gro_device::wanted(fast_path, hook == DecapHook::TcIngress, settings.backend == Backend::Vxlan);
+        settings.gro_ifindex = gro_device::settle(&mut self.datapath, gro_wanted);
         Ok(())
     }
 
@@ -570,6 +572,7 @@ fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(L
         xdp_decap: !(args.decap == Decap::Tc || (args.decap == Decap::Auto && backend == Backend::HostGw)),
         // Until attach sets up the segmentation device.
         seg_ifindex: 0,
+        gro_ifindex: 0,
         public_ip: args.public_ip,
         network: netconf.as_ref().map(|c| c.network),
     };

@@ -65,8 +65,13 @@ pub mod program_names {
     /// encapsulates the segments of a pod tunnel's GSO packets.
     pub const TC_SEGMENTED: &str = "overlay_tc_segmented";
 
+    /// TC ingress on the GRO device's receiving end (`ovl-gro1`): delivers
+    /// the TCP segments GRO merged there into the pods, or returns them to
+    /// the kernel's path at the underlay's ingress.
+    pub const TC_GRO: &str = "overlay_tc_gro";
+
     /// Every program, in load order.
-    pub const ALL: [&str; 6] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD, TC_POD_DELIVERED, TC_SEGMENTED];
+    pub const ALL: [&str; 7] = [TC_EGRESS, XDP_INGRESS, TC_INGRESS, TC_POD, TC_POD_DELIVERED, TC_SEGMENTED, TC_GRO];
 }
 
 /// Outer Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8): what encapsulation
@@ -78,6 +83,15 @@ pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub const IANA_VXLAN_PORT: u16 = 4789;
 /// flannel's default VNI.
 pub const DEFAULT_VNI: u32 = 1;
+/// The `skb->mark` with which `overlay_tc_gro` returns a merged packet it
+/// cannot deliver to the underlay's ingress: there `overlay_tc_ingress`
+/// passes it to the kernel's path unchecked (it was checked, as the
+/// segments it merges, before it was decapsulated) and clears the mark
+/// before anything else sees it. A packet from the wire or from a pod
+/// arrives with mark 0 (crossing namespaces clears it); only a program in
+/// the node's own namespace could set it. Bits 0x4000 and 0x8000, which
+/// kube-proxy uses, are clear.
+pub const GRO_RETURN_MARK: u32 = 0x6f76_0001;
 
 /// [`Route::mode`]: reach the CIDR through a VXLAN tunnel to the node.
 pub const ROUTE_MODE_VXLAN: u8 = 1;
@@ -201,6 +215,13 @@ pub struct Config {
     /// `bpf_skb_adjust_room` will not encapsulate again, are redirected
     /// there so the kernel segments them before they are encapsulated.
     pub seg_ifindex: u32,
+    /// Index of the GRO device's sending end (`ovl-gro0`), or 0 without
+    /// it. Non-zero: a lone TCP segment the underlay's TC ingress
+    /// decapsulated for a local pod is redirected there, the receiving
+    /// end's NAPI merges the segments (GRO), and `overlay_tc_gro` decides
+    /// once per merged packet what the fast path decides per packet
+    /// otherwise.
+    pub gro_ifindex: u32,
 }
 
 /// Declares a `#[repr(u8)]` enum whose variants number the slots of the
@@ -282,6 +303,9 @@ slot_enum! {
         /// destination (the route went away while the kernel segmented
         /// it), or something other than the datapath sent there.
         SegmentNoRoute = "segment_no_route",
+        /// Came out of the agent's GRO device (`ovl-gro1`) while the
+        /// datapath had no configuration to deliver or return it with.
+        GroUnconfigured = "gro_unconfigured",
     }
 }
 
@@ -307,7 +331,9 @@ slot_enum! {
         /// as `direct`).
         FastpathOut = "fastpath_out",
         /// Fast path, in: from the underlay's ingress straight into a local
-        /// pod (also counted there as `decap` or `pass`).
+        /// pod (also counted there as `decap` or `pass`), or from the GRO
+        /// device, merged, into a local pod (its segments counted as
+        /// `gro_in`).
         FastpathIn = "fastpath_in",
         /// ICMP fragmentation-needed replies sent for too-big DF packets.
         IcmpFragNeeded = "icmp_frag_needed",
@@ -319,6 +345,16 @@ slot_enum! {
         /// kernel on the agent's segmentation device, then encapsulated
         /// (also counted as `encap`) and sent to the underlay.
         Segmented = "segmented",
+        /// Fast path, in: a lone TCP segment decapsulated at the
+        /// underlay's TC ingress (also counted there as `decap`), sent to
+        /// the agent's GRO device to be merged with the segments that
+        /// follow it.
+        GroIn = "gro_in",
+        /// Fast path, in: a packet merged on the GRO device that the fast
+        /// path does not deliver (the kernel's to carry: see
+        /// `fastpath_in`), returned to the underlay's ingress and passed
+        /// to the kernel's path there (also counted as `pass`).
+        GroReturned = "gro_returned",
     }
 }
 
@@ -427,7 +463,7 @@ mod tests {
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<PodPort>(), 4);
         assert_eq!(size_of::<SocketKey>(), 8);
-        assert_eq!(size_of::<Config>(), 60);
+        assert_eq!(size_of::<Config>(), 64);
         assert_eq!(size_of::<Tally>(), 16);
     }
 

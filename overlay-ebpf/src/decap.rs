@@ -10,12 +10,12 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::eth::EthHdr;
-use overlay_common::Counter;
+use overlay_common::{Counter, GRO_RETURN_MARK};
 
 use crate::{
     DropReason,
     counters::count,
-    fastpath::deliver_to_pod,
+    fastpath::{Arrival, deliver_to_pod, to_gro_device},
     maps::config,
     packet::{Packet as _, ptr_at},
     parse::{ENCAP_LEN, OUTER_UDP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
@@ -52,6 +52,14 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK as i32);
     };
+    // A merged packet the GRO device returned (see `fastpath::try_tc_gro`):
+    // decapsulated and checked here already, segment by segment.
+    // SAFETY: reading a field of the context's own sk_buff.
+    if unsafe { (*ctx.skb.skb).mark } == GRO_RETURN_MARK {
+        ctx.set_mark(0);
+        count(Counter::Pass, u64::from(ctx.len()));
+        return Ok(TC_ACT_OK as i32);
+    }
     // The IPv4 header of every packet; `classify_rx` makes a tunnel's
     // inner headers linear once it knows the packet is UDP for this node.
     // Pulling that far for every packet would move payload into the head
@@ -62,7 +70,7 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     if let Rx::NotOurs = classify_rx(ctx, cfg)? {
         // Behind XDP, this may be a packet XDP decapsulated (and checked).
         let xdp_in_front = cfg.xdp_decap != 0;
-        if let Some(action) = deliver_to_pod(ctx, cfg, xdp_in_front) {
+        if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: xdp_in_front }) {
             return Ok(action);
         }
         if !xdp_in_front {
@@ -77,5 +85,6 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
         .map_err(|_| DropReason::HelperError)?;
     count(Counter::Decap, u64::from(ctx.len()));
-    Ok(deliver_to_pod(ctx, cfg, true).unwrap_or(TC_ACT_OK as i32))
+    let delivered = to_gro_device(ctx, cfg).or_else(|| deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: true }));
+    Ok(delivered.unwrap_or(TC_ACT_OK as i32))
 }

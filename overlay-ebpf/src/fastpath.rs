@@ -15,7 +15,9 @@
 //! send it out of the pod bridge to a resolved neighbour that is a pod in
 //! `POD_PORTS`, it gets those MACs and its TTL decremented, and goes
 //! straight into the pod's namespace (`bpf_redirect_peer` through the
-//! pod's veth).
+//! pod's veth). A lone TCP segment decapsulated at TC goes through the
+//! agent's GRO device first ([`to_gro_device`]), and that decision is
+//! made once per merged packet ([`try_tc_gro`]).
 //!
 //! **Conntrack stays consistent.** On each node a flow is either fast both
 //! ways or seen by the kernel both ways, never half: conntrack would call
@@ -38,13 +40,16 @@
 //! ICMP), neighbours not yet resolved, and everything else.
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
+    bindings::{
+        BPF_F_INGRESS, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh,
+        bpf_redir_neigh__bindgen_ty_1,
+    },
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
-use overlay_common::{Config, Counter, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey};
+use overlay_common::{Config, Counter, GRO_RETURN_MARK, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey};
 
 use crate::{
     DropReason,
@@ -329,22 +334,43 @@ pub fn redirect_to_underlay(cfg: &Config, route: &Route) -> Result<i32, DropReas
     Ok(action as i32)
 }
 
+/// Where the in half meets a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// At the underlay's TC ingress, once any tunnel header is gone;
+    /// `decapsulated` says whether there was one (its inner source was
+    /// then checked against the sending peer).
+    Underlay { decapsulated: bool },
+    /// At the GRO device's receiving end: merged from segments the
+    /// underlay's TC ingress decapsulated (and checked), which arrived
+    /// there for this host.
+    GroDevice,
+}
+
 /// The in half: hands a packet for a local pod straight into the pod, or
-/// returns `None` to leave it to the kernel. Runs at the underlay's TC
-/// ingress once any tunnel header is gone; `decapsulated` says whether
-/// there was one (its inner source was then checked against the sending
-/// peer). Unencapsulated, a pod of a plain-VXLAN peer never qualifies
-/// (the underlay's ingress drops it as forged).
+/// returns `None` to leave it to the kernel, untouched. Unencapsulated, a
+/// pod of a plain-VXLAN peer never qualifies (the underlay's ingress drops
+/// it as forged).
 #[inline(always)]
-pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Option<i32> {
+pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option<i32> {
     if cfg.pod_bridge_ifindex == 0 {
         return None;
     }
     // SAFETY: reading fields of the context's own sk_buff.
     let (pkt_type, ingress_ifindex) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).ingress_ifindex) };
-    if pkt_type != PACKET_HOST {
-        return None;
-    }
+    let (decapsulated, fib_ifindex) = match arrival {
+        Arrival::Underlay { decapsulated } => {
+            if pkt_type != PACKET_HOST {
+                return None;
+            }
+            (decapsulated, ingress_ifindex)
+        }
+        // Looked up as the kernel's path would see it: from the underlay
+        // (whose policy routes and forwarding setting apply, not the
+        // device's). `ovl-gro1` took the frame for another host's (its
+        // destination MAC is the underlay's), so its type is set below.
+        Arrival::GroDevice => (true, cfg.underlay_ifindex),
+    };
     ctx.make_linear(L4_OFF + 4);
     let eth = ptr_at::<EthHdr>(ctx, 0).ok()?;
     // SAFETY (raw reads and writes below): ptr_at checked the bounds.
@@ -373,7 +399,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Opti
     let fib = FibParams::zeroed(&mut fib_slot);
     fib.family = AF_INET as u8;
     fib.l4_protocol = ip.proto;
-    fib.ifindex = ingress_ifindex;
+    fib.ifindex = fib_ifindex;
     fib.__bindgen_anon_2.tos = ip.tos;
     fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
@@ -396,6 +422,11 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Opti
     if unsafe { bpf_check_mtu(ctx.skb.skb.cast(), veth, &mut mtu, 0, 0) } < 0 {
         return None;
     }
+    // `bpf_redirect_peer` keeps the type, and the pod's IP layer drops a
+    // frame for another host.
+    if arrival == Arrival::GroDevice && ctx.change_type(PACKET_HOST).is_err() {
+        return None;
+    }
     decrement_ttl(ip);
     let eth = unsafe { &mut *eth };
     eth.dst_addr = fib.dmac;
@@ -403,4 +434,58 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, decapsulated: bool) -> Opti
     count(Counter::FastpathIn, u64::from(ctx.len()));
     // SAFETY: plain helper call; into the veth's peer, the pod's eth0.
     Some(unsafe { bpf_redirect_peer(veth, 0) } as i32)
+}
+
+/// Sends a TCP segment just decapsulated at the underlay's TC ingress, for
+/// a pod of this node, to the GRO device (`ovl-gro0`'s egress), or returns
+/// `None` where it goes on as before. The receiving end's NAPI merges the
+/// segments of a flow (GRO, as the kernel's vxlan device gets from its
+/// socket), and [`try_tc_gro`] decides once per merged packet what
+/// [`deliver_to_pod`] decides per packet. Only the cheap tests are made
+/// here, per segment; what fails the rest there goes back to the kernel's
+/// path. A GSO packet (a veth underlay passes them whole) is merged
+/// already, and would be cut on the sending end (whose TSO is off, so
+/// veth hands the segments to the NAPI) for nothing: it is delivered
+/// directly.
+#[inline(always)]
+pub fn to_gro_device(ctx: &TcContext, cfg: &Config) -> Option<i32> {
+    if cfg.gro_ifindex == 0 || cfg.pod_bridge_ifindex == 0 {
+        return None;
+    }
+    // SAFETY: reading fields of the context's own sk_buff.
+    let (pkt_type, gso_size) = unsafe { ((*ctx.skb.skb).pkt_type, (*ctx.skb.skb).gso_size) };
+    if pkt_type != PACKET_HOST || gso_size != 0 {
+        return None;
+    }
+    // SAFETY: ptr_at checked the bounds.
+    let ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF).ok()? };
+    if ip.proto != IPPROTO_TCP || ip.vihl != 0x45 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return None;
+    }
+    count(Counter::GroIn, u64::from(ctx.len()));
+    // SAFETY: plain helper call; to the GRO device's egress.
+    Some(unsafe { bpf_redirect(cfg.gro_ifindex, 0) } as i32)
+}
+
+/// At TC ingress of the GRO device's receiving end (`ovl-gro1`): a merged
+/// packet (or a segment nothing merged with) goes into its pod as
+/// [`deliver_to_pod`] would take it from the underlay; what it would not
+/// take returns to the underlay's ingress, marked
+/// ([`overlay_common::GRO_RETURN_MARK`]), where the kernel's path takes it
+/// as it would have taken the segments: from the underlay, through
+/// conntrack and the kernel's routes.
+#[inline(always)]
+pub fn try_tc_gro(ctx: &TcContext) -> Result<i32, DropReason> {
+    let cfg = config().ok_or(DropReason::GroUnconfigured)?;
+    if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::GroDevice) {
+        return Ok(action);
+    }
+    ctx.set_mark(GRO_RETURN_MARK);
+    count(Counter::GroReturned, u64::from(ctx.len()));
+    // SAFETY: plain helper call; to the underlay's ingress.
+    let action = unsafe { bpf_redirect(cfg.underlay_ifindex, u64::from(BPF_F_INGRESS)) };
+    if action == i64::from(TC_ACT_SHOT) {
+        return Err(DropReason::HelperError);
+    }
+    Ok(action as i32)
 }

@@ -12,6 +12,10 @@
 //!   carries), with `--forward bpf`.
 //! - [`overlay_tc_pod_delivered`]: TC egress on each pod's veth: which
 //!   sockets the kernel delivered to, with `--forward bpf`.
+//! - [`overlay_tc_segmented`]: TC ingress on the agent's segmentation
+//!   device: encapsulates the segments of pods' own tunnels.
+//! - [`overlay_tc_gro`]: TC ingress on the agent's GRO device: delivers
+//!   the TCP segments merged there into the pods, with `--forward bpf`.
 #![no_std]
 #![no_main]
 
@@ -81,6 +85,14 @@ pub fn overlay_tc_segmented(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn overlay_tc_pod_delivered(ctx: TcContext) -> i32 {
     fastpath::try_tc_pod_delivered(&ctx).unwrap_or_else(|reason| {
+        count_drop(reason, u64::from(ctx.len()));
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[classifier]
+pub fn overlay_tc_gro(ctx: TcContext) -> i32 {
+    fastpath::try_tc_gro(&ctx).unwrap_or_else(|reason| {
         count_drop(reason, u64::from(ctx.len()));
         TC_ACT_SHOT as i32
     })

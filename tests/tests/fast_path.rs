@@ -102,6 +102,45 @@ fn host_gw_all_pairs_and_bulk_tcp() {
     assert!((veth_tx as f64) < received / 10.0, "p1 sent {veth_tx} bytes of the {received} the pod received");
 }
 
+/// On the wire-like underlay (MTU-sized VXLAN frames, the lab's default),
+/// TCP that the underlay's TC ingress decapsulates reaches its pod through
+/// the agent's GRO device, merged, and the fast path's decision is made
+/// once per merged packet: far fewer deliveries than segments, carrying
+/// the whole stream. The device pair is the agent's own, and the log and
+/// `inspect` say how pods are served.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn wire_tcp_reaches_the_pod_merged_once_per_packet() {
+    require_root();
+    let lab = two_nodes(1);
+    let log = lab.agent_log(1);
+    assert!(log.contains("GRO device: TCP decapsulated at TC is merged there"), "{log}");
+    let inspect = lab.inspect(1);
+    assert!(inspect.contains("merged on the GRO device (ovl-gro0 -> ovl-gro1"), "{inspect}");
+    for end in ["ovl-gro0", "ovl-gro1"] {
+        let link = lab.nodes[1].ns.ip(&["-d", "link", "show", end]);
+        let link = String::from_utf8_lossy(&link.stdout);
+        assert!(link.contains("alias overlay-agent: merges decapsulated TCP for pods"), "{link}");
+    }
+    let before = lab.counters(1);
+    let report = lab.iperf3((0, 0), (1, 0), 2).expect("iperf3");
+    let received = report["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    assert!(received > 1e6, "{report}");
+    let after = lab.counters(1);
+    let delta = |counter| (after.packets(counter) - before.packets(counter), after.bytes(counter) - before.bytes(counter));
+    let (segments, segment_bytes) = delta(Counter::GroIn);
+    let (delivered, delivered_bytes) = delta(Counter::FastpathIn);
+    let (returned, _) = delta(Counter::GroReturned);
+    eprintln!("{received} bytes received; {segments} segments ({segment_bytes} bytes) into the GRO device, {delivered} packets ({delivered_bytes} bytes) delivered, {returned} returned");
+    // The stream went through the GRO device, and every byte of it into
+    // the pod by the fast path...
+    assert!(segment_bytes as f64 > received && delivered_bytes as f64 > received, "{after:?}");
+    // ...decided once per merged packet: on average several segments each.
+    assert!(segments > 3 * delivered, "{segments} segments in, {delivered} packets delivered: not merged");
+    assert_eq!(returned, 0, "pod-to-pod TCP went back to the kernel's path");
+    assert_no_drops(&after);
+}
+
 /// An interface's transmitted bytes, from `ip -s -j link`.
 fn tx_bytes(ns: &NetNs, iface: &str) -> u64 {
     let out = ns.ip(&["-s", "-j", "link", "show", iface]);
@@ -161,6 +200,13 @@ fn services_and_conntrack_work_across_the_fast_path() {
         // Pod to pod, fast both ways, through the same INVALID drops.
         lab.assert_all_pairs(backend);
         assert!(lab.counters(0).packets(Counter::FastpathOut) > before, "{backend}: the fast path carried nothing");
+        // The backend's replies, TCP decapsulated at TC, were merged on the
+        // GRO device and returned from it to the kernel's path, whose
+        // conntrack undid the Service's NAT (or the echo would have
+        // failed).
+        if backend == "vxlan" {
+            assert!(lab.counters(0).packets(Counter::GroReturned) > 0, "the Service's replies did not come back from the GRO device");
+        }
         assert_no_drops(&lab.counters(0));
         assert_no_drops(&lab.counters(1));
     }
@@ -242,6 +288,12 @@ fn a_recreated_pod_with_the_same_address_is_reachable_while_the_agent_is_down() 
 
     let answered = (0..5).filter(|_| Lab::ping(&lab.nodes[0].pods[0].ns, target_ip)).count();
     assert_eq!(answered, 5, "the recreated pod is blackholed by its stale POD_PORTS entry:\n{}", lab.inspect(1));
+    // TCP too, which the GRO device merges before the fast path's
+    // decision: returned from it to the kernel's path.
+    let returned = lab.counters(1).packets(Counter::GroReturned);
+    Lab::tcp_echo(&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns, target_ip, 27080)
+        .unwrap_or_else(|e| panic!("TCP to the recreated pod: {e}\n{}", lab.inspect(1)));
+    assert!(lab.counters(1).packets(Counter::GroReturned) > returned, "TCP to the recreated pod did not come back from the GRO device");
 
     // The agent back: the new veth is enrolled, and the pod is fast again.
     lab.start_agent(1, Duration::from_secs(30)).expect("restarting node 2's agent");

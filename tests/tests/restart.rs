@@ -38,6 +38,8 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
     let before = (lab.counters(0).packets(Counter::Encap), lab.counters(1).packets(Counter::Decap));
     let seg_devices = [link_index(&lab, 0, "ovl-seg0"), link_index(&lab, 1, "ovl-seg0")];
     assert!(seg_devices.iter().all(Option::is_some), "the agents made no segmentation device: {seg_devices:?}");
+    let gro_devices = [link_index(&lab, 0, "ovl-gro0"), link_index(&lab, 1, "ovl-gro0")];
+    assert!(gro_devices.iter().all(Option::is_some), "the agents made no GRO device: {gro_devices:?}");
 
     // The ping runs until every restart is over, however long loading
     // through the verifier takes (minutes under `cargo xtask vmtest`'s
@@ -78,6 +80,12 @@ fn kill_9_and_restart_lose_no_packet_and_counters_keep_counting() {
         // new one would have a new index), its program swapped in.
         assert_eq!(link_index(&lab, i, "ovl-seg0"), *seg_device, "node {}'s segmentation device was recreated", i + 1);
         assert!(log.contains("outcome=Swapped") && log.contains("segmentation device: "), "restarted agent must reuse its segmentation device:\n{log}");
+        // And its GRO device.
+        assert_eq!(link_index(&lab, i, "ovl-gro0"), gro_devices[i], "node {}'s GRO device was recreated", i + 1);
+        assert!(
+            log.lines().any(|l| l.contains("GRO device: ") && l.contains("outcome=Swapped")),
+            "restarted agent must reuse its GRO device:\n{log}"
+        );
     }
     lab.assert_all_pairs("all pairs");
 }
@@ -108,6 +116,8 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "traffic flows with the agent stopped");
     let seg_device = || link_index(&lab, 0, "ovl-seg0").is_some() || link_index(&lab, 0, "ovl-seg1").is_some();
     assert!(seg_device(), "the agent's segmentation device stays while the agent is stopped");
+    let gro_device = || link_index(&lab, 0, "ovl-gro0").is_some() || link_index(&lab, 0, "ovl-gro1").is_some();
+    assert!(gro_device(), "the agent's GRO device stays while the agent is stopped");
 
     // Another root's nexthop, with our protocol: cleanup must leave it,
     // and remove ours. (Shown failing against the branch's start, whose
@@ -147,6 +157,7 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(stdout.lines().any(|l| l.starts_with("detached from") && l.contains("eth0")), "{stdout}");
     assert!(stdout.contains("removed 1 routes"), "{stdout}");
     assert!(stdout.contains("removed the segmentation device") && !seg_device(), "{stdout}");
+    assert!(stdout.contains("removed the GRO device") && !gro_device(), "{stdout}");
     assert!(!pin_root.exists(), "pins remain under {}", pin_root.display());
     assert!(!subnet_file.exists());
     assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));

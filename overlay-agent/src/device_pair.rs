@@ -1,0 +1,288 @@
+//! The agent's own veth pairs in the node's namespace: a sending end the
+//! datapath redirects packets to (`bpf_redirect` to its egress), and a
+//! receiving end where one of our programs (TC ingress) takes what the
+//! kernel made of them on the way. Two exist, each with its module:
+//! [`crate::seg_device`] (the kernel segments what crosses it) and
+//! [`crate::gro_device`] (the kernel merges what crosses it).
+//!
+//! A pair carries no address and never routes: the kernel sends it
+//! nothing (IPv6 address generation is off), and the receiving end's
+//! program hands every frame on or drops it at TC ingress, ahead of the IP
+//! layer. Its alias marks it as the agent's: the agent reuses a pair it
+//! made (a restart loses nothing), removes it with `cleanup`, and never
+//! touches a device of that name it did not make. Everything is asked of
+//! the kernel over rtnetlink and the ethtool ioctl, without starting a
+//! process.
+
+use std::io;
+
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{
+        AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+        LinkMessage,
+    },
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    bpffs::LinkRole,
+    datapath::{Datapath, DatapathError, LinkOutcome},
+    iface,
+    report::WithCauses as _,
+    rtnl::{Answer, Refused, Rtnl, RtnlError},
+};
+
+/// One of the agent's veth pairs.
+#[derive(Debug)]
+pub struct DevicePair {
+    /// What the pair is, as the log and errors name it.
+    pub what: &'static str,
+    /// The end the datapath redirects to.
+    pub send_end: &'static str,
+    /// The end whose TC ingress runs `program`.
+    pub receive_end: &'static str,
+    /// The alias marking both ends as the agent's (`ip link` shows it).
+    pub alias: &'static str,
+    /// The program at the receiving end.
+    pub program: LinkRole,
+    /// Features set on the sending end (`ethtool -k` names, on or off).
+    pub send_features: &'static [(&'static str, bool)],
+    /// Features set on the receiving end.
+    pub receive_features: &'static [(&'static str, bool)],
+    /// One queue per CPU on both ends, so that flows redirected on
+    /// different CPUs (each to the queue its hash picks) do not share one
+    /// NAPI; otherwise one.
+    pub queue_per_cpu: bool,
+}
+
+/// The MTU of both ends: what a veth allows, so no packet the datapath
+/// redirects is too long for them.
+const MTU: u32 = 65535;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevicePairError {
+    #[error("{name} exists but is not the agent's (its alias is not {alias:?}); rename or delete it to let the agent create its {what}")]
+    NotOurs { name: &'static str, alias: &'static str, what: &'static str },
+    #[error("asking the kernel about {what}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: RtnlError,
+    },
+    #[error("the kernel refused to {what}")]
+    Refused {
+        what: String,
+        #[source]
+        source: Refused,
+    },
+    #[error("setting {features} on {name}")]
+    Features {
+        name: &'static str,
+        features: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} vanished while the agent set it up")]
+    Vanished(&'static str),
+    #[error("attaching {program} to {iface}")]
+    Attach {
+        program: &'static str,
+        iface: &'static str,
+        #[source]
+        source: Box<DatapathError>,
+    },
+}
+
+impl DevicePair {
+    /// Both ends, in the order packets cross them.
+    pub const fn device_names(&self) -> [&'static str; 2] {
+        [self.send_end, self.receive_end]
+    }
+
+    /// Sets the pair up where the datapath uses it (`wanted`), or removes
+    /// the agent's own where it does not, and says in the log which:
+    /// `"<what>: <purpose>"` once set up, `without` when it cannot be.
+    /// Returns the sending end's index, for `CONFIG`, or 0 without it.
+    pub fn settle(&self, datapath: &mut Datapath, wanted: bool, purpose: &str, without: &str) -> u32 {
+        if !wanted {
+            match self.remove(Some(datapath)) {
+                Ok(true) => info!(device = self.send_end, "removed the {}, which the datapath no longer uses", self.what),
+                Ok(false) => {}
+                Err(err) => warn!(error = %err.to_string_with_causes(), "cannot remove the {}", self.what),
+            }
+            return 0;
+        }
+        match self.set_up(datapath) {
+            Ok((send_ifindex, outcome)) => {
+                info!(devices = %self.device_names().join(" -> "), send_ifindex, ?outcome, "{}: {purpose}", self.what);
+                send_ifindex
+            }
+            Err(err) => {
+                warn!(error = %err.to_string_with_causes(), "cannot set up the {}; {without}", self.what);
+                0
+            }
+        }
+    }
+
+    /// Creates the pair (or reuses the agent's own), sets its features, and
+    /// attaches its program; returns the sending end's index. On failure
+    /// nothing the call created is left behind.
+    pub fn set_up(&self, datapath: &mut Datapath) -> Result<(u32, LinkOutcome), DevicePairError> {
+        let mut rtnl = open()?;
+        let existed = match self.ours(&mut rtnl)? {
+            Some(true) => true,
+            Some(false) => {
+                // A pin left from a pair of ours that someone replaced
+                // serves nothing.
+                let _ = datapath.detach_device_pair(self.receive_end);
+                return Err(self.not_ours());
+            }
+            None => {
+                self.create(&mut rtnl)?;
+                false
+            }
+        };
+        let configured = self.configure(&mut rtnl).and_then(|send_ifindex| {
+            let outcome = datapath.attach_device_pair(self.receive_end, self.program).map_err(|source| DevicePairError::Attach {
+                program: crate::datapath::role_program(self.program),
+                iface: self.receive_end,
+                source: Box::new(source),
+            })?;
+            Ok((send_ifindex, outcome))
+        });
+        if configured.is_err() && !existed {
+            let _ = datapath.detach_device_pair(self.receive_end);
+            let _ = self.delete(&mut rtnl);
+        }
+        configured
+    }
+
+    /// Removes the pair and its program's pins when the agent made it.
+    /// Returns whether there was one of ours to remove; a device of that
+    /// name the agent did not make is left, with an error saying so.
+    pub fn remove(&self, datapath: Option<&mut Datapath>) -> Result<bool, DevicePairError> {
+        if let Some(datapath) = datapath {
+            datapath.detach_device_pair(self.receive_end).map_err(|source| DevicePairError::Attach {
+                program: crate::datapath::role_program(self.program),
+                iface: self.receive_end,
+                source: Box::new(source),
+            })?;
+        }
+        let mut rtnl = open()?;
+        match self.ours(&mut rtnl)? {
+            Some(true) => self.delete(&mut rtnl).map(|()| true),
+            Some(false) => Err(self.not_ours()),
+            None => Ok(false),
+        }
+    }
+
+    fn not_ours(&self) -> DevicePairError {
+        DevicePairError::NotOurs { name: self.send_end, alias: self.alias, what: self.what }
+    }
+
+    /// Whether the sending end exists (`None`: no) and both ends carry our
+    /// alias (a pair of ours is made with the alias on both).
+    fn ours(&self, rtnl: &mut Rtnl) -> Result<Option<bool>, DevicePairError> {
+        let links = rtnl.links().map_err(|source| DevicePairError::Netlink { what: "links".to_owned(), source })?;
+        let alias_of = |name: &str| -> Option<Option<String>> {
+            let link = links.iter().find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)))?;
+            Some(link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(alias) => Some(alias.clone()),
+                _ => None,
+            }))
+        };
+        let Some(send) = alias_of(self.send_end) else { return Ok(None) };
+        let receive = alias_of(self.receive_end).flatten();
+        Ok(Some(send.as_deref() == Some(self.alias) && receive.as_deref() == Some(self.alias)))
+    }
+
+    /// Creates the pair and marks both ends ours (`RTM_NEWLINK` takes no
+    /// alias), or leaves nothing.
+    fn create(&self, rtnl: &mut Rtnl) -> Result<(), DevicePairError> {
+        let mut common = vec![LinkAttribute::Mtu(MTU)];
+        if self.queue_per_cpu {
+            let queues = std::thread::available_parallelism().map_or(1, |n| n.get()).min(64) as u32;
+            common.extend([LinkAttribute::NumTxQueues(queues), LinkAttribute::NumRxQueues(queues)]);
+        }
+        let mut peer = LinkMessage::default();
+        peer.attributes = [vec![LinkAttribute::IfName(self.receive_end.to_owned())], common.clone()].concat();
+        let mut pair = LinkMessage::default();
+        pair.attributes = [
+            vec![LinkAttribute::IfName(self.send_end.to_owned())],
+            common,
+            vec![LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth), LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer)))])],
+        ]
+        .concat();
+        let what = format!("create the veth pair {}, {}", self.send_end, self.receive_end);
+        change(rtnl, RouteNetlinkMessage::NewLink(pair), NLM_F_CREATE | NLM_F_EXCL, &what)?;
+        let marked = self.device_names().iter().try_for_each(|&name| {
+            let index = iface::interface_index(name).ok_or(DevicePairError::Vanished(name))?;
+            change(rtnl, set_link(index, vec![LinkAttribute::IfAlias(self.alias.to_owned())]), 0, &format!("set the alias of {name}"))?;
+            // No IPv6 link-local address, so the kernel sends nothing
+            // through the pair (best effort: a kernel without IPv6 refuses
+            // the mode).
+            let no_addrgen = LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)])]);
+            let _ = change(rtnl, set_link(index, vec![no_addrgen]), 0, "turn IPv6 address generation off");
+            Ok(())
+        });
+        if marked.is_err() {
+            let _ = self.delete(rtnl);
+        }
+        marked
+    }
+
+    /// Features and state; returns the sending end's index.
+    fn configure(&self, rtnl: &mut Rtnl) -> Result<u32, DevicePairError> {
+        for (name, features) in [(self.send_end, self.send_features), (self.receive_end, self.receive_features)] {
+            iface::set_features(name, features).map_err(|source| DevicePairError::Features {
+                name,
+                features: features.iter().map(|(f, on)| format!("{f} {}", if *on { "on" } else { "off" })).collect::<Vec<_>>().join(", "),
+                source,
+            })?;
+        }
+        // The receiving end first: veth drops what it sends while its peer
+        // is down.
+        for name in [self.receive_end, self.send_end] {
+            let index = iface::interface_index(name).ok_or(DevicePairError::Vanished(name))?;
+            let mut up = set_link(index, Vec::new());
+            if let RouteNetlinkMessage::SetLink(link) = &mut up {
+                link.header.flags = LinkFlags::Up;
+                link.header.change_mask = LinkFlags::Up;
+            }
+            change(rtnl, up, 0, &format!("set {name} up"))?;
+        }
+        iface::interface_index(self.send_end).ok_or(DevicePairError::Vanished(self.send_end))
+    }
+
+    /// Deletes the pair (deleting one end deletes both).
+    fn delete(&self, rtnl: &mut Rtnl) -> Result<(), DevicePairError> {
+        let index = iface::interface_index(self.send_end).ok_or(DevicePairError::Vanished(self.send_end))?;
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        change(rtnl, RouteNetlinkMessage::DelLink(link), 0, &format!("delete {}", self.send_end))
+    }
+}
+
+fn open() -> Result<Rtnl, DevicePairError> {
+    Rtnl::open().map_err(|source| DevicePairError::Netlink { what: "links".to_owned(), source })
+}
+
+/// Sends one change and turns a refusal into an error saying `what`.
+fn change(rtnl: &mut Rtnl, message: RouteNetlinkMessage, flags: u16, what: &str) -> Result<(), DevicePairError> {
+    match rtnl.change(message, flags) {
+        Ok(Answer::Refused(source)) => Err(DevicePairError::Refused { what: what.to_owned(), source }),
+        Ok(_) => Ok(()),
+        Err(source) => Err(DevicePairError::Netlink { what: what.to_owned(), source }),
+    }
+}
+
+/// `RTM_SETLINK` of the link with index `index`, with `attributes`.
+fn set_link(index: u32, attributes: Vec<LinkAttribute>) -> RouteNetlinkMessage {
+    let mut link = LinkMessage::default();
+    link.header.index = index;
+    link.attributes = attributes;
+    RouteNetlinkMessage::SetLink(link)
+}
