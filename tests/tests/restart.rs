@@ -172,12 +172,13 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(!Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "the datapath must be gone");
 }
 
-/// A device named like the agent's segmentation device that the agent did
-/// not make (no alias of ours) is left alone: the agent runs without
-/// segmentation (and says so), and `cleanup` does not remove it.
+/// Devices named like the agent's device pairs (the segmentation device,
+/// the GRO device) that the agent did not make (no alias of ours) are left
+/// alone: the agent runs without them (and says so), pods are served all
+/// the same, and `cleanup` does not remove them.
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
-fn a_foreign_device_named_like_the_segmentation_device_is_left_alone() {
+fn foreign_devices_named_like_the_agents_device_pairs_are_left_alone() {
     require_root();
     let mut lab = two_node_lab();
     lab.stop_agent(0);
@@ -185,17 +186,25 @@ fn a_foreign_device_named_like_the_segmentation_device_is_left_alone() {
         let out = lab.nodes[0].ns.ip(args);
         assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    // Node 1's own pair goes; someone else's device takes its name.
-    ip(&["link", "del", "ovl-seg0"]);
-    ip(&["link", "add", "ovl-seg0", "type", "veth", "peer", "name", "not-ours1"]);
-    let foreign = link_index(&lab, 0, "ovl-seg0");
+    // Node 1's own pairs go; someone else's devices take their names.
+    let pairs = [("ovl-seg0", "ovl-seg1", "no segmentation device"), ("ovl-gro0", "ovl-gro1", "every packet straight into its pod")];
+    for (i, (send_end, _, _)) in pairs.iter().enumerate() {
+        ip(&["link", "del", send_end]);
+        ip(&["link", "add", send_end, "type", "veth", "peer", "name", &format!("not-ours{i}")]);
+    }
+    let foreign: Vec<_> = pairs.iter().map(|(send_end, _, _)| link_index(&lab, 0, send_end)).collect();
     lab.start_agent(0, Duration::from_secs(20)).unwrap();
     let log = lab.agent_log(0);
-    assert!(log.contains("ovl-seg0 exists but is not the agent's"), "the agent must say why it has no segmentation device:\n{log}");
-    assert_eq!(link_index(&lab, 0, "ovl-seg0"), foreign, "the agent touched a device it did not make");
-    assert_eq!(link_index(&lab, 0, "ovl-seg1"), None, "the agent made half a pair");
-    assert!(lab.inspect(0).contains("no segmentation device"), "{}", lab.inspect(0));
-    assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "the datapath serves without the device");
+    let inspect = lab.inspect(0);
+    for ((send_end, receive_end, without), foreign) in pairs.iter().zip(&foreign) {
+        assert!(log.contains(&format!("{send_end} exists but is not the agent's")), "the agent must say why it has no {send_end}:\n{log}");
+        assert_eq!(link_index(&lab, 0, send_end), *foreign, "the agent touched {send_end}, which it did not make");
+        assert_eq!(link_index(&lab, 0, receive_end), None, "the agent made half a pair ({receive_end})");
+        assert!(inspect.contains(without), "{inspect}");
+    }
+    assert!(Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "the datapath serves without the devices");
+    Lab::tcp_echo(&lab.nodes[1].pods[0].ns, &lab.nodes[0].pods[0].ns, lab.nodes[0].pods[0].ip, 28080)
+        .unwrap_or_else(|e| panic!("TCP without the GRO device: {e}"));
 
     lab.stop_agent(0);
     let out = Command::new("nsenter")
@@ -208,6 +217,8 @@ fn a_foreign_device_named_like_the_segmentation_device_is_left_alone() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "cleanup failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!stdout.contains("removed the segmentation device"), "{stdout}");
-    assert_eq!(link_index(&lab, 0, "ovl-seg0"), foreign, "cleanup removed a device it did not make");
+    assert!(!stdout.contains("removed the segmentation device") && !stdout.contains("removed the GRO device"), "{stdout}");
+    for ((send_end, _, _), foreign) in pairs.iter().zip(&foreign) {
+        assert_eq!(link_index(&lab, 0, send_end), *foreign, "cleanup removed {send_end}, which it did not make");
+    }
 }
