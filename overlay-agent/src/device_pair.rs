@@ -52,9 +52,9 @@ pub struct DevicePair {
     pub send_features: &'static [(&'static str, bool)],
     /// Features set on the receiving end.
     pub receive_features: &'static [(&'static str, bool)],
-    /// One queue per CPU on both ends, so that flows redirected on
-    /// different CPUs (each to the queue its hash picks) do not share one
-    /// NAPI; otherwise one.
+    /// One queue per online CPU of the node (at most 64) on both ends, so
+    /// that flows redirected on different CPUs (each to the queue its hash
+    /// picks) do not share one NAPI; otherwise one.
     pub queue_per_cpu: bool,
 }
 
@@ -87,8 +87,9 @@ pub enum DevicePairError {
     },
     #[error("{0} vanished while the agent set it up")]
     Vanished(&'static str),
-    #[error("attaching {program} to {iface}")]
-    Attach {
+    #[error("{action} {program} at {iface}")]
+    Program {
+        action: &'static str,
         program: &'static str,
         iface: &'static str,
         #[source]
@@ -146,11 +147,7 @@ impl DevicePair {
             }
         };
         let configured = self.configure(&mut rtnl).and_then(|send_ifindex| {
-            let outcome = datapath.attach_device_pair(self.receive_end, self.program).map_err(|source| DevicePairError::Attach {
-                program: crate::datapath::role_program(self.program),
-                iface: self.receive_end,
-                source: Box::new(source),
-            })?;
+            let outcome = datapath.attach_device_pair(self.receive_end, self.program).map_err(self.program_error("attaching"))?;
             Ok((send_ifindex, outcome))
         });
         if configured.is_err() && !existed {
@@ -165,11 +162,7 @@ impl DevicePair {
     /// name the agent did not make is left, with an error saying so.
     pub fn remove(&self, datapath: Option<&mut Datapath>) -> Result<bool, DevicePairError> {
         if let Some(datapath) = datapath {
-            datapath.detach_device_pair(self.receive_end).map_err(|source| DevicePairError::Attach {
-                program: crate::datapath::role_program(self.program),
-                iface: self.receive_end,
-                source: Box::new(source),
-            })?;
+            datapath.detach_device_pair(self.receive_end).map_err(self.program_error("detaching"))?;
         }
         let mut rtnl = open()?;
         match self.ours(&mut rtnl)? {
@@ -177,6 +170,12 @@ impl DevicePair {
             Some(false) => Err(self.not_ours()),
             None => Ok(false),
         }
+    }
+
+    /// Wraps a failure to attach or detach the pair's program.
+    fn program_error(&self, action: &'static str) -> impl FnOnce(DatapathError) -> DevicePairError {
+        let (program, iface) = (crate::datapath::role_program(self.program), self.receive_end);
+        move |source| DevicePairError::Program { action, program, iface, source: Box::new(source) }
     }
 
     fn not_ours(&self) -> DevicePairError {
@@ -204,7 +203,11 @@ impl DevicePair {
     fn create(&self, rtnl: &mut Rtnl) -> Result<(), DevicePairError> {
         let mut common = vec![LinkAttribute::Mtu(MTU)];
         if self.queue_per_cpu {
-            let queues = std::thread::available_parallelism().map_or(1, |n| n.get()).min(64) as u32;
+            // The node's CPUs, not the agent's share of them (a DaemonSet's
+            // CPU limit): packets arrive on every CPU.
+            // SAFETY: sysconf only reads a system value.
+            let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+            let queues = online.clamp(1, 64) as u32;
             common.extend([LinkAttribute::NumTxQueues(queues), LinkAttribute::NumRxQueues(queues)]);
         }
         let mut peer = LinkMessage::default();
