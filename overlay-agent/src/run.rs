@@ -8,6 +8,7 @@ use std::{
     future::Future,
     path::PathBuf,
     sync::Arc,
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -41,6 +42,11 @@ use overlay_agent::{
 use overlay_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
+
+/// How long a device pair `CONFIG` stopped naming is kept before it is
+/// removed: programs that read `CONFIG` before finish in microseconds, and
+/// veth's queue empties within a NAPI poll.
+const RETIRED_DEVICE_DRAIN: Duration = Duration::from_millis(100);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -362,10 +368,39 @@ impl NodeHost {
         self.check_datapath();
         // Written to CONFIG by the next reconcile.
         settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
-        settings.seg_ifindex = seg_device::settle(&mut self.datapath, settings.backend);
+        let seg_wanted = seg_device::wanted(settings.backend);
         let gro_wanted = gro_device::wanted(fast_path, hook == DecapHook::TcIngress, settings.backend == Backend::Vxlan);
+        self.unname_retired_devices(seg_wanted, gro_wanted);
+        settings.seg_ifindex = seg_device::settle(&mut self.datapath, seg_wanted);
         settings.gro_ifindex = gro_device::settle(&mut self.datapath, gro_wanted);
         Ok(())
+    }
+
+    /// Before a device pair this run does not use is removed: the pinned
+    /// `CONFIG`, which the programs read until the first reconcile rewrites
+    /// it (and that waits for our own Node, however long), may still name
+    /// it from the previous run's flags, and whatever the programs redirect
+    /// to a device that is gone is lost. So `CONFIG` stops naming it first,
+    /// and what was already on its way through it gets a moment to arrive.
+    fn unname_retired_devices(&mut self, seg_wanted: bool, gro_wanted: bool) {
+        let Ok(before) = self.maps.config.get(&0, 0) else { return };
+        let mut config = before;
+        if !seg_wanted {
+            config.seg_ifindex = 0;
+        }
+        if !gro_wanted {
+            config.gro_ifindex = 0;
+        }
+        if config == before {
+            return;
+        }
+        match self.maps.config.set(0, config, 0) {
+            Ok(()) => {
+                info!(seg_ifindex = before.seg_ifindex, gro_ifindex = before.gro_ifindex, "the datapath stops using the device pairs these flags do not need");
+                std::thread::sleep(RETIRED_DEVICE_DRAIN);
+            }
+            Err(err) => warn!(error = %err.to_string_with_causes(), "cannot write CONFIG; packets the datapath still redirects to a removed device pair are lost until the first reconcile"),
+        }
     }
 
     /// With `--forward bpf`: attaches the fast path to the pod bridge once

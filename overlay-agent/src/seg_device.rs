@@ -48,16 +48,21 @@ pub const SEGMENTATION: DevicePair = DevicePair {
     queue_per_cpu: false,
 };
 
-/// Sets up the segmentation device where encapsulation needs it (the VXLAN
-/// backend), or removes the agent's own where it does not. Returns the
+/// Sets up the segmentation device where encapsulation needs it
+/// (`wanted`, see [`wanted`]), or removes the agent's own where it does not. Returns the
 /// value of `Config::seg_ifindex`: the sending end's index, or 0 (a pod
 /// tunnel's GSO packets are then dropped as `helper_error`, as before the
 /// device existed).
-pub fn settle(datapath: &mut Datapath, backend: Backend) -> u32 {
+pub fn settle(datapath: &mut Datapath, wanted: bool) -> u32 {
     SEGMENTATION.settle(
         datapath,
-        backend == Backend::Vxlan,
+        wanted,
         "pod tunnels' GSO packets are segmented there, then encapsulated",
         "GSO packets of pods' own tunnels will be dropped (helper_error)",
     )
+}
+
+/// Whether encapsulation needs the segmentation device: the VXLAN backend.
+pub fn wanted(backend: Backend) -> bool {
+    backend == Backend::Vxlan
 }

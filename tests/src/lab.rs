@@ -1230,6 +1230,12 @@ impl Lab {
         &self.spec
     }
 
+    /// What agents started from now on run with (another `--forward`, say,
+    /// as an operator changing the DaemonSet's flags).
+    pub fn spec_mut(&mut self) -> &mut LabSpec {
+        &mut self.spec
+    }
+
     pub fn work_dir(&self) -> &Path {
         &self.work_dir.0
     }

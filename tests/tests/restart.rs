@@ -222,3 +222,64 @@ fn foreign_devices_named_like_the_agents_device_pairs_are_left_alone() {
         assert_eq!(link_index(&lab, 0, send_end), *foreign, "cleanup removed {send_end}, which it did not make");
     }
 }
+
+/// Restarting a node's agent with flags under which the datapath no longer
+/// uses the GRO device (`--forward kernel`) removes the device, and loses
+/// no TCP on the way: the pinned `CONFIG` the new programs read until the
+/// first reconcile (which needs the agent's own Node) must not name a
+/// device that is gone. Here the agent cannot find its Node, so that
+/// window stays open while TCP crosses it; then it finds it, and going
+/// back to `--forward bpf` makes the device again.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_restart_that_retires_the_gro_device_loses_no_tcp() {
+    require_root();
+    let mut lab = two_node_lab();
+    let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
+    let server_ip = lab.nodes[1].pods[0].ip;
+    let gro_in = |lab: &Lab| lab.counters(1).packets(Counter::GroIn);
+    let before = gro_in(&lab);
+    Lab::tcp_echo(client, server, server_ip, 28081).unwrap_or_else(|e| panic!("TCP through the GRO device: {e}"));
+    assert!(gro_in(&lab) > before, "TCP to node 2's pod did not cross its GRO device");
+    assert!(link_index(&lab, 1, "ovl-gro0").is_some(), "node 2's agent made no GRO device");
+
+    lab.stop_agent(1);
+    lab.spec_mut().forward = "kernel".to_owned();
+    // Without its own Node the agent attaches and settles its devices, and
+    // then waits: no reconcile rewrites CONFIG.
+    let no_nodes = lab.work_dir().join("no-nodes");
+    let nodes_dir = std::mem::replace(&mut lab.nodes_dir, no_nodes);
+    std::fs::create_dir_all(&lab.nodes_dir).unwrap();
+    lab.launch_agent(1).unwrap();
+    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(20));
+    while !lab.agent_log(1).contains("removed the GRO device") {
+        assert!(Instant::now() < deadline, "the agent with --forward kernel did not remove its GRO device:\n{}", lab.agent_log(1));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(link_index(&lab, 1, "ovl-gro0"), None, "the GRO device is still there");
+    let log = lab.agent_log(1);
+    assert!(log.contains("the datapath stops using the device pairs these flags do not need"), "{log}");
+    let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
+    Lab::tcp_echo(client, server, server_ip, 28082)
+        .unwrap_or_else(|e| panic!("TCP to node 2's pod after its GRO device went, before the agent's first reconcile: {e}"));
+
+    // With its Node, the agent serves as `--forward kernel` does.
+    lab.stop_agent(1);
+    lab.nodes_dir = nodes_dir;
+    lab.start_agent(1, Duration::from_secs(20)).unwrap();
+    let inspect = lab.inspect(1);
+    assert!(inspect.contains("fast path: off") && !inspect.contains("fast path, in:"), "{inspect}");
+    let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
+    Lab::tcp_echo(client, server, server_ip, 28083).unwrap_or_else(|e| panic!("TCP with --forward kernel: {e}"));
+
+    // And back: the device is made again and used.
+    lab.stop_agent(1);
+    lab.spec_mut().forward = "bpf".to_owned();
+    lab.start_agent(1, Duration::from_secs(20)).unwrap();
+    lab.wait_for_fast_path(Duration::from_secs(20)).unwrap();
+    assert!(link_index(&lab, 1, "ovl-gro0").is_some(), "back on --forward bpf, the agent made no GRO device");
+    let before = gro_in(&lab);
+    let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
+    Lab::tcp_echo(client, server, server_ip, 28084).unwrap_or_else(|e| panic!("TCP back on --forward bpf: {e}"));
+    assert!(gro_in(&lab) > before, "back on --forward bpf, TCP did not cross the GRO device");
+}
