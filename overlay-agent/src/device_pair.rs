@@ -97,10 +97,20 @@ pub enum DevicePairError {
     },
 }
 
+/// Every device pair the agent may make.
+pub const ALL: [&DevicePair; 2] = [&crate::seg_device::SEGMENTATION, &crate::gro_device::GRO];
+
 impl DevicePair {
     /// Both ends, in the order packets cross them.
     pub const fn device_names(&self) -> [&'static str; 2] {
         [self.send_end, self.receive_end]
+    }
+
+    /// Whether the pair whose sending end was set up with index
+    /// `send_ifindex` is still there (0: not set up, nothing to miss).
+    pub fn still_serves(&self, send_ifindex: u32) -> bool {
+        send_ifindex == 0
+            || (iface::interface_index(self.send_end) == Some(send_ifindex) && iface::interface_index(self.receive_end).is_some())
     }
 
     /// Sets the pair up where the datapath uses it (`wanted`), or removes

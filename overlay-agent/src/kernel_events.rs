@@ -79,10 +79,13 @@ pub enum KernelEvent {
     /// address of its own takes its ports' lowest): who is on the fast
     /// path, or which frames it routes, may have changed.
     PodPortsChanged,
+    /// A device of the agent's device pairs was deleted: the datapath may
+    /// be redirecting packets to a device that is gone.
+    DevicePairGone,
 }
 
 impl KernelEvent {
-    pub const ALL: [Self; 3] = [Self::UnderlayChanged, Self::PodBridgeChanged, Self::PodPortsChanged];
+    pub const ALL: [Self; 4] = [Self::UnderlayChanged, Self::PodBridgeChanged, Self::PodPortsChanged, Self::DevicePairGone];
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,9 @@ pub struct Watched {
     pub underlay: String,
     /// The pod bridge, with `--forward bpf`.
     pub pod_bridge: Option<String>,
+    /// The ends of the agent's device pairs (`device_pair.rs`), whose
+    /// deletion is [`KernelEvent::DevicePairGone`].
+    pub device_pairs: Vec<String>,
 }
 
 /// The receiving end: [`KernelEvents::next`] is the event loop's arm.
@@ -356,6 +362,11 @@ impl Classifier {
         if master.is_some() && master == self.pod_bridge {
             return Some(KernelEvent::PodPortsChanged);
         }
+        // Only their deletion: the agent's own setting up of a pair
+        // notifies too, and must not set it up again.
+        if !present && name.is_some_and(|name| self.watched.device_pairs.iter().any(|end| end == name)) {
+            return Some(KernelEvent::DevicePairGone);
+        }
         if name == Some(self.watched.underlay.as_str()) || Some(index) == self.underlay {
             self.underlay = present.then_some(index);
             return Some(KernelEvent::UnderlayChanged);
@@ -380,7 +391,11 @@ mod tests {
 
     fn classifier() -> Classifier {
         Classifier {
-            watched: Watched { underlay: "eth0".to_owned(), pod_bridge: Some("cni0".to_owned()) },
+            watched: Watched {
+                underlay: "eth0".to_owned(),
+                pod_bridge: Some("cni0".to_owned()),
+                device_pairs: vec!["ovl-gro0".to_owned(), "ovl-gro1".to_owned()],
+            },
             underlay: Some(UNDERLAY),
             pod_bridge: Some(BRIDGE),
             pod_bridge_mac: None,
@@ -501,6 +516,19 @@ mod tests {
         let down = RouteNetlinkMessage::NewLink(link(AddressFamily::Unspec, UNDERLAY, Some("eth0"), None));
         assert_eq!(c.classify(&down), Some(KernelEvent::UnderlayChanged));
         let other = RouteNetlinkMessage::NewLink(link(AddressFamily::Unspec, 5, Some("eth1"), None));
+        assert_eq!(c.classify(&other), None);
+    }
+
+    #[test]
+    fn only_a_device_pairs_deletion_is_an_event() {
+        let mut c = classifier();
+        for end in ["ovl-gro0", "ovl-gro1"] {
+            let made = RouteNetlinkMessage::NewLink(link(AddressFamily::Unspec, 9, Some(end), None));
+            assert_eq!(c.classify(&made), None, "the agent's own setting up of {end}");
+            let gone = RouteNetlinkMessage::DelLink(link(AddressFamily::Unspec, 9, Some(end), None));
+            assert_eq!(c.classify(&gone), Some(KernelEvent::DevicePairGone), "{end} deleted");
+        }
+        let other = RouteNetlinkMessage::DelLink(link(AddressFamily::Unspec, 9, Some("ovl-gro2"), None));
         assert_eq!(c.classify(&other), None);
     }
 

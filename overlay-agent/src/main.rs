@@ -95,7 +95,7 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         println!("left what the agent did not create: {}", left.join(", "));
     }
     // The device pairs, when this root's programs used them.
-    for pair in [&overlay_agent::seg_device::SEGMENTATION, &overlay_agent::gro_device::GRO] {
+    for pair in overlay_agent::device_pair::ALL {
         use overlay_agent::device_pair::DevicePairError;
         if !interfaces.iter().any(|i| i == pair.receive_end) {
             continue;

@@ -37,7 +37,7 @@ use overlay_agent::{
         sources::{EtcdNodes, KubeSource, LeasePublisher, LogPublisher, ManifestSource},
     },
     report::{Chain, WithCauses as _},
-    gro_device, seg_device, server,
+    device_pair, gro_device, seg_device, server,
 };
 use overlay_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -173,7 +173,11 @@ async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publish
     let Started { mut settings, applier, mut host } = started;
     // Subscribed before the first look at the pod bridge: nothing changes
     // unheard in between.
-    let watched = Watched { underlay: applier.iface().to_owned(), pod_bridge: host.pod_fast_path.as_ref().map(|f| f.bridge.clone()) };
+    let watched = Watched {
+        underlay: applier.iface().to_owned(),
+        pod_bridge: host.pod_fast_path.as_ref().map(|f| f.bridge.clone()),
+        device_pairs: device_pair::ALL.iter().flat_map(|pair| pair.device_names()).map(str::to_owned).collect(),
+    };
     let events = KernelEvents::spawn(watched).context("subscribing to the kernel's link, address and route changes")?;
     let underlay = KernelUnderlay::new(applier.iface(), events);
     // CONFIG is written by the first reconcile, which follows.
@@ -298,6 +302,26 @@ impl Host for NodeHost {
         self.attach_pod_fast_path(local);
     }
 
+    fn device_pair_gone(&mut self, local: &mut LocalSettings) {
+        let seg_gone = !seg_device::SEGMENTATION.still_serves(local.seg_ifindex);
+        let gro_gone = !gro_device::GRO.still_serves(local.gro_ifindex);
+        if !seg_gone && !gro_gone {
+            return;
+        }
+        // Until the reconcile that follows writes the new index, what the
+        // programs would redirect to a device that is gone is served
+        // without it.
+        self.unname_in_config(seg_gone, gro_gone);
+        if seg_gone {
+            warn!(device = seg_device::SEGMENTATION.send_end, "the segmentation device went; setting it up again");
+            local.seg_ifindex = seg_device::settle(&mut self.datapath, true);
+        }
+        if gro_gone {
+            warn!(device = gro_device::GRO.send_end, "the GRO device went; setting it up again");
+            local.gro_ifindex = gro_device::settle(&mut self.datapath, true);
+        }
+    }
+
     fn after_apply(&mut self, desired: &Desired) -> bool {
         if let (Some(path), Some(network)) = (&self.subnet_file, self.network) {
             let env = netconf::subnet_env(network, desired.local_pod_cidr, desired.inner_mtu, self.pod_traffic_rules.masquerade());
@@ -370,36 +394,44 @@ impl NodeHost {
         settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
         let seg_wanted = seg_device::wanted(settings.backend);
         let gro_wanted = gro_device::wanted(fast_path, hook == DecapHook::TcIngress, settings.backend == Backend::Vxlan);
-        self.unname_retired_devices(seg_wanted, gro_wanted);
+        // Before a device pair these flags do without is removed: the
+        // pinned CONFIG, which the programs read until the first reconcile
+        // rewrites it (and that waits for our own Node, however long), may
+        // still name it from the previous run, and whatever the programs
+        // redirect to a device that is gone is lost. So CONFIG stops
+        // naming it first, and what was on its way through it gets a
+        // moment to arrive.
+        if self.unname_in_config(!seg_wanted, !gro_wanted) {
+            info!("the datapath stops using the device pairs these flags do not need");
+            std::thread::sleep(RETIRED_DEVICE_DRAIN);
+        }
         settings.seg_ifindex = seg_device::settle(&mut self.datapath, seg_wanted);
         settings.gro_ifindex = gro_device::settle(&mut self.datapath, gro_wanted);
         Ok(())
     }
 
-    /// Before a device pair this run does not use is removed: the pinned
-    /// `CONFIG`, which the programs read until the first reconcile rewrites
-    /// it (and that waits for our own Node, however long), may still name
-    /// it from the previous run's flags, and whatever the programs redirect
-    /// to a device that is gone is lost. So `CONFIG` stops naming it first,
-    /// and what was already on its way through it gets a moment to arrive.
-    fn unname_retired_devices(&mut self, seg_wanted: bool, gro_wanted: bool) {
-        let Ok(before) = self.maps.config.get(&0, 0) else { return };
+    /// Clears the sending ends' indexes of the pairs named (`seg`, `gro`)
+    /// in the pinned `CONFIG` the programs read; whether it changed. The
+    /// next reconcile writes `CONFIG` whole, with the indexes the settings
+    /// hold by then.
+    fn unname_in_config(&mut self, seg: bool, gro: bool) -> bool {
+        let Ok(before) = self.maps.config.get(&0, 0) else { return false };
         let mut config = before;
-        if !seg_wanted {
+        if seg {
             config.seg_ifindex = 0;
         }
-        if !gro_wanted {
+        if gro {
             config.gro_ifindex = 0;
         }
         if config == before {
-            return;
+            return false;
         }
         match self.maps.config.set(0, config, 0) {
-            Ok(()) => {
-                info!(seg_ifindex = before.seg_ifindex, gro_ifindex = before.gro_ifindex, "the datapath stops using the device pairs these flags do not need");
-                std::thread::sleep(RETIRED_DEVICE_DRAIN);
+            Ok(()) => true,
+            Err(err) => {
+                warn!(error = %err.to_string_with_causes(), "cannot write CONFIG; packets the datapath still redirects to a device pair that is gone are lost until the next reconcile");
+                false
             }
-            Err(err) => warn!(error = %err.to_string_with_causes(), "cannot write CONFIG; packets the datapath still redirects to a removed device pair are lost until the first reconcile"),
         }
     }
 

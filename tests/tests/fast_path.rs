@@ -142,6 +142,43 @@ fn wire_tcp_reaches_the_pod_merged_once_per_packet() {
 }
 
 /// An interface's transmitted bytes, from `ip -s -j link`.
+/// The agent's GRO device deleted under a running agent (an operator
+/// tidying links): TCP to the node's pods goes on, delivered segment by
+/// segment until the agent has made the device again, then merged again.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_deleted_gro_device_is_made_again_without_losing_tcp() {
+    require_root();
+    let lab = two_nodes(1);
+    let (client, server, server_ip) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns, lab.nodes[1].pods[0].ip);
+    let index = || {
+        let out = lab.nodes[1].ns.ip(&["-j", "link", "show", "ovl-gro0"]);
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        links[0]["ifindex"].as_u64()
+    };
+    let first = index().expect("node 2's agent made a GRO device");
+    let out = lab.nodes[1].ns.ip(&["link", "del", "ovl-gro0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Lab::tcp_echo(client, server, server_ip, 28090).unwrap_or_else(|e| panic!("TCP right after the GRO device was deleted: {e}"));
+    let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
+    while index().is_none_or(|i| i == first) {
+        assert!(std::time::Instant::now() < deadline, "the agent did not make its GRO device again:\n{}", lab.agent_log(1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = lab.agent_log(1);
+    assert!(log.contains("the GRO device went; setting it up again"), "{log}");
+    // Its index reaches CONFIG, and TCP is merged there again.
+    let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
+    while !lab.inspect(1).contains(&format!("ifindex {})", index().unwrap())) {
+        assert!(std::time::Instant::now() < deadline, "CONFIG does not name the new GRO device:\n{}", lab.inspect(1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = lab.counters(1).packets(Counter::GroIn);
+    Lab::tcp_echo(client, server, server_ip, 28091).unwrap_or_else(|e| panic!("TCP through the new GRO device: {e}"));
+    assert!(lab.counters(1).packets(Counter::GroIn) > before, "TCP did not cross the new GRO device");
+    assert_no_drops(&lab.counters(1));
+}
+
 fn tx_bytes(ns: &NetNs, iface: &str) -> u64 {
     let out = ns.ip(&["-s", "-j", "link", "show", iface]);
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");

@@ -160,6 +160,10 @@ pub trait Host {
     /// The pod bridge or its ports may have changed: attach the pod fast
     /// path (again). May change the settings (the bridge's index and MAC).
     fn pod_network_changed(&mut self, local: &mut LocalSettings);
+    /// A device of the agent's device pairs was deleted (or may have
+    /// been): set up again any that the datapath uses and is gone. May
+    /// change the settings (the pairs' indexes).
+    fn device_pair_gone(&mut self, local: &mut LocalSettings);
     /// After each applied reconcile: subnet.env, masquerade and FORWARD
     /// rules, flannel's device. `false` when the node is not ready to serve
     /// pods yet (subnet.env could not be written): the reconcile is retried.
@@ -341,6 +345,13 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         if bridge_changed {
             // A new bridge's index and MAC reach CONFIG by a full reconcile.
             self.pending = Touched::All;
+        }
+        if events.contains(&KernelEvent::DevicePairGone) {
+            let mut local = self.state.local().clone();
+            self.host.device_pair_gone(&mut local);
+            // A new index reaches CONFIG by the reconcile that follows.
+            let touched = self.state.set_local(local, &self.paths);
+            self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
         }
     }
 

@@ -151,6 +151,10 @@ struct FakeHost {
     pod_network_changes: usize,
     /// The pod bridge's index it then finds.
     bridge_ifindex: u32,
+    /// Times it was asked to set up device pairs that went.
+    device_pair_checks: usize,
+    /// The GRO device's index it then has.
+    gro_ifindex: u32,
     /// Why the datapath does not serve, if it does not.
     datapath_problem: Option<String>,
     /// The masquerade and FORWARD rules, when the test keeps them, and
@@ -165,6 +169,11 @@ impl Host for FakeHost {
     fn pod_network_changed(&mut self, local: &mut LocalSettings) {
         self.pod_network_changes += 1;
         local.pod_bridge_ifindex = self.bridge_ifindex;
+    }
+
+    fn device_pair_gone(&mut self, local: &mut LocalSettings) {
+        self.device_pair_checks += 1;
+        local.gro_ifindex = self.gro_ifindex;
     }
 
     fn after_apply(&mut self, desired: &Desired) -> bool {
@@ -415,6 +424,17 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
     assert!(r.reconcile(Instant::now()).await);
     assert_eq!((r.host.pod_network_changes, r.state.local().pod_bridge_ifindex), (3, 7));
     assert_eq!(r.state.result().unwrap().config.pod_bridge_ifindex, 7);
+
+    // A device pair went: the host sets it up again, under a new index
+    // that reaches CONFIG; the same index changes nothing.
+    r.handle_kernel_events(&kernel(&[KernelEvent::DevicePairGone]));
+    assert_eq!(r.host.device_pair_checks, 1);
+    assert!(!r.reconcile(Instant::now()).await, "the pairs as they were: nothing to write");
+    r.host.gro_ifindex = 12;
+    r.handle_kernel_events(&kernel(&[KernelEvent::DevicePairGone]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!(r.state.result().unwrap().config.gro_ifindex, 12);
+    assert_eq!(r.host.pod_network_changes, 3, "the pod fast path is not asked");
 
     // The underlay changed: paths asked again, the peer goes to VXLAN; the
     // pod fast path is not asked.
