@@ -37,7 +37,8 @@
 //!   source): [`reconciler::Reconciler::handle_source`], in
 //!   `reconciler/mod.rs`;
 //! - a kernel event ([`kernel_events::KernelEvent`]: the underlay's paths,
-//!   the pod bridge, its ports): [`reconciler::Reconciler::handle_kernel_events`],
+//!   the pod bridge, its ports, the agent's device pairs):
+//!   [`reconciler::Reconciler::handle_kernel_events`],
 //!   in the same file (what counts as one is decided in `kernel_events.rs`);
 //! - a drop reason: [`overlay_common::DropReason`], in
 //!   `overlay-common/src/lib.rs`, the one list of reasons with their labels

@@ -9,11 +9,12 @@
 //! | the datapath's maps and kernel routes | [`PeerWriter`] | [`crate::apply::Applier`] |
 //! | the kernel's paths to the nodes, and its notifications | [`Underlay`] | [`kernel::KernelUnderlay`] ([`crate::kernel_events`]) |
 //! | what our own node advertises | [`Publisher`] | [`sources::KubePublisher`], [`sources::LogPublisher`], [`sources::LeasePublisher`] |
-//! | the rest of the host (subnet.env, netfilter, pod fast path) | [`Host`] | the binary's `run.rs` |
+//! | the rest of the host (subnet.env, netfilter, pod fast path, device pairs) | [`Host`] | the binary's `run.rs` |
 //!
 //! Where each event is handled: node events in [`Reconciler::handle_source`],
 //! kernel events (rtnetlink notifications: the underlay's paths, the pod
-//! bridge and its ports) in [`Reconciler::handle_kernel_events`], the
+//! bridge and its ports, the agent's device pairs) in
+//! [`Reconciler::handle_kernel_events`], the
 //! periodic safety net in [`Reconciler::housekeeping`]; all end in
 //! [`Reconciler::reconcile`].
 
