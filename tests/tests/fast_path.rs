@@ -142,37 +142,48 @@ fn wire_tcp_reaches_the_pod_merged_once_per_packet() {
 }
 
 /// An interface's transmitted bytes, from `ip -s -j link`.
-/// The agent's GRO device deleted under a running agent (an operator
+/// The agent's device pairs deleted under a running agent (an operator
 /// tidying links): TCP to the node's pods goes on, delivered segment by
-/// segment until the agent has made the device again, then merged again.
+/// segment until the agent has made the GRO device again, then merged
+/// again; the segmentation device is made again too.
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
-fn a_deleted_gro_device_is_made_again_without_losing_tcp() {
+fn deleted_device_pairs_are_made_again_without_losing_tcp() {
     require_root();
     let lab = two_nodes(1);
     let (client, server, server_ip) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns, lab.nodes[1].pods[0].ip);
-    let index = || {
-        let out = lab.nodes[1].ns.ip(&["-j", "link", "show", "ovl-gro0"]);
-        let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        links[0]["ifindex"].as_u64()
+    // Every link, so that one missing is `None`, not a failed `ip`.
+    let index = |name: &str| {
+        let out = lab.nodes[1].ns.ip(&["-j", "link", "show"]);
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j link show prints JSON");
+        links.as_array()?.iter().find(|l| l["ifname"] == name).and_then(|l| l["ifindex"].as_u64())
     };
-    let first = index().expect("node 2's agent made a GRO device");
-    let out = lab.nodes[1].ns.ip(&["link", "del", "ovl-gro0"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Each pair: its sending end, what the log says when it went, and how
+    // `inspect` names it in CONFIG.
+    let pairs = [("ovl-gro0", "the GRO device went", "GRO device (ovl-gro0 -> ovl-gro1, ifindex"), ("ovl-seg0", "the segmentation device went", "segmentation device (ovl-seg0 -> ovl-seg1, ifindex")];
+    let first: Vec<u64> = pairs.iter().map(|(end, ..)| index(end).unwrap_or_else(|| panic!("node 2's agent made no {end}"))).collect();
+    for (end, ..) in &pairs {
+        let out = lab.nodes[1].ns.ip(&["link", "del", end]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     Lab::tcp_echo(client, server, server_ip, 28090).unwrap_or_else(|e| panic!("TCP right after the GRO device was deleted: {e}"));
-    let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
-    while index().is_none_or(|i| i == first) {
-        assert!(std::time::Instant::now() < deadline, "the agent did not make its GRO device again:\n{}", lab.agent_log(1));
-        std::thread::sleep(Duration::from_millis(50));
+    for ((end, went, in_config), first) in pairs.iter().zip(first) {
+        let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
+        while index(end).is_none_or(|i| i == first) {
+            assert!(std::time::Instant::now() < deadline, "the agent did not make {end} again:\n{}", lab.agent_log(1));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = lab.agent_log(1);
+        assert!(log.contains(&format!("{went}; setting it up again")), "{log}");
+        // Its index reaches CONFIG.
+        let named = format!("{in_config} {})", index(end).unwrap());
+        let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
+        while !lab.inspect(1).contains(&named) {
+            assert!(std::time::Instant::now() < deadline, "CONFIG does not name the new {end} ({named}):\n{}", lab.inspect(1));
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
-    let log = lab.agent_log(1);
-    assert!(log.contains("the GRO device went; setting it up again"), "{log}");
-    // Its index reaches CONFIG, and TCP is merged there again.
-    let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
-    while !lab.inspect(1).contains(&format!("ifindex {})", index().unwrap())) {
-        assert!(std::time::Instant::now() < deadline, "CONFIG does not name the new GRO device:\n{}", lab.inspect(1));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // And TCP is merged there again.
     let before = lab.counters(1).packets(Counter::GroIn);
     Lab::tcp_echo(client, server, server_ip, 28091).unwrap_or_else(|e| panic!("TCP through the new GRO device: {e}"));
     assert!(lab.counters(1).packets(Counter::GroIn) > before, "TCP did not cross the new GRO device");
