@@ -27,7 +27,10 @@ use netlink_packet_route::{
 
 use tracing::{info, warn};
 
+use overlay_common::Config;
+
 use crate::{
+    desired::LocalSettings,
     bpffs::LinkRole,
     datapath::{Datapath, DatapathError, LinkOutcome},
     iface,
@@ -97,8 +100,50 @@ pub enum DevicePairError {
     },
 }
 
-/// Every device pair the agent may make.
-pub const ALL: [&DevicePair; 2] = [&crate::seg_device::SEGMENTATION, &crate::gro_device::GRO];
+/// Which of the agent's device pairs: each has its field in `CONFIG` (and
+/// in the settings it is written from) for its sending end's index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PairKind {
+    /// [`crate::seg_device`].
+    Segmentation,
+    /// [`crate::gro_device`].
+    Gro,
+}
+
+impl PairKind {
+    pub const ALL: [Self; 2] = [Self::Segmentation, Self::Gro];
+
+    pub fn pair(self) -> &'static DevicePair {
+        match self {
+            Self::Segmentation => &crate::seg_device::SEGMENTATION,
+            Self::Gro => &crate::gro_device::GRO,
+        }
+    }
+
+    /// Its sending end's index in `CONFIG`.
+    pub fn in_config(self, config: &mut Config) -> &mut u32 {
+        match self {
+            Self::Segmentation => &mut config.seg_ifindex,
+            Self::Gro => &mut config.gro_ifindex,
+        }
+    }
+
+    /// The same in the settings `CONFIG` is computed from.
+    pub fn in_settings(self, settings: &mut LocalSettings) -> &mut u32 {
+        match self {
+            Self::Segmentation => &mut settings.seg_ifindex,
+            Self::Gro => &mut settings.gro_ifindex,
+        }
+    }
+
+    /// [`DevicePair::settle`] with the pair's own words for the log.
+    pub fn settle(self, datapath: &mut Datapath, wanted: bool) -> u32 {
+        match self {
+            Self::Segmentation => crate::seg_device::settle(datapath, wanted),
+            Self::Gro => crate::gro_device::settle(datapath, wanted),
+        }
+    }
+}
 
 impl DevicePair {
     /// Both ends, in the order packets cross them.

@@ -95,7 +95,7 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         println!("left what the agent did not create: {}", left.join(", "));
     }
     // The device pairs, when this root's programs used them.
-    for pair in overlay_agent::device_pair::ALL {
+    for pair in overlay_agent::device_pair::PairKind::ALL.map(overlay_agent::device_pair::PairKind::pair) {
         use overlay_agent::device_pair::DevicePairError;
         if !interfaces.iter().any(|i| i == pair.receive_end) {
             continue;

@@ -37,7 +37,7 @@ use overlay_agent::{
         sources::{EtcdNodes, KubeSource, LeasePublisher, LogPublisher, ManifestSource},
     },
     report::{Chain, WithCauses as _},
-    device_pair, gro_device, seg_device, server,
+    device_pair::PairKind, gro_device, seg_device, server,
 };
 use overlay_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -176,7 +176,7 @@ async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publish
     let watched = Watched {
         underlay: applier.iface().to_owned(),
         pod_bridge: host.pod_fast_path.as_ref().map(|f| f.bridge.clone()),
-        device_pairs: device_pair::ALL.iter().flat_map(|pair| pair.device_names()).map(str::to_owned).collect(),
+        device_pairs: PairKind::ALL.iter().flat_map(|kind| kind.pair().device_names()).map(str::to_owned).collect(),
     };
     let events = KernelEvents::spawn(watched).context("subscribing to the kernel's link, address and route changes")?;
     let underlay = KernelUnderlay::new(applier.iface(), events);
@@ -211,6 +211,7 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
         mismatched_seen,
         decap_hook: None,
         datapath_problem: Some("not attached yet".to_owned()),
+        pairs_wanted: BTreeSet::new(),
     };
     if settings.network.is_none() {
         warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded and no FORWARD accept rules are installed");
@@ -254,6 +255,7 @@ enum HostProblem {
     NoPodBridge(String),
     PodFastPath { iface: String, problem: String },
     PodPorts(String),
+    DevicePair { kind: PairKind, problem: String },
 }
 
 /// Everything on the node besides the peers' maps and routes.
@@ -280,6 +282,9 @@ struct NodeHost {
     /// Why the datapath does not serve, as last checked (at attach, then
     /// every housekeeping): what our Node's `NetworkUnavailable` follows.
     datapath_problem: Option<String>,
+    /// The device pairs the datapath uses under this run's flags (set at
+    /// attach): kept set up, made again when they go.
+    pairs_wanted: BTreeSet<PairKind>,
 }
 
 impl Host for NodeHost {
@@ -303,22 +308,38 @@ impl Host for NodeHost {
     }
 
     fn device_pair_gone(&mut self, local: &mut LocalSettings) {
-        let seg_gone = !seg_device::SEGMENTATION.still_serves(local.seg_ifindex);
-        let gro_gone = !gro_device::GRO.still_serves(local.gro_ifindex);
-        if !seg_gone && !gro_gone {
-            return;
-        }
-        // Until the reconcile that follows writes the new index, what the
-        // programs would redirect to a device that is gone is served
-        // without it.
-        self.unname_in_config(seg_gone, gro_gone);
-        if seg_gone {
-            warn!(device = seg_device::SEGMENTATION.send_end, "the segmentation device went; setting it up again");
-            local.seg_ifindex = seg_device::settle(&mut self.datapath, true);
-        }
-        if gro_gone {
-            warn!(device = gro_device::GRO.send_end, "the GRO device went; setting it up again");
-            local.gro_ifindex = gro_device::settle(&mut self.datapath, true);
+        for kind in PairKind::ALL {
+            let (pair, index) = (kind.pair(), *kind.in_settings(local));
+            if !self.pairs_wanted.contains(&kind) || (index != 0 && pair.still_serves(index)) {
+                continue;
+            }
+            if index != 0 {
+                warn!(device = pair.send_end, ifindex = index, "the {} went; setting it up again", pair.what);
+                // Until the reconcile that follows writes the new index,
+                // the programs do without the pair (the GRO device's
+                // segments go straight into their pods; pod tunnels' GSO
+                // packets are dropped as helper_error) instead of sending
+                // packets to a device that is gone.
+                if let Err(err) = self.write_pair_indexes([(kind, 0)]) {
+                    warn!(error = %err.to_string_with_causes(), "cannot clear the {}'s index in CONFIG; what the datapath sends there is lost until the next reconcile", pair.what);
+                }
+            }
+            // Also where setting it up failed before (another's device had
+            // its name, say): tried again on every resync, reported once.
+            *kind.in_settings(local) = match pair.set_up(&mut self.datapath) {
+                Ok((ifindex, outcome)) => {
+                    self.reported.retain(|p| !matches!(p, HostProblem::DevicePair { kind: k, .. } if *k == kind));
+                    info!(devices = %pair.device_names().join(" -> "), send_ifindex = ifindex, ?outcome, "{} set up again", pair.what);
+                    ifindex
+                }
+                Err(err) => {
+                    let problem = err.to_string_with_causes();
+                    if self.reported.insert(HostProblem::DevicePair { kind, problem: problem.clone() }) {
+                        warn!(error = %problem, "cannot set up the {}; the datapath does without it and tries again", pair.what);
+                    }
+                    0
+                }
+            };
         }
     }
 
@@ -394,45 +415,77 @@ impl NodeHost {
         settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
         let seg_wanted = seg_device::wanted(settings.backend);
         let gro_wanted = gro_device::wanted(fast_path, hook == DecapHook::TcIngress, settings.backend == Backend::Vxlan);
-        // Before a device pair these flags do without is removed: the
-        // pinned CONFIG, which the programs read until the first reconcile
-        // rewrites it (and that waits for our own Node, however long), may
-        // still name it from the previous run, and whatever the programs
-        // redirect to a device that is gone is lost. So CONFIG stops
-        // naming it first, and what was on its way through it gets a
-        // moment to arrive.
-        if self.unname_in_config(!seg_wanted, !gro_wanted) {
-            info!("the datapath stops using the device pairs these flags do not need");
-            std::thread::sleep(RETIRED_DEVICE_DRAIN);
-        }
-        settings.seg_ifindex = seg_device::settle(&mut self.datapath, seg_wanted);
-        settings.gro_ifindex = gro_device::settle(&mut self.datapath, gro_wanted);
+        self.pairs_wanted = PairKind::ALL
+            .into_iter()
+            .filter(|kind| match kind {
+                PairKind::Segmentation => seg_wanted,
+                PairKind::Gro => gro_wanted,
+            })
+            .collect();
+        self.settle_device_pairs(settings);
         Ok(())
     }
 
-    /// Clears the sending ends' indexes of the pairs named (`seg`, `gro`)
-    /// in the pinned `CONFIG` the programs read; whether it changed. The
-    /// next reconcile writes `CONFIG` whole, with the indexes the settings
-    /// hold by then.
-    fn unname_in_config(&mut self, seg: bool, gro: bool) -> bool {
-        let Ok(before) = self.maps.config.get(&0, 0) else { return false };
-        let mut config = before;
-        if seg {
-            config.seg_ifindex = 0;
-        }
-        if gro {
-            config.gro_ifindex = 0;
-        }
-        if config == before {
-            return false;
-        }
-        match self.maps.config.set(0, config, 0) {
-            Ok(()) => true,
-            Err(err) => {
-                warn!(error = %err.to_string_with_causes(), "cannot write CONFIG; packets the datapath still redirects to a device pair that is gone are lost until the next reconcile");
-                false
+    /// Sets up the device pairs this run wants and removes the others.
+    /// The pinned `CONFIG` the programs read until the first reconcile
+    /// rewrites it (and that waits for our own Node, however long) is the
+    /// previous run's, and may name a pair these flags do without, or one
+    /// that went while the agent was down: whatever the programs send to a
+    /// device that is gone is lost. So `CONFIG` stops naming those first (a
+    /// device about to be removed gets a moment for what is on its way
+    /// through it), and learns the new indexes as soon as they exist.
+    fn settle_device_pairs(&mut self, settings: &mut LocalSettings) {
+        let pinned = self.maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
+        let (mut stale, mut retiring) = (Vec::new(), false);
+        for kind in PairKind::ALL {
+            let index = pinned.map_or(0, |mut config| *kind.in_config(&mut config));
+            let serves = index != 0 && kind.pair().still_serves(index);
+            if index != 0 && (!self.pairs_wanted.contains(&kind) || !serves) {
+                stale.push((kind, 0));
+                retiring |= serves;
             }
         }
+        let keep_retired = match self.write_pair_indexes(stale) {
+            Ok(changed) => {
+                if changed && retiring {
+                    info!("the datapath stops using the device pairs these flags do not need");
+                    std::thread::sleep(RETIRED_DEVICE_DRAIN);
+                }
+                false
+            }
+            Err(err) => {
+                warn!(error = %err.to_string_with_causes(), "cannot clear device pairs' indexes in CONFIG; pairs these flags do not need stay until the next start");
+                true
+            }
+        };
+        for kind in PairKind::ALL {
+            let wanted = self.pairs_wanted.contains(&kind);
+            *kind.in_settings(settings) = if !wanted && keep_retired { 0 } else { kind.settle(&mut self.datapath, wanted) };
+        }
+        let settled = PairKind::ALL.map(|kind| (kind, *kind.in_settings(settings)));
+        if let Err(err) = self.write_pair_indexes(settled) {
+            warn!(error = %err.to_string_with_causes(), "cannot write the device pairs' indexes to CONFIG; the first reconcile writes them");
+        }
+    }
+
+    /// Writes the pairs' sending-end indexes into the pinned `CONFIG`, if
+    /// it is configured (a previous run's, or this run's once reconciled);
+    /// whether it changed. The next reconcile writes `CONFIG` whole, with
+    /// the indexes the settings hold by then.
+    fn write_pair_indexes(&mut self, indexes: impl IntoIterator<Item = (PairKind, u32)>) -> Result<bool, aya::maps::MapError> {
+        let before = self.maps.config.get(&0, 0)?;
+        if before.enabled == 0 {
+            return Ok(false);
+        }
+        let mut config = before;
+        for (kind, index) in indexes {
+            *kind.in_config(&mut config) = index;
+        }
+        if config == before {
+            return Ok(false);
+        }
+        self.maps.config.set(0, config, 0)?;
+        Ok(true)
     }
 
     /// With `--forward bpf`: attaches the fast path to the pod bridge once

@@ -141,14 +141,16 @@ fn wire_tcp_reaches_the_pod_merged_once_per_packet() {
     assert_no_drops(&after);
 }
 
-/// An interface's transmitted bytes, from `ip -s -j link`.
 /// The agent's device pairs deleted under a running agent (an operator
-/// tidying links): TCP to the node's pods goes on, delivered segment by
-/// segment until the agent has made the GRO device again, then merged
-/// again; the segmentation device is made again too.
+/// tidying links): both are made again under new indexes, which reach
+/// CONFIG, and TCP is merged on the new GRO device. TCP to the node's pods
+/// goes on meanwhile; what was sent in the moment before the agent heard
+/// of the deletion is lost and retransmitted, which this cannot tell
+/// apart (`restart.rs` holds such windows open across restarts). Before,
+/// the pairs stayed gone, and TCP to the pods with them.
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
-fn deleted_device_pairs_are_made_again_without_losing_tcp() {
+fn deleted_device_pairs_are_made_again() {
     require_root();
     let lab = two_nodes(1);
     let (client, server, server_ip) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns, lab.nodes[1].pods[0].ip);
@@ -190,6 +192,7 @@ fn deleted_device_pairs_are_made_again_without_losing_tcp() {
     assert_no_drops(&lab.counters(1));
 }
 
+/// An interface's transmitted bytes, from `ip -s -j link`.
 fn tx_bytes(ns: &NetNs, iface: &str) -> u64 {
     let out = ns.ip(&["-s", "-j", "link", "show", iface]);
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j output");

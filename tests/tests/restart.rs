@@ -283,3 +283,82 @@ fn a_restart_that_retires_the_gro_device_loses_no_tcp() {
     Lab::tcp_echo(client, server, server_ip, 28084).unwrap_or_else(|e| panic!("TCP back on --forward bpf: {e}"));
     assert!(gro_in(&lab) > before, "back on --forward bpf, TCP did not cross the GRO device");
 }
+
+/// Node 2's agent restarted without its own Node (so no reconcile rewrites
+/// CONFIG) after `ip link del` took its GRO device while it was down: the
+/// pinned CONFIG names the device that went until the agent has made a new
+/// one and written its index there itself. TCP into the pod in that window
+/// crosses the new device.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_gro_device_deleted_while_the_agent_is_down_is_made_again_before_the_first_reconcile() {
+    require_root();
+    let mut lab = two_node_lab();
+    let first = link_index(&lab, 1, "ovl-gro0").expect("node 2's agent made a GRO device");
+    lab.stop_agent(1);
+    let out = lab.nodes[1].ns.ip(&["link", "del", "ovl-gro0"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let no_nodes = lab.work_dir().join("no-nodes");
+    std::fs::create_dir_all(&no_nodes).unwrap();
+    let nodes_dir = std::mem::replace(&mut lab.nodes_dir, no_nodes);
+    let settled = lab.agent_log(1).matches("GRO device: ").count();
+    lab.launch_agent(1).unwrap();
+    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(20));
+    while lab.agent_log(1).matches("GRO device: ").count() == settled {
+        assert!(Instant::now() < deadline, "the agent did not set its GRO device up:\n{}", lab.agent_log(1));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let new = link_index(&lab, 1, "ovl-gro0").expect("the agent made its GRO device again");
+    assert_ne!(new, first);
+    assert!(lab.inspect(1).contains(&format!("ifindex {new})")), "CONFIG does not name the new GRO device:\n{}", lab.inspect(1));
+    let before = lab.counters(1).packets(Counter::GroIn);
+    let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
+    Lab::tcp_echo(client, server, lab.nodes[1].pods[0].ip, 28085)
+        .unwrap_or_else(|e| panic!("TCP to node 2's pod after its GRO device was made again, before the first reconcile: {e}"));
+    assert!(lab.counters(1).packets(Counter::GroIn) > before, "TCP did not cross the new GRO device");
+    lab.stop_agent(1);
+    lab.nodes_dir = nodes_dir;
+}
+
+/// The agent's device pairs could not be set up at start (other devices had
+/// their names), and those devices go: the agent sets its own pairs up
+/// then, without a restart, and TCP is merged on its GRO device.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn the_agent_sets_its_device_pairs_up_once_foreign_devices_free_their_names() {
+    require_root();
+    let mut lab = two_node_lab();
+    lab.stop_agent(1);
+    let ip = |lab: &Lab, args: &[&str]| {
+        let out = lab.nodes[1].ns.ip(args);
+        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    for (i, send_end) in ["ovl-seg0", "ovl-gro0"].into_iter().enumerate() {
+        ip(&lab, &["link", "del", send_end]);
+        ip(&lab, &["link", "add", send_end, "type", "veth", "peer", "name", &format!("not-ours{i}")]);
+    }
+    lab.start_agent(1, Duration::from_secs(20)).unwrap();
+    assert!(lab.agent_log(1).contains("ovl-gro0 exists but is not the agent's"), "{}", lab.agent_log(1));
+    for send_end in ["ovl-seg0", "ovl-gro0"] {
+        ip(&lab, &["link", "del", send_end]);
+    }
+    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
+    for (what, send_end, in_config) in [
+        ("segmentation device", "ovl-seg0", "segmentation device (ovl-seg0 -> ovl-seg1, ifindex"),
+        ("GRO device", "ovl-gro0", "GRO device (ovl-gro0 -> ovl-gro1, ifindex"),
+    ] {
+        loop {
+            let named = link_index(&lab, 1, send_end).map(|index| format!("{in_config} {index})"));
+            if named.is_some_and(|named| lab.inspect(1).contains(&named)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the agent did not set up its {what} once the name was free:\n{}\n{}", lab.agent_log(1), lab.inspect(1));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(lab.agent_log(1).contains(&format!("{what} set up again")), "{}", lab.agent_log(1));
+    }
+    let before = lab.counters(1).packets(Counter::GroIn);
+    let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
+    Lab::tcp_echo(client, server, lab.nodes[1].pods[0].ip, 28086).unwrap_or_else(|e| panic!("TCP through the agent's own GRO device: {e}"));
+    assert!(lab.counters(1).packets(Counter::GroIn) > before, "TCP did not cross the agent's GRO device");
+}

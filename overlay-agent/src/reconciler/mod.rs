@@ -162,8 +162,9 @@ pub trait Host {
     /// path (again). May change the settings (the bridge's index and MAC).
     fn pod_network_changed(&mut self, local: &mut LocalSettings);
     /// A device of the agent's device pairs was deleted (or may have
-    /// been): set up again any that the datapath uses and is gone. May
-    /// change the settings (the pairs' indexes).
+    /// been: every resync asks too): set up again any that the datapath
+    /// uses and that is gone or could not be set up before. May change the
+    /// settings (the pairs' indexes).
     fn device_pair_gone(&mut self, local: &mut LocalSettings);
     /// After each applied reconcile: subnet.env, masquerade and FORWARD
     /// rules, flannel's device. `false` when the node is not ready to serve
