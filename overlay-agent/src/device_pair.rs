@@ -30,9 +30,9 @@ use tracing::{info, warn};
 use overlay_common::Config;
 
 use crate::{
-    desired::LocalSettings,
     bpffs::LinkRole,
     datapath::{Datapath, DatapathError, LinkOutcome},
+    desired::LocalSettings,
     iface,
     report::WithCauses as _,
     rtnl::{Answer, Refused, Rtnl, RtnlError},
