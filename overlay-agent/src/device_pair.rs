@@ -137,7 +137,7 @@ impl PairKind {
     }
 
     /// [`DevicePair::settle`] with the pair's own words for the log.
-    pub fn settle(self, datapath: &mut Datapath, wanted: bool) -> u32 {
+    pub fn settle(self, datapath: &mut Datapath, wanted: bool) -> Result<u32, DevicePairError> {
         match self {
             Self::Segmentation => crate::seg_device::settle(datapath, wanted),
             Self::Gro => crate::gro_device::settle(datapath, wanted),
@@ -161,24 +161,25 @@ impl DevicePair {
     /// Sets the pair up where the datapath uses it (`wanted`), or removes
     /// the agent's own where it does not, and says in the log which:
     /// `"<what>: <purpose>"` once set up, `without` when it cannot be.
-    /// Returns the sending end's index, for `CONFIG`, or 0 without it.
-    pub fn settle(&self, datapath: &mut Datapath, wanted: bool, purpose: &str, without: &str) -> u32 {
+    /// Returns the sending end's index, for `CONFIG`, or 0 without it; the
+    /// error (logged already) where setting it up failed.
+    pub fn settle(&self, datapath: &mut Datapath, wanted: bool, purpose: &str, without: &str) -> Result<u32, DevicePairError> {
         if !wanted {
             match self.remove(Some(datapath)) {
                 Ok(true) => info!(device = self.send_end, "removed the {}, which the datapath no longer uses", self.what),
                 Ok(false) => {}
                 Err(err) => warn!(error = %err.to_string_with_causes(), "cannot remove the {}", self.what),
             }
-            return 0;
+            return Ok(0);
         }
         match self.set_up(datapath) {
             Ok((send_ifindex, outcome)) => {
                 info!(devices = %self.device_names().join(" -> "), send_ifindex, ?outcome, "{}: {purpose}", self.what);
-                send_ifindex
+                Ok(send_ifindex)
             }
             Err(err) => {
                 warn!(error = %err.to_string_with_causes(), "cannot set up the {}; {without}", self.what);
-                0
+                Err(err)
             }
         }
     }

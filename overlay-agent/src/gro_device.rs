@@ -31,7 +31,11 @@
 //!
 //! The pair itself (creation, reuse, removal) is [`crate::device_pair`]'s.
 
-use crate::{bpffs::LinkRole, datapath::Datapath, device_pair::DevicePair};
+use crate::{
+    bpffs::LinkRole,
+    datapath::Datapath,
+    device_pair::{DevicePair, DevicePairError},
+};
 
 /// The GRO device.
 pub const GRO: DevicePair = DevicePair {
@@ -56,8 +60,9 @@ pub const GRO: DevicePair = DevicePair {
 /// Sets up the GRO device where the fast path delivers what TC
 /// decapsulated (`wanted`), or removes the agent's own where it does not.
 /// Returns the value of `Config::gro_ifindex`: the sending end's index, or
-/// 0 (each segment is then delivered on its own, as without the device).
-pub fn settle(datapath: &mut Datapath, wanted: bool) -> u32 {
+/// 0 (each segment is then delivered on its own, as without the device);
+/// the error, logged already, where it cannot be set up.
+pub fn settle(datapath: &mut Datapath, wanted: bool) -> Result<u32, DevicePairError> {
     GRO.settle(
         datapath,
         wanted,

@@ -8,7 +8,7 @@ use std::{
     future::Future,
     path::PathBuf,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -37,7 +37,8 @@ use overlay_agent::{
         sources::{EtcdNodes, KubeSource, LeasePublisher, LogPublisher, ManifestSource},
     },
     report::{Chain, WithCauses as _},
-    device_pair::PairKind, gro_device, seg_device, server,
+    device_pair::{DevicePairError, PairKind},
+    gro_device, seg_device, server,
 };
 use overlay_common::Counter;
 use tokio::signal::unix::{SignalKind, signal};
@@ -47,6 +48,9 @@ use tracing::{error, info, warn};
 /// removed: programs that read `CONFIG` before finish in microseconds, and
 /// veth's queue empties within a NAPI poll.
 const RETIRED_DEVICE_DRAIN: Duration = Duration::from_millis(100);
+/// How long a device pair whose setting up failed waits before it is
+/// tried again: the resyncs (every 30 s) try it.
+const PAIR_RETRY: Duration = Duration::from_secs(20);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -212,6 +216,7 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
         decap_hook: None,
         datapath_problem: Some("not attached yet".to_owned()),
         pairs_wanted: BTreeSet::new(),
+        pair_retry_after: BTreeMap::new(),
     };
     if settings.network.is_none() {
         warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded and no FORWARD accept rules are installed");
@@ -255,7 +260,8 @@ enum HostProblem {
     NoPodBridge(String),
     PodFastPath { iface: String, problem: String },
     PodPorts(String),
-    DevicePair { kind: PairKind, problem: String },
+    /// A device pair the datapath wants could not be set up.
+    DevicePair(PairKind),
 }
 
 /// Everything on the node besides the peers' maps and routes.
@@ -285,6 +291,9 @@ struct NodeHost {
     /// The device pairs the datapath uses under this run's flags (set at
     /// attach): kept set up, made again when they go.
     pairs_wanted: BTreeSet<PairKind>,
+    /// When a pair whose setting up failed (and deleted what it had made,
+    /// a deletion the agent hears as an event too) is tried again.
+    pair_retry_after: BTreeMap<PairKind, Instant>,
 }
 
 impl Host for NodeHost {
@@ -315,27 +324,34 @@ impl Host for NodeHost {
             }
             if index != 0 {
                 warn!(device = pair.send_end, ifindex = index, "the {} went; setting it up again", pair.what);
-                // Until the reconcile that follows writes the new index,
-                // the programs do without the pair (the GRO device's
-                // segments go straight into their pods; pod tunnels' GSO
-                // packets are dropped as helper_error) instead of sending
-                // packets to a device that is gone.
+                // Until the new index is written, the programs do without
+                // the pair (the GRO device's segments go straight into
+                // their pods; pod tunnels' GSO packets are dropped as
+                // helper_error) instead of sending to a device that is gone.
                 if let Err(err) = self.write_pair_indexes([(kind, 0)]) {
                     warn!(error = %err.to_string_with_causes(), "cannot clear the {}'s index in CONFIG; what the datapath sends there is lost until the next reconcile", pair.what);
                 }
+            } else if self.pair_retry_after.get(&kind).is_some_and(|&after| Instant::now() < after) {
+                continue;
             }
             // Also where setting it up failed before (another's device had
-            // its name, say): tried again on every resync, reported once.
+            // its name, say): tried again when a device of that name goes,
+            // and on the resyncs.
             *kind.in_settings(local) = match pair.set_up(&mut self.datapath) {
                 Ok((ifindex, outcome)) => {
-                    self.reported.retain(|p| !matches!(p, HostProblem::DevicePair { kind: k, .. } if *k == kind));
+                    self.reported.remove(&HostProblem::DevicePair(kind));
+                    self.pair_retry_after.remove(&kind);
                     info!(devices = %pair.device_names().join(" -> "), send_ifindex = ifindex, ?outcome, "{} set up again", pair.what);
+                    // Now, not at the reconcile that follows: the first
+                    // waits for our own Node.
+                    if let Err(err) = self.write_pair_indexes([(kind, ifindex)]) {
+                        warn!(error = %err.to_string_with_causes(), "cannot write the {}'s index to CONFIG; the next reconcile writes it", pair.what);
+                    }
                     ifindex
                 }
                 Err(err) => {
-                    let problem = err.to_string_with_causes();
-                    if self.reported.insert(HostProblem::DevicePair { kind, problem: problem.clone() }) {
-                        warn!(error = %problem, "cannot set up the {}; the datapath does without it and tries again", pair.what);
+                    if self.pair_failed(kind, &err) {
+                        warn!(error = %err.to_string_with_causes(), "cannot set up the {}; the datapath does without it and tries again", pair.what);
                     }
                     0
                 }
@@ -436,36 +452,63 @@ impl NodeHost {
     /// through it), and learns the new indexes as soon as they exist.
     fn settle_device_pairs(&mut self, settings: &mut LocalSettings) {
         let pinned = self.maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
-        let (mut stale, mut retiring) = (Vec::new(), false);
+        let (mut stale, mut retiring) = (Vec::new(), BTreeSet::new());
         for kind in PairKind::ALL {
             let index = pinned.map_or(0, |mut config| *kind.in_config(&mut config));
             let serves = index != 0 && kind.pair().still_serves(index);
             if index != 0 && (!self.pairs_wanted.contains(&kind) || !serves) {
                 stale.push((kind, 0));
-                retiring |= serves;
+                if serves {
+                    retiring.insert(kind);
+                }
             }
         }
-        let keep_retired = match self.write_pair_indexes(stale) {
+        let cleared = self.write_pair_indexes(stale);
+        let kept = match &cleared {
             Ok(changed) => {
-                if changed && retiring {
+                if *changed && !retiring.is_empty() {
                     info!("the datapath stops using the device pairs these flags do not need");
                     std::thread::sleep(RETIRED_DEVICE_DRAIN);
                 }
-                false
+                BTreeSet::new()
             }
             Err(err) => {
-                warn!(error = %err.to_string_with_causes(), "cannot clear device pairs' indexes in CONFIG; pairs these flags do not need stay until the next start");
-                true
+                warn!(error = %err.to_string_with_causes(), "cannot clear device pairs' indexes in CONFIG; the pairs it names that these flags do not need stay until the next start");
+                retiring
             }
         };
         for kind in PairKind::ALL {
-            let wanted = self.pairs_wanted.contains(&kind);
-            *kind.in_settings(settings) = if !wanted && keep_retired { 0 } else { kind.settle(&mut self.datapath, wanted) };
+            let index = if kept.contains(&kind) {
+                0
+            } else {
+                match kind.settle(&mut self.datapath, self.pairs_wanted.contains(&kind)) {
+                    Ok(index) => index,
+                    Err(err) => {
+                        self.pair_failed(kind, &err);
+                        0
+                    }
+                }
+            };
+            *kind.in_settings(settings) = index;
         }
         let settled = PairKind::ALL.map(|kind| (kind, *kind.in_settings(settings)));
-        if let Err(err) = self.write_pair_indexes(settled) {
+        if cleared.is_ok()
+            && let Err(err) = self.write_pair_indexes(settled)
+        {
             warn!(error = %err.to_string_with_causes(), "cannot write the device pairs' indexes to CONFIG; the first reconcile writes them");
         }
+    }
+
+    /// Notes that `kind` could not be set up; whether that is news (to
+    /// report). A failure after creating the pair deletes it, which the
+    /// agent hears as a deletion: such a pair waits [`PAIR_RETRY`] before
+    /// it is tried again. Another's device holding the name deletes
+    /// nothing: tried again as soon as a device of that name goes.
+    fn pair_failed(&mut self, kind: PairKind, err: &DevicePairError) -> bool {
+        if !matches!(err, DevicePairError::NotOurs { .. }) {
+            self.pair_retry_after.insert(kind, Instant::now() + PAIR_RETRY);
+        }
+        self.reported.insert(HostProblem::DevicePair(kind))
     }
 
     /// Writes the pairs' sending-end indexes into the pinned `CONFIG`, if

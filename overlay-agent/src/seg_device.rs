@@ -23,7 +23,12 @@
 //!
 //! The pair itself (creation, reuse, removal) is [`crate::device_pair`]'s.
 
-use crate::{bpffs::LinkRole, datapath::Datapath, desired::Backend, device_pair::DevicePair};
+use crate::{
+    bpffs::LinkRole,
+    datapath::Datapath,
+    desired::Backend,
+    device_pair::{DevicePair, DevicePairError},
+};
 
 /// The segmentation device.
 pub const SEGMENTATION: DevicePair = DevicePair {
@@ -52,8 +57,8 @@ pub const SEGMENTATION: DevicePair = DevicePair {
 /// (`wanted`, see [`wanted`]), or removes the agent's own where it does not. Returns the
 /// value of `Config::seg_ifindex`: the sending end's index, or 0 (a pod
 /// tunnel's GSO packets are then dropped as `helper_error`, as before the
-/// device existed).
-pub fn settle(datapath: &mut Datapath, wanted: bool) -> u32 {
+/// device existed); the error, logged already, where it cannot be set up.
+pub fn settle(datapath: &mut Datapath, wanted: bool) -> Result<u32, DevicePairError> {
     SEGMENTATION.settle(
         datapath,
         wanted,

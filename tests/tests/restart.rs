@@ -310,7 +310,11 @@ fn a_gro_device_deleted_while_the_agent_is_down_is_made_again_before_the_first_r
     }
     let new = link_index(&lab, 1, "ovl-gro0").expect("the agent made its GRO device again");
     assert_ne!(new, first);
-    assert!(lab.inspect(1).contains(&format!("ifindex {new})")), "CONFIG does not name the new GRO device:\n{}", lab.inspect(1));
+    // Written just after that line: waited for, as everything the agent does.
+    while !lab.inspect(1).contains(&format!("ifindex {new})")) {
+        assert!(Instant::now() < deadline, "CONFIG does not name the new GRO device:\n{}", lab.inspect(1));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let before = lab.counters(1).packets(Counter::GroIn);
     let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
     Lab::tcp_echo(client, server, lab.nodes[1].pods[0].ip, 28085)
