@@ -120,7 +120,15 @@ impl PairKind {
         }
     }
 
-    /// Its sending end's index in `CONFIG`.
+    /// Its sending end's index as `config` holds it.
+    pub fn index_in(self, config: &Config) -> u32 {
+        match self {
+            Self::Segmentation => config.seg_ifindex,
+            Self::Gro => config.gro_ifindex,
+        }
+    }
+
+    /// Its sending end's index in `CONFIG`, to write.
     pub fn in_config(self, config: &mut Config) -> &mut u32 {
         match self {
             Self::Segmentation => &mut config.seg_ifindex,

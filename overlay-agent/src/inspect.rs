@@ -5,6 +5,7 @@ use std::{net::Ipv4Addr, path::Path};
 use anyhow::Context as _;
 use overlay_agent::{
     bpffs::{LinkRole, PinLayout},
+    device_pair::PairKind,
     maps::DatapathMaps,
     node::format_mac,
 };
@@ -50,6 +51,16 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
                     "  fast path, in: TCP decapsulated at TC merged on the GRO device ({}, ifindex {index}), then into its pod once per merged packet; the rest straight into its pod",
                     overlay_agent::gro_device::GRO.device_names().join(" -> ")
                 ),
+            }
+        }
+        // Only a stopped agent leaves CONFIG naming a pair that went.
+        for kind in PairKind::ALL {
+            let (pair, index) = (kind.pair(), kind.index_in(&config));
+            if !pair.still_serves(index) {
+                println!(
+                    "  !! {} is not here (ifindex {index}): what the datapath sends to the {} is lost until the agent runs and sets it up again",
+                    pair.send_end, pair.what
+                );
             }
         }
     }

@@ -914,7 +914,10 @@ impl Lab {
 
     /// `overlay-agent inspect` for node `i`.
     pub fn inspect(&self, i: usize) -> String {
-        let out = Command::new(&self.spec.agent)
+        // In the node's namespace, as an operator on the node runs it.
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.nodes[i].ns.name()))
+            .arg(&self.spec.agent)
             .arg("inspect")
             .arg("--bpffs-root")
             .arg(&self.nodes[i].pin_root)

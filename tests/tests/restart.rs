@@ -298,6 +298,9 @@ fn a_gro_device_deleted_while_the_agent_is_down_is_made_again_before_the_first_r
     lab.stop_agent(1);
     let out = lab.nodes[1].ns.ip(&["link", "del", "ovl-gro0"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Meanwhile the pinned CONFIG names it, and `inspect` says so.
+    let inspect = lab.inspect(1);
+    assert!(inspect.contains(&format!("!! ovl-gro0 is not here (ifindex {first})")), "{inspect}");
     let no_nodes = lab.work_dir().join("no-nodes");
     std::fs::create_dir_all(&no_nodes).unwrap();
     let nodes_dir = std::mem::replace(&mut lab.nodes_dir, no_nodes);
