@@ -43,6 +43,11 @@ use crate::{
 pub struct DevicePair {
     /// What the pair is, as the log and errors name it.
     pub what: &'static str,
+    /// What the datapath does with it, for the log once it is set up.
+    pub purpose: &'static str,
+    /// What the datapath does without it, for the log when it cannot be
+    /// set up.
+    pub without: &'static str,
     /// The end the datapath redirects to.
     pub send_end: &'static str,
     /// The end whose TC ingress runs `program`.
@@ -143,14 +148,6 @@ impl PairKind {
             Self::Gro => &mut settings.gro_ifindex,
         }
     }
-
-    /// [`DevicePair::settle`] with the pair's own words for the log.
-    pub fn settle(self, datapath: &mut Datapath, wanted: bool) -> Result<u32, DevicePairError> {
-        match self {
-            Self::Segmentation => crate::seg_device::settle(datapath, wanted),
-            Self::Gro => crate::gro_device::settle(datapath, wanted),
-        }
-    }
 }
 
 impl DevicePair {
@@ -167,11 +164,12 @@ impl DevicePair {
     }
 
     /// Sets the pair up where the datapath uses it (`wanted`), or removes
-    /// the agent's own where it does not, and says in the log which:
-    /// `"<what>: <purpose>"` once set up, `without` when it cannot be.
-    /// Returns the sending end's index, for `CONFIG`, or 0 without it; the
-    /// error (logged already) where setting it up failed.
-    pub fn settle(&self, datapath: &mut Datapath, wanted: bool, purpose: &str, without: &str) -> Result<u32, DevicePairError> {
+    /// the agent's own where it does not, and says in the log which
+    /// (`"<what>: <purpose>"` once set up). Returns the sending end's
+    /// index, for `CONFIG`, or 0 without it; where setting it up failed,
+    /// the error, for the caller to report with [`Self::without`] (once:
+    /// the agent tries again).
+    pub fn settle(&self, datapath: &mut Datapath, wanted: bool) -> Result<u32, DevicePairError> {
         if !wanted {
             match self.remove(Some(datapath)) {
                 Ok(true) => info!(device = self.send_end, "removed the {}, which the datapath no longer uses", self.what),
@@ -180,16 +178,9 @@ impl DevicePair {
             }
             return Ok(0);
         }
-        match self.set_up(datapath) {
-            Ok((send_ifindex, outcome)) => {
-                info!(devices = %self.device_names().join(" -> "), send_ifindex, ?outcome, "{}: {purpose}", self.what);
-                Ok(send_ifindex)
-            }
-            Err(err) => {
-                warn!(error = %err.to_string_with_causes(), "cannot set up the {}; {without}", self.what);
-                Err(err)
-            }
-        }
+        let (send_ifindex, outcome) = self.set_up(datapath)?;
+        info!(devices = %self.device_names().join(" -> "), send_ifindex, ?outcome, "{}: {}", self.what, self.purpose);
+        Ok(send_ifindex)
     }
 
     /// Creates the pair (or reuses the agent's own), sets its features, and

@@ -33,13 +33,14 @@
 
 use crate::{
     bpffs::LinkRole,
-    datapath::Datapath,
-    device_pair::{DevicePair, DevicePairError},
+    device_pair::DevicePair,
 };
 
 /// The GRO device.
 pub const GRO: DevicePair = DevicePair {
     what: "GRO device",
+    purpose: "TCP decapsulated at TC is merged there, then delivered into pods once per merged packet",
+    without: "TCP decapsulated at TC is delivered segment by segment",
     send_end: "ovl-gro0",
     receive_end: "ovl-gro1",
     alias: "overlay-agent: merges decapsulated TCP for pods",
@@ -56,20 +57,6 @@ pub const GRO: DevicePair = DevicePair {
     receive_features: &[("rx-gro", true)],
     queue_per_cpu: true,
 };
-
-/// Sets up the GRO device where the fast path delivers what TC
-/// decapsulated (`wanted`), or removes the agent's own where it does not.
-/// Returns the value of `Config::gro_ifindex`: the sending end's index, or
-/// 0 (each segment is then delivered on its own, as without the device);
-/// the error, logged already, where it cannot be set up.
-pub fn settle(datapath: &mut Datapath, wanted: bool) -> Result<u32, DevicePairError> {
-    GRO.settle(
-        datapath,
-        wanted,
-        "TCP decapsulated at TC is merged there, then delivered into pods once per merged packet",
-        "TCP decapsulated at TC is delivered segment by segment",
-    )
-}
 
 /// Whether the datapath delivers through the GRO device: the fast path is
 /// on and VXLAN is decapsulated at TC ingress (at XDP, on a NIC, the

@@ -350,9 +350,7 @@ impl Host for NodeHost {
                     ifindex
                 }
                 Err(err) => {
-                    if self.pair_failed(kind, &err) {
-                        warn!(error = %err.to_string_with_causes(), "cannot set up the {}; the datapath does without it and tries again", pair.what);
-                    }
+                    self.pair_failed(kind, &err);
                     0
                 }
             };
@@ -481,7 +479,7 @@ impl NodeHost {
             let index = if kept.contains(&kind) {
                 0
             } else {
-                match kind.settle(&mut self.datapath, self.pairs_wanted.contains(&kind)) {
+                match kind.pair().settle(&mut self.datapath, self.pairs_wanted.contains(&kind)) {
                     Ok(index) => index,
                     Err(err) => {
                         self.pair_failed(kind, &err);
@@ -499,16 +497,19 @@ impl NodeHost {
         }
     }
 
-    /// Notes that `kind` could not be set up; whether that is news (to
-    /// report). A failure after creating the pair deletes it, which the
-    /// agent hears as a deletion: such a pair waits [`PAIR_RETRY`] before
-    /// it is tried again. Another's device holding the name deletes
-    /// nothing: tried again as soon as a device of that name goes.
-    fn pair_failed(&mut self, kind: PairKind, err: &DevicePairError) -> bool {
+    /// Notes that `kind` could not be set up, and says so the first time.
+    /// A failure after creating the pair deletes it, which the agent hears
+    /// as a deletion: such a pair waits [`PAIR_RETRY`] before it is tried
+    /// again. Another's device holding the name deletes nothing: tried
+    /// again as soon as a device of that name goes.
+    fn pair_failed(&mut self, kind: PairKind, err: &DevicePairError) {
         if !matches!(err, DevicePairError::NotOurs { .. }) {
             self.pair_retry_after.insert(kind, Instant::now() + PAIR_RETRY);
         }
-        self.reported.insert(HostProblem::DevicePair(kind))
+        if self.reported.insert(HostProblem::DevicePair(kind)) {
+            let pair = kind.pair();
+            warn!(error = %err.to_string_with_causes(), "cannot set up the {}; {} until it can (the agent tries again)", pair.what, pair.without);
+        }
     }
 
     /// Writes the pairs' sending-end indexes into the pinned `CONFIG`, if

@@ -25,14 +25,15 @@
 
 use crate::{
     bpffs::LinkRole,
-    datapath::Datapath,
     desired::Backend,
-    device_pair::{DevicePair, DevicePairError},
+    device_pair::DevicePair,
 };
 
 /// The segmentation device.
 pub const SEGMENTATION: DevicePair = DevicePair {
     what: "segmentation device",
+    purpose: "pod tunnels' GSO packets are segmented there, then encapsulated",
+    without: "GSO packets of pods' own tunnels are dropped (helper_error)",
     send_end: "ovl-seg0",
     receive_end: "ovl-seg1",
     alias: "overlay-agent: segments pod tunnels' GSO packets",
@@ -52,20 +53,6 @@ pub const SEGMENTATION: DevicePair = DevicePair {
     receive_features: &[("rx-gro", false)],
     queue_per_cpu: false,
 };
-
-/// Sets up the segmentation device where encapsulation needs it
-/// (`wanted`, see [`wanted`]), or removes the agent's own where it does not. Returns the
-/// value of `Config::seg_ifindex`: the sending end's index, or 0 (a pod
-/// tunnel's GSO packets are then dropped as `helper_error`, as before the
-/// device existed); the error, logged already, where it cannot be set up.
-pub fn settle(datapath: &mut Datapath, wanted: bool) -> Result<u32, DevicePairError> {
-    SEGMENTATION.settle(
-        datapath,
-        wanted,
-        "pod tunnels' GSO packets are segmented there, then encapsulated",
-        "GSO packets of pods' own tunnels will be dropped (helper_error)",
-    )
-}
 
 /// Whether encapsulation needs the segmentation device: the VXLAN backend.
 pub fn wanted(backend: Backend) -> bool {
