@@ -347,6 +347,7 @@ fn colour(variant: &str) -> &'static str {
         Some(Variant::VxlanBpfForward) => "#1e3a8a",
         Some(Variant::HostGwBpfForward) => "#064e3b",
         Some(Variant::VxlanTcBpfForward) => "#7c3aed",
+        Some(Variant::VxlanXdp) => "#db2777",
         Some(Variant::KernelVxlanFlanneld) => "#e76f51",
         None => "#444444",
     }

@@ -38,6 +38,10 @@ pub enum Variant {
     /// Design comparison: our VXLAN with the fast path and decapsulation at
     /// TC, so nothing is copied into veth's XDP ring (and nothing is GROed).
     VxlanTcBpfForward,
+    /// Design comparison: our VXLAN decapsulating in native XDP, with the
+    /// fast path (as by default): the `auto` choice on a NIC, measured on
+    /// the lab's veths, where XDP copies every frame.
+    VxlanXdp,
     /// flannel's vxlan backend run by real flanneld (etcd mode, the lab's
     /// etcd) instead of programmed by the lab: the check that
     /// [`Variant::KernelVxlan`]'s imitation measures what flannel users run.
@@ -63,10 +67,10 @@ pub(super) enum Setup {
 }
 
 impl Variant {
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Raw, Self::KernelHostGw, Self::KernelVxlan, Self::Vxlan, Self::HostGw,
         Self::VxlanTc, Self::VxlanXdpGeneric, Self::HostGwXdp, Self::VxlanBpfForward, Self::HostGwBpfForward,
-        Self::VxlanTcBpfForward, Self::KernelVxlanFlanneld,
+        Self::VxlanTcBpfForward, Self::VxlanXdp, Self::KernelVxlanFlanneld,
     ];
 
     /// The name used on the command line and in results.json.
@@ -83,6 +87,7 @@ impl Variant {
             Self::VxlanBpfForward => "vxlan-bpf-forward",
             Self::HostGwBpfForward => "host-gw-bpf-forward",
             Self::VxlanTcBpfForward => "vxlan-tc-bpf-forward",
+            Self::VxlanXdp => "vxlan-xdp",
             Self::KernelVxlanFlanneld => "kernel-vxlan-flanneld",
         }
     }
@@ -105,6 +110,7 @@ impl Variant {
             Self::VxlanBpfForward => "ours: VXLAN, BPF forward",
             Self::HostGwBpfForward => "ours: host-gw, BPF forward",
             Self::VxlanTcBpfForward => "ours: VXLAN, TC decap, BPF forward",
+            Self::VxlanXdp => "ours: VXLAN, native XDP",
             Self::KernelVxlanFlanneld => "kernel vxlan (real flanneld)",
         }
     }
@@ -123,6 +129,7 @@ impl Variant {
             Self::VxlanBpfForward => "pod to pod, our agent with `--backend vxlan --decap auto --forward bpf`",
             Self::HostGwBpfForward => "pod to pod, our agent with `--backend host-gw --decap auto --forward bpf`",
             Self::VxlanTcBpfForward => "pod to pod, our agent with `--backend vxlan --decap tc --forward bpf`",
+            Self::VxlanXdp => "pod to pod, our agent with `--backend vxlan --decap xdp` (and the default `--forward bpf`)",
             Self::KernelVxlanFlanneld => "pod to pod over the kernel vxlan device `flannel.1`, created and programmed by real flanneld v0.28.10 (etcd mode); no BPF",
         }
     }
@@ -141,6 +148,7 @@ impl Variant {
             Self::VxlanBpfForward => Setup::Ours { backend: "vxlan", decap: "auto", forward: "bpf" },
             Self::HostGwBpfForward => Setup::Ours { backend: "host-gw", decap: "auto", forward: "bpf" },
             Self::VxlanTcBpfForward => Setup::Ours { backend: "vxlan", decap: "tc", forward: "bpf" },
+            Self::VxlanXdp => Setup::Ours { backend: "vxlan", decap: "xdp", forward: "bpf" },
             Self::KernelVxlanFlanneld => Setup::Flanneld,
         }
     }

@@ -72,8 +72,8 @@ struct Args {
     /// Comma-separated variants (default raw, kernel-host-gw, kernel-vxlan,
     /// vxlan, host-gw); for design comparisons also vxlan-tc,
     /// vxlan-xdp-generic, host-gw-xdp, vxlan-bpf-forward,
-    /// host-gw-bpf-forward, vxlan-tc-bpf-forward; kernel-vxlan-flanneld
-    /// (kernel-vxlan run by real flanneld). With --profile: profiled
+    /// host-gw-bpf-forward, vxlan-tc-bpf-forward, vxlan-xdp;
+    /// kernel-vxlan-flanneld (kernel-vxlan run by real flanneld). With --profile: profiled
     /// in addition to kernel-vxlan and vxlan.
     #[arg(long, value_delimiter = ',')]
     variants: Option<Vec<String>>,
