@@ -395,7 +395,7 @@ mod tests {
         assert_eq!(report.ratio("vxlan", "kernel-vxlan", Metric::Tcp1), Some(1.5));
         let pair = report.paired_ratio("vxlan", "kernel-vxlan", Metric::Tcp1).unwrap();
         assert_eq!((pair.min, pair.max, pair.n), (1.0, 2.0, 3));
-        let markdown = render_markdown(&report);
+        let markdown = render_markdown(&report, "README.md");
         assert!(markdown.contains("**1.50×**<br>1.00–2.00"), "{markdown}");
         assert!(render_svg(&report).contains("1.50×"));
     }
@@ -418,14 +418,14 @@ mod tests {
             records: vec![record(0, Variant::KernelVxlan, 1.0), record(0, Variant::Vxlan, 1.0)],
             background: Vec::new(),
         };
-        assert!(!render_markdown(&report).contains("The packets of the 1-stream TCP test"));
+        assert!(!render_markdown(&report, "README.md").contains("The packets of the 1-stream TCP test"));
         report.records = vec![
             sized(0, Variant::KernelVxlan, 57000.0),
             sized(0, Variant::Vxlan, 1448.0),
             sized(1, Variant::Vxlan, 1450.0),
             sized(2, Variant::Vxlan, 9000.0),
         ];
-        let markdown = render_markdown(&report);
+        let markdown = render_markdown(&report, "README.md");
         assert!(
             markdown.contains("| bytes per IP packet the receiver's IP took in (after any GRO) | 57000 | 1450 |"),
             "{markdown}"
@@ -459,7 +459,7 @@ mod tests {
         assert_eq!(report.underlays(), vec![Underlay::Wire, Underlay::Container]);
         assert_eq!(report.for_underlay(Underlay::Wire).ratio("vxlan", "kernel-vxlan", Metric::Tcp1), Some(0.75));
         assert_eq!(report.for_underlay(Underlay::Container).ratio("vxlan", "kernel-vxlan", Metric::Tcp1), Some(0.25));
-        let markdown = render_markdown(&report);
+        let markdown = render_markdown(&report, "README.md");
         assert!(markdown.contains("## Wire-like underlay") && markdown.contains("## Container-style underlay"), "{markdown}");
         assert!(markdown.contains("**0.75×**") && markdown.contains("**0.25×**"), "{markdown}");
         let summary = summary_line(&report);
@@ -468,5 +468,35 @@ mod tests {
         // A report from before the underlay field reads as the wire-like one.
         let old: Record = serde_json::from_str(r#"{"round":0,"variant":"vxlan","test":"tcp1","values":{},"cpu":{"user":0,"system":0,"softirq":0,"irq":0},"wall":1}"#).unwrap();
         assert_eq!(old.underlay, "wire");
+    }
+    #[test]
+    fn a_results_page_links_to_the_guide_from_wherever_it_is_written() {
+        use std::path::Path;
+        let guide = Path::new("/w/docs/benchmarks");
+        assert_eq!(render::guide_link(guide, guide), "README.md");
+        assert_eq!(render::guide_link(&guide.join("nic"), guide), "../README.md");
+        assert_eq!(render::guide_link(&guide.join("profiles/x"), guide), "../../README.md");
+        assert_eq!(render::guide_link(Path::new("/tmp/bench"), guide), "/w/docs/benchmarks/README.md");
+
+        // Written into a design run's subdirectory, the link reaches the
+        // guide (it used to name a README beside the page, which does not
+        // exist).
+        struct Removed(PathBuf);
+        impl Drop for Removed {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let root = Removed(std::env::temp_dir().join(format!("overlay-bench-guide-{}", std::process::id())));
+        let guide_dir = root.0.join("docs/benchmarks");
+        std::fs::create_dir_all(&guide_dir).unwrap();
+        std::fs::write(guide_dir.join("README.md"), "the guide").unwrap();
+        let page_dir = guide_dir.join("design-run");
+        let report = Report { meta: Meta::default(), variants: Vec::new(), records: Vec::new(), background: Vec::new() };
+        write_outputs(&report, &page_dir, &guide_dir).unwrap();
+        let page = std::fs::read_to_string(page_dir.join("results.md")).unwrap();
+        let link = page.split("[README.md](").nth(1).and_then(|rest| rest.split(')').next()).expect("a link to the guide");
+        let target = std::fs::canonicalize(page_dir.join(link)).unwrap_or_else(|e| panic!("{link} from {}: {e}", page_dir.display()));
+        assert_eq!(target, std::fs::canonicalize(guide_dir.join("README.md")).unwrap());
     }
 }

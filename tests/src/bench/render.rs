@@ -14,13 +14,15 @@ fn ratio_text(r: f64) -> String {
 }
 
 /// The results page: machine, method, absolute figures, ratios, targets.
-pub fn render_markdown(report: &Report) -> String {
+/// `guide` is the link to the bench's guide (docs/benchmarks/README.md)
+/// from where the page is written ([`guide_link`]).
+pub fn render_markdown(report: &Report, guide: &str) -> String {
     let m = &report.meta;
     let mut s = String::new();
     let _ = writeln!(s, "# Benchmark results\n");
     let _ = writeln!(
         s,
-        "Written by `cargo xtask bench`{}; rerun it to update this page. How the numbers are taken and what they mean: [README.md](README.md).\n",
+        "Written by `cargo xtask bench`{}; rerun it to update this page. How the numbers are taken and what they mean: [README.md]({guide}).\n",
         if m.quick { " in quick mode (1 s, smoke test only: do not quote these figures)" } else { "" }
     );
     let _ = writeln!(s, "- **When:** {} (commit `{}`), {:.0} min of wall time.", m.date, m.commit, m.duration / 60.0);
@@ -313,15 +315,29 @@ pub fn update_readme(path: &Path, line: &str) -> Result<(), String> {
     std::fs::write(path, updated).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
-/// Writes results.json, results.md and results.svg into `dir`.
-pub fn write_outputs(report: &Report, dir: &Path) -> Result<(), String> {
+/// Writes results.json, results.md and results.svg into `dir`; results.md
+/// links to the guide in `guide_dir` (the workspace's docs/benchmarks).
+pub fn write_outputs(report: &Report, dir: &Path, guide_dir: &Path) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+    let guide = guide_link(&canonical(dir), &canonical(guide_dir));
     let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
-    for (name, text) in [("results.json", json + "\n"), ("results.md", render_markdown(report)), ("results.svg", render_svg(report))] {
+    for (name, text) in [("results.json", json + "\n"), ("results.md", render_markdown(report, &guide)), ("results.svg", render_svg(report))] {
         let path = dir.join(name);
         std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
     }
     Ok(())
+}
+
+/// The link from a page in `dir` to the guide, `guide_dir`/README.md:
+/// relative where `dir` is `guide_dir` or below it (a design run's
+/// subdirectory), so it holds in the repository and on GitHub; the
+/// guide's absolute path elsewhere (`--out /tmp/…`).
+pub fn guide_link(dir: &Path, guide_dir: &Path) -> String {
+    match dir.strip_prefix(guide_dir) {
+        Ok(below) => "../".repeat(below.components().count()) + "README.md",
+        Err(_) => guide_dir.join("README.md").display().to_string(),
+    }
 }
 
 /// Reads a results.json written by [`write_outputs`].

@@ -138,7 +138,7 @@ fn run(args: Args) -> Result<(), String> {
     let out = args.out.clone().unwrap_or(default_out);
     if let Some(json) = &args.render {
         let report = bench::read_report(json)?;
-        bench::write_outputs(&report, &out)?;
+        bench::write_outputs(&report, &out, &args.root.join("docs/benchmarks"))?;
         if let Some(readme) = &args.readme {
             bench::update_readme(readme, &bench::summary_line(&report))?;
         }
@@ -220,8 +220,8 @@ fn run(args: Args) -> Result<(), String> {
         config.underlays.iter().map(|u| u.key()).collect::<Vec<_>>().join(", ")
     );
     let report = bench::run(&config)?;
-    bench::write_outputs(&report, &out)?;
-    println!("{}", bench::render_markdown(&report));
+    bench::write_outputs(&report, &out, &args.root.join("docs/benchmarks"))?;
+    println!("{}", bench::render_markdown(&report, "docs/benchmarks/README.md"));
     println!("bench: wrote results.md, results.json and results.svg to {}", out.display());
     // The README quotes the project's reference run only.
     let reference_run =
