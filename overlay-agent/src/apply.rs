@@ -207,6 +207,23 @@ impl Applier {
         self.route_source = None;
     }
 
+    /// Whether the kernel lost a route of a peer this agent applied, and
+    /// if so makes the next [`Self::apply`] write every route again. The
+    /// kernel deletes routes without a notification when their preferred
+    /// source address goes, even when it comes back before the agent hears
+    /// of either, so only a look at the routes themselves tells.
+    pub fn routes_missing(&mut self) -> Result<bool, RouteError> {
+        if self.applied.is_empty() {
+            return Ok(false);
+        }
+        let present: BTreeSet<Ipv4Network> = routes::with_our_protocol()?.into_iter().collect();
+        let missing = self.applied.keys().any(|cidr| !present.contains(cidr));
+        if missing {
+            self.rewrite_routes();
+        }
+        Ok(missing)
+    }
+
     pub fn maps(&self) -> &DatapathMaps {
         &self.maps
     }

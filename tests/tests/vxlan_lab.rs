@@ -261,4 +261,29 @@ fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods(
     stdout("ip", &["-n", &node1, "addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
     wait_for("routes back once the address is", &|routes| routes.len() == 1 && routes[0].contains(&format!("src {secondary}")));
     assert!(Lab::ping(&lab.nodes[0].ns, lab.nodes[1].pods[0].ip), "node1's host traffic after its address came back");
+
+    // The same flap while the agent is not looking (frozen here; a loaded
+    // node delays it as well): it hears the address go and come back in
+    // one batch and never finds its address missing, while the kernel
+    // deleted the routes without a notification. It must see they are
+    // gone all the same.
+    let pid = lab.agent_pid(0).expect("node1's agent runs") as i32;
+    struct Thawed(i32);
+    impl Drop for Thawed {
+        fn drop(&mut self) {
+            // SAFETY: plain signal to our own child.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    // SAFETY: plain signal to our own child; `Thawed` resumes it.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let thawed = Thawed(pid);
+    stdout("ip", &["-n", &node1, "addr", "del", &format!("{secondary}/24"), "dev", "eth0"]);
+    wait_for("control: the kernel deletes routes whose source went, again", &|routes| routes.is_empty());
+    stdout("ip", &["-n", &node1, "addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
+    drop(thawed);
+    wait_for("routes back after a flap the agent heard as one batch", &|routes| {
+        routes.len() == 1 && routes[0].contains(&format!("src {secondary}"))
+    });
+    assert!(Lab::ping(&lab.nodes[0].ns, lab.nodes[1].pods[0].ip), "node1's host traffic after the unseen flap");
 }

@@ -114,6 +114,12 @@ pub trait PeerWriter {
     /// apply meanwhile), and the kernel deletes the routes whose preferred
     /// source it was: the next apply must write every route again.
     fn rewrite_routes(&mut self) {}
+    /// Whether a route of an applied peer is gone from the kernel (deleted
+    /// without a notification, see [`crate::apply::Applier::routes_missing`]);
+    /// if so, the next apply writes every route again.
+    fn routes_missing(&mut self) -> bool {
+        false
+    }
 }
 
 /// The kernel's view of the underlay.
@@ -336,6 +342,12 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     pub fn handle_kernel_events(&mut self, events: &BTreeSet<KernelEvent>) {
         if events.contains(&KernelEvent::UnderlayChanged) {
             self.handle_underlay_change();
+            // An address that went and came back between two looks left
+            // no trace but the routes the kernel deleted with it.
+            if self.writer.routes_missing() {
+                info!("routes of ours are gone from the kernel (it deletes them without notice when their source address goes); writing them again");
+                self.pending = Touched::All;
+            }
         }
         let bridge_changed = events.contains(&KernelEvent::PodBridgeChanged);
         if bridge_changed || events.contains(&KernelEvent::PodPortsChanged) {
