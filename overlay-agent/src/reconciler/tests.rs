@@ -41,6 +41,12 @@ struct Table {
     touched_applies: usize,
     /// How many peers fit, as a full map would have it (`None`: any).
     capacity: Option<usize>,
+    /// The kernel deleted our routes without notice.
+    routes_lost: bool,
+    /// The next full apply writes every route again.
+    rewrite_pending: bool,
+    /// Full applies that did.
+    route_rewrites: usize,
 }
 
 impl Table {
@@ -71,6 +77,10 @@ impl PeerWriter for FakeWriter {
     fn apply(&mut self, desired: &Desired) -> Result<Applied, ApplyError> {
         let mut table = self.0.borrow_mut();
         table.full_applies += 1;
+        if std::mem::take(&mut table.rewrite_pending) {
+            table.routes_lost = false;
+            table.route_rewrites += 1;
+        }
         let changes = diff(&table.peers, &desired.peers);
         let mut counts = (0, 0);
         for change in changes {
@@ -98,6 +108,16 @@ impl PeerWriter for FakeWriter {
             };
         }
         Ok(Applied { added_or_updated: upserted, not_programmed: table.not_programmed(desired), ..Applied::default() })
+    }
+
+    fn rewrite_routes(&mut self) {
+        self.0.borrow_mut().rewrite_pending = true;
+    }
+
+    fn routes_missing(&mut self) -> bool {
+        let mut table = self.0.borrow_mut();
+        table.rewrite_pending |= table.routes_lost;
+        table.routes_lost
     }
 }
 
@@ -443,6 +463,18 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
     assert!(r.reconcile(Instant::now()).await);
     assert_eq!(table.0.borrow().peers[&b].mode, ROUTE_MODE_VXLAN);
     assert_eq!(r.host.pod_network_changes, 3);
+
+    // The kernel deleted our routes without a word (their source address
+    // went and came back between two looks): an underlay change finds them
+    // gone, and the next reconcile writes every route again though no peer
+    // changed.
+    table.0.borrow_mut().routes_lost = true;
+    r.handle_kernel_events(&kernel(&[KernelEvent::UnderlayChanged]));
+    assert!(r.reconcile(Instant::now()).await, "routes gone from the kernel must be written again");
+    assert_eq!((table.0.borrow().route_rewrites, table.0.borrow().routes_lost), (1, false));
+    // Routes in place and paths as they were: nothing to write.
+    r.handle_kernel_events(&kernel(&[KernelEvent::UnderlayChanged]));
+    assert!(!r.reconcile(Instant::now()).await);
 }
 
 #[tokio::test]
