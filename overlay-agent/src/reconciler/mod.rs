@@ -345,7 +345,11 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
             // An address that went and came back between two looks left
             // no trace but the routes the kernel deleted with it.
             if self.writer.routes_missing() {
-                info!("routes of ours are gone from the kernel (it deletes them without notice when their source address goes); writing them again");
+                // While our own address is missing nothing is applied (the
+                // loop said why once): no line per resync meanwhile.
+                if !self.reported.iter().any(|r| matches!(r, Reported::OwnAddress(_))) {
+                    info!("routes of ours are gone from the kernel (it deletes them without notice when their source address goes); writing them again");
+                }
                 self.pending = Touched::All;
             }
         }
