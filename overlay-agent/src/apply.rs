@@ -203,7 +203,7 @@ impl Applier {
 
     /// Makes the next [`Self::apply`] write every route again (the kernel
     /// deleted those whose preferred source went away).
-    pub fn rewrite_routes(&mut self) {
+    fn rewrite_routes(&mut self) {
         self.route_source = None;
     }
 

@@ -22,10 +22,6 @@ impl PeerWriter for Applier {
         Applier::apply_touched(self, desired, touched)
     }
 
-    fn rewrite_routes(&mut self) {
-        Applier::rewrite_routes(self);
-    }
-
     fn routes_missing(&mut self) -> bool {
         Applier::routes_missing(self).unwrap_or_else(|err| {
             tracing::warn!(error = %crate::report::Chain(&err), "asking the kernel for our routes; trusting they are there");

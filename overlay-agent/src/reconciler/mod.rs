@@ -110,13 +110,11 @@ pub trait PeerWriter {
     /// Brings only the peers under `touched` to `desired`: what one node's
     /// event changes, without walking the cluster.
     fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError>;
-    /// Our own address was missing from the node (the loop refused to
-    /// apply meanwhile), and the kernel deletes the routes whose preferred
-    /// source it was: the next apply must write every route again.
-    fn rewrite_routes(&mut self) {}
     /// Whether a route of an applied peer is gone from the kernel (deleted
     /// without a notification, see [`crate::apply::Applier::routes_missing`]);
-    /// if so, the next apply writes every route again.
+    /// if so, the next apply writes every route again. This is also how
+    /// routes come back after our own address went and returned: the
+    /// kernel deleted those whose preferred source it was.
     fn routes_missing(&mut self) -> bool {
         false
     }
@@ -478,9 +476,6 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
                 error!(node = %self.state.local().node_name, "{problem}");
             }
             return false;
-        }
-        if self.reported.iter().any(|r| matches!(r, Reported::OwnAddress(_))) {
-            self.writer.rewrite_routes();
         }
         self.reported.retain(|r| !matches!(r, Reported::OwnAddress(_)));
         let rejected: Vec<Rejected> = self.state.rejected().cloned().collect();

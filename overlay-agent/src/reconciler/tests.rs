@@ -110,10 +110,6 @@ impl PeerWriter for FakeWriter {
         Ok(Applied { added_or_updated: upserted, not_programmed: table.not_programmed(desired), ..Applied::default() })
     }
 
-    fn rewrite_routes(&mut self) {
-        self.0.borrow_mut().rewrite_pending = true;
-    }
-
     fn routes_missing(&mut self) -> bool {
         let mut table = self.0.borrow_mut();
         table.rewrite_pending |= table.routes_lost;
