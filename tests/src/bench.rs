@@ -481,14 +481,8 @@ mod tests {
         // Written into a design run's subdirectory, the link reaches the
         // guide (it used to name a README beside the page, which does not
         // exist).
-        struct Removed(PathBuf);
-        impl Drop for Removed {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let root = Removed(std::env::temp_dir().join(format!("overlay-bench-guide-{}", std::process::id())));
-        let guide_dir = root.0.join("docs/benchmarks");
+        let root = crate::TempDir::new("overlay-bench-guide");
+        let guide_dir = root.path().join("docs/benchmarks");
         std::fs::create_dir_all(&guide_dir).unwrap();
         std::fs::write(guide_dir.join("README.md"), "the guide").unwrap();
         let page_dir = guide_dir.join("design-run");

@@ -40,7 +40,7 @@ use kube::{
 };
 use serde_json::Value;
 
-use crate::{NetNs, lab::ChildGuard};
+use crate::{NetNs, TempDir, lab::ChildGuard};
 
 
 /// The kubernetes release whose binaries `cargo xtask setup` builds.
@@ -121,18 +121,10 @@ pub struct ControlPlane {
     etcd_client_port: u16,
     netns: Option<String>,
     bin: PathBuf,
-    dir: Dir,
+    /// Certificates, kubeconfigs, etcd's data, logs.
+    dir: TempDir,
 }
 
-/// The control plane's directory (certificates, kubeconfigs, etcd's data,
-/// logs), removed on drop even when start-up fails halfway.
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 impl ControlPlane {
     /// Starts etcd, the API server on `api_ip` (port 6443 in a namespace of
@@ -149,12 +141,12 @@ impl ControlPlane {
             }
         }
         fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-        let dir = Dir(dir.to_owned());
+        let dir = TempDir::at(dir.to_owned());
         let netns_name = netns.map(|n| n.name().to_owned());
         let port = |ip| free_port(netns_name.as_deref(), ip);
         let api_port = if netns.is_some() { 6443 } else { port(api_ip)? };
         let addr = SocketAddr::from((api_ip, api_port));
-        make_certificates(&dir.0, api_ip)?;
+        make_certificates(dir.path(), api_ip)?;
 
         let (etcd_client_port, etcd_peer_port) = (port(Ipv4Addr::LOCALHOST)?, port(Ipv4Addr::LOCALHOST)?);
         let etcd = spawn(
@@ -162,19 +154,19 @@ impl ControlPlane {
             Path::new("etcd"),
             &[
                 "--name=overlay-test".to_owned(),
-                format!("--data-dir={}", dir.0.join("etcd").display()),
+                format!("--data-dir={}", dir.path().join("etcd").display()),
                 format!("--listen-client-urls=http://127.0.0.1:{etcd_client_port}"),
                 format!("--advertise-client-urls=http://127.0.0.1:{etcd_client_port}"),
                 format!("--listen-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
                 format!("--initial-advertise-peer-urls=http://127.0.0.1:{etcd_peer_port}"),
                 format!("--initial-cluster=overlay-test=http://127.0.0.1:{etcd_peer_port}"),
             ],
-            &dir.0.join("etcd.log"),
+            &dir.path().join("etcd.log"),
         )?;
-        write_kubeconfig(&dir.0, "admin", addr)?;
-        write_kubeconfig(&dir.0, "controller-manager", addr)?;
+        write_kubeconfig(dir.path(), "admin", addr)?;
+        write_kubeconfig(dir.path(), "controller-manager", addr)?;
         let runtime = runtime_in(netns_name.as_deref())?;
-        let admin = dir.0.join("admin.kubeconfig");
+        let admin = dir.path().join("admin.kubeconfig");
         let client = block(&runtime, async move {
             let kubeconfig = Kubeconfig::read_from(&admin).map_err(|e| ControlPlaneError::Other(format!("reading {}: {e}", admin.display())))?;
             let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
@@ -199,7 +191,7 @@ impl ControlPlane {
             plane.netns.as_deref(),
             &plane.bin.join("kube-controller-manager"),
             &[
-                format!("--kubeconfig={}", plane.dir.0.join("controller-manager.kubeconfig").display()),
+                format!("--kubeconfig={}", plane.dir.path().join("controller-manager.kubeconfig").display()),
                 "--controllers=node-ipam-controller".to_owned(),
                 "--allocate-node-cidrs=true".to_owned(),
                 format!("--cluster-cidr={CLUSTER_CIDR}"),
@@ -212,14 +204,14 @@ impl ControlPlane {
                 // Serve nothing: nothing here scrapes it.
                 "--secure-port=0".to_owned(),
             ],
-            &plane.dir.0.join("kube-controller-manager.log"),
+            &plane.dir.path().join("kube-controller-manager.log"),
         )?);
         Ok(plane)
     }
 
     /// Starts the API server (again) and waits until `/readyz` says ok.
     pub fn start_apiserver(&mut self) -> Result<()> {
-        let d = &self.dir.0;
+        let d = self.dir.path();
         let file = |name: &str| d.join(name).display().to_string();
         let child = spawn(
             self.netns.as_deref(),
@@ -285,7 +277,7 @@ impl ControlPlane {
     /// The last 60 lines of a component's log (`etcd`, `kube-apiserver`,
     /// `kube-controller-manager`).
     pub fn log(&self, component: &str) -> String {
-        let text = fs::read_to_string(self.dir.0.join(format!("{component}.log"))).unwrap_or_default();
+        let text = fs::read_to_string(self.dir.path().join(format!("{component}.log"))).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
@@ -493,7 +485,7 @@ impl ControlPlane {
     /// A client authenticating with `token` (a ServiceAccount's), to use
     /// inside [`Self::block`].
     pub fn token_client(&self, token: &str) -> Result<Client> {
-        let path = self.dir.0.join(format!("token-{}.kubeconfig", crate::unique_name("t")));
+        let path = self.dir.path().join(format!("token-{}.kubeconfig", crate::unique_name("t")));
         self.write_token_kubeconfig(&path, token)?;
         self.block(async move {
             let kubeconfig = Kubeconfig::read_from(&path).map_err(|e| ControlPlaneError::Other(format!("reading {}: {e}", path.display())))?;
@@ -520,7 +512,7 @@ impl ControlPlane {
 
     /// Writes a kubeconfig that authenticates with `token` to `path`.
     pub fn write_token_kubeconfig(&self, path: &Path, token: &str) -> Result<()> {
-        let ca = self.dir.0.join("ca.crt");
+        let ca = self.dir.path().join("ca.crt");
         let text = format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{}\n    certificate-authority: {}\nusers:\n- name: token\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: token}}\ncurrent-context: lab\n",
             self.addr,

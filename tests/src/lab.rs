@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, PinDir, control_plane::ControlPlane, etcd::Etcd, run};
+use crate::{NetNs, PinDir, TempDir, control_plane::ControlPlane, etcd::Etcd, run};
 
 /// What an agent logs once its initial sync is in the datapath.
 pub const READY_LOG: &str = "ready: the initial sync is in the datapath";
@@ -283,18 +283,10 @@ pub struct Lab {
     pub nodes_dir: PathBuf,
     spec: LabSpec,
     _pins: PinDir,
-    work_dir: WorkDir,
+    /// Manifests, kubeconfigs, agent logs.
+    work_dir: TempDir,
 }
 
-/// The lab's temporary directory (manifests, agent logs), removed on drop
-/// even when setup fails halfway.
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `nsenter --net=/run/netns/<ns> <program> <args>`, returning success.
 fn ns_ok(ns: &NetNs, program: &str, args: &[&str]) -> bool {
@@ -318,8 +310,8 @@ impl Lab {
         // Before anything is created: a spec the NICs cannot carry, or no
         // free pair, leaves nothing behind.
         let nics = if spec.underlay == Underlay::Nic { Some(claim_nic_pair(&spec)?) } else { None };
-        let work_dir = WorkDir(std::env::temp_dir().join(&spec.prefix));
-        let nodes_dir = work_dir.0.join("nodes");
+        let work_dir = TempDir::at(std::env::temp_dir().join(&spec.prefix));
+        let nodes_dir = work_dir.path().join("nodes");
         fs::create_dir_all(&nodes_dir).map_err(|e| format!("creating {}: {e}", nodes_dir.display()))?;
         let pins = PinDir::at(Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(&spec.prefix));
         let underlay = NetNs::with_name(format!("{}-ul", spec.prefix));
@@ -340,7 +332,7 @@ impl Lab {
         let router = (spec.topology == Topology::Routed).then(|| Self::make_router(&spec, &underlay));
 
         let (kube, pod_cidrs) = if spec.kubernetes {
-            let (kube, cidrs) = Self::start_control_plane(&spec, &underlay, &work_dir.0)?;
+            let (kube, cidrs) = Self::start_control_plane(&spec, &underlay, work_dir.path())?;
             (Some(kube), cidrs)
         } else {
             (None, (1..=spec.nodes).map(|i| format!("10.244.{i}.0/24")).collect())
@@ -357,7 +349,7 @@ impl Lab {
                 for ip in &ips {
                     let _ = underlay.ip(&["addr", "add", &format!("{ip}/24"), "dev", SUBNETS[0].1]);
                 }
-                let etcd = Etcd::start(&underlay, &ips, work_dir.0.clone())?;
+                let etcd = Etcd::start(&underlay, &ips, work_dir.path().to_owned())?;
                 let config = serde_json::json!({
                     "Network": crate::control_plane::CLUSTER_CIDR,
                     "Backend": {"Type": spec.backend, "DirectRouting": spec.direct_routing},
@@ -679,16 +671,16 @@ impl Lab {
     }
 
     pub fn kubeconfig_path(&self) -> PathBuf {
-        self.work_dir.0.join("kubeconfig")
+        self.work_dir.path().join("kubeconfig")
     }
 
     pub fn net_conf_path(&self) -> PathBuf {
-        self.work_dir.0.join("net-conf.json")
+        self.work_dir.path().join("net-conf.json")
     }
 
     /// The subnet.env node `i`'s agent writes when it runs with net-conf.json.
     pub fn subnet_file(&self, i: usize) -> PathBuf {
-        self.work_dir.0.join(format!("{}-subnet.env", self.nodes[i].name))
+        self.work_dir.path().join(format!("{}-subnet.env", self.nodes[i].name))
     }
 
     /// `GET path` from node `i`'s agent (/healthz, /readyz, /metrics):
@@ -721,7 +713,7 @@ impl Lab {
 
     /// Where flanneld of node `i` logs.
     pub fn flanneld_log_path(&self, i: usize) -> PathBuf {
-        self.work_dir.0.join(format!("{}-flanneld.log", self.nodes[i].name))
+        self.work_dir.path().join(format!("{}-flanneld.log", self.nodes[i].name))
     }
 
     /// Starts real flanneld on node `i`, in etcd mode against the lab's
@@ -1240,7 +1232,7 @@ impl Lab {
     }
 
     pub fn work_dir(&self) -> &Path {
-        &self.work_dir.0
+        self.work_dir.path()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Helpers for the integration tests: throwaway network namespaces, veth
-//! pairs and bpffs pin directories, each owned by a guard whose `Drop`
-//! removes it, so a failing or panicking test leaves nothing behind.
+//! pairs, bpffs pin directories and temporary directories, each owned by a
+//! guard whose `Drop` removes it, so a failing or panicking test leaves
+//! nothing behind.
 //!
 //! Every name carries the test process id and a counter, so tests can run in
 //! parallel and next to a developer's own namespaces.
@@ -331,17 +332,21 @@ pub fn send_frames(ns: &NetNs, iface: &str, frames: &[impl AsRef<[u8]>]) -> std:
     }
 }
 
-/// A pin directory under /sys/fs/bpf, removed with its pins on drop.
-pub struct PinDir {
+/// A directory removed with everything in it on drop: when the test
+/// passes, when it fails, and when the setup that made it fails halfway.
+pub struct TempDir {
     path: PathBuf,
 }
 
-impl PinDir {
-    pub fn new() -> Self {
-        Self::at(Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(unique_name("overlay-test-")))
+impl TempDir {
+    /// Creates `<system temp dir>/<prefix><unique>`.
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(unique_name(prefix));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
     }
 
-    /// Owns `path` (created later by whoever pins there).
+    /// Owns `path`, which its user creates (or has created).
     pub fn at(path: PathBuf) -> Self {
         Self { path }
     }
@@ -351,14 +356,33 @@ impl PinDir {
     }
 }
 
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A pin directory under /sys/fs/bpf, removed with its pins on drop.
+pub struct PinDir(TempDir);
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self::at(Path::new(overlay_agent::bpffs::BPFFS_MOUNT).join(unique_name("overlay-test-")))
+    }
+
+    /// Owns `path` (created later by whoever pins there).
+    pub fn at(path: PathBuf) -> Self {
+        Self(TempDir::at(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
 impl Default for PinDir {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}

@@ -11,7 +11,7 @@ use overlay_agent::{
     maps::DatapathMaps,
 };
 use overlay_common::{ROUTE_MODE_VXLAN, Route};
-use overlay_tests::{NetNs, PinDir, agent_binary, require_root};
+use overlay_tests::{NetNs, PinDir, TempDir, agent_binary, require_root};
 
 /// Runs `overlay-agent <args>` inside `ns`'s network namespace.
 fn agent_in(ns: &NetNs, args: &[&str]) -> Output {
@@ -28,15 +28,16 @@ fn text(out: &Output) -> String {
 }
 
 /// A user's directory, not on bpffs, with files and a subdirectory.
-fn users_directory() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(overlay_tests::unique_name("overlay-users-"));
+fn users_directory() -> TempDir {
+    let guard = TempDir::new("overlay-users-");
+    let dir = guard.path();
     fs::create_dir_all(dir.join("photos")).unwrap();
     fs::write(dir.join("notes.txt"), "mine").unwrap();
     fs::write(dir.join("photos/cat.jpg"), "meow").unwrap();
     // Names the agent uses, which here are still the user's.
     fs::create_dir_all(dir.join("v2")).unwrap();
     fs::write(dir.join("v2/ROUTES"), "not a map").unwrap();
-    dir
+    guard
 }
 
 fn assert_users_files_intact(dir: &Path) {
@@ -50,11 +51,9 @@ fn assert_users_files_intact(dir: &Path) {
 fn assert_refused_outside_bpffs(args: &[&str]) {
     let ns = NetNs::new();
     let dir = users_directory();
-    let out = agent_in(&ns, &[args, &["--bpffs-root", dir.to_str().unwrap()]].concat());
+    let out = agent_in(&ns, &[args, &["--bpffs-root", dir.path().to_str().unwrap()]].concat());
     let said = text(&out);
-    let intact = std::panic::catch_unwind(|| assert_users_files_intact(&dir));
-    let _ = fs::remove_dir_all(&dir);
-    intact.unwrap();
+    assert_users_files_intact(dir.path());
     assert_eq!(out.status.code(), Some(1), "{} on a non-bpffs directory must fail:\n{said}", args[0]);
     assert!(said.contains("not on a BPF filesystem"), "{said}");
 }
@@ -188,26 +187,22 @@ impl Drop for RunningAgent {
 }
 
 /// A temporary nodes directory, removed on drop.
-struct NodesDir(std::path::PathBuf);
+struct NodesDir(TempDir);
 
 impl NodesDir {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(overlay_tests::unique_name("overlay-nodes-"));
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
+        Self(TempDir::new("overlay-nodes-"))
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
     }
 
     fn node(&self, name: &str, cidr: &str, ip: &str) {
         let yaml = format!(
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  annotations: {{flannel.alpha.coreos.com/kube-subnet-manager: \"true\"}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n"
         );
-        fs::write(self.0.join(format!("{name}.yaml")), yaml).unwrap();
-    }
-}
-
-impl Drop for NodesDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        fs::write(self.path().join(format!("{name}.yaml")), yaml).unwrap();
     }
 }
 
@@ -229,7 +224,7 @@ fn our_address_not_on_the_interface_is_refused_loudly() {
     require_root();
     let (ns, nodes) = one_node("192.0.2.99");
     let pins = PinDir::new();
-    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &[], false);
+    let agent = RunningAgent::start(&ns, pins.path(), nodes.path(), &[], false);
     assert!(agent.wait_for("192.0.2.99 is not an address of ul0", 20), "no refusal:\n{}", agent.log());
     std::thread::sleep(std::time::Duration::from_millis(500));
     let routes = String::from_utf8_lossy(&ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
@@ -239,7 +234,7 @@ fn our_address_not_on_the_interface_is_refused_loudly() {
 
     // The same address as a deliberate overwrite (a node behind NAT).
     let pins = PinDir::new();
-    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &["--public-ip", "192.0.2.99"], false);
+    let agent = RunningAgent::start(&ns, pins.path(), nodes.path(), &["--public-ip", "192.0.2.99"], false);
     assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
 }
 
@@ -251,11 +246,11 @@ fn pins_that_would_die_with_the_agent_are_refused_unless_allowed() {
     let pins = PinDir::new();
     // `ip netns exec` gives the agent a mount namespace of its own, where
     // /sys/fs/bpf is not mounted: a bpffs the agent mounted would die with it.
-    let mut agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &[], true);
+    let mut agent = RunningAgent::start(&ns, pins.path(), nodes.path(), &[], true);
     assert_eq!(agent.exit_code(20), Some(1), "the agent must refuse:\n{}", agent.log());
     assert!(agent.log().contains("--allow-ephemeral-pins"), "{}", agent.log());
     drop(agent);
-    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &["--allow-ephemeral-pins"], true);
+    let agent = RunningAgent::start(&ns, pins.path(), nodes.path(), &["--allow-ephemeral-pins"], true);
     assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
     assert!(agent.log().contains("nothing survives"), "the agent must warn:\n{}", agent.log());
 }
@@ -268,14 +263,14 @@ fn the_decap_hook_is_settled_before_anything_is_attached() {
     let first = PinDir::new();
     // On a veth `auto` would pick TC anyway: the first root takes XDP
     // explicitly.
-    let a = RunningAgent::start(&ns, first.path(), &nodes.0, &["--decap", "xdp"], false);
+    let a = RunningAgent::start(&ns, first.path(), nodes.path(), &["--decap", "xdp"], false);
     assert!(a.wait_for("ready: the initial sync", 20), "{}", a.log());
     assert!(a.log().contains("hook=Xdp"), "{}", a.log());
     // A second root on the same interface: XDP is taken, so auto picks TC,
     // for that reason, without trying XDP first.
     for _ in 0..5 {
         let second = PinDir::new();
-        let b = RunningAgent::start(&ns, second.path(), &nodes.0, &[], false);
+        let b = RunningAgent::start(&ns, second.path(), nodes.path(), &[], false);
         assert!(b.wait_for("datapath attached", 20), "{}", b.log());
         let log = b.log();
         assert!(log.contains("hook=TcIngress"), "{log}");
@@ -285,7 +280,7 @@ fn the_decap_hook_is_settled_before_anything_is_attached() {
     // Asked for XDP explicitly, the second root is refused, and a failed
     // start leaves no pins behind.
     let second = PinDir::new();
-    let mut b = RunningAgent::start(&ns, second.path(), &nodes.0, &["--decap", "xdp"], false);
+    let mut b = RunningAgent::start(&ns, second.path(), nodes.path(), &["--decap", "xdp"], false);
     assert_eq!(b.exit_code(20), Some(1), "{}", b.log());
     assert!(!second.path().exists(), "a failed start left {} behind:\n{}", second.path().display(), b.log());
 }
@@ -296,14 +291,14 @@ fn a_missing_nodes_directory_is_reported_once() {
     require_root();
     let (ns, nodes) = one_node("192.0.2.1");
     let pins = PinDir::new();
-    let agent = RunningAgent::start(&ns, pins.path(), &nodes.0, &[], false);
+    let agent = RunningAgent::start(&ns, pins.path(), nodes.path(), &[], false);
     assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
-    fs::remove_dir_all(&nodes.0).unwrap();
+    fs::remove_dir_all(nodes.path()).unwrap();
     std::thread::sleep(std::time::Duration::from_secs(3));
     let log = agent.log();
     let reports = log.matches("reading the nodes directory").count();
     assert_eq!(reports, 1, "the error must be logged once, not every poll:\n{log}");
-    fs::create_dir_all(&nodes.0).unwrap();
+    fs::create_dir_all(nodes.path()).unwrap();
     nodes.node("me", "10.244.1.0/24", "192.0.2.1");
     assert!(agent.wait_for("nodes directory readable again", 5), "{}", agent.log());
 }

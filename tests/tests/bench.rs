@@ -6,7 +6,7 @@
 use std::{process::Command, time::Instant};
 
 use overlay_tests::{
-    agent_binary,
+    TempDir, agent_binary,
     bench::{DEFAULT_VARIANTS, Metric, problems, read_report, summary_line},
     lab::Underlay,
     require_root, unique_name,
@@ -16,14 +16,16 @@ use overlay_tests::{
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn quick_run_measures_every_variant_and_leaves_nothing_behind() {
     require_root();
-    let out = std::env::temp_dir().join(unique_name("ovbench-out"));
+    // overlay-bench creates it.
+    let out_dir = TempDir::at(std::env::temp_dir().join(unique_name("ovbench-out")));
+    let out = out_dir.path();
     let started = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_overlay-bench"))
         .arg("--agent")
         .arg(agent_binary())
         .arg("--quick")
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -72,7 +74,7 @@ fn quick_run_measures_every_variant_and_leaves_nothing_behind() {
     assert!(summary.contains("wire-like underlay") && summary.contains("container-style underlay"), "{summary}");
     let svg = std::fs::read_to_string(out.join("results.svg")).expect("results.svg");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>") && svg.matches("<rect").count() > 80 && svg.contains("container-style underlay"), "results.svg looks wrong");
-    let _ = std::fs::remove_dir_all(&out);
+    drop(out_dir);
 
     let namespaces = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().expect("ip netns list").stdout).into_owned();
     let left: Vec<&str> = namespaces.lines().filter(|l| l.starts_with(&prefix)).collect();

@@ -175,12 +175,10 @@ fn the_daemonset_matches_what_the_agent_needs() {
 fn the_configmap_holds_a_net_conf_the_agent_accepts() {
     let cm: ConfigMap = find("ConfigMap");
     let data = cm.data.unwrap();
-    let dir = std::env::temp_dir().join(overlay_tests::unique_name("netconf"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("net-conf.json");
+    let dir = overlay_tests::TempDir::new("netconf");
+    let path = dir.path().join("net-conf.json");
     std::fs::write(&path, &data["net-conf.json"]).unwrap();
     let conf = overlay_agent::netconf::NetConf::read(&path);
-    std::fs::remove_dir_all(&dir).unwrap();
     let conf = conf.unwrap();
     assert_eq!(conf.network.to_string(), "10.244.0.0/16");
     let cni: Value = serde_json::from_str(&data["cni-conf.json"]).expect("cni-conf.json is JSON");

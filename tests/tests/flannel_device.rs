@@ -8,14 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_tests::{NetNs, PinDir, agent_binary, require_root};
+use overlay_tests::{NetNs, PinDir, TempDir, agent_binary, require_root};
 
 /// A namespace with the underlay `ul0` (192.168.77.11) and a directory
 /// holding this node's manifest.
 struct Node {
     ns: NetNs,
     pins: PinDir,
-    nodes_dir: std::path::PathBuf,
+    nodes_dir: TempDir,
 }
 
 impl Node {
@@ -23,10 +23,9 @@ impl Node {
         let ns = NetNs::new();
         ns.veth_pair("ul0", "ul1");
         ns.ip(&["addr", "add", "192.168.77.11/24", "dev", "ul0"]);
-        let nodes_dir = std::env::temp_dir().join(overlay_tests::unique_name("ovfl-nodes"));
-        std::fs::create_dir_all(&nodes_dir).unwrap();
+        let nodes_dir = TempDir::new("ovfl-nodes");
         std::fs::write(
-            nodes_dir.join("n1.yaml"),
+            nodes_dir.path().join("n1.yaml"),
             "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  podCIDR: 10.244.1.0/24\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.77.11\n",
         )
         .unwrap();
@@ -48,7 +47,7 @@ impl Node {
             .arg(format!("--net=/run/netns/{}", self.ns.name()))
             .arg(agent_binary())
             .args(["run", "--node-name", "n1", "--iface", "ul0", "--metrics-addr", "127.0.0.1:0", "--nodes-dir"])
-            .arg(&self.nodes_dir)
+            .arg(self.nodes_dir.path())
             .arg("--bpffs-root")
             .arg(self.pins.path())
             .args(extra);
@@ -91,12 +90,6 @@ fn log_of(agent: &mut Child) -> String {
     let mut log = String::new();
     std::io::Read::read_to_string(agent.stderr.as_mut().unwrap(), &mut log).unwrap();
     log
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.nodes_dir);
-    }
 }
 
 #[test]

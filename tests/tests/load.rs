@@ -12,7 +12,7 @@ use overlay_agent::{
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
-use overlay_tests::{NetNs, NetNsEntered, PinDir, agent_binary, require_root, stdout, tc_program_ids};
+use overlay_tests::{NetNs, NetNsEntered, PinDir, TempDir, agent_binary, require_root, stdout, tc_program_ids};
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
@@ -586,10 +586,10 @@ fn run_refuses_a_kernel_older_than_5_13_before_touching_anything() {
     ns.veth_pair("ul0", "ul1");
     ns.ip(&["addr", "add", "192.168.77.11/24", "dev", "ul0"]);
     let pins = PinDir::new();
-    let work = std::env::temp_dir().join(overlay_tests::unique_name("overlay-oldkernel-"));
-    let nodes = work.join("nodes");
+    let work = TempDir::new("overlay-oldkernel-");
+    let nodes = work.path().join("nodes");
     std::fs::create_dir_all(&nodes).unwrap();
-    let fake_release = work.join("osrelease");
+    let fake_release = work.path().join("osrelease");
     std::fs::write(&fake_release, format!("{release}\n")).unwrap();
     let agent = agent_binary();
     let mut command = std::process::Command::new("nsenter");
@@ -620,7 +620,6 @@ fn run_refuses_a_kernel_older_than_5_13_before_touching_anything() {
     };
     let out = child.wait_with_output().unwrap();
     let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let _ = std::fs::remove_dir_all(&work);
     let status = exited.unwrap_or_else(|| panic!("the agent kept running on a kernel reporting {release} (real: {real}):\n{said}"));
     assert_eq!(status.code(), Some(1), "{said}");
     let expected = format!("error: kernel {release} is older than 5.13: ");

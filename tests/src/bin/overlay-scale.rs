@@ -120,9 +120,8 @@ fn main() {
     ns.veth_pair("eth0", "peer0");
     let _ = ns.ip(&["addr", "add", "172.16.0.1/12", "dev", "eth0"]);
     let pins = PinDir::new();
-    let work = std::env::temp_dir().join(overlay_tests::unique_name("ovscale"));
-    std::fs::create_dir_all(&work).expect("work dir");
-    let _work_guard = WorkDir(work.clone());
+    let work_dir = overlay_tests::TempDir::new("ovscale");
+    let work = work_dir.path().to_owned();
 
     let api = ApiServer::start(Some(&ns), SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
     api.write_kubeconfig(&work.join("kubeconfig")).expect("kubeconfig");
@@ -382,10 +381,3 @@ fn open_routes(root: &std::path::Path) -> Option<(PathBuf, RoutesMap)> {
     Some((dir, routes))
 }
 
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
