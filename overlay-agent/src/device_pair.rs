@@ -126,11 +126,8 @@ impl PairKind {
     }
 
     /// Its sending end's index as `config` holds it.
-    pub fn index_in(self, config: &Config) -> u32 {
-        match self {
-            Self::Segmentation => config.seg_ifindex,
-            Self::Gro => config.gro_ifindex,
-        }
+    pub fn index_in(self, mut config: Config) -> u32 {
+        *self.in_config(&mut config)
     }
 
     /// Its sending end's index in `CONFIG`, to write.

@@ -55,7 +55,7 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         }
         // Only a stopped agent leaves CONFIG naming a pair that went.
         for kind in PairKind::ALL {
-            let (pair, index) = (kind.pair(), kind.index_in(&config));
+            let (pair, index) = (kind.pair(), kind.index_in(config));
             if !pair.still_serves(index) {
                 println!(
                     "  !! {} is not here (ifindex {index}): what the datapath sends to the {} is lost until the agent runs and sets it up again",

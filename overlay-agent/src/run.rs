@@ -452,7 +452,7 @@ impl NodeHost {
         let pinned = self.maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
         let (mut stale, mut retiring) = (Vec::new(), BTreeSet::new());
         for kind in PairKind::ALL {
-            let index = pinned.map_or(0, |config| kind.index_in(&config));
+            let index = pinned.map_or(0, |config| kind.index_in(config));
             let serves = index != 0 && kind.pair().still_serves(index);
             if index != 0 && (!self.pairs_wanted.contains(&kind) || !serves) {
                 stale.push((kind, 0));

@@ -261,6 +261,9 @@ pub struct LabNode {
     pub pin_root: PathBuf,
     pub pods: Vec<LabPod>,
     pub ns: NetNs,
+    /// Flags for this node's agent alone, after the lab's
+    /// ([`LabSpec::agent_args`]); read whenever the agent starts.
+    pub agent_args: Vec<String>,
     log: PathBuf,
 }
 
@@ -544,6 +547,7 @@ impl Lab {
             pods,
             log: std::env::temp_dir().join(&spec.prefix).join(format!("node{i}.log")),
             ns,
+            agent_args: Vec::new(),
         })
     }
 
@@ -861,7 +865,7 @@ impl Lab {
         } else {
             command.args(["--backend", &self.spec.backend]).args(self.spec.direct_routing.then_some("--direct-routing"));
         }
-        command.args(&self.spec.agent_args);
+        command.args(&self.spec.agent_args).args(&node.agent_args);
         command
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)

@@ -287,3 +287,47 @@ fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods(
     });
     assert!(Lab::ping(&lab.nodes[0].ns, lab.nodes[1].pods[0].ip), "node1's host traffic after the unseen flap");
 }
+
+/// An address advertised with `--public-ip` need not be on the node (one
+/// behind NAT), so the agent goes on configuring when it goes: while it is
+/// on the node it is the routes' source; when it goes, the routes the
+/// kernel deleted with it come back without one; when it returns, with it
+/// again.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
+    require_root();
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let public = "192.168.77.32";
+    lab.stop_agent(0);
+    lab.nodes[0].ns.ip(&["addr", "add", &format!("{public}/24"), "dev", "eth0"]);
+    lab.nodes[0].ip = public.parse().unwrap();
+    lab.write_manifest(0);
+    lab.nodes[0].agent_args = vec!["--public-ip".to_owned(), public.to_owned()];
+    lab.start_agent(0, Duration::from_secs(30)).expect("restarting node1's agent");
+    let node1 = lab.nodes[0].ns.name().to_owned();
+    let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let routes = lab.agent_routes(0);
+            if done(&routes) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: node1's routes are {routes:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let with_source = |routes: &[String]| routes.len() == 1 && routes[0].contains(&format!("src {public}"));
+    wait_for("control: the public IP on the node is the routes' source", &with_source);
+    stdout("ip", &["-n", &node1, "addr", "del", &format!("{public}/24"), "dev", "eth0"]);
+    wait_for("routes back without a source while the public IP is away", &|routes| {
+        routes.len() == 1 && !routes[0].contains(" src ")
+    });
+    stdout("ip", &["-n", &node1, "addr", "add", &format!("{public}/24"), "dev", "eth0"]);
+    wait_for("the public IP the routes' source again once it is back", &with_source);
+    let log = lab.agent_log(0);
+    assert!(!log.contains("refusing to configure the datapath"), "an address --public-ip names need not be on the node:\n{log}");
+}
