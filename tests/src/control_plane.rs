@@ -125,7 +125,6 @@ pub struct ControlPlane {
     dir: TempDir,
 }
 
-
 impl ControlPlane {
     /// Starts etcd, the API server on `api_ip` (port 6443 in a namespace of
     /// our own, a free one on the host's loopback) and the

@@ -290,7 +290,6 @@ pub struct Lab {
     work_dir: TempDir,
 }
 
-
 /// `nsenter --net=/run/netns/<ns> <program> <args>`, returning success.
 fn ns_ok(ns: &NetNs, program: &str, args: &[&str]) -> bool {
     Command::new("nsenter")

@@ -385,4 +385,3 @@ impl Default for PinDir {
         Self::new()
     }
 }
-

@@ -380,4 +380,3 @@ fn open_routes(root: &std::path::Path) -> Option<(PathBuf, RoutesMap)> {
     let routes = LpmTrie::try_from(Map::from_map_data(data).ok()?).ok()?;
     Some((dir, routes))
 }
-
