@@ -89,7 +89,7 @@ pub struct VmTestArgs {
     #[arg(long, default_value_t = 120)]
     timeout_minutes: u64,
     /// Test files (`tests/tests/<name>.rs`) to run; default: load, packets,
-    /// restart, vxlan_lab, pod_tunnels.
+    /// restart, vxlan_lab, pod_tunnels, nic_underlay.
     #[arg(long = "test")]
     tests: Vec<String>,
     /// Tests each binary runs at once inside the VM (`--test-threads`).
