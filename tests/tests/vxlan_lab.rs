@@ -246,17 +246,7 @@ fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods(
     // its own address is not on eth0). Once it is back, so are they.
     let node1 = lab.nodes[0].ns.name().to_owned();
     lab.nodes[0].ns.ip(&["addr", "del", &format!("{secondary}/24"), "dev", "eth0"]);
-    let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let routes = lab.agent_routes(0);
-            if done(&routes) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{what}: node1's routes are {routes:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| wait_for_routes(&lab, 0, what, done);
     wait_for("control: the kernel deletes routes whose source went", &|routes| routes.is_empty());
     stdout("ip", &["-n", &node1, "addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
     wait_for("routes back once the address is", &|routes| routes.len() == 1 && routes[0].contains(&format!("src {secondary}")));
@@ -267,21 +257,11 @@ fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods(
     // one batch and never finds its address missing, while the kernel
     // deleted the routes without a notification. It must see they are
     // gone all the same.
-    let pid = lab.agent_pid(0).expect("node1's agent runs") as i32;
-    struct Thawed(i32);
-    impl Drop for Thawed {
-        fn drop(&mut self) {
-            // SAFETY: plain signal to our own child.
-            unsafe { libc::kill(self.0, libc::SIGCONT) };
-        }
-    }
-    // SAFETY: plain signal to our own child; `Thawed` resumes it.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let thawed = Thawed(pid);
+    let frozen = Frozen::agent(&lab, 0);
     stdout("ip", &["-n", &node1, "addr", "del", &format!("{secondary}/24"), "dev", "eth0"]);
     wait_for("control: the kernel deletes routes whose source went, again", &|routes| routes.is_empty());
     stdout("ip", &["-n", &node1, "addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
-    drop(thawed);
+    drop(frozen);
     wait_for("routes back after a flap the agent heard as one batch", &|routes| {
         routes.len() == 1 && routes[0].contains(&format!("src {secondary}"))
     });
@@ -309,20 +289,15 @@ fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
     lab.nodes[0].agent_args = vec!["--public-ip".to_owned(), public.to_owned()];
     lab.start_agent(0, Duration::from_secs(30)).expect("restarting node1's agent");
     let node1 = lab.nodes[0].ns.name().to_owned();
-    let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let routes = lab.agent_routes(0);
-            if done(&routes) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "{what}: node1's routes are {routes:?}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
+    let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| wait_for_routes(&lab, 0, what, done);
     let with_source = |routes: &[String]| routes.len() == 1 && routes[0].contains(&format!("src {public}"));
     wait_for("control: the public IP on the node is the routes' source", &with_source);
+    // The agent is frozen while the address goes, so the kernel's deletion
+    // is seen before the agent can write anything.
+    let frozen = Frozen::agent(&lab, 0);
     stdout("ip", &["-n", &node1, "addr", "del", &format!("{public}/24"), "dev", "eth0"]);
+    wait_for("control: the kernel deletes routes whose source went", &|routes| routes.is_empty());
+    drop(frozen);
     wait_for("routes back without a source while the public IP is away", &|routes| {
         routes.len() == 1 && !routes[0].contains(" src ")
     });
@@ -330,4 +305,39 @@ fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
     wait_for("the public IP the routes' source again once it is back", &with_source);
     let log = lab.agent_log(0);
     assert!(!log.contains("refusing to configure the datapath"), "an address --public-ip names need not be on the node:\n{log}");
+}
+
+/// Waits until node `i`'s agent routes satisfy `done` (15 s, scaled),
+/// failing with `what` and the routes it last saw.
+fn wait_for_routes(lab: &Lab, i: usize, what: &str, done: &dyn Fn(&[String]) -> bool) {
+    let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(15));
+    loop {
+        let routes = lab.agent_routes(i);
+        if done(&routes) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {}'s routes are {routes:?}", lab.nodes[i].name);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node's agent stopped (`SIGSTOP`) until this is dropped (`SIGCONT`),
+/// as a loaded node delays it: what happens meanwhile reaches it as one
+/// batch.
+struct Frozen(i32);
+
+impl Frozen {
+    fn agent(lab: &Lab, i: usize) -> Self {
+        let pid = lab.agent_pid(i).expect("the agent runs") as i32;
+        // SAFETY: plain signal to our own child; Drop resumes it.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }

@@ -114,7 +114,9 @@ pub trait PeerWriter {
     /// without a notification, see [`crate::apply::Applier::routes_missing`]);
     /// if so, the next apply writes every route again. This is also how
     /// routes come back after our own address went and returned: the
-    /// kernel deleted those whose preferred source it was.
+    /// kernel deleted those whose preferred source it was. A look that
+    /// fails counts as no; the next underlay change, or the 30 s resync,
+    /// looks again.
     fn routes_missing(&mut self) -> bool {
         false
     }
