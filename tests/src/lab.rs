@@ -268,7 +268,7 @@ pub struct LabNode {
 }
 
 /// A running lab. Field order is drop order: agents stop before their
-/// namespaces go, pins last.
+/// namespaces go, then the pins, then the work directory (logs last).
 pub struct Lab {
     /// Real flanneld per flannel node of a `real_flannel` lab.
     flanneld: Vec<Option<ChildGuard>>,

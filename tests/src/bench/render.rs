@@ -539,12 +539,12 @@ mod tests {
 
     #[test]
     fn readme_summary_is_replaced_between_the_markers_only() {
-        let path = std::env::temp_dir().join(crate::unique_name("ovbench-readme"));
+        let dir = crate::TempDir::new("ovbench-readme");
+        let path = dir.path().join("README.md");
         std::fs::write(&path, format!("intro\n{SUMMARY_START}\nold\n{SUMMARY_END}\nrest\n")).unwrap();
         update_readme(&path, "new line").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("intro\n{SUMMARY_START}\nnew line\n{SUMMARY_END}\nrest\n"));
         std::fs::write(&path, "no markers\n").unwrap();
         assert!(update_readme(&path, "x").unwrap_err().contains("markers"));
-        let _ = std::fs::remove_file(&path);
     }
 }
