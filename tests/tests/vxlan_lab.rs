@@ -217,16 +217,8 @@ fn a_too_big_df_packet_past_the_route_mtu_gets_frag_needed_from_the_datapath() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
     let secondary: std::net::Ipv4Addr = "192.168.77.31".parse().unwrap();
-    lab.stop_agent(0);
-    lab.nodes[0].ns.ip(&["addr", "add", &format!("{secondary}/24"), "dev", "eth0"]);
-    lab.nodes[0].ip = secondary;
-    lab.write_manifest(0);
-    lab.start_agent(0, Duration::from_secs(30)).expect("restarting node1's agent");
+    let lab = two_nodes_with_node1_advertising(secondary, &[]);
     // node2 learns node1's new address.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !lab.agent_routes(1).iter().any(|r| r.contains(&format!("via {secondary}"))) {
@@ -277,17 +269,8 @@ fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods(
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
     let public = "192.168.77.32";
-    lab.stop_agent(0);
-    lab.nodes[0].ns.ip(&["addr", "add", &format!("{public}/24"), "dev", "eth0"]);
-    lab.nodes[0].ip = public.parse().unwrap();
-    lab.write_manifest(0);
-    lab.nodes[0].agent_args = vec!["--public-ip".to_owned(), public.to_owned()];
-    lab.start_agent(0, Duration::from_secs(30)).expect("restarting node1's agent");
+    let lab = two_nodes_with_node1_advertising(public.parse().unwrap(), &["--public-ip", public]);
     let node1 = lab.nodes[0].ns.name().to_owned();
     let wait_for = |what: &str, done: &dyn Fn(&[String]) -> bool| wait_for_routes(&lab, 0, what, done);
     let with_source = |routes: &[String]| routes.len() == 1 && routes[0].contains(&format!("src {public}"));
@@ -340,4 +323,21 @@ impl Drop for Frozen {
         // SAFETY: plain signal to our own child.
         unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
+}
+
+/// A two-node lab (one pod each) whose node 1 advertises `address`, a
+/// second address added to its `eth0`, its agent restarted with
+/// `agent_args` besides the lab's.
+fn two_nodes_with_node1_advertising(address: std::net::Ipv4Addr, agent_args: &[&str]) -> Lab {
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    lab.stop_agent(0);
+    lab.nodes[0].ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
+    lab.nodes[0].ip = address;
+    lab.write_manifest(0);
+    lab.nodes[0].agent_args = agent_args.iter().map(|a| (*a).to_owned()).collect();
+    lab.start_agent(0, Duration::from_secs(30)).expect("restarting node1's agent");
+    lab
 }
