@@ -125,9 +125,10 @@ pub struct Applier {
     /// Desired peers not in `applied` because writing them failed.
     not_programmed: BTreeMap<Ipv4Network, PeerFailure>,
     /// The preferred source the kernel routes were last written with
-    /// ([`route_source`]); `None` until the first apply, which rewrites
+    /// ([`route_source`]); `None` until the first apply, and after
+    /// [`Self::routes_missing`] found one gone: the apply then rewrites
     /// them all (routes from an earlier run, or an older agent, may carry
-    /// another).
+    /// another source).
     route_source: Option<Option<Ipv4Addr>>,
     /// The nexthop objects our routes go through, and which route uses which.
     nexthops: routes::Nexthops,
@@ -201,12 +202,6 @@ impl Applier {
         Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None, not_programmed: BTreeMap::new(), nexthops })
     }
 
-    /// Makes the next [`Self::apply`] write every route again (the kernel
-    /// deleted those whose preferred source went away).
-    fn rewrite_routes(&mut self) {
-        self.route_source = None;
-    }
-
     /// Whether the kernel lost a route of a peer this agent applied, and
     /// if so makes the next [`Self::apply`] write every route again. The
     /// kernel deletes routes without a notification when their preferred
@@ -219,7 +214,9 @@ impl Applier {
         let present: BTreeSet<Ipv4Network> = routes::with_our_protocol()?.into_iter().collect();
         let missing = self.applied.keys().any(|cidr| !present.contains(cidr));
         if missing {
-            self.rewrite_routes();
+            // A route source the next apply does not recognise makes it
+            // write every route again.
+            self.route_source = None;
         }
         Ok(missing)
     }

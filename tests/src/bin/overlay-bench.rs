@@ -126,19 +126,21 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    // The guide every results page links to, and the run of record's home.
+    let benchmarks = args.root.join("docs/benchmarks");
     let default_out = if args.profile {
-        args.root.join("docs/benchmarks/profiles")
+        benchmarks.join("profiles")
     } else if args.quick {
         args.root.join("target/bench-quick")
     } else if args.underlay == UnderlayArg::Nic {
-        args.root.join("docs/benchmarks/nic")
+        benchmarks.join("nic")
     } else {
-        args.root.join("docs/benchmarks")
+        benchmarks.clone()
     };
     let out = args.out.clone().unwrap_or(default_out);
     if let Some(json) = &args.render {
         let report = bench::read_report(json)?;
-        bench::write_outputs(&report, &out, &args.root.join("docs/benchmarks"))?;
+        bench::write_outputs(&report, &out, &benchmarks)?;
         if let Some(readme) = &args.readme {
             bench::update_readme(readme, &bench::summary_line(&report))?;
         }
@@ -220,7 +222,7 @@ fn run(args: Args) -> Result<(), String> {
         config.underlays.iter().map(|u| u.key()).collect::<Vec<_>>().join(", ")
     );
     let report = bench::run(&config)?;
-    bench::write_outputs(&report, &out, &args.root.join("docs/benchmarks"))?;
+    bench::write_outputs(&report, &out, &benchmarks)?;
     println!("{}", bench::render_markdown(&report, "docs/benchmarks/README.md"));
     println!("bench: wrote results.md, results.json and results.svg to {}", out.display());
     // The README quotes the project's reference run only.
