@@ -26,12 +26,12 @@
 //! [`crate::kernel_events`] to say.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::Ipv4Addr,
 };
 
 use ipnetwork::Ipv4Network;
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_REPLACE};
+use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType},
@@ -363,8 +363,22 @@ pub fn replace_all<'a>(
         return Ok(peers.iter().map(|p| (p, refused.clone())).collect());
     };
     let mut rtnl = Rtnl::open()?;
+    let at_our_keys = main_table_routes_at_our_keys(&mut rtnl)?;
     let mut failed = Vec::new();
     for peer in peers {
+        // The kernel's replace matches on prefix, TOS and metric alone,
+        // whatever the protocol: it would take over a connected or another
+        // tool's route to the same prefix. Such a route is left, and the
+        // peer waits for it to go; where none is, the route is created
+        // exclusively, so one added meanwhile is not replaced either.
+        let flags = match at_our_keys.get(&peer.pod_cidr) {
+            Some(there) if !there.may_be_replaced_for(peer) => {
+                failed.push((peer, not_ours_in_the_way(peer.pod_cidr, there.protocol)));
+                continue;
+            }
+            Some(_) => NLM_F_CREATE | NLM_F_REPLACE,
+            None => NLM_F_CREATE | NLM_F_EXCL,
+        };
         // A second try when the first went through a nexthop the kernel
         // deleted meanwhile (with its device, or by hand).
         for attempt in 0..2 {
@@ -379,7 +393,11 @@ pub fn replace_all<'a>(
                 },
             };
             let message = RouteNetlinkMessage::NewRoute(replace_message(peer, nexthop, vxlan_mtu, source));
-            match rtnl.change(message, NLM_F_CREATE | NLM_F_REPLACE)? {
+            match rtnl.change(message, flags)? {
+                // Another's, added since the look.
+                Answer::Refused(Refused { errno: libc::EEXIST, .. }) if flags & NLM_F_EXCL != 0 => {
+                    failed.push((peer, not_ours_in_the_way(peer.pod_cidr, RouteProtocol::Unspec)));
+                }
                 Answer::Refused(refused) => {
                     if let Some(id) = nexthop.filter(|_| attempt == 0)
                         && rtnl.nexthop(id)?.is_none()
@@ -396,6 +414,79 @@ pub fn replace_all<'a>(
     }
     nexthops.collect(&mut rtnl)?;
     Ok(failed)
+}
+
+/// A main-table route where one of ours would go.
+struct RouteAtOurKey {
+    protocol: RouteProtocol,
+    gateway: Option<Ipv4Addr>,
+    oif: Option<u32>,
+}
+
+impl RouteAtOurKey {
+    /// Ours (this root's or another's), or flannel's toward the same peer:
+    /// out of its vxlan device `flannel.<VNI>`, or (host-gw,
+    /// DirectRouting) via the peer's node. Flannel's are replaced in place
+    /// when a node migrates (docs/migrate-from-flannel.md), so its pods
+    /// lose nothing; any other route (a connected one, another tool's) is
+    /// not the agent's to change.
+    fn may_be_replaced_for(&self, peer: &PeerState) -> bool {
+        if self.protocol == RouteProtocol::from(ROUTE_PROTO_ID) {
+            return true;
+        }
+        self.protocol != RouteProtocol::Kernel
+            && (self.gateway == Some(peer.node_ip) || self.oif.and_then(interface_name).is_some_and(|name| name.starts_with("flannel.")))
+    }
+}
+
+/// The main table's IPv4 routes that an `NLM_F_REPLACE` of one of ours
+/// would match (TOS 0, metric 0: ours carry neither), by destination.
+fn main_table_routes_at_our_keys(rtnl: &mut Rtnl) -> Result<BTreeMap<Ipv4Network, RouteAtOurKey>, RouteError> {
+    Ok(rtnl
+        .routes()?
+        .iter()
+        .filter(|route| table_of(route) == u32::from(RouteHeader::RT_TABLE_MAIN) && route.header.tos == 0)
+        .filter(|route| !route.attributes.iter().any(|a| matches!(a, RouteAttribute::Priority(metric) if *metric != 0)))
+        .filter_map(|route| {
+            let gateway = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(gateway)) => Some(*gateway),
+                _ => None,
+            });
+            let oif = route.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(index) => Some(*index),
+                _ => None,
+            });
+            Some((destination(route)?, RouteAtOurKey { protocol: route.header.protocol, gateway, oif }))
+        })
+        .collect())
+}
+
+/// The name of the interface with index `index`, if there is one.
+fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname needs.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    Some(unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// Why a peer's route is not written: `protocol`'s route (unknown:
+/// `Unspec`) holds its place.
+fn not_ours_in_the_way(cidr: Ipv4Network, protocol: RouteProtocol) -> Refused {
+    let whose = match protocol {
+        RouteProtocol::Unspec => String::new(),
+        RouteProtocol::Kernel => " (proto kernel: an address on this node is in that subnet)".to_owned(),
+        other => format!(" (proto {})", u8::from(other)),
+    };
+    Refused {
+        errno: libc::EEXIST,
+        message: Some(format!(
+            "the main table has a route to {cidr} that the agent did not make{whose}; it is left alone, and the peer's route is written once it goes (remove it, or give that node a pod CIDR no route here uses)"
+        )),
+    }
 }
 
 /// Removes our routes to `cidrs` (as `ip route del CIDR proto 157`); a
@@ -475,12 +566,16 @@ pub fn with_our_protocol() -> Result<Vec<Ipv4Network>, RouteError> {
 }
 
 fn is_ours_in_main(route: &RouteMessage) -> bool {
+    route.header.protocol == RouteProtocol::from(ROUTE_PROTO_ID) && table_of(route) == u32::from(RouteHeader::RT_TABLE_MAIN)
+}
+
+/// A route's table (the attribute, where the header's byte cannot hold it).
+fn table_of(route: &RouteMessage) -> u32 {
     let table = route.attributes.iter().find_map(|a| match a {
         RouteAttribute::Table(table) => Some(*table),
         _ => None,
     });
-    route.header.protocol == RouteProtocol::from(ROUTE_PROTO_ID)
-        && table.unwrap_or(u32::from(route.header.table)) == u32::from(RouteHeader::RT_TABLE_MAIN)
+    table.unwrap_or(u32::from(route.header.table))
 }
 
 /// The destination of an IPv4 route (`0.0.0.0/0` when it carries none).
