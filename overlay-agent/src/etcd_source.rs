@@ -171,7 +171,9 @@ pub async fn connect(options: &EtcdOptions) -> Result<Client, EtcdSourceError> {
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
     let tls = options.endpoints.iter().any(|e| e.starts_with("https://"));
-    if tls || options.ca_file.is_some() || options.cert_file.is_some() {
+    // Any TLS file asks for TLS, so a lone --etcd-keyfile is refused
+    // below rather than ignored.
+    if tls || options.ca_file.is_some() || options.cert_file.is_some() || options.key_file.is_some() {
         let mut config = TlsOptions::new();
         if let Some(ca) = &options.ca_file {
             config = config.ca_certificate(Certificate::from_pem(read("cafile", ca)?));
@@ -567,6 +569,23 @@ pub fn previous_subnet(subnet_env: &Path) -> Option<Ipv4Network> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Half an identity is refused before any file is read or any
+    /// connection made, with plain-http endpoints too (where a lone
+    /// `--etcd-keyfile` was ignored before).
+    #[tokio::test]
+    async fn half_a_client_identity_is_refused_even_without_tls_endpoints() {
+        for (cert, key) in [(Some("/nonexistent/cert.pem"), None), (None, Some("/nonexistent/key.pem"))] {
+            let options = EtcdOptions {
+                endpoints: vec!["http://127.0.0.1:2379".to_owned()],
+                prefix: "/coreos.com/network".to_owned(),
+                ca_file: None,
+                cert_file: cert.map(PathBuf::from),
+                key_file: key.map(PathBuf::from),
+            };
+            assert!(matches!(connect(&options).await, Err(EtcdSourceError::HalfIdentity)), "{cert:?} {key:?}");
+        }
+    }
 
     #[test]
     fn config_fills_the_subnet_range_as_flannel_does() {
