@@ -144,6 +144,26 @@ fn route_source(config: &Config) -> Option<Ipv4Addr> {
     crate::iface::is_local_ipv4(advertised).then_some(advertised)
 }
 
+/// CONFIG as the datapath needs it. Its `node_ip` is the tunnel's own
+/// address: the outer source, and the only outer destination decapsulated.
+/// That is the advertised address when it is on the node. One advertised
+/// from behind a NAT (`--public-ip`, `public-ip-overwrite`) is not: the
+/// NAT turns what peers send to it into the underlay's own address, and
+/// what the node sends from that address into the advertised one. So the
+/// underlay's (first) address takes its place here, as flannel's vxlan
+/// device has the interface's address as its `local`. What is published
+/// stays the advertised address (the desired state's).
+fn datapath_config(desired: &Config, iface: &str) -> Config {
+    let advertised = Ipv4Addr::from(desired.node_ip);
+    if crate::iface::is_local_ipv4(advertised) {
+        return *desired;
+    }
+    match crate::iface::ipv4_addresses(iface).ok().and_then(|own| own.first().copied()) {
+        Some(own) => Config { node_ip: own.octets(), ..*desired },
+        None => *desired,
+    }
+}
+
 impl Applier {
     /// Takes over the maps as they are pinned (possibly from an earlier run)
     /// and removes the kernel routes this root's agent installed that no
@@ -242,12 +262,10 @@ impl Applier {
         let mtu_changed = self.config.map(|c| c.inner_mtu) != Some(desired.inner_mtu);
         let source = route_source(&desired.config);
         let source_changed = self.route_source != Some(source);
-        if self.config != Some(desired.config) {
-            self.maps
-                .config
-                .set(0, desired.config, 0)
-                .map_err(|source| ApplyError::Map { map: "CONFIG", source })?;
-            self.config = Some(desired.config);
+        let config = datapath_config(&desired.config, &self.iface);
+        if self.config != Some(config) {
+            self.maps.config.set(0, config, 0).map_err(|source| ApplyError::Map { map: "CONFIG", source })?;
+            self.config = Some(config);
             report.config_changed = true;
         }
         let mut changes = diff(&self.applied, &desired.peers);
@@ -290,7 +308,7 @@ impl Applier {
     /// change of CONFIG (the MTU is in every route) takes [`Self::apply`].
     pub fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError> {
         let source = route_source(&desired.config);
-        if self.config != Some(desired.config) || self.route_source != Some(source) {
+        if self.config != Some(datapath_config(&desired.config, &self.iface)) || self.route_source != Some(source) {
             return self.apply(desired);
         }
         let start = Instant::now();

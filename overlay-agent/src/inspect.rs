@@ -23,7 +23,7 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         println!("  not configured yet: the programs pass all traffic");
     } else {
         println!(
-            "  node {}  vni {}  port {}  vtep {}  pod cidr {}/{}  inner mtu {}  ifindex {}",
+            "  tunnel address {}  vni {}  port {}  vtep {}  pod cidr {}/{}  inner mtu {}  ifindex {}",
             Ipv4Addr::from(config.node_ip),
             config.vni,
             config.vxlan_port,
