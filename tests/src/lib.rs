@@ -1,7 +1,7 @@
 //! Helpers for the integration tests: throwaway network namespaces, veth
 //! pairs, bpffs pin directories and temporary directories, each owned by a
 //! guard whose `Drop` removes it, so a failing or panicking test leaves
-//! nothing behind.
+//! nothing behind; an interrupted one neither (`interrupt`).
 //!
 //! Every name carries the test process id and a counter, so tests can run in
 //! parallel and next to a developer's own namespaces.
@@ -11,6 +11,7 @@ pub mod bench;
 pub mod control_plane;
 pub mod etcd;
 pub mod frames;
+mod interrupt;
 pub mod lab;
 
 use std::{
@@ -212,6 +213,7 @@ pub fn stdout(program: &str, args: &[&str]) -> String {
 /// A network namespace that is deleted on drop.
 pub struct NetNs {
     name: String,
+    _registered: interrupt::Registration,
 }
 
 impl NetNs {
@@ -221,8 +223,9 @@ impl NetNs {
 
     /// A namespace with a chosen (unique) name.
     pub fn with_name(name: String) -> Self {
+        let _registered = interrupt::register(interrupt::Owned::Namespace(name.clone()));
         let _ = run("ip", &["netns", "add", &name]);
-        let ns = Self { name };
+        let ns = Self { name, _registered };
         let _ = ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -336,19 +339,21 @@ pub fn send_frames(ns: &NetNs, iface: &str, frames: &[impl AsRef<[u8]>]) -> std:
 /// passes, when it fails, and when the setup that made it fails halfway.
 pub struct TempDir {
     path: PathBuf,
+    _registered: interrupt::Registration,
 }
 
 impl TempDir {
     /// Creates `<system temp dir>/<prefix><unique>`.
     pub fn new(prefix: &str) -> Self {
-        let path = std::env::temp_dir().join(unique_name(prefix));
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
-        Self { path }
+        let dir = Self::at(std::env::temp_dir().join(unique_name(prefix)));
+        std::fs::create_dir_all(&dir.path).unwrap_or_else(|e| panic!("creating {}: {e}", dir.path.display()));
+        dir
     }
 
     /// Owns `path`, which its user creates (or has created).
     pub fn at(path: PathBuf) -> Self {
-        Self { path }
+        let _registered = interrupt::register(interrupt::Owned::Directory(path.clone()));
+        Self { path, _registered }
     }
 
     pub fn path(&self) -> &Path {
