@@ -649,6 +649,23 @@ impl Datapath {
         delete_clsact_filters(iface, &[])
     }
 
+    /// Before TCX: the programs of our clsact filters on `iface` (a running
+    /// datapath's, or one left behind), which an attach would take over.
+    /// None with TCX, where attachments go beside each other, or when the
+    /// interface is gone.
+    pub fn clsact_filters_of_ours(iface: &str) -> Result<Vec<String>, DatapathError> {
+        if !needs_clsact() {
+            return Ok(Vec::new());
+        }
+        let Some(ifindex) = crate::iface::interface_index(iface) else { return Ok(Vec::new()) };
+        let mut names = Vec::new();
+        for direction in [clsact::Direction::Ingress, clsact::Direction::Egress] {
+            let filters = clsact::filters(ifindex, direction).map_err(|source| DatapathError::Clsact { iface: iface.to_owned(), source })?;
+            names.extend(filters.into_iter().filter(clsact::Filter::is_ours).filter_map(|f| f.name));
+        }
+        Ok(names)
+    }
+
     /// Replaces the program inside the pinned link at `pin` with ours.
     fn swap_into_pinned(&mut self, role: LinkRole, pin: &Path) -> Result<(), DatapathError> {
         let name = role_program(role);

@@ -157,6 +157,15 @@ fn check(iface: &str, root: Option<PathBuf>, hook: DecapHook) -> anyhow::Result<
             root.display()
         );
     }
+    // Before TCX our filters sit at fixed priorities: check's would replace
+    // a running datapath's (and its detach delete them).
+    let running = Datapath::clsact_filters_of_ours(iface).context("looking for the datapath's filters")?;
+    if !running.is_empty() {
+        anyhow::bail!(
+            "{iface} already carries the datapath's filters ({}): on this kernel (no TCX before 6.6) check would replace them, and so the running datapath; run check on a node or interface without the agent, or `cleanup` first",
+            running.join(", ")
+        );
+    }
     let result = check_in(iface, &root, hook);
     let detach = Datapath::detach_clsact(iface).context("detaching the check's filters");
     let cleanup = Datapath::remove_pins(&root).context("cleaning up the check's pins").map(drop).and(detach);

@@ -628,3 +628,37 @@ fn run_refuses_a_kernel_older_than_5_13_before_touching_anything() {
     let _inside = ns.enter();
     assert_eq!(attached_program_ids("ul0"), Vec::<u32>::new(), "the agent attached to ul0 before refusing");
 }
+
+/// `check` on an interface a datapath serves leaves that datapath's
+/// attachments as they were. Before TCX (6.6) its programs are the clsact
+/// filters `check`'s own would replace (same priority and handle), so it
+/// refuses, saying why; with TCX its links go beside them and away again.
+/// (Shown failing on 6.1 before the refusal: `check` swapped its programs,
+/// with their empty maps, into the running filters, then deleted them.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn check_leaves_a_running_datapath_on_its_interface_as_it_was() {
+    require_root();
+    let (_ns, pins, _inside) = underlay();
+    let mut datapath = Datapath::load(pins.path()).expect("loading the datapath");
+    datapath.attach("ul0", DecapHook::TcIngress, false).expect("attaching");
+    let running = attached_program_ids("ul0");
+    assert_eq!(running.len(), 2, "{}", tc_filters("ul0"));
+    let check_pins = PinDir::new();
+    // Spawned from this thread, so inside the namespace.
+    let out = std::process::Command::new(agent_binary())
+        .args(["check", "--iface", "ul0", "--decap", "tc", "--bpffs-root"])
+        .arg(check_pins.path())
+        .output()
+        .expect("running overlay-agent check");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if clsact_kernel() {
+        assert_eq!(out.status.code(), Some(1), "{said}");
+        assert!(said.contains("ul0 already carries the datapath's filters"), "{said}");
+    } else {
+        assert!(out.status.success(), "{said}");
+    }
+    settle(|| attached_program_ids("ul0") == running);
+    assert_eq!(attached_program_ids("ul0"), running, "check changed the attachments it found:\n{said}\n{}", tc_filters("ul0"));
+    assert!(!check_pins.path().exists(), "check left its pins");
+}
