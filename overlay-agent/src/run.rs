@@ -416,6 +416,15 @@ impl NodeHost {
         info!(%iface, driver = driver.as_deref().unwrap_or("unknown"), ?hook, reason = why, "decapsulation hook chosen");
         let fast_path = self.pod_fast_path.is_some();
         let report = self.datapath.attach(&iface, hook, fast_path).with_context(|| format!("attaching to {iface}"))?;
+        settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
+        // Into the pinned CONFIG now, not at the first reconcile (which
+        // waits for our own Node, however long): behind XDP, TC ingress must
+        // not take what XDP decapsulated for bare packets claiming a peer's
+        // pods (it would drop them), and without XDP it must check those.
+        let xdp_decap = u16::from(settings.xdp_decap);
+        if let Err(err) = self.change_pinned_config(|config| config.xdp_decap = xdp_decap) {
+            warn!(error = %err.to_string_with_causes(), "cannot write the decapsulation hook to CONFIG; the first reconcile writes it");
+        }
         for removed in &report.removed {
             info!(pin = %removed.display(), "removed an attachment or map layout this agent no longer uses");
         }
@@ -425,8 +434,6 @@ impl NodeHost {
         info!(%iface, ?hook, egress = ?report.egress, decap = ?report.decap, "datapath attached");
         self.decap_hook = Some(hook);
         self.check_datapath();
-        // Written to CONFIG by the next reconcile.
-        settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
         let seg_wanted = seg_device::wanted(settings.backend);
         let gro_wanted = gro_device::wanted(fast_path, hook == DecapHook::TcIngress, settings.backend == Backend::Vxlan);
         self.pairs_wanted = PairKind::ALL
@@ -512,19 +519,26 @@ impl NodeHost {
         }
     }
 
-    /// Writes the pairs' sending-end indexes into the pinned `CONFIG`, if
-    /// it is configured (a previous run's, or this run's once reconciled);
-    /// whether it changed. The next reconcile writes `CONFIG` whole, with
-    /// the indexes the settings hold by then.
+    /// Writes the pairs' sending-end indexes into the pinned `CONFIG` (see
+    /// [`Self::change_pinned_config`]).
     fn write_pair_indexes(&mut self, indexes: impl IntoIterator<Item = (PairKind, u32)>) -> Result<bool, aya::maps::MapError> {
+        self.change_pinned_config(|config| {
+            for (kind, index) in indexes {
+                *kind.in_config(config) = index;
+            }
+        })
+    }
+
+    /// Changes the pinned `CONFIG`, if it is configured (a previous run's,
+    /// or this run's once reconciled); whether it changed. The next
+    /// reconcile writes `CONFIG` whole, from the settings it holds by then.
+    fn change_pinned_config(&mut self, change: impl FnOnce(&mut overlay_common::Config)) -> Result<bool, aya::maps::MapError> {
         let before = self.maps.config.get(&0, 0)?;
         if before.enabled == 0 {
             return Ok(false);
         }
         let mut config = before;
-        for (kind, index) in indexes {
-            *kind.in_config(&mut config) = index;
-        }
+        change(&mut config);
         if config == before {
             return Ok(false);
         }

@@ -369,3 +369,47 @@ fn the_agent_sets_its_device_pairs_up_once_foreign_devices_free_their_names() {
     Lab::tcp_echo(client, server, lab.nodes[1].pods[0].ip, 28086).unwrap_or_else(|e| panic!("TCP through the agent's own GRO device: {e}"));
     assert!(lab.counters(1).packets(Counter::GroIn) > before, "TCP did not cross the agent's GRO device");
 }
+
+/// Node 2's agent restarted onto another decapsulation hook, without its
+/// own Node (so no reconcile rewrites CONFIG): TC decapsulated before, XDP
+/// now, with TC ingress kept for delivery. TC must know from the start
+/// that XDP is in front of it, or it takes what XDP decapsulated for bare
+/// packets claiming a peer's pods and drops them; and back on TC, that it
+/// is not, or it lets bare packets through unchecked. (Shown failing
+/// before the agent wrote the hook into the pinned CONFIG as it attached:
+/// pings through XDP lost, counted as `bare_tunnel_source`, until the
+/// first reconcile.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_restart_onto_another_decap_hook_serves_before_the_first_reconcile() {
+    require_root();
+    let mut lab = two_node_lab();
+    let xdp_in_front = |lab: &Lab| {
+        let maps = overlay_agent::maps::DatapathMaps::open(&lab.nodes[1].pin_root).expect("node 2's pinned maps");
+        maps.config.get(&0, 0).expect("CONFIG").xdp_decap != 0
+    };
+    assert!(!xdp_in_front(&lab), "control: on the lab's veths `--decap auto` decapsulates at TC");
+    let no_nodes = lab.work_dir().join("no-nodes");
+    std::fs::create_dir_all(&no_nodes).unwrap();
+    let nodes_dir = std::mem::replace(&mut lab.nodes_dir, no_nodes);
+    for (decap, xdp) in [("xdp", true), ("tc", false)] {
+        lab.stop_agent(1);
+        lab.spec_mut().decap = decap.to_owned();
+        // The log goes on from the agent before.
+        let attached = |lab: &Lab| lab.agent_log(1).matches("datapath attached").count();
+        let before = attached(&lab);
+        lab.launch_agent(1).unwrap();
+        let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(20));
+        while attached(&lab) == before {
+            assert!(Instant::now() < deadline, "node 2's agent did not attach with --decap {decap}:\n{}", lab.agent_log(1));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(xdp_in_front(&lab), xdp, "CONFIG after attaching with --decap {decap}, before any reconcile:\n{}", lab.agent_log(1));
+        let bare_before = lab.counters(1).drops(overlay_common::DropReason::BareTunnelSource);
+        let (from, to) = (&lab.nodes[0].pods[0].ns, lab.nodes[1].pods[0].ip);
+        assert!(Lab::ping(from, to), "pod to pod with --decap {decap} before the first reconcile:\n{}", lab.agent_log(1));
+        assert_eq!(lab.counters(1).drops(overlay_common::DropReason::BareTunnelSource), bare_before, "--decap {decap}");
+    }
+    lab.stop_agent(1);
+    lab.nodes_dir = nodes_dir;
+}
