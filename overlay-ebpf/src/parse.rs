@@ -6,7 +6,7 @@ use overlay_common::{
     Config, Counter, DEFAULT_VXLAN_PORT, IANA_VXLAN_PORT, Peer, ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, Route,
 };
 
-use crate::{DropReason, counters::count, csum, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}, proto::IP_MF_OFFSET};
+use crate::{DropReason, counters::count, csum, maps::{PEERS, ROUTES}, packet::{Packet, ptr_at}, proto::{IP_MF_OFFSET, IP_OFFSET}};
 
 pub use crate::{
     proto::{ETH_P_IP, IPPROTO_UDP, VXLAN_FLAG_I},
@@ -56,6 +56,13 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     };
     // SAFETY: ptr_at checked the bounds.
     if unsafe { (*ip).proto != IPPROTO_UDP || (*ip).dst_addr != cfg.node_ip } {
+        return Ok(Rx::NotOurs);
+    }
+    // A fragment after the first has no UDP header: what sits where one
+    // would is payload, not a port, and no tunnel packet of ours (a first
+    // fragment on our port is refused below). The stack reassembles it.
+    // SAFETY: ptr_at checked the bounds.
+    if u16::from_be_bytes(unsafe { (*ip).frags }) & IP_OFFSET != 0 {
         return Ok(Rx::NotOurs);
     }
     // UDP for this node, perhaps our tunnel: everything below reads as far

@@ -181,6 +181,16 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     with_options[14] = 0x46;
     with_options.splice(34..34, [1, 1, 1, 1]); // four NOP options
     f.expect_decap_verdict(program, &with_options, drop, |c| c.drops(DropReason::BadOuter));
+    // A later fragment of any UDP datagram to the node has no UDP header:
+    // payload that happens to read as our port there is not a tunnel
+    // packet, and goes on for the stack to reassemble. The first fragment
+    // of one on our port is refused (we never reassemble).
+    let mut later_fragment = Vxlan::default().frame();
+    later_fragment[20..22].copy_from_slice(&185u16.to_be_bytes());
+    f.expect_decap_verdict(program, &later_fragment, pass, |c| c.packets(Counter::Pass));
+    let mut first_fragment = Vxlan::default().frame();
+    first_fragment[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
+    f.expect_decap_verdict(program, &first_fragment, drop, |c| c.drops(DropReason::BadOuter));
     // A known node tunnelling to the IANA port while we use 8472: passed
     // on, and counted so the agent reports the mismatch.
     f.expect_decap_verdict(program, &Vxlan { dport: 4789, ..Vxlan::default() }.frame(), pass, |c| c.packets(Counter::MismatchedPort));
