@@ -124,9 +124,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
             args.bpffs_root.display()
         ),
     }
-    // A failed start removes what it created (the root's pins are all
-    // new when its maps were not there).
-    let fresh_root = !bpffs::PinLayout::new(&args.bpffs_root).maps_dir().exists();
+    // A failed start removes what it created: everything under a root that
+    // was not there, or was empty. A root that held anything (an older
+    // layout's maps and links, say: an upgrade whose new agent cannot
+    // start) is the running datapath's, and stays as it is.
+    let fresh_root = std::fs::read_dir(&args.bpffs_root).map_or(true, |mut entries| entries.next().is_none());
     let source_kind = match source {
         Source::Dir(_) => "manifests",
         Source::Kube(_) => "kubernetes",

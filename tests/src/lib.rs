@@ -367,6 +367,26 @@ impl Drop for TempDir {
     }
 }
 
+/// One map as an older agent pinned it: name, `bpftool map create` kind,
+/// key and value size, capacity, flags.
+pub type PinnedMap = (&'static str, &'static str, u32, u32, u32, u32);
+
+/// Creates `maps` in `dir` with bpftool, as an older agent pinned them.
+pub fn make_pins(dir: &Path, maps: &[PinnedMap]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for &(name, kind, key, value, entries, flags) in maps {
+        let (key, value, entries, flags) = (key.to_string(), value.to_string(), entries.to_string(), flags.to_string());
+        let path = dir.join(name);
+        let out = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(["type", kind, "key", &key, "value", &value, "entries", &entries, "name", name, "flags", &flags])
+            .output()
+            .expect("running bpftool");
+        assert!(out.status.success(), "bpftool map create {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// A pin directory under /sys/fs/bpf, removed with its pins on drop.
 pub struct PinDir(TempDir);
 

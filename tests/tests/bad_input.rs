@@ -285,6 +285,29 @@ fn the_decap_hook_is_settled_before_anything_is_attached() {
     assert!(!second.path().exists(), "a failed start left {} behind:\n{}", second.path().display(), b.log());
 }
 
+/// A failed start on a root that held an older map layout's pins (an
+/// upgrade whose new agent cannot start: a verifier that refuses it, XDP
+/// taken) leaves them: until the new agent's programs run they are the
+/// running datapath's. (Shown failing before: the start took the root for
+/// a fresh one, its current layout's directory being new, and removed
+/// everything under it, the older layout's maps too.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_failed_start_leaves_an_older_layouts_pins_alone() {
+    require_root();
+    let (ns, nodes) = one_node("192.0.2.1");
+    let first = PinDir::new();
+    let a = RunningAgent::start(&ns, first.path(), nodes.path(), &["--decap", "xdp"], false);
+    assert!(a.wait_for("ready: the initial sync", 20), "{}", a.log());
+    let upgraded = PinDir::new();
+    let older = upgraded.path().join("v5");
+    overlay_tests::make_pins(&older, &[(overlay_common::map_names::CONFIG, "array", 4, 56, 1, 0)]);
+    // XDP is the first root's: asked for it, this start fails.
+    let mut b = RunningAgent::start(&ns, upgraded.path(), nodes.path(), &["--decap", "xdp"], false);
+    assert_eq!(b.exit_code(20), Some(1), "{}", b.log());
+    assert!(older.join(overlay_common::map_names::CONFIG).exists(), "a failed start removed the older layout's pins:\n{}", b.log());
+}
+
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_missing_nodes_directory_is_reported_once() {
@@ -304,10 +327,19 @@ fn a_missing_nodes_directory_is_reported_once() {
 }
 
 /// Needs no root: the agent stops at the missing nodes directory, before
-/// anything privileged.
+/// anything privileged. Run as root (as `cargo xtask test` does), it runs
+/// as nobody without capabilities all the same: it names the host's `lo`,
+/// and must not be able to touch it should that order ever change.
 #[test]
 fn an_exported_kubeconfig_does_not_conflict_with_nodes_dir() {
-    let out = std::process::Command::new(agent_binary())
+    let mut command = std::process::Command::new("setpriv");
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        command.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]).arg(agent_binary());
+    } else {
+        command = std::process::Command::new(agent_binary());
+    }
+    let out = command
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .args(["run", "--node-name", "me", "--iface", "lo", "--metrics-addr", "127.0.0.1:0", "--nodes-dir", "/nonexistent/nodes"])
         .output()

@@ -12,7 +12,7 @@ use overlay_agent::{
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
-use overlay_tests::{NetNs, NetNsEntered, PinDir, TempDir, agent_binary, require_root, stdout, tc_program_ids};
+use overlay_tests::{NetNs, NetNsEntered, PinDir, PinnedMap, TempDir, agent_binary, make_pins, require_root, stdout, tc_program_ids};
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
@@ -308,9 +308,6 @@ fn without_bpf_privileges_the_agent_says_what_it_needs() {
     assert!(!pins.path().exists(), "nothing may be created without permission");
 }
 
-/// One map as an older agent pinned it: name, `bpftool map create` kind,
-/// key and value size, capacity, flags.
-type PinnedMap = (&'static str, &'static str, u32, u32, u32, u32);
 
 /// Map layout v3 (overlay-agent's LAYOUTS): `COUNTERS` had 16 slots,
 /// before `bare_tunnel_source` and `ecn_not_ect`.
@@ -399,22 +396,6 @@ fn an_agent_upgrades_from_the_v4_map_layouts_pins() {
 fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
     require_root();
     upgrade_from(5, &V5_MAPS);
-}
-
-/// Creates `maps` in `dir` with bpftool, as an older agent pinned them.
-fn make_pins(dir: &std::path::Path, maps: &[PinnedMap]) {
-    std::fs::create_dir_all(dir).unwrap();
-    for &(name, kind, key, value, entries, flags) in maps {
-        let (key, value, entries, flags) = (key.to_string(), value.to_string(), entries.to_string(), flags.to_string());
-        let path = dir.join(name);
-        let out = std::process::Command::new("bpftool")
-            .args(["map", "create"])
-            .arg(&path)
-            .args(["type", kind, "key", &key, "value", &value, "entries", &entries, "name", name, "flags", &flags])
-            .output()
-            .expect("running bpftool");
-        assert!(out.status.success(), "bpftool map create {name}: {}", String::from_utf8_lossy(&out.stderr));
-    }
 }
 
 /// Pins of another shape under the current layout version (a layout
