@@ -1142,16 +1142,18 @@ impl Lab {
     /// Pings every 10 ms from pod (node 0, pod 0) to pod (node 1, pod 0)
     /// while `during` runs; returns (transmitted, received).
     pub fn ping_during(&mut self, count: u32, during: impl FnOnce(&mut Self)) -> (u32, u32) {
-        let ping = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.nodes[0].pods[0].ns.name()))
-            .args(["ping", "-i", "0.01", "-c", &count.to_string(), "-W", "1", "-q", &self.nodes[1].pods[0].ip.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting ping");
-        // ping ends by itself after `count` packets, even if `during` panics.
+        let ping = ChildGuard(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", self.nodes[0].pods[0].ns.name()))
+                .args(["ping", "-i", "0.01", "-c", &count.to_string(), "-W", "1", "-q", &self.nodes[1].pods[0].ip.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting ping"),
+        );
+        // Killed if `during` panics.
         during(self);
-        let out = ping.wait_with_output().expect("waiting for ping");
+        let out = ping.into_inner().wait_with_output().expect("waiting for ping");
         let text = String::from_utf8_lossy(&out.stdout);
         let summary = text
             .lines()
@@ -1334,6 +1336,16 @@ fn wire_like(underlay: &NetNs, port: &str) {
 
 /// Kills and reaps a child process on drop.
 pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// The child, no longer killed on drop (to wait for its output, say).
+    pub fn into_inner(self) -> Child {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used or dropped again, so the child is
+        // moved out exactly once.
+        unsafe { std::ptr::read(&this.0) }
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {

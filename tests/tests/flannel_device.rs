@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use overlay_tests::{NetNs, PinDir, TempDir, agent_binary, require_root};
+use overlay_tests::{NetNs, PinDir, TempDir, agent_binary, lab::ChildGuard, require_root};
 
 /// A namespace with the underlay `ul0` (192.168.77.11) and a directory
 /// holding this node's manifest.
@@ -106,9 +106,10 @@ fn a_leftover_flannel_device_stops_the_agent_unless_it_may_remove_it() {
     assert!(node.has_link("flannel.1"), "refusing must leave flannel.1 alone");
 
     // With the flag: the agent starts, and deletes it once it serves.
-    let mut agent = node.agent(&["--remove-flannel-device"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    wait_while_running(&mut agent, "delete flannel.1", || !node.has_link("flannel.1"));
-    let (status, log) = stop(agent);
+    // Killed if the wait fails.
+    let mut agent = ChildGuard(node.agent(&["--remove-flannel-device"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    wait_while_running(&mut agent.0, "delete flannel.1", || !node.has_link("flannel.1"));
+    let (status, log) = stop(agent.into_inner());
     assert!(status.success(), "agent stopped with {status}:\n{log}");
     assert!(log.contains("deleted flannel's vxlan device"), "the deletion must be logged:\n{log}");
 }
@@ -127,10 +128,10 @@ fn another_vxlan_device_on_our_port_is_never_touched() {
     // On another port it is no concern.
     node.ns.ip(&["link", "del", "vx0"]);
     node.ns.ip(&["link", "add", "vx0", "type", "vxlan", "id", "7", "dev", "ul0", "dstport", "4789"]);
-    let mut agent = node.agent(&[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut agent = ChildGuard(node.agent(&[]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
     // Up once it has attached to the underlay (its pinned egress link).
     let attached = node.pins.path().join("links/ul0/tc_egress");
-    wait_while_running(&mut agent, "attach beside a vxlan device on another port", || attached.exists());
-    let (status, log) = stop(agent);
+    wait_while_running(&mut agent.0, "attach beside a vxlan device on another port", || attached.exists());
+    let (status, log) = stop(agent.into_inner());
     assert!(status.success(), "agent stopped with {status}:\n{log}");
 }

@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 
 use overlay_tests::{
     agent_binary,
-    lab::{Capture, Lab, LabSpec},
+    lab::{Capture, ChildGuard, Lab, LabSpec},
     require_root, stdout,
 };
 
@@ -88,13 +88,16 @@ fn ping_summary(out: &str) -> (u32, u32) {
 fn a_flannel_node_migrates_to_overlay_while_peers_keep_sending() {
     require_root();
     let mut lab = mixed_lab(1);
+    // Killed if the migration fails.
     let spawn_ping = |from: &str, to: std::net::Ipv4Addr| {
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{from}"))
-            .args(["ping", "-i", "0.01", "-W", "1", &to.to_string()])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("ping")
+        ChildGuard(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{from}"))
+                .args(["ping", "-i", "0.01", "-W", "1", &to.to_string()])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("ping"),
+        )
     };
     let target = lab.nodes[2].pods[0].ip;
     let from_ours = spawn_ping(lab.nodes[0].pods[0].ns.name(), target);
@@ -104,6 +107,7 @@ fn a_flannel_node_migrates_to_overlay_while_peers_keep_sending() {
     std::thread::sleep(Duration::from_secs(1));
     let mut results = Vec::new();
     for child in [from_ours, from_migrating] {
+        let child = child.into_inner();
         // SAFETY: signalling our own child; SIGINT makes ping print its summary.
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         let out = child.wait_with_output().expect("ping output");

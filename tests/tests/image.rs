@@ -77,7 +77,9 @@ fn the_image_builds_without_a_registry_and_runs_as_the_labs_agents() {
     // work directory (manifests, net-conf.json, subnet.env) and bpffs are
     // shared at the same paths.
     let work = std::env::temp_dir().join(&spec.prefix);
-    // In the lab's work directory, which the lab removes however it ends.
+    // In the lab's work directory, which the lab removes however it ends;
+    // until it starts, this guard does.
+    let _work = overlay_tests::TempDir::at(work.clone());
     std::fs::create_dir_all(&work).unwrap();
     let wrapper = work.join("agent.sh");
     // Below this machine's limits (nofile 20000 here); lowering is allowed.

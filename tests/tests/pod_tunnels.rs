@@ -107,16 +107,17 @@ fn pods_own_tunnels_carry_bulk_tcp(kinds: &[&str]) {
 /// `server`, returning the bytes the server received.
 fn pod_iperf3(client: &overlay_tests::NetNs, server: &overlay_tests::NetNs, server_ip: std::net::Ipv4Addr) -> Result<u64, String> {
     let ip = server_ip.to_string();
-    let mut listening = std::process::Command::new("ip")
-        .args(["netns", "exec", server.name(), "iperf3", "-s", "-1", "-B", &ip])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting the iperf3 server: {e}"))?;
+    // Killed and reaped on drop, also when the client's run panics.
+    let _listening = overlay_tests::lab::ChildGuard(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", server.name(), "iperf3", "-s", "-1", "-B", &ip])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the iperf3 server: {e}"))?,
+    );
     std::thread::sleep(overlay_tests::scaled(Duration::from_millis(300)));
     let out = client.exec("iperf3", &["-c", &ip, "-t", "2", "-J"]);
-    let _ = listening.kill();
-    let _ = listening.wait();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))?;
     report["end"]["sum_received"]["bytes"]
