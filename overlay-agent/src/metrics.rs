@@ -148,7 +148,7 @@ const FASTPATH_PACKETS: DatapathFamily = DatapathFamily {
     help: "Packets the fast path (--forward bpf) forwarded past the kernel's forward path: out (a local pod's veth \
            straight to the underlay; also counted as encap when it encapsulated them, or by the underlay's egress as \
            direct), in (the underlay's ingress, or merged the agent's GRO device, straight into a local pod; also \
-           counted at the underlay as decap or pass), gro_in (lone TCP segments decapsulated at TC and sent to the \
+           counted as decap when it was decapsulated), gro_in (lone TCP segments decapsulated at TC and sent to the \
            GRO device to be merged) and gro_returned (merged packets the fast path leaves to the kernel, returned to \
            the underlay's ingress; also counted there as pass)",
 };

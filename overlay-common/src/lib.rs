@@ -331,9 +331,10 @@ slot_enum! {
         /// as `direct`).
         FastpathOut = "fastpath_out",
         /// Fast path, in: from the underlay's ingress straight into a local
-        /// pod (also counted there as `decap` or `pass`), or from the GRO
-        /// device, merged, into a local pod (its segments counted as
-        /// `gro_in`).
+        /// pod (also counted as `decap` when it was decapsulated, at TC or
+        /// XDP; a pod packet that arrived bare, host-gw's or a direct
+        /// peer's, is counted here only), or from the GRO device, merged,
+        /// into a local pod (its segments counted as `gro_in`).
         FastpathIn = "fastpath_in",
         /// ICMP fragmentation-needed replies sent for too-big DF packets.
         IcmpFragNeeded = "icmp_frag_needed",
