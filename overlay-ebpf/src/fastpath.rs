@@ -37,13 +37,11 @@
 //!
 //! **Left to the kernel**, which keeps its routes: TTL about to expire,
 //! IPv4 options, packets too big for the path (the kernel sends the
-//! ICMP), and everything else. A local pod the node has not resolved is
-//! resolved on the way (`bpf_redirect_neigh` out of the pod bridge), not
-//! left to the kernel's forward path: its flow's other half is fast.
+//! ICMP), neighbours not yet resolved, and everything else.
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_INGRESS, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh,
+        BPF_F_INGRESS, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT, bpf_fib_lookup, bpf_redir_neigh,
         bpf_redir_neigh__bindgen_ty_1,
     },
     btf_maps::lpm_trie::Key,
@@ -410,9 +408,6 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
     // SAFETY: the helper reads and writes `size_of::<bpf_fib_lookup>()`
     // bytes of `fib`, which lives on this stack frame.
     let rc = unsafe { fib_lookup(ctx.skb.skb.cast(), fib, size_of::<bpf_fib_lookup>() as i32, 0) };
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) && fib.ifindex == cfg.pod_bridge_ifindex {
-        return Some(resolve_and_deliver(ctx, cfg, ip));
-    }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.pod_bridge_ifindex {
         return None;
     }
@@ -439,30 +434,6 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
     count(Counter::FastpathIn, u64::from(ctx.len()));
     // SAFETY: plain helper call; into the veth's peer, the pod's eth0.
     Some(unsafe { bpf_redirect_peer(veth, 0) } as i32)
-}
-
-/// Delivers a packet for a local pod the node has no neighbour entry for
-/// (never resolved, or forgotten: unused entries are collected, and the
-/// fast path's own traffic uses none) out of the pod bridge, the neighbour
-/// subsystem resolving the pod first. The kernel's path would split the
-/// flow: its other half goes fast, so conntrack would call this half
-/// INVALID (kube-proxy drops those).
-#[inline(always)]
-fn resolve_and_deliver(ctx: &TcContext, cfg: &Config, ip: &mut Ipv4Hdr) -> i32 {
-    // The FIB look-up checks the MTU only once the neighbour is known.
-    let mut mtu = 0u32;
-    // SAFETY: plain helper call; `mtu` lives on this stack frame.
-    if unsafe { bpf_check_mtu(ctx.skb.skb.cast(), cfg.pod_bridge_ifindex, &mut mtu, 0, 0) } != 0 {
-        return TC_ACT_OK as i32;
-    }
-    let mut pod = bpf_redir_neigh { nh_family: AF_INET, __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 { ipv4_nh: u32::from_ne_bytes(ip.dst_addr) } };
-    decrement_ttl(ip);
-    count(Counter::FastpathIn, u64::from(ctx.len()));
-    // SAFETY: the helper reads `size_of::<bpf_redir_neigh>()` bytes of
-    // `pod`, which lives on this stack frame. With no flags it cannot fail
-    // here; a neighbour that does not resolve drops the packet, as the
-    // kernel's path would.
-    unsafe { bpf_redirect_neigh(cfg.pod_bridge_ifindex, &mut pod, size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
 }
 
 /// Sends a TCP segment just decapsulated at the underlay's TC ingress, for
