@@ -137,11 +137,20 @@ pub struct Applier {
 /// The preferred source of our routes: the address we advertise, when it
 /// is one of this node's (a secondary address, say). Host traffic to remote
 /// pods then leaves with the address peers know us by; over VXLAN they
-/// accept a node's own traffic only from that address. An advertised
-/// address that is not on the node (NATed to it) is left to the kernel.
+/// accept a node's own traffic only from that address, or from its pods'.
+/// An advertised address that is not on the node (behind a NAT) cannot be
+/// the source, and the underlay's own would reach peers as an inner source
+/// they do not know us by (`spoofed_inner`): an address of this node in
+/// its pod CIDR (the pod bridge's) is taken instead, as flannel's routes
+/// through `flannel.1` leave with that device's address; without one, the
+/// kernel chooses.
 fn route_source(config: &Config) -> Option<Ipv4Addr> {
     let advertised = Ipv4Addr::from(config.node_ip);
-    crate::iface::is_local_ipv4(advertised).then_some(advertised)
+    if crate::iface::is_local_ipv4(advertised) {
+        return Some(advertised);
+    }
+    let pod_cidr = Ipv4Network::new(config.pod_cidr.into(), u8::try_from(config.pod_prefix_len).ok()?).ok()?;
+    crate::iface::local_ipv4_addresses().ok()?.into_iter().find(|address| pod_cidr.contains(*address))
 }
 
 /// CONFIG as the datapath needs it. Its `node_ip` is the tunnel's own

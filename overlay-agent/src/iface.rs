@@ -195,6 +195,11 @@ pub fn ipv4_addresses(iface: &str) -> io::Result<Vec<std::net::Ipv4Addr>> {
     ipv4_addresses_of(|name| name == iface.as_bytes())
 }
 
+/// This node's IPv4 addresses, on every interface.
+pub fn local_ipv4_addresses() -> io::Result<Vec<std::net::Ipv4Addr>> {
+    ipv4_addresses_of(|_| true)
+}
+
 /// Whether `addr` is one of this node's IPv4 addresses, on any interface.
 pub fn is_local_ipv4(addr: std::net::Ipv4Addr) -> bool {
     ipv4_addresses_of(|_| true).is_ok_and(|all| all.contains(&addr))

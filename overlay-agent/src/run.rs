@@ -128,7 +128,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // was not there, or was empty. A root that held anything (an older
     // layout's maps and links, say: an upgrade whose new agent cannot
     // start) is the running datapath's, and stays as it is.
-    let fresh_root = std::fs::read_dir(&args.bpffs_root).map_or(true, |mut entries| entries.next().is_none());
+    let fresh_root = match std::fs::read_dir(&args.bpffs_root) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(err) => err.kind() == std::io::ErrorKind::NotFound,
+    };
     let source_kind = match source {
         Source::Dir(_) => "manifests",
         Source::Kube(_) => "kubernetes",

@@ -263,8 +263,9 @@ fn host_traffic_from_a_node_advertising_a_secondary_address_reaches_remote_pods(
 /// An address advertised with `--public-ip` need not be on the node (one
 /// behind NAT), so the agent goes on configuring when it goes: while it is
 /// on the node it is the routes' source; when it goes, the routes the
-/// kernel deleted with it come back without one; when it returns, with it
-/// again.
+/// kernel deleted with it come back with the pod bridge's address as
+/// theirs (one peers accept from this node, see the NAT test); when it
+/// returns, with it again.
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
@@ -281,8 +282,9 @@ fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
     stdout("ip", &["-n", &node1, "addr", "del", &format!("{public}/24"), "dev", "eth0"]);
     wait_for("control: the kernel deletes routes whose source went", &|routes| routes.is_empty());
     drop(frozen);
-    wait_for("routes back without a source while the public IP is away", &|routes| {
-        routes.len() == 1 && !routes[0].contains(" src ")
+    let bridge_address = std::net::Ipv4Addr::from((u32::from(lab.nodes[0].pods[0].ip) & !0xff) | 1);
+    wait_for("routes back with the pod bridge's address as source while the public IP is away", &|routes| {
+        routes.len() == 1 && routes[0].contains(&format!("src {bridge_address}"))
     });
     stdout("ip", &["-n", &node1, "addr", "add", &format!("{public}/24"), "dev", "eth0"]);
     wait_for("the public IP the routes' source again once it is back", &with_source);
@@ -295,10 +297,12 @@ fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
 /// not on the node: the lab's router rewrites what is sent to the public
 /// address into the node's own (iptables DNAT) and what the node sends from
 /// its own into the public one (SNAT). Pods reach each other both ways
-/// through it, and the router's counters show the tunnel went through the
-/// NAT. (Shown failing before the agent told the datapath the node's own
-/// address: node2 decapsulated only packets to its public address, so the
-/// NATed tunnel to it found no taker.)
+/// through it, the node's own traffic reaches remote pods, and the
+/// router's counters show the tunnel went through the NAT. (Shown failing
+/// before the agent told the datapath the node's own address: node2
+/// decapsulated only packets to its public address, so the NATed tunnel
+/// to it found no taker; and before its routes' source was its pod
+/// bridge's address: its host's pings were dropped as `spoofed_inner`.)
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn pods_reach_pods_on_a_node_behind_a_one_to_one_nat() {
@@ -331,6 +335,13 @@ fn pods_reach_pods_on_a_node_behind_a_one_to_one_nat() {
     assert!(Lab::ping(&pod2.ns, pod1.ip), "pod behind the NAT to the pod on node1:\n{}", lab.agent_log(0));
     Lab::tcp_echo(&pod1.ns, &pod2.ns, pod2.ip, 7301).unwrap_or_else(|e| panic!("TCP to the pod behind the NAT: {e}"));
     Lab::tcp_echo(&pod2.ns, &pod1.ns, pod1.ip, 7302).unwrap_or_else(|e| panic!("TCP from the pod behind the NAT: {e}"));
+    // The node's own traffic to a remote pod leaves with its pod bridge's
+    // address (its own would arrive, NATed outside, as an inner source
+    // node1 does not know it by).
+    let spoofed = lab.counters(0).drops(overlay_common::DropReason::SpoofedInner);
+    let route = stdout("ip", &["-n", lab.nodes[1].ns.name(), "route", "get", &pod1.ip.to_string()]);
+    assert!(Lab::ping(&lab.nodes[1].ns, pod1.ip), "host traffic from the node behind the NAT to a pod on node1 (route: {route})");
+    assert_eq!(lab.counters(0).drops(overlay_common::DropReason::SpoofedInner), spoofed);
     let counted = stdout("ip", &["netns", "exec", &router, "iptables", "-t", "nat", "-L", "-v", "-n", "-x"]);
     let packets = |target: &str| -> u64 {
         counted.lines().find(|l| l.contains(target)).and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0)
