@@ -426,8 +426,11 @@ fn expect_ingress(f: &[u8]) -> Judgement {
     let src = addr(f, 26).unwrap();
     let dst = addr(f, 30).unwrap();
     let udp_at = 14 + ihl.max(20);
-    // Tunnel traffic: a complete UDP header to our port at our address.
-    let to_our_port = f[23] == 17 && dst == ME && f.len() >= udp_at + 8 && be16(f, udp_at + 2) == Some(PORT);
+    // Tunnel traffic: a complete UDP header to our port at our address. A
+    // fragment past the first has no UDP header: what sits there is
+    // payload, whatever it reads as.
+    let later_fragment = be16(f, 20).unwrap() & 0x1fff != 0;
+    let to_our_port = f[23] == 17 && dst == ME && !later_fragment && f.len() >= udp_at + 8 && be16(f, udp_at + 2) == Some(PORT);
     if ihl < 20 {
         // Not a valid IPv4 header at all: the kernel discards it.
         return plain(Expect::PassOrDrop);
