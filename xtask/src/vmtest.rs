@@ -221,10 +221,17 @@ fn run(kernels: &[PathBuf], tests: &[&str], options: &RunOptions) -> anyhow::Res
             Ok(results) => {
                 for result in &results {
                     let (test, status) = (&result.test, result.status);
-                    let outcome = if status == 0 { "ok".to_owned() } else { format!("FAILED (exit {status})") };
+                    // A filter that matches no test exits 0 having run
+                    // nothing: not a pass.
+                    let ran_nothing = result.tests_run == Some(0);
+                    let outcome = match (status, ran_nothing) {
+                        (0, false) => "ok".to_owned(),
+                        (0, true) => "FAILED (no test ran: the filter matches none)".to_owned(),
+                        _ => format!("FAILED (exit {status})"),
+                    };
                     let seconds = result.seconds.map_or_else(String::new, |s| format!(" in {s:.0} s"));
                     summary.push(format!("{}: {test}: {outcome}{seconds}", vm_kernel.version));
-                    if status != 0 {
+                    if status != 0 || ran_nothing {
                         failed.push(format!("{} on {}", test, vm_kernel.version));
                     }
                 }
@@ -529,6 +536,8 @@ fn run_in_vm(kernel: &VmKernel, jobs: &[GuestJob], shape: &VmShape, timeout: Dur
     let deadline = booted + timeout;
     let mut results = Vec::new();
     let mut done = false;
+    // Tests the running binary reported so far (its libtest summaries).
+    let mut tests_run: Option<u32> = None;
     let mut out = std::io::stdout();
     loop {
         if interrupted.load(Ordering::SeqCst) {
@@ -544,7 +553,11 @@ fn run_in_vm(kernel: &VmKernel, jobs: &[GuestJob], shape: &VmShape, timeout: Dur
                 // times, so a test's `ok` line carries when it finished.
                 let _ = writeln!(out, "[{} +{}s] {line}", kernel.version, booted.elapsed().as_secs());
                 if let Some(rest) = line.strip_prefix(RESULT_TAG) {
-                    results.push(parse_result(rest)?);
+                    let mut result = parse_result(rest)?;
+                    result.tests_run = tests_run.take();
+                    results.push(result);
+                } else if let Some(count) = tests_in_summary(line) {
+                    *tests_run.get_or_insert(0) += count;
                 } else if line.starts_with(DONE_TAG) {
                     done = true;
                 }
@@ -572,6 +585,20 @@ struct BinaryResult {
     status: i32,
     /// How long it ran, by the guest's clock.
     seconds: Option<f64>,
+    /// How many tests passed or failed, by its libtest summaries (none
+    /// seen: unknown).
+    tests_run: Option<u32>,
+}
+
+/// The tests that passed or failed by a libtest summary line (`test
+/// result: ok. 3 passed; 0 failed; …`, colours and all).
+fn tests_in_summary(line: &str) -> Option<u32> {
+    let rest = &line[line.find("test result:")?..];
+    let count_before = |word: &str| -> Option<u32> {
+        let end = rest.find(word)?;
+        rest[..end].trim_end().rsplit([' ', '.']).next()?.parse().ok()
+    };
+    Some(count_before(" passed;")? + count_before(" failed;")?)
 }
 
 /// `test=<name> status=<code> seconds=<float>`.
@@ -589,7 +616,7 @@ fn parse_result(rest: &str) -> anyhow::Result<BinaryResult> {
         }
     }
     match (name, status) {
-        (Some(test), Some(status)) => Ok(BinaryResult { test, status, seconds }),
+        (Some(test), Some(status)) => Ok(BinaryResult { test, status, seconds, tests_run: None }),
         _ => bail!("unreadable result line: {RESULT_TAG}{rest}"),
     }
 }
@@ -788,5 +815,22 @@ impl Cpio {
     fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, &[], (0, 0));
         self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_summaries_give_the_tests_that_ran() {
+        assert_eq!(tests_in_summary("test result: ok. 18 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 54.00s"), Some(18));
+        // As the guest's console has it: a prefix and colours.
+        assert_eq!(
+            tests_in_summary("[6.1.0-57-cloud-amd64 +20s] test result: \u{1b}[31mFAILED\u{1b}[m. 0 passed; 1 failed; 0 ignored; 0 measured; 17 filtered out; finished in 8.98s"),
+            Some(1)
+        );
+        assert_eq!(tests_in_summary("test result: ok. 0 passed; 0 failed; 0 ignored; 0 measured; 18 filtered out; finished in 0.00s"), Some(0));
+        assert_eq!(tests_in_summary("vmtest: running load"), None);
     }
 }
