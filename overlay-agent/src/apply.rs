@@ -125,7 +125,7 @@ pub struct Applier {
     /// Desired peers not in `applied` because writing them failed.
     not_programmed: BTreeMap<Ipv4Network, PeerFailure>,
     /// The preferred source the kernel routes were last written with
-    /// ([`route_source`]); `None` until the first apply, and after
+    /// ([`addressing`]); `None` until the first apply, and after
     /// [`Self::routes_missing`] found one gone: the apply then rewrites
     /// them all (routes from an earlier run, or an older agent, may carry
     /// another source).
@@ -134,43 +134,41 @@ pub struct Applier {
     nexthops: routes::Nexthops,
 }
 
-/// The preferred source of our routes: the address we advertise, when it
-/// is one of this node's (a secondary address, say). Host traffic to remote
-/// pods then leaves with the address peers know us by; over VXLAN they
-/// accept a node's own traffic only from that address, or from its pods'.
-/// An advertised address that is not on the node (behind a NAT) cannot be
-/// the source, and the underlay's own would reach peers as an inner source
-/// they do not know us by (`spoofed_inner`): an address of this node in
-/// its pod CIDR (the pod bridge's) is taken instead, as flannel's routes
-/// through `flannel.1` leave with that device's address; without one, the
-/// kernel chooses.
-fn route_source(config: &Config) -> Option<Ipv4Addr> {
-    let advertised = Ipv4Addr::from(config.node_ip);
-    if crate::iface::is_local_ipv4(advertised) {
-        return Some(advertised);
-    }
-    let pod_cidr = Ipv4Network::new(config.pod_cidr.into(), u8::try_from(config.pod_prefix_len).ok()?).ok()?;
-    crate::iface::local_ipv4_addresses().ok()?.into_iter().find(|address| pod_cidr.contains(*address))
-}
-
-/// CONFIG as the datapath needs it. Its `node_ip` is the tunnel's own
-/// address: the outer source, and the only outer destination decapsulated.
-/// That is the advertised address when it is on the node. One advertised
-/// from behind a NAT (`--public-ip`, `public-ip-overwrite`) is not: the
-/// NAT turns what peers send to it into the underlay's own address, and
-/// what the node sends from that address into the advertised one. So the
-/// underlay's (first) address takes its place here, as flannel's vxlan
-/// device has the interface's address as its `local`. What is published
-/// stays the advertised address (the desired state's).
-fn datapath_config(desired: &Config, iface: &str) -> Config {
+/// How this node's addresses serve the datapath and its routes, from one
+/// look at them (every apply asks): CONFIG as the datapath needs it, and
+/// the preferred source of our routes.
+///
+/// When the advertised address is on the node (a secondary one, say), it
+/// is both CONFIG's `node_ip`, the tunnel's own address (the outer source,
+/// and the only outer destination decapsulated), and the routes' source:
+/// host traffic to remote pods leaves with the address peers know us by,
+/// and over VXLAN they accept a node's own traffic only from that address,
+/// or from its pods'.
+///
+/// One advertised from behind a NAT (`--public-ip`, `public-ip-overwrite`)
+/// is not on the node. The NAT turns what peers send to it into the
+/// underlay's own address, and what the node sends from that address into
+/// the advertised one, so the underlay's (first) address is `node_ip`, as
+/// flannel's vxlan device has the interface's address as its `local`.
+/// That address would reach peers as an inner source they do not know us
+/// by (`spoofed_inner`), so the routes' source is an address of this node
+/// in its pod CIDR (the pod bridge's), as flannel's routes through
+/// `flannel.1` leave with that device's address; without one, the kernel
+/// chooses. What is published stays the advertised address (the desired
+/// state's).
+fn addressing(desired: &Config, iface: &str) -> (Config, Option<Ipv4Addr>) {
     let advertised = Ipv4Addr::from(desired.node_ip);
-    if crate::iface::is_local_ipv4(advertised) {
-        return *desired;
+    let local = crate::iface::local_ipv4_addresses().unwrap_or_default();
+    if local.contains(&advertised) {
+        return (*desired, Some(advertised));
     }
-    match crate::iface::ipv4_addresses(iface).ok().and_then(|own| own.first().copied()) {
+    let config = match crate::iface::ipv4_addresses(iface).ok().and_then(|own| own.first().copied()) {
         Some(own) => Config { node_ip: own.octets(), ..*desired },
         None => *desired,
-    }
+    };
+    let pod_cidr = u8::try_from(desired.pod_prefix_len).ok().and_then(|len| Ipv4Network::new(desired.pod_cidr.into(), len).ok());
+    let source = pod_cidr.and_then(|cidr| local.into_iter().find(|address| cidr.contains(*address)));
+    (config, source)
 }
 
 impl Applier {
@@ -269,9 +267,8 @@ impl Applier {
         let start = Instant::now();
         let mut report = Applied::default();
         let mtu_changed = self.config.map(|c| c.inner_mtu) != Some(desired.inner_mtu);
-        let source = route_source(&desired.config);
+        let (config, source) = addressing(&desired.config, &self.iface);
         let source_changed = self.route_source != Some(source);
-        let config = datapath_config(&desired.config, &self.iface);
         if self.config != Some(config) {
             self.maps.config.set(0, config, 0).map_err(|source| ApplyError::Map { map: "CONFIG", source })?;
             self.config = Some(config);
@@ -316,8 +313,8 @@ impl Applier {
     /// event changed, in O(touched) instead of a walk over every peer. A
     /// change of CONFIG (the MTU is in every route) takes [`Self::apply`].
     pub fn apply_touched(&mut self, desired: &Desired, touched: &[Ipv4Network]) -> Result<Applied, ApplyError> {
-        let source = route_source(&desired.config);
-        if self.config != Some(datapath_config(&desired.config, &self.iface)) || self.route_source != Some(source) {
+        let (config, source) = addressing(&desired.config, &self.iface);
+        if self.config != Some(config) || self.route_source != Some(source) {
             return self.apply(desired);
         }
         let start = Instant::now();

@@ -200,10 +200,6 @@ pub fn local_ipv4_addresses() -> io::Result<Vec<std::net::Ipv4Addr>> {
     ipv4_addresses_of(|_| true)
 }
 
-/// Whether `addr` is one of this node's IPv4 addresses, on any interface.
-pub fn is_local_ipv4(addr: std::net::Ipv4Addr) -> bool {
-    ipv4_addresses_of(|_| true).is_ok_and(|all| all.contains(&addr))
-}
 
 /// The IPv4 addresses of the interfaces whose name `wanted` accepts.
 fn ipv4_addresses_of(wanted: impl Fn(&[u8]) -> bool) -> io::Result<Vec<std::net::Ipv4Addr>> {

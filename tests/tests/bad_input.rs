@@ -255,16 +255,21 @@ fn pins_that_would_die_with_the_agent_are_refused_unless_allowed() {
     assert!(agent.log().contains("nothing survives"), "the agent must warn:\n{}", agent.log());
 }
 
+/// One node whose XDP a first root's agent holds (asked for explicitly:
+/// on a veth `auto` would pick TC anyway), running; its pins, then it.
+fn one_node_with_xdp_taken() -> (NetNs, NodesDir, PinDir, RunningAgent) {
+    let (ns, nodes) = one_node("192.0.2.1");
+    let first = PinDir::new();
+    let agent = RunningAgent::start(&ns, first.path(), nodes.path(), &["--decap", "xdp"], false);
+    assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
+    (ns, nodes, first, agent)
+}
+
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn the_decap_hook_is_settled_before_anything_is_attached() {
     require_root();
-    let (ns, nodes) = one_node("192.0.2.1");
-    let first = PinDir::new();
-    // On a veth `auto` would pick TC anyway: the first root takes XDP
-    // explicitly.
-    let a = RunningAgent::start(&ns, first.path(), nodes.path(), &["--decap", "xdp"], false);
-    assert!(a.wait_for("ready: the initial sync", 20), "{}", a.log());
+    let (ns, nodes, _first, a) = one_node_with_xdp_taken();
     assert!(a.log().contains("hook=Xdp"), "{}", a.log());
     // A second root on the same interface: XDP is taken, so auto picks TC,
     // for that reason, without trying XDP first.
@@ -295,10 +300,7 @@ fn the_decap_hook_is_settled_before_anything_is_attached() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_failed_start_leaves_an_older_layouts_pins_alone() {
     require_root();
-    let (ns, nodes) = one_node("192.0.2.1");
-    let first = PinDir::new();
-    let a = RunningAgent::start(&ns, first.path(), nodes.path(), &["--decap", "xdp"], false);
-    assert!(a.wait_for("ready: the initial sync", 20), "{}", a.log());
+    let (ns, nodes, _first, _a) = one_node_with_xdp_taken();
     let upgraded = PinDir::new();
     let older = upgraded.path().join("v5");
     overlay_tests::make_pins(&older, &[(overlay_common::map_names::CONFIG, "array", 4, 56, 1, 0)]);
