@@ -37,7 +37,9 @@
 //!
 //! **Left to the kernel**, which keeps its routes: TTL about to expire,
 //! IPv4 options, packets too big for the path (the kernel sends the
-//! ICMP), neighbours not yet resolved, and everything else.
+//! ICMP), neighbours not yet resolved, and everything else. A flow whose
+//! reply could not come in fast (the node has no neighbour entry for the
+//! pod) does not leave fast either ([`opens_a_flow`]).
 
 use aya_ebpf::{
     bindings::{
@@ -59,7 +61,7 @@ use crate::{
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::{Packet as _, ptr_at},
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
-    proto::{ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, is_icmp_error},
+    proto::{ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, is_icmp_error, is_icmp_query},
 };
 
 const AF_INET: u32 = 2;
@@ -123,6 +125,17 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         || route.next_hop == [0; 4]
         || socket.is_some_and(|socket| KERNEL_SOCKETS.get_ptr(&socket).is_some())
     {
+        return pass;
+    }
+    // A flow's first packet leaves fast only where its reply can come in
+    // fast, which takes the node's neighbour entry for the pod. Without one
+    // (never made, or collected) the reply would take the kernel's forward
+    // path, whose conntrack, never having seen the request, calls it
+    // INVALID; kube-proxy drops those. Left to the kernel, the request
+    // makes conntrack's entry (and the bridge's ingress records the
+    // socket), so the flow stays the kernel's both ways, and the kernel
+    // resolves the pod when the reply comes.
+    if opens_a_flow(ctx, ip) && !replies_come_in_fast(ctx, cfg, ip, &src_mac) {
         return pass;
     }
     let path_mtu = match route.mode {
@@ -222,6 +235,65 @@ fn needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
         // Too short to say: the kernel's.
         Err(_) => true,
     }
+}
+
+/// Whether the packet is one conntrack starts a flow's entry with and its
+/// reply alone would be INVALID to it: a TCP SYN, or an ICMP query.
+#[inline(always)]
+fn opens_a_flow(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    match ip.proto {
+        IPPROTO_TCP => match ptr_at::<TcpHdr>(ctx, L4_OFF) {
+            // SAFETY: ptr_at checked the bounds.
+            Ok(tcp) => unsafe { (*tcp).syn() != 0 && (*tcp).ack() == 0 },
+            // Too short to say: the kernel's.
+            Err(_) => true,
+        },
+        // SAFETY: ptr_at checked the bounds.
+        IPPROTO_ICMP => match ptr_at::<u8>(ctx, L4_OFF).map(|t| unsafe { *t }) {
+            Ok(icmp_type) => is_icmp_query(icmp_type),
+            Err(_) => true,
+        },
+        _ => false,
+    }
+}
+
+/// Whether the in half would deliver the reply to this packet from pod
+/// `src_mac` straight into the pod: the kernel's FIB, asked as the in half
+/// asks it, sends it out of the pod bridge to a resolved neighbour with
+/// that MAC.
+#[inline(always)]
+fn replies_come_in_fast(ctx: &TcContext, cfg: &Config, ip: &Ipv4Hdr, src_mac: &[u8; 6]) -> bool {
+    let mut fib_slot = core::mem::MaybeUninit::uninit();
+    to_pod_bridge(ctx, cfg, &mut fib_slot, cfg.underlay_ifindex, ip, ip.dst_addr, ip.src_addr)
+        .is_some_and(|fib| fib.dmac == *src_mac)
+}
+
+/// The kernel's FIB asked for a packet of `ip`'s protocol and TOS from
+/// `src` to `dst`, arriving on `ifindex`, as forwarding would ask it: the
+/// answer when it goes out of the pod bridge to a resolved neighbour.
+/// tot_len stays 0: the kernel checks the skb (GSO-aware) against the
+/// egress MTU itself.
+#[inline(always)]
+fn to_pod_bridge<'a>(
+    ctx: &TcContext,
+    cfg: &Config,
+    slot: &'a mut core::mem::MaybeUninit<FibParams>,
+    ifindex: u32,
+    ip: &Ipv4Hdr,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Option<&'a mut bpf_fib_lookup> {
+    let fib = FibParams::zeroed(slot);
+    fib.family = AF_INET as u8;
+    fib.l4_protocol = ip.proto;
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_2.tos = ip.tos;
+    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(src);
+    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(dst);
+    // SAFETY: the helper reads and writes `size_of::<bpf_fib_lookup>()`
+    // bytes of `fib`, which lives on this stack frame.
+    let rc = unsafe { fib_lookup(ctx.skb.skb.cast(), fib, size_of::<bpf_fib_lookup>() as i32, 0) };
+    (rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) && fib.ifindex == cfg.pod_bridge_ifindex).then_some(fib)
 }
 
 /// Adds a socket to `KERNEL_SOCKETS` (a full map forgets the one idle
@@ -396,21 +468,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
         return None;
     }
     let mut fib_slot = core::mem::MaybeUninit::uninit();
-    let fib = FibParams::zeroed(&mut fib_slot);
-    fib.family = AF_INET as u8;
-    fib.l4_protocol = ip.proto;
-    fib.ifindex = fib_ifindex;
-    fib.__bindgen_anon_2.tos = ip.tos;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(ip.src_addr);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(ip.dst_addr);
-    // tot_len 0: the kernel checks this skb (GSO-aware) against the
-    // egress MTU itself.
-    // SAFETY: the helper reads and writes `size_of::<bpf_fib_lookup>()`
-    // bytes of `fib`, which lives on this stack frame.
-    let rc = unsafe { fib_lookup(ctx.skb.skb.cast(), fib, size_of::<bpf_fib_lookup>() as i32, 0) };
-    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != cfg.pod_bridge_ifindex {
-        return None;
-    }
+    let fib = to_pod_bridge(ctx, cfg, &mut fib_slot, fib_ifindex, ip, ip.src_addr, ip.dst_addr)?;
     // SAFETY: the map value is copied out at once.
     let veth = unsafe { POD_PORTS.get(&fib.dmac) }.map(|port| port.ifindex)?;
     // A deleted pod's entry outlives its veth until the agent's next sync

@@ -21,6 +21,21 @@ pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
 /// Code of "fragmentation needed and DF set" under [`ICMP_DEST_UNREACH`].
 pub const ICMP_FRAG_NEEDED: u8 = 4;
 
+/// ICMP queries conntrack starts an entry with (its `valid_new`): echo,
+/// timestamp, information and address mask requests. Their replies alone
+/// are INVALID to it.
+pub const ICMP_ECHO: u8 = 8;
+pub const ICMP_TIMESTAMP: u8 = 13;
+pub const ICMP_INFO_REQUEST: u8 = 15;
+pub const ICMP_ADDRESS: u8 = 17;
+
+/// Whether an ICMP message of `icmp_type` is a query conntrack starts an
+/// entry with.
+#[inline(always)]
+pub const fn is_icmp_query(icmp_type: u8) -> bool {
+    matches!(icmp_type, ICMP_ECHO | ICMP_TIMESTAMP | ICMP_INFO_REQUEST | ICMP_ADDRESS)
+}
+
 /// Whether an ICMP message of `icmp_type` is an error.
 #[inline(always)]
 pub const fn is_icmp_error(icmp_type: u8) -> bool {

@@ -470,3 +470,45 @@ fn a_pod_stays_enrolled_after_the_bridge_forgets_its_mac() {
     assert!(Lab::ping(&client.ns, server.ip));
     assert!(lab.counters(1).packets(Counter::FastpathIn) > fast_in, "the pod is no longer fast:\n{}", lab.inspect(1));
 }
+
+/// A pod its node has no neighbour entry for (never resolved, or
+/// forgotten: the kernel's garbage collection drops unused entries past
+/// `gc_thresh1`, and the fast path's traffic uses none) opens a TCP
+/// connection to another node's pod, and pings it, where kube-proxy drops
+/// what conntrack calls INVALID. The reply cannot come in fast (the node
+/// has no MAC for the pod), so its way through the kernel's forward path
+/// must find conntrack's entry: the SYN and the echo request have to leave
+/// through the kernel's path too. (Shown failing before: the request left
+/// fast, conntrack called the SYN-ACK INVALID and the connection never came
+/// up.) Once the kernel has resolved the pod, its next connection is fast.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_pod_its_node_has_not_resolved_opens_connections_to_other_nodes() {
+    require_root();
+    let lab = two_nodes(1);
+    drop_invalid_forwards(&lab);
+    let (node, client, server) = (&lab.nodes[0], &lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    // The pod knows its gateway for good, so it asks the node nothing.
+    let gateway = Ipv4Addr::from((u32::from(client.ip) & !0xff) | 1).to_string();
+    client.ns.ip(&["neigh", "replace", &gateway, "lladdr", &mac_of(&node.ns, "cni0"), "dev", "eth0", "nud", "permanent"]);
+    let resolved = || {
+        let out = node.ns.ip(&["neigh", "show", &client.ip.to_string(), "dev", "cni0"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.contains("lladdr"), text)
+    };
+    let forget = || {
+        node.ns.ip(&["neigh", "flush", "dev", "cni0"]);
+        assert!(!resolved().0, "control: the node still has the pod's neighbour entry: {}", resolved().1);
+    };
+    forget();
+    Lab::tcp_echo(&client.ns, &server.ns, server.ip, 26001)
+        .unwrap_or_else(|e| panic!("TCP from a pod its node had not resolved: {e}\n{}", lab.inspect(0)));
+    assert!(resolved().0, "the node did not resolve the pod: {}", resolved().1);
+    forget();
+    assert!(Lab::ping(&client.ns, server.ip), "ping from a pod its node had not resolved\n{}", lab.inspect(0));
+    assert!(resolved().0, "the node did not resolve the pod: {}", resolved().1);
+    let fast_in = lab.counters(0).packets(Counter::FastpathIn);
+    Lab::tcp_echo(&client.ns, &server.ns, server.ip, 26002).unwrap_or_else(|e| panic!("TCP once resolved: {e}"));
+    assert!(lab.counters(0).packets(Counter::FastpathIn) > fast_in, "once resolved, the pod's replies did not come in fast");
+    assert_no_drops(&lab.counters(0));
+}

@@ -185,7 +185,10 @@ fn fuzz(cases: u64, seed: Option<&str>, strict: bool) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut command = Command::new(&cargo);
     command
-        .args(["test", "--package", "overlay-tests", "--test", "fuzz", "--", "--nocapture"])
+        // The generated cases need root, so libtest marks them ignored:
+        // without --include-ignored this ran only the model's own test and
+        // said ok.
+        .args(["test", "--package", "overlay-tests", "--test", "fuzz", "--", "--include-ignored", "--nocapture"])
         .current_dir(workspace_root())
         .env("OVERLAY_EBPF_BUILD", "require")
         .env("OVERLAY_FUZZ_CASES", cases.to_string())
