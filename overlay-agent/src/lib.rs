@@ -48,6 +48,7 @@
 
 pub mod apply;
 pub mod bpffs;
+pub mod carry;
 pub mod cli;
 pub mod clsact;
 pub mod datapath;

@@ -15,7 +15,8 @@ use anyhow::{Context as _, bail};
 use aya::programs::XdpMode;
 use overlay_agent::{
     apply::Applier,
-    bpffs::{self, LinkRole},
+    bpffs::{self, LinkRole, MAP_LAYOUT_VERSION},
+    carry,
     cli::{self, Decap, Forward, RunArgs},
     datapath::{Datapath, DecapHook, LinkOutcome},
     desired::{Backend, Desired, LocalSettings},
@@ -199,6 +200,28 @@ async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publish
 /// failed start must undo.
 fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: Option<PathBuf>, flannel_devices: Vec<VxlanDevice>, bound: std::net::SocketAddr, source_kind: &str) -> anyhow::Result<Started> {
     let datapath = Datapath::load(&args.bpffs_root).context("loading the datapath")?;
+    // An upgrade from the previous map layout: its state goes into the new
+    // maps before the new programs are swapped in, so they serve at once
+    // and its routes stay (see `carry`).
+    if !datapath.maps_adopted() {
+        match carry::previous_layout(&args.bpffs_root) {
+            Ok(None) => {}
+            Ok(Some(carried)) => info!(
+                from = format!("v{}", carry::FROM),
+                to = format!("v{MAP_LAYOUT_VERSION}"),
+                config = carried.config,
+                peers = carried.peers,
+                routes = carried.routes,
+                pod_ports = carried.pod_ports,
+                kernel_sockets = carried.kernel_sockets,
+                "carried the previous map layout's state into the new maps"
+            ),
+            Err(err) => warn!(
+                error = %err.to_string_with_causes(),
+                "could not carry the previous map layout's state, so the new programs carry no pod traffic to other nodes until the first reconcile fills their maps (a previous map not as v6 pinned it: nothing carried; a failed write: what was written before it stays)"
+            ),
+        }
+    }
     let maps = DatapathMaps::open(&args.bpffs_root)?;
     let applier = Applier::new(maps, iface).context("adopting the pinned state")?;
     // The host's own handles on the maps it writes (POD_PORTS) and reads

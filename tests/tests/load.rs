@@ -9,10 +9,11 @@ use aya::{
 };
 use overlay_agent::{
     bpffs::{LinkRole, PinLayout},
+    carry::{self, CarryError},
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
-use overlay_tests::{NetNs, NetNsEntered, PinDir, PinnedMap, TempDir, agent_binary, make_pins, require_root, stdout, tc_program_ids};
+use overlay_tests::{NetNs, NetNsEntered, PinDir, PinnedMap, TempDir, V6_MAPS, agent_binary, make_pins, require_root, stdout, tc_program_ids};
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
@@ -396,6 +397,34 @@ fn an_agent_upgrades_from_the_v4_map_layouts_pins() {
 fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
     require_root();
     upgrade_from(5, &V5_MAPS);
+}
+
+/// The previous layout's pins with one map not as v6 pinned it (here
+/// `ROUTES` with 32-byte values): nothing is carried, not even the maps
+/// read before it (an entry of `PEERS`), the error names the map, and the
+/// new maps stay empty for the first reconcile to fill. The agent logs it
+/// and starts as without a previous layout.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn previous_layout_pins_of_another_shape_are_not_carried() {
+    require_root();
+    let pins = PinDir::new();
+    let old = pins.path().join(format!("v{}", carry::FROM));
+    let mut maps = V6_MAPS;
+    let routes = maps.iter_mut().find(|m| m.0 == map_names::ROUTES).unwrap();
+    routes.3 = 32;
+    make_pins(&old, &maps);
+    let mut old_peers: HashMap<_, [u8; 4], Peer> = HashMap::try_from(aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(old.join(map_names::PEERS)).unwrap()).unwrap()).unwrap();
+    old_peers.insert([10, 244, 2, 0], Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
+    let datapath = Datapath::load(pins.path()).expect("loading beside the previous layout's pins");
+    assert!(!datapath.maps_adopted());
+    match carry::previous_layout(pins.path()) {
+        Err(CarryError::OpenOld { path, .. }) => assert_eq!(path, old.join(map_names::ROUTES)),
+        other => panic!("carrying from a mis-shaped ROUTES: {other:?}"),
+    }
+    let maps = overlay_agent::maps::DatapathMaps::open(pins.path()).unwrap();
+    assert_eq!(maps.peers.keys().count(), 0, "PEERS was carried in part");
+    assert_eq!(maps.config.get(&0, 0).unwrap().enabled, 0);
 }
 
 /// Pins of another shape under the current layout version (a layout

@@ -1,0 +1,199 @@
+//! An upgrade across one map layout version without a gap: what the
+//! previous layout's pinned maps hold is carried into the new layout's
+//! fresh maps before the new programs are swapped in.
+//!
+//! Why: the new agent swaps its programs into the pinned links at once (so
+//! that a restart serves even with the API server unreachable), and on a
+//! new layout those programs read new, empty maps. Empty, they carried no
+//! pod traffic to other nodes, and the old layout's routes were deleted as
+//! no current entry accounted for them, until the first reconcile, which
+//! waits for the node list and the agent's own Node. Carried, the new
+//! programs serve the same peers, pods and kernel-path sockets from the
+//! first packet, the routes stay as they are (the carried `ROUTES` records
+//! them as this layout's), and the first reconcile corrects whatever
+//! changed meanwhile, as after any restart.
+//!
+//! Only the layout just before this one is carried, and only a map whose
+//! kind and sizes are what that layout pinned: its entries mean the same
+//! here ([`FROM`] says what changed). Counters start again from zero (a
+//! counter reset, as Prometheus handles). From any older layout, or where
+//! a map is not as expected, the new maps start empty as before, and the
+//! log says why.
+
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use overlay_common::{Config, Peer, PodPort, Route, SocketKey, map_names};
+
+use crate::bpffs::{MAP_LAYOUT_VERSION, PinLayout};
+
+/// The layout carried from: v6, whose `CONFIG` was this one's without
+/// `gro_ifindex` (its last 4 bytes), and whose `PEERS`, `ROUTES`,
+/// `POD_PORTS` and `KERNEL_SOCKETS` are this one's. A new layout version
+/// must say what changed since this one (`carries_from_the_layout_just_before`).
+pub const FROM: u32 = 6;
+/// The size of v6's `CONFIG` value.
+const FROM_CONFIG_LEN: usize = 60;
+const _: () = assert!(FROM_CONFIG_LEN <= size_of::<Config>());
+
+#[derive(Debug, thiserror::Error)]
+pub enum CarryError {
+    #[error("opening the previous layout's map {path}")]
+    OpenOld {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("reading the previous layout's map {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("opening this layout's map {path}")]
+    OpenNew {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("writing this layout's map {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// What was carried, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub config: bool,
+    pub peers: usize,
+    pub routes: usize,
+    pub pod_ports: usize,
+    pub kernel_sockets: usize,
+}
+
+/// The previous layout's state, read whole before anything is written.
+struct OldState {
+    config: Option<Config>,
+    peers: Vec<([u8; 4], Peer)>,
+    routes: Vec<(u32, [u8; 4], Route)>,
+    pod_ports: Vec<([u8; 6], PodPort)>,
+    kernel_sockets: Vec<SocketKey>,
+}
+
+/// Carries the state pinned under `<root>/v<FROM>/` into this layout's
+/// maps under `root`, which the caller has just created (empty). Returns
+/// `None` where there is nothing to carry (no such directory: a first
+/// start, or an upgrade from an older layout).
+pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
+    let layout = PinLayout::new(root);
+    let old_dir = root.join(format!("v{FROM}"));
+    if FROM + 1 != MAP_LAYOUT_VERSION || !map_names::ALL.iter().all(|name| old_dir.join(name).exists()) {
+        return Ok(None);
+    }
+    let old = read_old(&old_dir)?;
+    write_new(&layout, &old).map(Some)
+}
+
+fn open_pinned<T: TryFrom<Map, Error = MapError>>(path: &Path) -> Result<T, MapError> {
+    T::try_from(Map::from_map_data(MapData::from_pin(path)?)?)
+}
+
+fn read_old(dir: &Path) -> Result<OldState, CarryError> {
+    let path = |name: &str| dir.join(name);
+    // aya checks each map's kind and key and value sizes on opening: a
+    // map not as v6 pinned it is refused here, before anything is written.
+    let open_err = |name: &str| {
+        let path = path(name);
+        move |source| CarryError::OpenOld { path, source }
+    };
+    let read_err = |name: &str| {
+        let path = path(name);
+        move |source| CarryError::Read { path, source }
+    };
+    let config: Array<MapData, [u8; FROM_CONFIG_LEN]> = open_pinned(&path(map_names::CONFIG)).map_err(open_err(map_names::CONFIG))?;
+    let peers: HashMap<MapData, [u8; 4], Peer> = open_pinned(&path(map_names::PEERS)).map_err(open_err(map_names::PEERS))?;
+    let routes: LpmTrie<MapData, [u8; 4], Route> = open_pinned(&path(map_names::ROUTES)).map_err(open_err(map_names::ROUTES))?;
+    let pod_ports: HashMap<MapData, [u8; 6], PodPort> = open_pinned(&path(map_names::POD_PORTS)).map_err(open_err(map_names::POD_PORTS))?;
+    let sockets: HashMap<MapData, SocketKey, u8> =
+        open_pinned(&path(map_names::KERNEL_SOCKETS)).map_err(open_err(map_names::KERNEL_SOCKETS))?;
+
+    let bytes = config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
+    let mut widened = [0u8; size_of::<Config>()];
+    widened[..FROM_CONFIG_LEN].copy_from_slice(&bytes);
+    // SAFETY: Config is #[repr(C)] of plain integers and byte arrays with
+    // explicit padding fields, so every bit pattern is a valid value; the
+    // fields past v6's (gro_ifindex) are zero: no GRO device yet.
+    let config: Config = unsafe { std::ptr::read_unaligned(widened.as_ptr().cast()) };
+    Ok(OldState {
+        config: (config.enabled != 0).then_some(config),
+        peers: peers.iter().collect::<Result<_, _>>().map_err(read_err(map_names::PEERS))?,
+        routes: routes
+            .iter()
+            .map(|entry| entry.map(|(key, route)| (key.prefix_len(), key.data(), route)))
+            .collect::<Result<_, _>>()
+            .map_err(read_err(map_names::ROUTES))?,
+        pod_ports: pod_ports.iter().collect::<Result<_, _>>().map_err(read_err(map_names::POD_PORTS))?,
+        kernel_sockets: sockets.keys().collect::<Result<_, _>>().map_err(read_err(map_names::KERNEL_SOCKETS))?,
+    })
+}
+
+fn write_new(layout: &PinLayout, old: &OldState) -> Result<Carried, CarryError> {
+    let open_err = |name: &str| {
+        let path = layout.map(name);
+        move |source| CarryError::OpenNew { path, source }
+    };
+    let write_err = |name: &str| {
+        let path = layout.map(name);
+        move |source| CarryError::Write { path, source }
+    };
+    let mut peers: HashMap<MapData, [u8; 4], Peer> = open_pinned(&layout.map(map_names::PEERS)).map_err(open_err(map_names::PEERS))?;
+    let mut routes: LpmTrie<MapData, [u8; 4], Route> = open_pinned(&layout.map(map_names::ROUTES)).map_err(open_err(map_names::ROUTES))?;
+    let mut pod_ports: HashMap<MapData, [u8; 6], PodPort> =
+        open_pinned(&layout.map(map_names::POD_PORTS)).map_err(open_err(map_names::POD_PORTS))?;
+    let mut sockets: HashMap<MapData, SocketKey, u8> =
+        open_pinned(&layout.map(map_names::KERNEL_SOCKETS)).map_err(open_err(map_names::KERNEL_SOCKETS))?;
+    let mut config: Array<MapData, Config> = open_pinned(&layout.map(map_names::CONFIG)).map_err(open_err(map_names::CONFIG))?;
+    for (key, peer) in &old.peers {
+        peers.insert(key, peer, 0).map_err(write_err(map_names::PEERS))?;
+    }
+    for (prefix_len, data, route) in &old.routes {
+        routes.insert(&Key::new(*prefix_len, *data), route, 0).map_err(write_err(map_names::ROUTES))?;
+    }
+    for (mac, port) in &old.pod_ports {
+        pod_ports.insert(mac, port, 0).map_err(write_err(map_names::POD_PORTS))?;
+    }
+    for socket in &old.kernel_sockets {
+        sockets.insert(socket, 0, 0).map_err(write_err(map_names::KERNEL_SOCKETS))?;
+    }
+    // Last: a configured CONFIG is what makes the programs act on the rest.
+    if let Some(old_config) = &old.config {
+        config.set(0, old_config, 0).map_err(write_err(map_names::CONFIG))?;
+    }
+    Ok(Carried {
+        config: old.config.is_some(),
+        peers: old.peers.len(),
+        routes: old.routes.len(),
+        pod_ports: old.pod_ports.len(),
+        kernel_sockets: old.kernel_sockets.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A layout bump must look at what this module carries: from the
+    /// layout just before, whose differences [`FROM`] describes.
+    #[test]
+    fn carries_from_the_layout_just_before() {
+        assert_eq!(
+            FROM + 1,
+            MAP_LAYOUT_VERSION,
+            "MAP_LAYOUT_VERSION moved: say in carry.rs what changed since v{FROM} and carry from v{}",
+            MAP_LAYOUT_VERSION - 1
+        );
+    }
+}
