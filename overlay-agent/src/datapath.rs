@@ -129,11 +129,11 @@ pub enum DatapathError {
         source: LinkError,
     },
     #[error(
-        "{program} is no longer attached to {iface} (detached by someone, or the interface was recreated); \
-         restart the agent, which attaches it again"
+        "{program} is no longer attached to {iface} (detached by someone; an interface made again under its name \
+         is attached to again by itself); restart the agent, which attaches it again"
     )]
     NotAttached { program: &'static str, iface: String },
-    #[error("interface {0:?} the datapath was attached to is gone; restart the agent once it is back")]
+    #[error("interface {0:?} the datapath was attached to is gone; the agent attaches to it again when it is back")]
     InterfaceGone(String),
     #[error("asking the kernel what is attached to {iface}")]
     Query {

@@ -22,7 +22,8 @@
 //!
 //! The rest, by concern. The datapath: [`object`] (the embedded eBPF
 //! object), [`hook`] (which decapsulation hook), [`clsact`] (TC filters on
-//! kernels without TCX), [`bpffs`] (the filesystem the pins live on). The
+//! kernels without TCX), [`bpffs`] (the filesystem the pins live on),
+//! [`carry`] (an upgrade from the previous map layout, carried). The
 //! kernel around it: [`rtnl`] (rtnetlink requests), [`iface`] (facts about
 //! the underlay interface), [`pod_ports`] (the pod bridge's ports, for the
 //! fast path), [`foreign_vxlan`] (kernel vxlan devices on our port),

@@ -344,6 +344,34 @@ impl Host for NodeHost {
         self.attach_pod_fast_path(local);
     }
 
+    fn underlay_changed(&mut self, local: &mut LocalSettings) {
+        // Gone: `check_datapath` says so (our Node's NetworkUnavailable)
+        // until it is back.
+        let Some(index) = iface::interface_index(&self.iface) else { return };
+        if index == local.underlay_ifindex {
+            return;
+        }
+        warn!(iface = %self.iface, old_ifindex = local.underlay_ifindex, new_ifindex = index, "the underlay was recreated; attaching to it again");
+        let mut settings = local.clone();
+        settings.underlay_ifindex = index;
+        match iface::mtu(&self.iface) {
+            Ok(mtu) => settings.underlay_mtu = mtu,
+            Err(err) => warn!(iface = %self.iface, error = %err, "reading the recreated underlay's MTU; keeping the one read before"),
+        }
+        match self.attach(&mut settings) {
+            // The new index, MTU and hook reach CONFIG by the reconcile
+            // that follows.
+            Ok(()) => *local = settings,
+            // Tried again at the next change of the underlay and at each
+            // housekeeping, the index left as it was.
+            Err(err) => {
+                let problem = format!("attaching to the recreated {}: {err:#}", self.iface);
+                error!(error = %problem, "the datapath does not serve this node");
+                self.datapath_problem = Some(problem);
+            }
+        }
+    }
+
     fn device_pair_gone(&mut self, local: &mut LocalSettings) {
         for kind in PairKind::ALL {
             let (pair, index) = (kind.pair(), *kind.in_settings(local));

@@ -481,11 +481,59 @@ impl Lab {
 
     /// Node `i`: its namespace, `eth0` on the underlay (a veth into the
     /// underlay's bridge, or `nic`, moved in), `cni0` and its pods.
+    /// Node `i`'s (from 1) veth into the underlay: `eth0` in its namespace
+    /// (with `mac`, or veth's random one), port `n<i>` on its segment's
+    /// bridge; then set up.
+    fn plug_into_underlay(spec: &LabSpec, underlay: &NetNs, ns: &NetNs, i: usize, mac: Option<&str>) {
+        let second_half = spec.topology == Topology::Routed && i > spec.nodes.div_ceil(2);
+        let bridge = SUBNETS[usize::from(second_half)].1;
+        let port = format!("n{i}");
+        let address: &[&str] = match mac {
+            Some(mac) => &["address", mac],
+            None => &[],
+        };
+        let peer = [&["link", "add", port.as_str(), "type", "veth", "peer", "name", "eth0"][..], address, &["netns", ns.name()]].concat();
+        let _ = underlay.ip(&peer);
+        let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
+        if spec.underlay == Underlay::Wire {
+            wire_like(underlay, &port);
+        }
+        Self::set_up_underlay_link(spec, ns, i);
+    }
+
+    /// Node `i`'s `eth0`: its address, MTU, route and features.
+    fn set_up_underlay_link(spec: &LabSpec, ns: &NetNs, i: usize) {
+        let second_half = spec.topology == Topology::Routed && i > spec.nodes.div_ceil(2);
+        let octet = SUBNETS[usize::from(second_half)].0;
+        let ip = Self::node_ip(spec, i);
+        let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
+        if spec.topology == Topology::Routed {
+            let _ = ns.ip(&["route", "add", "default", "via", &format!("192.168.{octet}.1")]);
+        }
+        // Wire-like: GRO on, as on a physical NIC (veth defaults to off): it
+        // aggregates what XDP decapsulated before the stack forwards it to
+        // the pod. A container's veth keeps its default.
+        if spec.underlay == Underlay::Wire {
+            let _ = run("ip", &["netns", "exec", ns.name(), "ethtool", "-K", "eth0", "gro", "on"]);
+        }
+    }
+
+    /// Deletes node `i`'s (from 0) `eth0` and makes it again as the lab
+    /// made it, under a new index but with its MAC (the neighbours' entries
+    /// stay right): a NIC whose driver was reloaded, a bond made again.
+    /// Veth underlays only.
+    pub fn recreate_underlay_link(&self, i: usize) {
+        let ns = &self.nodes[i].ns;
+        let link = String::from_utf8_lossy(&ns.ip(&["-o", "link", "show", "eth0"]).stdout).into_owned();
+        let mac = link.split("link/ether ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_else(|| panic!("eth0's MAC: {link}")).to_owned();
+        let out = ns.ip(&["link", "del", "eth0"]);
+        assert!(out.status.success(), "deleting node {}'s eth0: {}", i + 1, String::from_utf8_lossy(&out.stderr));
+        Self::plug_into_underlay(&self.spec, &self.underlay, ns, i + 1, Some(&mac));
+    }
+
     fn make_node(spec: &LabSpec, underlay: &NetNs, i: usize, nic: Option<&str>, pins: &PinDir, pod_cidr: String) -> Result<LabNode, String> {
         let ns = NetNs::with_name(format!("{}-n{i}", spec.prefix));
-        let second_half = spec.topology == Topology::Routed && i > spec.nodes.div_ceil(2);
-        let (octet, bridge) = SUBNETS[usize::from(second_half)];
-        let ip = Self::node_ip(spec, i);
         // Pods are numbered inside the node's /24: gateway .1, pods .11, .12, …
         let base: Ipv4Addr = pod_cidr
             .strip_suffix("/24")
@@ -501,24 +549,9 @@ impl Lab {
             if !moved.status.success() {
                 return Err(format!("moving NIC {nic} into {}: {}", ns.name(), String::from_utf8_lossy(&moved.stderr).trim()));
             }
+            Self::set_up_underlay_link(spec, &ns, i);
         } else {
-            let port = format!("n{i}");
-            let _ = underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns.name()]);
-            let _ = underlay.ip(&["link", "set", &port, "master", bridge, "up"]);
-            if spec.underlay == Underlay::Wire {
-                wire_like(underlay, &port);
-            }
-        }
-        let _ = ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        let _ = ns.ip(&["link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"]);
-        if spec.topology == Topology::Routed {
-            let _ = ns.ip(&["route", "add", "default", "via", &format!("192.168.{octet}.1")]);
-        }
-        // Wire-like: GRO on, as on a physical NIC (veth defaults to off): it
-        // aggregates what XDP decapsulated before the stack forwards it to
-        // the pod. A container's veth keeps its default.
-        if spec.underlay == Underlay::Wire {
-            let _ = run("ip", &["netns", "exec", ns.name(), "ethtool", "-K", "eth0", "gro", "on"]);
+            Self::plug_into_underlay(spec, underlay, &ns, i, None);
         }
         let _ = run("ip", &["netns", "exec", ns.name(), "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         let gateway = in_cidr(1).to_string();
@@ -540,7 +573,7 @@ impl Lab {
         Ok(LabNode {
             name: format!("node{i}"),
             flannel: i > spec.nodes - spec.flannel_nodes,
-            ip,
+            ip: Self::node_ip(spec, i),
             pod_cidr,
             pin_root: pins.path().join(format!("node{i}")),
             pods,

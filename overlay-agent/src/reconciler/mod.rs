@@ -167,6 +167,11 @@ pub trait Host {
     /// The pod bridge or its ports may have changed: attach the pod fast
     /// path (again). May change the settings (the bridge's index and MAC).
     fn pod_network_changed(&mut self, local: &mut LocalSettings);
+    /// The underlay changed (an address, a route, the link itself): when
+    /// it was recreated (a new index under its name: a driver reloaded, a
+    /// bond made again), attach to it again. May change the settings (its
+    /// index and MTU, the hook's and the pairs' settings).
+    fn underlay_changed(&mut self, local: &mut LocalSettings);
     /// A device of the agent's device pairs was deleted (or may have
     /// been: every resync asks too): set up again any that the datapath
     /// uses and that is gone or could not be set up before. May change the
@@ -341,6 +346,11 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     /// Takes what the kernel said may have changed.
     pub fn handle_kernel_events(&mut self, events: &BTreeSet<KernelEvent>) {
         if events.contains(&KernelEvent::UnderlayChanged) {
+            let mut local = self.state.local().clone();
+            self.host.underlay_changed(&mut local);
+            // A new index reaches CONFIG by the reconcile that follows.
+            let touched = self.state.set_local(local, &self.paths);
+            self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
             self.handle_underlay_change();
             // An address that went and came back between two looks left
             // no trace but the routes the kernel deleted with it.
@@ -399,6 +409,11 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     /// retries what failed before.
     pub fn housekeeping(&mut self) {
         self.host.housekeeping();
+        // A recreated underlay whose attaching failed is tried again.
+        let mut local = self.state.local().clone();
+        self.host.underlay_changed(&mut local);
+        let touched = self.state.set_local(local, &self.paths);
+        self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
         // Paths of addresses no node has any more.
         if self.paths.len() > self.state.nodes().len() {
             let current: HashSet<Ipv4Addr> = self.state.nodes().values().map(|n| n.node_ip).collect();

@@ -171,6 +171,8 @@ struct FakeHost {
     device_pair_checks: usize,
     /// The GRO device's index it then has.
     gro_ifindex: u32,
+    /// The underlay's new index, once it was recreated.
+    underlay_ifindex: Option<u32>,
     /// Why the datapath does not serve, if it does not.
     datapath_problem: Option<String>,
     /// The masquerade and FORWARD rules, when the test keeps them, and
@@ -185,6 +187,12 @@ impl Host for FakeHost {
     fn pod_network_changed(&mut self, local: &mut LocalSettings) {
         self.pod_network_changes += 1;
         local.pod_bridge_ifindex = self.bridge_ifindex;
+    }
+
+    fn underlay_changed(&mut self, local: &mut LocalSettings) {
+        if let Some(index) = self.underlay_ifindex {
+            local.underlay_ifindex = index;
+        }
     }
 
     fn device_pair_gone(&mut self, local: &mut LocalSettings) {
@@ -471,6 +479,12 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
     // Routes in place and paths as they were: nothing to write.
     r.handle_kernel_events(&kernel(&[KernelEvent::UnderlayChanged]));
     assert!(!r.reconcile(Instant::now()).await);
+    // The underlay recreated: the host attaches to it again, and its new
+    // index reaches CONFIG.
+    r.host.underlay_ifindex = Some(9);
+    r.handle_kernel_events(&kernel(&[KernelEvent::UnderlayChanged]));
+    assert!(r.reconcile(Instant::now()).await);
+    assert_eq!(r.state.result().unwrap().config.underlay_ifindex, 9);
 }
 
 #[tokio::test]
