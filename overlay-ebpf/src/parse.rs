@@ -110,6 +110,12 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
         // A fragment (MF set or non-zero offset): we never reassemble.
         return Err(DropReason::BadOuter);
     }
+    // SAFETY: Ipv4Hdr is 20 bytes of plain integers and byte arrays.
+    if !csum::ipv4_header_valid(unsafe { &*(ip as *const Ipv4Hdr).cast::<[u8; Ipv4Hdr::LEN]>() }) {
+        // A header checksum the stack (`ip_rcv`) would discard: no node
+        // sent it so, and its addresses and lengths cannot be trusted.
+        return Err(DropReason::BadOuter);
+    }
     let vxlan = unsafe { *ptr_at::<[u8; 8]>(ctx, VXLAN_OFF)? };
     let inner_eth = ptr_at::<EthHdr>(ctx, INNER_ETH_OFF)?;
     let inner_ip = unsafe { &*ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF)? };

@@ -459,6 +459,10 @@ fn expect_ingress(f: &[u8]) -> Judgement {
     if ihl != 20 || be16(f, 20).unwrap() & 0x3fff != 0 || f.len() < 64 + 20 {
         return drop;
     }
+    // A wrong header checksum: the stack would discard it.
+    if checksum(&f[14..34]) != 0 {
+        return drop;
+    }
     let vx = &f[42..50];
     if vx[0] != 0x08 || vx[1..4] != [0, 0, 0] || vx[7] != 0 {
         return drop;
@@ -924,8 +928,12 @@ fn the_model_accepts_valid_vxlan_and_refuses_forgeries() {
     let mut wrong_vni = valid.clone();
     wrong_vni[48] = 2;
     assert_eq!(expect_ingress(&wrong_vni).0, Expect::Drop);
+    let mut bad_checksum = valid.clone();
+    bad_checksum[24] ^= 1;
+    assert_eq!(expect_ingress(&bad_checksum).0, Expect::Drop, "a wrong outer header checksum");
     let mut ce = valid.clone();
     ce[15] = 3;
+    set_ipv4_checksum(&mut ce[14..34]);
     ce[65] = 0;
     assert_eq!(expect_ingress(&ce).0, Expect::Drop, "CE into Not-ECT");
     ce[65] = 2;

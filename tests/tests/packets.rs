@@ -191,6 +191,11 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     let mut first_fragment = Vxlan::default().frame();
     first_fragment[20..22].copy_from_slice(&0x2000u16.to_be_bytes());
     f.expect_decap_verdict(program, &first_fragment, drop, |c| c.drops(DropReason::BadOuter));
+    // An outer header whose checksum is wrong: the stack (`ip_rcv`) would
+    // discard it, so it is no tunnel packet a node sent.
+    let mut bad_checksum = Vxlan::default().frame();
+    bad_checksum[24] ^= 0x01;
+    f.expect_decap_verdict(program, &bad_checksum, drop, |c| c.drops(DropReason::BadOuter));
     // A known node tunnelling to the IANA port while we use 8472: passed
     // on, and counted so the agent reports the mismatch.
     f.expect_decap_verdict(program, &Vxlan { dport: 4789, ..Vxlan::default() }.frame(), pass, |c| c.packets(Counter::MismatchedPort));
