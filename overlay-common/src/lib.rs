@@ -279,9 +279,10 @@ slot_enum! {
         /// Inner source outside the sending node's pod CIDR.
         SpoofedInner = "spoofed_inner",
         /// Outer IPv4 header of tunnel traffic not as a node sends it: not
-        /// version 4, options, a fragment, a wrong header checksum, or lengths that disagree with the
-        /// frame (total length past its end, UDP length not the rest of the
-        /// packet or too short for the inner packet).
+        /// version 4, options, a fragment, a wrong header checksum, or
+        /// lengths that disagree with the frame (total length past its
+        /// end, UDP length not the rest of the packet or too short for the
+        /// inner packet).
         BadOuter = "bad_outer",
         /// Tunnel payload that is not IPv4, or not addressed to a pod of
         /// this node.
