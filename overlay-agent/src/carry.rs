@@ -62,6 +62,8 @@ pub enum CarryError {
         #[source]
         source: MapError,
     },
+    #[error("the previous layout's {dir} has no {missing}: a layout left half removed, nothing of it is carried")]
+    Incomplete { dir: PathBuf, missing: &'static str },
 }
 
 /// What was carried, for the log.
@@ -86,12 +88,16 @@ struct OldState {
 /// Carries the state pinned under `<root>/v<FROM>/` into this layout's
 /// maps under `root`, which the caller has just created (empty). Returns
 /// `None` where there is nothing to carry (no such directory: a first
-/// start, or an upgrade from an older layout).
+/// start, or an upgrade from an older layout); an error where that
+/// directory lacks a map or holds one not as v6 pinned it.
 pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
     let layout = PinLayout::new(root);
     let old_dir = root.join(format!("v{FROM}"));
-    if FROM + 1 != MAP_LAYOUT_VERSION || !map_names::ALL.iter().all(|name| old_dir.join(name).exists()) {
+    if FROM + 1 != MAP_LAYOUT_VERSION || !old_dir.exists() {
         return Ok(None);
+    }
+    if let Some(missing) = map_names::ALL.iter().find(|name| !old_dir.join(name).exists()) {
+        return Err(CarryError::Incomplete { dir: old_dir, missing });
     }
     let old = read_old(&old_dir)?;
     write_new(&layout, &old).map(Some)

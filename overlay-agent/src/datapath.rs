@@ -463,6 +463,14 @@ impl Datapath {
         self.attach_role(iface, role, DecapHook::TcIngress)
     }
 
+    /// Forgets the pinned links to `iface` (their pins): they hold an
+    /// interface that had its name before, which the kernel detached them
+    /// from if it is gone, and which they stay on, detached from it only
+    /// here, if it lives on under another name.
+    pub fn forget_links(&mut self, iface: &str) -> Result<(), DatapathError> {
+        remove_link_dir(&self.layout.links_dir().join(iface)).map(drop)
+    }
+
     /// Removes a device pair's program from `iface`, its receiving end (its
     /// pin, and before TCX its filter).
     pub fn detach_device_pair(&mut self, iface: &str) -> Result<(), DatapathError> {
@@ -708,6 +716,12 @@ impl Datapath {
                 })
             })
             .collect()
+    }
+
+    /// Removes the current layout's map pins under `root` (`<root>/v<N>/`),
+    /// and nothing else; returns what it left (not ours).
+    pub fn remove_current_layout_maps(root: &Path) -> Result<Vec<PathBuf>, DatapathError> {
+        remove_map_dir(&PinLayout::new(root).maps_dir())
     }
 
     /// Removes what the agent pins under `root`, and nothing else: the

@@ -52,6 +52,9 @@ const RETIRED_DEVICE_DRAIN: Duration = Duration::from_millis(100);
 /// How long a device pair whose setting up failed waits before it is
 /// tried again: the resyncs (every 30 s) try it.
 const PAIR_RETRY: Duration = Duration::from_secs(20);
+/// How long a recreated underlay that could not be attached to waits
+/// before the next try (each try attaches, and undoes what it attached).
+const UNDERLAY_RETRY: Duration = Duration::from_secs(20);
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::runtime::Builder::new_current_thread()
@@ -133,6 +136,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         Ok(mut entries) => entries.next().is_none(),
         Err(err) => err.kind() == std::io::ErrorKind::NotFound,
     };
+    // Likewise this layout's maps, where a start makes them beside an
+    // older layout's (an upgrade): left behind, the next start would adopt
+    // them (empty, or a stale carry) instead of carrying the older state.
+    let layout_existed = bpffs::PinLayout::new(&args.bpffs_root).maps_dir().exists();
     let source_kind = match source {
         Source::Dir(_) => "manifests",
         Source::Kube(_) => "kubernetes",
@@ -145,6 +152,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 match Datapath::remove_pins(&args.bpffs_root) {
                     Ok(_) => info!(root = %args.bpffs_root.display(), "start failed; removed the pins it created"),
                     Err(cleanup) => warn!(root = %args.bpffs_root.display(), error = %Chain(&cleanup), "start failed, and removing the pins it created failed too"),
+                }
+            } else if !layout_existed {
+                match Datapath::remove_current_layout_maps(&args.bpffs_root) {
+                    Ok(_) => info!(root = %args.bpffs_root.display(), "start failed; removed the map pins it created beside the running datapath's"),
+                    Err(cleanup) => warn!(root = %args.bpffs_root.display(), error = %Chain(&cleanup), "start failed, and removing the map pins it created failed too"),
                 }
             }
             return Err(err);
@@ -245,6 +257,7 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
         datapath_problem: Some("not attached yet".to_owned()),
         pairs_wanted: BTreeSet::new(),
         pair_retry_after: BTreeMap::new(),
+        underlay_retry: None,
     };
     if settings.network.is_none() {
         warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded and no FORWARD accept rules are installed");
@@ -322,6 +335,9 @@ struct NodeHost {
     /// When a pair whose setting up failed (and deleted what it had made,
     /// a deletion the agent hears as an event too) is tried again.
     pair_retry_after: BTreeMap<PairKind, Instant>,
+    /// A recreated underlay (by its new index) that could not be attached
+    /// to, and when it is tried again.
+    underlay_retry: Option<(u32, Instant)>,
 }
 
 impl Host for NodeHost {
@@ -349,24 +365,62 @@ impl Host for NodeHost {
         // until it is back.
         let Some(index) = iface::interface_index(&self.iface) else { return };
         if index == local.underlay_ifindex {
+            // Its MTU may change any time (set after the device was made,
+            // say): CONFIG's MTUs, the routes' and subnet.env follow it.
+            if let Ok(mtu) = iface::mtu(&self.iface)
+                && mtu != local.underlay_mtu
+            {
+                info!(iface = %self.iface, old_mtu = local.underlay_mtu, new_mtu = mtu, "the underlay's MTU changed");
+                local.underlay_mtu = mtu;
+            }
             return;
         }
-        warn!(iface = %self.iface, old_ifindex = local.underlay_ifindex, new_ifindex = index, "the underlay was recreated; attaching to it again");
+        let first_try = match self.underlay_retry {
+            Some((failed, _)) if failed != index => true,
+            Some((_, after)) if Instant::now() < after => return,
+            Some(_) => false,
+            None => true,
+        };
+        if first_try {
+            warn!(iface = %self.iface, old_ifindex = local.underlay_ifindex, new_ifindex = index, "the underlay was recreated; attaching to it again");
+        }
         let mut settings = local.clone();
         settings.underlay_ifindex = index;
         match iface::mtu(&self.iface) {
             Ok(mtu) => settings.underlay_mtu = mtu,
             Err(err) => warn!(iface = %self.iface, error = %err, "reading the recreated underlay's MTU; keeping the one read before"),
         }
-        match self.attach(&mut settings) {
-            // The new index, MTU and hook reach CONFIG by the reconcile
-            // that follows.
-            Ok(()) => *local = settings,
-            // Tried again at the next change of the underlay and at each
-            // housekeeping, the index left as it was.
+        // The pinned links are the old device's: where it lives on under
+        // another name, swapping into them would leave the new one bare.
+        let attached = self
+            .datapath
+            .forget_links(&self.iface)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| self.attach(&mut settings))
+            .and_then(|()| self.datapath_problem.clone().map_or(Ok(()), |problem| Err(anyhow::anyhow!(problem))));
+        match attached {
+            Ok(()) => {
+                self.underlay_retry = None;
+                // Now, not at the reconcile that follows (which waits for
+                // the node's address on it): the fast path sends there.
+                let (ifindex, mtu) = (settings.underlay_ifindex, settings.underlay_mtu);
+                if let Err(err) = self.change_pinned_config(|config| {
+                    config.underlay_ifindex = ifindex;
+                    config.underlay_mtu = mtu;
+                }) {
+                    warn!(error = %err.to_string_with_causes(), "cannot write the recreated underlay's index to CONFIG; the next reconcile writes it");
+                }
+                info!(iface = %self.iface, ifindex, "attached to the recreated underlay");
+                *local = settings;
+            }
+            // Tried again after UNDERLAY_RETRY, at the next change of the
+            // underlay or housekeeping; the index stays as it was.
             Err(err) => {
                 let problem = format!("attaching to the recreated {}: {err:#}", self.iface);
-                error!(error = %problem, "the datapath does not serve this node");
+                if first_try {
+                    error!(error = %problem, retry_in_s = UNDERLAY_RETRY.as_secs(), "the datapath does not serve this node");
+                }
+                self.underlay_retry = Some((index, Instant::now() + UNDERLAY_RETRY));
                 self.datapath_problem = Some(problem);
             }
         }

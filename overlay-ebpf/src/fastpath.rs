@@ -245,7 +245,8 @@ fn opens_a_flow(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
         IPPROTO_TCP => match ptr_at::<TcpHdr>(ctx, L4_OFF) {
             // SAFETY: ptr_at checked the bounds.
             Ok(tcp) => unsafe { (*tcp).syn() != 0 && (*tcp).ack() == 0 },
-            // Too short to say: the kernel's.
+            // Too short to say: taken for one, so the neighbour check
+            // decides as for a SYN.
             Err(_) => true,
         },
         // SAFETY: ptr_at checked the bounds.

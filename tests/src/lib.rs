@@ -369,19 +369,17 @@ impl Drop for TempDir {
 
 /// One map as an older agent pinned it: name, `bpftool map create` kind,
 /// key and value size, capacity, flags.
-use overlay_common::map_names;
-
 pub type PinnedMap = (&'static str, &'static str, u32, u32, u32, u32);
 
 /// Map layout v6, the one just before this (`overlay_agent::carry::FROM`):
 /// `CONFIG` of 60 bytes (no `gro_ifindex`) and `COUNTERS` of 20 slots.
 pub const V6_MAPS: [PinnedMap; 6] = [
-    (map_names::CONFIG, "array", 4, 60, 1, 0),
-    (map_names::COUNTERS, "percpu_array", 4, 16, 20, 0),
-    (map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
-    (map_names::PEERS, "hash", 4, 8, 65536, 0),
-    (map_names::POD_PORTS, "hash", 6, 4, 4096, 0),
-    (map_names::ROUTES, "lpm_trie", 8, 16, 65536, 1),
+    (overlay_common::map_names::CONFIG, "array", 4, 60, 1, 0),
+    (overlay_common::map_names::COUNTERS, "percpu_array", 4, 16, 20, 0),
+    (overlay_common::map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
+    (overlay_common::map_names::PEERS, "hash", 4, 8, 65536, 0),
+    (overlay_common::map_names::POD_PORTS, "hash", 6, 4, 4096, 0),
+    (overlay_common::map_names::ROUTES, "lpm_trie", 8, 16, 65536, 1),
 ];
 
 /// Creates `maps` in `dir` with bpftool, as an older agent pinned them.

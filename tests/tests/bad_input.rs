@@ -308,6 +308,10 @@ fn a_failed_start_leaves_an_older_layouts_pins_alone() {
     let mut b = RunningAgent::start(&ns, upgraded.path(), nodes.path(), &["--decap", "xdp"], false);
     assert_eq!(b.exit_code(20), Some(1), "{}", b.log());
     assert!(older.join(overlay_common::map_names::CONFIG).exists(), "a failed start removed the older layout's pins:\n{}", b.log());
+    // The maps it made for its own layout go: left, the next start would
+    // adopt them instead of carrying the older layout's state.
+    let made = PinLayout::new(upgraded.path()).maps_dir();
+    assert!(!made.exists(), "a failed start left {}:\n{}", made.display(), b.log());
 }
 
 #[test]

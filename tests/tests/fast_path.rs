@@ -555,4 +555,19 @@ fn a_recreated_underlay_is_attached_again() {
     Lab::tcp_echo(&a.ns, &b.ns, b.ip, 26005).unwrap_or_else(|e| panic!("TCP to node 2's pod over the recreated eth0: {e}\n{}", lab.agent_log(1)));
     assert!(lab.agent_log(1).contains("the underlay was recreated; attaching to it again"), "{}", lab.agent_log(1));
     assert_no_drops(&lab.counters(1));
+    // Its MTU set after it was made, as networkd or DHCP would: CONFIG's
+    // MTUs follow. (Shown failing before the MTU was read again on its
+    // changes: CONFIG kept 1500.)
+    lab.nodes[1].ns.ip(&["link", "set", "eth0", "mtu", "1400"]);
+    let mtus = || {
+        let maps = overlay_agent::maps::DatapathMaps::open(&lab.nodes[1].pin_root).expect("node 2's pinned maps");
+        let config = maps.config.get(&0, 0).expect("CONFIG");
+        (config.underlay_mtu, config.inner_mtu)
+    };
+    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(20));
+    while mtus() != (1400, 1350) {
+        assert!(Instant::now() < deadline, "CONFIG's MTUs after eth0's went to 1400: {:?}\n{}", mtus(), lab.agent_log(1));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Lab::ping(&a.ns, b.ip), "pod to pod after the MTU change");
 }

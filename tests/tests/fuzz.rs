@@ -583,7 +583,8 @@ fn expect_pod(f: &[u8]) -> Judgement {
     // A flow's first packet (a TCP SYN, an ICMP query) leaves fast only
     // where the node has resolved the pod, so that the reply can come in
     // fast; no neighbour exists in a test run. A TCP header too short to
-    // say is the kernel's too.
+    // say is taken for a SYN. (So fuzzing never reaches the resolved case:
+    // fast_path.rs covers it with a real neighbour table.)
     let opens_a_flow = match f[23] {
         6 => f.len() < 54 || (f[47] & 0x02 != 0 && f[47] & 0x10 == 0),
         1 => f.len() > 34 && [8, 13, 15, 17].contains(&f[34]),
