@@ -463,10 +463,10 @@ impl Datapath {
         self.attach_role(iface, role, DecapHook::TcIngress)
     }
 
-    /// Forgets the pinned links to `iface` (their pins): they hold an
-    /// interface that had its name before, which the kernel detached them
-    /// from if it is gone, and which they stay on, detached from it only
-    /// here, if it lives on under another name.
+    /// Removes the pins of the links to `iface`. They belong to the
+    /// interface that had this name before: the kernel detached them if it
+    /// is gone, and if it lives on under another name, removing them is
+    /// what detaches our programs from it.
     pub fn forget_links(&mut self, iface: &str) -> Result<(), DatapathError> {
         remove_link_dir(&self.layout.links_dir().join(iface)).map(drop)
     }

@@ -346,11 +346,7 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     /// Takes what the kernel said may have changed.
     pub fn handle_kernel_events(&mut self, events: &BTreeSet<KernelEvent>) {
         if events.contains(&KernelEvent::UnderlayChanged) {
-            let mut local = self.state.local().clone();
-            self.host.underlay_changed(&mut local);
-            // A new index reaches CONFIG by the reconcile that follows.
-            let touched = self.state.set_local(local, &self.paths);
-            self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
+            self.ask_host_about_the_underlay();
             self.handle_underlay_change();
             // An address that went and came back between two looks left
             // no trace but the routes the kernel deleted with it.
@@ -383,6 +379,16 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         }
     }
 
+    /// Lets the host attach to a recreated underlay and follow its MTU;
+    /// what it changes in the settings reaches CONFIG by the reconcile that
+    /// follows.
+    fn ask_host_about_the_underlay(&mut self) {
+        let mut local = self.state.local().clone();
+        self.host.underlay_changed(&mut local);
+        let touched = self.state.set_local(local, &self.paths);
+        self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
+    }
+
     /// The underlay may have changed: re-asks the paths to every node.
     pub fn handle_underlay_change(&mut self) {
         let addrs: Vec<Ipv4Addr> = self.state.nodes().values().map(|n| n.node_ip).collect();
@@ -410,10 +416,7 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     pub fn housekeeping(&mut self) {
         self.host.housekeeping();
         // A recreated underlay whose attaching failed is tried again.
-        let mut local = self.state.local().clone();
-        self.host.underlay_changed(&mut local);
-        let touched = self.state.set_local(local, &self.paths);
-        self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
+        self.ask_host_about_the_underlay();
         // Paths of addresses no node has any more.
         if self.paths.len() > self.state.nodes().len() {
             let current: HashSet<Ipv4Addr> = self.state.nodes().values().map(|n| n.node_ip).collect();
