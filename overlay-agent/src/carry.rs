@@ -22,10 +22,13 @@
 
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key};
+use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, lpm_trie::Key};
 use overlay_common::{Config, Peer, PodPort, Route, SocketKey, map_names};
 
-use crate::bpffs::{MAP_LAYOUT_VERSION, PinLayout};
+use crate::{
+    bpffs::{MAP_LAYOUT_VERSION, PinLayout},
+    maps::{DatapathMaps, MapsError, open_pinned},
+};
 
 /// The layout carried from: v6, whose `CONFIG` was this one's without
 /// `gro_ifindex` (its last 4 bytes), and whose `PEERS`, `ROUTES`,
@@ -91,7 +94,6 @@ struct OldState {
 /// start, or an upgrade from an older layout); an error where that
 /// directory lacks a map or holds one not as v6 pinned it.
 pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
-    let layout = PinLayout::new(root);
     let old_dir = root.join(format!("v{FROM}"));
     if FROM + 1 != MAP_LAYOUT_VERSION || !old_dir.exists() {
         return Ok(None);
@@ -100,11 +102,7 @@ pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
         return Err(CarryError::Incomplete { dir: old_dir, missing });
     }
     let old = read_old(&old_dir)?;
-    write_new(&layout, &old).map(Some)
-}
-
-fn open_pinned<T: TryFrom<Map, Error = MapError>>(path: &Path) -> Result<T, MapError> {
-    T::try_from(Map::from_map_data(MapData::from_pin(path)?)?)
+    write_new(root, &old).map(Some)
 }
 
 fn read_old(dir: &Path) -> Result<OldState, CarryError> {
@@ -146,37 +144,31 @@ fn read_old(dir: &Path) -> Result<OldState, CarryError> {
     })
 }
 
-fn write_new(layout: &PinLayout, old: &OldState) -> Result<Carried, CarryError> {
-    let open_err = |name: &str| {
-        let path = layout.map(name);
-        move |source| CarryError::OpenNew { path, source }
-    };
+fn write_new(root: &Path, old: &OldState) -> Result<Carried, CarryError> {
+    let layout = PinLayout::new(root);
     let write_err = |name: &str| {
         let path = layout.map(name);
         move |source| CarryError::Write { path, source }
     };
-    let mut peers: HashMap<MapData, [u8; 4], Peer> = open_pinned(&layout.map(map_names::PEERS)).map_err(open_err(map_names::PEERS))?;
-    let mut routes: LpmTrie<MapData, [u8; 4], Route> = open_pinned(&layout.map(map_names::ROUTES)).map_err(open_err(map_names::ROUTES))?;
-    let mut pod_ports: HashMap<MapData, [u8; 6], PodPort> =
-        open_pinned(&layout.map(map_names::POD_PORTS)).map_err(open_err(map_names::POD_PORTS))?;
+    let mut maps = DatapathMaps::open(root).map_err(|MapsError::Open { path, source }| CarryError::OpenNew { path, source })?;
+    let sockets_path = layout.map(map_names::KERNEL_SOCKETS);
     let mut sockets: HashMap<MapData, SocketKey, u8> =
-        open_pinned(&layout.map(map_names::KERNEL_SOCKETS)).map_err(open_err(map_names::KERNEL_SOCKETS))?;
-    let mut config: Array<MapData, Config> = open_pinned(&layout.map(map_names::CONFIG)).map_err(open_err(map_names::CONFIG))?;
+        open_pinned(&sockets_path).map_err(|source| CarryError::OpenNew { path: sockets_path.clone(), source })?;
     for (key, peer) in &old.peers {
-        peers.insert(key, peer, 0).map_err(write_err(map_names::PEERS))?;
+        maps.peers.insert(key, peer, 0).map_err(write_err(map_names::PEERS))?;
     }
     for (prefix_len, data, route) in &old.routes {
-        routes.insert(&Key::new(*prefix_len, *data), route, 0).map_err(write_err(map_names::ROUTES))?;
+        maps.routes.insert(&Key::new(*prefix_len, *data), route, 0).map_err(write_err(map_names::ROUTES))?;
     }
     for (mac, port) in &old.pod_ports {
-        pod_ports.insert(mac, port, 0).map_err(write_err(map_names::POD_PORTS))?;
+        maps.pod_ports.insert(mac, port, 0).map_err(write_err(map_names::POD_PORTS))?;
     }
     for socket in &old.kernel_sockets {
         sockets.insert(socket, 0, 0).map_err(write_err(map_names::KERNEL_SOCKETS))?;
     }
     // Last: a configured CONFIG is what makes the programs act on the rest.
     if let Some(old_config) = &old.config {
-        config.set(0, old_config, 0).map_err(write_err(map_names::CONFIG))?;
+        maps.config.set(0, old_config, 0).map_err(write_err(map_names::CONFIG))?;
     }
     Ok(Carried {
         config: old.config.is_some(),

@@ -100,11 +100,15 @@ impl DatapathMaps {
     }
 }
 
+/// The map pinned at `path`, as `T` (aya checks its kind and its key and
+/// value sizes).
+pub fn open_pinned<T: TryFrom<Map, Error = MapError>>(path: &Path) -> Result<T, MapError> {
+    T::try_from(Map::from_map_data(MapData::from_pin(path)?)?)
+}
+
 /// The keys of the `ROUTES` map pinned at `path`, as CIDRs.
 fn route_destinations_at(path: &Path) -> Result<Vec<ipnetwork::Ipv4Network>, MapsError> {
-    let err = |source| MapsError::Open { path: path.to_owned(), source };
-    let data = MapData::from_pin(path).map_err(err)?;
-    let routes: LpmTrie<MapData, [u8; 4], Route> = LpmTrie::try_from(Map::from_map_data(data).map_err(err)?).map_err(err)?;
+    let routes: LpmTrie<MapData, [u8; 4], Route> = open_pinned(path).map_err(|source| MapsError::Open { path: path.to_owned(), source })?;
     Ok(routes
         .keys()
         .filter_map(Result::ok)

@@ -540,15 +540,18 @@ fn a_recreated_underlay_is_attached_again() {
     lab.recreate_underlay_link(1);
     let new = eth0_index();
     assert_ne!(old, new, "control: eth0 has a new index");
-    let config_index = || {
+    let config = || {
         let maps = overlay_agent::maps::DatapathMaps::open(&lab.nodes[1].pin_root).expect("node 2's pinned maps");
-        maps.config.get(&0, 0).expect("CONFIG").underlay_ifindex
+        maps.config.get(&0, 0).expect("CONFIG")
     };
-    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(20));
-    while config_index() != new {
-        assert!(Instant::now() < deadline, "CONFIG still names eth0's old index {}:\n{}", config_index(), lab.agent_log(1));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let wait_for_config = |done: &dyn Fn(&overlay_common::Config) -> bool, what: &str| {
+        let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(20));
+        while !done(&config()) {
+            assert!(Instant::now() < deadline, "{what}: {:?}\n{}", config(), lab.agent_log(1));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_config(&|c| c.underlay_ifindex == new, "CONFIG still names eth0's old index");
     assert!(Lab::ping(&a.ns, b.ip), "pod on node 1 to node 2's, over the recreated eth0:\n{}", lab.agent_log(1));
     assert!(Lab::ping(&b.ns, a.ip), "node 2's pod to node 1's, over the recreated eth0:\n{}", lab.agent_log(1));
     Lab::tcp_echo(&b.ns, &a.ns, a.ip, 26004).unwrap_or_else(|e| panic!("TCP over the recreated eth0: {e}\n{}", lab.agent_log(1)));
@@ -559,15 +562,6 @@ fn a_recreated_underlay_is_attached_again() {
     // MTUs follow. (Shown failing before the MTU was read again on its
     // changes: CONFIG kept 1500.)
     lab.nodes[1].ns.ip(&["link", "set", "eth0", "mtu", "1400"]);
-    let mtus = || {
-        let maps = overlay_agent::maps::DatapathMaps::open(&lab.nodes[1].pin_root).expect("node 2's pinned maps");
-        let config = maps.config.get(&0, 0).expect("CONFIG");
-        (config.underlay_mtu, config.inner_mtu)
-    };
-    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(20));
-    while mtus() != (1400, 1350) {
-        assert!(Instant::now() < deadline, "CONFIG's MTUs after eth0's went to 1400: {:?}\n{}", mtus(), lab.agent_log(1));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_config(&|c| (c.underlay_mtu, c.inner_mtu) == (1400, 1350), "CONFIG's MTUs after eth0's went to 1400");
     assert!(Lab::ping(&a.ns, b.ip), "pod to pod after the MTU change");
 }

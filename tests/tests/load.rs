@@ -414,7 +414,7 @@ fn previous_layout_pins_of_another_shape_are_not_carried() {
     let routes = maps.iter_mut().find(|m| m.0 == map_names::ROUTES).unwrap();
     routes.3 = 32;
     make_pins(&old, &maps);
-    let mut old_peers: HashMap<_, [u8; 4], Peer> = HashMap::try_from(aya::maps::Map::from_map_data(aya::maps::MapData::from_pin(old.join(map_names::PEERS)).unwrap()).unwrap()).unwrap();
+    let mut old_peers: HashMap<aya::maps::MapData, [u8; 4], Peer> = overlay_agent::maps::open_pinned(&old.join(map_names::PEERS)).unwrap();
     old_peers.insert([10, 244, 2, 0], Peer { pod_cidr: [10, 244, 2, 0], pod_prefix_len: 24 }, 0).unwrap();
     let datapath = Datapath::load(pins.path()).expect("loading beside the previous layout's pins");
     assert!(!datapath.maps_adopted());

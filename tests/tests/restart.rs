@@ -431,8 +431,7 @@ fn a_restart_onto_another_decap_hook_serves_before_the_first_reconcile() {
 }
 
 fn open_pinned<T: TryFrom<Map, Error = MapError>>(path: &Path) -> T {
-    let data = MapData::from_pin(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
-    T::try_from(Map::from_map_data(data).unwrap()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    overlay_agent::maps::open_pinned(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
 }
 
 /// Turns the stopped agent's pins under `root` into what the previous
