@@ -30,14 +30,11 @@ use crate::{
     maps::{DatapathMaps, MapsError, open_pinned},
 };
 
-/// The layout carried from: v6, whose `CONFIG` was this one's without
-/// `gro_ifindex` (its last 4 bytes), and whose `PEERS`, `ROUTES`,
+/// The layout carried from: v7, whose `COUNTERS` lacked this one's last
+/// slot (the drop reason `too_big`), and whose `CONFIG`, `PEERS`, `ROUTES`,
 /// `POD_PORTS` and `KERNEL_SOCKETS` are this one's. A new layout version
 /// must say what changed since this one (`carries_from_the_layout_just_before`).
-pub const FROM: u32 = 6;
-/// The size of v6's `CONFIG` value.
-const FROM_CONFIG_LEN: usize = 60;
-const _: () = assert!(FROM_CONFIG_LEN <= size_of::<Config>());
+pub const FROM: u32 = 7;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CarryError {
@@ -92,7 +89,7 @@ struct OldState {
 /// maps under `root`, which the caller has just created (empty). Returns
 /// `None` where there is nothing to carry (no such directory: a first
 /// start, or an upgrade from an older layout); an error where that
-/// directory lacks a map or holds one not as v6 pinned it.
+/// directory lacks a map or holds one not as v7 pinned it.
 pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
     let old_dir = root.join(format!("v{FROM}"));
     if FROM + 1 != MAP_LAYOUT_VERSION || !old_dir.exists() {
@@ -108,7 +105,7 @@ pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
 fn read_old(dir: &Path) -> Result<OldState, CarryError> {
     let path = |name: &str| dir.join(name);
     // aya checks each map's kind and key and value sizes on opening: a
-    // map not as v6 pinned it is refused here, before anything is written.
+    // map not as v7 pinned it is refused here, before anything is written.
     let open_err = |name: &str| {
         let path = path(name);
         move |source| CarryError::OpenOld { path, source }
@@ -117,20 +114,14 @@ fn read_old(dir: &Path) -> Result<OldState, CarryError> {
         let path = path(name);
         move |source| CarryError::Read { path, source }
     };
-    let config: Array<MapData, [u8; FROM_CONFIG_LEN]> = open_pinned(&path(map_names::CONFIG)).map_err(open_err(map_names::CONFIG))?;
+    let config: Array<MapData, Config> = open_pinned(&path(map_names::CONFIG)).map_err(open_err(map_names::CONFIG))?;
     let peers: HashMap<MapData, [u8; 4], Peer> = open_pinned(&path(map_names::PEERS)).map_err(open_err(map_names::PEERS))?;
     let routes: LpmTrie<MapData, [u8; 4], Route> = open_pinned(&path(map_names::ROUTES)).map_err(open_err(map_names::ROUTES))?;
     let pod_ports: HashMap<MapData, [u8; 6], PodPort> = open_pinned(&path(map_names::POD_PORTS)).map_err(open_err(map_names::POD_PORTS))?;
     let sockets: HashMap<MapData, SocketKey, u8> =
         open_pinned(&path(map_names::KERNEL_SOCKETS)).map_err(open_err(map_names::KERNEL_SOCKETS))?;
 
-    let bytes = config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
-    let mut widened = [0u8; size_of::<Config>()];
-    widened[..FROM_CONFIG_LEN].copy_from_slice(&bytes);
-    // SAFETY: Config is #[repr(C)] of plain integers and byte arrays with
-    // explicit padding fields, so every bit pattern is a valid value; the
-    // fields past v6's (gro_ifindex) are zero: no GRO device yet.
-    let config: Config = unsafe { std::ptr::read_unaligned(widened.as_ptr().cast()) };
+    let config = config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
     Ok(OldState {
         config: (config.enabled != 0).then_some(config),
         peers: peers.iter().collect::<Result<_, _>>().map_err(read_err(map_names::PEERS))?,

@@ -230,7 +230,7 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
             ),
             Err(err) => warn!(
                 error = %err.to_string_with_causes(),
-                "could not carry the previous map layout's state, so the new programs carry no pod traffic to other nodes until the first reconcile fills their maps (a previous map not as v6 pinned it: nothing carried; a failed write: what was written before it stays)"
+                "could not carry the previous map layout's state, so the new programs carry no pod traffic to other nodes until the first reconcile fills their maps (a previous map not as that layout pinned it: nothing carried; a failed write: what was written before it stays)"
             ),
         }
     }

@@ -307,6 +307,12 @@ slot_enum! {
         /// Came out of the agent's GRO device (`ovl-gro1`) while the
         /// datapath had no configuration to deliver or return it with.
         GroUnconfigured = "gro_unconfigured",
+        /// Longer than the tunnel MTU with DF set at the underlay's egress,
+        /// and not answered with "fragmentation needed" because RFC 1122
+        /// §3.2.2 forbids it: an ICMP error, a fragment past the first, or
+        /// a header too short to quote (the kernel drops these unanswered
+        /// too).
+        TooBig = "too_big",
     }
 }
 

@@ -10,7 +10,7 @@
 //! sender like any ICMP arriving from the network.
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
+    bindings::BPF_F_INGRESS,
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
     programs::TcContext,
 };
@@ -40,7 +40,7 @@ pub fn dont_fragment(ip: &Ipv4Hdr) -> bool {
 /// redirects it into the underlay's ingress. The reply quotes the whole
 /// IPv4 header, options included, and 8 bytes of payload. Never answers an
 /// ICMP error or a fragment past the first (RFC 1122 §3.2.2): those are
-/// dropped, as is a header too short to be one.
+/// dropped as [`DropReason::TooBig`], as is a header too short to be one.
 #[inline(always)]
 pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
     let eth: [u8; EthHdr::LEN] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
@@ -48,14 +48,14 @@ pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
     let mut quote: [u8; MAX_QUOTE_LEN] = ctx.load(EthHdr::LEN).map_err(|_| DropReason::Truncated)?;
     let header_len = usize::from(quote[0] & 0x0f) * 4;
     if header_len < Ipv4Hdr::LEN {
-        return Ok(TC_ACT_SHOT as i32);
+        return Err(DropReason::TooBig);
     }
     let quote_len = header_len + 8;
     let Some(&l4_first) = quote.get(header_len) else {
-        return Ok(TC_ACT_SHOT as i32);
+        return Err(DropReason::TooBig);
     };
     if (quote[9] == IPPROTO_ICMP && is_icmp_error(l4_first)) || u16::from_be_bytes([quote[6], quote[7]]) & IP_OFFSET != 0 {
-        return Ok(TC_ACT_SHOT as i32);
+        return Err(DropReason::TooBig);
     }
     // Past the quote: zeros, which leave the checksum as it is and are
     // trimmed off below.

@@ -371,11 +371,11 @@ impl Drop for TempDir {
 /// key and value size, capacity, flags.
 pub type PinnedMap = (&'static str, &'static str, u32, u32, u32, u32);
 
-/// Map layout v6, the one just before this (`overlay_agent::carry::FROM`):
-/// `CONFIG` of 60 bytes (no `gro_ifindex`) and `COUNTERS` of 20 slots.
-pub const V6_MAPS: [PinnedMap; 6] = [
-    (overlay_common::map_names::CONFIG, "array", 4, 60, 1, 0),
-    (overlay_common::map_names::COUNTERS, "percpu_array", 4, 16, 20, 0),
+/// Map layout v7, the one just before this (`overlay_agent::carry::FROM`):
+/// `COUNTERS` of 23 slots (no `too_big`).
+pub const V7_MAPS: [PinnedMap; 6] = [
+    (overlay_common::map_names::CONFIG, "array", 4, 64, 1, 0),
+    (overlay_common::map_names::COUNTERS, "percpu_array", 4, 16, 23, 0),
     (overlay_common::map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
     (overlay_common::map_names::PEERS, "hash", 4, 8, 65536, 0),
     (overlay_common::map_names::POD_PORTS, "hash", 6, 4, 4096, 0),

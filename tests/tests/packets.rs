@@ -418,8 +418,21 @@ fn frag_needed_quotes_ip_options_and_never_answers_an_icmp_error() {
     let error = with_options(1, &[&[11u8, 0, 0, 0, 0, 0, 0, 0][..], &[0u8; 1451 - 32][..]].concat());
     let before = f.counters();
     let (verdict, _) = f.run(program_names::TC_EGRESS, &eth(PEER_NIC_MAC, NIC_MAC, &error));
-    assert_ne!(verdict, TC_ACT_REDIRECT, "an ICMP error got an ICMP error in reply");
+    assert_eq!(verdict, TC_ACT_SHOT, "an ICMP error too big for the tunnel");
     assert_eq!(f.counters().packets(Counter::IcmpFragNeeded), before.packets(Counter::IcmpFragNeeded));
+    assert_eq!(f.counters().drops(DropReason::TooBig) - before.drops(DropReason::TooBig), 1, "the unanswered ICMP error");
+
+    // A fragment past the first, too big with DF: not answered either.
+    let mut later = with_options(17, &udp(40000, 9, &[7u8; 1451 - 32]));
+    later[6..8].copy_from_slice(&(0x4000u16 | 185).to_be_bytes());
+    later[10..12].fill(0);
+    let c = checksum(&later[..24]);
+    later[10..12].copy_from_slice(&c.to_be_bytes());
+    let before = f.counters();
+    let (verdict, _) = f.run(program_names::TC_EGRESS, &eth(PEER_NIC_MAC, NIC_MAC, &later));
+    assert_eq!(verdict, TC_ACT_SHOT, "a later fragment too big for the tunnel");
+    assert_eq!(f.counters().packets(Counter::IcmpFragNeeded), before.packets(Counter::IcmpFragNeeded));
+    assert_eq!(f.counters().drops(DropReason::TooBig) - before.drops(DropReason::TooBig), 1, "the unanswered later fragment");
 }
 
 #[test]

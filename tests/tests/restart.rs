@@ -435,19 +435,16 @@ fn open_pinned<T: TryFrom<Map, Error = MapError>>(path: &Path) -> T {
 }
 
 /// Turns the stopped agent's pins under `root` into what the previous
-/// layout's agent would have left: v6's maps (made with bpftool, with v6's
-/// sizes) holding what this layout's held (CONFIG without the field v7
-/// added), and no `v7/`. The programs in the pinned links keep the maps
+/// layout's agent would have left: v7's maps (made with bpftool, with v7's
+/// sizes: `COUNTERS` one slot shorter) holding what this layout's held, and
+/// no `v8/`. The programs in the pinned links keep the maps
 /// they were loaded with, so the datapath serves on, as an old one would.
 fn pin_as_the_previous_layout(root: &Path) {
     let (old, new) = (root.join(format!("v{}", overlay_agent::carry::FROM)), root.join(format!("v{MAP_LAYOUT_VERSION}")));
-    overlay_tests::make_pins(&old, &overlay_tests::V6_MAPS);
+    overlay_tests::make_pins(&old, &overlay_tests::V7_MAPS);
     let config: Array<MapData, Config> = open_pinned(&new.join(map_names::CONFIG));
-    let mut old_config: Array<MapData, [u8; 60]> = open_pinned(&old.join(map_names::CONFIG));
-    let config = config.get(&0, 0).unwrap();
-    // SAFETY: Config is plain integers and byte arrays, 64 bytes.
-    let bytes: [u8; size_of::<Config>()] = unsafe { std::mem::transmute(config) };
-    old_config.set(0, <[u8; 60]>::try_from(&bytes[..60]).unwrap(), 0).unwrap();
+    let mut old_config: Array<MapData, Config> = open_pinned(&old.join(map_names::CONFIG));
+    old_config.set(0, config.get(&0, 0).unwrap(), 0).unwrap();
     let peers: HashMap<MapData, [u8; 4], Peer> = open_pinned(&new.join(map_names::PEERS));
     let mut old_peers: HashMap<MapData, [u8; 4], Peer> = open_pinned(&old.join(map_names::PEERS));
     for (k, v) in peers.iter().map(Result::unwrap) {
