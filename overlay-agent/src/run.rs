@@ -257,7 +257,7 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
         datapath_problem: Some("not attached yet".to_owned()),
         pairs_wanted: BTreeSet::new(),
         pair_retry_after: BTreeMap::new(),
-        underlay_retry: None,
+        underlay_retry: UnderlayRetry::default(),
     };
     if settings.network.is_none() {
         warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded and no FORWARD accept rules are installed");
@@ -337,7 +337,44 @@ struct NodeHost {
     pair_retry_after: BTreeMap<PairKind, Instant>,
     /// A recreated underlay (by its new index) that could not be attached
     /// to, and when it is tried again.
-    underlay_retry: Option<(u32, Instant)>,
+    underlay_retry: UnderlayRetry,
+}
+
+/// When attaching to a recreated underlay is tried: at once for a new
+/// index, and after a failure again only once [`UNDERLAY_RETRY`] has
+/// passed (every kernel event about the underlay and every housekeeping
+/// asks), so a device that cannot be attached to is neither hammered nor
+/// logged about at each event.
+#[derive(Debug, Default)]
+struct UnderlayRetry(Option<(u32, Instant)>);
+
+#[derive(Debug, PartialEq, Eq)]
+enum UnderlayAttempt {
+    /// A new index: try, and log the try and its failure.
+    First,
+    /// The index that failed, its wait over: try quietly.
+    Again,
+    /// The index that failed, still waiting.
+    NotYet,
+}
+
+impl UnderlayRetry {
+    fn attempt(&self, index: u32, now: Instant) -> UnderlayAttempt {
+        match self.0 {
+            Some((failed, _)) if failed != index => UnderlayAttempt::First,
+            Some((_, after)) if now < after => UnderlayAttempt::NotYet,
+            Some(_) => UnderlayAttempt::Again,
+            None => UnderlayAttempt::First,
+        }
+    }
+
+    fn failed(&mut self, index: u32, now: Instant) {
+        self.0 = Some((index, now + UNDERLAY_RETRY));
+    }
+
+    fn succeeded(&mut self) {
+        self.0 = None;
+    }
 }
 
 impl Host for NodeHost {
@@ -375,11 +412,9 @@ impl Host for NodeHost {
             }
             return;
         }
-        let first_try = match self.underlay_retry {
-            Some((failed, _)) if failed != index => true,
-            Some((_, after)) if Instant::now() < after => return,
-            Some(_) => false,
-            None => true,
+        let first_try = match self.underlay_retry.attempt(index, Instant::now()) {
+            UnderlayAttempt::NotYet => return,
+            attempt => attempt == UnderlayAttempt::First,
         };
         if first_try {
             warn!(iface = %self.iface, old_ifindex = local.underlay_ifindex, new_ifindex = index, "the underlay was recreated; attaching to it again");
@@ -400,7 +435,7 @@ impl Host for NodeHost {
             .and_then(|()| self.datapath_problem.clone().map_or(Ok(()), |problem| Err(anyhow::anyhow!(problem))));
         match attached {
             Ok(()) => {
-                self.underlay_retry = None;
+                self.underlay_retry.succeeded();
                 // Now, not at the reconcile that follows (which waits for
                 // the node's address on it): the fast path sends there.
                 let (ifindex, mtu) = (settings.underlay_ifindex, settings.underlay_mtu);
@@ -420,7 +455,7 @@ impl Host for NodeHost {
                 if first_try {
                     error!(error = %problem, retry_in_s = UNDERLAY_RETRY.as_secs(), "the datapath does not serve this node");
                 }
-                self.underlay_retry = Some((index, Instant::now() + UNDERLAY_RETRY));
+                self.underlay_retry.failed(index, Instant::now());
                 self.datapath_problem = Some(problem);
             }
         }
@@ -895,4 +930,28 @@ fn warn_on_port_mismatch(maps: &DatapathMaps, port: u16, seen: &mut u64) {
 fn hostname() -> anyhow::Result<String> {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
     Ok(name.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recreated underlay that could not be attached to: its index is
+    /// tried again only after UNDERLAY_RETRY, quietly; another new index
+    /// at once, as a first try; after a success, any index at once.
+    #[test]
+    fn a_failed_underlay_is_tried_again_after_its_wait() {
+        let now = Instant::now();
+        let mut retry = UnderlayRetry::default();
+        assert_eq!(retry.attempt(7, now), UnderlayAttempt::First);
+        retry.failed(7, now);
+        assert_eq!(retry.attempt(7, now), UnderlayAttempt::NotYet);
+        assert_eq!(retry.attempt(7, now + UNDERLAY_RETRY - Duration::from_millis(1)), UnderlayAttempt::NotYet);
+        assert_eq!(retry.attempt(7, now + UNDERLAY_RETRY), UnderlayAttempt::Again);
+        assert_eq!(retry.attempt(8, now), UnderlayAttempt::First, "a newer device is tried at once");
+        retry.failed(7, now + UNDERLAY_RETRY);
+        assert_eq!(retry.attempt(7, now + UNDERLAY_RETRY), UnderlayAttempt::NotYet, "each failure waits again");
+        retry.succeeded();
+        assert_eq!(retry.attempt(7, now), UnderlayAttempt::First);
+    }
 }
