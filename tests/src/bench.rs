@@ -302,6 +302,7 @@ pub fn run(config: &Config) -> Result<Report, String> {
             for k in 0..subjects.len() {
                 let (underlay, variant, ends) = &subjects[(round + k) % subjects.len()];
                 check_interrupted(config)?;
+                labs.ready_for(*variant)?;
                 let record = measure_with_retry(test, *underlay, *variant, ends, round, config)?;
                 eprintln!(
                     "bench: round {}/{} {:<7} {:<9} {:<20} {}",

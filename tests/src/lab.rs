@@ -824,14 +824,48 @@ impl Lab {
         }
         let mac = overlay_agent::node::format_mac(me.vtep_mac.ok_or("no VtepMAC annotated")?);
         let _ = ns.ip(&["link", "add", "flannel.1", "address", &mac, "type", "vxlan", "id", "1", "local", &me.node_ip.to_string(), "dev", "eth0", "dstport", "8472", "nolearning"]);
-        let _ = ns.ip(&["link", "set", "flannel.1", "mtu", &POD_MTU.to_string(), "up"]);
         let _ = ns.ip(&["addr", "add", &format!("{}/32", me.pod_cidr.network()), "dev", "flannel.1"]);
-        for peer in scan.nodes.iter().filter(|n| n.name != me.name) {
+        self.program_flannel_vxlan_peers(i)
+    }
+
+    /// Brings flannel node `i`'s `flannel.1` up and gives it, per peer,
+    /// the neighbour, FDB entry and route flannel's vxlan backend programs.
+    /// Every step replaces, so it also restores a device that was down
+    /// (which lost its routes and neighbours).
+    fn program_flannel_vxlan_peers(&self, i: usize) -> Result<(), String> {
+        let scan = overlay_agent::manifests::scan(&self.nodes_dir).map_err(|e| e.to_string())?;
+        let ns = &self.nodes[i].ns;
+        let _ = ns.ip(&["link", "set", "flannel.1", "mtu", &POD_MTU.to_string(), "up"]);
+        for peer in scan.nodes.iter().filter(|n| n.name != self.nodes[i].name) {
             let gw = peer.pod_cidr.network().to_string();
             let peer_mac = overlay_agent::node::format_mac(peer.vtep_mac.ok_or("peer without VtepMAC")?);
             let _ = ns.ip(&["neigh", "replace", &gw, "lladdr", &peer_mac, "dev", "flannel.1", "nud", "permanent"]);
-            let _ = ns.exec("bridge", &["fdb", "append", &peer_mac, "dev", "flannel.1", "dst", &peer.node_ip.to_string(), "self", "permanent"]);
+            let _ = ns.exec("bridge", &["fdb", "replace", &peer_mac, "dev", "flannel.1", "dst", &peer.node_ip.to_string(), "self", "permanent"]);
             let _ = ns.ip(&["route", "replace", &peer.pod_cidr.to_string(), "via", &gw, "dev", "flannel.1", "onlink"]);
+        }
+        Ok(())
+    }
+
+    /// Takes the hand-programmed `flannel.1` of every flannel node down,
+    /// or brings it up again with its neighbours, FDB entries and routes
+    /// (the kernel deletes a down device's routes and neighbours; that
+    /// is all programming it again restores). Down, the device closes its
+    /// UDP socket. While any UDP tunnel socket is open on the machine, GRO
+    /// looks one up for every UDP packet a NAPI receives
+    /// (`udp_encap_needed_key` is one switch for all namespaces), so the
+    /// bench keeps the kernel vxlan labs' devices down while it measures
+    /// anything else, as nodes running anything else would not have them.
+    /// Not for real flanneld's nodes, whose devices flanneld owns.
+    pub fn set_flannel_vxlan_up(&self, up: bool) -> Result<(), String> {
+        if self.spec.real_flannel || self.spec.flannel_backend != "vxlan" {
+            return Ok(());
+        }
+        for i in (0..self.nodes.len()).filter(|&i| self.nodes[i].flannel) {
+            if up {
+                self.program_flannel_vxlan_peers(i)?;
+            } else {
+                let _ = self.nodes[i].ns.ip(&["link", "set", "flannel.1", "down"]);
+            }
         }
         Ok(())
     }

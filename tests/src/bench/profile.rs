@@ -131,6 +131,7 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
     let mut profiles = Vec::new();
     for (underlay, variant, ends) in &subjects {
         check_interrupted(config)?;
+        labs.ready_for(*variant)?;
         let name = format!("{}-{}", underlay.key(), variant.key());
         let data = std::env::temp_dir().join(format!("{}-{name}.perf.data", config.prefix));
         let json = recorded_iperf3(ends, config, &data).map_err(|e| format!("{name}: {e}"))?;

@@ -3,7 +3,7 @@
 //! flags; one lab per distinct setup, and the two ends each variant is
 //! measured between.
 
-use std::collections::BTreeMap;
+use std::{cell::Cell, collections::BTreeMap};
 
 use super::{Config, check_interrupted, measurement::Endpoints};
 use crate::lab::{Lab, LabSpec, Underlay};
@@ -156,11 +156,40 @@ impl Variant {
 
 /// One lab per distinct (underlay, setup), all up for the whole run:
 /// switching between variants costs nothing, so rounds can interleave them.
-pub(crate) struct Labs(Vec<((Underlay, Setup), Lab)>);
+pub(crate) struct Labs {
+    labs: Vec<((Underlay, Setup), Lab)>,
+    /// Whether the kernel vxlan labs' `flannel.1` are up (see [`Labs::ready_for`]).
+    kernel_tunnels_up: Cell<bool>,
+}
 
 impl Labs {
     pub(super) fn of(&self, underlay: Underlay, variant: Variant) -> &Lab {
-        &self.0.iter().find(|(k, _)| *k == (underlay, variant.setup())).expect("a lab per underlay and setup").1
+        &self.labs.iter().find(|(k, _)| *k == (underlay, variant.setup())).expect("a lab per underlay and setup").1
+    }
+
+    /// Readies the labs for measuring `variant`: the kernel vxlan labs'
+    /// `flannel.1` are up only while kernel vxlan itself is measured.
+    /// Their UDP sockets make GRO look for a tunnel socket for every UDP
+    /// packet on the machine, in every namespace, which a node running
+    /// anything else would not do ([`Lab::set_flannel_vxlan_up`]). Brought
+    /// up again, a lab must carry a ping both ways before it is measured.
+    pub(super) fn ready_for(&self, variant: Variant) -> Result<(), String> {
+        let up = variant == Variant::KernelVxlan;
+        if self.kernel_tunnels_up.get() == up {
+            return Ok(());
+        }
+        for ((underlay, setup), lab) in &self.labs {
+            if *setup != Variant::KernelVxlan.setup() {
+                continue;
+            }
+            lab.set_flannel_vxlan_up(up).map_err(|e| format!("kernel vxlan lab on the {} underlay: {e}", underlay.key()))?;
+            let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+            if up && !(Lab::ping(&a.ns, b.ip) && Lab::ping(&b.ns, a.ip)) {
+                return Err(format!("kernel vxlan lab on the {} underlay: pods do not reach each other after flannel.1 came up again", underlay.key()));
+            }
+        }
+        self.kernel_tunnels_up.set(up);
+        Ok(())
     }
 }
 
@@ -176,7 +205,7 @@ pub(super) fn start_labs(config: &Config) -> Result<Labs, String> {
         let lab = start_lab(*underlay, *setup, config, n)?;
         labs.push(((*underlay, *setup), lab));
     }
-    Ok(Labs(labs))
+    Ok(Labs { labs, kernel_tunnels_up: Cell::new(true) })
 }
 
 /// Every (underlay, variant) measured, with its endpoints, underlay by
