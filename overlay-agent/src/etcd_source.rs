@@ -11,7 +11,10 @@
 //! if the key does not exist yet (a transaction on its version); renewal
 //! grants a fresh 24 h lease and re-puts the value 60 min before expiry.
 //! Where flanneld exits when its lease is deleted, we put it back: the
-//! datapath must not stop.
+//! datapath must not stop. But only while the key is free or still ours
+//! (its PublicIP ours; a transaction on the revision we read): a subnet
+//! another node took once ours was gone is never overwritten, and the
+//! source stops with [`EtcdSourceError::SubnetTaken`], as flanneld would.
 //!
 //! Every lease (ours included) becomes a Node object and goes through the
 //! one Node → [`NodeInfo`] translation, so the same validation and
@@ -83,6 +86,8 @@ pub enum EtcdSourceError {
     OutOfSubnets { len: u8, min: Ipv4Addr, max: Ipv4Addr },
     #[error("other nodes took the subnet we picked {RACE_RETRIES} times in a row")]
     Race,
+    #[error("our subnet lease {lease} now belongs to another node (PublicIP {holder}); not overwriting it, and stopping as flanneld does. Restarted, the agent acquires a free subnet; pods on this node keep addresses of the lost one until they are recreated")]
+    SubnetTaken { lease: String, holder: String },
 }
 
 /// Why a lease in etcd cannot be used (it is skipped and reported).
@@ -344,8 +349,9 @@ impl EtcdSource {
         format!("{}/subnets/", self.prefix)
     }
 
-    /// Runs [`Self::run`] as a task; snapshots arrive on the receiver.
-    pub fn spawn(self) -> mpsc::Receiver<Snapshot> {
+    /// Runs [`Self::run`] as a task; snapshots arrive on the receiver, and
+    /// the error that stopped the source, if one did, last.
+    pub fn spawn(self) -> mpsc::Receiver<Result<Snapshot, EtcdSourceError>> {
         let (sender, receiver) = mpsc::channel(16);
         tokio::spawn(self.run(sender));
         receiver
@@ -353,10 +359,16 @@ impl EtcdSource {
 
     /// Runs until the receiver goes away. Every etcd failure is logged and
     /// retried; nothing is sent meanwhile, so the datapath stays as it is.
-    pub async fn run(mut self, snapshots: mpsc::Sender<Snapshot>) {
+    /// Our subnet taken by another node is sent, and ends the source.
+    pub async fn run(mut self, snapshots: mpsc::Sender<Result<Snapshot, EtcdSourceError>>) {
         loop {
-            if let Err(err) = self.serve(&snapshots).await {
-                warn!(error = %Chain(&err), revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying");
+            match self.serve(&snapshots).await {
+                Err(err @ EtcdSourceError::SubnetTaken { .. }) => {
+                    let _ = snapshots.send(Err(err)).await;
+                    return;
+                }
+                Err(err) => warn!(error = %Chain(&err), revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying"),
+                Ok(()) => {}
             }
             if snapshots.is_closed() {
                 return;
@@ -365,13 +377,14 @@ impl EtcdSource {
         }
     }
 
-    async fn serve(&mut self, snapshots: &mpsc::Sender<Snapshot>) -> Result<(), EtcdSourceError> {
+    async fn serve(&mut self, snapshots: &mpsc::Sender<Result<Snapshot, EtcdSourceError>>) -> Result<(), EtcdSourceError> {
         if self.own.is_none() {
             self.acquire().await?;
         }
         if self.revision == 0 {
             self.list().await?;
         }
+        self.check_own_lease()?;
         self.send(snapshots).await;
         let options = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1);
         let mut watch = self.client.watch(self.subnets_prefix(), Some(options)).await?;
@@ -411,6 +424,7 @@ impl EtcdSource {
                         warn!("our subnet lease was deleted or expired; writing it again (flanneld would exit here)");
                         self.renew().await?;
                     }
+                    self.check_own_lease()?;
                     self.send(snapshots).await;
                 }
                 () = tokio::time::sleep_until(renew_at) => self.renew().await?,
@@ -508,22 +522,74 @@ impl EtcdSource {
     }
 
     /// flanneld's `RenewLease` (`updateSubnet`): a fresh lease of the full
-    /// TTL, and the value put again under it.
+    /// TTL, and the value put again under it; but only over a key that is
+    /// free or still ours, unchanged since it was read (a transaction on
+    /// its revision, 0 for no key), so a node that took the subnet in
+    /// between keeps it.
     async fn renew(&mut self) -> Result<(), EtcdSourceError> {
         let Some(own) = self.own.clone() else { return Ok(()) };
-        let grant = self.client.lease_grant(LEASE_TTL.as_secs() as i64, None).await?;
         let key = format!("{}{}", self.subnets_prefix(), own.key_name);
-        if let Err(err) = self.client.put(key, own.value.as_str(), Some(PutOptions::new().with_lease(grant.id()))).await {
-            let _ = self.client.lease_revoke(grant.id()).await;
-            return Err(err.into());
+        for _ in 0..RACE_RETRIES {
+            let current = self.client.get(key.as_str(), None).await?;
+            let read_at = match current.kvs().first() {
+                Some(kv) => {
+                    self.check_lease_is_ours(&own.key_name, kv.value())?;
+                    kv.mod_revision()
+                }
+                None => 0,
+            };
+            let grant = self.client.lease_grant(LEASE_TTL.as_secs() as i64, None).await?;
+            let put = TxnOp::put(key.as_str(), own.value.as_str(), Some(PutOptions::new().with_lease(grant.id())));
+            let txn = Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, read_at)]).and_then([put]);
+            match self.client.txn(txn).await {
+                Ok(response) if response.succeeded() => {
+                    info!(lease = %own.key_name, ttl_s = grant.ttl(), "subnet lease written");
+                    // As the watch will say: a snapshot sent before its
+                    // event arrives keeps our own node.
+                    self.leases.insert(own.key_name.clone(), own.value.clone().into_bytes());
+                    self.own = Some(OwnLease { renew_at: renew_at(grant.ttl()), ..own });
+                    return Ok(());
+                }
+                // Written by someone since we read it: read it again.
+                Ok(_) => {
+                    let _ = self.client.lease_revoke(grant.id()).await;
+                }
+                Err(err) => {
+                    let _ = self.client.lease_revoke(grant.id()).await;
+                    return Err(err.into());
+                }
+            }
         }
-        info!(lease = %own.key_name, ttl_s = grant.ttl(), "subnet lease written");
-        self.own = Some(OwnLease { renew_at: renew_at(grant.ttl()), ..own });
-        Ok(())
+        Err(EtcdSourceError::Race)
+    }
+
+    /// Our key, as last listed or watched, holds our lease (or none, which
+    /// the watch's delete event renews).
+    fn check_own_lease(&self) -> Result<(), EtcdSourceError> {
+        let Some(own) = &self.own else { return Ok(()) };
+        match self.leases.get(&own.key_name) {
+            Some(value) => self.check_lease_is_ours(&own.key_name, value),
+            None => Ok(()),
+        }
+    }
+
+    /// A lease is ours when it advertises our PublicIP (a value flanneld
+    /// wrote for this node reads as ours too); anything else, unreadable
+    /// included, is another node's.
+    fn check_lease_is_ours(&self, key_name: &str, value: &[u8]) -> Result<(), EtcdSourceError> {
+        let holder = lease_to_node(key_name, key_name, value).map(|node| node.node_ip);
+        match holder {
+            Ok(ip) if ip == self.attrs.public_ip => Ok(()),
+            Ok(ip) => Err(EtcdSourceError::SubnetTaken { lease: key_name.to_owned(), holder: ip.to_string() }),
+            Err(_) => Err(EtcdSourceError::SubnetTaken {
+                lease: key_name.to_owned(),
+                holder: format!("unreadable: {}", String::from_utf8_lossy(value)),
+            }),
+        }
     }
 
     /// Translates every lease and sends the result if it changed.
-    async fn send(&mut self, snapshots: &mpsc::Sender<Snapshot>) {
+    async fn send(&mut self, snapshots: &mpsc::Sender<Result<Snapshot, EtcdSourceError>>) {
         let own_name = self.own.as_ref().map(|o| o.key_name.as_str());
         let mut snapshot = Snapshot { nodes: Vec::new(), invalid: Vec::new() };
         for (key_name, value) in &self.leases {
@@ -535,7 +601,7 @@ impl EtcdSource {
         }
         if self.last_sent.as_ref() != Some(&snapshot) {
             self.last_sent = Some(snapshot.clone());
-            let _ = snapshots.send(snapshot).await;
+            let _ = snapshots.send(Ok(snapshot)).await;
         }
     }
 }

@@ -70,7 +70,7 @@ enum Source {
     Kube(kube::Client),
     /// flannel's etcd mode: snapshots come from the task that holds our
     /// lease and watches everyone's.
-    Etcd(tokio::sync::mpsc::Receiver<etcd_source::Snapshot>),
+    Etcd(tokio::sync::mpsc::Receiver<Result<etcd_source::Snapshot, etcd_source::EtcdSourceError>>),
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {

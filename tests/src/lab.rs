@@ -1273,6 +1273,32 @@ impl Lab {
         Ok(())
     }
 
+    /// Whether node `i`'s agent is running (started and not exited).
+    pub fn agent_running(&mut self, i: usize) -> bool {
+        match self.agents.get_mut(i) {
+            Some(Some(child)) => matches!(child.try_wait(), Ok(None)),
+            _ => false,
+        }
+    }
+
+    /// Waits up to `timeout` (stretched by [`crate::scaled`]) for node
+    /// `i`'s agent to exit on its own, and returns how it exited.
+    pub fn wait_for_agent_exit(&mut self, i: usize, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let deadline = Instant::now() + crate::scaled(timeout);
+        loop {
+            let Some(Some(child)) = self.agents.get_mut(i) else {
+                return Err(format!("{} runs no agent", self.nodes[i].name));
+            };
+            if let Ok(Some(status)) = child.try_wait() {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("agent of {} still runs after {timeout:?}:\n{}", self.nodes[i].name, self.agent_log(i)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The process id of node `i`'s agent, while it runs.
     pub fn agent_pid(&self, i: usize) -> Option<u32> {
         self.agents.get(i)?.as_ref().map(Child::id)

@@ -1,7 +1,9 @@
 //! flannel's etcd mode (`overlay-agent run --etcd-endpoints`) against a
 //! real etcd: agents hold flanneld-format leases and follow everyone's;
-//! leases added, changed, deleted or expired change the peers; etcd going
-//! away leaves the datapath alone and the agents resume when it returns.
+//! leases added, changed, deleted or expired change the peers; our own
+//! lease deleted is put back, but our subnet taken by another node is
+//! left to it; etcd going away leaves the datapath alone and the agents
+//! resume when it returns.
 
 use std::time::{Duration, Instant};
 
@@ -115,6 +117,41 @@ fn leases_added_changed_deleted_or_expired_change_the_peers() {
     wait_for_peers_everywhere(&mut lab, 0);
     eprintln!("expired lease's peer removed {:?} after it was seen", added.elapsed());
     lab.assert_all_pairs("all pairs");
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_deleted_lease_is_put_back_and_a_taken_subnet_is_left_to_its_holder() {
+    require_root();
+    let mut lab = etcd_lab(1);
+    let key = lease_key("10.244.1.0-24");
+    let lease = |lab: &Lab| etcd(lab).list(&key).unwrap().into_iter().find(|l| l.0 == key).map(|l| l.1);
+    let ours = lease(&lab).unwrap_or_else(|| panic!("node1 holds no {key}"));
+
+    // Deleted (flanneld would exit): written again, the same, and our
+    // own node never leaves the agent's view meanwhile.
+    let own_node_missing = |lab: &Lab| lab.agent_log(0).matches("no Node named \"node1\" (our own node)").count();
+    let missing_before = own_node_missing(&lab);
+    etcd(&lab).delete(&key).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lease(&lab).as_ref() != Some(&ours) {
+        assert!(Instant::now() < deadline, "{key} not written again: {:?}\n{}", lease(&lab), lab.agent_log(0));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(own_node_missing(&lab), missing_before, "our node went missing:\n{}", lab.agent_log(0));
+    assert!(lab.agent_running(0), "{}", lab.agent_log(0));
+
+    // Another node's lease over ours (it took the subnet while ours was
+    // gone): left alone; the agent says why and stops.
+    let theirs = r#"{"PublicIP":"192.168.77.99","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:fe:00:00:00:99"}}"#;
+    etcd(&lab).put(&key, theirs, None).unwrap();
+    let status = lab.wait_for_agent_exit(0, Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!status.success(), "{status}");
+    let log = lab.agent_log(0);
+    assert!(log.contains("our subnet lease 10.244.1.0-24 now belongs to another node (PublicIP 192.168.77.99)"), "{log}");
+    assert_eq!(lease(&lab).as_deref(), Some(theirs), "{log}");
+    assert!(lab.agent_running(1), "node2's agent: {}", lab.agent_log(1));
 }
 
 #[test]

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::{InvalidNode, NetworkState, NodeEvent, NodeSource, Publisher, SourceEnded, SourceUpdate};
 use crate::{
     desired::{Backend, Desired, LocalSettings, Rejected},
-    etcd_source::Snapshot,
+    etcd_source::{EtcdSourceError, Snapshot},
     kube_source::{self, NetworkCondition, NodeCache},
     manifests::ManifestDir,
     metrics::Metrics,
@@ -281,22 +281,23 @@ impl Publisher for LogPublisher {
 /// failures itself and retries, sending nothing meanwhile, so an outage
 /// leaves the datapath as it is.
 pub struct EtcdNodes {
-    snapshots: mpsc::Receiver<Snapshot>,
+    snapshots: mpsc::Receiver<Result<Snapshot, EtcdSourceError>>,
 }
 
 impl EtcdNodes {
     /// `snapshots` from [`crate::etcd_source::EtcdSource::spawn`].
-    pub fn new(snapshots: mpsc::Receiver<Snapshot>) -> Self {
+    pub fn new(snapshots: mpsc::Receiver<Result<Snapshot, EtcdSourceError>>) -> Self {
         Self { snapshots }
     }
 }
 
 impl NodeSource for EtcdNodes {
     async fn next(&mut self) -> Result<SourceUpdate, SourceEnded> {
-        let Some(snapshot) = self.snapshots.recv().await else {
-            return Err(SourceEnded("the etcd source stopped".to_owned()));
-        };
-        Ok(resync(snapshot.nodes, &snapshot.invalid))
+        match self.snapshots.recv().await {
+            Some(Ok(snapshot)) => Ok(resync(snapshot.nodes, &snapshot.invalid)),
+            Some(Err(err)) => Err(SourceEnded(Chain(&err).to_string())),
+            None => Err(SourceEnded("the etcd source stopped".to_owned())),
+        }
     }
 }
 

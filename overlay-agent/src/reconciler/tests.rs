@@ -488,11 +488,11 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
 }
 
 #[tokio::test]
-async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop() {
+async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop_with_its_reason() {
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
     let bad = crate::etcd_source::LeaseError::NoPublicIp { key: "10.244.9.0-24".into() };
     let snapshot = crate::etcd_source::Snapshot { nodes: three().iter().map(|n| (**n).clone()).collect(), invalid: vec![bad.clone()] };
-    sender.send(snapshot).await.unwrap();
+    sender.send(Ok(snapshot)).await.unwrap();
     let mut r = Reconciler::new(
         local(),
         sources::EtcdNodes::new(receiver),
@@ -511,6 +511,15 @@ async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop() {
     drop(sender);
     let ended = tokio::time::timeout(Duration::from_secs(5), r.run(std::future::pending())).await.expect("the loop ended");
     assert_eq!(ended.unwrap_err().to_string(), "the node source ended: the etcd source stopped");
+
+    // A source that stopped for a reason says it: the loop ends with it.
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    let taken = crate::etcd_source::EtcdSourceError::SubnetTaken { lease: "10.244.1.0-24".into(), holder: "192.168.77.99".into() };
+    let expected = format!("the node source ended: {taken}");
+    sender.send(Err(taken)).await.unwrap();
+    r.source = sources::EtcdNodes::new(receiver);
+    let ended = tokio::time::timeout(Duration::from_secs(5), r.run(std::future::pending())).await.expect("the loop ended");
+    assert_eq!(ended.unwrap_err().to_string(), expected);
 }
 
 /// Our Node says its network is up only while the datapath serves: not
