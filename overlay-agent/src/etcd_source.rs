@@ -8,7 +8,7 @@
 //! flanneld nodes see us and we see them: reuse the lease that carries our
 //! PublicIP, else the subnet in our previous subnet.env, else a random one of
 //! the first 100 free subnets between SubnetMin and SubnetMax, created only
-//! if the key does not exist yet (a transaction on its version); renewal
+//! if the key does not exist yet (a transaction on its revision); renewal
 //! grants a fresh 24 h lease and re-puts the value 60 min before expiry.
 //! Where flanneld exits when its lease is deleted, we put it back: the
 //! datapath must not stop. But only while the key is free or still ours
@@ -483,15 +483,11 @@ impl EtcdSource {
             let mac = crate::desired::default_vtep_mac(self.attrs.public_ip);
             let own = self.own_lease(name.clone(), mac);
             let key = format!("{}{name}", self.subnets_prefix());
-            let grant = self.client.lease_grant(LEASE_TTL.as_secs() as i64, None).await?;
-            let put = TxnOp::put(key.as_str(), own.value.as_str(), Some(PutOptions::new().with_lease(grant.id())));
-            let txn = Txn::new().when([Compare::version(key.as_str(), CompareOp::Equal, 0)]).and_then([put]);
-            if self.client.txn(txn).await?.succeeded() {
+            if let Some(ttl) = self.put_if_unchanged(&key, &own.value, 0).await? {
                 info!(lease = %name, "allocated a subnet lease");
-                self.own = Some(OwnLease { renew_at: renew_at(grant.ttl()), ..own });
+                self.own = Some(OwnLease { renew_at: renew_at(ttl), ..own });
                 return Ok(());
             }
-            let _ = self.client.lease_revoke(grant.id()).await;
         }
         Err(EtcdSourceError::Race)
     }
@@ -538,29 +534,32 @@ impl EtcdSource {
                 }
                 None => 0,
             };
-            let grant = self.client.lease_grant(LEASE_TTL.as_secs() as i64, None).await?;
-            let put = TxnOp::put(key.as_str(), own.value.as_str(), Some(PutOptions::new().with_lease(grant.id())));
-            let txn = Txn::new().when([Compare::mod_revision(key.as_str(), CompareOp::Equal, read_at)]).and_then([put]);
-            match self.client.txn(txn).await {
-                Ok(response) if response.succeeded() => {
-                    info!(lease = %own.key_name, ttl_s = grant.ttl(), "subnet lease written");
-                    // As the watch will say: a snapshot sent before its
-                    // event arrives keeps our own node.
-                    self.leases.insert(own.key_name.clone(), own.value.clone().into_bytes());
-                    self.own = Some(OwnLease { renew_at: renew_at(grant.ttl()), ..own });
-                    return Ok(());
-                }
-                // Written by someone since we read it: read it again.
-                Ok(_) => {
-                    let _ = self.client.lease_revoke(grant.id()).await;
-                }
-                Err(err) => {
-                    let _ = self.client.lease_revoke(grant.id()).await;
-                    return Err(err.into());
-                }
+            // None: written by someone since we read it; read it again.
+            if let Some(ttl) = self.put_if_unchanged(&key, &own.value, read_at).await? {
+                info!(lease = %own.key_name, ttl_s = ttl, "subnet lease written");
+                // As the watch will say: a snapshot sent before its
+                // event arrives keeps our own node.
+                self.leases.insert(own.key_name.clone(), own.value.clone().into_bytes());
+                self.own = Some(OwnLease { renew_at: renew_at(ttl), ..own });
+                return Ok(());
             }
         }
         Err(EtcdSourceError::Race)
+    }
+
+    /// Puts `value` at `key` under a fresh lease of flanneld's TTL if the
+    /// key is still at `read_at` (its mod_revision; 0 for no key) and
+    /// returns the lease's TTL; `None`, the unused lease revoked, when
+    /// someone wrote the key since.
+    async fn put_if_unchanged(&mut self, key: &str, value: &str, read_at: i64) -> Result<Option<i64>, EtcdSourceError> {
+        let grant = self.client.lease_grant(LEASE_TTL.as_secs() as i64, None).await?;
+        let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(grant.id())));
+        let txn = Txn::new().when([Compare::mod_revision(key, CompareOp::Equal, read_at)]).and_then([put]);
+        let written = self.client.txn(txn).await.map(|response| response.succeeded());
+        if !matches!(written, Ok(true)) {
+            let _ = self.client.lease_revoke(grant.id()).await;
+        }
+        Ok(written?.then_some(grant.ttl()))
     }
 
     /// Our key, as last listed or watched, holds our lease (or none, which

@@ -825,15 +825,14 @@ impl Lab {
         let mac = overlay_agent::node::format_mac(me.vtep_mac.ok_or("no VtepMAC annotated")?);
         let _ = ns.ip(&["link", "add", "flannel.1", "address", &mac, "type", "vxlan", "id", "1", "local", &me.node_ip.to_string(), "dev", "eth0", "dstport", "8472", "nolearning"]);
         let _ = ns.ip(&["addr", "add", &format!("{}/32", me.pod_cidr.network()), "dev", "flannel.1"]);
-        self.program_flannel_vxlan_peers(i)
+        self.program_flannel_vxlan_peers(i, &scan)
     }
 
     /// Brings flannel node `i`'s `flannel.1` up and gives it, per peer,
     /// the neighbour, FDB entry and route flannel's vxlan backend programs.
     /// Every step replaces, so it also restores a device that was down
     /// (which lost its routes and neighbours).
-    fn program_flannel_vxlan_peers(&self, i: usize) -> Result<(), String> {
-        let scan = overlay_agent::manifests::scan(&self.nodes_dir).map_err(|e| e.to_string())?;
+    fn program_flannel_vxlan_peers(&self, i: usize, scan: &overlay_agent::manifests::Scan) -> Result<(), String> {
         let ns = &self.nodes[i].ns;
         let _ = ns.ip(&["link", "set", "flannel.1", "mtu", &POD_MTU.to_string(), "up"]);
         for peer in scan.nodes.iter().filter(|n| n.name != self.nodes[i].name) {
@@ -862,7 +861,8 @@ impl Lab {
         }
         for i in (0..self.nodes.len()).filter(|&i| self.nodes[i].flannel) {
             if up {
-                self.program_flannel_vxlan_peers(i)?;
+                let scan = overlay_agent::manifests::scan(&self.nodes_dir).map_err(|e| e.to_string())?;
+                self.program_flannel_vxlan_peers(i, &scan)?;
             } else {
                 let _ = self.nodes[i].ns.ip(&["link", "set", "flannel.1", "down"]);
             }
@@ -952,9 +952,7 @@ impl Lab {
             if self.agent_routes(i).len() == count {
                 return Ok(());
             }
-            if let Some(Some(child)) = self.agents.get_mut(i)
-                && let Ok(Some(status)) = child.try_wait()
-            {
+            if let Some(status) = self.agent_exit(i) {
                 return Err(format!("agent of {} exited ({status}):\n{}", self.nodes[i].name, self.agent_log(i)));
             }
             if Instant::now() > deadline {
@@ -1252,9 +1250,7 @@ impl Lab {
         let timeout = crate::scaled(timeout);
         let deadline = Instant::now() + timeout;
         while self.agent_log(i).matches(READY_LOG).count() == readies {
-            if let Some(Some(child)) = self.agents.get_mut(i)
-                && let Ok(Some(status)) = child.try_wait()
-            {
+            if let Some(status) = self.agent_exit(i) {
                 return Err(format!("agent of {} exited ({status}):\n{}", self.nodes[i].name, self.agent_log(i)));
             }
             if Instant::now() > deadline {
@@ -1273,23 +1269,28 @@ impl Lab {
         Ok(())
     }
 
+    /// How node `i`'s agent exited, if it was started and has exited.
+    fn agent_exit(&mut self, i: usize) -> Option<std::process::ExitStatus> {
+        match self.agents.get_mut(i) {
+            Some(Some(child)) => child.try_wait().ok().flatten(),
+            _ => None,
+        }
+    }
+
     /// Whether node `i`'s agent is running (started and not exited).
     pub fn agent_running(&mut self, i: usize) -> bool {
-        match self.agents.get_mut(i) {
-            Some(Some(child)) => matches!(child.try_wait(), Ok(None)),
-            _ => false,
-        }
+        matches!(self.agents.get(i), Some(Some(_))) && self.agent_exit(i).is_none()
     }
 
     /// Waits up to `timeout` (stretched by [`crate::scaled`]) for node
     /// `i`'s agent to exit on its own, and returns how it exited.
     pub fn wait_for_agent_exit(&mut self, i: usize, timeout: Duration) -> Result<std::process::ExitStatus, String> {
         let deadline = Instant::now() + crate::scaled(timeout);
+        if !matches!(self.agents.get(i), Some(Some(_))) {
+            return Err(format!("{} runs no agent", self.nodes[i].name));
+        }
         loop {
-            let Some(Some(child)) = self.agents.get_mut(i) else {
-                return Err(format!("{} runs no agent", self.nodes[i].name));
-            };
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(status) = self.agent_exit(i) {
                 return Ok(status);
             }
             if Instant::now() > deadline {
