@@ -1344,16 +1344,24 @@ impl Drop for Lab {
 }
 
 /// A tcpdump capture inside a namespace, written to a pcap file.
-pub struct Capture(ChildGuard);
+pub struct Capture {
+    tcpdump: ChildGuard,
+    /// tcpdump's stderr, where it says it listens and reports its counts.
+    stderr: std::io::BufReader<std::process::ChildStderr>,
+}
 
 impl Capture {
     /// Starts capturing and returns once tcpdump says it is listening.
     pub fn start(ns: &NetNs, iface: &str, filter: &[&str], pcap: &Path) -> Self {
         let mut child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", ns.name()))
-            // Immediate mode: otherwise packets wait in a ring block that
-            // SIGINT can discard.
-            .args(["tcpdump", "--immediate-mode", "-i", iface, "-n", "-U", "-w"])
+            // Immediate mode and packet-buffered output: every packet
+            // tcpdump takes from the kernel is in the file at once. The
+            // lab judges headers only: a short snapshot length gives
+            // tcpdump's 2 MB ring room for over a thousand packets instead
+            // of 8 of 256 KB, so a burst sent while tcpdump waits for the
+            // CPU is kept, not dropped.
+            .args(["tcpdump", "--immediate-mode", "-s", "1024", "-i", iface, "-n", "-U", "-w"])
             .arg(pcap)
             .args(filter)
             .stdout(Stdio::null())
@@ -1361,18 +1369,67 @@ impl Capture {
             .spawn()
             .expect("starting tcpdump");
         let stderr = child.stderr.take().expect("tcpdump stderr");
-        let guard = ChildGuard(child);
+        let mut capture = Self { tcpdump: ChildGuard(child), stderr: std::io::BufReader::new(stderr) };
         let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stderr), &mut line);
+        let _ = std::io::BufRead::read_line(&mut capture.stderr, &mut line);
         assert!(line.contains("listening on"), "tcpdump did not start: {line}");
-        Self(guard)
+        capture
     }
 
-    /// Stops the capture and waits until the file is complete.
+    /// tcpdump's process id (to signal it).
+    pub fn pid(&self) -> i32 {
+        self.tcpdump.0.id() as i32
+    }
+
+    /// Stops the capture once tcpdump has written every packet the kernel
+    /// queued for it, and waits until the file is complete.
+    ///
+    /// SIGINT alone loses the packets still queued in tcpdump's socket (a
+    /// packet that crossed the interface just before the caller's last
+    /// ping returned, say, when tcpdump has not had the CPU since), so
+    /// first tcpdump is asked for its counts (SIGUSR1) until it has
+    /// captured all the kernel says its filter received. On `lo` the
+    /// kernel counts each packet twice (libpcap keeps one copy), so a
+    /// count that stopped growing across two answers, which tcpdump gives
+    /// only when it runs, ends the wait too. Bounded: a capture that
+    /// drops packets never catches up.
     pub fn stop(mut self) {
+        let pid = self.pid();
+        let deadline = Instant::now() + crate::scaled(Duration::from_secs(5));
+        let mut last_captured = None;
+        loop {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            let Some((captured, received)) = self.counts() else { break };
+            if captured >= received || last_captured == Some(captured) || Instant::now() > deadline {
+                break;
+            }
+            last_captured = Some(captured);
+            std::thread::sleep(Duration::from_millis(50));
+        }
         // SAFETY: signalling our own child; SIGINT makes tcpdump flush.
-        unsafe { libc::kill(self.0.0.id() as i32, libc::SIGINT) };
-        let _ = self.0.0.wait();
+        unsafe { libc::kill(pid, libc::SIGINT) };
+        let _ = self.tcpdump.0.wait();
+    }
+
+    /// The next counts tcpdump reports on stderr: packets it captured
+    /// (written) and packets its filter received in the kernel (queued,
+    /// read or not). `None` once tcpdump has gone. tcpdump prints them on
+    /// one line (`tcpdump: 3 packets captured, 5 packets received by
+    /// filter, 0 packets dropped by kernel`), or one per line with `-v`.
+    fn counts(&mut self) -> Option<(u64, u64)> {
+        let mut report = String::new();
+        while !report.contains("dropped by kernel") {
+            if std::io::BufRead::read_line(&mut self.stderr, &mut report).ok()? == 0 {
+                return None;
+            }
+        }
+        let count = |what: &str| {
+            report.split([',', '\n']).find(|part| part.contains(what)).and_then(|part| {
+                part.trim_start_matches("tcpdump:").split_whitespace().next()?.parse::<u64>().ok()
+            })
+        };
+        Some((count(" captured")?, count("received by filter")?))
     }
 }
 

@@ -5,12 +5,43 @@ use std::time::Duration;
 
 use overlay_tests::{
     agent_binary,
+    NetNs, TempDir,
     lab::{Capture, Lab, LabSpec, Topology},
     require_root, stdout,
 };
 
 fn start_lab() -> Lab {
     Lab::start(LabSpec::new(agent_binary())).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
+/// The lab's captures judge what crossed the wire, so a capture stopped
+/// right after the traffic it watched must hold all of it, even when
+/// tcpdump has not had the CPU since (a loaded CI machine; here tcpdump
+/// is held stopped while the packets are sent).
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_capture_stopped_at_once_holds_every_packet_sent_before() {
+    require_root();
+    let (a, b) = (NetNs::new(), NetNs::new());
+    a.veth_pair("eth0", "peer");
+    a.ip(&["link", "set", "peer", "netns", b.name()]);
+    for (ns, dev, address) in [(&a, "eth0", "192.168.99.1/30"), (&b, "peer", "192.168.99.2/30")] {
+        ns.ip(&["address", "add", address, "dev", dev]);
+        ns.ip(&["link", "set", dev, "up"]);
+    }
+    let dir = TempDir::new("capture");
+    let pcap = dir.path().join("eth0.pcap");
+    let capture = Capture::start(&a, "eth0", &["icmp"], &pcap);
+    // SAFETY: signalling the capture's own tcpdump.
+    unsafe { libc::kill(capture.pid(), libc::SIGSTOP) };
+    let ping = a.exec("ping", &["-n", "-q", "-c", "20", "-i", "0.002", "192.168.99.2"]);
+    // SAFETY: as above.
+    unsafe { libc::kill(capture.pid(), libc::SIGCONT) };
+    capture.stop();
+    assert!(ping.status.success(), "ping over the veth: {}", String::from_utf8_lossy(&ping.stdout));
+    let frames = stdout("tshark", &["-r", pcap.to_str().expect("UTF-8 path"), "-T", "fields", "-e", "icmp.type"]);
+    // 20 echo requests out of eth0 and their 20 replies into it.
+    assert_eq!(frames.lines().count(), 40, "captured:\n{frames}");
 }
 
 #[test]
