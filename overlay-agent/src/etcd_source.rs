@@ -15,6 +15,8 @@
 //! (its PublicIP ours; a transaction on the revision we read): a subnet
 //! another node took once ours was gone is never overwritten, and the
 //! source stops with [`EtcdSourceError::SubnetTaken`], as flanneld would.
+//! No free subnet for us stops it too ([`EtcdSourceError::OutOfSubnets`]),
+//! as flanneld exits.
 //!
 //! Every lease (ours included) becomes a Node object and goes through the
 //! one Node → [`NodeInfo`] translation, so the same validation and
@@ -82,7 +84,7 @@ pub enum EtcdSourceError {
     NoConfig { key: String },
     #[error("{key}: {reason}")]
     BadConfig { key: String, reason: String },
-    #[error("no free /{len} subnet left between SubnetMin {min} and SubnetMax {max}; widen Network or remove stale leases")]
+    #[error("no free /{len} subnet left between SubnetMin {min} and SubnetMax {max}: other nodes lease them all; stopping as flanneld does. Remove a stale lease (etcdctl del <prefix>/subnets/<subnet>) or widen Network, SubnetMin or SubnetMax in the net-conf, then start the agent again")]
     OutOfSubnets { len: u8, min: Ipv4Addr, max: Ipv4Addr },
     #[error("other nodes took the subnet we picked {RACE_RETRIES} times in a row")]
     Race,
@@ -359,11 +361,13 @@ impl EtcdSource {
 
     /// Runs until the receiver goes away. Every etcd failure is logged and
     /// retried; nothing is sent meanwhile, so the datapath stays as it is.
-    /// Our subnet taken by another node is sent, and ends the source.
+    /// Our subnet taken by another node, or no free subnet for us, is sent,
+    /// and ends the source: flanneld exits on both, and neither is etcd
+    /// failing (retrying would only repeat it until someone acts).
     pub async fn run(mut self, snapshots: mpsc::Sender<Result<Snapshot, EtcdSourceError>>) {
         loop {
             match self.serve(&snapshots).await {
-                Err(err @ EtcdSourceError::SubnetTaken { .. }) => {
+                Err(err @ (EtcdSourceError::SubnetTaken { .. } | EtcdSourceError::OutOfSubnets { .. })) => {
                     let _ = snapshots.send(Err(err)).await;
                     return;
                 }
