@@ -1389,19 +1389,21 @@ impl Capture {
     /// ping returned, say, when tcpdump has not had the CPU since), so
     /// first tcpdump is asked for its counts (SIGUSR1) until it has
     /// captured all the kernel says its filter received. On `lo` the
-    /// kernel counts each packet twice (libpcap keeps one copy), so a
-    /// count that stopped growing across two answers, which tcpdump gives
-    /// only when it runs, ends the wait too. Bounded: a capture that
-    /// drops packets never catches up.
+    /// kernel counts each packet twice (libpcap keeps one copy), and a
+    /// full ring counts what it dropped, so a count that stayed the same
+    /// over five answers (tcpdump answers only when it runs, and reads its
+    /// ring between answers) ends the wait too. Bounded in time as well.
     pub fn stop(mut self) {
+        const STILL_ANSWERS: u32 = 5;
         let pid = self.pid();
         let deadline = Instant::now() + crate::scaled(Duration::from_secs(5));
-        let mut last_captured = None;
+        let (mut last_captured, mut still) = (None, 0);
         loop {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(pid, libc::SIGUSR1) };
             let Some((captured, received)) = self.counts() else { break };
-            if captured >= received || last_captured == Some(captured) || Instant::now() > deadline {
+            still = if last_captured == Some(captured) { still + 1 } else { 0 };
+            if captured >= received || still + 1 >= STILL_ANSWERS || Instant::now() > deadline {
                 break;
             }
             last_captured = Some(captured);
