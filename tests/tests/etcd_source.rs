@@ -2,8 +2,8 @@
 //! real etcd: agents hold flanneld-format leases and follow everyone's;
 //! leases added, changed, deleted or expired change the peers; our own
 //! lease deleted is put back, but our subnet taken by another node is
-//! left to it, and no free subnet left stops the agent; etcd going away leaves the datapath alone and the agents
-//! resume when it returns.
+//! left to it, and no free subnet left stops the agent; etcd going away
+//! leaves the datapath alone and the agents resume when it returns.
 
 use std::time::{Duration, Instant};
 
@@ -156,9 +156,8 @@ fn a_deleted_lease_is_put_back_and_a_taken_subnet_is_left_to_its_holder() {
 
 /// No free subnet left for an agent (its lease gone, every subnet the
 /// net-conf allows leased to another node): it says so and exits 1, as
-/// flanneld does, instead of waiting for one in silence (shown failing
-/// before: retried every second as if etcd were failing, and still
-/// running after 15 s).
+/// flanneld does (shown failing before: it retried every second, logging
+/// that etcd was failing, and still ran after 15 s).
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn an_agent_finding_no_free_subnet_says_so_and_exits() {

@@ -200,6 +200,7 @@ struct Target {
 impl Target {
     /// A ratio `r` against its `goal` (`at_least`: the ratio must reach it;
     /// otherwise stay under it).
+    ///
     /// Printed with two decimals, or as many more (up to six) as it takes
     /// for a ratio that is not its goal not to print as the goal.
     fn ratio(what: String, r: f64, goal: f64, at_least: bool) -> Self {
