@@ -11,7 +11,10 @@
 //! programs serve the same peers, pods and kernel-path sockets from the
 //! first packet, the routes stay as they are (the carried `ROUTES` records
 //! them as this layout's), and the first reconcile corrects whatever
-//! changed meanwhile, as after any restart.
+//! changed meanwhile, as after any restart. The old programs on the pods'
+//! veths keep recording the kernel's sockets in the old map until the
+//! fast path replaces them, so those are carried once more then
+//! ([`LateSockets`]).
 //!
 //! Only the layout just before this one is carried, and only a map whose
 //! kind and sizes are what that layout pinned: its entries mean the same
@@ -76,6 +79,42 @@ pub struct Carried {
     pub kernel_sockets: usize,
 }
 
+/// The previous layout's `KERNEL_SOCKETS`, held open after the carry.
+///
+/// The old programs on the pods' veths and the pod bridge go on recording
+/// the kernel's sockets there until the new programs replace them (the
+/// fast path's first sync, after the underlay's attachment has removed
+/// the old pins): a socket first seen in between would be missing from the
+/// new map, and its replies, left out of conntrack, could come in fast.
+/// [`LateSockets::carry`] copies those once the new programs run.
+#[derive(Debug)]
+pub struct LateSockets {
+    old: HashMap<MapData, SocketKey, u8>,
+    root: PathBuf,
+}
+
+impl LateSockets {
+    /// Adds to this layout's `KERNEL_SOCKETS` the sockets the previous
+    /// layout's map holds and it lacks; returns how many.
+    pub fn carry(self) -> Result<usize, CarryError> {
+        let path = PinLayout::new(&self.root).map(map_names::KERNEL_SOCKETS);
+        let mut new: HashMap<MapData, SocketKey, u8> =
+            open_pinned(&path).map_err(|source| CarryError::OpenNew { path: path.clone(), source })?;
+        // The old map's pins are gone by now: named for what it was.
+        let old_path = self.root.join(format!("v{FROM}")).join(map_names::KERNEL_SOCKETS);
+        let old: Vec<SocketKey> =
+            self.old.keys().collect::<Result<_, _>>().map_err(|source| CarryError::Read { path: old_path, source })?;
+        let mut added = 0;
+        for socket in old {
+            if new.get(&socket, 0).is_err() {
+                new.insert(socket, 0, 0).map_err(|source| CarryError::Write { path: path.clone(), source })?;
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+}
+
 /// The previous layout's state, read whole before anything is written.
 struct OldState {
     config: Option<Config>,
@@ -83,14 +122,18 @@ struct OldState {
     routes: Vec<(u32, [u8; 4], Route)>,
     pod_ports: Vec<([u8; 6], PodPort)>,
     kernel_sockets: Vec<SocketKey>,
+    /// `KERNEL_SOCKETS` itself, for [`LateSockets`].
+    sockets_map: HashMap<MapData, SocketKey, u8>,
 }
 
 /// Carries the state pinned under `<root>/v<FROM>/` into this layout's
 /// maps under `root`, which the caller has just created (empty). Returns
 /// `None` where there is nothing to carry (no such directory: a first
 /// start, or an upgrade from an older layout); an error where that
-/// directory lacks a map or holds one not as v7 pinned it.
-pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
+/// directory lacks a map or holds one not as v7 pinned it. With what was
+/// carried comes the old `KERNEL_SOCKETS`, to carry again what the old
+/// programs record until the new ones replace them ([`LateSockets`]).
+pub fn previous_layout(root: &Path) -> Result<Option<(Carried, LateSockets)>, CarryError> {
     let old_dir = root.join(format!("v{FROM}"));
     if FROM + 1 != MAP_LAYOUT_VERSION || !old_dir.exists() {
         return Ok(None);
@@ -99,7 +142,8 @@ pub fn previous_layout(root: &Path) -> Result<Option<Carried>, CarryError> {
         return Err(CarryError::Incomplete { dir: old_dir, missing });
     }
     let old = read_old(&old_dir)?;
-    write_new(root, &old).map(Some)
+    let carried = write_new(root, &old)?;
+    Ok(Some((carried, LateSockets { old: old.sockets_map, root: root.to_owned() })))
 }
 
 fn read_old(dir: &Path) -> Result<OldState, CarryError> {
@@ -132,6 +176,7 @@ fn read_old(dir: &Path) -> Result<OldState, CarryError> {
             .map_err(read_err(map_names::ROUTES))?,
         pod_ports: pod_ports.iter().collect::<Result<_, _>>().map_err(read_err(map_names::POD_PORTS))?,
         kernel_sockets: sockets.keys().collect::<Result<_, _>>().map_err(read_err(map_names::KERNEL_SOCKETS))?,
+        sockets_map: sockets,
     })
 }
 

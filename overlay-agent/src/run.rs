@@ -189,10 +189,13 @@ struct Started {
     settings: LocalSettings,
     applier: Applier,
     host: NodeHost,
+    /// After an upgrade from the previous map layout: its sockets map, to
+    /// carry once the pods' veths run the new programs.
+    late_sockets: Option<carry::LateSockets>,
 }
 
 async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publisher: P, metrics: Arc<Metrics>, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let Started { mut settings, applier, mut host } = started;
+    let Started { mut settings, applier, mut host, late_sockets } = started;
     // Subscribed before the first look at the pod bridge: nothing changes
     // unheard in between.
     let watched = Watched {
@@ -204,6 +207,17 @@ async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publish
     let underlay = KernelUnderlay::new(applier.iface(), events);
     // CONFIG is written by the first reconcile, which follows.
     host.attach_pod_fast_path(&mut settings);
+    // The old programs on the pods' veths recorded sockets in the old map
+    // until just now (see `carry::LateSockets`).
+    if let Some(late_sockets) = late_sockets {
+        match late_sockets.carry() {
+            Ok(added) => info!(kernel_sockets = added, "carried the sockets the previous map layout's programs recorded after the carry"),
+            Err(err) => warn!(
+                error = %err.to_string_with_causes(),
+                "could not carry the sockets the previous map layout's programs recorded after the carry; a connection they opened through a Service may need a retry"
+            ),
+        }
+    }
     let mut reconciler = Reconciler::new(settings, source, applier, underlay, publisher, host, metrics);
     reconciler.run(stop).await.map_err(anyhow::Error::from)
 }
@@ -215,19 +229,23 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
     // An upgrade from the previous map layout: its state goes into the new
     // maps before the new programs are swapped in, so they serve at once
     // and its routes stay (see `carry`).
+    let mut late_sockets = None;
     if !datapath.maps_adopted() {
         match carry::previous_layout(&args.bpffs_root) {
             Ok(None) => {}
-            Ok(Some(carried)) => info!(
-                from = format!("v{}", carry::FROM),
-                to = format!("v{MAP_LAYOUT_VERSION}"),
-                config = carried.config,
-                peers = carried.peers,
-                routes = carried.routes,
-                pod_ports = carried.pod_ports,
-                kernel_sockets = carried.kernel_sockets,
-                "carried the previous map layout's state into the new maps"
-            ),
+            Ok(Some((carried, late))) => {
+                late_sockets = Some(late);
+                info!(
+                    from = format!("v{}", carry::FROM),
+                    to = format!("v{MAP_LAYOUT_VERSION}"),
+                    config = carried.config,
+                    peers = carried.peers,
+                    routes = carried.routes,
+                    pod_ports = carried.pod_ports,
+                    kernel_sockets = carried.kernel_sockets,
+                    "carried the previous map layout's state into the new maps"
+                );
+            }
             Err(err) => warn!(
                 error = %err.to_string_with_causes(),
                 "could not carry the previous map layout's state, so the new programs carry no pod traffic to other nodes until the first reconcile fills their maps (a previous map not as that layout pinned it: nothing carried; a failed write: what was written before it stays)"
@@ -283,7 +301,7 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
     // traffic. Kernel routes toward peers come only after this, so no
     // packet is routed to the underlay without its encapsulation.
     host.attach(&mut settings)?;
-    Ok(Started { settings, applier, host })
+    Ok(Started { settings, applier, host, late_sockets })
 }
 
 /// `--forward bpf`: the bridge the fast path attaches to, the bridge's

@@ -12,7 +12,7 @@ use overlay_agent::{
     carry::{self, CarryError},
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
-use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, map_names, program_names};
+use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, SocketKey, map_names, program_names};
 use overlay_tests::{NetNs, NetNsEntered, PinDir, PinnedMap, TempDir, V7_MAPS, agent_binary, make_pins, require_root, stdout, tc_program_ids};
 
 #[test]
@@ -425,6 +425,37 @@ fn previous_layout_pins_of_another_shape_are_not_carried() {
     let maps = overlay_agent::maps::DatapathMaps::open(pins.path()).unwrap();
     assert_eq!(maps.peers.keys().count(), 0, "PEERS was carried in part");
     assert_eq!(maps.config.get(&0, 0).unwrap().enabled, 0);
+}
+
+/// Sockets the previous layout's programs record after the carry (they
+/// run on the pods' veths until the agent's fast path replaces them, after
+/// the underlay's attachment has removed the old pins) reach the new
+/// `KERNEL_SOCKETS` when the agent carries them late. (Shown failing with
+/// a late carry that carried nothing: the late socket was missing.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn sockets_the_previous_layout_records_after_the_carry_are_carried_late() {
+    require_root();
+    let pins = PinDir::new();
+    let old = pins.path().join(format!("v{}", carry::FROM));
+    make_pins(&old, &V7_MAPS);
+    let socket = |last: u8| SocketKey { addr: [10, 244, 1, last], port: 443u16.to_be_bytes(), proto: 6, _pad: 0 };
+    let mut old_sockets: HashMap<aya::maps::MapData, SocketKey, u8> =
+        overlay_agent::maps::open_pinned(&old.join(map_names::KERNEL_SOCKETS)).unwrap();
+    old_sockets.insert(socket(5), 0, 0).unwrap();
+    let _datapath = Datapath::load(pins.path()).expect("loading beside the previous layout's pins");
+    let (carried, late_sockets) = carry::previous_layout(pins.path()).unwrap().expect("a previous layout to carry");
+    assert_eq!(carried.kernel_sockets, 1);
+    // An old program records a socket; then the old pins go (its map
+    // lives on in the programs, here in `old_sockets`).
+    old_sockets.insert(socket(6), 0, 0).unwrap();
+    std::fs::remove_dir_all(&old).unwrap();
+    assert_eq!(late_sockets.carry().unwrap(), 1, "sockets carried late");
+    let new_sockets: HashMap<aya::maps::MapData, SocketKey, u8> =
+        overlay_agent::maps::open_pinned(&PinLayout::new(pins.path()).map(map_names::KERNEL_SOCKETS)).unwrap();
+    let mut held: Vec<SocketKey> = new_sockets.keys().map(Result::unwrap).collect();
+    held.sort_by_key(|s| s.addr);
+    assert_eq!(held, vec![socket(5), socket(6)]);
 }
 
 /// Pins of another shape under the current layout version (a layout

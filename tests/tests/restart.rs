@@ -499,6 +499,20 @@ fn an_upgrade_from_the_previous_map_layout_serves_before_the_first_reconcile() {
     Lab::tcp_echo(&b.ns, &a.ns, a.ip, 26003).unwrap_or_else(|e| panic!("TCP from the upgraded node's pod: {e}\n{log}"));
     assert_eq!(routes(&lab), routes_before, "node 2's routes after the upgrade:\n{log}");
     assert!(log.contains("carried the previous map layout's state"), "{log}");
+    // And again what the old programs on the pods' veths recorded in the
+    // old map until the fast path replaced them there (logged soon after
+    // the attachment the wait above saw).
+    let late_line = "carried the sockets the previous map layout's programs recorded after the carry";
+    let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
+    let log = loop {
+        let log = lab.agent_log(1).rsplit("stopping; the datapath stays in place").next().unwrap().to_owned();
+        if log.contains(late_line) || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (late, swapped) = (log.find(late_line), log.find("pod fast path attached to the bridge"));
+    assert!(swapped.is_some() && late > swapped, "late sockets not carried after the pod veths' programs were replaced:\n{log}");
     assert!(!root.join(format!("v{}", overlay_agent::carry::FROM)).exists(), "the old layout's pins stayed:\n{log}");
     lab.stop_agent(1);
     lab.nodes_dir = nodes_dir;
