@@ -58,7 +58,7 @@ use crate::{
     counters::count,
     csum,
     encap::{Encapsulated, encapsulate, to_segmentation},
-    maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
+    maps::{KERNEL_SOCKETS, PEERS, POD_PORTS, ROUTES, config},
     packet::{Packet as _, ptr_at},
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
     proto::{ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, is_icmp_error, is_icmp_query},
@@ -70,6 +70,10 @@ const PACKET_HOST: u32 = 0;
 const UDP_HDR_LEN: u32 = 8;
 /// The transport header, behind an IPv4 header without options.
 const L4_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
+/// The header an ICMP error quotes, behind the ICMP header (RFC 792).
+const QUOTE_OFF: usize = L4_OFF + 8;
+/// The quoted header without options and the ports of its transport header.
+const QUOTE_END: usize = QUOTE_OFF + Ipv4Hdr::LEN + 4;
 
 #[inline(always)]
 pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
@@ -81,6 +85,7 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return pass;
     }
     ctx.make_linear(OUTER_IP_OFF + Ipv4Hdr::LEN + TcpHdr::LEN);
+    make_icmp_quote_linear(ctx);
     // SAFETY: reading a field of the context's own sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if ifindex == cfg.pod_bridge_ifindex {
@@ -105,7 +110,7 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
         return pass;
     }
     // A corrupt header is the kernel's to discard, as forwarding would.
-    if needs_conntrack(ctx, ip) || !header_intact(ip) {
+    if needs_conntrack(ctx, ip, LocalPod::Source) || !header_intact(ip) {
         return pass;
     }
     let socket = socket_at(ctx, ip, ip.src_addr, 0);
@@ -217,12 +222,20 @@ pub fn try_tc_pod_delivered(ctx: &TcContext) -> Result<i32, DropReason> {
     pass
 }
 
+/// Which end of a packet is the local pod: its source (the out half) or
+/// its destination (the in half).
+#[derive(Clone, Copy)]
+enum LocalPod {
+    Source,
+    Destination,
+}
+
 /// Whether the packet needs conntrack's own handling, so neither half may
 /// take it: a fragment (conntrack reassembles, and a non-first fragment
-/// has no ports: one datagram must not go two ways) or an ICMP error
-/// (conntrack translates the header it quotes back through any NAT).
+/// has no ports: one datagram must not go two ways), or an ICMP error
+/// about a flow conntrack carries ([`error_needs_conntrack`]).
 #[inline(always)]
-fn needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+fn needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr, local: LocalPod) -> bool {
     if u16::from_be_bytes(ip.frags) & IP_MF_OFFSET != 0 {
         return true;
     }
@@ -231,9 +244,68 @@ fn needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
     }
     // SAFETY: ptr_at checked the bounds.
     match ptr_at::<u8>(ctx, L4_OFF).map(|t| unsafe { *t }) {
-        Ok(icmp_type) => is_icmp_error(icmp_type),
+        Ok(icmp_type) => is_icmp_error(icmp_type) && error_needs_conntrack(ctx, ip, local),
         // Too short to say: the kernel's.
         Err(_) => true,
+    }
+}
+
+/// Whether an ICMP error is about a flow conntrack carries, judged from
+/// the header it quotes: the packet it is about, which went the other way
+/// (from the local pod, when the error is for it; to it, when the error
+/// is its own). Conntrack translates that quote back through the flow's
+/// NAT (a Service's DNAT, a hostPort's), so such errors are the kernel's;
+/// the flow is then a socket in `KERNEL_SOCKETS`, as its other packets
+/// are. An error about a fast flow is fast too: conntrack never saw the
+/// flow, calls the error INVALID, and kube-proxy drops it (a client would
+/// wait for its timeout instead of learning that a port is closed or a
+/// pod gone, and traceroute would see no hop). A quote that cannot be
+/// read, has options, is not about the local pod, or about a protocol
+/// whose sockets are not recorded, is left to the kernel.
+#[inline(always)]
+fn error_needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr, local: LocalPod) -> bool {
+    let Ok(quote) = ptr_at::<Ipv4Hdr>(ctx, QUOTE_OFF) else { return true };
+    // SAFETY: ptr_at checked the bounds.
+    let quote = unsafe { &*quote };
+    let (pod, quoted_pod, port_off) = match local {
+        LocalPod::Destination => (ip.dst_addr, quote.src_addr, 0),
+        LocalPod::Source => (ip.src_addr, quote.dst_addr, 2),
+    };
+    if quote.vihl != 0x45 || quoted_pod != pod {
+        return true;
+    }
+    match quote.proto {
+        // A query's flow (ping): no Service or hostPort translates ICMP.
+        IPPROTO_ICMP => false,
+        IPPROTO_TCP | IPPROTO_UDP => {
+            if u16::from_be_bytes(quote.frags) & IP_OFFSET != 0 {
+                return true;
+            }
+            // SAFETY: ptr_at checked the bounds.
+            let Ok(port) = ptr_at::<[u8; 2]>(ctx, QUOTE_OFF + Ipv4Hdr::LEN + port_off).map(|p| unsafe { *p }) else {
+                return true;
+            };
+            KERNEL_SOCKETS.get_ptr(&SocketKey { addr: pod, port, proto: quote.proto, _pad: 0 }).is_some()
+        }
+        _ => true,
+    }
+}
+
+/// Whether the packet (IPv4 without options) is an ICMP error.
+#[inline(always)]
+fn is_icmp_error_packet(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    // SAFETY: ptr_at checked the bounds.
+    ip.proto == IPPROTO_ICMP && ptr_at::<u8>(ctx, L4_OFF).is_ok_and(|t| is_icmp_error(unsafe { *t }))
+}
+
+/// Makes an ICMP message linear as far as the ports of the header an error
+/// quotes. Only ICMP: its messages are short, where pulling that far in a
+/// bulk flow's packet would move payload into its head.
+#[inline(always)]
+fn make_icmp_quote_linear(ctx: &TcContext) {
+    // SAFETY: ptr_at checked the bounds.
+    if ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF).is_ok_and(|ip| unsafe { (*ip).proto } == IPPROTO_ICMP) {
+        ctx.make_linear(QUOTE_END);
     }
 }
 
@@ -445,6 +517,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
         Arrival::GroDevice => (true, cfg.underlay_ifindex),
     };
     ctx.make_linear(L4_OFF + 4);
+    make_icmp_quote_linear(ctx);
     let eth = ptr_at::<EthHdr>(ctx, 0).ok()?;
     // SAFETY (raw reads and writes below): ptr_at checked the bounds.
     if u16::from_be(unsafe { (*eth).ether_type }) != ETH_P_IP {
@@ -454,12 +527,23 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
     if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return None;
     }
-    if needs_conntrack(ctx, ip) || !header_intact(ip) {
+    if needs_conntrack(ctx, ip, LocalPod::Destination) || !header_intact(ip) {
         return None;
     }
     // Pod-to-pod only: from a remote pod CIDR, and not a reply to a socket
-    // whose traffic the kernel carries (see the module's doc).
-    let source = ROUTES.get(&Key::new(32, ip.src_addr))?;
+    // whose traffic the kernel carries (see the module's doc). An ICMP
+    // error about a fast flow may also come from a remote node itself
+    // (time exceeded, host unreachable), from its underlay address: it is
+    // judged by the route to that node's pods.
+    let source = match ROUTES.get(&Key::new(32, ip.src_addr)) {
+        Some(route) => route,
+        None if is_icmp_error_packet(ctx, ip) => {
+            // SAFETY: the map value is read at once.
+            let pod_cidr = unsafe { (*PEERS.get_ptr(ip.src_addr)?).pod_cidr };
+            ROUTES.get(&Key::new(32, pod_cidr))?
+        }
+        None => return None,
+    };
     if !decapsulated && arrives_only_encapsulated(source) {
         return None;
     }

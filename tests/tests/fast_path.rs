@@ -267,6 +267,57 @@ fn services_and_conntrack_work_across_the_fast_path() {
     }
 }
 
+/// ICMP errors about fast flows, through the INVALID drops kube-proxy adds.
+/// Neither node's conntrack saw such a flow (it went fast both ways), so
+/// on the kernel's path an error about it is INVALID and dropped: a UDP
+/// client would wait for its timeout instead of learning that the port is
+/// closed, a connection to a pod that is gone would hang instead of
+/// failing, and traceroute would see no hop. Each error must reach its pod:
+/// from a remote pod (port unreachable), and from a remote node
+/// (time exceeded, host unreachable).
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn icmp_errors_about_fast_flows_reach_their_pods() {
+    require_root();
+    for backend in ["vxlan", "host-gw"] {
+        let lab = lab(Topology::Flat, backend, false);
+        drop_invalid_forwards(&lab);
+        let (client, server) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+        // A closed UDP port on the remote pod: its port unreachable.
+        let refused = {
+            let _inside = client.ns.enter();
+            let socket = std::net::UdpSocket::bind((client.ip, 0)).expect("bind");
+            socket.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+            socket.connect((server.ip, 9)).expect("connect");
+            socket.send(b"anyone there?").expect("send");
+            socket.recv(&mut [0u8; 64])
+        };
+        assert!(
+            matches!(&refused, Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+            "{backend}: UDP to a closed port of {}: {refused:?}, not refused",
+            server.ip
+        );
+        // A TTL that expires at the remote node: its time exceeded.
+        let text = ping_output(&client.ns, &["-t", "2"], server.ip);
+        assert!(text.contains("Time to live exceeded"), "{backend}: ping -t 2 {}: {text}", server.ip);
+        // An address of the remote pod CIDR that no pod has: the remote
+        // node's host unreachable, once its neighbour look-up fails.
+        let gone = Ipv4Addr::new(10, 244, 2, 99);
+        let started = Instant::now();
+        let connected = {
+            let _inside = client.ns.enter();
+            std::net::TcpStream::connect_timeout(&(gone, 80).into(), Duration::from_secs(15))
+        };
+        assert!(
+            matches!(&connected, Err(e) if e.kind() == std::io::ErrorKind::HostUnreachable),
+            "{backend}: connect {gone}:80 after {:?}: {connected:?}, not host unreachable",
+            started.elapsed()
+        );
+        assert_no_drops(&lab.counters(0));
+        assert_no_drops(&lab.counters(1));
+    }
+}
+
 /// On every node, what kube-proxy adds: forwarded packets conntrack calls
 /// INVALID are dropped.
 fn drop_invalid_forwards(lab: &Lab) {

@@ -171,6 +171,12 @@ fn pod_packet(rng: &mut Rng, src: [u8; 4], dst: [u8; 4], max_len: usize) -> Vec<
             t.extend(payload);
             t
         }
+        1 => {
+            let icmp = rng.bytes(payload_len + 8);
+            // One in four, by the first byte (so the draws stay as they
+            // were): an ICMP error from `src` about a packet `dst` sent it.
+            if icmp[0] % 4 == 0 { icmp_error_from(&icmp, src, dst) } else { icmp }
+        }
         _ => rng.bytes(payload_len + 8),
     };
     let tos = rng.byte();
@@ -191,6 +197,29 @@ fn pod_packet(rng: &mut Rng, src: [u8; 4], dst: [u8; 4], max_len: usize) -> Vec<
     }
     set_ipv4_checksum(&mut ip);
     ip
+}
+
+/// An ICMP error from `src` quoting a packet `dst` sent it, drawn from
+/// `bytes` (at least 8): the error's type, the quoted protocol (UDP, TCP,
+/// ICMP or SCTP) and ports, and now and then a quote about another
+/// address, with options, with a fragment offset, or cut short.
+fn icmp_error_from(bytes: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+    let b = |i: usize| bytes.get(i).copied().unwrap_or(0);
+    let quoted_to = if b(3) % 10 == 0 { [10, 244, 9, 9] } else { src };
+    let mut quote = ipv4(dst, quoted_to, [17, 6, 1, 132][usize::from(b(2) % 4)], 0, &[b(4), b(5), b(6), b(7), 0, 8, 0, 0]);
+    if b(1) % 10 == 0 {
+        quote[0] = 0x46;
+        quote.splice(20..20, [1, 1, 1, 1]);
+    }
+    if b(1) % 10 == 1 {
+        quote[6..8].copy_from_slice(&0x00b9u16.to_be_bytes());
+    }
+    if b(1) % 10 == 2 {
+        quote.truncate(usize::from(b(6)) % quote.len());
+    }
+    let mut icmp = vec![[3, 11, 12, 4, 5][usize::from(b(0) / 4 % 5)], 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend(quote);
+    icmp
 }
 
 /// A valid VXLAN frame from `PEER` (or, now and then, from the direct
@@ -576,9 +605,23 @@ fn expect_pod(f: &[u8]) -> Judgement {
         return plain(Expect::Pass);
     }
     // ICMP errors quote a header that conntrack may have to translate back
-    // (a Service's NAT): the kernel's path, always.
+    // (a Service's NAT): the kernel's path, unless the quote shows a fast
+    // flow of the pod (the packet it is about went to the pod: no options,
+    // a ping's, or TCP or UDP with ports to read and the pod's socket not
+    // in KERNEL_SOCKETS, which each run starts empty).
     if f[23] == 1 && f.len() > 34 && [3, 4, 5, 11, 12].contains(&f[34]) {
-        return plain(Expect::Pass);
+        const QUOTE: usize = 42;
+        let about_a_fast_flow = f.len() >= QUOTE + 20
+            && f[QUOTE] == 0x45
+            && f[QUOTE + 16..QUOTE + 20] == src
+            && match f[QUOTE + 9] {
+                1 => true,
+                6 | 17 => be16(f, QUOTE + 6).unwrap() & 0x1fff == 0 && f.len() >= QUOTE + 24,
+                _ => false,
+            };
+        if !about_a_fast_flow {
+            return plain(Expect::Pass);
+        }
     }
     // A flow's first packet (a TCP SYN, an ICMP query) leaves fast only
     // where the node has resolved the pod, so that the reply can come in

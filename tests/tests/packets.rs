@@ -509,24 +509,37 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
         frame[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
         frame
     };
-    // ICMP errors: conntrack must translate the header they quote.
-    let icmp_error = |icmp_type: u8| {
-        let quoted = ipv4([10, 244, 3, 11], [10, 244, 1, 11], 17, &udp(7, 40000, b""));
+    // ICMP errors from the pod, quoting the packet they are about (from
+    // 10.244.3.11 port 7 to the pod's `local_port`).
+    let icmp_error_quoting = |icmp_type: u8, quoted: &[u8]| {
         let mut icmp = vec![icmp_type, 0, 0, 0, 0, 0, 0, 0];
-        icmp.extend_from_slice(&quoted);
+        icmp.extend_from_slice(quoted);
         let c = checksum(&icmp);
         icmp[2..4].copy_from_slice(&c.to_be_bytes());
         eth(BRIDGE_MAC, POD_MAC, &ipv4([10, 244, 1, 11], [10, 244, 3, 11], 1, &icmp))
     };
-    let cases: [(&str, Vec<u8>); 16] = [
+    let quote = |proto: u8, local_port: u16| ipv4([10, 244, 3, 11], [10, 244, 1, 11], proto, &udp(7, local_port, b""));
+    // About a socket the kernel carries: conntrack must translate the
+    // header they quote back through its NAT.
+    let icmp_error = |icmp_type: u8| icmp_error_quoting(icmp_type, &quote(17, 41000));
+    let mut quote_with_options = quote(17, 40000);
+    quote_with_options[0] = 0x46;
+    quote_with_options.splice(20..20, [1, 1, 1, 1]);
+    let mut quote_of_another_pod = quote(17, 40000);
+    quote_of_another_pod[16..20].copy_from_slice(&[10, 244, 1, 12]);
+    let cases: [(&str, Vec<u8>); 20] = [
         ("first fragment (MF)", fragment([0x20, 0])),
         ("non-first fragment", fragment([0, 0x10])),
         ("last fragment (offset, no MF)", fragment([0x00, 0x01])),
-        ("ICMP destination unreachable", icmp_error(3)),
-        ("ICMP source quench", icmp_error(4)),
-        ("ICMP redirect", icmp_error(5)),
-        ("ICMP time exceeded", icmp_error(11)),
-        ("ICMP parameter problem", icmp_error(12)),
+        ("ICMP destination unreachable about a kernel socket", icmp_error(3)),
+        ("ICMP source quench about a kernel socket", icmp_error(4)),
+        ("ICMP redirect about a kernel socket", icmp_error(5)),
+        ("ICMP time exceeded about a kernel socket", icmp_error(11)),
+        ("ICMP parameter problem about a kernel socket", icmp_error(12)),
+        ("ICMP error quoting options", icmp_error_quoting(3, &quote_with_options)),
+        ("ICMP error quoting a packet to another pod", icmp_error_quoting(3, &quote_of_another_pod)),
+        ("ICMP error quoting no ports", icmp_error_quoting(3, &quote(17, 40000)[..22])),
+        ("ICMP error about SCTP (sockets not recorded)", icmp_error_quoting(3, &quote(132, 40000))),
         ("TTL about to expire (the kernel sends time exceeded)", ttl_1),
         ("IPv4 options", options),
         ("a local or unknown destination", frame_from(POD_MAC, [10, 244, 1, 12], 42000, b"overlay!")),
@@ -542,6 +555,25 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
         assert_eq!(verdict, TC_ACT_OK, "{what}: verdict");
         assert_eq!(out, frame, "{what}: must be untouched");
         assert_eq!(f.counters(), before, "{what}: nothing counted");
+    }
+    // ICMP errors about fast flows go fast too: neither node's conntrack
+    // saw the flow, so it would call them INVALID (and kube-proxy drops
+    // those). The pod's port unreachable about a UDP datagram, and errors
+    // about a ping.
+    let mut echo_quote = ipv4([10, 244, 3, 11], [10, 244, 1, 11], 1, &[8, 0, 0, 0, 0, 1, 0, 1]);
+    echo_quote.truncate(28);
+    for (what, frame) in [
+        ("port unreachable about a fast UDP flow", icmp_error_quoting(3, &quote(17, 40000))),
+        ("time exceeded about a fast UDP flow", icmp_error_quoting(11, &quote(17, 40000))),
+        ("host unreachable about a fast TCP flow", icmp_error_quoting(3, &quote(6, 40000))),
+        ("destination unreachable about a ping", icmp_error_quoting(3, &echo_quote)),
+    ] {
+        let before = f.counters();
+        let (verdict, out) = f.run(program, &frame);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{what}: verdict");
+        assert_eq!(f.counters().packets(Counter::FastpathOut) - before.packets(Counter::FastpathOut), 1, "{what}");
+        assert_eq!(out[14 + 8], 63, "{what}: TTL decremented");
+        assert_eq!(&out[34..], &frame[34..], "{what}: the error itself untouched");
     }
     // A packet the kernel's path delivered to the pod (seen at its veth's
     // egress): the pod's socket is the kernel's from then on, so its reply
