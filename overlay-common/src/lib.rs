@@ -159,9 +159,9 @@ pub struct PodPort {
 pub struct SocketKey {
     /// The pod's IPv4 address.
     pub addr: [u8; 4],
-    /// The pod's TCP or UDP port, network byte order.
+    /// The pod's TCP, UDP or SCTP port, network byte order.
     pub port: [u8; 2],
-    /// IPPROTO_TCP or IPPROTO_UDP.
+    /// IPPROTO_TCP, IPPROTO_UDP or IPPROTO_SCTP.
     pub proto: u8,
     /// Explicit padding; always zero.
     pub _pad: u8,

@@ -61,7 +61,10 @@ use crate::{
     maps::{KERNEL_SOCKETS, PEERS, POD_PORTS, ROUTES, config},
     packet::{Packet as _, ptr_at},
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
-    proto::{ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, is_icmp_error, is_icmp_query},
+    proto::{
+        ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCTP_CHUNK_INIT, is_icmp_error,
+        is_icmp_query,
+    },
 };
 
 const AF_INET: u32 = 2;
@@ -277,7 +280,7 @@ fn error_needs_conntrack(ctx: &TcContext, ip: &Ipv4Hdr, local: LocalPod) -> bool
     match quote.proto {
         // A query's flow (ping): no Service or hostPort translates ICMP.
         IPPROTO_ICMP => false,
-        IPPROTO_TCP | IPPROTO_UDP => {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             if u16::from_be_bytes(quote.frags) & IP_OFFSET != 0 {
                 return true;
             }
@@ -310,7 +313,8 @@ fn make_icmp_quote_linear(ctx: &TcContext) {
 }
 
 /// Whether the packet is one conntrack starts a flow's entry with and its
-/// reply alone would be INVALID to it: a TCP SYN, or an ICMP query.
+/// reply alone would be INVALID to it: a TCP SYN, an SCTP INIT, or an ICMP
+/// query.
 #[inline(always)]
 fn opens_a_flow(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
     match ip.proto {
@@ -324,6 +328,12 @@ fn opens_a_flow(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
         // SAFETY: ptr_at checked the bounds.
         IPPROTO_ICMP => match ptr_at::<u8>(ctx, L4_OFF).map(|t| unsafe { *t }) {
             Ok(icmp_type) => is_icmp_query(icmp_type),
+            Err(_) => true,
+        },
+        // The first chunk's type, behind the 12-byte common header.
+        // SAFETY: ptr_at checked the bounds.
+        IPPROTO_SCTP => match ptr_at::<u8>(ctx, L4_OFF + 12).map(|t| unsafe { *t }) {
+            Ok(chunk) => chunk == SCTP_CHUNK_INIT,
             Err(_) => true,
         },
         _ => false,
@@ -378,11 +388,12 @@ fn remember(socket: &SocketKey) {
     }
 }
 
-/// The local pod socket of a TCP or UDP packet: `addr` with the port at
-/// `port_off` in the transport header (0: source, 2: destination).
+/// The local pod socket of a TCP, UDP or SCTP packet (each begins with
+/// the two ports): `addr` with the port at `port_off` in the transport
+/// header (0: source, 2: destination). kube-proxy translates these three.
 #[inline(always)]
 fn socket_at(ctx: &TcContext, ip: &Ipv4Hdr, addr: [u8; 4], port_off: usize) -> Option<SocketKey> {
-    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP && ip.proto != IPPROTO_SCTP {
         return None;
     }
     if u16::from_be_bytes(ip.frags) & IP_OFFSET != 0 {

@@ -5,6 +5,9 @@ pub const ETH_P_IP: u16 = 0x0800;
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+/// The SCTP chunk that opens an association (RFC 9260 §3.3.2).
+pub const SCTP_CHUNK_INIT: u8 = 1;
 /// The VXLAN "I" flag: the VNI field is valid (RFC 7348 §5).
 pub const VXLAN_FLAG_I: u8 = 0x08;
 /// IPv4 "more fragments" flag and fragment offset, in the flags-and-offset word.

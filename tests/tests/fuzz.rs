@@ -607,7 +607,7 @@ fn expect_pod(f: &[u8]) -> Judgement {
     // ICMP errors quote a header that conntrack may have to translate back
     // (a Service's NAT): the kernel's path, unless the quote shows a fast
     // flow of the pod (the packet it is about went to the pod: no options,
-    // a ping's, or TCP or UDP with ports to read and the pod's socket not
+    // a ping's, or TCP, UDP or SCTP with ports to read and the pod's socket not
     // in KERNEL_SOCKETS, which each run starts empty).
     if f[23] == 1 && f.len() > 34 && [3, 4, 5, 11, 12].contains(&f[34]) {
         const QUOTE: usize = 42;
@@ -616,14 +616,14 @@ fn expect_pod(f: &[u8]) -> Judgement {
             && f[QUOTE + 16..QUOTE + 20] == src
             && match f[QUOTE + 9] {
                 1 => true,
-                6 | 17 => be16(f, QUOTE + 6).unwrap() & 0x1fff == 0 && f.len() >= QUOTE + 24,
+                6 | 17 | 132 => be16(f, QUOTE + 6).unwrap() & 0x1fff == 0 && f.len() >= QUOTE + 24,
                 _ => false,
             };
         if !about_a_fast_flow {
             return plain(Expect::Pass);
         }
     }
-    // A flow's first packet (a TCP SYN, an ICMP query) leaves fast only
+    // A flow's first packet (a TCP SYN, an SCTP INIT, an ICMP query) leaves fast only
     // where the node has resolved the pod, so that the reply can come in
     // fast; no neighbour exists in a test run. A TCP header too short to
     // say is taken for a SYN. (So fuzzing never reaches the resolved case:
@@ -631,6 +631,8 @@ fn expect_pod(f: &[u8]) -> Judgement {
     let opens_a_flow = match f[23] {
         6 => f.len() < 54 || (f[47] & 0x02 != 0 && f[47] & 0x10 == 0),
         1 => f.len() > 34 && [8, 13, 15, 17].contains(&f[34]),
+        // SCTP INIT, the first chunk behind the 12-byte common header.
+        132 => f.len() < 47 || f[46] == 1,
         _ => false,
     };
     if opens_a_flow {

@@ -527,7 +527,19 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     quote_with_options.splice(20..20, [1, 1, 1, 1]);
     let mut quote_of_another_pod = quote(17, 40000);
     quote_of_another_pod[16..20].copy_from_slice(&[10, 244, 1, 12]);
-    let cases: [(&str, Vec<u8>); 20] = [
+    // SCTP: the common header (ports, verification tag, checksum), then a
+    // chunk of `chunk_type`.
+    let sctp = |sport: u16, dport: u16, chunk_type: u8| {
+        let mut s = [sport.to_be_bytes(), dport.to_be_bytes()].concat();
+        s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, chunk_type, 0, 0, 4]);
+        s
+    };
+    // An SCTP socket that talked to a Service is the kernel's too.
+    let sctp_from_pod = |dst: [u8; 4], sport: u16, chunk_type: u8| {
+        eth(BRIDGE_MAC, POD_MAC, &ipv4([10, 244, 1, 11], dst, 132, &sctp(sport, 7, chunk_type)))
+    };
+    assert_eq!(f.run(program, &sctp_from_pod([10, 96, 0, 10], 41132, 0)).0, TC_ACT_OK);
+    let cases: [(&str, Vec<u8>); 22] = [
         ("first fragment (MF)", fragment([0x20, 0])),
         ("non-first fragment", fragment([0, 0x10])),
         ("last fragment (offset, no MF)", fragment([0x00, 0x01])),
@@ -539,7 +551,9 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
         ("ICMP error quoting options", icmp_error_quoting(3, &quote_with_options)),
         ("ICMP error quoting a packet to another pod", icmp_error_quoting(3, &quote_of_another_pod)),
         ("ICMP error quoting no ports", icmp_error_quoting(3, &quote(17, 40000)[..22])),
-        ("ICMP error about SCTP (sockets not recorded)", icmp_error_quoting(3, &quote(132, 40000))),
+        ("ICMP error about GRE (no ports to judge by)", icmp_error_quoting(3, &quote(47, 40000))),
+        ("an SCTP INIT (the node has not resolved the pod)", sctp_from_pod([10, 244, 3, 11], 40000, 1)),
+        ("an SCTP socket the kernel carries", sctp_from_pod([10, 244, 3, 11], 41132, 0)),
         ("TTL about to expire (the kernel sends time exceeded)", ttl_1),
         ("IPv4 options", options),
         ("a local or unknown destination", frame_from(POD_MAC, [10, 244, 1, 12], 42000, b"overlay!")),
@@ -567,6 +581,7 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
         ("time exceeded about a fast UDP flow", icmp_error_quoting(11, &quote(17, 40000))),
         ("host unreachable about a fast TCP flow", icmp_error_quoting(3, &quote(6, 40000))),
         ("destination unreachable about a ping", icmp_error_quoting(3, &echo_quote)),
+        ("port unreachable about a fast SCTP association", icmp_error_quoting(3, &quote(132, 40000))),
     ] {
         let before = f.counters();
         let (verdict, out) = f.run(program, &frame);
@@ -586,6 +601,13 @@ fn fast_path_forwards_like_the_kernel_and_leaves_the_rest_to_it() {
     let before = f.counters();
     assert_eq!(f.run(program, &reply), (TC_ACT_OK, reply.clone()), "after: the kernel's");
     assert_eq!(f.counters(), before, "nothing counted");
+    // The same for SCTP, which kube-proxy translates too (an SCTP
+    // hostPort): the pod's INIT ACK must meet conntrack.
+    let reply = eth(BRIDGE_MAC, POD_MAC, &ipv4([10, 244, 1, 11], [10, 244, 3, 11], 132, &sctp(25132, 40000, 2)));
+    assert_eq!(f.run(program, &reply).0, TC_ACT_REDIRECT, "SCTP before: a reply like any pod-to-pod packet");
+    let delivered = eth(POD_MAC, BRIDGE_MAC, &ipv4([10, 244, 3, 11], [10, 244, 1, 11], 132, &sctp(40000, 25132, 1)));
+    assert_eq!(f.run(program_names::TC_POD_DELIVERED, &delivered), (TC_ACT_OK, delivered.clone()), "SCTP: the delivery goes on untouched");
+    assert_eq!(f.run(program, &reply), (TC_ACT_OK, reply.clone()), "SCTP after: the kernel's");
 
     // The largest packets that fit are taken.
     assert_eq!(f.run(program, &to_bridge([10, 244, 2, 11], &[0; 1450 - 28])).0, TC_ACT_REDIRECT);
