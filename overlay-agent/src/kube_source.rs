@@ -58,6 +58,12 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubeSourceError
         None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() => return Err(KubeSourceError::NotInCluster),
         None => Config::incluster().map_err(KubeSourceError::InCluster)?,
     };
+    // No read timeout (kube's default): it would apply to every connection
+    // of the client, the Node watch's too, whose long polls may carry
+    // nothing for up to 290 s on a quiet cluster (the watcher has its own
+    // idle timeout). The loop bounds its writes instead
+    // (`reconciler::PUBLISH_TIMEOUT`); dropping an unanswered request closes
+    // its connection (HTTP/1), so a retry opens a new one.
     Client::try_from(config).map_err(KubeSourceError::Client)
 }
 

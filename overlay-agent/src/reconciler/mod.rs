@@ -49,6 +49,15 @@ pub use crate::kernel_events::KernelEvent;
 pub const HOUSEKEEPING: Duration = Duration::from_secs(5);
 /// How often an unchanged outage of the node source is logged again.
 const OUTAGE_REPEAT: Duration = Duration::from_secs(60);
+/// How long one reconcile's publication (our Node's patch, then the events
+/// about peers) may take before the loop gives up on what is left of it
+/// until the next reconcile. The loop handles nothing else meanwhile (no
+/// kernel event, node update or stop), and a write over an API connection
+/// that went black would otherwise hold it until the kernel gives up on the
+/// connection (~15 min). A healthy API server answers a single-object write
+/// within 1 s (the Kubernetes SLO for mutating calls, 99th percentile), so
+/// 10 s means one that is not answering, not one that is slow.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One change a node source reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,10 +162,13 @@ pub enum NetworkState {
 pub trait Publisher {
     /// Makes our node advertise `desired` (flannel's annotations) and
     /// `network` (available or not). Failures are logged by the publisher
-    /// and retried with the next reconcile.
+    /// and retried with the next reconcile. The loop drops a call still
+    /// unanswered after [`PUBLISH_TIMEOUT`] and retries it likewise, so it
+    /// must be cancel-safe: remember a write only once it is answered.
     fn publish(&mut self, me: &NodeInfo, desired: &Desired, settings: &LocalSettings, network: &NetworkState) -> impl Future<Output = ()>;
     /// Records a warning about a peer an operator must fix (a Kubernetes
-    /// event). `Ok` means recorded: it is not asked again.
+    /// event). `Ok` means recorded: it is not asked again. Bounded by
+    /// [`PUBLISH_TIMEOUT`] as [`Publisher::publish`] is.
     fn warn_peer(&mut self, rejected: &Rejected, reason: &'static str) -> impl Future<Output = Result<(), String>>;
 }
 
@@ -579,8 +591,21 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
             self.metrics.set_ready();
             info!(peers = full.peers.len(), elapsed_ms = started.elapsed().as_millis() as u64, "ready: the initial sync is in the datapath");
         }
+        // One bound for all of the publication: the loop waits for nothing
+        // else meanwhile. What is not answered in time is not remembered
+        // as done (the publisher's memo of its last write, `evented`), so
+        // the next reconcile (the housekeeping's, at the latest) retries it.
+        let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        let mut answering = true;
         if let Some(me) = self.state.me() {
-            self.publisher.publish(me, full, self.state.local(), &network).await;
+            let publish = self.publisher.publish(me, full, self.state.local(), &network);
+            if tokio::time::timeout_at(deadline, publish).await.is_err() {
+                warn!(
+                    "publishing our Node's annotations and NetworkUnavailable condition: no answer from the API server within {}s; will retry",
+                    PUBLISH_TIMEOUT.as_secs()
+                );
+                answering = false;
+            }
         }
         for r in &rejected {
             let Some(reason) = r.kind.event_reason() else { continue };
@@ -588,11 +613,25 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
             if self.evented.contains(&key) {
                 continue;
             }
-            match self.publisher.warn_peer(r, reason).await {
-                Ok(()) => {
+            // An API server that did not answer the last call would make
+            // each further one wait out the deadline too: the events left
+            // are retried with the next reconcile.
+            if !answering {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, self.publisher.warn_peer(r, reason)).await {
+                Ok(Ok(())) => {
                     self.evented.insert(key);
                 }
-                Err(err) => warn!(error = %err, node = %r.node, "recording an event; will retry"),
+                Ok(Err(err)) => warn!(error = %err, node = %r.node, "recording an event; will retry"),
+                Err(_) => {
+                    warn!(
+                        node = %r.node,
+                        "recording an event: no answer from the API server within {}s; will retry, with the events not recorded yet",
+                        PUBLISH_TIMEOUT.as_secs()
+                    );
+                    answering = false;
+                }
             }
         }
         true

@@ -146,15 +146,39 @@ struct FakePublisher {
     /// The network state each publication said.
     networks: Vec<NetworkState>,
     warned: Vec<String>,
+    /// Which call never answers, as a write over a black-holed API
+    /// connection does not.
+    unanswered: Option<PublisherCall>,
+    /// Calls of the unanswered kind made so far.
+    unanswered_calls: usize,
+}
+
+/// A call of the [`Publisher`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PublisherCall {
+    Publish,
+    WarnPeer,
+}
+
+impl FakePublisher {
+    /// Never returns when `call` is the one that goes unanswered.
+    async fn maybe_unanswered(&mut self, call: PublisherCall) {
+        if self.unanswered == Some(call) {
+            self.unanswered_calls += 1;
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Publisher for FakePublisher {
     async fn publish(&mut self, _me: &NodeInfo, _desired: &Desired, _settings: &LocalSettings, network: &NetworkState) {
+        self.maybe_unanswered(PublisherCall::Publish).await;
         self.published += 1;
         self.networks.push(network.clone());
     }
 
     async fn warn_peer(&mut self, rejected: &Rejected, _reason: &'static str) -> Result<(), String> {
+        self.maybe_unanswered(PublisherCall::WarnPeer).await;
         self.warned.push(rejected.node.clone());
         Ok(())
     }
@@ -594,4 +618,39 @@ async fn a_peer_beyond_a_full_map_is_reported_once_counted_and_taken_in_later() 
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.4.0/24"]);
     assert_eq!(gauge(&r), 0);
     assert!(!r.reported.iter().any(|p| matches!(p, Reported::NotProgrammed { .. })), "{:?}", r.reported);
+}
+
+/// A publisher call that never answers (a write to the API server over a
+/// connection that went black, which the kernel gives up on only after
+/// ~15 min) holds nothing back: a node event that comes after it still
+/// reaches the datapath, the call is made again later (retried, not
+/// dropped), and the loop stops when asked. Time is paused, so the
+/// loop's waits pass in no real time. (Shown failing with the loop
+/// awaiting the publisher without a bound: still stuck in the first
+/// publication after 10 minutes.)
+#[tokio::test(start_paused = true)]
+async fn a_publisher_call_that_never_answers_holds_no_event_back() {
+    let e: Ipv4Network = "10.244.5.0/24".parse().unwrap();
+    for call in [PublisherCall::Publish, PublisherCall::WarnPeer] {
+        let table = FakeWriter::default();
+        let mut r = new_loop(&table);
+        r.publisher.unanswered = Some(call);
+        // d overlaps b: rejected, so an event about it is recorded.
+        let mut nodes = three();
+        nodes.push(node("d", "10.244.2.0/25", [192, 168, 0, 4]));
+        r.source.0.push_back(events(vec![NodeEvent::Resync { nodes, invalid: vec![] }]));
+        r.source.0.push_back(events(vec![NodeEvent::Upsert(node("e", "10.244.5.0/24", [192, 168, 0, 5]))]));
+        let stop = tokio::time::sleep(Duration::from_secs(120));
+        // Far beyond any bound the loop sets itself, so a loop that waits
+        // for the publisher fails the test instead of hanging it.
+        let ran = tokio::time::timeout(Duration::from_secs(600), r.run(stop)).await;
+        let e_applied = table.0.borrow().peers.contains_key(&e);
+        assert!(
+            ran.is_ok() && e_applied,
+            "{call:?} never answering: run returned when stopped: {}, node e reached the datapath: {e_applied}",
+            ran.is_ok()
+        );
+        assert!(r.publisher.unanswered_calls >= 2, "{call:?} was not retried: {} calls", r.publisher.unanswered_calls);
+        assert!(r.evented.is_empty(), "an unanswered event counts as not recorded: {:?}", r.evented);
+    }
 }
