@@ -58,6 +58,13 @@ const OUTAGE_REPEAT: Duration = Duration::from_secs(60);
 /// within 1 s (the Kubernetes SLO for mutating calls, 99th percentile), so
 /// 10 s means one that is not answering, not one that is slow.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long publication pauses after a call went unanswered, doubling with
+/// each further one up to [`PUBLISH_BACKOFF_MAX`]: retried with every
+/// housekeeping reconcile, an API server that does not answer would hold
+/// the loop for [`PUBLISH_TIMEOUT`] in every 15 s; with the pause, 10 s in
+/// every 40 s at first and in every 310 s at most.
+pub const PUBLISH_BACKOFF_MIN: Duration = Duration::from_secs(30);
+pub const PUBLISH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 /// One change a node source reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +247,10 @@ pub struct Reconciler<S, W, U, P, H> {
     reported: BTreeSet<Reported>,
     /// Rejections already recorded as events (node, reason).
     evented: BTreeSet<(String, String)>,
+    /// After a publication the API server did not answer: when the next
+    /// may start, and the pause that led there ([`PUBLISH_BACKOFF_MIN`]).
+    publish_paused_until: Option<tokio::time::Instant>,
+    publish_backoff: Duration,
     /// Whether the source delivered the whole set of nodes yet.
     synced: bool,
     /// What changed since the last applied reconcile.
@@ -264,6 +275,8 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
             invalid: BTreeMap::new(),
             reported: BTreeSet::new(),
             evented: BTreeSet::new(),
+            publish_paused_until: None,
+            publish_backoff: Duration::ZERO,
             synced: false,
             pending: Touched::Nothing,
             outage_logged_at: None,
@@ -595,14 +608,20 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         // else meanwhile. What is not answered in time is not remembered
         // as done (the publisher's memo of its last write, `evented`), so
         // the next reconcile (the housekeeping's, at the latest) retries it.
-        let deadline = tokio::time::Instant::now() + PUBLISH_TIMEOUT;
+        let now = tokio::time::Instant::now();
+        if self.publish_paused_until.is_some_and(|until| now < until) {
+            return true;
+        }
+        let deadline = now + PUBLISH_TIMEOUT;
         let mut answering = true;
         if let Some(me) = self.state.me() {
             let publish = self.publisher.publish(me, full, self.state.local(), &network);
             if tokio::time::timeout_at(deadline, publish).await.is_err() {
+                let pause = self.pause_publication(now);
                 warn!(
-                    "publishing our Node's annotations and NetworkUnavailable condition: no answer from the API server within {}s; will retry",
-                    PUBLISH_TIMEOUT.as_secs()
+                    "publishing our Node's annotations and NetworkUnavailable condition: no answer from the API server within {}s; will retry in {}s",
+                    PUBLISH_TIMEOUT.as_secs(),
+                    pause.as_secs()
                 );
                 answering = false;
             }
@@ -625,16 +644,30 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
                 }
                 Ok(Err(err)) => warn!(error = %err, node = %r.node, "recording an event; will retry"),
                 Err(_) => {
+                    let pause = self.pause_publication(now);
                     warn!(
                         node = %r.node,
-                        "recording an event: no answer from the API server within {}s; will retry, with the events not recorded yet",
-                        PUBLISH_TIMEOUT.as_secs()
+                        "recording an event: no answer from the API server within {}s; will retry in {}s, with the events not recorded yet",
+                        PUBLISH_TIMEOUT.as_secs(),
+                        pause.as_secs()
                     );
                     answering = false;
                 }
             }
         }
+        if answering {
+            self.publish_backoff = Duration::ZERO;
+            self.publish_paused_until = None;
+        }
         true
+    }
+
+    /// Pauses publication after a call that went unanswered (from `now`,
+    /// when the publication began); the pause.
+    fn pause_publication(&mut self, now: tokio::time::Instant) -> Duration {
+        self.publish_backoff = (self.publish_backoff * 2).clamp(PUBLISH_BACKOFF_MIN, PUBLISH_BACKOFF_MAX);
+        self.publish_paused_until = Some(now + PUBLISH_TIMEOUT + self.publish_backoff);
+        self.publish_backoff
     }
 
     /// Logs each peer the datapath does not hold once per problem, with
