@@ -28,6 +28,22 @@ pub enum BpffsError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "{dir} holds the maps of map layout v{version}, newer than this agent's v{MAP_LAYOUT_VERSION}: a newer \
+         agent's datapath is still attached and serving from them, and this agent cannot tell what they record, so \
+         it leaves them, their links and their routes as they are and does not start. Roll forward to the newer \
+         release again; or run that release's `overlay-agent cleanup --bpffs-root {root}` first (pod traffic to other \
+         nodes then stops until this agent has reconciled); or remove {dir} deliberately (pod traffic to other nodes \
+         then stops until this agent has reconciled, and the routes the newer layout recorded for nodes gone since stay)"
+    )]
+    NewerLayout { dir: PathBuf, version: u32, root: PathBuf },
+    #[error(
+        "{dir} holds the maps of map layout v{version}, newer than this agent's v{MAP_LAYOUT_VERSION}: the datapath \
+         under {root} is a newer agent's, and only the newer release knows what its layout pins and records (this one \
+         would remove the pins that record its routes, and leave the routes), so nothing is removed. Run the newer \
+         release's `overlay-agent cleanup --bpffs-root {root}`, which removes the older layouts' pins and routes too"
+    )]
+    NewerLayoutCleanup { dir: PathBuf, version: u32, root: PathBuf },
 }
 
 /// Whether `path` is on a bpffs mount.
@@ -212,23 +228,46 @@ impl PinLayout {
         self.maps_dir().join(name)
     }
 
-    /// Map directories of other layout versions, left by older agents.
-    pub fn stale_map_dirs(&self) -> Vec<PathBuf> {
-        let current = self.maps_dir();
+    /// The map directories under the root, `v<N>/` of any version, with
+    /// their versions.
+    fn map_dirs(&self) -> Vec<(u32, PathBuf)> {
         let Ok(entries) = std::fs::read_dir(&self.root) else {
             return Vec::new();
         };
         entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| {
-                p != &current
-                    && p.file_name()
-                        .and_then(|n| n.to_str())
-                        .and_then(|n| n.strip_prefix('v'))
-                        .is_some_and(|v| v.parse::<u32>().is_ok())
+            .filter_map(|p| {
+                let version = p.file_name()?.to_str()?.strip_prefix('v')?.parse::<u32>().ok()?;
+                Some((version, p))
             })
             .collect()
+    }
+
+    /// Map directories of older layout versions, left by older agents: an
+    /// upgrade's to read and to remove once the new programs run. Never a
+    /// newer layout's: see [`Self::newer_map_dir`].
+    pub fn stale_map_dirs(&self) -> Vec<PathBuf> {
+        self.map_dirs().into_iter().filter(|(v, _)| *v < MAP_LAYOUT_VERSION).map(|(_, p)| p).collect()
+    }
+
+    /// The newest map directory of a layout newer than this agent's, if
+    /// any: a newer agent ran here (this one is a rollback), and its
+    /// programs still serve from those maps. This agent does not know that
+    /// layout, so it can neither carry nor read what it records.
+    pub fn newer_map_dir(&self) -> Option<(u32, PathBuf)> {
+        self.map_dirs().into_iter().filter(|(v, _)| *v > MAP_LAYOUT_VERSION).max_by_key(|(v, _)| *v)
+    }
+
+    /// Refuses a root that holds a newer layout's maps (see
+    /// [`Self::newer_map_dir`]): starting would swap programs with empty
+    /// maps into the newer datapath's links, delete the routes its layout
+    /// recorded and remove its pins.
+    pub fn refuse_newer_layout(&self) -> Result<(), BpffsError> {
+        match self.newer_map_dir() {
+            Some((version, dir)) => Err(BpffsError::NewerLayout { dir, version, root: self.root.clone() }),
+            None => Ok(()),
+        }
     }
 
     pub fn links_dir(&self) -> PathBuf {
@@ -373,16 +412,42 @@ mod tests {
     }
 
     #[test]
-    fn stale_map_dirs_are_other_versions_only() {
+    fn stale_map_dirs_are_older_versions_only() {
         let dir = std::env::temp_dir().join(format!("overlay-layout-{}", std::process::id()));
         let current = format!("v{MAP_LAYOUT_VERSION}");
-        for sub in ["v0", "v2", current.as_str(), "v9", "links", "vx"] {
+        let (newer, newest) = (format!("v{}", MAP_LAYOUT_VERSION + 1), format!("v{}", MAP_LAYOUT_VERSION + 2));
+        for sub in ["v0", "v2", current.as_str(), newer.as_str(), newest.as_str(), "links", "vx"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let layout = PinLayout::new(&dir);
         let mut stale = layout.stale_map_dirs();
         stale.sort();
+        let found = layout.newer_map_dir();
+        let refused = layout.refuse_newer_layout();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(stale, vec![dir.join("v0"), dir.join("v2"), dir.join("v9")]);
+        // A newer layout's maps are a newer agent's running datapath (a
+        // rollback): never stale, never removed.
+        assert_eq!(stale, vec![dir.join("v0"), dir.join("v2")]);
+        assert_eq!(found, Some((MAP_LAYOUT_VERSION + 2, dir.join(&newest))));
+        match refused {
+            Err(BpffsError::NewerLayout { dir: refused, version, .. }) => {
+                assert_eq!((refused, version), (dir.join(&newest), MAP_LAYOUT_VERSION + 2));
+            }
+            other => panic!("a root with a newer layout must be refused: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_root_with_older_layouts_only_is_not_refused() {
+        let dir = std::env::temp_dir().join(format!("overlay-layout-older-{}", std::process::id()));
+        let current = format!("v{MAP_LAYOUT_VERSION}");
+        for sub in ["v2", current.as_str(), "links"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let layout = PinLayout::new(&dir);
+        let (found, refused) = (layout.newer_map_dir(), layout.refuse_newer_layout());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(found, None);
+        assert!(refused.is_ok(), "{refused:?}");
     }
 }

@@ -242,6 +242,9 @@ impl Datapath {
         // thread meanwhile, or waits the milliseconds until the load is done.
         let _blocked = SignalsBlocked::on_this_thread();
         let layout = PinLayout::new(root);
+        // A newer layout's maps are a newer agent's running datapath (a
+        // rollback): nothing may be pinned beside them or swapped in.
+        layout.refuse_newer_layout()?;
         bpffs::prepare_root(&layout.maps_dir())?;
         let maps_adopted = map_names::ALL.iter().all(|name| layout.map(name).exists());
         // aya reuses a pinned map whatever its shape, so pins left under this
@@ -726,9 +729,10 @@ impl Datapath {
 
     /// Removes what the agent pins under `root`, and nothing else: the
     /// links of each role in `links/<iface>/` (which detaches the programs
-    /// from their interfaces), the map directories of every layout version
-    /// (`v<N>/`), then each of those directories and `root` itself once
-    /// empty. Never recurses into anything else. Maps live on while a
+    /// from their interfaces), the map directories of this layout version
+    /// and older ones (`v<N>/`), then each of those directories and `root`
+    /// itself once empty. A newer layout's maps are left, as not ours to
+    /// read (`cleanup` refuses such a root before this). Never recurses into anything else. Maps live on while a
     /// process holds them.
     ///
     /// Refuses a `root` that is not on bpffs: pins live only there, so

@@ -48,14 +48,21 @@ fn main() -> std::process::ExitCode {
 
 /// Removes one agent's datapath: the routes whose destinations are in the
 /// root's `ROUTES` map (so another root's routes in the same namespace
-/// stay), the pins under the root, and subnet.env. A root not on bpffs is
-/// refused before anything is touched.
+/// stay), the pins under the root, and subnet.env. A root not on bpffs, or
+/// holding a newer map layout's pins, is refused before anything is
+/// touched.
 fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     use overlay_agent::{bpffs, maps::DatapathMaps, routes};
     if root.exists() && !bpffs::is_bpffs(root) {
         return Err(bpffs::BpffsError::NotBpffs { path: root.to_owned() }.into());
     }
     let layout = bpffs::PinLayout::new(root);
+    // Only the newer release knows what its layout pins and records; every
+    // release's cleanup knows the layouts before it, so the newer one's
+    // cleanup removes everything, where this one would leave its routes.
+    if let Some((version, dir)) = layout.newer_map_dir() {
+        return Err(bpffs::BpffsError::NewerLayoutCleanup { dir, version, root: root.to_owned() }.into());
+    }
     let interfaces = layout.linked_interfaces();
     let ours = if layout.map(overlay_common::map_names::ROUTES).exists() {
         DatapathMaps::route_destinations(root).context("reading which routes this root installed")?

@@ -74,6 +74,10 @@ enum Source {
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<()> {
+    // Before anything is touched (the flannel device, the pins, the
+    // routes): a newer map layout's pins are a newer agent's datapath,
+    // serving from maps this agent cannot read (a rollback).
+    bpffs::PinLayout::new(&args.bpffs_root).refuse_newer_layout()?;
     let etcd = if args.etcd_endpoints.is_empty() { None } else { Some(etcd_source::connect_and_read_config(&etcd_options(&args)).await?) };
     let (settings, iface, subnet_file) = settings(&args, etcd.as_ref().map(|(_, config)| config.net_conf.clone()))?;
     let metrics = Arc::new(Metrics::new(&args.bpffs_root));

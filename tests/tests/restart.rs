@@ -517,3 +517,86 @@ fn an_upgrade_from_the_previous_map_layout_serves_before_the_first_reconcile() {
     lab.stop_agent(1);
     lab.nodes_dir = nodes_dir;
 }
+
+/// Turns the stopped agent's pins under `root` into what a newer map
+/// layout's agent would have left: its maps under `v<N+1>/` and none under
+/// ours. They keep this layout's shapes (a newer one's may differ), but
+/// that changes nothing for an older agent, which must neither read them
+/// nor remove them. The programs in the pinned links keep the maps they
+/// were loaded with, so the datapath serves on, as the newer one would.
+fn pin_as_a_newer_layout(root: &Path) -> std::path::PathBuf {
+    let newer = root.join(format!("v{}", MAP_LAYOUT_VERSION + 1));
+    std::fs::rename(root.join(format!("v{MAP_LAYOUT_VERSION}")), &newer).unwrap();
+    newer
+}
+
+/// A rollback (`kubectl rollout undo`) onto a node where a newer map
+/// layout's agent ran: node 2's agent refuses to start, says why and what
+/// to do, and changes nothing. The newer layout's maps stay pinned and its
+/// programs serve on, node 1's pod CIDR keeps its route. Without its own
+/// Node no reconcile could put back what a start took. (Shown failing
+/// before: the agent took the newer layout for a stale one, started from
+/// empty maps, deleted every route the newer layout recorded and removed
+/// its pins.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
+    require_root();
+    let mut lab = two_node_lab();
+    let routes = |lab: &Lab| String::from_utf8_lossy(&lab.nodes[1].ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
+    let routes_before = routes(&lab);
+    let node1_cidr = lab.nodes[0].pod_cidr.to_string();
+    assert!(routes_before.contains(&node1_cidr), "control: node 2 routes node 1's pods: {routes_before}");
+    lab.stop_agent(1);
+    let root = lab.nodes[1].pin_root.clone();
+    let newer = pin_as_a_newer_layout(&root);
+    let pinned = |dir: &Path| {
+        let mut names: Vec<String> = std::fs::read_dir(dir).map(|e| e.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+        names.sort();
+        names
+    };
+    let (newer_pins, links) = (pinned(&newer), pinned(&root.join("links")));
+    let nodes_dir = hide_the_nodes(&mut lab);
+    lab.launch_agent(1).unwrap();
+    let exited = lab.wait_for_agent_exit(1, Duration::from_secs(20));
+    let full_log = lab.agent_log(1);
+    // What the rolled back agent logged.
+    let log = full_log.rsplit("stopping; the datapath stays in place").next().unwrap().to_owned();
+    assert_eq!(routes(&lab), routes_before, "node 2's routes after the rollback:\n{log}");
+    assert_eq!(pinned(&newer), newer_pins, "the newer layout's pins under {}:\n{log}", newer.display());
+    assert_eq!(pinned(&root.join("links")), links, "the pinned links:\n{log}");
+    assert!(!root.join(format!("v{MAP_LAYOUT_VERSION}")).exists(), "the rolled back agent made its own maps beside the newer layout's:\n{log}");
+    let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    assert!(Lab::ping(&a.ns, b.ip), "pod on node 1 to node 2's pod after the rollback:\n{log}");
+    assert!(Lab::ping(&b.ns, a.ip), "node 2's pod to node 1's after the rollback:\n{log}");
+    let status = exited.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&format!("{} holds the maps of map layout v{}", newer.display(), MAP_LAYOUT_VERSION + 1))
+            && log.contains("still attached and serving"),
+        "the agent must say which newer layout it found:\n{log}"
+    );
+    // The older release's cleanup refuses the root too: it would remove the
+    // pins that record the newer layout's routes, and leave the routes.
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.nodes[1].ns.name()))
+        .arg(agent_binary())
+        .arg("cleanup")
+        .arg("--bpffs-root")
+        .arg(&root)
+        .arg("--keep-subnet-file")
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("Run the newer release's `overlay-agent cleanup"), "{said}");
+    assert_eq!(routes(&lab), routes_before, "node 2's routes after the older cleanup:\n{said}");
+    assert_eq!(pinned(&newer), newer_pins, "the newer layout's pins after the older cleanup:\n{said}");
+    assert_eq!(pinned(&root.join("links")), links, "the pinned links after the older cleanup:\n{said}");
+    // Rolled forward again (here: the layout put back), the node is served
+    // as before.
+    std::fs::rename(&newer, root.join(format!("v{MAP_LAYOUT_VERSION}"))).unwrap();
+    lab.nodes_dir = nodes_dir;
+    lab.start_agent(1, Duration::from_secs(20)).unwrap();
+    lab.assert_all_pairs("after rolling forward again");
+}
