@@ -200,8 +200,7 @@ impl Applier {
             applied.insert(cidr, peer);
         }
         forget_orphaned_peers(&mut maps, &applied)?;
-        let recorded: BTreeSet<Ipv4Network> = maps
-            .older_layouts_route_destinations()
+        let recorded: BTreeSet<Ipv4Network> = DatapathMaps::older_layouts_route_destinations(maps.layout().root())
             .map_err(|source| ApplyError::Record { source })?
             .into_iter()
             .filter(|c| !applied.contains_key(c))

@@ -47,10 +47,10 @@ fn main() -> std::process::ExitCode {
 }
 
 /// Removes one agent's datapath: the routes whose destinations are in the
-/// root's `ROUTES` map (so another root's routes in the same namespace
-/// stay), the pins under the root, and subnet.env. A root not on bpffs, or
-/// holding a newer map layout's pins, is refused before anything is
-/// touched.
+/// root's `ROUTES` maps, this layout's and older ones' (so another root's
+/// routes in the same namespace stay), the pins under the root, and
+/// subnet.env. A root not on bpffs, or holding a newer map layout's pins,
+/// is refused before anything is touched.
 fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> anyhow::Result<()> {
     use overlay_agent::{bpffs, maps::DatapathMaps, routes};
     if root.exists() && !bpffs::is_bpffs(root) {
@@ -64,12 +64,25 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         return Err(bpffs::BpffsError::NewerLayoutCleanup { dir, version, root: root.to_owned() }.into());
     }
     let interfaces = layout.linked_interfaces();
-    let ours = if layout.map(overlay_common::map_names::ROUTES).exists() {
-        DatapathMaps::route_destinations(root).context("reading which routes this root installed")?
-    } else {
+    let current = layout.map(overlay_common::map_names::ROUTES);
+    let mut records = Vec::new();
+    let mut ours = Vec::new();
+    if current.exists() {
+        ours = DatapathMaps::route_destinations(root).context("reading which routes this root installed")?;
+        records.push(current);
+    }
+    // An older layout's ROUTES is the only record of the routes its agent
+    // installed where no newer agent took the root over (an upgrade whose
+    // agent never started), and it goes with the pins below: read it first.
+    let older: Vec<_> = layout.stale_map_dirs().into_iter().map(|dir| dir.join(overlay_common::map_names::ROUTES)).filter(|p| p.exists()).collect();
+    if !older.is_empty() {
+        ours.extend(DatapathMaps::older_layouts_route_destinations(root).context("reading which routes the older map layouts under this root installed")?);
+        records.extend(older);
+    }
+    if records.is_empty() {
         println!("no ROUTES map under {}: no route can be told to be this root's, so none is removed", root.display());
-        Vec::new()
-    };
+        records.push(layout.map(overlay_common::map_names::ROUTES));
+    }
     let installed: Vec<_> = routes::with_our_protocol().context("listing the agent's routes")?.into_iter().filter(|c| ours.contains(c)).collect();
     // The nexthops our recorded routes use are ours; they go once their
     // routes are gone.
@@ -82,7 +95,7 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         "removed {} routes (proto {}, destinations in {}) and the {nexthop_count} nexthops they used",
         installed.len(),
         routes::ROUTE_PROTO,
-        layout.map(overlay_common::map_names::ROUTES).display()
+        records.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
     );
     // Those no route leads to any more: left by a crash before their route,
     // or by routes deleted while the agent was down.

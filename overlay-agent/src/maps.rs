@@ -67,14 +67,19 @@ impl DatapathMaps {
         route_destinations_at(&PinLayout::new(root).map(map_names::ROUTES))
     }
 
-    /// The pod CIDRs in the `ROUTES` maps of the older map layouts still
-    /// pinned beside these maps (an upgraded agent's first start, before
-    /// attaching removes them): the destinations of the kernel routes the
-    /// previous agent installed. A layout whose `ROUTES` has another shape
-    /// tells nothing.
-    pub fn older_layouts_route_destinations(&self) -> Result<Vec<ipnetwork::Ipv4Network>, MapsError> {
+    /// Where they are pinned.
+    pub fn layout(&self) -> &PinLayout {
+        &self.layout
+    }
+
+    /// The pod CIDRs in the `ROUTES` maps of the older map layouts pinned
+    /// under `root` (an upgraded agent's first start, before attaching
+    /// removes them; `cleanup` of a root an upgrade never took over): the
+    /// destinations of the kernel routes the older agents installed. A
+    /// layout whose `ROUTES` has another shape tells nothing.
+    pub fn older_layouts_route_destinations(root: &Path) -> Result<Vec<ipnetwork::Ipv4Network>, MapsError> {
         let mut destinations = Vec::new();
-        for dir in self.layout.stale_map_dirs() {
+        for dir in PinLayout::new(root).stale_map_dirs() {
             let path = dir.join(map_names::ROUTES);
             if !path.exists() {
                 continue;

@@ -600,3 +600,34 @@ fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
     lab.start_agent(1, Duration::from_secs(20)).unwrap();
     lab.assert_all_pairs("after rolling forward again");
 }
+
+/// `cleanup` on a root that holds only the previous map layout's pins (a
+/// node whose upgraded agent never started, say) removes the routes that
+/// layout recorded, as it removes the current one's. (Shown failing
+/// before: only the current layout's `ROUTES` was read, then every
+/// layout's pins were removed, and with them the only record of those
+/// routes, which stayed for good.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn cleanup_of_a_root_holding_only_the_previous_layout_removes_its_routes() {
+    require_root();
+    let mut lab = two_node_lab();
+    assert!(!lab.agent_routes(1).is_empty(), "control: node 2 routes node 1's pods");
+    lab.stop_agent(1);
+    let root = lab.nodes[1].pin_root.clone();
+    pin_as_the_previous_layout(&root);
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.nodes[1].ns.name()))
+        .arg(agent_binary())
+        .arg("cleanup")
+        .arg("--bpffs-root")
+        .arg(&root)
+        .arg("--keep-subnet-file")
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "cleanup failed: {said}");
+    assert!(lab.agent_routes(1).is_empty(), "routes remain: {:?}\n{said}", lab.agent_routes(1));
+    assert!(said.contains("removed 1 routes"), "{said}");
+    assert!(!root.exists(), "pins remain under {}:\n{said}", root.display());
+}
