@@ -389,6 +389,16 @@ impl EtcdSource {
             self.list().await?;
         }
         self.check_own_lease()?;
+        // Our lease gone without our seeing it go (deleted or expired while
+        // we were not watching, its event compacted away), or seen to go
+        // but not written back (that write failed): written again now, not
+        // at the next renewal, up to a day away. Meanwhile the other nodes
+        // would drop their routes to us, and another node could take our
+        // subnet, whose addresses our pods keep.
+        if self.own.as_ref().is_some_and(|own| !self.leases.contains_key(&own.key_name)) {
+            warn!("our subnet lease is missing from etcd; writing it again (flanneld would exit here)");
+            self.renew().await?;
+        }
         self.send(snapshots).await;
         let options = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1);
         let mut watch = self.client.watch(self.subnets_prefix(), Some(options)).await?;

@@ -174,6 +174,17 @@ impl Etcd {
         self.with_client(move |mut client| Box::pin(async move { client.delete(key, None).await.map(drop) }))
     }
 
+    /// Compacts the history up to the current revision, so a watch from an
+    /// older one is told it fell behind.
+    pub fn compact(&self) -> Result<(), String> {
+        self.with_client(move |mut client| {
+            Box::pin(async move {
+                let revision = client.get("/", None).await?.header().map_or(0, |h| h.revision());
+                client.compact(revision, Some(etcd_client::CompactionOptions::new().with_physical())).await.map(drop)
+            })
+        })
+    }
+
     /// Every key under `prefix` with its value and the remaining TTL of its
     /// lease in seconds (-1 without a lease).
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, String, i64)>, String> {

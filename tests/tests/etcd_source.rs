@@ -154,6 +154,42 @@ fn a_deleted_lease_is_put_back_and_a_taken_subnet_is_left_to_its_holder() {
     assert!(lab.agent_running(1), "node2's agent: {}", lab.agent_log(1));
 }
 
+/// Our lease gone while the agent was not watching (etcd restarted during
+/// a pause, the lease deleted and the deletion compacted out of etcd's
+/// history before the agent watches again):
+/// the agent lists again and must write it back at once, not at its next
+/// scheduled renewal a day later. Meanwhile every other node would drop its
+/// routes to us, and our subnet would be free for another node to take.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn our_lease_gone_while_the_agent_was_not_watching_is_written_again() {
+    require_root();
+    let mut lab = etcd_lab(1);
+    let key = lease_key("10.244.1.0-24");
+    let lease = |lab: &Lab| etcd(lab).list(&key).unwrap().into_iter().find(|l| l.0 == key).map(|l| l.1);
+    let ours = lease(&lab).unwrap_or_else(|| panic!("node1 holds no {key}"));
+    let pid = lab.agent_pid(0).expect("node1's agent") as i32;
+    // SAFETY: plain signals to the lab's agent.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // etcd restarted first, so the agent's watch cannot bring the
+    // deletion: its connection is gone when it wakes.
+    lab.etcd.as_mut().unwrap().kill_member(0);
+    lab.etcd.as_mut().unwrap().start_member(0).unwrap();
+    etcd(&lab).wait_healthy(Duration::from_secs(20)).unwrap();
+    etcd(&lab).delete(&key).unwrap();
+    etcd(&lab).compact().unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while lease(&lab).as_ref() != Some(&ours) {
+        assert!(Instant::now() < deadline, "{key} not written again in 15 s: {:?}
+{}", lease(&lab), lab.agent_log(0));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(lab.agent_running(0), "{}", lab.agent_log(0));
+    assert!(lab.agent_log(0).contains("our subnet lease is missing from etcd; writing it again"), "{}", lab.agent_log(0));
+    wait_for_peers_everywhere(&mut lab, 0);
+}
+
 /// No free subnet left for an agent (its lease gone, every subnet the
 /// net-conf allows leased to another node): it says so and exits 1, as
 /// flanneld does (shown failing before: it retried every second, logging
