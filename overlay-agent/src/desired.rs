@@ -149,6 +149,10 @@ impl RejectKind {
 pub enum NotReady {
     #[error("no Node named {0:?} (our own node) among the nodes; waiting for it (check --node-name)")]
     NoLocalNode(String),
+    /// Our own Node is there but could not be read (the loop's invalid
+    /// nodes name it): what is wrong with it, not a --node-name to check.
+    #[error("our own Node {name:?} cannot be used yet: {problem}; waiting for it to change")]
+    LocalNodeUnusable { name: String, problem: String },
     #[error("our own node: {0}")]
     LocalPodCidrOutsideNetwork(String),
 }

@@ -505,10 +505,19 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         let our_address = match self.state.result() {
             Ok(desired) => Ipv4Addr::from(desired.config.node_ip),
             Err(not_ready) => {
-                let not_ready = not_ready.clone();
+                let unusable = match not_ready {
+                    NotReady::NoLocalNode(name) => self.invalid.get(name).map(|problem| (name, problem)),
+                    _ => None,
+                };
+                let not_ready = match unusable {
+                    Some((name, problem)) => NotReady::LocalNodeUnusable { name: name.clone(), problem: problem.clone() },
+                    None => not_ready.clone(),
+                };
                 if self.report(Reported::NotReady(not_ready.to_string())) {
                     match not_ready {
-                        NotReady::NoLocalNode(_) => warn!(reason = %not_ready, "datapath not configured yet"),
+                        NotReady::NoLocalNode(_) | NotReady::LocalNodeUnusable { .. } => {
+                            warn!(reason = %not_ready, "datapath not configured yet")
+                        }
                         NotReady::LocalPodCidrOutsideNetwork(_) => error!(reason = %not_ready, "refusing to configure the datapath"),
                     }
                 }

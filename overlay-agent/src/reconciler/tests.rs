@@ -387,6 +387,26 @@ async fn a_restart_adopts_the_state_and_a_relist_drops_nodes_deleted_meanwhile()
     assert_eq!(cidrs(&table), ["10.244.2.0/24"], "c was deleted while no agent watched");
 }
 
+/// Our own Node there but unusable (here: no pod CIDR yet, as before the
+/// controller-manager allocates one): the not-ready report says so, not
+/// that the Node is missing and --node-name may be wrong.
+#[tokio::test]
+async fn our_own_node_unusable_is_reported_as_such_not_as_missing() {
+    let table = FakeWriter::default();
+    let mut r = new_loop(&table);
+    let others = three().split_off(1);
+    let ours = InvalidNode { key: "a".into(), problem: "node a: no IPv4 pod CIDR (spec.podCIDR is empty)".into() };
+    assert!(!step(&mut r, events(vec![NodeEvent::Resync { nodes: others, invalid: vec![ours] }])).await);
+    let not_ready: Vec<_> = r.first_reports.iter().filter_map(|p| if let Reported::NotReady(t) = p { Some(t.as_str()) } else { None }).collect();
+    assert_eq!(
+        not_ready,
+        ["our own Node \"a\" cannot be used yet: node a: no IPv4 pod CIDR (spec.podCIDR is empty); waiting for it to change"],
+        "{:?}",
+        r.first_reports
+    );
+    assert!(table.0.borrow().peers.is_empty());
+}
+
 #[tokio::test]
 async fn no_datapath_without_our_own_node_or_with_an_address_we_do_not_have() {
     let table = FakeWriter::default();
