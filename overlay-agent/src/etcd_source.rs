@@ -499,6 +499,9 @@ impl EtcdSource {
             let key = format!("{}{name}", self.subnets_prefix());
             if let Some(ttl) = self.put_if_unchanged(&key, &own.value, 0).await? {
                 info!(lease = %name, "allocated a subnet lease");
+                // As the watch will say: the first snapshot holds our own
+                // node, and our lease does not read as missing.
+                self.leases.insert(name, own.value.clone().into_bytes());
                 self.own = Some(OwnLease { renew_at: renew_at(ttl), ..own });
                 return Ok(());
             }

@@ -80,6 +80,9 @@ fn agents_hold_flanneld_leases_and_reach_each_other() {
         );
         // flanneld's 24 h lease.
         assert!((86_400 - 120..=86_400).contains(ttl), "{key}: TTL {ttl}");
+        // Written once, and known as ours from the first snapshot on.
+        let log = lab.agent_log(i);
+        assert!(!log.contains("missing from etcd") && !log.contains("our own node) among the nodes"), "node{}:\n{log}", i + 1);
     }
     lab.assert_all_pairs("all pairs");
 }
