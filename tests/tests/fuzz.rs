@@ -175,7 +175,7 @@ fn pod_packet(rng: &mut Rng, src: [u8; 4], dst: [u8; 4], max_len: usize) -> Vec<
             let icmp = rng.bytes(payload_len + 8);
             // One in four, by the first byte (so the draws stay as they
             // were): an ICMP error from `src` about a packet `dst` sent it.
-            if icmp[0] % 4 == 0 { icmp_error_from(&icmp, src, dst) } else { icmp }
+            if icmp[0].is_multiple_of(4) { icmp_error_from(&icmp, src, dst) } else { icmp }
         }
         _ => rng.bytes(payload_len + 8),
     };
@@ -205,9 +205,9 @@ fn pod_packet(rng: &mut Rng, src: [u8; 4], dst: [u8; 4], max_len: usize) -> Vec<
 /// address, with options, with a fragment offset, or cut short.
 fn icmp_error_from(bytes: &[u8], src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     let b = |i: usize| bytes.get(i).copied().unwrap_or(0);
-    let quoted_to = if b(3) % 10 == 0 { [10, 244, 9, 9] } else { src };
+    let quoted_to = if b(3).is_multiple_of(10) { [10, 244, 9, 9] } else { src };
     let mut quote = ipv4(dst, quoted_to, [17, 6, 1, 132][usize::from(b(2) % 4)], 0, &[b(4), b(5), b(6), b(7), 0, 8, 0, 0]);
-    if b(1) % 10 == 0 {
+    if b(1).is_multiple_of(10) {
         quote[0] = 0x46;
         quote.splice(20..20, [1, 1, 1, 1]);
     }
