@@ -732,8 +732,8 @@ impl Datapath {
     /// from their interfaces), the map directories of this layout version
     /// and older ones (`v<N>/`), then each of those directories and `root`
     /// itself once empty. A newer layout's maps are left, as not ours to
-    /// read (`cleanup` refuses such a root before this). Never recurses into anything else. Maps live on while a
-    /// process holds them.
+    /// read (`cleanup` refuses such a root before this). Never recurses
+    /// into anything else. Maps live on while a process holds them.
     ///
     /// Refuses a `root` that is not on bpffs: pins live only there, so
     /// anything else is not ours. Returns what was left under `root`

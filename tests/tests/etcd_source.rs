@@ -28,6 +28,11 @@ fn lease_key(subnet: &str) -> String {
     format!("{ETCD_PREFIX}/subnets/{subnet}")
 }
 
+/// The value at `key`, if any.
+fn lease_value(lab: &Lab, key: &str) -> Option<String> {
+    etcd(lab).list(key).unwrap().into_iter().find(|l| l.0 == key).map(|l| l.1)
+}
+
 /// Writes a flanneld-format VXLAN lease for `subnet` (as flanneld names
 /// it: `10.244.9.0-24`) of a node at 192.168.77.99, which no lab node is.
 fn put_lease(lab: &Lab, subnet: &str, vtep_mac: &str, ttl: Option<Duration>) {
@@ -128,8 +133,7 @@ fn a_deleted_lease_is_put_back_and_a_taken_subnet_is_left_to_its_holder() {
     require_root();
     let mut lab = etcd_lab(1);
     let key = lease_key("10.244.1.0-24");
-    let lease = |lab: &Lab| etcd(lab).list(&key).unwrap().into_iter().find(|l| l.0 == key).map(|l| l.1);
-    let ours = lease(&lab).unwrap_or_else(|| panic!("node1 holds no {key}"));
+    let ours = lease_value(&lab, &key).unwrap_or_else(|| panic!("node1 holds no {key}"));
 
     // Deleted (flanneld would exit): written again, the same, and our
     // own node never leaves the agent's view meanwhile.
@@ -137,8 +141,8 @@ fn a_deleted_lease_is_put_back_and_a_taken_subnet_is_left_to_its_holder() {
     let missing_before = own_node_missing(&lab);
     etcd(&lab).delete(&key).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while lease(&lab).as_ref() != Some(&ours) {
-        assert!(Instant::now() < deadline, "{key} not written again: {:?}\n{}", lease(&lab), lab.agent_log(0));
+    while lease_value(&lab, &key).as_ref() != Some(&ours) {
+        assert!(Instant::now() < deadline, "{key} not written again: {:?}\n{}", lease_value(&lab, &key), lab.agent_log(0));
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_millis(500));
@@ -153,7 +157,7 @@ fn a_deleted_lease_is_put_back_and_a_taken_subnet_is_left_to_its_holder() {
     assert!(!status.success(), "{status}");
     let log = lab.agent_log(0);
     assert!(log.contains("our subnet lease 10.244.1.0-24 now belongs to another node (PublicIP 192.168.77.99)"), "{log}");
-    assert_eq!(lease(&lab).as_deref(), Some(theirs), "{log}");
+    assert_eq!(lease_value(&lab, &key).as_deref(), Some(theirs), "{log}");
     assert!(lab.agent_running(1), "node2's agent: {}", lab.agent_log(1));
 }
 
@@ -169,8 +173,7 @@ fn our_lease_gone_while_the_agent_was_not_watching_is_written_again() {
     require_root();
     let mut lab = etcd_lab(1);
     let key = lease_key("10.244.1.0-24");
-    let lease = |lab: &Lab| etcd(lab).list(&key).unwrap().into_iter().find(|l| l.0 == key).map(|l| l.1);
-    let ours = lease(&lab).unwrap_or_else(|| panic!("node1 holds no {key}"));
+    let ours = lease_value(&lab, &key).unwrap_or_else(|| panic!("node1 holds no {key}"));
     let pid = lab.agent_pid(0).expect("node1's agent") as i32;
     // SAFETY: plain signals to the lab's agent.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -183,9 +186,9 @@ fn our_lease_gone_while_the_agent_was_not_watching_is_written_again() {
     etcd(&lab).compact().unwrap();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let deadline = Instant::now() + Duration::from_secs(15);
-    while lease(&lab).as_ref() != Some(&ours) {
+    while lease_value(&lab, &key).as_ref() != Some(&ours) {
         assert!(Instant::now() < deadline, "{key} not written again in 15 s: {:?}
-{}", lease(&lab), lab.agent_log(0));
+{}", lease_value(&lab, &key), lab.agent_log(0));
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(lab.agent_running(0), "{}", lab.agent_log(0));

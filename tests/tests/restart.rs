@@ -578,16 +578,7 @@ fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
     );
     // The older release's cleanup refuses the root too: it would remove the
     // pins that record the newer layout's routes, and leave the routes.
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.nodes[1].ns.name()))
-        .arg(agent_binary())
-        .arg("cleanup")
-        .arg("--bpffs-root")
-        .arg(&root)
-        .arg("--keep-subnet-file")
-        .output()
-        .unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (out, said) = cleanup_keeping_subnet_file(&lab, 1, &root);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("Run the newer release's `overlay-agent cleanup"), "{said}");
     assert_eq!(routes(&lab), routes_before, "node 2's routes after the older cleanup:\n{said}");
@@ -599,6 +590,20 @@ fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
     lab.nodes_dir = nodes_dir;
     lab.start_agent(1, Duration::from_secs(20)).unwrap();
     lab.assert_all_pairs("after rolling forward again");
+}
+
+/// `overlay-agent cleanup --bpffs-root <root> --keep-subnet-file` in node
+/// `i`'s namespace: its output, and what it printed (stdout, then stderr).
+fn cleanup_keeping_subnet_file(lab: &Lab, i: usize, root: &Path) -> (std::process::Output, String) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.nodes[i].ns.name()))
+        .arg(agent_binary())
+        .args(["cleanup", "--keep-subnet-file", "--bpffs-root"])
+        .arg(root)
+        .output()
+        .unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out, said)
 }
 
 /// `cleanup` on a root that holds only the previous map layout's pins (a
@@ -616,16 +621,7 @@ fn cleanup_of_a_root_holding_only_the_previous_layout_removes_its_routes() {
     lab.stop_agent(1);
     let root = lab.nodes[1].pin_root.clone();
     pin_as_the_previous_layout(&root);
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.nodes[1].ns.name()))
-        .arg(agent_binary())
-        .arg("cleanup")
-        .arg("--bpffs-root")
-        .arg(&root)
-        .arg("--keep-subnet-file")
-        .output()
-        .unwrap();
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let (out, said) = cleanup_keeping_subnet_file(&lab, 1, &root);
     assert!(out.status.success(), "cleanup failed: {said}");
     assert!(lab.agent_routes(1).is_empty(), "routes remain: {:?}\n{said}", lab.agent_routes(1));
     assert!(said.contains("removed 1 routes"), "{said}");
