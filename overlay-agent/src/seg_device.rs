@@ -21,6 +21,14 @@
 //! and redirects it to the underlay's egress. GRO is off on `ovl-seg1`, so
 //! nothing merges the segments again.
 //!
+//! The device also splits tunnel datagrams for this node that the
+//! underlay's GRO merged into one UDP GSO packet: a NIC with
+//! `rx-udp-gro-forwarding` or `rx-gro-list` on merges VXLAN that carries a
+//! UDP checksum (kernel vxlan devices, flannel's included, send one by
+//! default), and TC decapsulation sees the merged packet, which it cannot
+//! decapsulate as one. `ovl-seg0` lacks UDP and fraglist segmentation too,
+//! so each datagram reaches `ovl-seg1` alone and is decapsulated there.
+//!
 //! The pair itself (creation, reuse, removal) is [`crate::device_pair`]'s.
 
 use crate::{
@@ -32,8 +40,8 @@ use crate::{
 /// The segmentation device.
 pub const SEGMENTATION: DevicePair = DevicePair {
     what: "segmentation device",
-    purpose: "pod tunnels' GSO packets are segmented there, then encapsulated",
-    without: "GSO packets of pods' own tunnels are dropped (helper_error)",
+    purpose: "pod tunnels' GSO packets are segmented there, then encapsulated; tunnel datagrams the underlay's GRO merged are split there, then decapsulated",
+    without: "GSO packets of pods' own tunnels, and tunnel datagrams the underlay's GRO merged, are dropped (helper_error)",
     send_end: "ovl-seg0",
     receive_end: "ovl-seg1",
     alias: "overlay-agent: segments pod tunnels' GSO packets",
@@ -48,6 +56,12 @@ pub const SEGMENTATION: DevicePair = DevicePair {
         ("tx-gre-csum-segmentation", false),
         ("tx-ipxip4-segmentation", false),
         ("tx-ipxip6-segmentation", false),
+        // And without UDP segmentation (Linux 4.18) or fraglist GSO (5.6),
+        // it splits the tunnel datagrams the underlay's GRO merged
+        // (`rx-udp-gro-forwarding`, `rx-gro-list`) before they are
+        // decapsulated one by one.
+        ("tx-udp-segmentation", false),
+        ("tx-gso-list", false),
     ],
     // GRO would merge the segments again (veth has a NAPI once it is on).
     receive_features: &[("rx-gro", false)],

@@ -1,21 +1,23 @@
-//! Decapsulation, at XDP (the default) or at TC ingress (the fallback).
+//! Decapsulation, at TC ingress (`--decap auto` on veths) or at XDP
+//! (`auto` on NICs).
 //!
 //! Either way the inner IPv4 packet is handed to the kernel's stack with the
 //! outer Ethernet addresses, so it is routed to the pod like any packet that
 //! arrived for this host (the flannel model: pods sit behind `cni0`).
 
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
-    helpers::generated::bpf_xdp_adjust_head,
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
     programs::{TcContext, XdpContext},
 };
 use network_types::eth::EthHdr;
-use overlay_common::{Counter, GRO_RETURN_MARK};
+use overlay_common::{Config, Counter, GRO_RETURN_MARK};
 
 use crate::{
     DropReason,
     counters::count,
-    fastpath::{Arrival, deliver_to_pod, to_gro_device},
+    encap::to_segmentation,
+    fastpath::{Arrival, PACKET_HOST, deliver_to_pod, to_gro_device},
     maps::config,
     packet::{Packet as _, ptr_at},
     parse::{ENCAP_LEN, OUTER_UDP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
@@ -26,10 +28,15 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(xdp_action::XDP_PASS);
     };
-    if let Rx::NotOurs = classify_rx(ctx, cfg)? {
-        reject_bare_tunnel_source(ctx, cfg)?;
-        count(Counter::Pass, (ctx.end() - ctx.start()) as u64);
-        return Ok(xdp_action::XDP_PASS);
+    match classify_rx(ctx, cfg)? {
+        Rx::Decap => {}
+        Rx::NotOurs => {
+            reject_bare_tunnel_source(ctx, cfg)?;
+            count(Counter::Pass, (ctx.end() - ctx.start()) as u64);
+            return Ok(xdp_action::XDP_PASS);
+        }
+        // XDP runs before GRO: nothing has merged the frame.
+        Rx::Merged => return Err(DropReason::HelperError),
     }
     let outer = unsafe { *ptr_at::<EthHdr>(ctx, 0)? };
     // SAFETY: the helper takes the raw xdp_md this context wraps.
@@ -67,24 +74,67 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     // and often a new head, for host-gw and DirectRouting pod traffic and
     // the node's own.
     ctx.make_linear(OUTER_UDP_OFF);
-    if let Rx::NotOurs = classify_rx(ctx, cfg)? {
-        // Behind XDP, this may be a packet XDP decapsulated (and checked).
-        let xdp_in_front = cfg.xdp_decap != 0;
-        if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: xdp_in_front }) {
-            return Ok(action);
+    match classify_rx(ctx, cfg)? {
+        Rx::Decap => {}
+        Rx::NotOurs => {
+            // Behind XDP, this may be a packet XDP decapsulated (and checked).
+            let xdp_in_front = cfg.xdp_decap != 0;
+            if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: xdp_in_front }) {
+                return Ok(action);
+            }
+            if !xdp_in_front {
+                reject_bare_tunnel_source(ctx, cfg)?;
+            }
+            count(Counter::Pass, u64::from(ctx.len()));
+            return Ok(TC_ACT_OK as i32);
         }
-        if !xdp_in_front {
-            reject_bare_tunnel_source(ctx, cfg)?;
-        }
-        count(Counter::Pass, u64::from(ctx.len()));
-        return Ok(TC_ACT_OK as i32);
+        // Split on the segmentation device; each datagram comes back to
+        // `try_tc_split_datagram`.
+        Rx::Merged => return to_segmentation(cfg),
     }
+    strip_tunnel(ctx)?;
+    let delivered = to_gro_device(ctx, cfg).or_else(|| deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: true }));
+    Ok(delivered.unwrap_or(TC_ACT_OK as i32))
+}
+
+/// Removes the tunnel headers [`classify_rx`] accepted, keeping the outer
+/// Ethernet header in front.
+#[inline(always)]
+fn strip_tunnel(ctx: &TcContext) -> Result<(), DropReason> {
     // FIXED_GSO: a GSO super-packet (veth hands them over whole) keeps its
     // inner MSS; without it the kernel grows gso_size by 50 and segments
     // come out larger than the pod MTU.
     ctx.adjust_room(-(ENCAP_LEN as i32), BPF_ADJ_ROOM_MAC, u64::from(BPF_F_ADJ_ROOM_FIXED_GSO))
         .map_err(|_| DropReason::HelperError)?;
     count(Counter::Decap, u64::from(ctx.len()));
-    let delivered = to_gro_device(ctx, cfg).or_else(|| deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: true }));
-    Ok(delivered.unwrap_or(TC_ACT_OK as i32))
+    Ok(())
+}
+
+/// TC ingress on `ovl-seg1`, for one tunnel datagram of a GSO packet the
+/// underlay's GRO had merged ([`Rx::Merged`]), split again by the kernel
+/// on the segmentation device (whose features lack UDP segmentation):
+/// checked and decapsulated as at the underlay's ingress. What the fast
+/// path does not deliver returns to the underlay's ingress, marked as the
+/// GRO device's returns are ([`GRO_RETURN_MARK`]), for the kernel's path.
+#[inline(always)]
+pub fn try_tc_split_datagram(ctx: &TcContext, cfg: &Config) -> Result<i32, DropReason> {
+    // `ovl-seg1` took the frame for another host's (its destination MAC is
+    // the underlay's); `to_gro_device` wants it for this one.
+    ctx.change_type(PACKET_HOST).map_err(|_| DropReason::HelperError)?;
+    match classify_rx(ctx, cfg)? {
+        Rx::Decap => {}
+        // Not split (the device segments UDP in software), or not ours.
+        Rx::NotOurs | Rx::Merged => return Err(DropReason::HelperError),
+    }
+    strip_tunnel(ctx)?;
+    if let Some(action) = to_gro_device(ctx, cfg).or_else(|| deliver_to_pod(ctx, cfg, Arrival::AgentDevice)) {
+        return Ok(action);
+    }
+    ctx.set_mark(GRO_RETURN_MARK);
+    // SAFETY: plain helper call; to the underlay's ingress.
+    let action = unsafe { bpf_redirect(cfg.underlay_ifindex, u64::from(BPF_F_INGRESS)) };
+    if action == i64::from(TC_ACT_SHOT) {
+        return Err(DropReason::HelperError);
+    }
+    Ok(action as i32)
 }

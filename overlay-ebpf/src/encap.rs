@@ -26,6 +26,7 @@ use overlay_common::{Config, Counter, ROUTE_MODE_VXLAN, Route};
 use crate::{
     DropReason,
     counters::count,
+    decap,
     fastpath::redirect_to_underlay,
     icmp,
     maps::{ROUTES, config},
@@ -104,12 +105,13 @@ pub enum Encapsulated {
     NeedsSegmenting,
 }
 
-/// Hands a pod tunnel's GSO packet to the egress of the agent's
-/// segmentation device (`ovl-seg0`), whose features lack tunnel
-/// segmentation offload, so the kernel cuts it into segments in software
-/// before the veth carries them (`validate_xmit_skb`), as its own vxlan
-/// device does before it encapsulates. Each segment arrives at `ovl-seg1`'s
-/// TC ingress, where [`try_tc_segmented`] encapsulates it. Without the
+/// Hands a pod tunnel's GSO packet (or tunnel datagrams the underlay's GRO
+/// merged) to the egress of the agent's segmentation device (`ovl-seg0`),
+/// whose features lack tunnel and UDP segmentation offload, so the kernel
+/// cuts it into segments in software before the veth carries them
+/// (`validate_xmit_skb`), as its own vxlan device does before it
+/// encapsulates. Each segment arrives at `ovl-seg1`'s TC ingress, where
+/// [`try_tc_segmented`] encapsulates (or decapsulates) it. Without the
 /// device (it could not be set up), the packet is dropped as before.
 #[inline(always)]
 pub fn to_segmentation(cfg: &Config) -> Result<i32, DropReason> {
@@ -120,8 +122,9 @@ pub fn to_segmentation(cfg: &Config) -> Result<i32, DropReason> {
     Ok(unsafe { bpf_redirect(cfg.seg_ifindex, 0) } as i32)
 }
 
-/// TC ingress on `ovl-seg1`: one segment of a pod tunnel's GSO packet, as
-/// [`to_segmentation`] sent it, with the Ethernet header it had then (the
+/// TC ingress on `ovl-seg1`: one segment of a pod tunnel's GSO packet (or
+/// a tunnel datagram to decapsulate, see [`decap::try_tc_split_datagram`]),
+/// as [`to_segmentation`] sent it, with the Ethernet header it had then (the
 /// route's next hop, or with the fast path the pod's gateway frame, TTL
 /// already decremented). Encapsulated for the peer of its route (a single
 /// packet: `encapsulate`'s path without tunnel metadata) and handed to the
@@ -138,7 +141,12 @@ pub fn try_tc_segmented(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::SegmentNoRoute);
     }
     let ip = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF).map_err(|_| DropReason::SegmentNoRoute)?;
-    let (dst, tos) = unsafe { ((*ip).dst_addr, (*ip).tos) };
+    let (dst, tos, proto) = unsafe { ((*ip).dst_addr, (*ip).tos, (*ip).proto) };
+    // UDP for this node is a tunnel datagram the underlay's GRO had merged
+    // (a pod tunnel's segment is for a remote pod).
+    if proto == IPPROTO_UDP && dst == cfg.node_ip {
+        return decap::try_tc_split_datagram(ctx, cfg);
+    }
     let route = match ROUTES.get(&Key::new(32, dst)) {
         Some(route) if route.mode == ROUTE_MODE_VXLAN => *route,
         _ => return Err(DropReason::SegmentNoRoute),

@@ -69,7 +69,7 @@ use crate::{
 
 const AF_INET: u32 = 2;
 /// `skb->pkt_type` of a frame addressed to this host (`PACKET_HOST`).
-const PACKET_HOST: u32 = 0;
+pub const PACKET_HOST: u32 = 0;
 const UDP_HDR_LEN: u32 = 8;
 /// The transport header, behind an IPv4 header without options.
 const L4_OFF: usize = OUTER_IP_OFF + Ipv4Hdr::LEN;
@@ -497,10 +497,12 @@ pub enum Arrival {
     /// `decapsulated` says whether there was one (its inner source was
     /// then checked against the sending peer).
     Underlay { decapsulated: bool },
-    /// At the GRO device's receiving end: merged from segments the
-    /// underlay's TC ingress decapsulated (and checked), which arrived
-    /// there for this host.
-    GroDevice,
+    /// At the receiving end of one of the agent's devices, decapsulated
+    /// and checked, and arrived at the underlay for this host: at the GRO
+    /// device's, merged from segments the underlay's TC ingress
+    /// decapsulated; at the segmentation device's, a tunnel datagram split
+    /// from ones the underlay's GRO merged, decapsulated there.
+    AgentDevice,
 }
 
 /// The in half: hands a packet for a local pod straight into the pod, or
@@ -523,9 +525,9 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
         }
         // Looked up as the kernel's path would see it: from the underlay
         // (whose policy routes and forwarding setting apply, not the
-        // device's). `ovl-gro1` took the frame for another host's (its
+        // device's). The device took the frame for another host's (its
         // destination MAC is the underlay's), so its type is set below.
-        Arrival::GroDevice => (true, cfg.underlay_ifindex),
+        Arrival::AgentDevice => (true, cfg.underlay_ifindex),
     };
     ctx.make_linear(L4_OFF + 4);
     make_icmp_quote_linear(ctx);
@@ -578,7 +580,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
     }
     // `bpf_redirect_peer` keeps the type, and the pod's IP layer drops a
     // frame for another host.
-    if arrival == Arrival::GroDevice && ctx.change_type(PACKET_HOST).is_err() {
+    if arrival == Arrival::AgentDevice && ctx.change_type(PACKET_HOST).is_err() {
         return None;
     }
     decrement_ttl(ip);
@@ -631,7 +633,7 @@ pub fn to_gro_device(ctx: &TcContext, cfg: &Config) -> Option<i32> {
 #[inline(always)]
 pub fn try_tc_gro(ctx: &TcContext) -> Result<i32, DropReason> {
     let cfg = config().ok_or(DropReason::GroUnconfigured)?;
-    if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::GroDevice) {
+    if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::AgentDevice) {
         return Ok(action);
     }
     ctx.set_mark(GRO_RETURN_MARK);

@@ -13,9 +13,15 @@ pub trait Packet {
     fn end(&self) -> usize;
     /// The whole packet's length, linear data or not.
     fn len(&self) -> usize;
+    /// A GSO super-packet's segment size (0 for a single packet): the
+    /// payload each segment carries past the headers GSO repeats.
+    fn gso_size(&self) -> u32;
     /// Whether this is a GSO super-packet, whose IPv4 and UDP lengths are
     /// rewritten per segment (and truncated to 16 bits above 64 KiB).
-    fn is_gso(&self) -> bool;
+    #[inline(always)]
+    fn is_gso(&self) -> bool {
+        self.gso_size() != 0
+    }
     /// Makes the first `len` bytes linear where they are not (an skb may
     /// hold them in fragments), so [`ptr_at`] can reach them; packet
     /// pointers taken before must be taken again. Only as far as the
@@ -38,9 +44,9 @@ impl Packet for TcContext {
         TcContext::len(self) as usize
     }
     #[inline(always)]
-    fn is_gso(&self) -> bool {
+    fn gso_size(&self) -> u32 {
         // SAFETY: reading a field of the context's own sk_buff.
-        unsafe { (*self.skb.skb).gso_size != 0 }
+        unsafe { (*self.skb.skb).gso_size }
     }
     #[inline(always)]
     fn make_linear(&self, len: usize) {
@@ -64,9 +70,10 @@ impl Packet for XdpContext {
     fn len(&self) -> usize {
         self.data_end() - self.data()
     }
+    /// XDP sees frames before any GSO or GRO.
     #[inline(always)]
-    fn is_gso(&self) -> bool {
-        false
+    fn gso_size(&self) -> u32 {
+        0
     }
     /// An XDP frame's first buffer is linear.
     #[inline(always)]

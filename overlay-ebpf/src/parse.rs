@@ -30,6 +30,10 @@ pub enum Rx {
     /// Valid VXLAN from a known node: strip [`ENCAP_LEN`] bytes after the
     /// outer Ethernet header.
     Decap,
+    /// Tunnel datagrams for this node that the underlay's GRO merged into
+    /// one GSO packet (see [`merged_datagrams`]): to be split again and
+    /// then checked and decapsulated one by one.
+    Merged,
 }
 
 /// Whether `addr` lies in `net/prefix_len`.
@@ -122,6 +126,9 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     if !lengths_agree(ctx, ip, unsafe { &*udp }, inner_ip) {
         return Err(DropReason::BadOuter);
     }
+    if merged_datagrams(ctx, inner_ip) {
+        return Ok(Rx::Merged);
+    }
     if vxlan[0] != VXLAN_FLAG_I || vxlan[1] != 0 || vxlan[2] != 0 || vxlan[3] != 0 || vxlan[7] != 0 {
         return Err(DropReason::BadFlags);
     }
@@ -169,6 +176,25 @@ fn lengths_agree(ctx: &impl Packet, ip: &Ipv4Hdr, udp: &UdpHdr, inner_ip: &Ipv4H
     let udp_len = usize::from(u16::from_be_bytes(udp.len));
     let inner_total = usize::from(u16::from_be_bytes(inner_ip.tot_len));
     udp_len + Ipv4Hdr::LEN == total && udp_len >= INNER_IP_OFF - OUTER_UDP_OFF + inner_total
+}
+
+/// Whether a GSO packet on our port is several tunnel datagrams that the
+/// underlay's GRO merged (UDP GRO: `rx-udp-gro-forwarding` or
+/// `rx-gro-list` on, for datagrams that carry a UDP checksum, as kernel
+/// vxlan devices send by default), rather than one tunnel packet around a
+/// GSO inner packet (what a veth passes whole from a sender's TSO). Each
+/// segment of a merged packet is a whole datagram, so its size covers the
+/// first datagram's VXLAN header and inner packet; the segment size of a
+/// tunnel packet around a GSO inner packet is the inner MSS, less than the
+/// inner packet. Decapsulated as one packet, a merged one would lose only
+/// its first datagram's tunnel headers and carry the others' inside its
+/// payload. An inner total length of 0 (BIG TCP past 64 KiB) is the
+/// latter kind.
+#[inline(always)]
+fn merged_datagrams(ctx: &impl Packet, inner_ip: &Ipv4Hdr) -> bool {
+    let segment = ctx.gso_size();
+    let inner_total = u32::from(u16::from_be_bytes(inner_ip.tot_len));
+    segment != 0 && inner_total != 0 && segment >= inner_total
 }
 
 /// RFC 6040 §4.2 on decapsulation with the outer header marked CE: an

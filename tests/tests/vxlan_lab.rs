@@ -431,3 +431,95 @@ fn two_nodes_with_node1_advertising(address: std::net::Ipv4Addr, agent_args: &[&
     lab.start_agent(0, Duration::from_secs(30)).expect("restarting node1's agent");
     lab
 }
+
+/// A node's underlay may merge UDP in GRO: `rx-udp-gro-forwarding` (which
+/// some VPN and router setups turn on) or fraglist GRO (`rx-gro-list`).
+/// Either merges VXLAN that carries a UDP checksum, as kernel vxlan
+/// devices (flannel's included) send by default, into one UDP GSO packet,
+/// and TC decapsulation (`--decap auto` on a veth) sees that packet. Each
+/// datagram must still reach its pod whole; before the datapath split such
+/// packets again, it stripped the first datagram's tunnel headers only and
+/// the pod got one datagram per merged packet.
+///
+/// node2's host sends the tunnel datagrams from a plain UDP socket, as a
+/// kernel vxlan device would send them, because a kernel vxlan device's
+/// packets cannot show this in a lab: they stay marked encapsulated across
+/// veths, and UDP GRO leaves such packets alone. The socket hands 16
+/// datagrams at a time to the kernel as one UDP GSO packet; node2's `eth0`
+/// cuts it (UDP segmentation off), node1's merges the datagrams again,
+/// which the capture on node1's `eth0` confirms.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn tunnel_datagrams_the_underlay_merged_reach_their_pod_one_by_one() {
+    use std::net::UdpSocket;
+    use overlay_tests::frames;
+
+    const BURST: usize = 16;
+    const BURSTS: usize = 20;
+    const PORT: u16 = 9000;
+    require_root();
+    let lab = start_lab();
+    let (node1, node2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (pod1, pod2) = (&node1.pods[0], &node2.pods[0]);
+    let run = |ns: &NetNs, args: &[&str]| {
+        let out = ns.exec(args[0], &args[1..]);
+        assert!(out.status.success(), "{args:?} in {}: {}", ns.name(), String::from_utf8_lossy(&out.stderr));
+    };
+    run(&node2.ns, &["ethtool", "-K", "eth0", "tx-udp-segmentation", "off"]);
+    let receiver = {
+        let _inside = pod1.ns.enter();
+        UdpSocket::bind((pod1.ip, PORT)).expect("binding in pod1")
+    };
+    receiver.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let sender = {
+        let _inside = node2.ns.enter();
+        UdpSocket::bind((node2.ip, 0)).expect("binding on node2")
+    };
+    let datagram = |seq: u32| {
+        let payload: Vec<u8> = seq.to_be_bytes().repeat(250);
+        let inner = frames::ipv4(pod2.ip.octets(), pod1.ip.octets(), 17, 0, seq as u16, true, &frames::udp(4000, PORT, &payload));
+        let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+        vxlan.extend(frames::eth([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], 0x0800, &inner));
+        vxlan
+    };
+    let segment = datagram(0).len() as libc::c_int;
+    // SAFETY: setting an integer option on the socket's own descriptor.
+    let rc = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::setsockopt(sender.as_raw_fd(), libc::SOL_UDP, libc::UDP_SEGMENT, (&raw const segment).cast(), size_of::<libc::c_int>() as u32)
+    };
+    assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+
+    for merging in ["rx-udp-gro-forwarding", "rx-gro-list"] {
+        let other = if merging == "rx-gro-list" { "rx-udp-gro-forwarding" } else { "rx-gro-list" };
+        run(&node1.ns, &["ethtool", "-K", "eth0", merging, "on", other, "off"]);
+        let pcap = lab.work_dir().join(format!("{merging}.pcap"));
+        let capture = Capture::start(&node1.ns, "eth0", &["udp", "port", "8472"], &pcap);
+        let (mut received, mut wrong) = (0, Vec::new());
+        for burst in 0..BURSTS {
+            let first = (burst * BURST) as u32;
+            let packet: Vec<u8> = (first..first + BURST as u32).flat_map(datagram).collect();
+            sender.send_to(&packet, (node1.ip, 8472)).expect("sending a burst");
+            let mut buf = [0u8; 2048];
+            for _ in 0..BURST {
+                let Ok(n) = receiver.recv(&mut buf) else { break };
+                let seq = u32::from_be_bytes(buf[..4].try_into().unwrap());
+                if n == 1000 && buf[..n] == seq.to_be_bytes().repeat(250)[..] && (first..first + BURST as u32).contains(&seq) {
+                    received += 1;
+                } else {
+                    wrong.push((n, seq));
+                }
+            }
+        }
+        capture.stop();
+        let lengths = stdout("tshark", &["-r", pcap.to_str().expect("UTF-8 path"), "-T", "fields", "-e", "frame.len"]);
+        let merged = lengths.lines().filter(|l| l.trim().parse::<usize>().is_ok_and(|len| len > 1514)).count();
+        assert!(merged > 0, "with {merging} on, node1's eth0 merged nothing, so this proves nothing; frame lengths:\n{lengths}");
+        assert!(
+            received == BURST * BURSTS && wrong.is_empty(),
+            "with {merging} on ({merged} merged packets on node1's eth0), pod1 got {received} of {} datagrams intact, and these wrong (length, first word): {wrong:?}\n{}",
+            BURST * BURSTS,
+            lab.inspect(0)
+        );
+    }
+}
