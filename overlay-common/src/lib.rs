@@ -83,15 +83,18 @@ pub const DEFAULT_VXLAN_PORT: u16 = 8472;
 pub const IANA_VXLAN_PORT: u16 = 4789;
 /// flannel's default VNI.
 pub const DEFAULT_VNI: u32 = 1;
-/// The `skb->mark` with which `overlay_tc_gro` returns a merged packet it
-/// cannot deliver to the underlay's ingress: there `overlay_tc_ingress`
-/// passes it to the kernel's path unchecked (it was checked, as the
-/// segments it merges, before it was decapsulated) and clears the mark
-/// before anything else sees it. A packet from the wire or from a pod
-/// arrives with mark 0 (crossing namespaces clears it); only a program in
-/// the node's own namespace could set it. Bits 0x4000 and 0x8000, which
-/// kube-proxy uses, are clear.
-pub const GRO_RETURN_MARK: u32 = 0x6f76_0001;
+/// The `skb->mark` with which our programs hand a packet to the
+/// underlay's ingress for the kernel's path: a merged packet
+/// `overlay_tc_gro` does not deliver, a tunnel datagram split and
+/// decapsulated on the segmentation device that the fast path does not
+/// deliver (both checked before they were decapsulated), and the
+/// datapath's own ICMP "fragmentation needed" reply. There
+/// `overlay_tc_ingress` passes it to the kernel's path unchecked and
+/// clears the mark before anything else sees it. A packet from the wire
+/// or from a pod arrives with mark 0 (crossing namespaces clears it); only
+/// a program in the node's own namespace could set it. Bits 0x4000 and
+/// 0x8000, which kube-proxy uses, are clear.
+pub const KERNEL_PATH_MARK: u32 = 0x6f76_0001;
 
 /// [`Route::mode`]: reach the CIDR through a VXLAN tunnel to the node.
 pub const ROUTE_MODE_VXLAN: u8 = 1;

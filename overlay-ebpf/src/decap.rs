@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::eth::EthHdr;
-use overlay_common::{Config, Counter, GRO_RETURN_MARK};
+use overlay_common::{Config, Counter, KERNEL_PATH_MARK};
 
 use crate::{
     DropReason,
@@ -59,10 +59,11 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(TC_ACT_OK as i32);
     };
-    // A merged packet the GRO device returned (see `fastpath::try_tc_gro`):
-    // decapsulated and checked here already, segment by segment.
+    // Handed back for the kernel's path (see `KERNEL_PATH_MARK`): a merged
+    // packet the GRO device returned or a split datagram, both checked
+    // before they were decapsulated, or our own frag-needed reply.
     // SAFETY: reading a field of the context's own sk_buff.
-    if unsafe { (*ctx.skb.skb).mark } == GRO_RETURN_MARK {
+    if unsafe { (*ctx.skb.skb).mark } == KERNEL_PATH_MARK {
         ctx.set_mark(0);
         count(Counter::Pass, u64::from(ctx.len()));
         return Ok(TC_ACT_OK as i32);
@@ -115,7 +116,7 @@ fn strip_tunnel(ctx: &TcContext) -> Result<(), DropReason> {
 /// on the segmentation device (whose features lack UDP segmentation):
 /// checked and decapsulated as at the underlay's ingress. What the fast
 /// path does not deliver returns to the underlay's ingress, marked as the
-/// GRO device's returns are ([`GRO_RETURN_MARK`]), for the kernel's path.
+/// GRO device's returns are ([`KERNEL_PATH_MARK`]), for the kernel's path.
 #[inline(always)]
 pub fn try_tc_split_datagram(ctx: &TcContext, cfg: &Config) -> Result<i32, DropReason> {
     // `ovl-seg1` took the frame for another host's (its destination MAC is
@@ -130,7 +131,7 @@ pub fn try_tc_split_datagram(ctx: &TcContext, cfg: &Config) -> Result<i32, DropR
     if let Some(action) = to_gro_device(ctx, cfg).or_else(|| deliver_to_pod(ctx, cfg, Arrival::AgentDevice)) {
         return Ok(action);
     }
-    ctx.set_mark(GRO_RETURN_MARK);
+    ctx.set_mark(KERNEL_PATH_MARK);
     // SAFETY: plain helper call; to the underlay's ingress.
     let action = unsafe { bpf_redirect(cfg.underlay_ifindex, u64::from(BPF_F_INGRESS)) };
     if action == i64::from(TC_ACT_SHOT) {

@@ -51,7 +51,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
-use overlay_common::{Config, Counter, GRO_RETURN_MARK, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey};
+use overlay_common::{Config, Counter, KERNEL_PATH_MARK, ROUTE_MODE_DIRECT, ROUTE_MODE_VXLAN, Route, SocketKey};
 
 use crate::{
     DropReason,
@@ -627,7 +627,7 @@ pub fn to_gro_device(ctx: &TcContext, cfg: &Config) -> Option<i32> {
 /// packet (or a segment nothing merged with) goes into its pod as
 /// [`deliver_to_pod`] would take it from the underlay; what it would not
 /// take returns to the underlay's ingress, marked
-/// ([`overlay_common::GRO_RETURN_MARK`]), where the kernel's path takes it
+/// ([`overlay_common::KERNEL_PATH_MARK`]), where the kernel's path takes it
 /// as it would have taken the segments: from the underlay, through
 /// conntrack and the kernel's routes.
 #[inline(always)]
@@ -636,7 +636,7 @@ pub fn try_tc_gro(ctx: &TcContext) -> Result<i32, DropReason> {
     if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::AgentDevice) {
         return Ok(action);
     }
-    ctx.set_mark(GRO_RETURN_MARK);
+    ctx.set_mark(KERNEL_PATH_MARK);
     count(Counter::GroReturned, u64::from(ctx.len()));
     // SAFETY: plain helper call; to the underlay's ingress.
     let action = unsafe { bpf_redirect(cfg.underlay_ifindex, u64::from(BPF_F_INGRESS)) };

@@ -6,8 +6,9 @@
 //! for forwarded traffic; this covers packets that reach the underlay's
 //! egress anyway (a route without that MTU, raw sockets, PMTU probing).
 //! The too-big packet is rewritten in place into the reply and sent back
-//! in through the underlay's ingress, where the stack routes it to the
-//! sender like any ICMP arriving from the network.
+//! in through the underlay's ingress, marked for the kernel's path
+//! ([`KERNEL_PATH_MARK`]), where the stack routes it to the sender like any
+//! ICMP arriving from the network.
 
 use aya_ebpf::{
     bindings::BPF_F_INGRESS,
@@ -15,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use overlay_common::Counter;
+use overlay_common::{Counter, KERNEL_PATH_MARK};
 
 use crate::{
     DropReason,
@@ -78,6 +79,11 @@ pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
         return Err(DropReason::HelperError);
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // Passed to the kernel's path there unchecked: the reply comes from
+    // the too-big packet's destination, which for a sender in our pod
+    // CIDR (the pod bridge's address) is a remote pod, and a remote pod
+    // unencapsulated on the underlay is taken for a forged one.
+    ctx.set_mark(KERNEL_PATH_MARK);
     count(Counter::IcmpFragNeeded, too_big_len);
     Ok(unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }

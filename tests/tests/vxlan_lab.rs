@@ -208,34 +208,40 @@ fn a_too_big_df_packet_past_the_route_mtu_gets_frag_needed_from_the_datapath() {
     let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
     let (node, target) = (&lab.nodes[0], &lab.nodes[1].pods[0]);
     assert!(Lab::ping(&node.ns, target.ip), "control: the node reaches the remote pod");
-    let before = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded);
-    let socket = {
-        let _inside = node.ns.enter();
-        std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket on node 1")
-    };
-    let set = |option: libc::c_int, value: libc::c_int| {
-        // SAFETY: a valid socket and a c_int option value of the right size.
-        let rc = unsafe {
-            libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, option, (&raw const value).cast(), size_of::<libc::c_int>() as u32)
+    // From the node's own address, and from its address on the pod bridge
+    // (in its pod CIDR: the reply is for an address there, which the
+    // underlay's ingress otherwise takes for a forged pod's).
+    for source in [std::net::Ipv4Addr::UNSPECIFIED, std::net::Ipv4Addr::new(10, 244, 1, 1)] {
+        let before = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded);
+        let socket = {
+            let _inside = node.ns.enter();
+            std::net::UdpSocket::bind((source, 0)).expect("a UDP socket on node 1")
         };
-        assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
-    };
-    // DF set, the route's MTU ignored; ICMP errors reported on the socket.
-    set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
-    set(libc::IP_RECVERR, 1);
-    socket.connect((target.ip, 9)).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    // 1472 bytes of payload: a 1500-byte packet, 50 over the tunnel MTU.
-    // (Without the reply, the underlay's transmit drops the encapsulated
-    // packet and the send itself fails with ENOBUFS.)
-    let sent = socket.send(&[0u8; 1472]);
-    let answer = socket.recv(&mut [0u8; 64]);
-    let replies = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded) - before;
-    assert!(
-        sent.is_ok() && answer.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EMSGSIZE)),
-        "the sender got no frag-needed ({replies} sent by node 1's datapath); send: {sent:?}, then: {answer:?}"
-    );
-    assert_eq!(replies, 1, "icmp_frag_needed counted {replies}");
+        let set = |option: libc::c_int, value: libc::c_int| {
+            // SAFETY: a valid socket and a c_int option value of the right size.
+            let rc = unsafe {
+                libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, option, (&raw const value).cast(), size_of::<libc::c_int>() as u32)
+            };
+            assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
+        };
+        // DF set, the route's MTU ignored; ICMP errors reported on the socket.
+        set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
+        set(libc::IP_RECVERR, 1);
+        socket.connect((target.ip, 9)).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        // 1472 bytes of payload: a 1500-byte packet, 50 over the tunnel MTU.
+        // (Without the reply, the underlay's transmit drops the encapsulated
+        // packet and the send itself fails with ENOBUFS.)
+        let sent = socket.send(&[0u8; 1472]);
+        let answer = socket.recv(&mut [0u8; 64]);
+        let replies = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded) - before;
+        assert!(
+            sent.is_ok() && answer.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EMSGSIZE)),
+            "the sender bound to {source} got no frag-needed ({replies} sent by node 1's datapath); send: {sent:?}, then: {answer:?}\n{}",
+            lab.inspect(0)
+        );
+        assert_eq!(replies, 1, "icmp_frag_needed counted {replies}");
+    }
 }
 
 /// A node that advertises a secondary address of its underlay interface
