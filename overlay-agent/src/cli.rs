@@ -27,12 +27,15 @@ pub enum Command {
     Run(RunArgs),
     /// Remove the datapath on purpose: detach the programs, remove the pins,
     /// the routes, the masquerade and FORWARD rules the agent installed,
-    /// and the subnet.env file.
+    /// and the subnet.env file. Without a pin directory (the agent has not
+    /// run on this node since boot) subnet.env and the CNI config stay:
+    /// flannel writes the same files.
     Cleanup {
         /// The agent's pin directory.
         #[arg(long, default_value = DEFAULT_BPFFS_ROOT)]
         bpffs_root: PathBuf,
-        /// The subnet.env the agent wrote (removed if present).
+        /// The subnet.env the agent wrote (removed if present and the pin
+        /// directory exists).
         #[arg(long, default_value = DEFAULT_SUBNET_FILE)]
         subnet_file: PathBuf,
         /// Leave subnet.env alone (e.g. when rolling back to flannel, whose
@@ -40,8 +43,8 @@ pub enum Command {
         #[arg(long)]
         keep_subnet_file: bool,
         /// Also remove this CNI config (the DaemonSet installs
-        /// /etc/cni/net.d/10-flannel.conflist). Not when rolling back to
-        /// flannel, which uses the same file.
+        /// /etc/cni/net.d/10-flannel.conflist) if the pin directory exists.
+        /// Not when rolling back to flannel, which uses the same file.
         #[arg(long)]
         cni_conf: Option<PathBuf>,
     },

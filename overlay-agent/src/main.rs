@@ -29,8 +29,25 @@ fn main() -> std::process::ExitCode {
             .and_then(|_| run::run(args)),
         Command::Inspect { bpffs_root } => inspect::inspect(&bpffs_root),
         Command::Cleanup { bpffs_root, subnet_file, keep_subnet_file, cni_conf } => {
-            cleanup(&bpffs_root, (!keep_subnet_file).then_some(subnet_file.as_path()))
-                .and_then(|()| remove_cni_conf(cni_conf.as_deref()))
+            // subnet.env and the CNI config are flannel's files too: where no
+            // pin root says the agent ran since boot (a node flannel serves,
+            // in a cluster half migrated), they are flannel's and stay.
+            let ran_here = bpffs_root.exists();
+            let subnet_file = (!keep_subnet_file).then_some(subnet_file.as_path());
+            let cni_conf = cni_conf.as_deref();
+            if !ran_here {
+                let shared: Vec<String> = subnet_file.into_iter().chain(cni_conf).map(|p| p.display().to_string()).collect();
+                if !shared.is_empty() {
+                    println!(
+                        "left {}: no pins under {}, so the agent has not run on this node since it booted, and these \
+                         files are not its own (flannel writes the same ones)",
+                        shared.join(" and "),
+                        bpffs_root.display()
+                    );
+                }
+            }
+            cleanup(&bpffs_root, subnet_file.filter(|_| ran_here))
+                .and_then(|()| remove_cni_conf(cni_conf.filter(|_| ran_here)))
         }
         Command::KernelCheck { min } => kernel_check(&min),
         Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),

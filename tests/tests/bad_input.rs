@@ -114,6 +114,32 @@ fn cleanup_removes_only_what_the_agent_created_and_only_its_routes() {
     assert!(said.contains("theirs"), "cleanup must say what it left: {said}");
 }
 
+/// The uninstall DaemonSet runs `cleanup` on every node, also on nodes the
+/// agent never served (flannel's, in a cluster half migrated): there
+/// subnet.env and the CNI config are flannel's, the same files, and must
+/// stay. No pin root means the agent has not run here since boot.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn cleanup_where_the_agent_never_ran_leaves_flannels_subnet_file_and_cni_config() {
+    require_root();
+    let ns = NetNs::new();
+    let pins = PinDir::new();
+    let root = pins.path().join("never-ran-here");
+    let files = TempDir::new("flannel-files");
+    let (subnet, cni) = (files.path().join("subnet.env"), files.path().join("10-flannel.conflist"));
+    fs::write(&subnet, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n").unwrap();
+    fs::write(&cni, "{\"name\": \"cbr0\"}\n").unwrap();
+    let out = agent_in(
+        &ns,
+        &["cleanup", "--bpffs-root", root.to_str().unwrap(), "--subnet-file", subnet.to_str().unwrap(), "--cni-conf", cni.to_str().unwrap()],
+    );
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(subnet.exists() && cni.exists(), "cleanup removed flannel's files on a node the agent never ran on:\n{said}");
+    assert!(said.contains("left") && said.contains("subnet.env") && said.contains("10-flannel.conflist"), "cleanup must say what it left and why:\n{said}");
+    assert!(!root.exists(), "cleanup made the root:\n{said}");
+}
+
 /// An `overlay-agent run` in a namespace of its own, killed on drop.
 struct RunningAgent {
     child: std::process::Child,
