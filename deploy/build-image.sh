@@ -13,8 +13,9 @@
 # then copies that tree into an image FROM scratch; .containerignore keeps
 # the rest of the repository out of the build context.
 #
-# Tag and push for a cluster (the DaemonSet in deploy/overlay.yaml names
-# the image in its `agent` and `uninstall` containers):
+# Tag and push for a cluster, then put the tag where the manifests name
+# the image (deploy/overlay.yaml's `kernel-check` and `agent` containers,
+# deploy/uninstall.yaml's `cleanup`):
 #
 #   deploy/build-image.sh --tag registry.example.com/overlay/overlay-agent:0.1.0
 #   podman push registry.example.com/overlay/overlay-agent:0.1.0

@@ -1,13 +1,19 @@
 //! Whether this node's kernel can run the datapath, before the agent
 //! touches anything. `overlay-agent kernel-check` asks for the deployed
-//! minimum (6.6): the DaemonSet runs it as an init container, so a node
-//! with an older kernel keeps its pod in `Init:Error` (visible in
-//! `kubectl get pods`) instead of running an agent that would detach its
-//! datapath on every restart. `overlay-agent run` refuses a kernel below
-//! [`DATAPATH_MINIMUM`], where the programs could not encapsulate at all.
+//! minimum ([`DEPLOYED_MINIMUM`], 6.1): the DaemonSet runs it as an init
+//! container, so a node with an older kernel keeps its pod in
+//! `Init:Error` (visible in `kubectl get pods`) instead of running the
+//! datapath on a kernel no test has run it on. `overlay-agent run` refuses
+//! a kernel below [`DATAPATH_MINIMUM`], where the programs could not
+//! encapsulate at all.
 
-/// Kernels that pin TC links (TCX), so the datapath outlives the agent.
-pub const DEPLOYED_MINIMUM: (u32, u32) = (6, 6);
+/// The oldest kernel the project tests the datapath on: Debian 12's 6.1,
+/// in CI's VM stage (verifier, packets, pods' own tunnels) and
+/// `cargo xtask vmtest` (restarts, whose clsact filters outlive the agent
+/// as TCX links do from 6.6; the GRO device). From 5.13 to 6.0 the
+/// programs are expected to work but nothing here has run them (no such
+/// kernel is reachable from these machines).
+pub const DEPLOYED_MINIMUM: (u32, u32) = (6, 1);
 
 /// The oldest kernel the datapath works on at all:
 /// `bpf_skb_adjust_room` with `BPF_F_ADJ_ROOM_ENCAP_L2_ETH` came in 5.13.
@@ -37,9 +43,9 @@ pub fn major_minor(release: &str) -> Option<(u32, u32)> {
 /// What a kernel below `minimum` lacks.
 fn why_minimum(minimum: (u32, u32)) -> &'static str {
     if minimum > DATAPATH_MINIMUM {
-        "the datapath needs pinned TCX links (6.6) to survive agent restarts, and bpf_skb_adjust_room with ENCAP_L2_ETH (5.13) at all"
+        "6.1 is the oldest kernel the datapath is tested on; from 5.13 (bpf_skb_adjust_room with ENCAP_L2_ETH) it is expected to work untested: to run it there, lower the init container's --min to 5.13"
     } else {
-        "the datapath's encapsulation needs bpf_skb_adjust_room with BPF_F_ADJ_ROOM_ENCAP_L2_ETH (5.13); run the agent on Linux 5.13 or later (6.6 or later keeps the datapath across agent restarts)"
+        "the datapath's encapsulation needs bpf_skb_adjust_room with BPF_F_ADJ_ROOM_ENCAP_L2_ETH (5.13); run the agent on Linux 5.13 or later (6.1 or later is tested)"
     }
 }
 
@@ -69,6 +75,7 @@ mod tests {
         assert_eq!(major_minor("6.6"), Some((6, 6)));
         assert_eq!(major_minor("garbage"), None);
         assert!(major_minor("5.15.0-91-generic").unwrap() < DEPLOYED_MINIMUM);
+        assert!(major_minor("6.1.0-57-cloud-amd64").unwrap() >= DEPLOYED_MINIMUM);
         assert!(major_minor("6.10.3").unwrap() >= DEPLOYED_MINIMUM);
     }
 
@@ -79,8 +86,9 @@ mod tests {
         assert!(err.contains("BPF_F_ADJ_ROOM_ENCAP_L2_ETH") && err.contains("5.13 or later"), "{err}");
         assert!(check_release("5.13.0", DATAPATH_MINIMUM).is_ok());
         assert!(check_release("6.1.0-57-cloud-amd64", DATAPATH_MINIMUM).is_ok());
-        let deployed = check_release("6.1.0-57-cloud-amd64", DEPLOYED_MINIMUM).unwrap_err().to_string();
-        assert!(deployed.contains("older than 6.6") && deployed.contains("TCX"), "{deployed}");
+        assert!(check_release("6.1.0-57-cloud-amd64", DEPLOYED_MINIMUM).is_ok());
+        let deployed = check_release("5.15.0-91-generic", DEPLOYED_MINIMUM).unwrap_err().to_string();
+        assert!(deployed.contains("older than 6.1") && deployed.contains("--min to 5.13"), "{deployed}");
     }
 
     #[test]

@@ -141,6 +141,10 @@ fn the_daemonset_matches_what_the_agent_needs() {
         flags.insert(flag.to_owned(), value.to_owned());
     }
     let port: i32 = flags["--metrics-addr"].rsplit(':').next().unwrap().parse().unwrap();
+    // The migration guide starts this DaemonSet on nodes flanneld still
+    // serves: without the flag the agent refuses to start beside
+    // flannel.1 (flannel_interop.rs migrates a node with it).
+    assert!(flags.contains_key("--remove-flannel-device"), "the DaemonSet's agent cannot take over a flannel node: {args:?}");
 
     // Probes hit the agent's endpoints on its port.
     for (probe, path) in [(&agent.liveness_probe, "/healthz"), (&agent.readiness_probe, "/readyz")] {
@@ -219,7 +223,13 @@ fn a_kernel_check_keeps_the_agent_off_nodes_it_cannot_run_on() {
     let args = check.args.as_ref().unwrap();
     assert_eq!(args[0], "kernel-check");
     let out = std::process::Command::new(overlay_tests::agent_binary()).args(args).output().unwrap();
-    assert!(out.status.success(), "this (6.6+) kernel must pass: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "this (6.1+) kernel must pass: {}", String::from_utf8_lossy(&out.stderr));
+    // The gate is the oldest kernel the project tests on (Debian 12's 6.1,
+    // the VM stage's), no newer: a node with it runs the agent.
+    let min = &args[args.iter().position(|a| a == "--min").expect("--min") + 1];
+    let gate = overlay_agent::preflight::major_minor(min).expect("MAJOR.MINOR");
+    assert_eq!(gate, overlay_agent::preflight::DEPLOYED_MINIMUM, "--min {min}");
+    assert!(overlay_agent::preflight::check_release("6.1.0-57-cloud-amd64", gate).is_ok(), "--min {min} keeps the agent off Debian 12's 6.1, which the VM stage tests");
     let mut too_new = args.clone();
     too_new.splice(1.., ["--min".to_owned(), "999.0".to_owned()]);
     let out = std::process::Command::new(overlay_tests::agent_binary()).args(&too_new).output().unwrap();
