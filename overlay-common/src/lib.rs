@@ -87,9 +87,9 @@ pub const DEFAULT_VNI: u32 = 1;
 /// underlay's ingress for the kernel's path: a merged packet
 /// `overlay_tc_gro` does not deliver, a tunnel datagram split and
 /// decapsulated on the segmentation device that the fast path does not
-/// deliver (both checked before they were decapsulated), and the
-/// datapath's own ICMP "fragmentation needed" reply. There
-/// `overlay_tc_ingress` passes it to the kernel's path unchecked and
+/// deliver (both checked before they were decapsulated), and, behind TC
+/// decapsulation, the datapath's own ICMP "fragmentation needed" reply.
+/// There `overlay_tc_ingress` passes it to the kernel's path unchecked and
 /// clears the mark before anything else sees it. A packet from the wire
 /// or from a pod arrives with mark 0 (crossing namespaces clears it); only
 /// a program in the node's own namespace could set it. Bits 0x4000 and

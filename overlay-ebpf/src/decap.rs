@@ -35,7 +35,9 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
             count(Counter::Pass, (ctx.end() - ctx.start()) as u64);
             return Ok(xdp_action::XDP_PASS);
         }
-        // XDP runs before GRO: nothing has merged the frame.
+        // XDP has no GSO size to tell one by (generic XDP, after GRO, sees
+        // a merged packet as one long datagram, which `classify_rx` refuses
+        // as `bad_outer`).
         Rx::Merged => return Err(DropReason::HelperError),
     }
     let outer = unsafe { *ptr_at::<EthHdr>(ctx, 0)? };

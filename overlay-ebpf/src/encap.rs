@@ -87,7 +87,7 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     // can be too big for the tunnel.
     let is_gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
     if !is_gso && inner_len > cfg.inner_mtu && icmp::dont_fragment(ip) {
-        return icmp::reply_frag_needed(ctx, cfg.inner_mtu);
+        return icmp::reply_frag_needed(ctx, cfg);
     }
     match encapsulate(ctx, cfg, &route, inner_len, tos)? {
         Encapsulated::Done => Ok(TC_ACT_OK as i32),

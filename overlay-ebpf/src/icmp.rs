@@ -6,9 +6,9 @@
 //! for forwarded traffic; this covers packets that reach the underlay's
 //! egress anyway (a route without that MTU, raw sockets, PMTU probing).
 //! The too-big packet is rewritten in place into the reply and sent back
-//! in through the underlay's ingress, marked for the kernel's path
-//! ([`KERNEL_PATH_MARK`]), where the stack routes it to the sender like any
-//! ICMP arriving from the network.
+//! in through the underlay's ingress (marked for the kernel's path,
+//! [`KERNEL_PATH_MARK`], behind TC decapsulation), where the stack routes
+//! it to the sender like any ICMP arriving from the network.
 
 use aya_ebpf::{
     bindings::BPF_F_INGRESS,
@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use overlay_common::{Counter, KERNEL_PATH_MARK};
+use overlay_common::{Config, Counter, KERNEL_PATH_MARK};
 
 use crate::{
     DropReason,
@@ -43,7 +43,8 @@ pub fn dont_fragment(ip: &Ipv4Hdr) -> bool {
 /// ICMP error or a fragment past the first (RFC 1122 §3.2.2): those are
 /// dropped as [`DropReason::TooBig`], as is a header too short to be one.
 #[inline(always)]
-pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
+pub fn reply_frag_needed(ctx: &TcContext, cfg: &Config) -> Result<i32, DropReason> {
+    let mtu = cfg.inner_mtu;
     let eth: [u8; EthHdr::LEN] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
     // The packet is longer than the tunnel MTU, so the longest quote is there.
     let mut quote: [u8; MAX_QUOTE_LEN] = ctx.load(EthHdr::LEN).map_err(|_| DropReason::Truncated)?;
@@ -79,11 +80,16 @@ pub fn reply_frag_needed(ctx: &TcContext, mtu: u32) -> Result<i32, DropReason> {
         return Err(DropReason::HelperError);
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // Passed to the kernel's path there unchecked: the reply comes from
-    // the too-big packet's destination, which for a sender in our pod
-    // CIDR (the pod bridge's address) is a remote pod, and a remote pod
-    // unencapsulated on the underlay is taken for a forged one.
-    ctx.set_mark(KERNEL_PATH_MARK);
+    // Passed to the kernel's path there unchecked by the TC ingress program
+    // that decapsulates: the reply comes from the too-big packet's
+    // destination, which for a sender in our pod CIDR (the pod bridge's
+    // address) is a remote pod, and a remote pod unencapsulated on the
+    // underlay is taken for a forged one. With XDP decapsulating, native
+    // XDP never sees a packet sent in so and TC (when attached) does not
+    // judge sources, and no TC program may be there to clear the mark.
+    if cfg.xdp_decap == 0 {
+        ctx.set_mark(KERNEL_PATH_MARK);
+    }
     count(Counter::IcmpFragNeeded, too_big_len);
     Ok(unsafe { bpf_redirect(ifindex, u64::from(BPF_F_INGRESS)) } as i32)
 }

@@ -159,11 +159,21 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     Ok(Rx::Decap)
 }
 
+/// What may follow the inner packet in a tunnel datagram: Ethernet's
+/// padding of a short inner frame to 60 bytes, and a frame check sequence
+/// a sender left on.
+const MAX_INNER_TRAILER: usize = (60 - EthHdr::LEN - Ipv4Hdr::LEN) + 4;
+
 /// Whether the outer IPv4 total length fits the frame, the UDP length is
 /// the rest of the IPv4 packet, and it holds VXLAN, the inner Ethernet
 /// header and the whole inner packet (as `udp_rcv` and the inner `ip_rcv`
-/// would insist). A GSO super-packet's lengths are rewritten per segment
-/// (and cut to 16 bits past 64 KiB), so only the first check applies.
+/// would insist) and no more than [`MAX_INNER_TRAILER`] bytes after it.
+/// More would be a second datagram: generic XDP runs after GRO and sees a
+/// packet of datagrams the underlay merged (see [`merged_datagrams`]) as
+/// one long datagram, whose lengths GRO rewrote to cover them all, and
+/// decapsulated as one it would reach the pod as its first datagram
+/// alone. A GSO super-packet's lengths are rewritten per segment (and cut
+/// to 16 bits past 64 KiB), so only the first check applies.
 #[inline(always)]
 fn lengths_agree(ctx: &impl Packet, ip: &Ipv4Hdr, udp: &UdpHdr, inner_ip: &Ipv4Hdr) -> bool {
     let total = usize::from(u16::from_be_bytes(ip.tot_len));
@@ -175,7 +185,8 @@ fn lengths_agree(ctx: &impl Packet, ip: &Ipv4Hdr, udp: &UdpHdr, inner_ip: &Ipv4H
     }
     let udp_len = usize::from(u16::from_be_bytes(udp.len));
     let inner_total = usize::from(u16::from_be_bytes(inner_ip.tot_len));
-    udp_len + Ipv4Hdr::LEN == total && udp_len >= INNER_IP_OFF - OUTER_UDP_OFF + inner_total
+    let headers = INNER_IP_OFF - OUTER_UDP_OFF;
+    udp_len + Ipv4Hdr::LEN == total && udp_len >= headers + inner_total && udp_len <= headers + inner_total + MAX_INNER_TRAILER
 }
 
 /// Whether a GSO packet on our port is several tunnel datagrams that the
@@ -189,7 +200,10 @@ fn lengths_agree(ctx: &impl Packet, ip: &Ipv4Hdr, udp: &UdpHdr, inner_ip: &Ipv4H
 /// inner packet. Decapsulated as one packet, a merged one would lose only
 /// its first datagram's tunnel headers and carry the others' inside its
 /// payload. An inner total length of 0 (BIG TCP past 64 KiB) is the
-/// latter kind.
+/// latter kind. Inner SCTP GSO (a kernel vxlan peer's, passed whole by a
+/// veth) has the segment size `GSO_BY_FRAGS` (0xffff) and counts as
+/// merged: split on the segmentation device, it comes out as the same
+/// tunnel datagrams, each decapsulated as any other.
 #[inline(always)]
 fn merged_datagrams(ctx: &impl Packet, inner_ip: &Ipv4Hdr) -> bool {
     let segment = ctx.gso_size();

@@ -200,48 +200,77 @@ fn path_mtu_discovery_works_through_the_overlay() {
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_too_big_df_packet_past_the_route_mtu_gets_frag_needed_from_the_datapath() {
-    use std::os::fd::AsRawFd as _;
     require_root();
     let mut spec = LabSpec::new(agent_binary());
     spec.nodes = 2;
     spec.pods_per_node = 1;
     let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
-    let (node, target) = (&lab.nodes[0], &lab.nodes[1].pods[0]);
-    assert!(Lab::ping(&node.ns, target.ip), "control: the node reaches the remote pod");
     // From the node's own address, and from its address on the pod bridge
     // (in its pod CIDR: the reply is for an address there, which the
     // underlay's ingress otherwise takes for a forged pod's).
     for source in [std::net::Ipv4Addr::UNSPECIFIED, std::net::Ipv4Addr::new(10, 244, 1, 1)] {
-        let before = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded);
-        let socket = {
-            let _inside = node.ns.enter();
-            std::net::UdpSocket::bind((source, 0)).expect("a UDP socket on node 1")
-        };
-        let set = |option: libc::c_int, value: libc::c_int| {
-            // SAFETY: a valid socket and a c_int option value of the right size.
-            let rc = unsafe {
-                libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, option, (&raw const value).cast(), size_of::<libc::c_int>() as u32)
-            };
-            assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
-        };
-        // DF set, the route's MTU ignored; ICMP errors reported on the socket.
-        set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
-        set(libc::IP_RECVERR, 1);
-        socket.connect((target.ip, 9)).unwrap();
-        socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        // 1472 bytes of payload: a 1500-byte packet, 50 over the tunnel MTU.
-        // (Without the reply, the underlay's transmit drops the encapsulated
-        // packet and the send itself fails with ENOBUFS.)
-        let sent = socket.send(&[0u8; 1472]);
-        let answer = socket.recv(&mut [0u8; 64]);
-        let replies = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded) - before;
-        assert!(
-            sent.is_ok() && answer.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EMSGSIZE)),
-            "the sender bound to {source} got no frag-needed ({replies} sent by node 1's datapath); send: {sent:?}, then: {answer:?}\n{}",
-            lab.inspect(0)
-        );
-        assert_eq!(replies, 1, "icmp_frag_needed counted {replies}");
+        assert_frag_needed_reaches(&lab, source);
     }
+}
+
+/// Behind XDP decapsulation with kernel forwarding no TC program is on the
+/// underlay's ingress to clear a mark, and none is needed (native XDP never
+/// sees the reply): it reaches the kernel's path unmarked, where netfilter
+/// and policy routing would otherwise see the datapath's mark.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn the_frag_needed_reply_behind_xdp_reaches_the_kernel_unmarked() {
+    require_root();
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    spec.decap = "xdp".to_owned();
+    spec.forward = "kernel".to_owned();
+    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let node = lab.nodes[0].ns.name().to_owned();
+    let mark = format!("{:#x}", overlay_common::KERNEL_PATH_MARK);
+    stdout("ip", &["netns", "exec", &node, "iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "icmp", "-m", "mark", "--mark", &mark]);
+    assert_frag_needed_reaches(&lab, std::net::Ipv4Addr::UNSPECIFIED);
+    let counted = stdout("ip", &["netns", "exec", &node, "iptables", "-t", "mangle", "-L", "PREROUTING", "-v", "-n", "-x"]);
+    let marked: u64 = counted.lines().find(|l| l.contains("mark match")).and_then(|l| l.split_whitespace().next()?.parse().ok()).expect("the mark rule's counter");
+    assert_eq!(marked, 0, "the reply reached netfilter with the datapath's mark {mark}:\n{counted}");
+}
+
+/// A UDP socket on node 1 bound to `source`, probing past the route MTU
+/// toward node 2's pod, gets frag-needed from node 1's datapath.
+fn assert_frag_needed_reaches(lab: &Lab, source: std::net::Ipv4Addr) {
+    use std::os::fd::AsRawFd as _;
+    let (node, target) = (&lab.nodes[0], &lab.nodes[1].pods[0]);
+    assert!(Lab::ping(&node.ns, target.ip), "control: the node reaches the remote pod");
+    let before = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded);
+    let socket = {
+        let _inside = node.ns.enter();
+        std::net::UdpSocket::bind((source, 0)).expect("a UDP socket on node 1")
+    };
+    let set = |option: libc::c_int, value: libc::c_int| {
+        // SAFETY: a valid socket and a c_int option value of the right size.
+        let rc = unsafe {
+            libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_IP, option, (&raw const value).cast(), size_of::<libc::c_int>() as u32)
+        };
+        assert_eq!(rc, 0, "setsockopt {option}: {}", std::io::Error::last_os_error());
+    };
+    // DF set, the route's MTU ignored; ICMP errors reported on the socket.
+    set(libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_PROBE);
+    set(libc::IP_RECVERR, 1);
+    socket.connect((target.ip, 9)).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    // 1472 bytes of payload: a 1500-byte packet, 50 over the tunnel MTU.
+    // (Without the reply, the underlay's transmit drops the encapsulated
+    // packet and the send itself fails with ENOBUFS.)
+    let sent = socket.send(&[0u8; 1472]);
+    let answer = socket.recv(&mut [0u8; 64]);
+    let replies = lab.counters(0).packets(overlay_common::Counter::IcmpFragNeeded) - before;
+    assert!(
+        sent.is_ok() && answer.as_ref().is_err_and(|e| e.raw_os_error() == Some(libc::EMSGSIZE)),
+        "the sender bound to {source} got no frag-needed ({replies} sent by node 1's datapath); send: {sent:?}, then: {answer:?}\n{}",
+        lab.inspect(0)
+    );
+    assert_eq!(replies, 1, "icmp_frag_needed counted {replies}");
 }
 
 /// A node that advertises a secondary address of its underlay interface
@@ -445,7 +474,11 @@ fn two_nodes_with_node1_advertising(address: std::net::Ipv4Addr, agent_args: &[&
 /// and TC decapsulation (`--decap auto` on a veth) sees that packet. Each
 /// datagram must still reach its pod whole; before the datapath split such
 /// packets again, it stripped the first datagram's tunnel headers only and
-/// the pod got one datagram per merged packet.
+/// the pod got one datagram per merged packet. With `--forward kernel`
+/// the datagrams go through a DNAT of their port on node1 (as a Service's
+/// would), which must leave their checksums right: split, a datagram's
+/// checksum left to offload is its outer UDP header's, which
+/// decapsulation removes.
 ///
 /// node2's host sends the tunnel datagrams from a plain UDP socket, as a
 /// kernel vxlan device would send them, because a kernel vxlan device's
@@ -457,14 +490,24 @@ fn two_nodes_with_node1_advertising(address: std::net::Ipv4Addr, agent_args: &[&
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn tunnel_datagrams_the_underlay_merged_reach_their_pod_one_by_one() {
+    require_root();
+    for forward in ["bpf", "kernel"] {
+        merged_tunnel_datagrams_reach_their_pod(forward);
+    }
+}
+
+fn merged_tunnel_datagrams_reach_their_pod(forward: &str) {
     use std::net::UdpSocket;
     use overlay_tests::frames;
 
     const BURST: usize = 16;
     const BURSTS: usize = 20;
     const PORT: u16 = 9000;
-    require_root();
-    let lab = start_lab();
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    spec.forward = forward.to_owned();
+    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
     let (node1, node2) = (&lab.nodes[0], &lab.nodes[1]);
     let (pod1, pod2) = (&node1.pods[0], &node2.pods[0]);
     let run = |ns: &NetNs, args: &[&str]| {
@@ -472,6 +515,14 @@ fn tunnel_datagrams_the_underlay_merged_reach_their_pod_one_by_one() {
         assert!(out.status.success(), "{args:?} in {}: {}", ns.name(), String::from_utf8_lossy(&out.stderr));
     };
     run(&node2.ns, &["ethtool", "-K", "eth0", "tx-udp-segmentation", "off"]);
+    // On the kernel's path, to the pod's port through a DNAT of another.
+    let sent_to = if forward == "kernel" {
+        let to = format!("{}:{PORT}", pod1.ip);
+        run(&node1.ns, &["iptables", "-t", "nat", "-A", "PREROUTING", "-p", "udp", "-d", &pod1.ip.to_string(), "--dport", "9001", "-j", "DNAT", "--to-destination", &to]);
+        9001
+    } else {
+        PORT
+    };
     let receiver = {
         let _inside = pod1.ns.enter();
         UdpSocket::bind((pod1.ip, PORT)).expect("binding in pod1")
@@ -481,9 +532,16 @@ fn tunnel_datagrams_the_underlay_merged_reach_their_pod_one_by_one() {
         let _inside = node2.ns.enter();
         UdpSocket::bind((node2.ip, 0)).expect("binding on node2")
     };
+    let (src, dst) = (pod2.ip.octets(), pod1.ip.octets());
     let datagram = |seq: u32| {
         let payload: Vec<u8> = seq.to_be_bytes().repeat(250);
-        let inner = frames::ipv4(pod2.ip.octets(), pod1.ip.octets(), 17, 0, seq as u16, true, &frames::udp(4000, PORT, &payload));
+        // The inner UDP checksum, over its pseudo-header, as a pod's stack
+        // would send it.
+        let mut udp = frames::udp(4000, sent_to, &payload);
+        let pseudo = [&src[..], &dst[..], &[0, 17], &(udp.len() as u16).to_be_bytes(), &udp].concat();
+        let sum = frames::checksum(&pseudo);
+        udp[6..8].copy_from_slice(&(if sum == 0 { 0xffff } else { sum }).to_be_bytes());
+        let inner = frames::ipv4(src, dst, 17, 0, seq as u16, true, &udp);
         let mut vxlan = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
         vxlan.extend(frames::eth([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], 0x0800, &inner));
         vxlan
@@ -520,10 +578,11 @@ fn tunnel_datagrams_the_underlay_merged_reach_their_pod_one_by_one() {
         capture.stop();
         let lengths = stdout("tshark", &["-r", pcap.to_str().expect("UTF-8 path"), "-T", "fields", "-e", "frame.len"]);
         let merged = lengths.lines().filter(|l| l.trim().parse::<usize>().is_ok_and(|len| len > 1514)).count();
-        assert!(merged > 0, "with {merging} on, node1's eth0 merged nothing, so this proves nothing; frame lengths:\n{lengths}");
+        assert!(merged > 0, "--forward {forward}, {merging} on: node1's eth0 merged nothing, so this proves nothing; frame lengths:\n{lengths}");
+        let errors = stdout("ip", &["netns", "exec", pod1.ns.name(), "nstat", "-az", "UdpInCsumErrors"]);
         assert!(
             received == BURST * BURSTS && wrong.is_empty(),
-            "with {merging} on ({merged} merged packets on node1's eth0), pod1 got {received} of {} datagrams intact, and these wrong (length, first word): {wrong:?}\n{}",
+            "--forward {forward}, {merging} on ({merged} merged packets on node1's eth0): pod1 got {received} of {} datagrams intact, and these wrong (length, first word): {wrong:?}\npod1's {errors}\n{}",
             BURST * BURSTS,
             lab.inspect(0)
         );
