@@ -1141,8 +1141,7 @@ impl Lab {
                 .spawn()
                 .map_err(|e| format!("starting iperf3 server: {e}"))?,
         );
-        // The server needs a moment to listen (longer under emulation).
-        std::thread::sleep(crate::scaled(Duration::from_millis(300)));
+        crate::wait_for_tcp_listener(server_pod.ns.name(), 5201, Duration::from_secs(10))?;
         let out = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", client_pod.ns.name()))
             .args(["iperf3", "-c", &server_pod.ip.to_string(), "-t", &seconds.to_string(), "-J"])
@@ -1532,4 +1531,27 @@ pub fn tear_down_kept(prefix: &str) -> usize {
         }
     }
     removed
+}
+
+/// A node's agent stopped (`SIGSTOP`) until this is dropped (`SIGCONT`),
+/// as a loaded node delays it: what happens meanwhile reaches it as one
+/// batch. Declared after the lab, it resumes the agent before the lab
+/// stops it, also when a test fails meanwhile (a stopped agent never
+/// answers SIGTERM).
+pub struct Frozen(i32);
+
+impl Frozen {
+    pub fn agent(lab: &Lab, i: usize) -> Self {
+        let pid = lab.agent_pid(i).expect("the agent runs") as i32;
+        // SAFETY: plain signal to our own child; Drop resumes it.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: plain signal to our own child.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
 }

@@ -303,6 +303,24 @@ impl Drop for NetNsEntered {
     }
 }
 
+/// Waits until something listens on TCP `port` in the namespace `ns`
+/// (`ss`), for up to `timeout` stretched by [`scaled`]: a server just
+/// spawned needs a moment to listen, longer on a loaded or emulated CPU.
+pub fn wait_for_tcp_listener(ns: &str, port: u16, timeout: std::time::Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + scaled(timeout);
+    let filter = format!("sport = :{port}");
+    loop {
+        let out = Command::new("ip").args(["netns", "exec", ns, "ss", "-Hltn", &filter]).output().map_err(|e| format!("running ss: {e}"))?;
+        if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("nothing listens on TCP port {port} in {ns} after {:?}", scaled(timeout)));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Sends `frames` (whole Ethernet frames) out of `iface` in `ns` through a
 /// packet socket, in order; returns when the first was handed to the kernel.
 pub fn send_frames(ns: &NetNs, iface: &str, frames: &[impl AsRef<[u8]>]) -> std::time::Instant {

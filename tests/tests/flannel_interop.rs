@@ -84,8 +84,11 @@ fn our_frames_look_like_flannels_on_the_wire() {
 fn ping_summary(out: &str) -> PingSummary {
     let line = out.lines().find(|l| l.contains("packets transmitted")).unwrap_or_else(|| panic!("no ping summary: {out}"));
     let nums: Vec<u32> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse().ok()).collect();
+    // Replies only: iputils also prints `From … icmp_seq=N Destination
+    // Host Unreachable` for an error about a request, which is a loss.
     let answered: std::collections::BTreeSet<u32> = out
         .lines()
+        .filter(|l| l.contains(" bytes from ") && !l.contains("DUP!"))
         .filter_map(|l| l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok())
         .collect();
     let last = answered.last().copied().unwrap_or(0);
@@ -104,6 +107,11 @@ fn a_ping_summary_tells_losses_from_replies_in_flight() {
     let tail: String = [1, 2, 3, 4].map(reply).concat() + &stats(5, 4);
     let ping = ping_summary(&tail);
     assert_eq!((ping.up_to_last_answer - ping.answered, ping.unanswered_at_the_end), (0, 1), "the last request's reply in flight");
+    // An ICMP error about a request (a route gone for a moment) is no reply.
+    let unreachable = "From 10.244.2.1 icmp_seq=3 Destination Host Unreachable\n";
+    let error: String = [reply(1), reply(2), unreachable.to_owned(), reply(4), reply(5)].concat() + &stats(5, 4);
+    let ping = ping_summary(&error);
+    assert_eq!((ping.up_to_last_answer - ping.answered, ping.unanswered_at_the_end), (1, 0), "an error about request 3 counted as its reply");
 }
 
 struct PingSummary {

@@ -98,8 +98,10 @@ fn an_underlay_route_change_reaches_the_routes_map_at_once() {
             reaction("node2 on-link again in ROUTES", || ip(&["route", "del", &to_node2]), || next_hop() == Some(node2))
         }
     });
-    // An agent polling once a second has a median near 500 ms.
-    assert!(median < 250.0 && max < 1000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
+    // An agent polling once a second has a median near 500 ms. The max
+    // (each sample includes `ip`'s own start) only catches one reaction
+    // lost outright, loosely enough for one stall of a loaded machine.
+    assert!(median < 250.0 && max < 3000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
 }
 
 #[test]
@@ -133,8 +135,9 @@ fn a_new_pod_is_on_the_fast_path_at_once() {
         pods.push(pod);
         took
     });
-    // An agent reading the bridge every 5 s takes up to 5 s.
-    assert!(max < 1000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
+    // An agent reading the bridge every 5 s takes up to 5 s, 2.5 s in the
+    // median; the max (loosely, as above) catches a pod missed outright.
+    assert!(median < 1000.0 && max < 4000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
 }
 
 /// Sends one broadcast Ethernet frame (the IEEE's local experimental

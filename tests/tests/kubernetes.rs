@@ -163,9 +163,16 @@ fn an_api_server_restart_and_an_etcd_compaction_during_traffic_lose_nothing() {
         compacted = kube.compact_etcd().unwrap();
         // While the API is down: node1's agent crashes and restarts (it
         // cannot list; it must adopt its pinned state).
+        let adopted = |lab: &Lab| lab.agent_log(0).matches("maps_adopted=true").count();
+        let attached = |lab: &Lab| lab.agent_log(0).matches("datapath attached").count();
+        let (adopted_before, attached_before) = (adopted(lab), attached(lab));
         lab.kill_agent(0);
         lab.launch_agent(0).unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
+        // Until the new agent has taken its pinned maps and attached (the
+        // routes are the kernel's, left by the killed agent, either way).
+        wait_until("node1's new agent adopting its pinned maps and attaching", overlay_tests::scaled(Duration::from_secs(30)), || {
+            adopted(lab) > adopted_before && attached(lab) > attached_before
+        });
         assert_eq!(lab.agent_routes(0).len(), 2, "without the API nothing changes");
         assert_eq!(lab.agent_http(0, "/healthz").unwrap().0, 200);
         assert_eq!(lab.agent_http(0, "/readyz").unwrap().0, 503, "not ready before the initial sync");

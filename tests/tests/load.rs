@@ -110,11 +110,12 @@ fn program_id(datapath: &Datapath, name: &str) -> u32 {
     datapath.programs().iter().find(|p| p.name == name).unwrap().id
 }
 
-/// Waits up to 2 s for `done`. A bpf_link lives until its last fd closes;
-/// a process another test is forking at this moment holds a copy until it
-/// execs, so a detach may take a moment to show.
+/// Waits up to 2 s (stretched by `scaled`, as in the VM stage) for `done`.
+/// A bpf_link lives until its last fd closes; a process another test is
+/// forking at this moment holds a copy until it execs, so a detach may
+/// take a moment to show.
 fn settle(mut done: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + overlay_tests::scaled(std::time::Duration::from_secs(2));
     while !done() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }

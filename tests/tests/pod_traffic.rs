@@ -166,8 +166,9 @@ fn ip_masq_false_leaves_pod_addresses_and_subnet_env_says_so() {
     require_root();
     let lab = lab(&["--ip-masq=false"]);
     wait_for_subnet_env(&lab, 0);
-    // As long as it takes the agent to write rules it should not write.
-    std::thread::sleep(Duration::from_secs(1));
+    // As long as it takes the agent to write rules it should not write: past
+    // its first recheck of them.
+    std::thread::sleep(netfilter_recheck());
     let outside = lab.outside.as_ref().expect("an outside namespace");
     let pod = &lab.nodes[0].pods[0];
     let seen = udp_source_seen(&pod.ns, pod.ip, 40000, outside, OUTSIDE_ADDR, 7000).unwrap();

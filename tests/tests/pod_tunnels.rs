@@ -116,7 +116,7 @@ fn pod_iperf3(client: &overlay_tests::NetNs, server: &overlay_tests::NetNs, serv
             .spawn()
             .map_err(|e| format!("starting the iperf3 server: {e}"))?,
     );
-    std::thread::sleep(overlay_tests::scaled(Duration::from_millis(300)));
+    overlay_tests::wait_for_tcp_listener(server.name(), 5201, Duration::from_secs(10))?;
     let out = client.exec("iperf3", &["-c", &ip, "-t", "2", "-J"]);
     let report: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("iperf3 output is not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))?;

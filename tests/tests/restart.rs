@@ -550,11 +550,23 @@ fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
     lab.stop_agent(1);
     let root = lab.nodes[1].pin_root.clone();
     let newer = pin_as_a_newer_layout(&root);
-    let pinned = |dir: &Path| {
-        let mut names: Vec<String> = std::fs::read_dir(dir).map(|e| e.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    // Every path under `dir`, relative to it, sorted: a pin removed inside
+    // `links/<iface>/` shows too.
+    fn pinned(dir: &Path) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok) {
+                let path = entry.path();
+                out.push(path.strip_prefix(base).unwrap().display().to_string());
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&path, base, out);
+                }
+            }
+        }
+        let mut names = Vec::new();
+        walk(dir, dir, &mut names);
         names.sort();
         names
-    };
+    }
     let (newer_pins, links) = (pinned(&newer), pinned(&root.join("links")));
     let nodes_dir = hide_the_nodes(&mut lab);
     lab.launch_agent(1).unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use overlay_tests::{
     agent_binary,
     NetNs, TempDir,
-    lab::{Capture, Lab, LabSpec, Topology},
+    lab::{Capture, Frozen, Lab, LabSpec, Topology},
     require_root, stdout,
 };
 
@@ -229,11 +229,21 @@ fn the_frag_needed_reply_behind_xdp_reaches_the_kernel_unmarked() {
     let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
     let node = lab.nodes[0].ns.name().to_owned();
     let mark = format!("{:#x}", overlay_common::KERNEL_PATH_MARK);
-    stdout("ip", &["netns", "exec", &node, "iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "icmp", "-m", "mark", "--mark", &mark]);
+    // Frag-needed replies (type 3 code 4) through mangle PREROUTING, all
+    // (the control: the reply passes there) and those with the mark.
+    for marked in [false, true] {
+        let mut rule = vec!["netns", "exec", &node, "iptables", "-t", "mangle", "-A", "PREROUTING", "-p", "icmp", "--icmp-type", "3/4"];
+        rule.extend(if marked { vec!["-m", "mark", "--mark", mark.as_str()] } else { vec![] });
+        stdout("ip", &rule);
+    }
     assert_frag_needed_reaches(&lab, std::net::Ipv4Addr::UNSPECIFIED);
     let counted = stdout("ip", &["netns", "exec", &node, "iptables", "-t", "mangle", "-L", "PREROUTING", "-v", "-n", "-x"]);
-    let marked: u64 = counted.lines().find(|l| l.contains("mark match")).and_then(|l| l.split_whitespace().next()?.parse().ok()).expect("the mark rule's counter");
-    assert_eq!(marked, 0, "the reply reached netfilter with the datapath's mark {mark}:\n{counted}");
+    let counter = |marked: bool| -> u64 {
+        let line = counted.lines().filter(|l| l.contains("icmptype 3 code 4")).find(|l| l.contains("mark match") == marked);
+        line.and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or_else(|| panic!("no counter (mark {marked}):\n{counted}"))
+    };
+    assert_eq!(counter(false), 1, "control: the reply passes mangle PREROUTING once:\n{counted}");
+    assert_eq!(counter(true), 0, "the reply reached netfilter with the datapath's mark {mark}:\n{counted}");
 }
 
 /// A UDP socket on node 1 bound to `source`, probing past the route MTU
@@ -426,27 +436,6 @@ fn wait_for_routes(lab: &Lab, i: usize, what: &str, done: &dyn Fn(&[String]) -> 
         }
         assert!(std::time::Instant::now() < deadline, "{what}: {}'s routes are {routes:?}", lab.nodes[i].name);
         std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A node's agent stopped (`SIGSTOP`) until this is dropped (`SIGCONT`),
-/// as a loaded node delays it: what happens meanwhile reaches it as one
-/// batch.
-struct Frozen(i32);
-
-impl Frozen {
-    fn agent(lab: &Lab, i: usize) -> Self {
-        let pid = lab.agent_pid(i).expect("the agent runs") as i32;
-        // SAFETY: plain signal to our own child; Drop resumes it.
-        unsafe { libc::kill(pid, libc::SIGSTOP) };
-        Self(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        // SAFETY: plain signal to our own child.
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
     }
 }
 
