@@ -43,7 +43,7 @@ pub fn major_minor(release: &str) -> Option<(u32, u32)> {
 /// What a kernel below `minimum` lacks.
 fn why_minimum(minimum: (u32, u32)) -> &'static str {
     if minimum > DATAPATH_MINIMUM {
-        "6.1 is the oldest kernel the datapath is tested on; from 5.13 (bpf_skb_adjust_room with ENCAP_L2_ETH) it is expected to work untested: to run it there, lower the init container's --min to 5.13"
+        "the deployed minimum (--min): the datapath is tested from 6.1 on and expected to work untested from 5.13 (bpf_skb_adjust_room with ENCAP_L2_ETH); to run it on this kernel anyway, lower the init container's --min, to no less than 5.13"
     } else {
         "the datapath's encapsulation needs bpf_skb_adjust_room with BPF_F_ADJ_ROOM_ENCAP_L2_ETH (5.13); run the agent on Linux 5.13 or later (6.1 or later is tested)"
     }
@@ -88,7 +88,7 @@ mod tests {
         assert!(check_release("6.1.0-57-cloud-amd64", DATAPATH_MINIMUM).is_ok());
         assert!(check_release("6.1.0-57-cloud-amd64", DEPLOYED_MINIMUM).is_ok());
         let deployed = check_release("5.15.0-91-generic", DEPLOYED_MINIMUM).unwrap_err().to_string();
-        assert!(deployed.contains("older than 6.1") && deployed.contains("--min to 5.13"), "{deployed}");
+        assert!(deployed.contains("older than 6.1") && deployed.contains("lower the init container's --min"), "{deployed}");
     }
 
     #[test]

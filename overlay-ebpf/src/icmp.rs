@@ -80,13 +80,14 @@ pub fn reply_frag_needed(ctx: &TcContext, cfg: &Config) -> Result<i32, DropReaso
         return Err(DropReason::HelperError);
     }
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // Passed to the kernel's path there unchecked by the TC ingress program
-    // that decapsulates: the reply comes from the too-big packet's
-    // destination, which for a sender in our pod CIDR (the pod bridge's
-    // address) is a remote pod, and a remote pod unencapsulated on the
-    // underlay is taken for a forged one. With XDP decapsulating, native
-    // XDP never sees a packet sent in so and TC (when attached) does not
-    // judge sources, and no TC program may be there to clear the mark.
+    // Behind TC decapsulation, marked so that the ingress program passes it
+    // to the kernel's path unjudged: the reply comes from the too-big
+    // packet's destination, which for a sender in our pod CIDR (the pod
+    // bridge's address) is a remote pod, and a remote pod unencapsulated
+    // on the underlay is taken for a forged one. Behind XDP nothing would
+    // judge it (native XDP never sees a packet sent in so; the TC program
+    // behind XDP judges no sources) and, with `--forward kernel`, no TC
+    // program is there to clear a mark.
     if cfg.xdp_decap == 0 {
         ctx.set_mark(KERNEL_PATH_MARK);
     }

@@ -70,7 +70,8 @@ impl Packet for XdpContext {
     fn len(&self) -> usize {
         self.data_end() - self.data()
     }
-    /// XDP sees frames before any GSO or GRO.
+    /// Native XDP sees frames before GRO; generic XDP, after it, has no
+    /// GSO size to read.
     #[inline(always)]
     fn gso_size(&self) -> u32 {
         0
