@@ -26,6 +26,19 @@ use std::{
 pub(crate) enum Owned {
     Namespace(String),
     Directory(PathBuf),
+    /// Podman containers with this label (`key=value`): podman's conmon
+    /// runs them outside this process's tree, so killing descendants
+    /// leaves them.
+    PodmanContainers(String),
+}
+
+/// Removes every podman container labelled `label`, running or not.
+pub(crate) fn remove_podman_containers(label: &str) {
+    let Ok(listed) = Command::new("podman").args(["ps", "-aq", "--filter", &format!("label={label}")]).output() else { return };
+    let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout).split_whitespace().map(str::to_owned).collect();
+    if !ids.is_empty() {
+        let _ = Command::new("podman").args(["rm", "-f", "-t", "0"]).args(&ids).output();
+    }
 }
 
 static OWNED: Mutex<BTreeMap<u64, Owned>> = Mutex::new(BTreeMap::new());
@@ -60,11 +73,16 @@ fn owned() -> MutexGuard<'static, BTreeMap<u64, Owned>> {
 fn on_interrupt() {
     // Written to the descriptor itself: `eprintln!` in a thread a test
     // spawned (this handler's) goes to that test's captured output.
-    let _ = writeln!(std::io::stderr(), "interrupted: removing the namespaces, pins and directories this test process made");
+    let _ = writeln!(std::io::stderr(), "interrupted: removing the containers, namespaces, pins and directories this test process made");
     kill_descendants();
     // Give the killed a moment to exit and release what they held.
     std::thread::sleep(Duration::from_millis(200));
     let owned = std::mem::take(&mut *owned());
+    for what in owned.values() {
+        if let Owned::PodmanContainers(label) = what {
+            remove_podman_containers(label);
+        }
+    }
     for what in owned.values() {
         if let Owned::Namespace(name) = what {
             let _ = Command::new("ip").args(["netns", "del", name]).status();

@@ -1157,6 +1157,15 @@ impl Lab {
         if let Some(mut child) = self.agents.get_mut(i).and_then(Option::take) {
             // SAFETY: signalling our own child.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            // An agent that does not exit (one left stopped, or hung) is
+            // killed, so no test or teardown waits on it for ever.
+            let deadline = Instant::now() + crate::scaled(Duration::from_secs(20));
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
             let _ = child.wait();
         }
     }

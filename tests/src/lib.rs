@@ -353,6 +353,27 @@ pub fn send_frames(ns: &NetNs, iface: &str, frames: &[impl AsRef<[u8]>]) -> std:
     }
 }
 
+/// The podman containers labelled `label` (`key=value`), removed on drop
+/// and on an interrupt (podman's conmon runs them outside this process's
+/// tree, where killing descendants does not reach).
+pub struct PodmanContainers {
+    label: String,
+    _registered: interrupt::Registration,
+}
+
+impl PodmanContainers {
+    pub fn new(label: String) -> Self {
+        let _registered = interrupt::register(interrupt::Owned::PodmanContainers(label.clone()));
+        Self { label, _registered }
+    }
+}
+
+impl Drop for PodmanContainers {
+    fn drop(&mut self) {
+        interrupt::remove_podman_containers(&self.label);
+    }
+}
+
 /// A directory removed with everything in it on drop: when the test
 /// passes, when it fails, and when the setup that made it fails halfway.
 pub struct TempDir {

@@ -144,6 +144,7 @@ fn cleanup_where_the_agent_never_ran_leaves_flannels_subnet_file_and_cni_config(
 struct RunningAgent {
     child: std::process::Child,
     log: std::path::PathBuf,
+    _log_dir: TempDir,
 }
 
 impl RunningAgent {
@@ -151,7 +152,9 @@ impl RunningAgent {
     /// with `nsenter --net` (the host's bpffs) or, with `netns_exec`, with
     /// `ip netns exec` (a mount namespace of its own).
     fn start(ns: &NetNs, root: &Path, nodes_dir: &Path, extra: &[&str], netns_exec: bool) -> Self {
-        let log = std::env::temp_dir().join(overlay_tests::unique_name("overlay-agent-log-"));
+        // In a directory of its own, which an interrupt removes too.
+        let log_dir = TempDir::new("overlay-agent-log-");
+        let log = log_dir.path().join("agent.log");
         let mut command = if netns_exec {
             let mut c = std::process::Command::new("ip");
             c.args(["netns", "exec", ns.name()]);
@@ -172,7 +175,7 @@ impl RunningAgent {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("starting the agent");
-        Self { child, log }
+        Self { child, log, _log_dir: log_dir }
     }
 
     fn log(&self) -> String {
@@ -208,7 +211,6 @@ impl Drop for RunningAgent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = fs::remove_file(&self.log);
     }
 }
 

@@ -76,6 +76,8 @@ fn the_image_builds_without_a_registry_and_runs_as_the_labs_agents() {
     // podman, whose host network is then the node's namespace. The lab's
     // work directory (manifests, net-conf.json, subnet.env) and bpffs are
     // shared at the same paths.
+    // The agents' containers, should any outlive the lab (dropped after it).
+    let _containers = overlay_tests::PodmanContainers::new(format!("overlay-test={}", spec.prefix));
     let work = std::env::temp_dir().join(&spec.prefix);
     // In the lab's work directory, which the lab removes however it ends;
     // until it starts, this guard does.
