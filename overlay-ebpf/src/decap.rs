@@ -6,8 +6,8 @@
 //! arrived for this host (the flannel model: pods sit behind `cni0`).
 
 use aya_ebpf::{
-    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_INGRESS, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
-    helpers::generated::{bpf_redirect, bpf_xdp_adjust_head},
+    bindings::{BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action},
+    helpers::generated::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
 use network_types::eth::EthHdr;
@@ -17,7 +17,7 @@ use crate::{
     DropReason,
     counters::count,
     encap::to_segmentation,
-    fastpath::{Arrival, PACKET_HOST, deliver_to_pod, to_gro_device},
+    fastpath::{Arrival, PACKET_HOST, deliver_to_pod, return_to_kernel_path, to_gro_device},
     maps::config,
     packet::{Packet as _, ptr_at},
     parse::{ENCAP_LEN, OUTER_UDP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
@@ -133,11 +133,5 @@ pub fn try_tc_split_datagram(ctx: &TcContext, cfg: &Config) -> Result<i32, DropR
     if let Some(action) = to_gro_device(ctx, cfg).or_else(|| deliver_to_pod(ctx, cfg, Arrival::AgentDevice)) {
         return Ok(action);
     }
-    ctx.set_mark(KERNEL_PATH_MARK);
-    // SAFETY: plain helper call; to the underlay's ingress.
-    let action = unsafe { bpf_redirect(cfg.underlay_ifindex, u64::from(BPF_F_INGRESS)) };
-    if action == i64::from(TC_ACT_SHOT) {
-        return Err(DropReason::HelperError);
-    }
-    Ok(action as i32)
+    return_to_kernel_path(ctx, cfg)
 }

@@ -636,8 +636,16 @@ pub fn try_tc_gro(ctx: &TcContext) -> Result<i32, DropReason> {
     if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::AgentDevice) {
         return Ok(action);
     }
-    ctx.set_mark(KERNEL_PATH_MARK);
     count(Counter::GroReturned, u64::from(ctx.len()));
+    return_to_kernel_path(ctx, cfg)
+}
+
+/// Hands a packet decapsulated and checked on one of the agent's devices
+/// back to the underlay's ingress, marked ([`KERNEL_PATH_MARK`]), where
+/// `overlay_tc_ingress` passes it to the kernel's path.
+#[inline(always)]
+pub fn return_to_kernel_path(ctx: &TcContext, cfg: &Config) -> Result<i32, DropReason> {
+    ctx.set_mark(KERNEL_PATH_MARK);
     // SAFETY: plain helper call; to the underlay's ingress.
     let action = unsafe { bpf_redirect(cfg.underlay_ifindex, u64::from(BPF_F_INGRESS)) };
     if action == i64::from(TC_ACT_SHOT) {

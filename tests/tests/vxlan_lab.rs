@@ -10,6 +10,15 @@ use overlay_tests::{
     require_root, stdout,
 };
 
+/// A lab of two nodes with one pod each, `configure`d beyond that.
+fn two_node_lab(configure: impl FnOnce(&mut LabSpec)) -> Lab {
+    let mut spec = LabSpec::new(agent_binary());
+    spec.nodes = 2;
+    spec.pods_per_node = 1;
+    configure(&mut spec);
+    Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
 fn start_lab() -> Lab {
     Lab::start(LabSpec::new(agent_binary())).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
 }
@@ -201,10 +210,7 @@ fn path_mtu_discovery_works_through_the_overlay() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_too_big_df_packet_past_the_route_mtu_gets_frag_needed_from_the_datapath() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let lab = two_node_lab(|_| {});
     // From the node's own address, and from its address on the pod bridge
     // (in its pod CIDR: the reply is for an address there, which the
     // underlay's ingress otherwise takes for a forged pod's).
@@ -221,12 +227,10 @@ fn a_too_big_df_packet_past_the_route_mtu_gets_frag_needed_from_the_datapath() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn the_frag_needed_reply_behind_xdp_reaches_the_kernel_unmarked() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    spec.decap = "xdp".to_owned();
-    spec.forward = "kernel".to_owned();
-    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let lab = two_node_lab(|spec| {
+        spec.decap = "xdp".to_owned();
+        spec.forward = "kernel".to_owned();
+    });
     let node = lab.nodes[0].ns.name().to_owned();
     let mark = format!("{:#x}", overlay_common::KERNEL_PATH_MARK);
     // Frag-needed replies (type 3 code 4) through mangle PREROUTING, all
@@ -383,11 +387,7 @@ fn routes_come_back_without_a_source_while_the_public_ip_is_away() {
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn pods_reach_pods_on_a_node_behind_a_one_to_one_nat() {
     require_root();
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    spec.topology = Topology::Routed;
-    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let mut lab = two_node_lab(|spec| spec.topology = Topology::Routed);
     let public: std::net::Ipv4Addr = "203.0.113.2".parse().unwrap();
     let own = lab.nodes[1].ip;
     let router = lab.router.as_ref().expect("a routed lab has a router").name().to_owned();
@@ -443,10 +443,7 @@ fn wait_for_routes(lab: &Lab, i: usize, what: &str, done: &dyn Fn(&[String]) -> 
 /// second address added to its `eth0`, its agent restarted with
 /// `agent_args` besides the lab's.
 fn two_nodes_with_node1_advertising(address: std::net::Ipv4Addr, agent_args: &[&str]) -> Lab {
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let mut lab = two_node_lab(|_| {});
     lab.stop_agent(0);
     lab.nodes[0].ns.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
     lab.nodes[0].ip = address;
@@ -492,11 +489,7 @@ fn merged_tunnel_datagrams_reach_their_pod(forward: &str) {
     const BURST: usize = 16;
     const BURSTS: usize = 20;
     const PORT: u16 = 9000;
-    let mut spec = LabSpec::new(agent_binary());
-    spec.nodes = 2;
-    spec.pods_per_node = 1;
-    spec.forward = forward.to_owned();
-    let lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    let lab = two_node_lab(|spec| spec.forward = forward.to_owned());
     let (node1, node2) = (&lab.nodes[0], &lab.nodes[1]);
     let (pod1, pod2) = (&node1.pods[0], &node2.pods[0]);
     let run = |ns: &NetNs, args: &[&str]| {
