@@ -182,8 +182,10 @@ pub struct RunArgs {
     pub metrics_addr: std::net::SocketAddr,
     /// Delete flannel's kernel vxlan device (`flannel.<VNI>`) on our UDP
     /// port, left by a migration from flannel, once our datapath and
-    /// routes are in place. Without it the agent refuses to start beside
-    /// one: the device decapsulates tunnel traffic without our checks.
+    /// routes are in place, and again whenever it comes back (a flanneld
+    /// still running makes it again). Without it the agent refuses to
+    /// start beside one: the device decapsulates tunnel traffic without
+    /// our checks.
     #[arg(long)]
     pub remove_flannel_device: bool,
 }

@@ -20,7 +20,7 @@ use std::{collections::BTreeSet, io, time::Duration};
 use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::NeighbourAttribute,
     route::RouteProtocol,
 };
@@ -82,10 +82,15 @@ pub enum KernelEvent {
     /// A device of the agent's device pairs was deleted: the datapath may
     /// be redirecting packets to a device that is gone.
     DevicePairGone,
+    /// A kernel vxlan device was made or changed: one on our UDP port
+    /// would decapsulate tunnel traffic our programs do not see
+    /// (`foreign_vxlan`).
+    VxlanDeviceAppeared,
 }
 
 impl KernelEvent {
-    pub const ALL: [Self; 4] = [Self::UnderlayChanged, Self::PodBridgeChanged, Self::PodPortsChanged, Self::DevicePairGone];
+    pub const ALL: [Self; 5] =
+        [Self::UnderlayChanged, Self::PodBridgeChanged, Self::PodPortsChanged, Self::DevicePairGone, Self::VxlanDeviceAppeared];
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -362,6 +367,9 @@ impl Classifier {
         if master.is_some() && master == self.pod_bridge {
             return Some(KernelEvent::PodPortsChanged);
         }
+        if present && link.header.interface_family != AddressFamily::Bridge && is_vxlan(link) {
+            return Some(KernelEvent::VxlanDeviceAppeared);
+        }
         // Only their deletion: the agent's own setting up of a pair
         // notifies too, and must not set it up again.
         if !present && name.is_some_and(|name| self.watched.device_pairs.iter().any(|end| end == name)) {
@@ -373,6 +381,11 @@ impl Classifier {
         }
         None
     }
+}
+
+/// Whether the link is a kernel vxlan device (its link info's kind).
+fn is_vxlan(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkInfo(infos) if infos.contains(&LinkInfo::Kind(InfoKind::Vxlan))))
 }
 
 #[cfg(test)]
@@ -517,6 +530,19 @@ mod tests {
         assert_eq!(c.classify(&down), Some(KernelEvent::UnderlayChanged));
         let other = RouteNetlinkMessage::NewLink(link(AddressFamily::Unspec, 5, Some("eth1"), None));
         assert_eq!(c.classify(&other), None);
+    }
+
+    #[test]
+    fn a_vxlan_device_made_or_changed_is_an_event_and_its_deletion_is_not() {
+        let mut c = classifier();
+        let vxlan = |present: bool, kind: InfoKind| {
+            let mut message = link(AddressFamily::Unspec, 12, Some("flannel.1"), None);
+            message.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(kind)]));
+            if present { RouteNetlinkMessage::NewLink(message) } else { RouteNetlinkMessage::DelLink(message) }
+        };
+        assert_eq!(c.classify(&vxlan(true, InfoKind::Vxlan)), Some(KernelEvent::VxlanDeviceAppeared));
+        assert_eq!(c.classify(&vxlan(false, InfoKind::Vxlan)), None);
+        assert_eq!(c.classify(&vxlan(true, InfoKind::Veth)), None);
     }
 
     #[test]

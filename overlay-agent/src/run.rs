@@ -21,7 +21,7 @@ use overlay_agent::{
     datapath::{Datapath, DecapHook, LinkOutcome},
     desired::{Backend, Desired, LocalSettings},
     etcd_source::{self, EtcdSource},
-    foreign_vxlan::{self, VxlanDevice},
+    foreign_vxlan::{self, Appeared, AppearedDevices, VxlanDevice},
     hook::{DecapRequest, HookFacts, choose_decap_hook},
     iface,
     kernel_events::{KernelEvents, Watched},
@@ -274,6 +274,8 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
         reported: BTreeSet::new(),
         pod_traffic_rules: PodTrafficRules::new(args.ip_masq),
         flannel_devices,
+        appeared_vxlan: None,
+        remove_flannel_device: args.remove_flannel_device,
         mismatched_seen,
         decap_hook: None,
         datapath_problem: Some("not attached yet".to_owned()),
@@ -344,6 +346,11 @@ struct NodeHost {
     pod_traffic_rules: PodTrafficRules,
     /// flannel's devices to delete once our datapath serves.
     flannel_devices: Vec<VxlanDevice>,
+    /// Kernel vxlan devices on our port that appear later (flanneld, still
+    /// running, makes its device again), checked once our datapath serves.
+    appeared_vxlan: Option<AppearedDevices>,
+    /// `--remove-flannel-device`.
+    remove_flannel_device: bool,
     /// The mismatched-port counter when last looked at.
     mismatched_seen: u64,
     /// Where decapsulation was attached.
@@ -403,6 +410,13 @@ impl Host for NodeHost {
     fn housekeeping(&mut self) {
         warn_on_port_mismatch(&self.maps, self.vxlan_port, &mut self.mismatched_seen);
         self.check_datapath();
+        if self.appeared_vxlan.as_ref().is_some_and(AppearedDevices::pending) {
+            self.check_vxlan_devices();
+        }
+    }
+
+    fn vxlan_device_appeared(&mut self) {
+        self.check_vxlan_devices();
     }
 
     fn datapath_problem(&mut self) -> Option<String> {
@@ -544,9 +558,13 @@ impl Host for NodeHost {
             self.pod_traffic_rules.keep(network, desired.local_pod_cidr);
         }
         // Our programs and routes serve now: flannel's device can go.
+        let appeared = self.appeared_vxlan.get_or_insert_with(|| AppearedDevices::new(self.remove_flannel_device));
         for device in self.flannel_devices.drain(..) {
             match foreign_vxlan::remove(&device) {
-                Ok(()) => info!(device = %device.name, "deleted flannel's vxlan device (--remove-flannel-device)"),
+                Ok(()) => {
+                    info!(device = %device.name, "deleted flannel's vxlan device (--remove-flannel-device)");
+                    appeared.removed(Instant::now());
+                }
                 Err(err) => error!(error = %err, "deleting flannel's vxlan device; delete it by hand: ip link del {}", device.name),
             }
         }
@@ -555,6 +573,51 @@ impl Host for NodeHost {
 }
 
 impl NodeHost {
+    /// Deals with kernel vxlan devices on our port that appeared since the
+    /// start (nothing before our datapath serves: the start's own check
+    /// and deletion come first): flannel's is deleted again where the flag
+    /// allows, after a wait that grows each time it comes back; any other
+    /// is reported.
+    fn check_vxlan_devices(&mut self) {
+        let Some(appeared) = &mut self.appeared_vxlan else { return };
+        let devices = match foreign_vxlan::on_port(self.vxlan_port) {
+            Ok(devices) => devices,
+            Err(err) => {
+                warn!(error = %err.to_string_with_causes(), "looking for kernel vxlan devices on our UDP port; asked again at the next change");
+                return;
+            }
+        };
+        let port = self.vxlan_port;
+        for action in appeared.decide(devices, Instant::now()) {
+            match action {
+                Appeared::Remove(device) => match foreign_vxlan::remove(&device) {
+                    Ok(()) => warn!(
+                        device = %device.name,
+                        "flannel's vxlan device came back and was deleted again (--remove-flannel-device): flanneld still runs on this node and makes it again whenever it is deleted; stop flanneld here (the migration guide's step 4), and the agent deletes the device once more. Rolling this node back to flannel instead? Stop the agent first (the guide's \"Rolling back one node\")"
+                    ),
+                    Err(err) => error!(error = %err, "deleting flannel's vxlan device, which came back; delete it by hand once flanneld is stopped: ip link del {}", device.name),
+                },
+                Appeared::Wait(_) => {}
+                Appeared::Report(device) => {
+                    let what = if !device.is_flannels() {
+                        "it is not flannel's, so the agent leaves it alone: delete it, or give the agent another --port"
+                    } else if self.remove_flannel_device {
+                        "it is flannel's, made anew on a node where the agent deleted none (flanneld started here: a node rolled back to flannel?); the agent leaves it to flanneld: finish the rollback (stop the agent, then `overlay-agent cleanup`), or stop flanneld and delete it"
+                    } else {
+                        "stop flanneld on this node and delete it, or restart the agent with --remove-flannel-device"
+                    };
+                    error!(
+                        device = %device.name,
+                        vni = ?device.vni,
+                        port,
+                        "a kernel vxlan device appeared on our UDP port: it receives on 0.0.0.0:{port} and decapsulates tunnel traffic to this node's other addresses without our checks; {what} (`ip link del {}`)",
+                        device.name
+                    );
+                }
+            }
+        }
+    }
+
     /// Asks the kernel whether our programs still serve the underlay
     /// (every housekeeping: a few netlink queries, not one per event).
     fn check_datapath(&mut self) {

@@ -870,30 +870,98 @@ impl Lab {
         Ok(())
     }
 
-    /// Migrates flannel node `i` to our agent the way the migration guide
-    /// says: start the agent with `--remove-flannel-device` (its XDP
-    /// program takes over receiving, its routes replace flannel's, then it
-    /// deletes `flannel.1`).
+    /// Migrates flannel node `i` to our agent with flanneld stopped first
+    /// (flannel's pod leaves the node, then ours starts): start the agent
+    /// with `--remove-flannel-device` (its program takes over receiving,
+    /// its routes replace flannel's, then it deletes `flannel.1`).
     pub fn convert_to_overlay(&mut self, i: usize) -> Result<(), String> {
-        // flannel's pod leaves the node first (the guide's DaemonSet
-        // affinity). Stopping flanneld leaves its device, neighbours and
-        // routes, which keep forwarding until the agent takes over; its
-        // lease stays in etcd, and the agent reuses it (same VtepMAC).
-        self.flanneld[i] = None;
+        // Stopping flanneld leaves its device, neighbours and routes, which
+        // keep forwarding until the agent takes over; its lease stays in
+        // etcd, and the agent reuses it (same VtepMAC).
+        self.stop_flanneld(i)?;
+        self.start_agent_on_flannel_node(i)?;
+        if self.spec.flannel_backend == "vxlan" {
+            self.wait_for_no_flannel_device(i, Duration::from_secs(10))?;
+        }
+        self.nodes[i].flannel = false;
+        Ok(())
+    }
+
+    /// Rolls node `i`, migrated to our agent, back to real flanneld the
+    /// way the migration guide's "Rolling back one node" says: the agent
+    /// leaves the node first (its datapath stays, pinned, and keeps
+    /// forwarding), then flanneld starts again (its device, neighbours,
+    /// FDB entries and routes replace ours), then `overlay-agent cleanup
+    /// --keep-subnet-file` removes what is left of ours.
+    pub fn roll_back_to_flannel(&mut self, i: usize) -> Result<(), String> {
+        // Not the other way round: a running agent puts its routes back
+        // over flanneld's, which flanneld writes only as leases change, so
+        // the cleanup would leave the node with no route to its peers.
+        self.stop_agent(i);
+        self.flanneld[i] = Some(ChildGuard(self.spawn_flanneld(i)?));
+        let peers = self.nodes.len() - 1;
+        self.wait_for_flanneld(i, peers, crate::scaled(Duration::from_secs(30)))?;
+        let node = &self.nodes[i];
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.ns.name()))
+            .arg(&self.spec.agent)
+            .args(["cleanup", "--keep-subnet-file", "--bpffs-root"])
+            .arg(&node.pin_root)
+            .output()
+            .map_err(|e| format!("running overlay-agent cleanup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("overlay-agent cleanup on {} failed ({}):\n{}", node.name, out.status, String::from_utf8_lossy(&out.stderr)));
+        }
+        self.nodes[i].flannel = true;
+        Ok(())
+    }
+
+    /// Starts our agent on flannel node `i` (`--remove-flannel-device`), as
+    /// the migration guide's step 2 does, whether or not flanneld still
+    /// runs there, and waits for its routes to every peer.
+    pub fn start_agent_on_flannel_node(&mut self, i: usize) -> Result<(), String> {
         let agent = self.spawn_agent(i)?;
         self.agents[i] = Some(agent);
         let peers = self.nodes.len() - 1;
-        self.wait_for_routes(i, peers, Duration::from_secs(10))?;
-        if self.spec.flannel_backend == "vxlan" {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while self.nodes[i].ns.ip(&["-o", "link", "show", "type", "vxlan"]).stdout.windows(9).any(|w| w == b"flannel.1") {
-                if Instant::now() > deadline {
-                    return Err(format!("the agent of {} did not delete flannel.1:\n{}", self.nodes[i].name, self.agent_log(i)));
+        self.wait_for_routes(i, peers, Duration::from_secs(10))
+    }
+
+    /// Stops real flanneld on node `i` as the kubelet stops a pod
+    /// (SIGTERM, then SIGKILL after its grace period), leaving whatever it
+    /// made in the kernel.
+    pub fn stop_flanneld(&mut self, i: usize) -> Result<(), String> {
+        let Some(guard) = self.flanneld[i].take() else { return Ok(()) };
+        let mut child = guard.into_inner();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(());
                 }
-                std::thread::sleep(Duration::from_millis(50));
             }
         }
-        self.nodes[i].flannel = false;
+    }
+
+    /// Waits until node `i` has no `flannel.1`.
+    pub fn wait_for_no_flannel_device(&self, i: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + crate::scaled(timeout);
+        while self.nodes[i].ns.ip(&["-o", "link", "show", "type", "vxlan"]).stdout.windows(9).any(|w| w == b"flannel.1") {
+            if Instant::now() > deadline {
+                let flanneld = fs::read_to_string(self.flanneld_log_path(i)).unwrap_or_default();
+                return Err(format!(
+                    "{} still has flannel.1 after {timeout:?}; agent log:\n{}\nflanneld log (if it ran):\n{flanneld}",
+                    self.nodes[i].name,
+                    self.agent_log(i)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(())
     }
 

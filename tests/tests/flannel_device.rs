@@ -135,3 +135,49 @@ fn another_vxlan_device_on_our_port_is_never_touched() {
     let (status, log) = stop(agent.into_inner());
     assert!(status.success(), "agent stopped with {status}:\n{log}");
 }
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn flannels_device_coming_back_is_deleted_again_and_anothers_appearing_is_reported() {
+    require_root();
+    let node = Node::new();
+    node.vxlan("flannel.1");
+    let mut agent = ChildGuard(node.agent(&["--remove-flannel-device"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    wait_while_running(&mut agent.0, "delete flannel.1", || !node.has_link("flannel.1"));
+    // As flanneld, still running, does at once: made again.
+    node.vxlan("flannel.1");
+    wait_while_running(&mut agent.0, "delete flannel.1 once more", || !node.has_link("flannel.1"));
+    // Another's device on our port, appearing later: left alone.
+    node.vxlan("vx0");
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(node.has_link("vx0"), "vx0 is not ours to delete");
+    let (status, log) = stop(agent.into_inner());
+    assert!(status.success(), "agent stopped with {status}:\n{log}");
+    assert!(log.contains("flannel's vxlan device came back and was deleted again"), "the second deletion must be logged:\n{log}");
+    let report = log.lines().find(|l| l.contains("a kernel vxlan device appeared on our UDP port")).unwrap_or_else(|| panic!("vx0 must be reported:\n{log}"));
+    for needed in ["vx0", "not flannel's", "ip link del vx0"] {
+        assert!(report.contains(needed), "the report must say {needed:?}: {report}");
+    }
+}
+
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn flannels_device_made_anew_where_the_agent_deleted_none_is_left_to_flanneld() {
+    require_root();
+    let node = Node::new();
+    let mut agent = ChildGuard(node.agent(&["--remove-flannel-device"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    let attached = node.pins.path().join("links/ul0/tc_egress");
+    wait_while_running(&mut agent.0, "attach", || attached.exists());
+    // flanneld starting on a node rolled back to flannel, beside an agent
+    // not yet stopped: past the longest wait before a deletion, and a
+    // housekeeping, the device is still there.
+    node.vxlan("flannel.1");
+    std::thread::sleep(overlay_agent::foreign_vxlan::REMOVAL_BACKOFF_FIRST * 2 + Duration::from_secs(2));
+    assert!(node.has_link("flannel.1"), "the agent deleted a flannel.1 it had not deleted before");
+    let (status, log) = stop(agent.into_inner());
+    assert!(status.success(), "agent stopped with {status}:\n{log}");
+    let report = log.lines().find(|l| l.contains("a kernel vxlan device appeared on our UDP port")).unwrap_or_else(|| panic!("flannel.1 must be reported:\n{log}"));
+    for needed in ["flannel.1", "rolled back", "stop the agent"] {
+        assert!(report.contains(needed), "the report must say {needed:?}: {report}");
+    }
+}

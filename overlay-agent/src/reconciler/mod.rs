@@ -196,6 +196,10 @@ pub trait Host {
     /// uses and that is gone or could not be set up before. May change the
     /// settings (the pairs' indexes).
     fn device_pair_gone(&mut self, local: &mut LocalSettings);
+    /// A kernel vxlan device was made or changed (or may have been: every
+    /// resync asks too): one on our UDP port is deleted where the agent
+    /// may (flannel's, `--remove-flannel-device`), reported otherwise.
+    fn vxlan_device_appeared(&mut self);
     /// After each applied reconcile: subnet.env, masquerade and FORWARD
     /// rules, flannel's device. `false` when the node is not ready to serve
     /// pods yet (subnet.env could not be written): the reconcile is retried.
@@ -394,6 +398,9 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         if bridge_changed {
             // A new bridge's index and MAC reach CONFIG by a full reconcile.
             self.pending = Touched::All;
+        }
+        if events.contains(&KernelEvent::VxlanDeviceAppeared) {
+            self.host.vxlan_device_appeared();
         }
         if events.contains(&KernelEvent::DevicePairGone) {
             let mut local = self.state.local().clone();

@@ -193,6 +193,8 @@ struct FakeHost {
     bridge_ifindex: u32,
     /// Times it was asked to set up device pairs that went.
     device_pair_checks: usize,
+    /// Times it was asked about kernel vxlan devices.
+    vxlan_device_checks: usize,
     /// The GRO device's index it then has.
     gro_ifindex: u32,
     /// The underlay's new index, once it was recreated.
@@ -222,6 +224,10 @@ impl Host for FakeHost {
     fn device_pair_gone(&mut self, local: &mut LocalSettings) {
         self.device_pair_checks += 1;
         local.gro_ifindex = self.gro_ifindex;
+    }
+
+    fn vxlan_device_appeared(&mut self) {
+        self.vxlan_device_checks += 1;
     }
 
     fn after_apply(&mut self, desired: &Desired) -> bool {
@@ -503,6 +509,14 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
     assert!(r.reconcile(Instant::now()).await);
     assert_eq!(r.state.result().unwrap().config.gro_ifindex, 12);
     assert_eq!(r.host.pod_network_changes, 3, "the pod fast path is not asked");
+
+    // A kernel vxlan device appeared: the host is asked, and nothing is
+    // written for it.
+    assert_eq!(r.host.vxlan_device_checks, 0, "asked before any vxlan device appeared");
+    r.handle_kernel_events(&kernel(&[KernelEvent::VxlanDeviceAppeared]));
+    assert_eq!(r.host.vxlan_device_checks, 1);
+    assert!(!r.reconcile(Instant::now()).await, "a vxlan device changes nothing to write");
+    assert_eq!(r.host.device_pair_checks, 2, "the device pairs are not asked");
 
     // The underlay changed: paths asked again, the peer goes to VXLAN; the
     // pod fast path is not asked.
