@@ -197,14 +197,31 @@ fn a_flannel_node_migrates_in_the_guides_order_agent_first_then_flanneld_stops()
     let mut lab = mixed_lab(1);
     let pings = PingsAcrossTheMigration::start(&lab);
     lab.start_agent_on_flannel_node(2).expect("starting the overlay agent beside flanneld on node3");
-    // flanneld sees the deletion and recreates its device meanwhile.
-    std::thread::sleep(Duration::from_secs(3));
+    // flanneld sees the deletion and makes its device again (at once, or
+    // after its own retries while the old device's socket is released).
+    let flanneld_log = lab.flanneld_log_path(2);
+    let deadline = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(30));
+    while !std::fs::read_to_string(&flanneld_log).unwrap_or_default().contains("VXLAN device flannel.1 recreated successfully") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flanneld did not make flannel.1 again after the agent deleted it:\n{}",
+            std::fs::read_to_string(&flanneld_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     lab.stop_flanneld(2).expect("stopping flanneld on node3");
     lab.wait_for_no_flannel_device(2, Duration::from_secs(20)).expect("flannel.1 gone once flanneld stopped (the guide's step 5)");
+    // The agent logs the deletion just after the kernel has made it.
+    let logged = std::time::Instant::now() + overlay_tests::scaled(Duration::from_secs(5));
+    while !lab.agent_log(2).contains("flannel's vxlan device came back and was deleted again") && std::time::Instant::now() < logged {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let log = lab.agent_log(2);
     assert!(
         log.contains("flannel's vxlan device came back and was deleted again"),
-        "flanneld made flannel.1 again after the agent deleted it, so the agent must have deleted it again, and said why:\n{log}"
+        "flanneld made flannel.1 again after the agent deleted it, so the agent must have deleted it again, and said why:\n{log}\nflanneld's log:\n{}\nlinks: {:?}",
+        std::fs::read_to_string(&flanneld_log).unwrap_or_default(),
+        lab.nodes[2].ns.ip(&["-o", "link", "show"])
     );
     pings.assert_none_lost();
     assert_eq!(lab.agent_routes(2).len(), 2, "the agent's routes on node3 after flanneld stopped: {:?}", lab.agent_routes(2));
