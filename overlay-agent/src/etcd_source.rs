@@ -164,17 +164,27 @@ impl NetworkConfig {
     }
 }
 
+/// How often the connection to etcd is pinged. No more often than etcd's
+/// `--grpc-keepalive-min-time` (5 s by default) allows: etcd answers
+/// pings that come faster with GOAWAY (`too_many_pings`) and closes the
+/// connection, every watch and request on it failing every few seconds.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is dropped.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Connects (lazily: requests fail, and are retried, while etcd is down).
 pub async fn connect(options: &EtcdOptions) -> Result<Client, EtcdSourceError> {
     let read = |what, path: &Path| {
         std::fs::read(path).map_err(|source| EtcdSourceError::TlsFile { what, path: path.to_owned(), source })
     };
-    // Keepalives notice a dead member within seconds, so the watch moves
-    // on to another endpoint; require-leader cancels a watch on a member
-    // cut off from the quorum, which would otherwise go silent.
+    // Keepalives notice a silent member (cut off, not dead: a dead one's
+    // connection is reset at once) within KEEP_ALIVE_INTERVAL +
+    // KEEP_ALIVE_TIMEOUT, so the watch moves on to another endpoint;
+    // require-leader cancels a watch on a member cut off from the quorum,
+    // which would otherwise go silent.
     let mut connect = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(2))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
     let tls = options.endpoints.iter().any(|e| e.starts_with("https://"));
