@@ -8,9 +8,12 @@
 //!   address, authenticates client certificates and ServiceAccount tokens
 //!   (its own signing key), authorizes with RBAC only, and refuses
 //!   anonymous requests.
-//! - kube-controller-manager runs the node IPAM controller only (`node-ipam-controller`)
-//!   (`--allocate-node-cidrs`), which fills `spec.podCIDR` as in real
-//!   clusters, and serves nothing.
+//! - kube-controller-manager runs the node IPAM controller
+//!   (`node-ipam-controller`, `--allocate-node-cidrs`), which fills
+//!   `spec.podCIDR` as in real clusters, and the DaemonSet controller
+//!   (`daemonset-controller`), which makes and deletes the daemon pods
+//!   each node should run (nothing schedules or runs them: no kubelet, no
+//!   scheduler); it serves nothing.
 //!
 //! Everything runs inside one network namespace when one is given (the
 //! lab's underlay, so the nodes reach the API at a private address), else
@@ -101,16 +104,15 @@ pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("OVERLAY_KUBE_BIN_DIR") {
         return dir.into();
     }
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
-    cache.join("overlay").join(format!("kubernetes-{}", KUBERNETES_VERSION.trim())).join("bin")
+    crate::overlay_cache().join(format!("kubernetes-{}", KUBERNETES_VERSION.trim())).join("bin")
 }
 
 /// A running control plane. Field order is drop order: the
 /// controller-manager and the API server stop before etcd, the directory
 /// goes last.
 pub struct ControlPlane {
+    /// Only where a test asks for it ([`ControlPlane::start_scheduler`]).
+    scheduler: Option<ChildGuard>,
     controller_manager: Option<ChildGuard>,
     apiserver: Option<ChildGuard>,
     _etcd: ChildGuard,
@@ -164,6 +166,7 @@ impl ControlPlane {
         )?;
         write_kubeconfig(dir.path(), "admin", addr)?;
         write_kubeconfig(dir.path(), "controller-manager", addr)?;
+        write_kubeconfig(dir.path(), "scheduler", addr)?;
         let runtime = runtime_in(netns_name.as_deref())?;
         let admin = dir.path().join("admin.kubeconfig");
         let client = block(&runtime, async move {
@@ -174,6 +177,7 @@ impl ControlPlane {
             Client::try_from(config).map_err(kube_err("building the admin client"))
         })?;
         let mut plane = Self {
+            scheduler: None,
             controller_manager: None,
             apiserver: None,
             _etcd: etcd,
@@ -191,7 +195,7 @@ impl ControlPlane {
             &plane.bin.join("kube-controller-manager"),
             &[
                 format!("--kubeconfig={}", plane.dir.path().join("controller-manager.kubeconfig").display()),
-                "--controllers=node-ipam-controller".to_owned(),
+                "--controllers=node-ipam-controller,daemonset-controller".to_owned(),
                 "--allocate-node-cidrs=true".to_owned(),
                 format!("--cluster-cidr={CLUSTER_CIDR}"),
                 "--node-cidr-mask-size=24".to_owned(),
@@ -206,6 +210,30 @@ impl ControlPlane {
             &plane.dir.path().join("kube-controller-manager.log"),
         )?);
         Ok(plane)
+    }
+
+    /// Starts kube-scheduler, which binds pods to nodes (as in a cluster,
+    /// where a DaemonSet's pods are bound by it; the DaemonSet controller
+    /// finds its pods on a node by their binding). Nothing runs them.
+    pub fn start_scheduler(&mut self) -> Result<()> {
+        if !self.bin.join("kube-scheduler").is_file() {
+            return Err(ControlPlaneError::MissingBinary {
+                path: self.bin.join("kube-scheduler").display().to_string(),
+                version: KUBERNETES_VERSION.trim().to_owned(),
+            });
+        }
+        self.scheduler = Some(spawn(
+            self.netns.as_deref(),
+            &self.bin.join("kube-scheduler"),
+            &[
+                format!("--kubeconfig={}", self.dir.path().join("scheduler.kubeconfig").display()),
+                "--leader-elect=false".to_owned(),
+                // Serve nothing: nothing here scrapes it.
+                "--secure-port=0".to_owned(),
+            ],
+            &self.dir.path().join("kube-scheduler.log"),
+        )?);
+        Ok(())
     }
 
     /// Starts the API server (again) and waits until `/readyz` says ok.
@@ -384,6 +412,70 @@ impl ControlPlane {
                 .map_err(kube_err(format!("writing Node {name}'s status")))?;
         }
         Ok(())
+    }
+
+    /// The nodes the daemon pods labelled `app=<app>` in `namespace` are
+    /// for, sorted: a DaemonSet's pods name their node in `nodeName` once
+    /// bound, and in a node-affinity term on `metadata.name` from their
+    /// making (what the DaemonSet controller itself goes by).
+    pub fn daemon_pod_nodes(&self, namespace: &str, app: &str) -> Vec<String> {
+        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client(), namespace);
+        let params = ListParams::default().labels(&format!("app={app}"));
+        let pods = self.block(async move { api.list(&params).await }).expect("listing pods");
+        let mut nodes: Vec<String> = pods
+            .items
+            .into_iter()
+            .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+            .filter_map(|pod| {
+                let pod = serde_json::to_value(pod).expect("a Pod serialises");
+                pod["spec"]["nodeName"].as_str().map(str::to_owned).or_else(|| {
+                    let terms = &pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+                    terms.as_array()?.iter().flat_map(|t| t["matchFields"].as_array().cloned().unwrap_or_default()).find_map(|f| {
+                        (f["key"] == "metadata.name").then(|| f["values"][0].as_str().map(str::to_owned)).flatten()
+                    })
+                })
+            })
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// Removes every pod being deleted in `namespace`, as the kubelet does
+    /// once the pod's containers have stopped (its final delete, with no
+    /// grace period). There is no kubelet here (no container runtime), so
+    /// without this a deleted daemon pod would be terminating for ever,
+    /// and its DaemonSet would never make another on its node.
+    pub fn finish_pod_deletions(&self, namespace: &str) {
+        let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client(), namespace);
+        self.block(async move {
+            let pods = api.list(&ListParams::default()).await.expect("listing pods");
+            for pod in pods.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_some()) {
+                let name = pod.metadata.name.unwrap_or_default();
+                // Gone already (another delete won) is as good.
+                let _ = api.delete(&name, &DeleteParams::default().grace_period(0)).await;
+            }
+        });
+    }
+
+    /// Sets (`Some`) or removes (`None`) label `key` on Node `name`, as
+    /// `kubectl label` does.
+    pub fn label_node(&self, name: &str, key: &str, value: Option<&str>) -> Result<()> {
+        let api = self.nodes();
+        let patch = serde_json::json!({"metadata": {"labels": {key: value}}});
+        let n = name.to_owned();
+        self.block(async move { api.patch(&n, &PatchParams::default(), &Patch::Merge(&patch)).await })
+            .map(drop)
+            .map_err(kube_err(format!("labelling Node {name}")))
+    }
+
+    /// Applies a strategic merge patch to DaemonSet `namespace/name`, as
+    /// `kubectl patch daemonset --type=strategic` does.
+    pub fn patch_daemonset(&self, namespace: &str, name: &str, patch: &Value) -> Result<()> {
+        let api: Api<k8s_openapi::api::apps::v1::DaemonSet> = Api::namespaced(self.client(), namespace);
+        let (n, patch) = (name.to_owned(), patch.clone());
+        self.block(async move { api.patch(&n, &PatchParams::default(), &Patch::Strategic(patch)).await })
+            .map(drop)
+            .map_err(kube_err(format!("patching DaemonSet {namespace}/{name}")))
     }
 
     /// Deletes Node `name`; returns it as it was.
@@ -605,8 +697,8 @@ fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
 }
 
 /// A throwaway CA; the API server's serving certificate (for `api_ip`);
-/// client certificates for the admin (`system:masters`) and the
-/// controller-manager; the ServiceAccount signing key.
+/// client certificates for the admin (`system:masters`), the
+/// controller-manager and the scheduler; the ServiceAccount signing key.
 fn make_certificates(dir: &Path, api_ip: Ipv4Addr) -> Result<()> {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
     let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=overlay-test-ca", "-keyout", "ca.key", "-out", "ca.crt"];
@@ -617,6 +709,7 @@ fn make_certificates(dir: &Path, api_ip: Ipv4Addr) -> Result<()> {
         ("apiserver", "/CN=kube-apiserver", "extendedKeyUsage=serverAuth", Some(san.as_str())),
         ("admin", "/O=system:masters/CN=overlay-admin", "extendedKeyUsage=clientAuth", None),
         ("controller-manager", "/CN=system:kube-controller-manager", "extendedKeyUsage=clientAuth", None),
+        ("scheduler", "/CN=system:kube-scheduler", "extendedKeyUsage=clientAuth", None),
     ];
     for (name, subject, usage, san) in leaves {
         let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));

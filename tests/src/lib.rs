@@ -42,14 +42,33 @@ pub const FLANNEL_VERSION: &str = include_str!("../flannel-version.txt");
 /// (`~/.cache/overlay/flanneld-<version>/bin/flanneld`).
 pub fn flanneld_binary() -> Result<PathBuf, String> {
     let version = FLANNEL_VERSION.trim();
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
-    let path = cache.join("overlay").join(format!("flanneld-{version}")).join("bin/flanneld");
+    let path = overlay_cache().join(format!("flanneld-{version}")).join("bin/flanneld");
     if path.is_file() {
         Ok(path)
     } else {
         Err(format!("{} is missing: run `cargo xtask setup`, which builds flanneld {version}", path.display()))
+    }
+}
+
+/// Where `cargo xtask setup` caches what it builds and downloads:
+/// `~/.cache/overlay` (or `$XDG_CACHE_HOME/overlay`).
+pub(crate) fn overlay_cache() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"))
+        .join("overlay")
+}
+
+/// flannel's own manifest (`Documentation/kube-flannel.yml`) of the
+/// flannel release the lab runs, from the Go module `cargo xtask setup`
+/// downloads to build flanneld.
+pub fn flannel_manifest() -> Result<PathBuf, String> {
+    let version = FLANNEL_VERSION.trim();
+    let path = overlay_cache().join("go/mod/github.com/flannel-io").join(format!("flannel@{version}")).join("Documentation/kube-flannel.yml");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing: run `cargo xtask setup`, which downloads flannel {version}'s module", path.display()))
     }
 }
 

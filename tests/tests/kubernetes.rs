@@ -19,6 +19,7 @@ use kube::{
 use overlay_tests::{
     agent_binary,
     control_plane::{ControlPlane, KUBERNETES_VERSION},
+    flannel_manifest,
     lab::{Lab, LabSpec, RBAC_KINDS, deploy_manifest},
     require_root, unique_name,
 };
@@ -258,6 +259,91 @@ fn the_deploy_manifest_passes_a_server_side_dry_run_apply() {
     std::fs::write(&broken, text).unwrap();
     let err = kube.apply_manifest(&broken, &["DaemonSet"], true).expect_err("an unknown field must be refused");
     assert!(err.to_string().contains("DaemonSet"), "{err}");
+}
+
+/// The `kubectl -n <namespace> patch daemonset <name> --type=strategic -p
+/// '<patch>'` commands of the migration guide, as (namespace, name, patch).
+fn guide_daemonset_patches() -> Vec<(String, String, Value)> {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/migrate-from-flannel.md")).unwrap();
+    let mut patches = Vec::new();
+    for (at, _) in guide.match_indices("kubectl -n ") {
+        let command = &guide[at..];
+        let words: Vec<&str> = command.split_whitespace().take(5).collect();
+        if words.get(3) != Some(&"patch") || words.get(4) != Some(&"daemonset") {
+            continue;
+        }
+        let name = command.split_whitespace().nth(5).unwrap().to_owned();
+        assert!(command[..command.find("-p '").unwrap()].contains("--type=strategic"), "a strategic patch: {}", &command[..80]);
+        let body = &command[command.find("-p '").unwrap() + 4..];
+        let patch = serde_json::from_str(&body[..body.find('\'').unwrap()]).unwrap_or_else(|e| panic!("the guide's patch of {name} is not JSON: {e}"));
+        patches.push((words[2].to_owned(), name, patch));
+    }
+    patches
+}
+
+/// The migration guide's node labels against the real DaemonSet
+/// controller, with flannel's own manifest and ours patched as the guide
+/// says: on the node being moved, flanneld's pod goes before the agent's
+/// comes (`overlay=joining`, then `yes`), and back again the agent's goes
+/// before flanneld's comes (`overlay=leaving`, then no label); the other
+/// node keeps flanneld throughout.
+#[test]
+fn the_migration_guides_labels_keep_flanneld_and_the_agent_apart_on_the_moving_node() {
+    let dir = std::env::temp_dir().join(unique_name("ovkube"));
+    let mut kube = ControlPlane::start(None, std::net::Ipv4Addr::LOCALHOST, &dir).unwrap_or_else(|e| panic!("{e}"));
+    // The DaemonSet controller finds a node's daemon pods by their binding.
+    kube.start_scheduler().unwrap_or_else(|e| panic!("{e}"));
+    for (name, ip) in [("node1", "192.168.77.11"), ("node2", "192.168.77.12")] {
+        let node = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux", "kubernetes.io/hostname": name}},
+            // Room for the daemon pods' requests, or the scheduler binds none.
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": ip}],
+                "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+            },
+        });
+        kube.apply_node(node).unwrap();
+    }
+    kube.apply_manifest(&flannel_manifest().unwrap(), &[], false).unwrap_or_else(|e| panic!("flannel's manifest: {e}"));
+    kube.apply_manifest(&deploy_manifest(), &[], false).unwrap_or_else(|e| panic!("deploy/overlay.yaml: {e}"));
+    let patches = guide_daemonset_patches();
+    let names: Vec<&str> = patches.iter().map(|(ns, name, _)| if ns == "kube-flannel" { "flannel" } else { name.as_str() }).collect();
+    assert_eq!(names, ["flannel", "overlay-agent"], "the guide's DaemonSet patches");
+    for (namespace, name, patch) in &patches {
+        kube.patch_daemonset(namespace, name, patch).unwrap_or_else(|e| panic!("the guide's patch: {e}"));
+    }
+    let both = |flannel: &[&str], ours: &[&str]| (flannel.iter().map(|s| s.to_string()).collect::<Vec<_>>(), ours.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let expect = |step: &str, want: (Vec<String>, Vec<String>)| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            // What a kubelet does once a deleted pod's containers stopped.
+            kube.finish_pod_deletions("kube-flannel");
+            kube.finish_pod_deletions("overlay-system");
+            let now = (kube.daemon_pod_nodes("kube-flannel", "flannel"), kube.daemon_pod_nodes("overlay-system", "overlay"));
+            if now == want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{step}: daemon pods (flannel's, ours) on {now:?}, not {want:?}\n{}\n{}",
+                kube.log("kube-controller-manager"),
+                kube.log("kube-scheduler")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    expect("before any label", both(&["node1", "node2"], &[]));
+    let label = |value: Option<&str>| kube.label_node("node1", "overlay", value).unwrap();
+    label(Some("joining"));
+    expect("overlay=joining (the guide's step 2)", both(&["node2"], &[]));
+    label(Some("yes"));
+    expect("overlay=yes (step 3)", both(&["node2"], &["node1"]));
+    label(Some("leaving"));
+    expect("overlay=leaving (rolling back, step 1)", both(&["node2"], &[]));
+    label(None);
+    expect("no label (rolling back, step 2)", both(&["node1", "node2"], &[]));
 }
 
 /// deploy/overlay.yaml's RBAC versus flannel's: what the real server lets

@@ -1,4 +1,4 @@
-//! Go programs the tests run (kube-apiserver, kube-controller-manager, ...),
+//! Go programs the tests run (kube-apiserver, kube-controller-manager, kube-scheduler, ...),
 //! built from the Go module proxy once per machine and cached under
 //! `~/.cache/overlay/<name>-<version>/bin`, keyed by a stamp file.
 //!
@@ -21,8 +21,8 @@ use anyhow::{Context as _, bail};
 pub const KUBERNETES_VERSION: &str = include_str!("../../tests/kubernetes-version.txt");
 
 /// The Go programs the Kubernetes tests and `lab --kubernetes` run.
-pub const KUBERNETES_PACKAGES: [&str; 2] =
-    ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager"];
+pub const KUBERNETES_PACKAGES: [&str; 3] =
+    ["k8s.io/kubernetes/cmd/kube-apiserver", "k8s.io/kubernetes/cmd/kube-controller-manager", "k8s.io/kubernetes/cmd/kube-scheduler"];
 
 /// The scratch module's path.
 const SCRATCH_MODULE: &str = "overlay.invalid/gotools";
@@ -149,7 +149,8 @@ fn binary_name(package: &str) -> &str {
     package.rsplit('/').next().unwrap_or(package)
 }
 
-/// kube-apiserver and kube-controller-manager at [`KUBERNETES_VERSION`].
+/// kube-apiserver, kube-controller-manager and kube-scheduler at
+/// [`KUBERNETES_VERSION`].
 ///
 /// k8s.io/kubernetes requires its staging modules (k8s.io/api,
 /// k8s.io/apimachinery, ...) at v0.0.0 and replaces them with

@@ -95,7 +95,7 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
     }
     match gotools::find_go() {
         Some(go) => {
-            let bin = gotools::kubernetes(&go).context("building kube-apiserver and kube-controller-manager")?;
+            let bin = gotools::kubernetes(&go).context("building kube-apiserver, kube-controller-manager and kube-scheduler")?;
             eprintln!("setup: kubernetes {} control plane in {}", gotools::KUBERNETES_VERSION.trim(), bin.display());
             let bin = gotools::flanneld(&go).with_context(|| format!("building flanneld {}", gotools::FLANNEL_VERSION.trim()))?;
             eprintln!("setup: flanneld {} in {}", gotools::FLANNEL_VERSION.trim(), bin.display());
