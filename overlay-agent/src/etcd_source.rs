@@ -207,6 +207,41 @@ pub async fn connect(options: &EtcdOptions) -> Result<Client, EtcdSourceError> {
         .map_err(|source| EtcdSourceError::Connect { endpoints: options.endpoints.join(","), source })
 }
 
+/// What a TLS failure talking to etcd means and what to do, where it is
+/// one: the server's certificate not trusted, or ours refused. Read from
+/// the TLS library's own error in `err`'s chain. `client_cert` says
+/// whether the agent has a client certificate (`--etcd-certfile`).
+pub fn tls_diagnosis(err: &(dyn std::error::Error + 'static), client_cert: bool) -> Option<&'static str> {
+    use rustls::{AlertDescription as A, Error as E};
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        let tls = e
+            .downcast_ref::<E>()
+            .or_else(|| e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).and_then(|inner| inner.downcast_ref::<E>()));
+        match tls {
+            Some(E::InvalidCertificate(_)) => {
+                return Some("etcd's server certificate is not one the agent trusts: give the CA that signed it with --etcd-cafile (flanneld's --etcd-cafile), and an endpoint address or name the certificate names");
+            }
+            Some(E::AlertReceived(A::BadCertificate | A::CertificateRequired | A::UnknownCA | A::CertificateUnknown | A::CertificateExpired | A::CertificateRevoked | A::AccessDenied)) => {
+                return Some(if client_cert {
+                    "etcd refused the agent's client certificate: --etcd-certfile must be signed by a CA in etcd's --trusted-ca-file, and current"
+                } else {
+                    "etcd requires a client certificate: give one signed by a CA in etcd's --trusted-ca-file with --etcd-certfile and --etcd-keyfile"
+                });
+            }
+            _ => {}
+        }
+        // etcd-client's error names no source: what failed below a gRPC
+        // status or the transport is reached through them.
+        cause = match e.downcast_ref::<etcd_client::Error>() {
+            Some(etcd_client::Error::GRpcStatus(status)) => Some(status as &(dyn std::error::Error + 'static)),
+            Some(etcd_client::Error::TransportError(transport)) => Some(transport as &(dyn std::error::Error + 'static)),
+            _ => e.source(),
+        };
+    }
+    None
+}
+
 /// Connects and reads the network config, waiting (as flanneld does) while
 /// etcd is unreachable or the config is not written yet; a config that is
 /// there but wrong is an error.
@@ -219,7 +254,22 @@ pub async fn connect_and_read_config(options: &EtcdOptions) -> Result<(Client, N
                 return Ok((client, config));
             }
             Err(err @ EtcdSourceError::BadConfig { .. }) => return Err(err),
-            Err(err) => warn!(error = %Chain(&err), "waiting for etcd's network config"),
+            Err(err) => {
+                let client_cert = options.cert_file.is_some();
+                // Over TLS 1.3 a server that refuses the client's
+                // certificate closes the connection after the handshake,
+                // often before its alert is read: a connection closed by
+                // every endpoint before any answer, with TLS on, is most
+                // likely that.
+                let tls = options.endpoints.iter().any(|e| e.starts_with("https://"));
+                let closed = Chain(&err).to_string().contains("connection closed");
+                match tls_diagnosis(&err, client_cert).or_else(|| (tls && closed).then_some(
+                    "etcd closed the TLS connection before answering: where it requires client certificates (--client-cert-auth), give one signed by a CA in its --trusted-ca-file with --etcd-certfile and --etcd-keyfile",
+                )) {
+                    Some(hint) => warn!(error = %Chain(&err), hint, "waiting for etcd's network config"),
+                    None => warn!(error = %Chain(&err), "waiting for etcd's network config"),
+                }
+            }
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -341,6 +391,9 @@ pub struct EtcdSource {
     /// The revision the leases are current to; a watch resumes after it.
     revision: i64,
     last_sent: Option<Snapshot>,
+    /// The agent has a client certificate (`--etcd-certfile`): how a TLS
+    /// failure is explained ([`tls_diagnosis`]).
+    client_cert: bool,
 }
 
 impl EtcdSource {
@@ -354,7 +407,14 @@ impl EtcdSource {
             leases: BTreeMap::new(),
             revision: 0,
             last_sent: None,
+            client_cert: false,
         }
+    }
+
+    /// Says whether the client connects with a certificate of its own.
+    pub fn with_client_certificate(mut self, client_cert: bool) -> Self {
+        self.client_cert = client_cert;
+        self
     }
 
     fn subnets_prefix(&self) -> String {
@@ -381,7 +441,10 @@ impl EtcdSource {
                     let _ = snapshots.send(Err(err)).await;
                     return;
                 }
-                Err(err) => warn!(error = %Chain(&err), revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying"),
+                Err(err) => match tls_diagnosis(&err, self.client_cert) {
+                    Some(hint) => warn!(error = %Chain(&err), hint, revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying"),
+                    None => warn!(error = %Chain(&err), revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying"),
+                },
                 Ok(()) => {}
             }
             if snapshots.is_closed() {

@@ -99,7 +99,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 vni: settings.vni,
                 previous_subnet: subnet_file.as_deref().and_then(etcd_source::previous_subnet),
             };
-            Source::Etcd(EtcdSource::new(client, &args.etcd_prefix, config, attrs).spawn())
+            Source::Etcd(EtcdSource::new(client, &args.etcd_prefix, config, attrs).with_client_certificate(args.etcd_certfile.is_some()).spawn())
         }
         (Some(dir), None) => {
             if !dir.is_dir() {
@@ -593,7 +593,7 @@ impl NodeHost {
                 Appeared::Remove(device) => match foreign_vxlan::remove(&device) {
                     Ok(()) => warn!(
                         device = %device.name,
-                        "flannel's vxlan device came back and was deleted again (--remove-flannel-device): flanneld still runs on this node and makes it again whenever it is deleted; stop flanneld here (the migration guide's step 4), and the agent deletes the device once more. Rolling this node back to flannel instead? Stop the agent first (the guide's \"Rolling back one node\")"
+                        "flannel's vxlan device came back and was deleted again (--remove-flannel-device): flanneld still runs on this node and makes it again whenever it is deleted; stop flanneld here (the migration guide's step 2), and the agent deletes the device once more. Rolling this node back to flannel instead? Stop the agent first (the guide's \"Rolling back one node\")"
                     ),
                     Err(err) => error!(error = %err, "deleting flannel's vxlan device, which came back; delete it by hand once flanneld is stopped: ip link del {}", device.name),
                 },

@@ -4,6 +4,12 @@
 //!
 //! The test side talks to it with the same etcd v3 client the agent uses,
 //! from a thread that enters the namespace.
+//!
+//! With TLS ([`Etcd::start_tls`]) the members serve clients over HTTPS
+//! only and admit only clients with a certificate of the cluster's CA
+//! (`--client-cert-auth`), as flannel's etcd deployments are set up; the
+//! CA, the members' certificate and a client's are made with openssl
+//! ([`EtcdTls`]).
 
 use std::{
     net::Ipv4Addr,
@@ -31,12 +37,77 @@ pub struct Etcd {
     ns_name: String,
     members: Vec<Member>,
     token: String,
+    /// Its TLS files, when it serves clients over TLS.
+    pub tls: Option<EtcdTls>,
+}
+
+/// An etcd cluster's TLS files (PEM): its CA, the certificate every member
+/// serves (for all the members' addresses), and a client certificate of
+/// that CA (the agents' `--etcd-certfile`/`--etcd-keyfile`).
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl EtcdTls {
+    /// Makes a throwaway CA and the certificates under `dir`.
+    pub fn make(dir: &std::path::Path, ips: &[Ipv4Addr]) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let openssl = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("openssl").args(args).current_dir(dir).output().map_err(|e| format!("running openssl: {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr)))
+            }
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=overlay-test-etcd-ca", "-keyout", "ca.key", "-out", "ca.crt"];
+        ca.extend(ec);
+        openssl(&ca)?;
+        let san = format!("subjectAltName={}", ips.iter().map(|ip| format!("IP:{ip}")).collect::<Vec<_>>().join(","));
+        for (name, subject, usage, san) in [
+            ("server", "/CN=etcd", "extendedKeyUsage=serverAuth", Some(san.as_str())),
+            ("client", "/CN=overlay-agent", "extendedKeyUsage=clientAuth", None),
+        ] {
+            let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+            let mut req = vec!["req", "-new", "-subj", subject, "-keyout", &key, "-out", &csr, "-addext", usage];
+            req.extend(ec);
+            if let Some(san) = san {
+                req.extend(["-addext", san]);
+            }
+            openssl(&req)?;
+            openssl(&["x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-copy_extensions", "copy", "-out", &crt])?;
+        }
+        Ok(Self {
+            ca: dir.join("ca.crt"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.crt"),
+            client_key: dir.join("client.key"),
+        })
+    }
 }
 
 impl Etcd {
     /// Starts one member per address (each already on an interface of
     /// `ns`), under `dir`, and waits until the cluster answers.
     pub fn start(ns: &NetNs, ips: &[Ipv4Addr], dir: PathBuf) -> Result<Self, String> {
+        Self::start_with(ns, ips, dir, None)
+    }
+
+    /// [`Etcd::start`], serving clients over TLS only, to clients with a
+    /// certificate of its CA only (certificates made under `dir/tls`).
+    pub fn start_tls(ns: &NetNs, ips: &[Ipv4Addr], dir: PathBuf) -> Result<Self, String> {
+        let tls = EtcdTls::make(&dir.join("tls"), ips)?;
+        Self::start_with(ns, ips, dir, Some(tls))
+    }
+
+    fn start_with(ns: &NetNs, ips: &[Ipv4Addr], dir: PathBuf, tls: Option<EtcdTls>) -> Result<Self, String> {
         let members = ips
             .iter()
             .enumerate()
@@ -48,7 +119,7 @@ impl Etcd {
                 child: None,
             })
             .collect();
-        let mut etcd = Self { ns_name: ns.name().to_owned(), members, token: crate::unique_name("ovetcd") };
+        let mut etcd = Self { ns_name: ns.name().to_owned(), members, token: crate::unique_name("ovetcd"), tls };
         for i in 0..etcd.members.len() {
             etcd.start_member(i)?;
         }
@@ -58,7 +129,12 @@ impl Etcd {
 
     /// The agents' `--etcd-endpoints`.
     pub fn endpoints(&self) -> String {
-        self.members.iter().map(|m| format!("http://{}:{CLIENT_PORT}", m.ip)).collect::<Vec<_>>().join(",")
+        self.members.iter().map(|m| self.client_url(m.ip)).collect::<Vec<_>>().join(",")
+    }
+
+    fn client_url(&self, ip: Ipv4Addr) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{ip}:{CLIENT_PORT}")
     }
 
     /// (Re)starts member `i` with its existing data, if any.
@@ -69,6 +145,16 @@ impl Etcd {
             .map(|m| format!("{}=http://{}:{PEER_PORT}", m.name, m.ip))
             .collect::<Vec<_>>()
             .join(",");
+        let client_url = self.client_url(self.members[i].ip);
+        let tls_args: Vec<String> = match &self.tls {
+            Some(tls) => vec![
+                format!("--cert-file={}", tls.server_cert.display()),
+                format!("--key-file={}", tls.server_key.display()),
+                "--client-cert-auth".to_owned(),
+                format!("--trusted-ca-file={}", tls.ca.display()),
+            ],
+            None => Vec::new(),
+        };
         let m = &mut self.members[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -81,8 +167,9 @@ impl Etcd {
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
-            .args(["--listen-client-urls", &format!("http://{}:{CLIENT_PORT}", m.ip)])
-            .args(["--advertise-client-urls", &format!("http://{}:{CLIENT_PORT}", m.ip)])
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(&tls_args)
             .args(["--listen-peer-urls", &format!("http://{}:{PEER_PORT}", m.ip)])
             .args(["--initial-advertise-peer-urls", &format!("http://{}:{PEER_PORT}", m.ip)])
             .args(["--initial-cluster", &cluster, "--initial-cluster-token", &self.token])
@@ -127,12 +214,8 @@ impl Etcd {
         op: impl FnOnce(etcd_client::Client) -> std::pin::Pin<Box<dyn Future<Output = Result<T, etcd_client::Error>>>> + Send + 'static,
     ) -> Result<T, String> {
         let ns = self.ns_name.clone();
-        let endpoints: Vec<String> = self
-            .members
-            .iter()
-            .filter(|m| m.child.is_some())
-            .map(|m| format!("http://{}:{CLIENT_PORT}", m.ip))
-            .collect();
+        let endpoints: Vec<String> = self.members.iter().filter(|m| m.child.is_some()).map(|m| self.client_url(m.ip)).collect();
+        let tls = self.tls.clone();
         std::thread::spawn(move || {
             // This thread ends with the operation, so it never leaves.
             let target = std::fs::File::open(format!("/run/netns/{ns}")).map_err(|e| format!("opening netns {ns}: {e}"))?;
@@ -142,9 +225,17 @@ impl Etcd {
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
             runtime.block_on(async move {
-                let options = etcd_client::ConnectOptions::new()
+                let mut options = etcd_client::ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(2))
                     .with_timeout(Duration::from_secs(5));
+                if let Some(tls) = tls {
+                    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()));
+                    options = options.with_tls(
+                        etcd_client::TlsOptions::new()
+                            .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?))
+                            .identity(etcd_client::Identity::from_pem(read(&tls.client_cert)?, read(&tls.client_key)?)),
+                    );
+                }
                 let client = etcd_client::Client::connect(endpoints, Some(options)).await.map_err(|e| e.to_string())?;
                 op(client).await.map_err(|e| e.to_string())
             })

@@ -77,6 +77,10 @@ pub struct LabSpec {
     /// `--etcd-endpoints`; 0 for the other sources. Each node's subnet.env
     /// names its lab pod CIDR, so agents reclaim it as flanneld does.
     pub etcd_members: usize,
+    /// The lab's etcd (at least one member) serves clients over TLS, to
+    /// clients with a certificate of its CA only; the agents and flanneld
+    /// get `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile`.
+    pub etcd_tls: bool,
     /// The flannel nodes run real flanneld ([`crate::flanneld_binary`]) in
     /// etcd mode against the lab's etcd (at least one member), with our
     /// agents in etcd mode too, instead of the hand-programmed `flannel.1`.
@@ -120,6 +124,7 @@ impl LabSpec {
             outside: false,
             agent_args: Vec::new(),
             etcd_members: 0,
+            etcd_tls: false,
             real_flannel: false,
         }
     }
@@ -306,7 +311,7 @@ impl Lab {
     /// Builds the namespaces, writes the manifests and starts the agents,
     /// waiting until every agent has programmed its routes.
     pub fn start(mut spec: LabSpec) -> Result<Self, String> {
-        if spec.real_flannel {
+        if spec.real_flannel || spec.etcd_tls {
             spec.etcd_members = spec.etcd_members.max(1);
         }
         // Before anything is created: a spec the NICs cannot carry, or no
@@ -351,7 +356,11 @@ impl Lab {
                 for ip in &ips {
                     let _ = underlay.ip(&["addr", "add", &format!("{ip}/24"), "dev", SUBNETS[0].1]);
                 }
-                let etcd = Etcd::start(&underlay, &ips, work_dir.path().to_owned())?;
+                let etcd = if spec.etcd_tls {
+                    Etcd::start_tls(&underlay, &ips, work_dir.path().to_owned())?
+                } else {
+                    Etcd::start(&underlay, &ips, work_dir.path().to_owned())?
+                };
                 let config = serde_json::json!({
                     "Network": crate::control_plane::CLUSTER_CIDR,
                     "Backend": {"Type": spec.backend, "DirectRouting": spec.direct_routing},
@@ -761,10 +770,18 @@ impl Lab {
         let binary = crate::flanneld_binary()?;
         let log_path = self.flanneld_log_path(i);
         let log = fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+        let tls: Vec<String> = etcd.tls.iter().flat_map(|tls| {
+            [
+                format!("--etcd-cafile={}", tls.ca.display()),
+                format!("--etcd-certfile={}", tls.client_cert.display()),
+                format!("--etcd-keyfile={}", tls.client_key.display()),
+            ]
+        }).collect();
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.nodes[i].ns.name()))
             .arg(&binary)
             .arg(format!("--etcd-endpoints={}", etcd.endpoints()))
+            .args(&tls)
             .arg(format!("--etcd-prefix={ETCD_PREFIX}"))
             .args(["--iface=eth0", "--ip-masq=false"])
             .arg(format!("--subnet-file={}", self.subnet_file(i).display()))
@@ -917,7 +934,7 @@ impl Lab {
     }
 
     /// Starts our agent on flannel node `i` (`--remove-flannel-device`), as
-    /// the migration guide's step 2 does, whether or not flanneld still
+    /// the migration guide's step 3 does, whether or not flanneld still
     /// runs there, and waits for its routes to every peer.
     pub fn start_agent_on_flannel_node(&mut self, i: usize) -> Result<(), String> {
         let agent = self.spawn_agent(i)?;
@@ -987,6 +1004,9 @@ impl Lab {
         if let Some(etcd) = &self.etcd {
             // The network config (backend included) comes from etcd.
             command.args(["--etcd-endpoints", &etcd.endpoints()]).arg("--subnet-file").arg(self.subnet_file(i));
+            if let Some(tls) = &etcd.tls {
+                command.arg("--etcd-cafile").arg(&tls.ca).arg("--etcd-certfile").arg(&tls.client_cert).arg("--etcd-keyfile").arg(&tls.client_key);
+            }
         } else if self.spec.kubernetes {
             command.arg("--kubeconfig").arg(self.kubeconfig_path());
         } else {

@@ -8,9 +8,9 @@
 use std::time::{Duration, Instant};
 
 use overlay_tests::{
-    agent_binary,
-    etcd::Etcd,
-    lab::{ETCD_PREFIX, Frozen, Lab, LabSpec},
+    PinDir, agent_binary,
+    etcd::{Etcd, EtcdTls},
+    lab::{ChildGuard, ETCD_PREFIX, Frozen, Lab, LabSpec},
     require_root,
 };
 
@@ -243,6 +243,76 @@ fn an_etcd_outage_keeps_the_datapath_and_the_agents_resume() {
     // The watches resumed: a lease written now reaches every agent.
     put_lease(&lab, "10.244.9.0-24", "0a:fe:00:00:00:99", None);
     wait_for_peers_everywhere(&mut lab, 1);
+}
+
+/// etcd set up as flannel's etcd deployments are: clients over TLS only,
+/// with a client certificate of the cluster's CA. Agents given the CA and
+/// a client certificate (`--etcd-cafile`, `--etcd-certfile`,
+/// `--etcd-keyfile`, flanneld's flags) hold their leases and follow each
+/// other's, beside real flanneld (with the same files); an agent given
+/// no client certificate, or another CA, says what failed.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn agents_and_flanneld_use_an_etcd_that_requires_client_certificates() {
+    require_root();
+    let mut spec = LabSpec::new(agent_binary());
+    spec.etcd_tls = true;
+    spec.flannel_nodes = 1;
+    spec.real_flannel = true;
+    let mut lab = Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"));
+    assert!(etcd(&lab).endpoints().starts_with("https://"), "{}", etcd(&lab).endpoints());
+    wait_for_peers_everywhere_but_flannels(&mut lab);
+    lab.assert_all_pairs("over a TLS etcd");
+    let leases = etcd(&lab).list(&format!("{ETCD_PREFIX}/subnets/")).unwrap();
+    assert_eq!(leases.len(), lab.nodes.len(), "one lease per node: {leases:?}");
+
+    // Agents with the wrong files wait for etcd without touching anything,
+    // and say what to give them.
+    let tls = etcd(&lab).tls.clone().unwrap();
+    let other = EtcdTls::make(&lab.work_dir().join("other-ca"), &["192.0.2.1".parse().unwrap()]).unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let cases: [(&str, Vec<String>, &[&str]); 4] = [
+        ("no CA", vec![], &["not one the agent trusts", "--etcd-cafile"]),
+        ("another CA", vec!["--etcd-cafile".into(), path(&other.ca), "--etcd-certfile".into(), path(&tls.client_cert), "--etcd-keyfile".into(), path(&tls.client_key)], &["not one the agent trusts", "--etcd-cafile"]),
+        ("no client certificate", vec!["--etcd-cafile".into(), path(&tls.ca)], &["--etcd-certfile", "--trusted-ca-file"]),
+        ("another CA's client certificate", vec!["--etcd-cafile".into(), path(&tls.ca), "--etcd-certfile".into(), path(&other.client_cert), "--etcd-keyfile".into(), path(&other.client_key)], &["--etcd-certfile", "--trusted-ca-file"]),
+    ];
+    for (what, files, needed) in cases {
+        let root = PinDir::new();
+        let mut agent = ChildGuard(
+            std::process::Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", lab.nodes[0].ns.name()))
+                .arg(agent_binary())
+                .args(["run", "--node-name", "node1", "--iface", "eth0", "--metrics-addr", "127.0.0.1:0", "--etcd-endpoints", &etcd(&lab).endpoints()])
+                .arg("--bpffs-root")
+                .arg(root.path())
+                .args(&files)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        std::thread::sleep(overlay_tests::scaled(Duration::from_secs(3)));
+        assert!(agent.0.try_wait().unwrap().is_none(), "{what}: the agent must wait for etcd, not exit");
+        let _ = agent.0.kill();
+        let out = agent.into_inner().wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        let waiting = log.lines().find(|l| l.contains("waiting for etcd's network config")).unwrap_or_else(|| panic!("{what}: no warning:\n{log}"));
+        eprintln!("{what}: {waiting}");
+        for needed in needed {
+            assert!(waiting.contains(needed), "{what}: the warning must say {needed:?}: {waiting}");
+        }
+        assert!(!root.path().exists(), "{what}: an agent waiting for etcd must pin nothing");
+    }
+}
+
+/// Waits until every agent of the lab routes to every other node.
+fn wait_for_peers_everywhere_but_flannels(lab: &mut Lab) {
+    let count = lab.nodes.len() - 1;
+    let ours: Vec<usize> = (0..lab.nodes.len()).filter(|&i| !lab.nodes[i].flannel).collect();
+    for i in ours {
+        lab.wait_for_routes(i, count, Duration::from_secs(15)).unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// A healthy etcd (3.4, with its default `--grpc-keepalive-min-time` of
