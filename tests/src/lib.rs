@@ -59,6 +59,22 @@ pub(crate) fn overlay_cache() -> PathBuf {
         .join("overlay")
 }
 
+/// The CNI plugins release `cargo xtask setup` builds (`bridge`,
+/// `host-local`, `portmap`).
+pub const CNI_PLUGINS_VERSION: &str = include_str!("../cni-plugins-version.txt");
+
+/// The directory of the CNI plugins `cargo xtask setup` built (the
+/// plugins' `CNI_PATH`).
+pub fn cni_plugins_dir() -> Result<PathBuf, String> {
+    let version = CNI_PLUGINS_VERSION.trim();
+    let dir = overlay_cache().join(format!("cni-plugins-{version}")).join("bin");
+    if dir.join("bridge").is_file() && dir.join("host-local").is_file() {
+        Ok(dir)
+    } else {
+        Err(format!("{} has no bridge and host-local plugins: run `cargo xtask setup`, which builds the CNI plugins {version}", dir.display()))
+    }
+}
+
 /// flannel's own manifest (`Documentation/kube-flannel.yml`) of the
 /// flannel release the lab runs, from the Go module `cargo xtask setup`
 /// downloads to build flanneld.

@@ -218,6 +218,34 @@ pub fn flanneld(go: &Path) -> anyhow::Result<PathBuf> {
     build_go_packages(go, &build)
 }
 
+/// The CNI plugins release whose `bridge`, `host-local` and `portmap` the
+/// tests plumb pods with, shared with the tests crate
+/// (`overlay_tests::CNI_PLUGINS_VERSION`).
+pub const CNI_PLUGINS_VERSION: &str = include_str!("../../tests/cni-plugins-version.txt");
+const CNI_PLUGINS_MODULE: &str = "github.com/containernetworking/plugins";
+
+/// The CNI plugins flannel's CNI plugin delegates to (`bridge` with
+/// `host-local` IPAM) and chains (`portmap`), at [`CNI_PLUGINS_VERSION`].
+/// flannel's CNI plugin itself the Go module proxy refuses
+/// (`github.com/flannel-io/cni-plugin`: 403, "This module version is not
+/// available").
+pub fn cni_plugins(go: &Path) -> anyhow::Result<PathBuf> {
+    let version = CNI_PLUGINS_VERSION.trim();
+    let build = GoBuild {
+        key: format!("cni-plugins-{version}"),
+        require: vec![(CNI_PLUGINS_MODULE.to_owned(), version.to_owned())],
+        replace: Vec::new(),
+        packages: ["plugins/main/bridge", "plugins/ipam/host-local", "plugins/meta/portmap"]
+            .iter()
+            .map(|p| format!("{CNI_PLUGINS_MODULE}/{p}"))
+            .collect(),
+        ldflags: "-s -w".to_owned(),
+        sources: Vec::new(),
+        cgo: false,
+    };
+    build_go_packages(go, &build)
+}
+
 /// `go mod download` of one module into the cache's module cache; returns
 /// its source directory.
 fn download_module(go: &Path, module: &str, version: &str) -> anyhow::Result<PathBuf> {

@@ -99,6 +99,8 @@ pub fn setup() -> anyhow::Result<EbpfToolchain> {
             eprintln!("setup: kubernetes {} control plane in {}", gotools::KUBERNETES_VERSION.trim(), bin.display());
             let bin = gotools::flanneld(&go).with_context(|| format!("building flanneld {}", gotools::FLANNEL_VERSION.trim()))?;
             eprintln!("setup: flanneld {} in {}", gotools::FLANNEL_VERSION.trim(), bin.display());
+            let bin = gotools::cni_plugins(&go).with_context(|| format!("building the CNI plugins {}", gotools::CNI_PLUGINS_VERSION.trim()))?;
+            eprintln!("setup: CNI plugins {} (bridge, host-local, portmap) in {}", gotools::CNI_PLUGINS_VERSION.trim(), bin.display());
         }
         None => eprintln!(
             "setup: no `go` (on PATH or /usr/local/go/bin): the Kubernetes tests and `lab --kubernetes` need kube-apiserver, \
