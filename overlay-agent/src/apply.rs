@@ -268,11 +268,10 @@ impl Applier {
         let mtu_changed = self.config.map(|c| c.inner_mtu) != Some(desired.inner_mtu);
         let (config, source) = addressing(&desired.config, &self.iface);
         let source_changed = self.route_source != Some(source);
-        if self.config != Some(config) {
-            self.maps.config.set(0, config, 0).map_err(|source| ApplyError::Map { map: "CONFIG", source })?;
-            self.config = Some(config);
-            report.config_changed = true;
-        }
+        // Written between the peers' map entries and their routes (see
+        // `upsert_peers`).
+        let new_config = (self.config != Some(config)).then_some(config);
+        report.config_changed = new_config.is_some();
         let mut changes = diff(&self.applied, &desired.peers);
         if mtu_changed || source_changed {
             // Every route carries the MTU and the source: reinstall the
@@ -297,7 +296,7 @@ impl Applier {
         );
         report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
         let claimed: BTreeSet<Ipv4Addr> = desired.peers.values().map(|p| p.node_ip).collect();
-        let failed = self.upsert_peers(&upserts, &|addr| claimed.contains(&addr), desired.inner_mtu, source, &mut report.routes_time)?;
+        let failed = self.upsert_peers(&upserts, &|addr| claimed.contains(&addr), new_config, desired.inner_mtu, source, &mut report.routes_time)?;
         self.route_source = Some(source);
         // Failures of peers no longer desired, or desired as they are, are moot.
         let applied = &self.applied;
@@ -333,7 +332,7 @@ impl Applier {
         report.removed = self.remove_peers(&removals, &mut report.routes_time)?;
         // Asked only when a CIDR moves to another address: one walk then.
         let claimed = |addr: Ipv4Addr| desired.peers.values().any(|p| p.node_ip == addr);
-        let failed = self.upsert_peers(&upserts, &claimed, desired.inner_mtu, source, &mut report.routes_time)?;
+        let failed = self.upsert_peers(&upserts, &claimed, None, desired.inner_mtu, source, &mut report.routes_time)?;
         report.maps_time = start.elapsed().saturating_sub(report.routes_time);
         report.added_or_updated = upserts.len() - failed;
         report.not_programmed = self.not_programmed.values().cloned().collect();
@@ -375,10 +374,18 @@ impl Applier {
     /// `claimed` holds the node address of every desired peer: an address
     /// a moved CIDR leaves behind may be another peer's new one in the
     /// same batch (B .12→.13 while C .13→.14), and must stay.
+    /// Writes the peers' `PEERS` and `ROUTES` entries, then `config` (when
+    /// it changes), then their kernel routes. In that order: a CONFIG that
+    /// enables the programs before `PEERS` holds a peer drops its tunnel
+    /// traffic as `unknown_source` (at an agent's first start, migrating a
+    /// flannel node under traffic, the replies to its pods were lost so);
+    /// a route that takes traffic before CONFIG enables the programs sends
+    /// it unencapsulated.
     fn upsert_peers(
         &mut self,
         peers: &[PeerState],
         claimed: &dyn Fn(Ipv4Addr) -> bool,
+        config: Option<Config>,
         mtu: u32,
         source: Option<Ipv4Addr>,
         routes_time: &mut Duration,
@@ -397,6 +404,10 @@ impl Applier {
                     failures += 1;
                 }
             }
+        }
+        if let Some(config) = config {
+            self.maps.config.set(0, config, 0).map_err(|source| ApplyError::Map { map: "CONFIG", source })?;
+            self.config = Some(config);
         }
         let started = Instant::now();
         let refused = routes::replace_all(&mut self.nexthops, &written, &self.iface, mtu, source)?;
