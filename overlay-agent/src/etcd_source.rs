@@ -223,13 +223,19 @@ pub fn tls_diagnosis(err: &(dyn std::error::Error + 'static), client_cert: bool)
                 return Some("etcd's server certificate is not one the agent trusts: give the CA that signed it with --etcd-cafile (flanneld's --etcd-cafile), and an endpoint address or name the certificate names");
             }
             Some(E::AlertReceived(A::BadCertificate | A::CertificateRequired | A::UnknownCA | A::CertificateUnknown | A::CertificateExpired | A::CertificateRevoked | A::AccessDenied)) => {
-                return Some(if client_cert {
-                    "etcd refused the agent's client certificate: --etcd-certfile must be signed by a CA in etcd's --trusted-ca-file, and current"
-                } else {
-                    "etcd requires a client certificate: give one signed by a CA in etcd's --trusted-ca-file with --etcd-certfile and --etcd-keyfile"
-                });
+                return Some(client_certificate_refused(client_cert));
             }
             _ => {}
+        }
+        // The same alert, met while reading, reaches us as text only
+        // (an io::Error around rustls's message).
+        let text = e.to_string();
+        if let Some(alert) = text.split("received fatal alert: ").nth(1)
+            && ["BadCertificate", "CertificateRequired", "UnknownCA", "CertificateUnknown", "CertificateExpired", "CertificateRevoked", "AccessDenied"]
+                .iter()
+                .any(|name| alert.starts_with(name))
+        {
+            return Some(client_certificate_refused(client_cert));
         }
         // etcd-client's error names no source: what failed below a gRPC
         // status or the transport is reached through them.
@@ -240,6 +246,14 @@ pub fn tls_diagnosis(err: &(dyn std::error::Error + 'static), client_cert: bool)
         };
     }
     None
+}
+
+fn client_certificate_refused(client_cert: bool) -> &'static str {
+    if client_cert {
+        "etcd refused the agent's client certificate: --etcd-certfile must be signed by a CA in etcd's --trusted-ca-file, and current"
+    } else {
+        "etcd requires a client certificate: give one signed by a CA in etcd's --trusted-ca-file with --etcd-certfile and --etcd-keyfile"
+    }
 }
 
 /// Connects and reads the network config, waiting (as flanneld does) while
@@ -262,7 +276,8 @@ pub async fn connect_and_read_config(options: &EtcdOptions) -> Result<(Client, N
                 // every endpoint before any answer, with TLS on, is most
                 // likely that.
                 let tls = options.endpoints.iter().any(|e| e.starts_with("https://"));
-                let closed = Chain(&err).to_string().contains("connection closed");
+                let text = Chain(&err).to_string();
+                let closed = ["connection closed", "connection reset", "broken pipe"].iter().any(|c| text.to_lowercase().contains(c));
                 match tls_diagnosis(&err, client_cert).or_else(|| (tls && closed).then_some(
                     "etcd closed the TLS connection before answering: where it requires client certificates (--client-cert-auth), give one signed by a CA in its --trusted-ca-file with --etcd-certfile and --etcd-keyfile",
                 )) {
@@ -723,6 +738,24 @@ pub fn previous_subnet(subnet_env: &Path) -> Option<Ipv4Network> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tls_failures_are_told_apart_whether_typed_or_text() {
+        use std::io::{Error as IoError, ErrorKind};
+        let untrusted = IoError::new(ErrorKind::InvalidData, rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer));
+        assert!(tls_diagnosis(&untrusted, true).is_some_and(|h| h.contains("--etcd-cafile")));
+        let refused = IoError::new(ErrorKind::InvalidData, rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate));
+        assert!(tls_diagnosis(&refused, true).is_some_and(|h| h.contains("refused the agent's client certificate")));
+        // Met while reading: rustls's message as text.
+        let text = IoError::new(ErrorKind::InvalidData, "received fatal alert: BadCertificate");
+        assert!(tls_diagnosis(&text, false).is_some_and(|h| h.contains("requires a client certificate")));
+        let unrelated = IoError::new(ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(tls_diagnosis(&unrelated, false), None);
+        // Below etcd-client's own error, which names no source.
+        let wrapped = EtcdSourceError::Request(etcd_client::Error::IoError(IoError::new(ErrorKind::InvalidData, "received fatal alert: CertificateRequired")));
+        assert!(tls_diagnosis(&wrapped, false).is_some());
+    }
+
     use super::*;
 
     /// Half an identity is refused before any file is read or any
