@@ -366,21 +366,22 @@ impl Applier {
     }
 
     /// Adds or updates peers: `PEERS` (we accept their traffic), `ROUTES`
-    /// (we encapsulate toward them), then their kernel routes (traffic
-    /// starts flowing). A peer whose map entries cannot be written (a full
-    /// map) gets no route, and what was written for it is undone; a new
-    /// peer whose route fails is taken out of the maps again. The failures
-    /// go to `self.not_programmed`; returns how many.
+    /// (we encapsulate toward them), then `config` when it changes, then
+    /// their kernel routes (traffic starts flowing). A peer whose map
+    /// entries cannot be written (a full map) gets no route, and what was
+    /// written for it is undone; a new peer whose route fails is taken out
+    /// of the maps again. The failures go to `self.not_programmed`;
+    /// returns how many.
+    ///
+    /// CONFIG goes between: enabling the programs before `PEERS` holds a
+    /// peer drops its tunnel traffic as `unknown_source` (at an agent's
+    /// first start, migrating a flannel node under traffic, replies to its
+    /// pods were lost so); a route that takes traffic before CONFIG
+    /// enables the programs sends it unencapsulated.
+    ///
     /// `claimed` holds the node address of every desired peer: an address
     /// a moved CIDR leaves behind may be another peer's new one in the
     /// same batch (B .12→.13 while C .13→.14), and must stay.
-    /// Writes the peers' `PEERS` and `ROUTES` entries, then `config` (when
-    /// it changes), then their kernel routes. In that order: a CONFIG that
-    /// enables the programs before `PEERS` holds a peer drops its tunnel
-    /// traffic as `unknown_source` (at an agent's first start, migrating a
-    /// flannel node under traffic, the replies to its pods were lost so);
-    /// a route that takes traffic before CONFIG enables the programs sends
-    /// it unencapsulated.
     fn upsert_peers(
         &mut self,
         peers: &[PeerState],

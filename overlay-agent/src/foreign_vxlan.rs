@@ -18,14 +18,14 @@
 //! node where the agent deleted none is flanneld starting anew (a node
 //! rolled back to flannel), and is only reported.
 
-use netlink_packet_route::{
-    RouteNetlinkMessage,
-    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
-};
-
 use std::{
     collections::BTreeSet,
     time::{Duration, Instant},
+};
+
+use netlink_packet_route::{
+    RouteNetlinkMessage,
+    link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage},
 };
 
 use crate::rtnl::{Answer, Refused, Rtnl, RtnlError};

@@ -770,13 +770,18 @@ impl Lab {
         let binary = crate::flanneld_binary()?;
         let log_path = self.flanneld_log_path(i);
         let log = fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-        let tls: Vec<String> = etcd.tls.iter().flat_map(|tls| {
-            [
-                format!("--etcd-cafile={}", tls.ca.display()),
-                format!("--etcd-certfile={}", tls.client_cert.display()),
-                format!("--etcd-keyfile={}", tls.client_key.display()),
-            ]
-        }).collect();
+        // flanneld's TLS flags are the agent's.
+        let tls: Vec<String> = etcd
+            .tls
+            .iter()
+            .flat_map(|tls| {
+                [
+                    format!("--etcd-cafile={}", tls.ca.display()),
+                    format!("--etcd-certfile={}", tls.client_cert.display()),
+                    format!("--etcd-keyfile={}", tls.client_key.display()),
+                ]
+            })
+            .collect();
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.nodes[i].ns.name()))
             .arg(&binary)
