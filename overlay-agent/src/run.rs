@@ -558,6 +558,7 @@ impl Host for NodeHost {
             self.pod_traffic_rules.keep(network, desired.local_pod_cidr);
         }
         // Our programs and routes serve now: flannel's device can go.
+        let first = self.appeared_vxlan.is_none();
         let appeared = self.appeared_vxlan.get_or_insert_with(|| AppearedDevices::new(self.remove_flannel_device));
         for device in self.flannel_devices.drain(..) {
             match foreign_vxlan::remove(&device) {
@@ -567,6 +568,11 @@ impl Host for NodeHost {
                 }
                 Err(err) => error!(error = %err, "deleting flannel's vxlan device; delete it by hand: ip link del {}", device.name),
             }
+        }
+        // A device that appeared since the start's check was heard of
+        // before there was anything to decide with: look now.
+        if first {
+            self.check_vxlan_devices();
         }
         true
     }
