@@ -119,6 +119,48 @@ pub struct EtcdOptions {
     pub key_file: Option<PathBuf>,
 }
 
+impl EtcdOptions {
+    /// An `https://` endpoint: the agent expects etcd to speak TLS.
+    fn https(&self) -> bool {
+        self.endpoints.iter().any(|e| e.starts_with("https://"))
+    }
+
+    /// What explains a failure to talk to etcd with these options.
+    pub fn failure_hints(&self) -> FailureHints {
+        FailureHints { https: self.https(), client_cert: self.cert_file.is_some() }
+    }
+}
+
+/// What a failure to talk to etcd means and what to do about it, where the
+/// agent can tell: a warning's `hint`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FailureHints {
+    https: bool,
+    /// The agent has a client certificate (`--etcd-certfile`).
+    client_cert: bool,
+}
+
+impl FailureHints {
+    /// For any failure: a TLS failure's meaning ([`tls_diagnosis`]).
+    pub fn hint(self, err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+        tls_diagnosis(err, self.client_cert)
+    }
+
+    /// Before etcd has answered at all. Over TLS 1.3 a server that refuses
+    /// the client's certificate closes the connection after the handshake,
+    /// often before its alert is read: a connection closed by every
+    /// endpoint before any answer, with TLS on, is most likely that.
+    pub fn hint_before_any_answer(self, err: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+        let closed = || {
+            let text = Chain(err).to_string().to_lowercase();
+            ["connection closed", "connection reset", "broken pipe"].iter().any(|c| text.contains(c))
+        };
+        self.hint(err).or_else(|| (self.https && closed()).then_some(
+            "etcd closed the TLS connection before answering: where it requires client certificates (--client-cert-auth), give one signed by a CA in its --trusted-ca-file with --etcd-certfile and --etcd-keyfile",
+        ))
+    }
+}
+
 /// The network config as flanneld completes it: net-conf plus the range
 /// leases are taken from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,10 +229,9 @@ pub async fn connect(options: &EtcdOptions) -> Result<Client, EtcdSourceError> {
         .with_keep_alive(KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
         .with_keep_alive_while_idle(true)
         .with_require_leader(true);
-    let tls = options.endpoints.iter().any(|e| e.starts_with("https://"));
     // Any TLS file asks for TLS, so a lone --etcd-keyfile is refused
     // below rather than ignored.
-    if tls || options.ca_file.is_some() || options.cert_file.is_some() || options.key_file.is_some() {
+    if options.https() || options.ca_file.is_some() || options.cert_file.is_some() || options.key_file.is_some() {
         let mut config = TlsOptions::new();
         if let Some(ca) = &options.ca_file {
             config = config.ca_certificate(Certificate::from_pem(read("cafile", ca)?));
@@ -207,12 +248,19 @@ pub async fn connect(options: &EtcdOptions) -> Result<Client, EtcdSourceError> {
         .map_err(|source| EtcdSourceError::Connect { endpoints: options.endpoints.join(","), source })
 }
 
+/// The TLS alerts with which etcd refuses the agent's client certificate
+/// (or its absence).
+const REFUSAL_ALERTS: [rustls::AlertDescription; 7] = {
+    use rustls::AlertDescription as A;
+    [A::BadCertificate, A::CertificateRequired, A::UnknownCA, A::CertificateUnknown, A::CertificateExpired, A::CertificateRevoked, A::AccessDenied]
+};
+
 /// What a TLS failure talking to etcd means and what to do, where it is
 /// one: the server's certificate not trusted, or ours refused. Read from
 /// the TLS library's own error in `err`'s chain. `client_cert` says
 /// whether the agent has a client certificate (`--etcd-certfile`).
-pub fn tls_diagnosis(err: &(dyn std::error::Error + 'static), client_cert: bool) -> Option<&'static str> {
-    use rustls::{AlertDescription as A, Error as E};
+fn tls_diagnosis(err: &(dyn std::error::Error + 'static), client_cert: bool) -> Option<&'static str> {
+    use rustls::Error as E;
     let mut cause = Some(err);
     while let Some(e) = cause {
         let tls = e
@@ -222,18 +270,14 @@ pub fn tls_diagnosis(err: &(dyn std::error::Error + 'static), client_cert: bool)
             Some(E::InvalidCertificate(_)) => {
                 return Some("etcd's server certificate is not one the agent trusts: give the CA that signed it with --etcd-cafile (flanneld's --etcd-cafile), and an endpoint address or name the certificate names");
             }
-            Some(E::AlertReceived(A::BadCertificate | A::CertificateRequired | A::UnknownCA | A::CertificateUnknown | A::CertificateExpired | A::CertificateRevoked | A::AccessDenied)) => {
-                return Some(client_certificate_refused(client_cert));
-            }
+            Some(E::AlertReceived(alert)) if REFUSAL_ALERTS.contains(alert) => return Some(client_certificate_refused(client_cert)),
             _ => {}
         }
-        // The same alert, met while reading, reaches us as text only
-        // (an io::Error around rustls's message).
+        // The same alert, met while reading, reaches us as text only (an
+        // io::Error around rustls's message, which names it as Debug does).
         let text = e.to_string();
         if let Some(alert) = text.split("received fatal alert: ").nth(1)
-            && ["BadCertificate", "CertificateRequired", "UnknownCA", "CertificateUnknown", "CertificateExpired", "CertificateRevoked", "AccessDenied"]
-                .iter()
-                .any(|name| alert.starts_with(name))
+            && REFUSAL_ALERTS.iter().any(|refusal| alert.starts_with(&format!("{refusal:?}")))
         {
             return Some(client_certificate_refused(client_cert));
         }
@@ -269,21 +313,8 @@ pub async fn connect_and_read_config(options: &EtcdOptions) -> Result<(Client, N
             }
             Err(err @ EtcdSourceError::BadConfig { .. }) => return Err(err),
             Err(err) => {
-                let client_cert = options.cert_file.is_some();
-                // Over TLS 1.3 a server that refuses the client's
-                // certificate closes the connection after the handshake,
-                // often before its alert is read: a connection closed by
-                // every endpoint before any answer, with TLS on, is most
-                // likely that.
-                let tls = options.endpoints.iter().any(|e| e.starts_with("https://"));
-                let text = Chain(&err).to_string();
-                let closed = ["connection closed", "connection reset", "broken pipe"].iter().any(|c| text.to_lowercase().contains(c));
-                match tls_diagnosis(&err, client_cert).or_else(|| (tls && closed).then_some(
-                    "etcd closed the TLS connection before answering: where it requires client certificates (--client-cert-auth), give one signed by a CA in its --trusted-ca-file with --etcd-certfile and --etcd-keyfile",
-                )) {
-                    Some(hint) => warn!(error = %Chain(&err), hint, "waiting for etcd's network config"),
-                    None => warn!(error = %Chain(&err), "waiting for etcd's network config"),
-                }
+                let hint = options.failure_hints().hint_before_any_answer(&err);
+                warn!(error = %Chain(&err), hint, "waiting for etcd's network config");
             }
         }
         tokio::time::sleep(RETRY).await;
@@ -406,9 +437,8 @@ pub struct EtcdSource {
     /// The revision the leases are current to; a watch resumes after it.
     revision: i64,
     last_sent: Option<Snapshot>,
-    /// The agent has a client certificate (`--etcd-certfile`): how a TLS
-    /// failure is explained ([`tls_diagnosis`]).
-    client_cert: bool,
+    /// How a failure is explained in the warning.
+    hints: FailureHints,
 }
 
 impl EtcdSource {
@@ -422,13 +452,14 @@ impl EtcdSource {
             leases: BTreeMap::new(),
             revision: 0,
             last_sent: None,
-            client_cert: false,
+            hints: FailureHints::default(),
         }
     }
 
-    /// Says whether the client connects with a certificate of its own.
-    pub fn with_client_certificate(mut self, client_cert: bool) -> Self {
-        self.client_cert = client_cert;
+    /// How the client connects ([`EtcdOptions::failure_hints`]), for the
+    /// warnings' hints.
+    pub fn with_failure_hints(mut self, hints: FailureHints) -> Self {
+        self.hints = hints;
         self
     }
 
@@ -456,10 +487,10 @@ impl EtcdSource {
                     let _ = snapshots.send(Err(err)).await;
                     return;
                 }
-                Err(err) => match tls_diagnosis(&err, self.client_cert) {
-                    Some(hint) => warn!(error = %Chain(&err), hint, revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying"),
-                    None => warn!(error = %Chain(&err), revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying"),
-                },
+                Err(err) => {
+                    let hint = self.hints.hint(&err);
+                    warn!(error = %Chain(&err), hint, revision = self.revision, "etcd unreachable or failing; keeping the datapath as it is and retrying");
+                }
                 Ok(()) => {}
             }
             if snapshots.is_closed() {
@@ -754,6 +785,26 @@ mod tests {
         // Below etcd-client's own error, which names no source.
         let wrapped = EtcdSourceError::Request(etcd_client::Error::IoError(IoError::new(ErrorKind::InvalidData, "received fatal alert: CertificateRequired")));
         assert!(tls_diagnosis(&wrapped, false).is_some());
+        // Every refusal is told apart in rustls's own words too.
+        for alert in REFUSAL_ALERTS {
+            let text = IoError::new(ErrorKind::InvalidData, rustls::Error::AlertReceived(alert).to_string());
+            assert!(tls_diagnosis(&text, true).is_some(), "{text}");
+        }
+        let other = IoError::new(ErrorKind::InvalidData, rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure).to_string());
+        assert_eq!(tls_diagnosis(&other, true), None);
+    }
+
+    #[test]
+    fn a_closed_connection_is_blamed_on_tls_only_before_any_answer_and_only_over_tls() {
+        use std::io::{Error as IoError, ErrorKind};
+        let options = |endpoint: &str| EtcdOptions { endpoints: vec![endpoint.to_owned()], prefix: "/coreos.com/network".to_owned(), ca_file: None, cert_file: None, key_file: None };
+        let closed = IoError::new(ErrorKind::ConnectionReset, "Connection reset by peer");
+        let https = options("https://127.0.0.1:2379").failure_hints();
+        assert!(https.hint_before_any_answer(&closed).is_some_and(|h| h.contains("closed the TLS connection")));
+        assert_eq!(https.hint(&closed), None);
+        assert_eq!(options("http://127.0.0.1:2379").failure_hints().hint_before_any_answer(&closed), None);
+        let refused = IoError::new(ErrorKind::ConnectionRefused, "connection refused");
+        assert_eq!(https.hint_before_any_answer(&refused), None);
     }
 
     use super::*;

@@ -99,7 +99,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 vni: settings.vni,
                 previous_subnet: subnet_file.as_deref().and_then(etcd_source::previous_subnet),
             };
-            Source::Etcd(EtcdSource::new(client, &args.etcd_prefix, config, attrs).with_client_certificate(args.etcd_certfile.is_some()).spawn())
+            Source::Etcd(EtcdSource::new(client, &args.etcd_prefix, config, attrs).with_failure_hints(etcd_options(&args).failure_hints()).spawn())
         }
         (Some(dir), None) => {
             if !dir.is_dir() {

@@ -13,6 +13,7 @@
 //! - `run`: build, then run the agent with the given arguments.
 
 mod bench;
+mod bpffs;
 mod gotools;
 mod lab;
 mod scale;
@@ -89,7 +90,18 @@ enum Task {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let command = Cli::parse().command;
+    if matches!(command, Task::Test { .. } | Task::Lab(_) | Task::Scale(_) | Task::Bench(_)) {
+        match bpffs::run_with_own_bpffs_if_missing() {
+            Ok(None) => {}
+            Ok(Some(code)) => return code,
+            Err(err) => {
+                eprintln!("xtask: error: {err:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let result = match command {
         Task::Setup => setup::setup().map(drop),
         Task::Build { release } => setup::setup().and_then(|_| build(release)),
         Task::Test { args } => setup::setup().and_then(|_| test(&args)),
