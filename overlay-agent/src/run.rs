@@ -78,7 +78,8 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     // routes): a newer map layout's pins are a newer agent's datapath,
     // serving from maps this agent cannot read (a rollback).
     bpffs::PinLayout::new(&args.bpffs_root).refuse_newer_layout()?;
-    let etcd = if args.etcd_endpoints.is_empty() { None } else { Some(etcd_source::connect_and_read_config(&etcd_options(&args)).await?) };
+    let etcd_options = etcd_options(&args);
+    let etcd = if args.etcd_endpoints.is_empty() { None } else { Some(etcd_source::connect_and_read_config(&etcd_options).await?) };
     let (settings, iface, subnet_file) = settings(&args, etcd.as_ref().map(|(_, config)| config.net_conf.clone()))?;
     let metrics = Arc::new(Metrics::new(&args.bpffs_root));
     let bound = server::serve(args.metrics_addr, metrics.clone()).await?;
@@ -99,7 +100,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
                 vni: settings.vni,
                 previous_subnet: subnet_file.as_deref().and_then(etcd_source::previous_subnet),
             };
-            Source::Etcd(EtcdSource::new(client, &args.etcd_prefix, config, attrs).with_failure_hints(etcd_options(&args).failure_hints()).spawn())
+            Source::Etcd(EtcdSource::new(client, &args.etcd_prefix, config, attrs).with_failure_hints(etcd_options.failure_hints()).spawn())
         }
         (Some(dir), None) => {
             if !dir.is_dir() {

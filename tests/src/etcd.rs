@@ -54,6 +54,16 @@ pub struct EtcdTls {
 }
 
 impl EtcdTls {
+    /// The client flags of this CA and client certificate, as flanneld and
+    /// our agent both take them.
+    pub fn client_flags(&self) -> [String; 3] {
+        [
+            format!("--etcd-cafile={}", self.ca.display()),
+            format!("--etcd-certfile={}", self.client_cert.display()),
+            format!("--etcd-keyfile={}", self.client_key.display()),
+        ]
+    }
+
     /// Makes a throwaway CA and the certificates under `dir`.
     pub fn make(dir: &std::path::Path, ips: &[Ipv4Addr]) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;

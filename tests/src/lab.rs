@@ -31,7 +31,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, PinDir, TempDir, control_plane::ControlPlane, etcd::Etcd, run};
+use crate::{NetNs, PinDir, TempDir, control_plane::ControlPlane, etcd::{Etcd, EtcdTls}, run};
 
 /// What an agent logs once its initial sync is in the datapath.
 pub const READY_LOG: &str = "ready: the initial sync is in the datapath";
@@ -770,23 +770,11 @@ impl Lab {
         let binary = crate::flanneld_binary()?;
         let log_path = self.flanneld_log_path(i);
         let log = fs::File::create(&log_path).map_err(|e| format!("creating {}: {e}", log_path.display()))?;
-        // flanneld's TLS flags are the agent's.
-        let tls: Vec<String> = etcd
-            .tls
-            .iter()
-            .flat_map(|tls| {
-                [
-                    format!("--etcd-cafile={}", tls.ca.display()),
-                    format!("--etcd-certfile={}", tls.client_cert.display()),
-                    format!("--etcd-keyfile={}", tls.client_key.display()),
-                ]
-            })
-            .collect();
         Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.nodes[i].ns.name()))
             .arg(&binary)
             .arg(format!("--etcd-endpoints={}", etcd.endpoints()))
-            .args(&tls)
+            .args(etcd.tls.iter().flat_map(EtcdTls::client_flags))
             .arg(format!("--etcd-prefix={ETCD_PREFIX}"))
             .args(["--iface=eth0", "--ip-masq=false"])
             .arg(format!("--subnet-file={}", self.subnet_file(i).display()))
@@ -1009,9 +997,7 @@ impl Lab {
         if let Some(etcd) = &self.etcd {
             // The network config (backend included) comes from etcd.
             command.args(["--etcd-endpoints", &etcd.endpoints()]).arg("--subnet-file").arg(self.subnet_file(i));
-            if let Some(tls) = &etcd.tls {
-                command.arg("--etcd-cafile").arg(&tls.ca).arg("--etcd-certfile").arg(&tls.client_cert).arg("--etcd-keyfile").arg(&tls.client_key);
-            }
+            command.args(etcd.tls.iter().flat_map(EtcdTls::client_flags));
         } else if self.spec.kubernetes {
             command.arg("--kubeconfig").arg(self.kubeconfig_path());
         } else {
