@@ -13,6 +13,12 @@ use overlay_tests::lab::{Lab, LabSpec, POD_MTU, Topology, UNDERLAY_MTU, Underlay
 /// Prefix of every lab's names, so `--down` finds kept labs.
 const LAB_PREFIX: &str = "ovlab";
 
+/// Set by `cargo xtask` when it runs the lab in a mount namespace of its
+/// own, on a host without a bpffs at `/sys/fs/bpf` (`xtask/src/bpffs.rs`).
+/// The lab's `/run/netns` entries are then mounts of that namespace only:
+/// from the shell that started it they are empty files.
+const XTASK_OWN_MOUNT_NAMESPACE: &str = "OVERLAY_XTASK_OWN_BPFFS";
+
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -173,7 +179,15 @@ fn main() -> ExitCode {
     println!("\n{}", lab.inspect(0));
     let ok = failures.is_empty() && !INTERRUPTED.load(Ordering::SeqCst);
     if args.keep {
-        println!("lab: kept up (namespaces {}-*); enter one with `nsenter --net=/run/netns/<ns>`; tear down with `cargo xtask lab --down`", lab.nodes[0].ns.name().trim_end_matches("-n1"));
+        let names = lab.nodes[0].ns.name().trim_end_matches("-n1").to_owned();
+        let agent = (0..lab.nodes.len()).find_map(|i| lab.agent_pid(i));
+        match agent {
+            // Every agent runs in the lab's mount namespace and keeps it.
+            Some(pid) if std::env::var_os(XTASK_OWN_MOUNT_NAMESPACE).is_some() => println!(
+                "lab: kept up (namespaces {names}-*) in a mount namespace of its own, since this host has no bpffs at /sys/fs/bpf; enter one through an agent's with `nsenter --target {pid} --mount ip netns exec <ns> sh`; tear down with `cargo xtask lab --down`"
+            ),
+            _ => println!("lab: kept up (namespaces {names}-*); enter one with `nsenter --net=/run/netns/<ns>`; tear down with `cargo xtask lab --down`"),
+        }
         lab.leak();
     } else {
         drop(lab);
