@@ -285,7 +285,8 @@ slot_enum! {
         /// version 4, options, a fragment, a wrong header checksum, or
         /// lengths that disagree with the frame (total length past its
         /// end, UDP length not the rest of the packet or too short for the
-        /// inner packet).
+        /// inner packet); or a frame under more than four stacked priority
+        /// tags (VLAN ID 0), which no sender stacks.
         BadOuter = "bad_outer",
         /// Tunnel payload that is not IPv4, or not addressed to a pod of
         /// this node.

@@ -21,6 +21,7 @@ use crate::{
     maps::config,
     packet::{Packet as _, ptr_at},
     parse::{ENCAP_LEN, OUTER_UDP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
+    vlan::{Tagging, strip_priority_tags_tc, strip_priority_tags_xdp},
 };
 
 #[inline(always)]
@@ -28,6 +29,10 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(xdp_action::XDP_PASS);
     };
+    if let Tagging::OtherVlan = strip_priority_tags_xdp(ctx)? {
+        count(Counter::Pass, (ctx.end() - ctx.start()) as u64);
+        return Ok(xdp_action::XDP_PASS);
+    }
     match classify_rx(ctx, cfg)? {
         Rx::Decap => {}
         Rx::NotOurs => {
@@ -67,6 +72,12 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
     // SAFETY: reading a field of the context's own sk_buff.
     if unsafe { (*ctx.skb.skb).mark } == KERNEL_PATH_MARK {
         ctx.set_mark(0);
+        count(Counter::Pass, u64::from(ctx.len()));
+        return Ok(TC_ACT_OK as i32);
+    }
+    // Behind XDP too: XDP saw a tag the NIC had not stripped, and what
+    // TC sees of a frame XDP passed as another VLAN's is that VLAN's.
+    if let Tagging::OtherVlan = strip_priority_tags_tc(ctx)? {
         count(Counter::Pass, u64::from(ctx.len()));
         return Ok(TC_ACT_OK as i32);
     }

@@ -27,6 +27,7 @@ mod icmp;
 mod maps;
 mod packet;
 mod parse;
+mod vlan;
 
 // Pure helpers, shared with the host's unit tests through the library.
 use overlay_ebpf::{csum, proto, vxlan};

@@ -290,6 +290,56 @@ fn xdp_decapsulates_valid_vxlan_and_drops_forgeries_by_reason() {
     decap_cases(program_names::XDP_INGRESS, XDP_PASS, XDP_DROP);
 }
 
+/// `frame` under 802.1Q tags with these TCIs, behind its MAC addresses.
+fn tagged(frame: &[u8], tcis: &[u16]) -> Vec<u8> {
+    let mut out = frame[..12].to_vec();
+    for tci in tcis {
+        out.extend_from_slice(&[0x81, 0x00]);
+        out.extend_from_slice(&tci.to_be_bytes());
+    }
+    out.extend_from_slice(&frame[12..]);
+    out
+}
+
+/// XDP sees 802.1Q tags in the frame (the kernel strips them only after
+/// it), and the kernel takes a frame under priority tags (VLAN ID 0) as
+/// untagged: XDP strips them and checks what is inside as any frame, or a
+/// forged pod's packet under one tag passed as another protocol's. A
+/// frame of another VLAN is that VLAN's. (TC ingress sees the first tag
+/// already moved out of the frame, which `BPF_PROG_TEST_RUN` does not do:
+/// `forged_traffic.rs` covers it with real frames.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn xdp_strips_priority_tags_and_checks_what_is_inside() {
+    require_root();
+    let mut f = Fixture::new();
+    let program = program_names::XDP_INGRESS;
+    let inner = inner_ip([10, 244, 2, 11], [10, 244, 1, 11]);
+    for tags in [&[0x0000][..], &[0xe000], &[0x0000, 0x0000], &[0x2000; 4]] {
+        let before = f.counters();
+        let (verdict, out) = f.run(program, &tagged(&Vxlan::default().frame(), tags));
+        assert_eq!(verdict, XDP_PASS, "VXLAN under priority tags {tags:x?}");
+        assert_eq!(f.counters().packets(Counter::Decap) - before.packets(Counter::Decap), 1, "under {tags:x?}");
+        assert_eq!(out, eth(NIC_MAC, PEER_NIC_MAC, &inner), "under {tags:x?}: decapsulated, tags gone, MACs kept");
+    }
+    // A forged pod's packet under a priority tag: dropped as it is bare.
+    let bare = eth(NIC_MAC, PEER_NIC_MAC, &inner_ip([10, 244, 2, 11], [10, 244, 1, 11]));
+    f.expect_decap_verdict(program, &tagged(&bare, &[0x0000]), XDP_DROP, |c| c.drops(DropReason::BareTunnelSource));
+    f.expect_decap_verdict(program, &tagged(&bare, &[0x0000, 0x0000]), XDP_DROP, |c| c.drops(DropReason::BareTunnelSource));
+    // More priority tags than any sender stacks.
+    f.expect_decap_verdict(program, &tagged(&bare, &[0x0000; 5]), XDP_DROP, |c| c.drops(DropReason::BadOuter));
+    // Another VLAN's frame, or one behind a priority tag: left as it is.
+    for tags in [&[0x0064][..], &[0x0000, 0x0064]] {
+        let frame = tagged(&Vxlan::default().frame(), tags);
+        let before = f.counters();
+        let (verdict, out) = f.run(program, &frame);
+        assert_eq!(verdict, XDP_PASS, "under {tags:x?}");
+        assert_eq!(f.counters().packets(Counter::Pass) - before.packets(Counter::Pass), 1, "under {tags:x?}");
+        assert_eq!(f.counters().packets(Counter::Decap), before.packets(Counter::Decap), "under {tags:x?}: not ours to decapsulate");
+        assert_eq!(out, tagged(&Vxlan::default().frame(), &tags[tags.len() - 1..]), "under {tags:x?}: only the priority tag stripped");
+    }
+}
+
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn tc_ingress_decapsulates_valid_vxlan_and_drops_forgeries_by_reason() {
