@@ -46,8 +46,7 @@ fn main() -> std::process::ExitCode {
                     );
                 }
             }
-            cleanup(&bpffs_root, subnet_file.filter(|_| ran_here))
-                .and_then(|()| remove_cni_conf(cni_conf.filter(|_| ran_here)))
+            cleanup(&bpffs_root, subnet_file.filter(|_| ran_here), cni_conf.filter(|_| ran_here))
         }
         Command::KernelCheck { min } => kernel_check(&min),
         Command::Check { iface, bpffs_root, decap } => check(&iface, bpffs_root, decap.into()),
@@ -65,10 +64,13 @@ fn main() -> std::process::ExitCode {
 
 /// Removes one agent's datapath: the routes whose destinations are in the
 /// root's `ROUTES` maps, this layout's and older ones' (so another root's
-/// routes in the same namespace stay), the pins under the root, and
-/// subnet.env. A root not on bpffs, or holding a newer map layout's pins,
-/// is refused before anything is touched.
-fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> anyhow::Result<()> {
+/// routes in the same namespace stay), its device pairs and netfilter
+/// rules, subnet.env and the CNI config, and the pins under the root last:
+/// they are what tells a cleanup run again after a failure (an init
+/// container restarted) that the agent ran here, and which interfaces and
+/// routes were its own. A root not on bpffs, or holding a newer map
+/// layout's pins, is refused before anything is touched.
+fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>, cni_conf: Option<&std::path::Path>) -> anyhow::Result<()> {
     use overlay_agent::{bpffs, maps::DatapathMaps, routes};
     if root.exists() && !bpffs::is_bpffs(root) {
         return Err(bpffs::BpffsError::NotBpffs { path: root.to_owned() }.into());
@@ -124,13 +126,6 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
     for iface in &interfaces {
         Datapath::detach_clsact(iface).with_context(|| format!("detaching from {iface}"))?;
     }
-    let left = Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
-    let detached = if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") };
-    println!("detached from {detached} and removed the pins under {}", root.display());
-    if !left.is_empty() {
-        let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
-        println!("left what the agent did not create: {}", left.join(", "));
-    }
     // The device pairs, when this root's programs used them.
     for pair in overlay_agent::device_pair::PairKind::ALL.map(overlay_agent::device_pair::PairKind::pair) {
         use overlay_agent::device_pair::DevicePairError;
@@ -151,17 +146,20 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>) -> any
         if rules.masquerade_table { "the nftables table ip overlay" } else { "no nftables table" },
         if rules.forward.is_empty() { "no iptables".to_owned() } else { rules.forward.iter().map(|v| format!("iptables-{v}")).collect::<Vec<_>>().join(", ") }
     );
-    let Some(subnet_file) = subnet_file else { return Ok(()) };
-    match std::fs::remove_file(subnet_file) {
-        Ok(()) => println!("removed {}", subnet_file.display()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", subnet_file.display())),
+    for file in subnet_file.into_iter().chain(cni_conf) {
+        remove_file_if_present(file)?;
+    }
+    let left = Datapath::remove_pins(root).with_context(|| format!("removing the pins under {}", root.display()))?;
+    let detached = if interfaces.is_empty() { "no interface".to_owned() } else { interfaces.join(", ") };
+    println!("detached from {detached} and removed the pins under {}", root.display());
+    if !left.is_empty() {
+        let left: Vec<String> = left.iter().map(|p| p.display().to_string()).collect();
+        println!("left what the agent did not create: {}", left.join(", "));
     }
     Ok(())
 }
 
-fn remove_cni_conf(path: Option<&std::path::Path>) -> anyhow::Result<()> {
-    let Some(path) = path else { return Ok(()) };
+fn remove_file_if_present(path: &std::path::Path) -> anyhow::Result<()> {
     match std::fs::remove_file(path) {
         Ok(()) => println!("removed {}", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

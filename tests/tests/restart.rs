@@ -177,6 +177,51 @@ fn cleanup_removes_the_datapath_on_purpose() {
     assert!(!Lab::ping(&lab.nodes[1].pods[0].ns, lab.nodes[0].pods[0].ip), "the datapath must be gone");
 }
 
+/// A `cleanup` that fails partway (here: a directory where its subnet file
+/// should be) leaves the pins, so that, run again as a restarted init
+/// container runs it, it still knows the agent ran on this node and
+/// finishes: the CNI config and subnet.env go too. (Shown failing before:
+/// the pins went first, and the second run took the node for one the
+/// agent never ran on, left both files and exited 0.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_cleanup_that_failed_partway_finishes_when_run_again() {
+    require_root();
+    let mut lab = two_node_lab();
+    lab.stop_agent(0);
+    let pin_root = lab.nodes[0].pin_root.clone();
+    let subnet_file = lab.work_dir().join("node1-subnet.env");
+    std::fs::create_dir(&subnet_file).unwrap();
+    let cni_conf = lab.work_dir().join("node1-10-flannel.conflist");
+    std::fs::write(&cni_conf, "{}\n").unwrap();
+    let cleanup = || {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", lab.nodes[0].ns.name()))
+            .arg(agent_binary())
+            .args(["cleanup", "--bpffs-root"])
+            .arg(&pin_root)
+            .arg("--subnet-file")
+            .arg(&subnet_file)
+            .arg("--cni-conf")
+            .arg(&cni_conf)
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), said)
+    };
+    let (succeeded, said) = cleanup();
+    assert!(!succeeded && said.contains(&format!("removing {}", subnet_file.display())), "{said}");
+    assert!(pin_root.exists(), "the failed cleanup removed the pins:\n{said}");
+    // The obstacle gone, the next run finishes the job.
+    std::fs::remove_dir(&subnet_file).unwrap();
+    std::fs::write(&subnet_file, "FLANNEL_NETWORK=10.244.0.0/16\n").unwrap();
+    let (succeeded, said) = cleanup();
+    assert!(succeeded, "{said}");
+    assert!(!subnet_file.exists() && !cni_conf.exists(), "left the node's files:\n{said}");
+    assert!(!pin_root.exists(), "pins remain under {}:\n{said}", pin_root.display());
+    assert!(lab.agent_routes(0).is_empty(), "routes remain: {:?}", lab.agent_routes(0));
+}
+
 /// Devices named like the agent's device pairs (the segmentation device,
 /// the GRO device) that the agent did not make (no alias of ours) are left
 /// alone: the agent runs without them (and says so), pods are served all
