@@ -618,9 +618,33 @@ pub fn to_gro_device(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     if ip.proto != IPPROTO_TCP || ip.vihl != 0x45 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return None;
     }
+    if is_bare_ack(ctx, ip) {
+        return None;
+    }
     count(Counter::GroIn, u64::from(ctx.len()));
     // SAFETY: plain helper call; to the GRO device's egress.
     Some(unsafe { bpf_redirect(cfg.gro_ifindex, 0) } as i32)
+}
+
+/// Whether a TCP segment (IPv4 without options) carries no payload and
+/// neither FIN nor RST: an ACK, a window update or a SYN. GRO never merges
+/// one (`tcp_gro_receive` takes a segment only with 1 to MSS bytes of
+/// payload), so through the GRO device it would pay a device transmit
+/// and a NAPI pass for nothing: every ACK of a stream this node sends.
+/// Delivered straight, it can reach its pod before data of its own flow
+/// that GRO still holds, which TCP takes as it takes any reordering
+/// (a segment without payload is not queued, and its window update is
+/// kept against older ones by sequence). FIN and RST keep their place
+/// behind such data. A header past the linear part answers `false`.
+#[inline(always)]
+fn is_bare_ack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    let Ok(tcp) = ptr_at::<TcpHdr>(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let tcp = unsafe { &*tcp };
+    let headers = Ipv4Hdr::LEN + usize::from(tcp.doff()) * 4;
+    usize::from(u16::from_be_bytes(ip.tot_len)) <= headers && tcp.fin() == 0 && tcp.rst() == 0
 }
 
 /// At TC ingress of the GRO device's receiving end (`ovl-gro1`): a merged
