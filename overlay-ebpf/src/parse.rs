@@ -15,6 +15,8 @@ pub use crate::{
 /// The ECN field of the IPv4 TOS byte (RFC 3168) and its values.
 const ECN_MASK: u8 = 0x03;
 const ECN_NOT_ECT: u8 = 0x00;
+const ECN_ECT_1: u8 = 0x01;
+const ECN_ECT_0: u8 = 0x02;
 const ECN_CE: u8 = 0x03;
 
 pub const OUTER_IP_OFF: usize = EthHdr::LEN;
@@ -153,8 +155,10 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     if !is_pod_address(inner_ip.dst_addr, cfg) {
         return Err(DropReason::BadInner);
     }
-    if ip.tos & ECN_MASK == ECN_CE {
-        propagate_ce(ctx)?;
+    match ip.tos & ECN_MASK {
+        ECN_CE => propagate_ce(ctx)?,
+        ECN_ECT_1 => propagate_ect_1(ctx)?,
+        _ => {}
     }
     Ok(Rx::Decap)
 }
@@ -230,6 +234,24 @@ fn propagate_ce(ctx: &impl Packet) -> Result<(), DropReason> {
             Ok(())
         }
     }
+}
+
+/// RFC 6040 §4.2 (and the kernel's `INET_ECN_decapsulate`, `IP_ECN_set_ect1`) on
+/// decapsulation with the outer header ECT(1): an ECT(0) inner packet
+/// becomes ECT(1) (its checksum updated), so L4S marking set on the way
+/// survives; any other inner codepoint stays.
+#[inline(always)]
+fn propagate_ect_1(ctx: &impl Packet) -> Result<(), DropReason> {
+    let inner = ptr_at::<Ipv4Hdr>(ctx, INNER_IP_OFF)?;
+    // SAFETY (raw reads and writes): ptr_at checked the bounds.
+    let inner = unsafe { &mut *inner };
+    if inner.tos & ECN_MASK == ECN_ECT_0 {
+        let old = u16::from_be_bytes([inner.vihl, inner.tos]);
+        let tos = (inner.tos & !ECN_MASK) | ECN_ECT_1;
+        inner.check = csum::replace16(inner.check, old, u16::from_be_bytes([inner.vihl, tos]));
+        inner.tos = tos;
+    }
+    Ok(())
 }
 
 /// Whether `addr` can be one of this node's pods: in our pod CIDR, and

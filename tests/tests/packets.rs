@@ -250,6 +250,15 @@ fn decap_cases(program: &str, pass: u32, drop: u32) {
     }
     let (_, out) = f.run(program, &with_tos(0x02, 0x02));
     assert_eq!(out[15], 0x02, "{program}: outer ECT(0) leaves the inner packet alone");
+    // Outer ECT(1) (L4S marking on the way) turns an ECT(0) inner packet
+    // into ECT(1), and leaves the other codepoints, as the kernel's
+    // INET_ECN_decapsulate does.
+    for (inner_tos, delivered_tos) in [(0x02, 0x01), (0xb8 | 0x02, 0xb8 | 0x01), (0x01, 0x01), (0x03, 0x03), (0x00, 0x00)] {
+        let (verdict, out) = f.run(program, &with_tos(0x01, inner_tos));
+        assert_eq!(verdict, pass, "{program}: outer ECT(1), inner TOS {inner_tos:#x}");
+        assert_eq!(out[15], delivered_tos, "{program}: inner TOS {inner_tos:#x} under outer ECT(1)");
+        assert_eq!(checksum(&out[14..34]), 0, "{program}: inner checksum after ECT(1)");
+    }
     f.expect_decap_verdict(program, &with_tos(0x03, 0x00), drop, |c| c.drops(DropReason::EcnNotEct));
     f.expect_decap_verdict(program, &with_tos(0x00, 0x00), pass, |c| c.packets(Counter::Decap));
 
