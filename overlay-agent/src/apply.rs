@@ -132,6 +132,9 @@ pub struct Applier {
     route_source: Option<Option<Ipv4Addr>>,
     /// The nexthop objects our routes go through, and which route uses which.
     nexthops: routes::Nexthops,
+    /// Our routes that only older map layouts record, removed once the
+    /// programs are attached ([`Self::remove_older_layouts_routes`]).
+    older_layouts_routes: Vec<Ipv4Network>,
 }
 
 /// How this node's addresses serve the datapath and its routes, from one
@@ -173,8 +176,9 @@ fn addressing(desired: &Config, iface: &str) -> (Config, Option<Ipv4Addr>) {
 
 impl Applier {
     /// Takes over the maps as they are pinned (possibly from an earlier run)
-    /// and removes the kernel routes this root's agent installed that no
-    /// map entry accounts for any more.
+    /// and finds the kernel routes this root's agent installed that no
+    /// map entry accounts for any more, for
+    /// [`Self::remove_older_layouts_routes`] to remove.
     ///
     /// The routes' protocol number alone does not make a route ours:
     /// another agent with another pin root in this namespace (a lab, a
@@ -205,27 +209,36 @@ impl Applier {
             .into_iter()
             .filter(|c| !applied.contains_key(c))
             .collect();
-        let stale: Vec<Ipv4Network> = if recorded.is_empty() {
+        let older_layouts_routes: Vec<Ipv4Network> = if recorded.is_empty() {
             Vec::new()
         } else {
             routes::with_our_protocol()?.into_iter().filter(|c| recorded.contains(c)).collect()
         };
         // The routes of the current layout's entries, and the nexthops they
         // go through, stay as they are until the first apply replaces them.
-        let mut nexthops = routes::Nexthops::adopt(|c| applied.contains_key(c))?;
-        if let Some((cidr, reason)) = routes::remove_all(&mut nexthops, &stale)?.into_iter().next() {
+        let nexthops = routes::Nexthops::adopt(|c| applied.contains_key(c))?;
+        let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
+        Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None, not_programmed: BTreeMap::new(), nexthops, older_layouts_routes })
+    }
+
+    /// Removes the routes that only older map layouts record (see
+    /// [`Self::new`]), once this agent's programs are attached: until then
+    /// they are the running datapath's, and a start that fails (XDP taken,
+    /// a verifier that refuses the new programs) leaves them serving. Then
+    /// the nexthops of ours that no route leads to (a crash before their
+    /// route, routes deleted while we were down); not fatal, they only cost
+    /// kernel memory, and the next start tries again.
+    pub fn remove_older_layouts_routes(&mut self) -> Result<(), ApplyError> {
+        let stale = std::mem::take(&mut self.older_layouts_routes);
+        if let Some((cidr, reason)) = routes::remove_all(&mut self.nexthops, &stale)?.into_iter().next() {
             return Err(ApplyError::Routes(RouteError::Refused { request: format!("route del {cidr}"), reason }));
         }
-        // Nexthops of ours no route leads to (a crash before their route,
-        // routes deleted while we were down). Not fatal: they only cost
-        // kernel memory, and the next start tries again.
         match routes::remove_orphaned_nexthops() {
             Ok(removed) if removed.is_empty() => {}
             Ok(removed) => tracing::info!(count = removed.len(), ids = ?removed, "removed nexthops of ours that no route used (left by a crash, or by routes deleted while the agent was down)"),
             Err(err) => tracing::warn!(error = %crate::report::Chain(&err), "looking for nexthops of ours that no route uses; leaving them"),
         }
-        let config = maps.config.get(&0, 0).ok().filter(|c| c.enabled != 0);
-        Ok(Self { maps, iface: iface.to_owned(), config, applied, route_source: None, not_programmed: BTreeMap::new(), nexthops })
+        Ok(())
     }
 
     /// Whether the kernel lost a route of a peer this agent applied, and

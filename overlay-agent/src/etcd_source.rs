@@ -92,7 +92,8 @@ pub enum EtcdSourceError {
     SubnetTaken { lease: String, holder: String },
 }
 
-/// Why a lease in etcd cannot be used (it is skipped and reported).
+/// Why a lease in etcd cannot be used (it is reported; its node keeps what
+/// was last read of it, or stays out if it never could be read).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
     #[error("{key}: not a subnet key (flannel's a.b.c.d-NN)")]
@@ -197,6 +198,10 @@ impl NetworkConfig {
         };
         let subnet_min = bound("subnetmin", network + size)?;
         let subnet_max = bound("subnetmax", last + 1 - size)?;
+        if subnet_min > subnet_max {
+            // No subnet to lease; flanneld would say every one is taken.
+            return Err(format!("SubnetMin {subnet_min} is above SubnetMax {subnet_max}, so no subnet can be leased: set SubnetMin at or below SubnetMax"));
+        }
         Ok(Self { net_conf, subnet_min, subnet_max })
     }
 
@@ -372,6 +377,12 @@ pub fn lease_to_node(name: &str, key_name: &str, value: &[u8]) -> Result<NodeInf
         annotations.insert(node::ANNOTATION_BACKEND_TYPE.to_owned(), kind.to_owned());
     }
     if let Some(data) = attrs.get("backenddata").filter(|d| !d.is_null()) {
+        // flanneld cannot decode such a lease's attributes either; read
+        // as missing keys, it would have programmed the peer with a VTEP
+        // MAC made up from its address and no VNI.
+        if !data.is_object() {
+            return Err(bad(format!("BackendData is {data}, not an object like {{\"VNI\":1,\"VtepMAC\":\"12:c6:65:89:b4:e3\"}}")));
+        }
         // Back to flannel's own key spelling for the annotation's parser.
         let data = serde_json::json!({
             "VNI": data.get("VNI").or_else(|| data.get("vni")),
@@ -385,6 +396,15 @@ pub fn lease_to_node(name: &str, key_name: &str, value: &[u8]) -> Result<NodeInf
     }))
     .map_err(|e| bad(e.to_string()))?;
     NodeInfo::from_node(&node).map_err(|source| LeaseError::Node { key, source })
+}
+
+impl LeaseError {
+    /// The lease's key (its last component, `a.b.c.d-NN`).
+    pub fn key(&self) -> &str {
+        match self {
+            Self::BadKey { key } | Self::BadValue { key, .. } | Self::NoPublicIp { key } | Self::Node { key, .. } => key,
+        }
+    }
 }
 
 /// The lease value flanneld writes (`json.Marshal(LeaseAttrs)`).
@@ -835,6 +855,8 @@ mod tests {
         assert!(NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.6.0.0"}"#).unwrap_err().contains("range of the Network"));
         assert!(NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetMax":"10.5.3.7"}"#).unwrap_err().contains("boundary"));
         assert!(NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetLen":17}"#).unwrap_err().contains("four subnets"));
+        let reversed = NetworkConfig::parse(r#"{"Network":"10.5.0.0/16","SubnetMin":"10.5.9.0","SubnetMax":"10.5.8.0"}"#).unwrap_err();
+        assert!(reversed.contains("SubnetMin 10.5.9.0 is above SubnetMax 10.5.8.0"), "{reversed}");
     }
 
     #[test]
@@ -865,6 +887,10 @@ mod tests {
         assert!(err("10.244.5.7-24", br#"{"PublicIP":"192.168.0.1"}"#).contains("use 10.244.5.0/24"));
         let e = err("10.244.5.0-24", br#"{"PublicIP":"192.168.0.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#);
         assert!(e.contains("VtepMAC"), "{e}");
+        for data in [r#""x""#, "[1]", "7"] {
+            let e = err("10.244.5.0-24", format!(r#"{{"PublicIP":"192.168.0.1","BackendType":"vxlan","BackendData":{data}}}"#).as_bytes());
+            assert!(e.contains(&format!("BackendData is {data}, not an object")), "{e}");
+        }
     }
 
     #[test]

@@ -141,6 +141,9 @@ fn cleanup(root: &std::path::Path, subnet_file: Option<&std::path::Path>, cni_co
         }
     }
     let rules = overlay_agent::netfilter::remove().context("removing the masquerade and FORWARD rules")?;
+    if let Some(what) = &rules.foreign_table {
+        println!("left the nftables table ip {}: not the agent's ({what})", overlay_agent::netfilter::NFT_TABLE);
+    }
     println!(
         "removed {} and the FORWARD accept rules from {}",
         if rules.masquerade_table { "the nftables table ip overlay" } else { "no nftables table" },

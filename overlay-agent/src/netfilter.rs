@@ -60,6 +60,8 @@ pub enum NetfilterError {
     Read { what: &'static str, #[source] source: std::io::Error },
     #[error("nft printed JSON this agent cannot read")]
     Json(#[source] serde_json::Error),
+    #[error("the nftables table ip {NFT_TABLE} is not the agent's ({what}), so the agent leaves it as it is: rename or remove it, or run the agent with --ip-masq=false")]
+    ForeignTable { what: String },
 }
 
 /// What the node's rules are built from.
@@ -279,6 +281,8 @@ impl Changes {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Removed {
     pub masquerade_table: bool,
+    /// Why a table named as ours was left: it is not the agent's.
+    pub foreign_table: Option<String>,
     /// The iptables (`nft`, `legacy`) our FORWARD rules were removed from.
     pub forward: Vec<&'static str>,
 }
@@ -287,7 +291,11 @@ pub struct Removed {
 /// is missing or different. Cheap enough to call every few seconds.
 pub fn ensure(traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
     let mut changes = Changes::default();
-    let present = masquerade_comments()?;
+    let present = match masquerade_table()? {
+        Table::Absent => None,
+        Table::Ours(comments) => Some(comments),
+        Table::Foreign(what) => return Err(NetfilterError::ForeignTable { what }),
+    };
     if traffic.masquerade {
         let wanted = masquerade_rules(traffic);
         let wanted_comments: Vec<&str> = wanted.iter().map(|(comment, _)| comment.as_str()).collect();
@@ -307,12 +315,18 @@ pub fn ensure(traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
     Ok(changes)
 }
 
-/// Removes the masquerade table and the FORWARD rules, wherever present.
+/// Removes the masquerade table and the FORWARD rules, wherever present;
+/// a table of that name that is not the agent's stays
+/// ([`Removed::foreign_table`]).
 pub fn remove() -> Result<Removed, NetfilterError> {
     let mut removed = Removed::default();
-    if masquerade_comments()?.is_some() {
-        nft_batch(&delete_table_batch())?;
-        removed.masquerade_table = true;
+    match masquerade_table()? {
+        Table::Absent => {}
+        Table::Ours(_) => {
+            nft_batch(&delete_table_batch())?;
+            removed.masquerade_table = true;
+        }
+        Table::Foreign(what) => removed.foreign_table = Some(what),
     }
     for iptables in Iptables::with_filter_table()? {
         if iptables.remove_forward()? {
@@ -373,9 +387,55 @@ fn delete_table_batch() -> Value {
     ]})
 }
 
-/// The comments of the rules in our table's chain, in order; `None` when
-/// the table does not exist.
-fn masquerade_comments() -> Result<Option<Vec<String>>, NetfilterError> {
+/// The table named [`NFT_TABLE`], as nft lists it.
+#[derive(Debug, PartialEq, Eq)]
+enum Table {
+    Absent,
+    /// The agent's: the comments of its chain's rules, in order.
+    Ours(Vec<String>),
+    /// Someone else's, and what tells: never ours to rewrite or delete.
+    Foreign(String),
+}
+
+/// Whether a listing of the table (`nft -j list table`) is one the agent
+/// wrote: only [`NFT_CHAIN`], a NAT chain at postrouting, whose every rule
+/// carries a comment (every release's rules do). Anything else under that
+/// name (another chain, a set, a rule without a comment, an empty table:
+/// the agent writes the table and its rules in one transaction) is
+/// another tool's.
+fn classify_table(listing: &Value) -> Table {
+    let mut comments = Vec::new();
+    let mut our_chain = false;
+    for item in listing["nftables"].as_array().into_iter().flatten() {
+        if item.get("metainfo").is_some() || item.get("table").is_some() {
+            continue;
+        }
+        if let Some(chain) = item.get("chain") {
+            if chain["name"] != NFT_CHAIN || chain["type"] != "nat" || chain["hook"] != "postrouting" {
+                return Table::Foreign(format!("it has the chain {}", chain["name"].as_str().unwrap_or("?")));
+            }
+            our_chain = true;
+        } else if let Some(rule) = item.get("rule") {
+            match rule["comment"].as_str() {
+                Some(comment) if rule["chain"] == NFT_CHAIN => comments.push(comment.to_owned()),
+                _ => return Table::Foreign(format!("a rule in its chain {} carries no comment of the agent's", rule["chain"].as_str().unwrap_or("?"))),
+            }
+        } else {
+            let kind = item.as_object().and_then(|o| o.keys().next().cloned()).unwrap_or_default();
+            return Table::Foreign(format!("it holds a {kind}"));
+        }
+    }
+    if our_chain { Table::Ours(comments) } else { Table::Foreign("it has no chain of the agent's".to_owned()) }
+}
+
+/// Our table, if there is one ([`classify_table`]).
+fn masquerade_table() -> Result<Table, NetfilterError> {
+    let Some(listing) = list_table()? else { return Ok(Table::Absent) };
+    Ok(classify_table(&listing))
+}
+
+/// `nft -j list table ip overlay`; `None` when the table does not exist.
+fn list_table() -> Result<Option<Value>, NetfilterError> {
     let out = Command::new("nft")
         .args(["-j", "list", "table", "ip", NFT_TABLE])
         .output()
@@ -387,16 +447,7 @@ fn masquerade_comments() -> Result<Option<Vec<String>>, NetfilterError> {
         }
         return Err(failed("nft", &["-j", "list", "table", "ip", NFT_TABLE], out.status, &stderr));
     }
-    let listing: Value = serde_json::from_slice(&out.stdout).map_err(NetfilterError::Json)?;
-    let comments = listing["nftables"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|item| item.get("rule"))
-        .filter(|rule| rule["chain"] == NFT_CHAIN)
-        .map(|rule| rule["comment"].as_str().unwrap_or_default().to_owned())
-        .collect();
-    Ok(Some(comments))
+    serde_json::from_slice(&out.stdout).map(Some).map_err(NetfilterError::Json)
 }
 
 fn nft_batch(batch: &Value) -> Result<(), NetfilterError> {
@@ -580,6 +631,39 @@ mod tests {
 
     fn traffic() -> PodTraffic {
         PodTraffic { network: "10.244.0.0/16".parse().unwrap(), pod_cidr: "10.244.1.0/24".parse().unwrap(), masquerade: true }
+    }
+
+    #[test]
+    fn only_a_table_as_the_agent_writes_it_is_the_agents() {
+        let listing = |items: Vec<Value>| {
+            let mut all = vec![json!({"metainfo": {"version": "1.0.6"}}), json!({"table": {"family": "ip", "name": "overlay"}})];
+            all.extend(items);
+            json!({"nftables": all})
+        };
+        let chain = |name: &str, kind: &str| json!({"chain": {"family": "ip", "table": "overlay", "name": name, "type": kind, "hook": "postrouting", "prio": 100, "policy": "accept"}});
+        let rule = |chain: &str, comment: Option<&str>| {
+            let mut rule = json!({"family": "ip", "table": "overlay", "chain": chain, "expr": []});
+            if let Some(comment) = comment {
+                rule["comment"] = json!(comment);
+            }
+            json!({"rule": rule})
+        };
+        let ours = listing(vec![chain("postrouting", "nat"), rule("postrouting", Some("a")), rule("postrouting", Some("b"))]);
+        assert_eq!(classify_table(&ours), Table::Ours(vec!["a".to_owned(), "b".to_owned()]));
+        // Its rules flushed (an operator's `nft flush chain`): still the agent's chain.
+        assert_eq!(classify_table(&listing(vec![chain("postrouting", "nat")])), Table::Ours(vec![]));
+        for (foreign, tells) in [
+            (listing(vec![chain("postrouting", "nat"), chain("forward", "filter")]), "the chain forward"),
+            (listing(vec![chain("postrouting", "filter")]), "the chain postrouting"),
+            (listing(vec![chain("postrouting", "nat"), rule("postrouting", None)]), "no comment"),
+            (listing(vec![chain("postrouting", "nat"), json!({"set": {"name": "s"}})]), "holds a set"),
+            (listing(vec![]), "no chain"),
+        ] {
+            match classify_table(&foreign) {
+                Table::Foreign(what) => assert!(what.contains(tells), "{what}"),
+                other => panic!("{foreign} read as {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -308,6 +308,8 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
     // traffic. Kernel routes toward peers come only after this, so no
     // packet is routed to the underlay without its encapsulation.
     host.attach(&mut settings)?;
+    let mut applier = applier;
+    applier.remove_older_layouts_routes().context("removing the routes only an older map layout recorded")?;
     Ok(Started { settings, applier, host, late_sockets })
 }
 

@@ -77,9 +77,12 @@ fn setup() -> (NetNs, PinDir, Datapath) {
     (ns, pins, datapath)
 }
 
-/// An applier on the maps pinned under `pins` (in the namespace entered).
+/// An applier on the maps pinned under `pins` (in the namespace entered),
+/// as the agent has it once its programs are attached.
 fn open_applier(pins: &PinDir) -> Applier {
-    Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap()
+    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    applier.remove_older_layouts_routes().unwrap();
+    applier
 }
 
 /// What most tests start from: [`setup`], the thread inside the
@@ -439,7 +442,7 @@ fn orphaned_nexthops_of_ours_are_removed_at_start_and_no_other() {
     let before = nexthops(&ns, &[]);
     assert_eq!(before.len(), 7, "{before:?}");
 
-    let _applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    let _applier = open_applier(&pins);
     let after = nexthops(&ns, &[]);
     let expected: Vec<String> =
         before.iter().filter(|l| !l.starts_with(&format!("id {orphan} ")) && !l.starts_with(&format!("id {orphan_direct} "))).cloned().collect();

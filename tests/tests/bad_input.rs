@@ -98,6 +98,10 @@ fn cleanup_removes_only_what_the_agent_created_and_only_its_routes() {
     for cidr in ["10.244.9.0/24", "10.99.0.0/24"] {
         ns.ip(&["route", "add", cidr, "via", "192.0.2.2", "dev", "ul0", "onlink", "proto", "157"]);
     }
+    // Another tool's nftables table under the name of the agent's own.
+    // (Shown failing before: cleanup deleted any table of that name.)
+    let out = ns.exec("nft", &["add table ip overlay; add chain ip overlay theirs { type filter hook input priority 0; }"]);
+    assert!(out.status.success(), "{}", text(&out));
 
     let out = agent_in(&ns, &["cleanup", "--keep-subnet-file", "--bpffs-root", root.to_str().unwrap()]);
     let said = text(&out);
@@ -112,6 +116,9 @@ fn cleanup_removes_only_what_the_agent_created_and_only_its_routes() {
     assert!(root.join("theirs/inner").is_dir(), "another's directory was removed");
     assert!(root.join("links/ul0/extra").is_dir(), "another's directory among the links was removed");
     assert!(said.contains("theirs"), "cleanup must say what it left: {said}");
+    let table = std::process::Command::new("nsenter").arg(format!("--net=/run/netns/{}", ns.name())).args(["nft", "list", "table", "ip", "overlay"]).output().unwrap();
+    assert!(table.status.success() && text(&table).contains("chain theirs"), "another tool's table was removed ({}):\n{said}", text(&table));
+    assert!(said.contains("left the nftables table ip overlay: not the agent's (it has the chain theirs)"), "{said}");
 }
 
 /// The uninstall DaemonSet runs `cleanup` on every node, also on nodes the
@@ -340,6 +347,37 @@ fn a_failed_start_leaves_an_older_layouts_pins_alone() {
     // adopt them instead of carrying the older layout's state.
     let made = PinLayout::new(upgraded.path()).maps_dir();
     assert!(!made.exists(), "a failed start left {}:\n{}", made.display(), b.log());
+}
+
+/// A failed start on a root whose older map layout records routes (an
+/// upgrade whose new agent cannot start, its layout's state not carried)
+/// leaves those routes: until the new agent's programs run, they are the
+/// running datapath's. Here the first root's agent, holding XDP, runs the
+/// route the older layout records. (Shown failing before: the start removed
+/// the routes it found only older layouts recording, then failed.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_failed_start_leaves_the_routes_an_older_layout_records() {
+    require_root();
+    let (ns, nodes, _first, a) = one_node_with_xdp_taken();
+    let route = || String::from_utf8_lossy(&ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
+    let deadline = std::time::Instant::now() + overlay_tests::scaled(std::time::Duration::from_secs(10));
+    while !route().contains("10.244.2.0/24") {
+        assert!(std::time::Instant::now() < deadline, "the first agent routes no peer:\n{}", a.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let upgraded = PinDir::new();
+    let older = upgraded.path().join("v5");
+    let routes_map = overlay_tests::V7_MAPS.into_iter().find(|m| m.0 == overlay_common::map_names::ROUTES).unwrap();
+    overlay_tests::make_pins(&older, &[routes_map]);
+    let mut recorded: aya::maps::LpmTrie<aya::maps::MapData, [u8; 4], Route> =
+        overlay_agent::maps::open_pinned(&older.join(overlay_common::map_names::ROUTES)).unwrap();
+    let route_to_peer = Route { node_ip: [192, 0, 2, 2], vtep_mac: [0; 6], mode: ROUTE_MODE_VXLAN, reason: overlay_common::ROUTE_REASON_BACKEND, next_hop: [192, 0, 2, 2] };
+    recorded.insert(&Key::new(24, [10, 244, 2, 0]), route_to_peer, 0).unwrap();
+    // XDP is the first root's: asked for it, this start fails.
+    let mut b = RunningAgent::start(&ns, upgraded.path(), nodes.path(), &["--decap", "xdp"], false);
+    assert_eq!(b.exit_code(20), Some(1), "{}", b.log());
+    assert!(route().contains("10.244.2.0/24"), "a failed start removed the route:\n{}", b.log());
 }
 
 #[test]

@@ -71,11 +71,15 @@ pub const PUBLISH_BACKOFF_MAX: Duration = Duration::from_secs(300);
 pub enum NodeEvent {
     /// Every node, replacing what was known: a (re)list, a rescan. Nodes
     /// missing from it are gone (deleted while the source was not
-    /// watching).
+    /// watching), but for those `invalid` names, which keep what was
+    /// last read of them.
     Resync { nodes: Vec<Arc<NodeInfo>>, invalid: Vec<InvalidNode> },
     /// A node added or changed.
     Upsert(Arc<NodeInfo>),
-    /// A node that can no longer be read: left out until it can.
+    /// A node whose object can no longer be read (a typo in an annotation,
+    /// a lease value a tool mangled): it keeps what was last read of it,
+    /// as flannel ignores an update it cannot parse, so a typo does not
+    /// cut a running peer off; one never read stays out until it can be.
     Invalid(InvalidNode),
     /// A node deleted, by name.
     Delete(String),
@@ -345,8 +349,13 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         }
         for event in events {
             let touched = match event {
-                NodeEvent::Resync { nodes, invalid } => {
+                NodeEvent::Resync { mut nodes, invalid } => {
                     self.synced = true;
+                    for unreadable in &invalid {
+                        if let Some(last) = self.state.nodes().get(&unreadable.key).filter(|_| !nodes.iter().any(|n| n.name == unreadable.key)) {
+                            nodes.push(last.clone());
+                        }
+                    }
                     self.ask_new_paths(nodes.iter().map(|n| n.node_ip));
                     let invalid = invalid.into_iter().map(|i| (i.key, i.problem)).collect();
                     self.set_invalid(invalid);
@@ -361,7 +370,7 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
                     let mut all = self.invalid.clone();
                     all.insert(invalid.key.clone(), invalid.problem);
                     self.set_invalid(all);
-                    self.state.remove(&invalid.key, &self.paths)
+                    Touched::Nothing
                 }
                 NodeEvent::Delete(name) => {
                     self.clear_invalid(&name);
@@ -475,7 +484,8 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
     fn set_invalid(&mut self, invalid: BTreeMap<String, String>) {
         for (key, problem) in &invalid {
             if self.invalid.get(key) != Some(problem) {
-                warn!(problem = %problem, "bad Node manifest or object");
+                let kept = if self.state.nodes().contains_key(key) { "kept as last read" } else { "left out until it can be read" };
+                warn!(problem = %problem, "bad Node manifest or object; {kept}");
                 #[cfg(test)]
                 self.first_reports.push(Reported::InvalidNode { key: key.clone(), problem: problem.clone() });
             }

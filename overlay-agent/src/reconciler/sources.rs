@@ -35,15 +35,16 @@ pub struct ManifestSource {
 }
 
 /// A whole listing as one resync: the nodes, and each entry that did not
-/// translate as an invalid node keyed by its message (a listing names no
-/// object to key it by).
-fn resync<E: std::error::Error + 'static>(nodes: Vec<NodeInfo>, errors: &[E]) -> SourceUpdate {
+/// translate as an invalid node, keyed by the name of the node it stands
+/// for where `name_of` knows it (so that node keeps what was last read of
+/// it), else by its message.
+fn resync<E: std::error::Error + 'static>(nodes: Vec<NodeInfo>, errors: &[E], name_of: impl Fn(&E) -> Option<String>) -> SourceUpdate {
     let nodes = nodes.into_iter().map(Arc::new).collect();
     let invalid = errors
         .iter()
         .map(|e| {
             let problem = Chain(e).to_string();
-            InvalidNode { key: problem.clone(), problem }
+            InvalidNode { key: name_of(e).unwrap_or_else(|| problem.clone()), problem }
         })
         .collect();
     SourceUpdate::Events(vec![NodeEvent::Resync { nodes, invalid }])
@@ -62,7 +63,9 @@ impl NodeSource for ManifestSource {
             match self.dir.scan_if_changed() {
                 Ok(Some(scan)) => {
                     self.failing = false;
-                    return Ok(resync(scan.nodes, &scan.errors));
+                    // A manifest that stops parsing keeps its last good
+                    // state in the scan itself.
+                    return Ok(resync(scan.nodes, &scan.errors, |_| None));
                 }
                 Ok(None) if std::mem::take(&mut self.failing) => return Ok(SourceUpdate::Events(Vec::new())),
                 Ok(None) => {}
@@ -294,7 +297,8 @@ impl EtcdNodes {
 impl NodeSource for EtcdNodes {
     async fn next(&mut self) -> Result<SourceUpdate, SourceEnded> {
         match self.snapshots.recv().await {
-            Some(Ok(snapshot)) => Ok(resync(snapshot.nodes, &snapshot.invalid)),
+            // A peer's node is named by its lease's key.
+            Some(Ok(snapshot)) => Ok(resync(snapshot.nodes, &snapshot.invalid, |e| Some(e.key().to_owned()))),
             Some(Err(err)) => Err(SourceEnded(Chain(&err).to_string())),
             None => Err(SourceEnded("the etcd source stopped".to_owned())),
         }

@@ -319,7 +319,12 @@ async fn nodes_added_changed_and_removed_reach_the_datapath_node_by_node() {
 }
 
 #[tokio::test]
-async fn an_invalid_node_is_left_out_and_reported_once() {
+/// A peer whose object turns unreadable (a typo in an annotation) keeps
+/// what was last read of it, through updates and resyncs, as flannel
+/// ignores an update it cannot parse; a node never read stays out.
+/// (Shown failing before: the unreadable peer was removed, and its pods
+/// cut off.)
+async fn an_unreadable_node_keeps_its_last_state_and_is_reported_once() {
     let table = FakeWriter::default();
     let mut r = new_loop(&table);
     step(&mut r, events(vec![NodeEvent::Resync { nodes: three(), invalid: vec![] }])).await;
@@ -329,13 +334,23 @@ async fn an_invalid_node_is_left_out_and_reported_once() {
         r.housekeeping();
         r.reconcile(Instant::now()).await;
     }
-    assert_eq!(cidrs(&table), ["10.244.3.0/24"], "the unreadable node is out");
+    assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"], "the unreadable peer is served as last read");
     let reports: Vec<_> = r.first_reports.iter().filter(|p| matches!(p, Reported::InvalidNode { key, .. } if key == "b")).collect();
     assert_eq!(reports.len(), 1, "{:?}", r.first_reports);
     assert_eq!(r.metrics.nodes_invalid.get(), 1);
-    step(&mut r, events(vec![NodeEvent::Upsert(node("b", "10.244.2.0/24", [192, 168, 0, 2]))])).await;
+    // A relist that still cannot read it keeps it too; one never read
+    // stays out.
+    let never = InvalidNode { key: "d".into(), problem: "node d: no IPv4 pod CIDR".into() };
+    let readable: Vec<_> = three().into_iter().filter(|n| n.name != "b").collect();
+    step(&mut r, events(vec![NodeEvent::Resync { nodes: readable, invalid: vec![bad.clone(), never] }])).await;
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
-    assert_eq!(r.metrics.nodes_invalid.get(), 0);
+    assert_eq!(r.metrics.nodes_invalid.get(), 2);
+    // Fixed, it is read again; deleted, it goes.
+    step(&mut r, events(vec![NodeEvent::Upsert(node("b", "10.244.5.0/24", [192, 168, 0, 2]))])).await;
+    assert_eq!(cidrs(&table), ["10.244.3.0/24", "10.244.5.0/24"]);
+    assert_eq!(r.metrics.nodes_invalid.get(), 1);
+    step(&mut r, events(vec![NodeEvent::Invalid(bad), NodeEvent::Delete("b".into())])).await;
+    assert_eq!(cidrs(&table), ["10.244.3.0/24"]);
 }
 
 #[tokio::test]
@@ -561,7 +576,9 @@ async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop_with
         Arc::new(Metrics::new(std::path::Path::new("/nonexistent"))),
     );
     let SourceUpdate::Events(events) = r.source.next().await.unwrap() else { panic!("not events") };
-    let invalid = vec![InvalidNode { key: bad.to_string(), problem: bad.to_string() }];
+    // Keyed by the lease's key, which names a peer's node: it keeps what
+    // was last read of it.
+    let invalid = vec![InvalidNode { key: "10.244.9.0-24".into(), problem: bad.to_string() }];
     assert_eq!(events, [NodeEvent::Resync { nodes: three(), invalid }]);
 
     // The task gone (the receiver's only sender): the loop ends, as the
