@@ -103,8 +103,17 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
             return Ok(TC_ACT_OK as i32);
         }
         // Split on the segmentation device; each datagram comes back to
-        // `try_tc_split_datagram`.
-        Rx::Merged => return to_segmentation(cfg),
+        // `try_tc_split_datagram`, which takes it for this host's. One
+        // merged from frames for another host (flooded to us) is not: the
+        // kernel drops those.
+        Rx::Merged => {
+            // SAFETY: reading a field of the context's own sk_buff.
+            if unsafe { (*ctx.skb.skb).pkt_type } != PACKET_HOST {
+                count(Counter::Pass, u64::from(ctx.len()));
+                return Ok(TC_ACT_OK as i32);
+            }
+            return to_segmentation(cfg);
+        }
     }
     strip_tunnel(ctx)?;
     let delivered = to_gro_device(ctx, cfg).or_else(|| deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: true }));

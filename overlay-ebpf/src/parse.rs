@@ -128,6 +128,12 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     if !lengths_agree(ctx, ip, unsafe { &*udp }, inner_ip) {
         return Err(DropReason::BadOuter);
     }
+    // Before a merged packet goes to be split: GRO merges only datagrams
+    // of one outer flow, so one look-up speaks for all of them, and a
+    // stranger's cost no software segmentation.
+    let Some(peer) = PEERS.get_ptr(ip.src_addr) else {
+        return Err(DropReason::UnknownSource);
+    };
     if merged_datagrams(ctx, inner_ip) {
         return Ok(Rx::Merged);
     }
@@ -138,9 +144,6 @@ pub fn classify_rx(ctx: &impl Packet, cfg: &Config) -> Result<Rx, DropReason> {
     if vni != cfg.vni {
         return Err(DropReason::WrongVni);
     }
-    let Some(peer) = PEERS.get_ptr(ip.src_addr) else {
-        return Err(DropReason::UnknownSource);
-    };
     let peer: &Peer = unsafe { &*peer };
     if u16::from_be(unsafe { (*inner_eth).ether_type }) != ETH_P_IP || inner_ip.vihl >> 4 != 4 {
         return Err(DropReason::BadInner);
