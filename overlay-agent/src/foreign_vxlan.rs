@@ -54,9 +54,11 @@ pub struct VxlanDevice {
 }
 
 impl VxlanDevice {
-    /// Whether flannel's vxlan backend made it (`flannel.<VNI>`).
+    /// Whether flannel's vxlan backend made it: flannel names its device
+    /// after its VNI (`flannel.<VNI>`), so a device of another VNI under
+    /// such a name is another tool's.
     pub fn is_flannels(&self) -> bool {
-        self.name.strip_prefix("flannel.").is_some_and(|vni| vni.parse::<u32>().is_ok())
+        self.name.strip_prefix("flannel.").and_then(|vni| vni.parse::<u32>().ok()).is_some_and(|named| self.vni == Some(named))
     }
 }
 
@@ -254,11 +256,14 @@ mod tests {
 
     #[test]
     fn only_flannel_vni_devices_are_flannels() {
-        let device = |name: &str| VxlanDevice { name: name.to_owned(), index: 1, vni: Some(1), port: 8472 };
-        assert!(device("flannel.1").is_flannels());
-        assert!(device("flannel.4096").is_flannels());
-        assert!(!device("flannel.x").is_flannels());
-        assert!(!device("vxlan0").is_flannels());
-        assert!(!device("cilium_vxlan").is_flannels());
+        let device = |name: &str, vni: u32| VxlanDevice { name: name.to_owned(), index: 1, vni: Some(vni), port: 8472 };
+        assert!(device("flannel.1", 1).is_flannels());
+        assert!(device("flannel.4096", 4096).is_flannels());
+        // Named like flannel's, but not after its own VNI: not flannel's.
+        // (Shown failing before: any number passed.)
+        assert!(!device("flannel.1", 7).is_flannels());
+        assert!(!device("flannel.x", 1).is_flannels());
+        assert!(!device("vxlan0", 1).is_flannels());
+        assert!(!device("cilium_vxlan", 1).is_flannels());
     }
 }
