@@ -291,19 +291,22 @@ pub struct Removed {
 /// is missing or different. Cheap enough to call every few seconds.
 pub fn ensure(traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
     let mut changes = Changes::default();
-    let present = match masquerade_table()? {
-        Table::Absent => None,
-        Table::Ours(comments) => Some(comments),
-        Table::Foreign(what) => return Err(NetfilterError::ForeignTable { what }),
-    };
+    let table = masquerade_table()?;
     if traffic.masquerade {
+        let present = match table {
+            Table::Absent => None,
+            Table::Ours(comments) => Some(comments),
+            Table::Foreign(what) => return Err(NetfilterError::ForeignTable { what }),
+        };
         let wanted = masquerade_rules(traffic);
         let wanted_comments: Vec<&str> = wanted.iter().map(|(comment, _)| comment.as_str()).collect();
         if present.as_deref().map(|p| p.iter().map(String::as_str).collect::<Vec<_>>()) != Some(wanted_comments) {
             nft_batch(&replace_table_batch(&wanted))?;
             changes.masquerade_written = true;
         }
-    } else if present.is_some() {
+    } else if let Table::Ours(_) = table {
+        // A stale table of a run with masquerade on; another tool's under
+        // the name stays.
         nft_batch(&delete_table_batch())?;
         changes.masquerade_removed = true;
     }

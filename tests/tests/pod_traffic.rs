@@ -179,6 +179,35 @@ fn ip_masq_false_leaves_pod_addresses_and_subnet_env_says_so() {
     assert!(!exists, "no masquerade table with --ip-masq=false");
 }
 
+/// Another tool's nftables table under the name of the agent's own (`ip
+/// overlay`): the agent neither rewrites nor deletes it, and says so
+/// while it would masquerade; with --ip-masq=false it has nothing to ask
+/// of it. (Shown failing before: the agent replaced it with its own.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn another_tools_table_named_like_ours_is_left_as_it_is() {
+    require_root();
+    let mut lab = lab(&[]);
+    wait_for_subnet_env(&lab, 0);
+    lab.stop_agent(0);
+    let (ok, text) = on_node(&lab, 0, "nft", &["delete table ip overlay; add table ip overlay; add chain ip overlay theirs { type filter hook input priority 0; }"]);
+    assert!(ok, "{text}");
+    let refusal = "the nftables table ip overlay is not the agent's (it has the chain theirs)";
+    lab.start_agent(0, Duration::from_secs(20)).unwrap();
+    std::thread::sleep(netfilter_recheck());
+    let (_, table) = on_node(&lab, 0, "nft", &["list", "table", "ip", "overlay"]);
+    assert!(table.contains("chain theirs") && !table.contains("masquerade"), "the agent rewrote another tool's table:\n{table}");
+    assert!(lab.agent_log(0).contains(refusal), "{}", lab.agent_log(0));
+    lab.stop_agent(0);
+    let refusals = lab.agent_log(0).matches(refusal).count();
+    lab.spec_mut().agent_args = vec!["--ip-masq=false".to_owned()];
+    lab.start_agent(0, Duration::from_secs(20)).unwrap();
+    std::thread::sleep(netfilter_recheck());
+    assert_eq!(lab.agent_log(0).matches(refusal).count(), refusals, "with --ip-masq=false the table is none of the agent's business:\n{}", lab.agent_log(0));
+    let (_, table) = on_node(&lab, 0, "nft", &["list", "table", "ip", "overlay"]);
+    assert!(table.contains("chain theirs"), "{table}");
+}
+
 /// How long to wait for the agents' periodic re-check of their rules.
 fn netfilter_recheck() -> Duration {
     overlay_agent::netfilter::RECHECK + Duration::from_secs(1)
