@@ -382,8 +382,9 @@ impl Applier {
     /// (we encapsulate toward them), then `config` when it changes, then
     /// their kernel routes (traffic starts flowing). A peer whose map
     /// entries cannot be written (a full map) gets no route, and what was
-    /// written for it is undone; a new peer whose route fails is taken out
-    /// of the maps again. The failures go to `self.not_programmed`;
+    /// written for it is undone; a peer whose route the kernel refuses gets
+    /// its map entries back as they were ([`Self::roll_back`]). The
+    /// failures go to `self.not_programmed`;
     /// returns how many.
     ///
     /// CONFIG goes between: enabling the programs before `PEERS` holds a
@@ -426,11 +427,14 @@ impl Applier {
         let started = Instant::now();
         let refused = routes::replace_all(&mut self.nexthops, &written, &self.iface, mtu, source)?;
         *routes_time += started.elapsed();
-        for (peer, reason) in &refused {
-            if !self.applied.contains_key(&peer.pod_cidr) {
-                let _ = self.maps.routes.remove(&route_key(peer.pod_cidr));
-                let _ = self.maps.peers.remove(&peer.node_ip.octets());
+        for peer in &written {
+            if !refused.iter().any(|(f, _)| f.pod_cidr == peer.pod_cidr) {
+                self.applied.insert(peer.pod_cidr, *peer);
+                self.not_programmed.remove(&peer.pod_cidr);
             }
+        }
+        for (peer, reason) in &refused {
+            self.roll_back(peer);
             let error = ApplyError::Route {
                 cidr: peer.pod_cidr,
                 node_ip: peer.node_ip,
@@ -439,13 +443,31 @@ impl Applier {
             self.fail(**peer, FailureKind::RouteRefused, &error);
             failures += 1;
         }
-        for peer in &written {
-            if !refused.iter().any(|(f, _)| f.pod_cidr == peer.pod_cidr) {
-                self.applied.insert(peer.pod_cidr, *peer);
-                self.not_programmed.remove(&peer.pod_cidr);
-            }
-        }
         Ok(failures)
+    }
+
+    /// Puts the map entries `wanted` was written over back to what the
+    /// applied state holds, once the kernel refused its route (which then
+    /// is as it was): a new peer leaves the maps, an updated one gets its
+    /// old `ROUTES` and `PEERS` entries back. Half of an update left in
+    /// place would encapsulate toward the new node while the kernel routes
+    /// toward the old one, and accept the new address's traffic with no
+    /// route leading there. The other peers of the batch are in `applied`
+    /// already, so an address one of them took stays theirs.
+    fn roll_back(&mut self, wanted: &PeerState) {
+        let previous = self.applied.get(&wanted.pod_cidr).copied();
+        let _ = match previous {
+            Some(previous) => self.maps.routes.insert(&route_key(previous.pod_cidr), route_entry(&previous), 0),
+            None => self.maps.routes.remove(&route_key(wanted.pod_cidr)),
+        };
+        let holder = |address: Ipv4Addr| self.applied.values().find(|p| p.node_ip == address).copied();
+        let restore = [Some(wanted.node_ip), previous.map(|p| p.node_ip)];
+        for address in restore.into_iter().flatten() {
+            let _ = match holder(address) {
+                Some(peer) => self.maps.peers.insert(address.octets(), peer_entry(&peer), 0),
+                None => self.maps.peers.remove(&address.octets()),
+            };
+        }
     }
 
     fn fail(&mut self, peer: PeerState, kind: FailureKind, error: &ApplyError) {
@@ -491,19 +513,11 @@ impl Applier {
                 let _ = maps.peers.insert(addr, entry, 0);
             }
         };
-        let entry = Peer { pod_cidr: cidr.network().octets(), pod_prefix_len: u32::from(cidr.prefix()) };
-        if let Err(source) = self.maps.peers.insert(node_ip.octets(), entry, 0) {
+        if let Err(source) = self.maps.peers.insert(node_ip.octets(), peer_entry(peer), 0) {
             undo(&mut self.maps);
             return Err(map_error("PEERS", self.maps.peers_capacity)(source));
         }
-        let route = Route {
-            node_ip: node_ip.octets(),
-            vtep_mac: peer.vtep_mac,
-            mode: peer.mode,
-            reason: peer.reason,
-            next_hop: peer.next_hop.octets(),
-        };
-        if let Err(source) = self.maps.routes.insert(&route_key(cidr), route, 0) {
+        if let Err(source) = self.maps.routes.insert(&route_key(cidr), route_entry(peer), 0) {
             undo(&mut self.maps);
             return Err(map_error("ROUTES", self.maps.routes_capacity)(source));
         }
@@ -528,7 +542,7 @@ fn forget_orphaned_peers(maps: &mut DatapathMaps, applied: &BTreeMap<Ipv4Network
     let map_err = |source| ApplyError::Map { map: "PEERS", source };
     let wanted: BTreeMap<[u8; 4], Peer> = applied
         .values()
-        .map(|p| (p.node_ip.octets(), Peer { pod_cidr: p.pod_cidr.network().octets(), pod_prefix_len: u32::from(p.pod_cidr.prefix()) }))
+        .map(|p| (p.node_ip.octets(), peer_entry(p)))
         .collect();
     let present: Vec<([u8; 4], Peer)> = maps.peers.iter().collect::<Result<_, _>>().map_err(map_err)?;
     for (addr, peer) in &present {
@@ -542,6 +556,22 @@ fn forget_orphaned_peers(maps: &mut DatapathMaps, applied: &BTreeMap<Ipv4Network
         }
     }
     Ok(())
+}
+
+/// A peer's `PEERS` entry: the pod CIDR its node may source.
+fn peer_entry(peer: &PeerState) -> Peer {
+    Peer { pod_cidr: peer.pod_cidr.network().octets(), pod_prefix_len: u32::from(peer.pod_cidr.prefix()) }
+}
+
+/// A peer's `ROUTES` entry.
+fn route_entry(peer: &PeerState) -> Route {
+    Route {
+        node_ip: peer.node_ip.octets(),
+        vtep_mac: peer.vtep_mac,
+        mode: peer.mode,
+        reason: peer.reason,
+        next_hop: peer.next_hop.octets(),
+    }
 }
 
 fn route_key(cidr: Ipv4Network) -> Key<[u8; 4]> {

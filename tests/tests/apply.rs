@@ -316,6 +316,51 @@ fn a_route_the_kernel_refuses_fails_only_its_own_peer() {
     assert_eq!(peers_map(&pins).len(), 198);
 }
 
+/// A peer already in place whose update the kernel refuses (it moved to
+/// an address whose route cannot be made) keeps what it had, in the maps
+/// as in the kernel: its old `ROUTES` entry, its old `PEERS` entry and
+/// nothing for the new address, its old route. Half of it updated would
+/// encapsulate toward the new node while the kernel routes toward the old
+/// one, and accept the new node's traffic before any route leads there.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_update_the_kernel_refuses_leaves_the_peer_as_it_was() {
+    require_root();
+    let (ns, pins, _datapath, _inside, mut applier) = start();
+    let before = peer("10.244.2.0/24", [192, 168, 77, 12]);
+    let other = peer("10.244.3.0/24", [192, 168, 77, 13]);
+    let report = applier.apply(&desired(&[before, other])).unwrap();
+    assert!(report.not_programmed.is_empty(), "{report:?}");
+    let route_before = routes_to(&ns, "10.244.2.0/24");
+    // It moves to .15, routed on-link through our own address: refused.
+    let after = PeerState { next_hop: Ipv4Addr::new(192, 168, 77, 11), ..peer("10.244.2.0/24", [192, 168, 77, 15]) };
+    let report = applier.apply(&desired(&[after, other])).unwrap();
+    let left_out: Vec<_> = report.not_programmed.iter().map(|f| (f.peer.pod_cidr, f.kind)).collect();
+    assert_eq!(left_out, [(before.pod_cidr, FailureKind::RouteRefused)], "{report:?}");
+    assert_eq!(
+        peers_map(&pins),
+        BTreeMap::from([(Ipv4Addr::new(192, 168, 77, 12), before.pod_cidr), (Ipv4Addr::new(192, 168, 77, 13), other.pod_cidr)]),
+        "PEERS: the old address only"
+    );
+    let maps = DatapathMaps::open(pins.path()).unwrap();
+    let route = maps.routes.get(&Key::new(24, [10, 244, 2, 0]), 0).expect("the peer's ROUTES entry");
+    assert_eq!(
+        (route.node_ip, route.vtep_mac, route.next_hop),
+        ([192, 168, 77, 12], before.vtep_mac, [192, 168, 77, 12]),
+        "ROUTES: the old entry"
+    );
+    assert_eq!(routes_to(&ns, "10.244.2.0/24"), route_before, "the kernel route");
+    // Once the update can be made, it is.
+    let fixed = peer("10.244.2.0/24", [192, 168, 77, 15]);
+    let report = applier.apply(&desired(&[fixed, other])).unwrap();
+    assert!(report.not_programmed.is_empty(), "{report:?}");
+    assert_eq!(
+        peers_map(&pins),
+        BTreeMap::from([(Ipv4Addr::new(192, 168, 77, 13), other.pod_cidr), (Ipv4Addr::new(192, 168, 77, 15), fixed.pod_cidr)])
+    );
+    assert!(routes_to(&ns, "10.244.2.0/24").contains("192.168.77.15"), "{}", routes_to(&ns, "10.244.2.0/24"));
+}
+
 /// `ip nexthop show proto 157` as lines.
 fn nexthops(ns: &NetNs, filter: &[&str]) -> Vec<String> {
     let out = ns.ip(&[&["nexthop", "show"], filter].concat());

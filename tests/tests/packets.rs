@@ -311,9 +311,12 @@ fn xdp_decapsulates_valid_vxlan_and_drops_forgeries_by_reason() {
 fn merged_datagrams_are_split_only_when_a_peer_sent_them_to_this_host() {
     require_root();
     let mut f = Fixture::new();
-    // `__sk_buff` up to and with `gso_size` (offset 176).
-    let mut ctx = vec![0u8; 180];
-    ctx[176..180].copy_from_slice(&1400u32.to_le_bytes());
+    // `__sk_buff` up to and with `gso_size`. The struct is UAPI
+    // (linux/bpf.h): its fields never move, and the kernel refuses a
+    // context with anything but zero in the fields it does not take.
+    const GSO_SIZE_OFFSET: usize = 176;
+    let mut ctx = vec![0u8; GSO_SIZE_OFFSET + 4];
+    ctx[GSO_SIZE_OFFSET..].copy_from_slice(&1400u32.to_le_bytes());
     let mut run = |frame: &[u8]| {
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
