@@ -294,9 +294,9 @@ slot_enum! {
         /// A kernel helper failed (adjust room, redirect, ...).
         HelperError = "helper_error",
         /// Unencapsulated on the underlay, from one of our own pods, or for
-        /// our pods from a pod of a peer we reach by VXLAN: neither ever
-        /// arrives so, so it is forged (a host on the underlay claiming a
-        /// pod's address).
+        /// our pods from a pod, or the node, of a peer we reach by VXLAN:
+        /// neither ever arrives so, so it is forged (a host on the underlay
+        /// claiming a pod's or that node's address).
         BareTunnelSource = "bare_tunnel_source",
         /// Decapsulated with the outer header marked Congestion
         /// Experienced while the inner packet is not ECN-capable (RFC 6040

@@ -58,9 +58,9 @@ use crate::{
     counters::count,
     csum,
     encap::{Encapsulated, encapsulate, to_segmentation},
-    maps::{KERNEL_SOCKETS, PEERS, POD_PORTS, ROUTES, config},
+    maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::{Packet as _, ptr_at},
-    parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr},
+    parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr, route_of_node},
     proto::{
         ETH_P_IP, IP_MF_OFFSET, IP_OFFSET, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, SCTP_CHUNK_INIT, is_icmp_error,
         is_icmp_query,
@@ -550,11 +550,7 @@ pub fn deliver_to_pod(ctx: &TcContext, cfg: &Config, arrival: Arrival) -> Option
     // judged by the route to that node's pods.
     let source = match ROUTES.get(&Key::new(32, ip.src_addr)) {
         Some(route) => route,
-        None if is_icmp_error_packet(ctx, ip) => {
-            // SAFETY: the map value is read at once.
-            let pod_cidr = unsafe { (*PEERS.get_ptr(ip.src_addr)?).pod_cidr };
-            ROUTES.get(&Key::new(32, pod_cidr))?
-        }
+        None if is_icmp_error_packet(ctx, ip) => route_of_node(ip.src_addr)?,
         None => return None,
     };
     if !decapsulated && arrives_only_encapsulated(source) {

@@ -270,10 +270,11 @@ pub fn is_pod_address(addr: [u8; 4], cfg: &Config) -> bool {
 /// For a packet that is not tunnel traffic: drops an unencapsulated
 /// IPv4 packet whose source is one of our own pods (they sit behind the
 /// pod bridge, never on the underlay), or that is for our pods and whose
-/// source is a pod of a peer that only ever sends its pods' packets
-/// encapsulated (and checked against `PEERS`; see
+/// source is a pod, or the node itself, of a peer that only ever sends to
+/// our pods encapsulated (and checked against `PEERS`; see
 /// [`arrives_only_encapsulated`]): either was forged by a host on the
-/// underlay. Direct-mode peers' pods arrive unencapsulated and pass.
+/// underlay. Direct-mode peers' pods and nodes arrive unencapsulated and
+/// pass.
 #[inline(always)]
 pub fn reject_bare_tunnel_source(ctx: &impl Packet, cfg: &Config) -> Result<(), DropReason> {
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else { return Ok(()) };
@@ -293,10 +294,21 @@ pub fn reject_bare_tunnel_source(ctx: &impl Packet, cfg: &Config) -> Result<(), 
     if !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return Ok(());
     }
-    match ROUTES.get(&Key::new(32, ip.src_addr)) {
+    // A node routes to our pods through its tunnel too, so its own
+    // packets for them (an ICMP error about one of their packets, a
+    // host-network client) arrive encapsulated as well.
+    match ROUTES.get(&Key::new(32, ip.src_addr)).or_else(|| route_of_node(ip.src_addr)) {
         Some(route) if arrives_only_encapsulated(route) => Err(DropReason::BareTunnelSource),
         _ => Ok(()),
     }
+}
+
+/// The route to the pods of the peer node at `node_ip`, if it is one.
+#[inline(always)]
+pub fn route_of_node(node_ip: [u8; 4]) -> Option<&'static Route> {
+    // SAFETY: the map value is read at once.
+    let pod_cidr = unsafe { (*PEERS.get_ptr(&node_ip)?).pod_cidr };
+    ROUTES.get(&Key::new(32, pod_cidr))
 }
 
 /// Whether the pods behind `route` only ever reach us encapsulated: the

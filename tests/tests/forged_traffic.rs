@@ -5,10 +5,10 @@
 //!
 //! - a claim of one of node1's own pods is dropped in every mode
 //!   (`bare_tunnel_source`): they sit behind node1's pod bridge;
-//! - a claim of a plain-VXLAN peer's pod is dropped: such a peer sends its
-//!   pods' packets only encapsulated;
-//! - a claim of a direct-mode peer's pod (host-gw, DirectRouting) is
-//!   delivered, exactly as that peer's genuine packets arrive: nothing in
+//! - a claim of a plain-VXLAN peer's pod, or of that peer node itself, is
+//!   dropped: such a peer sends what it has for our pods only encapsulated;
+//! - a claim of a direct-mode peer's pod or node (host-gw, DirectRouting)
+//!   is delivered, exactly as that peer's genuine packets arrive: nothing in
 //!   the frame tells them apart, so these modes are not protected (as with
 //!   flannel's host-gw); neither is a DirectRouting peer behind a gateway,
 //!   which may still see us on-link and send directly.
@@ -130,6 +130,11 @@ fn pod_of(lab: &Lab, node: usize, what: &'static str, fate: Fate) -> Claim {
     Claim { what, source: lab.nodes[node].pods[0].ip, fate }
 }
 
+/// A claim of node `node`'s own address.
+fn node(lab: &Lab, node: usize, what: &'static str, fate: Fate) -> Claim {
+    Claim { what, source: lab.nodes[node].ip, fate }
+}
+
 /// For each `--forward` and `--decap` in `modes`, a lab of `backend`
 /// (with DirectRouting or not) on `topology`: node1's own pod's claim and
 /// the claims `peers` makes, checked.
@@ -152,7 +157,13 @@ fn vxlan_refuses_bare_packets_claiming_any_pod() {
     require_root();
     // With XDP decapsulating, XDP checks bare packets (TC, behind it, does not).
     check_modes(Topology::Flat, "vxlan", false, &[("bpf", "auto"), ("kernel", "auto"), ("bpf", "xdp")], |lab| {
-        vec![pod_of(lab, 1, "a pod of node2 (a plain-VXLAN peer)", Fate::Dropped)]
+        vec![
+            pod_of(lab, 1, "a pod of node2 (a plain-VXLAN peer)", Fate::Dropped),
+            // node2 routes to our pods through its tunnel, its own packets
+            // (an ICMP error about a pod's packet, a host-network client)
+            // included.
+            node(lab, 1, "node2 itself (a plain-VXLAN peer)", Fate::Dropped),
+        ]
     });
 }
 
@@ -162,7 +173,10 @@ fn host_gw_refuses_bare_packets_claiming_our_own_pods_only() {
     require_root();
     check_modes(Topology::Flat, "host-gw", false, &[("bpf", "auto"), ("kernel", "auto")], |lab| {
         // Not protected: node2's pods reach us bare, as this does.
-        vec![pod_of(lab, 1, "a pod of node2 (host-gw peer)", Fate::Delivered)]
+        vec![
+            pod_of(lab, 1, "a pod of node2 (host-gw peer)", Fate::Delivered),
+            node(lab, 1, "node2 itself (host-gw peer)", Fate::Delivered),
+        ]
     });
 }
 
@@ -178,6 +192,8 @@ fn direct_routing_refuses_bare_packets_claiming_our_own_pods_only() {
             // Not protected: we reach node3 by VXLAN, but it decides its
             // own mode from its own view of the underlay.
             pod_of(lab, 2, "a pod of node3 (DirectRouting peer behind a gateway)", Fate::Delivered),
+            node(lab, 1, "node2 itself (direct peer)", Fate::Delivered),
+            node(lab, 2, "node3 itself (DirectRouting peer behind a gateway)", Fate::Delivered),
         ]
     });
 }

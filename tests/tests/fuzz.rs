@@ -511,11 +511,11 @@ fn expect_ingress(f: &[u8]) -> Judgement {
         return plain(Expect::PassOrDrop);
     }
     if !to_our_port {
-        // Bare, a VXLAN peer's pod only ever reaches our pods forged (it
-        // may reach the node itself so: a reply to the node, unmasqueraded,
-        // leaves the peer by its default route); our own pods never arrive
-        // from the underlay at all.
-        let forged = (in_cidr(src, PEER_PODS) && in_cidr(dst, OUR_PODS)) || in_cidr(src, OUR_PODS);
+        // Bare, a VXLAN peer's pod, or the peer node itself, only ever
+        // reaches our pods forged (a pod may reach the node itself so: a
+        // reply to the node, unmasqueraded, leaves the peer by its default
+        // route); our own pods never arrive from the underlay at all.
+        let forged = ((in_cidr(src, PEER_PODS) || src == PEER) && in_cidr(dst, OUR_PODS)) || in_cidr(src, OUR_PODS);
         if forged && version == 4 {
             return plain(Expect::Drop);
         }
