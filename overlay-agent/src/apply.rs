@@ -428,35 +428,42 @@ impl Applier {
         let refused = routes::replace_all(&mut self.nexthops, &written, &self.iface, mtu, source)?;
         *routes_time += started.elapsed();
         for peer in &written {
-            if !refused.iter().any(|(f, _)| f.pod_cidr == peer.pod_cidr) {
+            if !refused.iter().any(|r| r.peer.pod_cidr == peer.pod_cidr) {
                 self.applied.insert(peer.pod_cidr, *peer);
                 self.not_programmed.remove(&peer.pod_cidr);
             }
         }
-        for (peer, reason) in &refused {
-            self.roll_back(peer);
+        for refusal in &refused {
+            let peer = refusal.peer;
+            self.roll_back(peer, refusal.ours_remains);
             let error = ApplyError::Route {
                 cidr: peer.pod_cidr,
                 node_ip: peer.node_ip,
-                source: RouteError::Refused { request: format!("route replace {}", peer.pod_cidr), reason: reason.clone() },
+                source: RouteError::Refused { request: format!("route replace {}", peer.pod_cidr), reason: refusal.reason.clone() },
             };
-            self.fail(**peer, FailureKind::RouteRefused, &error);
+            self.fail(*peer, FailureKind::RouteRefused, &error);
             failures += 1;
         }
         Ok(failures)
     }
 
     /// Puts the map entries `wanted` was written over back to what the
-    /// applied state holds, once the kernel refused its route (which then
-    /// is as it was): a new peer leaves the maps, an updated one gets its
-    /// old `ROUTES` and `PEERS` entries back. Half of an update left in
-    /// place would encapsulate toward the new node while the kernel routes
-    /// toward the old one, and accept the new address's traffic with no
-    /// route leading there. The other peers of the batch are in `applied`
-    /// already, so an address one of them took stays theirs.
-    fn roll_back(&mut self, wanted: &PeerState) {
+    /// kernel's routes still carry, once the kernel refused its route
+    /// (which then is as it was): an updated peer whose route of ours
+    /// remains gets its old `ROUTES` and `PEERS` entries back; a new peer,
+    /// or one whose route of ours is gone (another tool's took its place),
+    /// leaves the maps and the applied state, and is written again once
+    /// its route can be. Half of an update left in place would encapsulate
+    /// toward the new node while the kernel routes toward the old one, and
+    /// accept the new address's traffic with no route leading there. The
+    /// other peers of the batch are in `applied` already, so an address one
+    /// of them took stays theirs.
+    fn roll_back(&mut self, wanted: &PeerState, ours_remains: bool) {
         let previous = self.applied.get(&wanted.pod_cidr).copied();
-        let _ = match previous {
+        if !ours_remains {
+            self.applied.remove(&wanted.pod_cidr);
+        }
+        let _ = match previous.filter(|_| ours_remains) {
             Some(previous) => self.maps.routes.insert(&route_key(previous.pod_cidr), route_entry(&previous), 0),
             None => self.maps.routes.remove(&route_key(wanted.pod_cidr)),
         };

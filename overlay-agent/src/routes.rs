@@ -347,24 +347,26 @@ fn route_to(cidr: Ipv4Network) -> RouteMessage {
 /// when its next hop is new) and carries `source` as its preferred source,
 /// if given (it must be one of this node's addresses). Nexthops no route
 /// uses any more are deleted after. Returns the peers whose route the
-/// kernel refused, with its reason; the others are in place.
+/// kernel refused (or another's route at their pod CIDR kept out), with
+/// the reason and whether a route of ours remains there; the others are
+/// in place.
 pub fn replace_all<'a>(
     nexthops: &mut Nexthops,
     peers: &'a [PeerState],
     iface: &str,
     vxlan_mtu: u32,
     source: Option<Ipv4Addr>,
-) -> Result<Vec<(&'a PeerState, Refused)>, RouteError> {
+) -> Result<Vec<RefusedRoute<'a>>, RouteError> {
     if peers.is_empty() {
         return Ok(Vec::new());
     }
     let Some(ifindex) = crate::iface::interface_index(iface) else {
         let refused = Refused { errno: libc::ENODEV, message: Some(format!("Cannot find device {iface:?}")) };
-        return Ok(peers.iter().map(|p| (p, refused.clone())).collect());
+        return Ok(peers.iter().map(|peer| RefusedRoute { peer, reason: refused.clone(), ours_remains: false }).collect());
     };
     let mut rtnl = Rtnl::open()?;
     let at_our_keys = main_table_routes_at_our_keys(&mut rtnl)?;
-    let mut failed = Vec::new();
+    let mut refusals: Vec<(&'a PeerState, Refused)> = Vec::new();
     for peer in peers {
         // The kernel's replace matches on prefix, TOS and metric alone,
         // whatever the protocol: it would take over a connected or another
@@ -373,7 +375,7 @@ pub fn replace_all<'a>(
         // exclusively, so one added meanwhile is not replaced either.
         let flags = match at_our_keys.get(&peer.pod_cidr) {
             Some(there) if !there.may_be_replaced_for(peer) => {
-                failed.push((peer, not_ours_in_the_way(peer.pod_cidr, there.protocol)));
+                refusals.push((peer, not_ours_in_the_way(peer.pod_cidr, there.protocol)));
                 continue;
             }
             Some(_) => NLM_F_CREATE | NLM_F_REPLACE,
@@ -387,7 +389,7 @@ pub fn replace_all<'a>(
                 Some(key) => match nexthops.obtain(&mut rtnl, key)? {
                     Ok(id) => Some(id),
                     Err(refused) => {
-                        failed.push((peer, refused));
+                        refusals.push((peer, refused));
                         break;
                     }
                 },
@@ -396,7 +398,7 @@ pub fn replace_all<'a>(
             match rtnl.change(message, flags)? {
                 // Another's, added since the look.
                 Answer::Refused(Refused { errno: libc::EEXIST, .. }) if flags & NLM_F_EXCL != 0 => {
-                    failed.push((peer, not_ours_in_the_way(peer.pod_cidr, RouteProtocol::Unspec)));
+                    refusals.push((peer, not_ours_in_the_way(peer.pod_cidr, RouteProtocol::Unspec)));
                 }
                 Answer::Refused(refused) => {
                     if let Some(id) = nexthop.filter(|_| attempt == 0)
@@ -405,7 +407,7 @@ pub fn replace_all<'a>(
                         nexthops.forget(id);
                         continue;
                     }
-                    failed.push((peer, refused));
+                    refusals.push((peer, refused));
                 }
                 _ => nexthops.assign(peer.pod_cidr, nexthop),
             }
@@ -413,7 +415,28 @@ pub fn replace_all<'a>(
         }
     }
     nexthops.collect(&mut rtnl)?;
-    Ok(failed)
+    // A refused replace leaves the route that was there; a route of ours
+    // there before is one still.
+    let ours = RouteProtocol::from(ROUTE_PROTO_ID);
+    Ok(refusals
+        .into_iter()
+        .map(|(peer, reason)| RefusedRoute {
+            peer,
+            reason,
+            ours_remains: at_our_keys.get(&peer.pod_cidr).is_some_and(|there| there.protocol == ours),
+        })
+        .collect())
+}
+
+/// A peer whose route [`replace_all`] could not write.
+#[derive(Debug)]
+pub struct RefusedRoute<'a> {
+    pub peer: &'a PeerState,
+    pub reason: Refused,
+    /// Whether a route of ours to the peer's pod CIDR is in place (the one
+    /// an update was to replace), or none is (another's is in the way, or
+    /// there was none).
+    pub ours_remains: bool,
 }
 
 /// A main-table route where one of ours would go.
