@@ -289,18 +289,26 @@ pub struct Removed {
 
 /// Brings the node's rules to what `traffic` asks for, rewriting only what
 /// is missing or different. Cheap enough to call every few seconds.
+///
+/// The FORWARD rules do not wait on the masquerade table: another tool's
+/// table under our name is reported, and pod traffic the kernel forwards
+/// still gets past a FORWARD policy of DROP.
 pub fn ensure(traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
     let mut changes = Changes::default();
     let table = masquerade_table()?;
+    let mut foreign = None;
     if traffic.masquerade {
         let present = match table {
             Table::Absent => None,
             Table::Ours(comments) => Some(comments),
-            Table::Foreign(what) => return Err(NetfilterError::ForeignTable { what }),
+            Table::Foreign(what) => {
+                foreign = Some(what);
+                None
+            }
         };
         let wanted = masquerade_rules(traffic);
         let wanted_comments: Vec<&str> = wanted.iter().map(|(comment, _)| comment.as_str()).collect();
-        if present.as_deref().map(|p| p.iter().map(String::as_str).collect::<Vec<_>>()) != Some(wanted_comments) {
+        if foreign.is_none() && present.as_deref().map(|p| p.iter().map(String::as_str).collect::<Vec<_>>()) != Some(wanted_comments) {
             nft_batch(&replace_table_batch(&wanted))?;
             changes.masquerade_written = true;
         }
@@ -315,7 +323,10 @@ pub fn ensure(traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
             changes.forward_written.push(iptables.variant);
         }
     }
-    Ok(changes)
+    match foreign {
+        Some(what) => Err(NetfilterError::ForeignTable { what }),
+        None => Ok(changes),
+    }
 }
 
 /// Removes the masquerade table and the FORWARD rules, wherever present;
@@ -585,17 +596,27 @@ impl Iptables {
         self.check(&args)
     }
 
-    /// Runs a query whose exit status is the answer.
+    /// Runs a query whose exit status is the answer: 0 yes; 1 no (no such
+    /// rule or chain); 2 no, for a rule that jumps to a chain not made yet
+    /// (a parameter problem otherwise, which the write that follows
+    /// reports). Any other status is no answer: 4 is the xtables lock still
+    /// held after our wait (kube-proxy restoring a large ruleset), and
+    /// taking that for "absent" would append a second jump, flush our
+    /// chain, or have `cleanup` report nothing to remove.
     fn check(&self, args: &[&str]) -> Result<bool, NetfilterError> {
         let mut full = vec!["-w", "5", "-t", "filter"];
         full.extend_from_slice(args);
-        let status = Command::new(self.program)
+        let out = Command::new(self.program)
             .args(&full)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .stderr(Stdio::piped())
+            .output()
             .map_err(|e| spawn_error(self.program, "iptables", "", e))?;
-        Ok(status.success())
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1 | 2) => Ok(false),
+            _ => Err(failed(self.program, &full, out.status, &String::from_utf8_lossy(&out.stderr))),
+        }
     }
 
     fn run(&self, args: &[&str]) -> Result<(), NetfilterError> {
@@ -631,6 +652,41 @@ fn failed(program: &str, args: &[&str], status: std::process::ExitStatus, stderr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An `iptables` that answers every call with `status` and logs its
+    /// arguments, one call per line: the real one cannot be made to find
+    /// its lock held on demand.
+    fn fake_iptables(dir: &std::path::Path, status: i32) -> (Iptables, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let log = dir.join("calls");
+        let program = dir.join("iptables");
+        std::fs::write(&program, format!("#!/bin/sh\necho \"$*\" >> {}\necho 'Another app is currently holding the xtables lock' >&2\nexit {status}\n", log.display())).unwrap();
+        std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let program: &'static str = Box::leak(program.display().to_string().into_boxed_str());
+        (Iptables { variant: "nft", program }, log)
+    }
+
+    /// The xtables lock held past our wait (exit status 4) is no answer:
+    /// nothing is written on it, and neither ensuring nor removing our
+    /// rules reports success. (Shown failing before: it read as "absent",
+    /// so ensuring went on to create the chain, and removing found nothing
+    /// to remove.)
+    #[test]
+    fn iptables_that_cannot_answer_is_not_taken_for_absent_rules() {
+        let dir = std::env::temp_dir().join(format!("overlay-fake-iptables-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (iptables, log) = fake_iptables(&dir, 4);
+        let error = iptables.ensure_forward("10.244.0.0/16".parse().unwrap()).expect_err("ensuring under a held lock");
+        let message = error.to_string();
+        assert!(message.contains("xtables lock"), "{message}");
+        let removing = iptables.remove_forward();
+        let calls = std::fs::read_to_string(&log).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(removing.is_err(), "removing under a held lock: {removing:?}");
+        for line in calls.lines() {
+            assert!(line.contains(" -C ") || line.contains(" -S "), "a write without an answer: {line}");
+        }
+    }
 
     fn traffic() -> PodTraffic {
         PodTraffic { network: "10.244.0.0/16".parse().unwrap(), pod_cidr: "10.244.1.0/24".parse().unwrap(), masquerade: true }

@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use overlay_agent::netfilter::FORWARD_CHAIN;
 use overlay_tests::{
     NetNs, agent_binary,
     lab::{Lab, LabSpec, OUTSIDE_ADDR},
@@ -181,8 +182,10 @@ fn ip_masq_false_leaves_pod_addresses_and_subnet_env_says_so() {
 
 /// Another tool's nftables table under the name of the agent's own (`ip
 /// overlay`): the agent neither rewrites nor deletes it, and says so
-/// while it would masquerade; with --ip-masq=false it has nothing to ask
-/// of it. (Shown failing before: the agent replaced it with its own.)
+/// while it would masquerade, and its FORWARD rules go in all the same;
+/// with --ip-masq=false it has nothing to ask of the table. (Shown
+/// failing before: the agent replaced it with its own; then, refusing it,
+/// wrote no FORWARD rules either.)
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn another_tools_table_named_like_ours_is_left_as_it_is() {
@@ -192,12 +195,23 @@ fn another_tools_table_named_like_ours_is_left_as_it_is() {
     lab.stop_agent(0);
     let (ok, text) = on_node(&lab, 0, "nft", &["delete table ip overlay; add table ip overlay; add chain ip overlay theirs { type filter hook input priority 0; }"]);
     assert!(ok, "{text}");
+    // An iptables filter table without our FORWARD rules.
+    let (ok, text) = on_node(&lab, 0, "iptables-nft", &["-P", "FORWARD", "ACCEPT"]);
+    assert!(ok, "{text}");
+    let jump = ["FORWARD", "-m", "comment", "--comment", "overlay-agent: accept pod traffic", "-j", FORWARD_CHAIN];
+    while on_node(&lab, 0, "iptables-nft", &[&["-D"], &jump[..]].concat()).0 {}
+    on_node(&lab, 0, "iptables-nft", &["-F", FORWARD_CHAIN]);
+    on_node(&lab, 0, "iptables-nft", &["-X", FORWARD_CHAIN]);
+    assert!(!on_node(&lab, 0, "iptables-nft", &["-S", FORWARD_CHAIN]).0, "our chain is still there");
     let refusal = "the nftables table ip overlay is not the agent's (it has the chain theirs)";
     lab.start_agent(0, Duration::from_secs(20)).unwrap();
     std::thread::sleep(netfilter_recheck());
     let (_, table) = on_node(&lab, 0, "nft", &["list", "table", "ip", "overlay"]);
     assert!(table.contains("chain theirs") && !table.contains("masquerade"), "the agent rewrote another tool's table:\n{table}");
     assert!(lab.agent_log(0).contains(refusal), "{}", lab.agent_log(0));
+    let (ok, chain) = on_node(&lab, 0, "iptables-nft", &["-S", FORWARD_CHAIN]);
+    assert!(ok && chain.contains(&format!("-A {FORWARD_CHAIN}")), "no FORWARD rules beside another tool's table: {chain}");
+    assert!(on_node(&lab, 0, "iptables-nft", &[&["-C"], &jump[..]].concat()).0, "no jump to {FORWARD_CHAIN}");
     lab.stop_agent(0);
     let refusals = lab.agent_log(0).matches(refusal).count();
     lab.spec_mut().agent_args = vec!["--ip-masq=false".to_owned()];
