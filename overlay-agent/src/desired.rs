@@ -342,7 +342,12 @@ fn peer_mode(local: &LocalSettings, node_ip: Ipv4Addr, path: UnderlayPath) -> (u
         (Backend::Vxlan, false, UnderlayPath::OnLink) => (ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, node_ip),
         (Backend::Vxlan, false, UnderlayPath::Gateway(gw)) => (ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, gw),
         (Backend::Vxlan, true, UnderlayPath::Gateway(gw)) => (ROUTE_MODE_VXLAN, ROUTE_REASON_GATEWAY, gw),
-        (Backend::Vxlan, _, UnderlayPath::NoRoute) => (ROUTE_MODE_VXLAN, ROUTE_REASON_NO_ROUTE, node_ip),
+        // Under plain VXLAN the reason is the backend whatever the path:
+        // the datapath reads it as "sends to our pods only encapsulated"
+        // (`arrives_only_encapsulated`), and drops bare packets claiming
+        // such a peer. Under DirectRouting the peer judges its own path.
+        (Backend::Vxlan, false, UnderlayPath::NoRoute) => (ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, node_ip),
+        (Backend::Vxlan, true, UnderlayPath::NoRoute) => (ROUTE_MODE_VXLAN, ROUTE_REASON_NO_ROUTE, node_ip),
     }
 }
 
@@ -744,6 +749,26 @@ mod tests {
         assert_eq!(rejected.len(), 1);
         assert!(rejected[0].to_string().contains("node c: host-gw cannot reach it: gateway 192.168.0.254"), "{}", rejected[0]);
         assert!(rejected[0].reason.contains("--direct-routing"));
+    }
+
+    /// A peer with no underlay route (a path query that failed, a route
+    /// out of another device) is routed on-link; under plain VXLAN its
+    /// reason stays the backend, which tells the datapath that the peer
+    /// sends to our pods only encapsulated, so bare packets claiming it
+    /// are forged. (Shown failing before: `NO_ROUTE` under plain VXLAN let
+    /// them through, onto the fast path.) Under DirectRouting the peer may
+    /// still send to us directly.
+    #[test]
+    fn a_peer_without_an_underlay_route_keeps_its_backend_reason_under_plain_vxlan() {
+        let nodes = [node("a", "10.244.1.0/24", [192, 168, 0, 1]), node("d", "10.244.4.0/24", [192, 168, 2, 4])];
+        let d = Ipv4Addr::new(192, 168, 2, 4);
+        let mode = |settings: &LocalSettings| {
+            let (desired, _) = desired(settings, &nodes, &Paths::new()).unwrap();
+            desired.peers.values().map(|p| (p.mode, p.reason, p.next_hop)).next().unwrap()
+        };
+        assert_eq!(mode(&local()), (ROUTE_MODE_VXLAN, ROUTE_REASON_BACKEND, d));
+        assert_eq!(mode(&LocalSettings { direct_routing: true, ..local() }), (ROUTE_MODE_VXLAN, ROUTE_REASON_NO_ROUTE, d));
+        assert_eq!(mode(&LocalSettings { backend: Backend::HostGw, ..local() }), (ROUTE_MODE_UNREACHABLE, ROUTE_REASON_NO_ROUTE, d));
     }
 
     #[test]

@@ -104,13 +104,15 @@ pub const ROUTE_MODE_DIRECT: u8 = 2;
 /// the kernel route is `unreachable`, so senders get an ICMP error.
 pub const ROUTE_MODE_UNREACHABLE: u8 = 3;
 
-/// [`Route::reason`]: the backend is vxlan without direct routing.
+/// [`Route::reason`]: the backend is vxlan without direct routing, whatever
+/// the path to the node; such a peer sends to our pods only encapsulated.
 pub const ROUTE_REASON_BACKEND: u8 = 1;
 /// [`Route::reason`]: the node is on-link (`ip route get` has no gateway).
 pub const ROUTE_REASON_ON_LINK: u8 = 2;
 /// [`Route::reason`]: a gateway lies between us and the node.
 pub const ROUTE_REASON_GATEWAY: u8 = 3;
-/// [`Route::reason`]: the kernel has no route to the node on the underlay.
+/// [`Route::reason`]: the kernel has no route to the node on the underlay
+/// (host-gw, or vxlan with direct routing).
 pub const ROUTE_REASON_NO_ROUTE: u8 = 4;
 
 /// Value of the `ROUTES` map: how to reach one remote pod CIDR.

@@ -109,7 +109,21 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &mut *ip };
-    if ip.vihl != 0x45 || ip.ttl <= 1 || !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+    if !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+        return pass;
+    }
+    if ip.vihl != 0x45 {
+        // With options, the kernel's path. To a Service or beyond, the
+        // socket's replies (which may carry none) must meet conntrack
+        // too, where the NAT is undone, as below.
+        if ROUTES.get(&Key::new(32, ip.dst_addr)).is_none()
+            && let Some(socket) = socket_at(ctx, ip, ip.src_addr, 0)
+        {
+            remember(&socket);
+        }
+        return pass;
+    }
+    if ip.ttl <= 1 {
         return pass;
     }
     // A corrupt header is the kernel's to discard, as forwarding would.
@@ -181,7 +195,7 @@ fn record_kernel_socket(ctx: &TcContext, cfg: &Config) {
     }
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else { return };
     let ip = unsafe { &*ip };
-    if ip.vihl != 0x45 || !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+    if !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return;
     }
     if let Some(socket) = socket_at(ctx, ip, ip.src_addr, 0) {
@@ -214,9 +228,8 @@ pub fn try_tc_pod_delivered(ctx: &TcContext) -> Result<i32, DropReason> {
     }
     let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, OUTER_IP_OFF) else { return pass };
     let ip = unsafe { &*ip };
-    // With options the in half never takes a packet, so the ports sit
-    // where socket_at looks only without them.
-    if ip.vihl != 0x45 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+    // With options too: the pod's reply to it may carry none.
+    if !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return pass;
     }
     if let Some(socket) = socket_at(ctx, ip, ip.dst_addr, 2) {
@@ -391,6 +404,7 @@ fn remember(socket: &SocketKey) {
 /// The local pod socket of a TCP, UDP or SCTP packet (each begins with
 /// the two ports): `addr` with the port at `port_off` in the transport
 /// header (0: source, 2: destination). kube-proxy translates these three.
+/// The ports of a packet with IPv4 options are read past them.
 #[inline(always)]
 fn socket_at(ctx: &TcContext, ip: &Ipv4Hdr, addr: [u8; 4], port_off: usize) -> Option<SocketKey> {
     if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP && ip.proto != IPPROTO_SCTP {
@@ -400,8 +414,16 @@ fn socket_at(ctx: &TcContext, ip: &Ipv4Hdr, addr: [u8; 4], port_off: usize) -> O
         // A non-first fragment: what sits where the ports would is data.
         return None;
     }
-    // SAFETY: ptr_at checked the bounds.
-    let port = unsafe { *ptr_at::<[u8; 2]>(ctx, L4_OFF + port_off).ok()? };
+    let port = if ip.vihl == 0x45 {
+        // SAFETY: ptr_at checked the bounds.
+        unsafe { *ptr_at::<[u8; 2]>(ctx, L4_OFF + port_off).ok()? }
+    } else {
+        let header_len = usize::from(ip.vihl & 0x0f) * 4;
+        if ip.vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
+            return None;
+        }
+        ctx.load::<[u8; 2]>(OUTER_IP_OFF + header_len + port_off).ok()?
+    };
     Some(SocketKey { addr, port, proto: ip.proto, _pad: 0 })
 }
 
