@@ -299,7 +299,8 @@ impl Datapath {
     /// pins the links, so they outlive this process. Where a pinned link
     /// exists, the new program replaces the old one inside it atomically.
     /// Attachments this agent no longer wants (the other decap hook,
-    /// another interface) and map pins of older layouts are removed last.
+    /// another interface) are removed last; map pins of older layouts
+    /// stay for [`Self::remove_older_layouts`].
     /// With `fast_path` (`--forward bpf`), the fast path's own
     /// attachments (the bridge and the pods' veths, see
     /// [`Self::attach_pod_fast_path`]) are kept, and the decapsulation's TC
@@ -364,7 +365,6 @@ impl Datapath {
             unwanted.extend(LinkRole::ALL.map(|role| self.layout.link(&other, role)));
             unwanted.push(self.layout.links_dir().join(other));
         }
-        unwanted.extend(self.layout.stale_map_dirs());
         if needs_clsact {
             // Filters are not pins: delete those of unwanted roles (and any
             // stacked by agents before fixed priorities) on every interface
@@ -417,6 +417,22 @@ impl Datapath {
             }
         }
         Ok(AttachReport { egress, decap, removed })
+    }
+
+    /// Removes the map directories of older layouts (an upgrade's), once
+    /// the routes they record are gone
+    /// ([`crate::apply::Applier::remove_older_layouts_routes`]): until
+    /// then they are those routes' only record, which a start that fails
+    /// or dies after its attach must find again. Returns the directories
+    /// removed whole.
+    pub fn remove_older_layouts(&self) -> Result<Vec<PathBuf>, DatapathError> {
+        let mut removed = Vec::new();
+        for dir in self.layout.stale_map_dirs() {
+            if remove_map_dir(&dir)?.is_empty() {
+                removed.push(dir);
+            }
+        }
+        Ok(removed)
     }
 
     /// Attaches the fast path's program (TC ingress) to `iface`, the pod

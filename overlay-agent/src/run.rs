@@ -150,23 +150,35 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
         Source::Kube(_) => "kubernetes",
         Source::Etcd(_) => "etcd",
     };
-    let started = match start(&args, &iface, settings, subnet_file, flannel_devices, bound, source_kind) {
-        Ok(started) => started,
-        Err(err) => {
-            if fresh_root {
-                match Datapath::remove_pins(&args.bpffs_root) {
-                    Ok(_) => info!(root = %args.bpffs_root.display(), "start failed; removed the pins it created"),
-                    Err(cleanup) => warn!(root = %args.bpffs_root.display(), error = %Chain(&cleanup), "start failed, and removing the pins it created failed too"),
-                }
-            } else if !layout_existed {
-                match Datapath::remove_current_layout_maps(&args.bpffs_root) {
-                    Ok(_) => info!(root = %args.bpffs_root.display(), "start failed; removed the map pins it created beside the running datapath's"),
-                    Err(cleanup) => warn!(root = %args.bpffs_root.display(), error = %Chain(&cleanup), "start failed, and removing the map pins it created failed too"),
-                }
+    let failed_start = |err: anyhow::Error| {
+        if fresh_root {
+            match Datapath::remove_pins(&args.bpffs_root) {
+                Ok(_) => info!(root = %args.bpffs_root.display(), "start failed; removed the pins it created"),
+                Err(cleanup) => warn!(root = %args.bpffs_root.display(), error = %Chain(&cleanup), "start failed, and removing the pins it created failed too"),
             }
-            return Err(err);
+        } else if !layout_existed {
+            match Datapath::remove_current_layout_maps(&args.bpffs_root) {
+                Ok(_) => info!(root = %args.bpffs_root.display(), "start failed; removed the map pins it created beside the running datapath's"),
+                Err(cleanup) => warn!(root = %args.bpffs_root.display(), error = %Chain(&cleanup), "start failed, and removing the map pins it created failed too"),
+            }
         }
+        err
     };
+    let mut started = start(&args, &iface, settings, subnet_file, flannel_devices, bound, source_kind).map_err(failed_start)?;
+    // Attach (or swap into the pinned links) before anything is applied:
+    // adopted maps hold the cluster's state from the previous run, so the
+    // new programs serve at once, even with the API server unreachable;
+    // fresh maps are unconfigured, and unconfigured programs pass all
+    // traffic. Kernel routes toward peers come only after this, so no
+    // packet is routed to the underlay without its encapsulation.
+    started.host.attach(&mut started.settings).map_err(failed_start)?;
+    // The new programs serve from the new maps now: a failure from here on
+    // leaves them (and an older layout's pins) for the next start.
+    started.applier.remove_older_layouts_routes().context("removing the routes only an older map layout recorded")?;
+    // Only now: an older layout's ROUTES was the record of those routes.
+    for dir in started.host.datapath.remove_older_layouts().context("removing an older map layout")? {
+        info!(pin = %dir.display(), "removed a map layout this agent no longer uses");
+    }
     let stop = async move {
         tokio::select! {
             _ = sigterm.recv() => {}
@@ -229,7 +241,8 @@ async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publish
 
 /// Loads the datapath, adopts the pinned state and attaches: everything a
 /// failed start must undo.
-fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: Option<PathBuf>, flannel_devices: Vec<VxlanDevice>, bound: std::net::SocketAddr, source_kind: &str) -> anyhow::Result<Started> {
+/// Everything up to attaching the programs, which the caller does.
+fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Option<PathBuf>, flannel_devices: Vec<VxlanDevice>, bound: std::net::SocketAddr, source_kind: &str) -> anyhow::Result<Started> {
     let datapath = Datapath::load(&args.bpffs_root).context("loading the datapath")?;
     // An upgrade from the previous map layout: its state goes into the new
     // maps before the new programs are swapped in, so they serve at once
@@ -263,7 +276,7 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
     // (the counters).
     let maps = DatapathMaps::open(&args.bpffs_root)?;
     let mismatched_seen = maps.counters_total().map(|c| c.packets(Counter::MismatchedPort)).unwrap_or(0);
-    let mut host = NodeHost {
+    let host = NodeHost {
         iface: iface.to_owned(),
         vxlan_port: settings.vxlan_port,
         network: settings.network,
@@ -301,15 +314,6 @@ fn start(args: &RunArgs, iface: &str, mut settings: LocalSettings, subnet_file: 
         source = source_kind,
         "starting"
     );
-    // Attach (or swap into the pinned links) before anything is applied:
-    // adopted maps hold the cluster's state from the previous run, so the
-    // new programs serve at once, even with the API server unreachable;
-    // fresh maps are unconfigured, and unconfigured programs pass all
-    // traffic. Kernel routes toward peers come only after this, so no
-    // packet is routed to the underlay without its encapsulation.
-    host.attach(&mut settings)?;
-    let mut applier = applier;
-    applier.remove_older_layouts_routes().context("removing the routes only an older map layout recorded")?;
     Ok(Started { settings, applier, host, late_sockets })
 }
 

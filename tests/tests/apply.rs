@@ -9,7 +9,7 @@ use aya::maps::{HashMap, LpmTrie, MapData, lpm_trie::Key};
 use ipnetwork::Ipv4Network;
 use overlay_agent::{
     apply::{Applier, FailureKind},
-    datapath::Datapath,
+    datapath::{Datapath, DecapHook},
     desired::{Desired, PeerState},
     maps::DatapathMaps,
 };
@@ -194,6 +194,47 @@ fn at_start_only_routes_this_root_recorded_are_removed() {
     assert!(routes.contains("10.99.0.0/24"), "a route this root did not install was removed:\n{routes}");
     assert!(routes.contains("10.244.2.0/24"), "the route of a peer this root serves was removed:\n{routes}");
     assert!(!routes.contains("10.244.8.0/24"), "the route the previous layout recorded, its peer gone, remains:\n{routes}");
+}
+
+/// An upgrade's attach leaves the older layout's map directory: its
+/// `ROUTES` is the only record of the routes that layout made, which go
+/// only after the new programs serve. A start that fails or dies in
+/// between finds them again next time. Once they are gone, the directory
+/// goes. (Shown failing before: attach removed the directory, and with it
+/// the record, before the routes.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_older_layouts_record_outlives_the_attach_until_its_routes_are_gone() {
+    require_root();
+    let (ns, pins, mut datapath) = setup();
+    let inside = ns.enter();
+    let previous = pins.path().join("v3").join(overlay_common::map_names::ROUTES);
+    std::fs::create_dir_all(previous.parent().unwrap()).unwrap();
+    overlay_tests::run(
+        "bpftool",
+        &["map", "create", previous.to_str().unwrap(), "type", "lpm_trie", "key", "8", "value", "16", "entries", "16", "name", "ROUTES", "flags", "1"],
+    );
+    {
+        let mut routes: LpmTrie<MapData, [u8; 4], Route> =
+            LpmTrie::try_from(aya::maps::Map::LpmTrie(MapData::from_pin(&previous).unwrap())).unwrap();
+        let route = Route { node_ip: [192, 168, 77, 18], vtep_mac: [0x0e, 0, 0, 0, 0, 18], mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_BACKEND, next_hop: [192, 168, 77, 18] };
+        routes.insert(&Key::new(24, [10, 244, 8, 0]), route, 0).unwrap();
+    }
+    ns.ip(&["route", "add", "10.244.8.0/24", "via", "192.168.77.18", "dev", IFACE, "onlink", "proto", "157"]);
+    // As `run` does: the applier reads the record, the programs attach.
+    let applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    datapath.attach(IFACE, DecapHook::TcIngress, false).expect("attaching");
+    assert!(previous.exists(), "attach removed the older layout's record before its routes went");
+    drop(applier);
+    // A start that stopped here: the next one still knows the route.
+    let mut applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
+    applier.remove_older_layouts_routes().unwrap();
+    assert!(!routes_to(&ns, "10.244.8.0/24").contains("10.244.8.0/24"), "the recorded route remains");
+    let removed = datapath.remove_older_layouts().unwrap();
+    assert_eq!(removed, [previous.parent().unwrap().to_owned()]);
+    assert!(!previous.parent().unwrap().exists());
+    drop(applier);
+    drop(inside);
 }
 
 /// Creates the maps the applier opens under the current layout version

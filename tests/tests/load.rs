@@ -348,7 +348,9 @@ const V5_MAPS: [PinnedMap; 6] = [
 /// The pins an older release left under `<root>/v<version>/`, made with
 /// bpftool as that agent pinned them: the new agent loads beside them,
 /// its programs run on the new layout's maps (checked by their
-/// capacities), and the old directory is removed once they are attached.
+/// capacities), and the old directory, the record of the routes it made,
+/// stays through the attach and is removed after (as `run` does once it
+/// removed those routes).
 fn upgrade_from(version: u32, maps: &[PinnedMap]) {
     let (_ns, pins, _inside) = underlay();
     let old = pins.path().join(format!("v{version}"));
@@ -359,6 +361,8 @@ fn upgrade_from(version: u32, maps: &[PinnedMap]) {
     for name in map_names::ALL {
         assert!(layout.map(name).exists(), "no {} after the upgrade", layout.map(name).display());
     }
+    assert!(old.exists(), "the attach removed the v{version} pins");
+    assert_eq!(datapath.remove_older_layouts().expect("removing the older layout"), std::slice::from_ref(&old));
     assert!(!old.exists(), "the v{version} pins are still there: {:?}", std::fs::read_dir(&old).map(|d| d.count()));
     for (name, capacity) in [
         (map_names::COUNTERS, overlay_common::COUNTER_SLOTS),
@@ -430,7 +434,7 @@ fn previous_layout_pins_of_another_shape_are_not_carried() {
 
 /// Sockets the previous layout's programs record after the carry (they
 /// run on the pods' veths until the agent's fast path replaces them, after
-/// the underlay's attachment has removed the old pins) reach the new
+/// the start has removed the old pins) reach the new
 /// `KERNEL_SOCKETS` when the agent carries them late. (Shown failing with
 /// a late carry that carried nothing: the late socket was missing.)
 #[test]
