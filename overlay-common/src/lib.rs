@@ -313,11 +313,14 @@ slot_enum! {
         /// Came out of the agent's GRO device (`ovl-gro1`) while the
         /// datapath had no configuration to deliver or return it with.
         GroUnconfigured = "gro_unconfigured",
-        /// Longer than the tunnel MTU with DF set at the underlay's egress,
+        /// Longer than the tunnel MTU at the underlay's egress: with DF set,
         /// and not answered with "fragmentation needed" because RFC 1122
-        /// §3.2.2 forbids it: an ICMP error, a fragment past the first, or
-        /// a header too short to quote (the kernel drops these unanswered
-        /// too).
+        /// §3.2.2 forbids it (an ICMP error, a fragment past the first, or
+        /// a header too short to quote; the kernel drops these unanswered
+        /// too); or without DF, from a socket that fragments at the
+        /// interface's MTU rather than the route's (IP_PMTUDISC_OMIT or
+        /// _INTERFACE, a raw socket), which nothing at this hook can
+        /// fragment and the underlay would drop unseen.
         TooBig = "too_big",
     }
 }

@@ -86,8 +86,16 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, DropReason> {
     // GSO packets are cut to the route's MSS later; only a single packet
     // can be too big for the tunnel.
     let is_gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
-    if !is_gso && inner_len > cfg.inner_mtu && icmp::dont_fragment(ip) {
-        return icmp::reply_frag_needed(ctx, cfg);
+    if !is_gso && inner_len > cfg.inner_mtu {
+        if icmp::dont_fragment(ip) {
+            return icmp::reply_frag_needed(ctx, cfg);
+        }
+        // Without DF: from a socket that fragments at the interface's MTU,
+        // not the route's (IP_PMTUDISC_OMIT or _INTERFACE, a raw socket).
+        // The kernel fragmented before this hook, and no program here can;
+        // encapsulated, it would not fit the underlay, which would lose it
+        // unseen.
+        return Err(DropReason::TooBig);
     }
     match encapsulate(ctx, cfg, &route, inner_len, tos)? {
         Encapsulated::Done => Ok(TC_ACT_OK as i32),
