@@ -98,16 +98,16 @@ pub struct RunArgs {
     pub etcd_endpoints: Vec<String>,
     /// Where flannel's keys live in etcd (`<prefix>/config`,
     /// `<prefix>/subnets/`).
-    #[arg(long, default_value = crate::etcd_source::DEFAULT_PREFIX)]
+    #[arg(long, default_value = crate::etcd_source::DEFAULT_PREFIX, requires = "etcd_endpoints")]
     pub etcd_prefix: String,
     /// CA certificate (PEM) to verify etcd's TLS certificate.
-    #[arg(long)]
+    #[arg(long, requires = "etcd_endpoints")]
     pub etcd_cafile: Option<PathBuf>,
     /// Client certificate (PEM) for etcd, with --etcd-keyfile.
-    #[arg(long)]
+    #[arg(long, requires = "etcd_endpoints")]
     pub etcd_certfile: Option<PathBuf>,
     /// Client key (PEM) for etcd, with --etcd-certfile.
-    #[arg(long)]
+    #[arg(long, requires = "etcd_endpoints")]
     pub etcd_keyfile: Option<PathBuf>,
     /// Watch Nodes through the API server in this kubeconfig; defaults to
     /// $KUBECONFIG unless --nodes-dir or --etcd-endpoints is given. Without either (and without
@@ -128,6 +128,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub iface: Option<String>,
     /// Address to advertise and tunnel from, instead of our Node's InternalIP.
+    /// Our Node's flannel.alpha.coreos.com/public-ip-overwrite annotation,
+    /// where set, wins over it, as with flanneld.
     #[arg(long)]
     pub public_ip: Option<std::net::Ipv4Addr>,
     /// How remote pod CIDRs are reached: vxlan (default), or host-gw (plain
@@ -227,5 +229,26 @@ impl From<Decap> for DecapHook {
             Decap::XdpGeneric => Self::Xdp(XdpMode::Skb),
             Decap::Tc => Self::TcIngress,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// An etcd flag without `--etcd-endpoints` (an endpoints variable empty
+    /// in a template) is refused, naming the missing flag, instead of the
+    /// agent going on with the Kubernetes source. (Shown failing before:
+    /// accepted.)
+    #[test]
+    fn etcd_flags_without_endpoints_are_refused() {
+        for (flag, value) in [("--etcd-prefix", "/coreos.com/network"), ("--etcd-cafile", "/ca.pem"), ("--etcd-certfile", "/c.pem"), ("--etcd-keyfile", "/k.pem")] {
+            let Err(error) = Cli::try_parse_from(["overlay-agent", "run", flag, value]) else { panic!("{flag} without --etcd-endpoints accepted") };
+            assert!(error.to_string().contains("--etcd-endpoints"), "{flag}: {error}");
+        }
+        let with = Cli::try_parse_from(["overlay-agent", "run", "--etcd-endpoints", "https://127.0.0.1:2379", "--etcd-cafile", "/ca.pem"]);
+        assert!(with.is_ok(), "{:?}", with.err());
     }
 }

@@ -126,6 +126,7 @@ pub enum RejectKind {
     OverlappingCidr,
     DuplicateAddress,
     NotOnLink,
+    CidrHoldsNodeAddress,
 }
 
 impl RejectKind {
@@ -140,6 +141,7 @@ impl RejectKind {
             Self::OverlappingCidr => Some("PodCIDROverlap"),
             Self::DuplicateAddress => Some("DuplicateNodeAddress"),
             Self::NotOnLink => Some("HostGwPeerNotOnLink"),
+            Self::CidrHoldsNodeAddress => Some("PodCIDRHoldsNodeAddress"),
         }
     }
 }
@@ -242,9 +244,11 @@ fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), N
     }
     // Our own `public-ip` annotation is our output, not our input: an
     // address change must not be masked by what we published before.
-    let node_ip = local
-        .public_ip
-        .or(me.public_ip_overwrite)
+    // The overwrite annotation wins over --public-ip, as flanneld's lease
+    // takes it: peers read it from our Node, so it is what they tunnel to.
+    let node_ip = me
+        .public_ip_overwrite
+        .or(local.public_ip)
         .or(me.internal_ip)
         .unwrap_or(me.node_ip);
     let vtep_mac = me.vtep_mac.unwrap_or_else(|| default_vtep_mac(node_ip));
@@ -285,6 +289,14 @@ fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
     }
     if let Some(Err(why)) = local.network.map(|network| check_pod_cidr(network, node.pod_cidr)) {
         return Err(reject(RejectKind::OutsideNetwork, format!("{why}; left out of the datapath")));
+    }
+    // Without a Network nothing else bounds it: a route to the node's own
+    // subnet through the node would take the underlay's traffic.
+    if node.pod_cidr.contains(node.node_ip) {
+        return Err(reject(RejectKind::CidrHoldsNodeAddress, format!(
+            "pod CIDR {} holds the node's own address {}; left out of the datapath (fix the node's spec.podCIDR, or bound pod CIDRs with a net-conf Network)",
+            node.pod_cidr, node.node_ip
+        )));
     }
     let ours = local.backend.flannel_name();
     if let Some(backend) = node.backend_type.as_deref().filter(|b| *b != ours) {
@@ -712,8 +724,29 @@ mod tests {
         assert_eq!(ip(&local(), &nodes), Ipv4Addr::new(192, 168, 0, 7));
         me.public_ip_overwrite = Some(Ipv4Addr::new(203, 0, 113, 1));
         assert_eq!(ip(&local(), &[me.clone()]), Ipv4Addr::new(203, 0, 113, 1));
+        // The overwrite wins over --public-ip, as with flanneld (its
+        // lease takes the annotation): what peers read from our Node is
+        // what we use. (Shown failing before: the flag won here, while
+        // every peer tunnelled to the overwrite.)
         let flag = LocalSettings { public_ip: Some(Ipv4Addr::new(198, 51, 100, 1)), ..local() };
+        assert_eq!(ip(&flag, &[me.clone()]), Ipv4Addr::new(203, 0, 113, 1));
+        me.public_ip_overwrite = None;
         assert_eq!(ip(&flag, &[me]), Ipv4Addr::new(198, 51, 100, 1));
+    }
+
+    /// A peer whose pod CIDR holds its own node's address (a pod CIDR set
+    /// to the node subnet by hand, in a manifest, without a net-conf
+    /// Network to bound it): its route would take the underlay's traffic
+    /// for that whole range, the tunnel's own among it. Rejected by name.
+    /// (Shown failing before: it was programmed.)
+    #[test]
+    fn a_pod_cidr_holding_its_nodes_own_address_is_rejected() {
+        let nodes = [node("a", "10.244.1.0/24", [192, 168, 0, 1]), node("b", "192.168.0.0/16", [192, 168, 0, 2]), node("c", "10.244.3.0/24", [192, 168, 0, 3])];
+        let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.3.0/24".parse::<Ipv4Network>().unwrap()]);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert_eq!(rejected[0].kind, RejectKind::CidrHoldsNodeAddress);
+        assert!(rejected[0].to_string().contains("node b: pod CIDR 192.168.0.0/16 holds the node's own address 192.168.0.2"), "{}", rejected[0]);
     }
 
     #[test]
