@@ -658,6 +658,17 @@ impl NodeHost {
         let (hook, why) = choose_decap_hook(request, facts, &iface)?;
         info!(%iface, driver = driver.as_deref().unwrap_or("unknown"), ?hook, reason = why, "decapsulation hook chosen");
         let fast_path = self.pod_fast_path.is_some();
+        if !fast_path {
+            // A run with `--forward bpf` before: its pinned CONFIG names the
+            // pod bridge, and the programs would go on delivering into pods
+            // until the first reconcile, while the attachments that keep a
+            // Service's sockets on the kernel's path go now. Off first.
+            self.change_pinned_config(|config| {
+                config.pod_bridge_ifindex = 0;
+                config.pod_bridge_mac = [0; 6];
+            })
+            .context("turning the fast path off in the pinned CONFIG")?;
+        }
         let report = self.datapath.attach(&iface, hook, fast_path).with_context(|| format!("attaching to {iface}"))?;
         settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
         // Into the pinned CONFIG now, not at the first reconcile (which

@@ -309,9 +309,19 @@ fn a_restart_that_retires_the_gro_device_loses_no_tcp() {
     assert_eq!(link_index(&lab, 1, "ovl-gro0"), None, "the GRO device is still there");
     let log = lab.agent_log(1);
     assert!(log.contains("the datapath stops using the device pairs these flags do not need"), "{log}");
+    // Nor does the fast path's in half serve on from the pinned CONFIG:
+    // with the pods' attachments gone, the bridge no longer records the
+    // sockets a Service's replies need on the kernel's path, and replies
+    // coming in fast would skip conntrack. (Shown failing before: CONFIG
+    // still named the bridge until the first reconcile.)
+    let maps = overlay_agent::maps::DatapathMaps::open(&lab.nodes[1].pin_root).expect("node 2's pinned maps");
+    assert_eq!(maps.config.get(&0, 0).expect("CONFIG").pod_bridge_ifindex, 0, "CONFIG still names the pod bridge under --forward kernel");
+    let fast_in = |lab: &Lab| lab.counters(1).packets(Counter::FastpathIn);
+    let fast_before = fast_in(&lab);
     let (client, server) = (&lab.nodes[0].pods[0].ns, &lab.nodes[1].pods[0].ns);
     Lab::tcp_echo(client, server, server_ip, 28082)
         .unwrap_or_else(|e| panic!("TCP to node 2's pod after its GRO device went, before the agent's first reconcile: {e}"));
+    assert_eq!(fast_in(&lab), fast_before, "delivered by the fast path under --forward kernel");
 
     // With its Node, the agent serves as `--forward kernel` does.
     lab.stop_agent(1);
