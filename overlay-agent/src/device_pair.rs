@@ -154,10 +154,16 @@ impl DevicePair {
     }
 
     /// Whether the pair whose sending end was set up with index
-    /// `send_ifindex` is still there (0: not set up, nothing to miss).
+    /// `send_ifindex` is still there and up (0: not set up, nothing to
+    /// miss): veth drops what it sends while either end is down.
     pub fn still_serves(&self, send_ifindex: u32) -> bool {
-        send_ifindex == 0
-            || (iface::interface_index(self.send_end) == Some(send_ifindex) && iface::interface_index(self.receive_end).is_some())
+        send_ifindex == 0 || (self.still_there(send_ifindex) && self.device_names().into_iter().all(iface::is_up))
+    }
+
+    /// Whether the pair whose sending end was set up with index
+    /// `send_ifindex` still exists, up or down.
+    pub fn still_there(&self, send_ifindex: u32) -> bool {
+        iface::interface_index(self.send_end) == Some(send_ifindex) && iface::interface_index(self.receive_end).is_some()
     }
 
     /// Sets the pair up where the datapath uses it (`wanted`), or removes

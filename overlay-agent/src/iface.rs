@@ -20,6 +20,13 @@ pub fn mtu(iface: &str) -> io::Result<u32> {
     ifreq(iface, libc::SIOCGIFMTU).map(|req| unsafe { req.ifr_ifru.ifru_mtu } as u32)
 }
 
+/// Whether the interface is administratively up (`SIOCGIFFLAGS`); false
+/// when there is none.
+pub fn is_up(iface: &str) -> bool {
+    // SAFETY: SIOCGIFFLAGS fills the `ifru_flags` member.
+    ifreq(iface, libc::SIOCGIFFLAGS).is_ok_and(|req| unsafe { req.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0)
+}
+
 /// The interface's MAC address (`SIOCGIFHWADDR`). Asked of the kernel, not
 /// of sysfs, which shows the namespace it was mounted in.
 pub fn mac_address(iface: &str) -> io::Result<[u8; 6]> {

@@ -20,7 +20,7 @@ use std::{collections::BTreeSet, io, time::Duration};
 use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
     neighbour::NeighbourAttribute,
     route::RouteProtocol,
 };
@@ -370,9 +370,13 @@ impl Classifier {
         if present && link.header.interface_family != AddressFamily::Bridge && is_vxlan(link) {
             return Some(KernelEvent::VxlanDeviceAppeared);
         }
-        // Only their deletion: the agent's own setting up of a pair
-        // notifies too, and must not set it up again.
-        if !present && name.is_some_and(|name| self.watched.device_pairs.iter().any(|end| end == name)) {
+        // Their deletion, or an end taken down (veth drops what it sends
+        // then). The agent's own setting up of a pair notifies too, down
+        // at first: by the time the loop hears of it the pair is up and
+        // serving, which is what `DevicePair::still_serves` asks.
+        if name.is_some_and(|name| self.watched.device_pairs.iter().any(|end| end == name))
+            && (!present || !link.header.flags.contains(LinkFlags::Up))
+        {
             return Some(KernelEvent::DevicePairGone);
         }
         if name == Some(self.watched.underlay.as_str()) || Some(index) == self.underlay {
@@ -546,11 +550,14 @@ mod tests {
     }
 
     #[test]
-    fn only_a_device_pairs_deletion_is_an_event() {
+    fn a_device_pairs_deletion_or_an_end_down_is_an_event() {
         let mut c = classifier();
         for end in ["ovl-gro0", "ovl-gro1"] {
-            let made = RouteNetlinkMessage::NewLink(link(AddressFamily::Unspec, 9, Some(end), None));
-            assert_eq!(c.classify(&made), None, "the agent's own setting up of {end}");
+            let mut up = link(AddressFamily::Unspec, 9, Some(end), None);
+            up.header.flags = LinkFlags::Up;
+            assert_eq!(c.classify(&RouteNetlinkMessage::NewLink(up)), None, "{end} up");
+            let down = RouteNetlinkMessage::NewLink(link(AddressFamily::Unspec, 9, Some(end), None));
+            assert_eq!(c.classify(&down), Some(KernelEvent::DevicePairGone), "{end} down");
             let gone = RouteNetlinkMessage::DelLink(link(AddressFamily::Unspec, 9, Some(end), None));
             assert_eq!(c.classify(&gone), Some(KernelEvent::DevicePairGone), "{end} deleted");
         }

@@ -239,9 +239,8 @@ async fn drive<S: NodeSource, P: Publisher>(started: Started, source: S, publish
     reconciler.run(stop).await.map_err(anyhow::Error::from)
 }
 
-/// Loads the datapath, adopts the pinned state and attaches: everything a
-/// failed start must undo.
-/// Everything up to attaching the programs, which the caller does.
+/// Loads the datapath and adopts the pinned state, up to attaching the
+/// programs (the caller attaches): everything a failed start must undo.
 fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Option<PathBuf>, flannel_devices: Vec<VxlanDevice>, bound: std::net::SocketAddr, source_kind: &str) -> anyhow::Result<Started> {
     let datapath = Datapath::load(&args.bpffs_root).context("loading the datapath")?;
     // An upgrade from the previous map layout: its state goes into the new
@@ -511,7 +510,8 @@ impl Host for NodeHost {
                 continue;
             }
             if index != 0 {
-                warn!(device = pair.send_end, ifindex = index, "the {} went; setting it up again", pair.what);
+                let state = if pair.still_there(index) { "is down" } else { "went" };
+                warn!(device = pair.send_end, ifindex = index, "the {} {state}; setting it up again", pair.what);
                 // Until the new index is written, the programs do without
                 // the pair (the GRO device's segments go straight into
                 // their pods; pod tunnels' GSO packets are dropped as

@@ -164,6 +164,23 @@ fn peers_a_crash_left_without_a_route_are_removed_at_start() {
 /// meanwhile) is removed. (Shown failing against the start that removed
 /// every `proto 157` route missing from its own `ROUTES`: the other
 /// agent's route was gone.)
+/// An older layout's `ROUTES` (v3) under `pins`, as an upgraded agent
+/// finds it beside the new maps, recording a peer that has gone since:
+/// 10.244.8.0/24 via 192.168.77.18. Returns its pin.
+fn older_layouts_routes(pins: &PinDir) -> std::path::PathBuf {
+    let previous = pins.path().join("v3").join(overlay_common::map_names::ROUTES);
+    std::fs::create_dir_all(previous.parent().unwrap()).unwrap();
+    overlay_tests::run(
+        "bpftool",
+        &["map", "create", previous.to_str().unwrap(), "type", "lpm_trie", "key", "8", "value", "16", "entries", "16", "name", "ROUTES", "flags", "1"],
+    );
+    let mut routes: LpmTrie<MapData, [u8; 4], Route> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(MapData::from_pin(&previous).unwrap())).unwrap();
+    let route = Route { node_ip: [192, 168, 77, 18], vtep_mac: [0x0e, 0, 0, 0, 0, 18], mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_BACKEND, next_hop: [192, 168, 77, 18] };
+    routes.insert(&Key::new(24, [10, 244, 8, 0]), route, 0).unwrap();
+    previous
+}
+
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn at_start_only_routes_this_root_recorded_are_removed() {
@@ -171,20 +188,7 @@ fn at_start_only_routes_this_root_recorded_are_removed() {
     let (ns, pins, _datapath, _inside, mut applier) = start();
     applier.apply(&desired(&[peer("10.244.2.0/24", [192, 168, 77, 12])])).unwrap();
     drop(applier);
-    // The previous layout's ROUTES, as an upgraded agent finds it beside
-    // the new maps, recording a peer that has gone since.
-    let previous = pins.path().join("v3").join(overlay_common::map_names::ROUTES);
-    std::fs::create_dir_all(previous.parent().unwrap()).unwrap();
-    overlay_tests::run(
-        "bpftool",
-        &["map", "create", previous.to_str().unwrap(), "type", "lpm_trie", "key", "8", "value", "16", "entries", "16", "name", "ROUTES", "flags", "1"],
-    );
-    {
-        let mut routes: LpmTrie<MapData, [u8; 4], Route> =
-            LpmTrie::try_from(aya::maps::Map::LpmTrie(MapData::from_pin(&previous).unwrap())).unwrap();
-        let route = Route { node_ip: [192, 168, 77, 18], vtep_mac: [0x0e, 0, 0, 0, 0, 18], mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_BACKEND, next_hop: [192, 168, 77, 18] };
-        routes.insert(&Key::new(24, [10, 244, 8, 0]), route, 0).unwrap();
-    }
+    older_layouts_routes(&pins);
     for (cidr, via) in [("10.244.8.0/24", "192.168.77.18"), ("10.99.0.0/24", "192.168.77.99")] {
         ns.ip(&["route", "add", cidr, "via", via, "dev", IFACE, "onlink", "proto", "157"]);
     }
@@ -208,18 +212,7 @@ fn an_older_layouts_record_outlives_the_attach_until_its_routes_are_gone() {
     require_root();
     let (ns, pins, mut datapath) = setup();
     let inside = ns.enter();
-    let previous = pins.path().join("v3").join(overlay_common::map_names::ROUTES);
-    std::fs::create_dir_all(previous.parent().unwrap()).unwrap();
-    overlay_tests::run(
-        "bpftool",
-        &["map", "create", previous.to_str().unwrap(), "type", "lpm_trie", "key", "8", "value", "16", "entries", "16", "name", "ROUTES", "flags", "1"],
-    );
-    {
-        let mut routes: LpmTrie<MapData, [u8; 4], Route> =
-            LpmTrie::try_from(aya::maps::Map::LpmTrie(MapData::from_pin(&previous).unwrap())).unwrap();
-        let route = Route { node_ip: [192, 168, 77, 18], vtep_mac: [0x0e, 0, 0, 0, 0, 18], mode: ROUTE_MODE_VXLAN, reason: ROUTE_REASON_BACKEND, next_hop: [192, 168, 77, 18] };
-        routes.insert(&Key::new(24, [10, 244, 8, 0]), route, 0).unwrap();
-    }
+    let previous = older_layouts_routes(&pins);
     ns.ip(&["route", "add", "10.244.8.0/24", "via", "192.168.77.18", "dev", IFACE, "onlink", "proto", "157"]);
     // As `run` does: the applier reads the record, the programs attach.
     let applier = Applier::new(DatapathMaps::open(pins.path()).unwrap(), IFACE).unwrap();
