@@ -295,28 +295,29 @@ pub struct Removed {
 /// still gets past a FORWARD policy of DROP.
 pub fn ensure(traffic: &PodTraffic) -> Result<Changes, NetfilterError> {
     let mut changes = Changes::default();
-    let table = masquerade_table()?;
     let mut foreign = None;
-    if traffic.masquerade {
-        let present = match table {
-            Table::Absent => None,
-            Table::Ours(comments) => Some(comments),
-            Table::Foreign(what) => {
-                foreign = Some(what);
-                None
+    match (traffic.masquerade, masquerade_table()?) {
+        // Reported once the FORWARD rules are in.
+        (true, Table::Foreign(what)) => foreign = Some(what),
+        (true, table) => {
+            let present = match table {
+                Table::Ours(comments) => Some(comments),
+                _ => None,
+            };
+            let wanted = masquerade_rules(traffic);
+            let wanted_comments: Vec<&str> = wanted.iter().map(|(comment, _)| comment.as_str()).collect();
+            if present.as_deref().map(|p| p.iter().map(String::as_str).collect::<Vec<_>>()) != Some(wanted_comments) {
+                nft_batch(&replace_table_batch(&wanted))?;
+                changes.masquerade_written = true;
             }
-        };
-        let wanted = masquerade_rules(traffic);
-        let wanted_comments: Vec<&str> = wanted.iter().map(|(comment, _)| comment.as_str()).collect();
-        if foreign.is_none() && present.as_deref().map(|p| p.iter().map(String::as_str).collect::<Vec<_>>()) != Some(wanted_comments) {
-            nft_batch(&replace_table_batch(&wanted))?;
-            changes.masquerade_written = true;
         }
-    } else if let Table::Ours(_) = table {
         // A stale table of a run with masquerade on; another tool's under
         // the name stays.
-        nft_batch(&delete_table_batch())?;
-        changes.masquerade_removed = true;
+        (false, Table::Ours(_)) => {
+            nft_batch(&delete_table_batch())?;
+            changes.masquerade_removed = true;
+        }
+        (false, _) => {}
     }
     for iptables in Iptables::with_filter_table()? {
         if iptables.ensure_forward(traffic.network)? {
