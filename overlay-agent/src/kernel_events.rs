@@ -86,11 +86,22 @@ pub enum KernelEvent {
     /// would decapsulate tunnel traffic our programs do not see
     /// (`foreign_vxlan`).
     VxlanDeviceAppeared,
+    /// A route or nexthop object of ours (protocol 157) was deleted: by
+    /// the agent itself, or by another tool (`ip route flush proto 157`, a
+    /// network manager pruning routes it does not know), whose deletion
+    /// cuts the pods behind it off until the route is written again.
+    OwnRouteDeleted,
 }
 
 impl KernelEvent {
-    pub const ALL: [Self; 5] =
-        [Self::UnderlayChanged, Self::PodBridgeChanged, Self::PodPortsChanged, Self::DevicePairGone, Self::VxlanDeviceAppeared];
+    pub const ALL: [Self; 6] = [
+        Self::UnderlayChanged,
+        Self::PodBridgeChanged,
+        Self::PodPortsChanged,
+        Self::DevicePairGone,
+        Self::VxlanDeviceAppeared,
+        Self::OwnRouteDeleted,
+    ];
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -286,9 +297,12 @@ impl Classifier {
             // protocol (its third byte) sets ours apart. Ours change with
             // every apply, as our routes do; were they to move the underlay,
             // every node update would bring a look-up of every node's path.
+            // One of ours deleted takes its routes with it, unannounced.
             if matches!(kind, RTM_NEWNEXTHOP | RTM_DELNEXTHOP) {
                 if message.get(NEXTHOP_PROTOCOL_OFFSET) != Some(&ROUTE_PROTO_ID) {
                     events.insert(KernelEvent::UnderlayChanged);
+                } else if kind == RTM_DELNEXTHOP {
+                    events.insert(KernelEvent::OwnRouteDeleted);
                 }
                 continue;
             }
@@ -309,11 +323,12 @@ impl Classifier {
         let underlay = |changed: bool| changed.then_some(KernelEvent::UnderlayChanged);
         match message {
             M::NewAddress(address) | M::DelAddress(address) => underlay(address.header.family == AddressFamily::Inet),
-            // Ours change with every apply, and follow from the paths.
-            M::NewRoute(route) | M::DelRoute(route) => underlay(
-                route.header.address_family == AddressFamily::Inet
-                    && route.header.protocol != RouteProtocol::from(ROUTE_PROTO_ID),
-            ),
+            // Ours change with every apply, and follow from the paths; one
+            // deleted is checked for (the agent's own deletions too: one
+            // dump of our routes per batch of them).
+            M::NewRoute(route) | M::DelRoute(route) if route.header.address_family != AddressFamily::Inet => None,
+            M::DelRoute(route) if route.header.protocol == RouteProtocol::from(ROUTE_PROTO_ID) => Some(KernelEvent::OwnRouteDeleted),
+            M::NewRoute(route) | M::DelRoute(route) => underlay(route.header.protocol != RouteProtocol::from(ROUTE_PROTO_ID)),
             M::NewRule(rule) | M::DelRule(rule) => underlay(rule.header.family == AddressFamily::Inet),
             // The pod bridge's forwarding entries (AF_BRIDGE); ARP entries
             // (AF_INET) and other bridges' entries change nothing we read.
@@ -457,6 +472,8 @@ mod tests {
         assert_eq!(c.classify(&RouteNetlinkMessage::NewRule(rule)), Some(KernelEvent::UnderlayChanged));
         assert_eq!(c.classify(&route(4)), Some(KernelEvent::UnderlayChanged), "a static route");
         assert_eq!(c.classify(&route(ROUTE_PROTO_ID)), None, "our own routes");
+        let RouteNetlinkMessage::NewRoute(ours) = route(ROUTE_PROTO_ID) else { unreachable!() };
+        assert_eq!(c.classify(&RouteNetlinkMessage::DelRoute(ours)), Some(KernelEvent::OwnRouteDeleted), "one of ours deleted");
     }
 
     #[test]
@@ -586,13 +603,13 @@ mod tests {
         let mut events = BTreeSet::new();
         c.read(&nexthop, &mut events);
         assert_eq!(events, BTreeSet::from([KernelEvent::UnderlayChanged]));
-        // Ours (protocol 157), added or deleted, move nothing.
+        // Ours (protocol 157) move nothing; one deleted took its routes.
         nexthop[NEXTHOP_PROTOCOL_OFFSET] = ROUTE_PROTO_ID;
-        for kind in [RTM_NEWNEXTHOP, RTM_DELNEXTHOP] {
+        for (kind, expected) in [(RTM_NEWNEXTHOP, BTreeSet::new()), (RTM_DELNEXTHOP, BTreeSet::from([KernelEvent::OwnRouteDeleted]))] {
             nexthop[4..6].copy_from_slice(&kind.to_ne_bytes());
             let mut events = BTreeSet::new();
             c.read(&nexthop, &mut events);
-            assert_eq!(events, BTreeSet::new(), "our nexthop, message type {kind}");
+            assert_eq!(events, expected, "our nexthop, message type {kind}");
         }
         let mut events = BTreeSet::new();
         c.read(&[1, 2, 3], &mut events);

@@ -386,16 +386,20 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         if events.contains(&KernelEvent::UnderlayChanged) {
             self.ask_host_about_the_underlay();
             self.handle_underlay_change();
-            // An address that went and came back between two looks left
-            // no trace but the routes the kernel deleted with it.
-            if self.writer.routes_missing() {
-                // While our own address is missing nothing is applied (the
-                // loop said why once): no line per resync meanwhile.
-                if !self.reported.iter().any(|r| matches!(r, Reported::OwnAddress(_))) {
-                    info!("routes of ours are gone from the kernel (it deletes them without notice when their source address goes); writing them again");
-                }
-                self.pending = Touched::All;
+        }
+        // An address that went and came back between two looks left no
+        // trace but the routes the kernel deleted with it; another tool
+        // deleting ours (or a nexthop of ours, which takes its routes
+        // along unannounced) leaves its notification.
+        if (events.contains(&KernelEvent::UnderlayChanged) || events.contains(&KernelEvent::OwnRouteDeleted))
+            && self.writer.routes_missing()
+        {
+            // While our own address is missing nothing is applied (the
+            // loop said why once): no line per resync meanwhile.
+            if !self.reported.iter().any(|r| matches!(r, Reported::OwnAddress(_))) {
+                info!("routes of ours are gone from the kernel (deleted by another tool, or by the kernel with their source address or nexthop); writing them again");
             }
+            self.pending = Touched::All;
         }
         let bridge_changed = events.contains(&KernelEvent::PodBridgeChanged);
         if bridge_changed || events.contains(&KernelEvent::PodPortsChanged) {

@@ -120,10 +120,13 @@ impl PeerWriter for FakeWriter {
 struct FakeUnderlay {
     path: UnderlayPath,
     addresses: Vec<Ipv4Addr>,
+    /// How often the paths were asked for.
+    paths_asked: usize,
 }
 
 impl Underlay for FakeUnderlay {
     fn paths(&mut self, addrs: &[Ipv4Addr]) -> Result<Paths, RouteError> {
+        self.paths_asked += 1;
         Ok(addrs.iter().map(|a| (*a, self.path)).collect())
     }
 
@@ -274,7 +277,7 @@ fn node(name: &str, cidr: &str, ip: [u8; 4]) -> Arc<NodeInfo> {
 }
 
 fn new_loop(table: &FakeWriter) -> Loop {
-    let underlay = FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)] };
+    let underlay = FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)], paths_asked: 0 };
     let metrics = Arc::new(Metrics::new(std::path::Path::new("/nonexistent")));
     Reconciler::new(local(), FakeSource::default(), table.clone(), underlay, FakePublisher::default(), FakeHost::default(), metrics)
 }
@@ -552,6 +555,16 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
     // Routes in place and paths as they were: nothing to write.
     r.handle_kernel_events(&kernel(&[KernelEvent::UnderlayChanged]));
     assert!(!r.reconcile(Instant::now()).await);
+    // Another tool deleted one of ours: written again, paths not asked.
+    let paths_asked = r.underlay.paths_asked;
+    table.0.borrow_mut().routes_lost = true;
+    r.handle_kernel_events(&kernel(&[KernelEvent::OwnRouteDeleted]));
+    assert!(r.reconcile(Instant::now()).await, "a route of ours deleted must be written again");
+    assert_eq!((table.0.borrow().route_rewrites, table.0.borrow().routes_lost), (2, false));
+    assert_eq!(r.underlay.paths_asked, paths_asked, "a route of ours moves no path");
+    // The agent's own deletion: the routes are there, nothing to write.
+    r.handle_kernel_events(&kernel(&[KernelEvent::OwnRouteDeleted]));
+    assert!(!r.reconcile(Instant::now()).await);
     // The underlay recreated: the host attaches to it again, and its new
     // index reaches CONFIG.
     r.host.underlay_ifindex = Some(9);
@@ -570,7 +583,7 @@ async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop_with
         local(),
         sources::EtcdNodes::new(receiver),
         FakeWriter::default(),
-        FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)] },
+        FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)], paths_asked: 0 },
         sources::LeasePublisher,
         FakeHost::default(),
         Arc::new(Metrics::new(std::path::Path::new("/nonexistent"))),
