@@ -573,6 +573,42 @@ fn an_upgrade_from_the_previous_map_layout_serves_before_the_first_reconcile() {
     lab.nodes_dir = nodes_dir;
 }
 
+/// The same upgrade, but the new agent that first met the old layout
+/// stopped (killed, evicted, crashed) after it had pinned its new, empty
+/// maps and before it carried the old state into them: the next start
+/// carries it still, serves before the first reconcile and keeps the
+/// routes. (Shown failing before: the next start took the empty maps as
+/// its own, carried nothing, deleted every route only the old layout
+/// recorded and then the old layout itself, the only record of them.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_upgrade_stopped_before_its_carry_carries_at_the_next_start() {
+    require_root();
+    let mut lab = two_node_lab();
+    let routes = |lab: &Lab| String::from_utf8_lossy(&lab.nodes[1].ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
+    let routes_before = routes(&lab);
+    assert!(routes_before.contains(&lab.nodes[0].pod_cidr.to_string()), "control: node 2 routes node 1's pods: {routes_before}");
+    lab.stop_agent(1);
+    let root = lab.nodes[1].pin_root.clone();
+    pin_as_the_previous_layout(&root);
+    // What the stopped start left: this layout's maps, pinned and empty.
+    drop(overlay_agent::datapath::Datapath::load(&root).expect("loading the datapath as a new agent would"));
+    let config: Array<MapData, Config> = open_pinned(&root.join(format!("v{MAP_LAYOUT_VERSION}")).join(map_names::CONFIG));
+    assert_eq!(config.get(&0, 0).unwrap().enabled, 0, "control: the new layout's maps are empty");
+    let nodes_dir = hide_the_nodes(&mut lab);
+    launch_and_wait_until_attached(&mut lab, 1);
+    let log = lab.agent_log(1).rsplit("stopping; the datapath stays in place").next().unwrap().to_owned();
+    assert!(!log.contains("reconciled"), "control: the upgraded agent reconciled:\n{log}");
+    let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    assert!(Lab::ping(&a.ns, b.ip), "pod on node 1 to the upgraded node's pod, before the first reconcile:\n{log}");
+    assert!(Lab::ping(&b.ns, a.ip), "the upgraded node's pod to node 1's, before the first reconcile:\n{log}");
+    assert_eq!(routes(&lab), routes_before, "node 2's routes after the upgrade:\n{log}");
+    assert!(log.contains("carried the previous map layout's state"), "{log}");
+    assert!(!root.join(format!("v{}", overlay_agent::carry::FROM)).exists(), "the old layout's pins stayed:\n{log}");
+    lab.stop_agent(1);
+    lab.nodes_dir = nodes_dir;
+}
+
 /// Turns the stopped agent's pins under `root` into what a newer map
 /// layout's agent would have left: its maps under `v<N+1>/` and none under
 /// ours. They keep this layout's shapes (a newer one's may differ), but
