@@ -33,11 +33,11 @@ use crate::{
     maps::{DatapathMaps, MapsError, open_pinned},
 };
 
-/// The layout carried from: v7, whose `COUNTERS` lacked this one's last
-/// slot (the drop reason `too_big`), and whose `CONFIG`, `PEERS`, `ROUTES`,
+/// The layout carried from: v8, whose `COUNTERS` lacked this one's last
+/// slot (the drop reason `forwarded_tunnel`), and whose `CONFIG`, `PEERS`, `ROUTES`,
 /// `POD_PORTS` and `KERNEL_SOCKETS` are this one's. A new layout version
 /// must say what changed since this one (`carries_from_the_layout_just_before`).
-pub const FROM: u32 = 7;
+pub const FROM: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CarryError {
@@ -130,7 +130,7 @@ struct OldState {
 /// maps under `root`, which the caller has just created (empty). Returns
 /// `None` where there is nothing to carry (no such directory: a first
 /// start, or an upgrade from an older layout); an error where that
-/// directory lacks a map or holds one not as v7 pinned it. With what was
+/// directory lacks a map or holds one not as v8 pinned it. With what was
 /// carried comes the old `KERNEL_SOCKETS`, to carry again what the old
 /// programs record until the new ones replace them ([`LateSockets`]).
 pub fn previous_layout(root: &Path) -> Result<Option<(Carried, LateSockets)>, CarryError> {
@@ -149,7 +149,7 @@ pub fn previous_layout(root: &Path) -> Result<Option<(Carried, LateSockets)>, Ca
 fn read_old(dir: &Path) -> Result<OldState, CarryError> {
     let path = |name: &str| dir.join(name);
     // aya checks each map's kind and key and value sizes on opening: a
-    // map not as v7 pinned it is refused here, before anything is written.
+    // map not as v8 pinned it is refused here, before anything is written.
     let open_err = |name: &str| {
         let path = path(name);
         move |source| CarryError::OpenOld { path, source }

@@ -117,9 +117,13 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     };
 
     // From here on SIGTERM (the kubelet stopping a pod that is still
-    // starting) waits for the loop, which leaves everything in place,
-    // instead of killing the agent half way through attaching.
+    // starting) and SIGINT (Ctrl-C, a supervisor's stop signal) wait for
+    // the loop, which leaves everything in place, instead of killing the
+    // agent half way through loading, carrying or attaching.
+    // (`tokio::signal::ctrl_c` would install its handler only once the
+    // loop first polls it.)
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     // Before anything is touched: a kernel vxlan device on our port would
     // decapsulate what our programs do not see.
     let flannel_devices = foreign_vxlan_devices(settings.vxlan_port, args.remove_flannel_device)?;
@@ -182,7 +186,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<()> {
     let stop = async move {
         tokio::select! {
             _ = sigterm.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = sigint.recv() => {}
         }
     };
     match source {

@@ -95,6 +95,13 @@ pub const DEFAULT_VNI: u32 = 1;
 /// a program in the node's own namespace could set it. Bits 0x4000 and
 /// 0x8000, which kube-proxy uses, are clear.
 pub const KERNEL_PATH_MARK: u32 = 0x6f76_0001;
+/// The `skb->mark` with which the datapath's own tunnel packets that are
+/// redirected to the underlay (the fast path's, and a pod tunnel's
+/// segments encapsulated on the segmentation device) meet its egress
+/// program, which clears it: only they, among the tunnel datagrams for a
+/// peer that the node forwards, are the datapath's (`forwarded_tunnel`).
+/// Unforgeable as [`KERNEL_PATH_MARK`] is.
+pub const OWN_TUNNEL_MARK: u32 = 0x6f76_0002;
 
 /// [`Route::mode`]: reach the CIDR through a VXLAN tunnel to the node.
 pub const ROUTE_MODE_VXLAN: u8 = 1;
@@ -322,6 +329,13 @@ slot_enum! {
         /// _INTERFACE, a raw socket), which nothing at this hook can
         /// fragment and the underlay would drop unseen.
         TooBig = "too_big",
+        /// VXLAN for a peer's tunnel port that this node forwards rather
+        /// than sends (a pod's own datagrams, through the pod bridge):
+        /// masqueraded on the way out, it would reach the peer from this
+        /// node's address and be decapsulated as this node's, inner
+        /// source and all, so any pod could speak for every pod of its
+        /// node and for the node.
+        ForwardedTunnel = "forwarded_tunnel",
     }
 }
 

@@ -21,7 +21,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use overlay_common::{Config, Counter, ROUTE_MODE_VXLAN, Route};
+use overlay_common::{Config, Counter, OWN_TUNNEL_MARK, ROUTE_MODE_VXLAN, Route};
 
 use crate::{
     DropReason,
@@ -29,9 +29,9 @@ use crate::{
     decap,
     fastpath::redirect_to_underlay,
     icmp,
-    maps::{ROUTES, config},
+    maps::{PEERS, ROUTES, config},
     packet::{Packet as _, ptr_at},
-    parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF},
+    parse::{ENCAP_LEN, ETH_P_IP, IPPROTO_UDP, OUTER_IP_OFF, in_cidr},
     vxlan::EncapHeaders,
 };
 
@@ -66,13 +66,26 @@ pub fn try_tc_egress(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(TC_ACT_OK as i32);
     };
     let ip = unsafe { &*ip };
-    let (dst, tos) = (ip.dst_addr, ip.tos);
+    let (src, dst, tos) = (ip.src_addr, ip.dst_addr, ip.tos);
     let Some(route) = ROUTES.get(&Key::new(32, dst)) else {
-        // The fast path's own VXLAN packets were counted as `encap` when
-        // it encapsulated them.
-        if !(ip.proto == IPPROTO_UDP && ip.src_addr == cfg.node_ip && is_our_tunnel_port(ctx, cfg)) {
-            count(Counter::Pass, u64::from(ctx.len()));
+        if ip.proto == IPPROTO_UDP && is_our_tunnel_port(ctx, cfg) {
+            // The datapath's own were counted (`encap`, `segmented`) when
+            // they were encapsulated.
+            // SAFETY: reading a field of the context's own sk_buff.
+            if unsafe { (*ctx.skb.skb).mark } == OWN_TUNNEL_MARK {
+                ctx.set_mark(0);
+                return Ok(TC_ACT_OK as i32);
+            }
+            if forwarded_to_a_peers_tunnel(ctx, cfg, src, dst) {
+                return Err(DropReason::ForwardedTunnel);
+            }
+            // This node's own sockets (a kernel vxlan device left from
+            // flannel, say): not ours to count.
+            if src == cfg.node_ip {
+                return Ok(TC_ACT_OK as i32);
+            }
         }
+        count(Counter::Pass, u64::from(ctx.len()));
         return Ok(TC_ACT_OK as i32);
     };
     if route.mode != ROUTE_MODE_VXLAN {
@@ -165,6 +178,7 @@ pub fn try_tc_segmented(ctx: &TcContext) -> Result<i32, DropReason> {
         return Err(DropReason::HelperError);
     }
     count(Counter::Segmented, u64::from(inner_len));
+    mark_own_tunnel_packet(ctx);
     if route.next_hop == [0; 4] {
         // Only the kernel's path sends such routes here, and it already
         // wrote the next hop's MACs.
@@ -172,6 +186,30 @@ pub fn try_tc_segmented(ctx: &TcContext) -> Result<i32, DropReason> {
         return Ok(unsafe { bpf_redirect(cfg.underlay_ifindex, 0) } as i32);
     }
     redirect_to_underlay(cfg, &route)
+}
+
+/// Whether a UDP datagram for our tunnel port, from `src` to `dst` and
+/// not the datapath's own ([`OWN_TUNNEL_MARK`]), is one this node forwards
+/// to a peer from its address or pod CIDR: a pod's own (masqueraded to
+/// our address on the way out), which the peer's tunnel would take as
+/// ours, with whatever inner source the pod chose
+/// ([`DropReason::ForwardedTunnel`]). Transit tunnel traffic between two
+/// other nodes, from neither, passes; so does what this node's own
+/// sockets send (no interface it came in on).
+#[inline(always)]
+fn forwarded_to_a_peers_tunnel(ctx: &TcContext, cfg: &Config, src: [u8; 4], dst: [u8; 4]) -> bool {
+    // SAFETY: reading a field of the context's own sk_buff.
+    let came_in = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    came_in != 0
+        && (src == cfg.node_ip || in_cidr(src, cfg.pod_cidr, cfg.pod_prefix_len))
+        && PEERS.get_ptr(&dst).is_some()
+}
+
+/// Marks one of the datapath's own tunnel packets, about to be redirected
+/// to the underlay's egress, as its own there ([`OWN_TUNNEL_MARK`]).
+#[inline(always)]
+pub fn mark_own_tunnel_packet(ctx: &TcContext) {
+    ctx.set_mark(OWN_TUNNEL_MARK);
 }
 
 /// Whether the UDP packet behind an option-less IPv4 header goes to our

@@ -57,7 +57,7 @@ use crate::{
     DropReason,
     counters::count,
     csum,
-    encap::{Encapsulated, encapsulate, to_segmentation},
+    encap::{Encapsulated, encapsulate, mark_own_tunnel_packet, to_segmentation},
     maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::{Packet as _, ptr_at},
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr, route_of_node},
@@ -173,10 +173,12 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     decrement_ttl(ip);
     let encapsulated = if route.mode == ROUTE_MODE_VXLAN { Some(encapsulate(ctx, cfg, &route, inner_len, ip.tos)?) } else { None };
     count(Counter::FastpathOut, u64::from(inner_len));
-    if encapsulated == Some(Encapsulated::NeedsSegmenting) {
+    match encapsulated {
         // A pod tunnel's GSO packet: cut first, then each segment is
         // encapsulated and sent toward the same next hop.
-        return to_segmentation(cfg);
+        Some(Encapsulated::NeedsSegmenting) => return to_segmentation(cfg),
+        Some(Encapsulated::Done) => mark_own_tunnel_packet(ctx),
+        None => {}
     }
     redirect_to_underlay(cfg, &route)
 }
