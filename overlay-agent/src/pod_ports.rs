@@ -114,15 +114,17 @@ fn link_name(link: &LinkMessage) -> Option<&str> {
 pub fn sync(maps: &mut DatapathMaps, fdb: &Fdb, enrolled: &BTreeMap<String, u32>) -> Result<usize, PodPortsError> {
     let current: BTreeMap<[u8; 6], PodPort> = maps.pod_ports.iter().filter_map(Result::ok).collect();
     let wanted = wanted_ports(&fdb.learned(), &current, enrolled, iface::interface_index);
-    for (mac, port) in &wanted {
-        if current.get(mac) != Some(port) {
-            maps.pod_ports.insert(mac, port, 0)?;
-        }
-    }
+    // Departed pods first: in a full map their entries are the room the
+    // new ones need, and a failed write below must not keep them for ever.
     for mac in current.keys().filter(|mac| !wanted.contains_key(*mac)) {
         match maps.pod_ports.remove(mac) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(e) => return Err(e.into()),
+        }
+    }
+    for (mac, port) in &wanted {
+        if current.get(mac) != Some(port) {
+            maps.pod_ports.insert(mac, port, 0)?;
         }
     }
     Ok(wanted.len())
