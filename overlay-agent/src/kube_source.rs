@@ -248,6 +248,10 @@ impl Publisher {
             api_version: Some(Node::api_version(&()).into_owned()),
             kind: Some(Node::kind(&()).into_owned()),
             name: Some(node.to_owned()),
+            // As kubelet records a Node's events: `kubectl describe node`
+            // looks them up by the Node's UID or by its name as the UID,
+            // and an event with neither is not listed.
+            uid: Some(node.to_owned()),
             ..ObjectReference::default()
         };
         let event = K8sEvent {

@@ -518,6 +518,21 @@ impl ControlPlane {
             .collect()
     }
 
+    /// The reasons of the events about Node `name` that `kubectl describe
+    /// node` shows: it asks the core API for events whose `involvedObject`
+    /// is the Node by name, with the Node's UID or, as kubelet records
+    /// them, its name as the UID.
+    pub fn node_event_reasons_as_kubectl_describe_lists_them(&self, name: &str) -> Vec<String> {
+        let api: Api<k8s_openapi::api::core::v1::Event> = Api::all(self.client());
+        let fields = format!("involvedObject.kind=Node,involvedObject.name={name},involvedObject.uid={name}");
+        self.block(async move { api.list(&ListParams::default().fields(&fields)).await })
+            .expect("listing events")
+            .items
+            .into_iter()
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
     /// Server-side applies every object of a multi-document manifest whose
     /// kind is in `kinds` (all of them when empty), for real or as a
     /// dry run; returns what the server answered, per object.

@@ -233,6 +233,10 @@ fn pod_cidrs_outside_the_network_are_refused_with_an_event() {
         kube.events().iter().any(|e| e["regarding"]["name"] == "stray" && e["reason"] == "PodCIDROutsideNetwork")
     });
     let event = kube.events().into_iter().find(|e| e["regarding"]["name"] == "stray").unwrap();
+    // Where an operator looks. (Shown failing before: recorded without a
+    // UID, the event matched neither of kubectl's two look-ups.)
+    let listed = kube.node_event_reasons_as_kubectl_describe_lists_them("stray");
+    assert!(listed.iter().any(|r| r == "PodCIDROutsideNetwork"), "kubectl describe node stray lists {listed:?}: {event}");
     assert_eq!(event["type"], "Warning");
     assert!(event["note"].as_str().unwrap().contains("outside the cluster Network 10.244.0.0/16"), "{event}");
     assert!(lab.agent_log(0).contains("node=stray"), "the log must name it too:\n{}", lab.agent_log(0));
