@@ -206,12 +206,27 @@ pub fn desired<N: Borrow<NodeInfo>>(
     taken.insert(node_ip, &me.name);
     let mut others: Vec<&NodeInfo> = nodes.iter().map(Borrow::borrow).filter(|n| n.name != local.node_name).collect();
     others.sort_by(|a, b| a.name.cmp(&b.name));
+    // Every node address the datapath knows (ours and each candidate
+    // peer's, the first by name where two share one), in address order.
+    let mut addresses: BTreeMap<Ipv4Addr, &str> = BTreeMap::from([(node_ip, me.name.as_str())]);
+    for node in others.iter().filter(|n| check_peer(local, n).is_ok()) {
+        addresses.entry(node.node_ip).or_insert(&node.name);
+    }
     for node in others {
         if let Err(rejection) = check_peer(local, node) {
             rejected.push(rejection);
             continue;
         }
         let reject = |kind: RejectKind, reason: String| Rejected { node: node.name.clone(), kind, reason };
+        // Its route would take that node's underlay traffic (the tunnel's
+        // own among it) into a tunnel to this one.
+        if let Some((address, owner)) = addresses.range(node.pod_cidr.network()..=node.pod_cidr.broadcast()).next() {
+            rejected.push(reject(RejectKind::CidrHoldsNodeAddress, format!(
+                "pod CIDR {} holds the address {address} of node {owner}; left out of the datapath (fix the node's spec.podCIDR, or bound pod CIDRs with a net-conf Network that holds no node address)",
+                node.pod_cidr
+            )));
+            continue;
+        }
         if let Some((cidr, owner)) = cidr_owners.overlapping(node.pod_cidr) {
             rejected.push(reject(RejectKind::OverlappingCidr, format!(
                 "pod CIDR {} overlaps {cidr} of node {owner}; left out of the datapath",
@@ -431,7 +446,7 @@ struct Computed {
     /// [`check_peer`], with how many hold each: the candidates for a
     /// conflict.
     candidate_cidrs: BTreeMap<(u32, u8), u32>,
-    candidate_addrs: HashMap<Ipv4Addr, u32>,
+    candidate_addrs: BTreeMap<Ipv4Addr, u32>,
 }
 
 impl DesiredState {
@@ -484,7 +499,7 @@ impl DesiredState {
         let nodes: Vec<&NodeInfo> = self.nodes.values().map(|n| &**n).collect();
         self.computed = desired(&self.local, &nodes, paths).map(|(desired, rejected)| {
             let mut candidate_cidrs = BTreeMap::new();
-            let mut candidate_addrs = HashMap::with_capacity(nodes.len());
+            let mut candidate_addrs = BTreeMap::new();
             for node in nodes.iter().filter(|n| n.name != self.local.node_name && check_peer(&self.local, n).is_ok()) {
                 *candidate_cidrs.entry(cidr_key(node.pod_cidr)).or_insert(0) += 1;
                 *candidate_addrs.entry(node.node_ip).or_insert(0) += 1;
@@ -527,12 +542,17 @@ impl DesiredState {
             computed.forget_candidate(old);
         }
         let me = &computed.desired;
+        let our_ip = Ipv4Addr::from(me.config.node_ip);
         let conflict = |node: &NodeInfo| {
             computed.overlaps_candidate(node.pod_cidr)
                 || computed.candidate_addrs.contains_key(&node.node_ip)
                 || me.local_pod_cidr.contains(node.pod_cidr.network())
                 || node.pod_cidr.contains(me.local_pod_cidr.network())
-                || node.node_ip == Ipv4Addr::from(me.config.node_ip)
+                || node.node_ip == our_ip
+                // A pod CIDR holding a node's address, or an address in one.
+                || node.pod_cidr.contains(our_ip)
+                || computed.candidate_addrs.range(node.pod_cidr.network()..=node.pod_cidr.broadcast()).next().is_some()
+                || computed.overlaps_candidate(Ipv4Network::from(node.node_ip))
         };
         let new_candidate = new.as_deref().filter(|n| check_peer(local, n).is_ok());
         if old.as_deref().is_some_and(conflict) || new_candidate.is_some_and(conflict) {
@@ -749,6 +769,29 @@ mod tests {
         assert!(rejected[0].to_string().contains("node b: pod CIDR 192.168.0.0/16 holds the node's own address 192.168.0.2"), "{}", rejected[0]);
     }
 
+    /// A peer whose pod CIDR holds another node's address, ours or a
+    /// peer's (a pod CIDR set by hand, or a Network that overlaps the node
+    /// subnet): its route would take that node's underlay traffic, the
+    /// tunnel's own among it, into a tunnel to the peer. Rejected, naming
+    /// the node whose address it holds. (Shown failing before: both were
+    /// programmed.)
+    #[test]
+    fn a_pod_cidr_holding_another_nodes_address_is_rejected() {
+        let nodes = [
+            node("a", "10.244.1.0/24", [192, 168, 0, 1]),
+            node("b", "192.168.1.0/24", [10, 1, 0, 2]),
+            node("c", "10.244.3.0/24", [192, 168, 1, 3]),
+            node("d", "192.168.0.0/28", [10, 1, 0, 4]),
+        ];
+        let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.3.0/24".parse::<Ipv4Network>().unwrap()]);
+        let said: Vec<String> = rejected.iter().map(ToString::to_string).collect();
+        assert!(rejected.iter().all(|r| r.kind == RejectKind::CidrHoldsNodeAddress), "{said:?}");
+        assert!(said[0].contains("node b: pod CIDR 192.168.1.0/24 holds the address 192.168.1.3 of node c"), "{said:?}");
+        assert!(said[1].contains("node d: pod CIDR 192.168.0.0/28 holds the address 192.168.0.1 of node a"), "{said:?}");
+        assert_eq!(said.len(), 2);
+    }
+
     #[test]
     fn each_peer_gets_its_mode_from_the_underlay_path() {
         let nodes = [
@@ -825,7 +868,7 @@ mod tests {
     /// entry that changed.
     #[test]
     fn incremental_state_equals_the_full_computation_after_random_changes() {
-        let cidrs = ["10.244.1.0/24", "10.244.2.0/24", "10.244.2.0/25", "10.244.2.128/25", "10.244.0.0/16", "10.244.3.0/24", "10.99.0.0/24", "10.244.4.0/24"];
+        let cidrs = ["10.244.1.0/24", "10.244.2.0/24", "10.244.2.0/25", "10.244.2.128/25", "10.244.0.0/16", "10.244.3.0/24", "10.99.0.0/24", "10.244.4.0/24", "192.168.0.4/30"];
         let gw = Ipv4Addr::new(192, 168, 0, 254);
         let paths = Paths::from([
             (Ipv4Addr::new(192, 168, 0, 1), UnderlayPath::OnLink),
