@@ -78,6 +78,12 @@ pub struct LocalSettings {
     pub gro_ifindex: u32,
     /// `--public-ip`, overriding what our own Node says.
     pub public_ip: Option<Ipv4Addr>,
+    /// The underlay interface's first address, where our Node's InternalIP
+    /// is another interface's address of this host (a management NIC,
+    /// with `--iface` naming the data network): what flanneld advertises
+    /// (its `--iface` address), so what a migrating cluster's peers know
+    /// us by. Kept up to date by the reconciler; `None` otherwise.
+    pub iface_address: Option<Ipv4Addr>,
     /// The cluster's pod network (net-conf.json `Network`), when known:
     /// pod CIDRs outside it are refused.
     pub network: Option<Ipv4Network>,
@@ -264,6 +270,7 @@ fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), N
     let node_ip = me
         .public_ip_overwrite
         .or(local.public_ip)
+        .or(local.iface_address)
         .or(me.internal_ip)
         .unwrap_or(me.node_ip);
     let vtep_mac = me.vtep_mac.unwrap_or_else(|| default_vtep_mac(node_ip));

@@ -40,6 +40,7 @@ pub(crate) fn local() -> LocalSettings {
         seg_ifindex: 0,
         gro_ifindex: 0,
         public_ip: None,
+        iface_address: None,
         network: None,
     }
 }

@@ -1015,6 +1015,7 @@ fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(L
         seg_ifindex: 0,
         gro_ifindex: 0,
         public_ip: args.public_ip,
+        iface_address: None,
         network: netconf.as_ref().map(|c| c.network),
     };
     // subnet.env needs the cluster network, which only net-conf.json gives.

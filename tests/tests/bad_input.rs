@@ -273,6 +273,27 @@ fn our_address_not_on_the_interface_is_refused_loudly() {
     assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
 }
 
+/// Our Node's InternalIP on another interface of this node (a management
+/// NIC), with the underlay (`--iface`) a data network: the agent takes
+/// the underlay's address as ours, as flanneld takes its `--iface`
+/// address, says so, and programs the datapath; routes leave from that
+/// address. (Shown failing before: refused as not an address of ul0, so a
+/// flannel cluster migrating with `--iface` never came up.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn an_internal_ip_on_another_interface_of_the_node_takes_the_underlays_address() {
+    require_root();
+    let (ns, nodes) = one_node("198.51.100.7");
+    ns.veth_pair("mgmt0", "mgmt1");
+    ns.ip(&["addr", "add", "198.51.100.7/24", "dev", "mgmt0"]);
+    let pins = PinDir::new();
+    let agent = RunningAgent::start(&ns, pins.path(), nodes.path(), &[], false);
+    assert!(agent.wait_for("ready: the initial sync", 20), "{}", agent.log());
+    assert!(agent.log().contains("advertising and tunnelling from the underlay interface's address instead"), "{}", agent.log());
+    let routes = String::from_utf8_lossy(&ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
+    assert!(routes.contains("10.244.2.0/24") && routes.contains("src 192.0.2.1"), "{routes}");
+}
+
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn pins_that_would_die_with_the_agent_are_refused_unless_allowed() {

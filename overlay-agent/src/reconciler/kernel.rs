@@ -60,6 +60,10 @@ impl Underlay for KernelUnderlay {
         crate::iface::ipv4_addresses(&self.iface).map_err(|e| e.to_string())
     }
 
+    fn host_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String> {
+        crate::iface::local_ipv4_addresses().map_err(|e| e.to_string())
+    }
+
     fn iface(&self) -> &str {
         &self.iface
     }

@@ -155,6 +155,8 @@ pub trait Underlay {
     fn changed(&mut self) -> impl Future<Output = BTreeSet<KernelEvent>>;
     /// The underlay interface's IPv4 addresses.
     fn own_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String>;
+    /// This host's IPv4 addresses, on every interface.
+    fn host_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String>;
     /// The underlay interface's name, for messages.
     fn iface(&self) -> &str;
 }
@@ -521,6 +523,7 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         if !self.synced || self.pending == Touched::Nothing {
             return false;
         }
+        self.settle_iface_address();
         // The event, the paths of new nodes, and the desired state's update.
         let source_time = started.elapsed();
         let our_address = match self.state.result() {
@@ -720,6 +723,40 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
             let count = failures.iter().filter(|f| f.kind == kind).count();
             self.metrics.peers_not_programmed.get_or_create(&[("reason", kind.label())]).set(count as i64);
         }
+    }
+
+    /// Where our Node's InternalIP is not on the underlay interface but is
+    /// another of this host's addresses, we advertise the interface's
+    /// first address, as flanneld advertises its `--iface` address (a
+    /// cluster migrating from flannel with `--iface` on a data network
+    /// knows us by it); `LocalSettings::iface_address`. An InternalIP that
+    /// is no address of this host (another node's Node: a wrong
+    /// `--node-name`) changes nothing, and `check_own_address` refuses it.
+    fn settle_iface_address(&mut self) {
+        let local = self.state.local();
+        let internal_ip = match self.state.me() {
+            Some(me) if local.public_ip.is_none() && me.public_ip_overwrite.is_none() => me.internal_ip,
+            _ => None,
+        };
+        let wanted = internal_ip.and_then(|internal| {
+            let on_iface = self.underlay.own_addresses().ok()?;
+            if on_iface.contains(&internal) || !self.underlay.host_addresses().ok()?.contains(&internal) {
+                return None;
+            }
+            on_iface.first().copied()
+        });
+        if wanted == local.iface_address {
+            return;
+        }
+        if let (Some(address), Some(internal)) = (wanted, internal_ip) {
+            info!(
+                %address, %internal, iface = %self.underlay.iface(),
+                "our Node's InternalIP is on another interface of this host: advertising and tunnelling from the underlay interface's address instead, as flanneld does with --iface"
+            );
+        }
+        let local = LocalSettings { iface_address: wanted, ..local.clone() };
+        let touched = self.state.set_local(local, &self.paths);
+        self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);
     }
 
     /// Our tunnel address must be one of the underlay's, or peers would

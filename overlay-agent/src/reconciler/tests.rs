@@ -120,6 +120,8 @@ impl PeerWriter for FakeWriter {
 struct FakeUnderlay {
     path: UnderlayPath,
     addresses: Vec<Ipv4Addr>,
+    /// Every address of the host, the underlay's among them.
+    host_addresses: Vec<Ipv4Addr>,
     /// How often the paths were asked for.
     paths_asked: usize,
 }
@@ -136,6 +138,10 @@ impl Underlay for FakeUnderlay {
 
     fn own_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String> {
         Ok(self.addresses.clone())
+    }
+
+    fn host_addresses(&mut self) -> Result<Vec<Ipv4Addr>, String> {
+        Ok(self.host_addresses.clone())
     }
 
     fn iface(&self) -> &str {
@@ -277,7 +283,7 @@ fn node(name: &str, cidr: &str, ip: [u8; 4]) -> Arc<NodeInfo> {
 }
 
 fn new_loop(table: &FakeWriter) -> Loop {
-    let underlay = FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)], paths_asked: 0 };
+    let underlay = FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)], host_addresses: vec![Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(10, 9, 0, 1)], paths_asked: 0 };
     let metrics = Arc::new(Metrics::new(std::path::Path::new("/nonexistent")));
     Reconciler::new(local(), FakeSource::default(), table.clone(), underlay, FakePublisher::default(), FakeHost::default(), metrics)
 }
@@ -444,6 +450,15 @@ async fn no_datapath_without_our_own_node_or_with_an_address_we_do_not_have() {
     assert!(step(&mut r, events(vec![NodeEvent::Upsert(node("a", "10.244.1.0/24", [192, 168, 0, 1]))])).await);
     assert_eq!(cidrs(&table), ["10.244.2.0/24", "10.244.3.0/24"]);
     assert!(r.reported.is_empty());
+    // An InternalIP on another interface of this host (a management NIC):
+    // the underlay interface's address is ours, as flanneld's --iface
+    // address is. (Shown failing before: refused as not on eth0.)
+    assert!(step(&mut r, events(vec![NodeEvent::Upsert(node("a", "10.244.1.0/24", [10, 9, 0, 1]))])).await);
+    assert!(r.reported.is_empty(), "{:?}", r.reported);
+    assert_eq!(r.state.result().unwrap().config.node_ip, [192, 168, 0, 1]);
+    // And back on eth0's own address: no longer needed.
+    assert!(step(&mut r, events(vec![NodeEvent::Upsert(node("a", "10.244.1.0/24", [192, 168, 0, 1]))])).await);
+    assert_eq!(r.state.local().iface_address, None);
 }
 
 #[tokio::test]
@@ -583,7 +598,7 @@ async fn etcd_snapshots_are_resyncs_and_a_stopped_etcd_source_ends_the_loop_with
         local(),
         sources::EtcdNodes::new(receiver),
         FakeWriter::default(),
-        FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)], paths_asked: 0 },
+        FakeUnderlay { path: UnderlayPath::OnLink, addresses: vec![Ipv4Addr::new(192, 168, 0, 1)], host_addresses: vec![Ipv4Addr::new(192, 168, 0, 1), Ipv4Addr::new(10, 9, 0, 1)], paths_asked: 0 },
         sources::LeasePublisher,
         FakeHost::default(),
         Arc::new(Metrics::new(std::path::Path::new("/nonexistent"))),
