@@ -326,7 +326,8 @@ fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
             "backend-type {backend:?} differs from ours ({ours:?}); left out of the datapath (use one backend cluster-wide)"
         )));
     }
-    if let Some(vni) = node.vni.filter(|v| *v != local.vni) {
+    // A lease holds a VNI past 16 bits cut to them (`node::lease_vni`).
+    if let Some(vni) = node.vni.filter(|v| *v != local.vni && *v != crate::node::lease_vni(local.vni)) {
         return Err(reject(RejectKind::OtherVni, format!(
             "its VNI {vni} differs from ours ({}); left out of the datapath (set --vni to match the cluster)",
             local.vni
@@ -797,6 +798,20 @@ mod tests {
         assert!(said[0].contains("node b: pod CIDR 192.168.1.0/24 holds the address 192.168.1.3 of node c"), "{said:?}");
         assert!(said[1].contains("node d: pod CIDR 192.168.0.0/28 holds the address 192.168.0.1 of node a"), "{said:?}");
         assert_eq!(said.len(), 2);
+    }
+
+    /// Past 16 bits, a peer's published VNI is ours as flanneld writes it
+    /// (its low 16 bits; `node::lease_vni`): the same VNI, not another.
+    /// (Shown failing before: every flannel peer was rejected.)
+    #[test]
+    fn a_vni_past_16_bits_matches_its_flannel_lease_form() {
+        let settings = LocalSettings { vni: 70_000, ..local() };
+        let mut nodes = [node("a", "10.244.1.0/24", [192, 168, 0, 1]), node("b", "10.244.2.0/24", [192, 168, 0, 2]), node("c", "10.244.3.0/24", [192, 168, 0, 3])];
+        nodes[1].vni = Some(4464);
+        nodes[2].vni = Some(4465);
+        let (d, rejected) = desired(&settings, &nodes, &on_link(&nodes)).unwrap();
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.2.0/24".parse::<Ipv4Network>().unwrap()]);
+        assert_eq!(rejected.iter().map(|r| (r.node.as_str(), r.kind)).collect::<Vec<_>>(), [("c", RejectKind::OtherVni)]);
     }
 
     #[test]

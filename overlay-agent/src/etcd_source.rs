@@ -411,7 +411,7 @@ impl LeaseError {
 pub fn lease_value(public_ip: Ipv4Addr, backend_type: &str, vni: u32, vtep_mac: [u8; 6]) -> String {
     let mut attrs = serde_json::json!({"PublicIP": public_ip.to_string(), "PublicIPv6": null, "BackendType": backend_type});
     if backend_type == "vxlan" {
-        attrs["BackendData"] = serde_json::json!({"VNI": vni, "VtepMAC": node::format_mac(vtep_mac)});
+        attrs["BackendData"] = serde_json::json!({"VNI": node::lease_vni(vni), "VtepMAC": node::format_mac(vtep_mac)});
     }
     attrs.to_string()
 }

@@ -149,11 +149,19 @@ impl NodeInfo {
     }
 }
 
+/// The VNI as flanneld's lease attributes hold it: a uint16
+/// (`vxlanLeaseAttrs`), so flanneld writes a VNI above 65535 cut to its
+/// low 16 bits, and skips a lease whose number does not fit ("error
+/// decoding subnet lease JSON"). Leases (annotations, etcd) carry it so.
+pub fn lease_vni(vni: u32) -> u32 {
+    vni & 0xffff
+}
+
 /// The flannel annotations this node publishes so flannel nodes (and our
 /// own) can reach it, exactly as flanneld writes them.
 pub fn flannel_annotations(backend_type: &str, config: &overlay_common::Config) -> BTreeMap<String, String> {
     let backend_data = if backend_type == "vxlan" {
-        format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", config.vni, format_mac(config.vtep_mac))
+        format!("{{\"VNI\":{},\"VtepMAC\":\"{}\"}}", lease_vni(config.vni), format_mac(config.vtep_mac))
     } else {
         "null".to_owned()
     };
@@ -273,6 +281,18 @@ mod tests {
         let wanted = flannel_annotations("vxlan", &moved);
         assert_eq!(missing_annotations(&n, &wanted).into_keys().collect::<Vec<_>>(), [ANNOTATION_PUBLIC_IP]);
         assert_eq!(flannel_annotations("host-gw", &config)[ANNOTATION_BACKEND_DATA], "null");
+    }
+
+    /// flanneld's lease attributes hold the VNI as a uint16: it writes a
+    /// VNI above 65535 cut to its low 16 bits, and skips a lease whose
+    /// number does not fit ("error decoding subnet lease JSON"). So we
+    /// write it as flanneld does. (Shown failing before: "VNI":70000.)
+    #[test]
+    fn a_vni_past_16_bits_is_published_as_flanneld_writes_it() {
+        let config = overlay_common::Config { vni: 70_000, vtep_mac: [0x0e, 0, 192, 168, 1, 10], ..Default::default() };
+        assert_eq!(flannel_annotations("vxlan", &config)[ANNOTATION_BACKEND_DATA], r#"{"VNI":4464,"VtepMAC":"0e:00:c0:a8:01:0a"}"#);
+        let lease: serde_json::Value = serde_json::from_str(&crate::etcd_source::lease_value(Ipv4Addr::new(192, 168, 1, 10), "vxlan", 70_000, config.vtep_mac)).unwrap();
+        assert_eq!(lease["BackendData"]["VNI"], 4464);
     }
 
     #[test]
