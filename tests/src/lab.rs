@@ -226,7 +226,7 @@ pub fn deploy_manifest() -> PathBuf {
 
 /// The objects of deploy/overlay.yaml the lab applies: the agents' identity
 /// and its RBAC (no kubelet runs the DaemonSet here).
-pub const RBAC_KINDS: [&str; 4] = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"];
+pub const RBAC_KINDS: [&str; 6] = ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
 
 /// The first etcd member's address in an etcd lab (the next members take
 /// the following addresses), on the underlay's first segment.

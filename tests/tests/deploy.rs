@@ -16,7 +16,7 @@ use k8s_openapi::{
     api::{
         apps::v1::DaemonSet,
         core::v1::{ConfigMap, Namespace, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
     serde::{Serialize, de::DeserializeOwned},
 };
@@ -87,13 +87,15 @@ fn strict<T: DeserializeOwned + Serialize>(doc: &Value) -> T {
 fn every_document_is_a_valid_object_of_its_kind() {
     let docs = manifests();
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]);
+    assert_eq!(kinds, ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "DaemonSet"]);
     for doc in &docs {
         match doc["kind"].as_str().unwrap() {
             "Namespace" => drop(strict::<Namespace>(doc)),
             "ServiceAccount" => drop(strict::<ServiceAccount>(doc)),
             "ClusterRole" => drop(strict::<ClusterRole>(doc)),
             "ClusterRoleBinding" => drop(strict::<ClusterRoleBinding>(doc)),
+            "Role" => drop(strict::<Role>(doc)),
+            "RoleBinding" => drop(strict::<RoleBinding>(doc)),
             "ConfigMap" => drop(strict::<ConfigMap>(doc)),
             "DaemonSet" => drop(strict::<DaemonSet>(doc)),
             other => panic!("unexpected kind {other}"),
@@ -205,9 +207,19 @@ fn rbac_grants_what_the_agent_calls_and_binds_its_service_account() {
     // flannel's RBAC: annotations go through the status subresource too.
     assert!(!allows("", "nodes", "patch"), "the agent patches only nodes/status");
     assert!(allows("", "nodes/status", "patch"));
-    assert!(allows("events.k8s.io", "events", "create"));
+    // Events only in `default`, where a Node's go: a Role there.
+    assert!(!allows("events.k8s.io", "events", "create"), "events in every namespace");
+    let events: Role = find("Role");
+    assert_eq!(events.metadata.namespace.as_deref(), Some("default"));
+    assert!(events.rules.iter().flatten().any(|r| r.api_groups.iter().flatten().any(|g| g == "events.k8s.io")
+        && r.resources.iter().flatten().any(|x| x == "events")
+        && r.verbs.iter().any(|v| v == "create")));
     let binding: ClusterRoleBinding = find("ClusterRoleBinding");
     assert_eq!(binding.role_ref.name, "overlay-agent");
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!((subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()), ("ServiceAccount", "overlay-agent", Some("overlay-system")));
+    let binding: RoleBinding = find("RoleBinding");
+    assert_eq!((binding.metadata.namespace.as_deref(), binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()), (Some("default"), "Role", "overlay-agent-events"));
     let subject = &binding.subjects.unwrap()[0];
     assert_eq!((subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()), ("ServiceAccount", "overlay-agent", Some("overlay-system")));
 }

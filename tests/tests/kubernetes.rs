@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Node;
 use kube::{
     Api,
-    api::{Patch, PatchParams},
+    api::{Patch, PatchParams, PostParams},
 };
 use overlay_tests::{
     agent_binary,
@@ -254,7 +254,7 @@ fn the_deploy_manifest_passes_a_server_side_dry_run_apply() {
     kube.apply_manifest(&deploy_manifest(), &["Namespace"], false).unwrap();
     let answers = kube.apply_manifest(&deploy_manifest(), &[], true).unwrap_or_else(|e| panic!("{e}"));
     let kinds: Vec<&str> = answers.iter().map(|a| a["kind"].as_str().unwrap_or("?")).collect();
-    assert_eq!(kinds, ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]);
+    assert_eq!(kinds, ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "ConfigMap", "DaemonSet"]);
     let daemonset = answers.last().unwrap();
     assert_eq!(daemonset["spec"]["template"]["spec"]["serviceAccountName"], "overlay-agent", "{daemonset}");
 
@@ -370,11 +370,31 @@ fn the_rbac_allows_what_the_agent_needs_and_flannels_rules_can_annotate_through_
         nodes.patch_status("node1", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("patch nodes/status");
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::all(agent.clone());
         let is_403 = |e: kube::Error| matches!(e, kube::Error::Api(s) if s.code == 403);
+        // Events about Nodes go to `default` (a Node has no namespace),
+        // and nowhere else. (Shown failing before: a ClusterRole let every
+        // agent write events in every namespace.)
+        let event = |namespace: &str| {
+            let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(agent.clone(), namespace);
+            let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(serde_json::json!({
+                "metadata": {"generateName": "rbac-probe-"},
+                "eventTime": "2026-01-01T00:00:00.000000Z",
+                "reportingController": "overlay-agent",
+                "reportingInstance": "node1",
+                "action": "Programming",
+                "reason": "Probe",
+                "type": "Normal",
+                "regarding": {"kind": "Node", "name": "node1", "uid": "node1"},
+            }))
+            .expect("an Event");
+            async move { events.create(&PostParams::default(), &event).await }
+        };
+        event("default").await.expect("an event about a Node in default");
         secrets.list(&Default::default()).await.is_err_and(is_403)
             && nodes.delete("node1", &Default::default()).await.is_err_and(is_403)
             && nodes.patch("node1", &PatchParams::default(), &Patch::Merge(&patch)).await.is_err_and(is_403)
+            && event("kube-system").await.is_err_and(is_403)
     });
-    assert!(forbidden, "the agent's ServiceAccount must not read secrets, delete nodes or patch their spec");
+    assert!(forbidden, "the agent's ServiceAccount must not read secrets, delete nodes, patch their spec or write events outside default");
     let node = kube.get("node1").unwrap();
     assert_eq!(node["metadata"]["annotations"]["overlay.test/a"], "1", "the agent's annotation went through nodes/status: {node}");
 
