@@ -203,7 +203,7 @@ pub fn desired<N: Borrow<NodeInfo>>(
     let node_ip = Ipv4Addr::from(config.node_ip);
 
     let mut rejected = Vec::new();
-    // Collected in name order and put in CIDR order once at the end:
+    // Collected in the order decided (below) and put in CIDR order once at the end:
     // building the map in one go costs a fraction of thousands of inserts.
     let mut peers: Vec<(Ipv4Network, PeerState)> = Vec::with_capacity(nodes.len());
     let mut taken: HashMap<Ipv4Addr, &str> = HashMap::with_capacity(nodes.len());
@@ -211,7 +211,13 @@ pub fn desired<N: Borrow<NodeInfo>>(
     cidr_owners.insert(me.pod_cidr, &me.name);
     taken.insert(node_ip, &me.name);
     let mut others: Vec<&NodeInfo> = nodes.iter().map(Borrow::borrow).filter(|n| n.name != local.node_name).collect();
-    others.sort_by(|a, b| a.name.cmp(&b.name));
+    // Where two nodes claim one address (or overlapping pod CIDRs), the one
+    // whose kubelet reports the address as its InternalIP wins over one
+    // that claims it by annotation only (`public-ip-overwrite`,
+    // `public-ip`: a node's own credentials may set either, so a node
+    // could otherwise take a live node's address by name order); then
+    // name order.
+    others.sort_by_key(|n| (n.internal_ip != Some(n.node_ip), n.name.as_str()));
     // Every node address the datapath knows (ours and each candidate
     // peer's, the first by name where two share one), in address order.
     let mut addresses: BTreeMap<Ipv4Addr, &str> = BTreeMap::from([(node_ip, me.name.as_str())]);
@@ -253,6 +259,8 @@ pub fn desired<N: Borrow<NodeInfo>>(
         rejected.extend(unreachable);
         peers.push((node.pod_cidr, peer));
     }
+    // Reported in name order, whatever order they were decided in.
+    rejected.sort_by(|a, b| a.node.cmp(&b.node));
     // The pod CIDRs are disjoint by now: no key is lost.
     let peers = peers.into_iter().collect();
     Ok((Desired { config, local_pod_cidr: me.pod_cidr, inner_mtu, peers }, rejected))
@@ -695,6 +703,24 @@ mod tests {
         assert_eq!(b.vtep_mac, [0x0e, 0, 192, 168, 0, 2]);
     }
 
+    /// A node that claims another node's address only by annotation
+    /// (`public-ip-overwrite`, or `public-ip`: its own kubelet's credentials
+    /// may set either) does not take it from the node whose kubelet reports
+    /// it as its InternalIP, whatever their names: the claimant is left
+    /// out, not its victim, whose pods stay reachable. (Shown failing
+    /// before: the name that sorted first won, and the victim was cut off.)
+    #[test]
+    fn an_address_claimed_by_annotation_does_not_take_it_from_the_node_whose_internal_ip_it_is() {
+        let mut claimant = node("b", "10.244.2.0/24", [192, 168, 0, 9]);
+        claimant.public_ip_overwrite = Some(Ipv4Addr::new(192, 168, 0, 3));
+        claimant.node_ip = Ipv4Addr::new(192, 168, 0, 3);
+        let nodes = [node("a", "10.244.1.0/24", [192, 168, 0, 1]), claimant, node("c", "10.244.3.0/24", [192, 168, 0, 3])];
+        let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.3.0/24".parse::<Ipv4Network>().unwrap()]);
+        assert_eq!(rejected.iter().map(|r| (r.node.as_str(), r.kind)).collect::<Vec<_>>(), [("b", RejectKind::DuplicateAddress)]);
+        assert!(rejected[0].reason.contains("already used by node c"), "{}", rejected[0]);
+    }
+
     #[test]
     fn waits_for_its_own_node() {
         let nodes = [node("b", "10.244.2.0/24", [192, 168, 0, 2])];
@@ -916,6 +942,11 @@ mod tests {
                     n.vni = (rng.u8(..8) == 0).then_some(7);
                     n.backend_type = (rng.u8(..8) == 0).then(|| "host-gw".to_owned());
                     n.vtep_mac = (rng.bool()).then_some([2, 0, 0, 0, 0, rng.u8(..)]);
+                    // Some claim their address by annotation only.
+                    if rng.u8(..6) == 0 {
+                        n.node_ip = Ipv4Addr::new(192, 168, 0, rng.u8(1..6));
+                        n.public_ip_overwrite = Some(n.node_ip);
+                    }
                     state.upsert(std::sync::Arc::new(n), &paths)
                 };
                 let nodes: Vec<&NodeInfo> = state.nodes().values().map(|n| &**n).collect();
