@@ -219,7 +219,7 @@ pub fn desired<N: Borrow<NodeInfo>>(
     // name order.
     others.sort_by_key(|n| (n.internal_ip != Some(n.node_ip), n.name.as_str()));
     // Every node address the datapath knows (ours and each candidate
-    // peer's, the first by name where two share one), in address order.
+    // peer's, the first in that order where two share one), by address.
     let mut addresses: BTreeMap<Ipv4Addr, &str> = BTreeMap::from([(node_ip, me.name.as_str())]);
     for node in others.iter().filter(|n| check_peer(local, n).is_ok()) {
         addresses.entry(node.node_ip).or_insert(&node.name);
