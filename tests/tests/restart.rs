@@ -523,6 +523,30 @@ fn pin_as_the_previous_layout(root: &Path) {
     std::fs::remove_dir_all(&new).unwrap();
 }
 
+/// Node 2's routes of ours.
+fn node2_routes(lab: &Lab) -> String {
+    String::from_utf8_lossy(&lab.nodes[1].ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned()
+}
+
+/// Starts node 2's agent on pins of the previous layout, with its Node
+/// hidden (so no reconcile comes to fill the new maps), and checks that
+/// it serves as an upgraded agent must before its first reconcile: pods
+/// both ways, its routes as they were, the previous layout's state
+/// carried. Returns what it logged, and the nodes' directory to restore.
+fn launch_upgraded_node2(lab: &mut Lab, routes_before: &str) -> (String, std::path::PathBuf) {
+    let nodes_dir = hide_the_nodes(lab);
+    launch_and_wait_until_attached(lab, 1);
+    // What the upgraded agent logged.
+    let log = lab.agent_log(1).rsplit("stopping; the datapath stays in place").next().unwrap().to_owned();
+    assert!(!log.contains("reconciled"), "control: the upgraded agent reconciled:\n{log}");
+    let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    assert!(Lab::ping(&a.ns, b.ip), "pod on node 1 to the upgraded node's pod, before the first reconcile:\n{log}");
+    assert!(Lab::ping(&b.ns, a.ip), "the upgraded node's pod to node 1's, before the first reconcile:\n{log}");
+    assert_eq!(node2_routes(lab), routes_before, "node 2's routes after the upgrade:\n{log}");
+    assert!(log.contains("carried the previous map layout's state"), "{log}");
+    (log, nodes_dir)
+}
+
 /// Node 2's agent upgraded from the previous map layout, without its own
 /// Node (so no reconcile comes to fill the new maps): the new programs,
 /// swapped in at once, serve pod traffic both ways from the start, its
@@ -534,26 +558,16 @@ fn pin_as_the_previous_layout(root: &Path) {
 fn an_upgrade_from_the_previous_map_layout_serves_before_the_first_reconcile() {
     require_root();
     let mut lab = two_node_lab();
-    let routes = |lab: &Lab| String::from_utf8_lossy(&lab.nodes[1].ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
-    let routes_before = routes(&lab);
+    let routes_before = node2_routes(&lab);
     assert!(routes_before.contains(&lab.nodes[0].pod_cidr.to_string()), "control: node 2 routes node 1's pods: {routes_before}");
     lab.stop_agent(1);
     let root = lab.nodes[1].pin_root.clone();
     pin_as_the_previous_layout(&root);
     let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
     assert!(Lab::ping(&a.ns, b.ip), "control: the old layout's datapath serves while no agent runs");
-    let nodes_dir = hide_the_nodes(&mut lab);
-    launch_and_wait_until_attached(&mut lab, 1);
-    let full_log = lab.agent_log(1);
-    // What the upgraded agent logged.
-    let log = full_log.rsplit("stopping; the datapath stays in place").next().unwrap().to_owned();
-    assert!(!log.contains("reconciled"), "control: the upgraded agent reconciled:\n{log}");
+    let (log, nodes_dir) = launch_upgraded_node2(&mut lab, &routes_before);
     let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
-    assert!(Lab::ping(&a.ns, b.ip), "pod on node 1 to the upgraded node's pod, before the first reconcile:\n{log}");
-    assert!(Lab::ping(&b.ns, a.ip), "the upgraded node's pod to node 1's, before the first reconcile:\n{log}");
     Lab::tcp_echo(&b.ns, &a.ns, a.ip, 26003).unwrap_or_else(|e| panic!("TCP from the upgraded node's pod: {e}\n{log}"));
-    assert_eq!(routes(&lab), routes_before, "node 2's routes after the upgrade:\n{log}");
-    assert!(log.contains("carried the previous map layout's state"), "{log}");
     // And again what the old programs on the pods' veths recorded in the
     // old map until the fast path replaced them there (logged soon after
     // the attachment the wait above saw).
@@ -585,8 +599,7 @@ fn an_upgrade_from_the_previous_map_layout_serves_before_the_first_reconcile() {
 fn an_upgrade_stopped_before_its_carry_carries_at_the_next_start() {
     require_root();
     let mut lab = two_node_lab();
-    let routes = |lab: &Lab| String::from_utf8_lossy(&lab.nodes[1].ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
-    let routes_before = routes(&lab);
+    let routes_before = node2_routes(&lab);
     assert!(routes_before.contains(&lab.nodes[0].pod_cidr.to_string()), "control: node 2 routes node 1's pods: {routes_before}");
     lab.stop_agent(1);
     let root = lab.nodes[1].pin_root.clone();
@@ -595,15 +608,7 @@ fn an_upgrade_stopped_before_its_carry_carries_at_the_next_start() {
     drop(overlay_agent::datapath::Datapath::load(&root).expect("loading the datapath as a new agent would"));
     let config: Array<MapData, Config> = open_pinned(&root.join(format!("v{MAP_LAYOUT_VERSION}")).join(map_names::CONFIG));
     assert_eq!(config.get(&0, 0).unwrap().enabled, 0, "control: the new layout's maps are empty");
-    let nodes_dir = hide_the_nodes(&mut lab);
-    launch_and_wait_until_attached(&mut lab, 1);
-    let log = lab.agent_log(1).rsplit("stopping; the datapath stays in place").next().unwrap().to_owned();
-    assert!(!log.contains("reconciled"), "control: the upgraded agent reconciled:\n{log}");
-    let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
-    assert!(Lab::ping(&a.ns, b.ip), "pod on node 1 to the upgraded node's pod, before the first reconcile:\n{log}");
-    assert!(Lab::ping(&b.ns, a.ip), "the upgraded node's pod to node 1's, before the first reconcile:\n{log}");
-    assert_eq!(routes(&lab), routes_before, "node 2's routes after the upgrade:\n{log}");
-    assert!(log.contains("carried the previous map layout's state"), "{log}");
+    let (_, nodes_dir) = launch_upgraded_node2(&mut lab, &routes_before);
     // Removed once the new programs serve (right after they attach).
     let old = root.join(format!("v{}", overlay_agent::carry::FROM));
     let deadline = Instant::now() + overlay_tests::scaled(Duration::from_secs(10));
@@ -672,8 +677,7 @@ fn pin_as_a_newer_layout(root: &Path) -> std::path::PathBuf {
 fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
     require_root();
     let mut lab = two_node_lab();
-    let routes = |lab: &Lab| String::from_utf8_lossy(&lab.nodes[1].ns.ip(&["route", "show", "proto", "157"]).stdout).into_owned();
-    let routes_before = routes(&lab);
+    let routes_before = node2_routes(&lab);
     let node1_cidr = lab.nodes[0].pod_cidr.to_string();
     assert!(routes_before.contains(&node1_cidr), "control: node 2 routes node 1's pods: {routes_before}");
     lab.stop_agent(1);
@@ -703,7 +707,7 @@ fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
     let full_log = lab.agent_log(1);
     // What the rolled back agent logged.
     let log = full_log.rsplit("stopping; the datapath stays in place").next().unwrap().to_owned();
-    assert_eq!(routes(&lab), routes_before, "node 2's routes after the rollback:\n{log}");
+    assert_eq!(node2_routes(&lab), routes_before, "node 2's routes after the rollback:\n{log}");
     assert_eq!(pinned(&newer), newer_pins, "the newer layout's pins under {}:\n{log}", newer.display());
     assert_eq!(pinned(&root.join("links")), links, "the pinned links:\n{log}");
     assert!(!root.join(format!("v{MAP_LAYOUT_VERSION}")).exists(), "the rolled back agent made its own maps beside the newer layout's:\n{log}");
@@ -722,7 +726,7 @@ fn a_rollback_onto_a_newer_map_layout_refuses_to_start_and_changes_nothing() {
     let (out, said) = cleanup_keeping_subnet_file(&lab, 1, &root);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("Run the newer release's `overlay-agent cleanup"), "{said}");
-    assert_eq!(routes(&lab), routes_before, "node 2's routes after the older cleanup:\n{said}");
+    assert_eq!(node2_routes(&lab), routes_before, "node 2's routes after the older cleanup:\n{said}");
     assert_eq!(pinned(&newer), newer_pins, "the newer layout's pins after the older cleanup:\n{said}");
     assert_eq!(pinned(&root.join("links")), links, "the pinned links after the older cleanup:\n{said}");
     // Rolled forward again (here: the layout put back), the node is served
