@@ -22,6 +22,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::Array,
     programs::{
         Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -30,7 +31,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use overlay_common::{map_names, program_names};
+use overlay_common::{Config, map_names, program_names};
 
 use crate::{
     bpffs::{self, LinkRole, PinLayout},
@@ -284,6 +285,18 @@ impl Datapath {
     /// the maps already hold the cluster's state.
     pub fn maps_adopted(&self) -> bool {
         self.maps_adopted
+    }
+
+    /// Whether CONFIG is configured. Pinned maps that are not were left by
+    /// a start that stopped before it carried an older layout's state into
+    /// them (killed while the verifier ran, say): the carry writes CONFIG
+    /// last, so configured means a whole state.
+    pub fn configured(&self) -> bool {
+        self.ebpf
+            .map(map_names::CONFIG)
+            .and_then(|map| Array::<_, Config>::try_from(map).ok())
+            .and_then(|config| config.get(&0, 0).ok())
+            .is_some_and(|config| config.enabled != 0)
     }
 
     pub fn layout(&self) -> &PinLayout {

@@ -220,12 +220,13 @@ pub fn desired<N: Borrow<NodeInfo>>(
     others.sort_by_key(|n| (n.internal_ip != Some(n.node_ip), n.name.as_str()));
     // Every node address the datapath knows (ours and each candidate
     // peer's, the first in that order where two share one), by address.
+    let checked: Vec<(&NodeInfo, Result<(), Rejected>)> = others.into_iter().map(|n| (n, check_peer(local, n))).collect();
     let mut addresses: BTreeMap<Ipv4Addr, &str> = BTreeMap::from([(node_ip, me.name.as_str())]);
-    for node in others.iter().filter(|n| check_peer(local, n).is_ok()) {
+    for (node, _) in checked.iter().filter(|(_, check)| check.is_ok()) {
         addresses.entry(node.node_ip).or_insert(&node.name);
     }
-    for node in others {
-        if let Err(rejection) = check_peer(local, node) {
+    for (node, check) in checked {
+        if let Err(rejection) = check {
             rejected.push(rejection);
             continue;
         }

@@ -249,14 +249,10 @@ fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Opti
     let datapath = Datapath::load(&args.bpffs_root).context("loading the datapath")?;
     // An upgrade from the previous map layout: its state goes into the new
     // maps before the new programs are swapped in, so they serve at once
-    // and its routes stay (see `carry`). Also into adopted maps that were
-    // never configured: a start that pinned them and stopped before its
-    // carry ended (killed while the verifier ran, say) left them empty,
-    // and the older layout, still there, is the only record of the state.
-    // The carry writes CONFIG last, so configured means carried whole.
+    // and its routes stay (see `carry`); also into pinned maps a stopped
+    // start left unconfigured (`Datapath::configured`).
     let mut late_sockets = None;
-    let configured = || DatapathMaps::open(&args.bpffs_root).ok().and_then(|maps| maps.config.get(&0, 0).ok()).is_some_and(|c| c.enabled != 0);
-    if !datapath.maps_adopted() || !configured() {
+    if !datapath.maps_adopted() || !datapath.configured() {
         match carry::previous_layout(&args.bpffs_root) {
             Ok(None) => {}
             Ok(Some((carried, late))) => {

@@ -113,18 +113,10 @@ fn a_new_pod_is_on_the_fast_path_at_once() {
     let maps = node1_maps(&lab);
     let mut pods: Vec<NetNs> = Vec::new();
     let (ms, median, max) = measure("new pod -> POD_PORTS, from its first frame", PODS, "pods", |k| {
-        // As flannel's CNI plugin (the bridge plugin) sets a pod up, with
-        // IPv6 off so that the pod says nothing before the test does.
-        let pod = NetNs::new();
-        pod.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
         let veth = format!("q{k}");
         let mac = [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x20 + k as u8];
         let mac_text = overlay_agent::node::format_mac(mac);
-        node1.ns.ip(&["link", "add", &veth, "mtu", "1450", "type", "veth", "peer", "name", "eth0", "address", &mac_text, "netns", pod.name()]);
-        node1.ns.ip(&["link", "set", &veth, "master", "cni0", "up"]);
-        pod.ip(&["link", "set", "eth0", "up"]);
-        // A bridge learns only on ports that forward (or learn).
-        time_until(&format!("{veth} forwarding in cni0"), || port_state(&node1.ns, &veth) == "forwarding");
+        let pod = add_pod(&node1.ns, &veth, mac);
         let ifindex = ifindex(&node1.ns, &veth);
         // The bridge learns the pod's MAC from its first frame.
         let took = reaction(
@@ -138,6 +130,21 @@ fn a_new_pod_is_on_the_fast_path_at_once() {
     // An agent reading the bridge every 5 s takes up to 5 s, 2.5 s in the
     // median; the max (loosely, as above) catches a pod missed outright.
     assert!(median < 1000.0 && max < 4000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
+}
+
+/// A pod behind `veth` on the node's `cni0`, its `eth0` with `mac`, set up
+/// as flannel's CNI plugin (the bridge plugin) sets one up, with IPv6 off
+/// so that the pod says nothing before the test does; returned once the
+/// bridge forwards on the port (it learns only on such ports).
+fn add_pod(node: &NetNs, veth: &str, mac: [u8; 6]) -> NetNs {
+    let pod = NetNs::new();
+    pod.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
+    let mac_text = overlay_agent::node::format_mac(mac);
+    node.ip(&["link", "add", veth, "mtu", "1450", "type", "veth", "peer", "name", "eth0", "address", &mac_text, "netns", pod.name()]);
+    node.ip(&["link", "set", veth, "master", "cni0", "up"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    time_until(&format!("{veth} forwarding in cni0"), || port_state(node, veth) == "forwarding");
+    pod
 }
 
 /// Sends one broadcast Ethernet frame (the IEEE's local experimental
@@ -229,13 +236,8 @@ fn a_new_pod_takes_the_room_of_departed_pods_in_a_full_pod_ports_map() {
     let lab = lab();
     let node1 = &lab.nodes[0];
     let mut maps = node1_maps(&lab);
-    let pod = NetNs::new();
-    pod.exec("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"]);
     let (veth, mac) = ("q9", [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x29]);
-    node1.ns.ip(&["link", "add", veth, "mtu", "1450", "type", "veth", "peer", "name", "eth0", "address", &overlay_agent::node::format_mac(mac), "netns", pod.name()]);
-    node1.ns.ip(&["link", "set", veth, "master", "cni0", "up"]);
-    pod.ip(&["link", "set", "eth0", "up"]);
-    time_until(&format!("{veth} forwarding in cni0"), || port_state(&node1.ns, veth) == "forwarding");
+    let pod = add_pod(&node1.ns, veth, mac);
     // Enrolled: the fast path is attached to it.
     let enrolled = node1.pin_root.join("links").join(veth).join("pod_fastpath");
     time_until(&format!("{} pinned", enrolled.display()), || enrolled.exists());
