@@ -147,12 +147,12 @@ fn mount_bpffs(path: &Path) -> Result<(), BpffsError> {
 /// type in `overlay-common` changes size or meaning: the kernel reuses a
 /// pinned map without checking that it still fits, so a new layout must get
 /// new pins (and the old ones are removed once the new programs run).
-pub const MAP_LAYOUT_VERSION: u32 = 9;
+pub const MAP_LAYOUT_VERSION: u32 = 10;
 
 /// Where everything of one agent lives on bpffs:
 ///
 /// ```text
-/// <root>/v9/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
+/// <root>/v10/{CONFIG,PEERS,ROUTES,POD_PORTS,KERNEL_SOCKETS,COUNTERS}   maps (versioned layout)
 /// <root>/links/<underlay>/{tc_egress,decap_xdp,decap_tc}   attachments
 /// <root>/links/<pod bridge>/pod_fastpath   the fast path (--forward bpf)
 /// <root>/links/<pod veth>/{pod_fastpath,pod_delivered}
@@ -355,6 +355,13 @@ const LAYOUTS: &[(u32, &str)] = &[(
     "CONFIG type=2 key=4 value=64 max=1; COUNTERS type=6 key=4 value=16 max=25; \
      KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
      POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
+), (
+    // v10: Config gained pod_bridge_ip (68 bytes); XDP acts only while
+    // Config::xdp_decap is set.
+    10,
+    "CONFIG type=2 key=4 value=68 max=1; COUNTERS type=6 key=4 value=16 max=25; \
+     KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
+     POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
 )];
 
 #[cfg(test)]
@@ -410,7 +417,7 @@ mod tests {
     #[test]
     fn layout_paths() {
         let layout = PinLayout::new("/sys/fs/bpf/overlay");
-        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v9/ROUTES"));
+        assert_eq!(layout.map("ROUTES"), Path::new("/sys/fs/bpf/overlay/v10/ROUTES"));
         assert_eq!(
             layout.link("eth0", LinkRole::DecapXdp),
             Path::new("/sys/fs/bpf/overlay/links/eth0/decap_xdp")

@@ -33,11 +33,39 @@ use crate::{
     maps::{DatapathMaps, MapsError, open_pinned},
 };
 
-/// The layout carried from: v8, whose `COUNTERS` lacked this one's last
-/// slot (the drop reason `forwarded_tunnel`), and whose `CONFIG`, `PEERS`, `ROUTES`,
-/// `POD_PORTS` and `KERNEL_SOCKETS` are this one's. A new layout version
-/// must say what changed since this one (`carries_from_the_layout_just_before`).
-pub const FROM: u32 = 8;
+/// The layout carried from: v9, whose `CONFIG` value lacked this one's
+/// last field (`pod_bridge_ip`, see [`config_from_previous`]), and whose
+/// `COUNTERS`, `PEERS`, `ROUTES`, `POD_PORTS` and `KERNEL_SOCKETS` are
+/// this one's. A new layout version must say what changed since this one
+/// (`carries_from_the_layout_just_before`).
+pub const FROM: u32 = 9;
+
+/// The previous layout's `CONFIG` value: this layout's [`Config`] up to,
+/// not with, its last field.
+pub type PreviousConfig = [u8; PREVIOUS_CONFIG_LEN];
+const PREVIOUS_CONFIG_LEN: usize = std::mem::offset_of!(Config, pod_bridge_ip);
+const _: () = assert!(PREVIOUS_CONFIG_LEN == 64 && size_of::<Config>() == PREVIOUS_CONFIG_LEN + 4);
+
+/// The previous layout's `CONFIG` as this layout's: field for field, with
+/// `pod_bridge_ip` zero (the fast path then forwards as the previous
+/// programs did) until the first reconcile writes it.
+pub fn config_from_previous(old: &PreviousConfig) -> Config {
+    let mut config = Config::default();
+    // SAFETY: `Config` is `#[repr(C)]` plain data without implicit padding
+    // (overlay-common's tests), and its first bytes are the previous
+    // layout's CONFIG, field for field.
+    unsafe { std::ptr::copy_nonoverlapping(old.as_ptr(), (&raw mut config).cast::<u8>(), PREVIOUS_CONFIG_LEN) };
+    config
+}
+
+/// This layout's `CONFIG` as the previous layout held it (for tests that
+/// pin a previous agent's maps).
+pub fn config_to_previous(config: &Config) -> PreviousConfig {
+    let mut old = [0u8; PREVIOUS_CONFIG_LEN];
+    // SAFETY: as in `config_from_previous`, the other way.
+    unsafe { std::ptr::copy_nonoverlapping((&raw const *config).cast::<u8>(), old.as_mut_ptr(), PREVIOUS_CONFIG_LEN) };
+    old
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CarryError {
@@ -130,7 +158,7 @@ struct OldState {
 /// maps under `root`, which the caller has just created (empty). Returns
 /// `None` where there is nothing to carry (no such directory: a first
 /// start, or an upgrade from an older layout); an error where that
-/// directory lacks a map or holds one not as v8 pinned it. With what was
+/// directory lacks a map or holds one not as v9 pinned it. With what was
 /// carried comes the old `KERNEL_SOCKETS`, to carry again what the old
 /// programs record until the new ones replace them ([`LateSockets`]).
 pub fn previous_layout(root: &Path) -> Result<Option<(Carried, LateSockets)>, CarryError> {
@@ -149,7 +177,7 @@ pub fn previous_layout(root: &Path) -> Result<Option<(Carried, LateSockets)>, Ca
 fn read_old(dir: &Path) -> Result<OldState, CarryError> {
     let path = |name: &str| dir.join(name);
     // aya checks each map's kind and key and value sizes on opening: a
-    // map not as v8 pinned it is refused here, before anything is written.
+    // map not as v9 pinned it is refused here, before anything is written.
     let open_err = |name: &str| {
         let path = path(name);
         move |source| CarryError::OpenOld { path, source }
@@ -158,14 +186,14 @@ fn read_old(dir: &Path) -> Result<OldState, CarryError> {
         let path = path(name);
         move |source| CarryError::Read { path, source }
     };
-    let config: Array<MapData, Config> = open_pinned(&path(map_names::CONFIG)).map_err(open_err(map_names::CONFIG))?;
+    let config: Array<MapData, PreviousConfig> = open_pinned(&path(map_names::CONFIG)).map_err(open_err(map_names::CONFIG))?;
     let peers: HashMap<MapData, [u8; 4], Peer> = open_pinned(&path(map_names::PEERS)).map_err(open_err(map_names::PEERS))?;
     let routes: LpmTrie<MapData, [u8; 4], Route> = open_pinned(&path(map_names::ROUTES)).map_err(open_err(map_names::ROUTES))?;
     let pod_ports: HashMap<MapData, [u8; 6], PodPort> = open_pinned(&path(map_names::POD_PORTS)).map_err(open_err(map_names::POD_PORTS))?;
     let sockets: HashMap<MapData, SocketKey, u8> =
         open_pinned(&path(map_names::KERNEL_SOCKETS)).map_err(open_err(map_names::KERNEL_SOCKETS))?;
 
-    let config = config.get(&0, 0).map_err(read_err(map_names::CONFIG))?;
+    let config = config_from_previous(&config.get(&0, 0).map_err(read_err(map_names::CONFIG))?);
     Ok(OldState {
         config: (config.enabled != 0).then_some(config),
         peers: peers.iter().collect::<Result<_, _>>().map_err(read_err(map_names::PEERS))?,
@@ -218,6 +246,34 @@ fn write_new(root: &Path, old: &OldState) -> Result<Carried, CarryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The previous layout's CONFIG keeps every field it had, and gets the
+    /// new one as zero.
+    #[test]
+    fn a_previous_config_is_carried_field_for_field() {
+        let config = Config {
+            enabled: 1,
+            vni: 7,
+            node_ip: [192, 168, 77, 12],
+            vxlan_port: 8472,
+            xdp_decap: 1,
+            vtep_mac: [2, 3, 4, 5, 6, 7],
+            underlay_ifindex: 3,
+            inner_mtu: 1450,
+            pod_cidr: [10, 244, 2, 0],
+            pod_prefix_len: 24,
+            pod_bridge_ifindex: 9,
+            underlay_mtu: 1500,
+            pod_bridge_mac: [8, 9, 10, 11, 12, 13],
+            seg_ifindex: 11,
+            gro_ifindex: 12,
+            pod_bridge_ip: [10, 244, 2, 1],
+            ..Config::default()
+        };
+        let old = config_to_previous(&config);
+        assert_eq!(old.len(), 64, "v9's CONFIG value");
+        assert_eq!(config_from_previous(&old), Config { pod_bridge_ip: [0; 4], ..config });
+    }
 
     /// A layout bump must look at what this module carries: from the
     /// layout just before, whose differences [`FROM`] describes.

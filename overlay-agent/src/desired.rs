@@ -67,6 +67,10 @@ pub struct LocalSettings {
     pub pod_bridge_ifindex: u32,
     /// The pod bridge's MAC while the fast path is attached to it.
     pub pod_bridge_mac: [u8; 6],
+    /// The pod bridge's IPv4 addresses while the fast path is attached to
+    /// it: the one in our pod CIDR becomes
+    /// [`overlay_common::Config::pod_bridge_ip`].
+    pub pod_bridge_addresses: Vec<Ipv4Addr>,
     /// Whether XDP may decapsulate in front of TC ingress (see
     /// [`overlay_common::Config::xdp_decap`]).
     pub xdp_decap: bool,
@@ -303,6 +307,11 @@ fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), N
         xdp_decap: u16::from(local.xdp_decap),
         seg_ifindex: local.seg_ifindex,
         gro_ifindex: local.gro_ifindex,
+        pod_bridge_ip: local
+            .pod_bridge_addresses
+            .iter()
+            .find(|address| local.pod_bridge_ifindex != 0 && me.pod_cidr.contains(**address))
+            .map_or([0; 4], Ipv4Addr::octets),
         ..Config::default()
     };
     Ok((config, inner_mtu))
@@ -702,6 +711,22 @@ mod tests {
         let b = d.peers.values().next().unwrap();
         assert_eq!(b.node_ip, Ipv4Addr::new(192, 168, 0, 2));
         assert_eq!(b.vtep_mac, [0x0e, 0, 192, 168, 0, 2]);
+    }
+
+    /// CONFIG names the pod bridge's address in our pod CIDR (not one
+    /// outside it, which `in_cidr` already leaves to the kernel), and only
+    /// while the fast path is attached to the bridge.
+    #[test]
+    fn config_names_the_pod_bridges_address_in_our_pod_cidr() {
+        let nodes = [node("a", "10.244.1.0/24", [192, 168, 0, 1])];
+        let mut settings = local();
+        settings.pod_bridge_addresses = vec![Ipv4Addr::new(169, 254, 1, 1), Ipv4Addr::new(10, 244, 1, 1)];
+        let config = |settings: &LocalSettings| desired(settings, &nodes, &on_link(&nodes)).unwrap().0.config;
+        assert_eq!(config(&settings).pod_bridge_ip, [0; 4], "fast path off");
+        settings.pod_bridge_ifindex = 7;
+        assert_eq!(config(&settings).pod_bridge_ip, [10, 244, 1, 1]);
+        settings.pod_bridge_addresses.truncate(1);
+        assert_eq!(config(&settings).pod_bridge_ip, [0; 4], "none in the pod CIDR");
     }
 
     /// A node that claims another node's address only by annotation

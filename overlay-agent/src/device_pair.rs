@@ -10,7 +10,11 @@
 //! program hands every frame on or drops it at TC ingress, ahead of the IP
 //! layer. Its alias marks it as the agent's: the agent reuses a pair it
 //! made (a restart loses nothing), removes it with `cleanup`, and never
-//! touches a device of that name it did not make. Everything is asked of
+//! touches a device of that name it did not make. The kernel takes no
+//! alias with the request that creates a link, so both ends are created
+//! in the agent's device group ([`PAIR_GROUP`]), which it does take: a
+//! pair the agent made and was stopped before marking is known by that,
+//! and made again. Everything is asked of
 //! the kernel over rtnetlink and the ethtool ioctl, without starting a
 //! process.
 
@@ -69,6 +73,24 @@ pub struct DevicePair {
 /// The MTU of both ends: what a veth allows, so no packet the datapath
 /// redirects is too long for them.
 const MTU: u32 = 65535;
+
+/// The device group (`ip link … group`) both ends are created in, with
+/// the request that creates them. 0x6f76, "ov".
+pub const PAIR_GROUP: u32 = 0x6f76;
+
+/// What holds a pair's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holder {
+    /// Nothing: the sending end does not exist.
+    Nobody,
+    /// The agent: both ends carry its alias.
+    Agent,
+    /// The agent, stopped between creating the pair and marking it: both
+    /// ends in its group, neither with another alias.
+    AgentCutShort,
+    /// Someone else.
+    Another,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DevicePairError {
@@ -191,15 +213,22 @@ impl DevicePair {
     /// nothing the call created is left behind.
     pub fn set_up(&self, datapath: &mut Datapath) -> Result<(u32, LinkOutcome), DevicePairError> {
         let mut rtnl = open()?;
-        let existed = match self.ours(&mut rtnl)? {
-            Some(true) => true,
-            Some(false) => {
+        let existed = match self.holder(&mut rtnl)? {
+            Holder::Agent => true,
+            Holder::Another => {
                 // A pin left from a pair of ours that someone replaced
                 // serves nothing.
                 let _ = datapath.detach_device_pair(self.receive_end);
                 return Err(self.not_ours());
             }
-            None => {
+            Holder::AgentCutShort => {
+                info!(devices = %self.device_names().join(" -> "), "the {} of an agent stopped while it made it: making it again", self.what);
+                let _ = datapath.detach_device_pair(self.receive_end);
+                self.delete(&mut rtnl)?;
+                self.create(&mut rtnl)?;
+                false
+            }
+            Holder::Nobody => {
                 self.create(&mut rtnl)?;
                 false
             }
@@ -223,10 +252,10 @@ impl DevicePair {
             datapath.detach_device_pair(self.receive_end).map_err(self.program_error("detaching"))?;
         }
         let mut rtnl = open()?;
-        match self.ours(&mut rtnl)? {
-            Some(true) => self.delete(&mut rtnl).map(|()| true),
-            Some(false) => Err(self.not_ours()),
-            None => Ok(false),
+        match self.holder(&mut rtnl)? {
+            Holder::Agent | Holder::AgentCutShort => self.delete(&mut rtnl).map(|()| true),
+            Holder::Another => Err(self.not_ours()),
+            Holder::Nobody => Ok(false),
         }
     }
 
@@ -240,26 +269,37 @@ impl DevicePair {
         DevicePairError::NotOurs { name: self.send_end, alias: self.alias, what: self.what }
     }
 
-    /// Whether the sending end exists (`None`: no) and both ends carry our
-    /// alias (a pair of ours is made with the alias on both).
-    fn ours(&self, rtnl: &mut Rtnl) -> Result<Option<bool>, DevicePairError> {
+    /// What holds the pair's names (see [`Holder`]).
+    fn holder(&self, rtnl: &mut Rtnl) -> Result<Holder, DevicePairError> {
         let links = rtnl.links().map_err(|source| DevicePairError::Netlink { what: "links".to_owned(), source })?;
-        let alias_of = |name: &str| -> Option<Option<String>> {
+        // Each end's alias and group, if it exists.
+        let end = |name: &str| -> Option<(Option<&str>, Option<u32>)> {
             let link = links.iter().find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)))?;
-            Some(link.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfAlias(alias) => Some(alias.clone()),
+            let alias = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(alias) => Some(alias.as_str()),
                 _ => None,
-            }))
+            });
+            let group = link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Group(group) => Some(*group),
+                _ => None,
+            });
+            Some((alias, group))
         };
-        let Some(send) = alias_of(self.send_end) else { return Ok(None) };
-        let receive = alias_of(self.receive_end).flatten();
-        Ok(Some(send.as_deref() == Some(self.alias) && receive.as_deref() == Some(self.alias)))
+        let Some(send) = end(self.send_end) else { return Ok(Holder::Nobody) };
+        let ends = [Some(send), end(self.receive_end)];
+        Ok(if ends.iter().all(|e| e.is_some_and(|(alias, _)| alias == Some(self.alias))) {
+            Holder::Agent
+        } else if ends.iter().all(|e| e.is_some_and(|(alias, group)| group == Some(PAIR_GROUP) && alias.is_none_or(|a| a.is_empty() || a == self.alias))) {
+            Holder::AgentCutShort
+        } else {
+            Holder::Another
+        })
     }
 
-    /// Creates the pair and marks both ends ours (`RTM_NEWLINK` takes no
-    /// alias), or leaves nothing.
+    /// Creates the pair in the agent's group and marks both ends ours
+    /// (`RTM_NEWLINK` takes no alias), or leaves nothing.
     fn create(&self, rtnl: &mut Rtnl) -> Result<(), DevicePairError> {
-        let mut common = vec![LinkAttribute::Mtu(MTU)];
+        let mut common = vec![LinkAttribute::Mtu(MTU), LinkAttribute::Group(PAIR_GROUP)];
         if self.queue_per_cpu {
             // The node's CPUs, not the agent's share of them (a DaemonSet's
             // CPU limit): packets arrive on every CPU.

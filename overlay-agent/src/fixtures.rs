@@ -36,6 +36,7 @@ pub(crate) fn local() -> LocalSettings {
         underlay_mtu: 1500,
         pod_bridge_ifindex: 0,
         pod_bridge_mac: [0; 6],
+        pod_bridge_addresses: Vec::new(),
         xdp_decap: false,
         seg_ifindex: 0,
         gro_ifindex: 0,

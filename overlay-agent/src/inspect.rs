@@ -35,7 +35,10 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         );
         match config.pod_bridge_ifindex {
             0 => println!("  fast path: off (pod traffic takes the kernel's forward path)"),
-            index => println!("  fast path: on, pod bridge ifindex {index} (--forward bpf)"),
+            index => println!(
+                "  fast path: on, pod bridge ifindex {index}, its address {} left to the kernel as a pod's source (--forward bpf)",
+                Ipv4Addr::from(config.pod_bridge_ip)
+            ),
         }
         match config.seg_ifindex {
             0 => println!("  pods' own tunnels: single packets only (no segmentation device: their GSO packets are dropped as helper_error)"),

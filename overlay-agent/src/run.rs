@@ -671,18 +671,32 @@ impl NodeHost {
             self.change_pinned_config(|config| {
                 config.pod_bridge_ifindex = 0;
                 config.pod_bridge_mac = [0; 6];
+                config.pod_bridge_ip = [0; 4];
             })
             .context("turning the fast path off in the pinned CONFIG")?;
         }
+        // The hook goes into the pinned CONFIG now, not at the first
+        // reconcile (which waits for our own Node, however long): behind
+        // XDP, TC ingress must not judge what XDP decapsulated as bare
+        // packets claiming a peer's pods (it would drop them), and without
+        // XDP it must judge those. XDP acts only while CONFIG names it, so
+        // onto XDP CONFIG follows the attach (nothing is decapsulated by XDP
+        // before TC knows); off XDP it goes first, so no bare packet passes
+        // unjudged in between (only what XDP decapsulated in the moment
+        // before, still on its way to TC, may meet a TC that judges it).
+        let xdp_decap = matches!(hook, DecapHook::Xdp(_));
+        let write_hook = |this: &mut Self| {
+            if let Err(err) = this.change_pinned_config(|config| config.xdp_decap = u16::from(xdp_decap)) {
+                warn!(error = %err.to_string_with_causes(), "cannot write the decapsulation hook to CONFIG; the first reconcile writes it");
+            }
+        };
+        if !xdp_decap {
+            write_hook(self);
+        }
         let report = self.datapath.attach(&iface, hook, fast_path).with_context(|| format!("attaching to {iface}"))?;
-        settings.xdp_decap = matches!(hook, DecapHook::Xdp(_));
-        // Into the pinned CONFIG now, not at the first reconcile (which
-        // waits for our own Node, however long): behind XDP, TC ingress must
-        // not take what XDP decapsulated for bare packets claiming a peer's
-        // pods (it would drop them), and without XDP it must check those.
-        let xdp_decap = u16::from(settings.xdp_decap);
-        if let Err(err) = self.change_pinned_config(|config| config.xdp_decap = xdp_decap) {
-            warn!(error = %err.to_string_with_causes(), "cannot write the decapsulation hook to CONFIG; the first reconcile writes it");
+        settings.xdp_decap = xdp_decap;
+        if xdp_decap {
+            write_hook(self);
         }
         for removed in &report.removed {
             info!(pin = %removed.display(), "removed an attachment or map layout this agent no longer uses");
@@ -820,6 +834,7 @@ impl NodeHost {
             fast_path.ifindex = None;
             fast_path.ports.clear();
             settings.pod_bridge_ifindex = 0;
+            settings.pod_bridge_addresses.clear();
             if let Err(err) = pod_ports::clear(&mut self.maps) {
                 warn!(error = %err.to_string_with_causes(), "cannot empty POD_PORTS");
             }
@@ -861,6 +876,16 @@ impl NodeHost {
             }
             Ok(_) => {}
             Err(err) => warn!(%bridge, error = %err, "cannot read the pod bridge's MAC; the fast path keeps the last one"),
+        }
+        // The CNI plugin gives the bridge its address with the first pod;
+        // address changes wake the agent (RTM_NEWADDR).
+        match iface::ipv4_addresses(&bridge) {
+            Ok(addresses) if addresses != settings.pod_bridge_addresses => {
+                info!(%bridge, ?addresses, "the pod bridge's addresses changed; pods' packets from them are left to the kernel's path");
+                settings.pod_bridge_addresses = addresses;
+            }
+            Ok(_) => {}
+            Err(err) => warn!(%bridge, error = %err, "cannot read the pod bridge's addresses; the fast path keeps the last ones"),
         }
         let fdb = match pod_ports::Fdb::read(&bridge) {
             Ok(fdb) => fdb,
@@ -1004,6 +1029,7 @@ fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(L
         underlay_mtu,
         pod_bridge_ifindex: 0,
         pod_bridge_mac: [0; 6],
+        pod_bridge_addresses: Vec::new(),
         // Until attach settles the hook: whenever XDP may be in front, so
         // TC never drops what XDP decapsulated (see Config::xdp_decap).
         xdp_decap: !(args.decap == Decap::Tc || (args.decap == Decap::Auto && backend == Backend::HostGw)),

@@ -194,9 +194,11 @@ pub struct Config {
     pub node_ip: [u8; 4],
     /// VXLAN UDP destination port (host byte order).
     pub vxlan_port: u16,
-    /// Non-zero while XDP may decapsulate in front of TC ingress. TC then
-    /// cannot tell a packet XDP decapsulated from one that arrived bare,
-    /// so it leaves the check of bare packets' sources to XDP.
+    /// Non-zero while XDP is the decapsulation hook, in front of TC
+    /// ingress. XDP acts only then (attached while this is zero, it passes
+    /// every frame to TC untouched). TC then cannot tell a packet XDP
+    /// decapsulated from one that arrived bare, so it leaves the check of
+    /// bare packets' sources to XDP.
     pub xdp_decap: u16,
     /// This node's VTEP MAC: inner source MAC on encapsulation and the inner
     /// destination MAC flannel peers send to us.
@@ -234,6 +236,12 @@ pub struct Config {
     /// once per merged packet what the fast path decides per packet
     /// otherwise.
     pub gro_ifindex: u32,
+    /// The pod bridge's own IPv4 address in this node's pod CIDR (the
+    /// pods' gateway) while the fast path is on, else zero. A pod's packet
+    /// from it is the kernel's to judge, which drops it as a martian (one
+    /// of the node's own addresses arriving on an interface): forwarded,
+    /// the pod would speak for its node.
+    pub pod_bridge_ip: [u8; 4],
 }
 
 /// Declares a `#[repr(u8)]` enum whose variants number the slots of the
@@ -494,7 +502,7 @@ mod tests {
         assert_eq!(size_of::<Peer>(), 8);
         assert_eq!(size_of::<PodPort>(), 4);
         assert_eq!(size_of::<SocketKey>(), 8);
-        assert_eq!(size_of::<Config>(), 64);
+        assert_eq!(size_of::<Config>(), 68);
         assert_eq!(size_of::<Tally>(), 16);
     }
 

@@ -29,6 +29,13 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(xdp_action::XDP_PASS);
     };
+    // Attached, but not yet (or no longer) the hook CONFIG names: TC
+    // ingress decapsulates and judges everything. So a restart from TC
+    // onto XDP attaches XDP before it writes CONFIG, and nothing XDP
+    // decapsulated meets a TC that would judge it bare.
+    if cfg.xdp_decap == 0 {
+        return Ok(xdp_action::XDP_PASS);
+    }
     if let Tagging::OtherVlan = strip_priority_tags_xdp(ctx)? {
         count(Counter::Pass, (ctx.end() - ctx.start()) as u64);
         return Ok(xdp_action::XDP_PASS);

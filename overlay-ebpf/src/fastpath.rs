@@ -109,7 +109,9 @@ pub fn try_tc_pod(ctx: &TcContext) -> Result<i32, DropReason> {
     };
     // SAFETY: ptr_at checked the bounds.
     let ip = unsafe { &mut *ip };
-    if !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
+    // Only a pod's own address: the bridge's is the node's (see
+    // `Config::pod_bridge_ip`).
+    if !in_cidr(ip.src_addr, cfg.pod_cidr, cfg.pod_prefix_len) || ip.src_addr == cfg.pod_bridge_ip {
         return pass;
     }
     if ip.vihl != 0x45 {

@@ -445,11 +445,11 @@ impl Drop for TempDir {
 /// key and value size, capacity, flags.
 pub type PinnedMap = (&'static str, &'static str, u32, u32, u32, u32);
 
-/// Map layout v8, the one just before this (`overlay_agent::carry::FROM`):
-/// `COUNTERS` of 24 slots (no `forwarded_tunnel`).
-pub const V8_MAPS: [PinnedMap; 6] = [
+/// Map layout v9, the one just before this (`overlay_agent::carry::FROM`):
+/// `CONFIG` of 64 bytes (no `pod_bridge_ip`).
+pub const V9_MAPS: [PinnedMap; 6] = [
     (overlay_common::map_names::CONFIG, "array", 4, 64, 1, 0),
-    (overlay_common::map_names::COUNTERS, "percpu_array", 4, 16, 24, 0),
+    (overlay_common::map_names::COUNTERS, "percpu_array", 4, 16, 25, 0),
     (overlay_common::map_names::KERNEL_SOCKETS, "lru_hash", 8, 1, 65536, 0),
     (overlay_common::map_names::PEERS, "hash", 4, 8, 65536, 0),
     (overlay_common::map_names::POD_PORTS, "hash", 6, 4, 4096, 0),

@@ -389,7 +389,7 @@ fn a_failed_start_leaves_the_routes_an_older_layout_records() {
     }
     let upgraded = PinDir::new();
     let older = upgraded.path().join("v5");
-    let routes_map = overlay_tests::V8_MAPS.into_iter().find(|m| m.0 == overlay_common::map_names::ROUTES).unwrap();
+    let routes_map = overlay_tests::V9_MAPS.into_iter().find(|m| m.0 == overlay_common::map_names::ROUTES).unwrap();
     overlay_tests::make_pins(&older, &[routes_map]);
     let mut recorded: aya::maps::LpmTrie<aya::maps::MapData, [u8; 4], Route> =
         overlay_agent::maps::open_pinned(&older.join(overlay_common::map_names::ROUTES)).unwrap();

@@ -56,6 +56,8 @@ const PEER_VTEP: [u8; 6] = [0x0e, 0, 192, 168, 77, 12];
 const NIC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 11];
 const PEER_NIC_MAC: [u8; 6] = [2, 0, 0, 0, 0, 12];
 const BRIDGE_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
+/// The pod bridge's own address: a pod's packet from it is the kernel's.
+const BRIDGE_IP: [u8; 4] = [10, 244, 1, 1];
 /// Enrolled on the interface test runs see frames arrive on (lo, index 1).
 const POD_MAC: [u8; 6] = [2, 0, 0, 0, 1, 11];
 
@@ -343,7 +345,11 @@ fn raw_frame(rng: &mut Rng) -> Vec<u8> {
 
 /// A frame a local pod sends on its veth.
 fn pod_frame(rng: &mut Rng) -> Vec<u8> {
-    let src = if rng.chance(85) { host_in(rng, OUR_PODS) } else { some_address(rng) };
+    let src = match rng.below(20) {
+        0..17 => host_in(rng, OUR_PODS),
+        17 => BRIDGE_IP,
+        _ => some_address(rng),
+    };
     let dst = match rng.below(6) {
         0 | 1 => host_in(rng, PEER_PODS),
         2 | 3 => host_in(rng, DIRECT_PODS),
@@ -600,7 +606,7 @@ fn expect_pod(f: &[u8]) -> Judgement {
     }
     let (src, dst) = (addr(f, 26).unwrap(), addr(f, 30).unwrap());
     let ttl = f[22];
-    if f[14] != 0x45 || ttl <= 1 || !in_cidr(src, OUR_PODS) || f[6..12] != POD_MAC {
+    if f[14] != 0x45 || ttl <= 1 || !in_cidr(src, OUR_PODS) || src == BRIDGE_IP || f[6..12] != POD_MAC {
         return plain(Expect::Pass);
     }
     let (mtu, vxlan) = if in_cidr(dst, PEER_PODS) {
@@ -731,6 +737,7 @@ impl Fixture {
             pod_prefix_len: OUR_PODS.1,
             pod_bridge_ifindex: 99,
             pod_bridge_mac: BRIDGE_MAC,
+            pod_bridge_ip: BRIDGE_IP,
             ..Config::default()
         };
         config.set(0, cfg, 0).unwrap();
@@ -756,6 +763,11 @@ impl Fixture {
     /// (EINVAL for an IPv4 or IPv6 ethertype with a shorter header behind
     /// it; XDP still sees those frames).
     fn run(&mut self, name: &str, frame: &[u8]) -> Option<(u32, Vec<u8>)> {
+        // The hook CONFIG names: XDP acts only while that is XDP, and TC
+        // ingress then leaves the judging of bare packets to it.
+        let mut config = self.maps.config.get(&0, 0).unwrap();
+        config.xdp_decap = u16::from(name == program_names::XDP_INGRESS);
+        self.maps.config.set(0, config, 0).unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);

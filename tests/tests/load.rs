@@ -13,7 +13,7 @@ use overlay_agent::{
     datapath::{Datapath, DatapathError, DecapHook, LinkOutcome},
 };
 use overlay_common::{Config, Peer, ROUTE_MODE_VXLAN, Route, SocketKey, map_names, program_names};
-use overlay_tests::{NetNs, NetNsEntered, PinDir, PinnedMap, TempDir, V8_MAPS, agent_binary, make_pins, require_root, stdout, tc_program_ids};
+use overlay_tests::{NetNs, NetNsEntered, PinDir, PinnedMap, TempDir, V9_MAPS, agent_binary, make_pins, require_root, stdout, tc_program_ids};
 
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
@@ -404,7 +404,7 @@ fn an_agent_upgrades_from_the_previous_map_layouts_pins() {
     upgrade_from(5, &V5_MAPS);
 }
 
-/// The previous layout's pins with one map not as v8 pinned it (here
+/// The previous layout's pins with one map not as v9 pinned it (here
 /// `ROUTES` with 32-byte values): nothing is carried, not even the maps
 /// read before it (an entry of `PEERS`), the error names the map, and the
 /// new maps stay empty for the first reconcile to fill. The agent logs it
@@ -415,7 +415,7 @@ fn previous_layout_pins_of_another_shape_are_not_carried() {
     require_root();
     let pins = PinDir::new();
     let old = pins.path().join(format!("v{}", carry::FROM));
-    let mut maps = V8_MAPS;
+    let mut maps = V9_MAPS;
     let routes = maps.iter_mut().find(|m| m.0 == map_names::ROUTES).unwrap();
     routes.3 = 32;
     make_pins(&old, &maps);
@@ -443,7 +443,7 @@ fn sockets_the_previous_layout_records_after_the_carry_are_carried_late() {
     require_root();
     let pins = PinDir::new();
     let old = pins.path().join(format!("v{}", carry::FROM));
-    make_pins(&old, &V8_MAPS);
+    make_pins(&old, &V9_MAPS);
     let socket = |last: u8| SocketKey { addr: [10, 244, 1, last], port: 443u16.to_be_bytes(), proto: 6, _pad: 0 };
     let mut old_sockets: HashMap<aya::maps::MapData, SocketKey, u8> =
         overlay_agent::maps::open_pinned(&old.join(map_names::KERNEL_SOCKETS)).unwrap();

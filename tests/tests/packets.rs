@@ -136,7 +136,18 @@ impl Fixture {
     }
 
     /// Runs program `name` on `frame`; returns its verdict and output bytes.
+    /// CONFIG names the program's own hook: XDP acts only while that is
+    /// XDP, and TC ingress then leaves the judging of bare packets to it.
     fn run(&mut self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.run_behind(name == program_names::XDP_INGRESS, name, frame)
+    }
+
+    /// Runs program `name` on `frame` with CONFIG naming XDP as the
+    /// decapsulation hook or not.
+    fn run_behind(&mut self, xdp_decap: bool, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let mut config = self.maps.config.get(&0, 0).unwrap();
+        config.xdp_decap = u16::from(xdp_decap);
+        self.maps.config.set(0, config, 0).unwrap();
         let mut out = vec![0u8; frame.len() + 256];
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
@@ -402,6 +413,25 @@ fn xdp_strips_priority_tags_and_checks_what_is_inside() {
         assert_eq!(f.counters().packets(Counter::Pass) - before.packets(Counter::Pass), 1, "under {tags:x?}");
         assert_eq!(f.counters().packets(Counter::Decap), before.packets(Counter::Decap), "under {tags:x?}: not ours to decapsulate");
         assert_eq!(out, tagged(&Vxlan::default().frame(), &tags[tags.len() - 1..]), "under {tags:x?}: only the priority tag stripped");
+    }
+}
+
+/// XDP attached while CONFIG names TC ingress as the decapsulation hook
+/// (a restart from TC onto XDP, between the attach and the CONFIG write)
+/// leaves every frame to TC, untouched and uncounted: what it
+/// decapsulated, TC would judge as bare. (Shown failing before: XDP
+/// decapsulated whatever CONFIG said.)
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn xdp_leaves_every_frame_to_tc_until_config_names_it() {
+    require_root();
+    let mut f = Fixture::new();
+    let bare = eth(NIC_MAC, PEER_NIC_MAC, &inner_ip([10, 244, 2, 11], [10, 244, 1, 11]));
+    for frame in [Vxlan::default().frame(), bare] {
+        let before = f.counters();
+        let (verdict, out) = f.run_behind(false, program_names::XDP_INGRESS, &frame);
+        assert_eq!((verdict, &out), (XDP_PASS, &frame), "XDP behind CONFIG naming TC: passed untouched");
+        assert_eq!(f.counters(), before, "XDP behind CONFIG naming TC: counted nothing");
     }
 }
 
