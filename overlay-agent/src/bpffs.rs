@@ -356,8 +356,8 @@ const LAYOUTS: &[(u32, &str)] = &[(
      KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \
      POD_PORTS type=1 key=6 value=4 max=4096; ROUTES type=11 key=8 value=16 max=65536",
 ), (
-    // v10: Config gained pod_bridge_ip (68 bytes); XDP acts only while
-    // Config::xdp_decap is set.
+    // v10: Config gained pod_bridge_ip (68 bytes); xdp_decap names one of
+    // four DECAP_HOOK_* stages, and XDP acts only in the three not TC's.
     10,
     "CONFIG type=2 key=4 value=68 max=1; COUNTERS type=6 key=4 value=16 max=25; \
      KERNEL_SOCKETS type=9 key=8 value=1 max=65536; PEERS type=1 key=4 value=8 max=65536; \

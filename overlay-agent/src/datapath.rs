@@ -320,6 +320,21 @@ impl Datapath {
     /// program is attached beside XDP for the fast path's inbound half. A
     /// fresh attachment is undone if a later one fails.
     pub fn attach(&mut self, iface: &str, hook: DecapHook, fast_path: bool) -> Result<AttachReport, DatapathError> {
+        self.attach_with_handover(iface, hook, fast_path, || {})
+    }
+
+    /// [`Self::attach`], running `handover` once every program of the new
+    /// hook is attached and before those of the other hook are removed:
+    /// where the pinned CONFIG hands decapsulation from one hook to the
+    /// other while both are there (see `Config::xdp_decap`). Not run if
+    /// attaching fails.
+    pub fn attach_with_handover(
+        &mut self,
+        iface: &str,
+        hook: DecapHook,
+        fast_path: bool,
+        handover: impl FnOnce(),
+    ) -> Result<AttachReport, DatapathError> {
         if crate::iface::interface_index(iface).is_none() {
             return Err(DatapathError::UnknownInterface(iface.to_owned()));
         }
@@ -354,6 +369,7 @@ impl Datapath {
             }
             return Err(err);
         }
+        handover();
         let mut unwanted: Vec<PathBuf> = LinkRole::ALL
             .into_iter()
             .filter(|role| *role != LinkRole::TcEgress && *role != decap_role)

@@ -71,7 +71,7 @@ pub struct LocalSettings {
     /// it: the one in our pod CIDR becomes
     /// [`overlay_common::Config::pod_bridge_ip`].
     pub pod_bridge_addresses: Vec<Ipv4Addr>,
-    /// Whether XDP may decapsulate in front of TC ingress (see
+    /// Whether XDP is the decapsulation hook, in front of TC ingress (see
     /// [`overlay_common::Config::xdp_decap`]).
     pub xdp_decap: bool,
     /// The segmentation device's sending end (see

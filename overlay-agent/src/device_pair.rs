@@ -335,15 +335,35 @@ impl DevicePair {
         marked
     }
 
-    /// Features and state; returns the sending end's index.
-    fn configure(&self, rtnl: &mut Rtnl) -> Result<u32, DevicePairError> {
-        for (name, features) in [(self.send_end, self.send_features), (self.receive_end, self.receive_features)] {
+    /// Each end's features as the datapath needs them.
+    fn features(&self) -> [(&'static str, &'static [(&'static str, bool)]); 2] {
+        [(self.send_end, self.send_features), (self.receive_end, self.receive_features)]
+    }
+
+    /// An end and one of its features that someone changed since the pair
+    /// was set up (`ethtool -K`), with the feature's state now; `None`
+    /// when all are as the datapath needs them, or cannot be read.
+    pub fn feature_changed(&self) -> Option<(&'static str, &'static str, bool)> {
+        self.features()
+            .into_iter()
+            .find_map(|(name, features)| iface::feature_not_as_wanted(name, features).ok().flatten().map(|(f, on)| (name, f, on)))
+    }
+
+    /// Sets each end's features as the datapath needs them.
+    pub fn set_features(&self) -> Result<(), DevicePairError> {
+        for (name, features) in self.features() {
             iface::set_features(name, features).map_err(|source| DevicePairError::Features {
                 name,
                 features: features.iter().map(|(f, on)| format!("{f} {}", if *on { "on" } else { "off" })).collect::<Vec<_>>().join(", "),
                 source,
             })?;
         }
+        Ok(())
+    }
+
+    /// Features and state; returns the sending end's index.
+    fn configure(&self, rtnl: &mut Rtnl) -> Result<u32, DevicePairError> {
+        self.set_features()?;
         // The receiving end first: veth drops what it sends while its peer
         // is down.
         for name in [self.receive_end, self.send_end] {

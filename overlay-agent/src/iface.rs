@@ -182,19 +182,32 @@ pub fn set_features(iface: &str, wanted: &[(&str, bool)]) -> io::Result<()> {
         }
     }
     ifreq_with(iface, SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = set.as_mut_ptr().cast())?;
+    match feature_not_as_wanted(iface, wanted)? {
+        Some((name, on)) => Err(io::Error::other(format!("{iface} keeps {name} {}", if on { "on" } else { "off" }))),
+        None => Ok(()),
+    }
+}
+
+/// The first of the named features of `iface` that is not as `wanted`,
+/// with its state (`ethtool -k`); `None` when all are.
+pub fn feature_not_as_wanted<'a>(iface: &str, wanted: &[(&'a str, bool)]) -> io::Result<Option<(&'a str, bool)>> {
+    let names = feature_names(iface)?;
+    let blocks = names.len().div_ceil(32);
     // `struct ethtool_gfeatures`: cmd, size, then {available, requested,
     // active, never_changed} per block.
     let mut get = vec![0u32; 2 + 4 * blocks];
     get[..2].copy_from_slice(&[ETHTOOL_GFEATURES, blocks as u32]);
     ifreq_with(iface, SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = get.as_mut_ptr().cast())?;
     for &(name, on) in wanted {
-        let (block, mask) = bit(name)?;
-        if (get[2 + 4 * block + 2] & mask != 0) != on {
-            let state = if on { "off" } else { "on" };
-            return Err(io::Error::other(format!("{iface} keeps {name} {state}")));
+        let index = names.iter().position(|n| n == name).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("the kernel has no feature {name} on {iface}"))
+        })?;
+        let active = get[2 + 4 * (index / 32) + 2] & (1 << (index % 32)) != 0;
+        if active != on {
+            return Ok(Some((name, active)));
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// The interface's IPv4 addresses (`getifaddrs`).

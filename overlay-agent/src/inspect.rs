@@ -36,10 +36,23 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
         match config.pod_bridge_ifindex {
             0 => println!("  fast path: off (pod traffic takes the kernel's forward path)"),
             index => println!(
-                "  fast path: on, pod bridge ifindex {index}, its address {} left to the kernel as a pod's source (--forward bpf)",
-                Ipv4Addr::from(config.pod_bridge_ip)
+                "  fast path: on, pod bridge ifindex {index}, {} (--forward bpf)",
+                match config.pod_bridge_ip {
+                    [0, 0, 0, 0] => "no address of it in the pod CIDR known".to_owned(),
+                    ip => format!("its address {} left to the kernel as a pod's source", Ipv4Addr::from(ip)),
+                }
             ),
         }
+        println!(
+            "  decapsulation: {}",
+            match config.xdp_decap {
+                overlay_common::DECAP_HOOK_TC => "TC ingress (XDP, if attached, passes every frame)".to_owned(),
+                overlay_common::DECAP_HOOK_XDP => "XDP (TC ingress behind it takes bare packets for judged)".to_owned(),
+                overlay_common::DECAP_HOOK_TO_XDP => "handing over to XDP: XDP judges bare packets, TC decapsulates and judges too".to_owned(),
+                overlay_common::DECAP_HOOK_FROM_XDP => "handing back to TC: XDP judges bare packets, TC decapsulates".to_owned(),
+                other => format!("unknown stage {other}"),
+            }
+        );
         match config.seg_ifindex {
             0 => println!("  pods' own tunnels: single packets only (no segmentation device: their GSO packets are dropped as helper_error)"),
             index => println!(

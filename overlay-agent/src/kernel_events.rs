@@ -20,7 +20,7 @@ use std::{collections::BTreeSet, io, time::Duration};
 use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     neighbour::NeighbourAttribute,
     route::RouteProtocol,
 };
@@ -75,13 +75,16 @@ pub enum KernelEvent {
     /// fast path must attach to it again and CONFIG learn its index.
     PodBridgeChanged,
     /// A port joined or left the pod bridge, the bridge learned or forgot
-    /// a MAC behind one, or its own MAC changed (a bridge without an
-    /// address of its own takes its ports' lowest): who is on the fast
-    /// path, or which frames it routes, may have changed.
+    /// a MAC behind one, its own MAC changed (a bridge without an address
+    /// of its own takes its ports' lowest), or an IPv4 address of its own
+    /// came or went: who is on the fast path, or which frames it routes,
+    /// may have changed.
     PodPortsChanged,
-    /// A device of the agent's device pairs was deleted: the datapath may
-    /// be redirecting packets to a device that is gone.
-    DevicePairGone,
+    /// A device of the agent's device pairs was deleted, taken down or
+    /// otherwise changed (its features, say): the datapath may be
+    /// redirecting packets to a device that is gone or that no longer does
+    /// to them what the datapath needs.
+    DevicePairChanged,
     /// A kernel vxlan device was made or changed: one on our UDP port
     /// would decapsulate tunnel traffic our programs do not see
     /// (`foreign_vxlan`).
@@ -98,7 +101,7 @@ impl KernelEvent {
         Self::UnderlayChanged,
         Self::PodBridgeChanged,
         Self::PodPortsChanged,
-        Self::DevicePairGone,
+        Self::DevicePairChanged,
         Self::VxlanDeviceAppeared,
         Self::OwnRouteDeleted,
     ];
@@ -125,7 +128,7 @@ pub struct Watched {
     /// The pod bridge, with `--forward bpf`.
     pub pod_bridge: Option<String>,
     /// The ends of the agent's device pairs (`device_pair.rs`), whose
-    /// deletion is [`KernelEvent::DevicePairGone`].
+    /// every change is [`KernelEvent::DevicePairChanged`].
     pub device_pairs: Vec<String>,
 }
 
@@ -322,6 +325,13 @@ impl Classifier {
         use RouteNetlinkMessage as M;
         let underlay = |changed: bool| changed.then_some(KernelEvent::UnderlayChanged);
         match message {
+            // The pod bridge's own: the fast path leaves pods' packets from
+            // its addresses to the kernel (`Config::pod_bridge_ip`).
+            M::NewAddress(address) | M::DelAddress(address)
+                if address.header.family == AddressFamily::Inet && self.pod_bridge == Some(address.header.index) =>
+            {
+                Some(KernelEvent::PodPortsChanged)
+            }
             M::NewAddress(address) | M::DelAddress(address) => underlay(address.header.family == AddressFamily::Inet),
             // Ours change with every apply, and follow from the paths; one
             // deleted is checked for (the agent's own deletions too: one
@@ -385,14 +395,13 @@ impl Classifier {
         if present && link.header.interface_family != AddressFamily::Bridge && is_vxlan(link) {
             return Some(KernelEvent::VxlanDeviceAppeared);
         }
-        // Their deletion, or an end taken down (veth drops what it sends
-        // then). The agent's own setting up of a pair notifies too, down
-        // at first: by the time the loop hears of it the pair is up and
-        // serving, which is what `DevicePair::still_serves` asks.
-        if name.is_some_and(|name| self.watched.device_pairs.iter().any(|end| end == name))
-            && (!present || !link.header.flags.contains(LinkFlags::Up))
-        {
-            return Some(KernelEvent::DevicePairGone);
+        // Their deletion, an end taken down (veth drops what it sends
+        // then), or their features changed (`ethtool -K`: the kernel
+        // notifies it as a link change). The agent's own setting up of a
+        // pair notifies too: by the time the loop hears of it the pair is
+        // up, serving and as configured, which is what the agent asks.
+        if name.is_some_and(|name| self.watched.device_pairs.iter().any(|end| end == name)) {
+            return Some(KernelEvent::DevicePairChanged);
         }
         if name == Some(self.watched.underlay.as_str()) || Some(index) == self.underlay {
             self.underlay = present.then_some(index);
@@ -411,6 +420,7 @@ fn is_vxlan(link: &LinkMessage) -> bool {
 mod tests {
     use netlink_packet_route::{
         address::AddressMessage,
+        link::LinkFlags,
         neighbour::NeighbourMessage,
         route::{RouteMessage, RouteType},
         rule::RuleMessage,
@@ -465,6 +475,8 @@ mod tests {
         let mut address = AddressMessage::default();
         address.header.family = AddressFamily::Inet;
         assert_eq!(c.classify(&RouteNetlinkMessage::DelAddress(address.clone())), Some(KernelEvent::UnderlayChanged));
+        address.header.index = BRIDGE;
+        assert_eq!(c.classify(&RouteNetlinkMessage::NewAddress(address.clone())), Some(KernelEvent::PodPortsChanged), "the pod bridge's");
         address.header.family = AddressFamily::Inet6;
         assert_eq!(c.classify(&RouteNetlinkMessage::NewAddress(address)), None, "IPv6 is not our underlay");
         let mut rule = RuleMessage::default();
@@ -567,16 +579,16 @@ mod tests {
     }
 
     #[test]
-    fn a_device_pairs_deletion_or_an_end_down_is_an_event() {
+    fn any_change_of_a_device_pair_is_an_event() {
         let mut c = classifier();
         for end in ["ovl-gro0", "ovl-gro1"] {
             let mut up = link(AddressFamily::Unspec, 9, Some(end), None);
             up.header.flags = LinkFlags::Up;
-            assert_eq!(c.classify(&RouteNetlinkMessage::NewLink(up)), None, "{end} up");
+            assert_eq!(c.classify(&RouteNetlinkMessage::NewLink(up)), Some(KernelEvent::DevicePairChanged), "{end} changed (its features, say)");
             let down = RouteNetlinkMessage::NewLink(link(AddressFamily::Unspec, 9, Some(end), None));
-            assert_eq!(c.classify(&down), Some(KernelEvent::DevicePairGone), "{end} down");
+            assert_eq!(c.classify(&down), Some(KernelEvent::DevicePairChanged), "{end} down");
             let gone = RouteNetlinkMessage::DelLink(link(AddressFamily::Unspec, 9, Some(end), None));
-            assert_eq!(c.classify(&gone), Some(KernelEvent::DevicePairGone), "{end} deleted");
+            assert_eq!(c.classify(&gone), Some(KernelEvent::DevicePairChanged), "{end} deleted");
         }
         let other = RouteNetlinkMessage::DelLink(link(AddressFamily::Unspec, 9, Some("ovl-gro2"), None));
         assert_eq!(c.classify(&other), None);

@@ -41,7 +41,7 @@ use overlay_agent::{
     device_pair::{DevicePairError, PairKind},
     gro_device, seg_device, server,
 };
-use overlay_common::Counter;
+use overlay_common::{Counter, DECAP_HOOK_FROM_XDP, DECAP_HOOK_TC, DECAP_HOOK_TO_XDP, DECAP_HOOK_XDP};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -508,10 +508,21 @@ impl Host for NodeHost {
         }
     }
 
-    fn device_pair_gone(&mut self, local: &mut LocalSettings) {
+    fn device_pair_changed(&mut self, local: &mut LocalSettings) {
         for kind in PairKind::ALL {
             let (pair, index) = (kind.pair(), *kind.in_settings(local));
-            if !self.pairs_wanted.contains(&kind) || (index != 0 && pair.still_serves(index)) {
+            if !self.pairs_wanted.contains(&kind) {
+                continue;
+            }
+            if index != 0 && pair.still_serves(index) {
+                // Features someone changed (GRO turned on where segments
+                // must stay apart, say) are set again.
+                if let Some((end, feature, on)) = pair.feature_changed() {
+                    warn!(device = end, feature, on, "the {}'s features changed; setting them again", pair.what);
+                    if let Err(err) = pair.set_features() {
+                        warn!(error = %err.to_string_with_causes(), "cannot set the {}'s features again", pair.what);
+                    }
+                }
                 continue;
             }
             if index != 0 {
@@ -675,29 +686,18 @@ impl NodeHost {
             })
             .context("turning the fast path off in the pinned CONFIG")?;
         }
-        // The hook goes into the pinned CONFIG now, not at the first
-        // reconcile (which waits for our own Node, however long): behind
-        // XDP, TC ingress must not judge what XDP decapsulated as bare
-        // packets claiming a peer's pods (it would drop them), and without
-        // XDP it must judge those. XDP acts only while CONFIG names it, so
-        // onto XDP CONFIG follows the attach (nothing is decapsulated by XDP
-        // before TC knows); off XDP it goes first, so no bare packet passes
-        // unjudged in between (only what XDP decapsulated in the moment
-        // before, still on its way to TC, may meet a TC that judges it).
+        // The hook goes into the pinned CONFIG as both hooks are attached,
+        // not at the first reconcile (which waits for our own Node, however
+        // long): behind XDP, TC ingress must not judge what XDP
+        // decapsulated as bare packets claiming a peer's pods (it would drop
+        // them), and without XDP it must judge those.
         let xdp_decap = matches!(hook, DecapHook::Xdp(_));
-        let write_hook = |this: &mut Self| {
-            if let Err(err) = this.change_pinned_config(|config| config.xdp_decap = u16::from(xdp_decap)) {
-                warn!(error = %err.to_string_with_causes(), "cannot write the decapsulation hook to CONFIG; the first reconcile writes it");
-            }
-        };
-        if !xdp_decap {
-            write_hook(self);
-        }
-        let report = self.datapath.attach(&iface, hook, fast_path).with_context(|| format!("attaching to {iface}"))?;
+        let maps = &mut self.maps;
+        let report = self
+            .datapath
+            .attach_with_handover(&iface, hook, fast_path, || hand_decapsulation_over(maps, xdp_decap))
+            .with_context(|| format!("attaching to {iface}"))?;
         settings.xdp_decap = xdp_decap;
-        if xdp_decap {
-            write_hook(self);
-        }
         for removed in &report.removed {
             info!(pin = %removed.display(), "removed an attachment or map layout this agent no longer uses");
         }
@@ -878,7 +878,8 @@ impl NodeHost {
             Err(err) => warn!(%bridge, error = %err, "cannot read the pod bridge's MAC; the fast path keeps the last one"),
         }
         // The CNI plugin gives the bridge its address with the first pod;
-        // address changes wake the agent (RTM_NEWADDR).
+        // the kernel's notice of it (RTM_NEWADDR on the bridge) is a
+        // `PodPortsChanged`, which brings the agent here.
         match iface::ipv4_addresses(&bridge) {
             Ok(addresses) if addresses != settings.pod_bridge_addresses => {
                 info!(%bridge, ?addresses, "the pod bridge's addresses changed; pods' packets from them are left to the kernel's path");
@@ -976,6 +977,42 @@ fn etcd_options(args: &RunArgs) -> etcd_source::EtcdOptions {
     }
 }
 
+/// How long the pinned CONFIG holds a handover stage: far longer than a
+/// packet takes from XDP to TC ingress (the same softirq, or the backlog
+/// behind it), so none that XDP handled before the stage meets TC after it.
+const HANDOVER_STAGE: Duration = Duration::from_millis(100);
+
+/// Writes the decapsulation hook into the pinned CONFIG (when a previous
+/// run configured it) through the stage that lets no packet meet a hook
+/// that misjudges it (see `Config::xdp_decap`), held while packets XDP
+/// handled before may still be on their way to TC: onto XDP,
+/// `DECAP_HOOK_TO_XDP` (XDP passed bare packets unjudged before; now both
+/// hooks judge them, and TC decapsulates); back to TC,
+/// `DECAP_HOOK_FROM_XDP` (XDP decapsulated before; now it only judges, and
+/// TC decapsulates and takes bare packets for judged). Both hooks are
+/// attached meanwhile; a start that changes hook takes that much longer.
+fn hand_decapsulation_over(maps: &mut DatapathMaps, xdp: bool) {
+    let Ok(before) = maps.config.get(&0, 0) else { return };
+    let (stage, hook) = if xdp { (DECAP_HOOK_TO_XDP, DECAP_HOOK_XDP) } else { (DECAP_HOOK_FROM_XDP, DECAP_HOOK_TC) };
+    if before.enabled == 0 || before.xdp_decap == hook {
+        return;
+    }
+    let stages: &[u16] = match (xdp, before.xdp_decap) {
+        // Nothing XDP decapsulated is on its way.
+        (false, DECAP_HOOK_TC | DECAP_HOOK_TO_XDP) => &[hook],
+        _ => &[stage, hook],
+    };
+    for (k, &xdp_decap) in stages.iter().enumerate() {
+        if k > 0 {
+            std::thread::sleep(HANDOVER_STAGE);
+        }
+        if let Err(err) = maps.config.set(0, overlay_common::Config { xdp_decap, ..before }, 0) {
+            warn!(error = %err.to_string_with_causes(), "cannot write the decapsulation hook to CONFIG; the first reconcile writes it");
+            return;
+        }
+    }
+}
+
 /// Settings from the flags and `net-conf.json`, the underlay interface, and
 /// where to write `subnet.env`.
 fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(LocalSettings, String, Option<PathBuf>)> {
@@ -1030,9 +1067,9 @@ fn settings(args: &RunArgs, etcd_net_conf: Option<NetConf>) -> anyhow::Result<(L
         pod_bridge_ifindex: 0,
         pod_bridge_mac: [0; 6],
         pod_bridge_addresses: Vec::new(),
-        // Until attach settles the hook: whenever XDP may be in front, so
-        // TC never drops what XDP decapsulated (see Config::xdp_decap).
-        xdp_decap: !(args.decap == Decap::Tc || (args.decap == Decap::Auto && backend == Backend::HostGw)),
+        // Until attach settles the hook, which happens before any reconcile
+        // writes CONFIG from these settings.
+        xdp_decap: false,
         // Until attach sets up the segmentation device.
         seg_ifindex: 0,
         gro_ifindex: 0,

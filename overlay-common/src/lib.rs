@@ -103,6 +103,22 @@ pub const KERNEL_PATH_MARK: u32 = 0x6f76_0001;
 /// Unforgeable as [`KERNEL_PATH_MARK`] is.
 pub const OWN_TUNNEL_MARK: u32 = 0x6f76_0002;
 
+/// [`Config::xdp_decap`]: TC ingress decapsulates and judges bare packets;
+/// XDP, if attached, passes every frame to it untouched.
+pub const DECAP_HOOK_TC: u16 = 0;
+/// [`Config::xdp_decap`]: XDP decapsulates and judges bare packets; TC
+/// ingress takes every bare packet for one XDP judged (or decapsulated).
+pub const DECAP_HOOK_XDP: u16 = 1;
+/// [`Config::xdp_decap`], on the way from TC to XDP: XDP judges bare
+/// packets and decapsulates nothing; TC ingress decapsulates and judges
+/// bare packets too (XDP may have passed one unjudged just before).
+pub const DECAP_HOOK_TO_XDP: u16 = 2;
+/// [`Config::xdp_decap`], on the way from XDP to TC: XDP judges bare
+/// packets and decapsulates nothing; TC ingress decapsulates and takes
+/// bare packets for judged (XDP may have decapsulated one just before).
+/// Held until nothing XDP decapsulated can still be on its way.
+pub const DECAP_HOOK_FROM_XDP: u16 = 3;
+
 /// [`Route::mode`]: reach the CIDR through a VXLAN tunnel to the node.
 pub const ROUTE_MODE_VXLAN: u8 = 1;
 /// [`Route::mode`]: forward unencapsulated to the node (host-gw).
@@ -194,11 +210,11 @@ pub struct Config {
     pub node_ip: [u8; 4],
     /// VXLAN UDP destination port (host byte order).
     pub vxlan_port: u16,
-    /// Non-zero while XDP is the decapsulation hook, in front of TC
-    /// ingress. XDP acts only then (attached while this is zero, it passes
-    /// every frame to TC untouched). TC then cannot tell a packet XDP
-    /// decapsulated from one that arrived bare, so it leaves the check of
-    /// bare packets' sources to XDP.
+    /// Which hook decapsulates, and judges bare packets' sources: one of
+    /// `DECAP_HOOK_*`. TC ingress cannot tell a packet XDP decapsulated
+    /// from one that arrived bare, so behind XDP it leaves that judgement
+    /// to XDP; the two handover stages let a restart move between the
+    /// hooks without a packet meeting a hook that misjudges it.
     pub xdp_decap: u16,
     /// This node's VTEP MAC: inner source MAC on encapsulation and the inner
     /// destination MAC flannel peers send to us.

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use network_types::eth::EthHdr;
-use overlay_common::{Config, Counter, KERNEL_PATH_MARK};
+use overlay_common::{Config, Counter, DECAP_HOOK_FROM_XDP, DECAP_HOOK_TC, DECAP_HOOK_XDP, KERNEL_PATH_MARK};
 
 use crate::{
     DropReason,
@@ -29,11 +29,9 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
     let Some(cfg) = config() else {
         return Ok(xdp_action::XDP_PASS);
     };
-    // Attached, but not yet (or no longer) the hook CONFIG names: TC
-    // ingress decapsulates and judges everything. So a restart from TC
-    // onto XDP attaches XDP before it writes CONFIG, and nothing XDP
-    // decapsulated meets a TC that would judge it bare.
-    if cfg.xdp_decap == 0 {
+    // Attached, but not the hook CONFIG names: TC ingress decapsulates
+    // and judges everything (see `Config::xdp_decap`).
+    if cfg.xdp_decap == DECAP_HOOK_TC {
         return Ok(xdp_action::XDP_PASS);
     }
     if let Tagging::OtherVlan = strip_priority_tags_xdp(ctx)? {
@@ -41,6 +39,8 @@ pub fn try_xdp_ingress(ctx: &XdpContext) -> Result<u32, DropReason> {
         return Ok(xdp_action::XDP_PASS);
     }
     match classify_rx(ctx, cfg)? {
+        // Handing over: judged, and left to TC to decapsulate.
+        Rx::Decap | Rx::Merged if cfg.xdp_decap != DECAP_HOOK_XDP => return Ok(xdp_action::XDP_PASS),
         Rx::Decap => {}
         Rx::NotOurs => {
             reject_bare_tunnel_source(ctx, cfg)?;
@@ -99,7 +99,7 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
         Rx::Decap => {}
         Rx::NotOurs => {
             // Behind XDP, this may be a packet XDP decapsulated (and checked).
-            let xdp_in_front = cfg.xdp_decap != 0;
+            let xdp_in_front = matches!(cfg.xdp_decap, DECAP_HOOK_XDP | DECAP_HOOK_FROM_XDP);
             if let Some(action) = deliver_to_pod(ctx, cfg, Arrival::Underlay { decapsulated: xdp_in_front }) {
                 return Ok(action);
             }

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
-use overlay_common::{Config, Counter, KERNEL_PATH_MARK};
+use overlay_common::{Config, Counter, DECAP_HOOK_XDP, KERNEL_PATH_MARK};
 
 use crate::{
     DropReason,
@@ -88,7 +88,7 @@ pub fn reply_frag_needed(ctx: &TcContext, cfg: &Config) -> Result<i32, DropReaso
     // judge it (native XDP never sees a packet sent in so; the TC program
     // behind XDP judges no sources) and, with `--forward kernel`, no TC
     // program is there to clear a mark.
-    if cfg.xdp_decap == 0 {
+    if cfg.xdp_decap != DECAP_HOOK_XDP {
         ctx.set_mark(KERNEL_PATH_MARK);
     }
     count(Counter::IcmpFragNeeded, too_big_len);

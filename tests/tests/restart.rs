@@ -29,10 +29,28 @@ fn link_index(lab: &Lab, i: usize, name: &str) -> Option<u64> {
 
 /// Two nodes, one pod each, agents fed from manifests.
 fn two_node_lab() -> Lab {
+    two_node_lab_forwarding("bpf")
+}
+
+/// The same with `--forward forward`.
+fn two_node_lab_forwarding(forward: &str) -> Lab {
     let mut spec = LabSpec::new(agent_binary());
     spec.nodes = 2;
     spec.pods_per_node = 1;
+    spec.forward = forward.to_owned();
     Lab::start(spec).unwrap_or_else(|e| panic!("lab failed to start: {e}"))
+}
+
+/// Node `i`'s count of UDP datagrams for a port no socket has (`NoPorts`
+/// in /proc/net/snmp): tunnel packets that reached the kernel's UDP layer
+/// undecapsulated count there.
+fn udp_no_ports(lab: &Lab, i: usize) -> u64 {
+    let out = lab.nodes[i].ns.exec("cat", &["/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp: "));
+    let (names, values) = (udp.next().expect("Udp: names"), udp.next().expect("Udp: values"));
+    let column = names.split_whitespace().position(|n| n == "NoPorts").expect("a NoPorts column");
+    values.split_whitespace().nth(column).and_then(|v| v.parse().ok()).expect("a NoPorts count")
 }
 
 #[test]
@@ -526,41 +544,50 @@ fn a_restart_onto_another_decap_hook_serves_before_the_first_reconcile() {
 }
 
 /// Node 2's agent restarted from TC decapsulation onto XDP and back while
-/// node 1's pod sends to node 2's pod as fast as it can: no tunnel packet
-/// is dropped as a bare one claiming a peer's pods. XDP attached while
-/// CONFIG still said TC was the hook decapsulated in front of a TC that
-/// judged what it passed on as bare. (Shown failing before XDP acted
-/// only while CONFIG named it: the restart onto XDP dropped 1786 of the
-/// flood's packets as `bare_tunnel_source`, in the milliseconds between
-/// XDP's attach and the CONFIG write.)
+/// node 1's pod sends to node 2's pod as fast as it can, with the fast path
+/// and without it: no tunnel packet is dropped as a bare one claiming a
+/// peer's pods, and none reaches node 2's UDP layer undecapsulated. XDP
+/// attached while CONFIG still said TC was the hook decapsulated in front
+/// of a TC that judged what it passed on as bare; a hook switched off
+/// before the other took over left tunnel packets to the kernel. (Shown
+/// failing: before XDP acted only while CONFIG named it, the restart onto
+/// XDP dropped 1786 of the flood's packets as `bare_tunnel_source`, in
+/// the milliseconds between XDP's attach and the CONFIG write; with a
+/// first version that wrote CONFIG around the attach rather than while
+/// both hooks were attached, `--forward kernel`, where XDP has no TC
+/// behind it, passed tunnel packets to nobody.)
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_restart_onto_another_decap_hook_under_tunnel_traffic_drops_none_of_it() {
     require_root();
-    let mut lab = two_node_lab();
-    let target = lab.nodes[1].pods[0].ip.to_string();
-    let _flood = overlay_tests::lab::ChildGuard(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", lab.nodes[0].pods[0].ns.name()))
-            .args(["python3", "-c", "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nwhile True: s.sendto(b'x'*64,(sys.argv[1],9))", &target])
-            .spawn()
-            .unwrap(),
-    );
-    for (decap, hook) in [("xdp", "Xdp"), ("tc", "TcIngress")] {
-        let before = lab.counters(1);
-        lab.stop_agent(1);
-        lab.spec_mut().decap = decap.to_owned();
-        launch_and_wait_until_attached(&mut lab, 1);
-        // The first reconcile writes CONFIG again; the flood goes on past it.
-        std::thread::sleep(Duration::from_millis(500));
-        let log = lab.agent_log(1);
-        let attached = log.lines().rev().find(|l| l.contains("datapath attached")).unwrap_or_default();
-        assert!(attached.contains(&format!("hook={hook}")), "control: --decap {decap} attached {attached}");
-        let after = lab.counters(1);
-        let decapsulated = after.packets(Counter::Decap) - before.packets(Counter::Decap);
-        assert!(decapsulated > 1000, "control: the flood did not reach node 2 across the restart onto {decap}: {decapsulated} decapsulated");
-        let bare = after.drops(overlay_common::DropReason::BareTunnelSource) - before.drops(overlay_common::DropReason::BareTunnelSource);
-        assert_eq!(bare, 0, "tunnel packets dropped as bare across the restart onto --decap {decap} ({decapsulated} decapsulated):\n{}", lab.inspect(1));
+    for forward in ["bpf", "kernel"] {
+        let mut lab = two_node_lab_forwarding(forward);
+        let target = lab.nodes[1].pods[0].ip.to_string();
+        let _flood = overlay_tests::lab::ChildGuard(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", lab.nodes[0].pods[0].ns.name()))
+                .args(["python3", "-c", "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nwhile True: s.sendto(b'x'*64,(sys.argv[1],9))", &target])
+                .spawn()
+                .unwrap(),
+        );
+        for (decap, hook) in [("xdp", "Xdp"), ("tc", "TcIngress")] {
+            let (before, no_ports) = (lab.counters(1), udp_no_ports(&lab, 1));
+            lab.stop_agent(1);
+            lab.spec_mut().decap = decap.to_owned();
+            launch_and_wait_until_attached(&mut lab, 1);
+            // The first reconcile writes CONFIG again; the flood goes on past it.
+            std::thread::sleep(Duration::from_millis(500));
+            let log = lab.agent_log(1);
+            let attached = log.lines().rev().find(|l| l.contains("datapath attached")).unwrap_or_default();
+            assert!(attached.contains(&format!("hook={hook}")), "control: --decap {decap} attached {attached}");
+            let after = lab.counters(1);
+            let decapsulated = after.packets(Counter::Decap) - before.packets(Counter::Decap);
+            let what = format!("--forward {forward}, across the restart onto --decap {decap} ({decapsulated} decapsulated)");
+            assert!(decapsulated > 1000, "control: the flood did not reach node 2, {what}");
+            let bare = after.drops(overlay_common::DropReason::BareTunnelSource) - before.drops(overlay_common::DropReason::BareTunnelSource);
+            assert_eq!(bare, 0, "tunnel packets dropped as bare, {what}:\n{}", lab.inspect(1));
+            assert_eq!(udp_no_ports(&lab, 1) - no_ports, 0, "tunnel packets left to node 2's UDP layer, {what}");
+        }
     }
 }
 
@@ -601,40 +628,46 @@ while True:
 }
 
 /// Node 2's agent restarted from TC decapsulation onto XDP and back while
-/// node 1 sends it bare frames claiming its pod: none reaches node 2's pod
-/// at any moment. Off XDP, a TC that CONFIG still tells XDP is in front
-/// judges no bare packet, and XDP is already gone. (Shown failing before
-/// the restart onto TC wrote CONFIG before it detached XDP: node 2's pod
-/// received them, 256 (all its socket queued), in the moment between.)
+/// node 1 sends it bare frames claiming its pod, with the fast path and
+/// without it: none reaches node 2's pod at any moment. Off XDP, a TC
+/// that CONFIG still told XDP was in front judged no bare packet, and XDP
+/// was already gone. (Shown failing: before the restart onto TC wrote
+/// CONFIG before it detached XDP, node 2's pod received them, 256 (all its
+/// socket queued), in the moment between; with a first version that wrote
+/// CONFIG around the attach rather than while both hooks were attached,
+/// `--forward kernel` let them through while neither hook judged.)
 #[test]
 #[ignore = "needs root: run `cargo xtask test` as root"]
 fn a_restart_onto_another_decap_hook_lets_no_bare_forgery_through() {
     require_root();
-    let mut lab = two_node_lab();
-    let port = 32100;
-    let pod = {
-        let _inside = lab.nodes[1].pods[0].ns.enter();
-        std::net::UdpSocket::bind((lab.nodes[1].pods[0].ip, port)).expect("binding in node 2's pod")
-    };
-    pod.set_nonblocking(true).unwrap();
-    let _forger = forge_from_node1(&lab, port);
-    let received = || {
-        let (mut n, mut buf) = (0, [0u8; 64]);
-        while pod.recv(&mut buf).is_ok() {
-            n += 1;
+    for forward in ["bpf", "kernel"] {
+        let mut lab = two_node_lab_forwarding(forward);
+        let port = 32100;
+        let pod = {
+            let _inside = lab.nodes[1].pods[0].ns.enter();
+            std::net::UdpSocket::bind((lab.nodes[1].pods[0].ip, port)).expect("binding in node 2's pod")
+        };
+        pod.set_nonblocking(true).unwrap();
+        let _forger = forge_from_node1(&lab, port);
+        let received = || {
+            let (mut n, mut buf) = (0, [0u8; 64]);
+            while pod.recv(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        };
+        for decap in ["xdp", "tc", "xdp", "tc"] {
+            let before = lab.counters(1).drops(overlay_common::DropReason::BareTunnelSource);
+            lab.stop_agent(1);
+            lab.spec_mut().decap = decap.to_owned();
+            launch_and_wait_until_attached(&mut lab, 1);
+            std::thread::sleep(Duration::from_millis(300));
+            let dropped = lab.counters(1).drops(overlay_common::DropReason::BareTunnelSource) - before;
+            let what = format!("--forward {forward}, across the restart onto --decap {decap}");
+            assert!(dropped > 1000, "control: node 2 dropped {dropped} forgeries, {what}:\n{}", lab.inspect(1));
+            let through = received();
+            assert_eq!(through, 0, "forgeries delivered to node 2's pod, {what} ({dropped} dropped)");
         }
-        n
-    };
-    for decap in ["xdp", "tc", "xdp", "tc"] {
-        let before = lab.counters(1).drops(overlay_common::DropReason::BareTunnelSource);
-        lab.stop_agent(1);
-        lab.spec_mut().decap = decap.to_owned();
-        launch_and_wait_until_attached(&mut lab, 1);
-        std::thread::sleep(Duration::from_millis(300));
-        let dropped = lab.counters(1).drops(overlay_common::DropReason::BareTunnelSource) - before;
-        assert!(dropped > 1000, "control: node 2 dropped {dropped} forgeries across the restart onto --decap {decap}:\n{}", lab.inspect(1));
-        let through = received();
-        assert_eq!(through, 0, "forgeries delivered to node 2's pod across the restart onto --decap {decap} ({dropped} dropped)");
     }
 }
 

@@ -197,11 +197,12 @@ pub trait Host {
     /// bond made again), attach to it again. May change the settings (its
     /// index and MTU, the hook's and the pairs' settings).
     fn underlay_changed(&mut self, local: &mut LocalSettings);
-    /// A device of the agent's device pairs was deleted (or may have
-    /// been: every resync asks too): set up again any that the datapath
-    /// uses and that is gone or could not be set up before. May change the
-    /// settings (the pairs' indexes).
-    fn device_pair_gone(&mut self, local: &mut LocalSettings);
+    /// A device of the agent's device pairs was deleted or changed (or may
+    /// have been: every resync asks too): set up again any that the
+    /// datapath uses and that is gone or down or could not be set up
+    /// before, and set again the features of one whose features changed.
+    /// May change the settings (the pairs' indexes).
+    fn device_pair_changed(&mut self, local: &mut LocalSettings);
     /// A kernel vxlan device was made or changed (or may have been: every
     /// resync asks too): one on our UDP port is deleted where the agent
     /// may (flannel's, `--remove-flannel-device`), reported otherwise.
@@ -417,9 +418,9 @@ impl<S: NodeSource, W: PeerWriter, U: Underlay, P: Publisher, H: Host> Reconcile
         if events.contains(&KernelEvent::VxlanDeviceAppeared) {
             self.host.vxlan_device_appeared();
         }
-        if events.contains(&KernelEvent::DevicePairGone) {
+        if events.contains(&KernelEvent::DevicePairChanged) {
             let mut local = self.state.local().clone();
-            self.host.device_pair_gone(&mut local);
+            self.host.device_pair_changed(&mut local);
             // A new index reaches CONFIG by the reconcile that follows.
             let touched = self.state.set_local(local, &self.paths);
             self.pending = merge(std::mem::replace(&mut self.pending, Touched::Nothing), touched);

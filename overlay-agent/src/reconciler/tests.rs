@@ -230,7 +230,7 @@ impl Host for FakeHost {
         }
     }
 
-    fn device_pair_gone(&mut self, local: &mut LocalSettings) {
+    fn device_pair_changed(&mut self, local: &mut LocalSettings) {
         self.device_pair_checks += 1;
         local.gro_ifindex = self.gro_ifindex;
     }
@@ -534,11 +534,11 @@ async fn kernel_events_reach_the_paths_and_the_pod_fast_path() {
 
     // A device pair went: the host sets it up again, under a new index
     // that reaches CONFIG; the same index changes nothing.
-    r.handle_kernel_events(&kernel(&[KernelEvent::DevicePairGone]));
+    r.handle_kernel_events(&kernel(&[KernelEvent::DevicePairChanged]));
     assert_eq!(r.host.device_pair_checks, 1);
     assert!(!r.reconcile(Instant::now()).await, "the pairs as they were: nothing to write");
     r.host.gro_ifindex = 12;
-    r.handle_kernel_events(&kernel(&[KernelEvent::DevicePairGone]));
+    r.handle_kernel_events(&kernel(&[KernelEvent::DevicePairChanged]));
     assert!(r.reconcile(Instant::now()).await);
     assert_eq!(r.state.result().unwrap().config.gro_ifindex, 12);
     assert_eq!(r.host.pod_network_changes, 3, "the pod fast path is not asked");
