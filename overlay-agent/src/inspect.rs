@@ -47,7 +47,7 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
             "  decapsulation: {}",
             match config.xdp_decap {
                 overlay_common::DECAP_HOOK_TC => "TC ingress (XDP, if attached, passes every frame)".to_owned(),
-                overlay_common::DECAP_HOOK_XDP => "XDP (TC ingress behind it takes bare packets for judged)".to_owned(),
+                overlay_common::DECAP_HOOK_XDP => "XDP (the fast path's TC ingress behind it, if any, takes bare packets for judged)".to_owned(),
                 overlay_common::DECAP_HOOK_TO_XDP => "handing over to XDP: XDP judges bare packets, TC decapsulates and judges too".to_owned(),
                 overlay_common::DECAP_HOOK_FROM_XDP => "handing back to TC: XDP judges bare packets, TC decapsulates".to_owned(),
                 other => format!("unknown stage {other}"),

@@ -692,12 +692,30 @@ impl NodeHost {
         // decapsulated as bare packets claiming a peer's pods (it would drop
         // them), and without XDP it must judge those.
         let xdp_decap = matches!(hook, DecapHook::Xdp(_));
+        // The stages need the old hook's programs on this interface beside
+        // the new one's (XDP has a TC program behind it only with the fast
+        // path). Where they are not (a recreated underlay: its links were
+        // forgotten), TC is written before it attaches, so it judges from
+        // its first packet, and XDP as soon as it is attached.
+        let staged = if xdp_decap {
+            fast_path || self.datapath.layout().link(&iface, LinkRole::DecapTc).exists()
+        } else {
+            ours && iface::has_xdp_program(&iface).unwrap_or(false)
+        };
+        if !xdp_decap && !staged {
+            hand_decapsulation_over(&mut self.maps, false, false);
+        }
         let maps = &mut self.maps;
-        let report = self
-            .datapath
-            .attach_with_handover(&iface, hook, fast_path, || hand_decapsulation_over(maps, xdp_decap))
-            .with_context(|| format!("attaching to {iface}"))?;
-        settings.xdp_decap = xdp_decap;
+        let mut handed_over = false;
+        let attached = self.datapath.attach_with_handover(&iface, hook, fast_path, || {
+            hand_decapsulation_over(maps, xdp_decap, staged);
+            handed_over = true;
+        });
+        // Also when a later step of the attach failed: CONFIG says so.
+        if handed_over {
+            settings.xdp_decap = xdp_decap;
+        }
+        let report = attached.with_context(|| format!("attaching to {iface}"))?;
         for removed in &report.removed {
             info!(pin = %removed.display(), "removed an attachment or map layout this agent no longer uses");
         }
@@ -978,8 +996,10 @@ fn etcd_options(args: &RunArgs) -> etcd_source::EtcdOptions {
 }
 
 /// How long the pinned CONFIG holds a handover stage: far longer than a
-/// packet takes from XDP to TC ingress (the same softirq, or the backlog
-/// behind it), so none that XDP handled before the stage meets TC after it.
+/// packet normally takes from XDP to TC ingress (the same softirq, or the
+/// backlog behind it), so none that XDP handled before the stage meets TC
+/// after it. Assumed, not enforced: a packet held longer than this between
+/// the two (a starved backlog) could still meet a hook that misjudges it.
 const HANDOVER_STAGE: Duration = Duration::from_millis(100);
 
 /// Writes the decapsulation hook into the pinned CONFIG (when a previous
@@ -991,13 +1011,16 @@ const HANDOVER_STAGE: Duration = Duration::from_millis(100);
 /// `DECAP_HOOK_FROM_XDP` (XDP decapsulated before; now it only judges, and
 /// TC decapsulates and takes bare packets for judged). Both hooks are
 /// attached meanwhile; a start that changes hook takes that much longer.
-fn hand_decapsulation_over(maps: &mut DatapathMaps, xdp: bool) {
+/// Without `staged` (the old hook's programs are not there), the hook is
+/// written at once.
+fn hand_decapsulation_over(maps: &mut DatapathMaps, xdp: bool, staged: bool) {
     let Ok(before) = maps.config.get(&0, 0) else { return };
     let (stage, hook) = if xdp { (DECAP_HOOK_TO_XDP, DECAP_HOOK_XDP) } else { (DECAP_HOOK_FROM_XDP, DECAP_HOOK_TC) };
     if before.enabled == 0 || before.xdp_decap == hook {
         return;
     }
     let stages: &[u16] = match (xdp, before.xdp_decap) {
+        _ if !staged => &[hook],
         // Nothing XDP decapsulated is on its way.
         (false, DECAP_HOOK_TC | DECAP_HOOK_TO_XDP) => &[hook],
         _ => &[stage, hook],

@@ -32,7 +32,7 @@ fn two_node_lab() -> Lab {
     two_node_lab_forwarding("bpf")
 }
 
-/// The same with `--forward forward`.
+/// The same with the given `--forward` mode.
 fn two_node_lab_forwarding(forward: &str) -> Lab {
     let mut spec = LabSpec::new(agent_binary());
     spec.nodes = 2;
@@ -525,7 +525,11 @@ fn a_restart_onto_another_decap_hook_serves_before_the_first_reconcile() {
     let mut lab = two_node_lab();
     let xdp_in_front = |lab: &Lab| {
         let maps = overlay_agent::maps::DatapathMaps::open(&lab.nodes[1].pin_root).expect("node 2's pinned maps");
-        maps.config.get(&0, 0).expect("CONFIG").xdp_decap != 0
+        match maps.config.get(&0, 0).expect("CONFIG").xdp_decap {
+            overlay_common::DECAP_HOOK_XDP => true,
+            overlay_common::DECAP_HOOK_TC => false,
+            stage => panic!("CONFIG left at handover stage {stage}"),
+        }
     };
     assert!(!xdp_in_front(&lab), "control: on the lab's veths `--decap auto` decapsulates at TC");
     let nodes_dir = hide_the_nodes(&mut lab);
