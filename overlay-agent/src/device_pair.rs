@@ -85,8 +85,9 @@ enum Holder {
     Nobody,
     /// The agent: both ends carry its alias.
     Agent,
-    /// The agent, stopped between creating the pair and marking it: both
-    /// ends in its group, neither with another alias.
+    /// The agent, stopped between creating the pair and marking it: a
+    /// veth pair of each other, both ends in its group, neither with
+    /// another alias.
     AgentCutShort,
     /// Someone else.
     Another,
@@ -272,24 +273,36 @@ impl DevicePair {
     /// What holds the pair's names (see [`Holder`]).
     fn holder(&self, rtnl: &mut Rtnl) -> Result<Holder, DevicePairError> {
         let links = rtnl.links().map_err(|source| DevicePairError::Netlink { what: "links".to_owned(), source })?;
-        // Each end's alias and group, if it exists.
-        let end = |name: &str| -> Option<(Option<&str>, Option<u32>)> {
-            let link = links.iter().find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)))?;
-            let alias = link.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfAlias(alias) => Some(alias.as_str()),
+        // Each end, if it exists.
+        let end = |name: &str| links.iter().find(|l| l.attributes.iter().any(|a| matches!(a, LinkAttribute::IfName(n) if n == name)));
+        let alias = |link: &LinkMessage| {
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(alias) => Some(alias.clone()),
                 _ => None,
-            });
-            let group = link.attributes.iter().find_map(|a| match a {
+            })
+        };
+        let group = |link: &LinkMessage| {
+            link.attributes.iter().find_map(|a| match a {
                 LinkAttribute::Group(group) => Some(*group),
                 _ => None,
+            })
+        };
+        // A veth whose peer (IFLA_LINK) is `peer`.
+        let veth_of = |link: &LinkMessage, peer: &LinkMessage| {
+            let veth = link.attributes.iter().any(|a| {
+                matches!(a, LinkAttribute::LinkInfo(infos) if infos.contains(&LinkInfo::Kind(InfoKind::Veth)))
             });
-            Some((alias, group))
+            veth && link.attributes.iter().any(|a| matches!(a, LinkAttribute::Link(index) if *index == peer.header.index))
         };
         let Some(send) = end(self.send_end) else { return Ok(Holder::Nobody) };
-        let ends = [Some(send), end(self.receive_end)];
-        Ok(if ends.iter().all(|e| e.is_some_and(|(alias, _)| alias == Some(self.alias))) {
+        let Some(receive) = end(self.receive_end) else { return Ok(Holder::Another) };
+        let ends = [send, receive];
+        Ok(if ends.iter().all(|l| alias(l).as_deref() == Some(self.alias)) {
             Holder::Agent
-        } else if ends.iter().all(|e| e.is_some_and(|(alias, group)| group == Some(PAIR_GROUP) && alias.is_none_or(|a| a.is_empty() || a == self.alias))) {
+        } else if veth_of(send, receive)
+            && veth_of(receive, send)
+            && ends.iter().all(|l| group(l) == Some(PAIR_GROUP) && alias(l).is_none_or(|a| a.is_empty() || a == self.alias))
+        {
             Holder::AgentCutShort
         } else {
             Holder::Another
