@@ -182,7 +182,7 @@ pub fn set_features(iface: &str, wanted: &[(&str, bool)]) -> io::Result<()> {
         }
     }
     ifreq_with(iface, SIOCETHTOOL, |req| req.ifr_ifru.ifru_data = set.as_mut_ptr().cast())?;
-    match feature_not_as_wanted(iface, wanted)? {
+    match first_feature_not_as_wanted(iface, &names, wanted)? {
         Some((name, on)) => Err(io::Error::other(format!("{iface} keeps {name} {}", if on { "on" } else { "off" }))),
         None => Ok(()),
     }
@@ -191,7 +191,11 @@ pub fn set_features(iface: &str, wanted: &[(&str, bool)]) -> io::Result<()> {
 /// The first of the named features of `iface` that is not as `wanted`,
 /// with its state (`ethtool -k`); `None` when all are.
 pub fn feature_not_as_wanted<'a>(iface: &str, wanted: &[(&'a str, bool)]) -> io::Result<Option<(&'a str, bool)>> {
-    let names = feature_names(iface)?;
+    first_feature_not_as_wanted(iface, &feature_names(iface)?, wanted)
+}
+
+/// [`feature_not_as_wanted`], with the kernel's feature `names` read.
+fn first_feature_not_as_wanted<'a>(iface: &str, names: &[String], wanted: &[(&'a str, bool)]) -> io::Result<Option<(&'a str, bool)>> {
     let blocks = names.len().div_ceil(32);
     // `struct ethtool_gfeatures`: cmd, size, then {available, requested,
     // active, never_changed} per block.

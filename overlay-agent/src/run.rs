@@ -668,7 +668,9 @@ impl NodeHost {
             Decap::Tc => DecapRequest::Tc,
         };
         let ours = self.datapath.layout().link(&iface, LinkRole::DecapXdp).exists();
-        let xdp_taken = !ours && iface::has_xdp_program(&iface).with_context(|| format!("asking whether XDP is free on {iface}"))?;
+        // One query for both questions: is XDP another's, and is ours there.
+        let xdp_attached = iface::has_xdp_program(&iface);
+        let xdp_taken = !ours && *xdp_attached.as_ref().map_err(|e| anyhow::anyhow!("asking whether XDP is free on {iface}: {e}"))?;
         let driver = iface::driver(&iface).ok();
         let facts = HookFacts { backend: settings.backend, driver: driver.as_deref(), xdp_taken };
         let (hook, why) = choose_decap_hook(request, facts, &iface)?;
@@ -700,7 +702,7 @@ impl NodeHost {
         let staged = if xdp_decap {
             fast_path || self.datapath.layout().link(&iface, LinkRole::DecapTc).exists()
         } else {
-            ours && iface::has_xdp_program(&iface).unwrap_or(false)
+            ours && matches!(xdp_attached, Ok(true))
         };
         if !xdp_decap && !staged {
             hand_decapsulation_over(&mut self.maps, false, false);
