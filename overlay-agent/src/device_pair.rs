@@ -18,7 +18,11 @@
 //! the kernel over rtnetlink and the ethtool ioctl, without starting a
 //! process.
 
-use std::io;
+use std::{
+    collections::VecDeque,
+    io,
+    time::{Duration, Instant},
+};
 
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
 use netlink_packet_route::{
@@ -400,6 +404,45 @@ impl DevicePair {
     }
 }
 
+/// How often the agent sets one pair's features again: at most
+/// [`Self::PER_WINDOW`] times in [`Self::WINDOW`]. A tool that turns a
+/// feature back on every link change (a network manager applying its own
+/// settings) would otherwise ping-pong with the agent at netlink speed, a
+/// warning and, for GRO, a NAPI toggle under traffic each round. Past the
+/// budget the agent leaves the features as the tool set them, says so, and
+/// sets them again at the first link change or resync once the oldest
+/// repair has left the window.
+#[derive(Debug, Default)]
+pub struct FeatureRepairs {
+    /// When the features were set again, oldest first, within the window.
+    recent: VecDeque<Instant>,
+}
+
+impl FeatureRepairs {
+    pub const PER_WINDOW: usize = 5;
+    pub const WINDOW: Duration = Duration::from_secs(60);
+
+    /// Whether the features may be set again at `now`; counts it if so.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        while self.recent.front().is_some_and(|&at| now.saturating_duration_since(at) >= Self::WINDOW) {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= Self::PER_WINDOW {
+            return false;
+        }
+        self.recent.push_back(now);
+        true
+    }
+
+    /// How long from `now` until [`Self::allow`] says yes again.
+    pub fn wait(&self, now: Instant) -> Duration {
+        match self.recent.front() {
+            Some(&oldest) if self.recent.len() >= Self::PER_WINDOW => Self::WINDOW.saturating_sub(now.saturating_duration_since(oldest)),
+            _ => Duration::ZERO,
+        }
+    }
+}
+
 fn open() -> Result<Rtnl, DevicePairError> {
     Rtnl::open().map_err(|source| DevicePairError::Netlink { what: "links".to_owned(), source })
 }
@@ -419,4 +462,27 @@ fn set_link(index: u32, attributes: Vec<LinkAttribute>) -> RouteNetlinkMessage {
     link.header.index = index;
     link.attributes = attributes;
     RouteNetlinkMessage::SetLink(link)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_repairs_stop_past_the_budget_and_resume_as_the_window_moves() {
+        let start = Instant::now();
+        let mut repairs = FeatureRepairs::default();
+        let second = |s: u64| start + Duration::from_secs(s);
+        for s in 0..FeatureRepairs::PER_WINDOW as u64 {
+            assert!(repairs.allow(second(s)), "repair {s} is within the budget");
+        }
+        assert!(!repairs.allow(second(10)), "one more within the minute is not");
+        assert_eq!(repairs.wait(second(10)), Duration::from_secs(50), "until the first leaves the window");
+        assert!(!repairs.allow(second(59)));
+        assert!(repairs.allow(second(60)), "the first left the window");
+        assert!(!repairs.allow(second(60)), "and one only");
+        assert_eq!(repairs.wait(second(60)), Duration::from_secs(1));
+        assert!(repairs.allow(second(200)), "a quiet while later");
+        assert_eq!(repairs.wait(second(200)), Duration::ZERO);
+    }
 }

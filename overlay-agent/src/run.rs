@@ -38,7 +38,7 @@ use overlay_agent::{
         sources::{EtcdNodes, KubeSource, LeasePublisher, LogPublisher, ManifestSource},
     },
     report::{Chain, WithCauses as _},
-    device_pair::{DevicePairError, PairKind},
+    device_pair::{DevicePairError, FeatureRepairs, PairKind},
     gro_device, seg_device, server,
 };
 use overlay_common::{Counter, DECAP_HOOK_FROM_XDP, DECAP_HOOK_TC, DECAP_HOOK_TO_XDP, DECAP_HOOK_XDP};
@@ -299,6 +299,7 @@ fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Opti
         datapath_problem: Some("not attached yet".to_owned()),
         pairs_wanted: BTreeSet::new(),
         pair_retry_after: BTreeMap::new(),
+        feature_repairs: BTreeMap::new(),
         underlay_retry: UnderlayRetry::default(),
     };
     if settings.network.is_none() {
@@ -338,6 +339,8 @@ enum HostProblem {
     PodPorts(String),
     /// A device pair the datapath wants could not be set up.
     DevicePair(PairKind),
+    /// Another tool keeps changing a pair's features (`FeatureRepairs`).
+    DevicePairFeatures(PairKind),
 }
 
 /// Everything on the node besides the peers' maps and routes.
@@ -375,6 +378,8 @@ struct NodeHost {
     /// When a pair whose setting up failed (and deleted what it had made,
     /// a deletion the agent hears as an event too) is tried again.
     pair_retry_after: BTreeMap<PairKind, Instant>,
+    /// How often each pair's features were set again lately.
+    feature_repairs: BTreeMap<PairKind, FeatureRepairs>,
     /// A recreated underlay (by its new index) that could not be attached
     /// to, and when it is tried again.
     underlay_retry: UnderlayRetry,
@@ -517,11 +522,32 @@ impl Host for NodeHost {
             if index != 0 && pair.still_serves(index) {
                 // Features someone changed (GRO turned on where segments
                 // must stay apart, say) are set again.
-                if let Some((end, feature, on)) = pair.feature_changed() {
-                    warn!(device = end, feature, on, "the {}'s features changed; setting them again", pair.what);
-                    if let Err(err) = pair.set_features() {
-                        warn!(error = %err.to_string_with_causes(), "cannot set the {}'s features again", pair.what);
+                let Some((end, feature, on)) = pair.feature_changed() else {
+                    self.reported.remove(&HostProblem::DevicePairFeatures(kind));
+                    continue;
+                };
+                let now = Instant::now();
+                let repairs = self.feature_repairs.entry(kind).or_default();
+                if !repairs.allow(now) {
+                    if self.reported.insert(HostProblem::DevicePairFeatures(kind)) {
+                        warn!(
+                            device = end,
+                            feature,
+                            on,
+                            "another tool keeps changing the {}'s features (set again {} times within {} s); leaving them as it set them for {} s at least, then the first link change or resync sets them again (stop that tool from managing {})",
+                            pair.what,
+                            FeatureRepairs::PER_WINDOW,
+                            FeatureRepairs::WINDOW.as_secs(),
+                            repairs.wait(now).as_secs().max(1),
+                            pair.device_names().join(" and "),
+                        );
                     }
+                    continue;
+                }
+                self.reported.remove(&HostProblem::DevicePairFeatures(kind));
+                warn!(device = end, feature, on, "the {}'s features changed; setting them again", pair.what);
+                if let Err(err) = pair.set_features() {
+                    warn!(error = %err.to_string_with_causes(), "cannot set the {}'s features again", pair.what);
                 }
                 continue;
             }

@@ -343,3 +343,48 @@ fn device_pair_features_another_tool_changed_are_set_again_at_once() {
     // before this change found nothing.
     assert!(median < 1000.0 && max < 5000.0, "median {median:.1} ms, max {max:.1} ms: {ms:.1?}");
 }
+
+/// A tool that turns a pair's feature back each time the agent sets it
+/// (a network manager applying its own settings on every link change)
+/// would otherwise ping-pong with the agent at netlink speed, one warning
+/// and one NAPI toggle per round. The agent sets a pair's features again
+/// [`REPAIRS_PER_MINUTE`] times a minute at most, then leaves them and says
+/// another tool keeps changing them.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn a_tool_that_keeps_changing_a_pairs_features_is_answered_a_few_times_a_minute() {
+    require_root();
+    let lab = lab();
+    let node1 = &lab.nodes[0];
+    let gro_on = || {
+        let out = node1.ns.exec("ethtool", &["-k", "ovl-gro1"]);
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.starts_with("generic-receive-offload: on"))
+    };
+    time_until("ovl-gro1 gro on (control: the agent's setting)", gro_on);
+    let mut answered = 0;
+    for round in 0..REPAIRS_PER_MINUTE + 3 {
+        let out = node1.ns.exec("ethtool", &["-K", "ovl-gro1", "gro", "off"]);
+        assert!(out.status.success(), "control: ethtool -K ovl-gro1 gro off: {}", String::from_utf8_lossy(&out.stderr));
+        // Well past the agent's reaction (milliseconds, the test above).
+        let started = Instant::now();
+        while !gro_on() && started.elapsed() < scaled(Duration::from_secs(2)) {
+            std::thread::sleep(POLL);
+        }
+        if gro_on() {
+            answered += 1;
+        } else {
+            eprintln!("round {round}: the agent left ovl-gro1's GRO off");
+        }
+    }
+    let log = lab.agent_log(0);
+    assert_eq!(
+        answered, REPAIRS_PER_MINUTE,
+        "the agent set ovl-gro1's GRO on again {answered} times in {} rounds within a minute; its log:\n{log}",
+        REPAIRS_PER_MINUTE + 3
+    );
+    assert!(log.contains("keeps changing"), "the agent did not say another tool keeps changing the features:\n{log}");
+}
+
+/// How often a minute the agent sets a pair's features again
+/// (`overlay-agent/src/device_pair.rs` `FeatureRepairs`).
+const REPAIRS_PER_MINUTE: usize = 5;
