@@ -434,6 +434,12 @@ impl FeatureRepairs {
         true
     }
 
+    /// Takes back the repair [`Self::allow`] counted last: the kernel
+    /// refused it, which is no other tool's doing.
+    pub fn refused(&mut self) {
+        self.recent.pop_back();
+    }
+
     /// How long from `now` until [`Self::allow`] says yes again.
     pub fn wait(&self, now: Instant) -> Duration {
         match self.recent.front() {
@@ -484,5 +490,10 @@ mod tests {
         assert_eq!(repairs.wait(second(60)), Duration::from_secs(1));
         assert!(repairs.allow(second(200)), "a quiet while later");
         assert_eq!(repairs.wait(second(200)), Duration::ZERO);
+        for s in 201..201 + FeatureRepairs::PER_WINDOW as u64 {
+            assert!(repairs.allow(second(s)));
+            repairs.refused();
+        }
+        assert!(repairs.allow(second(210)), "refused repairs do not count");
     }
 }

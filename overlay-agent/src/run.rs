@@ -547,6 +547,7 @@ impl Host for NodeHost {
                 self.reported.remove(&HostProblem::DevicePairFeatures(kind));
                 warn!(device = end, feature, on, "the {}'s features changed; setting them again", pair.what);
                 if let Err(err) = pair.set_features() {
+                    self.feature_repairs.entry(kind).or_default().refused();
                     warn!(error = %err.to_string_with_causes(), "cannot set the {}'s features again", pair.what);
                 }
                 continue;
