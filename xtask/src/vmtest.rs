@@ -299,7 +299,7 @@ fn rerun_after_panic(
     if left.is_empty() {
         // It panicked on its way down, every job reported.
         eprintln!("vmtest: {}: {panicked} (its trace is above); every job had reported", kernel.version);
-        summary.push(format!("{}: {panicked}, every one of them", kernel.version));
+        summary.push(format!("{}: {panicked}", kernel.version));
         return Ok(panicked.results);
     }
     summary.push(format!("{}: {panicked}; the binaries left ran again, once, in a fresh VM", kernel.version));
