@@ -47,7 +47,9 @@ use aya_ebpf::{
         bpf_redir_neigh__bindgen_ty_1,
     },
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
+    helpers::generated::{
+        bpf_check_mtu, bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer,
+    },
     programs::TcContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr};
@@ -58,7 +60,7 @@ use crate::{
     counters::count,
     csum,
     encap::{Encapsulated, encapsulate, mark_own_tunnel_packet, to_segmentation},
-    maps::{KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
+    maps::{GRO_HELD_AT, KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::{Packet as _, ptr_at},
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr, route_of_node},
     proto::{
@@ -643,6 +645,13 @@ pub fn to_gro_device(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     if is_bare_ack(ctx, ip) {
         return None;
     }
+    if pushes_its_data(ctx, ip) {
+        if gro_device_quiet() {
+            return None;
+        }
+    } else {
+        note_held_by_gro_device();
+    }
     count(Counter::GroIn, u64::from(ctx.len()));
     // SAFETY: plain helper call; to the GRO device's egress.
     Some(unsafe { bpf_redirect(cfg.gro_ifindex, 0) } as i32)
@@ -667,6 +676,73 @@ fn is_bare_ack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
     let tcp = unsafe { &*tcp };
     let headers = Ipv4Hdr::LEN + usize::from(tcp.doff()) * 4;
     usize::from(u16::from_be_bytes(ip.tot_len)) <= headers && tcp.fin() == 0 && tcp.rst() == 0
+}
+
+/// Whether a TCP segment (IPv4 without options) carries payload and PSH:
+/// the end of what its sender wrote at once, a request or a reply. GRO
+/// merges such a segment only as the last of a train (PSH flushes), so
+/// with no train of its flow waiting in the GRO device, the device's
+/// transmit and NAPI pass would only delay it ([`gro_device_quiet`]).
+#[inline(always)]
+fn pushes_its_data(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+    let Ok(tcp) = ptr_at::<TcpHdr>(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked the bounds.
+    let tcp = unsafe { &*tcp };
+    let headers = Ipv4Hdr::LEN + usize::from(tcp.doff()) * 4;
+    tcp.psh() != 0 && usize::from(u16::from_be_bytes(ip.tot_len)) > headers
+}
+
+/// How long the GRO device must have been sent no segment it could hold,
+/// by any CPU, before a pushing segment may pass it by: far longer than
+/// it holds one. GRO keeps what it merged across NAPI polls at most a
+/// jiffy (10 ms at HZ=100), and the coarse clock adds a tick more.
+const GRO_QUIET_NS: u64 = 50_000_000;
+
+/// Whether the GRO device has been sent no segment it could hold (one
+/// without PSH), by any CPU, for at least [`GRO_QUIET_NS`]: nothing of any
+/// flow can then wait there to merge, and a pushing segment delivered
+/// straight overtakes nothing of its own flow. All CPUs, not this one: a
+/// flow's segments can reach the underlay on several CPUs (a bridge's or
+/// switch's queue is drained by whichever CPU holds it). Pushing segments
+/// sent to the device while it is not quiet do not count: PSH ends a
+/// train, so GRO delivers them at once, and a request-response flow's
+/// next segment comes after the reply to the last. So a ping-pong that
+/// outlives a bulk transfer passes the device by 50 ms after the bulk
+/// ended. Left: a stream of pushing segments on several CPUs can have
+/// one overtaken at the moment the device turns quiet, if its ring was
+/// not yet drained (TCP takes it as any reordering). Read only for
+/// pushing segments ([`pushes_its_data`]).
+#[inline(always)]
+fn gro_device_quiet() -> bool {
+    let Some(held_at) = GRO_HELD_AT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: plain helper call; the map value is a u64 that every CPU
+    // only ever replaces with a recent time (a race leaves one of them).
+    let (now, held_at) = unsafe { (bpf_ktime_get_coarse_ns(), &mut *held_at) };
+    if *held_at == 0 {
+        // Loaded just now: what the previous programs sent is unknown.
+        *held_at = now;
+        return false;
+    }
+    now.wrapping_sub(*held_at) >= GRO_QUIET_NS
+}
+
+/// Records that a segment GRO may hold goes to the GRO device now
+/// ([`GRO_HELD_AT`]), writing the shared value only when the coarse clock
+/// has moved: once a tick while segments flow, so that its cache line
+/// stays shared among the CPUs.
+#[inline(always)]
+fn note_held_by_gro_device() {
+    if let Some(held_at) = GRO_HELD_AT.get_ptr_mut(0) {
+        // SAFETY: plain helper call; as in `gro_device_quiet`.
+        let (now, held_at) = unsafe { (bpf_ktime_get_coarse_ns(), &mut *held_at) };
+        if *held_at != now {
+            *held_at = now;
+        }
+    }
 }
 
 /// At TC ingress of the GRO device's receiving end (`ovl-gro1`): a merged

@@ -151,6 +151,147 @@ fn wire_tcp_reaches_the_pod_merged_once_per_packet() {
     assert_no_drops(&after);
 }
 
+/// Counter `name` of table `table` (`Tcp:`, `TcpExt:`) of the namespace
+/// `ns`, from its /proc/net/snmp and /proc/net/netstat.
+fn tcp_counter(ns: &NetNs, table: &str, name: &str) -> u64 {
+    let text = String::from_utf8_lossy(&ns.exec("cat", &["/proc/net/snmp", "/proc/net/netstat"]).stdout).into_owned();
+    let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(table));
+    let (names, values) = (rows.next().unwrap_or_default(), rows.next().unwrap_or_default());
+    let at = names.split_whitespace().position(|n| n == name).unwrap_or_else(|| panic!("no {table} {name} in {text}"));
+    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{table} {name} in {text}"))
+}
+
+/// A request or a reply (a TCP segment with payload and PSH) that
+/// arrives at a node whose GRO device has been sent nothing it could hold
+/// for 50 ms goes straight into its pod, past the device: nothing of its
+/// flow waits there to merge with or to be overtaken, and the device's
+/// transmit and NAPI pass would only delay it (the TCP round trip of
+/// `cargo xtask bench`). A bulk stream of many small writes, whose every
+/// write ends in such a segment, still goes through the device, and in
+/// order; once it has ended, requests pass the device by again. Before,
+/// every request and reply went through the device; passing it by per
+/// CPU instead of per node reordered 2 segments of the bulk here, and
+/// passing every pushing segment by, thousands.
+#[test]
+#[ignore = "needs root: run `cargo xtask test` as root"]
+fn requests_on_a_quiet_node_pass_the_gro_device_by_and_bulk_stays_in_order() {
+    use std::io::{Read, Write};
+    require_root();
+    let lab = two_nodes(1);
+    let (client_pod, server_pod) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    let listener = {
+        let _inside = server_pod.ns.enter();
+        std::net::TcpListener::bind((server_pod.ip, 7411)).expect("bind")
+    };
+    const ROUND_TRIPS: usize = 200;
+    const BULK: usize = 16 << 20;
+    const WRITE: usize = 3000;
+    let message_of = |byte: u8| [byte; 64];
+    let server = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        conn.set_nodelay(true)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut message = [0u8; 64];
+        for _ in 0..=ROUND_TRIPS {
+            conn.read_exact(&mut message)?;
+            conn.write_all(&message)?;
+        }
+        let mut bulk = vec![0u8; BULK];
+        conn.read_exact(&mut bulk)?;
+        conn.write_all(b"!")?;
+        for _ in 0..ROUND_TRIPS {
+            conn.read_exact(&mut message)?;
+            conn.write_all(&message)?;
+        }
+        Ok(())
+    });
+    let mut conn = {
+        let _inside = client_pod.ns.enter();
+        std::net::TcpStream::connect_timeout(&(server_pod.ip, 7411).into(), Duration::from_secs(3)).expect("connect")
+    };
+    conn.set_nodelay(true).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Quiet: nothing went to either node's GRO device for a while, and
+    // the programs, loaded with no record of what went there before, have
+    // seen a pushing segment (which starts the wait).
+    conn.write_all(&message_of(0)).expect("request");
+    conn.read_exact(&mut [0u8; 64]).expect("reply");
+    std::thread::sleep(Duration::from_millis(200));
+    let (client_before, server_before) = (lab.counters(0), lab.counters(1));
+    let mut message = message_of(7);
+    for _ in 0..ROUND_TRIPS {
+        conn.write_all(&message).expect("request");
+        conn.read_exact(&mut message).expect("reply");
+    }
+    let (client_after, server_after) = (lab.counters(0), lab.counters(1));
+    let through_device = |before: &Totals, after: &Totals| after.packets(Counter::GroIn) - before.packets(Counter::GroIn);
+    let delivered = |before: &Totals, after: &Totals| after.packets(Counter::FastpathIn) - before.packets(Counter::FastpathIn);
+    let (requests, replies) = (through_device(&server_before, &server_after), through_device(&client_before, &client_after));
+    eprintln!(
+        "{ROUND_TRIPS} round trips: {requests} requests and {replies} replies through the GRO device; {} and {} delivered by the fast path",
+        delivered(&server_before, &server_after),
+        delivered(&client_before, &client_after)
+    );
+    assert!(
+        requests + replies <= 4,
+        "of {ROUND_TRIPS} requests and as many replies on quiet nodes, {requests} requests and {replies} replies went through the GRO device"
+    );
+    assert!(
+        delivered(&server_before, &server_after) >= ROUND_TRIPS as u64 && delivered(&client_before, &client_after) >= ROUND_TRIPS as u64,
+        "the round trips did not take the fast path: {server_after:?}"
+    );
+
+    let reorder_counters = || {
+        (
+            tcp_counter(&server_pod.ns, "TcpExt:", "TCPOFOQueue"),
+            tcp_counter(&client_pod.ns, "Tcp:", "RetransSegs"),
+            tcp_counter(&client_pod.ns, "TcpExt:", "TCPSACKReorder") + tcp_counter(&client_pod.ns, "TcpExt:", "TCPTSReorder"),
+        )
+    };
+    let counters_before = reorder_counters();
+    let server_before = lab.counters(1);
+    let chunk = [3u8; WRITE];
+    for _ in 0..BULK / WRITE {
+        conn.write_all(&chunk).expect("bulk");
+    }
+    conn.write_all(&chunk[..BULK % WRITE]).expect("bulk");
+    let mut done = [0u8; 1];
+    conn.read_exact(&mut done).expect("the server's end of the bulk");
+    let server_after = lab.counters(1);
+    let merged = through_device(&server_before, &server_after);
+    let counters_after = reorder_counters();
+    let (out_of_order, retransmitted, reordered) =
+        (counters_after.0 - counters_before.0, counters_after.1 - counters_before.1, counters_after.2 - counters_before.2);
+    eprintln!(
+        "bulk of {BULK} bytes in writes of {WRITE}: {merged} segments through the GRO device; {out_of_order} queued out of order, {retransmitted} retransmitted, {reordered} reorderings the sender saw"
+    );
+    assert!(merged as usize > BULK / 1500 / 2, "the bulk stream did not go through the GRO device: {merged} segments");
+    // Passing every pushing segment by the device, whatever waits there,
+    // reorders thousands here. A few are tolerated: loss (a busy machine's
+    // full veth ring) also leaves segments out of order until the
+    // retransmission, and can make the sender take its own retransmission
+    // for a reordering.
+    assert!(
+        reordered <= 5 && (out_of_order <= 5 || retransmitted > 0),
+        "segments of the bulk stream reached the pod out of order: {out_of_order} queued out of order, {reordered} reorderings the sender saw, {retransmitted} retransmitted"
+    );
+
+    // The device turns quiet again once the bulk has ended: the pushing
+    // segments it was sent meanwhile do not keep it from that.
+    std::thread::sleep(Duration::from_millis(200));
+    let server_before = lab.counters(1);
+    for _ in 0..ROUND_TRIPS {
+        conn.write_all(&message).expect("request after the bulk");
+        conn.read_exact(&mut message).expect("reply after the bulk");
+    }
+    let server_after = lab.counters(1);
+    let requests = through_device(&server_before, &server_after);
+    assert!(requests <= 2, "of {ROUND_TRIPS} requests 200 ms after the bulk, {requests} went through the GRO device");
+    drop(conn);
+    server.join().expect("server panicked").expect("server");
+    assert_no_drops(&server_after);
+}
+
 /// The agent's device pairs deleted under a running agent (an operator
 /// tidying links): both are made again under new indexes, which reach
 /// CONFIG, and TCP is merged on the new GRO device. TCP to the node's pods
