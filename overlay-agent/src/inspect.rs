@@ -64,7 +64,7 @@ pub fn inspect(root: &Path) -> anyhow::Result<()> {
             match config.gro_ifindex {
                 0 => println!("  fast path, in: every packet straight into its pod (bpf_redirect_peer)"),
                 index => println!(
-                    "  fast path, in: TCP decapsulated at TC merged on the GRO device ({}, ifindex {index}), then into its pod once per merged packet; the rest straight into its pod",
+                    "  fast path, in: TCP decapsulated at TC merged on the GRO device ({}, ifindex {index}), then into its pod once per merged packet; TCP with PSH (requests, replies) straight when nothing mergeable went there for 50 ms; the rest straight into its pod",
                     overlay_agent::gro_device::GRO.device_names().join(" -> ")
                 ),
             }

@@ -17,7 +17,7 @@ use crate::{
     DropReason,
     counters::count,
     encap::to_segmentation,
-    fastpath::{Arrival, PACKET_HOST, deliver_to_pod, return_to_kernel_path, to_gro_device},
+    fastpath::{Arrival, PACKET_HOST, deliver_to_pod, note_mergeable_sent_to_gro_device, return_to_kernel_path, to_gro_device},
     maps::config,
     packet::{Packet as _, ptr_at},
     parse::{ENCAP_LEN, OUTER_UDP_OFF, Rx, classify_rx, reject_bare_tunnel_source},
@@ -119,6 +119,11 @@ pub fn try_tc_ingress(ctx: &TcContext) -> Result<i32, DropReason> {
                 count(Counter::Pass, u64::from(ctx.len()));
                 return Ok(TC_ACT_OK as i32);
             }
+            // Its datagrams reach the GRO device only once split, from
+            // the CPU's backlog: a pushing segment of their flow that
+            // arrived unmerged meanwhile must not take the device for
+            // quiet and overtake them.
+            note_mergeable_sent_to_gro_device();
             return to_segmentation(cfg);
         }
     }

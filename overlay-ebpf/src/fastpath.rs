@@ -60,7 +60,7 @@ use crate::{
     counters::count,
     csum,
     encap::{Encapsulated, encapsulate, mark_own_tunnel_packet, to_segmentation},
-    maps::{GRO_HELD_AT, KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
+    maps::{GRO_MERGEABLE_SENT_AT, KERNEL_SOCKETS, POD_PORTS, ROUTES, config},
     packet::{Packet as _, ptr_at},
     parse::{OUTER_IP_OFF, arrives_only_encapsulated, in_cidr, route_of_node},
     proto::{
@@ -642,105 +642,120 @@ pub fn to_gro_device(ctx: &TcContext, cfg: &Config) -> Option<i32> {
     if ip.proto != IPPROTO_TCP || ip.vihl != 0x45 || !in_cidr(ip.dst_addr, cfg.pod_cidr, cfg.pod_prefix_len) {
         return None;
     }
-    if is_bare_ack(ctx, ip) {
-        return None;
-    }
-    if pushes_its_data(ctx, ip) {
-        if gro_device_quiet() {
-            return None;
-        }
-    } else {
-        note_held_by_gro_device();
+    match tcp_segment_kind(ctx, ip) {
+        TcpSegmentKind::BareAck => return None,
+        TcpSegmentKind::Pushing if gro_device_quiet() => return None,
+        TcpSegmentKind::Pushing => {}
+        TcpSegmentKind::Mergeable => note_mergeable_sent_to_gro_device(),
     }
     count(Counter::GroIn, u64::from(ctx.len()));
     // SAFETY: plain helper call; to the GRO device's egress.
     Some(unsafe { bpf_redirect(cfg.gro_ifindex, 0) } as i32)
 }
 
-/// Whether a TCP segment (IPv4 without options) carries no payload and
-/// neither FIN nor RST: an ACK, a window update or a SYN. GRO never merges
-/// one (`tcp_gro_receive` takes a segment only with 1 to MSS bytes of
-/// payload), so through the GRO device it would pay a device transmit
-/// and a NAPI pass for nothing: every ACK of a stream this node sends.
-/// Delivered straight, it can reach its pod before data of its own flow
-/// that GRO still holds, which TCP takes as it takes any reordering
-/// (a segment without payload is not queued, and its window update is
-/// kept against older ones by sequence). FIN and RST keep their place
-/// behind such data. A header past the linear part answers `false`.
+/// What a TCP segment is to GRO ([`tcp_segment_kind`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TcpSegmentKind {
+    /// No payload, and neither FIN nor RST: an ACK, a window update or a
+    /// SYN. GRO never merges one (`tcp_gro_receive` takes a segment only
+    /// with 1 to MSS bytes of payload), so through the GRO device it would
+    /// pay a device transmit and a NAPI pass for nothing: every ACK of a
+    /// stream this node sends. Delivered straight, it can reach its pod
+    /// before data of its own flow that GRO still holds, which TCP takes
+    /// as it takes any reordering (a segment without payload is not
+    /// queued, and its window update is kept against older ones by
+    /// sequence). FIN and RST keep their place behind such data.
+    BareAck,
+    /// Payload and PSH: the end of what its sender wrote at once, a
+    /// request or a reply. GRO merges it only as the last of a train, and
+    /// delivers it at once (PSH flushes), so with nothing of its flow in
+    /// the GRO device the device's transmit and NAPI pass would only delay
+    /// it ([`gro_device_quiet`]).
+    Pushing,
+    /// Anything else: what GRO merges and may hold until its NAPI poll
+    /// ends (and past it, up to a jiffy, when the poll used its budget).
+    Mergeable,
+}
+
+/// What the TCP segment (IPv4 without options) is to GRO. A header past
+/// the linear part is [`TcpSegmentKind::Mergeable`].
 #[inline(always)]
-fn is_bare_ack(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
+fn tcp_segment_kind(ctx: &TcContext, ip: &Ipv4Hdr) -> TcpSegmentKind {
     let Ok(tcp) = ptr_at::<TcpHdr>(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN) else {
-        return false;
+        return TcpSegmentKind::Mergeable;
     };
     // SAFETY: ptr_at checked the bounds.
     let tcp = unsafe { &*tcp };
     let headers = Ipv4Hdr::LEN + usize::from(tcp.doff()) * 4;
-    usize::from(u16::from_be_bytes(ip.tot_len)) <= headers && tcp.fin() == 0 && tcp.rst() == 0
+    let payload = usize::from(u16::from_be_bytes(ip.tot_len)) > headers;
+    if !payload && tcp.fin() == 0 && tcp.rst() == 0 {
+        TcpSegmentKind::BareAck
+    } else if payload && tcp.psh() != 0 {
+        TcpSegmentKind::Pushing
+    } else {
+        TcpSegmentKind::Mergeable
+    }
 }
 
-/// Whether a TCP segment (IPv4 without options) carries payload and PSH:
-/// the end of what its sender wrote at once, a request or a reply. GRO
-/// merges such a segment only as the last of a train (PSH flushes), so
-/// with no train of its flow waiting in the GRO device, the device's
-/// transmit and NAPI pass would only delay it ([`gro_device_quiet`]).
-#[inline(always)]
-fn pushes_its_data(ctx: &TcContext, ip: &Ipv4Hdr) -> bool {
-    let Ok(tcp) = ptr_at::<TcpHdr>(ctx, OUTER_IP_OFF + Ipv4Hdr::LEN) else {
-        return false;
-    };
-    // SAFETY: ptr_at checked the bounds.
-    let tcp = unsafe { &*tcp };
-    let headers = Ipv4Hdr::LEN + usize::from(tcp.doff()) * 4;
-    tcp.psh() != 0 && usize::from(u16::from_be_bytes(ip.tot_len)) > headers
-}
-
-/// How long the GRO device must have been sent no segment it could hold,
-/// by any CPU, before a pushing segment may pass it by: far longer than
-/// it holds one. GRO keeps what it merged across NAPI polls at most a
-/// jiffy (10 ms at HZ=100), and the coarse clock adds a tick more.
+/// How long the GRO device must have been sent nothing mergeable, by any
+/// CPU, before a pushing segment may pass it by. A heuristic bound, not a
+/// guarantee: GRO itself holds a merged packet past its NAPI poll at most
+/// a jiffy (and only when the poll used its budget at HZ >= 1000), but a
+/// segment can wait in the device's ring, before GRO, for as long as its
+/// NAPI waits to run (handed to a starved ksoftirqd). The coarse clock
+/// adds up to a tick.
 const GRO_QUIET_NS: u64 = 50_000_000;
 
-/// Whether the GRO device has been sent no segment it could hold (one
-/// without PSH), by any CPU, for at least [`GRO_QUIET_NS`]: nothing of any
-/// flow can then wait there to merge, and a pushing segment delivered
-/// straight overtakes nothing of its own flow. All CPUs, not this one: a
-/// flow's segments can reach the underlay on several CPUs (a bridge's or
-/// switch's queue is drained by whichever CPU holds it). Pushing segments
-/// sent to the device while it is not quiet do not count: PSH ends a
-/// train, so GRO delivers them at once, and a request-response flow's
+/// Whether the GRO device has been sent nothing mergeable
+/// ([`TcpSegmentKind::Mergeable`]), by any CPU, for at least
+/// [`GRO_QUIET_NS`]: nothing of any flow then waits there to merge, and a
+/// pushing segment delivered straight overtakes nothing of its own flow.
+/// All CPUs, not this one: a flow's segments can reach the underlay on
+/// several CPUs (a bridge's or switch's queue is drained by whichever CPU
+/// holds it); judged per CPU, `fast_path.rs`'s bulk test had segments
+/// reordered. Pushing segments sent to the device while it is not quiet
+/// do not count: GRO delivers them at once, and a request-response flow's
 /// next segment comes after the reply to the last. So a ping-pong that
 /// outlives a bulk transfer passes the device by 50 ms after the bulk
-/// ended. Left: a stream of pushing segments on several CPUs can have
-/// one overtaken at the moment the device turns quiet, if its ring was
-/// not yet drained (TCP takes it as any reordering). Read only for
-/// pushing segments ([`pushes_its_data`]).
+/// ended. Left: a flow that sends pushing segments back to back can have
+/// one overtaken at the moment the device turns quiet, if the one before
+/// it still waits in the device's ring (TCP takes it as any reordering).
 #[inline(always)]
 fn gro_device_quiet() -> bool {
-    let Some(held_at) = GRO_HELD_AT.get_ptr_mut(0) else {
+    let Some(sent_at) = GRO_MERGEABLE_SENT_AT.get_ptr_mut(0) else {
         return false;
     };
-    // SAFETY: plain helper call; the map value is a u64 that every CPU
-    // only ever replaces with a recent time (a race leaves one of them).
-    let (now, held_at) = unsafe { (bpf_ktime_get_coarse_ns(), &mut *held_at) };
-    if *held_at == 0 {
+    // SAFETY: a u64 of the map, which other CPUs write too: read and
+    // written whole through the pointer, never referenced.
+    let held = unsafe { sent_at.read_volatile() };
+    // SAFETY: plain helper call. Read after the map value, so that `now`
+    // is never older than a time another CPU stored before it.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if held == 0 {
         // Loaded just now: what the previous programs sent is unknown.
-        *held_at = now;
+        // SAFETY: as above.
+        unsafe { sent_at.write_volatile(now) };
         return false;
     }
-    now.wrapping_sub(*held_at) >= GRO_QUIET_NS
+    // Saturating: a time another CPU stored after `now` was read is not
+    // a wrap-around to "long ago".
+    now.saturating_sub(held) >= GRO_QUIET_NS
 }
 
-/// Records that a segment GRO may hold goes to the GRO device now
-/// ([`GRO_HELD_AT`]), writing the shared value only when the coarse clock
-/// has moved: once a tick while segments flow, so that its cache line
-/// stays shared among the CPUs.
+/// Records that a mergeable segment goes to the GRO device now
+/// ([`GRO_MERGEABLE_SENT_AT`]), writing the shared value only when the
+/// coarse clock has moved: once a tick while segments flow, so that its
+/// cache line stays shared among the CPUs. A race between CPUs leaves a
+/// time at most a tick old, within [`GRO_QUIET_NS`]'s margin.
 #[inline(always)]
-fn note_held_by_gro_device() {
-    if let Some(held_at) = GRO_HELD_AT.get_ptr_mut(0) {
-        // SAFETY: plain helper call; as in `gro_device_quiet`.
-        let (now, held_at) = unsafe { (bpf_ktime_get_coarse_ns(), &mut *held_at) };
-        if *held_at != now {
-            *held_at = now;
+pub fn note_mergeable_sent_to_gro_device() {
+    if let Some(sent_at) = GRO_MERGEABLE_SENT_AT.get_ptr_mut(0) {
+        // SAFETY: plain helper call; the map value as in `gro_device_quiet`.
+        unsafe {
+            let now = bpf_ktime_get_coarse_ns();
+            if sent_at.read_volatile() != now {
+                sent_at.write_volatile(now);
+            }
         }
     }
 }

@@ -36,14 +36,15 @@ pub static CONFIG: Array<Config, 1> = Array::new();
 #[btf_map]
 pub static COUNTERS: PerCpuArray<Tally, COUNTER_SLOTS> = PerCpuArray::new();
 
-/// When a segment GRO may hold (one without PSH) last went to the GRO
-/// device, on any CPU, by the coarse monotonic clock
+/// When a mergeable TCP segment (one without PSH, with payload) last went
+/// to the GRO device, on any CPU, by the coarse monotonic clock
 /// (`bpf_ktime_get_coarse_ns`, fine to a tick), or 0 before anything
-/// looked ([`crate::fastpath::gro_device_quiet`]). Runtime state of the
-/// loaded programs only: not pinned, so not part of the map layout; a
-/// restart starts it afresh, which reads as "not yet known to be quiet".
+/// looked ([`crate::fastpath::note_mergeable_sent_to_gro_device`]).
+/// Runtime state of the loaded programs only: not pinned, so not part of
+/// the map layout; a restart starts it afresh, which reads as "not yet
+/// known to be quiet".
 #[btf_map]
-pub static GRO_HELD_AT: Array<u64, 1> = Array::new();
+pub static GRO_MERGEABLE_SENT_AT: Array<u64, 1> = Array::new();
 
 /// This node's configuration, once the agent has written a complete one.
 #[inline(always)]

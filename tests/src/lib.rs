@@ -198,12 +198,7 @@ impl IpCounters {
     /// of names and then a line of values, both led by the table's name
     /// (`Ip:`, `IpExt:`).
     pub fn parse(text: &str) -> Option<Self> {
-        let field = |prefix: &str, name: &str| -> Option<f64> {
-            let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(prefix));
-            let (names, values) = (rows.next()?, rows.next()?);
-            let at = names.split_whitespace().position(|n| n == name)?;
-            values.split_whitespace().nth(at)?.parse().ok()
-        };
+        let field = |prefix: &str, name: &str| proc_net_field(text, prefix, name);
         Some(Self {
             in_receives: field("Ip:", "InReceives")?,
             in_octets: field("IpExt:", "InOctets")?,
@@ -221,6 +216,16 @@ impl IpCounters {
             out_octets: self.out_octets - earlier.out_octets,
         }
     }
+}
+
+/// Field `name` of table `table` (`Ip:`, `TcpExt:`...) in the text of
+/// /proc/net/snmp or /proc/net/netstat, where each table is a line of
+/// names and then a line of values, both led by the table's name.
+pub fn proc_net_field(text: &str, table: &str, name: &str) -> Option<f64> {
+    let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(table));
+    let (names, values) = (rows.next()?, rows.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
 }
 
 /// Runs a command and returns its output, panicking with the command line

@@ -13,7 +13,7 @@ use overlay_common::{Counter, Totals};
 use overlay_tests::{
     NetNs, agent_binary,
     lab::{Lab, LabSpec, Topology},
-    require_root,
+    proc_net_field, require_root,
 };
 
 fn lab(topology: Topology, backend: &str, direct_routing: bool) -> Lab {
@@ -155,10 +155,7 @@ fn wire_tcp_reaches_the_pod_merged_once_per_packet() {
 /// `ns`, from its /proc/net/snmp and /proc/net/netstat.
 fn tcp_counter(ns: &NetNs, table: &str, name: &str) -> u64 {
     let text = String::from_utf8_lossy(&ns.exec("cat", &["/proc/net/snmp", "/proc/net/netstat"]).stdout).into_owned();
-    let mut rows = text.lines().filter(|l| l.split_whitespace().next() == Some(table));
-    let (names, values) = (rows.next().unwrap_or_default(), rows.next().unwrap_or_default());
-    let at = names.split_whitespace().position(|n| n == name).unwrap_or_else(|| panic!("no {table} {name} in {text}"));
-    values.split_whitespace().nth(at).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{table} {name} in {text}"))
+    proc_net_field(&text, table, name).unwrap_or_else(|| panic!("no {table} {name} in {text}")) as u64
 }
 
 /// A request or a reply (a TCP segment with payload and PSH) that
@@ -188,7 +185,20 @@ fn requests_on_a_quiet_node_pass_the_gro_device_by_and_bulk_stays_in_order() {
     const WRITE: usize = 3000;
     let message_of = |byte: u8| [byte; 64];
     let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut conn, _) = listener.accept()?;
+        // Bounded, so a client that never connects cannot leave this
+        // thread (and the pod's namespace, through its socket) behind.
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((conn, _)) => break conn,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        conn.set_nonblocking(false)?;
         conn.set_nodelay(true)?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut message = [0u8; 64];
@@ -272,7 +282,7 @@ fn requests_on_a_quiet_node_pass_the_gro_device_by_and_bulk_stays_in_order() {
     // retransmission, and can make the sender take its own retransmission
     // for a reordering.
     assert!(
-        reordered <= 5 && (out_of_order <= 5 || retransmitted > 0),
+        reordered <= 5 && out_of_order <= 5 + 2 * retransmitted,
         "segments of the bulk stream reached the pod out of order: {out_of_order} queued out of order, {reordered} reorderings the sender saw, {retransmitted} retransmitted"
     );
 
