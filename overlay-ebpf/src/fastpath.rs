@@ -727,11 +727,11 @@ fn gro_device_quiet() -> bool {
     };
     // SAFETY: a u64 of the map, which other CPUs write too: read and
     // written whole through the pointer, never referenced.
-    let held = unsafe { sent_at.read_volatile() };
+    let sent = unsafe { sent_at.read_volatile() };
     // SAFETY: plain helper call. Read after the map value, so that `now`
     // is never older than a time another CPU stored before it.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    if held == 0 {
+    if sent == 0 {
         // Loaded just now: what the previous programs sent is unknown.
         // SAFETY: as above.
         unsafe { sent_at.write_volatile(now) };
@@ -739,7 +739,7 @@ fn gro_device_quiet() -> bool {
     }
     // Saturating: a time another CPU stored after `now` was read is not
     // a wrap-around to "long ago".
-    now.saturating_sub(held) >= GRO_QUIET_NS
+    now.saturating_sub(sent) >= GRO_QUIET_NS
 }
 
 /// Records that a mergeable segment goes to the GRO device now
