@@ -1089,19 +1089,7 @@ impl Lab {
             TcpListener::bind((to_ip, port)).map_err(|e| format!("bind {to_ip}:{port}: {e}"))?
         };
         let server = std::thread::spawn(move || -> std::io::Result<()> {
-            // Bounded wait, so a client that never connects cannot hang us.
-            listener.set_nonblocking(true)?;
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut conn = loop {
-                match listener.accept() {
-                    Ok((conn, _)) => break conn,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            conn.set_nonblocking(false)?;
+            let mut conn = crate::accept_within(&listener, Duration::from_secs(5))?;
             conn.set_read_timeout(Some(Duration::from_secs(5)))?;
             let mut buf = vec![0u8; 65536];
             conn.read_exact(&mut buf)?;

@@ -228,6 +228,29 @@ pub fn proc_net_field(text: &str, table: &str, name: &str) -> Option<f64> {
     values.split_whitespace().nth(at)?.parse().ok()
 }
 
+/// The first connection `listener` takes within `timeout`, blocking as
+/// usual: bounded, so that a server thread whose client never connects
+/// ends (with `TimedOut`) instead of hanging the test and keeping its
+/// socket, and with it the namespace, alive.
+pub fn accept_within(listener: &std::net::TcpListener, timeout: std::time::Duration) -> std::io::Result<std::net::TcpStream> {
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no connection within {timeout:?}")));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    Ok(conn)
+}
+
 /// Runs a command and returns its output, panicking with the command line
 /// and stderr when it fails.
 pub fn run(program: &str, args: &[&str]) -> Output {

@@ -11,7 +11,7 @@ use std::{
 
 use overlay_common::{Counter, Totals};
 use overlay_tests::{
-    NetNs, agent_binary,
+    NetNs, accept_within, agent_binary,
     lab::{Lab, LabSpec, Topology},
     proc_net_field, require_root,
 };
@@ -185,20 +185,7 @@ fn requests_on_a_quiet_node_pass_the_gro_device_by_and_bulk_stays_in_order() {
     const WRITE: usize = 3000;
     let message_of = |byte: u8| [byte; 64];
     let server = std::thread::spawn(move || -> std::io::Result<()> {
-        // Bounded, so a client that never connects cannot leave this
-        // thread (and the pod's namespace, through its socket) behind.
-        listener.set_nonblocking(true)?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut conn = loop {
-            match listener.accept() {
-                Ok((conn, _)) => break conn,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        conn.set_nonblocking(false)?;
+        let mut conn = accept_within(&listener, Duration::from_secs(5))?;
         conn.set_nodelay(true)?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut message = [0u8; 64];
