@@ -1,13 +1,16 @@
-//! `overlay-bench --profile`: where the CPU goes on the 1-stream TCP test.
+//! `overlay-bench --profile`: where the CPU goes on the 1-stream TCP test,
+//! or (`--profile-test udp64`) on the 64-byte UDP packet-rate test.
 //!
-//! For each (underlay, variant) it runs the bench's 1-stream TCP test while
+//! For each (underlay, variant) it runs the chosen bench test while
 //! `perf record -e cpu-clock -g` samples the measuring CPU (every tool is
 //! pinned there, and veth hands packets on in the sender's context, so the
 //! whole path runs there), then folds the stacks and draws a flame graph
 //! with `inferno`, and tabulates kernel functions by self and inclusive
 //! samples. Outputs, in the output directory, per `<underlay>-<variant>`:
 //! `.folded` (folded stacks, kernel frames marked `_[k]`), `.svg` (the
-//! flame graph), and `summary.md` for all of them.
+//! flame graph), and `summary.md` for all of them. The UDP test's files
+//! are named `<underlay>-<variant>-udp64` and its summary
+//! `summary-udp64.md`, so both tests' profiles can share a directory.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -36,6 +39,83 @@ const PERIOD_NS: u64 = 250_000;
 /// Rows in each top-N table.
 const TOP: usize = 25;
 
+/// Which of the bench's tests a profile records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProfiledTest {
+    /// The 1-stream TCP throughput test: the cost per Gbit.
+    #[default]
+    Tcp1,
+    /// The 64-byte UDP packet-rate test (`iperf3 -u -l 64 -b 0`): the
+    /// cost per packet, where the per-packet work of our programs shows
+    /// that a 64 KB TCP packet hides.
+    Udp64,
+}
+
+impl ProfiledTest {
+    /// What the summary and the flame graphs call it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcp1 => "1-stream TCP",
+            Self::Udp64 => "64-byte UDP packets",
+        }
+    }
+
+    /// The suffix of its file names: none for TCP (as before there was a
+    /// choice), `-udp64` for UDP.
+    fn suffix(self) -> &'static str {
+        match self {
+            Self::Tcp1 => "",
+            Self::Udp64 => "-udp64",
+        }
+    }
+
+    /// iperf3's client arguments for the test, as the bench runs it.
+    fn client_args(self) -> &'static [&'static str] {
+        match self {
+            Self::Tcp1 => &["-P", "1"],
+            Self::Udp64 => &["-u", "-l", "64", "-b", "0"],
+        }
+    }
+
+    /// The unit of work the costs are given per, the CPU unit they are
+    /// in, and nanoseconds per that CPU unit.
+    fn cost_unit(self) -> (&'static str, &'static str, f64) {
+        match self {
+            Self::Tcp1 => ("Gbit", "CPU-ms", 1e6),
+            Self::Udp64 => ("packet", "CPU-µs", 1e3),
+        }
+    }
+
+    /// How fast the test ran, from iperf3's JSON: Gbit/s or kpps
+    /// received, and the work received (Gbit or packets).
+    fn received(self, json: &serde_json::Value) -> Result<(f64, f64), String> {
+        match self {
+            Self::Tcp1 => {
+                let received = &json["end"]["sum_received"];
+                let gbps = received["bits_per_second"].as_f64().ok_or("iperf3: no end.sum_received.bits_per_second")? / 1e9;
+                let gbits = received["bytes"].as_f64().ok_or("iperf3: no end.sum_received.bytes")? * 8.0 / 1e9;
+                Ok((gbps, gbits))
+            }
+            Self::Udp64 => {
+                let sum = &json["end"]["sum"];
+                let sent = sum["packets"].as_f64().ok_or("iperf3 -u: no end.sum.packets")?;
+                let lost = sum["lost_packets"].as_f64().ok_or("iperf3 -u: no end.sum.lost_packets")?;
+                let seconds = sum["seconds"].as_f64().filter(|s| *s > 0.0).ok_or("iperf3 -u: no end.sum.seconds")?;
+                let packets = (sent - lost).max(0.0);
+                Ok((packets / seconds / 1e3, packets))
+            }
+        }
+    }
+
+    /// The rate column's heading.
+    fn rate_heading(self) -> &'static str {
+        match self {
+            Self::Tcp1 => "Gbit/s during the profile",
+            Self::Udp64 => "kpps received during the profile",
+        }
+    }
+}
+
 /// Processes whose samples are the packets' path: the tools (client and
 /// server are both iperf3; the packet path runs in their context) and the
 /// softirq threads that take over under load.
@@ -59,10 +139,13 @@ pub struct Profile {
     pub self_samples: BTreeMap<String, u64>,
     /// Kernel function → samples whose stack contains it (path only).
     pub inclusive_samples: BTreeMap<String, u64>,
-    /// Received during the profile: Gbit/s and Gbit (a busy machine's
-    /// figure, to turn samples into CPU per Gbit, not a result).
-    pub gbps: f64,
-    pub gbits: f64,
+    /// The test profiled.
+    pub test: ProfiledTest,
+    /// Received during the profile: Gbit/s and Gbit for TCP, kpps and
+    /// packets for UDP (a busy machine's figure, to turn samples into CPU
+    /// per Gbit or per packet, not a result).
+    pub rate: f64,
+    pub work: f64,
 }
 
 impl Profile {
@@ -100,9 +183,11 @@ impl Profile {
         if self.path_samples == 0 { 0.0 } else { samples as f64 * 100.0 / self.path_samples as f64 }
     }
 
-    /// CPU-ms per Gbit received that `samples` stand for.
-    fn ms_per_gbit(&self, samples: u64) -> f64 {
-        if self.gbits > 0.0 { samples as f64 / 1e6 / self.gbits } else { 0.0 }
+    /// The CPU per unit of work received (CPU-ms per Gbit, CPU-µs per
+    /// packet) that `samples` stand for.
+    fn cost(&self, samples: u64) -> f64 {
+        let (_, _, ns) = self.test.cost_unit();
+        if self.work > 0.0 { samples as f64 / ns / self.work } else { 0.0 }
     }
 
     fn top(map: &BTreeMap<String, u64>, n: usize) -> Vec<(&str, u64)> {
@@ -115,7 +200,7 @@ impl Profile {
 
 /// Profiles every (underlay, variant) of `config` and writes the outputs to
 /// `out`; returns how many profiles it wrote.
-pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
+pub fn run(config: &Config, test: ProfiledTest, out: &Path) -> Result<usize, String> {
     if Command::new("perf").arg("--version").output().is_err() {
         return Err("`perf` is not installed: run `cargo xtask setup` (it installs Debian's linux-perf)".to_owned());
     }
@@ -132,24 +217,30 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
     for (underlay, variant, ends) in &subjects {
         check_interrupted(config)?;
         labs.ready_for(*variant)?;
-        let name = format!("{}-{}", underlay.key(), variant.key());
+        let name = format!("{}-{}{}", underlay.key(), variant.key(), test.suffix());
         let data = std::env::temp_dir().join(format!("{}-{name}.perf.data", config.prefix));
-        let json = recorded_iperf3(ends, config, &data).map_err(|e| format!("{name}: {e}"))?;
-        let received = &json["end"]["sum_received"];
+        let json = recorded_iperf3(ends, config, test, &data).map_err(|e| format!("{name}: {e}"))?;
+        let received = test.received(&json).map_err(|e| format!("{name}: {e}"));
         let folded = fold(&data);
         let _ = std::fs::remove_file(&data);
         let folded = others_summarised(&folded.map_err(|e| format!("{name}: {e}"))?);
         std::fs::write(out.join(format!("{name}.folded")), &folded).map_err(|e| format!("writing {name}.folded: {e}"))?;
-        flame_graph(&folded, &out.join(format!("{name}.svg")), &format!("{} on the {}: 1-stream TCP, CPU {}", variant.label(), underlay.label(), config.cpu.map_or("all".to_owned(), |c| c.to_string())))
+        flame_graph(&folded, &out.join(format!("{name}.svg")), &format!("{} on the {}: {}, CPU {}", variant.label(), underlay.label(), test.label(), config.cpu.map_or("all".to_owned(), |c| c.to_string())))
             .map_err(|e| format!("{name}.svg: {e}"))?;
         let mut profile = Profile::from_folded(&folded);
         profile.underlay = underlay.key().to_owned();
         profile.variant = variant.key().to_owned();
-        profile.gbps = received["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9;
-        profile.gbits = received["bytes"].as_f64().unwrap_or(0.0) * 8.0 / 1e9;
+        profile.test = test;
+        (profile.rate, profile.work) = received?;
         eprintln!(
-            "bench: profiled {name}: {:.0} CPU-ms sampled, {:.0} on the path, {:.2} Gbit/s",
-            profile.samples as f64 / 1e6, profile.path_samples as f64 / 1e6, profile.gbps
+            "bench: profiled {name}: {:.0} CPU-ms sampled, {:.0} on the path, {:.2} {}",
+            profile.samples as f64 / 1e6,
+            profile.path_samples as f64 / 1e6,
+            profile.rate,
+            match test {
+                ProfiledTest::Tcp1 => "Gbit/s",
+                ProfiledTest::Udp64 => "kpps",
+            }
         );
         if profile.path_samples == 0 {
             return Err(format!("{name}: perf recorded no samples of iperf3 or ksoftirqd on the CPU"));
@@ -157,22 +248,23 @@ pub fn run(config: &Config, out: &Path) -> Result<usize, String> {
         profiles.push(profile);
     }
     drop(labs);
-    let summary = render_summary(&profiles, config, &load_before, &loadavg());
-    std::fs::write(out.join("summary.md"), summary).map_err(|e| format!("writing summary.md: {e}"))?;
+    let summary = render_summary(&profiles, config, test, &load_before, &loadavg());
+    let summary_name = summary_name(test);
+    std::fs::write(out.join(&summary_name), summary).map_err(|e| format!("writing {summary_name}: {e}"))?;
     Ok(profiles.len())
 }
 
-/// The bench's 1-stream TCP test, its client run by `perf record -e
-/// cpu-clock -g` sampling the measuring CPU (all CPUs if unpinned). perf
+/// The bench's `test`, its client run by `perf record -e cpu-clock -g`
+/// sampling the measuring CPU (all CPUs if unpinned). perf
 /// starts the client only once its events are enabled, and stops with it,
 /// so the profile covers the test and nothing else; perf itself stays off
 /// the measuring CPU where there is another (the client pins itself).
-fn recorded_iperf3(ends: &Endpoints, config: &Config, data: &Path) -> Result<serde_json::Value, String> {
+fn recorded_iperf3(ends: &Endpoints, config: &Config, test: ProfiledTest, data: &Path) -> Result<serde_json::Value, String> {
     let ip = ends.server_ip.to_string();
     let _server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
     let mut client = tool(&ends.client, "iperf3", ends.cpu);
-    client.args(["-c", &ip, "-t", &config.seconds.to_string(), "-J", "--connect-timeout", "3000", "-P", "1"]);
-    if let Some(window) = &config.tcp_window {
+    client.args(["-c", &ip, "-t", &config.seconds.to_string(), "-J", "--connect-timeout", "3000"]).args(test.client_args());
+    if let Some(window) = config.tcp_window.as_ref().filter(|_| test == ProfiledTest::Tcp1) {
         client.args(["-w", window]);
     }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
@@ -198,6 +290,11 @@ fn recorded_iperf3(ends: &Endpoints, config: &Config, data: &Path) -> Result<ser
         return Err(format!("iperf3: {error}"));
     }
     Ok(json)
+}
+
+/// The summary's file name: `summary.md` for TCP, `summary-udp64.md`.
+pub fn summary_name(test: ProfiledTest) -> String {
+    format!("summary{}.md", test.suffix())
 }
 
 /// `perf script` of `data`, folded by inferno with kernel frames marked.
@@ -256,16 +353,28 @@ fn flame_graph(folded: &str, path: &Path, title: &str) -> Result<(), String> {
 
 /// summary.md: per underlay, the path's cost per variant, the functions
 /// side by side, and each variant's top-N.
-pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, load_after: &str) -> String {
+pub fn render_summary(profiles: &[Profile], config: &Config, test: ProfiledTest, load_before: &str, load_after: &str) -> String {
+    let (work, cpu_unit, _) = test.cost_unit();
+    let per = format!("{cpu_unit} per {work}");
     let mut s = String::new();
-    let _ = writeln!(s, "# Profiles: 1-stream TCP, `perf record -e cpu-clock -g`\n");
+    let _ = writeln!(s, "# Profiles: {}, `perf record -e cpu-clock -g`\n", test.label());
     let _ = writeln!(
         s,
-        "Written by `cargo xtask bench --profile`. Each profile is one {} s iperf3 run (client and server pinned to CPU {}{}), sampled every {} µs of CPU time on that CPU. Load average {load_before} before, {load_after} after. Shares are of the samples of the packets' path (processes iperf3 and ksoftirqd); CPU-ms per Gbit turns samples into the bench's unit with the Gbit received during the profile (a figure from a profiled run: compare, do not quote). Flame graphs: `<underlay>-<variant>.svg`; folded stacks: `<underlay>-<variant>.folded`.\n",
+        "Written by `cargo xtask bench --profile{}`. Each profile is one {} s iperf3 run (`{}`; client and server pinned to CPU {}{}), sampled every {} µs of CPU time on that CPU. Load average {load_before} before, {load_after} after. Shares are of the samples of the packets' path (processes iperf3 and ksoftirqd); {per} turns samples into the bench's unit with the {work}s received during the profile (a figure from a profiled run: compare, do not quote). Flame graphs: `<underlay>-<variant>{suffix}.svg`; folded stacks: `<underlay>-<variant>{suffix}.folded`.\n",
+        match test {
+            ProfiledTest::Tcp1 => "",
+            ProfiledTest::Udp64 => " --profile-test udp64",
+        },
         config.seconds,
+        test.client_args().join(" "),
         config.cpu.map_or("all".to_owned(), |c| c.to_string()),
-        config.tcp_window.as_ref().map_or_else(String::new, |w| format!("; socket buffers fixed at {w}, iperf3 `-w`")),
-        PERIOD_NS / 1000
+        config
+            .tcp_window
+            .as_ref()
+            .filter(|_| test == ProfiledTest::Tcp1)
+            .map_or_else(String::new, |w| format!("; socket buffers fixed at {w}, iperf3 `-w`")),
+        PERIOD_NS / 1000,
+        suffix = test.suffix(),
     );
     for underlay in Underlay::KINDS {
         let of: Vec<&Profile> = profiles.iter().filter(|p| p.underlay == underlay.key()).collect();
@@ -273,7 +382,7 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
             continue;
         }
         let _ = writeln!(s, "## {}\n", underlay.label());
-        let _ = writeln!(s, "| variant | Gbit/s during the profile | CPU-ms sampled | on the path | other processes | path CPU-ms per Gbit |");
+        let _ = writeln!(s, "| variant | {} | CPU-ms sampled | on the path | other processes | path {per} |", test.rate_heading());
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for p in &of {
             let others: Vec<String> = {
@@ -283,13 +392,13 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
             };
             let _ = writeln!(
                 s,
-                "| `{}` | {:.2} | {:.0} | {:.0} | {} | {:.1} |",
+                "| `{}` | {:.2} | {:.0} | {:.0} | {} | {:.2} |",
                 p.variant,
-                p.gbps,
+                p.rate,
                 p.samples as f64 / 1e6,
                 p.path_samples as f64 / 1e6,
                 if others.is_empty() { "—".to_owned() } else { others.join(", ") },
-                p.ms_per_gbit(p.path_samples)
+                p.cost(p.path_samples)
             );
         }
         // The union of every variant's top inclusive functions, side by side.
@@ -302,12 +411,12 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
             }
         }
         names.sort_by(|a, b| {
-            let total = |n: &str| of.iter().map(|p| p.ms_per_gbit(p.inclusive_samples.get(n).copied().unwrap_or(0))).sum::<f64>();
+            let total = |n: &str| of.iter().map(|p| p.cost(p.inclusive_samples.get(n).copied().unwrap_or(0))).sum::<f64>();
             total(b).total_cmp(&total(a)).then(a.cmp(b))
         });
         let _ = writeln!(
             s,
-            "\n### Kernel functions side by side\n\nInclusive CPU-ms per Gbit (share of the path's samples), then self. Rows: every variant's top {TOP} by inclusive samples.\n"
+            "\n### Kernel functions side by side\n\nInclusive {per} (share of the path's samples), then self. Rows: every variant's top {TOP} by inclusive samples.\n"
         );
         let _ = writeln!(s, "| function | {} |", of.iter().map(|p| format!("`{}`", p.variant)).collect::<Vec<_>>().join(" | "));
         let _ = writeln!(s, "|---|{}", "---|".repeat(of.len()));
@@ -320,7 +429,7 @@ pub fn render_summary(profiles: &[Profile], config: &Config, load_before: &str, 
                     if inc == 0 {
                         "—".to_owned()
                     } else {
-                        format!("{:.1} ({:.1} %); self {:.1} %", p.ms_per_gbit(inc), p.share(inc), p.share(own))
+                        format!("{:.2} ({:.1} %); self {:.1} %", p.cost(inc), p.share(inc), p.share(own))
                     }
                 })
                 .collect();
@@ -364,6 +473,41 @@ mod tests {
         assert_eq!(p.inclusive_samples.get("entry_SYSCALL_64"), Some(&5));
         assert_eq!(p.self_samples.get("write"), None, "user frames are not kernel functions");
         assert_eq!(p.by_comm.get("rustc"), Some(&10));
+    }
+
+    #[test]
+    fn the_udp_test_is_costed_per_packet_received_and_written_apart() {
+        let json = serde_json::json!({"end": {"sum": {"packets": 1000.0, "lost_packets": 100.0, "seconds": 2.0}}});
+        assert_eq!(ProfiledTest::Udp64.received(&json), Ok((0.45, 900.0)), "kpps and packets received, the lost ones left out");
+        assert!(ProfiledTest::Udp64.received(&serde_json::json!({"end": {"sum_received": {"bytes": 1.0}}})).is_err());
+        let tcp = serde_json::json!({"end": {"sum_received": {"bits_per_second": 8e9, "bytes": 4e9}}});
+        assert_eq!(ProfiledTest::Tcp1.received(&tcp), Ok((8.0, 32.0)));
+
+        let mut p = Profile::from_folded("iperf3;udp_sendmsg_[k] 1800000\nksoftirqd/1;bpf_prog_1_overlay_tc_ingress 900000\n");
+        (p.test, p.underlay, p.variant, p.rate, p.work) = (ProfiledTest::Udp64, "wire".to_owned(), "vxlan".to_owned(), 0.45, 900.0);
+        // 2.7 ms of the path over 900 packets.
+        assert!((p.cost(p.path_samples) - 3.0).abs() < 1e-9);
+        static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let config = Config {
+            agent: "overlay-agent".into(),
+            variants: Vec::new(),
+            underlays: vec![Underlay::Wire],
+            repeats: 1,
+            seconds: 8,
+            quick: false,
+            prefix: "t".to_owned(),
+            cpu: Some(1),
+            interrupted: &STOP,
+            command: String::new(),
+            tcp_window: Some("256K".to_owned()),
+        };
+        let summary = render_summary(&[p], &config, ProfiledTest::Udp64, "0", "0");
+        assert!(summary.starts_with("# Profiles: 64-byte UDP packets"), "{summary}");
+        assert!(summary.contains("`cargo xtask bench --profile --profile-test udp64`"), "{summary}");
+        assert!(summary.contains("| variant | kpps received during the profile |") && summary.contains("path CPU-µs per packet |"), "{summary}");
+        assert!(summary.contains("| `vxlan` | 0.45 | 3 | 3 | — | 3.00 |"), "{summary}");
+        assert!(summary.contains("`-u -l 64 -b 0`") && !summary.contains("iperf3 `-w`"), "the window is TCP's: {summary}");
+        assert_eq!((summary_name(ProfiledTest::Tcp1), summary_name(ProfiledTest::Udp64)), ("summary.md".to_owned(), "summary-udp64.md".to_owned()));
     }
 
     #[test]

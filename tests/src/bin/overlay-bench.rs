@@ -19,6 +19,13 @@ const BENCH_PREFIX: &str = "ovbench";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
+/// Which test `--profile` records.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProfileTestArg {
+    Tcp,
+    Udp64,
+}
+
 /// Which underlays to measure.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum UnderlayArg {
@@ -103,12 +110,19 @@ struct Args {
     /// README (default: the workspace's, after a full default run).
     #[arg(long)]
     readme: Option<PathBuf>,
-    /// Instead of the benchmark: profile the 1-stream TCP test with
+    /// Instead of the benchmark: profile the 1-stream TCP test (or the one
+    /// --profile-test names) with
     /// `perf record -e cpu-clock -g` on the measuring CPU, for kernel-vxlan
     /// and vxlan plus --variants, on each --underlay; writes flame graphs,
     /// folded stacks and top-N kernel functions to --out.
     #[arg(long)]
     profile: bool,
+    /// With --profile: the test to profile, tcp (the 1-stream TCP test,
+    /// costs per Gbit) or udp64 (the 64-byte UDP packet-rate test, costs
+    /// per packet; files `<underlay>-<variant>-udp64.*` and
+    /// summary-udp64.md).
+    #[arg(long, value_enum, default_value_t = ProfileTestArg::Tcp, requires = "profile")]
+    profile_test: ProfileTestArg,
     /// Measure nothing: re-render results.md and results.svg in --out from
     /// this results.json.
     #[arg(long)]
@@ -205,13 +219,18 @@ fn run(args: Args) -> Result<(), String> {
         tcp_window: args.tcp_window.clone(),
     };
     if args.profile {
+        let test = match args.profile_test {
+            ProfileTestArg::Tcp => profile::ProfiledTest::Tcp1,
+            ProfileTestArg::Udp64 => profile::ProfiledTest::Udp64,
+        };
         eprintln!(
-            "bench: profiling {} on {} underlay(s), {seconds} s of TCP each",
+            "bench: profiling {} on {} underlay(s), {seconds} s of {} each",
             config.variants.iter().map(|v| v.key()).collect::<Vec<_>>().join(", "),
-            config.underlays.len()
+            config.underlays.len(),
+            test.label()
         );
-        let written = profile::run(&config, &out)?;
-        println!("bench: wrote {} profiles and summary.md to {}", written, out.display());
+        let written = profile::run(&config, test, &out)?;
+        println!("bench: wrote {written} profiles and {} to {}", profile::summary_name(test), out.display());
         return Ok(());
     }
     eprintln!(
