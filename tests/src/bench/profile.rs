@@ -77,6 +77,24 @@ impl ProfiledTest {
         }
     }
 
+    /// The iperf3 client's arguments after `-c <server>`: the test's
+    /// own, and `--tcp-window` for TCP only (the bench's UDP test has no
+    /// socket-buffer setting either).
+    fn iperf3_args(self, config: &Config) -> Vec<String> {
+        let mut args: Vec<String> = ["-t", &config.seconds.to_string(), "-J", "--connect-timeout", "3000"].map(str::to_owned).to_vec();
+        args.extend(self.client_args().iter().map(|a| (*a).to_owned()));
+        if let Some(window) = config.tcp_window.as_ref().filter(|_| self == Self::Tcp1) {
+            args.extend(["-w".to_owned(), window.clone()]);
+        }
+        args
+    }
+
+    /// A profile's file stem: `<underlay>-<variant>`, and `-udp64` for
+    /// the UDP test.
+    fn file_stem(self, underlay: &str, variant: &str) -> String {
+        format!("{underlay}-{variant}{}", self.suffix())
+    }
+
     /// The unit of work the costs are given per, the CPU unit they are
     /// in, and nanoseconds per that CPU unit.
     fn cost_unit(self) -> (&'static str, &'static str, f64) {
@@ -217,7 +235,7 @@ pub fn run(config: &Config, test: ProfiledTest, out: &Path) -> Result<usize, Str
     for (underlay, variant, ends) in &subjects {
         check_interrupted(config)?;
         labs.ready_for(*variant)?;
-        let name = format!("{}-{}{}", underlay.key(), variant.key(), test.suffix());
+        let name = test.file_stem(underlay.key(), variant.key());
         let data = std::env::temp_dir().join(format!("{}-{name}.perf.data", config.prefix));
         let json = recorded_iperf3(ends, config, test, &data).map_err(|e| format!("{name}: {e}"))?;
         let received = test.received(&json).map_err(|e| format!("{name}: {e}"));
@@ -263,10 +281,7 @@ fn recorded_iperf3(ends: &Endpoints, config: &Config, test: ProfiledTest, data: 
     let ip = ends.server_ip.to_string();
     let _server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
     let mut client = tool(&ends.client, "iperf3", ends.cpu);
-    client.args(["-c", &ip, "-t", &config.seconds.to_string(), "-J", "--connect-timeout", "3000"]).args(test.client_args());
-    if let Some(window) = config.tcp_window.as_ref().filter(|_| test == ProfiledTest::Tcp1) {
-        client.args(["-w", window]);
-    }
+    client.args(["-c", &ip]).args(test.iperf3_args(config));
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let mut cmd = match config.cpu.and_then(|c| (0..cpus).find(|&o| o != c)) {
         Some(other) => {
@@ -508,6 +523,13 @@ mod tests {
         assert!(summary.contains("| `vxlan` | 0.45 | 3 | 3 | — | 3.00 |"), "{summary}");
         assert!(summary.contains("`-u -l 64 -b 0`") && !summary.contains("iperf3 `-w`"), "the window is TCP's: {summary}");
         assert_eq!((summary_name(ProfiledTest::Tcp1), summary_name(ProfiledTest::Udp64)), ("summary.md".to_owned(), "summary-udp64.md".to_owned()));
+        assert_eq!(
+            (ProfiledTest::Tcp1.file_stem("wire", "vxlan"), ProfiledTest::Udp64.file_stem("wire", "vxlan")),
+            ("wire-vxlan".to_owned(), "wire-vxlan-udp64".to_owned()),
+            "TCP keeps the names it had; UDP's stand apart"
+        );
+        assert_eq!(ProfiledTest::Udp64.iperf3_args(&config).join(" "), "-t 8 -J --connect-timeout 3000 -u -l 64 -b 0", "no -w for UDP");
+        assert_eq!(ProfiledTest::Tcp1.iperf3_args(&config).join(" "), "-t 8 -J --connect-timeout 3000 -P 1 -w 256K");
     }
 
     #[test]

@@ -120,7 +120,7 @@ struct Args {
     /// With --profile: the test to profile, tcp (the 1-stream TCP test,
     /// costs per Gbit) or udp64 (the 64-byte UDP packet-rate test, costs
     /// per packet; files `<underlay>-<variant>-udp64.*` and
-    /// summary-udp64.md).
+    /// summary-udp64.md; --tcp-window applies to tcp only).
     #[arg(long, value_enum, default_value_t = ProfileTestArg::Tcp, requires = "profile")]
     profile_test: ProfileTestArg,
     /// Measure nothing: re-render results.md and results.svg in --out from
