@@ -39,11 +39,12 @@ const PERIOD_NS: u64 = 250_000;
 /// Rows in each top-N table.
 const TOP: usize = 25;
 
-/// Which of the bench's tests a profile records.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which of the bench's tests a profile records (`--profile-test`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProfiledTest {
     /// The 1-stream TCP throughput test: the cost per Gbit.
     #[default]
+    #[value(name = "tcp")]
     Tcp1,
     /// The 64-byte UDP packet-rate test (`iperf3 -u -l 64 -b 0`): the
     /// cost per packet, where the per-packet work of our programs shows
@@ -125,11 +126,11 @@ impl ProfiledTest {
         }
     }
 
-    /// The rate column's heading.
-    fn rate_heading(self) -> &'static str {
+    /// The unit of the rate received: Gbit/s or kpps.
+    fn rate_unit(self) -> &'static str {
         match self {
-            Self::Tcp1 => "Gbit/s during the profile",
-            Self::Udp64 => "kpps received during the profile",
+            Self::Tcp1 => "Gbit/s",
+            Self::Udp64 => "kpps",
         }
     }
 }
@@ -255,10 +256,7 @@ pub fn run(config: &Config, test: ProfiledTest, out: &Path) -> Result<usize, Str
             profile.samples as f64 / 1e6,
             profile.path_samples as f64 / 1e6,
             profile.rate,
-            match test {
-                ProfiledTest::Tcp1 => "Gbit/s",
-                ProfiledTest::Udp64 => "kpps",
-            }
+            test.rate_unit()
         );
         if profile.path_samples == 0 {
             return Err(format!("{name}: perf recorded no samples of iperf3 or ksoftirqd on the CPU"));
@@ -397,7 +395,7 @@ pub fn render_summary(profiles: &[Profile], config: &Config, test: ProfiledTest,
             continue;
         }
         let _ = writeln!(s, "## {}\n", underlay.label());
-        let _ = writeln!(s, "| variant | {} | CPU-ms sampled | on the path | other processes | path {per} |", test.rate_heading());
+        let _ = writeln!(s, "| variant | {} received during the profile | CPU-ms sampled | on the path | other processes | path {per} |", test.rate_unit());
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for p in &of {
             let others: Vec<String> = {

@@ -19,13 +19,6 @@ const BENCH_PREFIX: &str = "ovbench";
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Which test `--profile` records.
-#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ProfileTestArg {
-    Tcp,
-    Udp64,
-}
-
 /// Which underlays to measure.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum UnderlayArg {
@@ -121,8 +114,8 @@ struct Args {
     /// costs per Gbit) or udp64 (the 64-byte UDP packet-rate test, costs
     /// per packet; files `<underlay>-<variant>-udp64.*` and
     /// summary-udp64.md; --tcp-window applies to tcp only).
-    #[arg(long, value_enum, default_value_t = ProfileTestArg::Tcp, requires = "profile")]
-    profile_test: ProfileTestArg,
+    #[arg(long, value_enum, default_value_t = profile::ProfiledTest::Tcp1, requires = "profile")]
+    profile_test: profile::ProfiledTest,
     /// Measure nothing: re-render results.md and results.svg in --out from
     /// this results.json.
     #[arg(long)]
@@ -219,10 +212,7 @@ fn run(args: Args) -> Result<(), String> {
         tcp_window: args.tcp_window.clone(),
     };
     if args.profile {
-        let test = match args.profile_test {
-            ProfileTestArg::Tcp => profile::ProfiledTest::Tcp1,
-            ProfileTestArg::Udp64 => profile::ProfiledTest::Udp64,
-        };
+        let test = args.profile_test;
         eprintln!(
             "bench: profiling {} on {} underlay(s), {seconds} s of {} each",
             config.variants.iter().map(|v| v.key()).collect::<Vec<_>>().join(", "),
