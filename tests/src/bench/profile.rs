@@ -142,6 +142,45 @@ fn on_the_path(comm: &str) -> bool {
     comm.starts_with("iperf3") || comm.starts_with("ksoftirqd")
 }
 
+/// Where a sample of the path ran. Client and server share one CPU, and
+/// veth hands a packet on in the sender's context, so the path's softirq
+/// work runs inside whichever task raised or met it: the sending iperf3's
+/// `write`, the receiving one's `read` (the window updates it sends let the
+/// sender's next packets through within it), `ksoftirqd` once the kernel
+/// defers the work, or an interrupt's exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathContext {
+    Read,
+    Write,
+    Ksoftirqd,
+    Elsewhere,
+}
+
+impl PathContext {
+    pub const ALL: [Self; 4] = [Self::Read, Self::Write, Self::Ksoftirqd, Self::Elsewhere];
+
+    fn of(comm: &str, kernel_frames: &[&str]) -> Self {
+        if comm.starts_with("ksoftirqd") {
+            Self::Ksoftirqd
+        } else if kernel_frames.contains(&"ksys_read") {
+            Self::Read
+        } else if kernel_frames.contains(&"ksys_write") {
+            Self::Write
+        } else {
+            Self::Elsewhere
+        }
+    }
+
+    fn heading(self) -> &'static str {
+        match self {
+            Self::Read => "in `read` (the receiving iperf3)",
+            Self::Write => "in `write` (the sending iperf3)",
+            Self::Ksoftirqd => "in `ksoftirqd`",
+            Self::Elsewhere => "elsewhere (interrupts' softirqs, other calls)",
+        }
+    }
+}
+
 /// One profile's figures.
 #[derive(Debug, Default)]
 pub struct Profile {
@@ -158,6 +197,9 @@ pub struct Profile {
     pub self_samples: BTreeMap<String, u64>,
     /// Kernel function → samples whose stack contains it (path only).
     pub inclusive_samples: BTreeMap<String, u64>,
+    /// The path's samples by the context it ran in, in [`PathContext::ALL`]'s
+    /// order.
+    pub by_context: [u64; 4],
     /// The test profiled.
     pub test: ProfiledTest,
     /// Received during the profile: Gbit/s and Gbit for TCP, kpps and
@@ -187,6 +229,8 @@ impl Profile {
             }
             p.path_samples += count;
             let kernel: Vec<&str> = frames.filter_map(|f| f.strip_suffix("_[k]")).collect();
+            let context = PathContext::of(comm, &kernel);
+            p.by_context[PathContext::ALL.iter().position(|c| *c == context).unwrap_or_default()] += count;
             if let Some(leaf) = stack.rsplit(';').next().and_then(|f| f.strip_suffix("_[k]")) {
                 *p.self_samples.entry(leaf.to_owned()).or_default() += count;
             }
@@ -414,6 +458,16 @@ pub fn render_summary(profiles: &[Profile], config: &Config, test: ProfiledTest,
                 p.cost(p.path_samples)
             );
         }
+        let _ = writeln!(
+            s,
+            "\n### Where the path ran\n\nShare of the path's samples by the context it ran in. Client and server share the CPU, so the path runs inside whichever of them raised or met its work; a run whose path ran mostly inside the receiver's `read` and one split between `read`, `write` and `ksoftirqd` can differ in cost for the same datapath: compare profiles of one kind.\n"
+        );
+        let _ = writeln!(s, "| variant | {} |", PathContext::ALL.map(PathContext::heading).join(" | "));
+        let _ = writeln!(s, "|---|{}", "---|".repeat(PathContext::ALL.len()));
+        for p in &of {
+            let cells: Vec<String> = p.by_context.iter().map(|n| format!("{:.1} %", p.share(*n))).collect();
+            let _ = writeln!(s, "| `{}` | {} |", p.variant, cells.join(" | "));
+        }
         // The union of every variant's top inclusive functions, side by side.
         let mut names: Vec<&str> = Vec::new();
         for p in &of {
@@ -528,6 +582,35 @@ mod tests {
         );
         assert_eq!(ProfiledTest::Udp64.iperf3_args(&config).join(" "), "-t 8 -J --connect-timeout 3000 -u -l 64 -b 0", "no -w for UDP");
         assert_eq!(ProfiledTest::Tcp1.iperf3_args(&config).join(" "), "-t 8 -J --connect-timeout 3000 -P 1 -w 256K");
+    }
+
+    #[test]
+    fn the_summary_says_in_which_context_the_path_ran() {
+        let folded = "iperf3;read;entry_SYSCALL_64_[k];ksys_read_[k];tcp_recvmsg_[k];net_rx_action_[k] 6\n\
+                      iperf3;write;entry_SYSCALL_64_[k];ksys_write_[k];tcp_sendmsg_[k] 2\n\
+                      ksoftirqd/1;run_ksoftirqd_[k];net_rx_action_[k] 1\n\
+                      iperf3;select;asm_sysvec_apic_timer_interrupt_[k];handle_softirqs_[k] 1\n\
+                      rustc;llvm::foo 10\n";
+        let mut p = Profile::from_folded(folded);
+        assert_eq!(p.by_context, [6, 2, 1, 1], "read, write, ksoftirqd, elsewhere; other processes are not the path");
+        (p.underlay, p.variant, p.work) = ("wire".to_owned(), "vxlan".to_owned(), 1.0);
+        static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let config = Config {
+            agent: "overlay-agent".into(),
+            variants: Vec::new(),
+            underlays: vec![Underlay::Wire],
+            repeats: 1,
+            seconds: 8,
+            quick: false,
+            prefix: "t".to_owned(),
+            cpu: Some(1),
+            interrupted: &STOP,
+            command: String::new(),
+            tcp_window: None,
+        };
+        let summary = render_summary(&[p], &config, ProfiledTest::Tcp1, "0", "0");
+        assert!(summary.contains("### Where the path ran"), "{summary}");
+        assert!(summary.contains("| `vxlan` | 60.0 % | 20.0 % | 10.0 % | 10.0 % |"), "{summary}");
     }
 
     #[test]
