@@ -150,10 +150,10 @@ fn on_the_path(comm: &str) -> bool {
 /// defers the work, or an interrupt's exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathContext {
-    Read,
-    Write,
-    Ksoftirqd,
-    Elsewhere,
+    Read = 0,
+    Write = 1,
+    Ksoftirqd = 2,
+    Elsewhere = 3,
 }
 
 impl PathContext {
@@ -197,9 +197,9 @@ pub struct Profile {
     pub self_samples: BTreeMap<String, u64>,
     /// Kernel function → samples whose stack contains it (path only).
     pub inclusive_samples: BTreeMap<String, u64>,
-    /// The path's samples by the context it ran in, in [`PathContext::ALL`]'s
-    /// order.
-    pub by_context: [u64; 4],
+    /// The path's samples by the context it ran in, indexed by
+    /// [`PathContext`] (in [`PathContext::ALL`]'s order).
+    pub by_context: [u64; PathContext::ALL.len()],
     /// The test profiled.
     pub test: ProfiledTest,
     /// Received during the profile: Gbit/s and Gbit for TCP, kpps and
@@ -230,7 +230,7 @@ impl Profile {
             p.path_samples += count;
             let kernel: Vec<&str> = frames.filter_map(|f| f.strip_suffix("_[k]")).collect();
             let context = PathContext::of(comm, &kernel);
-            p.by_context[PathContext::ALL.iter().position(|c| *c == context).unwrap_or_default()] += count;
+            p.by_context[context as usize] += count;
             if let Some(leaf) = stack.rsplit(';').next().and_then(|f| f.strip_suffix("_[k]")) {
                 *p.self_samples.entry(leaf.to_owned()).or_default() += count;
             }
@@ -526,6 +526,24 @@ pub fn render_summary(profiles: &[Profile], config: &Config, test: ProfiledTest,
 mod tests {
     use super::*;
 
+    /// A one-round wire-like configuration on CPU 1, 8 s per profile.
+    fn wire_config(tcp_window: Option<&str>) -> Config {
+        static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        Config {
+            agent: "overlay-agent".into(),
+            variants: Vec::new(),
+            underlays: vec![Underlay::Wire],
+            repeats: 1,
+            seconds: 8,
+            quick: false,
+            prefix: "t".to_owned(),
+            cpu: Some(1),
+            interrupted: &STOP,
+            command: String::new(),
+            tcp_window: tcp_window.map(str::to_owned),
+        }
+    }
+
     #[test]
     fn folded_stacks_give_self_and_inclusive_kernel_samples_of_the_path() {
         let folded = "iperf3;write;entry_SYSCALL_64_[k];tcp_sendmsg_[k];skb_copy_[k] 3\n\
@@ -554,20 +572,7 @@ mod tests {
         (p.test, p.underlay, p.variant, p.rate, p.work) = (ProfiledTest::Udp64, "wire".to_owned(), "vxlan".to_owned(), 0.45, 900.0);
         // 2.7 ms of the path over 900 packets.
         assert!((p.cost(p.path_samples) - 3.0).abs() < 1e-9);
-        static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        let config = Config {
-            agent: "overlay-agent".into(),
-            variants: Vec::new(),
-            underlays: vec![Underlay::Wire],
-            repeats: 1,
-            seconds: 8,
-            quick: false,
-            prefix: "t".to_owned(),
-            cpu: Some(1),
-            interrupted: &STOP,
-            command: String::new(),
-            tcp_window: Some("256K".to_owned()),
-        };
+        let config = wire_config(Some("256K"));
         let summary = render_summary(&[p], &config, ProfiledTest::Udp64, "0", "0");
         assert!(summary.starts_with("# Profiles: 64-byte UDP packets"), "{summary}");
         assert!(summary.contains("`cargo xtask bench --profile --profile-test udp64`"), "{summary}");
@@ -594,20 +599,7 @@ mod tests {
         let mut p = Profile::from_folded(folded);
         assert_eq!(p.by_context, [6, 2, 1, 1], "read, write, ksoftirqd, elsewhere; other processes are not the path");
         (p.underlay, p.variant, p.work) = ("wire".to_owned(), "vxlan".to_owned(), 1.0);
-        static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        let config = Config {
-            agent: "overlay-agent".into(),
-            variants: Vec::new(),
-            underlays: vec![Underlay::Wire],
-            repeats: 1,
-            seconds: 8,
-            quick: false,
-            prefix: "t".to_owned(),
-            cpu: Some(1),
-            interrupted: &STOP,
-            command: String::new(),
-            tcp_window: None,
-        };
+        let config = wire_config(None);
         let summary = render_summary(&[p], &config, ProfiledTest::Tcp1, "0", "0");
         assert!(summary.contains("### Where the path ran"), "{summary}");
         assert!(summary.contains("| `vxlan` | 60.0 % | 20.0 % | 10.0 % | 10.0 % |"), "{summary}");
