@@ -64,8 +64,7 @@ impl CpuTimes {
         if fields.len() < 7 {
             return Err(format!("/proc/stat: `{name}` has too few fields: {line:?}"));
         }
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        let hz = clock_ticks_per_second();
         Ok(Self {
             user: (fields[0] + fields[1]) / hz,
             system: fields[2] / hz,
@@ -87,6 +86,72 @@ impl CpuTimes {
     pub fn kernel(&self) -> f64 {
         self.system + self.softirq + self.irq
     }
+}
+
+/// Clock ticks of kernel time (`stime`, field 15) in a `/proc/<pid>/stat`
+/// line; the command name (field 2) may hold spaces and parentheses.
+fn kernel_ticks_of(stat: &str) -> Option<u64> {
+    // After "pid (comm) ", field 3 (state) is the first; stime is the 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(12)?.parse().ok()
+}
+
+/// Seconds of kernel time process `pid` has spent so far.
+fn kernel_seconds_of(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(kernel_ticks_of(&stat)? as f64 / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+/// The pid of `ksoftirqd/<cpu>`, the thread that takes the CPU's softirq
+/// work over once the kernel defers it.
+fn ksoftirqd_of(cpu: usize) -> Option<u32> {
+    let name = format!("ksoftirqd/{cpu}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+        (comm.trim_end() == name).then_some(pid)
+    })
+}
+
+/// Kernel seconds of the children this process has reaped so far.
+fn reaped_children_kernel_seconds() -> f64 {
+    // SAFETY: getrusage writes one rusage into the zeroed struct given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    usage.ru_stime.tv_sec as f64 + usage.ru_stime.tv_usec as f64 / 1e6
+}
+
+/// How a test's kernel time on the pinned CPU split between the receiving
+/// tool, the sending one and that CPU's `ksoftirqd` (shares of their sum).
+/// With tick-based accounting, softirq work counts to the task it ran
+/// inside: this says whether the path ran inside the receiver's `read` or
+/// split (docs/benchmarks/profiles/2026-12-05-path-context).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct PathShares {
+    pub(super) receiver: f64,
+    pub(super) sender: f64,
+    pub(super) ksoftirqd: f64,
+}
+
+impl PathShares {
+    /// The shares of three processes' kernel seconds, when they account
+    /// for at least [`Self::COVERAGE`] of `cpu_kernel`, the kernel time
+    /// the pinned CPU spent meanwhile. A kernel with
+    /// `CONFIG_IRQ_TIME_ACCOUNTING` charges softirq work to no task, and
+    /// the three then hold too little of it to say where the path ran.
+    fn of(receiver: f64, sender: f64, ksoftirqd: f64, cpu_kernel: f64) -> Option<Self> {
+        let total = receiver + sender + ksoftirqd;
+        (total > 0.0 && total >= Self::COVERAGE * cpu_kernel)
+            .then(|| Self { receiver: receiver / total, sender: sender / total, ksoftirqd: ksoftirqd / total })
+    }
+
+    const COVERAGE: f64 = 0.8;
 }
 
 /// The two ends of a measurement.
@@ -133,7 +198,7 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
             if let Some(window) = &config.tcp_window {
                 args.extend(["-w", window.as_str()]);
             }
-            let (json, cpu, wall) = iperf3(ends, &args, seconds)?;
+            let Iperf3Run { json, cpu, wall, shares } = iperf3(ends, &args, seconds)?;
             let sent = IpCounters::read(&ends.client)?.since(client_before);
             let got = IpCounters::read(&ends.server)?.since(server_before);
             let received = &json["end"]["sum_received"];
@@ -150,10 +215,15 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
             extra.insert("sender_bytes_per_ip_packet".to_owned(), sent.out_octets / sent.out_requests.max(1.0));
             extra.insert("receiver_bytes_per_ip_packet".to_owned(), got.in_octets / got.in_receives.max(1.0));
             extra.insert("receiver_packets_back_per_mb".to_owned(), got.out_requests / (got.in_octets / 1e6).max(1e-6));
+            if let Some(shares) = shares {
+                extra.insert("receiver_share_of_kernel_time".to_owned(), shares.receiver);
+                extra.insert("sender_share_of_kernel_time".to_owned(), shares.sender);
+                extra.insert("ksoftirqd_share_of_kernel_time".to_owned(), shares.ksoftirqd);
+            }
             (cpu, wall)
         }
         Test::Udp64 => {
-            let (json, cpu, wall) = iperf3(ends, &["-u", "-l", "64", "-b", "0"], seconds)?;
+            let Iperf3Run { json, cpu, wall, .. } = iperf3(ends, &["-u", "-l", "64", "-b", "0"], seconds)?;
             let sum = &json["end"]["sum"];
             let sent = sum["packets"].as_f64().ok_or("iperf3 -u: no end.sum.packets")?;
             let lost = sum["lost_packets"].as_f64().ok_or("iperf3 -u: no end.sum.lost_packets")?;
@@ -261,18 +331,39 @@ fn timed_client(mut cmd: Command, cpu: Option<usize>) -> Result<(Output, CpuTime
 pub(super) const IPERF3_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
 
-fn iperf3(ends: &Endpoints, args: &[&str], seconds: u32) -> Result<(serde_json::Value, CpuTimes, f64), String> {
+/// What an iperf3 run gives: its JSON, the CPU time around the client, the
+/// wall time, and (pinned, where every process could be read) how the
+/// kernel time split between the ends.
+struct Iperf3Run {
+    json: serde_json::Value,
+    cpu: CpuTimes,
+    wall: f64,
+    shares: Option<PathShares>,
+}
+
+fn iperf3(ends: &Endpoints, args: &[&str], seconds: u32) -> Result<Iperf3Run, String> {
     let ip = ends.server_ip.to_string();
-    let _server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
+    let server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
+    // nsenter, nice and taskset each exec the next: the child is iperf3.
+    let server_pid = server.0.id();
+    let softirq_pid = ends.cpu.and_then(ksoftirqd_of);
+    let kernel_seconds = || Some((kernel_seconds_of(server_pid)?, kernel_seconds_of(softirq_pid?)?, reaped_children_kernel_seconds()));
+    let before = kernel_seconds();
     let mut cmd = tool(&ends.client, "iperf3", ends.cpu);
     cmd.args(["-c", &ip, "-t", &seconds.to_string(), "-J", "--connect-timeout", "3000"]).args(args);
     let (out, cpu, wall) = timed_client(cmd, ends.cpu)?;
+    // The server exits once the test is over, but stays readable until its
+    // guard reaps it.
+    let after = kernel_seconds();
+    let shares = before.zip(after).and_then(|((server0, softirq0, client0), (server1, softirq1, client1))| {
+        PathShares::of(server1 - server0, client1 - client0, softirq1 - softirq0, cpu.kernel())
+    });
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
         .map_err(|e| format!("iperf3 printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)))?;
     if let Some(error) = json["error"].as_str() {
         return Err(format!("iperf3: {error}"));
     }
-    Ok((json, cpu, wall))
+    Ok(Iperf3Run { json, cpu, wall, shares })
 }
 
 /// sockperf ping-pong; returns the round trip's median and p99 in µs and
@@ -377,6 +468,18 @@ sockperf: ---> <MIN> observation =   28.311
         let c = IpCounters::parse(text).unwrap();
         assert_eq!((c.in_receives, c.out_requests, c.in_octets, c.out_octets), (101560.0, 92338.0, 706276919.0, 36245862.0));
         assert!(IpCounters::parse("Ip: InReceives\nIp: 1\n").is_none());
+    }
+
+    #[test]
+    fn a_process_kernel_time_is_read_past_a_command_with_spaces_and_parentheses() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+        let stat = "4242 (iperf3 (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 12 345 0 0 10 -10 1 0 99 0";
+        assert_eq!(kernel_ticks_of(stat), Some(345));
+        assert_eq!(kernel_ticks_of("4242 (iperf3) S 1"), None);
+        let shares = PathShares::of(6.0, 2.0, 2.0, 11.0).unwrap();
+        assert_eq!((shares.receiver, shares.sender, shares.ksoftirqd), (0.6, 0.2, 0.2));
+        assert!(PathShares::of(0.0, 0.0, 0.0, 0.0).is_none(), "no kernel time: no shares");
+        assert!(PathShares::of(3.0, 2.0, 2.0, 10.0).is_none(), "softirq time charged to no task: the shares would mislead");
     }
 
     #[test]

@@ -176,6 +176,36 @@ fn packet_sizes(s: &mut String, report: &Report) {
             .collect();
         let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
     }
+    path_contexts(s, report);
+}
+
+/// Where the 1-stream TCP test's path ran, round by round: with both ends
+/// on one CPU it runs inside whichever task raised or met its work, split
+/// between the sender's `write`, the receiver's `read` and `ksoftirqd`, or
+/// almost wholly inside the receiver's `read`, which costs more for the
+/// same datapath (docs/benchmarks/profiles/2026-12-05-path-context). A
+/// paired ratio of two rounds that ran differently says as much about
+/// that as about the paths.
+fn path_contexts(s: &mut String, report: &Report) {
+    const KEY: &str = "receiver_share_of_kernel_time";
+    if !report.variants.iter().any(|v| report.extra_stat(&v.key, "tcp1", KEY).is_some()) {
+        return;
+    }
+    let cells: Vec<String> = report
+        .variants
+        .iter()
+        .map(|v| {
+            report.extra_stat(&v.key, "tcp1", KEY).map_or_else(
+                || "—".to_owned(),
+                |st| format!("{:.0} %<br>{:.0}–{:.0} %", st.median * 100.0, st.min * 100.0, st.max * 100.0),
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        "| share of the kernel time of the two iperf3 and `ksoftirqd` spent in the receiving iperf3 (median, min–max over rounds; about 40 % when the path ran split, over 80 % when it ran inside the receiver's `read`) | {} |",
+        cells.join(" | ")
+    );
 }
 
 /// A table of a row per metric (named by `row`, with an arrow for which
@@ -546,6 +576,52 @@ mod tests {
     /// tell which side of it the ratio is on; the verdict and the figure
     /// never seem to disagree (the run of record of 2026-12-04 printed
     /// "1.20×, not met" for a 64-byte rate goal of 1.20×).
+    /// Each round's split of the 1-stream test's kernel time shows as its
+    /// median and range, so rounds that ran the path inside the
+    /// receiver's `read` stand out beside those that ran it split.
+    #[test]
+    fn where_the_path_ran_shows_per_variant_with_its_range() {
+        use std::collections::BTreeMap;
+
+        use crate::bench::{Meta, Record, VariantInfo};
+        let variant = |key: &str| VariantInfo {
+            underlay: "wire".into(),
+            key: key.into(),
+            label: key.into(),
+            description: String::new(),
+            hook: None,
+            counters: BTreeMap::new(),
+        };
+        let record = |key: &str, round: usize, share: Option<f64>| Record {
+            round,
+            underlay: "wire".into(),
+            variant: key.into(),
+            test: "tcp1".into(),
+            values: BTreeMap::new(),
+            extra: [("sender_bytes_per_ip_packet".to_owned(), 60000.0)]
+                .into_iter()
+                .chain(share.map(|v| ("receiver_share_of_kernel_time".to_owned(), v)))
+                .collect(),
+            cpu: Default::default(),
+            wall: 1.0,
+        };
+        let report = Report {
+            meta: Meta::default(),
+            variants: vec![variant("kernel-vxlan"), variant("vxlan")],
+            records: vec![
+                record("kernel-vxlan", 0, Some(0.40)),
+                record("kernel-vxlan", 1, Some(0.90)),
+                record("kernel-vxlan", 2, Some(0.41)),
+                record("vxlan", 0, None),
+            ],
+            background: Vec::new(),
+        };
+        let mut s = String::new();
+        packet_sizes(&mut s, &report);
+        assert!(s.contains("spent in the receiving iperf3"), "{s}");
+        assert!(s.contains("| 41 %<br>40–90 % | — |"), "{s}");
+    }
+
     #[test]
     fn a_target_missed_by_less_than_the_rounding_shows_by_how_much() {
         let short = Target::ratio("rate".into(), 1.1996, 1.2, true);
