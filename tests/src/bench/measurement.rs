@@ -198,7 +198,7 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
             if let Some(window) = &config.tcp_window {
                 args.extend(["-w", window.as_str()]);
             }
-            let Iperf3Run { json, cpu, wall, shares } = iperf3(ends, &args, seconds)?;
+            let Iperf3Run { json, cpu, wall, shares } = iperf3(ends, &args, seconds, Shares::Record)?;
             let sent = IpCounters::read(&ends.client)?.since(client_before);
             let got = IpCounters::read(&ends.server)?.since(server_before);
             let received = &json["end"]["sum_received"];
@@ -223,7 +223,7 @@ fn measure(test: Test, underlay: Underlay, variant: Variant, ends: &Endpoints, r
             (cpu, wall)
         }
         Test::Udp64 => {
-            let Iperf3Run { json, cpu, wall, .. } = iperf3(ends, &["-u", "-l", "64", "-b", "0"], seconds)?;
+            let Iperf3Run { json, cpu, wall, .. } = iperf3(ends, &["-u", "-l", "64", "-b", "0"], seconds, Shares::Skip)?;
             let sum = &json["end"]["sum"];
             let sent = sum["packets"].as_f64().ok_or("iperf3 -u: no end.sum.packets")?;
             let lost = sum["lost_packets"].as_f64().ok_or("iperf3 -u: no end.sum.lost_packets")?;
@@ -332,8 +332,8 @@ pub(super) const IPERF3_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
 
 /// What an iperf3 run gives: its JSON, the CPU time around the client, the
-/// wall time, and (pinned, where every process could be read) how the
-/// kernel time split between the ends.
+/// wall time, and (asked for, pinned, where every process could be read)
+/// how the kernel time split between the ends.
 struct Iperf3Run {
     json: serde_json::Value,
     cpu: CpuTimes,
@@ -341,12 +341,21 @@ struct Iperf3Run {
     shares: Option<PathShares>,
 }
 
-fn iperf3(ends: &Endpoints, args: &[&str], seconds: u32) -> Result<Iperf3Run, String> {
+/// Whether an iperf3 run reads where its kernel time went ([`PathShares`]):
+/// only the 1-stream TCP test's are recorded, and finding `ksoftirqd`
+/// scans `/proc`.
+#[derive(Clone, Copy, PartialEq)]
+enum Shares {
+    Record,
+    Skip,
+}
+
+fn iperf3(ends: &Endpoints, args: &[&str], seconds: u32, wanted: Shares) -> Result<Iperf3Run, String> {
     let ip = ends.server_ip.to_string();
     let server = server(&ends.server, "iperf3", &["-s", "-1", "-B", &ip], IPERF3_PORT, true, ends.cpu)?;
     // nsenter, nice and taskset each exec the next: the child is iperf3.
     let server_pid = server.0.id();
-    let softirq_pid = ends.cpu.and_then(ksoftirqd_of);
+    let softirq_pid = ends.cpu.filter(|_| wanted == Shares::Record).and_then(ksoftirqd_of);
     let kernel_seconds = || Some((kernel_seconds_of(server_pid)?, kernel_seconds_of(softirq_pid?)?, reaped_children_kernel_seconds()));
     let before = kernel_seconds();
     let mut cmd = tool(&ends.client, "iperf3", ends.cpu);

@@ -161,9 +161,11 @@ fn packet_sizes(s: &mut String, report: &Report) {
     if !any {
         return;
     }
+    let shares = has_path_shares(report);
     let _ = writeln!(
         s,
-        "\n**The packets of the 1-stream TCP test**, from the pods' own IPv4 counters (`/proc/net/snmp`, `/proc/net/netstat`): each packet pays the path once, so a path that hands the receiving pod wire-sized segments instead of merged ones pays it per segment. Median over rounds.\n"
+        "\n**The packets of the 1-stream TCP test**, from the pods' own IPv4 counters (`/proc/net/snmp`, `/proc/net/netstat`){}: each packet pays the path once, so a path that hands the receiving pod wire-sized segments instead of merged ones pays it per segment. Median over rounds.\n",
+        if shares { "; the last row from the kernel time the processes were charged (`/proc/<pid>/stat`, `getrusage`)" } else { "" }
     );
     let header: Vec<&str> = report.variants.iter().map(|v| v.label.as_str()).collect();
     let _ = writeln!(s, "| | {} |", header.join(" | "));
@@ -176,7 +178,17 @@ fn packet_sizes(s: &mut String, report: &Report) {
             .collect();
         let _ = writeln!(s, "| {label} | {} |", cells.join(" | "));
     }
-    path_contexts(s, report);
+    if shares {
+        path_contexts(s, report);
+    }
+}
+
+/// The receiver's share of the path's kernel time, as recorded for the
+/// 1-stream TCP test where the tools were pinned ([`path_contexts`]).
+const RECEIVER_SHARE: &str = "receiver_share_of_kernel_time";
+
+fn has_path_shares(report: &Report) -> bool {
+    report.variants.iter().any(|v| report.extra_stat(&v.key, "tcp1", RECEIVER_SHARE).is_some())
 }
 
 /// Where the 1-stream TCP test's path ran, round by round: with both ends
@@ -187,15 +199,11 @@ fn packet_sizes(s: &mut String, report: &Report) {
 /// paired ratio of two rounds that ran differently says as much about
 /// that as about the paths.
 fn path_contexts(s: &mut String, report: &Report) {
-    const KEY: &str = "receiver_share_of_kernel_time";
-    if !report.variants.iter().any(|v| report.extra_stat(&v.key, "tcp1", KEY).is_some()) {
-        return;
-    }
     let cells: Vec<String> = report
         .variants
         .iter()
         .map(|v| {
-            report.extra_stat(&v.key, "tcp1", KEY).map_or_else(
+            report.extra_stat(&v.key, "tcp1", RECEIVER_SHARE).map_or_else(
                 || "—".to_owned(),
                 |st| format!("{:.0} %<br>{:.0}–{:.0} %", st.median * 100.0, st.min * 100.0, st.max * 100.0),
             )
@@ -620,6 +628,14 @@ mod tests {
         packet_sizes(&mut s, &report);
         assert!(s.contains("spent in the receiving iperf3"), "{s}");
         assert!(s.contains("| 41 %<br>40–90 % | — |"), "{s}");
+        // The table's intro names the sources of its rows: the share is
+        // not one of the pods' IP counters.
+        let intro = s.lines().find(|line| line.starts_with("**The packets of the 1-stream TCP test**")).unwrap_or_default();
+        assert!(intro.contains("the last row from the kernel time"), "{intro}");
+        let without_shares = Report { records: vec![record("kernel-vxlan", 0, None), record("vxlan", 0, None)], ..report };
+        let mut s = String::new();
+        packet_sizes(&mut s, &without_shares);
+        assert!(!s.contains("spent in the receiving iperf3") && !s.contains("the last row"), "{s}");
     }
 
     #[test]
