@@ -152,7 +152,8 @@ pub struct RunArgs {
     /// Where decapsulation hooks in. `auto` picks what measured fastest
     /// for the underlay's driver (docs/datapath.md): TC ingress on veth
     /// underlays (container-based nodes) and with host-gw, native XDP on
-    /// other drivers (NICs, virtio), TC ingress where XDP cannot attach.
+    /// other drivers (NICs, virtio), TC ingress where another XDP program
+    /// is attached.
     /// The log and `inspect` say which.
     #[arg(long, value_enum, default_value_t = Decap::Auto)]
     pub decap: Decap,

@@ -45,7 +45,8 @@ pub enum DecapHook {
     /// XDP in the given mode (the default, `XdpMode::Default`, lets the
     /// kernel prefer native XDP).
     Xdp(XdpMode),
-    /// TC ingress, for interfaces where XDP cannot attach.
+    /// TC ingress: veth underlays, host-gw, or where XDP is taken
+    /// ([`crate::hook`]).
     TcIngress,
 }
 

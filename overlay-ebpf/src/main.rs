@@ -4,9 +4,9 @@
 //!
 //! - [`overlay_tc_egress`]: TC egress on the underlay; VXLAN encapsulation.
 //! - [`overlay_xdp_ingress`]: XDP on the underlay; validation + decapsulation.
-//! - [`overlay_tc_ingress`]: the same decapsulation at TC ingress, for
-//!   interfaces where XDP cannot attach; with `--forward bpf` it also
-//!   delivers straight into local pods.
+//! - [`overlay_tc_ingress`]: the same decapsulation at TC ingress, where
+//!   `--decap auto` picks it (veth underlays, host-gw) or XDP is taken;
+//!   with `--forward bpf` it also delivers straight into local pods.
 //! - [`overlay_tc_pod`]: TC ingress on each pod's veth (the fast path to
 //!   the underlay) and on the pod bridge (which sockets the kernel
 //!   carries), with `--forward bpf`.

@@ -5,9 +5,12 @@ use std::process::Command;
 
 #[derive(clap::Args)]
 pub struct LabArgs {
-    /// Arguments for the lab: --nodes N, --pods N, --decap xdp|xdp-generic|tc,
+    /// Arguments for the lab: --nodes N, --pods N, --decap auto|xdp|xdp-generic|tc,
     /// --forward kernel|bpf, --topology flat|routed, --underlay wire|container, --backend vxlan|host-gw,
-    /// --keep (leave it up), --down (remove kept labs).
+    /// --direct-routing, --flannel-nodes K (the last K nodes run flannel),
+    /// --flannel-backend vxlan|host-gw, --hand-programmed-flannel,
+    /// --kubernetes (a real control plane), --keep (leave it up), --down
+    /// (remove kept labs). `overlay-lab --help` says more.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }
