@@ -190,18 +190,28 @@ pub fn try_tc_segmented(ctx: &TcContext) -> Result<i32, DropReason> {
 
 /// Whether a UDP datagram for our tunnel port, from `src` to `dst` and
 /// not the datapath's own ([`OWN_TUNNEL_MARK`]), is one this node forwards
-/// to a peer from its address or pod CIDR: a pod's own (masqueraded to
-/// our address on the way out), which the peer's tunnel would take as
-/// ours, with whatever inner source the pod chose
-/// ([`DropReason::ForwardedTunnel`]). Transit tunnel traffic between two
-/// other nodes, from neither, passes; so does what this node's own
-/// sockets send (no interface it came in on).
+/// to a peer that the peer's tunnel would take from the wrong speaker
+/// ([`DropReason::ForwardedTunnel`]):
+/// - from its address or pod CIDR: a pod's own (masqueraded to our
+///   address on the way out), which the peer would take as ours, with
+///   whatever inner source the pod chose;
+/// - from the pod bridge, whatever its source: a pod's, written whole
+///   through a raw socket, that claims another node's address as its
+///   outer source (which `rp_filter` lets through unless strict), and the
+///   peer would take as that node's. Known only with the fast path, which
+///   names the bridge (`Config::pod_bridge_ifindex`).
+///
+/// Transit tunnel traffic between two other nodes, which comes in from
+/// the underlay, passes; so does what this node's own sockets send (no
+/// interface it came in on).
 #[inline(always)]
 fn forwarded_to_a_peers_tunnel(ctx: &TcContext, cfg: &Config, src: [u8; 4], dst: [u8; 4]) -> bool {
     // SAFETY: reading a field of the context's own sk_buff.
     let came_in = unsafe { (*ctx.skb.skb).ingress_ifindex };
     came_in != 0
-        && (src == cfg.node_ip || in_cidr(src, cfg.pod_cidr, cfg.pod_prefix_len))
+        && (src == cfg.node_ip
+            || in_cidr(src, cfg.pod_cidr, cfg.pod_prefix_len)
+            || (cfg.pod_bridge_ifindex != 0 && came_in == cfg.pod_bridge_ifindex))
         && PEERS.get_ptr(&dst).is_some()
 }
 
