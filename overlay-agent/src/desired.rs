@@ -137,6 +137,7 @@ pub enum RejectKind {
     DuplicateAddress,
     NotOnLink,
     CidrHoldsNodeAddress,
+    AddressInPodCidr,
 }
 
 impl RejectKind {
@@ -152,6 +153,7 @@ impl RejectKind {
             Self::DuplicateAddress => Some("DuplicateNodeAddress"),
             Self::NotOnLink => Some("HostGwPeerNotOnLink"),
             Self::CidrHoldsNodeAddress => Some("PodCIDRHoldsNodeAddress"),
+            Self::AddressInPodCidr => Some("NodeAddressInPodCIDR"),
         }
     }
 }
@@ -225,6 +227,14 @@ pub fn desired<N: Borrow<NodeInfo>>(
     // Every node address the datapath knows (ours and each candidate
     // peer's, the first in that order where two share one), by address.
     let checked: Vec<(&NodeInfo, Result<(), Rejected>)> = others.into_iter().map(|n| (n, check_peer(local, n))).collect();
+    // Every candidate's pod CIDR, ours among them, for the addresses
+    // claimed by annotation only (below).
+    let candidate_cidrs: HashMap<(u32, u8), &str> = std::iter::once(me)
+        .chain(checked.iter().filter(|(_, check)| check.is_ok()).map(|(n, _)| *n))
+        .map(|n| (cidr_key(n.pod_cidr), n.name.as_str()))
+        .collect();
+    let checked: Vec<(&NodeInfo, Result<(), Rejected>)> =
+        checked.into_iter().map(|(n, check)| (n, check.and_then(|()| check_annotated_address(n, &candidate_cidrs)))).collect();
     let mut addresses: BTreeMap<Ipv4Addr, &str> = BTreeMap::from([(node_ip, me.name.as_str())]);
     for (node, _) in checked.iter().filter(|(_, check)| check.is_ok()) {
         addresses.entry(node.node_ip).or_insert(&node.name);
@@ -352,6 +362,42 @@ fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
         )));
     }
     Ok(())
+}
+
+/// A Node whose address comes from its annotations (`public-ip-overwrite`
+/// or `public-ip`) over its InternalIP must not claim an address inside
+/// another candidate's pod CIDR (`cidrs`, ours among them): `desired`
+/// leaves out the holder of a pod CIDR that holds a node's address, the
+/// controller-manager assigned that CIDR, and the annotation is the
+/// node's own word (its kubelet's credentials may set it). Such an
+/// address is not where the node's own traffic goes (its InternalIP is),
+/// so the holder's route takes nothing of it. A node without an
+/// InternalIP (an etcd lease's, whose subnet and address the node wrote
+/// alike) is left to that rule: there the address may be the node's real
+/// one, whose traffic the holder's route would take.
+fn check_annotated_address(node: &NodeInfo, cidrs: &HashMap<(u32, u8), &str>) -> Result<(), Rejected> {
+    let Some(internal_ip) = node.internal_ip.filter(|ip| *ip != node.node_ip) else {
+        return Ok(());
+    };
+    let address = u32::from(node.node_ip);
+    let holder = (0..=32u8).find_map(|prefix| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+        cidrs.get(&(address & mask, prefix)).filter(|holder| **holder != node.name).map(|holder| (prefix, address & mask, *holder))
+    });
+    match holder {
+        None => Ok(()),
+        Some((prefix, network, holder)) => Err(Rejected {
+            node: node.name.clone(),
+            kind: RejectKind::AddressInPodCidr,
+            reason: format!(
+                "address {}, from its annotations over its InternalIP {internal_ip}, lies in pod CIDR {}/{prefix} of node {holder}; left out of the datapath (fix its {} or {} annotation)",
+                node.node_ip,
+                Ipv4Addr::from(network),
+                crate::node::ANNOTATION_PUBLIC_IP_OVERWRITE,
+                crate::node::ANNOTATION_PUBLIC_IP,
+            ),
+        }),
+    }
 }
 
 /// An accepted peer's entry, and its rejection when host-gw cannot reach
@@ -579,6 +625,7 @@ impl DesiredState {
                 || node.pod_cidr.contains(our_ip)
                 || computed.candidate_addrs.range(node.pod_cidr.network()..=node.pod_cidr.broadcast()).next().is_some()
                 || computed.overlaps_candidate(Ipv4Network::from(node.node_ip))
+                || me.local_pod_cidr.contains(node.node_ip)
         };
         let new_candidate = new.as_deref().filter(|n| check_peer(local, n).is_ok());
         if old.as_deref().is_some_and(conflict) || new_candidate.is_some_and(conflict) {
@@ -850,6 +897,40 @@ mod tests {
         assert!(said[0].contains("node b: pod CIDR 192.168.1.0/24 holds the address 192.168.1.3 of node c"), "{said:?}");
         assert!(said[1].contains("node d: pod CIDR 192.168.0.0/28 holds the address 192.168.0.1 of node a"), "{said:?}");
         assert_eq!(said.len(), 2);
+    }
+
+    /// An address a Node claims by annotation over its InternalIP
+    /// (`public-ip-overwrite`, `public-ip`: its own kubelet's credentials
+    /// may set either) inside another node's pod CIDR, a peer's or ours,
+    /// leaves out the claimant, not the CIDR's holder: else one patched
+    /// Node would cut any other node out of every node's datapath. (Shown
+    /// failing before: b was left out, and x and y were served.)
+    #[test]
+    fn an_annotated_address_inside_a_pod_cidr_leaves_out_its_claimant() {
+        let claim = |mut n: NodeInfo, address: [u8; 4]| {
+            n.node_ip = address.into();
+            n.public_ip_overwrite = Some(address.into());
+            n
+        };
+        let nodes = [
+            node("a", "10.244.1.0/24", [192, 168, 0, 1]),
+            node("b", "10.244.2.0/24", [192, 168, 0, 2]),
+            claim(node("x", "10.244.3.0/24", [192, 168, 0, 3]), [10, 244, 2, 7]),
+            claim(node("y", "10.244.4.0/24", [192, 168, 0, 4]), [10, 244, 1, 9]),
+        ];
+        let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.2.0/24".parse::<Ipv4Network>().unwrap()]);
+        let said: Vec<String> = rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(rejected.iter().map(|r| (r.node.as_str(), r.kind)).collect::<Vec<_>>(), [("x", RejectKind::AddressInPodCidr), ("y", RejectKind::AddressInPodCidr)], "{said:?}");
+        assert!(said[0].contains("node x: address 10.244.2.7, from its annotations over its InternalIP 192.168.0.3, lies in pod CIDR 10.244.2.0/24 of node b"), "{said:?}");
+        assert!(said[1].contains("node y: address 10.244.1.9, from its annotations over its InternalIP 192.168.0.4, lies in pod CIDR 10.244.1.0/24 of node a"), "{said:?}");
+        // Without an InternalIP (an etcd lease's), the address may be the
+        // node's real one: the holder is left out, as for an InternalIP.
+        let lease = |n: NodeInfo| NodeInfo { internal_ip: None, ..n };
+        let leases = [nodes[0].clone(), nodes[1].clone(), lease(nodes[2].clone())];
+        let (d, rejected) = desired(&local(), &leases, &on_link(&leases)).unwrap();
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.3.0/24".parse::<Ipv4Network>().unwrap()]);
+        assert_eq!(rejected.iter().map(|r| (r.node.as_str(), r.kind)).collect::<Vec<_>>(), [("b", RejectKind::CidrHoldsNodeAddress)]);
     }
 
     /// Past 16 bits, a peer's published VNI is ours as flanneld writes it
