@@ -138,6 +138,7 @@ pub enum RejectKind {
     NotOnLink,
     CidrHoldsNodeAddress,
     AddressInPodCidr,
+    ReservedPodCidr,
 }
 
 impl RejectKind {
@@ -154,6 +155,7 @@ impl RejectKind {
             Self::NotOnLink => Some("HostGwPeerNotOnLink"),
             Self::CidrHoldsNodeAddress => Some("PodCIDRHoldsNodeAddress"),
             Self::AddressInPodCidr => Some("NodeAddressInPodCIDR"),
+            Self::ReservedPodCidr => Some("PodCIDRReserved"),
         }
     }
 }
@@ -327,6 +329,21 @@ fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), N
     Ok((config, inner_mtu))
 }
 
+/// IPv4 ranges no pod network uses (RFC 6890), with why, for a pod CIDR
+/// that nothing else bounds.
+const RESERVED_RANGES: [([u8; 4], u8, &str); 5] = [
+    ([0, 0, 0, 0], 8, "\"this network\""),
+    ([127, 0, 0, 0], 8, "loopback"),
+    ([169, 254, 0, 0], 16, "link-local, where clouds serve instance metadata"),
+    ([224, 0, 0, 0], 4, "multicast"),
+    ([240, 0, 0, 0], 4, "reserved, and the broadcast address"),
+];
+
+/// Whether two CIDRs share an address: one holds the other's network.
+fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
 /// What a peer must satisfy on its own, whatever the other nodes say:
 /// subnet-managed, inside the Network, our backend and VNI.
 fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
@@ -340,8 +357,18 @@ fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
     if let Some(Err(why)) = local.network.map(|network| check_pod_cidr(network, node.pod_cidr)) {
         return Err(reject(RejectKind::OutsideNetwork, format!("{why}; left out of the datapath")));
     }
-    // Without a Network nothing else bounds it: a route to the node's own
-    // subnet through the node would take the underlay's traffic.
+    // Without a Network nothing else bounds it: a route to a range no pod
+    // network uses would take this node's own traffic there (a cloud's
+    // metadata service among it) into the tunnel.
+    let reserved = RESERVED_RANGES.iter().map(|(network, prefix, what)| (Ipv4Network::new((*network).into(), *prefix).expect("a prefix of at most 32"), *what));
+    if let Some((range, what)) = reserved.into_iter().find(|(range, _)| overlaps(*range, node.pod_cidr)) {
+        return Err(reject(RejectKind::ReservedPodCidr, format!(
+            "pod CIDR {} overlaps {range} ({what}), which no pod network uses; left out of the datapath (fix the node's spec.podCIDR, or bound pod CIDRs with a net-conf Network)",
+            node.pod_cidr
+        )));
+    }
+    // Nor a route to the node's own subnet through the node, which would
+    // take the underlay's traffic.
     if node.pod_cidr.contains(node.node_ip) {
         return Err(reject(RejectKind::CidrHoldsNodeAddress, format!(
             "pod CIDR {} holds the node's own address {}; left out of the datapath (fix the node's spec.podCIDR, or bound pod CIDRs with a net-conf Network)",
@@ -874,6 +901,30 @@ mod tests {
         assert_eq!(rejected.len(), 1, "{rejected:?}");
         assert_eq!(rejected[0].kind, RejectKind::CidrHoldsNodeAddress);
         assert!(rejected[0].to_string().contains("node b: pod CIDR 192.168.0.0/16 holds the node's own address 192.168.0.2"), "{}", rejected[0]);
+    }
+
+    /// Without a net-conf `Network` nothing else bounds a peer's pod CIDR:
+    /// one in a range no pod network uses (link-local, where clouds serve
+    /// instance metadata and credentials at 169.254.169.254; loopback;
+    /// "this network"; multicast; reserved) would take this node's own
+    /// traffic there into a tunnel to the peer. Rejected by name. (Shown
+    /// failing before: all five were programmed.)
+    #[test]
+    fn a_pod_cidr_in_a_range_no_pod_network_uses_is_rejected() {
+        let nodes = [
+            node("a", "10.244.1.0/24", [192, 168, 0, 1]),
+            node("b", "169.254.169.254/32", [192, 168, 0, 2]),
+            node("c", "127.0.0.0/24", [192, 168, 0, 3]),
+            node("d", "0.0.0.0/8", [192, 168, 0, 4]),
+            node("e", "224.0.0.0/24", [192, 168, 0, 5]),
+            node("f", "128.0.0.0/1", [192, 168, 0, 6]),
+            node("g", "10.244.7.0/24", [192, 168, 0, 7]),
+        ];
+        let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
+        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.7.0/24".parse::<Ipv4Network>().unwrap()]);
+        let said: Vec<String> = rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(rejected.iter().map(|r| (r.node.as_str(), r.kind)).collect::<Vec<_>>(), ["b", "c", "d", "e", "f"].map(|n| (n, RejectKind::ReservedPodCidr)), "{said:?}");
+        assert!(said[0].contains("node b: pod CIDR 169.254.169.254/32 overlaps 169.254.0.0/16 (link-local"), "{said:?}");
     }
 
     /// A peer whose pod CIDR holds another node's address, ours or a

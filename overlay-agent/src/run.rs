@@ -303,7 +303,7 @@ fn start(args: &RunArgs, iface: &str, settings: LocalSettings, subnet_file: Opti
         underlay_retry: UnderlayRetry::default(),
     };
     if settings.network.is_none() {
-        warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded and no FORWARD accept rules are installed");
+        warn!("no --net-conf: without the cluster Network, pod traffic leaving the cluster is not masqueraded, no FORWARD accept rules are installed, and a peer's pod CIDR is bounded only by the other nodes' and ranges no pod network uses (a Node with a pod CIDR over another host's address takes this node's traffic to it)");
     }
     info!(
         node = %settings.node_name,
