@@ -414,8 +414,9 @@ enum Table {
 
 /// Whether a listing of the table (`nft -j list table`) is one the agent
 /// wrote: only [`NFT_CHAIN`], a NAT chain at postrouting, whose every rule
-/// carries a comment (every release's rules do). Anything else under that
-/// name (another chain, a set, a rule without a comment, an empty table:
+/// carries one of the agent's comments ([`is_our_rule_comment`]). Anything
+/// else under that name (another chain, a set, a rule without such a
+/// comment, an empty table:
 /// the agent writes the table and its rules in one transaction) is
 /// another tool's.
 fn classify_table(listing: &Value) -> Table {
@@ -432,7 +433,7 @@ fn classify_table(listing: &Value) -> Table {
             our_chain = true;
         } else if let Some(rule) = item.get("rule") {
             match rule["comment"].as_str() {
-                Some(comment) if rule["chain"] == NFT_CHAIN => comments.push(comment.to_owned()),
+                Some(comment) if rule["chain"] == NFT_CHAIN && is_our_rule_comment(comment) => comments.push(comment.to_owned()),
                 _ => return Table::Foreign(format!("a rule in its chain {} carries no comment of the agent's", rule["chain"].as_str().unwrap_or("?"))),
             }
         } else {
@@ -441,6 +442,13 @@ fn classify_table(listing: &Value) -> Table {
         }
     }
     if our_chain { Table::Ours(comments) } else { Table::Foreign("it has no chain of the agent's".to_owned()) }
+}
+
+/// Whether `comment` is one [`masquerade_rules`] writes (every release
+/// has written these): another tool's comment makes the table its own.
+fn is_our_rule_comment(comment: &str) -> bool {
+    const OURS: [&str; 3] = ["kube-proxy masquerades what it marked", "no NAT: ", "masquerade: "];
+    OURS.iter().any(|ours| comment.starts_with(ours))
 }
 
 /// Our table, if there is one ([`classify_table`]).
@@ -708,14 +716,19 @@ mod tests {
             }
             json!({"rule": rule})
         };
-        let ours = listing(vec![chain("postrouting", "nat"), rule("postrouting", Some("a")), rule("postrouting", Some("b"))]);
-        assert_eq!(classify_table(&ours), Table::Ours(vec!["a".to_owned(), "b".to_owned()]));
+        let (a, b) = ("kube-proxy masquerades what it marked", "no NAT: pods 10.244.1.0/24 to cluster 10.244.0.0/16");
+        let ours = listing(vec![chain("postrouting", "nat"), rule("postrouting", Some(a)), rule("postrouting", Some(b))]);
+        assert_eq!(classify_table(&ours), Table::Ours(vec![a.to_owned(), b.to_owned()]));
+        assert!(masquerade_rules(&traffic()).iter().all(|(comment, _)| is_our_rule_comment(comment)), "every comment the agent writes is known for its own");
         // Its rules flushed (an operator's `nft flush chain`): still the agent's chain.
         assert_eq!(classify_table(&listing(vec![chain("postrouting", "nat")])), Table::Ours(vec![]));
         for (foreign, tells) in [
             (listing(vec![chain("postrouting", "nat"), chain("forward", "filter")]), "the chain forward"),
             (listing(vec![chain("postrouting", "filter")]), "the chain postrouting"),
             (listing(vec![chain("postrouting", "nat"), rule("postrouting", None)]), "no comment"),
+            // Another tool's comment is not the agent's (shown failing
+            // before: any comment made the table the agent's).
+            (listing(vec![chain("postrouting", "nat"), rule("postrouting", Some(a)), rule("postrouting", Some("an operator's rule"))]), "no comment"),
             (listing(vec![chain("postrouting", "nat"), json!({"set": {"name": "s"}})]), "holds a set"),
             (listing(vec![]), "no chain"),
         ] {
