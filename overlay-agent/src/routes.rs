@@ -447,9 +447,9 @@ struct RouteAtOurKey {
 }
 
 impl RouteAtOurKey {
-    /// Ours (this root's or another's), or flannel's toward the same peer:
-    /// out of its vxlan device `flannel.<VNI>`, or (host-gw,
-    /// DirectRouting) via the peer's node. Flannel's are replaced in place
+    /// Ours (this root's or another's), or flannel's toward the same peer
+    /// (`proto boot`): out of its vxlan device `flannel.<VNI>`, or
+    /// (host-gw, DirectRouting) via the peer's node. Flannel's are replaced in place
     /// when a node migrates (docs/migrate-from-flannel.md), so its pods
     /// lose nothing; any other route (a connected one, another tool's) is
     /// not the agent's to change.
@@ -457,9 +457,18 @@ impl RouteAtOurKey {
         if self.protocol == RouteProtocol::from(ROUTE_PROTO_ID) {
             return true;
         }
-        self.protocol != RouteProtocol::Kernel
-            && (self.gateway == Some(peer.node_ip) || self.oif.and_then(interface_name).is_some_and(|name| name.starts_with("flannel.")))
+        // flanneld writes its routes with vishvananda/netlink's default
+        // protocol, `boot` (as `ip route add` does by default: those
+        // cannot be told apart); `static`, a routing daemon's and the
+        // kernel's are someone else's.
+        self.protocol == RouteProtocol::Boot
+            && (self.gateway == Some(peer.node_ip) || self.oif.and_then(interface_name).is_some_and(|name| is_flannel_vxlan_device(&name)))
     }
+}
+
+/// Whether `name` is a flannel vxlan device's, `flannel.<VNI>`.
+fn is_flannel_vxlan_device(name: &str) -> bool {
+    name.strip_prefix("flannel.").is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The main table's IPv4 routes that an `NLM_F_REPLACE` of one of ours
@@ -613,6 +622,33 @@ fn destination(route: &RouteMessage) -> Option<Ipv4Network> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Flannel's routes (vishvananda/netlink's default, `proto boot`) to a
+    /// peer's pod CIDR via the peer's node, or out of `flannel.<VNI>`, are
+    /// replaced in place when a node migrates; an operator's `proto
+    /// static` route, a routing daemon's or one out of a device merely
+    /// named like flannel's is not the agent's to change. (Shown failing
+    /// before: the static and bird routes read as replaceable.)
+    #[test]
+    fn only_flannels_own_routes_are_taken_over() {
+        let peer = PeerState {
+            pod_cidr: "10.244.2.0/24".parse().unwrap(),
+            node_ip: Ipv4Addr::new(192, 168, 0, 2),
+            vtep_mac: [0; 6],
+            mode: overlay_common::ROUTE_MODE_VXLAN,
+            reason: 0,
+            next_hop: Ipv4Addr::new(192, 168, 0, 2),
+        };
+        let at = |protocol: RouteProtocol, gateway: [u8; 4]| RouteAtOurKey { protocol, gateway: Some(gateway.into()), oif: None };
+        assert!(at(RouteProtocol::Boot, [192, 168, 0, 2]).may_be_replaced_for(&peer), "flannel's host-gw route");
+        assert!(at(RouteProtocol::from(ROUTE_PROTO_ID), [192, 168, 0, 9]).may_be_replaced_for(&peer), "ours");
+        for (protocol, why) in [(RouteProtocol::Static, "an operator's proto static"), (RouteProtocol::Bird, "a routing daemon's"), (RouteProtocol::Kernel, "a connected one")] {
+            assert!(!at(protocol, [192, 168, 0, 2]).may_be_replaced_for(&peer), "{why}");
+        }
+        assert!(!at(RouteProtocol::Boot, [192, 168, 0, 9]).may_be_replaced_for(&peer), "via another node");
+        assert!(is_flannel_vxlan_device("flannel.1") && is_flannel_vxlan_device("flannel.4096"));
+        assert!(!is_flannel_vxlan_device("flannel.foo") && !is_flannel_vxlan_device("flannel.") && !is_flannel_vxlan_device("flannel1"));
+    }
 
     #[test]
     fn the_kernel_answers_a_route_look_up_over_netlink() {
