@@ -908,7 +908,8 @@ mod tests {
     /// instance metadata and credentials at 169.254.169.254; loopback;
     /// "this network"; multicast; reserved) would take this node's own
     /// traffic there into a tunnel to the peer. Rejected by name. (Shown
-    /// failing before: all five were programmed.)
+    /// failing before: four of the five were programmed; the fifth holds
+    /// the nodes' addresses and was left out for that.)
     #[test]
     fn a_pod_cidr_in_a_range_no_pod_network_uses_is_rejected() {
         let nodes = [
