@@ -230,7 +230,7 @@ pub fn desired<N: Borrow<NodeInfo>>(
     // peer's, the first in that order where two share one), by address.
     let checked: Vec<(&NodeInfo, Result<(), Rejected>)> = others.into_iter().map(|n| (n, check_peer(local, n))).collect();
     // Every candidate's pod CIDR, ours among them, for the addresses
-    // claimed by annotation only (below).
+    // claimed by annotation over an InternalIP (`check_annotated_address`).
     let candidate_cidrs: HashMap<(u32, u8), &str> = std::iter::once(me)
         .chain(checked.iter().filter(|(_, check)| check.is_ok()).map(|(n, _)| *n))
         .map(|n| (cidr_key(n.pod_cidr), n.name.as_str()))
@@ -330,13 +330,13 @@ fn local_config(local: &LocalSettings, me: &NodeInfo) -> Result<(Config, u32), N
 }
 
 /// IPv4 ranges no pod network uses (RFC 6890), with why, for a pod CIDR
-/// that nothing else bounds.
-const RESERVED_RANGES: [([u8; 4], u8, &str); 5] = [
+/// that nothing else bounds (no net-conf `Network`). Not `240.0.0.0/4`:
+/// some clusters take their pod addresses from it.
+const RESERVED_RANGES: [([u8; 4], u8, &str); 4] = [
     ([0, 0, 0, 0], 8, "\"this network\""),
     ([127, 0, 0, 0], 8, "loopback"),
     ([169, 254, 0, 0], 16, "link-local, where clouds serve instance metadata"),
     ([224, 0, 0, 0], 4, "multicast"),
-    ([240, 0, 0, 0], 4, "reserved, and the broadcast address"),
 ];
 
 /// Whether two CIDRs share an address: one holds the other's network.
@@ -359,9 +359,10 @@ fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
     }
     // Without a Network nothing else bounds it: a route to a range no pod
     // network uses would take this node's own traffic there (a cloud's
-    // metadata service among it) into the tunnel.
+    // metadata service among it) into the tunnel. A Network is the
+    // operator's choice of range.
     let reserved = RESERVED_RANGES.iter().map(|(network, prefix, what)| (Ipv4Network::new((*network).into(), *prefix).expect("a prefix of at most 32"), *what));
-    if let Some((range, what)) = reserved.into_iter().find(|(range, _)| overlaps(*range, node.pod_cidr)) {
+    if let Some((range, what)) = reserved.into_iter().filter(|_| local.network.is_none()).find(|(range, _)| overlaps(*range, node.pod_cidr)) {
         return Err(reject(RejectKind::ReservedPodCidr, format!(
             "pod CIDR {} overlaps {range} ({what}), which no pod network uses; left out of the datapath (fix the node's spec.podCIDR, or bound pod CIDRs with a net-conf Network)",
             node.pod_cidr
@@ -906,7 +907,7 @@ mod tests {
     /// Without a net-conf `Network` nothing else bounds a peer's pod CIDR:
     /// one in a range no pod network uses (link-local, where clouds serve
     /// instance metadata and credentials at 169.254.169.254; loopback;
-    /// "this network"; multicast; reserved) would take this node's own
+    /// "this network"; multicast) would take this node's own
     /// traffic there into a tunnel to the peer. Rejected by name. (Shown
     /// failing before: four of the five were programmed; the fifth holds
     /// the nodes' addresses and was left out for that.)
@@ -920,9 +921,11 @@ mod tests {
             node("e", "224.0.0.0/24", [192, 168, 0, 5]),
             node("f", "128.0.0.0/1", [192, 168, 0, 6]),
             node("g", "10.244.7.0/24", [192, 168, 0, 7]),
+            // Some clusters take pod addresses from 240.0.0.0/4.
+            node("h", "240.1.0.0/24", [192, 168, 0, 8]),
         ];
         let (d, rejected) = desired(&local(), &nodes, &on_link(&nodes)).unwrap();
-        assert_eq!(d.peers.keys().copied().collect::<Vec<_>>(), ["10.244.7.0/24".parse::<Ipv4Network>().unwrap()]);
+        assert_eq!(d.peers.keys().map(ToString::to_string).collect::<Vec<_>>(), ["10.244.7.0/24", "240.1.0.0/24"]);
         let said: Vec<String> = rejected.iter().map(ToString::to_string).collect();
         assert_eq!(rejected.iter().map(|r| (r.node.as_str(), r.kind)).collect::<Vec<_>>(), ["b", "c", "d", "e", "f"].map(|n| (n, RejectKind::ReservedPodCidr)), "{said:?}");
         assert!(said[0].contains("node b: pod CIDR 169.254.169.254/32 overlaps 169.254.0.0/16 (link-local"), "{said:?}");
