@@ -339,11 +339,6 @@ const RESERVED_RANGES: [([u8; 4], u8, &str); 4] = [
     ([224, 0, 0, 0], 4, "multicast"),
 ];
 
-/// Whether two CIDRs share an address: one holds the other's network.
-fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
-    a.contains(b.network()) || b.contains(a.network())
-}
-
 /// What a peer must satisfy on its own, whatever the other nodes say:
 /// subnet-managed, inside the Network, our backend and VNI.
 fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
@@ -362,7 +357,7 @@ fn check_peer(local: &LocalSettings, node: &NodeInfo) -> Result<(), Rejected> {
     // metadata service among it) into the tunnel. A Network is the
     // operator's choice of range.
     let reserved = RESERVED_RANGES.iter().map(|(network, prefix, what)| (Ipv4Network::new((*network).into(), *prefix).expect("a prefix of at most 32"), *what));
-    if let Some((range, what)) = reserved.into_iter().filter(|_| local.network.is_none()).find(|(range, _)| overlaps(*range, node.pod_cidr)) {
+    if let Some((range, what)) = reserved.into_iter().filter(|_| local.network.is_none()).find(|(range, _)| range.overlaps(node.pod_cidr)) {
         return Err(reject(RejectKind::ReservedPodCidr, format!(
             "pod CIDR {} overlaps {range} ({what}), which no pod network uses; left out of the datapath (fix the node's spec.podCIDR, or bound pod CIDRs with a net-conf Network)",
             node.pod_cidr
@@ -407,11 +402,8 @@ fn check_annotated_address(node: &NodeInfo, cidrs: &HashMap<(u32, u8), &str>) ->
     let Some(internal_ip) = node.internal_ip.filter(|ip| *ip != node.node_ip) else {
         return Ok(());
     };
-    let address = u32::from(node.node_ip);
-    let holder = (0..=32u8).find_map(|prefix| {
-        let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-        cidrs.get(&(address & mask, prefix)).filter(|holder| **holder != node.name).map(|holder| (prefix, address & mask, *holder))
-    });
+    let holder = enclosing_keys(u32::from(node.node_ip), 33)
+        .find_map(|key| cidrs.get(&key).filter(|holder| **holder != node.name).map(|holder| (key.1, key.0, *holder)));
     match holder {
         None => Ok(()),
         Some((prefix, network, holder)) => Err(Rejected {
@@ -714,15 +706,18 @@ impl Computed {
         if self.candidate_cidrs.range((start, 0)..=(end, 32)).next().is_some() {
             return true;
         }
-        (0..cidr.prefix()).any(|prefix| {
-            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            self.candidate_cidrs.contains_key(&(start & mask, prefix))
-        })
+        enclosing_keys(start, cidr.prefix()).any(|key| self.candidate_cidrs.contains_key(&key))
     }
 }
 
 fn cidr_key(cidr: Ipv4Network) -> (u32, u8) {
     (u32::from(cidr.network()), cidr.prefix())
+}
+
+/// The [`cidr_key`]s of the CIDRs of prefix below `below` (at most 33)
+/// that hold `address`, shortest first.
+fn enclosing_keys(address: u32, below: u8) -> impl Iterator<Item = (u32, u8)> {
+    (0..below).map(move |prefix| (address & u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0), prefix))
 }
 
 /// One step that turns the applied peers into the desired ones.

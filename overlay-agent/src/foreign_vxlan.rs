@@ -58,8 +58,13 @@ impl VxlanDevice {
     /// after its VNI (`flannel.<VNI>`), so a device of another VNI under
     /// such a name is another tool's.
     pub fn is_flannels(&self) -> bool {
-        self.name.strip_prefix("flannel.").and_then(|vni| vni.parse::<u32>().ok()).is_some_and(|named| self.vni == Some(named))
+        flannel_device_vni(&self.name).is_some_and(|named| self.vni == Some(named))
     }
+}
+
+/// The VNI a name of flannel's vxlan device (`flannel.<VNI>`) carries.
+pub fn flannel_device_vni(name: &str) -> Option<u32> {
+    name.strip_prefix("flannel.")?.parse().ok()
 }
 
 /// The kernel vxlan devices in this network namespace that receive on UDP

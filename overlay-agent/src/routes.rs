@@ -462,13 +462,9 @@ impl RouteAtOurKey {
         // cannot be told apart); `static`, a routing daemon's and the
         // kernel's are someone else's.
         self.protocol == RouteProtocol::Boot
-            && (self.gateway == Some(peer.node_ip) || self.oif.and_then(interface_name).is_some_and(|name| is_flannel_vxlan_device(&name)))
+            && (self.gateway == Some(peer.node_ip)
+                || self.oif.and_then(interface_name).is_some_and(|name| crate::foreign_vxlan::flannel_device_vni(&name).is_some()))
     }
-}
-
-/// Whether `name` is a flannel vxlan device's, `flannel.<VNI>`.
-fn is_flannel_vxlan_device(name: &str) -> bool {
-    name.strip_prefix("flannel.").is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The main table's IPv4 routes that an `NLM_F_REPLACE` of one of ours
@@ -646,8 +642,9 @@ mod tests {
             assert!(!at(protocol, [192, 168, 0, 2]).may_be_replaced_for(&peer), "{why}");
         }
         assert!(!at(RouteProtocol::Boot, [192, 168, 0, 9]).may_be_replaced_for(&peer), "via another node");
-        assert!(is_flannel_vxlan_device("flannel.1") && is_flannel_vxlan_device("flannel.4096"));
-        assert!(!is_flannel_vxlan_device("flannel.foo") && !is_flannel_vxlan_device("flannel.") && !is_flannel_vxlan_device("flannel1"));
+        let flannels = |name: &str| crate::foreign_vxlan::flannel_device_vni(name).is_some();
+        assert!(flannels("flannel.1") && flannels("flannel.4096"));
+        assert!(!flannels("flannel.foo") && !flannels("flannel.") && !flannels("flannel1"));
     }
 
     #[test]

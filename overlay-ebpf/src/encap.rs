@@ -211,7 +211,7 @@ fn forwarded_to_a_peers_tunnel(ctx: &TcContext, cfg: &Config, src: [u8; 4], dst:
     came_in != 0
         && (src == cfg.node_ip
             || in_cidr(src, cfg.pod_cidr, cfg.pod_prefix_len)
-            || (cfg.pod_bridge_ifindex != 0 && came_in == cfg.pod_bridge_ifindex))
+            || came_in == cfg.pod_bridge_ifindex)
         && PEERS.get_ptr(&dst).is_some()
 }
 

@@ -356,7 +356,10 @@ fn iperf3(ends: &Endpoints, args: &[&str], seconds: u32, wanted: Shares) -> Resu
     // nsenter, nice and taskset each exec the next: the child is iperf3.
     let server_pid = server.0.id();
     let softirq_pid = ends.cpu.filter(|_| wanted == Shares::Record).and_then(ksoftirqd_of);
-    let kernel_seconds = || Some((kernel_seconds_of(server_pid)?, kernel_seconds_of(softirq_pid?)?, reaped_children_kernel_seconds()));
+    let kernel_seconds = || {
+        let softirq = kernel_seconds_of(softirq_pid?)?;
+        Some((kernel_seconds_of(server_pid)?, softirq, reaped_children_kernel_seconds()))
+    };
     let before = kernel_seconds();
     let mut cmd = tool(&ends.client, "iperf3", ends.cpu);
     cmd.args(["-c", &ip, "-t", &seconds.to_string(), "-J", "--connect-timeout", "3000"]).args(args);
